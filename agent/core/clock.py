@@ -1,0 +1,49 @@
+"""Time, injected: every component that waits or compares times takes a Clock."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Wall time in seconds (Unix epoch for the real clock, twin seconds for the twin's)."""
+
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+class FakeClock:
+    """A clock that only moves when told to: cooldowns, leases and schedules tested without
+    sleeping."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self._now_s = float(start_s)
+
+    def now(self) -> float:
+        return self._now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"a fake clock only moves forward (asked to move {seconds} s)")
+        self._now_s += seconds
+
+    def set(self, now_s: float) -> None:
+        """Jump to an absolute time (also backwards: clock-jump tests need that)."""
+        self._now_s = float(now_s)

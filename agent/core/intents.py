@@ -1,0 +1,329 @@
+"""What policies propose (Intents) and what became of them (Actions).
+
+Cap intents are columnar: one `SetPowerCap` carries arrays of target GPUs and watts, so a policy
+that caps 100,000 GPUs makes one object, not 100,000. Node and job intents are scalar (few).
+Every intent names its policy, a reason, its evidence (the numbers that led to it; per-target
+evidence as arrays aligned with the targets) and an expiry (twin or Unix seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.snapshot import Snapshot
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+class IntentKind(StrEnum):
+    SET_POWER_CAP = "set_power_cap"
+    RELEASE_POWER_CAP = "release_power_cap"
+    DRAIN_NODE = "drain_node"
+    RESUME_NODE = "resume_node"
+    SET_NODE_WEIGHT = "set_node_weight"
+    SET_NODE_FEATURES = "set_node_features"
+    REQUEUE_JOB = "requeue_job"
+    NOTIFY = "notify"
+
+
+@dataclass(frozen=True, eq=False)
+class GpuTargets:
+    """A set of GPUs, self-contained (usable after the Snapshot it came from is gone)."""
+
+    node: npt.NDArray[np.str_]
+    gpu: npt.NDArray[np.int64]
+    uuid: npt.NDArray[np.str_]
+
+    def __post_init__(self) -> None:
+        if not self.node.shape == self.gpu.shape == self.uuid.shape:
+            raise ValueError("GpuTargets arrays must have equal length")
+
+    def __len__(self) -> int:
+        return int(self.uuid.shape[0])
+
+    @staticmethod
+    def from_rows(snapshot: Snapshot, rows: npt.ArrayLike) -> GpuTargets:
+        idx = np.asarray(rows, dtype=np.int64)
+        return GpuTargets(
+            node=np.asarray(snapshot.node_names[snapshot.node[idx]], dtype=np.str_),
+            gpu=np.asarray(snapshot.gpu[idx], dtype=np.int64),
+            uuid=np.asarray(snapshot.uuid[idx], dtype=np.str_),
+        )
+
+    @staticmethod
+    def empty() -> GpuTargets:
+        return GpuTargets(
+            np.zeros(0, dtype=np.str_), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.str_)
+        )
+
+    def names(self) -> list[str]:
+        return [f"{n}/gpu{int(g)}" for n, g in zip(self.node, self.gpu, strict=True)]
+
+    def subset(self, selector: npt.ArrayLike) -> GpuTargets:
+        sel = np.asarray(selector)
+        return GpuTargets(self.node[sel], self.gpu[sel], self.uuid[sel])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Intent:
+    """Base of every intent."""
+
+    kind: ClassVar[IntentKind]
+    policy: str
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    expires_s: float = float("inf")
+
+    def fields(self) -> dict[str, Any]:
+        """The kind's own fields (e.g. `watts`), JSON-ready."""
+        return {}
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per target: kind, target, policy, reason, the kind's fields."""
+        return [
+            {
+                "kind": str(self.kind),
+                "target": self.target_name(),
+                "policy": self.policy,
+                "reason": self.reason,
+                **self.fields(),
+                "evidence": _jsonable(self.evidence),
+            }
+        ]
+
+    def target_name(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class _CapIntentBase(Intent):
+    targets: GpuTargets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _per_target(self, i: int) -> dict[str, Any]:
+        return {}
+
+    def _evidence_for(self, i: int) -> dict[str, Any]:
+        n = len(self.targets)
+        out: dict[str, Any] = {}
+        for key, value in self.evidence.items():
+            if isinstance(value, np.ndarray) and value.shape == (n,):
+                out[key] = _jsonable(value[i])
+            else:
+                out[key] = _jsonable(value)
+        return out
+
+    def to_records(self) -> list[dict[str, Any]]:
+        names = self.targets.names()
+        return [
+            {
+                "kind": str(self.kind),
+                "target": names[i],
+                "uuid": str(self.targets.uuid[i]),
+                "policy": self.policy,
+                "reason": self.reason,
+                **self._per_target(i),
+                "evidence": self._evidence_for(i),
+            }
+            for i in range(len(names))
+        ]
+
+    def target_name(self) -> str:
+        names = self.targets.names()
+        return names[0] if len(names) == 1 else f"{len(names)} GPUs"
+
+    def subset(self, selector: npt.ArrayLike) -> _CapIntentBase:
+        sel = np.asarray(selector)
+        n = len(self.targets)
+        evidence = {
+            k: (v[sel] if isinstance(v, np.ndarray) and v.shape == (n,) else v)
+            for k, v in self.evidence.items()
+        }
+        changes: dict[str, Any] = {"targets": self.targets.subset(sel), "evidence": evidence}
+        if isinstance(self, SetPowerCap):
+            changes["watts"] = self.watts[sel]
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SetPowerCap(_CapIntentBase):
+    """Cap each target GPU at `watts` (aligned with targets)."""
+
+    kind: ClassVar[IntentKind] = IntentKind.SET_POWER_CAP
+    watts: FloatArray
+
+    def __post_init__(self) -> None:
+        if self.watts.shape != (len(self.targets),):
+            raise ValueError("SetPowerCap.watts must align with its targets")
+
+    def _per_target(self, i: int) -> dict[str, Any]:
+        return {"watts": round(float(self.watts[i]), 1)}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ReleasePowerCap(_CapIntentBase):
+    """Give the target GPUs back their default limit."""
+
+    kind: ClassVar[IntentKind] = IntentKind.RELEASE_POWER_CAP
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class DrainNode(Intent):
+    kind: ClassVar[IntentKind] = IntentKind.DRAIN_NODE
+    node: str
+
+    def target_name(self) -> str:
+        return self.node
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ResumeNode(Intent):
+    kind: ClassVar[IntentKind] = IntentKind.RESUME_NODE
+    node: str
+
+    def target_name(self) -> str:
+        return self.node
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SetNodeWeight(Intent):
+    """Scheduler weight: higher weight = less preferred (Slurm's meaning)."""
+
+    kind: ClassVar[IntentKind] = IntentKind.SET_NODE_WEIGHT
+    node: str
+    weight: int
+
+    def target_name(self) -> str:
+        return self.node
+
+    def fields(self) -> dict[str, Any]:
+        return {"weight": self.weight}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SetNodeFeatures(Intent):
+    """Add and remove node features the agent owns (others are never touched)."""
+
+    kind: ClassVar[IntentKind] = IntentKind.SET_NODE_FEATURES
+    node: str
+    add: frozenset[str] = frozenset()
+    remove: frozenset[str] = frozenset()
+
+    def target_name(self) -> str:
+        return self.node
+
+    def fields(self) -> dict[str, Any]:
+        return {"add": sorted(self.add), "remove": sorted(self.remove)}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RequeueJob(Intent):
+    kind: ClassVar[IntentKind] = IntentKind.REQUEUE_JOB
+    job: str
+    node: str = ""  # where the job ran, for the record
+
+    def target_name(self) -> str:
+        return self.job
+
+    def fields(self) -> dict[str, Any]:
+        return {"job": self.job, "node": self.node}
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Notify(Intent):
+    kind: ClassVar[IntentKind] = IntentKind.NOTIFY
+    target: str
+    severity: Severity = Severity.WARNING
+    summary: str = ""
+
+    def target_name(self) -> str:
+        return self.target
+
+    def fields(self) -> dict[str, Any]:
+        return {"severity": str(self.severity), "summary": self.summary}
+
+
+CapIntent = SetPowerCap | ReleasePowerCap
+NodeIntent = DrainNode | ResumeNode | SetNodeWeight | SetNodeFeatures
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # the actuator applied it
+    RECORDED = "recorded"  # dry-run: recorded instead of applied
+    REFUSED = "refused"  # the guard refused it (reason in detail)
+    FAILED = "failed"  # the actuator tried and failed (error in detail)
+
+
+@dataclass(frozen=True, eq=False)
+class Action:
+    """An intent (or the part of a cap intent) and what became of it. One audit record each."""
+
+    action_id: str
+    decision_id: str
+    intent: Intent
+    outcome: Outcome
+    dry_run: bool
+    detail: str = ""
+    before: Any = None  # e.g. previous caps (array aligned with targets) or node state
+    time_s: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        after: Any
+        if isinstance(self.intent, SetPowerCap):
+            after = _jsonable(self.intent.watts)
+        elif isinstance(self.intent, ReleasePowerCap):
+            after = "default"
+        else:
+            after = self.intent.fields() or str(self.intent.kind)
+        targets: Any
+        if isinstance(self.intent, _CapIntentBase):
+            targets = self.intent.targets.names()
+        else:
+            targets = self.intent.target_name()
+        return {
+            "action_id": self.action_id,
+            "decision_id": self.decision_id,
+            "kind": str(self.intent.kind),
+            "policy": self.intent.policy,
+            "target": targets,
+            "outcome": str(self.outcome),
+            "dry_run": self.dry_run,
+            "reason": self.intent.reason,
+            "detail": self.detail,
+            "before": _jsonable(self.before),
+            "after": after,
+            "evidence": _jsonable(self.intent.evidence),
+            "time_s": self.time_s,
+        }
+
+
+def jsonable(value: Any) -> Any:
+    """Numpy values and containers to plain JSON types."""
+    return _jsonable(value)

@@ -1,0 +1,88 @@
+"""Columnar state keyed by string (a GPU's UUID, a node's name): numpy arrays, no per-key objects.
+
+Keys are kept sorted; `slots(keys)` maps a whole array of keys to positions in one searchsorted,
+adding unseen keys with each column's fill value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+class KeyedColumns:
+    def __init__(self, columns: Mapping[str, tuple[npt.DTypeLike, Any]]) -> None:
+        """`columns`: name -> (dtype, fill value for new keys). String columns need a sized dtype
+        ("U64"): numpy truncates longer strings silently."""
+        self._spec = dict(columns)
+        self.keys = np.zeros(0, dtype=np.str_)
+        self.cols: dict[str, npt.NDArray[Any]] = {
+            name: np.zeros(0, dtype=dtype) for name, (dtype, _) in self._spec.items()
+        }
+        self._last_keys: npt.NDArray[np.str_] | None = None
+        self._last_slots: npt.NDArray[np.int64] | None = None
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        return self.cols[name]
+
+    def slots(self, keys: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Positions of `keys` (added if new). Cached: the same key array costs one comparison."""
+        arr = np.asarray(keys, dtype=np.str_)
+        last = self._last_keys
+        cached = self._last_slots
+        if (
+            last is not None
+            and cached is not None
+            and last.shape == arr.shape
+            and np.array_equal(last, arr)
+        ):
+            return cached
+        missing = ~np.isin(arr, self.keys) if self.keys.size else np.ones(arr.shape, dtype=bool)
+        if missing.any():
+            new = np.unique(arr[missing])
+            merged = np.concatenate([self.keys, new])
+            order = np.argsort(merged, kind="stable")
+            self.keys = merged[order]
+            for name, (_dtype, fill) in self._spec.items():
+                old = self.cols[name]
+                grown = np.concatenate([old, np.full(new.shape[0], fill, dtype=old.dtype)])
+                self.cols[name] = grown[order]
+        slots = np.searchsorted(self.keys, arr).astype(np.int64)
+        self._last_keys, self._last_slots = arr.copy(), slots
+        return slots
+
+    def lookup(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Positions of `keys` without adding any; the mask says which were found."""
+        arr = np.asarray(keys, dtype=np.str_)
+        if self.keys.size == 0:
+            return np.zeros(arr.shape, dtype=np.int64), np.zeros(arr.shape, dtype=bool)
+        pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1)
+        return pos.astype(np.int64), self.keys[pos] == arr
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for persistence)."""
+        return {"keys": self.keys.tolist(), **{k: v.tolist() for k, v in self.cols.items()}}
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        keys = np.asarray(data.get("keys", []), dtype=np.str_)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        for name, (dtype, fill) in self._spec.items():
+            raw = data.get(name)
+            col = (
+                np.full(keys.shape[0], fill, dtype=dtype)
+                if raw is None
+                else np.asarray(raw, dtype=dtype)
+            )
+            if col.shape != keys.shape:
+                raise ValueError(
+                    f"column {name!r} has {col.shape[0]} values for {keys.shape[0]} keys"
+                )
+            self.cols[name] = col[order]
+        self._last_keys = self._last_slots = None

@@ -1,0 +1,134 @@
+"""The protocols at the edges. Real parts (Prometheus, NVML, the node daemon, Slurm) and the twin
+implement them; tests use hand-written fakes of the same shape."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.intents import GpuTargets, Notify
+from agent.core.situation import NodeStates
+from agent.core.snapshot import Snapshot
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+# -- telemetry ----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class TelemetrySource(Protocol):
+    """Reads the fleet. Raises TelemetryError when it cannot (the loop turns that into an explicit
+    outage: an empty Snapshot with the error, never zeros)."""
+
+    def observe(self, now_s: float) -> Snapshot: ...
+
+
+# -- one GPU (NVML, the node daemon's backends, the twin) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PowerConstraints:
+    min_w: float
+    max_w: float
+    default_w: float
+
+    def contains(self, watts: float) -> bool:
+        return self.min_w <= watts <= self.max_w
+
+
+@runtime_checkable
+class GpuDevice(Protocol):
+    """One GPU, in watts and degrees. Errors are agent.core.errors.GpuError subclasses."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def uuid(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def power_constraints(self) -> PowerConstraints: ...
+
+    def power_limit_w(self) -> float: ...
+
+    def enforced_power_limit_w(self) -> float: ...
+
+    def set_power_limit_w(self, watts: float) -> None: ...
+
+    def power_usage_w(self) -> float: ...
+
+    def temperature_c(self) -> float: ...
+
+    def utilization_pct(self) -> tuple[float, float]:
+        """(GPU, memory) utilization in percent."""
+        ...
+
+    def sm_clock_mhz(self) -> float: ...
+
+    def total_energy_j(self) -> float: ...
+
+
+@runtime_checkable
+class GpuBackend(Protocol):
+    """The GPUs of one node."""
+
+    def devices(self) -> Sequence[GpuDevice]: ...
+
+
+# -- actuators ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CapResult:
+    """Per target (aligned with the request): applied or not, and why not."""
+
+    ok: BoolArray
+    before_w: FloatArray  # the limit before the change (NaN if unknown)
+    errors: Mapping[int, str] = field(default_factory=dict)  # target position -> error
+
+    @staticmethod
+    def all_ok(n: int, before_w: FloatArray | None = None) -> CapResult:
+        return CapResult(
+            np.ones(n, dtype=bool), np.full(n, np.nan) if before_w is None else before_w
+        )
+
+
+@runtime_checkable
+class CapActuator(Protocol):
+    """Applies GPU power caps. A cap is a lease: unless renewed within `lease_s` the node falls back
+    to its configured safe cap."""
+
+    def set_caps(self, targets: GpuTargets, watts: FloatArray, lease_s: float) -> CapResult: ...
+
+    def release_caps(self, targets: GpuTargets) -> CapResult: ...
+
+
+@runtime_checkable
+class PlacementActuator(Protocol):
+    """Job placement (Slurm now; Kubernetes later behind the same interface). Methods raise
+    ActuatorError on failure."""
+
+    def node_states(self, node_names: Sequence[str]) -> NodeStates: ...
+
+    def drain(self, node: str, reason: str) -> None: ...
+
+    def resume(self, node: str) -> None: ...
+
+    def set_weight(self, node: str, weight: int) -> None: ...
+
+    def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
+
+    def requeue(self, job: str) -> None: ...
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    def notify(self, intent: Notify) -> None: ...

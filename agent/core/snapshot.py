@@ -1,0 +1,179 @@
+"""The columnar Snapshot: one instant of the whole fleet, one numpy array per field.
+
+Missing or stale is explicit: every metric column carries a validity mask, and an invalid value is
+NaN, never 0.0 (a dead GPU must not look idle). GPUs are rows; rows are only meaningful within one
+Snapshot (use `uuid` to follow a GPU across cycles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+StrArray = npt.NDArray[np.str_]
+
+
+class Metric(StrEnum):
+    """Per-GPU telemetry fields, with their units in the name."""
+
+    POWER_W = "power_w"
+    POWER_LIMIT_W = "power_limit_w"  # the power-management limit we (or someone) set
+    ENFORCED_LIMIT_W = "enforced_limit_w"  # what applies after every limiter
+    MIN_LIMIT_W = "min_limit_w"  # NVML constraints
+    MAX_LIMIT_W = "max_limit_w"
+    DEFAULT_LIMIT_W = "default_limit_w"
+    TEMP_C = "temp_c"
+    UTIL_PCT = "util_pct"
+    MEM_UTIL_PCT = "mem_util_pct"
+    SM_CLOCK_MHZ = "sm_clock_mhz"
+    XID = "xid"  # the last XID error code seen (DCGM keeps only the last); 0 = none
+    ECC_DBE_TOTAL = "ecc_dbe_total"  # volatile double-bit ECC errors
+    REMAPPED_ROWS_UNCORRECTABLE = "remapped_rows_uncorrectable"
+    ROW_REMAP_FAILURE = "row_remap_failure"
+    ENERGY_J = "energy_j"  # cumulative energy counter
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """The fleet at `time_s`. Arrays are indexed by GPU row; `node` indexes into `node_names`."""
+
+    time_s: float
+    node_names: StrArray  # unique node names
+    node: IntArray  # per GPU: index into node_names
+    gpu: IntArray  # per GPU: index on its node
+    uuid: StrArray
+    model: StrArray  # NVML model name
+    job: StrArray  # per GPU: the job running there ("" = none known)
+    values: Mapping[Metric, FloatArray]
+    valid: Mapping[Metric, BoolArray]
+    age_s: FloatArray  # age of the GPU's newest sample (NaN if never seen)
+    stale: BoolArray  # seen in the inventory window but too old to act on
+    budget_w: float | None = None  # the facility budget signal, when the source provides one
+    errors: tuple[str, ...] = ()  # what the source says is wrong this cycle
+    labels: Mapping[str, StrArray] = field(default_factory=dict)  # extra per-GPU labels (rack...)
+
+    def __post_init__(self) -> None:
+        n = self.uuid.shape[0]
+        for name in ("node", "gpu", "model", "job", "age_s", "stale"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(
+                    f"Snapshot.{name} has shape {getattr(self, name).shape}, want ({n},)"
+                )
+        for metric, column in self.values.items():
+            if column.shape != (n,) or self.valid[metric].shape != (n,):
+                raise ValueError(f"Snapshot column {metric} does not have {n} rows")
+
+    @property
+    def n_gpus(self) -> int:
+        return int(self.uuid.shape[0])
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.node_names.shape[0])
+
+    @property
+    def fresh(self) -> BoolArray:
+        """GPUs the agent may act on: seen and not stale."""
+        return np.asarray(~self.stale & np.isfinite(self.age_s), dtype=bool)
+
+    def column(self, metric: Metric) -> tuple[FloatArray, BoolArray]:
+        """Values (NaN where invalid) and the validity mask; an absent column is all invalid."""
+        if metric in self.values:
+            return self.values[metric], self.valid[metric]
+        return np.full(self.n_gpus, np.nan), np.zeros(self.n_gpus, dtype=bool)
+
+    def usable(self, metric: Metric) -> BoolArray:
+        """Valid and fresh."""
+        return np.asarray(self.column(metric)[1] & self.fresh, dtype=bool)
+
+    def node_of(self) -> StrArray:
+        """Per GPU: its node's name."""
+        return np.asarray(self.node_names[self.node])
+
+    def target(self, row: int) -> str:
+        """A GPU's target name, as operators write it: `node2/gpu1`."""
+        return f"{self.node_names[self.node[row]]}/gpu{int(self.gpu[row])}"
+
+    def targets(self, rows: npt.ArrayLike) -> list[str]:
+        idx = np.asarray(rows, dtype=np.int64)
+        names = self.node_names[self.node[idx]]
+        return [f"{n}/gpu{int(g)}" for n, g in zip(names, self.gpu[idx], strict=True)]
+
+    def rows_of_node(self, node_name: str) -> IntArray:
+        hits = np.flatnonzero(self.node_names == node_name)
+        if hits.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.node == hits[0]).astype(np.int64)
+
+    def metrics(self) -> Iterator[Metric]:
+        return iter(self.values)
+
+    @staticmethod
+    def empty(
+        time_s: float, errors: tuple[str, ...] = (), budget_w: float | None = None
+    ) -> Snapshot:
+        """No GPUs seen (e.g. the source is unreachable)."""
+        return Snapshot(
+            time_s=time_s,
+            node_names=np.zeros(0, dtype=np.str_),
+            node=np.zeros(0, dtype=np.int64),
+            gpu=np.zeros(0, dtype=np.int64),
+            uuid=np.zeros(0, dtype=np.str_),
+            model=np.zeros(0, dtype=np.str_),
+            job=np.zeros(0, dtype=np.str_),
+            values={},
+            valid={},
+            age_s=np.zeros(0),
+            stale=np.zeros(0, dtype=bool),
+            budget_w=budget_w,
+            errors=errors,
+        )
+
+
+def build_snapshot(
+    *,
+    time_s: float,
+    node_of_gpu: npt.ArrayLike,
+    gpu: npt.ArrayLike,
+    uuid: npt.ArrayLike,
+    model: npt.ArrayLike,
+    job: npt.ArrayLike,
+    values: Mapping[Metric, npt.ArrayLike],
+    age_s: npt.ArrayLike,
+    stale: npt.ArrayLike,
+    budget_w: float | None = None,
+    errors: tuple[str, ...] = (),
+    labels: Mapping[str, npt.ArrayLike] | None = None,
+) -> Snapshot:
+    """Build a Snapshot from per-GPU node names; validity is derived from NaN (never from 0.0)."""
+    node_of = np.asarray(node_of_gpu, dtype=np.str_)
+    node_names, node_idx = np.unique(node_of, return_inverse=True)
+    cols: dict[Metric, FloatArray] = {}
+    masks: dict[Metric, BoolArray] = {}
+    for metric, raw in values.items():
+        col = np.asarray(raw, dtype=np.float64)
+        cols[metric] = col
+        masks[metric] = np.isfinite(col)
+    return Snapshot(
+        time_s=float(time_s),
+        node_names=node_names,
+        node=node_idx.astype(np.int64),
+        gpu=np.asarray(gpu, dtype=np.int64),
+        uuid=np.asarray(uuid, dtype=np.str_),
+        model=np.asarray(model, dtype=np.str_),
+        job=np.asarray(job, dtype=np.str_),
+        values=cols,
+        valid=masks,
+        age_s=np.asarray(age_s, dtype=np.float64),
+        stale=np.asarray(stale, dtype=bool),
+        budget_w=budget_w,
+        errors=errors,
+        labels={k: np.asarray(v, dtype=np.str_) for k, v in (labels or {}).items()},
+    )
