@@ -1,0 +1,1 @@
+"""The digital twin: GPU physics, jobs, faults; serves DCGM-style /metrics and the node API."""

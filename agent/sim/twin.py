@@ -1,0 +1,588 @@
+"""The digital twin: N nodes x G GPUs running a stream of jobs, on a virtual or real clock.
+
+Physics per GPU, vectorized over the fleet (columnar numpy, no per-GPU objects):
+- power: a busy GPU draws its job's natural draw, or `cap_draw_frac` x its cap when the cap binds
+  (agent.core.curves), ramping up from idle over the job's start-up; noise on top, never above the
+  enforced limit; an idle GPU draws the model's idle power.
+- throughput: the job's curve (agent/sim/calibration.py, from Zeus's measured sweeps); a job
+  advances at the pace of its slowest GPU (synchronous data-parallel training).
+- temperature: first order, T' = (ambient + R * P - T) / tau, with per-GPU variation in R; above
+  the slowdown temperature the hardware throttles (clock and power drop).
+- jobs: Poisson arrivals sized to a target occupancy, lognormal amounts of work, FIFO with backfill
+  onto the lowest-weight, best-fitting undrained node (Slurm's habit); a capped job takes longer.
+- a facility budget that changes over time (a demand-response drop), and injected faults.
+
+Deterministic under its seed. Ground truth (true curves) is readable only through `true_curves()`,
+which only the oracle uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.curves import throughput_at_power
+from agent.core.gpu_models import H100_SXM, GpuModel
+from agent.sim.calibration import DEFAULT_MIX, WORKLOADS
+from agent.sim.faults import FaultKind, FaultSpec
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+IDLE_SM_CLOCK_MHZ = 345.0
+THROTTLE_THROUGHPUT = 0.5  # hardware thermal slowdown: the clock drops hard
+THROTTLE_POWER = 0.6
+FAN_RAMP_S = 300.0  # a failing fan degrades cooling over minutes, not at once
+FATAL_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120, 140})  # the GPU stops doing work
+
+JOB_PENDING, JOB_RUNNING, JOB_DONE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSchedule:
+    """A piecewise-constant facility budget: (start_s, budget_w) steps, the first at 0."""
+
+    steps: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps or self.steps[0][0] != 0.0:
+            raise ValueError("a budget schedule starts at t=0")
+        times = [t for t, _ in self.steps]
+        if times != sorted(times) or len(set(times)) != len(times):
+            raise ValueError("budget schedule times must increase")
+        if any(w <= 0 for _, w in self.steps):
+            raise ValueError("budgets must be positive watts")
+
+    def at(self, t_s: float) -> float:
+        budget = self.steps[0][1]
+        for start, watts in self.steps:
+            if t_s >= start:
+                budget = watts
+        return budget
+
+    def change_times(self) -> list[float]:
+        return [t for t, _ in self.steps[1:]]
+
+    @staticmethod
+    def constant(budget_w: float) -> BudgetSchedule:
+        return BudgetSchedule(((0.0, budget_w),))
+
+    @staticmethod
+    def demand_response(
+        normal_w: float, drop_w: float, start_s: float, duration_s: float
+    ) -> BudgetSchedule:
+        """The budget at `normal_w`, dropping to `drop_w` for `duration_s` from `start_s`."""
+        return BudgetSchedule(
+            ((0.0, normal_w), (start_s, drop_w), (start_s + duration_s, normal_w))
+        )
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    nodes: int = 8
+    gpus_per_node: int = 8
+    model: GpuModel = H100_SXM
+    seed: int = 0
+    step_s: float = 1.0  # physics resolution (twin seconds)
+    occupancy: float = 0.85  # target share of busy GPUs; arrivals are sized to it
+    median_job_s: float = 2400.0  # median work of a job, in seconds at full speed
+    job_sizes: tuple[tuple[int, float], ...] = ((1, 0.2), (2, 0.15), (4, 0.25), (8, 0.4))
+    priorities: tuple[tuple[int, float], ...] = ((0, 0.3), (1, 0.5), (2, 0.2))
+    mix: tuple[tuple[str, float], ...] = tuple(DEFAULT_MIX.items())
+    startup_s: float = 90.0  # a job ramps from idle to its natural draw (loading, init)
+    ambient_c: float = 30.0
+    thermal_tau_s: float = 45.0
+    power_noise_frac: float = 0.02
+    node_overhead_w: float = 0.0  # non-GPU power per node counted against the budget
+    budget: BudgetSchedule | None = None  # None: no facility budget
+    faults: tuple[FaultSpec, ...] = ()
+    initial_jobs: bool = True  # start with the cluster at its target occupancy
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("the twin needs at least one node and one GPU per node")
+        if not 0.0 <= self.occupancy <= 1.0:
+            raise ValueError("occupancy is a fraction in [0, 1]")
+        if self.step_s <= 0:
+            raise ValueError("step_s must be positive")
+        unknown = [name for name, _ in self.mix if name not in WORKLOADS]
+        if unknown:
+            raise ValueError(
+                f"unknown workload classes in mix: {unknown} (known: {sorted(WORKLOADS)})"
+            )
+        for fault in self.faults:
+            if fault.node > self.nodes:
+                raise ValueError(f"fault {fault}: the twin has only {self.nodes} nodes")
+            if fault.gpu is not None and fault.gpu >= self.gpus_per_node:
+                raise ValueError(f"fault {fault}: nodes have GPUs 0..{self.gpus_per_node - 1}")
+
+    @property
+    def n_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def thermal_r_c_per_w(self) -> float:
+        # At TDP a healthy GPU settles 5 C under its slowdown temperature.
+        return (self.model.slowdown_temp_c - 5.0 - self.ambient_c) / self.model.tdp_w
+
+    def expected_demand_w(self) -> float:
+        """Expected fleet draw with no caps at the target occupancy (for sizing budgets)."""
+        total_share = sum(p for _, p in self.mix)
+        busy_w = sum(WORKLOADS[n].natural_frac * p for n, p in self.mix) / total_share
+        busy_w *= self.model.max_cap_w
+        per_gpu = self.occupancy * busy_w + (1 - self.occupancy) * self.model.idle_w
+        return self.n_gpus * per_gpu + self.nodes * self.node_overhead_w
+
+
+class _Jobs:
+    """The job table, columnar and growable."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        cap = 64
+        self.job_id = np.zeros(cap, dtype=np.int64)
+        self.workload = np.zeros(cap, dtype=np.int64)
+        self.natural_w = np.zeros(cap)
+        self.a = np.zeros(cap)
+        self.b = np.zeros(cap)
+        self.cap_draw_frac = np.zeros(cap)
+        self.clock_frac = np.zeros(cap)
+        self.n_gpus = np.zeros(cap, dtype=np.int64)
+        self.work_left_s = np.zeros(cap)
+        self.priority = np.zeros(cap, dtype=np.int64)
+        self.submit_s = np.zeros(cap)
+        self.start_s = np.full(cap, np.nan)
+        self.state = np.zeros(cap, dtype=np.int64)
+        self.requeues = np.zeros(cap, dtype=np.int64)
+        self.external = np.zeros(cap, dtype=bool)  # placed from outside (e.g. mirrored Slurm)
+
+    def _grow(self) -> None:
+        for name, arr in list(vars(self).items()):
+            if isinstance(arr, np.ndarray):
+                extra = np.full_like(arr, np.nan) if name == "start_s" else np.zeros_like(arr)
+                setattr(self, name, np.concatenate([arr, extra]))
+
+    def add(self, **values: float) -> int:
+        if self.n == self.job_id.shape[0]:
+            self._grow()
+        row = self.n
+        for name, value in values.items():
+            getattr(self, name)[row] = value
+        self.n += 1
+        return row
+
+
+@dataclass
+class StepLog:
+    """Per physics step: what the KPIs are computed from (columnar, appended in chunks)."""
+
+    t_s: list[FloatArray] = field(default_factory=list)
+    fleet_w: list[FloatArray] = field(default_factory=list)
+    budget_w: list[FloatArray] = field(default_factory=list)
+    work_gpu_s: list[FloatArray] = field(default_factory=list)
+
+
+class Twin:
+    """The twin's state and physics. Time starts at 0 (twin seconds)."""
+
+    def __init__(self, spec: TwinSpec) -> None:
+        self.spec = spec
+        self.rng = np.random.default_rng(spec.seed)
+        n, g = spec.n_gpus, spec.gpus_per_node
+        model = spec.model
+        self.t_s = 0.0
+        self.node_of = np.repeat(np.arange(spec.nodes, dtype=np.int64), g)
+        self.gpu_idx = np.tile(np.arange(g, dtype=np.int64), spec.nodes)
+        self.node_names = np.array([f"node{k + 1}" for k in range(spec.nodes)], dtype=np.str_)
+        self.uuid = np.array([_uuid(spec.seed, i) for i in range(n)], dtype=np.str_)
+        self.pci_bus_id = np.array(
+            [f"00000000:{0x17 + 0x10 * int(i):02X}:00.0" for i in self.gpu_idx], dtype=np.str_
+        )
+        self.cap_w = np.full(n, model.default_cap_w)
+        self.enforced_w = self.cap_w.copy()
+        self.min_w = np.full(n, model.min_cap_w)
+        self.max_w = np.full(n, model.max_cap_w)
+        self.default_w = np.full(n, model.default_cap_w)
+        self.thermal_r = spec.thermal_r_c_per_w * self.rng.uniform(0.95, 1.05, n)
+        self.temp_c = np.full(n, spec.ambient_c + model.idle_w * spec.thermal_r_c_per_w)
+        self.energy_j = np.zeros(n)
+        self.job_row = np.full(n, -1, dtype=np.int64)
+        self.xid = np.zeros(n, dtype=np.int64)
+        self.ecc_dbe = np.zeros(n)
+        self.remapped_uncorrectable = np.zeros(n)
+        self.row_remap_failure = np.zeros(n)
+        self.power_w = np.full(n, model.idle_w)
+        self.util_pct = np.zeros(n)
+        self.mem_util_pct = np.zeros(n)
+        self.sm_clock_mhz = np.full(n, IDLE_SM_CLOCK_MHZ)
+        self.throughput = np.zeros(n)  # relative to uncapped, per GPU
+        self.throttled = np.zeros(n, dtype=bool)
+        self.node_drained = np.zeros(spec.nodes, dtype=bool)
+        self.node_weight = np.ones(spec.nodes, dtype=np.int64)
+        self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
+        self.exporter_up = np.ones(spec.nodes, dtype=bool)
+        self.node_last_seen_s = np.zeros(spec.nodes)
+        self.jobs = _Jobs()
+        self.pending: list[int] = []
+        self.work_done_gpu_s = 0.0
+        self.energy_total_j = 0.0
+        self.log = StepLog()
+        self._log_buf: list[tuple[float, float, float, float]] = []
+        self._workload_names = [name for name, _ in spec.mix]
+        total = sum(p for _, p in spec.mix)
+        self._workload_p = np.array([p / total for _, p in spec.mix])
+        self._sizes = np.array([s for s, _ in spec.job_sizes if s <= g] or [g], dtype=np.int64)
+        size_p = np.array([p for s, p in spec.job_sizes if s <= g] or [1.0])
+        self._sizes_p = size_p / size_p.sum()
+        prio = spec.priorities
+        self._prio = np.array([p for p, _ in prio], dtype=np.int64)
+        self._prio_p = np.array([w for _, w in prio]) / sum(w for _, w in prio)
+        mean_size = float((self._sizes * self._sizes_p).sum())
+        mean_work = spec.median_job_s * float(np.exp(0.8**2 / 2))  # lognormal mean
+        self.arrival_rate_per_s = spec.occupancy * n / (mean_size * mean_work)
+        self._ecc_counted: set[int] = set()
+        self._fault_state(0.0)
+        if spec.initial_jobs:
+            self._seed_jobs()
+        self._physics(0.0)
+        self.node_last_seen_s[:] = 0.0
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def _new_job(self, now_s: float, work_s: float | None = None) -> int:
+        wl_idx = int(self.rng.choice(len(self._workload_names), p=self._workload_p))
+        wl = WORKLOADS[self._workload_names[wl_idx]]
+        # Per-job natural draw within the class's measured spread (IQR ~ 1.35 sigma).
+        sigma = (wl.natural_frac_hi - wl.natural_frac_lo) / 1.35
+        lo_frac = self.spec.model.idle_w / self.spec.model.max_cap_w + 0.05
+        frac = float(np.clip(self.rng.normal(wl.natural_frac, sigma), lo_frac, 0.98))
+        if work_s is None:
+            work_s = float(
+                np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 12 * 3600)
+            )
+        size = int(self.rng.choice(self._sizes, p=self._sizes_p))
+        row = self.jobs.add(
+            job_id=1000 + self.jobs.n,
+            workload=wl_idx,
+            natural_w=frac * self.spec.model.max_cap_w,
+            a=wl.a,
+            b=wl.b,
+            cap_draw_frac=wl.cap_draw_frac,
+            clock_frac=float(self.rng.uniform(0.9, 1.0)),
+            n_gpus=size,
+            work_left_s=work_s,
+            priority=int(self.rng.choice(self._prio, p=self._prio_p)),
+            submit_s=now_s,
+            state=JOB_PENDING,
+        )
+        self.pending.append(row)
+        return row
+
+    def _seed_jobs(self) -> None:
+        """Fill the cluster to its target occupancy with jobs already past their start-up."""
+        target = round(self.spec.occupancy * self.spec.n_gpus)
+        while int((self.job_row >= 0).sum()) < target:
+            # Remaining work of a job caught mid-run: uniform share of a fresh job's work.
+            work = float(
+                np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200)
+            )
+            row = self._new_job(0.0, work * float(self.rng.uniform(0.05, 1.0)))
+            self.pending.remove(row)
+            if not self._place(row, -self.spec.startup_s):
+                self.jobs.state[row] = JOB_DONE  # does not fit: drop it
+                break
+
+    def _free_mask(self) -> BoolArray:
+        failed = np.isin(self.xid, list(FATAL_XIDS))
+        return np.asarray(
+            (self.job_row < 0) & ~failed & ~self.node_drained[self.node_of], dtype=bool
+        )
+
+    def _place(self, row: int, now_s: float) -> bool:
+        size = int(self.jobs.n_gpus[row])
+        free = self._free_mask()
+        free_per_node = np.bincount(self.node_of[free], minlength=self.spec.nodes)
+        fits = np.flatnonzero(free_per_node >= size)
+        if fits.size == 0:
+            return False
+        # Lowest weight first, then best fit (fewest free GPUs), then lowest index.
+        order = np.lexsort((fits, free_per_node[fits], self.node_weight[fits]))
+        node = int(fits[order[0]])
+        gpus = np.flatnonzero(free & (self.node_of == node))[:size]
+        self.assign(row, gpus, now_s)
+        return True
+
+    def assign(self, row: int, gpu_rows: npt.ArrayLike, now_s: float) -> None:
+        """Start job `row` on the given GPUs (also used by an external scheduler mirror)."""
+        gpus = np.asarray(gpu_rows, dtype=np.int64)
+        self.job_row[gpus] = row
+        self.jobs.n_gpus[row] = gpus.size
+        self.jobs.state[row] = JOB_RUNNING
+        self.jobs.start_s[row] = now_s
+
+    def _arrivals_and_scheduling(self, dt: float) -> None:
+        arrivals = int(self.rng.poisson(self.arrival_rate_per_s * dt))
+        for _ in range(arrivals):
+            self._new_job(self.t_s)
+        if not self.pending:
+            return
+        still: list[int] = []
+        for row in self.pending:
+            if not self._place(row, self.t_s):
+                still.append(row)
+        self.pending = still
+
+    def requeue_job(self, job_id: int) -> bool:
+        """Stop a running job and put it back in the queue (its progress is kept)."""
+        rows = np.flatnonzero(self.jobs.job_id[: self.jobs.n] == job_id)
+        if rows.size == 0 or self.jobs.state[rows[0]] != JOB_RUNNING:
+            return False
+        row = int(rows[0])
+        self.job_row[self.job_row == row] = -1
+        self.jobs.state[row] = JOB_PENDING
+        self.jobs.start_s[row] = np.nan
+        self.jobs.requeues[row] += 1
+        self.pending.insert(0, row)
+        return True
+
+    def running_job_ids(self) -> dict[int, list[int]]:
+        """Job id -> GPU rows, for running jobs."""
+        out: dict[int, list[int]] = {}
+        for gpu, row in enumerate(self.job_row):
+            if row >= 0:
+                out.setdefault(int(self.jobs.job_id[row]), []).append(gpu)
+        return out
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def _fault_rows(self, fault: FaultSpec) -> IntArray:
+        base = (fault.node - 1) * self.spec.gpus_per_node
+        if fault.gpu is None:
+            return np.arange(base, base + self.spec.gpus_per_node, dtype=np.int64)
+        return np.array([base + fault.gpu], dtype=np.int64)
+
+    def _fault_state(self, t_s: float) -> None:
+        """Set the per-GPU fault effects active at t_s."""
+        n = self.spec.n_gpus
+        self.fan_factor = np.ones(n)
+        self.straggler_factor = np.ones(n)
+        self.spike_w = np.zeros(n)
+        self.exporter_up[:] = True
+        xid_now = np.zeros(n, dtype=np.int64)
+        for fault_no, fault in enumerate(self.spec.faults):
+            rows = self._fault_rows(fault)
+            if fault.kind is FaultKind.DROPOUT:
+                if fault.active(t_s):
+                    self.exporter_up[fault.node - 1] = False
+                continue
+            if not fault.active(t_s):
+                continue
+            if fault.kind is FaultKind.XID:
+                xid_now[rows] = int(fault.param)
+            elif fault.kind is FaultKind.ECC:
+                xid_now[rows] = np.maximum(xid_now[rows], 48)  # a DBE raises XID 48
+                self.row_remap_failure[rows] = 1.0
+                if fault_no not in self._ecc_counted:  # counters rise once per fault
+                    self.ecc_dbe[rows] += fault.param
+                    self.remapped_uncorrectable[rows] += 1.0
+                    self._ecc_counted.add(fault_no)
+            elif fault.kind is FaultKind.FAN:
+                ramp = min(1.0, (t_s - fault.start_s) / FAN_RAMP_S)
+                self.fan_factor[rows] = 1.0 + (fault.param - 1.0) * ramp
+            elif fault.kind is FaultKind.STRAGGLER:
+                self.straggler_factor[rows] = fault.param
+            elif fault.kind is FaultKind.SPIKE:
+                extra = 0.4 * self.spec.model.tdp_w if np.isnan(fault.param) else fault.param
+                self.spike_w[rows] = extra
+        self.xid = xid_now
+        # A recovered GPU's ECC condition clears with the reset that recovers it.
+        ecc_active = np.zeros(n, dtype=bool)
+        for fault in self.spec.faults:
+            if fault.kind is FaultKind.ECC and fault.active(t_s):
+                ecc_active[self._fault_rows(fault)] = True
+        self.row_remap_failure[~ecc_active] = 0.0
+
+    # -- physics --------------------------------------------------------------------------------
+
+    def _physics(self, dt: float) -> None:
+        spec, model, jobs = self.spec, self.spec.model, self.jobs
+        busy = self.job_row >= 0
+        rows = self.job_row[busy]
+        failed = np.isin(self.xid, list(FATAL_XIDS))
+        self.enforced_w = self.cap_w.copy()
+
+        ramp = np.zeros(spec.n_gpus)
+        ramp[busy] = np.clip((self.t_s - jobs.start_s[rows]) / max(spec.startup_s, 1e-9), 0.0, 1.0)
+        natural = np.full(spec.n_gpus, model.idle_w)
+        natural[busy] = model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp[busy]
+        k = np.ones(spec.n_gpus)
+        k[busy] = jobs.cap_draw_frac[rows]
+        a = np.zeros(spec.n_gpus)
+        b = np.ones(spec.n_gpus)
+        a[busy] = jobs.a[rows]
+        b[busy] = jobs.b[rows]
+
+        working = busy & ~failed
+        straggle = self.straggler_factor
+        natural_eff = np.where(working, natural * (0.85 + 0.15 * straggle), model.idle_w)
+        mean_power = np.minimum(natural_eff, k * self.enforced_w)
+        noise = 1.0 + spec.power_noise_frac * self.rng.standard_normal(spec.n_gpus)
+        power = np.minimum(mean_power * noise + self.spike_w, self.enforced_w)
+        power = np.where(
+            working | (self.spike_w > 0), power, model.idle_w * (1 + 0.01 * (noise - 1))
+        )
+
+        tput = np.where(working, throughput_at_power(mean_power, natural_eff, a, b) * ramp, 0.0)
+        tput *= straggle
+        self.throttled = self.temp_c >= model.slowdown_temp_c
+        tput = np.where(self.throttled, tput * THROTTLE_THROUGHPUT, tput)
+        power = np.where(self.throttled, power * THROTTLE_POWER, power)
+        self.power_w = np.maximum(power, 0.0)
+        self.throughput = tput
+
+        # Telemetry a DCGM exporter would show.
+        wl_mem = np.zeros(spec.n_gpus)
+        if busy.any():
+            mem_by_class = np.array([WORKLOADS[w].mem_util_pct for w in self._workload_names])
+            wl_mem[busy] = mem_by_class[jobs.workload[rows]]
+        self.util_pct = np.where(working, np.clip(97.0 * ramp + noise - 1.0, 0, 100), 0.0)
+        self.mem_util_pct = np.where(working, wl_mem * ramp * np.where(tput > 0, 1.0, 0.0), 0.0)
+        clock_frac = np.ones(spec.n_gpus)
+        clock_frac[busy] = jobs.clock_frac[rows]
+        sm = (
+            model.max_sm_clock_mhz
+            * clock_frac
+            * np.where(ramp > 0, tput / np.maximum(ramp, 1e-9), 0)
+        )
+        self.sm_clock_mhz = np.where(working, np.maximum(sm, IDLE_SM_CLOCK_MHZ), IDLE_SM_CLOCK_MHZ)
+        self.sm_clock_mhz = np.where(failed, 0.0, self.sm_clock_mhz)
+
+        if dt > 0:
+            target = spec.ambient_c + self.thermal_r * self.fan_factor * self.power_w
+            self.temp_c += (target - self.temp_c) * (1.0 - np.exp(-dt / spec.thermal_tau_s))
+            self.energy_j += self.power_w * dt
+
+    def _progress(self, dt: float) -> float:
+        """Advance jobs by dt; returns the work done (GPU-seconds at full speed)."""
+        busy = self.job_row >= 0
+        if not busy.any():
+            return 0.0
+        rows = self.job_row[busy]
+        rate = np.full(self.jobs.n, np.inf)
+        np.minimum.at(rate, rows, self.throughput[busy])
+        running = np.flatnonzero(np.isfinite(rate))
+        rate_run = rate[running]
+        self.jobs.work_left_s[running] -= rate_run * dt
+        done = running[self.jobs.work_left_s[running] <= 0]
+        if done.size:
+            self.jobs.state[done] = JOB_DONE
+            self.job_row[np.isin(self.job_row, done)] = -1
+        return float((rate_run * self.jobs.n_gpus[running]).sum() * dt)
+
+    def fleet_power_w(self) -> float:
+        return float(self.power_w.sum()) + self.spec.nodes * self.spec.node_overhead_w
+
+    def budget_w(self) -> float | None:
+        return None if self.spec.budget is None else self.spec.budget.at(self.t_s)
+
+    def step(self, dt: float | None = None, control: Callable[[Twin], None] | None = None) -> None:
+        """Advance by one physics step. `control` (the oracle) acts after scheduling, before
+        physics."""
+        dt = self.spec.step_s if dt is None else dt
+        self._fault_state(self.t_s)
+        self._arrivals_and_scheduling(dt)
+        if control is not None:
+            control(self)
+        self._physics(dt)
+        work = self._progress(dt)
+        self.work_done_gpu_s += work
+        fleet = self.fleet_power_w()
+        self.energy_total_j += fleet * dt
+        budget = self.budget_w()
+        self._log_buf.append((self.t_s, fleet, np.nan if budget is None else budget, work))
+        if len(self._log_buf) >= 4096:
+            self._flush_log()
+        self.t_s += dt
+        self.node_last_seen_s[self.exporter_up] = self.t_s
+
+    def run_until(self, t_end_s: float, control: Callable[[Twin], None] | None = None) -> None:
+        while self.t_s < t_end_s - 1e-9:
+            self.step(min(self.spec.step_s, t_end_s - self.t_s), control)
+
+    def _flush_log(self) -> None:
+        if not self._log_buf:
+            return
+        arr = np.asarray(self._log_buf, dtype=np.float64)
+        self.log.t_s.append(arr[:, 0])
+        self.log.fleet_w.append(arr[:, 1])
+        self.log.budget_w.append(arr[:, 2])
+        self.log.work_gpu_s.append(arr[:, 3])
+        self._log_buf = []
+
+    def step_log(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """(t_s, fleet_w, budget_w, work_gpu_s) per physics step so far."""
+        self._flush_log()
+        if not self.log.t_s:
+            empty = np.zeros(0)
+            return empty, empty, empty, empty
+        return (
+            np.concatenate(self.log.t_s),
+            np.concatenate(self.log.fleet_w),
+            np.concatenate(self.log.budget_w),
+            np.concatenate(self.log.work_gpu_s),
+        )
+
+    # -- actuation (what a node daemon or Slurm would do to the twin) ---------------------------
+
+    def set_caps(self, rows: npt.ArrayLike, watts: npt.ArrayLike) -> None:
+        idx = np.asarray(rows, dtype=np.int64)
+        w = np.asarray(watts, dtype=np.float64)
+        if np.any(w < self.min_w[idx]) or np.any(w > self.max_w[idx]):
+            raise ValueError("cap outside the GPU's constraints")
+        self.cap_w[idx] = w
+
+    def rows_for(self, nodes: Sequence[str], gpus: Sequence[int]) -> IntArray:
+        """Twin rows for (node name, GPU index) pairs; -1 where unknown."""
+        g = self.spec.gpus_per_node
+        out = np.full(len(nodes), -1, dtype=np.int64)
+        for i, (node, gpu) in enumerate(zip(nodes, gpus, strict=True)):
+            if node.startswith("node") and node[4:].isdigit():
+                k = int(node[4:]) - 1
+                if 0 <= k < self.spec.nodes and 0 <= int(gpu) < g:
+                    out[i] = k * g + int(gpu)
+        return out
+
+    def job_labels(self) -> npt.NDArray[np.str_]:
+        """Per GPU: the running job's id as a string ("" when idle)."""
+        ids = np.where(self.job_row >= 0, self.jobs.job_id[np.maximum(self.job_row, 0)], -1)
+        return np.where(ids >= 0, ids.astype(np.str_), "")
+
+    def job_priority(self) -> IntArray:
+        return np.where(self.job_row >= 0, self.jobs.priority[np.maximum(self.job_row, 0)], 0)
+
+    # -- ground truth (the oracle only) ---------------------------------------------------------
+
+    def true_curves(self) -> dict[str, FloatArray]:
+        """Per GPU: the true natural draw (ramp included), a, b and cap_draw_frac."""
+        model, jobs = self.spec.model, self.jobs
+        busy = (self.job_row >= 0) & ~np.isin(self.xid, list(FATAL_XIDS))
+        rows = self.job_row[busy]
+        ramp = np.clip((self.t_s - jobs.start_s[rows]) / max(self.spec.startup_s, 1e-9), 0.0, 1.0)
+        natural = np.full(self.spec.n_gpus, model.idle_w)
+        natural[busy] = model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp
+        natural *= 0.85 + 0.15 * self.straggler_factor
+        a = np.zeros(self.spec.n_gpus)
+        b = np.ones(self.spec.n_gpus)
+        k = np.ones(self.spec.n_gpus)
+        a[busy], b[busy], k[busy] = jobs.a[rows], jobs.b[rows], jobs.cap_draw_frac[rows]
+        return {"busy": busy.astype(np.float64), "natural_w": natural, "a": a, "b": b, "k": k}
+
+
+def _uuid(seed: int, index: int) -> str:
+    digest = hashlib.sha1(f"ooda-twin-{seed}-{index}".encode()).hexdigest()
+    return f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
