@@ -1,0 +1,1 @@
+"""The guard, the actuators and the audit log."""

@@ -1,0 +1,239 @@
+"""Applying what the guard allowed: through the real actuators, or, for whatever runs in dry-run,
+through recorders that implement the same protocols and only remember. Every outcome is an Action
+(one audit record each); an actuator failure is logged, audited and never stops the cycle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from agent.core.errors import OodaError
+from agent.core.intents import (
+    Action,
+    DrainNode,
+    GpuTargets,
+    Intent,
+    Notify,
+    Outcome,
+    ReleasePowerCap,
+    RequeueJob,
+    ResumeNode,
+    SetNodeFeatures,
+    SetNodeWeight,
+    SetPowerCap,
+)
+from agent.core.protocols import CapActuator, CapResult, Notifier, PlacementActuator
+from agent.core.situation import NodeStates
+
+log = structlog.get_logger("ooda.act")
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class RecordingCapActuator:
+    """Dry-run caps: remembers what it was asked, changes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, GpuTargets, FloatArray | None]] = []
+
+    def set_caps(self, targets: GpuTargets, watts: FloatArray, lease_s: float) -> CapResult:
+        self.calls.append(("set", targets, watts))
+        return CapResult.all_ok(len(targets))
+
+    def release_caps(self, targets: GpuTargets) -> CapResult:
+        self.calls.append(("release", targets, None))
+        return CapResult.all_ok(len(targets))
+
+
+class RecordingPlacement:
+    """Dry-run placement: remembers, changes nothing; node states come from the real one."""
+
+    def __init__(self, real: PlacementActuator | None = None) -> None:
+        self.real = real
+        self.calls: list[tuple[str, str, object]] = []
+
+    def node_states(self, node_names: Sequence[str]) -> NodeStates:
+        if self.real is not None:
+            return self.real.node_states(node_names)
+        return NodeStates.unknown(len(node_names))
+
+    def drain(self, node: str, reason: str) -> None:
+        self.calls.append(("drain", node, reason))
+
+    def resume(self, node: str) -> None:
+        self.calls.append(("resume", node, None))
+
+    def set_weight(self, node: str, weight: int) -> None:
+        self.calls.append(("weight", node, weight))
+
+    def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None:
+        self.calls.append(("features", node, (add, remove)))
+
+    def requeue(self, job: str) -> None:
+        self.calls.append(("requeue", job, None))
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.sent: list[Notify] = []
+
+    def notify(self, intent: Notify) -> None:
+        self.sent.append(intent)
+
+
+@dataclass
+class Actuators:
+    """The live actuators (None: that kind of action is not configured) and the recorders."""
+
+    caps: CapActuator | None = None
+    placement: PlacementActuator | None = None
+    notifier: Notifier | None = None
+    recorded_caps: RecordingCapActuator = field(default_factory=RecordingCapActuator)
+    recorded_placement: RecordingPlacement = field(default_factory=RecordingPlacement)
+    recorded_notes: RecordingNotifier = field(default_factory=RecordingNotifier)
+
+
+class Executor:
+    """`dry_run(intent)` says, per intent, whether it only gets recorded."""
+
+    def __init__(
+        self, actuators: Actuators, dry_run: Callable[[Intent], bool], lease_s: float = 120.0
+    ) -> None:
+        self.actuators = actuators
+        self.dry_run = dry_run
+        self.lease_s = lease_s
+
+    def execute(
+        self, allowed: Sequence[tuple[str, Intent]], action_id: Callable[[], str], now_s: float
+    ) -> list[Action]:
+        actions: list[Action] = []
+        for decision_id, intent in allowed:
+            dry = self.dry_run(intent)
+            try:
+                actions.extend(self._apply(decision_id, intent, dry, action_id, now_s))
+            except OodaError as exc:
+                log.error(
+                    "actuator_failed",
+                    kind=str(intent.kind),
+                    target=intent.target_name(),
+                    error=str(exc),
+                )
+                actions.append(
+                    Action(
+                        action_id(),
+                        decision_id,
+                        intent,
+                        Outcome.FAILED,
+                        dry,
+                        str(exc),
+                        time_s=now_s,
+                    )
+                )
+        return actions
+
+    def _apply(
+        self,
+        decision_id: str,
+        intent: Intent,
+        dry: bool,
+        action_id: Callable[[], str],
+        now_s: float,
+    ) -> list[Action]:
+        acts = self.actuators
+        done = Outcome.RECORDED if dry else Outcome.APPLIED
+        if isinstance(intent, SetPowerCap | ReleasePowerCap):
+            caps = acts.recorded_caps if dry else acts.caps
+            if caps is None:
+                return [
+                    Action(
+                        action_id(),
+                        decision_id,
+                        intent,
+                        Outcome.FAILED,
+                        dry,
+                        "no cap actuator configured",
+                        time_s=now_s,
+                    )
+                ]
+            if isinstance(intent, SetPowerCap):
+                result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
+            else:
+                result = caps.release_caps(intent.targets)
+            out: list[Action] = []
+            if result.ok.any():
+                out.append(
+                    Action(
+                        action_id(),
+                        decision_id,
+                        intent.subset(result.ok),
+                        done,
+                        dry,
+                        before=result.before_w[result.ok],
+                        time_s=now_s,
+                    )
+                )
+            if (~result.ok).any():
+                failed = ~result.ok
+                errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or [
+                    "failed"
+                ]
+                log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
+                out.append(
+                    Action(
+                        action_id(),
+                        decision_id,
+                        intent.subset(failed),
+                        Outcome.FAILED,
+                        dry,
+                        "; ".join(errors[:5]),
+                        before=result.before_w[failed],
+                        time_s=now_s,
+                    )
+                )
+            return out
+        if isinstance(intent, Notify):
+            notifier = acts.recorded_notes if dry else acts.notifier
+            if notifier is None:
+                return [
+                    Action(
+                        action_id(),
+                        decision_id,
+                        intent,
+                        Outcome.FAILED,
+                        dry,
+                        "no notifier configured",
+                        time_s=now_s,
+                    )
+                ]
+            notifier.notify(intent)
+            return [Action(action_id(), decision_id, intent, done, dry, time_s=now_s)]
+        placement = acts.recorded_placement if dry else acts.placement
+        if placement is None:
+            return [
+                Action(
+                    action_id(),
+                    decision_id,
+                    intent,
+                    Outcome.FAILED,
+                    dry,
+                    "no placement actuator configured",
+                    time_s=now_s,
+                )
+            ]
+        if isinstance(intent, DrainNode):
+            placement.drain(intent.node, intent.reason)
+        elif isinstance(intent, ResumeNode):
+            placement.resume(intent.node)
+        elif isinstance(intent, SetNodeWeight):
+            placement.set_weight(intent.node, intent.weight)
+        elif isinstance(intent, SetNodeFeatures):
+            placement.set_features(intent.node, intent.add, intent.remove)
+        elif isinstance(intent, RequeueJob):
+            placement.requeue(intent.job)
+        else:
+            raise TypeError(f"no actuator for {intent.kind}")
+        return [Action(action_id(), decision_id, intent, done, dry, time_s=now_s)]

@@ -1,0 +1,228 @@
+"""One cycle of the OODA loop: observe -> orient -> decide -> guard -> act.
+
+Dry-run runs exactly this path; only the executor hands the intents to recorders instead of the
+actuators. Nothing here sleeps or reads the wall clock: time comes from the injected Clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent.act.audit import AuditLog
+from agent.act.executor import Executor
+from agent.act.guard import Guard, Refusal
+from agent.core.clock import Clock
+from agent.core.intents import Action, Intent, Outcome
+from agent.core.protocols import PlacementActuator, TelemetrySource
+from agent.core.situation import NodeStates, Situation
+from agent.core.snapshot import Metric, Snapshot
+from agent.orient.orienter import Orienter
+from policies.base import Policy, PolicyMemory
+from policies.conflicts import Overridden, resolve
+
+log = structlog.get_logger("ooda.loop")
+
+STAGES = ("observe", "orient", "decide", "guard", "act")
+
+
+@dataclass
+class CycleReport:
+    cycle: int
+    time_s: float
+    snapshot: Snapshot
+    situation: Situation
+    intents: list[Intent]  # after conflict resolution, before the guard
+    overridden: list[Overridden]
+    refused: list[Refusal]
+    actions: list[Action]
+    unchanged: int
+    stage_s: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return sum(self.stage_s.values())
+
+    def summary(self) -> dict[str, Any]:
+        snap = self.snapshot
+        power, power_ok = snap.column(Metric.POWER_W)
+        return {
+            "cycle": self.cycle,
+            "time_s": self.time_s,
+            "gpus": snap.n_gpus,
+            "nodes": snap.n_nodes,
+            "stale": int(snap.stale.sum()),
+            "missing": int((snap.fresh & ~power_ok).sum()),
+            "fleet_power_w": round(self.situation.fleet_power_w, 1),
+            "budget_w": self.situation.budget_w,
+            "intents": sum(_count(i) for i in self.intents),
+            "refused": sum(_count(r.intent) for r in self.refused),
+            "actions": {
+                o.value: sum(_count(a.intent) for a in self.actions if a.outcome is o)
+                for o in Outcome
+            },
+            "stage_s": {k: round(v, 6) for k, v in self.stage_s.items()},
+            "errors": self.errors,
+            "power_total_w": float(np.nansum(np.where(power_ok, power, 0.0))),
+        }
+
+
+def _count(intent: Intent) -> int:
+    targets = getattr(intent, "targets", None)
+    return len(targets) if targets is not None else 1
+
+
+class Loop:
+    def __init__(
+        self,
+        *,
+        source: TelemetrySource,
+        orienter: Orienter,
+        policies: Sequence[Policy],
+        guard: Guard,
+        executor: Executor,
+        audit: AuditLog,
+        clock: Clock,
+        budget_w: Callable[[Snapshot], float | None] | float | None = None,
+        placement: PlacementActuator | None = None,
+        dry_run_caps: bool = False,
+        run_id: str | None = None,
+    ) -> None:
+        self.source = source
+        self.orienter = orienter
+        self.policies = list(policies)
+        self.guard = guard
+        self.executor = executor
+        self.audit = audit
+        self.clock = clock
+        self.budget_w = budget_w
+        self.placement = placement
+        self.dry_run_caps = dry_run_caps
+        self.run_id = run_id or secrets.token_hex(3)
+        self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
+        self.cycles = 0
+        self._ids = itertools.count(1)
+
+    def _budget(self, snapshot: Snapshot) -> float | None:
+        if callable(self.budget_w):
+            return self.budget_w(snapshot)
+        if self.budget_w is not None:
+            return float(self.budget_w)
+        return snapshot.budget_w
+
+    def _next_id(self, prefix: str) -> str:
+        return f"{prefix}-{self.run_id}-{self.cycles:06d}-{next(self._ids):04d}"
+
+    def cycle(self) -> CycleReport:
+        self.cycles += 1
+        now = self.clock.now()
+        stage_s: dict[str, float] = {}
+        errors: list[str] = []
+
+        @contextmanager
+        def stage(name: str) -> Iterator[None]:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                stage_s[name] = time.perf_counter() - t0
+
+        with stage("observe"):
+            try:
+                snapshot = self.source.observe(now)
+            except Exception as exc:  # an outage is explicit: no GPUs seen, and why
+                message = f"observe failed: {exc}"
+                log.error("observe_failed", error=str(exc), error_type=type(exc).__name__)
+                snapshot = Snapshot.empty(now, errors=(message,))
+            errors.extend(snapshot.errors)
+            nodes: NodeStates | None = None
+            if self.placement is not None and snapshot.n_nodes:
+                try:
+                    nodes = self.placement.node_states(list(snapshot.node_names))
+                except Exception as exc:
+                    errors.append(f"placement state unavailable: {exc}")
+                    log.error("node_states_failed", error=str(exc))
+
+        with stage("orient"):
+            situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
+
+        with stage("decide"):
+            proposed: list[Intent] = []
+            for policy in self.policies:
+                try:
+                    decision = policy.decide(situation, self.memory[policy.name], now)
+                except Exception as exc:  # one broken policy must not stop the others
+                    errors.append(f"policy {policy.name} failed: {exc}")
+                    log.exception("policy_failed", policy=policy.name)
+                    continue
+                self.memory[policy.name] = decision.memory
+                proposed.extend(decision.intents)
+            resolution = resolve(
+                proposed,
+                safety={p.name: p.safety for p in self.policies},
+                order=[p.name for p in self.policies],
+            )
+
+        with stage("guard"):
+            review = self.guard.review(resolution.intents, situation, now, self.dry_run_caps)
+
+        with stage("act"), self.audit.batch():
+            decision_ids: dict[int, str] = {}
+
+            def decision_id(intent: Intent) -> str:
+                return decision_ids.setdefault(id(intent), self._next_id("d"))
+
+            for intent in resolution.intents:
+                self.audit.decision(decision_id(intent), intent, self.executor.dry_run(intent), now)
+            for over in resolution.overridden:
+                self.audit.refusal(
+                    decision_id(over.intent),
+                    over.intent,
+                    f"overridden: {over.reason}",
+                    self.executor.dry_run(over.intent),
+                    now,
+                )
+            for refusal in review.refused:
+                origin = refusal.origin or refusal.intent
+                self.audit.refusal(
+                    decision_id(origin),
+                    refusal.intent,
+                    refusal.reason,
+                    self.executor.dry_run(origin),
+                    now,
+                )
+            actions = self.executor.execute(
+                [
+                    (decision_id(origin), intent)
+                    for intent, origin in zip(review.allowed, review.origin, strict=True)
+                ],
+                lambda: self._next_id("a"),
+                now,
+            )
+            for action in actions:
+                self.audit.action(action)
+                self.guard.record(action, now)
+        report = CycleReport(
+            cycle=self.cycles,
+            time_s=now,
+            snapshot=snapshot,
+            situation=situation,
+            intents=resolution.intents,
+            overridden=resolution.overridden,
+            refused=review.refused,
+            actions=actions,
+            unchanged=review.unchanged,
+            stage_s=stage_s,
+            errors=errors,
+        )
+        log.debug("cycle", **{k: v for k, v in report.summary().items() if k != "errors"})
+        return report

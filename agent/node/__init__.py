@@ -1,0 +1,1 @@
+"""The privileged per-node daemon that applies power caps through NVML, with leases."""

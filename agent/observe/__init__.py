@@ -1,0 +1,1 @@
+"""Telemetry sources (Prometheus, NVML, trace files) -> Snapshot."""

@@ -1,0 +1,1 @@
+"""Models: natural draws, anomalies, health, forecasts, power curves -> Situation (pure)."""

@@ -1,0 +1,127 @@
+"""Natural draw per GPU, learned from telemetry: what each GPU's current job draws uncapped.
+
+A GPU whose limit clearly does not bind shows its natural draw directly; under a binding cap the
+natural draw is only known to be at least the draw, so nothing is learned there but a lower
+bound, and how close to its cap the GPU draws (`cap_draw_frac`). The estimate rises fast and falls
+slowly (a budget must hold through the next peak, not the average). A job that just started is
+still ramping up (loading data, initializing), so its draw says little yet: it is marked uncertain
+for `warmup_s`, and policies account for it at its cap. State is columnar, keyed by GPU UUID.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.keyed import KeyedColumns
+from agent.core.snapshot import Metric, Snapshot
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+BUSY_UTIL_PCT = 5.0
+CLEAR_OF_CAP_FRAC = 0.75  # below this share of a lowered limit, the limit surely does not bind
+
+
+@dataclass(frozen=True, eq=False)
+class NaturalDraw:
+    """Per snapshot row."""
+
+    mean_w: FloatArray  # NaN where unknown
+    std_w: FloatArray
+    uncertain: BoolArray  # warming up, or never seen uncapped
+    busy: BoolArray
+    cap_draw_frac: FloatArray  # draw / limit under a binding cap (NaN: not seen capped yet)
+
+
+class NaturalDrawTracker:
+    """Exponentially weighted mean and variance of each GPU's uncapped draw, per job."""
+
+    def __init__(
+        self, rise_halflife_s: float = 10.0, fall_halflife_s: float = 300.0, warmup_s: float = 180.0
+    ) -> None:
+        self.rise_halflife_s = rise_halflife_s
+        self.fall_halflife_s = fall_halflife_s
+        self.warmup_s = warmup_s
+        self.state = KeyedColumns(
+            {
+                "job": ("U64", ""),
+                "busy_since": (np.float64, np.nan),
+                "mean": (np.float64, np.nan),
+                "var": (np.float64, 0.0),
+                "seen": (np.bool_, False),  # seen uncapped since the job started
+                "last_t": (np.float64, np.nan),
+                "cap_frac": (np.float64, np.nan),
+            }
+        )
+
+    def update(self, snapshot: Snapshot) -> NaturalDraw:
+        n = snapshot.n_gpus
+        if n == 0:
+            empty = np.zeros(0)
+            return NaturalDraw(
+                empty, empty, np.zeros(0, dtype=bool), np.zeros(0, dtype=bool), empty
+            )
+        slot = self.state.slots(snapshot.uuid)
+        st = self.state.cols
+        now = snapshot.time_s
+        power, power_ok = snapshot.column(Metric.POWER_W)
+        util, util_ok = snapshot.column(Metric.UTIL_PCT)
+        limit, limit_ok = snapshot.column(Metric.POWER_LIMIT_W)
+        max_w, max_ok = snapshot.column(Metric.MAX_LIMIT_W)
+        fresh = snapshot.fresh & power_ok
+        has_job = snapshot.job != ""
+        busy = fresh & (has_job | (util_ok & (util > BUSY_UTIL_PCT)))
+
+        # A new job (or a GPU turning busy) restarts what we know.
+        job_changed = (st["job"][slot] != snapshot.job) | (busy & np.isnan(st["busy_since"][slot]))
+        restart = fresh & job_changed
+        st["job"][slot[restart]] = snapshot.job[restart]
+        st["busy_since"][slot[restart]] = np.where(busy[restart], now, np.nan)
+        st["mean"][slot[restart]] = np.nan
+        st["var"][slot[restart]] = 0.0
+        st["seen"][slot[restart]] = False
+        went_idle = fresh & ~busy
+        st["busy_since"][slot[went_idle]] = np.nan
+
+        # A ramping job draws little whatever its cap: learn only after its warm-up.
+        warming = busy & ((now - st["busy_since"][slot]) < self.warmup_s)
+        at_max = np.where(max_ok & limit_ok, limit >= max_w - 0.5, False)
+        clear = at_max | (limit_ok & (power < CLEAR_OF_CAP_FRAC * limit))
+        learn = busy & clear & ~warming
+        s = slot[learn]
+        dt = np.where(np.isnan(st["last_t"][s]), np.inf, now - st["last_t"][s])
+        old = st["mean"][s]
+        first = np.isnan(old)
+        x = power[learn]
+        halflife = np.where(x > old, self.rise_halflife_s, self.fall_halflife_s)
+        alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / halflife)
+        delta = np.where(first, 0.0, x - old)
+        st["mean"][s] = np.where(first, x, old + alpha * delta)
+        var_alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / self.fall_halflife_s)
+        st["var"][s] = np.where(
+            first, (0.02 * x) ** 2, (1 - var_alpha) * (st["var"][s] + var_alpha * delta**2)
+        )
+        st["seen"][s] = True
+        st["last_t"][s] = now
+        # Under a (possibly) binding cap the natural draw is at least what the GPU draws now.
+        held = busy & ~clear & limit_ok
+        b = slot[held]
+        st["mean"][b] = np.fmax(st["mean"][b], power[held])
+        # Surely binding (known natural draw well above the limit): how close to it the GPU draws.
+        bound = held & (st["mean"][slot] > 1.05 * limit) & st["seen"][slot]
+        c = slot[bound]
+        frac = power[bound] / limit[bound]
+        prev = st["cap_frac"][c]
+        st["cap_frac"][c] = np.where(np.isnan(prev), frac, 0.9 * prev + 0.1 * frac)
+
+        mean = np.where(busy, st["mean"][slot], np.nan)
+        return NaturalDraw(
+            mean_w=mean,
+            std_w=np.sqrt(st["var"][slot]),
+            uncertain=busy & (warming | ~st["seen"][slot]),
+            busy=busy,
+            cap_draw_frac=np.where(busy, st["cap_frac"][slot], np.nan),
+        )

@@ -1,0 +1,1 @@
+"""Record traces, replay them through policies, KPIs and the report."""

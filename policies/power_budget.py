@@ -1,0 +1,204 @@
+"""power_budget: keep cluster power under its budget, losing the least throughput.
+
+Each cycle it plans caps for every GPU it can see so that, in the worst case until the next cycle,
+the fleet stays under `budget x (1 - margin_frac)`:
+
+- what cannot be seen still draws power: stale GPUs are counted at their maximum limit;
+- idle GPUs may start work at any moment, so while the budget binds they get their lowest cap and
+  count at it; GPUs whose job is still warming up count at their cap too;
+- the rest of the budget is split over busy GPUs by equal marginal throughput per watt (water-
+  filling over each GPU's power curve), weighted by priority class so low-priority work is capped
+  first;
+- when the uncapped worst case fits under the budget with `release_hysteresis_frac` to spare for
+  `release_hold_s`, every cap is released.
+
+What the budget covers is explicit: the GPUs' power plus the configured overhead per node.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from agent.core.curves import allocate_power
+from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
+from agent.core.situation import Situation
+from agent.core.snapshot import Metric
+from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+
+NOISE_Z = 3.0  # fleet-level safety margin against draw noise, in standard deviations
+
+
+class PowerBudgetSettings(PolicySettings):
+    margin_frac: float = Field(
+        0.01, ge=0.0, le=0.5, description="Share of the budget held back as a safety margin."
+    )
+    release_hysteresis_frac: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="Caps are released only when the uncapped worst case stays this far (share "
+        "of the budget) below it.",
+    )
+    release_hold_s: float = Field(
+        60.0, ge=0.0, description="Seconds the uncapped worst case must fit before caps go (s)."
+    )
+    priority_weights: dict[int, float] = Field(
+        default_factory=lambda: {0: 1.0, 1: 4.0, 2: 16.0},
+        description="Priority class -> weight of its throughput; low weights are capped first.",
+    )
+    lease_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="Cap lease: without renewal a node falls back to its safe cap (s).",
+    )
+
+
+class PowerBudgetMemory(PolicyMemory):
+    fits_since_s: float | None = None  # when the uncapped worst case started to fit
+
+
+class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
+    name: ClassVar[str] = "power_budget"
+    safety: ClassVar[bool] = True
+    description: ClassVar[str] = (
+        "Keep cluster power under its budget with the least throughput lost."
+    )
+    Settings = PowerBudgetSettings
+    Memory = PowerBudgetMemory
+
+    def decide(
+        self, situation: Situation, memory: PolicyMemory, now_s: float
+    ) -> Decision[PolicyMemory]:
+        assert isinstance(memory, PowerBudgetMemory)
+        s = self.settings
+        budget = situation.budget_w
+        snap = situation.snapshot
+        if budget is None or snap.n_gpus == 0:
+            return Decision([], memory)
+        expires = now_s + s.lease_s
+        fresh = snap.fresh
+        bounded = np.isfinite(situation.min_cap_w) & np.isfinite(situation.max_cap_w)
+        control = fresh & bounded
+        busy = situation.busy & control
+        idle = control & ~situation.busy
+        curves = situation.curves
+
+        # Power we cannot steer this cycle, counted at its worst.
+        stale_w = float(np.nansum(np.where(~fresh, situation.max_cap_w, 0.0)))
+        unbounded_w = float(
+            np.nansum(np.where(fresh & ~bounded, snap.column(Metric.POWER_W)[0], 0.0))
+        )
+        std = np.where(busy, (curves.natural_w_hi - curves.natural_w) / 2.0, 0.0)
+        noise_w = NOISE_Z * float(np.sqrt(np.nansum(std**2)))
+        available = (
+            budget * (1.0 - s.margin_frac) - situation.overhead_w - stale_w - unbounded_w - noise_w
+        )
+
+        natural = np.where(busy, curves.natural_w, 0.0)
+        worst_uncapped = float(natural.sum() + situation.max_cap_w[idle].sum())
+        evidence_common = {
+            "budget_w": round(budget, 1),
+            "fleet_power_w": round(situation.fleet_power_w, 1),
+            "available_w": round(available, 1),
+            "worst_uncapped_w": round(worst_uncapped, 1),
+            "stale_reserve_w": round(stale_w, 1),
+        }
+
+        if worst_uncapped <= available:
+            return self._maybe_release(
+                situation, memory, now_s, available, worst_uncapped, evidence_common
+            )
+
+        intents: list[Intent] = []
+        targets_rows: list[np.ndarray] = []
+        caps: list[np.ndarray] = []
+        idle_rows = np.flatnonzero(idle)
+        idle_caps = situation.min_cap_w[idle_rows]
+        available_busy = available - float(idle_caps.sum())
+        busy_rows = np.flatnonzero(busy)
+        if busy_rows.size:
+            weights = np.ones(busy_rows.size)
+            prio = situation.priority[busy_rows]
+            for klass, weight in s.priority_weights.items():
+                weights[prio == klass] = weight
+            alloc = allocate_power(
+                available_busy,
+                curves.natural_w[busy_rows],
+                curves.a[busy_rows],
+                curves.b[busy_rows],
+                curves.cap_draw_frac[busy_rows],
+                situation.min_cap_w[busy_rows],
+                situation.max_cap_w[busy_rows],
+                weight=weights,
+            )
+            busy_caps = np.floor(alloc.cap_w)
+            targets_rows.append(busy_rows)
+            caps.append(busy_caps)
+            if not alloc.feasible:
+                intents.append(
+                    Notify(
+                        policy=self.name,
+                        reason="budget cannot be met even with every GPU at its lowest cap",
+                        evidence=evidence_common,
+                        expires_s=expires,
+                        target="cluster",
+                        severity=Severity.CRITICAL,
+                        summary=f"power budget {budget:.0f} W is below the fleet's floor",
+                    )
+                )
+        targets_rows.append(idle_rows)
+        caps.append(np.floor(idle_caps))
+        rows = np.concatenate(targets_rows)
+        watts = np.concatenate(caps)
+        if rows.size:
+            power = snap.column(Metric.POWER_W)[0]
+            intents.insert(
+                0,
+                SetPowerCap(
+                    policy=self.name,
+                    reason="fleet over its power budget in the worst case until the next cycle",
+                    evidence={
+                        **evidence_common,
+                        "natural_w": np.round(np.nan_to_num(curves.natural_w[rows]), 1),
+                        "power_w": np.round(np.nan_to_num(power[rows]), 1),
+                        "busy": situation.busy[rows],
+                        "priority": situation.priority[rows],
+                    },
+                    expires_s=expires,
+                    targets=GpuTargets.from_rows(snap, rows),
+                    watts=watts,
+                ),
+            )
+        return Decision(intents, PowerBudgetMemory(fits_since_s=None))
+
+    def _maybe_release(
+        self,
+        situation: Situation,
+        memory: PowerBudgetMemory,
+        now_s: float,
+        available: float,
+        worst_uncapped: float,
+        evidence: dict[str, float],
+    ) -> Decision[PolicyMemory]:
+        s = self.settings
+        budget = situation.budget_w or 0.0
+        roomy = worst_uncapped <= available - s.release_hysteresis_frac * budget
+        if not roomy:
+            # Fits, but without room to spare: hold the caps as they are (no flapping).
+            return Decision([], PowerBudgetMemory(fits_since_s=None))
+        since = memory.fits_since_s if memory.fits_since_s is not None else now_s
+        capped = situation.snapshot.fresh & (situation.cap_w < situation.default_cap_w - 0.5)
+        if now_s - since < s.release_hold_s or not capped.any():
+            return Decision([], PowerBudgetMemory(fits_since_s=since))
+        rows = np.flatnonzero(capped)
+        release = ReleasePowerCap(
+            policy=self.name,
+            reason="budget has room again: caps released",
+            evidence={**evidence, "held_s": round(now_s - since, 1)},
+            expires_s=now_s + s.lease_s,
+            targets=GpuTargets.from_rows(situation.snapshot, rows),
+        )
+        return Decision([release], PowerBudgetMemory(fits_since_s=since))
