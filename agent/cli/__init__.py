@@ -1,0 +1,68 @@
+"""The `ooda` command. Each command group lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from agent.cli._common import setup_logging
+from agent.cli.config_cmd import config_app, policies
+from agent.cli.demo import demo
+from agent.core.errors import BadInputError, OodaError
+
+app = typer.Typer(
+    name="ooda",
+    help="ooda: an OODA-loop agent that keeps a GPU cluster inside its power budget, "
+    "efficient and healthy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level", help="debug, info, warning (default) or error; or OODA_LOG_LEVEL."
+        ),
+    ] = None,
+) -> None:
+    setup_logging(log_level)
+
+
+app.command()(demo)
+app.command("policies")(policies)
+app.add_typer(config_app, name="config")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 on bad input (one line naming it), 1 on other failures."""
+    try:
+        result = app(args=argv, prog_name="ooda", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("ooda: aborted", err=True)
+        return 130
+    except typer.TyperException as exc:  # usage errors (typer's own click): one line, exit 2
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"ooda: error: {where}{message}", err=True)
+        return int(getattr(exc, "exit_code", 2))
+    except BadInputError as exc:
+        typer.echo(f"ooda: error: {exc}", err=True)
+        return 2
+    except OodaError as exc:
+        typer.echo(f"ooda: {type(exc).__name__}: {exc}", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared CLI plumbing: logging, output, and turning bad input into a one-line error (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+import typer
+
+from agent.core.errors import BadInputError
+from agent.core.intents import jsonable
+
+
+def setup_logging(level: str | None = None, json_logs: bool | None = None) -> None:
+    """structlog to stderr; JSON when not on a terminal (or asked), readable on one."""
+    name = (level or os.environ.get("OODA_LOG_LEVEL") or "warning").upper()
+    numeric = getattr(logging, name, None)
+    if not isinstance(numeric, int):
+        raise BadInputError(f"--log-level: unknown level {level!r} (debug, info, warning, error)")
+    as_json = (not sys.stderr.isatty()) if json_logs is None else json_logs
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        # Resolved per logger: tests and daemons may swap sys.stderr after setup.
+        logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object on the last line of stdout."""
+    sys.stdout.write(
+        json.dumps(jsonable(obj), separators=(",", ":"), allow_nan=False, default=str) + "\n"
+    )
+
+
+def bad_input(message: str) -> typer.Exit:
+    """Print a one-line error naming the input and return the exit to raise (code 2)."""
+    typer.echo(f"ooda: error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def duration_s(text: str, option: str) -> float:
+    from agent.sim.faults import parse_seconds
+
+    try:
+        value = parse_seconds(text)
+    except ValueError as exc:
+        raise BadInputError(f"{option}: {exc}") from None
+    if value <= 0:
+        raise BadInputError(f"{option}: must be positive (got {text!r})")
+    return value

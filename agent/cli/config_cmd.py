@@ -1,0 +1,101 @@
+"""`ooda config check` and `ooda policies`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.cli._common import emit_json
+
+_BOUND_SIGNS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+
+config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
+
+
+@config_app.command("check")
+def check(
+    file: Annotated[Path, typer.Argument(help="The TOML configuration to validate.")],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Validate a configuration file; every problem names its key path.
+
+    Examples:
+
+      ooda config check deploy/examples/twin.toml
+    """
+    from agent.config import load_config
+
+    config = load_config(file)
+    summary = {
+        "ok": True,
+        "file": str(file),
+        "dry_run": config.dry_run,
+        "source": config.source.kind,
+        "policies": list(config.policy_settings),
+        "interval_s": config.daemon.interval_s,
+    }
+    if json_out:
+        emit_json(summary)
+    else:
+        names = ", ".join(config.policy_settings) or "none"
+        mode = "dry-run" if config.dry_run else "LIVE"
+        typer.echo(
+            f"{file}: OK ({config.source.kind} source, policies: {names}, {mode},"
+            f" every {config.daemon.interval_s:g} s)"
+        )
+
+
+def policies(
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """List every policy (built-in and installed plug-ins) with its settings and their docs.
+
+    Examples:
+
+      ooda policies
+
+      ooda policies --json
+    """
+    from policies.registry import default_registry
+
+    registry = default_registry()
+    out: list[dict[str, Any]] = []
+    for name in registry.names():
+        cls = registry.get(name)
+        schema = cls.Settings.model_json_schema()
+        settings = []
+        for key, prop in schema.get("properties", {}).items():
+            settings.append(
+                {
+                    "name": key,
+                    "type": prop.get("type", prop.get("anyOf", "")),
+                    "default": prop.get("default"),
+                    "description": prop.get("description", ""),
+                    **{b: prop[b] for b in _BOUND_SIGNS if b in prop},
+                }
+            )
+        out.append(
+            {
+                "name": name,
+                "origin": registry.origin(name),
+                "safety": bool(getattr(cls, "safety", False)),
+                "description": getattr(cls, "description", ""),
+                "settings": settings,
+            }
+        )
+    if json_out:
+        emit_json({"policies": out})
+        return
+    for p in out:
+        kind = "safety" if p["safety"] else "efficiency"
+        typer.echo(f"{p['name']}  ({kind}, {p['origin']})\n  {p['description']}")
+        for s in p["settings"]:
+            bounds = " ".join(f"{_BOUND_SIGNS[k]}{v}" for k, v in s.items() if k in _BOUND_SIGNS)
+            typer.echo(f"    {s['name']} = {s['default']!r}  {bounds}\n        {s['description']}")
+        typer.echo("")

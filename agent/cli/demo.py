@@ -1,0 +1,102 @@
+"""`ooda demo`: the main job on the built-in twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.cli._common import duration_s, emit_json
+from agent.core.errors import BadInputError
+from agent.sim.faults import parse_fault
+
+
+def demo(
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same run.")] = 7,
+    duration: Annotated[str, typer.Option(help="Twin time to run, e.g. 2h, 90m, 3600.")] = "2h",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Advise only: record, change nothing.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+    nodes: Annotated[int, typer.Option(min=1, max=2000, help="Nodes in the twin.")] = 8,
+    gpus_per_node: Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")] = 8,
+    model: Annotated[str, typer.Option(help="GPU model: H100 or A100.")] = "H100",
+    interval: Annotated[str, typer.Option(help="Control interval (twin time).")] = "15s",
+    fault: Annotated[
+        list[str] | None, typer.Option(help="Inject a fault, e.g. xid=79:node2/gpu1@60.")
+    ] = None,
+    audit_log: Annotated[
+        Path | None, typer.Option(help="Write the audit trail (JSON lines) here.")
+    ] = None,
+) -> None:
+    """Run the twin and the agent together on a virtual clock and summarize.
+
+    The twin's facility budget sits a little under demand and drops for a demand-response event in
+    the middle of the run; the agent keeps the fleet under it. The same seed is also run uncapped
+    and under the oracle (the best allocation given the twin's true curves) for comparison.
+
+    Examples:
+
+      ooda demo
+
+      ooda demo --seed 7 --duration 2h --json
+
+      ooda demo --dry-run --audit-log demo-audit.jsonl
+    """
+    from agent.core.gpu_models import BUILTIN_MODELS
+    from agent.demo import DemoOptions, run_demo
+
+    if model not in BUILTIN_MODELS:
+        raise BadInputError(
+            f"--model: unknown GPU model {model!r} (known: {', '.join(sorted(BUILTIN_MODELS))})"
+        )
+    opts = DemoOptions(
+        seed=seed,
+        duration_s=duration_s(duration, "--duration"),
+        interval_s=duration_s(interval, "--interval"),
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        model=model,
+        dry_run=dry_run,
+        faults=tuple(parse_fault(f) for f in fault or []),
+        audit_path=audit_log,
+    )
+    result = run_demo(opts)
+    if json_out:
+        emit_json(result)
+    else:
+        typer.echo(render_summary(result))
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render_summary(r: dict[str, Any]) -> str:
+    b, unc, ora = r["budget_w"], r["uncapped"], r["oracle"]
+    acts = ", ".join(f"{k} {v}" for k, v in r["actions"].items() if v) or "none"
+    mode = "dry-run (advisory)" if r["dry_run"] else "live"
+    lines = [
+        f"ooda demo: {r['gpus']} {r['model']} GPUs ({r['nodes']} nodes), "
+        f"{_hms(r['duration_s'])} of twin time, seed {r['seed']}, {mode}, "
+        f"a cycle every {r['interval_s']:g} s",
+        f"budget:               {b['normal']:.0f} W, dropping to {b['drop']:.0f} W "
+        f"from {_hms(b['drop_start_s'])} to {_hms(b['drop_end_s'])} (demand response)",
+        f"seconds above budget: {r['budget_violation_s']:.0f}  (uncapped "
+        f"{unc['budget_violation_s']:.0f}, oracle {ora['budget_violation_s']:.0f}; "
+        "the first interval after a budget change not counted)",
+        f"throughput:           {r['throughput_vs_uncapped']:.3f} of uncapped, "
+        f"{r['throughput_vs_oracle']:.3f} of the oracle",
+        f"energy:               {r['energy_kwh']:.1f} kWh  (uncapped {unc['energy_kwh']:.1f} kWh)",
+        f"actions applied:      {acts}",
+    ]
+    if r["dry_run"]:
+        lines.append(f"recommendations:      {len(r['recommendations'])} recorded, none applied")
+    if r.get("audit_log"):
+        lines.append(f"audit log:            {r['audit_log']}")
+    lines.append(f"({r['cycles']} cycles in {r['wall_s']:.1f} s of wall time)")
+    return "\n".join(lines)

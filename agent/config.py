@@ -1,0 +1,223 @@
+"""Configuration: one TOML file, validated into typed models.
+
+Every error names the key path and the problem, e.g.
+`cluster.budget_w: must be greater than 0 (got -5)`. Policy settings are validated by each
+policy's own settings model, found in the policy registry.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.act.guard import GuardSettings
+from agent.core.errors import BadInputError, ConfigError
+from agent.core.gpu_models import BUILTIN_MODELS
+from agent.sim.faults import parse_fault, parse_seconds
+from policies.base import PolicySettings
+from policies.registry import PolicyRegistry, default_registry
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClusterConfig(_Section):
+    name: str = Field("default", min_length=1, description="Cluster name (one agent per cluster).")
+    budget_w: float | None = Field(
+        None, gt=0, description="Static power budget (W) covering GPU power plus node overhead."
+    )
+    budget_query: str | None = Field(
+        None,
+        min_length=1,
+        description="PromQL giving the budget (W), e.g. a demand-response signal.",
+    )
+    node_overhead_w: float = Field(
+        0.0, ge=0, description="Non-GPU power per node counted against the budget (W)."
+    )
+
+
+class DemandResponse(_Section):
+    start_s: float = Field(..., ge=0, description="When the budget drops (twin seconds).")
+    duration_s: float = Field(..., gt=0, description="How long the drop lasts (s).")
+    budget_w: float = Field(..., gt=0, description="The budget during the drop (W).")
+
+
+class TwinConfig(_Section):
+    nodes: int = Field(8, ge=1, le=20000, description="Nodes in the twin.")
+    gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node.")
+    model: str = Field("H100", description="GPU model (H100 or A100).")
+    seed: int = Field(0, description="Random seed: the same seed gives the same run.")
+    occupancy: float = Field(0.85, ge=0, le=1, description="Target share of busy GPUs.")
+    budget_w: float | None = Field(
+        None, gt=0, description="The facility budget (W); none: no budget."
+    )
+    demand_response: DemandResponse | None = None
+    speed: float = Field(
+        0.0,
+        ge=0,
+        description="0: virtual clock, as fast as possible; 1: real time; X: X times real time.",
+    )
+    faults: list[str] = Field(
+        default_factory=list, description="Faults, e.g. 'xid=79:node2/gpu1@60'."
+    )
+    node_overhead_w: float = Field(0.0, ge=0, description="Non-GPU power per node (W).")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in BUILTIN_MODELS:
+            raise ValueError(
+                f"unknown GPU model {value!r} (known: {', '.join(sorted(BUILTIN_MODELS))})"
+            )
+        return value
+
+    @field_validator("faults")
+    @classmethod
+    def _valid_faults(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            try:
+                parse_fault(spec)
+            except BadInputError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class PrometheusConfig(_Section):
+    url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-query timeout (s).")
+    retries: int = Field(2, ge=0, le=10, description="Retries per query on connection errors.")
+    scrape_interval_s: float = Field(15.0, gt=0, description="The exporters' scrape interval (s).")
+    staleness_s: float | None = Field(
+        None,
+        gt=0,
+        description="A GPU whose newest sample is older is stale (s; default 3 scrapes).",
+    )
+    inventory_window_s: float = Field(
+        600.0, gt=0, description="GPUs seen within this window are known (s)."
+    )
+
+
+class SourceConfig(_Section):
+    kind: Literal["twin", "prometheus"] = Field("twin", description="Where telemetry comes from.")
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+
+
+class ActuatorsConfig(_Section):
+    caps: Literal["twin", "none"] = Field("twin", description="Who applies power caps.")
+    placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
+    lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
+
+
+class DaemonConfig(_Section):
+    interval_s: float = Field(15.0, gt=0, description="Seconds between cycles.")
+
+
+class AuditConfig(_Section):
+    path: Path | None = Field(None, description="Durable JSON-lines audit log (none: stderr only).")
+
+
+class Config(_Section):
+    dry_run: bool = Field(
+        True, description="Advise only: record what would be done, change nothing."
+    )
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    twin: TwinConfig = Field(default_factory=TwinConfig)
+    policies: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="Policies to run, in order, each with its settings (default: every built-in).",
+    )
+    actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    # Filled by `load_config`/`parse_config` from the registry (not part of the file).
+    policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _budget_source(self) -> Config:
+        if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
+            raise ValueError("cluster: give budget_w or budget_query, not both")
+        return self
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    value = err.get("input")
+    if kind not in ("model_type", "dict_type") and not isinstance(value, dict):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"{_path(prefix + tuple(e['loc']))}: {_message(e)}" if prefix or e["loc"] else _message(e)
+        for e in exc.errors()
+    ]
+
+
+def parse_config(
+    data: Mapping[str, Any], registry: PolicyRegistry | None = None, source: str = "config"
+) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every problem by key path."""
+    problems: list[str] = []
+    try:
+        config = Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_errors(exc))) from None
+    registry = registry or default_registry()
+    wanted = (
+        config.policies if config.policies is not None else {name: {} for name in registry.names()}
+    )
+    settings: dict[str, PolicySettings] = {}
+    for name, raw in wanted.items():
+        if name not in registry:
+            problems.append(
+                f"policies.{name}: unknown policy (known: {', '.join(registry.names())})"
+            )
+            continue
+        try:
+            settings[name] = registry.get(name).Settings.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems.extend(_errors(exc, ("policies", name)))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    config.policy_settings = settings
+    return config
+
+
+def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+    return parse_config(data, registry, source=f"config {path}")
+
+
+def default_config(registry: PolicyRegistry | None = None) -> Config:
+    return parse_config({}, registry, source="built-in defaults")
+
+
+def seconds(value: str | float) -> float:
+    """`2h`, `90s`, `15m`, 42 -> seconds (for CLI options)."""
+    return float(value) if isinstance(value, int | float) else parse_seconds(value)
