@@ -1,0 +1,57 @@
+"""Shared fixtures: small snapshots, situations and a twin, built from real code (no mocks)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import structlog
+
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def make_snapshot(
+    power_w: list[float],
+    *,
+    time_s: float = 0.0,
+    gpus_per_node: int = 4,
+    limit_w: float | list[float] = 700.0,
+    util_pct: float | list[float] = 95.0,
+    stale: list[bool] | None = None,
+    jobs: list[str] | None = None,
+    model: str = "NVIDIA H100 80GB HBM3",
+    budget_w: float | None = None,
+) -> Snapshot:
+    n = len(power_w)
+    nodes = [f"node{i // gpus_per_node + 1}" for i in range(n)]
+    stale_arr = np.zeros(n, dtype=bool) if stale is None else np.asarray(stale)
+    power = np.asarray(power_w, dtype=float)
+    power[stale_arr] = np.nan
+    values = {
+        Metric.POWER_W: power,
+        Metric.POWER_LIMIT_W: np.broadcast_to(np.asarray(limit_w, dtype=float), (n,)).copy(),
+        Metric.UTIL_PCT: np.broadcast_to(np.asarray(util_pct, dtype=float), (n,)).copy(),
+        Metric.TEMP_C: np.full(n, 60.0),
+    }
+    for column in values.values():
+        column[stale_arr] = np.nan
+    return build_snapshot(
+        time_s=time_s,
+        node_of_gpu=nodes,
+        gpu=[i % gpus_per_node for i in range(n)],
+        uuid=[f"GPU-{i:04d}" for i in range(n)],
+        model=[model] * n,
+        job=jobs if jobs is not None else [f"{100 + i // gpus_per_node}" for i in range(n)],
+        values=values,
+        age_s=np.where(stale_arr, 120.0, 1.0),
+        stale=stale_arr,
+        budget_w=budget_w,
+    )
+
+
+@pytest.fixture
+def snapshot_factory():  # type: ignore[no-untyped-def]
+    return make_snapshot

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_config, parse_config
+from agent.core.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ooda.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_run_every_builtin_policy() -> None:
+    config = parse_config({})
+    assert config.dry_run is True
+    assert "power_budget" in config.policy_settings
+
+
+def test_full_config_loads(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+dry_run = false
+[cluster]
+name = "lab"
+budget_w = 30000
+node_overhead_w = 800
+[twin]
+nodes = 4
+faults = ["xid=79:node2/gpu1@60"]
+[policies.power_budget]
+margin_frac = 0.05
+[guard]
+cap_cooldown_s = 30
+[daemon]
+interval_s = 5
+""",
+        )
+    )
+    assert config.cluster.budget_w == 30000 and not config.dry_run
+    assert config.policy_settings["power_budget"].margin_frac == 0.05  # type: ignore[attr-defined]
+    assert config.guard.cap_cooldown_s == 30 and config.daemon.interval_s == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[cluster]\nbudget_w = -5", "cluster.budget_w: Input should be greater than 0 (got -5)"),
+        ("[cluster]\nbudgit_w = 5", "cluster.budgit_w: unknown key"),
+        ("[daemon]\ninterval_s = 'soon'", "daemon.interval_s:"),
+        ("[policies.nope]", "policies.nope: unknown policy"),
+        (
+            "[policies.power_budget]\nmargin_frac = 2.0",
+            "policies.power_budget.margin_frac: Input should be less than or equal to 0.5",
+        ),
+        ("[policies.power_budget]\nmargn = 1", "policies.power_budget.margn: unknown key"),
+        ("[twin]\nmodel = 'V200'", "twin.model: unknown GPU model 'V200'"),
+        ("[twin]\nfaults = ['melt:node1@5']", "twin.faults: fault 'melt:node1@5': unknown kind"),
+        ("[cluster]\nbudget_w = 5\nbudget_query = 'x'", "give budget_w or budget_query, not both"),
+    ],
+)
+def test_errors_name_the_key_path(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert expected in str(exc.value)
+    assert str(tmp_path / "ooda.toml") in str(exc.value)
+
+
+def test_bad_toml_names_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        load_config(write(tmp_path, "[cluster]\nbudget_w = = 3\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, "[daemon]\ninterval_s = 5\n")
+    assert main(["config", "check", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = write(tmp_path, "[cluster]\nbudget_w = -1\n")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cluster.budget_w" in err[0]
+
+
+def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--duration", "soon"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--duration" in err[0]
+    assert main(["demo", "--nodes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nodes" in err[0]

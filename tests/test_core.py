@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.core.clock import FakeClock
+from agent.core.curves import (
+    allocate_power,
+    power_for_throughput,
+    throughput_at_cap,
+    throughput_at_power,
+)
+from agent.core.intents import GpuTargets, SetPowerCap
+from agent.core.keyed import KeyedColumns
+from agent.core.snapshot import Metric, Snapshot
+from tests.conftest import make_snapshot
+
+
+def test_snapshot_marks_missing_and_stale_explicitly() -> None:
+    snap = make_snapshot([300.0, 400.0, 500.0, 600.0], stale=[False, True, False, False])
+    power, ok = snap.column(Metric.POWER_W)
+    assert ok.tolist() == [True, False, True, True]
+    assert np.isnan(power[1])  # never a 0.0 that makes a dead GPU look idle
+    assert snap.fresh.tolist() == [True, False, True, True]
+    assert snap.usable(Metric.POWER_W).sum() == 3
+    absent, absent_ok = snap.column(Metric.ECC_DBE_TOTAL)
+    assert np.isnan(absent).all() and not absent_ok.any()
+
+
+def test_snapshot_targets_and_nodes() -> None:
+    snap = make_snapshot([1.0] * 8, gpus_per_node=4)
+    assert snap.n_gpus == 8 and snap.n_nodes == 2
+    assert snap.target(5) == "node2/gpu1"
+    assert snap.rows_of_node("node2").tolist() == [4, 5, 6, 7]
+    assert snap.rows_of_node("node9").size == 0
+
+
+def test_snapshot_rejects_misaligned_columns() -> None:
+    snap = make_snapshot([1.0, 2.0])
+    with pytest.raises(ValueError, match="rows"):
+        Snapshot(
+            time_s=0,
+            node_names=snap.node_names,
+            node=snap.node,
+            gpu=snap.gpu,
+            uuid=snap.uuid,
+            model=snap.model,
+            job=snap.job,
+            values={Metric.POWER_W: np.zeros(3)},
+            valid={Metric.POWER_W: np.ones(3, dtype=bool)},
+            age_s=snap.age_s,
+            stale=snap.stale,
+        )
+
+
+def test_empty_snapshot_carries_the_error() -> None:
+    snap = Snapshot.empty(10.0, errors=("prometheus unreachable",))
+    assert snap.n_gpus == 0 and snap.errors == ("prometheus unreachable",)
+
+
+def test_cap_intent_records_subset_and_evidence() -> None:
+    snap = make_snapshot([300.0, 400.0, 500.0])
+    intent = SetPowerCap(
+        policy="p",
+        reason="r",
+        evidence={"budget_w": 1000.0, "power_w": np.array([300.0, 400.0, 500.0])},
+        targets=GpuTargets.from_rows(snap, [0, 1, 2]),
+        watts=np.array([250.0, 350.0, 450.0]),
+    )
+    records = intent.to_records()
+    assert [r["target"] for r in records] == ["node1/gpu0", "node1/gpu1", "node1/gpu2"]
+    assert records[1]["watts"] == 350.0 and records[1]["evidence"] == {
+        "budget_w": 1000.0,
+        "power_w": 400.0,
+    }
+    sub = intent.subset(np.array([False, True, True]))
+    assert isinstance(sub, SetPowerCap)
+    assert sub.watts.tolist() == [350.0, 450.0] and sub.evidence["power_w"].tolist() == [
+        400.0,
+        500.0,
+    ]
+    with pytest.raises(ValueError):
+        SetPowerCap(
+            policy="p",
+            reason="r",
+            targets=GpuTargets.from_rows(snap, [0]),
+            watts=np.array([1.0, 2.0]),
+        )
+
+
+def test_fake_clock() -> None:
+    clock = FakeClock(100.0)
+    clock.sleep(5)
+    assert clock.now() == 105.0
+    clock.set(50.0)  # clock jumps are allowed explicitly
+    assert clock.now() == 50.0
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+def test_curve_family_and_inverse() -> None:
+    assert throughput_at_power(700, 600, 1.0, 1.6) == pytest.approx(1.0)
+    t = throughput_at_power(420, 600, 1.13, 1.65)  # x = 0.7
+    assert t == pytest.approx(1 - 1.13 * 0.3**1.65)
+    assert power_for_throughput(t, 600, 1.13, 1.65) == pytest.approx(420)
+    # A cap above the natural draw changes nothing; under it the draw follows the cap.
+    assert throughput_at_cap(650, 600, 1.0, 1.6, 0.95) == pytest.approx(1.0)
+    assert throughput_at_cap(400, 600, 1.0, 1.6, 1.0) < 1.0
+
+
+def test_allocation_meets_budget_and_equalizes_marginals() -> None:
+    natural = np.array([600.0, 600.0, 300.0, 650.0])
+    a = np.array([1.1, 0.4, 0.8, 1.1])
+    b = np.array([1.6, 1.2, 1.5, 1.6])
+    alloc = allocate_power(1700.0, natural, a, b, 1.0, 200.0, 700.0)
+    assert alloc.feasible
+    assert alloc.power_w.sum() <= 1700.0 + 1e-6
+    assert alloc.power_w.sum() == pytest.approx(1700.0, rel=1e-3)
+    # The insensitive job (a=0.4) gives up more power than the sensitive one of the same draw.
+    assert alloc.power_w[1] < alloc.power_w[0]
+    # No one gets more than its natural draw; caps lie within bounds.
+    assert np.all(alloc.power_w <= natural + 1e-9)
+    assert np.all((alloc.cap_w >= 200) & (alloc.cap_w <= 700))
+
+
+def test_allocation_unconstrained_and_infeasible() -> None:
+    natural = np.array([300.0, 300.0])
+    free = allocate_power(10_000.0, natural, 1.0, 1.5, 1.0, 200.0, 700.0)
+    assert free.feasible and not free.binding.any() and np.all(free.cap_w == 700.0)
+    tight = allocate_power(100.0, natural, 1.0, 1.5, 1.0, 200.0, 700.0)
+    assert not tight.feasible and np.all(tight.cap_w == 200.0)
+
+
+def test_allocation_weights_cap_low_priority_first() -> None:
+    natural = np.array([600.0, 600.0])
+    alloc = allocate_power(
+        1000.0, natural, 1.1, 1.6, 1.0, 200.0, 700.0, weight=np.array([1.0, 16.0])
+    )
+    assert alloc.power_w[0] < alloc.power_w[1]
+
+
+def test_keyed_columns_grow_and_persist() -> None:
+    table = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")})
+    slots = table.slots(np.array(["b", "a"]))
+    table["x"][slots] = [2.0, 1.0]
+    slots2 = table.slots(np.array(["c", "a", "b"]))
+    assert table["x"][slots2][1:].tolist() == [1.0, 2.0] and np.isnan(table["x"][slots2][0])
+    _pos, found = table.lookup(np.array(["a", "zz"]))
+    assert found.tolist() == [True, False]
+    copy = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")})
+    copy.load_dict(table.to_dict())
+    assert copy.keys.tolist() == ["a", "b", "c"] and copy["x"][0] == 1.0

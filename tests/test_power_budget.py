@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import numpy as np
+
+from agent.core.intents import Notify, ReleasePowerCap, SetPowerCap
+from agent.core.situation import Situation
+from agent.core.snapshot import Snapshot
+from agent.orient.orienter import Orienter
+from policies.power_budget import PowerBudget, PowerBudgetMemory, PowerBudgetSettings
+from tests.conftest import make_snapshot
+
+
+def situation(snap: Snapshot, budget: float | None, warm: bool = True) -> Situation:
+    orienter = Orienter()
+    if warm:  # learn the natural draws first, as after a few cycles with no caps
+        for t in (0.0, 200.0):
+            orienter.orient(make_snapshot_like(snap, t), budget)
+    return orienter.orient(snap, budget)
+
+
+def make_snapshot_like(snap: Snapshot, time_s: float) -> Snapshot:
+    from dataclasses import replace
+
+    return replace(snap, time_s=time_s)
+
+
+def policy(**settings: object) -> PowerBudget:
+    return PowerBudget(PowerBudgetSettings(**settings))  # type: ignore[arg-type]
+
+
+def caps_of(intents: list) -> SetPowerCap:  # type: ignore[type-arg]
+    found = [i for i in intents if isinstance(i, SetPowerCap)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_no_budget_no_intents() -> None:
+    snap = make_snapshot([500.0] * 8, time_s=400)
+    d = policy().decide(situation(snap, None), PowerBudgetMemory(), 400)
+    assert d.intents == []
+
+
+def test_under_budget_no_caps() -> None:
+    snap = make_snapshot([400.0] * 8, time_s=400)
+    d = policy().decide(situation(snap, 20_000.0), PowerBudgetMemory(), 400)
+    assert d.intents == []
+
+
+def test_over_budget_caps_fit_worst_case() -> None:
+    power = [600.0] * 6 + [80.0, 80.0]
+    snap = make_snapshot(
+        power, time_s=400, util_pct=[95.0] * 6 + [0.0, 0.0], jobs=["1"] * 6 + ["", ""]
+    )
+    sit = situation(snap, 3200.0)
+    d = policy(margin_frac=0.02).decide(sit, PowerBudgetMemory(), 400)
+    caps = caps_of(list(d.intents))
+    assert len(caps.targets) == 8
+    # Worst case until the next cycle: busy GPUs at their cap, idle ones could start at theirs.
+    assert caps.watts.sum() <= 3200.0 * 0.98
+    idle = ~sit.busy[: len(power)]
+    assert np.all(caps.watts[idle] == 200.0)  # idle GPUs get the lowest cap
+    assert caps.evidence["budget_w"] == 3200.0
+    assert set(caps.to_records()[0]) >= {"kind", "target", "policy", "reason", "watts"}
+
+
+def test_low_priority_is_capped_first() -> None:
+    from dataclasses import replace
+
+    snap = make_snapshot([600.0] * 8, time_s=400)
+    sit = situation(snap, 4000.0)
+    sit = replace(sit, priority=np.array([0, 0, 0, 0, 2, 2, 2, 2]))
+    caps = caps_of(list(policy().decide(sit, PowerBudgetMemory(), 400).intents))
+    assert caps.watts[:4].mean() < caps.watts[4:].mean()
+
+
+def test_stale_gpus_count_at_their_max_and_get_no_intent() -> None:
+    snap = make_snapshot([500.0] * 8, time_s=400, stale=[False] * 6 + [True, True])
+    sit = situation(snap, 3800.0)
+    caps = caps_of(list(policy().decide(sit, PowerBudgetMemory(), 400).intents))
+    assert "GPU-0006" not in caps.targets.uuid and "GPU-0007" not in caps.targets.uuid
+    assert caps.evidence["stale_reserve_w"] == 1400.0
+    assert caps.watts.sum() <= 3800 - 1400
+
+
+def test_infeasible_budget_notifies() -> None:
+    snap = make_snapshot([600.0] * 4, time_s=400)
+    d = policy().decide(situation(snap, 500.0), PowerBudgetMemory(), 400)
+    assert any(isinstance(i, Notify) and i.severity == "critical" for i in d.intents)
+    assert np.all(caps_of(list(d.intents)).watts == 200.0)
+
+
+def test_release_waits_for_hysteresis_hold() -> None:
+    snap = make_snapshot([300.0] * 4, time_s=400, limit_w=400.0)
+    sit = situation(snap, 10_000.0)
+    p = policy(release_hold_s=60)
+    d1 = p.decide(sit, PowerBudgetMemory(), 400)
+    assert d1.intents == [] and d1.memory.fits_since_s == 400  # type: ignore[attr-defined]
+    d2 = p.decide(sit, d1.memory, 430)
+    assert d2.intents == []
+    d3 = p.decide(sit, d2.memory, 461)
+    assert len(d3.intents) == 1 and isinstance(d3.intents[0], ReleasePowerCap)
+
+
+def test_policy_is_pure() -> None:
+    snap = make_snapshot([600.0] * 8, time_s=400)
+    sit = situation(snap, 3000.0)
+    p = policy()
+    a = caps_of(list(p.decide(sit, PowerBudgetMemory(), 400).intents))
+    b = caps_of(list(p.decide(sit, PowerBudgetMemory(), 400).intents))
+    assert np.array_equal(a.watts, b.watts)
