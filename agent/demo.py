@@ -16,9 +16,10 @@ from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard, GuardSettings
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.intents import Intent, Outcome
+from agent.core.intents import Outcome
 from agent.loop import CycleReport, Loop
 from agent.orient.orienter import Orienter
+from agent.runtime import build_policies, dry_run_predicate
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import FaultSpec
 from agent.sim.oracle import Oracle
@@ -95,23 +96,18 @@ def build_agent(
     settings: dict[str, PolicySettings] | None = None,
     guard: GuardSettings | None = None,
 ) -> tuple[Loop, Actuators]:
+    """The agent wired to the twin: its telemetry, its caps and its scheduler."""
     actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
-    policies = []
-    for name in policy_names:
-        cls = registry.get(name)
-        policies.append(cls((settings or {}).get(name) or cls.Settings()))
-    per_policy_dry = {p.name: p.settings.dry_run for p in policies}
-
-    def is_dry(intent: Intent) -> bool:
-        own = per_policy_dry.get(intent.policy)
-        return dry_run if own is None else bool(own)
-
+    chosen = {
+        name: (settings or {}).get(name) or registry.get(name).Settings() for name in policy_names
+    }
+    policies = build_policies(chosen, registry)
     loop = Loop(
         source=TwinSource(twin),
         orienter=Orienter(node_overhead_w=twin.spec.node_overhead_w),
         policies=policies,
         guard=Guard(guard),
-        executor=Executor(actuators, is_dry),
+        executor=Executor(actuators, dry_run_predicate(dry_run, policies)),
         audit=audit,
         clock=TwinClock(twin),
         placement=actuators.placement,
