@@ -10,7 +10,9 @@ for `warmup_s`, and policies account for it at its cap. State is columnar, keyed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +58,12 @@ class NaturalDrawTracker:
                 "cap_frac": (np.float64, np.nan),
             }
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state.to_dict()}
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.state.load_dict(data.get("state", {}))
 
     def update(self, snapshot: Snapshot) -> NaturalDraw:
         n = snapshot.n_gpus
