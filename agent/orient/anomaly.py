@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from sklearn.covariance import MinCovDet
-from sklearn.linear_model import HuberRegressor
 
 from agent.core.curves import throughput_at_power
+from agent.core.gpu_models import BUILTIN_MODELS, H100_SXM
 from agent.core.keyed import KeyedColumns
 from agent.core.situation import AnomalyFlags, HealthSeverity
 from agent.core.snapshot import Metric, Snapshot
@@ -59,6 +59,7 @@ KIND_ORDER = (
 )
 CLEAR_OF_CAP_FRAC = 0.75  # below this share of a lowered limit, the limit surely does not bind
 THERMAL_BUFFER_ROWS = 8192
+THERMAL_COLS = 6  # T_prev, P_prev, P_now, T_now, dt, dT_prev
 MV_BUFFER_ROWS = 8192
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
 
@@ -143,9 +144,11 @@ class AnomalyDetector:
             {
                 "job": ("U64", ""),
                 "busy": (np.bool_, False),
+                "sick": (np.bool_, False),  # health calls for a drain (a failed GPU)
                 "since": (np.float64, np.nan),  # start of the current context (job or idle)
                 "prev_t": (np.float64, np.nan),
                 "prev_temp": (np.float64, np.nan),
+                "prev_dtemp": (np.float64, np.nan),  # the temperature change before that
                 "prev_power": (np.float64, np.nan),
                 "rel_smooth": (np.float64, np.nan),
                 "run": (np.int64, 0),  # consecutive flagged cycles
@@ -160,10 +163,12 @@ class AnomalyDetector:
         self.racks = Grouper()
         self.cycle = 0
         self.interval_s: float | None = None
-        # Pooled thermal model per GPU model: T_now = w0 + w1 T_prev + w2 P_prev + w3 P_now.
+        # Pooled thermal model per GPU model: T_now = w0 + w1 T_prev + w3 P_now (w2 = 0: the
+        # draw sampled now stands for the interval, since the agent's cap changes, the largest
+        # steps, take effect just after the previous sample).
         self.thermal_coef: dict[str, list[float]] = {}
         self.thermal_dt: dict[str, float] = {}
-        self._tbuf = np.full((THERMAL_BUFFER_ROWS, 5), np.nan)
+        self._tbuf = np.full((THERMAL_BUFFER_ROWS, THERMAL_COLS), np.nan)
         self._tbuf_model = np.full(THERMAL_BUFFER_ROWS, "", dtype="U64")
         self._tbuf_n = 0
         # Multivariate model over residual z-scores.
@@ -202,7 +207,7 @@ class AnomalyDetector:
         self.interval_s = None if interval is None else float(interval)
         self.thermal_coef = {str(k): [float(x) for x in v] for k, v in data["thermal_coef"].items()}
         self.thermal_dt = {str(k): float(v) for k, v in data["thermal_dt"].items()}
-        tb = np.asarray(data.get("thermal_buffer", []), dtype=np.float64).reshape(-1, 5)
+        tb = np.asarray(data.get("thermal_buffer", []), dtype=np.float64).reshape(-1, THERMAL_COLS)
         self._tbuf[: tb.shape[0]] = tb
         self._tbuf_model[: tb.shape[0]] = np.asarray(
             data.get("thermal_buffer_model", []), dtype=np.str_
@@ -235,15 +240,23 @@ class AnomalyDetector:
 
         # Context: a job change (or busy/idle change) restarts what the baselines know.
         busy = ctx.busy
-        changed = fresh & ((st["job"][g] != snap.job) | (st["busy"][g] != busy))
+        # A failed GPU (health: drain) and the same GPU after its reset are different contexts
+        # too: what it drew while failed says nothing about what it draws after.
+        sick = ctx.health_severity >= int(HealthSeverity.DRAIN)
+        changed = fresh & (
+            (st["job"][g] != snap.job) | (st["busy"][g] != busy) | (st["sick"][g] != sick)
+        )
         changed |= fresh & np.isnan(st["since"][g])
         if changed.any():
             c = g[changed]
             st["job"][c] = snap.job[changed]
             st["busy"][c] = busy[changed]
+            st["sick"][c] = sick[changed]
             st["since"][c] = now
             cb = b[changed]
-            for name in ("power", "clock_r", "util"):
+            # (Thermal resistance too: the pooled model's small misfit of the ambient weighs
+            # differently at idle and under load.)
+            for name in ("power", "clock_r", "util", "rel_r"):
                 self.base.reset(name, cb)
         warming = busy & ((now - st["since"][g]) < s.warmup_s)
         settled = busy & ~warming & fresh
@@ -332,13 +345,22 @@ class AnomalyDetector:
         temp_use = rel_ok & re.ready
         temp_z = np.where(temp_use, (rel - re.level) / re.sigma, np.nan)
         temp_score = np.where(temp_use, temp_z / z, 0.0)
+        # At the hardware's slowdown temperature the GPU throttles, whatever the model says.
+        slowdown = _slowdown_temp(snap.model)
+        hot_hi = slowdown - 2.0
+        throttling = temp_ok & (temp >= hot_hi)
+        temp_score = np.where(
+            throttling, np.maximum(temp_score, 1.0 + (temp - hot_hi) / 5.0), temp_score
+        )
         results.append(
             DetectorResult(
                 "temp",
                 "temp_c",
                 temp,
                 np.where(temp_use, pred + (re.level - z * re.sigma) * gain, np.nan),
-                np.where(temp_use, pred + (re.level + z * re.sigma) * gain, np.nan),
+                np.where(
+                    temp_use, np.fmin(pred + (re.level + z * re.sigma) * gain, hot_hi), hot_hi
+                ),
                 np.nan_to_num(temp_score),
             )
         )
@@ -350,7 +372,7 @@ class AnomalyDetector:
             prev_smooth,
         )
         smooth = np.where(fresh, smooth, np.nan)
-        hot_score, peer_level = self._hot_vs_peers(snap, smooth)
+        hot_score, peer_level = self._hot_vs_peers(snap, smooth, power, ctx.max_cap_w)
         results.append(
             DetectorResult(
                 "hot_vs_peers",
@@ -363,14 +385,20 @@ class AnomalyDetector:
         )
 
         # -- straggler: clock vs job peers, and vs its own curve at its draw ----------------------
-        strag_score, strag_lo, strag_ref = self._stragglers(snap, settled & clock_ok, clock)
+        # Peers start and ramp up together: they compare from the first cycle of their job.
+        strag_score, strag_lo, strag_ref = self._stragglers(
+            snap, busy & fresh & clock_ok & power_ok, clock, power, ctx
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             x = np.clip(power / ctx.natural_w, 0.0, 1.0)
             expected_clock = ctx.natural_clock_mhz * throughput_at_power(
                 x, 1.0, ctx.curve_a, ctx.curve_b
             )
             ratio = clock / expected_clock
-        ratio_ok = settled & clock_ok & power_ok & np.isfinite(ratio) & ctx.natural_known
+        # Only near the natural draw: deep under a cap the curve's error exceeds the margin.
+        ratio_ok = (
+            settled & clock_ok & power_ok & np.isfinite(ratio) & ctx.natural_known & (x >= 0.75)
+        )
         ce = self.base.expected("clock_r", b, floor=0.01)
         self_ok = ratio_ok & ce.ready
         self_margin = np.maximum(z * ce.sigma, s.straggler_self_frac)
@@ -499,24 +527,25 @@ class AnomalyDetector:
         t_prev = st["prev_temp"][g]
         p_prev = st["prev_power"][g]
         base_ok = temp_ok & power_ok & np.isfinite(t_prev) & np.isfinite(p_prev) & (dt > 0)
-        # A step in the draw between samples: the average draw in between is unknown.
-        step = np.abs(power - p_prev) > 0.15 * np.fmax(power, p_prev) + 10.0
+        # A large step in the draw between samples (a job started or ended in between): the
+        # average draw in between is unknown.
+        step = np.abs(power - p_prev) > 0.25 * np.fmax(power, p_prev) + 10.0
         usable = base_ok & ~step
         rel = _nan(n)
         pred = _nan(n)
         gain = _nan(n)
         ok = np.zeros(n, dtype=bool)
         # Record samples for the pooled fit (before scoring: they are past data once fit).
-        self._record_thermal(snap, usable, t_prev, p_prev, power, temp, dt)
+        d_prev = st["prev_dtemp"][g]
+        self._record_thermal(snap, usable, t_prev, p_prev, power, temp, dt, d_prev)
         for model, coef in self.thermal_coef.items():
             fit_dt = self.thermal_dt[model]
             sel = usable & (snap.model == model) & (np.abs(dt - fit_dt) <= 0.25 * fit_dt)
             if not sel.any():
                 continue
-            w0, w1, w2, w3 = coef
-            p_mean = 0.5 * (power + p_prev)
-            pr = w0 + w1 * t_prev + w2 * p_prev + w3 * power
-            gn = (w2 + w3) * p_mean
+            w0, w1, _w2, w3 = coef
+            pr = w0 + w1 * t_prev + w3 * power
+            gn = w3 * power
             good = sel & (gn > 0.05)
             pred = np.where(good, pr, pred)
             gain = np.where(good, gn, gain)
@@ -534,13 +563,16 @@ class AnomalyDetector:
         power: FloatArray,
         temp: FloatArray,
         dt: FloatArray,
+        d_prev: FloatArray,
     ) -> None:
         rows = np.flatnonzero(usable)
         if rows.size == 0:
             return
         take = min(rows.size, 256)
         rows = self.rng.choice(rows, size=take, replace=False) if rows.size > take else rows
-        block = np.column_stack([t_prev[rows], p_prev[rows], power[rows], temp[rows], dt[rows]])
+        block = np.column_stack(
+            [t_prev[rows], p_prev[rows], power[rows], temp[rows], dt[rows], d_prev[rows]]
+        )
         idx = (self._tbuf_n + np.arange(take)) % THERMAL_BUFFER_ROWS
         self._tbuf[idx] = block
         self._tbuf_model[idx] = snap.model[rows]
@@ -549,66 +581,112 @@ class AnomalyDetector:
             self._fit_thermal()
 
     def _fit_thermal(self) -> None:
+        """Fit the pooled first-order model T_now = a T_prev + (1 - a)(ambient + R P_now) in
+        two steps that GPU-to-GPU differences in R cannot bias: the decay a from successive
+        temperature changes under a steady draw (dT_now = a dT_prev, whatever the GPU's R), then
+        ambient and the fleet's mean R by least squares given a."""
         used = min(self._tbuf_n, THERMAL_BUFFER_ROWS)
         if used < 200:
             return
         data = self._tbuf[:used]
         models = self._tbuf_model[:used]
-        for model in np.unique(models):
-            sel = models == model
-            rows = data[sel]
-            if rows.shape[0] < 200:
-                continue
+        for model in np.unique(models).tolist():
+            rows = data[models == model]
             dt = float(np.median(rows[:, 4]))
             rows = rows[np.abs(rows[:, 4] - dt) <= 0.25 * dt]
-            if rows.shape[0] < 200 or np.ptp(rows[:, 1]) < 20.0:
-                continue  # too little spread in the draw to tell heating from ambient
-            x = rows[:, :3]
-            mean = x.mean(axis=0)
-            scale = np.maximum(x.std(axis=0), 1e-6)
-            reg = HuberRegressor(epsilon=1.35, alpha=0.0, max_iter=500)
-            try:
-                with single_threaded():
-                    reg.fit((x - mean) / scale, rows[:, 3])
-            except ValueError:
-                continue
-            coef = np.asarray(reg.coef_, dtype=np.float64) / scale
-            w1, w2, w3 = (float(c) for c in coef)
-            w0 = float(reg.intercept_) - float(coef @ mean)
-            if not (0.0 < w1 < 1.0 and w2 + w3 > 0.0):
+            t_prev, p_prev, p_now, t_now, _, d_prev = rows.T
+            d_now = t_now - t_prev
+            steady_draw = np.abs(p_now - p_prev) < 0.03 * np.fmax(p_now, p_prev) + 5.0
+            settling = steady_draw & np.isfinite(d_prev) & (np.abs(d_prev) > 0.5)
+            if settling.sum() < 20 or np.ptp(p_now) < 50.0:
+                continue  # too little movement to tell the decay from the steady state
+            alpha = float(np.median(d_now[settling] / d_prev[settling]))
+            if not 0.05 < alpha < 0.98:
                 continue  # not a stable first-order response: keep the previous fit
-            self.thermal_coef[str(model)] = [w0, w1, w2, w3]
+            target = (t_now - alpha * t_prev) / (1.0 - alpha)
+            x = np.column_stack([p_now, np.ones(p_now.shape[0])])
+            (r_c_per_w, ambient), *_ = np.linalg.lstsq(x, target, rcond=None)
+            if r_c_per_w <= 0.0:
+                continue
+            self.thermal_coef[str(model)] = [
+                float((1.0 - alpha) * ambient),
+                alpha,
+                0.0,
+                float((1.0 - alpha) * r_c_per_w),
+            ]
             self.thermal_dt[str(model)] = dt
 
-    def _hot_vs_peers(self, snap: Snapshot, smooth: FloatArray) -> tuple[FloatArray, FloatArray]:
+    def _hot_vs_peers(
+        self, snap: Snapshot, smooth: FloatArray, power: FloatArray, max_cap: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """Thermal resistance against the median of neighbours at the same load: GPUs of its
+        node (and rack, where telemetry names one) whose draw falls in the same band."""
         s = self.settings
         n = snap.n_gpus
-        ok = np.isfinite(smooth)
-        node_med, node_cnt = group_median(smooth, snap.node, ok, snap.n_nodes)
-        peer = np.where(node_cnt[snap.node] >= 3, node_med[snap.node], np.nan)
+        band_w = 0.15 * np.where(np.isfinite(max_cap), max_cap, 700.0)
+        band = np.floor(np.nan_to_num(power) / band_w).astype(np.int64)
+        bands = int(band.max(initial=0)) + 1
+        ok = np.isfinite(smooth) & np.isfinite(power)
+        ids = snap.node * bands + band
+        node_med, node_cnt = group_median(smooth, ids, ok, snap.n_nodes * bands)
+        peer = np.where(node_cnt[ids] >= 3, node_med[ids], np.nan)
         rack = snap.labels.get("rack")
         if rack is not None and rack.shape == (n,):
-            ids, names = self.racks.ids(rack)
-            rack_med, rack_cnt = group_median(smooth, ids, ok & (rack != ""), names.shape[0])
-            rack_peer = np.where(rack_cnt[ids] >= 3, rack_med[ids], np.nan)
+            rack_ids, names = self.racks.ids(rack)
+            rids = rack_ids * bands + band
+            rack_med, rack_cnt = group_median(
+                smooth, rids, ok & (rack != ""), names.shape[0] * bands
+            )
+            rack_peer = np.where(rack_cnt[rids] >= 3, rack_med[rids], np.nan)
             peer = np.fmax(peer, rack_peer)  # hotter than both its node and its rack
         score = np.where(ok & np.isfinite(peer), (smooth - peer) / s.hot_peer_excess, 0.0)
         return np.nan_to_num(score), peer
 
     def _stragglers(
-        self, snap: Snapshot, ok: BoolArray, clock: FloatArray
+        self,
+        snap: Snapshot,
+        ok: BoolArray,
+        clock: FloatArray,
+        power: FloatArray,
+        ctx: AnomalyContext,
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """SM clock against the median of the GPU's job peers, each first brought to what it
+        would run at the job's natural draw through the job's curve: peers under a lower cap
+        run a lower clock by design, a straggler runs a lower clock at the same draw."""
         s = self.settings
         n = snap.n_gpus
         has_job = ok & (snap.job != "")
         if not has_job.any():
             return np.zeros(n), _nan(n), _nan(n)
         ids, names = self.jobs.ids(snap.job)
-        med, cnt = group_median(clock, ids, has_job, names.shape[0])
-        peer = np.where(has_job & (cnt[ids] >= 2), med[ids], np.nan)
+        k = names.shape[0]
+        known = has_job & ctx.natural_known & np.isfinite(ctx.natural_w)
+        natural, _ = group_median(ctx.natural_w, ids, known, k)
+        top = np.full(k, -np.inf)
+        np.maximum.at(top, ids[has_job], power[has_job])
+        natural = np.where(np.isfinite(natural), natural, top)  # no natural known: the highest
         with np.errstate(invalid="ignore", divide="ignore"):
-            shortfall = 1.0 - clock / peer
+            x = np.clip(power / natural[ids], 0.05, 1.0)
+            t = throughput_at_power(x, 1.0, ctx.curve_a, ctx.curve_b)
+            full = np.where(t > 0.05, clock / t, np.nan)
+        # ... among peers whose draw is within about 25% of its own (beyond, the curve's own
+        # error would show): log-draw bands counted twice, the second shifted by half a band;
+        # each GPU takes the grouping that gives it more peers.
+        log_p = np.log(np.maximum(np.nan_to_num(power), 1.0)) / np.log(1.25)
+        peer_full = _nan(n)
+        best = np.zeros(n)
+        for shift in (0.0, 0.5):
+            band = np.floor(log_p + shift).astype(np.int64)
+            bands = int(band.max(initial=0)) + 1
+            gid = ids * bands + band
+            med, cnt = group_median(full, gid, has_job, k * bands)
+            better = has_job & (cnt[gid] >= 2) & (cnt[gid] > best)
+            peer_full = np.where(better, med[gid], peer_full)
+            best = np.where(better, cnt[gid], best)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shortfall = 1.0 - full / peer_full
         score = np.where(np.isfinite(shortfall), shortfall / s.straggler_frac, 0.0)
+        peer = peer_full * t  # the peers' clock at this GPU's draw
         return score, peer * (1.0 - s.straggler_frac), peer
 
     def _multivariate(self, feats: FloatArray) -> FloatArray:
@@ -674,7 +752,7 @@ class AnomalyDetector:
         s = self.settings
         st = self.gpu.cols
         fresh = snap.fresh
-        quiet = ~flagged
+        quiet = ~flagged & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
         age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"]
         self.base.update("age", b, snap.age_s, age_ok)
         # The draw's baseline: idle GPUs always, busy ones only while their cap does not bind.
@@ -691,7 +769,9 @@ class AnomalyDetector:
         self.base.update("util", b, util, settled & util_ok & quiet, floor=1.0)
         st["rel_smooth"][g] = np.where(fresh, smooth, st["rel_smooth"][g])
         keep = fresh & power_ok & temp_ok
+        moved = np.where(np.isfinite(st["prev_t"][g]), temp - st["prev_temp"][g], np.nan)
         st["prev_t"][g[keep]] = snap.time_s
+        st["prev_dtemp"][g[keep]] = moved[keep]
         st["prev_temp"][g[keep]] = temp[keep]
         st["prev_power"][g[keep]] = power[keep]
         lost = ~keep
@@ -709,6 +789,16 @@ class AnomalyDetector:
             self.cycle % s.refit_cycles == 0 or (self.mv_location is None and self.cycle % 5 == 0)
         ):
             self._fit_multivariate()
+
+
+def _slowdown_temp(models: npt.NDArray[np.str_]) -> FloatArray:
+    """Per GPU: its model's slowdown temperature (the H100's where the model is unknown)."""
+    out = np.full(models.shape[0], H100_SXM.slowdown_temp_c)
+    for name in np.unique(models).tolist():
+        spec = next((m for m in BUILTIN_MODELS.values() if m.model_name == name), None)
+        if spec is not None:
+            out[models == name] = spec.slowdown_temp_c
+    return out
 
 
 def typical_interval(prev_s: float | None, dt_s: float) -> float:

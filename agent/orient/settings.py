@@ -40,10 +40,11 @@ class AnomalySettings(_Section):
         "flags a GPU as hotter than its neighbours at the same load.",
     )
     straggler_frac: float = Field(
-        0.12,
+        0.15,
         gt=0,
         lt=1,
-        description="A GPU whose SM clock is this share below its job peers' median straggles.",
+        description="A GPU whose SM clock is this share below its job peers' median (at the "
+        "same draw, through the job's curve) straggles.",
     )
     straggler_self_frac: float = Field(
         0.15,
