@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.act.guard import GuardSettings
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -134,6 +135,7 @@ class Config(_Section):
     )
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
     guard: GuardSettings = Field(default_factory=GuardSettings)
+    orient: OrientSettings = Field(default_factory=OrientSettings)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 

@@ -126,7 +126,7 @@ def build_runtime(
     budget = budget_w if budget_w is not None else config.cluster.budget_w
     loop = Loop(
         source=source,
-        orienter=Orienter(node_overhead_w=config.cluster.node_overhead_w),
+        orienter=Orienter(node_overhead_w=config.cluster.node_overhead_w, settings=config.orient),
         policies=policies,
         guard=Guard(config.guard),
         executor=Executor(

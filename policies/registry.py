@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from agent.core.errors import ConfigError
+from policies.curve_exploration import CurveExploration
 from policies.power_budget import PowerBudget
 
 ENTRY_POINT_GROUP = "ooda.policies"
@@ -76,7 +77,7 @@ class PolicyRegistry:
 def builtin_registry() -> PolicyRegistry:
     """A fresh registry with the built-in policies (explicitly listed)."""
     registry = PolicyRegistry()
-    for cls in (PowerBudget,):
+    for cls in (PowerBudget, CurveExploration):
         registry.register(cls)
     return registry
 

@@ -38,6 +38,7 @@ class CurveEstimates:
     natural_w_hi: FloatArray  # a high quantile of the natural draw, for budget safety
     natural_clock_mhz: FloatArray | None = None  # SM clock when uncapped (the throughput proxy)
     workload_class: StrArray | None = None  # the class whose prior applies ("" unknown)
+    natural_known: BoolArray | None = None  # natural draw seen uncapped after start-up
 
     @staticmethod
     def constant(

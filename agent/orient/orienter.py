@@ -218,10 +218,11 @@ class Orienter:
             max_cap_w=max_cap,
             exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
         )
+        use = self.settings.curves.apply
         curves = CurveEstimates(
             natural_w=natural,
-            a=learned.a,
-            b=learned.b,
+            a=learned.a if use else np.full(n, self.prior.a),
+            b=learned.b if use else np.full(n, self.prior.b),
             # Learned where seen capped (minus a little for noise), else the prior.
             cap_draw_frac=cap_draw_frac,
             confidence=np.where(draw.busy, learned.confidence, 0.0),
@@ -229,6 +230,7 @@ class Orienter:
             natural_w_hi=natural_hi,
             natural_clock_mhz=learned.natural_clock_mhz,
             workload_class=learned.workload_class,
+            natural_known=natural_known,
         )
         power, power_ok = snapshot.column(Metric.POWER_W)
         fresh_power = power_ok & snapshot.fresh

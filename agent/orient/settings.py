@@ -93,7 +93,9 @@ class ForecastSettings(_Section):
         (60.0, 300.0, 900.0), min_length=1, description="Forecast horizons (s)."
     )
     coverage: float = Field(0.9, gt=0, lt=1, description="Nominal coverage of the intervals.")
-    refit_cycles: int = Field(20, ge=1, description="Refit one horizon's model this often.")
+    refit_cycles: int = Field(
+        60, ge=1, description="Refit each horizon's model this often (cycles)."
+    )
     min_train_rows: int = Field(
         200, ge=10, description="Rows a model needs before it may replace persistence."
     )
@@ -104,6 +106,11 @@ class ForecastSettings(_Section):
 
 
 class CurveSettings(_Section):
+    apply: bool = Field(
+        True,
+        description="Give policies the learned curves (false: learn and report them, but "
+        "policies keep the conservative prior).",
+    )
     workload_label: str = Field(
         "workload",
         description="Telemetry label naming a job's workload class (priors per GPU model and "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.core.curves import allocate_power, throughput_at_cap
-from agent.sim.twin import FATAL_XIDS, Twin
+from agent.sim.twin import FATAL_XIDS, FloatArray, Twin
 
 RAMP_RESOLVE_S = 5.0  # while jobs ramp up, re-solve this often
 
@@ -81,3 +81,9 @@ def oracle_throughput_bound(twin: Twin, budget_w: float) -> float:
             truth["k"][busy],
         ).sum()
     )
+
+
+def curve_truth(twin: Twin) -> dict[str, FloatArray]:
+    """The twin's true curves per GPU, for scoring learned curves (tests, benchmarks): the
+    agent itself never sees these."""
+    return twin.true_curves()
