@@ -41,7 +41,7 @@ from agent.core.situation import AnomalyFlags, HealthSeverity
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.baseline import RobustBaselines
 from agent.orient.settings import AnomalySettings
-from agent.orient.stats import Grouper, decay_alpha, group_median, single_threaded
+from agent.orient.stats import Grouper, decay_alpha, group_mean, group_median, single_threaded
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -142,7 +142,7 @@ class AnomalyDetector:
         self.rng = np.random.default_rng(seed)
         self.gpu = KeyedColumns(
             {
-                "job": ("U64", ""),
+                "job": (np.int64, 0),  # string_hash of the job label
                 "busy": (np.bool_, False),
                 "sick": (np.bool_, False),  # health calls for a drain (a failed GPU)
                 "since": (np.float64, np.nan),  # start of the current context (job or idle)
@@ -243,13 +243,14 @@ class AnomalyDetector:
         # A failed GPU (health: drain) and the same GPU after its reset are different contexts
         # too: what it drew while failed says nothing about what it draws after.
         sick = ctx.health_severity >= int(HealthSeverity.DRAIN)
+        job = self.jobs.hashes(snap.job)
         changed = fresh & (
-            (st["job"][g] != snap.job) | (st["busy"][g] != busy) | (st["sick"][g] != sick)
+            (st["job"][g] != job) | (st["busy"][g] != busy) | (st["sick"][g] != sick)
         )
         changed |= fresh & np.isnan(st["since"][g])
         if changed.any():
             c = g[changed]
-            st["job"][c] = snap.job[changed]
+            st["job"][c] = job[changed]
             st["busy"][c] = busy[changed]
             st["sick"][c] = sick[changed]
             st["since"][c] = now
@@ -661,7 +662,7 @@ class AnomalyDetector:
         ids, names = self.jobs.ids(snap.job)
         k = names.shape[0]
         known = has_job & ctx.natural_known & np.isfinite(ctx.natural_w)
-        natural, _ = group_median(ctx.natural_w, ids, known, k)
+        natural = group_mean(ctx.natural_w, ids, known, k)
         top = np.full(k, -np.inf)
         np.maximum.at(top, ids[has_job], power[has_job])
         natural = np.where(np.isfinite(natural), natural, top)  # no natural known: the highest

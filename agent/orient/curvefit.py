@@ -67,11 +67,10 @@ class CurveView:
 
 def job_keys(snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
     """A GPU's job: its label, or the GPU itself while busy without one ("" when idle)."""
-    out = snapshot.job.astype("U96")
     own = (snapshot.job == "") & busy
-    if own.any():
-        out[own] = np.char.add("gpu:", snapshot.uuid[own].astype(np.str_))
-    return out
+    if not own.any():
+        return snapshot.job  # (no copy: widening 100,000 strings costs more than the rest)
+    return np.where(own, np.char.add("gpu:", snapshot.uuid.astype(np.str_)), snapshot.job)
 
 
 class CurveLearner:
@@ -88,7 +87,7 @@ class CurveLearner:
         self.warmup_s = warmup_s
         self.gpus = KeyedColumns(
             {
-                "job": ("U96", ""),
+                "job": (np.int64, 0),  # string_hash of the job key
                 "since": (np.float64, np.nan),
                 "nc": (np.float64, np.nan),  # natural SM clock
             }
@@ -105,8 +104,14 @@ class CurveLearner:
                 "n_obs": (np.int64, 0),
                 "last_t": (np.float64, np.nan),
                 "retired": (np.bool_, False),
+                # The job's prior, cached until the priors or the job's class change.
+                "prior_la": (np.float64, np.nan),
+                "prior_b": (np.float64, np.nan),
+                "prior_src": ("U16", ""),
+                "prior_ver": (np.int64, -1),
             }
         )
+        self._prior_version = 0
         # (model, class) -> [weight, weight * log a, weight * b]; class "*" pools the model.
         self.priors: dict[str, list[float]] = {}
         self._grouper = Grouper()
@@ -126,6 +131,7 @@ class CurveLearner:
         self.gpus.load_dict(data.get("gpus", {}))
         self.jobs.load_dict(data.get("jobs", {}))
         self.priors = {str(k): [float(x) for x in v] for k, v in data.get("priors", {}).items()}
+        self._prior_version += 1  # cached priors no longer apply
         self.cycles = int(data.get("cycles", 0))
 
     # -- priors -----------------------------------------------------------------------------------
@@ -142,6 +148,7 @@ class CurveLearner:
 
     def _commit(self, model: str, klass: str, log_a: float, b: float, weight: float) -> None:
         keys = [f"{model}|*"] + ([f"{model}|{klass}"] if klass else [])
+        self._prior_version += 1
         for key in keys:
             entry = self.priors.setdefault(key, [0.0, 0.0, 0.0])
             entry[0] += weight
@@ -155,17 +162,19 @@ class CurveLearner:
     ) -> tuple[FloatArray, FloatArray, FloatArray, npt.NDArray[np.str_]]:
         """(a, b, confidence, source) for the given job slots."""
         jc = self.jobs.cols
-        m = slots.shape[0]
-        mu_a = np.empty(m)
-        mu_b = np.empty(m)
-        src = np.empty(m, dtype="U16")
-        pairs = np.char.add(np.char.add(jc["model"][slots], "|"), jc["klass"][slots])
-        uniq, inverse = np.unique(pairs, return_inverse=True)
-        for i, pair in enumerate(uniq.tolist()):  # a few (model, class) pairs, not per GPU
-            model, _, klass = str(pair).partition("|")
-            la, bb, source = self.prior_for(model, klass)
-            sel = inverse == i
-            mu_a[sel], mu_b[sel], src[sel] = la, bb, source
+        stale = slots[jc["prior_ver"][slots] != self._prior_version]
+        if stale.size:
+            pairs = np.char.add(np.char.add(jc["model"][stale], "|"), jc["klass"][stale])
+            uniq, inverse = np.unique(pairs, return_inverse=True)
+            for i, pair in enumerate(uniq.tolist()):  # a few (model, class) pairs
+                model, _, klass = str(pair).partition("|")
+                la, bb, source = self.prior_for(model, klass)
+                sel = stale[inverse == i]
+                jc["prior_la"][sel], jc["prior_b"][sel], jc["prior_src"][sel] = la, bb, source
+            jc["prior_ver"][stale] = self._prior_version
+        mu_a = jc["prior_la"][slots]
+        mu_b = jc["prior_b"][slots]
+        src = jc["prior_src"][slots]
         p_a = 1.0 / PRIOR_SD_LOG_A**2
         p_b = 1.0 / PRIOR_SD_B**2
         l00 = p_a + jc["s0"][slots]
@@ -193,20 +202,29 @@ class CurveLearner:
         n = snapshot.n_gpus
         keys = job_keys(snapshot, busy)
         g = self.gpus.slots(snapshot.uuid)
-        jslot, found = self.jobs.lookup(keys)
-        found &= keys != ""
+        # Per job, not per GPU: look each job up once, then spread over its GPUs.
+        ids, names = self._grouper.ids(keys)
+        name_slot, name_found = self.jobs.lookup(names)
+        name_found &= names != ""
         a = np.full(n, self.prior_a)
         b = np.full(n, self.prior_b)
         conf = np.zeros(n)
         source = np.full(n, "prior", dtype="U16")
         klass = np.full(n, "", dtype="U64")
+        found = name_found[ids]
         if found.any():
+            hit = np.flatnonzero(name_found)
+            pa, pb, pc, ps = self._posterior(name_slot[hit])
+            per_a = np.full(names.shape[0], np.nan)
+            per_b, per_c = per_a.copy(), per_a.copy()
+            per_s = np.full(names.shape[0], "prior", dtype="U16")
+            per_k = np.full(names.shape[0], "", dtype="U64")
+            per_a[hit], per_b[hit], per_c[hit], per_s[hit] = pa, pb, pc, ps
+            per_k[hit] = self.jobs.cols["klass"][name_slot[hit]]
             rows = np.flatnonzero(found)
-            js = jslot[rows]
-            uj, inv = np.unique(js, return_inverse=True)
-            pa, pb, pc, ps = self._posterior(uj)
-            a[rows], b[rows], conf[rows], source[rows] = pa[inv], pb[inv], pc[inv], ps[inv]
-            klass[rows] = self.jobs.cols["klass"][js]
+            sel = ids[rows]
+            a[rows], b[rows], conf[rows] = per_a[sel], per_b[sel], per_c[sel]
+            source[rows], klass[rows] = per_s[sel], per_k[sel]
         unknown = ~found & busy
         if unknown.any():
             # Jobs not seen yet: the prior of their GPU model (pooled over classes).
@@ -214,7 +232,7 @@ class CurveLearner:
                 la, bb, src = self.prior_for(str(model), "")
                 sel = unknown & (snapshot.model == model)
                 a[sel], b[sel], source[sel] = np.exp(la), bb, src
-        same_job = self.gpus.cols["job"][g] == keys
+        same_job = self.gpus.cols["job"][g] == self._grouper.hashes(keys)
         nc = np.where(same_job, self.gpus.cols["nc"][g], np.nan)
         return CurveView(
             a=a,
@@ -246,9 +264,10 @@ class CurveLearner:
         g = self.gpus.slots(snapshot.uuid)
         gc = self.gpus.cols
         fresh = snapshot.fresh
-        changed = fresh & (gc["job"][g] != keys)
+        key_hash = self._grouper.hashes(keys)
+        changed = fresh & (gc["job"][g] != key_hash)
         c = g[changed]
-        gc["job"][c] = keys[changed]
+        gc["job"][c] = key_hash[changed]
         gc["since"][c] = np.where(busy[changed], now, np.nan)
         gc["nc"][c] = np.nan
         warming = busy & ((now - gc["since"][g]) < self.warmup_s)
@@ -268,7 +287,14 @@ class CurveLearner:
 
         # Jobs: register, refresh, classify.
         active = fresh & (keys != "") & busy
-        jslot = self.jobs.slots(keys[active]) if active.any() else np.zeros(0, dtype=np.int64)
+        ids, names = self._grouper.ids(keys)
+        if active.any():
+            named = names != ""
+            name_slot = np.zeros(names.shape[0], dtype=np.int64)
+            name_slot[named] = self.jobs.slots(names[named])
+            jslot = name_slot[ids[active]]
+        else:
+            jslot = np.zeros(0, dtype=np.int64)
         jc = self.jobs.cols
         # Forget a little every cycle (the job may change phase; old evidence fades).
         for col in ("s0", "s1", "s2", "sy", "suy"):
@@ -276,11 +302,13 @@ class CurveLearner:
         if active.any():
             jc["last_t"][jslot] = now
             jc["retired"][jslot] = False
-            jc["model"][jslot] = snapshot.model[active]
+            new_model = jc["model"][jslot] != snapshot.model[active]
+            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
+            jc["prior_ver"][jslot[new_model]] = -1
             self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
 
         # Observations: one per job and cycle, the mean over its GPUs.
-        nc = np.where(gc["job"][g] == keys, gc["nc"][g], np.nan)
+        nc = np.where(gc["job"][g] == key_hash, gc["nc"][g], np.nan)
         obs = ok & natural_known & np.isfinite(natural_w) & np.isfinite(nc) & (natural_w > 0)
         if obs.any():
             x = np.clip(power / natural_w, 0.0, 1.0)
@@ -329,7 +357,9 @@ class CurveLearner:
             named = active & (label != "")
             lab = label[active]
             has = lab != ""
-            jc["klass"][jslot[has]] = np.char.add("w:", lab[has])
+            new = jc["klass"][jslot[has]] != np.char.add("w:", lab[has])
+            jc["klass"][jslot[has][new]] = np.char.add("w:", lab[has][new])
+            jc["prior_ver"][jslot[has][new]] = -1
             if named.all():
                 return
         # A signature from telemetry, fixed once the job's natural draw is known.
@@ -346,6 +376,7 @@ class CurveLearner:
             np.char.add("s:m", m_bin.astype(np.str_)), np.char.add("n", n_bin.astype(np.str_))
         )
         jc["klass"][jslot[pick]] = sig
+        jc["prior_ver"][jslot[pick]] = -1
 
     def _retire(self, now: float, everything: bool = False) -> None:
         """Jobs gone for a while: their curve joins their class prior, then they are dropped."""

@@ -206,17 +206,20 @@ class HealthClassifier:
         st["xid_sev"][s] = sev
         st["xid_since"][s] = since
         st["xid_after"][s] = after
-        job = snapshot.job[ok]
-        st["xid_job"][s] = np.where(replace, job, st["xid_job"][s])
+        if replace.any():  # (string columns touched only where something happened)
+            st["xid_job"][s[replace]] = snapshot.job[ok][replace]
         st["last_xid"][s] = cur
 
         # Expiry: watch conditions after watch_hold_s; restart-the-job once the job is gone.
         sev_all = st["xid_sev"][slot]
         age = now - st["xid_since"][slot]
         watch_done = (sev_all == WATCH) & (age >= self.watch_hold_s)
-        job_gone = (st["xid_job"][slot] != "") & (st["xid_job"][slot] != snapshot.job)
-        restart_done = (sev_all == RESTART) & (
-            job_gone | ((st["xid_job"][slot] == "") & (age >= self.restart_hold_s))
+        restart = np.flatnonzero(sev_all == RESTART)
+        held_job = st["xid_job"][slot[restart]]
+        job_gone = (held_job != "") & (held_job != snapshot.job[restart])
+        restart_done = np.zeros(slot.shape[0], dtype=bool)
+        restart_done[restart] = job_gone | (
+            (held_job == "") & (age[restart] >= self.restart_hold_s)
         )
         done = slot[watch_done | restart_done]
         st["xid_code"][done] = 0

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import Metric, Snapshot
+from agent.orient.stats import Grouper
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -47,9 +48,10 @@ class NaturalDrawTracker:
         self.rise_halflife_s = rise_halflife_s
         self.fall_halflife_s = fall_halflife_s
         self.warmup_s = warmup_s
+        self._jobs = Grouper()
         self.state = KeyedColumns(
             {
-                "job": ("U64", ""),
+                "job": (np.int64, 0),  # string_hash of the job label
                 "busy_since": (np.float64, np.nan),
                 "mean": (np.float64, np.nan),
                 "var": (np.float64, 0.0),
@@ -84,9 +86,10 @@ class NaturalDrawTracker:
         busy = fresh & (has_job | (util_ok & (util > BUSY_UTIL_PCT)))
 
         # A new job (or a GPU turning busy) restarts what we know.
-        job_changed = (st["job"][slot] != snapshot.job) | (busy & np.isnan(st["busy_since"][slot]))
+        job = self._jobs.hashes(snapshot.job)
+        job_changed = (st["job"][slot] != job) | (busy & np.isnan(st["busy_since"][slot]))
         restart = fresh & job_changed
-        st["job"][slot[restart]] = snapshot.job[restart]
+        st["job"][slot[restart]] = job[restart]
         st["busy_since"][slot[restart]] = np.where(busy[restart], now, np.nan)
         st["mean"][slot[restart]] = np.nan
         st["var"][slot[restart]] = 0.0

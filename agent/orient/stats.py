@@ -40,7 +40,16 @@ class Grouper:
             self._labels = labels.copy()
             self._ids = inverse.astype(np.int64).reshape(labels.shape)
             self._names = names
+            self._hashes: IntArray | None = None
         return self._ids, self._names
+
+    def hashes(self, labels: npt.NDArray[np.str_]) -> IntArray:
+        """Per row: `string_hash` of its label (hashing each distinct label once)."""
+        ids, names = self.ids(labels)
+        if getattr(self, "_hashes", None) is None:
+            self._hashes = string_hash(names)[ids]
+        assert self._hashes is not None
+        return self._hashes
 
 
 def group_count(ids: IntArray, mask: BoolArray, n_groups: int) -> FloatArray:
@@ -108,3 +117,24 @@ def single_threaded() -> contextlib.AbstractContextManager[object]:
         _CONTROLLER.append(ThreadpoolController())  # inspecting the libraries is slow: once
     limited: contextlib.AbstractContextManager[object] = _CONTROLLER[0].limit(limits=1)
     return limited
+
+
+_HASH_WEIGHTS = np.random.default_rng(20240917).integers(1, 2**62, size=256, dtype=np.uint64) | 1
+
+
+def string_hash(labels: npt.NDArray[np.str_]) -> IntArray:
+    """A stable 64-bit hash per string, vectorized over the array's code points: cheap to keep
+    and compare per GPU where the strings themselves (wide, fixed-size) would not be. The same
+    string hashes the same whatever the array's width and across processes."""
+    arr = np.ascontiguousarray(labels, dtype=np.str_)
+    n = arr.shape[0]
+    width = arr.dtype.itemsize // 4
+    if n == 0 or width == 0:
+        return np.zeros(n, dtype=np.int64)
+    codes = arr.view(np.uint32).reshape(n, width).astype(np.uint64)
+    weights = np.resize(_HASH_WEIGHTS, width)
+    with np.errstate(over="ignore"):
+        mixed = (codes * weights[None, :]).sum(axis=1, dtype=np.uint64)
+        mixed ^= mixed >> np.uint64(29)
+    out: IntArray = mixed.view(np.int64)
+    return out
