@@ -26,6 +26,7 @@ from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 
 CONSERVATIVE_A = 1.13  # the most cap-sensitive measured curve (Zeus BERT): the step's bound
 CONSERVATIVE_B = 1.65
+LOWEST_CAP_DRAW_FRAC = 0.88  # under a cap a GPU draws at least this share of it (Zeus: >= 0.9)
 
 
 class CurveExplorationSettings(PolicySettings):
@@ -106,12 +107,19 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 keep.append(e)
                 hold_rows.append(row)
                 hold_w.append(e.cap_w)
-            elif row is not None and e.restore_default and bool(snap.fresh[row]):
-                release_rows.append(row)
+            elif (
+                row is not None
+                and e.restore_default
+                and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
+            ):
+                # Given back until the cap is seen back (a release may wait out a cooldown).
+                if bool(snap.fresh[row]):
+                    release_rows.append(row)
+                keep.append(e.model_copy(update={"since_s": -1.0}))
         last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
 
         # New steps: least confident jobs first, whole jobs, within the GPU allowance.
-        room = s.max_gpus - len(keep)
+        room = s.max_gpus - sum(1 for e in keep if e.since_s >= 0.0)
         curves = situation.curves
         known = (
             curves.natural_known
@@ -150,12 +158,12 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                             node=str(snap.node_names[snap.node[row]]),
                             gpu=int(snap.gpu[row]),
                             since_s=now_s,
-                            cap_w=float(np.floor(cap)),
+                            cap_w=float(np.ceil(cap)),
                             restore_default=bool(at_default),
                         )
                     )
                     hold_rows.append(row)
-                    hold_w.append(float(np.floor(cap)))
+                    hold_w.append(float(np.ceil(cap)))
                 last[key] = now_s
                 room -= int(sizes[j])
                 busy_keys.add(key)
@@ -189,12 +197,14 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         return Decision(intents, CurveExplorationMemory(active=tuple(keep), last_explored_s=last))
 
     def _step_caps(self, situation: Situation, rows: np.ndarray) -> np.ndarray:
-        """Per GPU: the cap that loses max_slowdown_frac by the more sensitive of the job's
-        current curve and the conservative one (never below the GPU's minimum)."""
+        """Per GPU: the cap that loses at most max_slowdown_frac by the more sensitive of the
+        job's current curve and the conservative one, counting the natural draw at its high
+        estimate and the draw under the cap at its lowest plausible share (so errors in either
+        make the step smaller, never larger); never below the GPU's minimum."""
         s = self.settings
         curves = situation.curves
-        natural = curves.natural_w[rows]
-        k = np.minimum(curves.cap_draw_frac[rows], 1.0)
+        natural = np.fmax(curves.natural_w_hi[rows], curves.natural_w[rows])
+        k = np.full(rows.shape[0], LOWEST_CAP_DRAW_FRAC)
         keep = 1.0 - s.max_slowdown_frac
         p_cons = power_for_throughput(keep, natural, CONSERVATIVE_A, CONSERVATIVE_B)
         p_own = power_for_throughput(keep, natural, curves.a[rows], curves.b[rows])
@@ -206,4 +216,6 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         lost = 1.0 - throughput_at_power(
             np.minimum(natural, k * cap), natural, CONSERVATIVE_A, CONSERVATIVE_B
         )
-        return np.where(lost <= s.max_slowdown_frac + 1e-6, cap, np.nan)
+        # A step must bind (a cap above the draw teaches nothing, e.g. under the minimum cap).
+        binds = k * cap < 0.97 * natural
+        return np.where((lost <= s.max_slowdown_frac + 1e-6) & binds, cap, np.nan)

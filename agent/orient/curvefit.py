@@ -49,7 +49,7 @@ PRIOR_SD_B = 0.35
 X_REF = 0.75
 MODEL_ERR_LOG = 0.05  # misfit of the family, in log(1 - T): keeps one cap from being "certain"
 CLEAR_OF_CAP_FRAC = 0.75
-MIN_PRIOR_WEIGHT = 2.0  # confidence-weighted jobs behind a learned prior before it is used
+MIN_PRIOR_WEIGHT = 1.5  # confidence-weighted jobs behind a learned prior before it is used
 
 
 @dataclass(frozen=True, slots=True)

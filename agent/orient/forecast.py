@@ -84,6 +84,7 @@ class HorizonModel:
     q_lo: float = 0.0  # error quantiles of the chosen method (normalized units)
     q_hi: float = 0.0
     rows: int = 0
+    fit_end: int = 0  # how many training rows had ever been collected when it was fit
     model: Any = None  # the fitted regressor (not persisted: refit from the training rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +96,7 @@ class HorizonModel:
             "q_lo": self.q_lo,
             "q_hi": self.q_hi,
             "rows": self.rows,
+            "fit_end": self.fit_end,
         }
 
 
@@ -259,6 +261,7 @@ class PanelForecaster:
         self.train_off = [np.zeros(0) for _ in self.horizons_s]  # base - value now
         self.models = [HorizonModel() for _ in self.horizons_s]
         self._refits = 0
+        self.appended = [0 for _ in self.horizons_s]  # training rows ever collected, per horizon
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -277,6 +280,7 @@ class PanelForecaster:
             "train_off": [o.tolist() for o in self.train_off],
             "models": [m.to_dict() for m in self.models],
             "refits": self._refits,
+            "appended": self.appended,
         }
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
@@ -299,10 +303,17 @@ class PanelForecaster:
         self.train_y = [np.asarray(y, dtype=np.float64) for y in data["train_y"]]
         self.train_off = [np.asarray(o, dtype=np.float64) for o in data["train_off"]]
         self._refits = int(data.get("refits", 0))
-        # Fitted models are not persisted: refit every horizon from the restored rows.
+        self.appended = [int(a) for a in data.get("appended", [0] * len(self.horizons_s))]
+        # Fitted models are not persisted: refit each on the very rows it was fit on (when they
+        # are still kept), so a restart forecasts exactly as before.
         self.models = [HorizonModel() for _ in self.horizons_s]
-        for i in range(len(self.horizons_s)):
-            self._refit(i)
+        for i, saved in enumerate(data.get("models", [])):
+            rows, fit_end = int(saved.get("rows", 0)), int(saved.get("fit_end", 0))
+            newer = self.appended[i] - fit_end
+            end = self.train_y[i].shape[0] - newer
+            if rows > 0 and end - rows >= 0:
+                self._refit(i, end - rows, end)
+                self.models[i].fit_end = fit_end
 
     # -- per cycle --------------------------------------------------------------------------------
 
@@ -368,6 +379,7 @@ class PanelForecaster:
         self.train_y = [np.zeros(0) for _ in self.horizons_s]
         self.train_off = [np.zeros(0) for _ in self.horizons_s]
         self.models = [HorizonModel() for _ in self.horizons_s]
+        self.appended = [0 for _ in self.horizons_s]
 
     def _sample_rows(
         self, names: npt.NDArray[np.str_], norm: FloatArray, base: FloatArray, x: FloatArray
@@ -402,16 +414,18 @@ class PanelForecaster:
                 self.train_x[i] = np.concatenate([self.train_x[i], px[good]])[keep:]
                 self.train_y[i] = np.concatenate([self.train_y[i], target[good]])[keep:]
                 self.train_off[i] = np.concatenate([self.train_off[i], offset[good]])[keep:]
+                self.appended[i] += int(good.sum())
         oldest = self.cycle - max(self.steps)
         for c in [c for c in self.pending if c <= oldest]:
             del self.pending[c]
 
-    def _refit(self, i: int) -> None:
+    def _refit(self, i: int, start: int = 0, end: int | None = None) -> None:
         leaf = int(np.clip(10 * self.steps[i], 40, 400))
+        rows = slice(start, end)
         self.models[i] = fit_horizon(
-            self.train_x[i],
-            self.train_y[i],
-            self.train_off[i],
+            self.train_x[i][rows],
+            self.train_y[i][rows],
+            self.train_off[i][rows],
             self.coverage,
             self.min_train_rows,
             self.seed + i,
@@ -419,6 +433,7 @@ class PanelForecaster:
             # Rows h cycles apart overlap: long horizons have fewer independent rows.
             leaf=leaf,
         )
+        self.models[i].fit_end = self.appended[i]
 
 
 # -- one series, for `ooda forecast` ---------------------------------------------------------------

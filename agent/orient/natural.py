@@ -37,6 +37,7 @@ class NaturalDraw:
     uncertain: BoolArray  # warming up, or never seen uncapped
     busy: BoolArray
     cap_draw_frac: FloatArray  # draw / limit under a binding cap (NaN: not seen capped yet)
+    busy_for_s: FloatArray | None = None  # how long the GPU has run its current job (NaN idle)
 
 
 class NaturalDrawTracker:
@@ -135,4 +136,5 @@ class NaturalDrawTracker:
             uncertain=busy & (warming | ~st["seen"][slot]),
             busy=busy,
             cap_draw_frac=np.where(busy, st["cap_frac"][slot], np.nan),
+            busy_for_s=np.where(busy, now - st["busy_since"][slot], np.nan),
         )

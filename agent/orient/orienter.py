@@ -120,7 +120,7 @@ class Orienter:
                 model=fc.model,
             )
 
-        self.node_power = panel(5, seed)
+        self.node_power = panel(6, seed)
         self.node_temp = panel(1, seed + 100)
         self.fleet = FleetScore(len(fc.horizons_s), fc.coverage)
         self.interval_s: float | None = None
@@ -246,7 +246,7 @@ class Orienter:
             level,
         )
         forecast = self._forecast(
-            snapshot, fleet, draw.busy, draw.uncertain, cap, max_cap, level, target
+            snapshot, fleet, draw.busy, draw.uncertain, cap, max_cap, level, target, draw.busy_for_s
         )
         notes: list[str] = []
         n_stale = int(snapshot.stale.sum())
@@ -298,6 +298,7 @@ class Orienter:
         max_cap: FloatArray,
         level_w: FloatArray,
         target_w: FloatArray,
+        busy_for_s: FloatArray | None,
     ) -> PowerForecast:
         horizons = self.settings.forecast.horizons_s
         h = len(horizons)
@@ -323,11 +324,20 @@ class Orienter:
             node_level = np.where(complete, np.bincount(node, level, minlength=k), np.nan)
             ramp = np.where(good, np.nan_to_num(target_w - level_w), 0.0)
             ramp_gap = np.bincount(node, ramp, minlength=k) / capacity
+            # How long the node's jobs have run (hours, capped): jobs end, and the chance
+            # depends on their age.
+            ages = np.zeros(busy.shape[0]) if busy_for_s is None else busy_for_s
+            age_h = np.minimum(np.nan_to_num(ages, nan=0.0) / 3600.0, 6.0)
+            busy_n = np.bincount(node, busy.astype(np.float64), minlength=k)
+            age_sum = np.bincount(node, np.where(busy, age_h, 0.0), minlength=k)
+            job_age = np.where(busy_n > 0, age_sum / np.maximum(busy_n, 1.0), 0.0)
         pw = self.node_power.update(
             snapshot.node_names,
             node_w,
             capacity,
-            np.column_stack([busy_share, warm_share, cap_share, ramp_gap, np.full(k, fleet_busy)]),
+            np.column_stack(
+                [busy_share, warm_share, cap_share, ramp_gap, np.full(k, fleet_busy), job_age]
+            ),
             self.interval_s,
             base=node_level,
         )
