@@ -84,7 +84,6 @@ def bench_detection(seeds: int, hours: float, per_kind: int, as_json: bool) -> N
     from agent.sim.groundtruth import merge, score
 
     per: dict[str, list[Any]] = {k: [] for k in KINDS}
-    started = time.perf_counter()
     for seed in range(seeds):
         rec, faults, gpn = detection_run(seed, hours, per_kind)
         for k in KINDS:
@@ -92,7 +91,6 @@ def bench_detection(seeds: int, hours: float, per_kind: int, as_json: bool) -> N
     for k in KINDS:
         merged = merge(per[k])
         emit({**merged.as_dict(), "runs": seeds, "twin_hours": hours}, as_json)
-    emit({"detection_wall_s": round(time.perf_counter() - started, 1)}, as_json)
 
 
 def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
