@@ -178,6 +178,9 @@ class AnomalyDetector:
         self.mv_precision: FloatArray | None = None
         self.mv_threshold: float = np.inf
         self.expected_power_w: FloatArray = np.zeros(0)  # per row of the last snapshot
+        # ... and the baseline of each busy GPU's uncapped draw (an unbiased mean, where the
+        # natural-draw tracker keeps a high estimate on purpose, for budgets).
+        self.uncapped_level_w: FloatArray = np.zeros(0)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -228,6 +231,7 @@ class AnomalyDetector:
         n = snap.n_gpus
         if n == 0:
             self.expected_power_w = np.zeros(0)
+            self.uncapped_level_w = np.zeros(0)
             return AnomalyFlags.none(0)
         s = self.settings
         self.cycle += 1
@@ -320,6 +324,7 @@ class AnomalyDetector:
             )
         )
         power_z = np.where(usable_base & busy, (power - expect) / sigma_p, np.nan)
+        self.uncapped_level_w = np.where(pe.ready & busy & ~warming, pe.level, np.nan)
         # The noise-free draw expected now (for the forecasts): the baseline under the current
         # cap, or the cap's share where the cap binds and the baseline is not known.
         binding = busy & ~warming & cap_ok & power_ok & ~clear

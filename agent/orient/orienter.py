@@ -210,10 +210,13 @@ class Orienter:
                 interval_s=self.interval_s,
             ),
         )
+        # Curves see the unbiased uncapped level where the detector has one (the tracker's
+        # estimate leans high on purpose, which would bend the fitted curves).
+        level_w = self.anomaly.uncapped_level_w
         learned = self.curves.update(
             snapshot,
             busy=draw.busy,
-            natural_w=draw.mean_w,
+            natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
             natural_known=natural_known,
             max_cap_w=max_cap,
             exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
@@ -303,6 +306,15 @@ class Orienter:
         horizons = self.settings.forecast.horizons_s
         h = len(horizons)
         k = snapshot.n_nodes
+        if snapshot.n_gpus == 0:  # nothing seen: nothing to say (never a forecast of 0 W)
+            unknown = np.full(h, np.nan)
+            return PowerForecast(
+                horizons_s=tuple(horizons),
+                fleet_w=unknown,
+                fleet_lo_w=unknown.copy(),
+                fleet_hi_w=unknown.copy(),
+                method="none",
+            )
         node = snapshot.node
         power, power_ok = snapshot.column(Metric.POWER_W)
         temp, temp_ok = snapshot.column(Metric.TEMP_C)
