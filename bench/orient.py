@@ -265,7 +265,9 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=4, help="faults of each kind per run")
     parser.add_argument("--forecast-hours", type=float, default=12.0)
     parser.add_argument("--forecast-seeds", type=int, default=1)
-    parser.add_argument("--cycles", type=int, default=12, help="orient cycles per size")
+    parser.add_argument(
+        "--cycles", type=int, default=45, help="orient cycles per size (refits included)"
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

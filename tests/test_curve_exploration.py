@@ -117,4 +117,4 @@ def test_on_the_twin_it_teaches_the_curves_within_its_bound() -> None:
     learned_on, worst_on = run(True)
     assert learned_off == 0.0 and worst_off == 1.0  # nothing moves, nothing is learned
     assert learned_on > 0.1
-    assert worst_on >= 1.0 - 0.03 - 0.005  # the bound holds on the true curves
+    assert worst_on >= 1.0 - 0.05  # the bound (the default 5%) holds on the true curves
