@@ -110,7 +110,7 @@ def test_fallback_is_clipped_into_the_constraints(fallback: float | None, expect
 
 
 def test_reading_enforces_expired_leases_too() -> None:
-    manager, gpus, clock = _manager()
+    manager, _gpus, clock = _manager()
     manager.set_cap(0, 300.0, 10.0)
     clock.advance(11.0)
     listed = manager.gpus()
