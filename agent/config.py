@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.act.guard import GuardSettings
+from agent.act.node_client import NodeClientSettings
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.sim.faults import parse_fault, parse_seconds
@@ -108,9 +109,20 @@ class SourceConfig(_Section):
 
 
 class ActuatorsConfig(_Section):
-    caps: Literal["twin", "none"] = Field("twin", description="Who applies power caps.")
+    caps: Literal["twin", "node", "none"] = Field(
+        "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
+    )
     placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
+    node: NodeClientSettings | None = Field(
+        None, description="How to reach the node daemons (needed when caps = 'node')."
+    )
+
+    @model_validator(mode="after")
+    def _node_section(self) -> ActuatorsConfig:
+        if self.caps == "node" and self.node is None:
+            raise ValueError("caps = 'node' needs an [actuators.node] section")
+        return self
 
 
 class DaemonConfig(_Section):

@@ -12,6 +12,7 @@ from typing import Any
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard
+from agent.act.node_client import NodeCapActuator
 from agent.config import Config, TwinConfig
 from agent.core.clock import Clock
 from agent.core.errors import ConfigError
@@ -116,6 +117,12 @@ def build_runtime(
     if config.actuators.caps == "twin":
         assert twin is not None
         actuators.caps = TwinCapActuator(twin)
+    closers: list[Callable[[], Any]] = []
+    if config.actuators.caps == "node":
+        assert config.actuators.node is not None  # the config validator insists
+        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
+        actuators.caps = node_caps
+        closers.append(node_caps.close)
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
@@ -138,4 +145,6 @@ def build_runtime(
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
     )
-    return Runtime(config=config, loop=loop, audit=audit, actuators=actuators, twin=twin)
+    return Runtime(
+        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+    )
