@@ -137,5 +137,6 @@ def build_runtime(
         budget_w=budget,
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
+        interval_s=config.daemon.interval_s,
     )
     return Runtime(config=config, loop=loop, audit=audit, actuators=actuators, twin=twin)

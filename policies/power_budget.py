@@ -98,13 +98,22 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         )
 
         natural = np.where(busy, curves.natural_w, 0.0)
-        worst_uncapped = float(natural.sum() + situation.max_cap_w[idle].sum())
+        draw = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
+        learned_reserve = situation.arrival_reserve_w
+        # What idle GPUs may add before the next cycle: learned from history where known
+        # (bounded by the worst case), else every idle GPU at its cap.
+        idle_worst = float(situation.max_cap_w[idle].sum())
+        idle_now = float(draw[idle].sum())
+        if learned_reserve is not None:
+            idle_worst = min(idle_worst, idle_now + learned_reserve)
+        worst_uncapped = float(natural.sum()) + idle_worst
         evidence_common = {
             "budget_w": round(budget, 1),
             "fleet_power_w": round(situation.fleet_power_w, 1),
             "available_w": round(available, 1),
             "worst_uncapped_w": round(worst_uncapped, 1),
             "stale_reserve_w": round(stale_w, 1),
+            "arrival_reserve_w": None if learned_reserve is None else round(learned_reserve, 1),
         }
 
         if worst_uncapped <= available:
@@ -117,7 +126,10 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         caps: list[np.ndarray] = []
         idle_rows = np.flatnonzero(idle)
         idle_caps = situation.min_cap_w[idle_rows]
-        available_busy = available - float(idle_caps.sum())
+        idle_reserve = float(idle_caps.sum())
+        if learned_reserve is not None:
+            idle_reserve = min(idle_reserve, idle_now + learned_reserve)
+        available_busy = available - idle_reserve
         busy_rows = np.flatnonzero(busy)
         if busy_rows.size:
             weights = np.ones(busy_rows.size)
@@ -181,7 +193,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         now_s: float,
         available: float,
         worst_uncapped: float,
-        evidence: dict[str, float],
+        evidence: dict[str, float | None],
     ) -> Decision[PolicyMemory]:
         s = self.settings
         budget = situation.budget_w or 0.0

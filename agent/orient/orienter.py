@@ -14,6 +14,8 @@ import numpy.typing as npt
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.situation import CurveEstimates, NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
+from agent.orient.arrivals import ArrivalTracker
+from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
 
 FloatArray = npt.NDArray[np.float64]
@@ -74,6 +76,8 @@ class Orienter:
         self.node_overhead_w = node_overhead_w
         self.prior = prior or CurvePrior()
         self.natural = natural or NaturalDrawTracker()
+        self.idle = IdleTracker()
+        self.arrivals = ArrivalTracker()
 
     def orient(
         self,
@@ -132,6 +136,8 @@ class Orienter:
             default_cap_w=default_cap,
             nodes=nodes,
             notes=tuple(notes),
+            idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
+            arrival_reserve_w=self.arrivals.update(snapshot.uuid, draw.busy, snapshot.fresh, power),
         )
 
 
