@@ -15,6 +15,7 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.situation import CurveEstimates, NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.arrivals import ArrivalTracker
+from agent.orient.groups import GroupSpec, group_masks, job_priorities
 from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
 
@@ -72,8 +73,16 @@ class Orienter:
         node_overhead_w: float = 0.0,
         prior: CurvePrior | None = None,
         natural: NaturalDrawTracker | None = None,
+        groups: tuple[GroupSpec, ...] = (),
+        group_label: str | None = None,
+        label_budgets_w: dict[str, float] | None = None,
+        job_priority: dict[str, int] | None = None,
     ) -> None:
         self.node_overhead_w = node_overhead_w
+        self.groups = groups
+        self.group_label = group_label
+        self.label_budgets_w = label_budgets_w or {}
+        self.job_priority = job_priority or {}
         self.prior = prior or CurvePrior()
         self.natural = natural or NaturalDrawTracker()
         self.idle = IdleTracker()
@@ -120,7 +129,9 @@ class Orienter:
                 f"{n_stale} GPUs stale: no actions on them, their power is not in fleet_power_w"
             )
         if priority is None:
-            priority = _priority_from_labels(snapshot)
+            priority = job_priorities(
+                snapshot.job, self.job_priority, _priority_from_labels(snapshot)
+            )
         return Situation(
             snapshot=snapshot,
             time_s=snapshot.time_s,
@@ -138,6 +149,9 @@ class Orienter:
             notes=tuple(notes),
             idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
             arrival_reserve_w=self.arrivals.update(snapshot.uuid, draw.busy, snapshot.fresh, power),
+            group_budgets=group_masks(
+                snapshot, self.groups, self.group_label, self.label_budgets_w
+            ),
         )
 
 
