@@ -27,7 +27,7 @@ CLASS_NAMES = ("normal", "constrained", "avoid")
 
 class PlacementSettings(PolicySettings):
     hot_margin_c: float = Field(
-        8.0, ge=0.0, le=40.0, description="Avoid nodes with a GPU this close to slowdown (C)."
+        6.0, ge=0.0, le=40.0, description="Avoid nodes with a GPU this close to slowdown (C)."
     )
     constrained_frac: float = Field(
         0.85,

@@ -127,8 +127,8 @@ class TwinSpec:
 
     @property
     def thermal_r_c_per_w(self) -> float:
-        # At TDP a healthy GPU settles 5 C under its slowdown temperature.
-        return (self.model.slowdown_temp_c - 5.0 - self.ambient_c) / self.model.tdp_w
+        # At TDP a healthy, well-cooled GPU settles 10 C under its slowdown temperature.
+        return (self.model.slowdown_temp_c - 10.0 - self.ambient_c) / self.model.tdp_w
 
     def expected_demand_w(self) -> float:
         """Expected fleet draw with no caps at the target occupancy (for sizing budgets)."""
