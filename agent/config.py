@@ -18,6 +18,7 @@ from agent.act.guard import GuardSettings
 from agent.act.node_client import NodeClientSettings
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.orient.groups import expand_nodes
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -25,6 +26,23 @@ from policies.registry import PolicyRegistry, default_registry
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class GroupConfig(_Section):
+    nodes: str | list[str] = Field(
+        ...,
+        description="Member nodes: a Slurm hostlist ('node[1-8]') or a list of hostlists/globs.",
+    )
+    budget_w: float = Field(..., gt=0, description="This group's own power budget (W).")
+
+    @field_validator("nodes")
+    @classmethod
+    def _valid_hostlist(cls, value: str | list[str]) -> str | list[str]:
+        try:
+            expand_nodes(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ClusterConfig(_Section):
@@ -39,6 +57,19 @@ class ClusterConfig(_Section):
     )
     node_overhead_w: float = Field(
         0.0, ge=0, description="Non-GPU power per node counted against the budget (W)."
+    )
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="Racks or rows with budgets of their own, by node lists."
+    )
+    group_label: str | None = Field(
+        None, description="A telemetry label naming each GPU's rack or row (instead of node lists)."
+    )
+    label_budgets_w: dict[str, float] = Field(
+        default_factory=dict, description="Budget (W) per value of group_label."
+    )
+    job_priority: dict[str, int] = Field(
+        default_factory=dict,
+        description="Job id glob -> priority class (higher is more important), e.g. {'10*' = 2}.",
     )
 
 

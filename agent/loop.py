@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,7 @@ class Loop:
         placement: PlacementActuator | None = None,
         dry_run_caps: bool = False,
         run_id: str | None = None,
+        interval_s: float = 15.0,
     ) -> None:
         self.source = source
         self.orienter = orienter
@@ -107,6 +108,7 @@ class Loop:
         self.budget_w = budget_w
         self.placement = placement
         self.dry_run_caps = dry_run_caps
+        self.interval_s = interval_s
         self.run_id = run_id or secrets.token_hex(3)
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
@@ -154,6 +156,12 @@ class Loop:
 
         with stage("orient"):
             situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
+            # What the agent itself set: policies undo only their own caps.
+            situation = replace(
+                situation,
+                capped_by_us=self.guard.capped_by_us(snapshot.uuid),
+                interval_s=self.interval_s,
+            )
 
         with stage("decide"):
             proposed: list[Intent] = []

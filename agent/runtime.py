@@ -20,6 +20,7 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
 from agent.core.protocols import TelemetrySource
 from agent.loop import Loop
+from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
@@ -49,6 +50,20 @@ def twin_spec(cfg: TwinConfig) -> TwinSpec:
         node_overhead_w=cfg.node_overhead_w,
         budget=budget,
         faults=tuple(parse_fault(f) for f in cfg.faults),
+    )
+
+
+def orienter_for(config: Config) -> Orienter:
+    cluster = config.cluster
+    return Orienter(
+        node_overhead_w=cluster.node_overhead_w,
+        groups=tuple(
+            GroupSpec(name, g.budget_w, tuple(expand_nodes(g.nodes)))
+            for name, g in cluster.groups.items()
+        ),
+        group_label=cluster.group_label,
+        label_budgets_w=dict(cluster.label_budgets_w),
+        job_priority=dict(cluster.job_priority),
     )
 
 
@@ -133,7 +148,7 @@ def build_runtime(
     budget = budget_w if budget_w is not None else config.cluster.budget_w
     loop = Loop(
         source=source,
-        orienter=Orienter(node_overhead_w=config.cluster.node_overhead_w),
+        orienter=orienter_for(config),
         policies=policies,
         guard=Guard(config.guard),
         executor=Executor(
@@ -144,6 +159,7 @@ def build_runtime(
         budget_w=budget,
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
+        interval_s=config.daemon.interval_s,
     )
     return Runtime(
         config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers

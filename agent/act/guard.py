@@ -204,6 +204,8 @@ class Guard:
             self.nodes["last_change_s"][slot] = now_s
 
     def capped_by_us(self, uuids: npt.NDArray[np.str_]) -> BoolArray:
+        if len(self.caps) == 0:
+            return np.zeros(uuids.shape, dtype=bool)
         pos, found = self.caps.lookup(uuids)
         return np.asarray(found & np.isfinite(self.caps["our_cap_w"][pos]), dtype=bool)
 
