@@ -22,7 +22,7 @@ from agent.act.executor import Executor
 from agent.act.guard import Guard, Refusal
 from agent.core.clock import Clock
 from agent.core.intents import Action, Intent, Outcome
-from agent.core.protocols import PlacementActuator, TelemetrySource
+from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.orienter import Orienter
@@ -113,6 +113,26 @@ class Loop:
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
         self._ids = itertools.count(1)
+
+    def _renew_leases(self, errors: list[str]) -> None:
+        """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
+        cap. Renewals are not decisions, so they are not audited; failures are reported."""
+        caps = self.executor.actuators.caps
+        if self.dry_run_caps or not isinstance(caps, CapLeaseRenewer):
+            return
+        try:
+            renewed, result = caps.renew_leases(self.executor.lease_s)
+        except Exception as exc:  # one bad node daemon must not stop the cycle
+            errors.append(f"lease renewal failed: {exc}")
+            log.error("lease_renewal_failed", error=str(exc))
+            return
+        failed = ~result.ok
+        if failed.any():
+            why = "; ".join(sorted(set(result.errors.values()))[:3])
+            errors.append(
+                f"lease renewal failed for {int(failed.sum())} of {len(renewed)} GPUs: {why}"
+            )
+            log.error("lease_renewal_failed", gpus=int(failed.sum()), errors=why)
 
     def _budget(self, snapshot: Snapshot) -> float | None:
         if callable(self.budget_w):
@@ -219,6 +239,7 @@ class Loop:
             for action in actions:
                 self.audit.action(action)
                 self.guard.record(action, now)
+            self._renew_leases(errors)
         report = CycleReport(
             cycle=self.cycles,
             time_s=now,
