@@ -117,7 +117,7 @@ class Loop:
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
         cap. Renewals are not decisions, so they are not audited; failures are reported."""
-        caps = self.executor.actuators.caps
+        caps: object = self.executor.actuators.caps  # any cap actuator may also renew leases
         if self.dry_run_caps or not isinstance(caps, CapLeaseRenewer):
             return
         try:
