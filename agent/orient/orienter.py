@@ -6,7 +6,9 @@ its trackers and is explicit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -87,6 +89,22 @@ class Orienter:
         self.natural = natural or NaturalDrawTracker()
         self.idle = IdleTracker()
         self.arrivals = ArrivalTracker()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The models' learned state, JSON-ready (the daemon persists it across restarts)."""
+        return {
+            "natural": self.natural.state.to_dict(),
+            "idle": self.idle.state.to_dict(),
+            "arrivals": self.arrivals.to_dict(),
+        }
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        if "natural" in data:
+            self.natural.state.load_dict(data["natural"])
+        if "idle" in data:
+            self.idle.state.load_dict(data["idle"])
+        if "arrivals" in data:
+            self.arrivals.load_dict(data["arrivals"])
 
     def orient(
         self,
