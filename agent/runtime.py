@@ -111,18 +111,21 @@ def build_runtime(
     audit: AuditLog | None = None,
     source: TelemetrySource | None = None,
     budget_w: float | None = None,
+    twin: Twin | None = None,
 ) -> Runtime:
-    """Everything the config names, wired into one Loop. `source` and `budget_w` override it."""
+    """Everything the config names, wired into one Loop. `source` and `budget_w` override it;
+    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(path=config.audit.path)
     policies = build_policies(config.policy_settings, registry)
-    twin: Twin | None = None
     actuators = Actuators()
     if config.source.kind == "twin" or "twin" in (
         config.actuators.caps,
         config.actuators.placement,
     ):
-        twin = Twin(twin_spec(config.twin))
+        twin = twin or Twin(twin_spec(config.twin))
+    else:
+        twin = None
     if source is None:
         if config.source.kind == "twin":
             assert twin is not None

@@ -43,6 +43,10 @@ class _JsonLineSink:
             os.fsync(self._stream.fileno())
         self._dirty = False
 
+    def flush(self) -> None:
+        with self._lock:
+            self._sync()
+
     def begin(self) -> None:
         with self._lock:
             self._batch_depth += 1
@@ -138,6 +142,11 @@ class AuditLog:
 
     def action(self, action: Action) -> None:
         self.event("action", **action.to_record())
+
+    def flush(self) -> None:
+        """Flush (and fsync, for a file) what was written, even inside an unfinished batch: a
+        daemon that must leave in the middle of a cycle keeps every record it wrote."""
+        self._sink.flush()
 
     def close(self) -> None:
         if self._own is not None:

@@ -11,6 +11,7 @@ from agent.cli._common import setup_logging
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
 from agent.cli.node import node_app
+from agent.cli.run import run
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ def _root(
 
 app.command()(demo)
 app.command("policies")(policies)
+app.command("run")(run)
 app.add_typer(config_app, name="config")
 app.add_typer(node_app, name="node")
 
