@@ -466,7 +466,7 @@ class Daemon:
         summary = report.summary()
         level = log.warning if report.errors else log.info if acted else log.debug
         level(
-            "cycle",
+            "cycle_summary",
             cycle=report.cycle,
             gpus=summary["gpus"],
             stale=summary["stale"],
