@@ -158,10 +158,10 @@ class ActuatorsConfig(_Section):
 
 class DaemonConfig(_Section):
     interval_s: float = Field(15.0, gt=0, description="Seconds between cycles.")
-    state_dir: Path = Field(
-        Path("/var/lib/ooda"),
-        description="Where `ooda run` keeps its state (survives restarts) and its one-instance "
-        "lock, per cluster name.",
+    state_dir: Path | None = Field(
+        None,
+        description="The daemon's state directory (persisted state, `ooda guard reset` "
+        "requests); default /var/lib/ooda/CLUSTER_NAME.",
     )
     state_save_interval_s: float = Field(
         30.0,
@@ -299,6 +299,13 @@ def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
 
 def default_config(registry: PolicyRegistry | None = None) -> Config:
     return parse_config({}, registry, source="built-in defaults")
+
+
+def state_dir(config: Config) -> Path:
+    """Where the daemon keeps its state: `daemon.state_dir`, else /var/lib/ooda/CLUSTER."""
+    if config.daemon.state_dir is not None:
+        return config.daemon.state_dir
+    return Path("/var/lib/ooda") / config.cluster.name
 
 
 def seconds(value: str | float) -> float:

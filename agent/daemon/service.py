@@ -53,7 +53,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
-from agent.config import Config, load_config
+from agent.config import Config, load_config, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.intents import GpuTargets, ReleasePowerCap
@@ -172,8 +172,8 @@ class Daemon:
             config = config.model_copy(update={"daemon": daemon})
         audit = config.audit.path
         if audit is not None and not audit.is_absolute():
-            # A relative audit log lives with the state (the unit's only writable place).
-            audit_cfg = config.audit.model_copy(update={"path": config.daemon.state_dir / audit})
+            # A relative audit log lives with the state (a writable place under systemd).
+            audit_cfg = config.audit.model_copy(update={"path": state_dir(config) / audit})
             config = config.model_copy(update={"audit": audit_cfg})
         if self.options.force_dry_run:
             settings = {
@@ -191,16 +191,16 @@ class Daemon:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
         /metrics. Raises BadInputError (bad config or option, exit 2) or AlreadyRunningError."""
         config = self._load_config()
-        state_dir = config.daemon.state_dir
+        directory = state_dir(config)
         try:
-            ensure_dir(state_dir)
+            ensure_dir(directory)
         except OSError as exc:
             raise ConfigError(
-                f"daemon.state_dir: cannot create {state_dir} ({exc.strerror or exc}); "
+                f"daemon.state_dir: cannot create {directory} ({exc.strerror or exc}); "
                 "set daemon.state_dir or --state-dir"
             ) from None
         cluster = config.cluster.name
-        self.lock = InstanceLock(state_dir, cluster)
+        self.lock = InstanceLock(directory, cluster)
         self.lock.acquire()
         try:
             self._open(config)
@@ -209,9 +209,9 @@ class Daemon:
             raise
 
     def _open(self, config: Config) -> None:
-        state_dir, cluster = config.daemon.state_dir, config.cluster.name
-        self.store = StateFile(state_dir, cluster)
-        self.twin_store = TwinStore(state_dir, cluster)
+        directory, cluster = state_dir(config), config.cluster.name
+        self.store = StateFile(directory, cluster)
+        self.twin_store = TwinStore(directory, cluster)
         self.metrics = DaemonMetrics(self._metrics_registry, config.daemon.per_gpu_metrics_max)
         twin: Twin | None = None
         saved_twin: Mapping[str, Any] | None = None
@@ -556,7 +556,7 @@ class Daemon:
                 key
                 for key, a, b in (
                     ("cluster.name", config.cluster.name, old.config.cluster.name),
-                    ("daemon.state_dir", config.daemon.state_dir, old.config.daemon.state_dir),
+                    ("daemon.state_dir", state_dir(config), state_dir(old.config)),
                 )
                 if a != b
             ]
