@@ -178,6 +178,7 @@ def test_unreadable_state_is_reported_moved_aside_and_the_agent_starts_fresh(
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / "lab.state.json").write_text('{"format": "ooda-daemon-state", "vers')
+    (state_dir / ".lab.state.json.x1y2.tmp").write_text("{")  # a writer killed mid-write
     with capture_logs() as logs:
         daemon = in_process(cfg, state_dir)
     try:
@@ -185,6 +186,7 @@ def test_unreadable_state_is_reported_moved_aside_and_the_agent_starts_fresh(
         assert "not valid JSON" in daemon.state_problems[0]
         assert sample(daemon, "ooda_state_load_problems_total") == 1
         assert any(e["event"] == "state_unreadable_starting_fresh" for e in logs)
+        assert not list(state_dir.glob(".*.tmp"))
         kept = list(state_dir.glob("lab.state.json.unreadable-*"))
         assert len(kept) == 1 and kept[0].read_text().startswith('{"format"')
         assert daemon.run_cycle() is not None
@@ -491,3 +493,45 @@ def test_metrics_listen_parses(text: str, expected: object) -> None:
 def test_metrics_listen_errors_name_the_option(text: str) -> None:
     with pytest.raises(BadInputError, match="--metrics-listen"):
         parse_listen(text)
+
+
+def test_a_cycle_that_does_not_finish_in_the_grace_is_abandoned(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "ooda.toml",
+        twin_config(interval_s=0.05, speed=0, daemon_extra="stop_grace_s = 0.3"),
+    )
+    state_dir = tmp_path / "state"
+    daemon = in_process(cfg, state_dir, wall=SystemClock())
+    inner = daemon.runtime.loop.source
+    hung = threading.Event()
+    release = threading.Event()
+
+    class HangsOnTheThirdCall:
+        calls = 0
+
+        def observe(self, now_s: float) -> Snapshot:
+            self.calls += 1
+            if self.calls == 3:
+                hung.set()
+                release.wait(30)
+            return inner.observe(now_s)
+
+    daemon.runtime.loop.source = HangsOnTheThirdCall()
+    daemon.start_scheduler()
+    try:
+        assert hung.wait(10)
+        t0 = time.monotonic()
+        assert daemon.shutdown() is False  # abandoned
+        assert time.monotonic() - t0 < 2
+        assert daemon.exit_abandoned
+        # What the finished cycles wrote is on disk, whole; the lock is free for a restart.
+        events = audit_events(state_dir / "audit.jsonl")
+        assert {_cycle(e) for e in events if e["event"] == "decision"} == {1, 2}
+        assert StateFile(state_dir, "lab").load().found
+        in_process(cfg, state_dir).shutdown()
+    finally:
+        release.set()  # let the abandoned thread end (a real daemon exits without waiting)
+
+
+def _cycle(event: dict) -> int:  # type: ignore[type-arg]
+    return int(event["decision_id"].split("-")[2])

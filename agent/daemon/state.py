@@ -101,6 +101,11 @@ class StateFile:
         return len(data)
 
     def load(self) -> Loaded:
+        # A writer killed between its write and its rename leaves a temporary file: never read,
+        # so only litter.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:

@@ -132,11 +132,19 @@ class TwinPlacement:
 
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         tw = self.twin
-        idx = [self._node(n) if n in set(tw.node_names) else -1 for n in node_names]
-        known = np.array([i >= 0 for i in idx], dtype=bool)
-        safe = np.array([max(i, 0) for i in idx], dtype=np.int64)
+        # One searchsorted for all nodes (a set and a list.index per node was quadratic: a
+        # minute per cycle at 12,500 nodes).
+        names = np.asarray(list(node_names), dtype=np.str_)
+        order = np.argsort(tw.node_names, kind="stable")
+        ordered = tw.node_names[order]
+        pos = np.clip(np.searchsorted(ordered, names), 0, max(ordered.size - 1, 0))
+        known = ordered[pos] == names if ordered.size else np.zeros(names.shape, dtype=bool)
+        safe = np.where(known, order[pos], 0).astype(np.int64)
         reasons = np.array([self.reasons.get(n, "") for n in node_names], dtype=np.str_)
-        features = tuple(frozenset(tw.node_features[i]) if i >= 0 else frozenset() for i in idx)
+        features = tuple(
+            frozenset(tw.node_features[i]) if k else frozenset()
+            for i, k in zip(safe.tolist(), known.tolist(), strict=True)
+        )
         return NodeStates(
             drained=tw.node_drained[safe] & known,
             drained_by_us=np.char.startswith(reasons, OWNER_PREFIX) & tw.node_drained[safe] & known,
