@@ -227,10 +227,12 @@ class DaemonProcess:
             time.sleep(0.1)
         raise AssertionError(f"fewer than {n} cycles in {timeout_s} s")
 
-    def stop(self, timeout_s: float = 5.0) -> tuple[int, float]:
-        """SIGTERM; (exit code, seconds it took)."""
+    def stop(
+        self, timeout_s: float = 5.0, signum: signal.Signals = signal.SIGTERM
+    ) -> tuple[int, float]:
+        """SIGTERM (or `signum`); (exit code, seconds it took)."""
         t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signum)
         try:
             code = self.proc.wait(timeout=timeout_s)
         finally:

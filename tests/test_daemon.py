@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -17,9 +18,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.act.guard import Guard
+from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.core.clock import FakeClock, SystemClock
 from agent.core.errors import BadInputError
 from agent.core.intents import GpuTargets, IntentKind, SetPowerCap
+from agent.core.protocols import CapResult, Persistent
 from agent.core.snapshot import Snapshot
 from agent.daemon import AlreadyRunningError
 from agent.daemon.service import parse_listen
@@ -535,3 +538,92 @@ def test_a_cycle_that_does_not_finish_in_the_grace_is_abandoned(tmp_path: Path) 
 
 def _cycle(event: dict) -> int:  # type: ignore[type-arg]
     return int(event["decision_id"].split("-")[2])
+
+
+class RenewingCaps:
+    """A cap actuator whose caps are leases (a hand-written fake of the node client)."""
+
+    def __init__(self) -> None:
+        self.renewals: list[float] = []
+        self.set_calls = 0
+
+    def set_caps(self, targets: GpuTargets, watts: np.ndarray, lease_s: float) -> CapResult:
+        self.set_calls += 1
+        return CapResult.all_ok(len(targets))
+
+    def release_caps(self, targets: GpuTargets) -> CapResult:
+        return CapResult.all_ok(len(targets))
+
+    def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]:
+        self.renewals.append(lease_s)
+        return GpuTargets.empty(), CapResult.all_ok(0)
+
+
+def test_on_exit_renew_renews_the_leases_once_more(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "ooda.toml", twin_config(dry_run=False, extra="[actuators]\nlease_s = 90\n")
+    )
+    wall = FakeClock(START_UNIX)
+    daemon = in_process(cfg, tmp_path / "state", wall=wall)
+    caps = RenewingCaps()
+    daemon.runtime.actuators.caps = caps
+    drive(daemon, wall, 2)
+    assert caps.set_calls >= 1 and caps.renewals == [90.0, 90.0]  # every live cycle
+    assert daemon.shutdown()
+    assert caps.renewals == [90.0, 90.0, 90.0]  # and once more on the way out
+
+
+def test_the_node_clients_leases_survive_through_its_state(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-token-long-enough-to-be-accepted\n")
+    settings = NodeClientSettings(endpoint_template="https://{node}:9440", token_file=token)
+    first = NodeCapActuator(settings)
+    second = NodeCapActuator(settings)
+    try:
+        state = {
+            "keys": ["node1/0", "node2/3"],
+            "node": ["node1", "node2"],
+            "gpu": [0, 3],
+            "uuid": ["GPU-a", "GPU-b"],
+            "watts": [300.0, 450.0],
+            "last_ok_s": [1.0, 2.0],
+            "active": [True, False],
+        }
+        first.load_dict(state)
+        second.load_dict(json.loads(json.dumps(first.to_dict())))
+        targets, watts = second.leased()
+        assert targets.names() == ["node1/gpu0"] and watts.tolist() == [300.0]
+        assert isinstance(second, Persistent)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_changed_twin_section_means_a_new_twin_and_fresh_state(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False))
+    wall = FakeClock(START_UNIX)
+    daemon = in_process(cfg, tmp_path / "state", wall=wall)
+    try:
+        drive(daemon, wall, 2)
+        old_twin, old_timeline = daemon.runtime.twin, daemon.timeline
+        assert len(daemon.runtime.loop.guard.caps) > 0
+        write(cfg, twin_config(dry_run=False, nodes=3))
+        assert daemon.reload()
+        assert daemon.runtime.twin is not old_twin and daemon.timeline != old_timeline
+        assert len(daemon.runtime.loop.guard.caps) == 0  # the old cluster's memory means nothing
+        assert drive(daemon, wall, 1)[0].snapshot.n_gpus == 24
+    finally:
+        daemon.shutdown()
+
+
+def test_a_taken_metrics_port_is_a_clear_error_and_frees_the_lock(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "ooda.toml", twin_config())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            BadInputError, match=rf"--metrics-listen: cannot listen on 127.0.0.1:{port}"
+        ):
+            in_process(cfg, tmp_path / "state", listen=("127.0.0.1", port))
+    in_process(cfg, tmp_path / "state").shutdown()  # the lock was released

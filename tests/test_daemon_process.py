@@ -31,13 +31,16 @@ def _check_audit_complete(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return events
 
 
-def test_sigterm_exits_zero_within_5_s_with_the_audit_log_complete(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_exits_zero_within_5_s_with_the_audit_log_complete(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False, interval_s=0.05, speed=20))
     state = tmp_path / "state"
     proc = DaemonProcess(cfg, state, tmp_path / "run.log").started()
     try:
         proc.wait_cycles(20)
-        code, took_s = proc.stop()
+        code, took_s = proc.stop(signum=signum)
     finally:
         proc.kill()
     assert code == 0
