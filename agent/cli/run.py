@@ -46,11 +46,11 @@ def run(
 
       ooda run --config deploy/examples/twin.toml --state-dir /tmp/ooda-state
 
-      ooda run --config /etc/ooda/ooda.toml --dry-run
+      ooda run --config /etc/ooda/agent.toml --dry-run
 
-      ooda --log-level debug run -c /etc/ooda/ooda.toml --metrics-listen 0.0.0.0:9464
+      ooda --log-level debug run -c /etc/ooda/agent.toml --metrics-listen [::]:9464
 
-      kill -HUP $(pidof -s ooda)     # reload the configuration
+      systemctl reload ooda-agent     # SIGHUP: reload the configuration
     """
     from agent.daemon import Daemon, DaemonOptions, parse_listen
 
