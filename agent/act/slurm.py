@@ -15,8 +15,9 @@ What the agent promises here (its ownership rules):
   found, resuming its own drain).
 - `scontrol reconfigure` and a slurmctld restart reset runtime weights and features to slurm.conf
   (drains survive). The actuator remembers the weights and features it set and re-applies them
-  when it sees them gone (`reconcile()`, run on every `node_states`). Features with our prefix
-  found on a node when first seen are adopted (they survive an agent restart the same way).
+  when it sees them gone (`reconcile()`, run on every `node_states`). Only what this process set
+  is re-applied: a dry-run agent, which sets nothing, never writes to Slurm (after an agent
+  restart the policies re-assert what they still want).
 - A requeued job goes back to PENDING with a BeginTime about two minutes out (Slurm's requeue
   delay). Once it is PENDING (not while COMPLETING: an update then is overwritten), `reconcile()`
   sets its StartTime to now so it restarts at once, away from the drained node.
@@ -44,9 +45,11 @@ A Kubernetes actuator implements the same two protocols (PlacementActuator, JobI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -153,29 +156,36 @@ class SlurmCli:
         command = " ".join([tool, *args])
         self.calls += 1
         try:
-            proc = subprocess.run(
+            # Its own session, so a timeout kills everything it started (a site's wrapper script
+            # around the real client, say), not just the first process.
+            proc = subprocess.Popen(
                 [exe, *args],
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
                 text=True,
                 env=self.env,
-                stdin=subprocess.DEVNULL,
-                timeout=self.timeout_s,
-                check=False,
+                start_new_session=True,
             )
+        except OSError as exc:
+            where = f" in {self.bin_dir}" if self.bin_dir is not None else " on PATH"
+            raise ActuatorError(f"`{command}`: cannot run {tool}{where}: {exc.strerror}") from None
+        try:
+            stdout, stderr = proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             raise ActuatorError(
                 f"`{command}` timed out after {self.timeout_s:g} s: "
                 f"the {self._where()} is not answering (is it running?)"
             ) from None
-        except OSError as exc:
-            where = f" in {self.bin_dir}" if self.bin_dir is not None else " on PATH"
-            raise ActuatorError(f"`{command}`: cannot run {tool}{where}: {exc.strerror}") from None
         if proc.returncode != 0:
-            message = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())
+            message = " ".join((stderr.strip() or stdout.strip()).split())
             if "Unable to contact slurm controller" in message:
                 message += f" (the {self._where()} is not answering: is it running?)"
             raise ActuatorError(f"`{command}` failed (rc {proc.returncode}): {message}")
-        return proc.stdout
+        return stdout
 
     def json(self, tool: str, *args: str) -> dict[str, Any]:
         """`tool --json args` parsed; Slurm's `errors` list is an ActuatorError (with slurmctld
@@ -199,7 +209,7 @@ class SlurmCli:
                 for e in errors
             )
             raise ActuatorError(
-                f"`{command}`: Slurm reported: {details or errors!r} "
+                f"`{command}`: Slurm reported: {details if details else repr(errors)} "
                 f"(is the {self._where()} running?)"
             )
         return data
@@ -326,7 +336,6 @@ class SlurmPlacement:
         self._weights: dict[str, int] = {}  # node -> the weight we want while we hold it
         self._found_weights: dict[str, int] = {}  # node -> its weight before our first change
         self._features: dict[str, frozenset[str]] = {}  # node -> our features it should carry
-        self._seen: set[str] = set()  # nodes whose prefixed features were adopted
         self._requeued: dict[str, float] = {}  # job -> monotonic time of our requeue
         self.reapplied: list[str] = []  # what reconcile() re-applied, newest last (for audit)
 
@@ -415,13 +424,6 @@ class SlurmPlacement:
         them, and restart jobs we requeued once Slurm has them pending. Returns what it did."""
         nodes = self.nodes() if nodes is None else nodes
         done: list[str] = []
-        prefix = self.settings.feature_prefix
-        for name, seen in nodes.items():  # adopt our features on first sight (agent restarts)
-            if name not in self._seen:
-                self._seen.add(name)
-                ours = frozenset(f for f in seen.features if f.startswith(prefix))
-                if ours:
-                    self._features[name] = self._features.get(name, frozenset()) | ours
         failed: list[str] = []
         if self.settings.reapply:
             for name, weight in list(self._weights.items()):
@@ -561,7 +563,6 @@ class SlurmPlacement:
         """Add and remove the agent's own features (prefixed); others are never touched."""
         add_owned, remove_owned = self._owned(add, node), self._owned(remove, node)
         current = self._node(node)
-        self._seen.add(node)
         if add_owned - current.features:  # removing ours is an undo, allowed anywhere
             self._refuse_if_not_ours(current, "adding features to")
         wanted = (current.features - remove_owned) | add_owned

@@ -144,13 +144,13 @@ def test_features_are_ours_only_and_survive_reconfigure_and_restart(
     with pytest.raises(ActuatorError, match="not a valid feature"):
         placement.set_features("node1", frozenset({"a,b"}), frozenset())
 
-    # A fresh agent adopts the prefixed features it finds and keeps them too.
+    # A second agent (e.g. a dry-run one) that set nothing re-applies nothing.
     placement.set_features("node2", frozenset({"ooda_hot"}), frozenset())
-    fresh = SlurmPlacement(settings_for(slurm))
-    fresh.node_states(NODES)
+    bystander = SlurmPlacement(settings_for(slurm))
     slurm.scontrol("reconfigure")
     wait_until(lambda: slurm.node("node2")["features"] == "h100,ib", 10, "reconfigure")
-    assert "ooda_hot" in fresh.node_states(NODES).features[1]
+    assert "ooda_hot" not in bystander.node_states(NODES).features[1]
+    assert "ooda_hot" in placement.node_states(NODES).features[1]
 
 
 def test_requeue_restarts_the_job_elsewhere(slurm: SlurmCluster, placement: SlurmPlacement) -> None:
