@@ -182,3 +182,40 @@ def test_finished_jobs_release_for_good() -> None:
     inv.table = table(("9", JobState.FINISHED, 0, []))
     mirror.sync()
     assert twin.jobs.state[row] == JOB_DONE and twin.job_labels()[0] == ""
+
+
+def test_label_snapshot_is_columnar_at_100k_gpus() -> None:
+    import time
+
+    from agent.core.snapshot import Metric, build_snapshot
+
+    n, g = 100_000, 8
+    node_idx = np.arange(n) // g
+    snap = build_snapshot(
+        time_s=0.0,
+        node_of_gpu=np.char.add("node", (node_idx + 1).astype(np.str_)),
+        gpu=np.arange(n) % g,
+        uuid=np.char.add("GPU-", np.arange(n).astype(np.str_)),
+        model=np.full(n, "H100"),
+        job=np.full(n, ""),
+        values={Metric.POWER_W: np.full(n, 300.0)},
+        age_s=np.ones(n),
+        stale=np.zeros(n, dtype=bool),
+    )
+    n_jobs = n // g - 100  # the last 100 nodes idle
+    t = JobTable(
+        job_id=(np.arange(n_jobs) + 1000).astype(np.str_),
+        state=np.full(n_jobs, str(JobState.RUNNING)),
+        priority=np.arange(n_jobs, dtype=np.int64) % 3,
+        restarts=np.zeros(n_jobs, dtype=np.int64),
+        alloc_job=np.repeat(np.arange(n_jobs, dtype=np.int64), g),
+        alloc_node=np.repeat(np.char.add("node", (np.arange(n_jobs) + 1).astype(np.str_)), g),
+        alloc_gpu=np.tile(np.arange(g, dtype=np.int64), n_jobs),
+    )
+    t0 = time.perf_counter()
+    out = label_snapshot(snap, t)
+    took = time.perf_counter() - t0
+    assert out.job[0] == "1000" and out.job[g * n_jobs - 1] == str(1000 + n_jobs - 1)
+    assert (out.job[g * n_jobs :] == "").all()
+    assert out.labels["priority"][g * 5] == "2"
+    assert took < 1.0, f"label_snapshot took {took:.2f} s at 100k GPUs"

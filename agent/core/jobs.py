@@ -121,21 +121,33 @@ class JobTable:
 
     def job_at(self, node: StrArray, gpu: IntArray) -> StrArray:
         """Per (node, gpu) pair: the running job holding that GPU ("" when none)."""
-        out = np.full(node.shape[0], "", dtype=object)
+        names, index = np.unique(node.astype(np.str_), return_inverse=True)
+        return self.job_at_rows(names, index.astype(np.int64), gpu)
+
+    def job_at_rows(self, node_names: StrArray, node: IntArray, gpu: IntArray) -> StrArray:
+        """As `job_at`, for GPUs given the way a Snapshot holds them (an index into unique
+        `node_names` per GPU): integer keys, no per-GPU strings (fast at 100,000 GPUs)."""
+        owner = np.full(node.shape[0], -1, dtype=np.int64)  # job position per GPU, -1: none
         has_gpu = self.alloc_gpu != NO_GPU
-        if not has_gpu.any() or not node.size:
-            return out.astype(np.str_)
-        alloc_keys = np.char.add(
-            np.char.add(self.alloc_node[has_gpu], "/"), self.alloc_gpu[has_gpu].astype(np.str_)
-        )
-        owners = self.job_id[self.alloc_job[has_gpu]]
-        order = np.argsort(alloc_keys, kind="stable")
-        keys = alloc_keys[order]
-        query = np.char.add(np.char.add(node.astype(np.str_), "/"), gpu.astype(np.str_))
-        pos = np.clip(np.searchsorted(keys, query), 0, keys.shape[0] - 1)
-        hit = keys[pos] == query
-        out[hit] = owners[order[pos[hit]]]
-        return out.astype(np.str_)
+        if has_gpu.any() and node.size and node_names.size:
+            order = np.argsort(node_names)
+            sorted_names = node_names[order]
+            alloc_node = self.alloc_node[has_gpu]
+            at = np.clip(np.searchsorted(sorted_names, alloc_node), 0, sorted_names.shape[0] - 1)
+            seen = sorted_names[at] == alloc_node  # allocations on nodes the query knows
+            width = int(max(self.alloc_gpu.max(), gpu.max(initial=0))) + 1
+            keys = order[at[seen]] * width + self.alloc_gpu[has_gpu][seen]
+            jobs = self.alloc_job[has_gpu][seen]
+            if keys.size:
+                by_key = np.argsort(keys, kind="stable")
+                keys = keys[by_key]
+                query = node * width + gpu
+                pos = np.clip(np.searchsorted(keys, query), 0, keys.shape[0] - 1)
+                hit = keys[pos] == query
+                owner[hit] = jobs[by_key[pos[hit]]]
+        if not len(self):
+            return np.full(node.shape[0], "", dtype=np.str_)
+        return np.where(owner >= 0, self.job_id[np.maximum(owner, 0)], "").astype(np.str_)
 
 
 def label_snapshot(snapshot: Snapshot, table: JobTable, default_priority: int = 0) -> Snapshot:
@@ -143,10 +155,12 @@ def label_snapshot(snapshot: Snapshot, table: JobTable, default_priority: int = 
     the job the scheduler placed there, and every GPU of a job the scheduler knows gets that job's
     priority class as the `priority` label (the orienter reads it; others keep theirs, or get
     `default_priority`). Telemetry's own job labels win where present."""
-    placed = table.job_at(snapshot.node_names[snapshot.node], snapshot.gpu)
+    placed = table.job_at_rows(snapshot.node_names, snapshot.node, snapshot.gpu)
     job = np.where(snapshot.job == "", placed, snapshot.job).astype(np.str_)
-    known = np.isin(job, table.job_id) & (job != "")
-    priority = table.priority_of(job, default_priority).astype(np.str_)
+    sentinel = np.iinfo(np.int64).min  # tells "unknown job" apart from any real class
+    found = table.priority_of(job, sentinel)
+    known = found != sentinel
+    priority = np.where(known, found, default_priority).astype(np.str_)
     before = snapshot.labels.get("priority")
     if before is not None:  # keep what telemetry said about jobs the scheduler does not know
         priority = np.where(known, priority, before).astype(np.str_)

@@ -357,6 +357,10 @@ def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 if __name__ == "__main__":
     import sys
 
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     cluster = SlurmCluster(Path(sys.argv[1]))
     cluster.start()
     print(f"export SLURM_CONF={cluster.slurm_conf}   # Ctrl-C stops the cluster", flush=True)
