@@ -337,7 +337,7 @@ class SlurmPlacement:
         self._found_weights: dict[str, int] = {}  # node -> its weight before our first change
         self._features: dict[str, frozenset[str]] = {}  # node -> our features it should carry
         self._requeued: dict[str, float] = {}  # job -> monotonic time of our requeue
-        self.reapplied: list[str] = []  # what reconcile() re-applied, newest last (for audit)
+        self.reapplied: list[str] = []  # what reconcile() re-applied or failed to, newest last
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.act.slurm import SlurmPlacement, SlurmSettings
+from agent.act.slurm import SlurmPlacement
 from tests.integration.alertmanager import Alertmanager
-from tests.integration.slurm_cluster import SlurmCluster, missing_tools
+from tests.integration.slurm_cluster import SlurmCluster, missing_tools, settings_for
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +36,6 @@ def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     configured."""
     slurm_cluster.reset()
     yield slurm_cluster
-
-
-def settings_for(cluster: SlurmCluster, **overrides: object) -> SlurmSettings:
-    return SlurmSettings.model_validate(
-        {"slurm_conf": cluster.slurm_conf, "timeout_s": 10.0, **overrides}
-    )
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.act.slurm import SlurmSettings
+
 DAEMONS = ("slurmctld", "slurmd", "scontrol", "sinfo", "squeue", "sbatch", "scancel")
 CLIENT_TIMEOUT_S = 15.0
 
@@ -340,6 +342,13 @@ PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         wait_until(lambda: not self.queue(), timeout_s, "an empty queue")
         self.scontrol("reconfigure")
         self.wait_nodes_idle(timeout_s)
+
+
+def settings_for(cluster: SlurmCluster, **overrides: object) -> SlurmSettings:
+    """The agent's Slurm settings for this cluster."""
+    return SlurmSettings.model_validate(
+        {"slurm_conf": cluster.slurm_conf, "timeout_s": 10.0, **overrides}
+    )
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:

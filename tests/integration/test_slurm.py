@@ -10,8 +10,7 @@ import pytest
 from agent.act.slurm import SlurmPlacement
 from agent.core.errors import ActuatorError
 from agent.core.jobs import JobState
-from tests.integration.conftest import settings_for
-from tests.integration.slurm_cluster import SlurmCluster, wait_until
+from tests.integration.slurm_cluster import SlurmCluster, settings_for, wait_until
 
 pytestmark = pytest.mark.integration
 
