@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hostlist
 import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -261,38 +262,12 @@ def _split(value: Any) -> frozenset[str]:
 
 def expand_hostlist(text: str) -> list[str]:
     """Slurm's hostlist syntax to names: `node[1-3,7],gpu[01-02]-b` -> node1 node2 node3 node7
-    gpu01-b gpu02-b (zero padding kept)."""
-    parts: list[str] = []
-    depth, current = 0, list[str]()
-    for ch in text.strip():
-        if ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        current.append(ch)
-    parts.append("".join(current))
-    out: list[str] = []
-    for part in parts:
-        if part:
-            out.extend(_expand_one(part))
-    return out
-
-
-def _expand_one(part: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", part)
-    if match is None:
-        return [part]
-    head, body, tail = part[: match.start()], match.group(1), part[match.end() :]
-    values: list[str] = []
-    for item in body.split(","):
-        if "-" in item:
-            lo, hi = item.split("-", 1)
-            width = len(lo)
-            values.extend(f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-        elif item:
-            values.append(item)
-    return [head + value + rest for value in values for rest in _expand_one(tail)]
+    gpu01-b gpu02-b (python-hostlist; zero padding kept, order kept)."""
+    try:
+        names: list[str] = hostlist.expand_hostlist(text.strip())
+    except hostlist.BadHostlist as exc:
+        raise ActuatorError(f"slurm: cannot read the node list {text!r}: {exc}") from None
+    return names
 
 
 def parse_index_list(text: str) -> list[int]:

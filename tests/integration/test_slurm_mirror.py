@@ -10,17 +10,20 @@ import pytest
 
 from agent.config import parse_config
 from agent.core.intents import DrainNode, Intent, Outcome, RequeueJob, ResumeNode
+from agent.core.snapshot import Metric
 from agent.runtime import Runtime, build_runtime
 from tests.integration.slurm_cluster import SlurmCluster, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def runtime_for(slurm: SlurmCluster, dry_run: bool, **slurm_settings: Any) -> Runtime:
+def runtime_for(
+    slurm: SlurmCluster, dry_run: bool, faults: tuple[str, ...] = (), **slurm_settings: Any
+) -> Runtime:
     config = parse_config(
         {
             "dry_run": dry_run,
-            "twin": {"nodes": 4, "gpus_per_node": 4, "seed": 5},
+            "twin": {"nodes": 4, "gpus_per_node": 4, "seed": 5, "faults": list(faults)},
             "policies": {},
             "actuators": {
                 "placement": "slurm",
@@ -41,7 +44,9 @@ def execute(runtime: Runtime, intent: Intent) -> tuple[Outcome, str]:
 
 
 def test_twin_jobs_follow_slurm_through_a_requeue(slurm: SlurmCluster) -> None:
-    runtime = runtime_for(slurm, dry_run=False, priority_by_partition={"gpu": 2})
+    runtime = runtime_for(
+        slurm, dry_run=False, faults=("xid=79:node2/gpu1@0",), priority_by_partition={"gpu": 2}
+    )
     twin = runtime.twin
     assert twin is not None and not (twin.job_row >= 0).any()  # no jobs of its own
     for node in ("node1", "node3", "node4"):
@@ -62,6 +67,9 @@ def test_twin_jobs_follow_slurm_through_a_requeue(slurm: SlurmCluster) -> None:
         for g in range(4)
     ]
     assert twin.job_labels().tolist() == labels  # what the twin's exporter labels hpc_job with
+    # The GPU with the XID carries the real Slurm job: what health_drain will requeue.
+    xid, _ = report.snapshot.column(Metric.XID)
+    assert xid[5] == 79 and labels[5] == small  # node2/gpu1
     prio = report.snapshot.labels["priority"][report.snapshot.job == small]
     assert prio.tolist() == ["2", "2"]  # the partition's priority class
     nodes = report.situation.nodes
