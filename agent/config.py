@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.act.guard import GuardSettings
 from agent.act.node_client import NodeClientSettings
+from agent.act.notify import NotifySettings
+from agent.act.slurm import SlurmSettings
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.orient.groups import expand_nodes
@@ -143,10 +145,20 @@ class ActuatorsConfig(_Section):
     caps: Literal["twin", "node", "none"] = Field(
         "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
     )
-    placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
+    placement: Literal["twin", "slurm", "none"] = Field(
+        "twin",
+        description="Who drains and steers nodes. With slurm and the twin as source, the twin's "
+        "jobs follow Slurm's.",
+    )
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
     node: NodeClientSettings | None = Field(
         None, description="How to reach the node daemons (needed when caps = 'node')."
+    )
+    slurm: SlurmSettings = Field(
+        default_factory=SlurmSettings, description="The Slurm placement actuator."
+    )
+    notify: NotifySettings = Field(
+        default_factory=NotifySettings, description="Where Notify intents go."
     )
 
     @model_validator(mode="after")

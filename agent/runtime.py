@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard
 from agent.act.node_client import NodeCapActuator
+from agent.act.notify import build_notifier
+from agent.act.slurm import SlurmPlacement, SlurmSettings
 from agent.config import Config, TwinConfig
 from agent.core.clock import Clock
 from agent.core.errors import ConfigError
@@ -20,10 +22,12 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
 from agent.core.protocols import TelemetrySource
 from agent.loop import Loop
+from agent.observe.job_labels import JobLabelledSource
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
+from agent.sim.job_mirror import JobMirror, MirroredTwinSource
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.base import Policy, PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -118,21 +122,33 @@ def build_runtime(
     policies = build_policies(config.policy_settings, registry)
     twin: Twin | None = None
     actuators = Actuators()
+    closers: list[Callable[[], Any]] = []
+    slurm = (
+        slurm_placement(config.actuators.slurm) if config.actuators.placement == "slurm" else None
+    )
+    # The twin standing in for the GPUs of a real Slurm cluster: its jobs are Slurm's.
+    mirror_slurm = slurm is not None and source is None and config.source.kind == "twin"
     if config.source.kind == "twin" or "twin" in (
         config.actuators.caps,
         config.actuators.placement,
     ):
-        twin = Twin(twin_spec(config.twin))
+        spec = twin_spec(config.twin)
+        if mirror_slurm:
+            spec = replace(spec, occupancy=0.0, initial_jobs=False)
+        twin = Twin(spec)
     if source is None:
         if config.source.kind == "twin":
             assert twin is not None
             source = TwinSource(twin)
+            if slurm is not None:
+                source = MirroredTwinSource(source, JobMirror(twin, slurm))
         else:
             raise ConfigError(f"source.kind: {config.source.kind!r} is not available yet")
+    if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
+        source = JobLabelledSource(source, slurm, config.actuators.slurm.default_priority)
     if config.actuators.caps == "twin":
         assert twin is not None
         actuators.caps = TwinCapActuator(twin)
-    closers: list[Callable[[], Any]] = []
     if config.actuators.caps == "node":
         assert config.actuators.node is not None  # the config validator insists
         node_caps = NodeCapActuator(config.actuators.node, clock=clock)
@@ -141,10 +157,16 @@ def build_runtime(
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
+    elif slurm is not None:
+        actuators.placement = slurm
     if clock is None:
         if twin is None:
             raise ConfigError("a clock is needed when no twin is configured")
         clock = TwinClock(twin)
+    notifier = build_notifier(config.actuators.notify, config.cluster.name, clock)
+    if notifier is not None:
+        actuators.notifier = notifier
+        closers.append(notifier.close)
     budget = budget_w if budget_w is not None else config.cluster.budget_w
     loop = Loop(
         source=source,
@@ -164,3 +186,20 @@ def build_runtime(
     return Runtime(
         config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
     )
+
+
+def slurm_placement(settings: SlurmSettings) -> SlurmPlacement:
+    """The Slurm actuator, after checking that what the config names exists."""
+    if settings.slurm_conf is not None and not settings.slurm_conf.is_file():
+        raise ConfigError(f"actuators.slurm.slurm_conf: no such file {settings.slurm_conf}")
+    if settings.bin_dir is not None:
+        missing = [
+            tool
+            for tool in ("scontrol", "sinfo", "squeue")
+            if not (settings.bin_dir / tool).exists()
+        ]
+        if missing:
+            raise ConfigError(
+                f"actuators.slurm.bin_dir: {', '.join(missing)} not found in {settings.bin_dir}"
+            )
+    return SlurmPlacement(settings)

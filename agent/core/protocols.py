@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.intents import GpuTargets, Notify
+from agent.core.jobs import JobTable
 from agent.core.situation import NodeStates
 from agent.core.snapshot import Snapshot
 
@@ -164,6 +165,14 @@ class PlacementActuator(Protocol):
     def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
 
     def requeue(self, job: str) -> None: ...
+
+
+@runtime_checkable
+class JobInventory(Protocol):
+    """The placement system's jobs (Slurm jobs now; Kubernetes pods later): states, priority
+    classes and the GPUs each running job holds. Raises ActuatorError when it cannot read them."""
+
+    def jobs(self) -> JobTable: ...
 
 
 @runtime_checkable

@@ -341,6 +341,23 @@ class Twin:
         self.jobs.state[row] = JOB_RUNNING
         self.jobs.start_s[row] = now_s
 
+    def add_external_job(self, job_id: int, priority: int, now_s: float) -> int:
+        """A job an outside scheduler places (e.g. a mirrored Slurm job): drawn like the twin's own
+        (workload class, natural draw) but never placed, finished or requeued by the twin itself;
+        `assign` and `release_job` move it. Returns its row."""
+        row = self._new_job(now_s, work_s=np.inf)
+        self.pending.remove(row)
+        self.jobs.job_id[row] = job_id
+        self.jobs.priority[row] = priority
+        self.jobs.external[row] = True
+        return row
+
+    def release_job(self, row: int, finished: bool) -> None:
+        """Free the GPUs of job `row`: it ended (`finished`) or went back to waiting."""
+        self.job_row[self.job_row == row] = -1
+        self.jobs.state[row] = JOB_DONE if finished else JOB_PENDING
+        self.jobs.start_s[row] = np.nan
+
     def _arrivals_and_scheduling(self, dt: float) -> None:
         arrivals = int(self.rng.poisson(self.arrival_rate_per_s * dt))
         for _ in range(arrivals):
@@ -363,7 +380,8 @@ class Twin:
         self.jobs.state[row] = JOB_PENDING
         self.jobs.start_s[row] = np.nan
         self.jobs.requeues[row] += 1
-        self.pending.insert(0, row)
+        if not self.jobs.external[row]:  # an outside scheduler places its own jobs again
+            self.pending.insert(0, row)
         return True
 
     def running_job_ids(self) -> dict[int, list[int]]:
