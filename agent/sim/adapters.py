@@ -130,6 +130,9 @@ class TwinPlacement:
             raise ActuatorError(f"twin: no node named {node!r}")
         return names.index(node)
 
+    def all_nodes(self) -> list[str]:
+        return [str(n) for n in self.twin.node_names]
+
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         tw = self.twin
         idx = [self._node(n) if n in set(tw.node_names) else -1 for n in node_names]
