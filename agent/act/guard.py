@@ -462,8 +462,9 @@ class Guard:
                 f"circuit breaker open since t={b.opened_s:.0f} s ({b.reason}): "
                 "no drains until a person runs `ooda guard reset`"
             )
-        start = max(now_s - s.breaker_window_s, b.last_reset_s)
-        counted = {n for t, n in self.drains if t > start} | set(pending)
+        start = now_s - s.breaker_window_s
+        counted = {n for t, n in self.drains if t > start and t >= b.last_reset_s}
+        counted |= set(pending)
         limit = self.breaker_limit(n_nodes)
         if node not in counted and len(counted) + 1 > limit:
             b.open, b.opened_s, b.trips = True, now_s, b.trips + 1
@@ -561,6 +562,8 @@ class Guard:
             fields = self.reset_breaker(now_s, str(data.get("by", "")), str(data.get("note", "")))
             self.breaker.last_reset_id = request_id
             fields |= {"request_id": request_id, "requested_at": data.get("requested_at")}
+            if "unreadable" in data:
+                fields["request_unreadable"] = data["unreadable"]
             review.events.append(("guard_reset", fields))
         try:
             path.unlink()
