@@ -201,6 +201,28 @@ def test_follow_sees_new_records_across_rotations(tmp_path: Path) -> None:
     assert len(audit_files(path)) > 3
 
 
+def test_follow_goes_on_from_a_tail_even_after_rotations(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, max_bytes=4096, keep=100)
+    for i in range(30):
+        audit.event("note", seq=i, pad=PAD)
+    stats = ReadStats()
+    assert [r["seq"] for r in tail(path, 3, stats)] == [27, 28, 29]
+    for i in range(30, 130):  # written between the tail and the follow: several rotations
+        audit.event("note", seq=i, pad=PAD)
+    audit.close()
+    seen: list[int] = []
+    deadline = time.monotonic() + 10
+    follow(
+        path,
+        lambda r: seen.append(int(r["seq"])),
+        sleep=lambda _s: None,
+        stop=lambda: len(seen) >= 100 or time.monotonic() > deadline,
+        start=stats.end,
+    )
+    assert seen == list(range(30, 130))
+
+
 def _run_agent(tmp_path: Path) -> Path:
     """A short live twin run with a durable audit log (power_budget under a tight budget)."""
     from agent.config import parse_config

@@ -89,8 +89,21 @@ class _DurableFile:
         if self.keep == 0:
             os.unlink(base)
         else:
-            for k in range(self.keep - 1, 0, -1):
-                if os.path.exists(f"{base}.{k}"):
+            # Shift the rotated files up by one, newest last so none is overwritten; the one
+            # past `keep` is dropped (only the files that exist are touched).
+            prefix = self.path.name + "."
+            present = sorted(
+                (
+                    int(entry.name[len(prefix) :])
+                    for entry in os.scandir(self.path.parent)
+                    if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
+                ),
+                reverse=True,
+            )
+            for k in present:
+                if k >= self.keep:
+                    os.unlink(f"{base}.{k}")
+                else:
                     os.replace(f"{base}.{k}", f"{base}.{k + 1}")
             os.replace(base, f"{base}.1")
         _fsync_dir(self.path.parent)
@@ -279,6 +292,9 @@ class ReadStats:
     files: list[Path] = field(default_factory=list)
     records: int = 0
     skipped: int = 0  # lines that did not parse (a torn line left by a crash)
+    # (inode, offset) just past the last whole line read of the newest file: where `follow`
+    # goes on from, so nothing appended between a tail and its follow is missed.
+    end: tuple[int, int] | None = None
 
 
 def _parse(line: bytes, stats: ReadStats) -> dict[str, Any] | None:
@@ -307,10 +323,15 @@ def read_records(path: Path, stats: ReadStats | None = None) -> Iterator[dict[st
         except FileNotFoundError:  # rotated away while we read: its records moved on
             continue
         with handle:
+            offset = 0
             for line in handle:
+                if line.endswith(b"\n"):
+                    offset += len(line)
                 record = _parse(line, stats)
                 if record is not None:
                     yield record
+            if file == path:
+                stats.end = (os.fstat(handle.fileno()).st_ino, offset)
 
 
 def tail(path: Path, n: int, stats: ReadStats | None = None) -> list[dict[str, Any]]:
@@ -326,45 +347,84 @@ def follow(
     poll_s: float = 0.5,
     stop: Callable[[], bool] = lambda: False,
     stats: ReadStats | None = None,
+    start: tuple[int, int] | None = None,
 ) -> None:
-    """Emit records appended to `path` from now on, across rotations, until `stop()`. A line
-    still being written (no newline yet) waits for its end."""
+    """Emit records appended to `path` until `stop()`, across rotations: from now on, or from
+    `start` ((inode, offset), e.g. `ReadStats.end` of a tail, even if that file has been
+    rotated since). A line still being written (no newline yet) waits for its end."""
     stats = stats if stats is not None else ReadStats()
     handle: IO[bytes] | None = None
     ino = -1
     partial = b""
 
-    def open_current(at_end: bool) -> None:
+    def open_file(file: Path, offset: int | None) -> bool:
         nonlocal handle, ino, partial
         try:
-            new = path.open("rb")
+            new = file.open("rb")
         except FileNotFoundError:
-            return
+            return False
         if handle is not None:
             handle.close()
         handle, ino, partial = new, os.fstat(new.fileno()).st_ino, b""
-        if at_end:
+        if offset is None:
             handle.seek(0, os.SEEK_END)
+        else:
+            handle.seek(offset)
+        return True
 
-    open_current(at_end=True)
-    while not stop():
-        if handle is not None:
-            chunk = handle.read()
-            if chunk:
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()
-                for line in lines:
-                    record = _parse(line, stats)
-                    if record is not None:
-                        emit(record)
+    def drain() -> bool:
+        nonlocal partial
+        chunk = handle.read() if handle is not None else b""
+        if not chunk:
+            return False
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
+        for line in lines:
+            record = _parse(line, stats)
+            if record is not None:
+                emit(record)
+        return True
+
+    def newer_than_current() -> Path:
+        """The file written after the one we read: the next rotated one, or the live file."""
+        files = audit_files(path)
+        for k, file in enumerate(files[:-1]):
+            try:
+                if file.stat().st_ino == ino:
+                    return files[k + 1]
+            except FileNotFoundError:
                 continue
+        return path
+
+    if start is None:
+        open_file(path, None)
+    else:
+        # The file we stopped reading in: the current one, or a rotated one by now.
+        for file in reversed(audit_files(path)):
+            try:
+                if file.stat().st_ino == start[0]:
+                    open_file(file, start[1])
+                    break
+            except FileNotFoundError:
+                continue
+        else:
+            open_file(path, 0)  # rotated out of sight: everything current is new
+    while not stop():
+        if drain():
+            continue
         try:
             now_ino = path.stat().st_ino
         except FileNotFoundError:
             now_ino = -1
-        if now_ino not in (ino, -1):
-            # Rotated: what is left of the old file was read above; the new file from its start.
-            open_current(at_end=False)
+        if handle is None:
+            if now_ino != -1:
+                open_file(path, 0)
+                continue
+        elif now_ino not in (ino, -1):
+            # Rotated. Writers only write to the live path (they check under the lock), so one
+            # more read of our file gets the last of it; then the next file, from its start.
+            drain()
+            open_file(newer_than_current(), 0)
             continue
         sleep(poll_s)
     if handle is not None:

@@ -134,7 +134,7 @@ def tail_cmd(
             sys.stdout.flush()
 
         with contextlib.suppress(KeyboardInterrupt):
-            follow(path, emit)
+            follow(path, emit, start=stats.end)
 
 
 def explain(
