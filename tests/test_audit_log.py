@@ -78,7 +78,8 @@ import sys
 from pathlib import Path
 from agent.act.audit import AuditLog
 
-path, name, count, max_bytes, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, name = sys.argv[1], sys.argv[2]
+count, max_bytes, batch = (int(x) for x in sys.argv[3:6])
 audit = AuditLog(Path(path), max_bytes=max_bytes, keep=100000)
 i = 0
 while i < count:
