@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import structlog
 
 from agent.core.intents import Action, Intent, ReleasePowerCap, SetPowerCap, jsonable
@@ -178,6 +180,30 @@ class _JsonLineSink:
     log = info = warning = error = msg
 
 
+def finite(value: Any) -> Any:
+    """JSON-ready with NaN and infinities as null (strict JSON: jq and friends read it); numpy
+    arrays converted in one vectorized step."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            out = value.astype(object)
+            out[~np.isfinite(value)] = None
+            return out.tolist()
+        return finite(value.tolist()) if value.dtype.kind == "O" else value.tolist()
+    if isinstance(value, np.generic):
+        return finite(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [finite(v) for v in value]
+    return value
+
+
+def _strict(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    return {k: finite(v) for k, v in event.items()}
+
+
 def _default(value: Any) -> Any:
     """numpy values to JSON; anything else unknown as its string."""
     converted = jsonable(value)
@@ -205,7 +231,8 @@ class AuditLog:
             wrapper_class=structlog.BoundLogger,
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-                structlog.processors.JSONRenderer(default=_default),
+                _strict,
+                structlog.processors.JSONRenderer(default=_default, allow_nan=False),
             ],
         )
         self.counts: dict[str, int] = {}

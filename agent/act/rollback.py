@@ -89,6 +89,8 @@ def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]
             state["active"][slots] = False
     sel = state["active"]
     keys = state.keys[sel]
+    if keys.size == 0:
+        return GpuTargets.empty(), np.zeros(0)
     parts = np.char.rpartition(keys.astype(np.str_), "/gpu")
     gpu_ok = np.char.isdigit(parts[:, 2])
     gpu = np.where(gpu_ok, parts[:, 2], "-1").astype(np.int64)

@@ -112,12 +112,14 @@ def tail_cmd(
     records = tail(path, lines, stats)
     if json_out and not follow_:
         emit_json(
-            {
-                "audit_log": str(path),
-                "files": [str(f) for f in stats.files],
-                "records": records,
-                "skipped": stats.skipped,
-            }
+            _finite(
+                {
+                    "audit_log": str(path),
+                    "files": [str(f) for f in stats.files],
+                    "records": records,
+                    "skipped": stats.skipped,
+                }
+            )
         )
         return
     for record in records:
@@ -167,12 +169,14 @@ def explain(
         raise BadInputError(f"explain: {exc}") from None
     if json_out:
         emit_json(
-            {
-                "action": found.action,
-                "decision": found.decision,
-                "refusals": found.refusals,
-                "other_actions": found.siblings,
-            }
+            _finite(
+                {
+                    "action": found.action,
+                    "decision": found.decision,
+                    "refusals": found.refusals,
+                    "other_actions": found.siblings,
+                }
+            )
         )
         return
     a = found.action
@@ -209,3 +213,9 @@ def explain(
             + (f" ({s['detail']})" if s.get("detail") else "")
         )
     typer.echo("\n".join(out))
+
+
+def _finite(value: Any) -> Any:
+    from agent.act.audit import finite
+
+    return finite(value)
