@@ -196,8 +196,17 @@ def finite(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [finite(v) for v in value]
+        items = list(value)
+        kinds = set(map(type, items))  # long lists are homogeneous: one pass at C speed
+        if kinds <= _PLAIN:
+            return items
+        if kinds <= {float, int}:
+            return [v if math.isfinite(v) else None for v in items]
+        return [finite(v) for v in items]
     return value
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def _strict(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
