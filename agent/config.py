@@ -168,7 +168,9 @@ class DaemonConfig(_Section):
 
 
 class AuditConfig(_Section):
-    path: Path | None = Field(None, description="Durable JSON-lines audit log (none: stderr only).")
+    path: Path | None = Field(
+        None, description="Durable JSON-lines audit log (none: no audit log is kept)."
+    )
     max_bytes: int = Field(
         DEFAULT_MAX_BYTES,
         ge=4096,
