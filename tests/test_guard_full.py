@@ -444,3 +444,51 @@ def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
     guard_decisions = [r for r in records if r["event"] == "decision" and r["policy"] == "guard"]
     notify_actions = [r for r in records if r["event"] == "action" and r["kind"] == "notify"]
     assert len(guard_decisions) == 1 and notify_actions[0]["outcome"] == "applied"
+
+
+def test_reset_without_a_running_daemon_applies_at_the_next_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The breaker trips, the daemon stops (its state saved); a person resets with the CLI while
+    nothing runs; the next daemon loads the saved state and applies the reset at its first cycle."""
+    from agent.cli import main
+
+    settings = GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0)
+    state_dir = tmp_path / "state"
+    first = Guard(settings, reset_file=state_dir / RESET_FILE)
+    apply(first, first.review([drain("node1"), drain("node2")], situation(), 0.0, False), 0.0)
+    saved = json.dumps(first.to_dict())  # what the daemon persisted when it stopped
+    assert first.breaker.open
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state_dir}"\n')
+    assert main(["guard", "reset", "--config", str(config), "--note", "ok"]) == 0
+    assert "applies it at its next cycle, or at its next start" in capsys.readouterr().out
+
+    second = Guard(settings, reset_file=state_dir / RESET_FILE)
+    second.load_dict(json.loads(saved))
+    assert second.breaker.open
+    review = second.review([drain("node2")], situation(), 3600.0 * 24, False)
+    assert [name for name, _ in review.events] == ["guard_reset"]
+    assert allowed_nodes(review) == ["node2"] and not second.breaker.open
+
+
+def test_guard_reset_cli_names_an_unwritable_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{blocker / "state"}"\n')
+    assert main(["guard", "reset", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ooda: error: --state-dir {blocker / 'state'}: cannot write")
+
+
+def test_state_dir_defaults_to_the_cluster_name() -> None:
+    from agent.config import parse_config, state_dir
+
+    assert state_dir(parse_config({"cluster": {"name": "lab"}})) == Path("/var/lib/ooda/lab")
+    assert state_dir(parse_config({"daemon": {"state_dir": "/srv/ooda"}})) == Path("/srv/ooda")

@@ -273,3 +273,74 @@ def test_rollback_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "audit.path is not set" in capsys.readouterr().err
     assert main(["rollback", "--config", str(config), "--audit-log", str(tmp_path / "no")]) == 2
     assert "no audit log there" in capsys.readouterr().err
+
+
+class FakePlacement:
+    """A hand-written PlacementActuator that cannot list its nodes (no NodeLister)."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        self.reasons = dict(reasons)  # node -> drain reason ("" in service)
+        self.resumed: list[str] = []
+
+    def node_states(self, node_names: list[str]) -> NodeStates:
+        n = len(node_names)
+        reasons = np.array([self.reasons.get(x, "") for x in node_names], dtype=np.str_)
+        drained = reasons != ""
+        return NodeStates(
+            drained=drained,
+            drained_by_us=drained & np.char.startswith(reasons, "ooda:"),
+            reason=reasons,
+            weight=np.ones(n, dtype=np.int64),
+            features=tuple(frozenset() for _ in range(n)),
+            opted_out=np.zeros(n, dtype=bool),
+            known=np.array([x in self.reasons for x in node_names], dtype=bool),
+        )
+
+    def drain(self, node: str, reason: str) -> None:
+        self.reasons[node] = reason
+
+    def resume(self, node: str) -> None:
+        self.resumed.append(node)
+        self.reasons[node] = ""
+
+    def set_weight(self, node: str, weight: int) -> None: ...
+    def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
+    def requeue(self, job: str) -> None: ...
+
+
+def test_rollback_plan_with_a_placement_that_cannot_list_nodes(tmp_path: Path) -> None:
+    def drained(node: str) -> dict[str, object]:
+        return {
+            "event": "action",
+            "kind": "drain_node",
+            "outcome": "applied",
+            "target": node,
+            "dry_run": False,
+        }
+
+    records = [
+        drained("n1"),
+        drained("n2"),
+        drained("n3"),
+        {
+            "event": "action",
+            "kind": "drain_node",
+            "outcome": "recorded",
+            "target": "n4",
+            "dry_run": True,
+        },
+    ]
+    placement = FakePlacement(
+        {"n1": "ooda: health: xid:79", "n2": "admin: reseat GPU", "n3": "", "n5": "ooda: x"}
+    )
+    plan = plan_rollback(records, placement, extra_nodes=["n5"])
+    assert plan.drained == ["n1", "n5"]  # ours per the placement system, from the log or --node
+    assert plan.skipped == [("n2", "drained by someone else now ('admin: reseat GPU')")]
+    assert any("cannot list its nodes" in note for note in plan.notes)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    actions = run_rollback(
+        plan, caps=None, placement=placement, audit=audit, dry_run=False, now_s=0.0
+    )
+    audit.close()
+    assert placement.resumed == ["n1", "n5"] and len(actions) == 2
+    assert all(a.outcome is Outcome.APPLIED for a in actions)

@@ -147,7 +147,7 @@ def plan_rollback(
         elif states.drained_by_us[k]:
             plan.drained.append(node)
         elif node in ours and states.drained[k]:
-            plan.skipped.append((node, f"drained by someone else now ({states.reason[k]!r})"))
+            plan.skipped.append((node, f"drained by someone else now ({str(states.reason[k])!r})"))
     return plan
 
 
