@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
 from agent.act.node_client import NodeClientSettings
 from agent.act.notify import NotifySettings
+from agent.act.rollout import RolloutSettings
 from agent.act.slurm import SlurmSettings
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
@@ -170,10 +172,25 @@ class ActuatorsConfig(_Section):
 
 class DaemonConfig(_Section):
     interval_s: float = Field(15.0, gt=0, description="Seconds between cycles.")
+    state_dir: Path | None = Field(
+        None,
+        description="The daemon's state directory (persisted state, `ooda guard reset` "
+        "requests); default /var/lib/ooda/CLUSTER_NAME.",
+    )
 
 
 class AuditConfig(_Section):
-    path: Path | None = Field(None, description="Durable JSON-lines audit log (none: stderr only).")
+    path: Path | None = Field(
+        None, description="Durable JSON-lines audit log (none: no audit log is kept)."
+    )
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=4096,
+        description="Rotate the audit log when it would grow past this (bytes).",
+    )
+    keep: int = Field(
+        DEFAULT_KEEP, ge=0, le=10_000, description="Rotated audit files kept (PATH.1 ... PATH.N)."
+    )
 
 
 class Config(_Section):
@@ -191,6 +208,10 @@ class Config(_Section):
     guard: GuardSettings = Field(default_factory=GuardSettings)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings,
+        description="Going live in stages: advisory kinds, the scope, freeze windows.",
+    )
 
     # Filled by `load_config`/`parse_config` from the registry (not part of the file).
     policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
@@ -271,6 +292,13 @@ def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
 
 def default_config(registry: PolicyRegistry | None = None) -> Config:
     return parse_config({}, registry, source="built-in defaults")
+
+
+def state_dir(config: Config) -> Path:
+    """Where the daemon keeps its state: `daemon.state_dir`, else /var/lib/ooda/CLUSTER."""
+    if config.daemon.state_dir is not None:
+        return config.daemon.state_dir
+    return Path("/var/lib/ooda") / config.cluster.name
 
 
 def seconds(value: str | float) -> float:

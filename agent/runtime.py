@@ -11,16 +11,17 @@ from typing import Any
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard
+from agent.act.guard import RESET_FILE, Guard
 from agent.act.node_client import NodeCapActuator
 from agent.act.notify import build_notifier
+from agent.act.rollout import Rollout, dry_run_reasons
 from agent.act.slurm import SlurmPlacement, SlurmSettings
-from agent.config import Config, TwinConfig
+from agent.config import Config, TwinConfig, state_dir
 from agent.core.clock import Clock
 from agent.core.errors import ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
-from agent.core.protocols import TelemetrySource
+from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.loop import Loop
 from agent.observe.job_labels import JobLabelledSource
 from agent.orient.groups import GroupSpec, expand_nodes
@@ -81,15 +82,58 @@ def build_policies(
     return policies
 
 
-def dry_run_predicate(global_dry_run: bool, policies: Sequence[Policy]) -> Callable[[Intent], bool]:
-    """Per intent: advise only? A policy's own `dry_run` setting overrides the global one."""
-    own = {p.name: p.settings.dry_run for p in policies}
+def dry_run_predicate(
+    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
+) -> Callable[[Intent], bool]:
+    """Per intent: advise only? A policy's own `dry_run` setting overrides the global one; the
+    rollout (advisory actuator kinds, freeze windows) can only make more of it advisory."""
+    why = dry_run_reason(global_dry_run, policies, rollout)
 
     def is_dry(intent: Intent) -> bool:
-        value = own.get(intent.policy)
-        return global_dry_run if value is None else bool(value)
+        return why(intent) is not None
 
     return is_dry
+
+
+def dry_run_reason(
+    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
+) -> Callable[[Intent], str | None]:
+    """Per intent: why it is only recorded (None: it is applied)."""
+    own = {p.name: p.settings.dry_run for p in policies}
+    return dry_run_reasons(global_dry_run, own, rollout)
+
+
+def rollout_for(config: Config, clock: Clock | None) -> Rollout:
+    """The staged rollout a config describes (node lists expanded)."""
+    nodes = config.rollout.nodes
+    return Rollout(config.rollout, expand_nodes(nodes) if nodes is not None else None, clock)
+
+
+def build_actuators(
+    config: Config, clock: Clock | None = None
+) -> tuple[CapActuator | None, PlacementActuator | None, list[Callable[[], Any]]]:
+    """The live cap and placement actuators a config names, without a loop (for `ooda
+    rollback`), and what closes them. A twin actuator acts on a fresh twin of the config."""
+    closers: list[Callable[[], Any]] = []
+    caps: CapActuator | None = None
+    placement: PlacementActuator | None = None
+    twin: Twin | None = None
+    if "twin" in (config.actuators.caps, config.actuators.placement):
+        twin = Twin(twin_spec(config.twin))
+    if config.actuators.caps == "twin":
+        assert twin is not None
+        caps = TwinCapActuator(twin)
+    elif config.actuators.caps == "node":
+        assert config.actuators.node is not None  # the config validator insists
+        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
+        caps = node_caps
+        closers.append(node_caps.close)
+    if config.actuators.placement == "twin":
+        assert twin is not None
+        placement = TwinPlacement(twin)
+    elif config.actuators.placement == "slurm":
+        placement = slurm_placement(config.actuators.slurm)
+    return caps, placement, closers
 
 
 @dataclass
@@ -118,7 +162,9 @@ def build_runtime(
 ) -> Runtime:
     """Everything the config names, wired into one Loop. `source` and `budget_w` override it."""
     registry = registry or default_registry()
-    audit = audit or AuditLog(path=config.audit.path)
+    audit = audit or AuditLog(
+        path=config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep
+    )
     policies = build_policies(config.policy_settings, registry)
     twin: Twin | None = None
     actuators = Actuators()
@@ -168,13 +214,23 @@ def build_runtime(
         actuators.notifier = notifier
         closers.append(notifier.close)
     budget = budget_w if budget_w is not None else config.cluster.budget_w
+    rollout = rollout_for(config, clock)
+    is_dry = dry_run_predicate(config.dry_run, policies, rollout)
     loop = Loop(
         source=source,
         orienter=orienter_for(config),
         policies=policies,
-        guard=Guard(config.guard),
+        guard=Guard(
+            config.guard,
+            rollout=rollout,
+            reset_file=state_dir(config) / RESET_FILE,
+            is_dry=is_dry,
+        ),
         executor=Executor(
-            actuators, dry_run_predicate(config.dry_run, policies), config.actuators.lease_s
+            actuators,
+            is_dry,
+            config.actuators.lease_s,
+            why_dry=dry_run_reason(config.dry_run, policies, rollout),
         ),
         audit=audit,
         clock=clock,

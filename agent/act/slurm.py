@@ -53,7 +53,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,7 @@ class SlurmNode:
     weight: int
     features: frozenset[str]  # available features
     active_features: frozenset[str]
+    partitions: frozenset[str] = frozenset()
 
     @property
     def drained(self) -> bool:
@@ -251,7 +252,17 @@ class SlurmNode:
             weight=int(entry.get("weight") or 0),
             features=_split(entry.get("features")),
             active_features=_split(entry.get("active_features")),
+            partitions=_partitions(entry),
         )
+
+
+def _partitions(entry: Mapping[str, Any]) -> frozenset[str]:
+    """A node's partitions: 22.05 lists them per node (`partitions`), older ones one entry per
+    partition (`partition`)."""
+    raw = entry.get("partitions")
+    if isinstance(raw, list | tuple):
+        return frozenset(str(p) for p in raw if p)
+    return _split(raw or entry.get("partition"))
 
 
 def _split(value: Any) -> frozenset[str]:
@@ -322,10 +333,19 @@ class SlurmPlacement:
         out: dict[str, SlurmNode] = {}
         for entry in data.get("nodes") or ():
             node = SlurmNode.from_json(entry)
-            out.setdefault(node.name, node)  # a node in several partitions may repeat
+            seen = out.get(node.name)  # a node in several partitions may repeat
+            out[node.name] = (
+                node
+                if seen is None
+                else replace(seen, partitions=seen.partitions | node.partitions)
+            )
         if not out:
             raise ActuatorError("`sinfo --json`: Slurm reported no nodes")
         return out
+
+    def all_nodes(self) -> list[str]:
+        """Every node Slurm manages (rollback checks them all for our drains)."""
+        return sorted(self.nodes())
 
     def _node(self, name: str, nodes: Mapping[str, SlurmNode] | None = None) -> SlurmNode:
         if not _NODE_NAME.match(name):
@@ -359,6 +379,7 @@ class SlurmPlacement:
                 [r is not None and self._opted_out(r) for r in rows], dtype=bool
             ).reshape(-1),
             known=known.reshape(-1),
+            partitions=tuple(r.partitions if r is not None else frozenset() for r in rows),
         )
 
     def _priority(self, job: Mapping[str, Any]) -> int:

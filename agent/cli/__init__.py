@@ -8,9 +8,12 @@ from typing import Annotated
 import typer
 
 from agent.cli._common import setup_logging
+from agent.cli.audit_cmd import audit_app, explain
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
+from agent.cli.guard_cmd import guard_app
 from agent.cli.node import node_app
+from agent.cli.rollback import rollback
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -40,6 +43,10 @@ app.command()(demo)
 app.command("policies")(policies)
 app.add_typer(config_app, name="config")
 app.add_typer(node_app, name="node")
+app.add_typer(guard_app, name="guard")
+app.add_typer(audit_app, name="audit")
+app.command("explain")(explain)
+app.command("rollback")(rollback)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,5 +176,13 @@ class JobInventory(Protocol):
 
 
 @runtime_checkable
+class NodeLister(Protocol):
+    """A placement system that can list every node it manages (so `ooda rollback` finds every
+    node the agent drained, not only those its audit log names)."""
+
+    def all_nodes(self) -> list[str]: ...
+
+
+@runtime_checkable
 class Notifier(Protocol):
     def notify(self, intent: Notify) -> None: ...

@@ -131,6 +131,9 @@ class TwinPlacement:
         except KeyError:
             raise ActuatorError(f"twin: no node named {node!r}") from None
 
+    def all_nodes(self) -> list[str]:
+        return [str(n) for n in self.twin.node_names]
+
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         tw = self.twin
         names = np.asarray(node_names, dtype=np.str_)

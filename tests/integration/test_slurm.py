@@ -24,6 +24,8 @@ def test_node_states_mirror_slurm(slurm: SlurmCluster, placement: SlurmPlacement
     assert states.weight[:4].tolist() == [1, 1, 1, 1]
     assert states.features[0] == frozenset({"h100", "ib"})
     assert states.features[4] == frozenset()
+    assert states.partitions is not None and states.partitions[0] == frozenset({"gpu"})
+    assert placement.all_nodes() == list(NODES)
 
 
 def test_drain_carries_our_reason_and_resume_undoes_it(
