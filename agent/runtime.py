@@ -13,12 +13,13 @@ from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard
 from agent.config import Config, TwinConfig
-from agent.core.clock import Clock
+from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
 from agent.core.protocols import TelemetrySource
 from agent.loop import Loop
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
@@ -48,6 +49,27 @@ def twin_spec(cfg: TwinConfig) -> TwinSpec:
         node_overhead_w=cfg.node_overhead_w,
         budget=budget,
         faults=tuple(parse_fault(f) for f in cfg.faults),
+    )
+
+
+def prometheus_settings(config: Config) -> PrometheusSettings:
+    """The Prometheus source a config describes (the budget query comes from `cluster`)."""
+    p = config.source.prometheus
+    return PrometheusSettings(
+        url=p.url,
+        timeout_s=p.timeout_s,
+        retries=p.retries,
+        scrape_interval_s=p.scrape_interval_s,
+        staleness_s=p.staleness_s,
+        inventory_window_s=p.inventory_window_s,
+        metrics=dict(p.metrics),
+        host_labels=tuple(p.host_labels),
+        gpu_label=p.gpu_label,
+        uuid_label=p.uuid_label,
+        model_label=p.model_label,
+        job_label=p.job_label,
+        match=dict(p.match),
+        budget_query=config.cluster.budget_query,
     )
 
 
@@ -107,10 +129,15 @@ def build_runtime(
         config.actuators.placement,
     ):
         twin = Twin(twin_spec(config.twin))
+    closers: list[Callable[[], Any]] = []
     if source is None:
         if config.source.kind == "twin":
             assert twin is not None
             source = TwinSource(twin)
+        elif config.source.kind == "prometheus":
+            prometheus = PrometheusSource(prometheus_settings(config))
+            closers.append(prometheus.close)
+            source = prometheus
         else:
             raise ConfigError(f"source.kind: {config.source.kind!r} is not available yet")
     if config.actuators.caps == "twin":
@@ -119,6 +146,8 @@ def build_runtime(
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
+    if clock is None and config.source.kind == "prometheus":
+        clock = SystemClock()  # Prometheus answers in Unix time, whatever acts
     if clock is None:
         if twin is None:
             raise ConfigError("a clock is needed when no twin is configured")
@@ -138,4 +167,6 @@ def build_runtime(
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
     )
-    return Runtime(config=config, loop=loop, audit=audit, actuators=actuators, twin=twin)
+    return Runtime(
+        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+    )

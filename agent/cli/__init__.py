@@ -10,6 +10,7 @@ import typer
 from agent.cli._common import setup_logging
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
+from agent.cli.once import once
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def _root(
 
 
 app.command()(demo)
+app.command()(once)
 app.command("policies")(policies)
 app.add_typer(config_app, name="config")
 
