@@ -11,6 +11,8 @@ from agent.cli._common import setup_logging
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
 from agent.cli.once import once
+from agent.cli.sim import sim_app
+from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -38,6 +40,9 @@ def _root(
 
 app.command()(demo)
 app.command()(once)
+app.command()(record)
+app.add_typer(sim_app, name="sim")
+app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
 app.add_typer(config_app, name="config")
 

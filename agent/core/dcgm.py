@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from agent.core.snapshot import Metric
 
 
@@ -154,3 +157,11 @@ LABEL_JOB = "hpc_job"
 def escape_label_value(value: str) -> str:
     """A label value as the Prometheus text and OpenMetrics formats want it (inside quotes)."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_values(values: npt.NDArray[np.float64], integer: bool) -> list[str]:
+    """Sample values as dcgm-exporter prints them: integers for integer fields, else up to three
+    decimals (NVML reports milliwatts)."""
+    if integer:
+        return [str(v) for v in np.round(values).astype(np.int64).tolist()]
+    return [f"{v:.3f}".rstrip("0").rstrip(".") for v in values.tolist()]

@@ -202,12 +202,12 @@ class PrometheusSource:
         self.queries = 0  # made by the last observe()
         self.query_s = 0.0  # spent waiting on Prometheus in the last observe()
         hb = s.metrics[Metric.POWER_W]
-        self._heartbeat = hb
-        self._ident = [*s.host_labels, s.gpu_label]
-        self._value_metrics: dict[str, Metric] = {
+        self.heartbeat = hb  # the metric whose presence makes a GPU known and live
+        self.ident = [*s.host_labels, s.gpu_label]  # the labels that name a GPU
+        self.value_metrics: dict[str, Metric] = {
             name: metric for metric, name in s.metrics.items() if name and metric != Metric.POWER_W
         }
-        self._value_metrics[hb] = Metric.POWER_W
+        self.value_metrics[hb] = Metric.POWER_W
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -235,18 +235,17 @@ class PrometheusSource:
     def _selector(self, metric: str, regex: Mapping[str, str] | None = None) -> str:
         return promql.selector(metric, self.settings.match, regex)
 
-    def _hosts(self, vec: Vector) -> StrArray:
-        """The first non-empty host label of each series."""
-        labels = self.settings.host_labels
-        host = vec.labels[labels[0]]
-        for name in labels[1:]:
-            host = np.where(host != "", host, vec.labels[name])
-        return np.asarray(host, dtype=np.str_)
-
-    def _keys(self, vec: Vector) -> tuple[StrArray, StrArray, IntArray, BoolArray]:
-        """(key, host, gpu index, usable) per series: usable = a host and an integer gpu."""
-        host = self._hosts(vec)
-        gpu_text = vec.labels[self.settings.gpu_label]
+    def keys(
+        self, labels: Mapping[str, StrArray]
+    ) -> tuple[StrArray, StrArray, IntArray, BoolArray]:
+        """Per series (label columns): (key, host, gpu index, usable). The host is the first
+        non-empty host label; usable = it has a host and an integer gpu label."""
+        names = self.settings.host_labels
+        host = labels[names[0]]
+        for name in names[1:]:
+            host = np.where(host != "", host, labels[name])
+        host = np.asarray(host, dtype=np.str_)
+        gpu_text = labels[self.settings.gpu_label]
         ok = (host != "") & np.char.isdigit(gpu_text)
         gpu = np.where(ok, gpu_text, "0").astype(np.int64)
         keys = np.char.add(np.char.add(host, KEY_SEP), gpu.astype(np.str_))
@@ -259,9 +258,9 @@ class PrometheusSource:
         self.queries = 0
         self.query_s = 0.0
         errors: list[str] = []
-        hb = self._selector(self._heartbeat)
+        hb = self._selector(self.heartbeat)
         window = promql.duration(s.inventory_window_s)
-        ident = self._ident
+        ident = self.ident
         with_uuid = [*ident, s.uuid_label, s.model_label]
 
         inv = Vector.parse(
@@ -275,7 +274,7 @@ class PrometheusSource:
         live = Vector.parse(
             self.query(f"max {promql.by(live_labels)} (timestamp({hb}))", now_s), live_labels
         )
-        names = list(self._value_metrics)
+        names = list(self.value_metrics)
         vals = Vector.parse(
             self.query(
                 f"max {promql.by(['__name__', *ident])} ({promql.name_selector(names, s.match)})",
@@ -286,8 +285,8 @@ class PrometheusSource:
 
         # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
         # replaced GPU leaves an older series behind for a moment).
-        l_key, l_host, l_gpu, l_ok = self._keys(live)
-        i_key, i_host, i_gpu, i_ok = self._keys(inv)
+        l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
+        i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
         bad = int((~l_ok).sum() + (~i_ok).sum())
         if bad:
             labels = ", ".join(s.host_labels)
@@ -324,11 +323,11 @@ class PrometheusSource:
         stale = ~is_live | ~(age <= s.staleness_limit_s)
 
         # Values, joined by (host, gpu); stale GPUs carry none.
-        v_key, _, _, v_ok = self._keys(vals)
+        v_key, _, _, v_ok = self.keys(vals.labels)
         v_row = np.where(v_ok, lookup(key, v_key), -1)
         v_name = vals.labels["__name__"]
         values: dict[Metric, FloatArray] = {}
-        for name, metric in self._value_metrics.items():
+        for name, metric in self.value_metrics.items():
             column = np.full(key.size, np.nan)
             hit = (v_name == name) & (v_row >= 0)
             column[v_row[hit]] = vals.values[hit] * FIELD_BY_METRIC[metric].to_metric
@@ -361,16 +360,16 @@ class PrometheusSource:
         window = promql.duration(s.inventory_window_s)
         step = promql.duration(min(s.scrape_interval_s, s.inventory_window_s))
         unique_hosts = sorted(set(hosts.tolist()))
-        by_ident = promql.by(self._ident)
+        by_ident = promql.by(self.ident)
         for start in range(0, len(unique_hosts), s.max_hosts_per_query):
             chunk = unique_hosts[start : start + s.max_hosts_per_query]
             regex = promql.any_of(chunk)
             inner = " or ".join(
-                self._selector(self._heartbeat, {label: regex}) for label in s.host_labels
+                self._selector(self.heartbeat, {label: regex}) for label in s.host_labels
             )
             expr = f"max {by_ident} (max_over_time(timestamp({inner})[{window}:{step}]))"
-            vec = Vector.parse(self.query(expr, now_s), self._ident)
-            v_key, _, _, v_ok = self._keys(vec)
+            vec = Vector.parse(self.query(expr, now_s), self.ident)
+            v_key, _, _, v_ok = self.keys(vec.labels)
             rows = lookup(keys, v_key)
             hit = v_ok & (rows >= 0)
             out[rows[hit]] = vec.values[hit]

@@ -483,7 +483,8 @@ class TraceReader:
     """Reads a trace; also a TelemetrySource: `observe(now_s)` gives the newest step at or before
     `now_s` (TelemetryError before the first step)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, metrics: Sequence[Metric] | None = None) -> None:
+        """`metrics`: read only these (default: every metric in the trace)."""
         self.path = Path(path)
         try:
             self._file = pq.ParquetFile(self.path, page_checksum_verification=True)
@@ -497,6 +498,18 @@ class TraceReader:
             ) from None
         self.meta = self._read_meta()
         self._check_schema()
+        if metrics is None:
+            self.metrics = self.meta.metrics
+        else:
+            absent = [str(m) for m in metrics if m not in self.meta.metrics]
+            if absent:
+                raise self._err("metrics", f"{absent} not recorded in this trace")
+            self.metrics = tuple(metrics)
+        self._columns = [
+            *IDENTITY_COLUMNS,
+            *(metric_column(m).name for m in self.metrics),
+            *(LABEL_PREFIX + x for x in self.meta.labels),
+        ]
         self._group_start = np.concatenate([[0], np.cumsum(self.meta.group_steps)]).astype(int)
         self._cached: tuple[int, TraceBlock] | None = None
 
@@ -589,7 +602,7 @@ class TraceReader:
         first, last = int(self._group_start[group]), int(self._group_start[group + 1])
         place = f"row group {group} (steps {first}..{last - 1})"
         try:
-            table = self._file.read_row_group(group)
+            table = self._file.read_row_group(group, columns=self._columns)
         except (OSError, pa.ArrowException) as exc:
             raise self._err(self._locate(group, place), _first_line(exc)) from None
         times = self.meta.time_s[first:last]
@@ -647,9 +660,7 @@ class TraceReader:
         gpu = table.column("gpu").to_numpy().astype(np.int64).reshape(n, t)
         if n and not bool(np.all(gpu == gpu[:, :1])):
             raise ValueError("column 'gpu' changes within a GPU's rows")
-        values = {
-            m: numbers(metric_column(m).name, metric_column(m).scale) for m in self.meta.metrics
-        }
+        values = {m: numbers(metric_column(m).name, metric_column(m).scale) for m in self.metrics}
         return TraceBlock(
             time_s=np.ascontiguousarray(grid[:, 0]) if n else times,
             node=strings("node", True),

@@ -37,6 +37,7 @@ from agent.core.dcgm import (
     LABEL_UUID,
     DcgmField,
     escape_label_value,
+    format_values,
 )
 from agent.core.snapshot import Metric, Snapshot
 from agent.sim.faults import FaultKind
@@ -106,12 +107,6 @@ def dropout_since(twin: Twin) -> FloatArray:
     return since
 
 
-def _format_values(values: FloatArray, integer: bool) -> list[str]:
-    if integer:
-        return [str(v) for v in values.astype(np.int64).tolist()]
-    return [f"{v:.3f}".rstrip("0").rstrip(".") for v in values.tolist()]
-
-
 class NodeExporter:
     """Renders one node's /metrics text from the twin. Static labels are built once."""
 
@@ -146,7 +141,7 @@ class NodeExporter:
         parts: list[str] = []
         for f in self.fields:
             parts.append(f"# HELP {f.name} {f.help}\n# TYPE {f.name} {f.kind}\n")
-            texts = _format_values(sub[f.name], f.integer)
+            texts = format_values(sub[f.name], f.integer)
             parts.extend(
                 f"{f.name}{{{lab}}} {text}\n" for lab, text in zip(labels, texts, strict=True)
             )
@@ -230,9 +225,10 @@ class NodeServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever: only if it runs
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
         self._httpd.server_close()
-        self._thread.join(timeout=5)
 
 
 class SimServer:
@@ -282,18 +278,18 @@ class SimServer:
         return {("GET", "/metrics"): metrics}
 
     def start(self) -> SimServer:
-        try:
-            for k in range(1, self.twin.spec.nodes + 1):
-                port = 0 if self.port_base == 0 else self.port_base + k - 1
-                server = NodeServer(
-                    str(self.twin.node_names[k - 1]), self.listen, port, self._node_routes(k)
-                )
-                self.nodes.append(server)
-        except OSError:
-            for server in self.nodes:
-                server.stop()
-            self.nodes = []
-            raise
+        for k in range(1, self.twin.spec.nodes + 1):
+            port = 0 if self.port_base == 0 else self.port_base + k - 1
+            name = str(self.twin.node_names[k - 1])
+            try:
+                self.nodes.append(NodeServer(name, self.listen, port, self._node_routes(k)))
+            except OSError as exc:
+                for server in self.nodes:
+                    server.stop()
+                self.nodes = []
+                raise OSError(
+                    exc.errno, f"cannot listen on {self.listen}:{port} for {name} ({exc.strerror})"
+                ) from exc
         for server in self.nodes:
             server.start()
         self._stepper = threading.Thread(target=self._run, name="twin-stepper", daemon=True)
