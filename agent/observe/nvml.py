@@ -85,7 +85,7 @@ class NvmlSource:
                 errors.append(f"{target}: {problem}: {', '.join(names)}")
         return build_snapshot(
             time_s=now_s,
-            node_of_gpu=np.full(n, self.node_name, dtype=np.str_),
+            node_of_gpu=np.full(n, self.node_name),
             gpu=index,
             uuid=np.asarray(uuid, dtype=np.str_),
             model=np.asarray(model, dtype=np.str_),

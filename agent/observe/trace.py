@@ -245,6 +245,14 @@ class TraceWriter:
         a block; a change of the fleet starts a new one."""
         budget = snapshot.budget_w if budget_w is None else budget_w
         buf = self._buffer
+        last = buf.time_s[buf.steps - 1] if buf is not None and buf.steps else None
+        if last is None and self._steps_t:
+            last = self._steps_t[-1]
+        if last is not None and not snapshot.time_s > last:
+            raise ValueError(
+                f"trace {self.path}: steps must move forward in time "
+                f"({snapshot.time_s} after {last})"
+            )
         if buf is not None and (buf.full or not buf.same_gpus(snapshot)):
             self.flush()
             buf = None
@@ -255,9 +263,9 @@ class TraceWriter:
 
     def flush(self) -> None:
         """Write the buffered steps as a row group."""
-        if self._buffer is not None and self._buffer.steps:
-            self.write_block(self._buffer.block())
-        self._buffer = None
+        buf, self._buffer = self._buffer, None
+        if buf is not None and buf.steps:
+            self.write_block(buf.block())
 
     def write_block(self, block: TraceBlock) -> None:
         """A rectangular chunk, rows sorted by GPU then time (split to keep row groups small)."""
