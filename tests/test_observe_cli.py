@@ -120,7 +120,18 @@ def test_parse_time() -> None:
 
 def test_sim_record_info_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "t.parquet"
-    args = "sim record --nodes 2 --gpus-per-node 2 --duration 5m --step 15s".split()
+    args = [
+        "sim",
+        "record",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--duration",
+        "5m",
+        "--step",
+        "15s",
+    ]
     args += ["--fault", "dropout:node2@60+60", "-o", str(trace), "--json"]
     assert main(args) == 0
     out = _last_json(capsys.readouterr().out)
