@@ -60,14 +60,19 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
         # node2 is not live: whatever values linger are not used.
         sample(300.0, __name__="DCGM_FI_DEV_POWER_USAGE", hostname="node2", gpu="0"),
     ]
-    last = [{"metric": {"hostname": "node2", "gpu": "0"}, "value": [NOW, str(NOW - 95)]}]
     fake = FakePrometheus(
         [
-            ("max_over_time", last),
             ("last_over_time", [{"metric": m, "value": [NOW, "1"]} for m in inventory]),
             ("timestamp(", live),
             ("__name__", values),
         ]
+    )
+    fake.answers.insert(
+        0,
+        (
+            "max_over_time",
+            [{"metric": {"hostname": "node2", "gpu": "0"}, "value": [NOW, str(NOW - 95)]}],
+        ),
     )
     source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
     snap = source.observe(NOW)
@@ -86,11 +91,13 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
     limit, limit_ok = snap.column(Metric.POWER_LIMIT_W)
     assert not limit_ok.any() and np.isnan(limit).all()  # not exported: missing
     assert source.queries == 4
-    # Every query was evaluated at the same time, and the stale-host query names only node2.
+    # Every query was evaluated at the same time; the stale-host one names only node2.
     assert {p["time"] for _, p in fake.queries} == {f"{NOW:.3f}"}
     stale_query = next(q for q, _ in fake.queries if "max_over_time" in q)
+    assert "[600s:15s]" in stale_query
     assert '"node2"' in stale_query and "node1" not in stale_query
-    assert 'Hostname=~"node2"' in stale_query and 'hostname=~"node2"' in stale_query
+    assert 'timestamp(DCGM_FI_DEV_POWER_USAGE{Hostname=~"node2"})' in stale_query
+    assert 'timestamp(DCGM_FI_DEV_POWER_USAGE{hostname=~"node2"})' in stale_query
 
 
 def test_old_samples_are_stale_even_when_prometheus_still_has_them() -> None:

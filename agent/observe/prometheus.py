@@ -11,9 +11,9 @@ per GPU:
    time of every GPU Prometheus still considers live (an instant selector drops stale-marked
    series), and the job running there;
 3. values: `max by (__name__, host, gpu) ({__name__=~"POWER|TEMP|..."})`, every other field;
-4. only when some GPUs are stale: their newest sample's time, from
-   `max_over_time(timestamp(POWER{host=~"h1|h2"})[window:scrape_interval])`, restricted to their
-   hosts with an escaped regex;
+4. only when some GPUs are not live: their newest sample's time,
+   `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
+   scrape_interval])`, restricted to their hosts with an escaped regex;
 5. the budget, when a PromQL expression gives it.
 
 A GPU is stale when Prometheus no longer has it live (query 2 misses it: its scrape failed) or its
@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,32 @@ class Vector:
         return Vector(cols, values.reshape(len(result)))
 
 
+@dataclass(frozen=True, eq=False)
+class Matrix:
+    """A range-query answer as columns: per series the labels asked for; per point the series it
+    belongs to, its time and value."""
+
+    labels: dict[str, StrArray]
+    series: IntArray
+    t_s: FloatArray
+    values: FloatArray
+
+    def __len__(self) -> int:
+        return int(next(iter(self.labels.values())).shape[0]) if self.labels else 0
+
+    @staticmethod
+    def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Matrix:
+        metrics = [r["metric"] for r in result]
+        cols = {
+            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
+        }
+        lengths = np.array([len(r["values"]) for r in result], dtype=np.int64)
+        points = [p for r in result for p in r["values"]]
+        t = np.fromiter((p[0] for p in points), dtype=np.float64, count=len(points))
+        v = np.array([p[1] for p in points], dtype=np.float64).reshape(len(points))
+        return Matrix(cols, np.repeat(np.arange(len(result)), lengths), t, v)
+
+
 class PrometheusSource:
     """A TelemetrySource over Prometheus. `observe(now_s)` evaluates every query at `now_s`
     (Unix seconds), so a recorded or backfilled past can be observed too."""
@@ -231,6 +258,31 @@ class PrometheusSource:
         if not isinstance(result, list):
             raise TelemetryError(f"prometheus {s.url}: malformed answer to {_shorten(expr)}")
         return result
+
+    def query_range(
+        self, expr: str, start_s: float, end_s: float, step_s: float
+    ) -> list[dict[str, Any]]:
+        """One range query (whole-second bounds, as prometheus-api-client sends them)."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.queries += 1
+        try:
+            return list(
+                self.client.custom_query_range(
+                    expr,
+                    start_time=datetime.fromtimestamp(start_s, UTC),
+                    end_time=datetime.fromtimestamp(end_s, UTC),
+                    step=f"{step_s:g}",
+                    params={"timeout": f"{s.timeout_s:g}s"},
+                )
+            )
+        except Exception as exc:
+            raise TelemetryError(
+                f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} "
+                f"(range query {_shorten(expr)})"
+            ) from exc
+        finally:
+            self.query_s += time.perf_counter() - t0
 
     def _selector(self, metric: str, regex: Mapping[str, str] | None = None) -> str:
         return promql.selector(metric, self.settings.match, regex)
@@ -353,8 +405,13 @@ class PrometheusSource:
     def _last_sample_times(
         self, keys: StrArray, hosts: StrArray, now_s: float, errors: list[str]
     ) -> FloatArray:
-        """Newest sample time of GPUs Prometheus has marked stale, from a subquery restricted to
-        their hosts (the regex escapes every host name)."""
+        """Newest sample time of GPUs Prometheus no longer has live, from a subquery over the
+        inventory window restricted to their hosts (the regex escapes every host name).
+
+        `timestamp()` gives a sample's own time only when applied to a selector itself (of any
+        other expression, e.g. `a or b`, it gives the evaluation time), so each host label gets
+        its own `timestamp(selector)`. A subquery step of one scrape interval cannot miss the
+        steps between a series' last sample and its stale marker."""
         s = self.settings
         out = np.full(keys.size, np.nan)
         window = promql.duration(s.inventory_window_s)
@@ -365,14 +422,15 @@ class PrometheusSource:
             chunk = unique_hosts[start : start + s.max_hosts_per_query]
             regex = promql.any_of(chunk)
             inner = " or ".join(
-                self._selector(self.heartbeat, {label: regex}) for label in s.host_labels
+                f"timestamp({self._selector(self.heartbeat, {label: regex})})"
+                for label in s.host_labels
             )
-            expr = f"max {by_ident} (max_over_time(timestamp({inner})[{window}:{step}]))"
+            expr = f"max {by_ident} (max_over_time(({inner})[{window}:{step}]))"
             vec = Vector.parse(self.query(expr, now_s), self.ident)
             v_key, _, _, v_ok = self.keys(vec.labels)
             rows = lookup(keys, v_key)
             hit = v_ok & (rows >= 0)
-            out[rows[hit]] = vec.values[hit]
+            np.fmax.at(out, rows[hit], vec.values[hit])
         unknown = int(np.isnan(out).sum())
         if unknown:
             errors.append(f"{unknown} stale GPUs: time of the last sample unknown")

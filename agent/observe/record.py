@@ -11,20 +11,17 @@ a step is stale there, with the age of its last sample, as `PrometheusSource` wo
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.core.dcgm import FIELD_BY_METRIC
-from agent.core.errors import TelemetryError
 from agent.core.snapshot import Metric
 from agent.observe import promql
-from agent.observe.prometheus import PrometheusSource, describe_error, first_per_key, lookup
+from agent.observe.prometheus import Matrix, PrometheusSource, first_per_key, lookup
 from agent.observe.trace import TraceBlock, TraceWriter
 
 FloatArray = npt.NDArray[np.float64]
@@ -33,29 +30,6 @@ StrArray = npt.NDArray[np.str_]
 
 MAX_POINTS = 2_000_000  # points per range query answer (JSON of about 60 MB)
 MAX_STEPS = 11_000  # Prometheus refuses more points per series
-
-
-@dataclass(frozen=True, eq=False)
-class Matrix:
-    """A range-query answer as columns: per series the labels asked for; per point the series it
-    belongs to, its time and value."""
-
-    labels: dict[str, StrArray]
-    series: IntArray
-    t_s: FloatArray
-    values: FloatArray
-
-    @staticmethod
-    def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Matrix:
-        metrics = [r["metric"] for r in result]
-        cols = {
-            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
-        }
-        lengths = np.array([len(r["values"]) for r in result], dtype=np.int64)
-        points = [p for r in result for p in r["values"]]
-        t = np.fromiter((p[0] for p in points), dtype=np.float64, count=len(points))
-        v = np.array([p[1] for p in points], dtype=np.float64).reshape(len(points))
-        return Matrix(cols, np.repeat(np.arange(len(result)), lengths), t, v)
 
 
 @dataclass
@@ -107,41 +81,21 @@ def record_prometheus(
     seen = _Seen(none, none, np.zeros(0, dtype=np.int64), none, none, np.zeros(0))
     chunk = min(60, MAX_STEPS)  # small at first, then sized from the fleet seen
     t0 = first
-    chunks = queries = 0
-    most = 0
-    waited = 0.0
+    chunks = most = 0
+    source.queries, source.query_s = 0, 0.0
     while t0 <= last:
         t1 = min(last, t0 + (chunk - 1) * step_s)
         times = np.arange(t0, t1 + step_s / 2, step_s)
 
         def query(expr: str, t_start: float = t0, t_end: float = t1) -> list[dict[str, Any]]:
-            nonlocal queries, waited
-            queries += 1
-            started = time.perf_counter()
-            try:
-                return list(
-                    source.client.custom_query_range(
-                        expr,
-                        start_time=datetime.fromtimestamp(t_start, UTC),
-                        end_time=datetime.fromtimestamp(t_end, UTC),
-                        step=f"{step_s:g}",
-                        params={"timeout": f"{s.timeout_s:g}s"},
-                    )
-                )
-            except Exception as exc:
-                raise TelemetryError(
-                    f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} (range query "
-                    f"{expr[:120]})"
-                ) from exc
-            finally:
-                waited += time.perf_counter() - started
+            return source.query_range(expr, t_start, t_end, step_s)
 
         live = Matrix.parse(query(live_expr), live_labels)
         vals = Matrix.parse(query(vals_expr), ["__name__", *ident])
         budget = np.full(times.size, np.nan)
         if s.budget_query:
             answer = Matrix.parse(query(s.budget_query), [])
-            if answer.labels == {} and np.unique(answer.series).size == 1:
+            if np.unique(answer.series).size == 1:  # one budget signal, or none recorded
                 budget[_step_index(answer.t_s, t0, step_s)] = answer.values
         block, seen = _block(source, times, t0, step_s, live, vals, seen, budget)
         writer.write_block(block)
@@ -153,7 +107,9 @@ def record_prometheus(
         chunk = int(max(1, min(MAX_STEPS, max_points // per_step)))
         t0 = t1 + step_s
     steps = round((last - first) / step_s) + 1
-    return RecordStats(steps=steps, chunks=chunks, queries=queries, gpus=most, query_s=waited)
+    return RecordStats(
+        steps=steps, chunks=chunks, queries=source.queries, gpus=most, query_s=source.query_s
+    )
 
 
 def _step_index(t: FloatArray, t0: float, step_s: float) -> IntArray:
