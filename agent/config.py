@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.act.guard import GuardSettings
+from agent.act.node_client import NodeClientSettings
 from agent.core.dcgm import (
     DCGM_FIELDS,
     LABEL_GPU,
@@ -28,6 +29,7 @@ from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.snapshot import Metric
 from agent.observe.promql import check_label_name, check_metric_name
+from agent.orient.groups import expand_nodes
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -35,6 +37,23 @@ from policies.registry import PolicyRegistry, default_registry
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class GroupConfig(_Section):
+    nodes: str | list[str] = Field(
+        ...,
+        description="Member nodes: a Slurm hostlist ('node[1-8]') or a list of hostlists/globs.",
+    )
+    budget_w: float = Field(..., gt=0, description="This group's own power budget (W).")
+
+    @field_validator("nodes")
+    @classmethod
+    def _valid_hostlist(cls, value: str | list[str]) -> str | list[str]:
+        try:
+            expand_nodes(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ClusterConfig(_Section):
@@ -49,6 +68,19 @@ class ClusterConfig(_Section):
     )
     node_overhead_w: float = Field(
         0.0, ge=0, description="Non-GPU power per node counted against the budget (W)."
+    )
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="Racks or rows with budgets of their own, by node lists."
+    )
+    group_label: str | None = Field(
+        None, description="A telemetry label naming each GPU's rack or row (instead of node lists)."
+    )
+    label_budgets_w: dict[str, float] = Field(
+        default_factory=dict, description="Budget (W) per value of group_label."
+    )
+    job_priority: dict[str, int] = Field(
+        default_factory=dict,
+        description="Job id glob -> priority class (higher is more important), e.g. {'10*' = 2}.",
     )
 
 
@@ -170,9 +202,20 @@ class SourceConfig(_Section):
 
 
 class ActuatorsConfig(_Section):
-    caps: Literal["twin", "none"] = Field("twin", description="Who applies power caps.")
+    caps: Literal["twin", "node", "none"] = Field(
+        "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
+    )
     placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
+    node: NodeClientSettings | None = Field(
+        None, description="How to reach the node daemons (needed when caps = 'node')."
+    )
+
+    @model_validator(mode="after")
+    def _node_section(self) -> ActuatorsConfig:
+        if self.caps == "node" and self.node is None:
+            raise ValueError("caps = 'node' needs an [actuators.node] section")
+        return self
 
 
 class DaemonConfig(_Section):
@@ -214,13 +257,16 @@ class Config(_Section):
         # with Prometheus the default is to advise only, and asking for them is an error.
         if self.source.kind != "prometheus":
             return self
-        if "actuators" not in self.model_fields_set:
-            self.actuators = ActuatorsConfig(caps="none", placement="none")
-        elif "twin" in (self.actuators.caps, self.actuators.placement):
-            raise ValueError(
-                "actuators: 'twin' acts on an in-process twin, which a Prometheus source does not "
-                "observe; use 'none' (advise only)"
-            )
+        given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
+        for name in ("caps", "placement"):
+            if getattr(self.actuators, name) != "twin":
+                continue
+            if name in given:
+                raise ValueError(
+                    f"actuators.{name}: 'twin' acts on an in-process twin, which a Prometheus "
+                    "source does not observe; use 'none' (advise only)"
+                )
+            setattr(self.actuators, name, "none")
         return self
 
 

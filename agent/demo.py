@@ -95,6 +95,7 @@ def build_agent(
     policy_names: tuple[str, ...],
     settings: dict[str, PolicySettings] | None = None,
     guard: GuardSettings | None = None,
+    interval_s: float = 15.0,
 ) -> tuple[Loop, Actuators]:
     """The agent wired to the twin: its telemetry, its caps and its scheduler."""
     actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
@@ -112,6 +113,7 @@ def build_agent(
         clock=TwinClock(twin),
         placement=actuators.placement,
         dry_run_caps=dry_run,
+        interval_s=interval_s,
     )
     return loop, actuators
 
@@ -139,7 +141,9 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
 
     audit = AuditLog(path=opts.audit_path)
     twin = Twin(spec)
-    loop, _ = build_agent(twin, opts.dry_run, audit, registry, opts.policies)
+    loop, _ = build_agent(
+        twin, opts.dry_run, audit, registry, opts.policies, interval_s=opts.interval_s
+    )
     try:
         reports = drive(twin, loop, opts.duration_s, opts.interval_s)
     finally:

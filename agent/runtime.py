@@ -12,6 +12,7 @@ from typing import Any
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard
+from agent.act.node_client import NodeCapActuator
 from agent.config import Config, TwinConfig
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
@@ -20,6 +21,7 @@ from agent.core.intents import Intent
 from agent.core.protocols import TelemetrySource
 from agent.loop import Loop
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
@@ -70,6 +72,20 @@ def prometheus_settings(config: Config) -> PrometheusSettings:
         job_label=p.job_label,
         match=dict(p.match),
         budget_query=config.cluster.budget_query,
+    )
+
+
+def orienter_for(config: Config) -> Orienter:
+    cluster = config.cluster
+    return Orienter(
+        node_overhead_w=cluster.node_overhead_w,
+        groups=tuple(
+            GroupSpec(name, g.budget_w, tuple(expand_nodes(g.nodes)))
+            for name, g in cluster.groups.items()
+        ),
+        group_label=cluster.group_label,
+        label_budgets_w=dict(cluster.label_budgets_w),
+        job_priority=dict(cluster.job_priority),
     )
 
 
@@ -143,6 +159,11 @@ def build_runtime(
     if config.actuators.caps == "twin":
         assert twin is not None
         actuators.caps = TwinCapActuator(twin)
+    if config.actuators.caps == "node":
+        assert config.actuators.node is not None  # the config validator insists
+        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
+        actuators.caps = node_caps
+        closers.append(node_caps.close)
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
@@ -155,7 +176,7 @@ def build_runtime(
     budget = budget_w if budget_w is not None else config.cluster.budget_w
     loop = Loop(
         source=source,
-        orienter=Orienter(node_overhead_w=config.cluster.node_overhead_w),
+        orienter=orienter_for(config),
         policies=policies,
         guard=Guard(config.guard),
         executor=Executor(
@@ -166,6 +187,7 @@ def build_runtime(
         budget_w=budget,
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
+        interval_s=config.daemon.interval_s,
     )
     return Runtime(
         config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers

@@ -71,8 +71,10 @@ def test_bad_prometheus_config_names_the_key(data: dict, message: str) -> None: 
 
 
 def test_twin_actuators_with_prometheus_are_refused() -> None:
-    with pytest.raises(ConfigError, match="actuators: 'twin' acts on an in-process twin"):
+    with pytest.raises(ConfigError, match=r"actuators\.caps: 'twin' acts on an in-process twin"):
         parse_config({"source": {"kind": "prometheus"}, "actuators": {"caps": "twin"}})
+    config = parse_config({"source": {"kind": "prometheus"}, "actuators": {"lease_s": 60}})
+    assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
 
 
 def test_once_needs_a_source_and_a_url(capsys: pytest.CaptureFixture[str]) -> None:

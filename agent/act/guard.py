@@ -10,8 +10,9 @@ Every refusal carries its reason and is audited by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -203,7 +204,17 @@ class Guard:
             slot = self.nodes.slots(np.array([intent.node]))
             self.nodes["last_change_s"][slot] = now_s
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the guard remembers (ownership, cooldowns), JSON-ready, for persistence."""
+        return {"caps": self.caps.to_dict(), "nodes": self.nodes.to_dict()}
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.caps.load_dict(data.get("caps", {}))
+        self.nodes.load_dict(data.get("nodes", {}))
+
     def capped_by_us(self, uuids: npt.NDArray[np.str_]) -> BoolArray:
+        if len(self.caps) == 0:
+            return np.zeros(uuids.shape, dtype=bool)
         pos, found = self.caps.lookup(uuids)
         return np.asarray(found & np.isfinite(self.caps["our_cap_w"][pos]), dtype=bool)
 

@@ -10,6 +10,7 @@ import typer
 from agent.cli._common import setup_logging
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
+from agent.cli.node import node_app
 from agent.cli.once import once
 from agent.cli.sim import sim_app
 from agent.cli.trace import record, trace_app
@@ -45,6 +46,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
 app.add_typer(config_app, name="config")
+app.add_typer(node_app, name="node")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,43 @@ class CapActuator(Protocol):
 
 
 @runtime_checkable
+class CapLeaseRenewer(Protocol):
+    """A CapActuator whose caps are leases it renews: the loop calls `renew_leases` once per
+    cycle (live caps only), so caps the agent set stay in force while the agent runs and fall
+    back on the node when it stops. Returns the GPUs renewed and a result aligned with them."""
+
+    def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class GpuLimits:
+    """Per GPU, as the node daemons report them (watts; NaN where unknown): constraints, the
+    current and enforced limits, and the lease left (NaN: no lease). `errors`: node -> why
+    that node could not be read (its GPUs are absent, not zero)."""
+
+    node: npt.NDArray[np.str_]
+    gpu: npt.NDArray[np.int64]
+    uuid: npt.NDArray[np.str_]
+    min_w: FloatArray
+    max_w: FloatArray
+    default_w: FloatArray
+    power_limit_w: FloatArray
+    enforced_limit_w: FloatArray
+    lease_remaining_s: FloatArray
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.uuid.shape[0])
+
+
+@runtime_checkable
+class GpuLimitsSource(Protocol):
+    """Reads GPU limits from the nodes (for telemetry setups whose exporter lacks them)."""
+
+    def gpu_limits(self, node_names: Sequence[str]) -> GpuLimits: ...
+
+
+@runtime_checkable
 class PlacementActuator(Protocol):
     """Job placement (Slurm now; Kubernetes later behind the same interface). Methods raise
     ActuatorError on failure."""

@@ -6,7 +6,9 @@ its trackers and is explicit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +16,9 @@ import numpy.typing as npt
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.situation import CurveEstimates, NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
+from agent.orient.arrivals import ArrivalTracker
+from agent.orient.groups import GroupSpec, group_masks, job_priorities
+from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
 
 FloatArray = npt.NDArray[np.float64]
@@ -70,10 +75,36 @@ class Orienter:
         node_overhead_w: float = 0.0,
         prior: CurvePrior | None = None,
         natural: NaturalDrawTracker | None = None,
+        groups: tuple[GroupSpec, ...] = (),
+        group_label: str | None = None,
+        label_budgets_w: dict[str, float] | None = None,
+        job_priority: dict[str, int] | None = None,
     ) -> None:
         self.node_overhead_w = node_overhead_w
+        self.groups = groups
+        self.group_label = group_label
+        self.label_budgets_w = label_budgets_w or {}
+        self.job_priority = job_priority or {}
         self.prior = prior or CurvePrior()
         self.natural = natural or NaturalDrawTracker()
+        self.idle = IdleTracker()
+        self.arrivals = ArrivalTracker()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The models' learned state, JSON-ready (the daemon persists it across restarts)."""
+        return {
+            "natural": self.natural.state.to_dict(),
+            "idle": self.idle.state.to_dict(),
+            "arrivals": self.arrivals.to_dict(),
+        }
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        if "natural" in data:
+            self.natural.state.load_dict(data["natural"])
+        if "idle" in data:
+            self.idle.state.load_dict(data["idle"])
+        if "arrivals" in data:
+            self.arrivals.load_dict(data["arrivals"])
 
     def orient(
         self,
@@ -116,7 +147,9 @@ class Orienter:
                 f"{n_stale} GPUs stale: no actions on them, their power is not in fleet_power_w"
             )
         if priority is None:
-            priority = _priority_from_labels(snapshot)
+            priority = job_priorities(
+                snapshot.job, self.job_priority, _priority_from_labels(snapshot)
+            )
         return Situation(
             snapshot=snapshot,
             time_s=snapshot.time_s,
@@ -132,6 +165,11 @@ class Orienter:
             default_cap_w=default_cap,
             nodes=nodes,
             notes=tuple(notes),
+            idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
+            arrival_reserve_w=self.arrivals.update(snapshot.uuid, draw.busy, snapshot.fresh, power),
+            group_budgets=group_masks(
+                snapshot, self.groups, self.group_label, self.label_budgets_w
+            ),
         )
 
 

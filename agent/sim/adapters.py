@@ -43,6 +43,7 @@ class TwinSource:
             Metric.REMAPPED_ROWS_UNCORRECTABLE: tw.remapped_uncorrectable,
             Metric.ROW_REMAP_FAILURE: tw.row_remap_failure,
             Metric.ENERGY_J: tw.energy_j,
+            Metric.CLOCKS_EVENT_REASONS: tw.clocks_event_reasons.astype(np.float64),
         }
         if self.expose_limits:
             values |= {

@@ -127,8 +127,8 @@ class TwinSpec:
 
     @property
     def thermal_r_c_per_w(self) -> float:
-        # At TDP a healthy GPU settles 5 C under its slowdown temperature.
-        return (self.model.slowdown_temp_c - 5.0 - self.ambient_c) / self.model.tdp_w
+        # At TDP a healthy, well-cooled GPU settles 10 C under its slowdown temperature.
+        return (self.model.slowdown_temp_c - 10.0 - self.ambient_c) / self.model.tdp_w
 
     def expected_demand_w(self) -> float:
         """Expected fleet draw with no caps at the target occupancy (for sizing budgets)."""
@@ -222,6 +222,7 @@ class Twin:
         self.sm_clock_mhz = np.full(n, IDLE_SM_CLOCK_MHZ)
         self.throughput = np.zeros(n)  # relative to uncapped, per GPU
         self.throttled = np.zeros(n, dtype=bool)
+        self.clocks_event_reasons = np.zeros(n, dtype=np.int64)  # NVML/DCGM throttle bitmask
         self.node_drained = np.zeros(spec.nodes, dtype=bool)
         self.node_weight = np.ones(spec.nodes, dtype=np.int64)
         self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
@@ -230,6 +231,8 @@ class Twin:
         self.jobs = _Jobs()
         self.pending: list[int] = []
         self.work_done_gpu_s = 0.0
+        # Work done per priority class (index = class), for priority-weighted comparisons.
+        self.work_by_priority_gpu_s = np.zeros(int(max(p for p, _ in spec.priorities)) + 1)
         self.energy_total_j = 0.0
         self.log = StepLog()
         self._log_buf: list[tuple[float, float, float, float]] = []
@@ -444,6 +447,12 @@ class Twin:
         power = np.where(self.throttled, power * THROTTLE_POWER, power)
         self.power_w = np.maximum(power, 0.0)
         self.throughput = tput
+        # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
+        # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
+        cap_binds = working & (natural_eff > k * self.enforced_w)
+        self.clocks_event_reasons = np.asarray(
+            np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
+        )
 
         # Telemetry a DCGM exporter would show.
         wl_mem = np.zeros(spec.n_gpus)
@@ -482,7 +491,9 @@ class Twin:
         if done.size:
             self.jobs.state[done] = JOB_DONE
             self.job_row[np.isin(self.job_row, done)] = -1
-        return float((rate_run * self.jobs.n_gpus[running]).sum() * dt)
+        work = rate_run * self.jobs.n_gpus[running] * dt
+        np.add.at(self.work_by_priority_gpu_s, self.jobs.priority[running], work)
+        return float(work.sum())
 
     def fleet_power_w(self) -> float:
         return float(self.power_w.sum()) + self.spec.nodes * self.spec.node_overhead_w
