@@ -22,6 +22,25 @@ def sample(value: float, **labels: str) -> dict[str, Any]:
     return {"metric": labels, "value": [NOW, repr(value)]}
 
 
+def per_field(values: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Answers for the per-field value queries, `max by (...) (NAME...)`."""
+    names = {v["metric"]["__name__"] for v in values}
+    return [
+        (
+            f"({name}",
+            [
+                {
+                    "metric": {k: x for k, x in v["metric"].items() if k != "__name__"},
+                    "value": v["value"],
+                }
+                for v in values
+                if v["metric"]["__name__"] == name
+            ],
+        )
+        for name in sorted(names)
+    ]
+
+
 class FakePrometheus:
     """Answers instant queries by the first marker found in the query text."""
 
@@ -64,7 +83,7 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
         [
             ("last_over_time", [{"metric": m, "value": [NOW, "1"]} for m in inventory]),
             ("timestamp(", live),
-            ("__name__", values),
+            *per_field(values),
         ]
     )
     fake.answers.insert(
@@ -90,7 +109,7 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
     assert snap.column(Metric.ENERGY_J)[0][0] == 5000.0  # mJ -> J
     limit, limit_ok = snap.column(Metric.POWER_LIMIT_W)
     assert not limit_ok.any() and np.isnan(limit).all()  # not exported: missing
-    assert source.queries == 4
+    assert source.queries == 2 + 15 + 1  # inventory, live, one per field, stale hosts
     # Every query was evaluated at the same time; the stale-host one names only node2.
     assert {p["time"] for _, p in fake.queries} == {f"{NOW:.3f}"}
     stale_query = next(q for q, _ in fake.queries if "max_over_time" in q)
@@ -102,7 +121,7 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
 
 def test_old_samples_are_stale_even_when_prometheus_still_has_them() -> None:
     live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 100)]}]
-    fake = FakePrometheus([("last_over_time", []), ("timestamp(", live), ("__name__", [])])
+    fake = FakePrometheus([("last_over_time", []), ("timestamp(", live)])
     source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
     snap = source.observe(NOW)
     assert snap.n_gpus == 1 and bool(snap.stale[0]) and snap.age_s[0] == 100.0
@@ -138,7 +157,7 @@ def test_relabelled_names_and_matchers() -> None:
     )
     live = [{"metric": {"node": "a", "index": "3", "UUID": "u"}, "value": [NOW, str(NOW)]}]
     values = [sample(55.0, __name__="gpu_temp", node="a", index="3")]
-    fake = FakePrometheus([("timestamp(", live), ("__name__", values)])
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
     snap = PrometheusSource(settings, client=fake).observe(NOW)
     assert snap.column(Metric.TEMP_C)[0][0] == 55.0
     texts = " ".join(q for q, _ in fake.queries)
