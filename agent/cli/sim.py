@@ -120,7 +120,7 @@ def serve(
 
       ooda sim serve --nodes 4 --gpus-per-node 4
 
-      ooda sim serve --nodes 4 --print-scrape-config --scrape-interval 5s >> prometheus.yml
+      ooda sim serve --nodes 4 --print-scrape-config --scrape-interval 5s > prometheus.yml
 
       ooda sim serve --speed 10 --fault dropout:node2@300+120 --fault xid=79:node3/gpu1@600
     """
