@@ -147,3 +147,22 @@ def test_a_backend_that_cannot_list_gpus_is_an_outage() -> None:
     backend.fail = GpuNoPermissionError("NVML not initialised")
     with pytest.raises(TelemetryError, match="nvml on n1: cannot list GPUs"):
         NvmlSource(backend, "n1").observe(0.0)
+
+
+def test_over_the_nvml_backend_and_a_fake_pynvml() -> None:
+    """The whole node-local path: pynvml (a hand-written fake of the module, from the node
+    daemon's tests) -> agent.node.nvml's backend -> NvmlSource."""
+    from agent.node.nvml import NvmlBackend
+    from tests.test_node_nvml import FakeNvml
+
+    nvml = FakeNvml(gpus=2)
+    source = NvmlSource(NvmlBackend(nvml), "node7")
+    snap = source.observe(10.0)
+    assert list(snap.uuid) == ["GPU-nvml-0", "GPU-nvml-1"] and not snap.stale.any()
+    assert snap.column(Metric.POWER_W)[0][0] == 312.5  # milliwatts -> watts
+    assert snap.column(Metric.MAX_LIMIT_W)[0][1] == 700.0
+    assert snap.column(Metric.ENERGY_J)[0][0] == 123_456.789
+    nvml.fail["limit"] = 15  # NVML_ERROR_GPU_IS_LOST
+    snap = source.observe(25.0)
+    assert list(snap.stale) == [True, True] and list(snap.age_s) == [15.0, 15.0]
+    assert all("GPU lost" in e for e in snap.errors)

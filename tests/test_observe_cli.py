@@ -159,3 +159,19 @@ def test_bad_traces_and_faults_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["record", "--prometheus", "http://x:1", "--start", "-1m", "--step", "1.5s",
                  "-o", str(bad)]) == 2  # fmt: skip
     assert "whole number of seconds" in capsys.readouterr().err
+
+
+def test_sim_record_from_a_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        "[twin]\nnodes = 2\ngpus_per_node = 2\nseed = 3\n[budget]\nwatts = 2000\n"
+        '[[faults]]\nspec = "xid=79:node2/gpu1@30"\n'
+    )
+    trace = tmp_path / "s.parquet"
+    args = ["sim", "record", "--scenario", str(scenario), "--duration", "2m", "-o", str(trace)]
+    assert main(args) == 0
+    assert main(["trace", "info", str(trace), "--json"]) == 0
+    info = _last_json(capsys.readouterr().out)
+    assert info["gpus_max"] == 4 and info["budget_w"] == {"min": 2000.0, "max": 2000.0}
+    assert info["scenario"]["seed"] == 3
+    assert [f["spec"] for f in info["scenario"]["faults"]] == ["xid:node2/gpu1@30"]
