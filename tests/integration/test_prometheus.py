@@ -204,6 +204,19 @@ def test_default_counters_leave_power_limits_missing(cluster: Cluster) -> None:
         assert not ok.any() and np.isnan(values).all()  # missing, never 0
 
 
+def test_budget_from_a_promql_expression(cluster: Cluster) -> None:
+    source = cluster.prometheus.source(
+        match={"job": "full"},
+        budget_query='0.5 * sum(DCGM_FI_DEV_POWER_MGMT_LIMIT{job="full"})',
+    )
+    snap = source.observe(time.time())
+    assert snap.budget_w == 0.5 * 16 * 700.0 and not snap.errors
+    bad = cluster.prometheus.source(budget_query="sum(rate(")
+    snap = bad.observe(time.time())
+    assert snap.budget_w is None
+    assert any("budget: prometheus" in e and "HTTP 400" in e for e in snap.errors)
+
+
 def test_prometheus_stopped_mid_run_is_an_outage_and_the_loop_lives_on(
     cluster: Cluster, prometheus_factory: PrometheusFactory
 ) -> None:
