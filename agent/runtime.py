@@ -17,13 +17,14 @@ from agent.act.notify import build_notifier
 from agent.act.rollout import Rollout, dry_run_reasons
 from agent.act.slurm import SlurmPlacement, SlurmSettings
 from agent.config import Config, TwinConfig, state_dir
-from agent.core.clock import Clock
+from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
 from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.loop import Loop
 from agent.observe.job_labels import JobLabelledSource
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
@@ -55,6 +56,27 @@ def twin_spec(cfg: TwinConfig) -> TwinSpec:
         node_overhead_w=cfg.node_overhead_w,
         budget=budget,
         faults=tuple(parse_fault(f) for f in cfg.faults),
+    )
+
+
+def prometheus_settings(config: Config) -> PrometheusSettings:
+    """The Prometheus source a config describes (the budget query comes from `cluster`)."""
+    p = config.source.prometheus
+    return PrometheusSettings(
+        url=p.url,
+        timeout_s=p.timeout_s,
+        retries=p.retries,
+        scrape_interval_s=p.scrape_interval_s,
+        staleness_s=p.staleness_s,
+        inventory_window_s=p.inventory_window_s,
+        metrics=dict(p.metrics),
+        host_labels=tuple(p.host_labels),
+        gpu_label=p.gpu_label,
+        uuid_label=p.uuid_label,
+        model_label=p.model_label,
+        job_label=p.job_label,
+        match=dict(p.match),
+        budget_query=config.cluster.budget_query,
     )
 
 
@@ -188,6 +210,10 @@ def build_runtime(
             source = TwinSource(twin)
             if slurm is not None:
                 source = MirroredTwinSource(source, JobMirror(twin, slurm))
+        elif config.source.kind == "prometheus":
+            prometheus = PrometheusSource(prometheus_settings(config))
+            closers.append(prometheus.close)
+            source = prometheus
         else:
             raise ConfigError(f"source.kind: {config.source.kind!r} is not available yet")
     if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
@@ -205,6 +231,8 @@ def build_runtime(
         actuators.placement = TwinPlacement(twin)
     elif slurm is not None:
         actuators.placement = slurm
+    if clock is None and config.source.kind == "prometheus":
+        clock = SystemClock()  # Prometheus answers in Unix time, whatever acts
     if clock is None:
         if twin is None:
             raise ConfigError("a clock is needed when no twin is configured")

@@ -13,7 +13,10 @@ from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
 from agent.cli.guard_cmd import guard_app
 from agent.cli.node import node_app
+from agent.cli.once import once
 from agent.cli.rollback import rollback
+from agent.cli.sim import sim_app
+from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -40,6 +43,10 @@ def _root(
 
 
 app.command()(demo)
+app.command()(once)
+app.command()(record)
+app.add_typer(sim_app, name="sim")
+app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
 app.add_typer(config_app, name="config")
 app.add_typer(node_app, name="node")

@@ -78,6 +78,13 @@ class GpuDevice(Protocol):
 
 
 @runtime_checkable
+class XidReporter(Protocol):
+    """A GPU device that also knows the last XID error it raised (0: none), as DCGM reports."""
+
+    def last_xid(self) -> int: ...
+
+
+@runtime_checkable
 class GpuBackend(Protocol):
     """The GPUs of one node."""
 

@@ -69,7 +69,7 @@ class TwinSource:
             node=tw.node_of,
             gpu=tw.gpu_idx,
             uuid=tw.uuid,
-            model=np.full(tw.spec.n_gpus, tw.spec.model.model_name, dtype=np.str_),
+            model=np.full(tw.spec.n_gpus, tw.spec.model.model_name),
             job=np.where(stale, "", tw.job_labels()),
             values=values,
             valid=valid,
