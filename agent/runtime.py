@@ -24,6 +24,7 @@ from agent.core.intents import Intent
 from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.loop import Loop
 from agent.observe.job_labels import JobLabelledSource
+from agent.observe.limits import LimitsFilledSource
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
@@ -226,6 +227,8 @@ def build_runtime(
         node_caps = NodeCapActuator(config.actuators.node, clock=clock)
         actuators.caps = node_caps
         closers.append(node_caps.close)
+        if config.source.kind == "prometheus":  # limits the exporter lacks come from the nodes
+            source = LimitsFilledSource(source, node_caps)
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
