@@ -105,3 +105,37 @@ def test_scrape_config() -> None:
     text = scrape_config(["127.0.0.1:19400", "127.0.0.1:19401"], "dcgm", 1.0)
     assert "scrape_interval: 1s" in text
     assert "- '127.0.0.1:19401'" in text
+
+
+@pytest.mark.integration
+def test_sim_serve_hosts_a_node_daemon_per_node(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The twin's nodes also answer the node daemon's cap API; a cap set through the real node
+    actuator shows on the twin and in its exporter."""
+    import numpy as np
+
+    from agent.act.node_client import NodeCapActuator, NodeClientSettings
+    from agent.core.intents import GpuTargets
+    from agent.sim.exporter import NodeApiOptions
+
+    token = tmp_path / "token"
+    token.write_text("sim-serve-test-token-0123456789\n")
+    sockets = tmp_path / "run"
+    sockets.mkdir()
+    api = NodeApiOptions(token_file=token, socket_dir=sockets, fallback_cap_w=300.0)
+    with SimServer(
+        TwinSpec(nodes=2, gpus_per_node=2, seed=1), port_base=0, speed=0, node_api=api
+    ) as server:
+        endpoints = server.node_api_endpoints()
+        assert set(endpoints) == {"node1", "node2"} and endpoints["node2"].startswith("unix://")
+        caps = NodeCapActuator(NodeClientSettings(endpoints=endpoints, token_file=token))
+        try:
+            targets = GpuTargets(
+                np.array(["node2"]), np.array([1]), np.array([str(server.twin.uuid[3])])
+            )
+            result = caps.set_caps(targets, np.array([450.0]), lease_s=60)
+            assert result.ok.tolist() == [True], result.errors
+            assert server.twin.cap_w[3] == 450.0
+            text = _get(server.targets()[1])
+            assert 'DCGM_FI_DEV_POWER_MGMT_LIMIT{gpu="1"' in text and " 450" in text
+        finally:
+            caps.close()

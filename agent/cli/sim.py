@@ -110,6 +110,20 @@ def serve(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the endpoints as one JSON object when ready.")
     ] = False,
+    node_token_file: Annotated[
+        Path | None,
+        typer.Option(help="Also host a node daemon per node (the cap API), with this token file."),
+    ] = None,
+    node_socket_dir: Annotated[
+        Path | None, typer.Option(help="Node daemons on Unix sockets DIR/nodeK.sock.")
+    ] = None,
+    node_port_base: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Node daemons on 127.0.0.1:PORT+K-1 (0: free ports)."),
+    ] = None,
+    fallback_cap_w: Annotated[
+        float | None, typer.Option(min=1, help="The node daemons' fallback cap (W).")
+    ] = None,
 ) -> None:
     """Serve the twin like a real cluster: one dcgm-exporter-compatible /metrics endpoint per node.
 
@@ -123,8 +137,10 @@ def serve(
       ooda sim serve --nodes 4 --print-scrape-config --scrape-interval 5s > prometheus.yml
 
       ooda sim serve --speed 10 --fault dropout:node2@300+120 --fault xid=79:node3/gpu1@600
+
+      ooda sim serve --node-token-file token --node-socket-dir /run/ooda-sim   # + cap API
     """
-    from agent.sim.exporter import SimServer, scrape_config
+    from agent.sim.exporter import NodeApiOptions, SimServer, scrape_config
 
     spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
     interval = duration_s(scrape_interval, "--scrape-interval")
@@ -136,8 +152,22 @@ def serve(
         return
     if port_base and port_base + spec.nodes - 1 > 65535:
         raise BadInputError(f"--port-base {port_base}: {spec.nodes} nodes need ports past 65535")
+    node_api = None
+    if node_token_file is not None:
+        if (node_socket_dir is None) == (node_port_base is None):
+            raise BadInputError("--node-token-file: give --node-socket-dir or --node-port-base")
+        if node_socket_dir is not None:
+            node_socket_dir.mkdir(parents=True, exist_ok=True)
+        node_api = NodeApiOptions(node_token_file, node_socket_dir, node_port_base, fallback_cap_w)
+    elif node_socket_dir is not None or node_port_base is not None:
+        raise BadInputError("--node-socket-dir/--node-port-base need --node-token-file")
     server = SimServer(
-        spec, listen=listen, port_base=port_base, speed=speed, counters=_counters(counters)
+        spec,
+        listen=listen,
+        port_base=port_base,
+        speed=speed,
+        counters=_counters(counters),
+        node_api=node_api,
     )
     try:
         server.start()
@@ -158,6 +188,7 @@ def serve(
         "model": spec.model.model_name,
         "speed": speed,
         "faults": [str(f) for f in spec.faults],
+        "node_api": server.node_api_endpoints(),
         "started_unix_s": time.time(),
     }
     if json_out:
@@ -167,8 +198,10 @@ def serve(
             f"ooda sim serve: {spec.nodes} nodes x {spec.gpus_per_node} {spec.model.name} GPUs, "
             f"seed {spec.seed}, {speed:g}x real time, counters {counters} (Ctrl-C stops)"
         )
+        api = server.node_api_endpoints()
         for node in endpoints:
-            typer.echo(f"  {node['name']:<8} {node['url']}")
+            extra = f"   node API {api[node['name']]}" if node["name"] in api else ""
+            typer.echo(f"  {node['name']:<8} {node['url']}{extra}")
     sys.stdout.flush()
     try:
         while not stop.wait(0.2):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -40,6 +41,8 @@ from agent.core.dcgm import (
     format_values,
 )
 from agent.core.snapshot import Metric, Snapshot
+from agent.node.server import NodeDaemon, NodeSettings
+from agent.sim.devices import TwinNodeBackend
 from agent.sim.faults import FaultKind
 from agent.sim.twin import Twin, TwinSpec
 
@@ -231,6 +234,32 @@ class NodeServer:
         self._httpd.server_close()
 
 
+@dataclass(frozen=True)
+class NodeApiOptions:
+    """A node daemon per twin node (what `ooda node serve` is on a real node): on a Unix socket
+    `socket_dir/nodeK.sock`, or on 127.0.0.1 at `port_base + K - 1` (plain HTTP, loopback only)."""
+
+    token_file: Path
+    socket_dir: Path | None = None
+    port_base: int | None = None  # 0: free ports
+    fallback_cap_w: float | None = None
+
+    def settings_for(self, node: int) -> NodeSettings:
+        if self.socket_dir is not None:
+            return NodeSettings(
+                token_file=self.token_file,
+                socket_path=self.socket_dir / f"node{node}.sock",
+                fallback_cap_w=self.fallback_cap_w,
+            )
+        base = self.port_base or 0
+        port = 0 if base == 0 else base + node - 1
+        return NodeSettings(
+            token_file=self.token_file,
+            listen=f"127.0.0.1:{port}",
+            fallback_cap_w=self.fallback_cap_w,
+        )
+
+
 class SimServer:
     """The twin plus one HTTP server per node, stepping in a background thread.
 
@@ -248,6 +277,7 @@ class SimServer:
         port_base: int = 19400,
         speed: float = 1.0,
         counters: Counters = "all",
+        node_api: NodeApiOptions | None = None,
     ) -> None:
         if speed < 0:
             raise ValueError("speed must be >= 0")
@@ -259,6 +289,8 @@ class SimServer:
         self.fields = served_fields(counters)
         self.exporters = [NodeExporter(self.twin, k, self.fields) for k in range(1, spec.nodes + 1)]
         self.nodes: list[NodeServer] = []
+        self.node_api = node_api
+        self.node_daemons: list[NodeDaemon] = []
         self._stop = threading.Event()
         self._stepper: threading.Thread | None = None
         self._paused = speed == 0
@@ -292,6 +324,16 @@ class SimServer:
                 ) from exc
         for server in self.nodes:
             server.start()
+        if self.node_api is not None:
+            try:
+                for k in range(1, self.twin.spec.nodes + 1):
+                    daemon = NodeDaemon(
+                        TwinNodeBackend(self.twin, k), self.node_api.settings_for(k), lock=self.lock
+                    )
+                    self.node_daemons.append(daemon.start())
+            except Exception:
+                self.stop()
+                raise
         self._stepper = threading.Thread(target=self._run, name="twin-stepper", daemon=True)
         self._stepper.start()
         return self
@@ -302,6 +344,9 @@ class SimServer:
             self._stepper.join(timeout=5)
         for server in self.nodes:
             server.stop()
+        for daemon in self.node_daemons:
+            daemon.stop()
+        self.node_daemons = []
 
     def __enter__(self) -> SimServer:
         return self.start()
@@ -334,6 +379,10 @@ class SimServer:
     def advance(self, seconds: float) -> None:
         with self.lock:
             self.twin.run_until(self.twin.t_s + seconds)
+
+    def node_api_endpoints(self) -> dict[str, str]:
+        """Node name -> its node daemon's address (`unix:///...` or `http://127.0.0.1:PORT`)."""
+        return {f"node{k + 1}": d.address for k, d in enumerate(self.node_daemons)}
 
     def targets(self) -> list[str]:
         return [f"{host}:{port}" for host, port in (s.address for s in self.nodes)]
