@@ -14,10 +14,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
 from agent.act.node_client import NodeClientSettings
+from agent.act.notify import NotifySettings
+from agent.act.rollout import RolloutSettings
+from agent.act.slurm import SlurmSettings
+from agent.core.dcgm import (
+    DCGM_FIELDS,
+    LABEL_GPU,
+    LABEL_HOST,
+    LABEL_HOST_NEW,
+    LABEL_JOB,
+    LABEL_MODEL,
+    LABEL_UUID,
+)
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.core.snapshot import Metric
+from agent.observe.promql import check_label_name, check_metric_name
 from agent.orient.groups import expand_nodes
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
@@ -119,6 +134,10 @@ class TwinConfig(_Section):
         return value
 
 
+def _dcgm_metric_names() -> dict[Metric, str]:
+    return {f.metric: f.name for f in DCGM_FIELDS}
+
+
 class PrometheusConfig(_Section):
     url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL.")
     timeout_s: float = Field(10.0, gt=0, description="Per-query timeout (s).")
@@ -132,6 +151,53 @@ class PrometheusConfig(_Section):
     inventory_window_s: float = Field(
         600.0, gt=0, description="GPUs seen within this window are known (s)."
     )
+    metrics: dict[Metric, str] = Field(
+        default_factory=_dcgm_metric_names,
+        description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "
+        "names and units by default; '' leaves a field out). Only the names given change.",
+    )
+    host_labels: list[str] = Field(
+        default_factory=lambda: [LABEL_HOST, LABEL_HOST_NEW],
+        min_length=1,
+        description="Labels naming a GPU's node, the first non-empty one wins.",
+    )
+    gpu_label: str = Field(LABEL_GPU, description="Label with the GPU's index on its node.")
+    uuid_label: str = Field(LABEL_UUID, description="Label with the GPU's UUID.")
+    model_label: str = Field(LABEL_MODEL, description="Label with the GPU's model name.")
+    job_label: str = Field(LABEL_JOB, description="Label with the Slurm job on the GPU.")
+    match: dict[str, str] = Field(
+        default_factory=dict,
+        description='Exact label matchers added to every selector, e.g. {cluster = "lab"}.',
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _merge_metric_names(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {**{str(k): v for k, v in _dcgm_metric_names().items()}, **value}
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, value: dict[Metric, str]) -> dict[Metric, str]:
+        if not value.get(Metric.POWER_W):
+            raise ValueError("power_w needs a metric name: it is the inventory's heartbeat")
+        for name in value.values():
+            if name:
+                check_metric_name(name)
+        return value
+
+    @field_validator("host_labels", "match")
+    @classmethod
+    def _label_names(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+        for name in value:
+            check_label_name(name)
+        return value
+
+    @field_validator("gpu_label", "uuid_label", "model_label", "job_label")
+    @classmethod
+    def _label_name(cls, value: str) -> str:
+        return check_label_name(value)
 
 
 class SourceConfig(_Section):
@@ -143,10 +209,20 @@ class ActuatorsConfig(_Section):
     caps: Literal["twin", "node", "none"] = Field(
         "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
     )
-    placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
+    placement: Literal["twin", "slurm", "none"] = Field(
+        "twin",
+        description="Who drains and steers nodes. With slurm and the twin as source, the twin's "
+        "jobs follow Slurm's.",
+    )
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
     node: NodeClientSettings | None = Field(
         None, description="How to reach the node daemons (needed when caps = 'node')."
+    )
+    slurm: SlurmSettings = Field(
+        default_factory=SlurmSettings, description="The Slurm placement actuator."
+    )
+    notify: NotifySettings = Field(
+        default_factory=NotifySettings, description="Where Notify intents go."
     )
 
     @model_validator(mode="after")
@@ -201,7 +277,17 @@ class DaemonConfig(_Section):
 
 
 class AuditConfig(_Section):
-    path: Path | None = Field(None, description="Durable JSON-lines audit log (none: stderr only).")
+    path: Path | None = Field(
+        None, description="Durable JSON-lines audit log (none: no audit log is kept)."
+    )
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=4096,
+        description="Rotate the audit log when it would grow past this (bytes).",
+    )
+    keep: int = Field(
+        DEFAULT_KEEP, ge=0, le=10_000, description="Rotated audit files kept (PATH.1 ... PATH.N)."
+    )
 
 
 class Config(_Section):
@@ -219,6 +305,10 @@ class Config(_Section):
     guard: GuardSettings = Field(default_factory=GuardSettings)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings,
+        description="Going live in stages: advisory kinds, the scope, freeze windows.",
+    )
 
     # Filled by `load_config`/`parse_config` from the registry (not part of the file).
     policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
@@ -227,6 +317,24 @@ class Config(_Section):
     def _budget_source(self) -> Config:
         if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
             raise ValueError("cluster: give budget_w or budget_query, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _actuators_for_prometheus(self) -> Config:
+        # The twin's actuators act on an in-process twin, which a Prometheus source cannot see:
+        # with Prometheus the default is to advise only, and asking for them is an error.
+        if self.source.kind != "prometheus":
+            return self
+        given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
+        for name in ("caps", "placement"):
+            if getattr(self.actuators, name) != "twin":
+                continue
+            if name in given:
+                raise ValueError(
+                    f"actuators.{name}: 'twin' acts on an in-process twin, which a Prometheus "
+                    "source does not observe; use 'none' (advise only)"
+                )
+            setattr(self.actuators, name, "none")
         return self
 
 

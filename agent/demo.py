@@ -44,8 +44,18 @@ class DemoOptions:
     policies: tuple[str, ...] = ("power_budget",)
 
 
+def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
+    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on."""
+    probe = Twin(spec)
+    probe.run_until(duration_s)
+    _t, fleet_w, _b, _w = probe.step_log()
+    return float(fleet_w.mean()) if fleet_w.size else spec.expected_demand_w()
+
+
 def demo_spec(opts: DemoOptions) -> TwinSpec:
-    """The demo's twin: a budget a little under demand, and a demand-response drop mid-run."""
+    """The demo's twin: a budget a little under what this seed's cluster draws uncapped, and a
+    demand-response drop mid-run. The budget follows the seed's realized demand (one uncapped
+    pass first), so every seed shows a budget that really binds."""
     base = TwinSpec(
         nodes=opts.nodes,
         gpus_per_node=opts.gpus_per_node,
@@ -53,7 +63,7 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
         seed=opts.seed,
         faults=opts.faults,
     )
-    demand = base.expected_demand_w()
+    demand = uncapped_demand_w(base, opts.duration_s)
     budget = BudgetSchedule.demand_response(
         normal_w=round(opts.normal_budget_frac * demand, -1),
         drop_w=round(opts.drop_budget_frac * demand, -1),

@@ -202,6 +202,9 @@ class Loop:
 
         with stage("guard"):
             review = self.guard.review(resolution.intents, situation, now, self.dry_run_caps)
+            for alarm in review.alarms:  # e.g. the drain circuit breaker is open: say it loudly
+                errors.append(f"guard: {alarm}")
+                log.error("guard_alarm", alarm=alarm)
 
         with stage("act"), self.audit.batch():
             decision_ids: dict[int, str] = {}
@@ -209,7 +212,9 @@ class Loop:
             def decision_id(intent: Intent) -> str:
                 return decision_ids.setdefault(id(intent), self._next_id("d"))
 
-            for intent in resolution.intents:
+            for name, fields in review.events:  # the guard's own: breaker tripped, reset
+                self.audit.event(name, **fields)
+            for intent in [*resolution.intents, *review.raised]:
                 self.audit.decision(decision_id(intent), intent, self.executor.dry_run(intent), now)
             for over in resolution.overridden:
                 self.audit.refusal(

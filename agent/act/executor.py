@@ -5,7 +5,7 @@ through recorders that implement the same protocols and only remember. Every out
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -101,11 +101,18 @@ class Executor:
     """`dry_run(intent)` says, per intent, whether it only gets recorded."""
 
     def __init__(
-        self, actuators: Actuators, dry_run: Callable[[Intent], bool], lease_s: float = 120.0
+        self,
+        actuators: Actuators,
+        dry_run: Callable[[Intent], bool],
+        lease_s: float = 120.0,
+        why_dry: Callable[[Intent], str | None] | None = None,
     ) -> None:
         self.actuators = actuators
         self.dry_run = dry_run
         self.lease_s = lease_s
+        # Why an intent is only recorded (dry-run, an advisory kind, a freeze window), written
+        # into its Action's detail so the audit trail says it.
+        self.why_dry = why_dry
 
     def execute(
         self, allowed: Sequence[tuple[str, Intent]], action_id: Callable[[], str], now_s: float
@@ -114,7 +121,16 @@ class Executor:
         for decision_id, intent in allowed:
             dry = self.dry_run(intent)
             try:
-                actions.extend(self._apply(decision_id, intent, dry, action_id, now_s))
+                done = self._apply(decision_id, intent, dry, action_id, now_s)
+                why = self.why_dry(intent) if dry and self.why_dry is not None else None
+                if why:
+                    done = [
+                        replace(a, detail=f"advisory: {why}")
+                        if a.outcome is Outcome.RECORDED and not a.detail
+                        else a
+                        for a in done
+                    ]
+                actions.extend(done)
             except OodaError as exc:
                 log.error(
                     "actuator_failed",

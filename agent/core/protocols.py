@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.intents import GpuTargets, Notify
+from agent.core.jobs import JobTable
 from agent.core.situation import NodeStates
 from agent.core.snapshot import Snapshot
 
@@ -74,6 +75,13 @@ class GpuDevice(Protocol):
     def sm_clock_mhz(self) -> float: ...
 
     def total_energy_j(self) -> float: ...
+
+
+@runtime_checkable
+class XidReporter(Protocol):
+    """A GPU device that also knows the last XID error it raised (0: none), as DCGM reports."""
+
+    def last_xid(self) -> int: ...
 
 
 @runtime_checkable
@@ -164,6 +172,22 @@ class PlacementActuator(Protocol):
     def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
 
     def requeue(self, job: str) -> None: ...
+
+
+@runtime_checkable
+class JobInventory(Protocol):
+    """The placement system's jobs (Slurm jobs now; Kubernetes pods later): states, priority
+    classes and the GPUs each running job holds. Raises ActuatorError when it cannot read them."""
+
+    def jobs(self) -> JobTable: ...
+
+
+@runtime_checkable
+class NodeLister(Protocol):
+    """A placement system that can list every node it manages (so `ooda rollback` finds every
+    node the agent drained, not only those its audit log names)."""
+
+    def all_nodes(self) -> list[str]: ...
 
 
 @runtime_checkable

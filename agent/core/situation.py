@@ -136,6 +136,8 @@ class NodeStates:
     features: tuple[frozenset[str], ...]
     opted_out: BoolArray  # the node carries the opt-out feature or label
     known: BoolArray  # the placement system knows this node
+    # Per node: the partitions (Slurm) or pools it belongs to; None: the system does not say.
+    partitions: tuple[frozenset[str], ...] | None = None
 
     @staticmethod
     def unknown(n_nodes: int) -> NodeStates:

@@ -40,7 +40,7 @@ class NaturalDrawTracker:
     """Exponentially weighted mean and variance of each GPU's uncapped draw, per job."""
 
     def __init__(
-        self, rise_halflife_s: float = 10.0, fall_halflife_s: float = 300.0, warmup_s: float = 180.0
+        self, rise_halflife_s: float = 30.0, fall_halflife_s: float = 120.0, warmup_s: float = 180.0
     ) -> None:
         self.rise_halflife_s = rise_halflife_s
         self.fall_halflife_s = fall_halflife_s
@@ -117,7 +117,7 @@ class NaturalDrawTracker:
         # Surely binding (the GPU says so, or the known natural draw is well above the limit):
         # how close to the limit the GPU draws.
         surely = np.where(reasons_ok, cap_bit, st["mean"][slot] > 1.05 * limit)
-        bound = held & surely & st["seen"][slot]
+        bound = held & surely & (st["seen"][slot] | reasons_ok)
         c = slot[bound]
         frac = power[bound] / limit[bound]
         prev = st["cap_frac"][c]

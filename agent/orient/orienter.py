@@ -24,6 +24,9 @@ from agent.orient.natural import NaturalDrawTracker
 FloatArray = npt.NDArray[np.float64]
 
 
+DEFAULT_REL_SPREAD = 0.03  # relative spread of a GPU's draw before any is measured
+
+
 @dataclass(frozen=True, slots=True)
 class CurvePrior:
     """What the agent assumes about a job it knows nothing about yet.
@@ -121,15 +124,21 @@ class Orienter:
         natural = np.where(
             draw.busy, np.fmin(natural, np.where(np.isnan(max_cap), natural, max_cap)), np.nan
         )
-        natural_hi = np.where(draw.uncertain, natural, natural + 2.0 * draw.std_w)
+        # Every busy GPU's draw fluctuates, capped or not: where a GPU's own spread is unknown,
+        # use the fleet's typical relative spread (the budget keeps a fleet-level margin on it).
+        known_spread = draw.busy & ~draw.uncertain & (draw.std_w > 0) & (draw.mean_w > 0)
+        rel = draw.std_w[known_spread] / draw.mean_w[known_spread]
+        typical = float(np.median(rel)) if rel.size else DEFAULT_REL_SPREAD
+        std = np.where(known_spread, draw.std_w, typical * natural)
+        natural_hi = natural + 2.0 * std
         curves = CurveEstimates(
             natural_w=natural,
             a=np.full(n, self.prior.a),
             b=np.full(n, self.prior.b),
-            # Learned where seen capped (minus a little for noise), else the prior.
+            # Learned where seen capped, else the prior (noise is the budget's fleet margin).
             cap_draw_frac=np.where(
                 np.isfinite(draw.cap_draw_frac),
-                np.minimum(draw.cap_draw_frac + 0.02, 1.0),
+                np.minimum(draw.cap_draw_frac, 1.0),
                 self.prior.cap_draw_frac,
             ),
             confidence=np.zeros(n),

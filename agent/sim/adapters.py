@@ -69,7 +69,7 @@ class TwinSource:
             node=tw.node_of,
             gpu=tw.gpu_idx,
             uuid=tw.uuid,
-            model=np.full(tw.spec.n_gpus, tw.spec.model.model_name, dtype=np.str_),
+            model=np.full(tw.spec.n_gpus, tw.spec.model.model_name),
             job=np.where(stale, "", tw.job_labels()),
             values=values,
             valid=valid,
@@ -123,27 +123,32 @@ class TwinPlacement:
     def __init__(self, twin: Twin) -> None:
         self.twin = twin
         self.reasons: dict[str, str] = {}
+        self._index = {str(name): k for k, name in enumerate(twin.node_names)}
 
     def _node(self, node: str) -> int:
-        names = list(self.twin.node_names)
-        if node not in names:
-            raise ActuatorError(f"twin: no node named {node!r}")
-        return names.index(node)
+        try:
+            return self._index[node]
+        except KeyError:
+            raise ActuatorError(f"twin: no node named {node!r}") from None
+
+    def all_nodes(self) -> list[str]:
+        return [str(n) for n in self.twin.node_names]
 
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         tw = self.twin
-        # One searchsorted for all nodes (a set and a list.index per node was quadratic: a
-        # minute per cycle at 12,500 nodes).
-        names = np.asarray(list(node_names), dtype=np.str_)
-        order = np.argsort(tw.node_names, kind="stable")
-        ordered = tw.node_names[order]
-        pos = np.clip(np.searchsorted(ordered, names), 0, max(ordered.size - 1, 0))
-        known = ordered[pos] == names if ordered.size else np.zeros(names.shape, dtype=bool)
+        names = np.asarray(node_names, dtype=np.str_)
+        order = np.argsort(tw.node_names)
+        pos = np.clip(np.searchsorted(tw.node_names[order], names), 0, len(order) - 1)
+        known = tw.node_names[order][pos] == names
         safe = np.where(known, order[pos], 0).astype(np.int64)
-        reasons = np.array([self.reasons.get(n, "") for n in node_names], dtype=np.str_)
+        reasons = np.full(names.shape, "", dtype=object)
+        for name, why in self.reasons.items():  # only the drained nodes: few
+            reasons[names == name] = why
+        reasons = reasons.astype(np.str_)
+        empty: frozenset[str] = frozenset()
         features = tuple(
-            frozenset(tw.node_features[i]) if k else frozenset()
-            for i, k in zip(safe.tolist(), known.tolist(), strict=True)
+            frozenset(tw.node_features[i]) if ok and tw.node_features[i] else empty
+            for i, ok in zip(safe.tolist(), known.tolist(), strict=True)
         )
         return NodeStates(
             drained=tw.node_drained[safe] & known,

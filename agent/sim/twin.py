@@ -287,18 +287,31 @@ class Twin:
         return row
 
     def _seed_jobs(self) -> None:
-        """Fill the cluster to its target occupancy with jobs already past their start-up."""
+        """Fill the cluster to its target occupancy with jobs already past their start-up,
+        packed node by node (O(GPUs): a 100,000-GPU twin starts in seconds)."""
         target = round(self.spec.occupancy * self.spec.n_gpus)
-        while int((self.job_row >= 0).sum()) < target:
+        g = self.spec.gpus_per_node
+        busy = 0
+        cursor = 0  # the next free GPU row; nodes fill in order, a job never spans two nodes
+        misses = 0  # jobs too big for what is left: keep drawing (smaller ones fit), boundedly
+        while busy < target and misses < 100:
             # Remaining work of a job caught mid-run: uniform share of a fresh job's work.
             work = float(
                 np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200)
             )
             row = self._new_job(0.0, work * float(self.rng.uniform(0.05, 1.0)))
-            self.pending.remove(row)
-            if not self._place(row, -self.spec.startup_s):
-                self.jobs.state[row] = JOB_DONE  # does not fit: drop it
-                break
+            self.pending.pop()
+            size = int(self.jobs.n_gpus[row])
+            start = cursor
+            if start % g + size > g:
+                start += g - start % g  # does not fit on this node: start the next one
+            if start + size > self.spec.n_gpus or busy + size > target + size // 2:
+                self.jobs.state[row] = JOB_DONE  # does not fit what is left
+                misses += 1
+                continue
+            self.assign(row, np.arange(start, start + size), -self.spec.startup_s)
+            cursor = start + size
+            busy += size
 
     def _free_mask(self) -> BoolArray:
         failed = np.isin(self.xid, list(FATAL_XIDS))
@@ -328,6 +341,23 @@ class Twin:
         self.jobs.state[row] = JOB_RUNNING
         self.jobs.start_s[row] = now_s
 
+    def add_external_job(self, job_id: int, priority: int, now_s: float) -> int:
+        """A job an outside scheduler places (e.g. a mirrored Slurm job): drawn like the twin's own
+        (workload class, natural draw) but never placed, finished or requeued by the twin itself;
+        `assign` and `release_job` move it. Returns its row."""
+        row = self._new_job(now_s, work_s=np.inf)
+        self.pending.remove(row)
+        self.jobs.job_id[row] = job_id
+        self.jobs.priority[row] = priority
+        self.jobs.external[row] = True
+        return row
+
+    def release_job(self, row: int, finished: bool) -> None:
+        """Free the GPUs of job `row`: it ended (`finished`) or went back to waiting."""
+        self.job_row[self.job_row == row] = -1
+        self.jobs.state[row] = JOB_DONE if finished else JOB_PENDING
+        self.jobs.start_s[row] = np.nan
+
     def _arrivals_and_scheduling(self, dt: float) -> None:
         arrivals = int(self.rng.poisson(self.arrival_rate_per_s * dt))
         for _ in range(arrivals):
@@ -350,7 +380,8 @@ class Twin:
         self.jobs.state[row] = JOB_PENDING
         self.jobs.start_s[row] = np.nan
         self.jobs.requeues[row] += 1
-        self.pending.insert(0, row)
+        if not self.jobs.external[row]:  # an outside scheduler places its own jobs again
+            self.pending.insert(0, row)
         return True
 
     def running_job_ids(self) -> dict[int, list[int]]:
