@@ -14,9 +14,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
+from agent.act.node_client import NodeClientSettings
+from agent.act.notify import NotifySettings
+from agent.act.rollout import RolloutSettings
+from agent.act.slurm import SlurmSettings
+from agent.core.dcgm import (
+    DCGM_FIELDS,
+    LABEL_GPU,
+    LABEL_HOST,
+    LABEL_HOST_NEW,
+    LABEL_JOB,
+    LABEL_MODEL,
+    LABEL_UUID,
+)
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.core.snapshot import Metric
+from agent.observe.promql import check_label_name, check_metric_name
+from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
@@ -25,6 +42,23 @@ from policies.registry import PolicyRegistry, default_registry
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class GroupConfig(_Section):
+    nodes: str | list[str] = Field(
+        ...,
+        description="Member nodes: a Slurm hostlist ('node[1-8]') or a list of hostlists/globs.",
+    )
+    budget_w: float = Field(..., gt=0, description="This group's own power budget (W).")
+
+    @field_validator("nodes")
+    @classmethod
+    def _valid_hostlist(cls, value: str | list[str]) -> str | list[str]:
+        try:
+            expand_nodes(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ClusterConfig(_Section):
@@ -39,6 +73,19 @@ class ClusterConfig(_Section):
     )
     node_overhead_w: float = Field(
         0.0, ge=0, description="Non-GPU power per node counted against the budget (W)."
+    )
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="Racks or rows with budgets of their own, by node lists."
+    )
+    group_label: str | None = Field(
+        None, description="A telemetry label naming each GPU's rack or row (instead of node lists)."
+    )
+    label_budgets_w: dict[str, float] = Field(
+        default_factory=dict, description="Budget (W) per value of group_label."
+    )
+    job_priority: dict[str, int] = Field(
+        default_factory=dict,
+        description="Job id glob -> priority class (higher is more important), e.g. {'10*' = 2}.",
     )
 
 
@@ -88,6 +135,10 @@ class TwinConfig(_Section):
         return value
 
 
+def _dcgm_metric_names() -> dict[Metric, str]:
+    return {f.metric: f.name for f in DCGM_FIELDS}
+
+
 class PrometheusConfig(_Section):
     url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL.")
     timeout_s: float = Field(10.0, gt=0, description="Per-query timeout (s).")
@@ -101,6 +152,53 @@ class PrometheusConfig(_Section):
     inventory_window_s: float = Field(
         600.0, gt=0, description="GPUs seen within this window are known (s)."
     )
+    metrics: dict[Metric, str] = Field(
+        default_factory=_dcgm_metric_names,
+        description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "
+        "names and units by default; '' leaves a field out). Only the names given change.",
+    )
+    host_labels: list[str] = Field(
+        default_factory=lambda: [LABEL_HOST, LABEL_HOST_NEW],
+        min_length=1,
+        description="Labels naming a GPU's node, the first non-empty one wins.",
+    )
+    gpu_label: str = Field(LABEL_GPU, description="Label with the GPU's index on its node.")
+    uuid_label: str = Field(LABEL_UUID, description="Label with the GPU's UUID.")
+    model_label: str = Field(LABEL_MODEL, description="Label with the GPU's model name.")
+    job_label: str = Field(LABEL_JOB, description="Label with the Slurm job on the GPU.")
+    match: dict[str, str] = Field(
+        default_factory=dict,
+        description='Exact label matchers added to every selector, e.g. {cluster = "lab"}.',
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _merge_metric_names(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {**{str(k): v for k, v in _dcgm_metric_names().items()}, **value}
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, value: dict[Metric, str]) -> dict[Metric, str]:
+        if not value.get(Metric.POWER_W):
+            raise ValueError("power_w needs a metric name: it is the inventory's heartbeat")
+        for name in value.values():
+            if name:
+                check_metric_name(name)
+        return value
+
+    @field_validator("host_labels", "match")
+    @classmethod
+    def _label_names(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+        for name in value:
+            check_label_name(name)
+        return value
+
+    @field_validator("gpu_label", "uuid_label", "model_label", "job_label")
+    @classmethod
+    def _label_name(cls, value: str) -> str:
+        return check_label_name(value)
 
 
 class SourceConfig(_Section):
@@ -109,17 +207,88 @@ class SourceConfig(_Section):
 
 
 class ActuatorsConfig(_Section):
-    caps: Literal["twin", "none"] = Field("twin", description="Who applies power caps.")
-    placement: Literal["twin", "none"] = Field("twin", description="Who drains and steers nodes.")
+    caps: Literal["twin", "node", "none"] = Field(
+        "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
+    )
+    placement: Literal["twin", "slurm", "none"] = Field(
+        "twin",
+        description="Who drains and steers nodes. With slurm and the twin as source, the twin's "
+        "jobs follow Slurm's.",
+    )
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
+    node: NodeClientSettings | None = Field(
+        None, description="How to reach the node daemons (needed when caps = 'node')."
+    )
+    slurm: SlurmSettings = Field(
+        default_factory=SlurmSettings, description="The Slurm placement actuator."
+    )
+    notify: NotifySettings = Field(
+        default_factory=NotifySettings, description="Where Notify intents go."
+    )
+
+    @model_validator(mode="after")
+    def _node_section(self) -> ActuatorsConfig:
+        if self.caps == "node" and self.node is None:
+            raise ValueError("caps = 'node' needs an [actuators.node] section")
+        return self
 
 
 class DaemonConfig(_Section):
     interval_s: float = Field(15.0, gt=0, description="Seconds between cycles.")
+    state_dir: Path | None = Field(
+        None,
+        description="The daemon's state directory (persisted state, `ooda guard reset` "
+        "requests); default /var/lib/ooda/CLUSTER_NAME.",
+    )
+    state_save_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="Save the state at least this often (s); also after every cycle that acted.",
+    )
+    on_exit: Literal["renew", "release"] = Field(
+        "renew",
+        description="On stop, live caps are renewed once more (a restart finds them in force) or "
+        "released back to each GPU's default limit.",
+    )
+    stop_grace_s: float = Field(
+        3.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long a running cycle may take to finish before it is "
+        "abandoned (s).",
+    )
+    misfire_grace_s: float | None = Field(
+        None,
+        gt=0,
+        description="A cycle that cannot start within this of its time is skipped and reported "
+        "(s; default: one interval).",
+    )
+    ready_max_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="/readyz fails when no cycle succeeded within this (s; default: 3 intervals, "
+        "at least 10 s).",
+    )
+    per_gpu_metrics_max: int = Field(
+        1000,
+        ge=0,
+        description="Per-GPU recommendation series on /metrics: at most this many, the largest "
+        "recommended reductions first (aggregates are always there).",
+    )
 
 
 class AuditConfig(_Section):
-    path: Path | None = Field(None, description="Durable JSON-lines audit log (none: stderr only).")
+    path: Path | None = Field(
+        None, description="Durable JSON-lines audit log (none: no audit log is kept)."
+    )
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=4096,
+        description="Rotate the audit log when it would grow past this (bytes).",
+    )
+    keep: int = Field(
+        DEFAULT_KEEP, ge=0, le=10_000, description="Rotated audit files kept (PATH.1 ... PATH.N)."
+    )
 
 
 class Config(_Section):
@@ -138,6 +307,10 @@ class Config(_Section):
     orient: OrientSettings = Field(default_factory=OrientSettings)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings,
+        description="Going live in stages: advisory kinds, the scope, freeze windows.",
+    )
 
     # Filled by `load_config`/`parse_config` from the registry (not part of the file).
     policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
@@ -146,6 +319,24 @@ class Config(_Section):
     def _budget_source(self) -> Config:
         if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
             raise ValueError("cluster: give budget_w or budget_query, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _actuators_for_prometheus(self) -> Config:
+        # The twin's actuators act on an in-process twin, which a Prometheus source cannot see:
+        # with Prometheus the default is to advise only, and asking for them is an error.
+        if self.source.kind != "prometheus":
+            return self
+        given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
+        for name in ("caps", "placement"):
+            if getattr(self.actuators, name) != "twin":
+                continue
+            if name in given:
+                raise ValueError(
+                    f"actuators.{name}: 'twin' acts on an in-process twin, which a Prometheus "
+                    "source does not observe; use 'none' (advise only)"
+                )
+            setattr(self.actuators, name, "none")
         return self
 
 
@@ -218,6 +409,13 @@ def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
 
 def default_config(registry: PolicyRegistry | None = None) -> Config:
     return parse_config({}, registry, source="built-in defaults")
+
+
+def state_dir(config: Config) -> Path:
+    """Where the daemon keeps its state: `daemon.state_dir`, else /var/lib/ooda/CLUSTER."""
+    if config.daemon.state_dir is not None:
+        return config.daemon.state_dir
+    return Path("/var/lib/ooda") / config.cluster.name
 
 
 def seconds(value: str | float) -> float:

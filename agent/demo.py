@@ -41,11 +41,28 @@ class DemoOptions:
     drop_budget_frac: float = 0.65
     faults: tuple[FaultSpec, ...] = ()
     audit_path: Path | None = None
-    policies: tuple[str, ...] = ("power_budget",)
+    policies: tuple[str, ...] = (  # every built-in policy, safety first
+        "power_budget",
+        "thermal_guard",
+        "health_drain",
+        "energy_efficiency",
+        "idle_powerdown",
+        "placement",
+    )
+
+
+def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
+    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on."""
+    probe = Twin(spec)
+    probe.run_until(duration_s)
+    _t, fleet_w, _b, _w = probe.step_log()
+    return float(fleet_w.mean()) if fleet_w.size else spec.expected_demand_w()
 
 
 def demo_spec(opts: DemoOptions) -> TwinSpec:
-    """The demo's twin: a budget a little under demand, and a demand-response drop mid-run."""
+    """The demo's twin: a budget a little under what this seed's cluster draws uncapped, and a
+    demand-response drop mid-run. The budget follows the seed's realized demand (one uncapped
+    pass first), so every seed shows a budget that really binds."""
     base = TwinSpec(
         nodes=opts.nodes,
         gpus_per_node=opts.gpus_per_node,
@@ -53,7 +70,7 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
         seed=opts.seed,
         faults=opts.faults,
     )
-    demand = base.expected_demand_w()
+    demand = uncapped_demand_w(base, opts.duration_s)
     budget = BudgetSchedule.demand_response(
         normal_w=round(opts.normal_budget_frac * demand, -1),
         drop_w=round(opts.drop_budget_frac * demand, -1),
@@ -95,6 +112,7 @@ def build_agent(
     policy_names: tuple[str, ...],
     settings: dict[str, PolicySettings] | None = None,
     guard: GuardSettings | None = None,
+    interval_s: float = 15.0,
 ) -> tuple[Loop, Actuators]:
     """The agent wired to the twin: its telemetry, its caps and its scheduler."""
     actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
@@ -112,6 +130,7 @@ def build_agent(
         clock=TwinClock(twin),
         placement=actuators.placement,
         dry_run_caps=dry_run,
+        interval_s=interval_s,
     )
     return loop, actuators
 
@@ -139,7 +158,9 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
 
     audit = AuditLog(path=opts.audit_path)
     twin = Twin(spec)
-    loop, _ = build_agent(twin, opts.dry_run, audit, registry, opts.policies)
+    loop, _ = build_agent(
+        twin, opts.dry_run, audit, registry, opts.policies, interval_s=opts.interval_s
+    )
     try:
         reports = drive(twin, loop, opts.duration_s, opts.interval_s)
     finally:

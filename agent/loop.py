@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from agent.act.executor import Executor
 from agent.act.guard import Guard, Refusal
 from agent.core.clock import Clock
 from agent.core.intents import Action, Intent, Outcome
-from agent.core.protocols import PlacementActuator, TelemetrySource
+from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.orienter import Orienter
@@ -96,6 +96,7 @@ class Loop:
         placement: PlacementActuator | None = None,
         dry_run_caps: bool = False,
         run_id: str | None = None,
+        interval_s: float = 15.0,
     ) -> None:
         self.source = source
         self.orienter = orienter
@@ -107,10 +108,31 @@ class Loop:
         self.budget_w = budget_w
         self.placement = placement
         self.dry_run_caps = dry_run_caps
+        self.interval_s = interval_s
         self.run_id = run_id or secrets.token_hex(3)
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
         self._ids = itertools.count(1)
+
+    def _renew_leases(self, errors: list[str]) -> None:
+        """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
+        cap. Renewals are not decisions, so they are not audited; failures are reported."""
+        caps: object = self.executor.actuators.caps  # any cap actuator may also renew leases
+        if self.dry_run_caps or not isinstance(caps, CapLeaseRenewer):
+            return
+        try:
+            renewed, result = caps.renew_leases(self.executor.lease_s)
+        except Exception as exc:  # one bad node daemon must not stop the cycle
+            errors.append(f"lease renewal failed: {exc}")
+            log.error("lease_renewal_failed", error=str(exc))
+            return
+        failed = ~result.ok
+        if failed.any():
+            why = "; ".join(sorted(set(result.errors.values()))[:3])
+            errors.append(
+                f"lease renewal failed for {int(failed.sum())} of {len(renewed)} GPUs: {why}"
+            )
+            log.error("lease_renewal_failed", gpus=int(failed.sum()), errors=why)
 
     def _budget(self, snapshot: Snapshot) -> float | None:
         if callable(self.budget_w):
@@ -154,6 +176,12 @@ class Loop:
 
         with stage("orient"):
             situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
+            # What the agent itself set: policies undo only their own caps.
+            situation = replace(
+                situation,
+                capped_by_us=self.guard.capped_by_us(snapshot.uuid),
+                interval_s=self.interval_s,
+            )
 
         with stage("decide"):
             proposed: list[Intent] = []
@@ -174,6 +202,9 @@ class Loop:
 
         with stage("guard"):
             review = self.guard.review(resolution.intents, situation, now, self.dry_run_caps)
+            for alarm in review.alarms:  # e.g. the drain circuit breaker is open: say it loudly
+                errors.append(f"guard: {alarm}")
+                log.error("guard_alarm", alarm=alarm)
 
         with stage("act"), self.audit.batch():
             decision_ids: dict[int, str] = {}
@@ -181,8 +212,20 @@ class Loop:
             def decision_id(intent: Intent) -> str:
                 return decision_ids.setdefault(id(intent), self._next_id("d"))
 
-            for intent in resolution.intents:
-                self.audit.decision(decision_id(intent), intent, self.executor.dry_run(intent), now)
+            for name, fields in review.events:  # the guard's own: breaker tripped, reset
+                self.audit.event(name, **fields)
+            # A decision is audited when something comes of it: an action, a refusal, or the
+            # guard's own. Desired state re-asserted every cycle and already in place (within
+            # the dead band) changes nothing and is only counted, or the log would grow by
+            # every GPU every cycle.
+            effective = {id(o) for o in review.origin} | {
+                id(r.origin or r.intent) for r in review.refused
+            }
+            for intent in [*resolution.intents, *review.raised]:
+                if id(intent) in effective or intent in review.raised:
+                    self.audit.decision(
+                        decision_id(intent), intent, self.executor.dry_run(intent), now
+                    )
             for over in resolution.overridden:
                 self.audit.refusal(
                     decision_id(over.intent),
@@ -211,6 +254,7 @@ class Loop:
             for action in actions:
                 self.audit.action(action)
                 self.guard.record(action, now)
+            self._renew_leases(errors)
         report = CycleReport(
             cycle=self.cycles,
             time_s=now,

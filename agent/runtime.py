@@ -6,22 +6,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard
-from agent.config import Config, TwinConfig
-from agent.core.clock import Clock
+from agent.act.guard import RESET_FILE, Guard
+from agent.act.node_client import NodeCapActuator
+from agent.act.notify import build_notifier
+from agent.act.rollout import Rollout, dry_run_reasons
+from agent.act.slurm import SlurmPlacement, SlurmSettings
+from agent.config import Config, TwinConfig, state_dir
+from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
-from agent.core.protocols import TelemetrySource
+from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.loop import Loop
+from agent.observe.job_labels import JobLabelledSource
+from agent.observe.limits import LimitsFilledSource
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
+from agent.sim.job_mirror import JobMirror, MirroredTwinSource
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.base import Policy, PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -51,6 +60,42 @@ def twin_spec(cfg: TwinConfig) -> TwinSpec:
     )
 
 
+def prometheus_settings(config: Config) -> PrometheusSettings:
+    """The Prometheus source a config describes (the budget query comes from `cluster`)."""
+    p = config.source.prometheus
+    return PrometheusSettings(
+        url=p.url,
+        timeout_s=p.timeout_s,
+        retries=p.retries,
+        scrape_interval_s=p.scrape_interval_s,
+        staleness_s=p.staleness_s,
+        inventory_window_s=p.inventory_window_s,
+        metrics=dict(p.metrics),
+        host_labels=tuple(p.host_labels),
+        gpu_label=p.gpu_label,
+        uuid_label=p.uuid_label,
+        model_label=p.model_label,
+        job_label=p.job_label,
+        match=dict(p.match),
+        budget_query=config.cluster.budget_query,
+    )
+
+
+def orienter_for(config: Config) -> Orienter:
+    cluster = config.cluster
+    return Orienter(
+        node_overhead_w=cluster.node_overhead_w,
+        groups=tuple(
+            GroupSpec(name, g.budget_w, tuple(expand_nodes(g.nodes)))
+            for name, g in cluster.groups.items()
+        ),
+        group_label=cluster.group_label,
+        label_budgets_w=dict(cluster.label_budgets_w),
+        job_priority=dict(cluster.job_priority),
+        settings=config.orient,
+    )
+
+
 def build_policies(
     names_and_settings: dict[str, PolicySettings], registry: PolicyRegistry
 ) -> list[Policy]:
@@ -61,15 +106,58 @@ def build_policies(
     return policies
 
 
-def dry_run_predicate(global_dry_run: bool, policies: Sequence[Policy]) -> Callable[[Intent], bool]:
-    """Per intent: advise only? A policy's own `dry_run` setting overrides the global one."""
-    own = {p.name: p.settings.dry_run for p in policies}
+def dry_run_predicate(
+    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
+) -> Callable[[Intent], bool]:
+    """Per intent: advise only? A policy's own `dry_run` setting overrides the global one; the
+    rollout (advisory actuator kinds, freeze windows) can only make more of it advisory."""
+    why = dry_run_reason(global_dry_run, policies, rollout)
 
     def is_dry(intent: Intent) -> bool:
-        value = own.get(intent.policy)
-        return global_dry_run if value is None else bool(value)
+        return why(intent) is not None
 
     return is_dry
+
+
+def dry_run_reason(
+    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
+) -> Callable[[Intent], str | None]:
+    """Per intent: why it is only recorded (None: it is applied)."""
+    own = {p.name: p.settings.dry_run for p in policies}
+    return dry_run_reasons(global_dry_run, own, rollout)
+
+
+def rollout_for(config: Config, clock: Clock | None) -> Rollout:
+    """The staged rollout a config describes (node lists expanded)."""
+    nodes = config.rollout.nodes
+    return Rollout(config.rollout, expand_nodes(nodes) if nodes is not None else None, clock)
+
+
+def build_actuators(
+    config: Config, clock: Clock | None = None
+) -> tuple[CapActuator | None, PlacementActuator | None, list[Callable[[], Any]]]:
+    """The live cap and placement actuators a config names, without a loop (for `ooda
+    rollback`), and what closes them. A twin actuator acts on a fresh twin of the config."""
+    closers: list[Callable[[], Any]] = []
+    caps: CapActuator | None = None
+    placement: PlacementActuator | None = None
+    twin: Twin | None = None
+    if "twin" in (config.actuators.caps, config.actuators.placement):
+        twin = Twin(twin_spec(config.twin))
+    if config.actuators.caps == "twin":
+        assert twin is not None
+        caps = TwinCapActuator(twin)
+    elif config.actuators.caps == "node":
+        assert config.actuators.node is not None  # the config validator insists
+        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
+        caps = node_caps
+        closers.append(node_caps.close)
+    if config.actuators.placement == "twin":
+        assert twin is not None
+        placement = TwinPlacement(twin)
+    elif config.actuators.placement == "slurm":
+        placement = slurm_placement(config.actuators.slurm)
+    return caps, placement, closers
 
 
 @dataclass
@@ -95,47 +183,115 @@ def build_runtime(
     audit: AuditLog | None = None,
     source: TelemetrySource | None = None,
     budget_w: float | None = None,
+    twin: Twin | None = None,
 ) -> Runtime:
-    """Everything the config names, wired into one Loop. `source` and `budget_w` override it."""
+    """Everything the config names, wired into one Loop. `source` and `budget_w` override it;
+    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
     registry = registry or default_registry()
-    audit = audit or AuditLog(path=config.audit.path)
+    audit = audit or AuditLog(
+        path=config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep
+    )
     policies = build_policies(config.policy_settings, registry)
-    twin: Twin | None = None
     actuators = Actuators()
+    closers: list[Callable[[], Any]] = []
+    slurm = (
+        slurm_placement(config.actuators.slurm) if config.actuators.placement == "slurm" else None
+    )
+    # The twin standing in for the GPUs of a real Slurm cluster: its jobs are Slurm's.
+    mirror_slurm = slurm is not None and source is None and config.source.kind == "twin"
     if config.source.kind == "twin" or "twin" in (
         config.actuators.caps,
         config.actuators.placement,
     ):
-        twin = Twin(twin_spec(config.twin))
+        if twin is None:
+            spec = twin_spec(config.twin)
+            if mirror_slurm:
+                spec = replace(spec, occupancy=0.0, initial_jobs=False)
+            twin = Twin(spec)
+    else:
+        twin = None
     if source is None:
         if config.source.kind == "twin":
             assert twin is not None
             source = TwinSource(twin)
+            if slurm is not None:
+                source = MirroredTwinSource(source, JobMirror(twin, slurm))
+        elif config.source.kind == "prometheus":
+            prometheus = PrometheusSource(prometheus_settings(config))
+            closers.append(prometheus.close)
+            source = prometheus
         else:
             raise ConfigError(f"source.kind: {config.source.kind!r} is not available yet")
+    if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
+        source = JobLabelledSource(source, slurm, config.actuators.slurm.default_priority)
     if config.actuators.caps == "twin":
         assert twin is not None
         actuators.caps = TwinCapActuator(twin)
+    if config.actuators.caps == "node":
+        assert config.actuators.node is not None  # the config validator insists
+        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
+        actuators.caps = node_caps
+        closers.append(node_caps.close)
+        if config.source.kind == "prometheus":  # limits the exporter lacks come from the nodes
+            source = LimitsFilledSource(source, node_caps)
     if config.actuators.placement == "twin":
         assert twin is not None
         actuators.placement = TwinPlacement(twin)
+    elif slurm is not None:
+        actuators.placement = slurm
+    if clock is None and config.source.kind == "prometheus":
+        clock = SystemClock()  # Prometheus answers in Unix time, whatever acts
     if clock is None:
         if twin is None:
             raise ConfigError("a clock is needed when no twin is configured")
         clock = TwinClock(twin)
+    notifier = build_notifier(config.actuators.notify, config.cluster.name, clock)
+    if notifier is not None:
+        actuators.notifier = notifier
+        closers.append(notifier.close)
     budget = budget_w if budget_w is not None else config.cluster.budget_w
+    rollout = rollout_for(config, clock)
+    is_dry = dry_run_predicate(config.dry_run, policies, rollout)
     loop = Loop(
         source=source,
-        orienter=Orienter(node_overhead_w=config.cluster.node_overhead_w, settings=config.orient),
+        orienter=orienter_for(config),
         policies=policies,
-        guard=Guard(config.guard),
+        guard=Guard(
+            config.guard,
+            rollout=rollout,
+            reset_file=state_dir(config) / RESET_FILE,
+            is_dry=is_dry,
+        ),
         executor=Executor(
-            actuators, dry_run_predicate(config.dry_run, policies), config.actuators.lease_s
+            actuators,
+            is_dry,
+            config.actuators.lease_s,
+            why_dry=dry_run_reason(config.dry_run, policies, rollout),
         ),
         audit=audit,
         clock=clock,
         budget_w=budget,
         placement=actuators.placement,
         dry_run_caps=config.dry_run,
+        interval_s=config.daemon.interval_s,
     )
-    return Runtime(config=config, loop=loop, audit=audit, actuators=actuators, twin=twin)
+    return Runtime(
+        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+    )
+
+
+def slurm_placement(settings: SlurmSettings) -> SlurmPlacement:
+    """The Slurm actuator, after checking that what the config names exists."""
+    if settings.slurm_conf is not None and not settings.slurm_conf.is_file():
+        raise ConfigError(f"actuators.slurm.slurm_conf: no such file {settings.slurm_conf}")
+    if settings.bin_dir is not None:
+        missing = [
+            tool
+            for tool in ("scontrol", "sinfo", "squeue")
+            if not (settings.bin_dir / tool).exists()
+        ]
+        if missing:
+            raise ConfigError(
+                f"actuators.slurm.bin_dir: {', '.join(missing)} not found in {settings.bin_dir}"
+            )
+    return SlurmPlacement(settings)

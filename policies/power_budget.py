@@ -17,6 +17,7 @@ What the budget covers is explicit: the GPUs' power plus the configured overhead
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -98,16 +99,26 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         )
 
         natural = np.where(busy, curves.natural_w, 0.0)
-        worst_uncapped = float(natural.sum() + situation.max_cap_w[idle].sum())
+        draw = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
+        learned_reserve = situation.arrival_reserve_w
+        # What idle GPUs may add before the next cycle: learned from history where known
+        # (bounded by the worst case), else every idle GPU at its cap.
+        idle_worst = float(situation.max_cap_w[idle].sum())
+        idle_now = float(draw[idle].sum())
+        if learned_reserve is not None:
+            idle_worst = min(idle_worst, idle_now + learned_reserve)
+        worst_uncapped = float(natural.sum()) + idle_worst
         evidence_common = {
             "budget_w": round(budget, 1),
             "fleet_power_w": round(situation.fleet_power_w, 1),
             "available_w": round(available, 1),
             "worst_uncapped_w": round(worst_uncapped, 1),
             "stale_reserve_w": round(stale_w, 1),
+            "arrival_reserve_w": None if learned_reserve is None else round(learned_reserve, 1),
         }
 
-        if worst_uncapped <= available:
+        groups_fit = self._groups_fit(situation, busy, idle, natural)
+        if worst_uncapped <= available and groups_fit:
             return self._maybe_release(
                 situation, memory, now_s, available, worst_uncapped, evidence_common
             )
@@ -117,27 +128,41 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         caps: list[np.ndarray] = []
         idle_rows = np.flatnonzero(idle)
         idle_caps = situation.min_cap_w[idle_rows]
-        available_busy = available - float(idle_caps.sum())
+        idle_reserve = float(idle_caps.sum())
+        if learned_reserve is not None:
+            idle_reserve = min(idle_reserve, idle_now + learned_reserve)
+        available_busy = available - idle_reserve
         busy_rows = np.flatnonzero(busy)
         if busy_rows.size:
             weights = np.ones(busy_rows.size)
             prio = situation.priority[busy_rows]
             for klass, weight in s.priority_weights.items():
                 weights[prio == klass] = weight
-            alloc = allocate_power(
-                available_busy,
-                curves.natural_w[busy_rows],
-                curves.a[busy_rows],
-                curves.b[busy_rows],
-                curves.cap_draw_frac[busy_rows],
-                situation.min_cap_w[busy_rows],
-                situation.max_cap_w[busy_rows],
-                weight=weights,
+
+            def allocate(sel: np.ndarray, budget_w: float) -> tuple[np.ndarray, np.ndarray, bool]:
+                r = busy_rows[sel]
+                alloc = allocate_power(
+                    budget_w,
+                    curves.natural_w[r],
+                    curves.a[r],
+                    curves.b[r],
+                    curves.cap_draw_frac[r],
+                    situation.min_cap_w[r],
+                    situation.max_cap_w[r],
+                    weight=weights[sel],
+                )
+                planned = np.where(alloc.binding, alloc.power_w, curves.natural_w[r])
+                return alloc.cap_w, planned, alloc.feasible
+
+            everyone = np.ones(busy_rows.size, dtype=bool)
+            busy_caps, busy_power, feasible = allocate(everyone, available_busy)
+            busy_caps, busy_power = self._hold_group_budgets(
+                situation, busy_rows, idle, busy_caps, busy_power, available_busy, allocate
             )
-            busy_caps = np.floor(alloc.cap_w)
+            busy_caps = np.floor(busy_caps)
             targets_rows.append(busy_rows)
             caps.append(busy_caps)
-            if not alloc.feasible:
+            if not feasible:
                 intents.append(
                     Notify(
                         policy=self.name,
@@ -174,6 +199,76 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             )
         return Decision(intents, PowerBudgetMemory(fits_since_s=None))
 
+    def _groups_fit(
+        self, situation: Situation, busy: np.ndarray, idle: np.ndarray, natural: np.ndarray
+    ) -> bool:
+        """Does every rack or row fit its own budget with no caps, in the worst case?"""
+        snap = situation.snapshot
+        per_node_overhead = situation.overhead_w / max(snap.n_nodes, 1)
+        for _name, (group_budget, members) in situation.group_budgets.items():
+            stale = float(np.nansum(np.where(members & ~snap.fresh, situation.max_cap_w, 0.0)))
+            worst = (
+                float(natural[members & busy].sum())
+                + float(situation.max_cap_w[members & idle].sum())
+                + stale
+                + per_node_overhead * np.unique(snap.node[members]).size
+            )
+            if worst > group_budget * (1.0 - self.settings.margin_frac):
+                return False
+        return True
+
+    def _hold_group_budgets(
+        self,
+        situation: Situation,
+        busy_rows: np.ndarray,
+        idle: np.ndarray,
+        caps_w: np.ndarray,
+        power_w: np.ndarray,
+        available_busy_w: float,
+        allocate: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, bool]],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Racks and rows with budgets of their own: a group over its budget is re-planned within
+        it, its GPUs fixed there, and the cluster budget they free is re-planned over the rest."""
+        if not situation.group_budgets:
+            return caps_w, power_w
+        s = self.settings
+        snap = situation.snapshot
+        per_node_overhead = situation.overhead_w / max(snap.n_nodes, 1)
+        fixed = np.zeros(busy_rows.size, dtype=bool)
+        for _ in range(3):  # a re-plan of the rest can push another group over: a few passes
+            changed = False
+            for _name, (group_budget, members) in situation.group_budgets.items():
+                in_group = members[busy_rows] & ~fixed
+                if not in_group.any():
+                    continue
+                rows = np.flatnonzero(members)
+                idle_reserve = float(situation.min_cap_w[rows][idle[rows]].sum())
+                stale = float(
+                    np.nansum(np.where(~snap.fresh[rows], situation.max_cap_w[rows], 0.0))
+                )
+                overhead = per_node_overhead * np.unique(snap.node[rows]).size
+                fixed_here = float(power_w[members[busy_rows] & fixed].sum())
+                room = (
+                    group_budget * (1.0 - s.margin_frac)
+                    - idle_reserve
+                    - stale
+                    - overhead
+                    - fixed_here
+                )
+                if power_w[in_group].sum() <= room + 1e-6:
+                    continue
+                group_caps, group_power, _ = allocate(in_group, room)
+                caps_w[in_group] = np.minimum(caps_w[in_group], group_caps)
+                power_w[in_group] = np.minimum(power_w[in_group], group_power)
+                fixed |= in_group
+                changed = True
+            if not changed or fixed.all():
+                break
+            rest = ~fixed
+            left = available_busy_w - float(power_w[fixed].sum())
+            caps_w[rest], power_w[rest], _ = allocate(rest, left)
+        return caps_w, power_w
+
     def _maybe_release(
         self,
         situation: Situation,
@@ -181,7 +276,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         now_s: float,
         available: float,
         worst_uncapped: float,
-        evidence: dict[str, float],
+        evidence: dict[str, float | None],
     ) -> Decision[PolicyMemory]:
         s = self.settings
         budget = situation.budget_w or 0.0

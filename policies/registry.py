@@ -11,7 +11,12 @@ import structlog
 
 from agent.core.errors import ConfigError
 from policies.curve_exploration import CurveExploration
+from policies.energy_efficiency import EnergyEfficiency
+from policies.health_drain import HealthDrain
+from policies.idle_powerdown import IdlePowerdown
+from policies.placement import Placement
 from policies.power_budget import PowerBudget
+from policies.thermal_guard import ThermalGuard
 
 ENTRY_POINT_GROUP = "ooda.policies"
 
@@ -77,7 +82,15 @@ class PolicyRegistry:
 def builtin_registry() -> PolicyRegistry:
     """A fresh registry with the built-in policies (explicitly listed)."""
     registry = PolicyRegistry()
-    for cls in (PowerBudget, CurveExploration):
+    for cls in (
+        PowerBudget,
+        ThermalGuard,
+        HealthDrain,
+        EnergyEfficiency,
+        IdlePowerdown,
+        Placement,
+        CurveExploration,
+    ):
         registry.register(cls)
     return registry
 

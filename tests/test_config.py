@@ -99,3 +99,25 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["demo", "--nodes", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--nodes" in err[0]
+
+
+def test_groups_and_priorities(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+[cluster.groups.rack1]
+nodes = "node[1-4]"
+budget_w = 12000
+[cluster.groups.row2]
+nodes = ["gpu-b*", "node[9-10]"]
+budget_w = 20000
+[cluster.job_priority]
+"10*" = 2
+""",
+        )
+    )
+    assert config.cluster.groups["rack1"].budget_w == 12000
+    assert config.cluster.job_priority == {"10*": 2}
+    with pytest.raises(ConfigError, match=r"cluster.groups.rack1.nodes: bad node list 'node\[1-'"):
+        load_config(write(tmp_path, "[cluster.groups.rack1]\nnodes = 'node[1-'\nbudget_w = 5\n"))

@@ -95,3 +95,15 @@ def test_dry_run_compares_with_what_was_recorded(dry_run: bool) -> None:
     r2 = guard.review([cap(snap, [0], [400])], sit, 20.0, dry_run)
     # Dry-run: the telemetry still says 700 W, but we already recommended 400 W: no repeat.
     assert (len(r2.allowed), r2.unchanged) == ((0, 1) if dry_run else (1, 0))
+
+
+def test_guard_state_round_trips() -> None:
+    import json
+
+    guard = Guard()
+    snap = make_snapshot([500.0])
+    guard.record(Action("a", "d", cap(snap, [0], [400]), Outcome.APPLIED, False), 123.0)
+    copy = Guard()
+    copy.load_dict(json.loads(json.dumps(guard.to_dict())))
+    assert copy.capped_by_us(np.array(["GPU-0000"])).tolist() == [True]
+    assert copy.caps["last_change_s"][0] == 123.0

@@ -124,3 +124,43 @@ def test_policy_memory_is_kept_between_cycles() -> None:
 
 def _unused(x: list[Intent]) -> np.ndarray:  # keep imports honest for type checkers
     return np.zeros(len(x))
+
+
+class RenewingCaps(RecordingCapActuator):
+    """A cap actuator whose caps are leases (the CapLeaseRenewer protocol), hand-written."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.renewals: list[float] = []
+        self.fail = fail
+
+    def renew_leases(self, lease_s: float):  # type: ignore[no-untyped-def]
+        from agent.core.intents import GpuTargets
+        from agent.core.protocols import CapResult
+
+        self.renewals.append(lease_s)
+        targets = GpuTargets.empty()
+        if self.fail:
+            raise RuntimeError("node3 unreachable")
+        return targets, CapResult.all_ok(0)
+
+
+def test_leases_are_renewed_every_live_cycle_and_failures_reported() -> None:
+    snap = make_snapshot([100.0] * 4, time_s=500)
+    loop, _, _ = build(FakeSource([snap, snap]))
+    caps = RenewingCaps()
+    loop.executor.actuators.caps = caps
+    loop.cycle()
+    assert caps.renewals == [loop.executor.lease_s]
+    caps.fail = True
+    report = loop.cycle()
+    assert any("lease renewal failed: node3 unreachable" in e for e in report.errors)
+
+
+def test_dry_run_renews_nothing() -> None:
+    snap = make_snapshot([100.0] * 4, time_s=500)
+    loop, _, _ = build(FakeSource([snap]), dry_run=True)
+    caps = RenewingCaps()
+    loop.executor.actuators.caps = caps
+    loop.cycle()
+    assert caps.renewals == []

@@ -108,3 +108,27 @@ def test_policy_is_pure() -> None:
     a = caps_of(list(p.decide(sit, PowerBudgetMemory(), 400).intents))
     b = caps_of(list(p.decide(sit, PowerBudgetMemory(), 400).intents))
     assert np.array_equal(a.watts, b.watts)
+
+
+def test_rack_budget_holds_within_a_loose_cluster_budget() -> None:
+    from agent.orient.groups import GroupSpec
+
+    snap = make_snapshot([600.0] * 8, time_s=400)  # node1: GPUs 0-3, node2: GPUs 4-7
+    orienter = Orienter(groups=(GroupSpec("rack1", 1600.0, ("node1",)),))
+    for t in (0.0, 200.0):
+        orienter.orient(make_snapshot_like(snap, t), 100_000.0)
+    sit = orienter.orient(snap, 100_000.0)
+    caps = caps_of(list(policy(margin_frac=0.0).decide(sit, PowerBudgetMemory(), 400).intents))
+    by_uuid = dict(zip(caps.targets.uuid.tolist(), caps.watts.tolist(), strict=True))
+    rack1 = [by_uuid[f"GPU-{i:04d}"] for i in range(4)]
+    rack2 = [by_uuid[f"GPU-{i:04d}"] for i in range(4, 8)]
+    assert sum(rack1) <= 1600.0
+    assert all(w == 700.0 for w in rack2)  # the rest of the cluster keeps its power
+
+
+def test_job_priority_patterns() -> None:
+    from agent.orient.groups import job_priorities
+
+    job = np.array(["1001", "1001", "2002", "", "3003"])
+    out = job_priorities(job, {"1*": 2, "3*": 0}, np.ones(5, dtype=np.int64))
+    assert out.tolist() == [2, 2, 1, 1, 0]

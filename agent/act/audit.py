@@ -1,47 +1,178 @@
 """The audit trail: one structured JSON event per decision, refusal and action.
 
-Events go through structlog to a JSON-lines sink. The file sink is durable: every record is
-flushed and fsynced before `write` returns, so a crash loses nothing that was reported done; inside
-`batch()` records are group-committed (one fsync for the batch, before the batch's actions run).
+Events go through structlog to a JSON-lines sink: a durable file, or any text stream. The file:
+
+- Every record is one `write()` of a whole line to a file opened O_APPEND, then fsynced before
+  `write` returns, so a crash loses nothing that was reported done; inside `batch()` records are
+  group-committed (one fsync for the batch, before the batch's actions run).
+- Rotated by size, keeping `keep` older files (`audit.jsonl.1` newest ... `.keep` oldest): only
+  between records (a record never straddles two files; one larger than `max_bytes` gets a file
+  of its own), the old file fsynced before it is renamed, the directory fsynced after.
+- Several writers (the daemon, `ooda rollback`, `ooda guard reset`) share it safely: each write
+  and rotation holds an exclusive lock on `PATH.lock`, and a writer whose file was rotated away
+  by another reopens the path first.
+- A crash can at worst leave a torn last line (power lost mid-write); a writer that opens such a
+  file starts on a fresh line, and the readers here skip (and count) lines that do not parse.
+
+Readers: `audit_files` (oldest first), `read_records`, `tail`, `follow`, `explain`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import structlog
 
-from agent.core.intents import Action, Intent, jsonable
+from agent.core.intents import Action, Intent, ReleasePowerCap, SetPowerCap, jsonable
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_KEEP = 10
+
+
+class _DurableFile:
+    """Appends whole lines to a file, durably, rotating by size (see the module docstring)."""
+
+    def __init__(self, path: Path, max_bytes: int | None, keep: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        self._fd = -1
+        self._ino = -1
+        with self._locked():
+            self._open()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        st = os.fstat(fd)
+        if st.st_size:
+            with open(self.path, "rb") as probe:  # a torn last line: start on a fresh one
+                probe.seek(-1, os.SEEK_END)
+                if probe.read(1) != b"\n":
+                    os.write(fd, b"\n")
+        self._fd, self._ino = fd, st.st_ino
+
+    def _current(self) -> None:
+        """Reopen when another writer rotated our file away (the path is a new file)."""
+        try:
+            ino = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            ino = -1
+        if ino != self._ino:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._open()
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)  # what the batch wrote so far is durable before the rename
+        os.close(self._fd)
+        base = str(self.path)
+        if self.keep == 0:
+            os.unlink(base)
+        else:
+            # Shift the rotated files up by one, newest last so none is overwritten; the one
+            # past `keep` is dropped (only the files that exist are touched).
+            prefix = self.path.name + "."
+            present = sorted(
+                (
+                    int(entry.name[len(prefix) :])
+                    for entry in os.scandir(self.path.parent)
+                    if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
+                ),
+                reverse=True,
+            )
+            for k in present:
+                if k >= self.keep:
+                    os.unlink(f"{base}.{k}")
+                else:
+                    os.replace(f"{base}.{k}", f"{base}.{k + 1}")
+            os.replace(base, f"{base}.1")
+        _fsync_dir(self.path.parent)
+        self._open()
+
+    def write(self, data: bytes, sync: bool) -> None:
+        with self._locked():
+            self._current()
+            size = os.fstat(self._fd).st_size
+            if self.max_bytes is not None and size and size + len(data) > self.max_bytes:
+                self._rotate()
+            view = memoryview(data)
+            while view:  # one write() in practice; a short write is finished, never dropped
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if sync:
+                os.fsync(self._fd)
+
+    def sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _JsonLineSink:
-    """A structlog logger that appends rendered lines to a file (fsync per record or batch)."""
+    """A structlog logger that appends rendered lines to a durable file or a text stream
+    (fsync per record, or per batch)."""
 
-    def __init__(self, stream: IO[str], durable: bool) -> None:
+    def __init__(self, file: _DurableFile | None, stream: IO[str] | None) -> None:
+        self._file = file
         self._stream = stream
-        self._durable = durable
         self._batch_depth = 0
         self._dirty = False
         self._lock = threading.Lock()
 
     def msg(self, message: str) -> None:
         with self._lock:
-            self._stream.write(message + "\n")
-            if self._batch_depth:
-                self._dirty = True
-            else:
-                self._sync()
+            if self._file is not None:
+                self._file.write((message + "\n").encode("utf-8"), sync=not self._batch_depth)
+                self._dirty = bool(self._batch_depth)
+            elif self._stream is not None:
+                self._stream.write(message + "\n")
+                self._stream.flush()
 
-    def _sync(self) -> None:
-        self._stream.flush()
-        if self._durable:
-            os.fsync(self._stream.fileno())
-        self._dirty = False
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.sync()
+                self._dirty = False
+            elif self._stream is not None:
+                self._stream.flush()
 
     def begin(self) -> None:
         with self._lock:
@@ -50,10 +181,44 @@ class _JsonLineSink:
     def end(self) -> None:
         with self._lock:
             self._batch_depth -= 1
-            if self._batch_depth == 0 and self._dirty:
-                self._sync()
+            if self._batch_depth == 0 and self._dirty and self._file is not None:
+                self._file.sync()
+                self._dirty = False
 
     log = info = warning = error = msg
+
+
+def finite(value: Any) -> Any:
+    """JSON-ready with NaN and infinities as null (strict JSON: jq and friends read it); numpy
+    arrays converted in one vectorized step."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            out = value.astype(object)
+            out[~np.isfinite(value)] = None
+            return out.tolist()
+        return finite(value.tolist()) if value.dtype.kind == "O" else value.tolist()
+    if isinstance(value, np.generic):
+        return finite(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        kinds = set(map(type, items))  # long lists are homogeneous: one pass at C speed
+        if kinds <= _PLAIN:
+            return items
+        if kinds <= {float, int}:
+            return [v if math.isfinite(v) else None for v in items]
+        return [finite(v) for v in items]
+    return value
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _strict(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    return {k: finite(v) for k, v in event.items()}
 
 
 def _default(value: Any) -> Any:
@@ -63,27 +228,28 @@ def _default(value: Any) -> Any:
 
 
 class AuditLog:
-    """Audit events as JSON lines. `path` gives a durable file; `stream` any text stream."""
+    """Audit events as JSON lines. `path` gives a durable, rotated file; `stream` any text
+    stream (neither: events are counted and dropped)."""
 
-    def __init__(self, path: Path | None = None, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        stream: IO[str] | None = None,
+        *,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        keep: int = DEFAULT_KEEP,
+    ) -> None:
         self.path = path
-        self._own: IO[str] | None = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._own = path.open("a", encoding="utf-8")
-            target: IO[str] = self._own
-            durable = True
-        else:
-            target = stream if stream is not None else open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
-            durable = False
-        self._sink = _JsonLineSink(target, durable)
+        self._file = _DurableFile(path, max_bytes, keep) if path is not None else None
+        self._sink = _JsonLineSink(self._file, stream if path is None else None)
         # Its own wrapper: the audit trail never depends on the log level.
         self._log = structlog.wrap_logger(
             self._sink,
             wrapper_class=structlog.BoundLogger,
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-                structlog.processors.JSONRenderer(default=_default),
+                _strict,
+                structlog.processors.JSONRenderer(default=_default, allow_nan=False),
             ],
         )
         self.counts: dict[str, int] = {}
@@ -137,9 +303,232 @@ class AuditLog:
         )
 
     def action(self, action: Action) -> None:
-        self.event("action", **action.to_record())
+        record = action.to_record()
+        if isinstance(action.intent, SetPowerCap | ReleasePowerCap):
+            # UUIDs too: what a rollback releases must still be found after a reboot renumbers.
+            record["uuid"] = action.intent.targets.uuid.tolist()
+        self.event("action", **record)
+
+    def flush(self) -> None:
+        """Flush (and fsync, for a file) what was written, even inside an unfinished batch: a
+        daemon that must leave in the middle of a cycle keeps every record it wrote."""
+        self._sink.flush()
 
     def close(self) -> None:
-        if self._own is not None:
-            self._own.close()
-            self._own = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def audit_files(path: Path) -> list[Path]:
+    """The audit log and its rotated files, oldest first (missing ones left out)."""
+    rotated: list[tuple[int, Path]] = []
+    for candidate in path.parent.glob(f"{path.name}.*"):
+        suffix = candidate.name[len(path.name) + 1 :]
+        if suffix.isdigit():
+            rotated.append((int(suffix), candidate))
+    out = [p for _, p in sorted(rotated, reverse=True)]
+    if path.exists():
+        out.append(path)
+    return out
+
+
+@dataclass
+class ReadStats:
+    files: list[Path] = field(default_factory=list)
+    records: int = 0
+    skipped: int = 0  # lines that did not parse (a torn line left by a crash)
+    # (inode, offset) just past the last whole line read of the newest file: where `follow`
+    # goes on from, so nothing appended between a tail and its follow is missed.
+    end: tuple[int, int] | None = None
+
+
+def _parse(line: bytes, stats: ReadStats) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        stats.skipped += 1
+        return None
+    if not isinstance(record, dict):
+        stats.skipped += 1
+        return None
+    stats.records += 1
+    return record
+
+
+def read_records(path: Path, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Every record, oldest first, across the rotated files; lines that do not parse are
+    skipped and counted in `stats`."""
+    stats = stats if stats is not None else ReadStats()
+    stats.files = audit_files(path)
+    for file in stats.files:
+        try:
+            handle = file.open("rb")
+        except FileNotFoundError:  # rotated away while we read: its records moved on
+            continue
+        with handle:
+            offset = 0
+            for line in handle:
+                if line.endswith(b"\n"):
+                    offset += len(line)
+                record = _parse(line, stats)
+                if record is not None:
+                    yield record
+            if file == path:
+                stats.end = (os.fstat(handle.fileno()).st_ino, offset)
+
+
+def tail(path: Path, n: int, stats: ReadStats | None = None) -> list[dict[str, Any]]:
+    """The last `n` records, oldest first."""
+    return list(deque(read_records(path, stats), maxlen=n)) if n > 0 else []
+
+
+def follow(
+    path: Path,
+    emit: Callable[[dict[str, Any]], None],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    poll_s: float = 0.5,
+    stop: Callable[[], bool] = lambda: False,
+    stats: ReadStats | None = None,
+    start: tuple[int, int] | None = None,
+) -> None:
+    """Emit records appended to `path` until `stop()`, across rotations: from now on, or from
+    `start` ((inode, offset), e.g. `ReadStats.end` of a tail, even if that file has been
+    rotated since). A line still being written (no newline yet) waits for its end."""
+    stats = stats if stats is not None else ReadStats()
+    handle: IO[bytes] | None = None
+    ino = -1
+    partial = b""
+
+    def open_file(file: Path, offset: int | None) -> bool:
+        nonlocal handle, ino, partial
+        try:
+            new = file.open("rb")
+        except FileNotFoundError:
+            return False
+        if handle is not None:
+            handle.close()
+        handle, ino, partial = new, os.fstat(new.fileno()).st_ino, b""
+        if offset is None:
+            handle.seek(0, os.SEEK_END)
+        else:
+            handle.seek(offset)
+        return True
+
+    def drain() -> bool:
+        nonlocal partial
+        chunk = handle.read() if handle is not None else b""
+        if not chunk:
+            return False
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
+        for line in lines:
+            record = _parse(line, stats)
+            if record is not None:
+                emit(record)
+        return True
+
+    def newer_than_current() -> Path:
+        """The file written after the one we read: the next rotated one, or the live file."""
+        files = audit_files(path)
+        for k, file in enumerate(files[:-1]):
+            try:
+                if file.stat().st_ino == ino:
+                    return files[k + 1]
+            except FileNotFoundError:
+                continue
+        return path
+
+    if start is None:
+        open_file(path, None)
+    else:
+        # The file we stopped reading in: the current one, or a rotated one by now.
+        for file in reversed(audit_files(path)):
+            try:
+                if file.stat().st_ino == start[0]:
+                    open_file(file, start[1])
+                    break
+            except FileNotFoundError:
+                continue
+        else:
+            open_file(path, 0)  # rotated out of sight: everything current is new
+    while not stop():
+        if drain():
+            continue
+        try:
+            now_ino = path.stat().st_ino
+        except FileNotFoundError:
+            now_ino = -1
+        if handle is None:
+            if now_ino != -1:
+                open_file(path, 0)
+                continue
+        elif now_ino not in (ino, -1):
+            # Rotated. Writers only write to the live path (they check under the lock), so one
+            # more read of our file gets the last of it; then the next file, from its start.
+            drain()
+            open_file(newer_than_current(), 0)
+            continue
+        sleep(poll_s)
+    if handle is not None:
+        handle.close()
+
+
+@dataclass
+class Explanation:
+    action: dict[str, Any]
+    decision: dict[str, Any] | None
+    refusals: list[dict[str, Any]]
+    siblings: list[dict[str, Any]]  # the decision's other actions
+
+
+class UnknownActionError(LookupError):
+    pass
+
+
+def explain(path: Path, action_id: str) -> Explanation:
+    """The action `action_id` with its decision, the decision's refusals and other actions.
+    A decision id is accepted too (its first action, or the decision alone)."""
+    action: dict[str, Any] | None = None
+    by_decision: dict[str, list[dict[str, Any]]] = {}
+    decisions: dict[str, dict[str, Any]] = {}
+    stats = ReadStats()
+    for record in read_records(path, stats):
+        kind = record.get("event")
+        did = str(record.get("decision_id", ""))
+        if kind == "action":
+            by_decision.setdefault(did, []).append(record)
+            if record.get("action_id") == action_id:
+                action = record
+        elif kind == "decision":
+            decisions.setdefault(did, record)
+        elif kind == "refusal":
+            by_decision.setdefault(did, []).append(record)
+    if action is None and action_id in decisions:
+        actions = [r for r in by_decision.get(action_id, []) if r.get("event") == "action"]
+        action = actions[0] if actions else {"event": "decision only", **decisions[action_id]}
+    if action is None:
+        files = len(stats.files)
+        raise UnknownActionError(
+            f"no action or decision with id {action_id!r} in {path}"
+            + (f" and its {files - 1} rotated file(s)" if files > 1 else "")
+            + ("" if files else " (no audit log there)")
+        )
+    did = str(action.get("decision_id", ""))
+    related = by_decision.get(did, [])
+    return Explanation(
+        action=action,
+        decision=decisions.get(did),
+        refusals=[r for r in related if r.get("event") == "refusal"],
+        siblings=[
+            r
+            for r in related
+            if r.get("event") == "action" and r.get("action_id") != action.get("action_id")
+        ],
+    )

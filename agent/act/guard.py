@@ -4,34 +4,65 @@ For caps (columnar, per GPU): no action on GPUs that cannot be seen (stale or un
 clipped to the GPU's own constraints (never outside NVML's min/max; unknown bounds are refused);
 a dead band (a change smaller than `cap_dead_band_w` is no change); a per-GPU cooldown (no second
 change within `cap_cooldown_s`, except lowering a cap, which is the safe direction); releases only
-of caps we set (ownership). Node intents: a per-node cooldown; resumes only of our drains.
+of caps we set (ownership).
+
+For every target, caps and nodes alike: nothing outside the rollout's scope (node names,
+partitions) and nothing on a node that opted out (`NodeStates.opted_out`, the feature or label
+`ooda-ignore`): neither the node nor its GPUs' caps. No node action on a node whose GPUs are all
+stale.
+
+Node intents: a per-node cooldown; ownership (never drain, re-weight or re-feature a node someone
+else drained: only undoing our own weight or features is allowed there; resumes only of our
+drains); a global rate limit on drains and one on weight/feature changes; and the drain circuit
+breaker: never more than `breaker_max_nodes` nodes, nor `breaker_max_pct` % of the cluster,
+drained by us within `breaker_window_s`. The drain that would go beyond trips it; once open it
+refuses every drain, says so every cycle (a cycle error and a critical Notify) and stays open,
+across restarts (it is part of `to_dict`), until a person resets it: `ooda guard reset` leaves a
+request file in the daemon's state directory that the guard consumes at its next cycle (audited).
+
 Every refusal carries its reason and is audited by the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import getpass
+import json
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.act.rollout import Rollout
 from agent.core.intents import (
     Action,
     DrainNode,
     Intent,
+    Notify,
     Outcome,
     ReleasePowerCap,
+    RequeueJob,
     ResumeNode,
     SetNodeFeatures,
     SetNodeWeight,
     SetPowerCap,
+    Severity,
 )
 from agent.core.keyed import KeyedColumns
 from agent.core.situation import Situation
 
 BoolArray = npt.NDArray[np.bool_]
+
+RESET_FILE = "guard-reset.request"
+GUARD_POLICY = "guard"  # the policy name on the guard's own intents (its breaker alarm)
 
 
 class GuardSettings(BaseModel):
@@ -45,6 +76,54 @@ class GuardSettings(BaseModel):
     )
     node_cooldown_s: float = Field(
         300.0, ge=0.0, description="Least time between two actions on one node (s)."
+    )
+    drain_rate_max: int = Field(
+        3,
+        ge=0,
+        le=10_000,
+        description="Rate limit: most drains within drain_rate_window_s (count); the drains "
+        "beyond are refused until the window has room.",
+    )
+    drain_rate_window_s: float = Field(
+        600.0, gt=0.0, description="The window of the drain rate limit (s)."
+    )
+    breaker_max_nodes: int = Field(
+        5,
+        ge=0,
+        le=100_000,
+        description="Circuit breaker: most distinct nodes drained by us within breaker_window_s "
+        "(nodes); the drain beyond trips the breaker.",
+    )
+    breaker_max_pct: float = Field(
+        10.0,
+        ge=0.0,
+        le=100.0,
+        description="Circuit breaker: most nodes drained by us within breaker_window_s as a "
+        "share of the cluster's nodes (%, rounded down, never below breaker_min_nodes); the "
+        "lower of this and breaker_max_nodes holds.",
+    )
+    breaker_min_nodes: int = Field(
+        1,
+        ge=0,
+        le=100_000,
+        description="The percentage limit never goes below this many nodes (nodes), so one "
+        "failing node of a small cluster can be drained.",
+    )
+    breaker_window_s: float = Field(
+        3600.0, gt=0.0, description="The window the circuit breaker counts drains in (s)."
+    )
+    breaker_notify: bool = Field(
+        True, description="While the breaker is open, send a critical Notify every cycle."
+    )
+    steer_rate_max: int = Field(
+        20,
+        ge=0,
+        le=100_000,
+        description="Rate limit: most node weight and feature changes within "
+        "steer_rate_window_s (count).",
+    )
+    steer_rate_window_s: float = Field(
+        600.0, gt=0.0, description="The window of the weight/feature rate limit (s)."
     )
 
 
@@ -60,7 +139,10 @@ class Review:
     allowed: list[Intent] = field(default_factory=list)
     origin: list[Intent] = field(default_factory=list)  # per allowed: the intent it came from
     refused: list[Refusal] = field(default_factory=list)
-    unchanged: int = 0  # cap targets already where the intent wants them (dead band)
+    unchanged: int = 0  # targets already where the intent wants them (dead band, our drains)
+    raised: list[Intent] = field(default_factory=list)  # the guard's own intents (in allowed)
+    alarms: list[str] = field(default_factory=list)  # what a person must know (cycle errors)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # to audit
 
     def allow(self, intent: Intent, origin: Intent) -> None:
         self.allowed.append(intent)
@@ -70,13 +152,87 @@ class Review:
         self.refused.append(Refusal(intent, reason, intent))
 
 
+@dataclass
+class BreakerState:
+    open: bool = False
+    opened_s: float | None = None
+    reason: str = ""
+    trips: int = 0
+    last_reset_s: float = float("-inf")  # drains before this no longer count
+    last_reset_id: str = ""  # the reset request last applied (never applied twice)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["last_reset_s"] = None if not np.isfinite(self.last_reset_s) else self.last_reset_s
+        return out
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> BreakerState:
+        last = data.get("last_reset_s")
+        opened = data.get("opened_s")
+        return BreakerState(
+            open=bool(data.get("open", False)),
+            opened_s=None if opened is None else float(opened),
+            reason=str(data.get("reason", "")),
+            trips=int(data.get("trips", 0)),
+            last_reset_s=float("-inf") if last is None else float(last),
+            last_reset_id=str(data.get("last_reset_id", "")),
+        )
+
+
+class _Nodes:
+    """Per node of this cycle's snapshot: its index, why it may not be touched at all (scope,
+    opt-out), and whether any of its GPUs can be seen."""
+
+    def __init__(self, situation: Situation, rollout: Rollout | None) -> None:
+        snap = situation.snapshot
+        self.names = snap.node_names
+        nodes = situation.nodes
+        block = (
+            rollout.scope.refusals(self.names, nodes)
+            if rollout is not None
+            else np.full(self.names.shape, "", dtype=object)
+        )
+        if nodes is not None and nodes.opted_out.shape == self.names.shape:
+            block[(block == "") & nodes.opted_out] = "opted out (ooda-ignore): never touched"
+        self.block = block
+        self.visible = np.bincount(snap.node[snap.fresh], minlength=snap.n_nodes) > 0
+        self._index: dict[str, int] | None = None
+
+    def index(self, node: str) -> int | None:
+        if self._index is None:
+            self._index = {str(n): k for k, n in enumerate(self.names.tolist())}
+        return self._index.get(node)
+
+
 class Guard:
-    def __init__(self, settings: GuardSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: GuardSettings | None = None,
+        *,
+        rollout: Rollout | None = None,
+        reset_file: Path | None = None,
+        is_dry: Callable[[Intent], bool] | None = None,
+    ) -> None:
         self.settings = settings or GuardSettings()
+        self.rollout = rollout
+        self.reset_file = reset_file
+        # Per intent: only recorded? (the executor's predicate; default: the loop's flag)
+        self.is_dry = is_dry
         self.caps = KeyedColumns(
             {"our_cap_w": (np.float64, np.nan), "last_change_s": (np.float64, -np.inf)}
         )
-        self.nodes = KeyedColumns({"last_change_s": (np.float64, -np.inf)})
+        self.nodes = KeyedColumns(
+            {
+                "last_change_s": (np.float64, -np.inf),
+                "drained_s": (np.float64, np.nan),  # our drain (applied or recorded), NaN: none
+                "found_weight": (np.int64, -1),  # the weight before our first change, -1: none
+            }
+        )
+        self.breaker = BreakerState()
+        self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
+        self.steers: list[tuple[float, str]] = []  # (time, node) of our weight/feature changes
+        self._found_pending: dict[int, int] = {}  # id(weight intent) -> the weight found
 
     # -- review ---------------------------------------------------------------------------------
 
@@ -84,14 +240,27 @@ class Guard:
         self, intents: Sequence[Intent], situation: Situation, now_s: float, dry_run_caps: bool
     ) -> Review:
         review = Review()
+        self._consume_reset(now_s, review)
+        if self.rollout is not None:
+            self.rollout.pin(now_s)
+        self._prune(now_s)
+        self._found_pending.clear()
         rows_by_uuid = _row_index(situation)
+        nodes = _Nodes(situation, self.rollout)
+        pending: list[str] = []  # drains allowed in this review (they count at once)
+        steering = 0
         for intent in intents:
+            dry = self.is_dry(intent) if self.is_dry is not None else dry_run_caps
             if intent.expires_s < now_s:
                 review.refuse(intent, "expired before it could be applied")
             elif isinstance(intent, SetPowerCap | ReleasePowerCap):
-                self._review_caps(intent, situation, rows_by_uuid, now_s, dry_run_caps, review)
+                self._review_caps(intent, situation, rows_by_uuid, nodes, now_s, dry, review)
             else:
-                self._review_node(intent, situation, now_s, review)
+                steering += self._review_node(
+                    intent, situation, nodes, now_s, dry, review, pending, steering
+                )
+        if self.breaker.open:
+            self._alarm(review)
         return review
 
     def _review_caps(
@@ -99,6 +268,7 @@ class Guard:
         intent: SetPowerCap | ReleasePowerCap,
         situation: Situation,
         rows_by_uuid: tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]],
+        nodes: _Nodes,
         now_s: float,
         dry_run: bool,
         review: Review,
@@ -130,7 +300,13 @@ class Guard:
 
         reasons = np.full(n, "", dtype=object)
         reasons[~known] = "GPU not seen this cycle"
-        reasons[known & ~fresh] = "telemetry stale: no action on what cannot be seen"
+        if situation.snapshot.n_nodes:
+            blocked = np.where(known, nodes.block[situation.snapshot.node[rows]], "")
+            hit = known & (blocked != "")
+            reasons[hit] = blocked[hit]
+        reasons[(reasons == "") & known & ~fresh] = (
+            "telemetry stale: no action on what cannot be seen"
+        )
         reasons[(reasons == "") & ~bounded] = "the GPU's cap range is unknown"
         if isinstance(intent, ReleasePowerCap):
             reasons[(reasons == "") & ~np.isfinite(ours)] = "not capped by us"
@@ -163,33 +339,245 @@ class Guard:
                 review.allow(allowed, intent)
 
     def _review_node(
-        self, intent: Intent, situation: Situation, now_s: float, review: Review
-    ) -> None:
+        self,
+        intent: Intent,
+        situation: Situation,
+        nodes: _Nodes,
+        now_s: float,
+        dry: bool,
+        review: Review,
+        pending: list[str],
+        steered: int,
+    ) -> int:
+        """Review one node (or job) intent; returns 1 when it is an allowed weight/feature
+        change (the rate limit counts those within the review too)."""
+        s = self.settings
+        if isinstance(intent, RequeueJob):
+            # Not a change to the node, but to work on it: scope and opt-out still hold.
+            k = nodes.index(intent.node) if intent.node else None
+            if k is not None and nodes.block[k]:
+                review.refuse(intent, f"{nodes.block[k]} (node {intent.node})")
+            else:
+                review.allow(intent, intent)
+            return 0
         if not isinstance(intent, DrainNode | ResumeNode | SetNodeWeight | SetNodeFeatures):
-            review.allow(intent, intent)  # requeues and notifications
-            return
+            review.allow(intent, intent)  # notifications change nothing on the cluster
+            return 0
         node = intent.node
-        snap = situation.snapshot
-        if node not in set(snap.node_names.tolist()):
+        k = nodes.index(node)
+        if k is None:
             review.refuse(intent, f"node {node} not seen this cycle")
-            return
-        slot = self.nodes.slots(np.array([node]))
-        since = now_s - float(self.nodes["last_change_s"][slot[0]])
-        if since < self.settings.node_cooldown_s:
-            review.refuse(intent, f"cooldown: node changed {since:.0f} s ago")
-            return
-        nodes = situation.nodes
-        if nodes is not None and isinstance(intent, ResumeNode):
-            k = int(np.flatnonzero(snap.node_names == node)[0])
-            if nodes.drained[k] and not nodes.drained_by_us[k]:
+            return 0
+        if nodes.block[k]:
+            review.refuse(intent, str(nodes.block[k]))
+            return 0
+        if not nodes.visible[k]:
+            review.refuse(
+                intent,
+                f"telemetry stale: every GPU of {node} is stale; no action on what cannot be seen",
+            )
+            return 0
+        states = situation.nodes
+        if states is not None and not states.known[k]:
+            review.refuse(intent, f"node {node} unknown to the placement system")
+            return 0
+        others = states is not None and bool(states.drained[k] and not states.drained_by_us[k])
+        held = (
+            f"drained by someone else (reason: {str(states.reason[k])!r})"
+            if states is not None and others
+            else ""
+        )
+        slot = int(self.nodes.slots(np.array([node]))[0])
+        drained_s = float(self.nodes["drained_s"][slot])
+        found = int(self.nodes["found_weight"][slot])
+        if isinstance(intent, DrainNode):
+            if others:
+                review.refuse(intent, f"{held}: never touched by us")
+                return 0
+            ours_now = states is not None and bool(states.drained_by_us[k])
+            if ours_now or (dry and np.isfinite(drained_s)):
+                review.unchanged += 1  # already drained by us (or, advising, recorded so)
+                return 0
+        elif isinstance(intent, ResumeNode):
+            if others:
                 review.refuse(intent, "drained by someone else: never resumed by us")
-                return
+                return 0
+            drained = states is not None and bool(states.drained[k])
+            if not drained and not (dry and np.isfinite(drained_s)):
+                review.unchanged += 1  # in service already
+                return 0
+        else:
+            undo = (
+                not intent.add
+                if isinstance(intent, SetNodeFeatures)
+                else found >= 0 and intent.weight == found
+            )
+            if others and not undo:
+                what = "re-weighted" if isinstance(intent, SetNodeWeight) else "re-featured"
+                review.refuse(intent, f"{held}: never {what} by us (only our own changes undone)")
+                return 0
+        since = now_s - float(self.nodes["last_change_s"][slot])
+        if since < s.node_cooldown_s:
+            review.refuse(intent, f"cooldown: node changed {since:.0f} s ago")
+            return 0
+        if isinstance(intent, DrainNode):
+            why = self._drain_limits(node, situation.snapshot.n_nodes, now_s, pending, review)
+            if why:
+                review.refuse(intent, why)
+                return 0
+            pending.append(node)
+        elif isinstance(intent, SetNodeWeight | SetNodeFeatures):
+            window = s.steer_rate_window_s
+            recent = sum(1 for t, _ in self.steers if t > now_s - window) + steered
+            if recent >= s.steer_rate_max:
+                review.refuse(
+                    intent,
+                    f"rate limit: {recent} weight/feature changes in the last {window:g} s "
+                    f"(at most {s.steer_rate_max})",
+                )
+                return 0
+            if isinstance(intent, SetNodeWeight) and found < 0 and states is not None:
+                self._found_pending[id(intent)] = int(states.weight[k])
+            review.allow(intent, intent)
+            return 1
         review.allow(intent, intent)
+        return 0
+
+    # -- drains: the circuit breaker and the rate limit -------------------------------------------
+
+    def breaker_limit(self, n_nodes: int) -> int:
+        """The most nodes we may drain within the breaker's window in a cluster of `n_nodes`."""
+        s = self.settings
+        by_share = max(s.breaker_min_nodes, int(np.floor(s.breaker_max_pct / 100.0 * n_nodes)))
+        return min(s.breaker_max_nodes, by_share)
+
+    def _drain_limits(
+        self, node: str, n_nodes: int, now_s: float, pending: list[str], review: Review
+    ) -> str:
+        """Why this drain may not go ahead ("" when it may); trips the breaker when due."""
+        s = self.settings
+        b = self.breaker
+        if b.open:
+            return (
+                f"circuit breaker open since t={b.opened_s:.0f} s ({b.reason}): "
+                "no drains until a person runs `ooda guard reset`"
+            )
+        start = now_s - s.breaker_window_s
+        counted = {n for t, n in self.drains if t > start and t >= b.last_reset_s}
+        counted |= set(pending)
+        limit = self.breaker_limit(n_nodes)
+        if node not in counted and len(counted) + 1 > limit:
+            b.open, b.opened_s, b.trips = True, now_s, b.trips + 1
+            b.reason = (
+                f"draining {node} would make {len(counted) + 1} nodes drained by us within "
+                f"{s.breaker_window_s:g} s; the limit is {limit} ({s.breaker_max_nodes} nodes or "
+                f"{s.breaker_max_pct:g}% of {n_nodes})"
+            )
+            review.events.append(
+                (
+                    "guard_breaker_tripped",
+                    {
+                        "node": node,
+                        "reason": b.reason,
+                        "drained_in_window": sorted(counted),
+                        "limit": limit,
+                        "cluster_nodes": n_nodes,
+                        "time_s": now_s,
+                    },
+                )
+            )
+            return f"circuit breaker tripped: {b.reason}"
+        window = s.drain_rate_window_s
+        recent = sum(1 for t, _ in self.drains if t > now_s - window) + len(pending)
+        if recent >= s.drain_rate_max:
+            return (
+                f"rate limit: {recent} drains in the last {window:g} s "
+                f"(at most {s.drain_rate_max}); retried when the window has room"
+            )
+        return ""
+
+    def _alarm(self, review: Review) -> None:
+        b = self.breaker
+        message = (
+            f"drain circuit breaker OPEN since t={b.opened_s:.0f} s: {b.reason}; every drain is "
+            "refused until a person runs `ooda guard reset`"
+        )
+        review.alarms.append(message)
+        if self.settings.breaker_notify:
+            note = Notify(
+                policy=GUARD_POLICY,
+                reason=message,
+                evidence={"opened_s": b.opened_s, "trips": b.trips},
+                target="cluster",
+                severity=Severity.CRITICAL,
+                summary="ooda: drain circuit breaker open; `ooda guard reset` to drain again",
+            )
+            review.allow(note, note)
+            review.raised.append(note)
+
+    def _prune(self, now_s: float) -> None:
+        s = self.settings
+        keep = max(s.drain_rate_window_s, s.breaker_window_s)
+        self.drains = [(t, n) for t, n in self.drains if t > now_s - keep]
+        self.steers = [(t, n) for t, n in self.steers if t > now_s - s.steer_rate_window_s]
+
+    # -- the reset ------------------------------------------------------------------------------
+
+    def reset_breaker(self, now_s: float, by: str = "", note: str = "") -> dict[str, Any]:
+        """Close the breaker and start counting drains afresh. Returns what to audit."""
+        b = self.breaker
+        fields: dict[str, Any] = {
+            "was_open": b.open,
+            "opened_s": b.opened_s,
+            "reason": b.reason,
+            "by": by,
+            "note": note,
+            "time_s": now_s,
+        }
+        b.open, b.opened_s, b.reason = False, None, ""
+        b.last_reset_s = now_s
+        return fields
+
+    def _consume_reset(self, now_s: float, review: Review) -> None:
+        """Apply a reset request left by `ooda guard reset`, once, and remove it."""
+        path = self.reset_file
+        if path is None:
+            return
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            review.alarms.append(f"guard reset request {path}: cannot read ({exc})")
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            # A person asked for a reset; an unreadable note does not make that less true.
+            data = {"unreadable": str(exc)}
+        request_id = str(data.get("id") or f"{stat.st_ino}-{stat.st_mtime_ns}")
+        if request_id != self.breaker.last_reset_id:
+            fields = self.reset_breaker(now_s, str(data.get("by", "")), str(data.get("note", "")))
+            self.breaker.last_reset_id = request_id
+            fields |= {"request_id": request_id, "requested_at": data.get("requested_at")}
+            if "unreadable" in data:
+                fields["request_unreadable"] = data["unreadable"]
+            review.events.append(("guard_reset", fields))
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            review.alarms.append(
+                f"guard reset applied, but its request {path} cannot be removed ({exc})"
+            )
 
     # -- what was done --------------------------------------------------------------------------
 
     def record(self, action: Action, now_s: float) -> None:
-        """Remember an applied (or, in dry-run, recorded) action: ownership and cooldowns."""
+        """Remember an applied (or, in dry-run, recorded) action: ownership, cooldowns, limits."""
         if action.outcome not in (Outcome.APPLIED, Outcome.RECORDED):
             return
         intent = action.intent
@@ -200,12 +588,85 @@ class Guard:
                 intent.watts if isinstance(intent, SetPowerCap) else np.nan
             )
         elif isinstance(intent, DrainNode | ResumeNode | SetNodeWeight | SetNodeFeatures):
-            slot = self.nodes.slots(np.array([intent.node]))
-            self.nodes["last_change_s"][slot] = now_s
+            k = int(self.nodes.slots(np.array([intent.node]))[0])
+            self.nodes["last_change_s"][k] = now_s
+            if isinstance(intent, DrainNode):
+                self.nodes["drained_s"][k] = now_s
+                self.drains.append((now_s, intent.node))
+            elif isinstance(intent, ResumeNode):
+                self.nodes["drained_s"][k] = np.nan
+            else:
+                self.steers.append((now_s, intent.node))
+            if isinstance(intent, SetNodeWeight):
+                found = int(self.nodes["found_weight"][k])
+                if found >= 0 and intent.weight == found:
+                    self.nodes["found_weight"][k] = -1  # undone: nothing of ours left
+                elif found < 0 and id(intent) in self._found_pending:
+                    self.nodes["found_weight"][k] = self._found_pending[id(intent)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the guard remembers (ownership, cooldowns, the drain and weight/feature
+        history of the rate limits, the circuit breaker), JSON-ready, for persistence."""
+        return {
+            "caps": self.caps.to_dict(),
+            "nodes": self.nodes.to_dict(),
+            "drains": [[t, n] for t, n in self.drains],
+            "steers": [[t, n] for t, n in self.steers],
+            "breaker": self.breaker.to_dict(),
+        }
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.caps.load_dict(data.get("caps", {}))
+        self.nodes.load_dict(data.get("nodes", {}))
+        self.drains = [(float(t), str(n)) for t, n in data.get("drains", [])]
+        self.steers = [(float(t), str(n)) for t, n in data.get("steers", [])]
+        self.breaker = BreakerState.from_dict(data.get("breaker", {}))
 
     def capped_by_us(self, uuids: npt.NDArray[np.str_]) -> BoolArray:
+        if len(self.caps) == 0:
+            return np.zeros(uuids.shape, dtype=bool)
         pos, found = self.caps.lookup(uuids)
         return np.asarray(found & np.isfinite(self.caps["our_cap_w"][pos]), dtype=bool)
+
+
+def request_reset(state_dir: Path, by: str | None = None, note: str = "") -> dict[str, Any]:
+    """Leave a reset request for the guard (`ooda guard reset`): written whole (a temporary
+    file, fsynced, renamed into place, the directory fsynced), so a guard never reads half of
+    one. The running daemon consumes it at its next cycle; with no daemon running it waits for
+    the next start (after the persisted state is loaded). Returns the request."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    request = {
+        "id": secrets.token_hex(8),
+        "by": by or _who(),
+        "note": note,
+        "requested_at": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".guard-reset-", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(request, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, state_dir / RESET_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return request
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def _row_index(situation: Situation) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]]:

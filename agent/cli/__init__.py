@@ -8,9 +8,17 @@ from typing import Annotated
 import typer
 
 from agent.cli._common import setup_logging
+from agent.cli.audit_cmd import audit_app, explain
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
 from agent.cli.detect import detect, forecast
+from agent.cli.guard_cmd import guard_app
+from agent.cli.node import node_app
+from agent.cli.once import once
+from agent.cli.rollback import rollback
+from agent.cli.run import run
+from agent.cli.sim import sim_app
+from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
 
 app = typer.Typer(
@@ -37,8 +45,18 @@ def _root(
 
 
 app.command()(demo)
+app.command()(once)
+app.command()(record)
+app.add_typer(sim_app, name="sim")
+app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
+app.command("run")(run)
 app.add_typer(config_app, name="config")
+app.add_typer(node_app, name="node")
+app.add_typer(guard_app, name="guard")
+app.add_typer(audit_app, name="audit")
+app.command("explain")(explain)
+app.command("rollback")(rollback)
 app.command("detect")(detect)
 app.command("forecast")(forecast)
 

@@ -148,3 +148,40 @@ def allocate_power(
     power = power_at_multiplier(lam_hi)  # lam_hi always satisfies the budget
     cap, binding = caps_for(power)
     return Allocation(power, cap, binding, True, lam_hi)
+
+
+GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def energy_optimal_share(
+    natural_w: FloatArray,
+    a: FloatArray,
+    b: FloatArray,
+    x_lo: FloatArray,
+    static_w: float,
+    objective: str,
+    iterations: int = 30,
+) -> FloatArray:
+    """Per GPU: the share x = power / natural draw in [x_lo, 1] that minimizes energy per unit of
+    work, (x N + static_w) / T(x), or energy x delay (that over T again). Both are unimodal in x
+    for a concave T, so a vectorized golden-section search finds the optimum."""
+
+    def cost(x: FloatArray) -> FloatArray:
+        t = throughput_at_power(x * natural_w, natural_w, a, b)
+        t = np.maximum(t, 1e-9)
+        e = (x * natural_w + static_w) / t
+        return e / t if objective == "energy_delay" else e
+
+    lo = x_lo.copy()
+    hi = np.ones_like(lo)
+    for _ in range(iterations):
+        c = hi - GOLDEN * (hi - lo)
+        d = lo + GOLDEN * (hi - lo)
+        left = cost(c) < cost(d)
+        hi = np.where(left, d, hi)
+        lo = np.where(left, lo, c)
+    x = 0.5 * (lo + hi)
+    # The ends can beat the interior when the cost is monotone.
+    candidates = np.stack([x_lo, x, np.ones_like(x)])
+    costs = np.stack([cost(candidates[0]), cost(candidates[1]), cost(candidates[2])])
+    return np.asarray(candidates[np.argmin(costs, axis=0), np.arange(x.size)], dtype=np.float64)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.core.intents import GpuTargets, Notify
+from agent.core.jobs import JobTable
 from agent.core.situation import NodeStates
 from agent.core.snapshot import Snapshot
 
@@ -77,6 +78,13 @@ class GpuDevice(Protocol):
 
 
 @runtime_checkable
+class XidReporter(Protocol):
+    """A GPU device that also knows the last XID error it raised (0: none), as DCGM reports."""
+
+    def last_xid(self) -> int: ...
+
+
+@runtime_checkable
 class GpuBackend(Protocol):
     """The GPUs of one node."""
 
@@ -112,6 +120,43 @@ class CapActuator(Protocol):
 
 
 @runtime_checkable
+class CapLeaseRenewer(Protocol):
+    """A CapActuator whose caps are leases it renews: the loop calls `renew_leases` once per
+    cycle (live caps only), so caps the agent set stay in force while the agent runs and fall
+    back on the node when it stops. Returns the GPUs renewed and a result aligned with them."""
+
+    def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class GpuLimits:
+    """Per GPU, as the node daemons report them (watts; NaN where unknown): constraints, the
+    current and enforced limits, and the lease left (NaN: no lease). `errors`: node -> why
+    that node could not be read (its GPUs are absent, not zero)."""
+
+    node: npt.NDArray[np.str_]
+    gpu: npt.NDArray[np.int64]
+    uuid: npt.NDArray[np.str_]
+    min_w: FloatArray
+    max_w: FloatArray
+    default_w: FloatArray
+    power_limit_w: FloatArray
+    enforced_limit_w: FloatArray
+    lease_remaining_s: FloatArray
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.uuid.shape[0])
+
+
+@runtime_checkable
+class GpuLimitsSource(Protocol):
+    """Reads GPU limits from the nodes (for telemetry setups whose exporter lacks them)."""
+
+    def gpu_limits(self, node_names: Sequence[str]) -> GpuLimits: ...
+
+
+@runtime_checkable
 class PlacementActuator(Protocol):
     """Job placement (Slurm now; Kubernetes later behind the same interface). Methods raise
     ActuatorError on failure."""
@@ -130,5 +175,34 @@ class PlacementActuator(Protocol):
 
 
 @runtime_checkable
+class JobInventory(Protocol):
+    """The placement system's jobs (Slurm jobs now; Kubernetes pods later): states, priority
+    classes and the GPUs each running job holds. Raises ActuatorError when it cannot read them."""
+
+    def jobs(self) -> JobTable: ...
+
+
+@runtime_checkable
+class NodeLister(Protocol):
+    """A placement system that can list every node it manages (so `ooda rollback` finds every
+    node the agent drained, not only those its audit log names)."""
+
+    def all_nodes(self) -> list[str]: ...
+
+
+@runtime_checkable
 class Notifier(Protocol):
     def notify(self, intent: Notify) -> None: ...
+
+
+# -- state that survives restarts ---------------------------------------------------------------
+
+
+@runtime_checkable
+class Persistent(Protocol):
+    """A part whose memory must survive a restart (ownership, cooldowns, leases, learned models):
+    the daemon saves `to_dict()` (JSON-ready) atomically and hands it back to `load_dict`."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def load_dict(self, data: Mapping[str, Any]) -> None: ...

@@ -149,6 +149,8 @@ class NodeStates:
     features: tuple[frozenset[str], ...]
     opted_out: BoolArray  # the node carries the opt-out feature or label
     known: BoolArray  # the placement system knows this node
+    # Per node: the partitions (Slurm) or pools it belongs to; None: the system does not say.
+    partitions: tuple[frozenset[str], ...] | None = None
 
     @staticmethod
     def unknown(n_nodes: int) -> NodeStates:
@@ -183,8 +185,15 @@ class Situation:
     health: HealthStatus | None = None
     anomalies: AnomalyFlags | None = None
     nodes: NodeStates | None = None
+    # Per group (rack, row): its own budget (W) and which GPUs belong to it.
     group_budgets: Mapping[str, tuple[float, BoolArray]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what orient wants the operator to know (e.g. stale GPUs)
+    idle_s: FloatArray | None = None  # per GPU: seconds idle so far (0 when busy, NaN unknown)
+    capped_by_us: BoolArray | None = None  # per GPU: the current cap is one the agent set
+    interval_s: float = 15.0  # the control interval: decisions must hold until the next cycle
+    # The most power new work can add before the next cycle, learned from history (None: not
+    # known yet, assume the worst: every idle GPU jumps to its cap).
+    arrival_reserve_w: float | None = None
 
     @property
     def headroom_w(self) -> float | None:

@@ -38,6 +38,14 @@ class Metric(StrEnum):
     REMAPPED_ROWS_UNCORRECTABLE = "remapped_rows_uncorrectable"
     ROW_REMAP_FAILURE = "row_remap_failure"
     ENERGY_J = "energy_j"  # cumulative energy counter
+    # DCGM_FI_DEV_CLOCKS_EVENT_REASONS (throttle bitmask); bits in CLOCK_EVENT_* below
+    CLOCKS_EVENT_REASONS = "clocks_event_reasons"
+
+
+# Bits of the clocks-event-reasons mask (NVML nvmlClocksEventReason*, DCGM field 112).
+CLOCK_EVENT_SW_POWER_CAP = 0x4  # the power limit is holding the clocks down
+CLOCK_EVENT_SW_THERMAL = 0x20
+CLOCK_EVENT_HW_THERMAL = 0x40
 
 
 @dataclass(frozen=True, eq=False)

@@ -41,7 +41,15 @@ from agent.core.situation import AnomalyFlags, HealthSeverity
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.baseline import RobustBaselines
 from agent.orient.settings import AnomalySettings
-from agent.orient.stats import Grouper, decay_alpha, group_mean, group_median, single_threaded
+from agent.orient.stats import (
+    Grouper,
+    decay_alpha,
+    group_mean,
+    group_median,
+    pack,
+    single_threaded,
+    unpack,
+)
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -59,6 +67,7 @@ KIND_ORDER = (
 )
 CLEAR_OF_CAP_FRAC = 0.75  # below this share of a lowered limit, the limit surely does not bind
 THERMAL_BUFFER_ROWS = 8192
+PERSIST_ROWS = 1000  # samples of each buffer kept in the saved state
 THERMAL_COLS = 6  # T_prev, P_prev, P_now, T_now, dt, dT_prev
 MV_BUFFER_ROWS = 8192
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
@@ -185,8 +194,6 @@ class AnomalyDetector:
     # -- state ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        used_t = min(self._tbuf_n, THERMAL_BUFFER_ROWS)
-        used_m = min(self._mbuf_n, MV_BUFFER_ROWS)
         return {
             "gpu": self.gpu.to_dict(),
             "baselines": self.base.to_dict(),
@@ -194,9 +201,10 @@ class AnomalyDetector:
             "interval_s": self.interval_s,
             "thermal_coef": self.thermal_coef,
             "thermal_dt": self.thermal_dt,
-            "thermal_buffer": self._tbuf[:used_t].tolist(),
-            "thermal_buffer_model": self._tbuf_model[:used_t].tolist(),
-            "mv_buffer": self._mbuf[:used_m].tolist(),
+            # The newest samples only (a state file is written often): enough to refit.
+            "thermal_buffer": pack(_newest(self._tbuf, self._tbuf_n, PERSIST_ROWS)),
+            "thermal_buffer_model": _newest(self._tbuf_model, self._tbuf_n, PERSIST_ROWS).tolist(),
+            "mv_buffer": pack(_newest(self._mbuf, self._mbuf_n, PERSIST_ROWS)),
             "mv_location": None if self.mv_location is None else self.mv_location.tolist(),
             "mv_precision": None if self.mv_precision is None else self.mv_precision.tolist(),
             "mv_threshold": self.mv_threshold if np.isfinite(self.mv_threshold) else None,
@@ -210,13 +218,13 @@ class AnomalyDetector:
         self.interval_s = None if interval is None else float(interval)
         self.thermal_coef = {str(k): [float(x) for x in v] for k, v in data["thermal_coef"].items()}
         self.thermal_dt = {str(k): float(v) for k, v in data["thermal_dt"].items()}
-        tb = np.asarray(data.get("thermal_buffer", []), dtype=np.float64).reshape(-1, THERMAL_COLS)
+        tb = unpack(data.get("thermal_buffer", [])).reshape(-1, THERMAL_COLS)
         self._tbuf[: tb.shape[0]] = tb
         self._tbuf_model[: tb.shape[0]] = np.asarray(
             data.get("thermal_buffer_model", []), dtype=np.str_
         )
         self._tbuf_n = tb.shape[0]
-        mb = np.asarray(data.get("mv_buffer", []), dtype=np.float64).reshape(-1, len(MV_FEATURES))
+        mb = unpack(data.get("mv_buffer", [])).reshape(-1, len(MV_FEATURES))
         self._mbuf[: mb.shape[0]] = mb
         self._mbuf_n = mb.shape[0]
         loc, prec = data.get("mv_location"), data.get("mv_precision")
@@ -550,8 +558,11 @@ class AnomalyDetector:
             if not sel.any():
                 continue
             w0, w1, _w2, w3 = coef
-            pr = w0 + w1 * t_prev + w3 * power
-            gn = w3 * power
+            # The draw between the samples lies between them: expect the warmer of the two, so
+            # a draw that fell within the interval (a job or spike ending) is no excess.
+            hot = np.fmax(power, p_prev)
+            pr = w0 + w1 * t_prev + w3 * hot
+            gn = w3 * hot
             good = sel & (gn > 0.05)
             pred = np.where(good, pr, pred)
             gain = np.where(good, gn, gain)
@@ -686,12 +697,19 @@ class AnomalyDetector:
             bands = int(band.max(initial=0)) + 1
             gid = ids * bands + band
             med, cnt = group_median(full, gid, has_job, k * bands)
+            # Of two, the peer is the other one (their median would sit halfway).
+            ok_full = has_job & np.isfinite(full)
+            total = np.bincount(gid[ok_full], full[ok_full], minlength=k * bands)
+            other = np.where(cnt[gid] == 2, total[gid] - np.nan_to_num(full), med[gid])
             better = has_job & (cnt[gid] >= 2) & (cnt[gid] > best)
-            peer_full = np.where(better, med[gid], peer_full)
+            peer_full = np.where(better, other, peer_full)
             best = np.where(better, cnt[gid], best)
         with np.errstate(invalid="ignore", divide="ignore"):
             shortfall = 1.0 - full / peer_full
         score = np.where(np.isfinite(shortfall), shortfall / s.straggler_frac, 0.0)
+        # Whatever the curve says, a GPU clocked at or above its peers' median straggles not.
+        raw, raw_cnt = group_median(clock, ids, has_job, k)
+        score = np.where((raw_cnt[ids] >= 2) & (clock >= raw[ids]), 0.0, score)
         peer = peer_full * t  # the peers' clock at this GPU's draw
         return score, peer * (1.0 - s.straggler_frac), peer
 
@@ -795,6 +813,19 @@ class AnomalyDetector:
             self.cycle % s.refit_cycles == 0 or (self.mv_location is None and self.cycle % 5 == 0)
         ):
             self._fit_multivariate()
+
+
+def _newest(buffer: npt.NDArray[Any], written: int, rows: int) -> npt.NDArray[Any]:
+    """The newest `rows` entries of a ring buffer, oldest first."""
+    size = buffer.shape[0]
+    used = min(written, size)
+    take = min(used, rows)
+    idx = (
+        (written - take + np.arange(take)) % size
+        if written > size
+        else np.arange(used - take, used)
+    )
+    return buffer[idx]
 
 
 def _slowdown_temp(models: npt.NDArray[np.str_]) -> FloatArray:

@@ -33,7 +33,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 
 from agent.core.keyed import KeyedColumns
-from agent.orient.stats import single_threaded
+from agent.orient.stats import pack, single_threaded, unpack
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -43,6 +43,7 @@ LAGS = (1, 2, 4, 8, 16, 32)
 WINDOW = 33  # values kept per series: now and 32 back
 N_LAG_FEATURES = 1 + len(LAGS) + 3 + 1  # ... and base - value
 VALIDATION_SHARE = 0.25
+PERSIST_ROWS = 1000  # training rows per horizon kept in the saved state
 BEAT_MARGIN = 0.99  # another method must be at least 1% better than persistence to be used
 
 
@@ -272,12 +273,14 @@ class PanelForecaster:
             "interval_s": self.interval_s,
             "steps": list(self.steps),
             "pending": {
-                str(c): {"names": names.tolist(), "x": x.tolist(), "base": base.tolist()}
+                str(c): {"names": names.tolist(), "x": pack(x), "base": pack(base)}
                 for c, (names, x, base) in self.pending.items()
             },
-            "train_x": [x.tolist() for x in self.train_x],
-            "train_y": [y.tolist() for y in self.train_y],
-            "train_off": [o.tolist() for o in self.train_off],
+            # The newest training rows only: a state file is written often, and after a
+            # restart the models refit on what was kept.
+            "train_x": [pack(x[-PERSIST_ROWS:]) for x in self.train_x],
+            "train_y": [pack(y[-PERSIST_ROWS:]) for y in self.train_y],
+            "train_off": [pack(o[-PERSIST_ROWS:]) for o in self.train_off],
             "models": [m.to_dict() for m in self.models],
             "refits": self._refits,
             "appended": self.appended,
@@ -292,28 +295,20 @@ class PanelForecaster:
         self.pending = {
             int(c): (
                 np.asarray(v["names"], dtype=np.str_),
-                np.asarray(v["x"], dtype=np.float64).reshape(-1, self.n_features),
-                np.asarray(v["base"], dtype=np.float64),
+                unpack(v["x"]).reshape(-1, self.n_features),
+                unpack(v["base"]),
             )
             for c, v in data.get("pending", {}).items()
         }
-        self.train_x = [
-            np.asarray(x, dtype=np.float64).reshape(-1, self.n_features) for x in data["train_x"]
-        ]
-        self.train_y = [np.asarray(y, dtype=np.float64) for y in data["train_y"]]
-        self.train_off = [np.asarray(o, dtype=np.float64) for o in data["train_off"]]
+        self.train_x = [unpack(x).reshape(-1, self.n_features) for x in data["train_x"]]
+        self.train_y = [unpack(y) for y in data["train_y"]]
+        self.train_off = [unpack(o) for o in data["train_off"]]
         self._refits = int(data.get("refits", 0))
         self.appended = [int(a) for a in data.get("appended", [0] * len(self.horizons_s))]
-        # Fitted models are not persisted: refit each on the very rows it was fit on (when they
-        # are still kept), so a restart forecasts exactly as before.
+        # Fitted models are not persisted: refit each on the rows kept.
         self.models = [HorizonModel() for _ in self.horizons_s]
-        for i, saved in enumerate(data.get("models", [])):
-            rows, fit_end = int(saved.get("rows", 0)), int(saved.get("fit_end", 0))
-            newer = self.appended[i] - fit_end
-            end = self.train_y[i].shape[0] - newer
-            if rows > 0 and end - rows >= 0:
-                self._refit(i, end - rows, end)
-                self.models[i].fit_end = fit_end
+        for i in range(len(self.horizons_s)):
+            self._refit(i)
 
     # -- per cycle --------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.keyed import KeyedColumns
-from agent.core.snapshot import Metric, Snapshot
+from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
 from agent.orient.stats import Grouper
 
 FloatArray = npt.NDArray[np.float64]
@@ -44,7 +44,7 @@ class NaturalDrawTracker:
     """Exponentially weighted mean and variance of each GPU's uncapped draw, per job."""
 
     def __init__(
-        self, rise_halflife_s: float = 10.0, fall_halflife_s: float = 300.0, warmup_s: float = 180.0
+        self, rise_halflife_s: float = 30.0, fall_halflife_s: float = 120.0, warmup_s: float = 180.0
     ) -> None:
         self.rise_halflife_s = rise_halflife_s
         self.fall_halflife_s = fall_halflife_s
@@ -102,6 +102,10 @@ class NaturalDrawTracker:
         warming = busy & ((now - st["busy_since"][slot]) < self.warmup_s)
         at_max = np.where(max_ok & limit_ok, limit >= max_w - 0.5, False)
         clear = at_max | (limit_ok & (power < CLEAR_OF_CAP_FRAC * limit))
+        # Where the GPU reports its clock event reasons, it says itself whether the cap binds.
+        reasons, reasons_ok = snapshot.column(Metric.CLOCKS_EVENT_REASONS)
+        cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+        clear = np.where(reasons_ok, ~cap_bit, clear)
         learn = busy & clear & ~warming
         s = slot[learn]
         dt = np.where(np.isnan(st["last_t"][s]), np.inf, now - st["last_t"][s])
@@ -122,8 +126,10 @@ class NaturalDrawTracker:
         held = busy & ~clear & limit_ok
         b = slot[held]
         st["mean"][b] = np.fmax(st["mean"][b], power[held])
-        # Surely binding (known natural draw well above the limit): how close to it the GPU draws.
-        bound = held & (st["mean"][slot] > 1.05 * limit) & st["seen"][slot]
+        # Surely binding (the GPU says so, or the known natural draw is well above the limit):
+        # how close to the limit the GPU draws.
+        surely = np.where(reasons_ok, cap_bit, st["mean"][slot] > 1.05 * limit)
+        bound = held & surely & (st["seen"][slot] | reasons_ok)
         c = slot[bound]
         frac = power[bound] / limit[bound]
         prev = st["cap_frac"][c]

@@ -31,15 +31,21 @@ from agent.core.situation import (
 )
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
+from agent.orient.arrivals import ArrivalTracker
 from agent.orient.curvefit import CurveLearner
 from agent.orient.forecast import PanelForecaster
+from agent.orient.groups import GroupSpec, group_masks, job_priorities
 from agent.orient.health import HealthClassifier
+from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
 from agent.orient.settings import OrientSettings
 from agent.orient.stats import json_safe
 
 FloatArray = npt.NDArray[np.float64]
 STATE_VERSION = 1
+
+
+DEFAULT_REL_SPREAD = 0.03  # relative spread of a GPU's draw before any is measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +101,20 @@ class Orienter:
         natural: NaturalDrawTracker | None = None,
         settings: OrientSettings | None = None,
         seed: int = 0,
+        groups: tuple[GroupSpec, ...] = (),
+        group_label: str | None = None,
+        label_budgets_w: dict[str, float] | None = None,
+        job_priority: dict[str, int] | None = None,
     ) -> None:
         self.node_overhead_w = node_overhead_w
+        self.groups = groups
+        self.group_label = group_label
+        self.label_budgets_w = label_budgets_w or {}
+        self.job_priority = job_priority or {}
         self.prior = prior or CurvePrior()
         self.natural = natural or NaturalDrawTracker()
+        self.idle = IdleTracker()
+        self.arrivals = ArrivalTracker()
         self.settings = s = settings or OrientSettings()
         self.health = HealthClassifier(s.health.watch_hold_s, s.health.restart_hold_s)
         self.anomaly = AnomalyDetector(s.anomaly, seed=seed)
@@ -143,12 +159,22 @@ class Orienter:
             "node_power": self.node_power.to_dict(),
             "node_temp": self.node_temp.to_dict(),
             "fleet": self.fleet.to_dict(),
+            "idle": self.idle.state.to_dict(),
+            "arrivals": self.arrivals.to_dict(),
         }
         out = json_safe(data)
         assert isinstance(out, dict)
         return out
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
+        if "version" not in data:  # a state saved before the orient models: what it holds
+            if "natural" in data:
+                self.natural.state.load_dict(data["natural"])
+            if "idle" in data:
+                self.idle.state.load_dict(data["idle"])
+            if "arrivals" in data:
+                self.arrivals.load_dict(data["arrivals"])
+            return
         version = data.get("version")
         if version != STATE_VERSION:
             raise ValueError(f"orient state version {version!r} (this agent reads {STATE_VERSION})")
@@ -162,6 +188,9 @@ class Orienter:
         self.node_power.load_dict(data["node_power"])
         self.node_temp.load_dict(data["node_temp"])
         self.fleet.load_dict(data["fleet"])
+        self.idle.state.load_dict(data.get("idle", {}))
+        if "arrivals" in data:
+            self.arrivals.load_dict(data["arrivals"])
 
     # -- one cycle --------------------------------------------------------------------------------
 
@@ -184,10 +213,17 @@ class Orienter:
         natural = np.where(
             draw.busy, np.fmin(natural, np.where(np.isnan(max_cap), natural, max_cap)), np.nan
         )
-        natural_hi = np.where(draw.uncertain, natural, natural + 2.0 * draw.std_w)
+        # Every busy GPU's draw fluctuates, capped or not: where a GPU's own spread is unknown,
+        # use the fleet's typical relative spread (the budget keeps a fleet-level margin on it).
+        known_spread = draw.busy & ~draw.uncertain & (draw.std_w > 0) & (draw.mean_w > 0)
+        rel = draw.std_w[known_spread] / draw.mean_w[known_spread]
+        typical = float(np.median(rel)) if rel.size else DEFAULT_REL_SPREAD
+        std = np.where(known_spread, draw.std_w, typical * natural)
+        natural_hi = natural + 2.0 * std
+        # Learned where seen capped, else the prior (noise is the budget's fleet margin).
         cap_draw_frac = np.where(
             np.isfinite(draw.cap_draw_frac),
-            np.minimum(draw.cap_draw_frac + 0.02, 1.0),
+            np.minimum(draw.cap_draw_frac, 1.0),
             self.prior.cap_draw_frac,
         )
         health = self.health.update(snapshot)
@@ -226,7 +262,6 @@ class Orienter:
             natural_w=natural,
             a=learned.a if use else np.full(n, self.prior.a),
             b=learned.b if use else np.full(n, self.prior.b),
-            # Learned where seen capped (minus a little for noise), else the prior.
             cap_draw_frac=cap_draw_frac,
             confidence=np.where(draw.busy, learned.confidence, 0.0),
             source=np.where(draw.busy, learned.source, "prior").astype(np.str_),
@@ -268,7 +303,9 @@ class Orienter:
                 f"{int(anomalies.persistent.sum())} persistent"
             )
         if priority is None:
-            priority = _priority_from_labels(snapshot)
+            priority = job_priorities(
+                snapshot.job, self.job_priority, _priority_from_labels(snapshot)
+            )
         return Situation(
             snapshot=snapshot,
             time_s=snapshot.time_s,
@@ -287,6 +324,11 @@ class Orienter:
             anomalies=anomalies if n else AnomalyFlags.none(0),
             nodes=nodes,
             notes=tuple(notes),
+            idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
+            arrival_reserve_w=self.arrivals.update(snapshot.uuid, draw.busy, snapshot.fresh, power),
+            group_budgets=group_masks(
+                snapshot, self.groups, self.group_label, self.label_budgets_w
+            ),
         )
 
     # -- forecasts --------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class AnomalySettings(_Section):
         "flags a GPU as hotter than its neighbours at the same load.",
     )
     straggler_frac: float = Field(
-        0.15,
+        0.2,
         gt=0,
         lt=1,
         description="A GPU whose SM clock is this share below its job peers' median (at the "

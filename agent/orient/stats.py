@@ -5,6 +5,7 @@ Everything is vectorized over rows (GPUs, nodes or jobs): no Python loop over ro
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import math
 
@@ -138,3 +139,23 @@ def string_hash(labels: npt.NDArray[np.str_]) -> IntArray:
         mixed ^= mixed >> np.uint64(29)
     out: IntArray = mixed.view(np.int64)
     return out
+
+
+def pack(array: npt.ArrayLike, dtype: str = "float32") -> dict[str, object]:
+    """A numeric array as compact JSON: its shape and its bytes in base64 (float32 by default:
+    learned state does not need more, and state files are written often)."""
+    arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+    return {
+        "dtype": dtype,
+        "shape": list(arr.shape),
+        "b64": base64.b64encode(arr.tobytes()).decode("ascii"),
+    }
+
+
+def unpack(data: object, dtype: npt.DTypeLike = np.float64) -> npt.NDArray[np.float64]:
+    """The array `pack` wrote (a plain list is accepted too)."""
+    if isinstance(data, dict):
+        raw = base64.b64decode(str(data["b64"]))
+        arr = np.frombuffer(raw, dtype=str(data["dtype"])).reshape([int(x) for x in data["shape"]])
+        return np.asarray(arr, dtype=dtype)
+    return np.asarray(data, dtype=dtype)

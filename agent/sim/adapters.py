@@ -43,6 +43,7 @@ class TwinSource:
             Metric.REMAPPED_ROWS_UNCORRECTABLE: tw.remapped_uncorrectable,
             Metric.ROW_REMAP_FAILURE: tw.row_remap_failure,
             Metric.ENERGY_J: tw.energy_j,
+            Metric.CLOCKS_EVENT_REASONS: tw.clocks_event_reasons.astype(np.float64),
         }
         if self.expose_limits:
             values |= {
@@ -68,9 +69,7 @@ class TwinSource:
             node=tw.node_of,
             gpu=tw.gpu_idx,
             uuid=tw.uuid,
-            model=np.full(
-                tw.spec.n_gpus, tw.spec.model.model_name
-            ),  # (dtype=np.str_ would cut it to 1 char)
+            model=np.full(tw.spec.n_gpus, tw.spec.model.model_name),
             job=np.where(stale, "", tw.job_labels()),
             values=values,
             valid=valid,
@@ -124,20 +123,33 @@ class TwinPlacement:
     def __init__(self, twin: Twin) -> None:
         self.twin = twin
         self.reasons: dict[str, str] = {}
+        self._index = {str(name): k for k, name in enumerate(twin.node_names)}
 
     def _node(self, node: str) -> int:
-        names = list(self.twin.node_names)
-        if node not in names:
-            raise ActuatorError(f"twin: no node named {node!r}")
-        return names.index(node)
+        try:
+            return self._index[node]
+        except KeyError:
+            raise ActuatorError(f"twin: no node named {node!r}") from None
+
+    def all_nodes(self) -> list[str]:
+        return [str(n) for n in self.twin.node_names]
 
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         tw = self.twin
-        idx = [self._node(n) if n in set(tw.node_names) else -1 for n in node_names]
-        known = np.array([i >= 0 for i in idx], dtype=bool)
-        safe = np.array([max(i, 0) for i in idx], dtype=np.int64)
-        reasons = np.array([self.reasons.get(n, "") for n in node_names], dtype=np.str_)
-        features = tuple(frozenset(tw.node_features[i]) if i >= 0 else frozenset() for i in idx)
+        names = np.asarray(node_names, dtype=np.str_)
+        order = np.argsort(tw.node_names)
+        pos = np.clip(np.searchsorted(tw.node_names[order], names), 0, len(order) - 1)
+        known = tw.node_names[order][pos] == names
+        safe = np.where(known, order[pos], 0).astype(np.int64)
+        reasons = np.full(names.shape, "", dtype=object)
+        for name, why in self.reasons.items():  # only the drained nodes: few
+            reasons[names == name] = why
+        reasons = reasons.astype(np.str_)
+        empty: frozenset[str] = frozenset()
+        features = tuple(
+            frozenset(tw.node_features[i]) if ok and tw.node_features[i] else empty
+            for i, ok in zip(safe.tolist(), known.tolist(), strict=True)
+        )
         return NodeStates(
             drained=tw.node_drained[safe] & known,
             drained_by_us=np.char.startswith(reasons, OWNER_PREFIX) & tw.node_drained[safe] & known,

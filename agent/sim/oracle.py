@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.core.curves import allocate_power, throughput_at_cap
+from agent.core.curves import (
+    allocate_power,
+    energy_optimal_share,
+    power_for_throughput,
+    throughput_at_cap,
+)
 from agent.sim.twin import FATAL_XIDS, FloatArray, Twin
 
 RAMP_RESOLVE_S = 5.0  # while jobs ramp up, re-solve this often
 
 
 class Oracle:
-    """A twin controller (pass it to `Twin.step(control=...)`)."""
+    """A twin controller (pass it to `Twin.step(control=...)`). With `priority_weights` it
+    maximizes priority-weighted throughput, as the agent's power_budget does."""
 
-    def __init__(self) -> None:
+    def __init__(self, priority_weights: dict[int, float] | None = None) -> None:
         self._key: tuple[object, ...] | None = None
         self._last_solve_s = -np.inf
+        self.priority_weights = priority_weights
 
     def __call__(self, twin: Twin) -> None:
         budget = twin.budget_w()
@@ -45,6 +52,12 @@ class Oracle:
         available = budget - twin.spec.nodes * twin.spec.node_overhead_w - idle_draw - noise_w
         caps = twin.max_w.copy()
         if busy.any():
+            weight = None
+            if self.priority_weights:
+                prio = twin.job_priority()[busy]
+                weight = np.ones(prio.size)
+                for klass, w in self.priority_weights.items():
+                    weight[prio == klass] = w
             alloc = allocate_power(
                 available,
                 truth["natural_w"][busy],
@@ -53,6 +66,7 @@ class Oracle:
                 truth["k"][busy],
                 twin.min_w[busy],
                 twin.max_w[busy],
+                weight=weight,
             )
             caps[busy] = alloc.cap_w
         twin.cap_w[:] = caps
@@ -81,6 +95,43 @@ def oracle_throughput_bound(twin: Twin, budget_w: float) -> float:
             truth["k"][busy],
         ).sum()
     )
+
+
+class EnergyOracle:
+    """Each running job at the cap that minimizes its energy per unit of work within
+    `max_slowdown_frac`, from the true curves: the most an energy policy could save."""
+
+    def __init__(self, max_slowdown_frac: float = 0.05, objective: str = "energy") -> None:
+        self.max_slowdown_frac = max_slowdown_frac
+        self.objective = objective
+        self._key: bytes | None = None
+
+    def __call__(self, twin: Twin) -> None:
+        key = twin.job_row.tobytes()
+        ramping = np.any(
+            (twin.job_row >= 0)
+            & (twin.t_s - twin.jobs.start_s[np.maximum(twin.job_row, 0)] < twin.spec.startup_s)
+        )
+        if key == self._key and not ramping:
+            return
+        self._key = key
+        truth = twin.true_curves()
+        busy = truth["busy"] > 0
+        caps = twin.max_w.copy()
+        if busy.any():
+            natural, a, b, k = (
+                truth["natural_w"][busy],
+                truth["a"][busy],
+                truth["b"][busy],
+                truth["k"][busy],
+            )
+            x_slow = power_for_throughput(1.0 - self.max_slowdown_frac, natural, a, b) / natural
+            x_floor = np.minimum(1.0, k * twin.min_w[busy] / natural)
+            x_lo = np.clip(np.maximum(x_slow, x_floor), 0.0, 1.0)
+            x = energy_optimal_share(natural, a, b, x_lo, 0.0, self.objective)
+            caps[busy] = np.clip(x * natural / k, twin.min_w[busy], twin.max_w[busy])
+            caps[busy] = np.where(x >= 0.999, twin.max_w[busy], caps[busy])
+        twin.cap_w[:] = caps
 
 
 def curve_truth(twin: Twin) -> dict[str, FloatArray]:

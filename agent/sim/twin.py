@@ -129,8 +129,8 @@ class TwinSpec:
 
     @property
     def thermal_r_c_per_w(self) -> float:
-        # At TDP a healthy GPU settles 5 C under its slowdown temperature.
-        return (self.model.slowdown_temp_c - 5.0 - self.ambient_c) / self.model.tdp_w
+        # At TDP a healthy, well-cooled GPU settles 10 C under its slowdown temperature.
+        return (self.model.slowdown_temp_c - 10.0 - self.ambient_c) / self.model.tdp_w
 
     def expected_demand_w(self) -> float:
         """Expected fleet draw with no caps at the target occupancy (for sizing budgets)."""
@@ -224,6 +224,7 @@ class Twin:
         self.sm_clock_mhz = np.full(n, IDLE_SM_CLOCK_MHZ)
         self.throughput = np.zeros(n)  # relative to uncapped, per GPU
         self.throttled = np.zeros(n, dtype=bool)
+        self.clocks_event_reasons = np.zeros(n, dtype=np.int64)  # NVML/DCGM throttle bitmask
         self.node_drained = np.zeros(spec.nodes, dtype=bool)
         self.node_weight = np.ones(spec.nodes, dtype=np.int64)
         self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
@@ -232,6 +233,8 @@ class Twin:
         self.jobs = _Jobs()
         self.pending: list[int] = []
         self.work_done_gpu_s = 0.0
+        # Work done per priority class (index = class), for priority-weighted comparisons.
+        self.work_by_priority_gpu_s = np.zeros(int(max(p for p, _ in spec.priorities)) + 1)
         self.energy_total_j = 0.0
         self.log = StepLog()
         self._log_buf: list[tuple[float, float, float, float]] = []
@@ -286,18 +289,31 @@ class Twin:
         return row
 
     def _seed_jobs(self) -> None:
-        """Fill the cluster to its target occupancy with jobs already past their start-up."""
+        """Fill the cluster to its target occupancy with jobs already past their start-up,
+        packed node by node (O(GPUs): a 100,000-GPU twin starts in seconds)."""
         target = round(self.spec.occupancy * self.spec.n_gpus)
-        while int((self.job_row >= 0).sum()) < target:
+        g = self.spec.gpus_per_node
+        busy = 0
+        cursor = 0  # the next free GPU row; nodes fill in order, a job never spans two nodes
+        misses = 0  # jobs too big for what is left: keep drawing (smaller ones fit), boundedly
+        while busy < target and misses < 100:
             # Remaining work of a job caught mid-run: uniform share of a fresh job's work.
             work = float(
                 np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200)
             )
             row = self._new_job(0.0, work * float(self.rng.uniform(0.05, 1.0)))
-            self.pending.remove(row)
-            if not self._place(row, -self.spec.startup_s):
-                self.jobs.state[row] = JOB_DONE  # does not fit: drop it
-                break
+            self.pending.pop()
+            size = int(self.jobs.n_gpus[row])
+            start = cursor
+            if start % g + size > g:
+                start += g - start % g  # does not fit on this node: start the next one
+            if start + size > self.spec.n_gpus or busy + size > target + size // 2:
+                self.jobs.state[row] = JOB_DONE  # does not fit what is left
+                misses += 1
+                continue
+            self.assign(row, np.arange(start, start + size), -self.spec.startup_s)
+            cursor = start + size
+            busy += size
 
     def _free_mask(self) -> BoolArray:
         failed = np.isin(self.xid, list(FATAL_XIDS))
@@ -327,6 +343,23 @@ class Twin:
         self.jobs.state[row] = JOB_RUNNING
         self.jobs.start_s[row] = now_s
 
+    def add_external_job(self, job_id: int, priority: int, now_s: float) -> int:
+        """A job an outside scheduler places (e.g. a mirrored Slurm job): drawn like the twin's own
+        (workload class, natural draw) but never placed, finished or requeued by the twin itself;
+        `assign` and `release_job` move it. Returns its row."""
+        row = self._new_job(now_s, work_s=np.inf)
+        self.pending.remove(row)
+        self.jobs.job_id[row] = job_id
+        self.jobs.priority[row] = priority
+        self.jobs.external[row] = True
+        return row
+
+    def release_job(self, row: int, finished: bool) -> None:
+        """Free the GPUs of job `row`: it ended (`finished`) or went back to waiting."""
+        self.job_row[self.job_row == row] = -1
+        self.jobs.state[row] = JOB_DONE if finished else JOB_PENDING
+        self.jobs.start_s[row] = np.nan
+
     def _arrivals_and_scheduling(self, dt: float) -> None:
         arrivals = int(self.rng.poisson(self.arrival_rate_per_s * dt))
         for _ in range(arrivals):
@@ -349,7 +382,8 @@ class Twin:
         self.jobs.state[row] = JOB_PENDING
         self.jobs.start_s[row] = np.nan
         self.jobs.requeues[row] += 1
-        self.pending.insert(0, row)
+        if not self.jobs.external[row]:  # an outside scheduler places its own jobs again
+            self.pending.insert(0, row)
         return True
 
     def running_job_ids(self) -> dict[int, list[int]]:
@@ -454,6 +488,12 @@ class Twin:
         power = np.where(self.throttled, power * THROTTLE_POWER, power)
         self.power_w = np.maximum(power, 0.0)
         self.throughput = tput
+        # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
+        # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
+        cap_binds = working & (natural_eff > k * self.enforced_w)
+        self.clocks_event_reasons = np.asarray(
+            np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
+        )
 
         # Telemetry a DCGM exporter would show.
         wl_mem = np.zeros(spec.n_gpus)
@@ -492,7 +532,9 @@ class Twin:
         if done.size:
             self.jobs.state[done] = JOB_DONE
             self.job_row[np.isin(self.job_row, done)] = -1
-        return float((rate_run * self.jobs.n_gpus[running]).sum() * dt)
+        work = rate_run * self.jobs.n_gpus[running] * dt
+        np.add.at(self.work_by_priority_gpu_s, self.jobs.priority[running], work)
+        return float(work.sum())
 
     def fleet_power_w(self) -> float:
         return float(self.power_w.sum()) + self.spec.nodes * self.spec.node_overhead_w
@@ -533,6 +575,12 @@ class Twin:
         self.log.budget_w.append(arr[:, 2])
         self.log.work_gpu_s.append(arr[:, 3])
         self._log_buf = []
+
+    def drop_step_log(self) -> None:
+        """Forget the per-step log: a long-running host (`ooda run`) has no KPIs to compute and
+        the log would grow without end."""
+        self._log_buf = []
+        self.log = StepLog()
 
     def step_log(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """(t_s, fleet_w, budget_w, work_gpu_s) per physics step so far."""

@@ -1,0 +1,201 @@
+"""`ooda rollback`: release every cap the agent set and resume every node it drained, audited.
+
+It needs no running daemon and none of its memory. What we did is found where it is durable:
+- caps: the audit log (every applied, not dry-run, `set_power_cap` action, less those released
+  since), read across its rotated files;
+- drains: the placement system itself (our drains carry the reason prefix `ooda:`), asked about
+  every node the audit log names, every node the placement system lists (when it can: the
+  `NodeLister` protocol) and any node given.
+A node someone else drained since is left alone; so is a node already back in service.
+Each release and resume is one decision and one action in the audit log (policy `rollback`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.act.audit import AuditLog
+from agent.act.executor import Actuators, Executor
+from agent.core.intents import Action, GpuTargets, Intent, Outcome, ReleasePowerCap, ResumeNode
+from agent.core.keyed import KeyedColumns
+from agent.core.protocols import CapActuator, NodeLister, PlacementActuator
+
+FloatArray = npt.NDArray[np.float64]
+
+POLICY = "rollback"
+
+
+@dataclass
+class RollbackPlan:
+    caps: GpuTargets  # GPUs whose last change by us was a cap, never released since
+    cap_w: FloatArray  # the cap we set last on each
+    drained: list[str]  # nodes the placement system says we drained
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (target, why left alone)
+    nodes_checked: int = 0
+    notes: list[str] = field(default_factory=list)  # what the operator should know
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "caps_to_release": len(self.caps),
+            "gpus": self.caps.names(),
+            "nodes_to_resume": list(self.drained),
+            "skipped": [{"target": t, "why": w} for t, w in self.skipped],
+            "nodes_checked": self.nodes_checked,
+            "notes": list(self.notes),
+        }
+
+
+def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]:
+    """The caps the audit log says we set and did not release (columnar per record)."""
+    state = KeyedColumns(
+        {
+            "uuid": ("U128", ""),
+            "watts": (np.float64, np.nan),
+            "active": (np.bool_, False),
+        }
+    )
+    for rec in records:
+        if rec.get("event") != "action" or rec.get("outcome") != str(Outcome.APPLIED):
+            continue
+        if rec.get("dry_run"):
+            continue
+        kind = rec.get("kind")
+        if kind not in ("set_power_cap", "release_power_cap"):
+            continue
+        names = rec.get("target")
+        if not isinstance(names, list) or not names:
+            continue
+        keys = np.asarray(names, dtype=np.str_)
+        slots = state.slots(keys)
+        uuids = rec.get("uuid")
+        if isinstance(uuids, list) and len(uuids) == len(names):
+            state["uuid"][slots] = np.asarray(uuids, dtype=np.str_)
+        if kind == "set_power_cap":
+            after = rec.get("after")
+            watts = (
+                np.asarray(after, dtype=np.float64)
+                if isinstance(after, list) and len(after) == len(names)
+                else np.full(len(names), np.nan)
+            )
+            state["watts"][slots] = watts
+            state["active"][slots] = True
+        else:
+            state["active"][slots] = False
+    sel = state["active"]
+    keys = state.keys[sel]
+    if keys.size == 0:
+        return GpuTargets.empty(), np.zeros(0)
+    parts = np.char.rpartition(keys.astype(np.str_), "/gpu")
+    gpu_ok = np.char.isdigit(parts[:, 2])
+    gpu = np.where(gpu_ok, parts[:, 2], "-1").astype(np.int64)
+    targets = GpuTargets(
+        node=parts[:, 0].astype(np.str_),
+        gpu=gpu,
+        uuid=state["uuid"][sel].astype(np.str_),
+    )
+    return targets.subset(gpu_ok), state["watts"][sel][gpu_ok]
+
+
+def nodes_named(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Every node our drain actions name (applied ones: what we may still hold)."""
+    out: set[str] = set()
+    for rec in records:
+        if (
+            rec.get("event") == "action"
+            and rec.get("kind") == "drain_node"
+            and rec.get("outcome") == str(Outcome.APPLIED)
+            and isinstance(rec.get("target"), str)
+        ):
+            out.add(rec["target"])
+    return sorted(out)
+
+
+def plan_rollback(
+    records: Sequence[dict[str, Any]],
+    placement: PlacementActuator | None,
+    extra_nodes: Sequence[str] = (),
+) -> RollbackPlan:
+    caps, cap_w = our_caps(records)
+    plan = RollbackPlan(caps=caps, cap_w=cap_w, drained=[])
+    if placement is None:
+        plan.notes.append("no placement actuator configured: no node is resumed")
+        return plan
+    names = set(nodes_named(records)) | set(extra_nodes)
+    if isinstance(placement, NodeLister):
+        names |= set(placement.all_nodes())
+    else:
+        plan.notes.append(
+            "the placement system cannot list its nodes: only the nodes the audit log names "
+            "(and --node) were checked"
+        )
+    ordered = sorted(names)
+    plan.nodes_checked = len(ordered)
+    if not ordered:
+        return plan
+    states = placement.node_states(ordered)
+    ours = set(nodes_named(records))
+    for k, node in enumerate(ordered):
+        if not states.known[k]:
+            if node in ours:
+                plan.skipped.append((node, "unknown to the placement system"))
+        elif states.drained_by_us[k]:
+            plan.drained.append(node)
+        elif node in ours and states.drained[k]:
+            plan.skipped.append((node, f"drained by someone else now ({str(states.reason[k])!r})"))
+    return plan
+
+
+def run_rollback(
+    plan: RollbackPlan,
+    *,
+    caps: CapActuator | None,
+    placement: PlacementActuator | None,
+    audit: AuditLog,
+    dry_run: bool,
+    now_s: float,
+    run_id: str | None = None,
+) -> list[Action]:
+    """Release and resume what the plan says, each one decision and one audited action."""
+    run_id = run_id or secrets.token_hex(3)
+    counter = iter(range(1, 1 << 30))
+
+    def next_id(prefix: str) -> str:
+        return f"{prefix}-rollback-{run_id}-{next(counter):04d}"
+
+    intents: list[Intent] = []
+    if len(plan.caps):
+        intents.append(
+            ReleasePowerCap(
+                policy=POLICY,
+                reason="ooda rollback: release every cap the agent set",
+                evidence={"last_cap_w": plan.cap_w},
+                targets=plan.caps,
+            )
+        )
+    intents.extend(
+        ResumeNode(
+            policy=POLICY, reason="ooda rollback: resume every node the agent drained", node=node
+        )
+        for node in plan.drained
+    )
+    executor = Executor(
+        Actuators(caps=caps, placement=placement),
+        lambda _intent: dry_run,
+        why_dry=lambda _intent: "ooda rollback --dry-run",
+    )
+    pairs = [(next_id("d"), intent) for intent in intents]
+    with audit.batch():  # the decisions are durable before anything is changed
+        audit.event("rollback", run_id=run_id, dry_run=dry_run, time_s=now_s, **plan.summary())
+        for decision_id, intent in pairs:
+            audit.decision(decision_id, intent, dry_run, now_s)
+    actions = executor.execute(pairs, lambda: next_id("a"), now_s)
+    with audit.batch():
+        for action in actions:
+            audit.action(action)
+    return actions

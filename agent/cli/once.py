@@ -1,0 +1,191 @@
+"""`ooda once`: exactly one cycle against the configured source, printed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from agent.cli._common import emit_json
+
+if TYPE_CHECKING:
+    from agent.loop import CycleReport
+
+
+def once(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Configuration file (TOML).")
+    ] = None,
+    prometheus: Annotated[
+        str | None,
+        typer.Option(
+            "--prometheus",
+            help="Observe this Prometheus (base URL); without --config: built-in defaults, "
+            "every built-in policy, advise only.",
+        ),
+    ] = None,
+    budget_w: Annotated[
+        float | None,
+        typer.Option("--budget-w", min=0.001, help="Power budget (W); overrides the config."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Advise only: record what would be done.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Run exactly one observe-orient-decide-guard-act cycle and print what it saw and decided.
+
+    Exit code 1 when the source could not be read at all (the outage is printed too).
+
+    Examples:
+
+      ooda once --prometheus http://127.0.0.1:9090 --budget-w 30000 --dry-run
+
+      ooda once --config /etc/ooda/agent.toml --json
+    """
+    from agent.config import default_config, load_config, parse_config
+    from agent.core.errors import BadInputError
+    from agent.runtime import build_runtime
+
+    if config is None and prometheus is None:
+        raise BadInputError("ooda once: give --config FILE or --prometheus URL (or both)")
+    if prometheus is not None and not prometheus.startswith(("http://", "https://")):
+        raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
+    if config is not None:
+        cfg = load_config(config)
+        if prometheus is not None:
+            data = cfg.model_dump(exclude={"policy_settings"}, exclude_unset=True)
+            data.setdefault("source", {})["kind"] = "prometheus"
+            data["source"].setdefault("prometheus", {})["url"] = prometheus
+            cfg = parse_config(data, source=f"config {config} with --prometheus")
+    elif prometheus is not None:
+        cfg = parse_config(
+            {"source": {"kind": "prometheus", "prometheus": {"url": prometheus}}},
+            source="--prometheus",
+        )
+    else:  # pragma: no cover - excluded above
+        cfg = default_config()
+    if dry_run:
+        cfg.dry_run = True
+    runtime = build_runtime(cfg, budget_w=budget_w)
+    try:
+        report = runtime.loop.cycle()
+    finally:
+        runtime.close()
+    source = cfg.source.prometheus.url if cfg.source.kind == "prometheus" else cfg.source.kind
+    result = summarize(report, source=source, dry_run=cfg.dry_run)
+    if json_out:
+        emit_json(result)
+    else:
+        typer.echo(render(result))
+    if result["outage"]:
+        raise typer.Exit(1)
+
+
+def _num(value: float, digits: int = 1) -> float | None:
+    return round(float(value), digits) if math.isfinite(value) else None
+
+
+def summarize(report: CycleReport, *, source: str, dry_run: bool) -> dict[str, Any]:
+    """The cycle as JSON-ready data (None for what is missing)."""
+    import numpy as np
+
+    from agent.core.snapshot import Metric
+
+    snap = report.snapshot
+    power, _ = snap.column(Metric.POWER_W)
+    limit, _ = snap.column(Metric.POWER_LIMIT_W)
+    temp, _ = snap.column(Metric.TEMP_C)
+    util, _ = snap.column(Metric.UTIL_PCT)
+    usable = snap.usable(Metric.POWER_W)
+    nodes = snap.node_of()
+    per_gpu = [
+        {
+            "node": str(nodes[i]),
+            "gpu": int(snap.gpu[i]),
+            "uuid": str(snap.uuid[i]),
+            "job": str(snap.job[i]) or None,
+            "power_w": _num(power[i], 3),
+            "power_limit_w": _num(limit[i], 3),
+            "temp_c": _num(temp[i]),
+            "util": _num(util[i]),
+            "stale": bool(snap.stale[i]),
+            "age_s": _num(snap.age_s[i], 3),
+        }
+        for i in range(snap.n_gpus)
+    ]
+    intents = [record for intent in report.intents for record in intent.to_records()]
+    missing_fields = {
+        str(metric): int((snap.fresh & ~snap.column(metric)[1]).sum()) for metric in Metric
+    }
+    outage = snap.n_gpus == 0 and bool(report.errors)
+    return {
+        "source": source,
+        "time_s": report.time_s,
+        "dry_run": dry_run,
+        "outage": outage,
+        "gpus": snap.n_gpus,
+        "nodes": snap.n_nodes,
+        "stale": int(snap.stale.sum()),
+        "missing": int((snap.fresh & ~usable).sum()),
+        "missing_fields": {k: v for k, v in missing_fields.items() if v},
+        "fleet_power_w": round(float(np.sum(power[usable])), 1),
+        "budget_w": report.situation.budget_w,
+        "intents": intents,
+        "refused": [
+            {"kind": str(r.intent.kind), "target": r.intent.target_name(), "reason": r.reason}
+            for r in report.refused
+        ],
+        "actions": {
+            str(outcome): n
+            for outcome, n in report.summary()["actions"].items()
+            if n  # only what happened
+        },
+        "errors": list(report.errors),
+        "stage_s": {k: round(v, 4) for k, v in report.stage_s.items()},
+        "per_gpu": per_gpu,
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    mode = "dry-run (advisory)" if r["dry_run"] else "live"
+    lines = [f"ooda once: {r['source']}, {mode}"]
+    if r["outage"]:
+        lines.append("OUTAGE: no GPUs seen; nothing is proposed for what cannot be seen")
+    budget = "none" if r["budget_w"] is None else f"{r['budget_w']:.0f} W"
+    lines += [
+        f"seen:     {r['gpus']} GPUs on {r['nodes']} nodes, {r['stale']} stale, "
+        f"{r['missing']} fresh without a power reading",
+        f"power:    {r['fleet_power_w']:.0f} W (fresh GPUs)   budget: {budget}",
+    ]
+    if r["missing_fields"]:
+        fields = ", ".join(f"{k} ({v})" for k, v in sorted(r["missing_fields"].items()))
+        lines.append(f"missing:  {fields}")
+    stale = [g for g in r["per_gpu"] if g["stale"]]
+    if stale:
+        ages = [g["age_s"] for g in stale if g["age_s"] is not None]
+        age = f", newest sample {min(ages):.0f}-{max(ages):.0f} s old" if ages else ""
+        names = ", ".join(f"{g['node']}/gpu{g['gpu']}" for g in stale[:8])
+        more = f" and {len(stale) - 8} more" if len(stale) > 8 else ""
+        lines.append(f"stale:    {names}{more}{age}")
+    if r["intents"]:
+        lines.append(f"decided:  {len(r['intents'])} intents")
+        for rec in r["intents"][:20]:
+            extra = f" {rec['watts']:.0f} W" if "watts" in rec else ""
+            why = f"{rec['policy']}: {rec['reason']}"
+            lines.append(f"  {rec['kind']} {rec['target']}{extra}  ({why})")
+        if len(r["intents"]) > 20:
+            lines.append(f"  ... and {len(r['intents']) - 20} more (--json for all)")
+    else:
+        lines.append("decided:  nothing")
+    for refusal in r["refused"][:10]:
+        lines.append(f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}")
+    if r["actions"]:
+        lines.append("actions:  " + ", ".join(f"{k} {v}" for k, v in r["actions"].items()))
+    for error in r["errors"]:
+        lines.append(f"error:    {error}")
+    return "\n".join(lines)

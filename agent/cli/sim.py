@@ -1,0 +1,265 @@
+"""`ooda sim serve` and `ooda sim record`: the twin as a cluster's exporters, or as a trace."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from agent.cli._common import duration_s, emit_json
+from agent.core.errors import BadInputError
+
+if TYPE_CHECKING:
+    from agent.sim.twin import TwinSpec
+
+sim_app = typer.Typer(help="The digital twin: serve it like a cluster, or record it.")
+
+NodesOpt = Annotated[int, typer.Option(min=1, max=20000, help="Nodes (named node1..nodeN).")]
+GpusOpt = Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed gives the same twin.")]
+ModelOpt = Annotated[str, typer.Option(help="GPU model: H100 or A100.")]
+FaultOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Inject a fault (repeatable): KIND[=PARAM]:nodeK[/gpuI]@START[+DURATION], twin "
+        "seconds, e.g. dropout:node2@30+60 or xid=79:node2/gpu1@60."
+    ),
+]
+ScenarioOpt = Annotated[
+    Path | None,
+    typer.Option(help="Scenario file (TOML): its twin settings win over the options."),
+]
+CountersOpt = Annotated[
+    str,
+    typer.Option(
+        help="'all': also the power-limit and ECC fields; 'default': only dcgm-exporter's "
+        "default counters (no power limits, as out of the box)."
+    ),
+]
+
+
+def _spec(
+    nodes: int,
+    gpus_per_node: int,
+    seed: int,
+    model: str,
+    fault: list[str] | None,
+    scenario: Path | None,
+) -> TwinSpec:
+    from agent.core.gpu_models import BUILTIN_MODELS
+    from agent.sim.faults import parse_fault
+    from agent.sim.scenario import load_scenario
+    from agent.sim.twin import TwinSpec
+
+    if model not in BUILTIN_MODELS:
+        raise BadInputError(
+            f"--model: unknown GPU model {model!r} (known: {', '.join(sorted(BUILTIN_MODELS))})"
+        )
+    try:
+        base = TwinSpec(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            seed=seed,
+            model=BUILTIN_MODELS[model],
+            faults=tuple(parse_fault(f) for f in fault or []),
+        )
+    except ValueError as exc:
+        raise BadInputError(f"--fault: {exc}") from None
+    return load_scenario(scenario, base) if scenario is not None else base
+
+
+def _counters(value: str) -> Any:
+    if value not in ("all", "default"):
+        raise BadInputError(f"--counters: {value!r} is not 'all' or 'default'")
+    return value
+
+
+@sim_app.command("serve")
+def serve(
+    nodes: NodesOpt = 4,
+    gpus_per_node: GpusOpt = 4,
+    seed: SeedOpt = 0,
+    model: ModelOpt = "H100",
+    listen: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port_base: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, help="node k listens on port-base + k - 1 (0: free ports, printed)."
+        ),
+    ] = 19400,
+    speed: Annotated[
+        float, typer.Option(min=0, help="Twin seconds per real second (0: the twin stands still).")
+    ] = 1.0,
+    fault: FaultOpt = None,
+    scenario: ScenarioOpt = None,
+    counters: CountersOpt = "all",
+    print_scrape_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-scrape-config", help="Print a Prometheus scrape config for the targets, exit."
+        ),
+    ] = False,
+    scrape_interval: Annotated[
+        str, typer.Option(help="Scrape interval written into --print-scrape-config.")
+    ] = "15s",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the endpoints as one JSON object when ready.")
+    ] = False,
+    node_token_file: Annotated[
+        Path | None,
+        typer.Option(help="Also host a node daemon per node (the cap API), with this token file."),
+    ] = None,
+    node_socket_dir: Annotated[
+        Path | None, typer.Option(help="Node daemons on Unix sockets DIR/nodeK.sock.")
+    ] = None,
+    node_port_base: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Node daemons on 127.0.0.1:PORT+K-1 (0: free ports)."),
+    ] = None,
+    fallback_cap_w: Annotated[
+        float | None, typer.Option(min=1, help="The node daemons' fallback cap (W).")
+    ] = None,
+) -> None:
+    """Serve the twin like a real cluster: one dcgm-exporter-compatible /metrics endpoint per node.
+
+    Runs until interrupted (Ctrl-C or SIGTERM). A `dropout` fault makes that node's endpoint stop
+    answering for its duration.
+
+    Examples:
+
+      ooda sim serve --nodes 4 --gpus-per-node 4
+
+      ooda sim serve --nodes 4 --print-scrape-config --scrape-interval 5s > prometheus.yml
+
+      ooda sim serve --speed 10 --fault dropout:node2@300+120 --fault xid=79:node3/gpu1@600
+
+      ooda sim serve --node-token-file token --node-socket-dir /run/ooda-sim   # + cap API
+    """
+    from agent.sim.exporter import NodeApiOptions, SimServer, scrape_config
+
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    interval = duration_s(scrape_interval, "--scrape-interval")
+    if print_scrape_config:
+        if port_base == 0:
+            raise BadInputError("--print-scrape-config needs a fixed --port-base (not 0)")
+        targets = [f"{listen}:{port_base + k}" for k in range(spec.nodes)]
+        sys.stdout.write(scrape_config(targets, "ooda-sim-dcgm", interval))
+        return
+    if port_base and port_base + spec.nodes - 1 > 65535:
+        raise BadInputError(f"--port-base {port_base}: {spec.nodes} nodes need ports past 65535")
+    node_api = None
+    if node_token_file is not None:
+        if (node_socket_dir is None) == (node_port_base is None):
+            raise BadInputError("--node-token-file: give --node-socket-dir or --node-port-base")
+        if node_socket_dir is not None:
+            node_socket_dir.mkdir(parents=True, exist_ok=True)
+        node_api = NodeApiOptions(node_token_file, node_socket_dir, node_port_base, fallback_cap_w)
+    elif node_socket_dir is not None or node_port_base is not None:
+        raise BadInputError("--node-socket-dir/--node-port-base need --node-token-file")
+    server = SimServer(
+        spec,
+        listen=listen,
+        port_base=port_base,
+        speed=speed,
+        counters=_counters(counters),
+        node_api=node_api,
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        raise BadInputError(f"--port-base {port_base}: {exc.strerror}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    names = [str(n) for n in server.twin.node_names]
+    endpoints = [
+        {"name": name, "target": target, "url": f"http://{target}/metrics"}
+        for name, target in zip(names, server.targets(), strict=True)
+    ]
+    info: dict[str, Any] = {
+        "nodes": endpoints,
+        "targets": server.targets(),
+        "gpus": spec.n_gpus,
+        "model": spec.model.model_name,
+        "speed": speed,
+        "faults": [str(f) for f in spec.faults],
+        "node_api": server.node_api_endpoints(),
+        "started_unix_s": time.time(),
+    }
+    if json_out:
+        emit_json(info)
+    else:
+        typer.echo(
+            f"ooda sim serve: {spec.nodes} nodes x {spec.gpus_per_node} {spec.model.name} GPUs, "
+            f"seed {spec.seed}, {speed:g}x real time, counters {counters} (Ctrl-C stops)"
+        )
+        api = server.node_api_endpoints()
+        for node in endpoints:
+            extra = f"   node API {api[node['name']]}" if node["name"] in api else ""
+            typer.echo(f"  {node['name']:<8} {node['url']}{extra}")
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+
+
+@sim_app.command("record")
+def record(
+    output: Annotated[Path, typer.Option("-o", "--output", help="The trace file to write.")],
+    nodes: NodesOpt = 8,
+    gpus_per_node: GpusOpt = 8,
+    seed: SeedOpt = 0,
+    model: ModelOpt = "H100",
+    duration: Annotated[str, typer.Option(help="Twin time to record, e.g. 24h, 90m.")] = "24h",
+    step: Annotated[str, typer.Option(help="Time between recorded steps (twin time).")] = "15s",
+    fault: FaultOpt = None,
+    scenario: ScenarioOpt = None,
+    counters: CountersOpt = "all",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Write a trace from the twin: what Prometheus would hold had it scraped the twin's exporters
+    at every step, with the scenario (budget, faults) in the file's metadata.
+
+    Examples:
+
+      ooda sim record --nodes 125 --duration 24h -o day-1000gpus.parquet
+
+      ooda sim record --nodes 4 --duration 2h --fault dropout:node2@1800+300 -o t.parquet
+    """
+    from agent.replay.twin_trace import record_twin
+
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    t0 = time.perf_counter()
+    summary = record_twin(
+        spec,
+        output,
+        duration_s=duration_s(duration, "--duration"),
+        step_s=duration_s(step, "--step"),
+        counters=_counters(counters),
+    )
+    wall = time.perf_counter() - t0
+    result = {
+        "trace": str(output),
+        "steps": summary.steps,
+        "gpus": summary.gpus,
+        "rows": summary.rows,
+        "row_groups": summary.row_groups,
+        "bytes": summary.bytes,
+        "wall_s": round(wall, 3),
+    }
+    if json_out:
+        emit_json(result)
+    else:
+        typer.echo(
+            f"wrote {output}: {summary.steps} steps x {summary.gpus} GPUs "
+            f"({summary.bytes / 1e6:.1f} MB) in {wall:.1f} s"
+        )

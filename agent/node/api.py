@@ -1,0 +1,398 @@
+"""The node daemon's HTTP API (Starlette, served by uvicorn), its auth gate and its /metrics.
+
+    GET    /v1/gpus                 every GPU: index, uuid, min_w, max_w, default_w, power_limit_w,
+                                    enforced_limit_w, lease_remaining_s (plus model, state, error)
+    GET    /v1/gpus/{index}         one GPU
+    PUT    /v1/gpus/{index}/cap     {"watts": W, "lease_s": T}: set or renew a cap under a lease
+    DELETE /v1/gpus/{index}/cap     release: back to the GPU's default limit
+    PUT    /v1/caps                 {"caps": [{"index", "watts", "lease_s", "uuid"?}, ...]}:
+                                    set or renew many in one request; a result per GPU
+    POST   /v1/caps/release         {"gpus": [{"index", "uuid"?}, ...]}: release many
+    GET    /metrics                 Prometheus metrics (ooda_node_*); token needed unless public
+    GET    /healthz                 liveness, no token, no information
+
+Every request but /healthz needs `Authorization: Bearer TOKEN`: none -> 401, a wrong one -> 403.
+Bodies are validated before any GPU is touched: malformed JSON, unknown keys, wrong types,
+non-finite numbers -> 400; a GPU that does not exist -> 404; watts outside the GPU's constraints
+or a lease out of bounds -> 400; a `uuid` that is not the GPU at that index -> 409.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, TypeVar
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent.core.errors import GpuError
+from agent.node.auth import AuthResult, TokenStore
+from agent.node.leases import CapOutcome, CapRequestError, LeaseEvents, LeaseManager
+
+log = structlog.get_logger("ooda.node.api")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_BULK_ITEMS = 256
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # strict: "300" or true is not a number of watts; no NaN or infinity.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class CapBody(_Body):
+    watts: float
+    lease_s: float
+
+
+class BulkCapItem(CapBody):
+    index: int = Field(ge=0)
+    uuid: str | None = None
+
+
+class BulkCapBody(_Body):
+    caps: list[BulkCapItem] = Field(max_length=MAX_BULK_ITEMS)
+
+
+class ReleaseItem(_Body):
+    index: int = Field(ge=0)
+    uuid: str | None = None
+
+
+class BulkReleaseBody(_Body):
+    gpus: list[ReleaseItem] = Field(max_length=MAX_BULK_ITEMS)
+
+
+_B = TypeVar("_B", bound=BaseModel)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "json_invalid":
+            return f"malformed JSON: {err['msg'].removeprefix('Invalid JSON: ')}"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+class NodeMetrics(LeaseEvents):
+    """The daemon's own metrics, in its own registry (many daemons may share a process)."""
+
+    def __init__(self, manager_ref: Callable[[], LeaseManager | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ooda_node_requests",
+            "HTTP requests by route, method and status code.",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "ooda_node_auth_failures",
+            "Requests refused by the auth gate (missing, invalid, unavailable).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cap_changes = Counter(
+            "ooda_node_cap_changes",
+            "Cap changes by GPU and kind (set, renew, release, fallback, on_exit, on_start).",
+            ["gpu", "kind"],
+            registry=self.registry,
+        )
+        self.lease_expirations = Counter(
+            "ooda_node_lease_expirations",
+            "Leases that ran out, putting the GPU at the fallback cap.",
+            ["gpu"],
+            registry=self.registry,
+        )
+        self.gpu_errors = Counter(
+            "ooda_node_gpu_errors",
+            "GPU operations that failed, by GPU and error type.",
+            ["gpu", "error"],
+            registry=self.registry,
+        )
+        self.registry.register(_GpuCollector(manager_ref))
+
+    def cap_changed(self, index: int, kind: str) -> None:
+        self.cap_changes.labels(str(index), kind).inc()
+
+    def lease_expired(self, index: int) -> None:
+        self.lease_expirations.labels(str(index)).inc()
+
+    def gpu_error(self, index: int, exc: GpuError) -> None:
+        self.gpu_errors.labels(str(index), type(exc).__name__).inc()
+
+
+class _GpuCollector(Collector):
+    """Per-GPU gauges read at scrape time (limits, lease), in watts and seconds."""
+
+    _GAUGES = (
+        ("power_limit_w", "ooda_node_power_limit_watts", "The GPU's power limit (W)."),
+        ("enforced_limit_w", "ooda_node_enforced_limit_watts", "The enforced power limit (W)."),
+        ("min_w", "ooda_node_min_limit_watts", "The lowest settable limit (W)."),
+        ("max_w", "ooda_node_max_limit_watts", "The highest settable limit (W)."),
+        ("default_w", "ooda_node_default_limit_watts", "The default limit (W)."),
+        (
+            "lease_remaining_s",
+            "ooda_node_lease_remaining_seconds",
+            "Seconds left on the cap's lease (absent: no lease).",
+        ),
+    )
+
+    def __init__(self, manager_ref: Callable[[], LeaseManager | None]) -> None:
+        self._manager_ref = manager_ref
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        manager = self._manager_ref()
+        if manager is None:
+            return []
+        families = {
+            key: GaugeMetricFamily(name, doc, labels=["gpu", "uuid"])
+            for key, name, doc in self._GAUGES
+        }
+        state = GaugeMetricFamily(
+            "ooda_node_cap_state",
+            "1 for the GPU's cap state (unmanaged, leased, fallback, default).",
+            labels=["gpu", "uuid", "state"],
+        )
+        for gpu in manager.gpus():
+            labels = [str(gpu["index"]), str(gpu["uuid"])]
+            for key, family in families.items():
+                if gpu.get(key) is not None:
+                    family.add_metric(labels, float(gpu[key]))
+            state.add_metric([*labels, str(gpu["state"])], 1.0)
+        return [*families.values(), state]
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+_INDEX = re.compile(r"/\d+(?=/|$)")
+
+
+def _route_label(path: str) -> str:
+    return _INDEX.sub("/{index}", path) if path.startswith("/v1/") else path
+
+
+class AuthGate:
+    """Pure ASGI middleware: every request but the open paths needs an accepted bearer token,
+    checked before the body is read or any handler runs; it also counts requests."""
+
+    def __init__(
+        self, app: ASGIApp, tokens: TokenStore, metrics: NodeMetrics, open_paths: frozenset[str]
+    ) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.metrics = metrics
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = _route_label(str(scope["path"]))
+        method = str(scope["method"])
+        status: list[int] = [500]
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            if scope["path"] not in self.open_paths:
+                header: str | None = None
+                for name, value in scope["headers"]:
+                    if name == b"authorization":
+                        header = value.decode("latin-1")
+                result = self.tokens.check(header)
+                if result is not AuthResult.OK:
+                    self.metrics.auth_failures.labels(str(result)).inc()
+                    await _refusal(result)(scope, receive, counted_send)
+                    return
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.metrics.requests.labels(route, method, str(status[0])).inc()
+
+
+def _refusal(result: AuthResult) -> Response:
+    if result is AuthResult.MISSING:
+        return JSONResponse(
+            {"error": "a bearer token is required (Authorization: Bearer TOKEN)"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="ooda-node"'},
+        )
+    if result is AuthResult.INVALID:
+        return JSONResponse({"error": "the bearer token is not accepted"}, status_code=403)
+    return JSONResponse(
+        {"error": "the daemon's token file is unusable: nobody is accepted until it is fixed"},
+        status_code=503,
+    )
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[_B]) -> _B:
+    body = await _read_body(request)
+    if not body.strip():
+        raise CapRequestError(400, "a JSON body is required")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise CapRequestError(400, _validation_message(exc)) from None
+
+
+def _result(outcome: CapOutcome) -> dict[str, Any]:
+    return {"index": outcome.index, "ok": True, "before_w": outcome.before_w, "gpu": outcome.gpu}
+
+
+def _error(index: int | None, exc: CapRequestError) -> dict[str, Any]:
+    return {"index": index, "ok": False, "status": exc.status, "error": exc.message}
+
+
+def build_app(
+    manager: LeaseManager,
+    tokens: TokenStore,
+    metrics: NodeMetrics,
+    *,
+    public_metrics: bool = False,
+) -> ASGIApp:
+    """The daemon's ASGI app over one node's lease manager."""
+
+    def handled(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except CapRequestError as exc:
+                index = request.path_params.get("index")
+                return JSONResponse(_error(index, exc), status_code=exc.status)
+
+        return endpoint
+
+    @handled
+    async def list_gpus(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(manager.gpus))
+
+    @handled
+    async def get_gpu(request: Request) -> Response:
+        index = int(request.path_params["index"])
+        return JSONResponse(await run_in_threadpool(manager.gpu, index))
+
+    @handled
+    async def put_cap(request: Request) -> Response:
+        index = int(request.path_params["index"])
+        body = await _parse(request, CapBody)
+        outcome = await run_in_threadpool(manager.set_cap, index, body.watts, body.lease_s)
+        log.info("cap_set", gpu=index, watts=body.watts, lease_s=body.lease_s)
+        return JSONResponse(_result(outcome))
+
+    @handled
+    async def delete_cap(request: Request) -> Response:
+        index = int(request.path_params["index"])
+        outcome = await run_in_threadpool(manager.release, index)
+        log.info("cap_released", gpu=index)
+        return JSONResponse(_result(outcome))
+
+    def _unique(indices: list[int]) -> None:
+        seen: set[int] = set()
+        for index in indices:
+            if index in seen:
+                raise CapRequestError(400, f"GPU {index} appears twice in one request")
+            seen.add(index)
+
+    @handled
+    async def put_caps(request: Request) -> Response:
+        body = await _parse(request, BulkCapBody)
+        _unique([item.index for item in body.caps])
+
+        def apply() -> list[dict[str, Any]]:
+            out = []
+            for item in body.caps:
+                try:
+                    out.append(
+                        _result(manager.set_cap(item.index, item.watts, item.lease_s, item.uuid))
+                    )
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+            return out
+
+        results = await run_in_threadpool(apply)
+        log.info("caps_set", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    @handled
+    async def release_caps(request: Request) -> Response:
+        body = await _parse(request, BulkReleaseBody)
+        _unique([item.index for item in body.gpus])
+
+        def apply() -> list[dict[str, Any]]:
+            out = []
+            for item in body.gpus:
+                try:
+                    out.append(_result(manager.release(item.index, item.uuid)))
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+            return out
+
+        results = await run_in_threadpool(apply)
+        log.info("caps_released", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, metrics.registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    routes = [
+        Route("/v1/gpus", list_gpus, methods=["GET"]),
+        Route("/v1/gpus/{index:int}", get_gpu, methods=["GET"]),
+        Route("/v1/gpus/{index:int}/cap", put_cap, methods=["PUT"]),
+        Route("/v1/gpus/{index:int}/cap", delete_cap, methods=["DELETE"]),
+        Route("/v1/caps", put_caps, methods=["PUT"]),
+        Route("/v1/caps/release", release_caps, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    open_paths = frozenset({"/healthz", "/metrics"} if public_metrics else {"/healthz"})
+    return AuthGate(app, tokens, metrics, open_paths)

@@ -1,0 +1,316 @@
+"""Caps as leases over one node's GPUs: validation, the fallback cap, and expiry.
+
+A cap set through the API holds for `lease_s` seconds unless renewed; when a lease runs out the
+GPU goes to the fallback cap (never back to its maximum), so an agent that dies or loses the node
+cannot leave a GPU uncapped above what the budget allowed. Time comes from the injected Clock:
+expiry is tested on a FakeClock by calling `enforce()` directly.
+
+Loops here run over one node's GPUs (at most a few dozen): this is not a fleet-wide hot path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from agent.core.clock import Clock
+from agent.core.errors import (
+    GpuError,
+    GpuInvalidArgumentError,
+    GpuLostError,
+    GpuNoPermissionError,
+    GpuNotSupportedError,
+)
+from agent.core.protocols import GpuBackend, GpuDevice, PowerConstraints
+
+log = structlog.get_logger("ooda.node")
+
+
+class CapState(StrEnum):
+    UNMANAGED = "unmanaged"  # the daemon has not touched it since it started
+    LEASED = "leased"  # a cap under a running lease
+    FALLBACK = "fallback"  # a lease ran out: the fallback cap holds until a new lease
+    DEFAULT = "default"  # released: back at the GPU's default limit
+
+
+class OnExit(StrEnum):
+    """What the daemon leaves on each GPU it managed when it stops."""
+
+    FALLBACK = "fallback"  # leased GPUs go to the fallback cap (the safe default)
+    DEFAULT = "default"  # every managed GPU goes back to its default limit
+    KEEP = "keep"  # leave caps as they are (a restart in place)
+
+
+class OnStart(StrEnum):
+    KEEP = "keep"  # leave every GPU as found
+    FALLBACK = "fallback"  # put every GPU at the fallback cap until the agent leases it
+
+
+class CapRequestError(Exception):
+    """A request the daemon refuses; `status` is the HTTP status it answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def gpu_error_status(exc: GpuError) -> int:
+    """The HTTP status for a GPU error (one place for the mapping)."""
+    if isinstance(exc, GpuInvalidArgumentError):
+        return 400
+    if isinstance(exc, GpuNotSupportedError):
+        return 501
+    if isinstance(exc, GpuLostError):
+        return 503
+    if isinstance(exc, GpuNoPermissionError):
+        return 500
+    return 500
+
+
+@dataclass(frozen=True, slots=True)
+class CapOutcome:
+    """A cap applied: the GPU's limit before, and its state after."""
+
+    index: int
+    before_w: float
+    gpu: dict[str, Any]
+
+
+class LeaseEvents:
+    """Hooks the daemon's metrics attach to (no-ops by default)."""
+
+    def cap_changed(self, index: int, kind: str) -> None:
+        """kind: set, renew, release, fallback, on_exit, on_start."""
+
+    def lease_expired(self, index: int) -> None: ...
+
+    def gpu_error(self, index: int, exc: GpuError) -> None: ...
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+class LeaseManager:
+    """The caps of one node's GPUs, each a lease. Thread-safe: every backend call runs under
+    `lock` (pass a shared lock when something else, such as the twin's stepper, writes the same
+    GPUs)."""
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        clock: Clock,
+        *,
+        fallback_cap_w: float | None = None,
+        max_lease_s: float = 3600.0,
+        lock: threading.RLock | None = None,
+        events: LeaseEvents | None = None,
+    ) -> None:
+        if fallback_cap_w is not None and not (_finite(fallback_cap_w) and fallback_cap_w > 0):
+            raise ValueError(
+                f"fallback cap must be a positive number of watts, not {fallback_cap_w}"
+            )
+        if not (_finite(max_lease_s) and max_lease_s > 0):
+            raise ValueError(f"max lease must be a positive number of seconds, not {max_lease_s}")
+        self.clock = clock
+        self.fallback_cap_w = fallback_cap_w
+        self.max_lease_s = float(max_lease_s)
+        self.lock = lock or threading.RLock()
+        self.events = events or LeaseEvents()
+        devices: Sequence[GpuDevice] = backend.devices()
+        self._devices: dict[int, GpuDevice] = {d.index: d for d in devices}
+        if len(self._devices) != len(devices):
+            raise ValueError("the backend lists two GPUs with the same index")
+        self._state: dict[int, CapState] = dict.fromkeys(self._devices, CapState.UNMANAGED)
+        self._expires_s: dict[int, float] = {}
+
+    @property
+    def indices(self) -> list[int]:
+        return sorted(self._devices)
+
+    def _device(self, index: int) -> GpuDevice:
+        device = self._devices.get(index)
+        if device is None:
+            known = ", ".join(str(i) for i in self.indices) or "none"
+            raise CapRequestError(404, f"no GPU with index {index} on this node (GPUs: {known})")
+        return device
+
+    def fallback_for(self, constraints: PowerConstraints) -> float:
+        """The fallback cap clipped into the GPU's constraints (its minimum when none is set)."""
+        if self.fallback_cap_w is None:
+            return constraints.min_w
+        return min(max(self.fallback_cap_w, constraints.min_w), constraints.max_w)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _describe(self, index: int, now_s: float) -> dict[str, Any]:
+        device = self._devices[index]
+        state = self._state[index]
+        out: dict[str, Any] = {
+            "index": index,
+            "uuid": device.uuid,
+            "model": None,
+            "min_w": None,
+            "max_w": None,
+            "default_w": None,
+            "power_limit_w": None,
+            "enforced_limit_w": None,
+            "lease_remaining_s": None,
+            "state": str(state),
+        }
+        if state is CapState.LEASED:
+            out["lease_remaining_s"] = max(0.0, self._expires_s[index] - now_s)
+        try:
+            out["model"] = device.model_name
+            c = device.power_constraints()
+            out |= {"min_w": c.min_w, "max_w": c.max_w, "default_w": c.default_w}
+            out["power_limit_w"] = device.power_limit_w()
+            out["enforced_limit_w"] = device.enforced_power_limit_w()
+        except GpuError as exc:
+            self.events.gpu_error(index, exc)
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """Every GPU with its constraints, limits and lease; a GPU that cannot be read carries
+        `error` and nulls (never zeros)."""
+        with self.lock:
+            self._enforce_locked()
+            now = self.clock.now()
+            return [self._describe(i, now) for i in self.indices]
+
+    def gpu(self, index: int) -> dict[str, Any]:
+        with self.lock:
+            self._device(index)
+            self._enforce_locked()
+            return self._describe(index, self.clock.now())
+
+    # -- changing -------------------------------------------------------------------------------
+
+    def set_cap(
+        self, index: int, watts: float, lease_s: float, uuid: str | None = None
+    ) -> CapOutcome:
+        """Set or renew a cap under a lease. Validates everything before touching the GPU;
+        raises CapRequestError (with the HTTP status) and changes nothing when refused."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            if not _finite(lease_s) or not 0 < lease_s <= self.max_lease_s:
+                raise CapRequestError(
+                    400, f"lease_s must be in (0, {self.max_lease_s:g}] seconds (got {lease_s})"
+                )
+            try:
+                c = device.power_constraints()
+                if not _finite(watts) or not c.contains(watts):
+                    raise CapRequestError(
+                        400,
+                        f"watts must be within GPU {index}'s constraints "
+                        f"[{c.min_w:g}, {c.max_w:g}] W (got {watts})",
+                    )
+                before = device.power_limit_w()
+                renew = self._state[index] is CapState.LEASED and before == watts
+                if before != watts:
+                    device.set_power_limit_w(float(watts))
+            except GpuError as exc:
+                self.events.gpu_error(index, exc)
+                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
+            now = self.clock.now()
+            self._state[index] = CapState.LEASED
+            self._expires_s[index] = now + float(lease_s)
+            self.events.cap_changed(index, "renew" if renew else "set")
+            return CapOutcome(index, before, self._describe(index, now))
+
+    def _check_uuid(self, index: int, device: GpuDevice, uuid: str | None) -> None:
+        if uuid is not None and uuid != device.uuid:
+            raise CapRequestError(
+                409, f"GPU {index} is {device.uuid}, not {uuid} (the node's GPUs changed?)"
+            )
+
+    def release(self, index: int, uuid: str | None = None) -> CapOutcome:
+        """Back to the GPU's default limit; the lease ends."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            try:
+                c = device.power_constraints()
+                before = device.power_limit_w()
+                if before != c.default_w:
+                    device.set_power_limit_w(c.default_w)
+            except GpuError as exc:
+                self.events.gpu_error(index, exc)
+                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
+            self._state[index] = CapState.DEFAULT
+            self._expires_s.pop(index, None)
+            self.events.cap_changed(index, "release")
+            return CapOutcome(index, before, self._describe(index, self.clock.now()))
+
+    def _to_fallback(self, index: int, kind: str) -> bool:
+        device = self._devices[index]
+        try:
+            target = self.fallback_for(device.power_constraints())
+            if device.power_limit_w() != target:
+                device.set_power_limit_w(target)
+        except GpuError as exc:
+            # The lease stays expired and is retried on the next check.
+            self.events.gpu_error(index, exc)
+            log.error("fallback_failed", gpu=index, error=str(exc), error_type=type(exc).__name__)
+            return False
+        self._state[index] = CapState.FALLBACK
+        self._expires_s.pop(index, None)
+        self.events.cap_changed(index, kind)
+        return True
+
+    def _enforce_locked(self) -> list[int]:
+        now = self.clock.now()
+        expired = [i for i, t in self._expires_s.items() if t <= now]
+        done: list[int] = []
+        for index in sorted(expired):
+            if self._to_fallback(index, "fallback"):
+                self.events.lease_expired(index)
+                log.warning("lease_expired", gpu=index, fallback_cap_w=self._fallback_log(index))
+                done.append(index)
+        return done
+
+    def _fallback_log(self, index: int) -> float | None:
+        try:
+            return self.fallback_for(self._devices[index].power_constraints())
+        except GpuError:
+            return None
+
+    def enforce(self) -> list[int]:
+        """Put every GPU whose lease ran out at the fallback cap; returns their indices. The
+        daemon calls this from a background task; it also runs before every read."""
+        with self.lock:
+            return self._enforce_locked()
+
+    def next_expiry_s(self) -> float | None:
+        with self.lock:
+            return min(self._expires_s.values(), default=None)
+
+    def on_start(self, mode: OnStart) -> None:
+        if mode is OnStart.FALLBACK:
+            with self.lock:
+                for index in self.indices:
+                    self._to_fallback(index, "on_start")
+
+    def on_exit(self, mode: OnExit) -> None:
+        """Leave each GPU as the configuration says (best effort: errors are logged)."""
+        with self.lock:
+            if mode is OnExit.KEEP:
+                return
+            for index in self.indices:
+                state = self._state[index]
+                if mode is OnExit.FALLBACK and state is CapState.LEASED:
+                    self._to_fallback(index, "on_exit")
+                elif mode is OnExit.DEFAULT and state is not CapState.UNMANAGED:
+                    try:
+                        self.release(index)
+                    except CapRequestError as exc:
+                        log.error("release_on_exit_failed", gpu=index, error=exc.message)

@@ -1,0 +1,170 @@
+"""The NVML backend: a node's GPUs through nvidia-ml-py (the `pynvml` module), in watts.
+
+NVML speaks milliwatts and raises `NVMLError` with a numeric code; this module converts units at
+the edge and maps every NVML error to the domain's GpuError family in one place (`_mapped`), as
+zeus does. The module object is injected (`NvmlBackend(nvml=...)`): tests pass a hand-written fake
+of pynvml, production passes nothing and gets the real one.
+
+Setting a power limit needs root (or CAP_SYS_ADMIN); reading does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from agent.core.errors import (
+    GpuError,
+    GpuInvalidArgumentError,
+    GpuLostError,
+    GpuNoPermissionError,
+    GpuNotSupportedError,
+)
+from agent.core.protocols import PowerConstraints
+
+# NVML error codes (nvml.h) and the domain error each maps to.
+_NVML_ERROR_INVALID_ARGUMENT = 2
+_NVML_ERROR_NOT_SUPPORTED = 3
+_NVML_ERROR_NO_PERMISSION = 4
+_NVML_ERROR_FUNCTION_NOT_FOUND = 13
+_NVML_ERROR_GPU_IS_LOST = 15
+_NVML_ERROR_RESET_REQUIRED = 16
+_NVML_ERROR_GPU_NOT_FOUND = 28
+
+_ERROR_MAP: dict[int, type[GpuError]] = {
+    _NVML_ERROR_INVALID_ARGUMENT: GpuInvalidArgumentError,
+    _NVML_ERROR_NOT_SUPPORTED: GpuNotSupportedError,
+    _NVML_ERROR_FUNCTION_NOT_FOUND: GpuNotSupportedError,
+    _NVML_ERROR_NO_PERMISSION: GpuNoPermissionError,
+    _NVML_ERROR_GPU_IS_LOST: GpuLostError,
+    _NVML_ERROR_RESET_REQUIRED: GpuLostError,
+    _NVML_ERROR_GPU_NOT_FOUND: GpuLostError,
+}
+
+_NVML_TEMPERATURE_GPU = 0
+_NVML_CLOCK_SM = 1
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NvmlBackend:
+    """The GPUs NVML sees on this node. `close()` shuts NVML down."""
+
+    def __init__(self, nvml: Any = None) -> None:
+        if nvml is None:
+            import pynvml  # noqa: PLC0415  (only the NVML backend needs the library)
+
+            nvml = pynvml
+        self._nvml = nvml
+        with self._mapped("initialise NVML"):
+            nvml.nvmlInit()
+        self._open = True
+        try:
+            with self._mapped("count GPUs"):
+                count = int(nvml.nvmlDeviceGetCount())
+            self._devices = [NvmlGpu(self, i) for i in range(count)]
+        except GpuError:
+            self.close()
+            raise
+
+    @contextmanager
+    def _mapped(self, what: str, gpu: str = "") -> Iterator[None]:
+        """NVML errors to domain errors: the one place where that mapping lives."""
+        try:
+            yield
+        except self._nvml.NVMLError as exc:
+            code = int(getattr(exc, "value", -1))
+            kind = _ERROR_MAP.get(code, GpuError)
+            where = f"{gpu}: " if gpu else ""
+            raise kind(f"{where}NVML could not {what}: {exc} (NVML error {code})") from exc
+
+    def devices(self) -> Sequence[NvmlGpu]:
+        return self._devices
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            with self._mapped("shut down"):
+                self._nvml.nvmlShutdown()
+
+
+class NvmlGpu:
+    """One GPU through NVML. Identity (index, UUID, name) is read once at start."""
+
+    def __init__(self, backend: NvmlBackend, index: int) -> None:
+        self._backend = backend
+        self._nvml = backend._nvml
+        self._index = index
+        with backend._mapped("open the GPU", f"GPU {index}"):
+            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+            self._uuid = _text(self._nvml.nvmlDeviceGetUUID(self._handle))
+            self._name = _text(self._nvml.nvmlDeviceGetName(self._handle))
+
+    def _call(self, what: str, fn: str, *args: Any) -> Any:
+        with self._backend._mapped(what, f"GPU {self._index} ({self._uuid})"):
+            return getattr(self._nvml, fn)(self._handle, *args)
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    @property
+    def uuid(self) -> str:
+        return self._uuid
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    def power_constraints(self) -> PowerConstraints:
+        min_mw, max_mw = self._call(
+            "read the power limit constraints", "nvmlDeviceGetPowerManagementLimitConstraints"
+        )
+        default_mw = self._call(
+            "read the default power limit", "nvmlDeviceGetPowerManagementDefaultLimit"
+        )
+        return PowerConstraints(min_mw / 1000.0, max_mw / 1000.0, default_mw / 1000.0)
+
+    def power_limit_w(self) -> float:
+        mw = self._call("read the power limit", "nvmlDeviceGetPowerManagementLimit")
+        return float(mw) / 1000.0
+
+    def enforced_power_limit_w(self) -> float:
+        mw = self._call("read the enforced power limit", "nvmlDeviceGetEnforcedPowerLimit")
+        return float(mw) / 1000.0
+
+    def set_power_limit_w(self, watts: float) -> None:
+        c = self.power_constraints()
+        if not c.contains(watts):
+            # NVML would say only "Invalid Argument": say what the bounds are.
+            raise GpuInvalidArgumentError(
+                f"GPU {self._index} ({self._uuid}): {watts:g} W outside "
+                f"[{c.min_w:g}, {c.max_w:g}] W"
+            )
+        self._call(
+            f"set the power limit to {watts:g} W",
+            "nvmlDeviceSetPowerManagementLimit",
+            round(watts * 1000.0),
+        )
+
+    def power_usage_w(self) -> float:
+        return float(self._call("read the power draw", "nvmlDeviceGetPowerUsage")) / 1000.0
+
+    def temperature_c(self) -> float:
+        return float(
+            self._call("read the temperature", "nvmlDeviceGetTemperature", _NVML_TEMPERATURE_GPU)
+        )
+
+    def utilization_pct(self) -> tuple[float, float]:
+        rates = self._call("read the utilization", "nvmlDeviceGetUtilizationRates")
+        return float(rates.gpu), float(rates.memory)
+
+    def sm_clock_mhz(self) -> float:
+        return float(self._call("read the SM clock", "nvmlDeviceGetClockInfo", _NVML_CLOCK_SM))
+
+    def total_energy_j(self) -> float:
+        mj = self._call("read the energy counter", "nvmlDeviceGetTotalEnergyConsumption")
+        return float(mj) / 1000.0

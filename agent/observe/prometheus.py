@@ -1,0 +1,458 @@
+"""The fleet from Prometheus (dcgm-exporter metrics), on prometheus-api-client.
+
+A cycle is a fixed number of aggregated instant queries (two, one per field, and two more at
+most), all evaluated at the same time `now`, never one per GPU:
+
+1. inventory: every GPU seen within the inventory window,
+   `group by (host, gpu, UUID, modelName) (last_over_time(POWER[window]))`. Range selectors skip
+   the stale markers Prometheus writes when a scrape fails, so a GPU whose exporter went silent
+   stays in the inventory for the whole window;
+2. freshness: `max by (host, gpu, UUID, modelName, job) (timestamp(POWER))`: the newest sample's
+   time of every GPU Prometheus still considers live (an instant selector drops stale-marked
+   series), and the job running there;
+3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...);
+4. only when some GPUs are not live: their newest sample's time,
+   `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
+   scrape_interval])`, restricted to their hosts with an escaped regex;
+5. the budget, when a PromQL expression gives it.
+
+A GPU is stale when Prometheus no longer has it live (query 2 misses it: its scrape failed) or its
+newest sample is older than the staleness limit; stale GPUs keep their identity and age but carry
+NaN values. A field a fresh GPU lacks (dcgm-exporter exports no power limits by default) is NaN:
+missing, never 0. Host names come from the first non-empty host label (`Hostname`, `hostname`).
+Responses are parsed into numpy columns and joined by (host, gpu) with sorted-key lookups.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from agent.core.dcgm import (
+    DCGM_FIELDS,
+    FIELD_BY_METRIC,
+    LABEL_GPU,
+    LABEL_HOST,
+    LABEL_HOST_NEW,
+    LABEL_JOB,
+    LABEL_MODEL,
+    LABEL_UUID,
+)
+from agent.core.errors import TelemetryError
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.observe import promql
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+StrArray = npt.NDArray[np.str_]
+
+KEY_SEP = "\x1f"  # joins host and gpu into one key; cannot appear in a sane label value
+
+
+def default_metric_names() -> dict[Metric, str]:
+    return {f.metric: f.name for f in DCGM_FIELDS}
+
+
+@dataclass(frozen=True)
+class PrometheusSettings:
+    url: str = "http://127.0.0.1:9090"
+    timeout_s: float = 10.0
+    retries: int = 2
+    scrape_interval_s: float = 15.0
+    staleness_s: float | None = None  # default: 3 scrape intervals
+    inventory_window_s: float = 600.0
+    metrics: Mapping[Metric, str] = field(default_factory=default_metric_names)
+    host_labels: tuple[str, ...] = (LABEL_HOST, LABEL_HOST_NEW)
+    gpu_label: str = LABEL_GPU
+    uuid_label: str = LABEL_UUID
+    model_label: str = LABEL_MODEL
+    job_label: str = LABEL_JOB
+    match: Mapping[str, str] = field(default_factory=dict)  # extra exact matchers everywhere
+    budget_query: str | None = None
+    max_hosts_per_query: int = 500  # stale-host regexes are split to keep URLs short
+
+    def __post_init__(self) -> None:
+        if Metric.POWER_W not in self.metrics or not self.metrics[Metric.POWER_W]:
+            raise ValueError("metrics: power_w is required (it is the inventory's heartbeat)")
+        for name in self.metrics.values():
+            if name:
+                promql.check_metric_name(name)
+        if not self.host_labels:
+            raise ValueError("host_labels: at least one label")
+        for label in (
+            *self.host_labels,
+            self.gpu_label,
+            self.uuid_label,
+            self.model_label,
+            self.job_label,
+            *self.match,
+        ):
+            promql.check_label_name(label)
+
+    @property
+    def staleness_limit_s(self) -> float:
+        return self.staleness_s if self.staleness_s is not None else 3.0 * self.scrape_interval_s
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"\)\]]+)")
+
+
+def describe_error(exc: BaseException, timeout_s: float) -> str:
+    """A short cause for a failed request (connection refused, timed out, HTTP 400: ...)."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(exc, requests.exceptions.RetryError):
+        m = re.search(r"too many (\d+) error responses", str(exc))
+        return f"HTTP {m.group(1)} on every retry" if m else "failed on every retry"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        m = _ERRNO.search(str(exc))
+        return m.group(1).strip().lower() if m else "cannot connect"
+    if isinstance(exc, PrometheusApiClientException):
+        m = re.match(r"HTTP Status Code (\d+) \((b(['\"]).*\3)\)$", str(exc), re.S)
+        if not m:
+            return str(exc)
+        try:
+            body = json.loads(ast.literal_eval(m.group(2)))
+            return f"HTTP {m.group(1)}: {body.get('error', body)}"
+        except (ValueError, SyntaxError, AttributeError):
+            return f"HTTP {m.group(1)}"
+    if isinstance(exc, ValueError | KeyError | TypeError):
+        return f"malformed answer ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# -- vectorized helpers ---------------------------------------------------------------------------
+
+
+def lookup(keys: StrArray, query: StrArray) -> IntArray:
+    """The position in `keys` (unique) of each query key; -1 where absent."""
+    if keys.size == 0 or query.size == 0:
+        return np.full(query.shape, -1, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    pos = np.minimum(np.searchsorted(ordered, query), keys.size - 1)
+    return np.where(ordered[pos] == query, order[pos], -1).astype(np.int64)
+
+
+def first_per_key(keys: StrArray, rank: FloatArray) -> IntArray:
+    """For each distinct key, the index of its entry with the highest rank."""
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((-rank, keys))
+    _, first = np.unique(keys[order], return_index=True)
+    return order[first].astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class Vector:
+    """An instant-query answer as columns: the labels asked for and the values."""
+
+    labels: dict[str, StrArray]
+    values: FloatArray
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @staticmethod
+    def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Vector:
+        metrics = [r["metric"] for r in result]
+        cols = {
+            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
+        }
+        values = np.array([r["value"][1] for r in result], dtype=np.float64)
+        return Vector(cols, values.reshape(len(result)))
+
+
+@dataclass(frozen=True, eq=False)
+class Matrix:
+    """A range-query answer as columns: per series the labels asked for; per point the series it
+    belongs to, its time and value."""
+
+    labels: dict[str, StrArray]
+    series: IntArray
+    t_s: FloatArray
+    values: FloatArray
+
+    def __len__(self) -> int:
+        return int(next(iter(self.labels.values())).shape[0]) if self.labels else 0
+
+    @staticmethod
+    def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Matrix:
+        metrics = [r["metric"] for r in result]
+        cols = {
+            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
+        }
+        lengths = np.array([len(r["values"]) for r in result], dtype=np.int64)
+        points = [p for r in result for p in r["values"]]
+        t = np.fromiter((p[0] for p in points), dtype=np.float64, count=len(points))
+        v = np.array([p[1] for p in points], dtype=np.float64).reshape(len(points))
+        return Matrix(cols, np.repeat(np.arange(len(result)), lengths), t, v)
+
+
+class PrometheusSource:
+    """A TelemetrySource over Prometheus. `observe(now_s)` evaluates every query at `now_s`
+    (Unix seconds), so a recorded or backfilled past can be observed too."""
+
+    def __init__(self, settings: PrometheusSettings, client: PrometheusConnect | None = None):
+        self.settings = settings
+        s = settings
+        retry = Retry(
+            total=s.retries,
+            connect=s.retries,
+            read=0,  # a query that timed out is not re-sent: it would only load Prometheus more
+            status=s.retries,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        self.client = client or PrometheusConnect(
+            url=s.url.rstrip("/"), retry=retry, timeout=s.timeout_s, method="POST"
+        )
+        self.queries = 0  # made by the last observe()
+        self.query_s = 0.0  # spent waiting on Prometheus in the last observe()
+        hb = s.metrics[Metric.POWER_W]
+        self.heartbeat = hb  # the metric whose presence makes a GPU known and live
+        self.ident = [*s.host_labels, s.gpu_label]  # the labels that name a GPU
+        self.value_metrics: dict[str, Metric] = {
+            name: metric for metric, name in s.metrics.items() if name and metric != Metric.POWER_W
+        }
+        self.value_metrics[hb] = Metric.POWER_W
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def query(self, expr: str, now_s: float) -> list[dict[str, Any]]:
+        """One instant query; TelemetryError naming the URL and the cause when it fails."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.queries += 1
+        try:
+            result = self.client.custom_query(
+                expr, params={"time": f"{now_s:.3f}", "timeout": f"{s.timeout_s:g}s"}
+            )
+        except Exception as exc:
+            raise TelemetryError(
+                f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} (query {_shorten(expr)})"
+            ) from exc
+        finally:
+            self.query_s += time.perf_counter() - t0
+        if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
+            return [{"metric": {}, "value": result}]  # a scalar answer
+        if not isinstance(result, list):
+            raise TelemetryError(f"prometheus {s.url}: malformed answer to {_shorten(expr)}")
+        return result
+
+    def query_range(
+        self, expr: str, start_s: float, end_s: float, step_s: float
+    ) -> list[dict[str, Any]]:
+        """One range query (whole-second bounds, as prometheus-api-client sends them)."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.queries += 1
+        try:
+            return list(
+                self.client.custom_query_range(
+                    expr,
+                    start_time=datetime.fromtimestamp(start_s, UTC),
+                    end_time=datetime.fromtimestamp(end_s, UTC),
+                    step=f"{step_s:g}",
+                    params={"timeout": f"{s.timeout_s:g}s"},
+                )
+            )
+        except Exception as exc:
+            raise TelemetryError(
+                f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} "
+                f"(range query {_shorten(expr)})"
+            ) from exc
+        finally:
+            self.query_s += time.perf_counter() - t0
+
+    def _selector(self, metric: str, regex: Mapping[str, str] | None = None) -> str:
+        return promql.selector(metric, self.settings.match, regex)
+
+    def keys(
+        self, labels: Mapping[str, StrArray]
+    ) -> tuple[StrArray, StrArray, IntArray, BoolArray]:
+        """Per series (label columns): (key, host, gpu index, usable). The host is the first
+        non-empty host label; usable = it has a host and an integer gpu label."""
+        names = self.settings.host_labels
+        host = labels[names[0]]
+        for name in names[1:]:
+            host = np.where(host != "", host, labels[name])
+        host = np.asarray(host, dtype=np.str_)
+        gpu_text = labels[self.settings.gpu_label]
+        ok = (host != "") & np.char.isdigit(gpu_text)
+        gpu = np.where(ok, gpu_text, "0").astype(np.int64)
+        keys = np.char.add(np.char.add(host, KEY_SEP), gpu.astype(np.str_))
+        return np.asarray(keys, dtype=np.str_), host, gpu, np.asarray(ok, dtype=bool)
+
+    # -- the cycle -------------------------------------------------------------------------
+
+    def observe(self, now_s: float) -> Snapshot:
+        s = self.settings
+        self.queries = 0
+        self.query_s = 0.0
+        errors: list[str] = []
+        hb = self._selector(self.heartbeat)
+        window = promql.duration(s.inventory_window_s)
+        ident = self.ident
+        with_uuid = [*ident, s.uuid_label, s.model_label]
+
+        inv = Vector.parse(
+            self.query(
+                f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))",
+                now_s,
+            ),
+            with_uuid,
+        )
+        live_labels = [*with_uuid, s.job_label]
+        live = Vector.parse(
+            self.query(f"max {promql.by(live_labels)} (timestamp({hb}))", now_s), live_labels
+        )
+        # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
+        # replaced GPU leaves an older series behind for a moment).
+        l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
+        i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
+        bad = int((~l_ok).sum() + (~i_ok).sum())
+        if bad:
+            labels = ", ".join(s.host_labels)
+            errors.append(
+                f"{bad} series without a host label ({labels}) or an integer "
+                f"{s.gpu_label!r} label were ignored"
+            )
+        pick = first_per_key(l_key[l_ok], live.values[l_ok])
+        l_rows = np.flatnonzero(l_ok)[pick]
+        # Inventory GPUs not live: stale. One per key (any of its UUIDs if it has several).
+        i_rows = np.flatnonzero(i_ok)
+        i_rows = i_rows[first_per_key(i_key[i_rows], np.zeros(i_rows.size))]
+        i_rows = i_rows[lookup(l_key[l_rows], i_key[i_rows]) < 0]
+
+        key = np.concatenate([l_key[l_rows], i_key[i_rows]])
+        host = np.concatenate([l_host[l_rows], i_host[i_rows]])
+        gpu = np.concatenate([l_gpu[l_rows], i_gpu[i_rows]])
+        uuid = np.concatenate([live.labels[s.uuid_label][l_rows], inv.labels[s.uuid_label][i_rows]])
+        model = np.concatenate(
+            [live.labels[s.model_label][l_rows], inv.labels[s.model_label][i_rows]]
+        )
+        job = np.concatenate(
+            [live.labels[s.job_label][l_rows], np.full(i_rows.size, "", dtype=np.str_)]
+        )
+        sample_t = np.concatenate([live.values[l_rows], np.full(i_rows.size, np.nan)])
+        is_live = np.concatenate([np.ones(l_rows.size, bool), np.zeros(i_rows.size, bool)])
+
+        if i_rows.size:
+            sample_t[~is_live] = self._last_sample_times(
+                key[~is_live], host[~is_live], now_s, errors
+            )
+
+        age = np.maximum(now_s - sample_t, 0.0)
+        stale = ~is_live | ~(age <= s.staleness_limit_s)
+
+        # Values: one aggregated query per field (a `__name__=~"a|b|..."` selector answers the
+        # same in one query but took 1.4 s instead of 0.8 s at 10,000 GPUs on Prometheus 2.42),
+        # joined by (host, gpu); stale GPUs carry none.
+        values: dict[Metric, FloatArray] = {}
+        by_ident = promql.by(ident)
+        for name, metric in self.value_metrics.items():
+            vec = Vector.parse(self.query(f"max {by_ident} ({self._selector(name)})", now_s), ident)
+            v_key, _, _, v_ok = self.keys(vec.labels)
+            v_row = np.where(v_ok, lookup(key, v_key), -1)
+            column = np.full(key.size, np.nan)
+            hit = v_row >= 0
+            column[v_row[hit]] = vec.values[hit] * FIELD_BY_METRIC[metric].to_metric
+            column[stale] = np.nan
+            values[metric] = column
+
+        budget = self._budget(now_s, errors) if s.budget_query else None
+        order = np.lexsort((gpu, host))
+        return build_snapshot(
+            time_s=now_s,
+            node_of_gpu=host[order],
+            gpu=gpu[order],
+            uuid=uuid[order],
+            model=model[order],
+            job=job[order],
+            values={m: v[order] for m, v in values.items()},
+            age_s=age[order],
+            stale=stale[order],
+            budget_w=budget,
+            errors=tuple(errors),
+        )
+
+    def _last_sample_times(
+        self, keys: StrArray, hosts: StrArray, now_s: float, errors: list[str]
+    ) -> FloatArray:
+        """Newest sample time of GPUs Prometheus no longer has live, from a subquery over the
+        inventory window restricted to their hosts (the regex escapes every host name).
+
+        `timestamp()` gives a sample's own time only when applied to a selector itself (of any
+        other expression, e.g. `a or b`, it gives the evaluation time), so each host label gets
+        its own `timestamp(selector)`. A subquery step of one scrape interval cannot miss the
+        steps between a series' last sample and its stale marker."""
+        s = self.settings
+        out = np.full(keys.size, np.nan)
+        window = promql.duration(s.inventory_window_s)
+        step = promql.duration(min(s.scrape_interval_s, s.inventory_window_s))
+        unique_hosts = sorted(set(hosts.tolist()))
+        by_ident = promql.by(self.ident)
+        for start in range(0, len(unique_hosts), s.max_hosts_per_query):
+            chunk = unique_hosts[start : start + s.max_hosts_per_query]
+            regex = promql.any_of(chunk)
+            inner = " or ".join(
+                f"timestamp({self._selector(self.heartbeat, {label: regex})})"
+                for label in s.host_labels
+            )
+            expr = f"max {by_ident} (max_over_time(({inner})[{window}:{step}]))"
+            vec = Vector.parse(self.query(expr, now_s), self.ident)
+            v_key, _, _, v_ok = self.keys(vec.labels)
+            rows = lookup(keys, v_key)
+            hit = v_ok & (rows >= 0)
+            np.fmax.at(out, rows[hit], vec.values[hit])
+        unknown = int(np.isnan(out).sum())
+        if unknown:
+            errors.append(f"{unknown} stale GPUs: time of the last sample unknown")
+        return out
+
+    def _budget(self, now_s: float, errors: list[str]) -> float | None:
+        assert self.settings.budget_query is not None
+        try:
+            result = self.query(self.settings.budget_query, now_s)
+        except TelemetryError as exc:
+            errors.append(f"budget: {exc}")
+            return None
+        if len(result) != 1:
+            errors.append(
+                f"budget query {_shorten(self.settings.budget_query)} returned "
+                f"{len(result)} series, want exactly one"
+            )
+            return None
+        value = float(result[0]["value"][1])
+        if not math.isfinite(value) or value <= 0:
+            errors.append(f"budget query returned {value!r}, not a positive number of watts")
+            return None
+        return value
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _shorten(expr: str, limit: int = 160) -> str:
+    flat = " ".join(expr.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

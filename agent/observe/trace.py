@@ -1,0 +1,723 @@
+"""Trace files: fleet telemetry over time, columnar and compressed (Apache Parquet, long format).
+
+The format is documented in docs/trace-format.md. In short: one row per (step, GPU); row groups
+hold whole chunks of steps, and inside a row group the rows are sorted by GPU, then time, every GPU
+of the chunk having one row per step (a "rectangular" block, so a reader reshapes each column to
+GPUs x steps without sorting). Missing values are Parquet nulls, never 0. Power fields are stored
+as integer milliwatts and energy as integer millijoules (what NVML and DCGM report); other fields
+as float32. Strings are dictionary-encoded. Fleet-level data per step (time, budget) and the
+source's description (for a twin: the scenario, faults included) are in the file's key-value
+metadata. Pages carry CRC checksums, verified on read.
+
+`TraceWriter` appends Snapshots (or whole blocks) and keeps at most one row group in memory;
+`TraceReader` streams blocks and Snapshots back, and is itself a TelemetrySource stepping through
+the trace's time. Every problem with a file raises TraceError naming the file and the place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from agent.core.errors import TelemetryError, TraceError
+from agent.core.snapshot import Metric, Snapshot
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+StrArray = npt.NDArray[np.str_]
+Floats = npt.NDArray[np.floating[Any]]  # float64, or float32 where that holds the value exactly
+
+FORMAT = "ooda-trace"
+VERSION = 1
+META_HEADER = b"ooda.trace"  # written when the file is opened
+META_STEPS = b"ooda.trace.steps"  # written when it is closed: per-step fleet data
+ROWS_PER_GROUP = 1 << 19  # rows per row group: memory stays flat (about 250 MB writing)
+LABEL_PREFIX = "label."
+
+TimeBase = Literal["unix", "twin"]
+
+IDENTITY_COLUMNS = ("time_s", "node", "gpu", "uuid", "model", "job", "stale", "age_s")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """How a metric is stored: column name, Arrow type, stored = value x scale."""
+
+    name: str
+    type: pa.DataType
+    scale: float
+
+
+def metric_column(metric: Metric) -> Column:
+    if metric is Metric.ENERGY_J:
+        return Column("energy_mj", pa.int64(), 1000.0)
+    if metric.value.endswith("_w"):
+        return Column(metric.value[:-2] + "_mw", pa.int32(), 1000.0)
+    return Column(metric.value, pa.float32(), 1.0)
+
+
+COLUMN_TO_METRIC: dict[str, Metric] = {metric_column(m).name: m for m in Metric}
+
+
+@dataclass(frozen=True, eq=False)
+class TraceBlock:
+    """Steps x GPUs: a rectangular chunk of a trace. Per-GPU arrays have shape (n,), per-step
+    arrays (T,), per-sample arrays (T, n) (a step is one contiguous row); NaN = missing."""
+
+    time_s: FloatArray  # (T,)
+    node: StrArray  # (n,)
+    gpu: IntArray
+    uuid: StrArray
+    model: StrArray
+    job: StrArray  # (T, n), "" = none
+    values: Mapping[Metric, Floats]  # (T, n)
+    age_s: Floats  # (T, n), NaN = not seen yet
+    stale: BoolArray  # (T, n)
+    labels: Mapping[str, StrArray] = field(default_factory=dict)  # (n,)
+    budget_w: FloatArray | None = None  # (T,), NaN = none
+
+    @property
+    def n_gpus(self) -> int:
+        return int(self.uuid.shape[0])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.time_s.shape[0])
+
+    def __post_init__(self) -> None:
+        n, t = self.n_gpus, self.n_steps
+        for name in ("node", "gpu", "model"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"TraceBlock.{name} must have shape ({n},)")
+        for name in ("job", "age_s", "stale"):
+            if getattr(self, name).shape != (t, n):
+                raise ValueError(f"TraceBlock.{name} must have shape ({t}, {n})")
+        for metric, column in self.values.items():
+            if column.shape != (t, n):
+                raise ValueError(f"TraceBlock values {metric} must have shape ({t}, {n})")
+
+    def snapshot(self, j: int, budget_w: float | None = None) -> Snapshot:
+        """Step j as a Snapshot (GPUs not seen yet at that step left out)."""
+        seen = np.isfinite(self.age_s[j])
+        if bool(seen.all()):  # the common case: no per-GPU selection
+            node_names, node_idx = self._nodes
+            rows: slice | BoolArray = slice(None)
+        else:
+            node_names, node_idx = np.unique(self.node[seen], return_inverse=True)
+            rows = seen
+        values = {m: np.asarray(v[j, rows], dtype=np.float64) for m, v in self.values.items()}
+        return Snapshot(
+            time_s=float(self.time_s[j]),
+            node_names=node_names,
+            node=node_idx.astype(np.int64),
+            gpu=self.gpu[rows],
+            uuid=self.uuid[rows],
+            model=self.model[rows],
+            job=self.job[j, rows],
+            values=values,
+            valid={m: np.isfinite(v) for m, v in values.items()},
+            age_s=np.asarray(self.age_s[j, rows], dtype=np.float64),
+            stale=self.stale[j, rows],
+            budget_w=budget_w,
+            labels={k: v[rows] for k, v in self.labels.items()},
+        )
+
+    @functools.cached_property
+    def _nodes(self) -> tuple[StrArray, IntArray]:
+        names, idx = np.unique(self.node, return_inverse=True)
+        return names, idx.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    path: Path
+    steps: int
+    gpus: int  # most GPUs in one step
+    rows: int
+    row_groups: int
+    start_s: float
+    end_s: float
+    bytes: int
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _finite_or_none(values: FloatArray) -> list[float | None]:
+    return [None if not math.isfinite(v) else v for v in values.tolist()]
+
+
+class TraceWriter:
+    """Writes a trace. Use as a context manager, or call `close()`: a file left unclosed has no
+    Parquet footer and reads back as truncated."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        time_base: TimeBase,
+        step_s: float,
+        source: Mapping[str, Any],
+        metrics: Sequence[Metric] = tuple(Metric),
+        labels: Sequence[str] = (),
+        scenario: Mapping[str, Any] | None = None,
+        rows_per_group: int = ROWS_PER_GROUP,
+    ) -> None:
+        self.path = Path(path)
+        self.metrics = tuple(metrics)
+        self.labels = tuple(labels)
+        self.rows_per_group = rows_per_group
+        self.step_s = step_s
+        fields = [
+            pa.field("time_s", pa.float64(), nullable=False),
+            pa.field("node", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("gpu", pa.int16(), nullable=False),
+            pa.field("uuid", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("model", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("job", pa.dictionary(pa.int32(), pa.string())),
+            pa.field("stale", pa.bool_(), nullable=False),
+            pa.field("age_s", pa.float32()),
+            *(pa.field(metric_column(m).name, metric_column(m).type) for m in self.metrics),
+            *(
+                pa.field(LABEL_PREFIX + name, pa.dictionary(pa.int32(), pa.string()))
+                for name in self.labels
+            ),
+        ]
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "time_base": time_base,
+            "step_s": step_s,
+            "source": dict(source),
+            "scenario": dict(scenario) if scenario is not None else None,
+            "metrics": [str(m) for m in self.metrics],
+            "labels": list(self.labels),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.schema = pa.schema(
+            fields, metadata={META_HEADER: json.dumps(header, default=_json_default).encode()}
+        )
+        dictionary = ["time_s", "node", "gpu", "uuid", "model", "job"]
+        dictionary += [LABEL_PREFIX + name for name in self.labels]
+        encodings = {"age_s": "BYTE_STREAM_SPLIT"}
+        encodings |= {metric_column(m).name: "BYTE_STREAM_SPLIT" for m in self.metrics}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(
+            self.path,
+            self.schema,
+            compression="zstd",
+            use_dictionary=dictionary,
+            column_encoding=encodings,
+            write_page_checksum=True,
+        )
+        self._buffer: _StepBuffer | None = None
+        self._steps_t: list[float] = []
+        self._steps_budget: list[float] = []
+        self._steps_gpus: list[int] = []
+        self._group_steps: list[int] = []
+        self._rows = 0
+        self._max_gpus = 0
+        self._closed = False
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def append(self, snapshot: Snapshot, budget_w: float | None = None) -> None:
+        """One step. Consecutive steps with the same GPUs (same UUIDs in the same order) share
+        a block; a change of the fleet starts a new one."""
+        budget = snapshot.budget_w if budget_w is None else budget_w
+        buf = self._buffer
+        last = buf.time_s[buf.steps - 1] if buf is not None and buf.steps else None
+        if last is None and self._steps_t:
+            last = self._steps_t[-1]
+        if last is not None and not snapshot.time_s > last:
+            raise ValueError(
+                f"trace {self.path}: steps must move forward in time "
+                f"({snapshot.time_s} after {last})"
+            )
+        if buf is not None and (buf.full or not buf.same_gpus(snapshot)):
+            self.flush()
+            buf = None
+        if buf is None:
+            steps = max(1, self.rows_per_group // max(snapshot.n_gpus, 1))
+            buf = self._buffer = _StepBuffer(snapshot, self.metrics, self.labels, steps)
+        buf.add(snapshot, math.nan if budget is None else float(budget))
+
+    def flush(self) -> None:
+        """Write the buffered steps as a row group."""
+        buf, self._buffer = self._buffer, None
+        if buf is not None and buf.steps:
+            self.write_block(buf.block())
+
+    def write_block(self, block: TraceBlock) -> None:
+        """A rectangular chunk, rows sorted by GPU then time (split to keep row groups small)."""
+        if self._closed:
+            raise ValueError(f"trace {self.path}: already closed")
+        if self._steps_t and block.n_steps and block.time_s[0] <= self._steps_t[-1]:
+            raise ValueError(f"trace {self.path}: steps must move forward in time")
+        per_group = max(1, self.rows_per_group // max(block.n_gpus, 1))
+        for start in range(0, block.n_steps, per_group):
+            self._write_group(block, slice(start, min(block.n_steps, start + per_group)))
+
+    def _write_group(self, block: TraceBlock, steps: slice) -> None:
+        n = block.n_gpus
+        times = block.time_s[steps]
+        t = times.shape[0]
+        order = np.lexsort((block.gpu, block.node))  # GPU-major, by node then index
+        columns: dict[str, pa.Array] = {
+            "time_s": pa.array(np.tile(times, n), type=pa.float64()),
+            "node": _dictionary_repeat(block.node[order], t),
+            "gpu": pa.array(np.repeat(block.gpu[order], t).astype(np.int16), type=pa.int16()),
+            "uuid": _dictionary_repeat(block.uuid[order], t),
+            "model": _dictionary_repeat(block.model[order], t),
+            "job": _dictionary(_gpu_major(block.job, steps, order), null=""),
+            "stale": pa.array(_gpu_major(block.stale, steps, order), type=pa.bool_()),
+            "age_s": _numeric(_gpu_major(block.age_s, steps, order), pa.float32(), 1.0, 3),
+        }
+        for metric in self.metrics:
+            col = metric_column(metric)
+            raw = block.values.get(metric)
+            data = np.full(n * t, np.nan) if raw is None else _gpu_major(raw, steps, order)
+            columns[col.name] = _numeric(data, col.type, col.scale, None)
+        for name in self.labels:
+            labels = block.labels.get(name, np.full(n, "", dtype=np.str_))
+            columns[LABEL_PREFIX + name] = _dictionary(np.repeat(labels[order], t), null="")
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        budget = np.full(t, np.nan) if block.budget_w is None else np.asarray(block.budget_w)[steps]
+        self._steps_t.extend(times.tolist())
+        self._steps_budget.extend(budget.tolist())
+        seen = np.isfinite(block.age_s[steps]).sum(axis=1)
+        self._steps_gpus.extend(seen.astype(int).tolist())
+        self._group_steps.append(t)
+        self._rows += n * t
+        self._max_gpus = max(self._max_gpus, n)
+
+    def close(self) -> TraceSummary:
+        if self._closed:
+            raise ValueError(f"trace {self.path}: already closed")
+        self.flush()
+        steps = {
+            "time_s": self._steps_t,
+            "budget_w": _finite_or_none(np.asarray(self._steps_budget, dtype=np.float64)),
+            "gpus": self._steps_gpus,
+            "group_steps": self._group_steps,
+            "rows": self._rows,
+        }
+        self._writer.add_key_value_metadata({META_STEPS: json.dumps(steps).encode()})
+        self._writer.close()
+        self._closed = True
+        return TraceSummary(
+            path=self.path,
+            steps=len(self._steps_t),
+            gpus=self._max_gpus,
+            rows=self._rows,
+            row_groups=len(self._group_steps),
+            start_s=self._steps_t[0] if self._steps_t else math.nan,
+            end_s=self._steps_t[-1] if self._steps_t else math.nan,
+            bytes=self.path.stat().st_size,
+        )
+
+    def abort(self) -> None:
+        """Give up: close the file handle without a valid footer's promise of completeness."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            if not self._closed:
+                self.close()
+        else:
+            self.abort()
+
+
+class _StepBuffer:
+    """Steps of one fleet, written in place into preallocated (steps x GPUs) arrays."""
+
+    def __init__(
+        self, first: Snapshot, metrics: Sequence[Metric], labels: Sequence[str], capacity: int
+    ) -> None:
+        n = first.n_gpus
+        self.first = first
+        self.capacity = capacity
+        self.steps = 0
+        self.time_s = np.zeros(capacity)
+        self.budget_w = np.zeros(capacity)
+        # float32 holds every stored value exactly (mW, whole units) except energy in mJ.
+        self.values = {
+            m: np.empty((capacity, n), dtype=np.float64 if m is Metric.ENERGY_J else np.float32)
+            for m in metrics
+        }
+        self.age_s = np.empty((capacity, n), dtype=np.float32)
+        self.stale = np.empty((capacity, n), dtype=bool)
+        # Jobs as codes into a small dictionary: per-step string arrays can be wide (U21).
+        self.job_codes = np.empty((capacity, n), dtype=np.int32)
+        self.job_names: dict[str, int] = {}
+        self.labels = {k: first.labels.get(k, np.full(n, "", dtype=np.str_)) for k in labels}
+
+    @property
+    def full(self) -> bool:
+        return self.steps >= self.capacity
+
+    def same_gpus(self, snapshot: Snapshot) -> bool:
+        return self.first.n_gpus == snapshot.n_gpus and bool(
+            np.array_equal(self.first.uuid, snapshot.uuid)
+        )
+
+    def add(self, snapshot: Snapshot, budget_w: float) -> None:
+        j = self.steps
+        self.time_s[j] = snapshot.time_s
+        self.budget_w[j] = budget_w
+        for metric, column in self.values.items():
+            column[j] = snapshot.column(metric)[0]
+        self.age_s[j] = snapshot.age_s
+        self.stale[j] = snapshot.stale
+        names, inverse = np.unique(snapshot.job, return_inverse=True)
+        codes = np.array(
+            [self.job_names.setdefault(x, len(self.job_names)) for x in names.tolist()],
+            dtype=np.int32,
+        )
+        self.job_codes[j] = codes[inverse]
+        self.steps += 1
+
+    def block(self) -> TraceBlock:
+        t, first = self.steps, self.first
+        return TraceBlock(
+            time_s=self.time_s[:t],
+            node=first.node_of(),
+            gpu=first.gpu,
+            uuid=first.uuid,
+            model=first.model,
+            job=np.asarray(list(self.job_names) or [""], dtype=np.str_)[self.job_codes[:t]],
+            values={m: v[:t] for m, v in self.values.items()},
+            age_s=self.age_s[:t],
+            stale=self.stale[:t],
+            labels=self.labels,
+            budget_w=self.budget_w[:t],
+        )
+
+
+def _gpu_major(values: npt.NDArray[Any], steps: slice, order: IntArray) -> npt.NDArray[Any]:
+    """(T, n) samples of some steps as the rows of a row group: GPU by GPU, in time order."""
+    return np.ascontiguousarray(values[steps][:, order].T).ravel()
+
+
+def _step_major(rows: npt.NDArray[Any], n: int, t: int) -> npt.NDArray[Any]:
+    """A row group's column (GPU by GPU, in time order) as (T, n)."""
+    return np.ascontiguousarray(rows.reshape(n, t).T)
+
+
+def _dictionary_repeat(values: StrArray, repeat: int) -> pa.Array:
+    """Per-GPU strings repeated for each step, as a dictionary array (no per-row strings)."""
+    uniq, inverse = np.unique(values, return_inverse=True)
+    indices = np.repeat(inverse.astype(np.int32), repeat)
+    return pa.DictionaryArray.from_arrays(pa.array(indices, type=pa.int32()), pa.array(uniq))
+
+
+def _dictionary(values: StrArray, null: str) -> pa.Array:
+    """Per-row strings as a dictionary array (hash-encoded by Arrow); `null` becomes null."""
+    arr = pa.array(values, type=pa.string())
+    arr = pc.if_else(pc.equal(arr, null), pa.scalar(None, pa.string()), arr)
+    return arr.dictionary_encode()
+
+
+def _numeric(
+    values: npt.NDArray[np.floating[Any]], kind: pa.DataType, scale: float, digits: int | None
+) -> pa.Array:
+    """Numbers (NaN = missing) as a nullable Arrow array of `kind`, stored = value x scale."""
+    data = np.array(values, dtype=np.float64)  # one working copy, changed in place
+    missing = ~np.isfinite(data)
+    data[missing] = 0.0
+    if pa.types.is_integer(kind):
+        np.multiply(data, scale, out=data)
+        np.round(data, out=data)
+        return pa.array(data.astype(kind.to_pandas_dtype()), mask=missing, type=kind)
+    if digits is not None:
+        np.round(data, digits, out=data)
+    return pa.array(data.astype(np.float32), mask=missing, type=pa.float32())
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceMeta:
+    time_base: TimeBase
+    step_s: float
+    source: Mapping[str, Any]
+    scenario: Mapping[str, Any] | None
+    metrics: tuple[Metric, ...]
+    labels: tuple[str, ...]
+    created_utc: str
+    time_s: FloatArray  # per step
+    budget_w: FloatArray  # per step, NaN = none
+    gpus: IntArray  # per step: GPUs seen
+    group_steps: IntArray  # steps per row group
+    rows: int
+
+    @property
+    def steps(self) -> int:
+        return int(self.time_s.shape[0])
+
+
+class TraceReader:
+    """Reads a trace; also a TelemetrySource: `observe(now_s)` gives the newest step at or before
+    `now_s` (TelemetryError before the first step)."""
+
+    def __init__(self, path: Path, metrics: Sequence[Metric] | None = None) -> None:
+        """`metrics`: read only these (default: every metric in the trace)."""
+        self.path = Path(path)
+        try:
+            self._file = pq.ParquetFile(self.path, page_checksum_verification=True)
+        except FileNotFoundError:
+            raise TraceError(f"trace {self.path}: no such file") from None
+        except (OSError, pa.ArrowException) as exc:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            raise TraceError(
+                f"trace {self.path}: not a trace or truncated: the Parquet footer at the end of "
+                f"the file ({size} bytes) is unreadable ({_first_line(exc)})"
+            ) from None
+        self.meta = self._read_meta()
+        self._check_schema()
+        if metrics is None:
+            self.metrics = self.meta.metrics
+        else:
+            absent = [str(m) for m in metrics if m not in self.meta.metrics]
+            if absent:
+                raise self._err("metrics", f"{absent} not recorded in this trace")
+            self.metrics = tuple(metrics)
+        self._columns = [
+            *IDENTITY_COLUMNS,
+            *(metric_column(m).name for m in self.metrics),
+            *(LABEL_PREFIX + x for x in self.meta.labels),
+        ]
+        self._group_start = np.concatenate([[0], np.cumsum(self.meta.group_steps)]).astype(int)
+        self._cached: tuple[int, TraceBlock] | None = None
+
+    def _err(self, place: str, problem: str) -> TraceError:
+        return TraceError(f"trace {self.path}: {place}: {problem}")
+
+    def _json(self, metadata: Mapping[bytes, bytes], key: bytes) -> dict[str, Any]:
+        raw = metadata.get(key)
+        if raw is None:
+            if key == META_HEADER:
+                raise self._err("metadata", f"no {key.decode()!r} key: not an ooda trace")
+            raise self._err(
+                "metadata", f"no {key.decode()!r} key: the writer did not finish (truncated)"
+            )
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._err(f"metadata {key.decode()!r}", f"not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise self._err(f"metadata {key.decode()!r}", "not a JSON object")
+        return value
+
+    def _read_meta(self) -> TraceMeta:
+        file_meta = self._file.metadata
+        schema_meta = self._file.schema_arrow.metadata or {}
+        footer = file_meta.metadata or {}
+        header = self._json(schema_meta, META_HEADER)
+        steps = self._json(footer, META_STEPS)
+        if header.get("format") != FORMAT:
+            raise self._err("metadata 'ooda.trace'", f"format is {header.get('format')!r}")
+        if header.get("version") != VERSION:
+            raise self._err(
+                "metadata 'ooda.trace'",
+                f"version {header.get('version')!r} is not supported (this reader: {VERSION})",
+            )
+        try:
+            meta = TraceMeta(
+                time_base=header["time_base"],
+                step_s=float(header["step_s"]),
+                source=header.get("source") or {},
+                scenario=header.get("scenario"),
+                metrics=tuple(Metric(m) for m in header["metrics"]),
+                labels=tuple(str(x) for x in header.get("labels", [])),
+                created_utc=str(header.get("created_utc", "")),
+                time_s=np.asarray(steps["time_s"], dtype=np.float64),
+                budget_w=np.array(
+                    [math.nan if b is None else b for b in steps["budget_w"]], dtype=np.float64
+                ),
+                gpus=np.asarray(steps["gpus"], dtype=np.int64),
+                group_steps=np.asarray(steps["group_steps"], dtype=np.int64),
+                rows=int(steps["rows"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise self._err("metadata", f"missing or invalid entry ({exc!r})") from None
+        if meta.time_base not in ("unix", "twin"):
+            raise self._err("metadata 'ooda.trace'", f"time_base {meta.time_base!r}")
+        n = meta.steps
+        if not meta.budget_w.shape == meta.gpus.shape == (n,):
+            raise self._err("metadata 'ooda.trace.steps'", "per-step lists differ in length")
+        if int(meta.group_steps.sum()) != n or meta.group_steps.size != file_meta.num_row_groups:
+            raise self._err(
+                "metadata 'ooda.trace.steps'",
+                f"{meta.group_steps.size} row groups of {int(meta.group_steps.sum())} steps "
+                f"listed, the file has {file_meta.num_row_groups} row groups and {n} steps",
+            )
+        if file_meta.num_rows != meta.rows:
+            raise self._err("row count", f"{file_meta.num_rows} rows, metadata says {meta.rows}")
+        if n > 1 and not bool(np.all(np.diff(meta.time_s) > 0)):
+            raise self._err("metadata 'ooda.trace.steps'", "step times do not increase")
+        return meta
+
+    def _check_schema(self) -> None:
+        names = set(self._file.schema_arrow.names)
+        wanted = set(IDENTITY_COLUMNS) | {metric_column(m).name for m in self.meta.metrics}
+        wanted |= {LABEL_PREFIX + x for x in self.meta.labels}
+        missing = sorted(wanted - names)
+        if missing:
+            raise self._err("schema", f"missing columns {missing}")
+
+    # -- blocks -------------------------------------------------------------------------------
+
+    @property
+    def row_groups(self) -> int:
+        return int(self.meta.group_steps.size)
+
+    def block(self, group: int) -> TraceBlock:
+        """Row group `group` as a TraceBlock, checked for shape and time order."""
+        if self._cached is not None and self._cached[0] == group:
+            return self._cached[1]
+        first, last = int(self._group_start[group]), int(self._group_start[group + 1])
+        place = f"row group {group} (steps {first}..{last - 1})"
+        try:
+            table = self._file.read_row_group(group, columns=self._columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise self._err(self._locate(group, place), _first_line(exc)) from None
+        times = self.meta.time_s[first:last]
+        t = last - first
+        rows = table.num_rows
+        if t == 0 or rows % t:
+            raise self._err(place, f"{rows} rows is not a whole number of GPUs x {t} steps")
+        n = rows // t
+        try:
+            block = self._decode(table, n, t, times, self.meta.budget_w[first:last])
+        except (ValueError, TypeError, pa.ArrowException) as exc:
+            raise self._err(place, f"malformed ({_first_line(exc)})") from None
+        time_grid = block.time_s
+        if not np.array_equal(time_grid, times):
+            raise self._err(place, "row times differ from the step times in the metadata")
+        self._cached = (group, block)
+        return block
+
+    def _locate(self, group: int, place: str) -> str:
+        """Which column of a bad row group is unreadable (for the error message)."""
+        for name in self._file.schema_arrow.names:
+            try:
+                self._file.read_row_group(group, columns=[name])
+            except (OSError, pa.ArrowException):
+                return f"{place}, column {name!r}"
+        return place
+
+    def _decode(
+        self, table: pa.Table, n: int, t: int, times: FloatArray, budget: FloatArray
+    ) -> TraceBlock:
+        def strings(name: str, per_gpu: bool) -> StrArray:
+            """A string column: per sample as (t, n), or per GPU as (n,) (checked constant)."""
+            col = table.column(name).combine_chunks()
+            if not isinstance(col, pa.DictionaryArray):
+                col = col.dictionary_encode()
+            dictionary = np.asarray([*col.dictionary.to_pylist(), ""], dtype=np.str_)
+            # Nulls point at the "" appended to the dictionary.
+            idx = pc.fill_null(col.indices, len(dictionary) - 1).to_numpy().reshape(n, t)
+            if not per_gpu:
+                return np.asarray(dictionary[np.ascontiguousarray(idx.T)], dtype=np.str_)
+            if n and not bool(np.all(idx == idx[:, :1])):
+                raise ValueError(f"column {name!r} changes within a GPU's rows")
+            return np.asarray(dictionary[idx[:, 0]], dtype=np.str_)
+
+        def numbers(name: str, scale: float) -> FloatArray:
+            col = table.column(name).to_numpy()
+            out = _step_major(np.asarray(col, dtype=np.float64), n, t)
+            if scale != 1.0:
+                out /= scale
+            return out
+
+        grid = numbers("time_s", 1.0)  # (t, n): every GPU's column must be the step times
+        if n and not bool(np.all(grid == grid[:, :1])):
+            raise ValueError("rows are not sorted by GPU then time")
+        gpu = table.column("gpu").to_numpy().astype(np.int64).reshape(n, t)
+        if n and not bool(np.all(gpu == gpu[:, :1])):
+            raise ValueError("column 'gpu' changes within a GPU's rows")
+        values = {m: numbers(metric_column(m).name, metric_column(m).scale) for m in self.metrics}
+        return TraceBlock(
+            time_s=np.ascontiguousarray(grid[:, 0]) if n else times,
+            node=strings("node", True),
+            gpu=gpu[:, 0].copy(),
+            uuid=strings("uuid", True),
+            model=strings("model", True),
+            job=strings("job", False),
+            values=values,
+            age_s=numbers("age_s", 1.0),
+            stale=_step_major(table.column("stale").to_numpy(zero_copy_only=False), n, t),
+            labels={x: strings(LABEL_PREFIX + x, True) for x in self.meta.labels},
+            budget_w=budget,
+        )
+
+    def blocks(self) -> Iterator[TraceBlock]:
+        for group in range(self.row_groups):
+            yield self.block(group)
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        """Every step in order."""
+        for group in range(self.row_groups):
+            block = self.block(group)
+            for j in range(block.n_steps):
+                yield block.snapshot(j, _budget(block, j))
+
+    def snapshot(self, step: int) -> Snapshot:
+        if not 0 <= step < self.meta.steps:
+            raise IndexError(f"trace {self.path} has steps 0..{self.meta.steps - 1}")
+        group = int(np.searchsorted(self._group_start, step, side="right") - 1)
+        block = self.block(group)
+        j = step - int(self._group_start[group])
+        return block.snapshot(j, _budget(block, j))
+
+    def observe(self, now_s: float) -> Snapshot:
+        step = int(np.searchsorted(self.meta.time_s, now_s, side="right") - 1)
+        if step < 0:
+            start = self.meta.time_s[0] if self.meta.steps else math.nan
+            raise TelemetryError(
+                f"trace {self.path}: no step at or before {now_s} (starts {start})"
+            )
+        return self.snapshot(step)
+
+
+def _budget(block: TraceBlock, j: int) -> float | None:
+    if block.budget_w is None or not math.isfinite(block.budget_w[j]):
+        return None
+    return float(block.budget_w[j])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,245 @@
+"""How good are the agent's decisions? Twin scenarios, the agent against the oracle and baselines.
+
+Controllers, per scenario (same seed, same job stream):
+- `ooda`: the agent (its policies, learned curves, guard), acting every interval;
+- `oracle`: the best cap allocation given the twin's true curves, re-solved at every change (or,
+  for energy scenarios, each job at its energy-optimal cap within the slowdown bound);
+- `uniform`: one cap for every GPU, the budget split evenly (a static power profile);
+- `proportional`: a reactive throttle: all caps scaled by budget / measured power each interval;
+- `none`: no control.
+
+Prints one JSON line per (scenario, controller): `scenario`, `controller`, `throughput_vs_oracle`
+(priority-weighted where the scenario has priority classes), `budget_violation_s` (not counting
+the first interval after each budget change), `energy_kwh`, and for energy scenarios
+`energy_saving_vs_oracle_saving` and `slowdown` (against no control).
+
+"At least as good as a baseline" means: no more seconds above budget, and, where the baseline
+held the budget too, at least its throughput.
+
+    python bench/decision_quality.py --json [--scenario NAME ...] [--seeds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent.act.audit import AuditLog
+from agent.demo import build_agent, drive, run_kpis
+from agent.sim.oracle import EnergyOracle, Oracle
+from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
+from policies.base import PolicySettings
+from policies.registry import builtin_registry
+
+PRIORITY_WEIGHTS = {0: 1.0, 1: 4.0, 2: 16.0}
+INTERVAL_S = 15.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    spec: TwinSpec
+    duration_s: float
+    policies: tuple[str, ...] = ("power_budget",)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    energy: bool = False  # an energy scenario: no binding budget, energy_efficiency vs EnergyOracle
+    weighted: bool = False  # throughput weighted by priority class
+
+
+def scenarios(seed: int) -> list[Scenario]:
+    # Training jobs run for hours (median 3 h of work); the cluster starts at its occupancy.
+    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+
+    def budgeted(spec: TwinSpec, normal: float, drop: float | None, duration: float) -> TwinSpec:
+        demand = spec.expected_demand_w()
+        sched = (
+            BudgetSchedule.constant(round(normal * demand, -1))
+            if drop is None
+            else BudgetSchedule.demand_response(
+                round(normal * demand, -1), round(drop * demand, -1), 0.4 * duration, 0.3 * duration
+            )
+        )
+        return replace(spec, budget=sched)
+
+    duration = 2 * 3600.0
+    sensitive_mix = (("llm_train", 0.4), ("small_cnn", 0.3), ("recommender", 0.3))
+    wide_mix = (
+        ("llm_train", 0.25),
+        ("vision", 0.25),
+        ("speech", 0.2),
+        ("small_cnn", 0.15),
+        ("nlp_finetune", 0.15),
+    )
+    return [
+        Scenario("budget_drop", budgeted(base, 0.92, 0.65, duration), duration),
+        Scenario(
+            "mixed_workloads",
+            budgeted(replace(base, mix=sensitive_mix), 0.75, None, duration),
+            duration,
+        ),
+        Scenario(
+            "heterogeneous",
+            budgeted(
+                replace(base, mix=wide_mix, job_sizes=((1, 0.3), (2, 0.2), (4, 0.2), (8, 0.3))),
+                0.8,
+                0.6,
+                duration,
+            ),
+            duration,
+        ),
+        Scenario(
+            "priority_classes",
+            budgeted(replace(base, priorities=((0, 0.4), (1, 0.4), (2, 0.2))), 0.7, None, duration),
+            duration,
+            settings={"power_budget": {"priority_weights": PRIORITY_WEIGHTS}},
+            weighted=True,
+        ),
+        Scenario(
+            "energy",
+            replace(base, budget=None),
+            duration,
+            policies=("power_budget", "energy_efficiency"),
+            energy=True,
+        ),
+    ]
+
+
+@dataclass
+class Outcome:
+    work_gpu_s: float
+    weighted_work: float
+    violation_s: float
+    energy_kwh: float
+
+
+def _interval_controller(act: Callable[[Twin], None]) -> Callable[[Twin], None]:
+    state = {"next": 0.0}
+
+    def control(twin: Twin) -> None:
+        if twin.t_s >= state["next"] - 1e-9:
+            act(twin)
+            state["next"] += INTERVAL_S
+
+    return control
+
+
+def uniform(twin: Twin) -> None:
+    budget = twin.budget_w()
+    if budget is None:
+        twin.cap_w[:] = np.clip(0.7 * twin.max_w, twin.min_w, twin.max_w)  # a static profile
+        return
+    share = (budget - twin.spec.nodes * twin.spec.node_overhead_w) / twin.spec.n_gpus
+    twin.cap_w[:] = np.clip(np.floor(share), twin.min_w, twin.max_w)
+
+
+def proportional(twin: Twin) -> None:
+    budget = twin.budget_w()
+    if budget is None:
+        return
+    target = 0.98 * budget
+    fleet = twin.fleet_power_w()
+    scale = target / fleet if fleet > 0 else 1.0
+    if fleet <= target:
+        scale = min(scale, 1.05)
+    twin.cap_w[:] = np.clip(np.floor(twin.cap_w * scale), twin.min_w, twin.max_w)
+
+
+def run(scenario: Scenario, controller: str) -> Outcome:
+    twin = Twin(scenario.spec)
+    if controller == "ooda":
+        registry = builtin_registry()
+        settings: dict[str, PolicySettings] = {
+            name: registry.get(name).Settings.model_validate(scenario.settings.get(name, {}))
+            for name in scenario.policies
+        }
+        loop, _ = build_agent(
+            twin, False, AuditLog(), registry, scenario.policies, settings, interval_s=INTERVAL_S
+        )
+        drive(twin, loop, scenario.duration_s, INTERVAL_S)
+    else:
+        control: Callable[[Twin], None] | None = {
+            "oracle": (
+                EnergyOracle()
+                if scenario.energy
+                else Oracle(PRIORITY_WEIGHTS if scenario.weighted else None)
+            ),
+            "uniform": _interval_controller(uniform),
+            "proportional": _interval_controller(proportional),
+            "none": None,
+        }[controller]
+        twin.run_until(scenario.duration_s, control=control)
+    k = run_kpis(twin, INTERVAL_S)
+    weights = np.array(
+        [PRIORITY_WEIGHTS.get(i, 1.0) for i in range(twin.work_by_priority_gpu_s.size)]
+    )
+    return Outcome(
+        k.work_gpu_s,
+        float((twin.work_by_priority_gpu_s * weights).sum()),
+        k.violation_s,
+        k.energy_kwh,
+    )
+
+
+def evaluate(scenario: Scenario) -> list[dict[str, Any]]:
+    outcomes = {c: run(scenario, c) for c in ("oracle", "ooda", "uniform", "proportional", "none")}
+    oracle = outcomes["oracle"]
+    rows = []
+    for name, o in outcomes.items():
+        ref, mine = (
+            (oracle.weighted_work, o.weighted_work)
+            if scenario.weighted
+            else (oracle.work_gpu_s, o.work_gpu_s)
+        )
+        row: dict[str, Any] = {
+            "scenario": scenario.name,
+            "controller": name,
+            "throughput_vs_oracle": round(mine / ref, 4) if ref > 0 else None,
+            "budget_violation_s": o.violation_s,
+            "energy_kwh": round(o.energy_kwh, 3),
+        }
+        if scenario.energy:
+            none = outcomes["none"]
+            oracle_saving = none.energy_kwh - oracle.energy_kwh
+            row["energy_saving_vs_oracle_saving"] = (
+                round((none.energy_kwh - o.energy_kwh) / oracle_saving, 4)
+                if oracle_saving > 0
+                else None
+            )
+            row["slowdown"] = (
+                round(1.0 - o.work_gpu_s / none.work_gpu_s, 4) if none.work_gpu_s > 0 else None
+            )
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="JSON lines (the only output format)")
+    parser.add_argument("--scenario", action="append", help="run only these scenarios")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[7])
+    args = parser.parse_args(argv)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    for seed in args.seeds:
+        for scenario in scenarios(seed):
+            if args.scenario and scenario.name not in args.scenario:
+                continue
+            t0 = time.perf_counter()
+            for row in evaluate(scenario):
+                row["seed"] = seed
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                sys.stdout.write(json.dumps(row) + "\n")
+                sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

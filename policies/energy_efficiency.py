@@ -1,0 +1,104 @@
+"""energy_efficiency: per job, the cap that minimizes energy (or energy x delay) within a bound on
+slowdown, from the job's learned power curve.
+
+For a job with natural draw N and curve T(x) (x = power / N), the energy per unit of work at a
+share x is (x N + static_w) / T(x); energy x delay is that over T(x) again. With T concave both are
+unimodal in x, so a vectorized golden-section search over every GPU at once finds the optimum;
+the search is confined to x where T(x) >= 1 - max_slowdown_frac and the cap stays settable.
+Only curves learned with at least `min_confidence` are acted on: a prior is not evidence enough
+to slow anyone's job down.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from agent.core.curves import energy_optimal_share, power_for_throughput, throughput_at_power
+from agent.core.intents import GpuTargets, Intent, SetPowerCap
+from agent.core.situation import Situation
+from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+from policies.common import controllable, power
+
+
+class EnergyEfficiencySettings(PolicySettings):
+    objective: Literal["energy", "energy_delay"] = Field(
+        "energy", description="Minimize energy per unit of work, or energy x delay."
+    )
+    max_slowdown_frac: float = Field(
+        0.05, ge=0.0, le=0.5, description="Largest throughput loss allowed for any job (fraction)."
+    )
+    min_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="Act only on curves learned at least this confidently."
+    )
+    static_w: float = Field(
+        0.0,
+        ge=0.0,
+        description="Power per GPU that does not scale with the cap (share of the node's).",
+    )
+    min_saving_frac: float = Field(
+        0.02, ge=0.0, le=1.0, description="Skip caps that save less than this share of energy."
+    )
+    lease_s: float = Field(300.0, gt=0.0, description="Lease of the efficiency cap (s).")
+
+
+class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
+    name: ClassVar[str] = "energy_efficiency"
+    safety: ClassVar[bool] = False
+    description: ClassVar[str] = (
+        "Per job, the cap that minimizes energy (or energy x delay) within a slowdown bound."
+    )
+    Settings = EnergyEfficiencySettings
+    Memory = PolicyMemory
+
+    def decide(
+        self, situation: Situation, memory: PolicyMemory, now_s: float
+    ) -> Decision[PolicyMemory]:
+        s = self.settings
+        snap = situation.snapshot
+        curves = situation.curves
+        eligible = (
+            controllable(situation)
+            & situation.busy
+            & np.isfinite(curves.natural_w)
+            & (curves.confidence >= s.min_confidence)
+        )
+        rows = np.flatnonzero(eligible)
+        if rows.size == 0:
+            return Decision([], memory)
+        natural = curves.natural_w[rows]
+        a, b, k = curves.a[rows], curves.b[rows], curves.cap_draw_frac[rows]
+        lo_cap, hi_cap = situation.min_cap_w[rows], situation.max_cap_w[rows]
+        # The least share allowed: the slowdown bound, and what the lowest cap still gives.
+        x_slow = power_for_throughput(1.0 - s.max_slowdown_frac, natural, a, b) / natural
+        x_floor = np.minimum(1.0, k * lo_cap / natural)
+        x_lo = np.clip(np.maximum(x_slow, x_floor), 0.0, 1.0)
+        x = energy_optimal_share(natural, a, b, x_lo, s.static_w, s.objective)
+        t = throughput_at_power(x * natural, natural, a, b)
+        energy_ratio = (x * natural + s.static_w) / np.maximum(t, 1e-9) / (natural + s.static_w)
+        saving = 1.0 - energy_ratio
+        cap = np.clip(np.floor(x * natural / k), lo_cap, hi_cap)
+        act = (saving >= s.min_saving_frac) & (cap < hi_cap - 0.5)
+        if not act.any():
+            return Decision([], memory)
+        sel = rows[act]
+        intent: Intent = SetPowerCap(
+            policy=self.name,
+            reason=(
+                f"{s.objective.replace('_', ' x ')}-optimal cap within "
+                f"{100 * s.max_slowdown_frac:g}% slowdown"
+            ),
+            evidence={
+                "natural_w": np.round(natural[act], 1),
+                "power_w": np.round(np.nan_to_num(power(situation)[sel]), 1),
+                "expected_throughput": np.round(t[act], 4),
+                "expected_energy_saving": np.round(saving[act], 4),
+                "confidence": np.round(curves.confidence[sel], 3),
+            },
+            expires_s=now_s + s.lease_s,
+            targets=GpuTargets.from_rows(snap, sel),
+            watts=cap[act],
+        )
+        return Decision([intent], memory)

@@ -1,0 +1,254 @@
+"""Helpers for the node daemon tests: a hand-written GPU fake, throwaway TLS certificates, tokens
+and daemons started on free sockets (Unix sockets in a temp dir, TCP on 127.0.0.1 port 0)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.core.errors import GpuInvalidArgumentError, GpuLostError
+from agent.core.protocols import GpuDevice, PowerConstraints
+
+
+class FakeGpu:
+    """A GPU behind the GpuDevice protocol with switchable failures."""
+
+    def __init__(
+        self, index: int, min_w: float = 200.0, max_w: float = 700.0, default_w: float = 700.0
+    ) -> None:
+        self._index = index
+        self.constraints = PowerConstraints(min_w, max_w, default_w)
+        self.limit_w = default_w
+        self.lost = False
+        self.sets: list[float] = []
+
+    def _check(self) -> None:
+        if self.lost:
+            raise GpuLostError(f"GPU {self._index} has fallen off the bus")
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    @property
+    def uuid(self) -> str:
+        return f"GPU-fake-{self._index:04d}"
+
+    @property
+    def model_name(self) -> str:
+        return "Fake GPU"
+
+    def power_constraints(self) -> PowerConstraints:
+        self._check()
+        return self.constraints
+
+    def power_limit_w(self) -> float:
+        self._check()
+        return self.limit_w
+
+    def enforced_power_limit_w(self) -> float:
+        self._check()
+        return self.limit_w
+
+    def set_power_limit_w(self, watts: float) -> None:
+        self._check()
+        if not self.constraints.contains(watts):
+            raise GpuInvalidArgumentError(f"{watts} W out of range")
+        self.limit_w = watts
+        self.sets.append(watts)
+
+    def power_usage_w(self) -> float:
+        self._check()
+        return 100.0
+
+    def temperature_c(self) -> float:
+        return 50.0
+
+    def utilization_pct(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def sm_clock_mhz(self) -> float:
+        return 1000.0
+
+    def total_energy_j(self) -> float:
+        return 0.0
+
+
+class FakeBackend:
+    def __init__(self, gpus: Sequence[GpuDevice]) -> None:
+        self._gpus = list(gpus)
+
+    def devices(self) -> Sequence[GpuDevice]:
+        return self._gpus
+
+
+class SlowGpu:
+    """Wraps a GPU so that every cap operation takes `delay_s` (a node that answers late)."""
+
+    def __init__(self, inner: GpuDevice, delay_s: float) -> None:
+        self._inner = inner
+        self.delay_s = delay_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    @property
+    def index(self) -> int:
+        return self._inner.index
+
+    @property
+    def uuid(self) -> str:
+        return self._inner.uuid
+
+    @property
+    def model_name(self) -> str:
+        return self._inner.model_name
+
+    def power_constraints(self) -> PowerConstraints:
+        time.sleep(self.delay_s)
+        return self._inner.power_constraints()
+
+
+def write_token(path: Path, *tokens: str) -> str:
+    """Write tokens atomically (as an operator should: temp file, then rename); return the first."""
+    values = list(tokens) or [secrets.token_urlsafe(24)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# ooda node tokens\n" + "\n".join(values) + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return values[0]
+
+
+# -- throwaway certificates --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate from another CA
+    rogue_key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def _write_cert(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _leaf(
+    cn: str,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier,
+    server: bool,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a client
+    certificate from an unrelated CA."""
+    ca, ca_key = _ca("ooda test CA")
+    server, server_key = _leaf("ooda-node", ca, ca_key, ExtendedKeyUsageOID.SERVER_AUTH, True)
+    client, client_key = _leaf("ooda-agent", ca, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH, False)
+    rogue_ca, rogue_ca_key = _ca("someone else's CA")
+    rogue, rogue_key = _leaf(
+        "ooda-agent", rogue_ca, rogue_ca_key, ExtendedKeyUsageOID.CLIENT_AUTH, False
+    )
+    return Pki(
+        ca=_write_cert(ca, directory / "ca.pem"),
+        server_cert=_write_cert(server, directory / "server.pem"),
+        server_key=_write_key(server_key, directory / "server.key"),
+        client_cert=_write_cert(client, directory / "client.pem"),
+        client_key=_write_key(client_key, directory / "client.key"),
+        rogue_cert=_write_cert(rogue, directory / "rogue.pem"),
+        rogue_key=_write_key(rogue_key, directory / "rogue.key"),
+    )

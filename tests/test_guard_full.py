@@ -1,0 +1,494 @@
+"""The guard in full, on a FakeClock: the drain circuit breaker and its reset, the rate limits,
+ownership, opt-out, the scope, stale nodes, and its state across a restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.act.guard import RESET_FILE, Guard, GuardSettings, Review, request_reset
+from agent.act.rollout import Rollout, RolloutSettings
+from agent.core.clock import FakeClock
+from agent.core.intents import (
+    Action,
+    DrainNode,
+    GpuTargets,
+    Intent,
+    Notify,
+    Outcome,
+    RequeueJob,
+    ResumeNode,
+    SetNodeFeatures,
+    SetNodeWeight,
+    SetPowerCap,
+    Severity,
+)
+from agent.core.situation import NodeStates, Situation
+from agent.orient.orienter import Orienter
+from tests.conftest import make_snapshot
+
+N_NODES = 10
+
+
+def node_order(n: int = N_NODES) -> list[str]:
+    """The snapshot's node order (sorted names: node1, node10, node2, ...)."""
+    return sorted(f"node{k}" for k in range(1, n + 1))
+
+
+def states(
+    n: int = N_NODES,
+    drained_by_others: tuple[int, ...] = (),
+    drained_by_us: tuple[int, ...] = (),
+    opted_out: tuple[int, ...] = (),
+    partitions: dict[int, frozenset[str]] | None = None,
+    weight: int = 1,
+) -> NodeStates:
+    """Node states aligned with the snapshot's nodes; nodes given by number (2 = node2)."""
+    order = node_order(n)
+
+    def at(nums: tuple[int, ...]) -> list[int]:
+        return [order.index(f"node{num}") for num in nums]
+
+    drained = np.zeros(n, dtype=bool)
+    ours = np.zeros(n, dtype=bool)
+    reason = np.full(n, "", dtype=object)
+    for k in at(drained_by_others):
+        drained[k], reason[k] = True, "admin: bad PSU"
+    for k in at(drained_by_us):
+        drained[k], ours[k], reason[k] = True, True, "ooda: health"
+    out = np.zeros(n, dtype=bool)
+    out[at(opted_out)] = True
+    parts = None
+    if partitions is not None:
+        parts = tuple(partitions.get(int(name[4:]), frozenset({"gpu"})) for name in order)
+    return NodeStates(
+        drained=drained,
+        drained_by_us=ours,
+        reason=reason.astype(np.str_),
+        weight=np.full(n, weight, dtype=np.int64),
+        features=tuple(frozenset({"ooda-ignore"}) if o else frozenset() for o in out),
+        opted_out=out,
+        known=np.ones(n, dtype=bool),
+        partitions=parts,
+    )
+
+
+def situation(
+    nodes: NodeStates | None = None, stale_nodes: tuple[int, ...] = (), n_nodes: int = N_NODES
+) -> Situation:
+    stale = [i // 4 + 1 in stale_nodes for i in range(4 * n_nodes)]
+    snap = make_snapshot([500.0] * (4 * n_nodes), stale=stale)
+    assert snap.node_names.tolist() == node_order(n_nodes)
+    return Orienter().orient(snap, None, nodes if nodes is not None else states(n_nodes))
+
+
+def drain(node: str, expires_s: float = float("inf")) -> DrainNode:
+    return DrainNode(
+        policy="health_drain", reason="ooda: health: xid:79", node=node, expires_s=expires_s
+    )
+
+
+def apply(guard: Guard, review: Review, now: float, outcome: Outcome = Outcome.APPLIED) -> None:
+    for i, intent in enumerate(review.allowed):
+        guard.record(Action(f"a{i}", "d", intent, outcome, outcome is Outcome.RECORDED), now)
+
+
+def reasons(review: Review) -> dict[str, str]:
+    return {r.intent.target_name(): r.reason for r in review.refused}
+
+
+def allowed_nodes(review: Review) -> list[str]:
+    return [i.target_name() for i in review.allowed if not isinstance(i, Notify)]
+
+
+def test_breaker_trips_at_the_limit_stays_open_and_says_so_every_cycle() -> None:
+    clock = FakeClock(1000.0)
+    guard = Guard(
+        GuardSettings(
+            breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=10, node_cooldown_s=0
+        )
+    )
+    sit = situation()
+    review = guard.review([drain("node1"), drain("node2"), drain("node3")], sit, clock.now(), False)
+    assert allowed_nodes(review) == ["node1", "node2"]
+    why = reasons(review)["node3"]
+    assert why.startswith("circuit breaker tripped:") and "the limit is 2" in why
+    assert [name for name, _ in review.events] == ["guard_breaker_tripped"]
+    assert review.alarms and "OPEN" in review.alarms[0]
+    notes = [i for i in review.allowed if isinstance(i, Notify)]
+    assert len(notes) == 1 and notes[0].severity is Severity.CRITICAL
+    assert review.raised == notes
+    apply(guard, review, clock.now())
+
+    # Hours later, the window long gone: still open, still loud, still refusing.
+    clock.advance(6 * 3600)
+    review = guard.review([drain("node4")], situation(), clock.now(), False)
+    assert allowed_nodes(review) == []
+    assert "circuit breaker open since t=1000 s" in reasons(review)["node4"]
+    assert "`ooda guard reset`" in reasons(review)["node4"]
+    assert review.alarms and len(review.raised) == 1
+    assert not review.events  # tripped once, not again
+    # Resumes, caps and weights are not drains: the breaker does not hold them.
+    sit = situation(states(drained_by_us=(1,)))
+    review = guard.review(
+        [ResumeNode(policy="p", reason="r", node="node1")], sit, clock.now(), False
+    )
+    assert allowed_nodes(review) == ["node1"]
+
+
+def test_reset_lets_it_drain_again_and_counts_afresh() -> None:
+    clock = FakeClock(0.0)
+    guard = Guard(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
+    review = guard.review([drain("node1"), drain("node2")], situation(), clock.now(), False)
+    apply(guard, review, clock.now())
+    assert guard.breaker.open and guard.breaker.trips == 1
+    clock.advance(60)
+    fields = guard.reset_breaker(clock.now(), by="alice", note="driver push")
+    assert fields["was_open"] and fields["by"] == "alice"
+    # node1's drain an minute ago no longer counts: one more may go, the next trips again.
+    review = guard.review([drain("node2")], situation(), clock.now(), False)
+    assert allowed_nodes(review) == ["node2"] and not review.alarms
+    apply(guard, review, clock.now())
+    review = guard.review([drain("node3")], situation(), clock.now() + 1, False)
+    assert reasons(review)["node3"].startswith("circuit breaker tripped")
+    assert guard.breaker.trips == 2
+
+
+def test_reset_request_file_is_consumed_once_and_audited(tmp_path: Path) -> None:
+    clock = FakeClock(0.0)
+    guard = Guard(
+        GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0),
+        reset_file=tmp_path / RESET_FILE,
+    )
+    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 0.0, False), 0.0)
+    assert guard.breaker.open
+    request = request_reset(tmp_path, by="bob@ops", note="checked the nodes")
+    assert json.loads((tmp_path / RESET_FILE).read_text())["id"] == request["id"]
+    assert [p.name for p in tmp_path.iterdir()] == [RESET_FILE]  # no temporary left behind
+    clock.advance(15)
+    review = guard.review([drain("node2")], situation(), clock.now(), False)
+    assert not guard.breaker.open and allowed_nodes(review) == ["node2"]
+    ((name, fields),) = review.events
+    assert name == "guard_reset" and fields["by"] == "bob@ops" and fields["was_open"]
+    assert fields["request_id"] == request["id"] and fields["note"] == "checked the nodes"
+    assert not (tmp_path / RESET_FILE).exists()
+    # A request a previous guard applied but could not remove is not applied twice.
+    (tmp_path / RESET_FILE).write_text(json.dumps(request))
+    apply(guard, review, clock.now())
+    review = guard.review([drain("node3")], situation(), clock.now() + 1, False)
+    assert not review.events or review.events[0][0] != "guard_reset"
+    assert guard.breaker.open  # tripped by node3, the stale request did not close it
+    # An unreadable request still counts as a person asking.
+    (tmp_path / RESET_FILE).write_text("{half a req")
+    review = guard.review([], situation(), clock.now() + 2, False)
+    assert review.events[0][0] == "guard_reset" and not guard.breaker.open
+    assert "unreadable" in str(review.events[0][1])
+
+
+def test_breaker_state_survives_a_restart() -> None:
+    guard = Guard(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
+    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 10.0, False), 10.0)
+    saved = json.loads(json.dumps(guard.to_dict()))
+    restarted = Guard(guard.settings)
+    restarted.load_dict(saved)
+    assert restarted.breaker.open and restarted.breaker.opened_s == 10.0
+    assert restarted.drains == [(10.0, "node1")]
+    review = restarted.review([drain("node5")], situation(), 20.0, False)
+    assert "circuit breaker open" in reasons(review)["node5"]
+    # And an old state without any of the new keys loads as a closed breaker.
+    old = Guard()
+    old.load_dict({"caps": saved["caps"], "nodes": {"keys": [], "last_change_s": []}})
+    assert not old.breaker.open and old.drains == []
+
+
+@pytest.mark.parametrize(
+    ("n_nodes", "max_nodes", "pct", "min_nodes", "limit"),
+    [
+        (100, 5, 10.0, 1, 5),
+        (30, 5, 10.0, 1, 3),
+        (4, 5, 10.0, 1, 1),
+        (4, 5, 10.0, 0, 0),
+        (1000, 5, 0.0, 1, 1),
+        (10, 0, 50.0, 1, 0),
+    ],
+)
+def test_breaker_limit_nodes_or_share(
+    n_nodes: int, max_nodes: int, pct: float, min_nodes: int, limit: int
+) -> None:
+    guard = Guard(
+        GuardSettings(breaker_max_nodes=max_nodes, breaker_max_pct=pct, breaker_min_nodes=min_nodes)
+    )
+    assert guard.breaker_limit(n_nodes) == limit
+
+
+def test_drain_rate_limit_waits_for_room_without_tripping() -> None:
+    clock = FakeClock(0.0)
+    guard = Guard(
+        GuardSettings(
+            drain_rate_max=2,
+            drain_rate_window_s=600,
+            breaker_max_nodes=10,
+            breaker_max_pct=100,
+            node_cooldown_s=0,
+        )
+    )
+    review = guard.review([drain("node1"), drain("node2"), drain("node3")], situation(), 0.0, False)
+    assert allowed_nodes(review) == ["node1", "node2"]
+    assert reasons(review)["node3"].startswith("rate limit: 2 drains in the last 600 s")
+    assert not guard.breaker.open
+    apply(guard, review, 0.0)
+    clock.set(599.0)
+    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now(), False)) == []
+    clock.set(601.0)
+    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now(), False)) == [
+        "node3"
+    ]
+
+
+def test_steering_rate_limit() -> None:
+    guard = Guard(GuardSettings(steer_rate_max=3, steer_rate_window_s=300, node_cooldown_s=0))
+    weights = [
+        SetNodeWeight(policy="placement", reason="hot", node=f"node{k}", weight=1000)
+        for k in range(1, 6)
+    ]
+    review = guard.review(weights, situation(), 0.0, False)
+    assert allowed_nodes(review) == ["node1", "node2", "node3"]
+    assert reasons(review)["node4"].startswith("rate limit: 3 weight/feature changes")
+    apply(guard, review, 0.0)
+    assert allowed_nodes(guard.review(weights[3:], situation(), 200.0, False)) == []
+    assert len(allowed_nodes(guard.review(weights[3:], situation(), 301.0, False))) == 2
+
+
+def test_ownership_never_touches_someone_elses_drain() -> None:
+    guard = Guard(GuardSettings(node_cooldown_s=0))
+    sit = situation(states(drained_by_others=(2,), weight=1))
+    intents: list[Intent] = [
+        drain("node2"),
+        ResumeNode(policy="p", reason="r", node="node2"),
+        SetNodeWeight(policy="placement", reason="hot", node="node2", weight=1000),
+        SetNodeFeatures(policy="placement", reason="hot", node="node2", add=frozenset({"hot"})),
+        # Undoing our own features is allowed even there.
+        SetNodeFeatures(policy="placement", reason="cool", node="node2", remove=frozenset({"hot"})),
+    ]
+    review = guard.review(intents, sit, 0.0, False)
+    refused = [r.reason for r in review.refused]
+    assert refused == [
+        "drained by someone else (reason: 'admin: bad PSU'): never touched by us",
+        "drained by someone else: never resumed by us",
+        "drained by someone else (reason: 'admin: bad PSU'): never re-weighted by us "
+        "(only our own changes undone)",
+        "drained by someone else (reason: 'admin: bad PSU'): never re-featured by us "
+        "(only our own changes undone)",
+    ]
+    assert [type(i).__name__ for i in review.allowed] == ["SetNodeFeatures"]
+
+
+def test_weight_undo_allowed_on_someone_elses_drain() -> None:
+    guard = Guard(GuardSettings(node_cooldown_s=0))
+    up = SetNodeWeight(policy="placement", reason="hot", node="node3", weight=1000)
+    review = guard.review([up], situation(states(weight=1)), 0.0, False)
+    apply(guard, review, 0.0)  # we found weight 1
+    # An admin drains node3; our weight stays until we give back the one we found.
+    sit = situation(states(drained_by_others=(3,), weight=1000))
+    again = SetNodeWeight(policy="placement", reason="hotter", node="node3", weight=2000)
+    back = SetNodeWeight(policy="placement", reason="cool", node="node3", weight=1)
+    review = guard.review([again, back], sit, 10.0, False)
+    assert allowed_nodes(review) == ["node3"] and review.allowed[0] is back
+    assert "never re-weighted" in reasons(review)["node3"]
+
+
+def test_drain_of_our_own_drain_is_unchanged_and_dry_run_remembers() -> None:
+    guard = Guard(GuardSettings(node_cooldown_s=0))
+    review = guard.review([drain("node1")], situation(states(drained_by_us=(1,))), 0.0, False)
+    assert review.allowed == [] and review.refused == [] and review.unchanged == 1
+    # Advising: the placement never shows our recorded drain; a repeat is no new advice.
+    guard = Guard(GuardSettings(node_cooldown_s=0))
+    apply(guard, guard.review([drain("node1")], situation(), 0.0, True), 0.0, Outcome.RECORDED)
+    review = guard.review([drain("node1")], situation(), 30.0, True)
+    assert review.allowed == [] and review.unchanged == 1
+
+
+def test_opt_out_protects_the_node_and_its_gpus() -> None:
+    guard = Guard(GuardSettings(node_cooldown_s=0, cap_cooldown_s=0))
+    sit = situation(states(opted_out=(2,)))
+    snap = sit.snapshot
+    caps = SetPowerCap(
+        policy="power_budget",
+        reason="budget",
+        targets=GpuTargets.from_rows(snap, list(range(8))),
+        watts=np.full(8, 400.0),
+    )
+    intents: list[Intent] = [
+        caps,
+        drain("node2"),
+        SetNodeWeight(policy="placement", reason="hot", node="node2", weight=1000),
+        RequeueJob(policy="health_drain", reason="xid", job="101", node="node2"),
+        RequeueJob(policy="health_drain", reason="xid", job="100", node="node1"),
+    ]
+    review = guard.review(intents, sit, 0.0, False)
+    capped = [i for i in review.allowed if isinstance(i, SetPowerCap)]
+    assert capped[0].targets.node.tolist() == ["node1"] * 4  # node2's GPUs untouched
+    opt = "opted out (ooda-ignore): never touched"
+    refused = {(type(r.intent).__name__, r.intent.target_name()): r.reason for r in review.refused}
+    assert refused == {
+        ("SetPowerCap", "4 GPUs"): opt,
+        ("DrainNode", "node2"): opt,
+        ("SetNodeWeight", "node2"): opt,
+        ("RequeueJob", "101"): f"{opt} (node node2)",
+    }
+    assert [i.target_name() for i in review.allowed if isinstance(i, RequeueJob)] == ["100"]
+
+
+def test_no_node_action_on_a_node_whose_gpus_are_all_stale() -> None:
+    guard = Guard(GuardSettings(node_cooldown_s=0))
+    review = guard.review([drain("node3"), drain("node4")], situation(stale_nodes=(3,)), 0.0, False)
+    assert allowed_nodes(review) == ["node4"]
+    assert reasons(review)["node3"] == (
+        "telemetry stale: every GPU of node3 is stale; no action on what cannot be seen"
+    )
+
+
+def test_scope_by_hostlist_glob_and_partition() -> None:
+    rollout = Rollout(
+        RolloutSettings(nodes=["node[1-3]", "node1*"], partitions=["gpu"]),
+        members=["node1", "node2", "node3", "node1*"],
+    )
+    guard = Guard(
+        GuardSettings(node_cooldown_s=0, cap_cooldown_s=0, breaker_max_pct=100), rollout=rollout
+    )
+    sit = situation(states(partitions={2: frozenset({"debug"})}))
+    snap = sit.snapshot
+    caps = SetPowerCap(
+        policy="power_budget",
+        reason="budget",
+        targets=GpuTargets.from_rows(snap, np.arange(snap.n_gpus)),
+        watts=np.full(snap.n_gpus, 400.0),
+    )
+    review = guard.review([caps, *(drain(f"node{k}") for k in (1, 2, 4, 10))], sit, 0.0, False)
+    capped = next(i for i in review.allowed if isinstance(i, SetPowerCap))
+    assert sorted(set(capped.targets.node.tolist())) == ["node1", "node10", "node3"]
+    assert allowed_nodes(review)[1:] == ["node1", "node10"]
+    why = reasons(review)
+    assert why["node2"] == "out of scope: not in partitions gpu"
+    assert why["node4"] == "out of scope: not in [rollout] nodes"
+    # Partitions asked for, but the placement system does not say: nothing is touched.
+    review = guard.review([drain("node1")], situation(states()), 0.0, False)
+    assert reasons(review)["node1"].startswith("out of scope: the placement system does not say")
+
+
+def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
+    """The loop audits the guard's refusals, its events and its own Notify; alarms are errors."""
+    from agent.act.audit import AuditLog, read_records
+    from agent.act.executor import Actuators, Executor, RecordingNotifier
+    from agent.loop import Loop
+    from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+
+    class DrainAll(BasePolicy[PolicySettings, PolicyMemory]):
+        name = "drain_all"
+        safety = True
+
+        def decide(
+            self, situation: Situation, memory: PolicyMemory, now_s: float
+        ) -> Decision[PolicyMemory]:
+            return Decision([drain(str(n)) for n in situation.snapshot.node_names], memory)
+
+    class Source:
+        def observe(self, now_s: float):  # type: ignore[no-untyped-def]
+            return make_snapshot([500.0] * 16, time_s=now_s)
+
+    class Placement:
+        """A hand-written PlacementActuator: every node in service; drains remembered."""
+
+        def __init__(self) -> None:
+            self.drained: list[str] = []
+
+        def node_states(self, names):  # type: ignore[no-untyped-def]
+            return states(len(names))
+
+        def drain(self, node: str, reason: str) -> None:
+            self.drained.append(node)
+
+        def resume(self, node: str) -> None: ...
+        def set_weight(self, node: str, weight: int) -> None: ...
+        def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
+        def requeue(self, job: str) -> None: ...
+
+    notes = RecordingNotifier()
+    placement = Placement()
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    clock = FakeClock(100.0)
+    loop = Loop(
+        source=Source(),
+        orienter=Orienter(),
+        policies=[DrainAll(PolicySettings())],
+        guard=Guard(GuardSettings(breaker_max_nodes=2, breaker_max_pct=100)),
+        executor=Executor(Actuators(placement=placement, notifier=notes), lambda _i: False),
+        audit=audit,
+        clock=clock,
+        placement=placement,
+    )
+    report = loop.cycle()
+    assert placement.drained == ["node1", "node2"]
+    assert any("circuit breaker OPEN" in e for e in report.errors)
+    assert len(notes.sent) == 1 and notes.sent[0].policy == "guard"
+    audit.close()
+    records = list(read_records(tmp_path / "audit.jsonl"))
+    events = [r["event"] for r in records]
+    assert "guard_breaker_tripped" in events
+    refusals = [r for r in records if r["event"] == "refusal"]
+    assert {r["target"] for r in refusals} == {"node3", "node4"}
+    assert all(r["reason"].startswith("circuit breaker") for r in refusals)
+    guard_decisions = [r for r in records if r["event"] == "decision" and r["policy"] == "guard"]
+    notify_actions = [r for r in records if r["event"] == "action" and r["kind"] == "notify"]
+    assert len(guard_decisions) == 1 and notify_actions[0]["outcome"] == "applied"
+
+
+def test_reset_without_a_running_daemon_applies_at_the_next_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The breaker trips, the daemon stops (its state saved); a person resets with the CLI while
+    nothing runs; the next daemon loads the saved state and applies the reset at its first cycle."""
+    from agent.cli import main
+
+    settings = GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0)
+    state_dir = tmp_path / "state"
+    first = Guard(settings, reset_file=state_dir / RESET_FILE)
+    apply(first, first.review([drain("node1"), drain("node2")], situation(), 0.0, False), 0.0)
+    saved = json.dumps(first.to_dict())  # what the daemon persisted when it stopped
+    assert first.breaker.open
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state_dir}"\n')
+    assert main(["guard", "reset", "--config", str(config), "--note", "ok"]) == 0
+    assert "applies it at its next cycle, or at its next start" in capsys.readouterr().out
+
+    second = Guard(settings, reset_file=state_dir / RESET_FILE)
+    second.load_dict(json.loads(saved))
+    assert second.breaker.open
+    review = second.review([drain("node2")], situation(), 3600.0 * 24, False)
+    assert [name for name, _ in review.events] == ["guard_reset"]
+    assert allowed_nodes(review) == ["node2"] and not second.breaker.open
+
+
+def test_guard_reset_cli_names_an_unwritable_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{blocker / "state"}"\n')
+    assert main(["guard", "reset", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ooda: error: --state-dir {blocker / 'state'}: cannot write")
+
+
+def test_state_dir_defaults_to_the_cluster_name() -> None:
+    from agent.config import parse_config, state_dir
+
+    assert state_dir(parse_config({"cluster": {"name": "lab"}})) == Path("/var/lib/ooda/lab")
+    assert state_dir(parse_config({"daemon": {"state_dir": "/srv/ooda"}})) == Path("/srv/ooda")

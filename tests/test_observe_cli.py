@@ -1,0 +1,177 @@
+"""The observe commands without a Prometheus: config, bad input, outages, twin traces."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.cli.trace import parse_time
+from agent.config import parse_config
+from agent.core.clock import SystemClock
+from agent.core.errors import BadInputError, ConfigError
+from agent.core.snapshot import Metric
+from agent.observe.prometheus import PrometheusSource
+from agent.runtime import build_runtime, prometheus_settings
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _last_json(text: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(text.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
+    config = parse_config(
+        {
+            "source": {
+                "kind": "prometheus",
+                "prometheus": {"metrics": {"power_w": "my_power"}, "match": {"cluster": "a"}},
+            },
+            "cluster": {"budget_query": "facility_watts"},
+        }
+    )
+    settings = prometheus_settings(config)
+    assert settings.metrics[Metric.POWER_W] == "my_power"
+    assert settings.metrics[Metric.TEMP_C] == "DCGM_FI_DEV_GPU_TEMP"  # the rest kept
+    assert settings.budget_query == "facility_watts"
+    assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
+    runtime = build_runtime(config)
+    try:
+        assert isinstance(runtime.loop.source, PrometheusSource)
+        assert isinstance(runtime.loop.clock, SystemClock)
+        assert runtime.twin is None
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"prometheus": {"metrics": {"power_w": "bad name"}}},
+            "source.prometheus.metrics: Value error, not a Prometheus metric name",
+        ),
+        ({"prometheus": {"metrics": {"watts": "x"}}}, "source.prometheus.metrics.watts"),
+        ({"prometheus": {"host_labels": ["ok", "no-dash"]}}, "source.prometheus.host_labels"),
+        ({"prometheus": {"metrics": {"power_w": ""}}}, "power_w needs a metric name"),
+    ],
+)
+def test_bad_prometheus_config_names_the_key(data: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=re.escape(message.replace("Value error, ", ""))):
+        parse_config({"source": {"kind": "prometheus", **data}})
+
+
+def test_twin_actuators_with_prometheus_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"actuators\.caps: 'twin' acts on an in-process twin"):
+        parse_config({"source": {"kind": "prometheus"}, "actuators": {"caps": "twin"}})
+    config = parse_config({"source": {"kind": "prometheus"}, "actuators": {"lease_s": 60}})
+    assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
+
+
+def test_once_needs_a_source_and_a_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["once"]) == 2
+    assert "give --config FILE or --prometheus URL" in capsys.readouterr().err
+    assert main(["once", "--prometheus", "localhost:9090"]) == 2
+    assert "--prometheus: not an http(s) URL" in capsys.readouterr().err
+
+
+def test_once_reports_an_outage_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["once", "--prometheus", url, "--budget-w", "5000", "--json"]) == 1
+    out = _last_json(capsys.readouterr().out)
+    assert out["outage"] is True and out["gpus"] == 0 and out["intents"] == []
+    assert out["errors"][0].startswith(f"observe failed: prometheus {url}: connection refused")
+    assert out["per_gpu"] == [] and out["fleet_power_w"] == 0
+
+
+def test_once_with_a_twin_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[twin]\nnodes = 2\ngpus_per_node = 2\nbudget_w = 900\n")
+    assert main(["once", "--config", str(cfg), "--dry-run", "--json"]) == 0
+    out = _last_json(capsys.readouterr().out)
+    assert out["gpus"] == 4 and out["nodes"] == 2 and out["stale"] == 0
+    assert {"node", "gpu", "uuid", "power_w", "power_limit_w", "temp_c", "util", "stale",
+            "age_s"} <= set(out["per_gpu"][0])  # fmt: skip
+    assert out["intents"] and {"kind", "target", "policy", "reason"} <= set(out["intents"][0])
+    assert re.fullmatch(r"node\d/gpu\d", out["intents"][0]["target"])
+    assert main(["once", "--config", str(cfg), "--dry-run"]) == 0
+    assert "seen:     4 GPUs on 2 nodes" in capsys.readouterr().out
+
+
+def test_parse_time() -> None:
+    now = 1_700_000_000.0
+    assert parse_time("now", "--start", now) == now
+    assert parse_time("-2h", "--start", now) == now - 7200
+    assert parse_time("now-90m", "--start", now) == now - 5400
+    assert parse_time("2023-11-14T22:13:20Z", "--start", now) == 1_700_000_000.0
+    assert parse_time("1699999999.5", "--start", now) == 1_699_999_999.5
+    with pytest.raises(BadInputError, match="--end: not a time: 'yesterday'"):
+        parse_time("yesterday", "--end", now)
+    with pytest.raises(BadInputError, match="no time zone"):
+        parse_time("2023-11-14T22:13:20", "--end", now)
+
+
+def test_sim_record_info_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.parquet"
+    args = [
+        "sim",
+        "record",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--duration",
+        "5m",
+        "--step",
+        "15s",
+    ]
+    args += ["--fault", "dropout:node2@60+60", "-o", str(trace), "--json"]
+    assert main(args) == 0
+    out = _last_json(capsys.readouterr().out)
+    assert out["steps"] == 20 and out["gpus"] == 4
+    assert main(["trace", "info", str(trace), "--json"]) == 0
+    info = _last_json(capsys.readouterr().out)
+    assert info["time_base"] == "twin" and info["scenario"]["faults"][0]["kind"] == "dropout"
+    om = tmp_path / "t.om"
+    assert main(["trace", "export", "--openmetrics", str(trace), "-o", str(om)]) == 0
+    assert om.read_text().endswith("# EOF\n")
+    assert main(["trace", "export", str(trace)]) == 2
+    assert "choose a format" in capsys.readouterr().err
+
+
+def test_bad_traces_and_faults_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    assert main(["trace", "info", str(bad)]) == 2
+    assert f"trace {bad}: not a trace or truncated" in capsys.readouterr().err
+    assert main(["sim", "record", "--fault", "melt:node1@5", "-o", str(bad)]) == 2
+    assert "unknown kind 'melt'" in capsys.readouterr().err
+    assert main(["sim", "serve", "--port-base", "0", "--print-scrape-config"]) == 2
+    assert main(["record", "--prometheus", "http://x:1", "--start", "-1m", "--step", "1.5s",
+                 "-o", str(bad)]) == 2  # fmt: skip
+    assert "whole number of seconds" in capsys.readouterr().err
+
+
+def test_sim_record_from_a_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        "[twin]\nnodes = 2\ngpus_per_node = 2\nseed = 3\n[budget]\nwatts = 2000\n"
+        '[[faults]]\nspec = "xid=79:node2/gpu1@30"\n'
+    )
+    trace = tmp_path / "s.parquet"
+    args = ["sim", "record", "--scenario", str(scenario), "--duration", "2m", "-o", str(trace)]
+    assert main(args) == 0
+    assert main(["trace", "info", str(trace), "--json"]) == 0
+    info = _last_json(capsys.readouterr().out)
+    assert info["gpus_max"] == 4 and info["budget_w"] == {"min": 2000.0, "max": 2000.0}
+    assert info["scenario"]["seed"] == 3
+    assert [f["spec"] for f in info["scenario"]["faults"]] == ["xid:node2/gpu1@30"]

@@ -1,0 +1,264 @@
+"""The built-in policies on hand-built situations (replay tests on the twin live elsewhere)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from agent.core.intents import (
+    DrainNode,
+    Notify,
+    ReleasePowerCap,
+    RequeueJob,
+    ResumeNode,
+    SetNodeWeight,
+    SetPowerCap,
+)
+from agent.core.situation import (
+    AnomalyFlags,
+    CurveEstimates,
+    HealthSeverity,
+    HealthStatus,
+    NodeStates,
+    Situation,
+)
+from agent.core.snapshot import Metric, Snapshot
+from agent.orient.orienter import Orienter
+from policies.base import PolicyMemory
+from policies.energy_efficiency import EnergyEfficiency, EnergyEfficiencySettings
+from policies.health_drain import HealthDrain, HealthDrainMemory, HealthDrainSettings
+from policies.idle_powerdown import IdlePowerdown, IdlePowerdownSettings
+from policies.placement import Placement, PlacementMemory, PlacementSettings
+from policies.thermal_guard import ThermalGuard, ThermalGuardMemory, ThermalGuardSettings
+from tests.conftest import make_snapshot
+
+
+def orient(snap: Snapshot) -> Situation:
+    return Orienter().orient(snap, None)
+
+
+def with_temp(snap: Snapshot, temps: list[float]) -> Snapshot:
+    values = dict(snap.values)
+    values[Metric.TEMP_C] = np.asarray(temps, dtype=float)
+    return replace(snap, values=values)
+
+
+def only(intents: object, kind: type) -> list:  # type: ignore[type-arg]
+    return [i for i in intents if isinstance(i, kind)]  # type: ignore[attr-defined]
+
+
+# -- idle_powerdown --------------------------------------------------------------------------
+
+
+def test_idle_powerdown_caps_lasting_idleness_and_restores_on_work() -> None:
+    snap = make_snapshot(
+        [80.0, 80.0, 500.0, 210.0], util_pct=[0, 0, 95, 95], jobs=["", "", "7", "8"]
+    )
+    sit = replace(
+        orient(snap),
+        idle_s=np.array([300.0, 30.0, 0.0, 0.0]),
+        cap_w=np.array([700.0, 700.0, 700.0, 200.0]),
+        capped_by_us=np.array([False, False, False, True]),
+    )
+    d = IdlePowerdown(IdlePowerdownSettings(idle_after_s=120)).decide(sit, PolicyMemory(), 1000)
+    caps = only(d.intents, SetPowerCap)
+    assert caps[0].targets.uuid.tolist() == ["GPU-0000"] and caps[0].watts.tolist() == [200.0]
+    releases = only(d.intents, ReleasePowerCap)
+    assert releases[0].targets.uuid.tolist() == ["GPU-0003"]  # work arrived at the floor
+
+
+# -- energy_efficiency ------------------------------------------------------------------------
+
+
+def curves_for(n: int, natural: float, a: float, b: float, confidence: float) -> CurveEstimates:
+    return CurveEstimates(
+        natural_w=np.full(n, natural),
+        a=np.full(n, a),
+        b=np.full(n, b),
+        cap_draw_frac=np.full(n, 1.0),
+        confidence=np.full(n, confidence),
+        source=np.full(n, "learned"),
+        natural_w_hi=np.full(n, natural),
+    )
+
+
+@pytest.mark.parametrize("objective", ["energy", "energy_delay"])
+def test_energy_efficiency_respects_the_slowdown_bound(objective: str) -> None:
+    from agent.core.curves import throughput_at_cap
+
+    snap = make_snapshot([600.0] * 4)
+    sit = replace(orient(snap), curves=curves_for(4, 600.0, 0.85, 1.58, 0.9))
+    settings = EnergyEfficiencySettings(objective=objective, max_slowdown_frac=0.05)  # type: ignore[arg-type]
+    d = EnergyEfficiency(settings).decide(sit, PolicyMemory(), 0)
+    caps = only(d.intents, SetPowerCap)[0]
+    t = throughput_at_cap(caps.watts, 600.0, 0.85, 1.58, 1.0)
+    assert np.all(t >= 0.95 - 1e-3)  # within the slowdown bound
+    assert np.all(caps.watts < 600.0)  # and it does save
+    assert np.all(caps.evidence["expected_energy_saving"] > 0.02)
+
+
+def test_energy_efficiency_ignores_unconfident_curves_and_insensitive_jobs() -> None:
+    snap = make_snapshot([600.0] * 4)
+    policy = EnergyEfficiency(EnergyEfficiencySettings())
+    unsure = replace(orient(snap), curves=curves_for(4, 600.0, 0.85, 1.58, 0.1))
+    assert policy.decide(unsure, PolicyMemory(), 0).intents == []
+    # Natural draw under the lowest cap: nothing to gain.
+    flat = replace(orient(snap), curves=curves_for(4, 150.0, 0.0, 1.05, 0.9))
+    assert policy.decide(flat, PolicyMemory(), 0).intents == []
+
+
+# -- thermal_guard ----------------------------------------------------------------------------
+
+
+def test_thermal_guard_steps_down_then_drains_then_releases() -> None:
+    settings = ThermalGuardSettings(step_interval_s=60, drain_after_s=300, release_hold_s=120)
+    policy = ThermalGuard(settings)
+    hot = with_temp(make_snapshot([600.0] * 4), [85.0, 60.0, 60.0, 60.0])
+    d = policy.decide(orient(hot), ThermalGuardMemory(), 0)
+    cap = only(d.intents, SetPowerCap)[0]
+    assert cap.targets.uuid.tolist() == ["GPU-0000"] and cap.watts[0] == 540.0  # 10% under its draw
+    mem = d.memory
+    d = policy.decide(orient(hot), mem, 30)  # too soon for another step: holds
+    assert only(d.intents, SetPowerCap)[0].watts[0] == 540.0
+    # Still hot at the floor for long enough: the node is drained.
+    assert isinstance(mem, ThermalGuardMemory)
+    floor_mem = ThermalGuardMemory(
+        held={"GPU-0000": mem.held["GPU-0000"].model_copy(update={"cap_w": 200.0})}
+    )
+    d = policy.decide(orient(hot), floor_mem, 100)
+    d = policy.decide(orient(hot), d.memory, 500)
+    drains = only(d.intents, DrainNode)
+    assert drains and drains[0].node == "node1" and drains[0].reason.startswith("ooda: thermal")
+    # Cool for the hold: released.
+    cool = with_temp(make_snapshot([300.0] * 4), [60.0] * 4)
+    d = policy.decide(orient(cool), d.memory, 600)
+    assert not only(d.intents, ReleasePowerCap)
+    d = policy.decide(orient(cool), d.memory, 730)
+    assert only(d.intents, ReleasePowerCap)[0].targets.uuid.tolist() == ["GPU-0000"]
+    assert d.memory.held == {}  # type: ignore[attr-defined]
+
+
+def test_thermal_guard_acts_on_abnormal_heating_earlier() -> None:
+    snap = with_temp(make_snapshot([500.0] * 4), [75.0, 74.0, 60.0, 60.0])
+    sit = orient(snap)
+    flags = AnomalyFlags(
+        score=np.array([5.0, 0, 0, 0]),
+        flagged=np.array([True, False, False, False]),
+        kind=np.array(["hot_vs_peers", "", "", ""]),
+    )
+    d = ThermalGuard(ThermalGuardSettings()).decide(
+        replace(sit, anomalies=flags), ThermalGuardMemory(), 0
+    )
+    assert only(d.intents, SetPowerCap)[0].targets.uuid.tolist() == ["GPU-0000"]
+
+
+# -- health_drain -----------------------------------------------------------------------------
+
+
+def health(n: int, rows: dict[int, tuple[int, str, str]]) -> HealthStatus:
+    h = HealthStatus.healthy(n)
+    sev, code, rem = h.severity.copy(), h.code.astype("U64"), h.remediation.astype("U64")
+    for row, (s, c, r) in rows.items():
+        sev[row], code[row], rem[row] = s, c, r
+    return HealthStatus(severity=sev, code=code, remediation=rem, since_s=h.since_s)
+
+
+def node_states(drained: list[bool], ours: list[bool]) -> NodeStates:
+    n = len(drained)
+    base = NodeStates.unknown(n)
+    return replace(
+        base,
+        drained=np.array(drained),
+        drained_by_us=np.array(ours),
+        known=np.ones(n, dtype=bool),
+        reason=np.array(
+            ["ooda: x" if o else ("admin" if d else "") for d, o in zip(drained, ours, strict=True)]
+        ),
+    )
+
+
+def test_health_drain_drains_requeues_and_notifies() -> None:
+    snap = make_snapshot([300.0] * 8)
+    sit = replace(
+        orient(snap),
+        health=health(
+            8,
+            {
+                5: (HealthSeverity.DRAIN, "xid:79", "drain, requeue its jobs"),
+                1: (HealthSeverity.WATCH, "xid:63", "watch; reset when convenient"),
+            },
+        ),
+        nodes=node_states([False, False], [False, False]),
+    )
+    policy = HealthDrain(HealthDrainSettings())
+    d = policy.decide(sit, HealthDrainMemory(), 100)
+    drains = only(d.intents, DrainNode)
+    assert [x.node for x in drains] == ["node2"] and drains[0].reason.startswith(
+        "ooda: health: gpu1 xid:79"
+    )
+    assert [x.job for x in only(d.intents, RequeueJob)] == ["101"]
+    assert [x.target for x in only(d.intents, Notify)] == ["node1/gpu1"]
+    # Next cycle: the job is not requeued again, the watch signal not notified again.
+    d2 = policy.decide(sit, d.memory, 115)
+    assert not only(d2.intents, RequeueJob) and not only(d2.intents, Notify)
+
+
+def test_health_drain_resumes_only_its_own_drains_after_the_hold() -> None:
+    snap = make_snapshot([300.0] * 8)
+    sit = replace(
+        orient(snap), health=HealthStatus.healthy(8), nodes=node_states([True, True], [True, False])
+    )
+    policy = HealthDrain(HealthDrainSettings(resume_hold_s=600))
+    d = policy.decide(sit, HealthDrainMemory(), 0)
+    assert not only(d.intents, ResumeNode)
+    d = policy.decide(sit, d.memory, 601)
+    assert [x.node for x in only(d.intents, ResumeNode)] == ["node1"]  # never node2 (an admin's)
+    assert not only(d.intents, DrainNode)
+
+
+# -- placement --------------------------------------------------------------------------------
+
+
+def test_placement_steers_away_and_back() -> None:
+    snap = with_temp(make_snapshot([500.0] * 12), [84.0] + [60.0] * 11)
+    nodes = replace(NodeStates.unknown(3), known=np.ones(3, dtype=bool), weight=np.array([1, 1, 1]))
+    policy = Placement(PlacementSettings(max_changes_per_cycle=5))
+    d = policy.decide(replace(orient(snap), nodes=nodes), PlacementMemory(), 0)
+    weights = only(d.intents, SetNodeWeight)
+    assert [(w.node, w.weight) for w in weights] == [("node1", 1000)]
+    cool = with_temp(make_snapshot([500.0] * 12), [60.0] * 12)
+    nodes2 = replace(nodes, weight=np.array([1000, 1, 1]))
+    d2 = policy.decide(replace(orient(cool), nodes=nodes2), d.memory, 60)
+    assert [(w.node, w.weight) for w in only(d2.intents, SetNodeWeight)] == [("node1", 1)]
+    assert d2.memory.original_weight == {}  # type: ignore[attr-defined]
+
+
+def test_placement_rate_limit_and_opt_out() -> None:
+    snap = with_temp(make_snapshot([500.0] * 12), [84.0] * 12)
+    nodes = replace(
+        NodeStates.unknown(3),
+        known=np.ones(3, dtype=bool),
+        opted_out=np.array([False, True, False]),
+    )
+    d = Placement(PlacementSettings(max_changes_per_cycle=1)).decide(
+        replace(orient(snap), nodes=nodes), PlacementMemory(), 0
+    )
+    assert len(only(d.intents, SetNodeWeight)) == 1
+    assert "node2" not in [w.node for w in only(d.intents, SetNodeWeight)]
+
+
+def test_placement_steers_away_from_a_rack_at_its_budget_only() -> None:
+    snap = make_snapshot([500.0] * 12)  # 3 nodes of 4 GPUs at 500 W
+    nodes = replace(NodeStates.unknown(3), known=np.ones(3, dtype=bool))
+    rack_a = np.repeat([True, False, False], 4)
+    policy = Placement(PlacementSettings())
+    at_budget = replace(orient(snap), nodes=nodes, group_budgets={"rack-a": (2000.0, rack_a)})
+    d = policy.decide(at_budget, PlacementMemory(), 0)
+    assert [(w.node, w.weight) for w in only(d.intents, SetNodeWeight)] == [("node1", 50)]
+    # Every node constrained alike (e.g. by the cluster budget): nothing to steer between.
+    everyone = replace(
+        orient(snap), nodes=nodes, group_budgets={"all": (6000.0, np.ones(12, dtype=bool))}
+    )
+    assert only(policy.decide(everyone, PlacementMemory(), 0).intents, SetNodeWeight) == []

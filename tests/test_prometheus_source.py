@@ -1,0 +1,219 @@
+"""PrometheusSource's parsing and joins, against a hand-written fake of prometheus-api-client's
+client (canned answers per query shape), and its errors against a real closed port."""
+
+from __future__ import annotations
+
+import math
+import socket
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.core.errors import TelemetryError
+from agent.core.snapshot import Metric
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource, lookup
+
+NOW = 1_700_000_000.0
+MODEL = "NVIDIA H100 80GB HBM3"
+
+
+def sample(value: float, **labels: str) -> dict[str, Any]:
+    return {"metric": labels, "value": [NOW, repr(value)]}
+
+
+def per_field(values: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Answers for the per-field value queries, `max by (...) (NAME...)`."""
+    names = {v["metric"]["__name__"] for v in values}
+    return [
+        (
+            f"({name}",
+            [
+                {
+                    "metric": {k: x for k, x in v["metric"].items() if k != "__name__"},
+                    "value": v["value"],
+                }
+                for v in values
+                if v["metric"]["__name__"] == name
+            ],
+        )
+        for name in sorted(names)
+    ]
+
+
+class FakePrometheus:
+    """Answers instant queries by the first marker found in the query text."""
+
+    def __init__(self, answers: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        self.answers = answers
+        self.queries: list[tuple[str, dict[str, str]]] = []
+        self.closed = False
+
+    def custom_query(self, query: str, params: dict[str, str] | None = None) -> Any:
+        self.queries.append((query, params or {}))
+        for marker, result in self.answers:
+            if marker in query:
+                return result
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def gpu(host: str, i: int, *, new_label: bool = False) -> dict[str, str]:
+    key = "hostname" if new_label else "Hostname"
+    return {key: host, "gpu": str(i), "UUID": f"GPU-{host}-{i}", "modelName": MODEL}
+
+
+def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
+    inventory = [gpu("node1", 0), gpu("node1", 1), gpu("node2", 0, new_label=True)]
+    live = [
+        {"metric": {**gpu("node1", 0), "hpc_job": "42"}, "value": [NOW, str(NOW - 2)]},
+        {"metric": {**gpu("node1", 1)}, "value": [NOW, str(NOW - 1)]},
+    ]
+    values = [
+        sample(410.5, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
+        sample(90.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="1"),
+        sample(61.0, __name__="DCGM_FI_DEV_GPU_TEMP", Hostname="node1", gpu="0"),
+        sample(5e6, __name__="DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", Hostname="node1", gpu="0"),
+        # node2 is not live: whatever values linger are not used.
+        sample(300.0, __name__="DCGM_FI_DEV_POWER_USAGE", hostname="node2", gpu="0"),
+    ]
+    fake = FakePrometheus(
+        [
+            ("last_over_time", [{"metric": m, "value": [NOW, "1"]} for m in inventory]),
+            ("timestamp(", live),
+            *per_field(values),
+        ]
+    )
+    fake.answers.insert(
+        0,
+        (
+            "max_over_time",
+            [{"metric": {"hostname": "node2", "gpu": "0"}, "value": [NOW, str(NOW - 95)]}],
+        ),
+    )
+    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
+    snap = source.observe(NOW)
+    assert list(snap.node_of()) == ["node1", "node1", "node2"]
+    assert list(snap.gpu) == [0, 1, 0]
+    assert list(snap.uuid) == ["GPU-node1-0", "GPU-node1-1", "GPU-node2-0"]
+    assert list(snap.job) == ["42", "", ""]
+    np.testing.assert_allclose(snap.age_s, [2.0, 1.0, 95.0])
+    assert list(snap.stale) == [False, False, True]
+    power, ok = snap.column(Metric.POWER_W)
+    assert power[0] == 410.5 and power[1] == 90.0 and math.isnan(power[2])
+    assert list(ok) == [True, True, False]
+    temp, temp_ok = snap.column(Metric.TEMP_C)
+    assert temp[0] == 61.0 and not temp_ok[1]  # missing, not 0
+    assert snap.column(Metric.ENERGY_J)[0][0] == 5000.0  # mJ -> J
+    limit, limit_ok = snap.column(Metric.POWER_LIMIT_W)
+    assert not limit_ok.any() and np.isnan(limit).all()  # not exported: missing
+    assert source.queries == 2 + 15 + 1  # inventory, live, one per field, stale hosts
+    # Every query was evaluated at the same time; the stale-host one names only node2.
+    assert {p["time"] for _, p in fake.queries} == {f"{NOW:.3f}"}
+    stale_query = next(q for q, _ in fake.queries if "max_over_time" in q)
+    assert "[600s:15s]" in stale_query
+    assert '"node2"' in stale_query and "node1" not in stale_query
+    assert 'timestamp(DCGM_FI_DEV_POWER_USAGE{Hostname=~"node2"})' in stale_query
+    assert 'timestamp(DCGM_FI_DEV_POWER_USAGE{hostname=~"node2"})' in stale_query
+
+
+def test_old_samples_are_stale_even_when_prometheus_still_has_them() -> None:
+    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 100)]}]
+    fake = FakePrometheus([("last_over_time", []), ("timestamp(", live)])
+    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
+    snap = source.observe(NOW)
+    assert snap.n_gpus == 1 and bool(snap.stale[0]) and snap.age_s[0] == 100.0
+
+
+def test_a_job_change_keeps_the_newest_series() -> None:
+    live = [
+        {"metric": {**gpu("node1", 0), "hpc_job": "old"}, "value": [NOW, str(NOW - 14)]},
+        {"metric": {**gpu("node1", 0), "hpc_job": "new"}, "value": [NOW, str(NOW - 1)]},
+    ]
+    fake = FakePrometheus([("timestamp(", live)])
+    snap = PrometheusSource(PrometheusSettings(), client=fake).observe(NOW)
+    assert snap.n_gpus == 1 and snap.job[0] == "new" and snap.age_s[0] == 1.0
+
+
+def test_series_without_host_or_gpu_are_reported_not_guessed() -> None:
+    live = [
+        {"metric": {"gpu": "0", "UUID": "GPU-x"}, "value": [NOW, str(NOW)]},
+        {"metric": {"Hostname": "n", "gpu": "MIG-1"}, "value": [NOW, str(NOW)]},
+    ]
+    fake = FakePrometheus([("timestamp(", live)])
+    snap = PrometheusSource(PrometheusSettings(), client=fake).observe(NOW)
+    assert snap.n_gpus == 0
+    assert any("2 series without a host label" in e for e in snap.errors)
+
+
+def test_relabelled_names_and_matchers() -> None:
+    settings = PrometheusSettings(
+        metrics={Metric.POWER_W: "gpu_power_watts", Metric.TEMP_C: "gpu_temp"},
+        host_labels=("node",),
+        gpu_label="index",
+        match={"cluster": "lab"},
+    )
+    live = [{"metric": {"node": "a", "index": "3", "UUID": "u"}, "value": [NOW, str(NOW)]}]
+    values = [sample(55.0, __name__="gpu_temp", node="a", index="3")]
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
+    snap = PrometheusSource(settings, client=fake).observe(NOW)
+    assert snap.column(Metric.TEMP_C)[0][0] == 55.0
+    texts = " ".join(q for q, _ in fake.queries)
+    assert 'gpu_power_watts{cluster="lab"}' in texts
+    assert "by (node, index" in texts
+    assert "DCGM" not in texts
+
+
+@pytest.mark.parametrize(
+    ("answer", "budget", "error"),
+    [
+        ([sample(25000.0)], 25000.0, None),
+        ([NOW, "18000"], 18000.0, None),  # a scalar expression
+        ([], None, "returned 0 series"),
+        ([sample(1.0), sample(2.0)], None, "returned 2 series"),
+        ([sample(-5.0)], None, "not a positive number"),
+    ],
+)
+def test_budget_from_promql(answer: Any, budget: float | None, error: str | None) -> None:
+    fake = FakePrometheus([("facility_budget", answer)])
+    source = PrometheusSource(
+        PrometheusSettings(budget_query="facility_budget_watts"),
+        client=fake,
+    )
+    snap = source.observe(NOW)
+    assert snap.budget_w == budget
+    if error is None:
+        assert not snap.errors
+    else:
+        assert any(error in e for e in snap.errors)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_prometheus_names_url_and_cause() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    source = PrometheusSource(PrometheusSettings(url=url, retries=1, timeout_s=2))
+    with pytest.raises(TelemetryError) as exc:
+        source.observe(NOW)
+    message = str(exc.value)
+    assert message.startswith(f"prometheus {url}: connection refused")
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="power_w is required"):
+        PrometheusSettings(metrics={Metric.TEMP_C: "t"})
+    with pytest.raises(ValueError, match="label name"):
+        PrometheusSettings(host_labels=("bad-label",))
+    assert PrometheusSettings(scrape_interval_s=5).staleness_limit_s == 15
+
+
+def test_lookup() -> None:
+    keys = np.array(["b", "a", "c"])
+    assert list(lookup(keys, np.array(["a", "z", "c", "b"]))) == [1, -1, 2, 0]
+    assert list(lookup(np.array([], dtype=np.str_), np.array(["a"]))) == [-1]

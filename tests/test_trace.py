@@ -1,0 +1,245 @@
+"""Trace files: round trips, fleet changes, the twin's traces, and damaged files."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from agent.core.errors import TelemetryError, TraceError
+from agent.core.snapshot import Metric, build_snapshot
+from agent.observe.openmetrics import write_openmetrics
+from agent.observe.trace import TraceReader, TraceWriter
+from agent.replay.twin_trace import record_twin
+from agent.sim.exporter import dcgm_metric_values, served_fields
+from agent.sim.faults import parse_fault
+from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
+from tests.conftest import make_snapshot
+
+METRICS = (Metric.POWER_W, Metric.POWER_LIMIT_W, Metric.TEMP_C, Metric.UTIL_PCT, Metric.ENERGY_J)
+
+
+def _snap(t: float, power: list[float], stale: list[bool] | None = None, **kw: object):  # type: ignore[no-untyped-def]
+    snap = make_snapshot(power, time_s=t, stale=stale, **kw)  # type: ignore[arg-type]
+    return snap
+
+
+def test_round_trip_keeps_values_gaps_and_identity(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    written = []
+    with TraceWriter(
+        path, time_base="unix", step_s=15, source={"kind": "test"}, metrics=METRICS
+    ) as w:
+        for k in range(5):
+            snap = _snap(
+                1000.0 + 15 * k,
+                [400.123 + k, 300.5, 250.0, 100.0, 90.0],
+                stale=[False, False, k >= 3, False, False],
+                jobs=["7", "7", "", "9", "9"],
+                budget_w=5000.0 + k,
+            )
+            w.append(snap)
+            written.append(snap)
+    reader = TraceReader(path)
+    assert reader.meta.steps == 5 and reader.meta.time_base == "unix"
+    assert list(reader.meta.budget_w) == [5000.0, 5001.0, 5002.0, 5003.0, 5004.0]
+    for orig, back in zip(written, reader.snapshots(), strict=True):
+        assert back.time_s == orig.time_s
+        assert list(back.uuid) == list(orig.uuid)
+        assert list(back.node_of()) == list(orig.node_of())
+        assert list(back.gpu) == list(orig.gpu)
+        assert list(back.job) == list(orig.job)
+        assert list(back.stale) == list(orig.stale)
+        assert back.budget_w == orig.budget_w
+        for m in (Metric.POWER_W, Metric.POWER_LIMIT_W, Metric.TEMP_C, Metric.UTIL_PCT):
+            np.testing.assert_array_equal(back.column(m)[0], orig.column(m)[0])
+            np.testing.assert_array_equal(back.column(m)[1], orig.column(m)[1])
+        assert not back.column(Metric.ENERGY_J)[1].any()  # never given: missing, not 0
+    # The reader is a TelemetrySource stepping through time.
+    assert reader.observe(1031.0).time_s == 1030.0
+    assert reader.observe(5000.0).time_s == 1060.0
+    with pytest.raises(TelemetryError, match="no step at or before"):
+        reader.observe(999.0)
+
+
+def test_fleet_changes_start_new_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    with TraceWriter(path, time_base="twin", step_s=1, source={}, metrics=METRICS) as w:
+        w.append(_snap(0, [100.0, 200.0]))
+        w.append(_snap(1, [101.0, 201.0]))
+        w.append(_snap(2, [102.0, 202.0, 302.0, 402.0]))  # two GPUs joined
+        summary = w.close()
+    assert summary.steps == 3 and summary.row_groups == 2 and summary.gpus == 4
+    snaps = list(TraceReader(path).snapshots())
+    assert [s.n_gpus for s in snaps] == [2, 2, 4]
+    assert snaps[2].column(Metric.POWER_W)[0][3] == 402.0
+
+
+def test_rows_per_group_bounds_memory(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    with TraceWriter(
+        path, time_base="twin", step_s=1, source={}, metrics=METRICS, rows_per_group=10
+    ) as w:
+        for k in range(7):
+            w.append(_snap(k, [float(k)] * 4))
+    reader = TraceReader(path)
+    assert reader.row_groups == 4  # 2 steps x 4 GPUs per group
+    assert [s.column(Metric.POWER_W)[0][0] for s in reader.snapshots()] == list(range(7))
+    assert reader.snapshot(5).time_s == 5
+
+
+def test_twin_trace_matches_what_the_exporter_serves(tmp_path: Path) -> None:
+    spec = TwinSpec(
+        nodes=3,
+        gpus_per_node=2,
+        seed=4,
+        budget=BudgetSchedule.demand_response(3000, 2000, 60, 60),
+        faults=(parse_fault("dropout:node2@45+30"), parse_fault("xid=79:node3/gpu1@30")),
+    )
+    path = tmp_path / "twin.parquet"
+    summary = record_twin(spec, path, duration_s=150, step_s=15)
+    assert summary.steps == 10 and summary.gpus == 6
+    reader = TraceReader(path)
+    assert reader.meta.scenario is not None
+    assert [f["spec"] for f in reader.meta.scenario["faults"]] == [
+        "dropout:node2@45+30",
+        "xid:node3/gpu1@30",
+    ]
+    assert list(reader.meta.budget_w) == [3000.0] * 4 + [2000.0] * 4 + [3000.0] * 2
+    # The same twin, stepped alike: every recorded value is what its exporter served.
+    twin = Twin(TwinSpec(**{**spec.__dict__, "step_s": 15.0}))
+    fields = served_fields()
+    for snap in reader.snapshots():
+        served = dcgm_metric_values(twin, fields)
+        down = 45 <= snap.time_s < 75
+        node2 = snap.node_of() == "node2"
+        assert list(snap.stale) == list(node2 & down)
+        if down:
+            np.testing.assert_allclose(snap.age_s[node2], snap.time_s - 45)
+        for metric, values in served.items():
+            got = snap.column(metric)[0]
+            np.testing.assert_allclose(got[~snap.stale], values[~snap.stale], rtol=0, atol=1e-6)
+            assert np.isnan(got[snap.stale]).all()
+        # The twin applies a fault from the physics step that starts at or after its time.
+        if snap.time_s >= 45:
+            assert snap.column(Metric.XID)[0][5] == 79
+        assert list(snap.labels["priority"]) == list(twin.job_priority().astype(str))
+        assert set(snap.model) == {"NVIDIA H100 80GB HBM3"}
+        twin.step()
+
+
+def test_openmetrics_export(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=METRICS) as w:
+        w.append(_snap(1000.0, [400.5, 300.0], stale=[False, True], jobs=["7", ""]))
+        w.append(_snap(1015.0, [401.25, 301.0], jobs=["7", ""]))
+    out = tmp_path / "t.om"
+    with out.open("w") as f:
+        n = write_openmetrics(path, f, offset_s=100.0)
+    text = out.read_text()
+    assert text.endswith("# EOF\n")
+    assert "# TYPE DCGM_FI_DEV_POWER_USAGE gauge" in text
+    power = re.findall(r"^DCGM_FI_DEV_POWER_USAGE\{(.*)\} (\S+) (\S+)$", text, re.M)
+    assert [(v, t) for _, v, t in power] == [
+        ("400.5", "1100.000"),
+        ("401.25", "1115.000"),
+        ("301", "1115.000"),  # the stale sample is left out
+    ]
+    assert 'Hostname="node1",gpu="0",UUID="GPU-0000"' in power[0][0]
+    assert 'hpc_job="7"' in power[0][0] and "hpc_job" not in power[2][0]
+    assert not re.search(r"^DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\{", text, re.M)  # all missing
+    assert n == 4 * 3 - 0  # power, limit, temp, util x 3 fresh samples
+
+
+def _trace(tmp_path: Path, steps: int = 40) -> Path:
+    path = tmp_path / "t.parquet"
+    with TraceWriter(
+        path, time_base="twin", step_s=1, source={}, metrics=METRICS, rows_per_group=64
+    ) as w:
+        for k in range(steps):
+            w.append(_snap(k, [100.0 + k] * 8, gpus_per_node=4))
+    return path
+
+
+def test_truncated_file_names_the_footer(tmp_path: Path) -> None:
+    path = _trace(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match=rf"trace {re.escape(str(path))}: .*truncated.*footer"):
+        TraceReader(path)
+
+
+def test_corrupted_page_names_row_group_and_column(tmp_path: Path) -> None:
+    path = _trace(tmp_path)
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(2).column(8)  # power_mw in the third row group
+    assert col.path_in_schema == "power_mw"
+    data = bytearray(path.read_bytes())
+    middle = col.data_page_offset + col.total_compressed_size // 2
+    for i in range(middle, middle + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reader = TraceReader(path)  # the footer is intact
+    reader.block(0)
+    with pytest.raises(TraceError, match=r"row group 2 \(steps 16\.\.23\), column 'power_mw'"):
+        list(reader.snapshots())
+
+
+def test_not_a_trace(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), plain)
+    with pytest.raises(TraceError, match="not an ooda trace"):
+        TraceReader(plain)
+    text = tmp_path / "x.parquet"
+    text.write_text("hello")
+    with pytest.raises(TraceError, match="not a trace or truncated"):
+        TraceReader(text)
+    with pytest.raises(TraceError, match="no such file"):
+        TraceReader(tmp_path / "missing.parquet")
+
+
+def test_unclosed_writer_leaves_an_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    w = TraceWriter(path, time_base="twin", step_s=1, source={}, metrics=METRICS)
+    w.append(_snap(0, [1.0]))
+    w.flush()
+    with pytest.raises(TraceError, match="truncated"):
+        TraceReader(path)
+    w.close()
+    assert TraceReader(path).meta.steps == 1
+
+
+def test_steps_must_move_forward(tmp_path: Path) -> None:
+    with (
+        TraceWriter(
+            tmp_path / "t.parquet", time_base="twin", step_s=1, source={}, metrics=METRICS
+        ) as w,
+        pytest.raises(ValueError, match="forward"),
+    ):
+        w.append(_snap(5, [1.0]))
+        w.append(_snap(5, [1.0]))
+
+
+def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
+    """A GPU not seen yet at a step (age NaN) is left out of that step's Snapshot."""
+    path = tmp_path / "t.parquet"
+    snap = build_snapshot(
+        time_s=0.0,
+        node_of_gpu=["a", "b"],
+        gpu=[0, 0],
+        uuid=["u1", "u2"],
+        model=["m", "m"],
+        job=["", ""],
+        values={Metric.POWER_W: [1.0, math.nan]},
+        age_s=[0.0, math.nan],
+        stale=[False, True],
+    )
+    with TraceWriter(path, time_base="twin", step_s=1, source={}, metrics=METRICS) as w:
+        w.append(snap)
+    back = TraceReader(path).snapshot(0)
+    assert list(back.uuid) == ["u1"] and list(back.node_names) == ["a"]
