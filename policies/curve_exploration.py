@@ -106,6 +106,9 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             )
             if still and now_s - e.since_s < s.hold_s:
                 assert row is not None
+                aimed = float(self._step_caps(situation, np.array([row]), measured=True)[0])
+                if np.isfinite(aimed) and np.ceil(aimed) < e.cap_w - 1.0:  # only ever lower
+                    e = e.model_copy(update={"cap_w": float(np.ceil(aimed))})
                 keep.append(e)
                 hold_rows.append(row)
                 hold_w.append(e.cap_w)
@@ -198,15 +201,25 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             )
         return Decision(intents, CurveExplorationMemory(active=tuple(keep), last_explored_s=last))
 
-    def _step_caps(self, situation: Situation, rows: np.ndarray) -> np.ndarray:
+    def _step_caps(
+        self, situation: Situation, rows: np.ndarray, measured: bool = False
+    ) -> np.ndarray:
         """Per GPU: the cap that loses at most max_slowdown_frac by the more sensitive of the
         job's current curve and the conservative one, counting the natural draw at its high
         estimate and the draw under the cap at its lowest plausible share (so errors in either
-        make the step smaller, never larger); never below the GPU's minimum."""
+        make the step smaller, never larger); never below the GPU's minimum.
+
+        `measured`: once a step binds, the GPU's own draw under its cap is measured within a
+        cycle; re-aiming with it gives the step its intended size (the blind first step often
+        lands too near the natural draw to teach anything), while the bound on the loss holds
+        as before (the natural draw still at its high estimate)."""
         s = self.settings
         curves = situation.curves
         natural = np.fmax(curves.natural_w_hi[rows], curves.natural_w[rows])
         k = np.full(rows.shape[0], LOWEST_CAP_DRAW_FRAC)
+        if measured:
+            own = curves.cap_draw_frac[rows]
+            k = np.where(np.isfinite(own) & (own < 1.0) & (own > 0.5), own, k)
         keep = 1.0 - s.max_slowdown_frac
         p_cons = power_for_throughput(keep, natural, CONSERVATIVE_A, CONSERVATIVE_B)
         p_own = power_for_throughput(keep, natural, curves.a[rows], curves.b[rows])

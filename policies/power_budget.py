@@ -159,7 +159,9 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             busy_caps, busy_power = self._hold_group_budgets(
                 situation, busy_rows, idle, busy_caps, busy_power, available_busy, allocate
             )
-            busy_caps = np.floor(busy_caps)
+            busy_caps = np.floor(
+                self._same_share_per_job(situation, busy_rows, busy_power, busy_caps)
+            )
             targets_rows.append(busy_rows)
             caps.append(busy_caps)
             if not feasible:
@@ -198,6 +200,36 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                 ),
             )
         return Decision(intents, PowerBudgetMemory(fits_since_s=None))
+
+    def _same_share_per_job(
+        self,
+        situation: Situation,
+        rows: np.ndarray,
+        power_w: np.ndarray,
+        caps_w: np.ndarray,
+    ) -> np.ndarray:
+        """A job runs at the pace of its slowest GPU: every GPU of a job gets the same share of
+        its natural draw (the job's planned power in total, spread evenly), so no GPU of it is
+        held back while its peers burn watts that buy nothing. GPUs without a job label stand
+        alone. Group (rack) budgets stay held: the job's total power does not change."""
+        curves = situation.curves
+        job = situation.snapshot.job[rows]
+        if rows.size == 0 or not (job != "").any():
+            return caps_w
+        natural = curves.natural_w[rows]
+        binding = caps_w < situation.max_cap_w[rows] - 0.5
+        keys = np.where(job != "", job, np.char.add("gpu:", situation.snapshot.uuid[rows]))
+        _, inverse = np.unique(keys, return_inverse=True)
+        planned = np.bincount(inverse, weights=np.where(binding, power_w, natural))
+        nat_sum = np.bincount(inverse, weights=natural)
+        any_binding = np.bincount(inverse, weights=binding.astype(np.float64)) > 0
+        share = np.minimum(1.0, planned / np.maximum(nat_sum, 1e-9))[inverse]
+        even = np.clip(
+            share * natural / curves.cap_draw_frac[rows],
+            situation.min_cap_w[rows],
+            situation.max_cap_w[rows],
+        )
+        return np.where(any_binding[inverse] & (share < 1.0), even, caps_w)
 
     def _groups_fit(
         self, situation: Situation, busy: np.ndarray, idle: np.ndarray, natural: np.ndarray

@@ -252,8 +252,14 @@ class CurveLearner:
         natural_known: BoolArray,
         max_cap_w: FloatArray,
         exclude: BoolArray,
+        cap_draw_frac: FloatArray | None = None,
     ) -> CurveView:
-        """Learn from this snapshot (rows in `exclude` teach nothing), then the estimates."""
+        """Learn from this snapshot (rows in `exclude` teach nothing), then the estimates.
+
+        `cap_draw_frac`: per GPU, its learned draw / limit under a binding cap. Where the cap
+        binds and that is known, the share of the natural draw is taken from the cap (k x cap /
+        natural) rather than from the noisy draw of one cycle: noise in the regressor would bend
+        the fitted exponent towards flat (errors in variables), while the cap is exact."""
         n = snapshot.n_gpus
         if n == 0:
             return self.view(snapshot, busy)
@@ -312,6 +318,16 @@ class CurveLearner:
         obs = ok & natural_known & np.isfinite(natural_w) & np.isfinite(nc) & (natural_w > 0)
         if obs.any():
             x = np.clip(power / natural_w, 0.0, 1.0)
+            if cap_draw_frac is not None:
+                k_ok = limit_ok & ~clear & np.isfinite(cap_draw_frac) & (cap_draw_frac > 0.5)
+                x_cap = np.clip(
+                    np.where(k_ok, cap_draw_frac, 1.0)
+                    * np.where(limit_ok, limit, np.nan)
+                    / natural_w,
+                    0.0,
+                    1.0,
+                )
+                x = np.where(k_ok, x_cap, x)
             t = clock / nc
             ids, names = self._grouper.ids(keys)
             m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)

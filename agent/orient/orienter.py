@@ -256,6 +256,7 @@ class Orienter:
             natural_known=natural_known,
             max_cap_w=max_cap,
             exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
+            cap_draw_frac=draw.cap_draw_frac,
         )
         use = self.settings.curves.apply
         curves = CurveEstimates(
