@@ -107,11 +107,12 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             if still and now_s - e.since_s < s.hold_s:
                 assert row is not None
                 aimed = float(self._step_caps(situation, np.array([row]), measured=True)[0])
+                held = e
                 if np.isfinite(aimed) and np.ceil(aimed) < e.cap_w - 1.0:  # only ever lower
-                    e = e.model_copy(update={"cap_w": float(np.ceil(aimed))})
-                keep.append(e)
+                    held = e.model_copy(update={"cap_w": float(np.ceil(aimed))})
+                keep.append(held)
                 hold_rows.append(row)
-                hold_w.append(e.cap_w)
+                hold_w.append(held.cap_w)
             elif (
                 row is not None
                 and e.restore_default
