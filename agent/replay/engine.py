@@ -326,8 +326,9 @@ class ReplayReport:
 
 
 ASSUMPTIONS = (
-    "the schedule is held as recorded: a capped job does not run longer and delay others; "
-    "lost work is reported as lost throughput",
+    "the schedule is held as recorded: a job that would have finished earlier leaves its GPU "
+    "idle until the trace's next job there; a slowed job is not carried past its recorded end "
+    "(its unfinished work counts as lost throughput, its extra energy is not counted)",
     "drains, weights, features and requeues are counted, their effect on placement is not "
     "estimated",
     "caps start as recorded at each GPU's first step; from then on only the replayed policies "
@@ -501,7 +502,9 @@ def replay_set(
     next_cycle = -math.inf
     cycles = 0
     prev_budget: float | None = None
-    grace_until = -math.inf
+    # Not counted: the first step (no replayed decision has acted yet) and, after a budget
+    # change, the steps up to one interval later (no controller could have reacted).
+    grace_until = float(reader.meta.time_s[0])
     for j, snap in enumerate(_snapshots(reader)):
         dt = float(dts[j])
         view, out = world.step(snap, dt)
@@ -515,7 +518,7 @@ def replay_set(
         work_obs += out.work_obs * dt
         work_cf += out.work_cf * dt
         work_draws += out.work_cf_draws * dt
-        if budget is not None and snap.time_s >= grace_until:
+        if budget is not None and snap.time_s > grace_until + 1e-6:
             over_s += dt * (out.fleet_cf_w > budget)
             over_obs_s += dt * (out.fleet_obs_w > budget)
             over_draws += dt * (out.fleet_cf_draws_w > budget)

@@ -24,10 +24,14 @@ would have happened under the caps the replayed policies set instead. The model,
   natural draw (what it drew under the cap): its N is drawn from the natural draws of this
   trace's other jobs on the same GPU model, above that bound.
 
-What is *not* carried forward: the schedule. Jobs run where and when they ran in the trace; work
-a cap costs shows as lost throughput, not as a job that ends later and delays the next one, and
-drains, weights and requeues are counted but their effect on placement is not estimated. Over
-hours with long jobs this is a small effect; over weeks it is not, and the report says so.
+What is carried forward, and how far: each job's progress under the new caps. A job whose end
+the trace shows and that got ahead of its recorded progress has finished early: its GPU idles
+(at the model's idle draw) until the trace shows it busy with another job. A job slowed down is
+not carried past its recorded end (its GPU may run the next job in the trace): the work it did
+not do shows as lost throughput, and the energy it would have drawn finishing is not counted.
+Nor is the schedule changed: the next job starts when it started in the trace, and drains,
+weights and requeues are counted but their effect on placement is not estimated. Over hours with
+long jobs this is a small effect; over weeks it is not, and the report says so.
 
 **Uncertainty** (90% intervals): KPIs are computed for the point estimate and for `draws`
 parameter draws: the curve's loss a (1 - x)^b scaled by exp(sigma z), sigma shrinking with the
@@ -523,8 +527,8 @@ class Counterfactual:
             work_obs=work_obs,
             work_cf=work_cf,
             work_cf_draws=work_cf + work_draws,
-            capped_obs=int(bind_q.sum()),
-            capped_cf=int(bind_p.sum()),
+            capped_obs=int((bind_q & (limit < max_w - 0.5)).sum()),
+            capped_cf=int((bind_p & (cap_p < max_w - 0.5)).sum()),
             mean_cap_obs_w=float(limit[has_cap].mean()) if has_cap.any() else float("nan"),
             mean_cap_cf_w=float(cap_p[shown].mean()) if shown.any() else float("nan"),
             lowered_cf=int((usable & (cap_p < max_w - 0.5)).sum()),

@@ -17,6 +17,8 @@ from typing import Any
 
 from agent.act.audit import AuditLog
 from agent.act.guard import GuardSettings
+from agent.core.dcgm import DcgmField
+from agent.core.snapshot import Snapshot
 from agent.demo import RunKpis, build_agent, run_kpis
 from agent.loop import CycleReport
 from agent.observe.trace import TraceSummary, TraceWriter
@@ -62,6 +64,17 @@ class TwinRun:
     summary: TraceSummary | None = None
 
 
+class ExporterView:
+    """The twin through its exporters, as a TelemetrySource."""
+
+    def __init__(self, twin: Twin, fields: Sequence[DcgmField]) -> None:
+        self.twin = twin
+        self.fields = tuple(fields)
+
+    def observe(self, now_s: float) -> Snapshot:
+        return dcgm_snapshot(self.twin, self.fields)
+
+
 def run_twin(
     spec: TwinSpec,
     *,
@@ -96,6 +109,10 @@ def run_twin(
             twin, False, AuditLog(), registry, tuple(policies), dict(typed), guard, interval_s
         )
     fields = served_fields(counters)
+    if loop is not None:
+        # The agent sees the twin as it would a cluster: through its exporters (the view the
+        # trace records), not the twin's own arrays.
+        loop.source = ExporterView(twin, fields)
     writer = None
     if record_to is not None:
         scenario = scenario_of(spec)
