@@ -57,8 +57,14 @@ from agent.core.situation import HealthSeverity, NodeStates, Situation
 from agent.core.snapshot import Snapshot
 from agent.loop import CycleReport, Loop
 from agent.observe.trace import TraceReader
-from agent.orient.orienter import cap_bounds
-from agent.replay.outcome import DRAWS, Counterfactual, Estimates, SegmentBook, StepOutcome
+from agent.replay.outcome import (
+    DRAWS,
+    Counterfactual,
+    Estimates,
+    SegmentBook,
+    StepOutcome,
+    limits,
+)
 from agent.runtime import build_policies, orienter_for, rollout_for
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -162,6 +168,16 @@ class CounterfactualPlacement(RecordingPlacement):
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         names = np.asarray(list(node_names), dtype=np.str_)
         n = names.shape[0]
+        if not (self.drained or self.weights or self.features):
+            return NodeStates(
+                drained=np.zeros(n, dtype=bool),
+                drained_by_us=np.zeros(n, dtype=bool),
+                reason=np.full(n, "", dtype=np.str_),
+                weight=np.ones(n, dtype=np.int64),
+                features=(frozenset(),) * n,
+                opted_out=np.zeros(n, dtype=bool),
+                known=np.ones(n, dtype=bool),
+            )
         drained = np.array([str(x) in self.drained for x in names], dtype=bool)
         reasons = np.array([self.drained.get(str(x), "") for x in names], dtype=np.str_)
         return NodeStates(
@@ -188,6 +204,25 @@ class CounterfactualPlacement(RecordingPlacement):
 
     def requeue(self, job: str) -> None:
         self.requeued.append(job)
+
+
+class _NoAudit(AuditLog):
+    """Replay keeps no audit trail (nothing is done; the report is the record): records are
+    counted, not rendered."""
+
+    def event(self, event: str, **fields: Any) -> None:
+        self.counts[event] = self.counts.get(event, 0) + 1
+
+    def decision(self, decision_id: str, intent: Intent, dry_run: bool, time_s: float) -> None:
+        self.event("decision")
+
+    def refusal(
+        self, decision_id: str, intent: Intent, reason: str, dry_run: bool, time_s: float
+    ) -> None:
+        self.event("refusal")
+
+    def action(self, action: Action) -> None:
+        self.event("action")
 
 
 class _Feed:
@@ -400,7 +435,7 @@ class _CapChanges:
         self.released = 0
 
     def update(self, snap: Snapshot) -> None:
-        limit, _mn, _mx, default = cap_bounds(snap)
+        limit, _mn, _mx, default = limits(snap)
         ok = np.isfinite(limit) & snap.fresh
         if not ok.any():
             return
@@ -477,7 +512,7 @@ def replay_set(
         policies=policies,
         guard=Guard(config.guard, rollout=rollout_for(config, clock), is_dry=always),
         executor=Executor(actuators, always, config.actuators.lease_s, why_dry=lambda _i: "replay"),
-        audit=AuditLog(),
+        audit=_NoAudit(),
         clock=clock,
         budget_w=config.cluster.budget_w,
         placement=placement,

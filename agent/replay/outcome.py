@@ -44,6 +44,7 @@ prior is wrong for every job, so the intervals are conservative.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +73,36 @@ K_DEFAULT = 0.97  # draw / cap under a binding cap when a trace never shows one 
 DRAWS = 40
 
 
+_MODEL_BOUNDS: dict[bytes, tuple[FloatArray, FloatArray, FloatArray]] = {}
+
+
+def limits(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """orient's `cap_bounds` (current, min, max, default per GPU), with the model table's part
+    cached per fleet (the same models step after step)."""
+    key = snapshot.model.tobytes()
+    table = _MODEL_BOUNDS.get(key)
+    if table is None:
+        probe = replace(snapshot, values={}, valid={})
+        _cur, lo, hi, default = cap_bounds(probe)
+        table = (lo, hi, default)
+        if len(_MODEL_BOUNDS) > 64:
+            _MODEL_BOUNDS.clear()
+        _MODEL_BOUNDS[key] = table
+
+    def pick(metric: Metric, fallback: FloatArray) -> FloatArray:
+        values, ok = snapshot.column(metric)
+        return np.where(ok, values, fallback)
+
+    nan = np.full(snapshot.n_gpus, np.nan)
+    current = pick(Metric.POWER_LIMIT_W, pick(Metric.ENFORCED_LIMIT_W, nan))
+    return (
+        current,
+        pick(Metric.MIN_LIMIT_W, table[0]),
+        pick(Metric.MAX_LIMIT_W, table[1]),
+        pick(Metric.DEFAULT_LIMIT_W, table[2]),
+    )
+
+
 def busy_mask(snapshot: Snapshot) -> BoolArray:
     """Fresh GPUs with power that run work (a job, or utilization): orient's rule."""
     power_ok = snapshot.usable(Metric.POWER_W)
@@ -92,15 +123,91 @@ def binding_mask(snapshot: Snapshot, limit_w: FloatArray, max_w: FloatArray) -> 
     return np.asarray(np.where(reasons_ok, cap_bit & np.isfinite(limit_w), near), dtype=bool)
 
 
-def segment_keys(snapshot: Snapshot) -> StrArray:
-    return np.asarray(np.char.add(np.char.add(snapshot.uuid, SEP), snapshot.job), dtype=np.str_)
+def segment_keys(uuid: StrArray, job: StrArray) -> StrArray:
+    return np.asarray(np.char.add(np.char.add(uuid, SEP), job), dtype=np.str_)
+
+
+class SegmentIndex:
+    """Stable ids for (GPU, job) segments, append-only. A GPU's job rarely changes from one step
+    to the next, so each call looks up only the rows whose (UUID, job) changed since the last."""
+
+    def __init__(self, keys: StrArray | None = None, uuids: StrArray | None = None) -> None:
+        self.keys = np.zeros(0, dtype=np.str_) if keys is None else np.asarray(keys)
+        self.uuids = np.zeros(0, dtype=np.str_) if uuids is None else np.asarray(uuids)
+        self._order = np.argsort(self.keys, kind="stable").astype(np.int64)
+        self._sorted = self.keys[self._order]
+        self._rows: tuple[StrArray, StrArray, IntArray, BoolArray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def _find(self, keys: StrArray) -> tuple[IntArray, BoolArray]:
+        if self._sorted.size == 0:
+            return np.zeros(keys.shape, dtype=np.int64), np.zeros(keys.shape, dtype=bool)
+        pos = np.clip(np.searchsorted(self._sorted, keys), 0, self._sorted.size - 1)
+        found = self._sorted[pos] == keys
+        return np.where(found, self._order[pos], 0).astype(np.int64), found
+
+    def _add(self, keys: StrArray, uuids: StrArray) -> None:
+        new, first = np.unique(keys, return_index=True)
+        ids = np.arange(self.keys.size, self.keys.size + new.size, dtype=np.int64)
+        self.keys = np.concatenate([self.keys, new])
+        self.uuids = np.concatenate([self.uuids, uuids[first]])
+        at = np.searchsorted(self._sorted, new)
+        self._sorted = np.insert(self._sorted, at, new)
+        self._order = np.insert(self._order, at, ids)
+
+    def ids(self, uuid: StrArray, job: StrArray, add: bool) -> tuple[IntArray, BoolArray]:
+        """Per row: its segment's id, and whether it is known (always, when `add`)."""
+        last = self._rows
+        if last is not None and last[0].shape == uuid.shape and np.array_equal(last[0], uuid):
+            rows = np.flatnonzero(last[1] != job)
+            if rows.size == 0:
+                return last[2], last[3]
+            ids, found = last[2].copy(), last[3].copy()
+        else:
+            rows = np.arange(uuid.shape[0])
+            ids = np.zeros(uuid.shape[0], dtype=np.int64)
+            found = np.zeros(uuid.shape[0], dtype=bool)
+        keys = segment_keys(uuid[rows], job[rows])
+        got, hit = self._find(keys)
+        if add and not hit.all():
+            self._add(keys[~hit], uuid[rows][~hit])
+            got, hit = self._find(keys)
+        ids[rows], found[rows] = got, hit
+        self._rows = (uuid.copy(), job.copy(), ids, found)
+        return ids, found
+
+
+class GrowColumns:
+    """Columns indexed by a stable id, grown by doubling."""
+
+    def __init__(self, spec: dict[str, tuple[npt.DTypeLike, Any]]) -> None:
+        self._spec = spec
+        self._n = 0
+        self._data = {name: np.full(64, fill, dtype=dt) for name, (dt, fill) in spec.items()}
+
+    def ensure(self, n: int) -> None:
+        if n > next(iter(self._data.values())).shape[0]:
+            size = max(n, 2 * next(iter(self._data.values())).shape[0])
+            for name, (dt, fill) in self._spec.items():
+                grown = np.full(size, fill, dtype=dt)
+                old = self._data[name]
+                grown[: old.shape[0]] = old
+                self._data[name] = grown
+        self._n = max(self._n, n)
+
+    @property
+    def cols(self) -> dict[str, npt.NDArray[Any]]:
+        return {name: arr[: self._n] for name, arr in self._data.items()}
 
 
 class SegmentBook:
     """What the recorded trace shows about each (GPU, job): the `learn` pass."""
 
     def __init__(self) -> None:
-        self.seg = KeyedColumns(
+        self.index = SegmentIndex()
+        self.seg = GrowColumns(
             {
                 "model": ("U64", ""),
                 "since": (np.float64, np.nan),
@@ -136,8 +243,9 @@ class SegmentBook:
         if not busy.any():
             return
         rows = np.flatnonzero(busy)
-        keys = segment_keys(snapshot)[rows]
-        slot = self.seg.slots(keys)
+        ids, _ = self.index.ids(snapshot.uuid, snapshot.job, add=True)
+        slot = ids[rows]
+        self.seg.ensure(len(self.index))
         c = self.seg.cols
         now = snapshot.time_s
         c["model"][slot] = snapshot.model[rows]
@@ -145,7 +253,7 @@ class SegmentBook:
         c["since"][slot[new]] = now
         c["busy_steps"][slot] += 1
         c["last_t"][slot] = now
-        limit, _mn, max_w, _df = cap_bounds(snapshot)
+        limit, _mn, max_w, _df = limits(snapshot)
         c["max_cap"][slot] = max_w[rows]
         power = snapshot.column(Metric.POWER_W)[0][rows]
         bind = binding_mask(snapshot, limit, max_w)[rows]
@@ -195,13 +303,12 @@ class SegmentBook:
 
     def ended(self) -> BoolArray:
         """Per segment: its GPU was seen fresh after it (its job ended inside the trace)."""
-        keys = self.seg.keys
-        if keys.size == 0:
+        if len(self.index) == 0:
             return np.zeros(0, dtype=bool)
-        uuids = np.asarray([k.split(SEP, 1)[0] for k in keys.tolist()], dtype=np.str_)
-        pos, found = self.gpus.lookup(uuids)
+        self.seg.ensure(len(self.index))
+        pos, found = self.gpus.lookup(self.index.uuids)
         gpu_last = np.where(found, self.gpus["last_t"][pos], np.nan)
-        return np.asarray(gpu_last > self.seg["last_t"], dtype=bool)
+        return np.asarray(gpu_last > self.seg.cols["last_t"], dtype=bool)
 
     def estimates(self, draws: int = DRAWS, seed: int = 0) -> Estimates:
         return Estimates.from_book(self, draws, seed)
@@ -209,9 +316,10 @@ class SegmentBook:
 
 @dataclass(frozen=True, eq=False)
 class Estimates:
-    """Per segment (sorted keys): the counterfactual's parameters, point and draws."""
+    """Per segment (by id): the counterfactual's parameters, point and draws."""
 
     keys: StrArray
+    uuids: StrArray
     natural_w: FloatArray
     natural_w_draws: FloatArray  # (segments, draws)
     natural_known: BoolArray  # seen uncapped after its start-up
@@ -238,8 +346,9 @@ class Estimates:
 
     @staticmethod
     def from_book(book: SegmentBook, draws: int, seed: int) -> Estimates:
+        book.seg.ensure(len(book.index))
         c = book.seg.cols
-        keys = book.seg.keys
+        keys = book.index.keys
         s = keys.shape[0]
         rng = np.random.default_rng(seed)
         z_loss = rng.standard_normal(draws)
@@ -311,6 +420,7 @@ class Estimates:
         idle_clock = {m: e[2] / e[3] for m, e in book.idle.items() if e[3] > 0}
         return Estimates(
             keys=keys,
+            uuids=book.index.uuids,
             natural_w=natural,
             natural_w_draws=n_draws,
             natural_known=known,
@@ -337,11 +447,8 @@ class Estimates:
             },
         )
 
-    def lookup(self, keys: StrArray) -> tuple[IntArray, BoolArray]:
-        if self.keys.size == 0:
-            return np.zeros(keys.shape, dtype=np.int64), np.zeros(keys.shape, dtype=bool)
-        pos = np.clip(np.searchsorted(self.keys, keys), 0, self.keys.size - 1)
-        return pos.astype(np.int64), self.keys[pos] == keys
+    def index(self) -> SegmentIndex:
+        return SegmentIndex(self.keys, self.uuids)
 
 
 def _truncated(
@@ -399,6 +506,7 @@ class Counterfactual:
         self.overhead_per_node_w = overhead_per_node_w
         self.caps = KeyedColumns({"cap_w": (np.float64, np.nan), "default_w": (np.float64, np.nan)})
         self._energy_cf_j = KeyedColumns({"delta_j": (np.float64, 0.0)})
+        self.index = estimates.index()
         s = estimates.keys.shape[0]
         self.progress = np.zeros(s)  # per segment: work done under the new caps (proxy units)
         self.progress_d = np.zeros((s, estimates.draws))
@@ -422,7 +530,7 @@ class Counterfactual:
     def step(self, snap: Snapshot, dt_s: float) -> tuple[Snapshot, StepOutcome]:
         est = self.est
         n = snap.n_gpus
-        limit, _mn, max_w, default_w = cap_bounds(snap)
+        limit, _mn, max_w, default_w = limits(snap)
         gslot = self.caps.slots(snap.uuid)
         cap_p = self.caps["cap_w"][gslot]
         fresh_cap = np.isnan(cap_p)  # first sight: the cap it had in the trace then
@@ -435,7 +543,7 @@ class Counterfactual:
         power, power_ok = snap.column(Metric.POWER_W)
         usable = power_ok & snap.fresh
         busy = busy_mask(snap)
-        seg, found = est.lookup(segment_keys(snap))
+        seg, found = self.index.ids(snap.uuid, snap.job, add=False)
         known = busy & found
         # A job that got ahead of its recorded progress has finished: its GPU idles.
         total = np.where(known, est.work_total[seg], np.inf)
