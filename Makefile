@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed-base
 TESTS  := $(VENV)/.installed-test
 # Debian packages the integration tests run for real (installed when missing; root or sudo).
-SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm munge:munge
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm munge:munge systemd-analyze:systemd
 # Alertmanager for the Notify integration test (agent/act/notify.py).
 SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 

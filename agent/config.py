@@ -239,6 +239,41 @@ class DaemonConfig(_Section):
         description="The daemon's state directory (persisted state, `ooda guard reset` "
         "requests); default /var/lib/ooda/CLUSTER_NAME.",
     )
+    state_save_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="Save the state at least this often (s); also after every cycle that acted.",
+    )
+    on_exit: Literal["renew", "release"] = Field(
+        "renew",
+        description="On stop, live caps are renewed once more (a restart finds them in force) or "
+        "released back to each GPU's default limit.",
+    )
+    stop_grace_s: float = Field(
+        3.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long a running cycle may take to finish before it is "
+        "abandoned (s).",
+    )
+    misfire_grace_s: float | None = Field(
+        None,
+        gt=0,
+        description="A cycle that cannot start within this of its time is skipped and reported "
+        "(s; default: one interval).",
+    )
+    ready_max_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="/readyz fails when no cycle succeeded within this (s; default: 3 intervals, "
+        "at least 10 s).",
+    )
+    per_gpu_metrics_max: int = Field(
+        1000,
+        ge=0,
+        description="Per-GPU recommendation series on /metrics: at most this many, the largest "
+        "recommended reductions first (aggregates are always there).",
+    )
 
 
 class AuditConfig(_Section):

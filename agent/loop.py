@@ -214,8 +214,18 @@ class Loop:
 
             for name, fields in review.events:  # the guard's own: breaker tripped, reset
                 self.audit.event(name, **fields)
+            # A decision is audited when something comes of it: an action, a refusal, or the
+            # guard's own. Desired state re-asserted every cycle and already in place (within
+            # the dead band) changes nothing and is only counted, or the log would grow by
+            # every GPU every cycle.
+            effective = {id(o) for o in review.origin} | {
+                id(r.origin or r.intent) for r in review.refused
+            }
             for intent in [*resolution.intents, *review.raised]:
-                self.audit.decision(decision_id(intent), intent, self.executor.dry_run(intent), now)
+                if id(intent) in effective or intent in review.raised:
+                    self.audit.decision(
+                        decision_id(intent), intent, self.executor.dry_run(intent), now
+                    )
             for over in resolution.overridden:
                 self.audit.refusal(
                     decision_id(over.intent),

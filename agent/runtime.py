@@ -182,14 +182,15 @@ def build_runtime(
     audit: AuditLog | None = None,
     source: TelemetrySource | None = None,
     budget_w: float | None = None,
+    twin: Twin | None = None,
 ) -> Runtime:
-    """Everything the config names, wired into one Loop. `source` and `budget_w` override it."""
+    """Everything the config names, wired into one Loop. `source` and `budget_w` override it;
+    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
-    twin: Twin | None = None
     actuators = Actuators()
     closers: list[Callable[[], Any]] = []
     slurm = (
@@ -201,10 +202,13 @@ def build_runtime(
         config.actuators.caps,
         config.actuators.placement,
     ):
-        spec = twin_spec(config.twin)
-        if mirror_slurm:
-            spec = replace(spec, occupancy=0.0, initial_jobs=False)
-        twin = Twin(spec)
+        if twin is None:
+            spec = twin_spec(config.twin)
+            if mirror_slurm:
+                spec = replace(spec, occupancy=0.0, initial_jobs=False)
+            twin = Twin(spec)
+    else:
+        twin = None
     if source is None:
         if config.source.kind == "twin":
             assert twin is not None

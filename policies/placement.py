@@ -29,11 +29,12 @@ class PlacementSettings(PolicySettings):
     hot_margin_c: float = Field(
         6.0, ge=0.0, le=40.0, description="Avoid nodes with a GPU this close to slowdown (C)."
     )
-    constrained_frac: float = Field(
-        0.85,
-        gt=0.0,
-        le=1.0,
-        description="Constrained: busy GPUs capped below this share of their natural draw.",
+    constrained_headroom_frac: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="Constrained: a node in a rack or row drawing within this share of its own "
+        "budget.",
     )
     constrained_weight: int = Field(
         50, ge=1, le=65533, description="Weight of a power-constrained node."
@@ -71,17 +72,17 @@ class Placement(BasePolicy[PlacementSettings, PlacementMemory]):
             if situation.health is not None
             else np.zeros(snap.n_gpus, dtype=bool)
         )
-        natural = situation.curves.natural_w
-        squeezed = (
-            situation.busy
-            & snap.fresh
-            & np.isfinite(natural)
-            & (situation.cap_w < s.constrained_frac * natural)
-        )
+        # Power-constrained: the node's rack or row is at its own budget. A fleet-wide budget
+        # constrains every node alike, and steering between equals only fragments the cluster,
+        # so only some nodes being constrained counts.
         cls = np.full(snap.n_nodes, NORMAL, dtype=np.int64)
-        per_node = np.bincount(snap.node[squeezed], minlength=snap.n_nodes)
-        busy_per_node = np.bincount(snap.node[situation.busy & snap.fresh], minlength=snap.n_nodes)
-        cls[(per_node > 0) & (per_node * 2 >= busy_per_node)] = CONSTRAINED
+        power = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
+        constrained = np.zeros(snap.n_nodes, dtype=bool)
+        for _name, (budget_w, members) in situation.group_budgets.items():
+            if power[members].sum() >= (1.0 - s.constrained_headroom_frac) * budget_w:
+                constrained[np.unique(snap.node[members])] = True
+        if not constrained.all():
+            cls[constrained] = CONSTRAINED
         cls[np.bincount(snap.node[hot | unhealthy], minlength=snap.n_nodes) > 0] = AVOID
         return cls
 

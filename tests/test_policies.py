@@ -247,3 +247,18 @@ def test_placement_rate_limit_and_opt_out() -> None:
     )
     assert len(only(d.intents, SetNodeWeight)) == 1
     assert "node2" not in [w.node for w in only(d.intents, SetNodeWeight)]
+
+
+def test_placement_steers_away_from_a_rack_at_its_budget_only() -> None:
+    snap = make_snapshot([500.0] * 12)  # 3 nodes of 4 GPUs at 500 W
+    nodes = replace(NodeStates.unknown(3), known=np.ones(3, dtype=bool))
+    rack_a = np.repeat([True, False, False], 4)
+    policy = Placement(PlacementSettings())
+    at_budget = replace(orient(snap), nodes=nodes, group_budgets={"rack-a": (2000.0, rack_a)})
+    d = policy.decide(at_budget, PlacementMemory(), 0)
+    assert [(w.node, w.weight) for w in only(d.intents, SetNodeWeight)] == [("node1", 50)]
+    # Every node constrained alike (e.g. by the cluster budget): nothing to steer between.
+    everyone = replace(
+        orient(snap), nodes=nodes, group_budgets={"all": (6000.0, np.ones(12, dtype=bool))}
+    )
+    assert only(policy.decide(everyone, PlacementMemory(), 0).intents, SetNodeWeight) == []

@@ -166,6 +166,14 @@ class _JsonLineSink:
                 self._stream.write(message + "\n")
                 self._stream.flush()
 
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.sync()
+                self._dirty = False
+            elif self._stream is not None:
+                self._stream.flush()
+
     def begin(self) -> None:
         with self._lock:
             self._batch_depth += 1
@@ -300,6 +308,11 @@ class AuditLog:
             # UUIDs too: what a rollback releases must still be found after a reboot renumbers.
             record["uuid"] = action.intent.targets.uuid.tolist()
         self.event("action", **record)
+
+    def flush(self) -> None:
+        """Flush (and fsync, for a file) what was written, even inside an unfinished batch: a
+        daemon that must leave in the middle of a cycle keeps every record it wrote."""
+        self._sink.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -161,85 +162,41 @@ class Executor:
     ) -> list[Action]:
         acts = self.actuators
         done = Outcome.RECORDED if dry else Outcome.APPLIED
+
+        def action(what: Intent, outcome: Outcome, detail: str = "", before: Any = None) -> Action:
+            return Action(action_id(), decision_id, what, outcome, dry, detail, before, now_s)
+
         if isinstance(intent, SetPowerCap | ReleasePowerCap):
             caps = acts.recorded_caps if dry else acts.caps
             if caps is None:
-                return [
-                    Action(
-                        action_id(),
-                        decision_id,
-                        intent,
-                        Outcome.FAILED,
-                        dry,
-                        "no cap actuator configured",
-                        time_s=now_s,
-                    )
-                ]
+                return [action(intent, Outcome.FAILED, "no cap actuator configured")]
             if isinstance(intent, SetPowerCap):
                 result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
             else:
                 result = caps.release_caps(intent.targets)
             out: list[Action] = []
-            if result.ok.any():
-                out.append(
-                    Action(
-                        action_id(),
-                        decision_id,
-                        intent.subset(result.ok),
-                        done,
-                        dry,
-                        before=result.before_w[result.ok],
-                        time_s=now_s,
-                    )
-                )
-            if (~result.ok).any():
-                failed = ~result.ok
+            ok, failed = result.ok, ~result.ok
+            if ok.any():
+                out.append(action(intent.subset(ok), done, before=result.before_w[ok]))
+            if failed.any():
                 errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or [
                     "failed"
                 ]
                 log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
+                detail = "; ".join(errors[:5])
                 out.append(
-                    Action(
-                        action_id(),
-                        decision_id,
-                        intent.subset(failed),
-                        Outcome.FAILED,
-                        dry,
-                        "; ".join(errors[:5]),
-                        before=result.before_w[failed],
-                        time_s=now_s,
-                    )
+                    action(intent.subset(failed), Outcome.FAILED, detail, result.before_w[failed])
                 )
             return out
         if isinstance(intent, Notify):
             notifier = acts.recorded_notes if dry else acts.notifier
             if notifier is None:
-                return [
-                    Action(
-                        action_id(),
-                        decision_id,
-                        intent,
-                        Outcome.FAILED,
-                        dry,
-                        "no notifier configured",
-                        time_s=now_s,
-                    )
-                ]
+                return [action(intent, Outcome.FAILED, "no notifier configured")]
             notifier.notify(intent)
-            return [Action(action_id(), decision_id, intent, done, dry, time_s=now_s)]
+            return [action(intent, done)]
         placement = acts.recorded_placement if dry else acts.placement
         if placement is None:
-            return [
-                Action(
-                    action_id(),
-                    decision_id,
-                    intent,
-                    Outcome.FAILED,
-                    dry,
-                    "no placement actuator configured",
-                    time_s=now_s,
-                )
-            ]
+            return [action(intent, Outcome.FAILED, "no placement actuator configured")]
         if isinstance(intent, DrainNode):
             placement.drain(intent.node, intent.reason)
         elif isinstance(intent, ResumeNode):
@@ -252,4 +209,4 @@ class Executor:
             placement.requeue(intent.job)
         else:
             raise TypeError(f"no actuator for {intent.kind}")
-        return [Action(action_id(), decision_id, intent, done, dry, time_s=now_s)]
+        return [action(intent, done)]

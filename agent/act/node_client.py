@@ -20,7 +20,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,6 +443,16 @@ class NodeCapActuator:
                 cols["uuid"][sel].astype(np.str_),
             )
             return targets, cols["watts"][sel].astype(np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The caps this actuator set (what it renews), JSON-ready: a restarted agent keeps
+        renewing them instead of letting every node fall back."""
+        with self._caps_lock:
+            return self._caps.to_dict()
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        with self._caps_lock:
+            self._caps.load_dict(data)
 
     def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]:
         """Renew every cap we set that was not set or renewed within `renew_min_age_s`."""

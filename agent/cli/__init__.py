@@ -16,6 +16,7 @@ from agent.cli.node import node_app
 from agent.cli.once import once
 from agent.cli.replay import replay
 from agent.cli.rollback import rollback
+from agent.cli.run import run
 from agent.cli.sim import sim_app
 from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
@@ -50,6 +51,7 @@ app.command()(replay)
 app.add_typer(sim_app, name="sim")
 app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
+app.command("run")(run)
 app.add_typer(config_app, name="config")
 app.add_typer(node_app, name="node")
 app.add_typer(guard_app, name="guard")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -193,3 +193,16 @@ class NodeLister(Protocol):
 @runtime_checkable
 class Notifier(Protocol):
     def notify(self, intent: Notify) -> None: ...
+
+
+# -- state that survives restarts ---------------------------------------------------------------
+
+
+@runtime_checkable
+class Persistent(Protocol):
+    """A part whose memory must survive a restart (ownership, cooldowns, leases, learned models):
+    the daemon saves `to_dict()` (JSON-ready) atomically and hands it back to `load_dict`."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def load_dict(self, data: Mapping[str, Any]) -> None: ...

@@ -566,6 +566,12 @@ class Twin:
         self.log.work_gpu_s.append(arr[:, 3])
         self._log_buf = []
 
+    def drop_step_log(self) -> None:
+        """Forget the per-step log: a long-running host (`ooda run`) has no KPIs to compute and
+        the log would grow without end."""
+        self._log_buf = []
+        self.log = StepLog()
+
     def step_log(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """(t_s, fleet_w, budget_w, work_gpu_s) per physics step so far."""
         self._flush_log()

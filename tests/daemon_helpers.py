@@ -1,0 +1,252 @@
+"""Helpers for the daemon tests: configs for a small twin, an in-process daemon on a FakeClock, and
+`ooda run` as a real subprocess (free port, JSON logs read back, /metrics scraped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from agent.core.clock import Clock, FakeClock
+from agent.core.situation import HealthSeverity, HealthStatus, Situation
+from agent.core.snapshot import Metric, Snapshot
+from agent.daemon import Daemon, DaemonOptions
+from agent.daemon.notify import SystemdNotify
+
+REPO = Path(__file__).resolve().parent.parent
+START_UNIX = 1_700_000_000.0
+
+
+def twin_config(
+    *,
+    cluster: str = "lab",
+    dry_run: bool = True,
+    interval_s: float = 15.0,
+    speed: float = 1.0,
+    nodes: int = 2,
+    budget_w: float | None = 9000.0,
+    faults: tuple[str, ...] = (),
+    audit: str | None = "audit.jsonl",
+    extra: str = "",
+    daemon_extra: str = "",
+) -> str:
+    budget = f"budget_w = {budget_w}" if budget_w is not None else ""
+    fault_list = ", ".join(json.dumps(f) for f in faults)
+    audit_section = f'[audit]\npath = "{audit}"\n' if audit else ""
+    return f"""
+dry_run = {str(dry_run).lower()}
+
+[cluster]
+name = "{cluster}"
+{budget}
+
+[twin]
+nodes = {nodes}
+gpus_per_node = 8
+seed = 3
+speed = {speed}
+faults = [{fault_list}]
+
+[daemon]
+interval_s = {interval_s}
+{daemon_extra}
+
+{audit_section}
+{extra}
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def in_process(
+    config: Path,
+    state_dir: Path,
+    *,
+    wall: Clock | None = None,
+    listen: tuple[str, int] | None = None,
+    dry_run: bool = False,
+) -> Daemon:
+    """A started daemon (lock, runtime, state) driven by the test, with its own registry."""
+    daemon = Daemon(
+        DaemonOptions(config, force_dry_run=dry_run, state_dir=state_dir, metrics_listen=listen),
+        wall=wall or FakeClock(START_UNIX),
+        notify=SystemdNotify(),
+        metrics_registry=CollectorRegistry(),
+    )
+    daemon.start()
+    return daemon
+
+
+def sample(daemon: Daemon, name: str, **labels: str) -> float | None:
+    return daemon.metrics.registry.get_sample_value(name, labels)
+
+
+class HealthFromXid:
+    """Stands in for orient's health model (a hand-written fake): XID 79 means drain the node,
+    as NVIDIA's remediation says. Everything else is the real orienter's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def orient(
+        self, snapshot: Snapshot, budget_w: Any, nodes: Any = None, priority: Any = None
+    ) -> Situation:
+        situation = self.inner.orient(snapshot, budget_w, nodes, priority)
+        xid, ok = snapshot.column(Metric.XID)
+        fatal = ok & (xid == 79)
+        health = HealthStatus(
+            severity=np.where(fatal, int(HealthSeverity.DRAIN), int(HealthSeverity.OK)).astype(
+                np.int64
+            ),
+            code=np.where(fatal, "xid:79", "").astype(np.str_),
+            remediation=np.where(fatal, "drain the node, reset the GPU", "").astype(np.str_),
+            since_s=np.where(fatal, snapshot.time_s, np.nan),
+        )
+        return replace(situation, health=health)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.inner.to_dict()  # type: ignore[no-any-return]
+
+    def load_dict(self, data: Any) -> None:
+        self.inner.load_dict(data)
+
+
+def audit_events(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "the audit log ends in the middle of a record"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# -- `ooda run` as a process ----------------------------------------------------------------------
+
+
+class DaemonProcess:
+    """`ooda run` in a subprocess; stderr (JSON logs) goes to a file the test reads."""
+
+    def __init__(
+        self,
+        config: Path,
+        state_dir: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        full_env = {**os.environ, "OODA_LOG_LEVEL": "info"}
+        full_env.pop("NOTIFY_SOCKET", None)  # only where a test sets it
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(state_dir),
+                "--metrics-listen",
+                "127.0.0.1:0",
+                *args,
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=full_env,
+        )
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def wait_event(self, name: str, timeout_s: float = 20.0, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [e for e in self.events()[after:] if e.get("event") == name]
+            if found:
+                return found[-1]
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"ooda run exited ({self.proc.returncode}) before {name!r}:\n"
+                    + self.log_path.read_text()[-3000:]
+                )
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no {name!r} within {timeout_s} s:\n{self.log_path.read_text()[-3000:]}"
+        )
+
+    def started(self, timeout_s: float = 30.0) -> DaemonProcess:
+        event = self.wait_event("started", timeout_s)
+        self.url = f"http://{event['metrics']}"
+        return self
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    def value(self, name: str, labels: str = "") -> float | None:
+        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" (\S+)"
+        match = re.search(r"^" + pattern + r"$", self.metrics(), re.MULTILINE)
+        return float(match.group(1)) if match else None
+
+    def wait_cycles(self, n: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = sum(
+                self.value("ooda_cycles_total", f'result="{r}"') or 0.0
+                for r in ("ok", "degraded", "failed")
+            )
+            if done >= n:
+                return
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {n} cycles in {timeout_s} s")
+
+    def stop(
+        self, timeout_s: float = 5.0, signum: signal.Signals = signal.SIGTERM
+    ) -> tuple[int, float]:
+        """SIGTERM (or `signum`); (exit code, seconds it took)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        finally:
+            self.kill()
+        return code, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._log.close()
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        assert match is not None
+        return int(match.group(1)) * 1024

@@ -1,0 +1,179 @@
+"""`ooda run` against real parts: `ooda sim serve` (dcgm-style exporters and a node daemon per
+node, on Unix sockets), a real Prometheus scraping them, and the node client applying caps
+under leases. Live, then a restart (the leases it set are renewed by the new run: the node
+client's memory came back with the state), then a stop with on_exit = release (every cap back to
+the default limit)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.daemon_helpers import DaemonProcess, write
+from tests.integration.conftest import PrometheusFactory, last_json
+
+pytestmark = pytest.mark.integration
+
+
+def _config(prom_url: str, sockets: dict[str, str], token: Path, on_exit: str) -> str:
+    endpoints = ", ".join(f'{node} = "{url}"' for node, url in sorted(sockets.items()))
+    return f"""
+dry_run = false
+
+[cluster]
+name = "real"
+budget_w = 2400
+
+[source]
+kind = "prometheus"
+
+[source.prometheus]
+url = "{prom_url}"
+scrape_interval_s = 1
+
+[actuators]
+caps = "node"
+placement = "none"
+lease_s = 30
+
+[actuators.node]
+endpoints = {{ {endpoints} }}
+token_file = "{token}"
+renew_min_age_s = 0
+
+[policies.power_budget]
+
+[daemon]
+interval_s = 1
+on_exit = "{on_exit}"
+
+[audit]
+path = "audit.jsonl"
+"""
+
+
+def _gpus(url: str, token: str) -> list[dict[str, Any]]:
+    path = url.removeprefix("unix://")
+    transport = httpx.HTTPTransport(uds=path)
+    with httpx.Client(transport=transport, timeout=5) as client:
+        answer = client.get("http://node/v1/gpus", headers={"Authorization": f"Bearer {token}"})
+    answer.raise_for_status()
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()))  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout_s)
+    assert box and box[0], f"ooda sim serve printed nothing ({proc.poll()=})"
+    return box[0]
+
+
+def test_ooda_run_live_on_prometheus_and_node_daemons_restart_and_release(
+    tmp_path: Path, prometheus_factory: PrometheusFactory
+) -> None:
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path / "node.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    sockets_dir = tmp_path / "sock"
+    sockets_dir.mkdir()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "agent", "sim", "serve", "--nodes", "2", "--gpus-per-node", "4",
+         "--port-base", "0", "--json", "--node-token-file", str(token_file),
+         "--node-socket-dir", str(sockets_dir), "--fallback-cap-w", "300"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        info = last_json(_read_line(serve, 30))
+        sockets: dict[str, str] = info["node_api"]
+        prom = prometheus_factory({"dcgm": info["targets"]})
+        prom.wait_for_gpus(8)
+        state = tmp_path / "state"
+        cfg = write(tmp_path / "agent.toml", _config(prom.url, sockets, token_file, "renew"))
+
+        # 1. Live: the budget (2400 W for 8 H100s) needs caps; the node daemons hold them.
+        first = DaemonProcess(cfg, state, tmp_path / "first.log").started()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                leased = [
+                    g for url in sockets.values() for g in _gpus(url, token)
+                    if g["lease_remaining_s"] is not None
+                ]  # fmt: skip
+                if leased:
+                    break
+                time.sleep(0.3)
+            assert leased, first.log_path.read_text()[-3000:]
+            assert all(g["power_limit_w"] < 700 for g in leased)
+            assert first.value("ooda_gpus_seen") == 8
+            assert httpx.get(f"{first.url}/readyz", timeout=5).status_code == 200
+            code, took_s = first.stop()
+        finally:
+            first.kill()
+        assert code == 0 and took_s < 5
+        saved = json.loads((state / "real.state.json").read_text())
+        ours = {
+            f"{n}/{g}"
+            for n, g, active in zip(
+                saved["parts"]["caps"]["node"],
+                saved["parts"]["caps"]["gpu"],
+                saved["parts"]["caps"]["active"],
+                strict=True,
+            )
+            if active
+        }
+        assert ours  # the node client's leases are in the state
+
+        # 2. Restart: the new run knows those leases and keeps renewing them.
+        before = {
+            (node, g["index"]): g["lease_remaining_s"]
+            for node, url in sockets.items()
+            for g in _gpus(url, token)
+        }
+        second = DaemonProcess(cfg, state, tmp_path / "second.log").started()
+        try:
+            assert second.wait_event("state_restored")["caps_owned"] >= len(ours)
+            time.sleep(3)  # a few cycles: renewals push every lease back towards 30 s
+            after = {
+                (node, g["index"]): g["lease_remaining_s"]
+                for node, url in sockets.items()
+                for g in _gpus(url, token)
+            }
+            for key in ours:
+                node, gpu = key.split("/")
+                was, now = before[(node, int(gpu))], after[(node, int(gpu))]
+                # Not renewed, it would be down to about 25 s by now.
+                assert was is not None and now is not None and now >= 27.0, (key, was, now)
+            # 3. Stop releasing: every cap back to its default limit, the leases ended.
+            write(cfg, _config(prom.url, sockets, token_file, "release"))
+            seen = len(second.events())
+            second.proc.send_signal(1)  # SIGHUP
+            second.wait_event("config_reloaded", after=seen)
+            code, _ = second.stop()
+        finally:
+            second.kill()
+        assert code == 0
+        gpus = [g for url in sockets.values() for g in _gpus(url, token)]
+        assert all(g["lease_remaining_s"] is None for g in gpus), gpus
+        assert all(g["power_limit_w"] == g["default_w"] for g in gpus), gpus
+        released = [
+            json.loads(line)
+            for line in (state / "audit.jsonl").read_text().splitlines()
+            if '"ooda-daemon"' in line and '"action"' in line
+        ]
+        assert released and all(r["outcome"] == "applied" for r in released)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)

@@ -1,0 +1,307 @@
+"""deploy/: the systemd units (parsed, hardening asserted, systemd's own checks), the Prometheus
+rules (promtool), the Grafana dashboard (every metric it queries is exported), the example
+configs, and the container's install step run for real in a clean virtual environment."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from agent.config import load_config
+from agent.core.clock import FakeClock
+from agent.core.situation import PowerForecast
+from tests.daemon_helpers import (
+    REPO,
+    START_UNIX,
+    HealthFromXid,
+    in_process,
+    twin_config,
+    write,
+)
+
+DEPLOY = REPO / "deploy"
+UNITS = DEPLOY / "systemd"
+RULES = DEPLOY / "prometheus" / "ooda-rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "ooda-agent-dashboard.json"
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as section -> key -> every value (systemd keys repeat; configparser's strict
+    mode would refuse that, so duplicates are collected by a dict that appends)."""
+
+    class MultiDict(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: str, value: object) -> None:
+            if isinstance(value, list) and key in self:
+                self[key].extend(value)
+            else:
+                super().__setitem__(key, value)
+
+    parser = configparser.RawConfigParser(
+        dict_type=MultiDict, strict=False, empty_lines_in_values=False, comment_prefixes=("#",)
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    out: dict[str, dict[str, list[str]]] = defaultdict(dict)
+    for section in parser.sections():
+        for key, value in parser._sections[section].items():  # type: ignore[attr-defined]
+            # Repeated keys arrive joined by newlines, like continued lines ("\\" at the end).
+            values: list[str] = []
+            for line in value.split("\n"):
+                if values and values[-1].endswith("\\"):
+                    values[-1] = values[-1][:-1].rstrip() + " " + line.strip()
+                else:
+                    values.append(line.strip())
+            out[section][key] = values
+    return out
+
+
+def one(unit: dict[str, dict[str, list[str]]], key: str, section: str = "Service") -> str:
+    values = unit[section].get(key, [])
+    assert values, f"{key} missing"
+    return values[-1]
+
+
+def test_agent_unit_is_unprivileged_and_hardened() -> None:
+    unit = parse_unit(UNITS / "ooda-agent.service")
+    assert one(unit, "Type") == "notify" and one(unit, "NotifyAccess") == "main"
+    assert re.search(r"^/opt/ooda/bin/ooda run --config \S+", one(unit, "ExecStart"))
+    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(unit, "User") == "ooda" and one(unit, "Group") == "ooda"
+    assert one(unit, "CapabilityBoundingSet") == "" and one(unit, "AmbientCapabilities") == ""
+    yes = (
+        "NoNewPrivileges ProtectHome PrivateTmp PrivateDevices ProtectKernelTunables "
+        "ProtectKernelModules ProtectControlGroups RestrictSUIDSGID LockPersonality"
+    )
+    for key in yes.split():
+        assert one(unit, key) == "yes", key
+    assert one(unit, "ProtectSystem") == "strict"
+    assert one(unit, "StateDirectory") == "ooda"
+    assert "/var/lib/ooda" in one(unit, "ReadWritePaths").split()
+    assert int(one(unit, "WatchdogSec")) > 0
+    assert one(unit, "KillSignal") == "SIGTERM"
+    assert one(unit, "Restart") == "on-failure"
+    assert one(unit, "UMask") == "0077"
+    assert "AF_PACKET" not in one(unit, "RestrictAddressFamilies")
+
+
+def test_node_unit_keeps_only_cap_sys_admin() -> None:
+    unit = parse_unit(UNITS / "ooda-node.service")
+    assert one(unit, "CapabilityBoundingSet") == "CAP_SYS_ADMIN"
+    assert one(unit, "AmbientCapabilities") == ""
+    assert one(unit, "NoNewPrivileges") == "yes"
+    assert one(unit, "ProtectSystem") == "strict"
+    assert one(unit, "DevicePolicy") == "closed"
+    devices = unit["Service"]["DeviceAllow"]
+    assert all("nvidia" in d for d in devices) and "/dev/nvidiactl rw" in devices
+    assert "ooda node serve" in one(unit, "ExecStart")
+    assert "--token-file /etc/ooda/node.token" in one(unit, "ExecStart")
+    assert one(unit, "Group") == "ooda"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize(("name", "most"), [("ooda-agent", 2.0), ("ooda-node", 3.0)])
+def test_systemd_rates_and_verifies_the_units(tmp_path: Path, name: str, most: float) -> None:
+    unit = UNITS / f"{name}.service"
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= most, security.stdout
+    # verify wants the binary to exist: point ExecStart at the real `ooda` of this environment.
+    ooda = Path(sys.executable).with_name("ooda")
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("/opt/ooda/bin/ooda", str(ooda)))
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+
+
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: `make system-deps` installs Debian's prometheus"
+    check = subprocess.run(
+        [promtool, "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS" in check.stdout
+    tested = subprocess.run(
+        [promtool, "test", "rules", "ooda-rules.test.yml"],
+        cwd=RULES.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def exported_names(tmp_path: Path) -> set[str]:
+    """Every series name the agent exports after a few cycles (dry-run and live paths)."""
+    names: set[str] = set()
+    for dry in (True, False):
+        cfg = write(
+            tmp_path / f"o{dry}.toml",
+            twin_config(
+                dry_run=dry,
+                faults=("dropout:node2@20+30", "xid=79:node1/gpu0@15+30"),
+                # health_drain drains node1, wants it back at once: the node cooldown refuses
+                extra="[policies.power_budget]\n[policies.health_drain]\nresume_hold_s = 0\n",
+            ),
+        )
+        wall = FakeClock(START_UNIX)
+        daemon = in_process(cfg, tmp_path / f"state{dry}", wall=wall)
+        daemon.runtime.loop.orienter = WithForecast(HealthFromXid(daemon.runtime.loop.orienter))
+        try:
+            for _ in range(8):
+                wall.advance(daemon.interval_s)
+                daemon.run_cycle()
+            text = generate_latest(daemon.metrics.registry).decode()
+        finally:
+            daemon.shutdown()
+        names |= {m.group(1) for m in re.finditer(r"^(ooda_[a-z_]+)[{ ]", text, re.MULTILINE)}
+    return names
+
+
+class WithForecast:
+    """Stands in for orient's forecaster (a hand-written fake): persistence, +-10%."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def orient(self, snapshot: Any, budget_w: Any, nodes: Any = None, priority: Any = None) -> Any:
+        s = self.inner.orient(snapshot, budget_w, nodes, priority)
+        now = np.full(2, s.fleet_power_w)
+        forecast = PowerForecast((300.0, 900.0), now, 0.9 * now, 1.1 * now)
+        return replace(s, forecast=forecast)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.inner.to_dict()  # type: ignore[no-any-return]
+
+    def load_dict(self, data: Any) -> None:
+        self.inner.load_dict(data)
+
+
+def rule_names() -> set[str]:
+    return set(re.findall(r"^\s+- record: (\S+)$", RULES.read_text(), re.MULTILINE))
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\b(ooda[_:][a-zA-Z0-9_:]+)", expr))
+
+
+def test_every_metric_the_dashboard_and_rules_query_is_exported(tmp_path: Path) -> None:
+    exported = exported_names(tmp_path)
+    assert {"ooda_stage_duration_seconds_bucket", "ooda_cycles_total"} <= exported
+    recorded = rule_names()
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "ooda-agent" and dashboard["panels"]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        unknown = metric_names_in(expr) - exported - recorded
+        assert not unknown, f"dashboard queries {unknown}, which the agent does not export"
+    for expr in re.findall(r"^\s+expr: (.+)$", RULES.read_text(), re.MULTILINE):
+        unknown = metric_names_in(expr) - exported - recorded
+        assert not unknown, f"rules query {unknown}, which the agent does not export"
+    # Every panel's queries: no unit-less garbage, and each panel has an id and a place.
+    for panel in dashboard["panels"]:
+        assert {"id", "title", "gridPos", "targets"} <= set(panel)
+
+
+def test_example_configs_are_valid() -> None:
+    for path in sorted((DEPLOY / "examples").glob("*.toml")):
+        config = load_config(path)
+        assert config.dry_run, f"{path}: examples start in dry-run"
+    twin = load_config(DEPLOY / "examples" / "twin.toml")
+    assert (twin.source.kind, twin.twin.speed, twin.daemon.interval_s) == ("twin", 1.0, 1.0)
+
+
+def dockerfile_install_command() -> str:
+    text = (REPO / "Dockerfile").read_text()
+    runs = [r for r in re.findall(r"^RUN (.+)$", text, re.MULTILINE) if "install.sh" in r]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_dockerfile_is_slim_and_unprivileged() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.MULTILINE)
+    user = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert "ADD " not in text  # nothing fetched at build time but through pip
+    assert dockerfile_install_command() == "sh /src/deploy/install.sh /opt/ooda /src && rm -rf /src"
+    assert re.search(r'^ENTRYPOINT \["ooda", "run"\]$', text, re.MULTILINE)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_container_install_step_in_a_clean_virtual_environment(tmp_path: Path) -> None:
+    """The Dockerfile's install step, run as it is written with only the paths changed: a fresh
+    virtual environment from the source tree, then `ooda run` from it against the twin."""
+    command = dockerfile_install_command().replace(" && rm -rf /src", "")
+    prefix = tmp_path / "opt-ooda"
+    command = command.replace("/src/deploy/install.sh", str(REPO / "deploy" / "install.sh"))
+    command = command.replace("/opt/ooda", str(prefix)).replace(" /src", f" {REPO}")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    installed = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, timeout=400, env=env, check=False
+    )
+    assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-4000:]
+    ooda = prefix / "bin" / "ooda"
+    assert (prefix / "share" / "doc" / "operator-guide.md").is_file()
+    # It runs from there, outside the source tree: the twin example, briefly, then SIGTERM.
+    cfg = write(tmp_path / "twin.toml", twin_config(interval_s=0.2, speed=5))
+    log = tmp_path / "run.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [str(ooda), "run", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
+             "--metrics-listen", "127.0.0.1:0"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+            env={**env, "OODA_LOG_LEVEL": "info"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and '"cycle_summary"' not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+            assert '"cycle_summary"' in log.read_text(), log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert str(prefix) in subprocess.run(
+        [str(prefix / "bin" / "python"), "-c", "import agent; print(agent.__file__)"],
+        capture_output=True, text=True, check=True, env=env, cwd=tmp_path,
+    ).stdout  # fmt: skip
