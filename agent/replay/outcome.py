@@ -154,7 +154,9 @@ class SegmentIndex:
         self.keys = np.concatenate([self.keys, new])
         self.uuids = np.concatenate([self.uuids, uuids[first]])
         at = np.searchsorted(self._sorted, new)
-        self._sorted = np.insert(self._sorted, at, new)
+        # np.insert keeps the array's dtype: widen it first, or longer keys are truncated.
+        wide = np.promote_types(self._sorted.dtype, new.dtype)
+        self._sorted = np.insert(self._sorted.astype(wide), at, new)
         self._order = np.insert(self._order, at, ids)
 
     def ids(self, uuid: StrArray, job: StrArray, add: bool) -> tuple[IntArray, BoolArray]:
