@@ -277,3 +277,41 @@ def test_a_day_of_1000_gpus_replays_in_under_a_minute(tmp_path: Path) -> None:
     assert report.sets[0].kpis["actions"]["set_power_cap"] > 0
     assert report.sets[0].cycles == 5760
     assert wall < 60.0, f"replay took {wall:.1f} s"
+
+
+def test_progress_bar_on_a_terminal_only(recorded: Recorded) -> None:
+    """On a terminal (a pseudo-terminal here) stderr shows a progress bar; piped, nothing."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable,
+        "-m",
+        "agent",
+        "replay",
+        str(recorded.trace),
+        "--policy",
+        "power_budget",
+    ]
+    leader, follower = pty.openpty()
+    seen = b""
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        while True:  # read while it runs: a full terminal buffer would block it
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+        code = proc.wait(timeout=120)
+    finally:
+        os.close(leader)
+    assert code == 0
+    assert b"replaying q-power_budget.parquet" in seen
+    piped = subprocess.run(args, capture_output=True, timeout=120, check=False)
+    assert piped.returncode == 0 and piped.stderr == b""
