@@ -738,6 +738,11 @@ def replay_trace(
     for r in results:
         r.kpis.pop("_baseline", None)
     notes = list(learned.estimates.notes)
+    if not baseline["work_gpu_s"]:
+        notes.append(
+            "the trace shows no busy GPU with an SM clock and utilization: throughput cannot be "
+            "estimated (throughput_ratio is null)"
+        )
     if config.cluster.budget_w is None and not np.isfinite(meta.budget_w).any():
         notes.append("the trace holds no budget and none is configured: nothing is above budget")
     return ReplayReport(
