@@ -25,6 +25,7 @@ def replay(
             help="TRACE (a trace file; not with --prometheus), then, with --compare, the policy "
             "sets to compare.",
             show_default=False,
+            metavar="TRACE SET",
         ),
     ] = None,
     config: Annotated[
@@ -99,8 +100,9 @@ def replay(
 
       ooda replay day.parquet --policy power_budget --json
 
-      ooda replay day.parquet --compare power_budget power_budget+energy_efficiency \\
-          --report whatif.html
+      ooda replay day.parquet --compare power_budget power_budget+thermal_guard
+
+      ooda replay day.parquet --config ooda.toml --compare current cautious --report r.html
 
       ooda replay --prometheus http://prom:9090 --start -24h --end now --config ooda.toml
     """
