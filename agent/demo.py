@@ -41,7 +41,14 @@ class DemoOptions:
     drop_budget_frac: float = 0.65
     faults: tuple[FaultSpec, ...] = ()
     audit_path: Path | None = None
-    policies: tuple[str, ...] = ("power_budget",)
+    policies: tuple[str, ...] = (  # every built-in policy, safety first
+        "power_budget",
+        "thermal_guard",
+        "health_drain",
+        "energy_efficiency",
+        "idle_powerdown",
+        "placement",
+    )
 
 
 def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
