@@ -66,6 +66,7 @@ WARMUP_S = 180.0  # a job's start-up: its draw and clock say nothing about its n
 FULL_UTIL_PCT = 90.0  # a GPU this busy is past its job's start-up
 LEARNED_CONFIDENCE = 0.3  # a curve this confident counts as learned (not the prior) in notes
 PRIOR_LOG_LOSS_SD = 0.70  # the prior's spread of log(a (1 - x)^b) near x = 0.75 (orient's prior)
+B_SD_PER_LOSS_SD = 0.5  # the prior's sd of b (0.35) per sd of its log loss (0.70)
 N_MEASURED_SD = 0.02  # relative uncertainty of a natural draw measured uncapped
 K_MEASURED_SD = 0.01
 K_ASSUMED_SD = 0.03
@@ -579,7 +580,7 @@ class Counterfactual:
             x_cf = np.minimum(1.0, k * cap_p_eff / d_now)
         x_obs = np.nan_to_num(x_obs, nan=1.0)
         x_cf = np.nan_to_num(x_cf, nan=1.0)
-        clock_cf = _clock_share(c_obs, x_obs, x_cf, bind_q, a, b, np.ones(n))
+        clock_cf = _clock_share(c_obs, x_obs, x_cf, bind_q, a, b, 0.0, np.zeros(n))
         t_obs = np.where(proxy_ok, c_obs * u_obs, 0.0)
         t_cf = np.where(proxy_ok & ~done, clock_cf * u_obs, 0.0)
 
@@ -599,7 +600,6 @@ class Counterfactual:
             nat_d = est.natural_w_draws[sg].T  # (m, A)
             k_d = k[r][None, :] * (1.0 + est.k_sd[sg][None, :] * est.z_k[:, None])
             k_d = np.clip(k_d, 0.5, 1.0)
-            scale = np.exp(est.loss_sd[sg][None, :] * est.z_loss[:, None])
             bq = bind_q[r][None, :]
             d_d = np.where(bq, nat_d, power[r][None, :])
             dd = done_d[r].T
@@ -611,7 +611,16 @@ class Counterfactual:
             p_d = np.where(dd, np.minimum(idle_w[r], cap_p_eff[r]), p_d)
             xo = np.nan_to_num(xo, nan=1.0)
             xc = np.nan_to_num(xc, nan=1.0)
-            cc = _clock_share(np.broadcast_to(c_obs[r], xo.shape), xo, xc, bq, a[r], b[r], scale)
+            cc = _clock_share(
+                np.broadcast_to(c_obs[r], xo.shape),
+                xo,
+                xc,
+                bq,
+                a[r],
+                b[r],
+                est.z_loss[:, None],
+                est.loss_sd[sg][None, :],
+            )
             tc_rows = np.where(proxy_ok[r] & ~dd, cc * u_obs[r], 0.0)
             fleet_draws = np.nansum(p_d, axis=1) - float(np.nansum(power_cf[r]))
             work_draws = tc_rows.sum(axis=1) - float(t_cf[r].sum())
@@ -711,20 +720,28 @@ def _clock_share(
     bind_q: npt.ArrayLike,
     a: npt.ArrayLike,
     b: npt.ArrayLike,
-    scale: npt.ArrayLike,
+    z: npt.ArrayLike,
+    loss_sd: npt.ArrayLike,
 ) -> FloatArray:
-    """The clock share (of the natural clock) under the new cap. Recorded uncapped: what was
-    seen, times the curve's loss at the new share. Recorded capped: the curve at the new share,
-    plus the recorded point's distance from the curve, fading linearly to 0 at x = 1."""
+    """The clock share (of the natural clock) under the new cap.
+
+    Recorded uncapped: what was seen, times the curve's T at the new share (the curve's level
+    uncertain: its loss scaled by exp(loss_sd z)). Recorded under a binding cap: the recorded
+    point (x_obs, c_obs) lies on the job's curve, so the curve through it with the exponent b,
+    loss(x) = loss_obs ((1 - x) / (1 - x_obs))^b; only b is uncertain there (sd b_sd z)."""
     a_ = np.asarray(a, dtype=np.float64)
     b_ = np.asarray(b, dtype=np.float64)
-    s_ = np.asarray(scale, dtype=np.float64)
+    z_ = np.asarray(z, dtype=np.float64)
+    sd = np.asarray(loss_sd, dtype=np.float64)
     c = np.asarray(c_obs, dtype=np.float64)
-    t_cf = _throughput(x_cf, a_, b_, s_)
-    t_ob = _throughput(x_obs, a_, b_, s_)
+    scale = np.exp(sd * z_)
+    b_d = np.maximum(b_ + B_SD_PER_LOSS_SD * sd * z_, MIN_EXPONENT)
+    t_cf = _throughput(x_cf, a_, b_, scale)
     gap = 1.0 - x_obs
+    loss_obs = np.clip(1.0 - c, 0.0, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        fade = np.where(gap > 0.02, np.clip((1.0 - x_cf) / gap, 0.0, 2.0), 0.0)
-    capped = t_cf + (c - t_ob) * fade
+        ratio = np.where(gap > 0.02, np.clip(1.0 - x_cf, 0.0, 1.0) / gap, 1.0)
+        through = 1.0 - loss_obs * np.power(ratio, b_d)
+    capped = np.where(gap > 0.02, through, t_cf)
     out = np.where(np.asarray(bind_q, dtype=bool), capped, c * t_cf)
     return np.asarray(np.clip(out, 0.0, 1.2), dtype=np.float64)
