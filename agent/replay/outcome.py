@@ -13,9 +13,8 @@ would have happened under the caps the replayed policies set instead. The model,
   relative to its uncapped level (a job still starting up or stalled does less):
   `T = clock / natural_clock x util / natural_util`, the same proxy orient's curve learner uses.
   Under a new cap the clock part follows the job's power curve T(x) = 1 - a (1 - x)^b at the
-  share x = power / N; where the recorded cap bound, the recorded clock is a point on the curve
-  too, and its distance from the curve is kept, fading to nothing at x = 1 (where the curve
-  family pins T = 1).
+  share x = power / N; where the recorded cap bound, the recorded clock is a point on the job's
+  curve, and the estimate follows the curve through it with the job's exponent b.
 - **what is learned, and from what** (the `learn` pass over the recorded trace, before replay):
   per GPU and job (a *segment*), the natural draw, clock and utilization from the samples where
   its cap did not bind, after the job's start-up; `k` from the samples where it did; the curve
@@ -35,7 +34,8 @@ long jobs this is a small effect; over weeks it is not, and the report says so.
 
 **Uncertainty** (90% intervals): KPIs are computed for the point estimate and for `draws`
 parameter draws: the curve's loss a (1 - x)^b scaled by exp(sigma z), sigma shrinking with the
-curve's confidence (0: the prior, sigma about 0.7, a factor of 3 on the loss at the 90% level);
+curve's confidence (0: the prior, sigma about 0.7, a factor of 3 on the loss at the 90% level;
+through a recorded capped point, only b, within 0.35 (1 - confidence));
 k within 1% (measured) or 3% (assumed); N within 2% (measured) or over its truncated
 distribution (never seen uncapped). Draws are shared by every GPU (fully correlated): a wrong
 prior is wrong for every job, so the intervals are conservative.
