@@ -107,3 +107,42 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     # Coloured lines drawn: pixels far from grey (the background and axes are grey or white).
     colour = plot_pixels.max(axis=2) - plot_pixels.min(axis=2)
     assert (colour > 60).mean() > 0.005, "the power plot shows no coloured lines"
+
+
+def test_report_of_a_recorded_cluster_trace_shows_dates(tmp_path: Path) -> None:
+    """A trace in Unix time (as `ooda record` writes) is plotted against dates."""
+    from agent.core.gpu_models import H100_SXM
+    from agent.core.snapshot import Metric, build_snapshot
+    from agent.observe.trace import TraceWriter
+    from agent.replay.engine import PolicySet, replay_trace
+    from agent.replay.report import render_html
+
+    t0 = 1_714_564_800.0  # 2024-05-01T12:00:00Z
+    trace = tmp_path / "cluster.parquet"
+    metrics = (Metric.POWER_W, Metric.SM_CLOCK_MHZ, Metric.UTIL_PCT)
+    with TraceWriter(trace, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
+        for k in range(20):
+            w.append(
+                build_snapshot(
+                    time_s=t0 + 15 * k,
+                    node_of_gpu=["a", "b"],
+                    gpu=[0, 0],
+                    uuid=["GPU-a", "GPU-b"],
+                    model=[H100_SXM.model_name] * 2,
+                    job=["7", ""],
+                    values={
+                        Metric.POWER_W: [650.0, 80.0],
+                        Metric.SM_CLOCK_MHZ: [1900.0, 345.0],
+                        Metric.UTIL_PCT: [99.0, 0.0],
+                    },
+                    age_s=[0.0, 0.0],
+                    stale=[False, False],
+                    budget_w=700.0,
+                )
+            )
+    report = replay_trace(trace, policy_sets=[PolicySet("power_budget", ("power_budget",))])
+    page = render_html(report)
+    assert "2024-05-01T12:00:00" in page  # the axis and the header speak in dates
+    assert report.baseline["budget_violation_s"] > 0  # 730 W against 700 W
+    assert report.sets[0].kpis["actions"]["set_power_cap"] > 0
+    assert report.sets[0].kpis["budget_violation_s"] < report.baseline["budget_violation_s"]
