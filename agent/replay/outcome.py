@@ -365,6 +365,7 @@ class Estimates:
             util = c["sum_util"] / c["n_clock"]
             k_seg = c["sum_k"] / c["n_bind"]
         known = c["n_clear"] > 0
+        ran = c["busy_steps"] > 0  # a segment ids also name idle GPUs: only those that ran count
         notes: list[str] = []
         natural = np.where(known, natural_mean, np.nan)
         n_draws = np.repeat(natural[:, None], draws, axis=1) * (1 + N_MEASURED_SD * z_n)[None, :]
@@ -384,7 +385,7 @@ class Estimates:
                 clock[mine & ~has_clock] = float(np.median(clock[has_clock]))
                 util[mine & ~has_clock] = float(np.median(util[has_clock]))
             # Natural draw of jobs never seen uncapped: the model's known draws above the bound.
-            unknown = mine & ~known
+            unknown = mine & ~known & ran
             if not unknown.any():
                 continue
             lo = np.nan_to_num(c["bound_w"][unknown], nan=0.0)
@@ -397,10 +398,13 @@ class Estimates:
                 n_dr = lo[:, None] + (hi - lo)[:, None] * u_n[None, :]
             natural[unknown] = n_pt
             n_draws[unknown] = n_dr
-        unknown_all = ~known
+        # Jobs seen for one step only (a label that lags the draw) are not worth a note.
+        unknown_all = ~known & (c["busy_steps"] > 1)
         if unknown_all.any():
             notes.append(
-                f"{int(unknown_all.sum())} of {s} jobs (per GPU) were never seen uncapped: their "
+                f"{int(unknown_all.sum())} of {int((c['busy_steps'] > 1).sum())} jobs (per GPU) "
+                "were never seen "
+                "uncapped: their "
                 "natural draw is estimated from the trace's other jobs, above what they drew"
             )
         a = np.where(np.isfinite(c["a"]), c["a"], 1.13)
@@ -410,11 +414,16 @@ class Estimates:
         steps = c["busy_steps"].astype(np.float64)
         total = float(steps.sum())
         learned_share = float(steps[learned].sum()) / total if total else 0.0
+        capped_share = float(steps[c["n_bind"] > 0].sum()) / total if total else 0.0
         if total and learned_share < 0.5:
+            why = (
+                "the trace shows few caps binding, little to learn curves from"
+                if capped_share < 0.2
+                else "orient did not learn them with confidence from this trace"
+            )
             notes.append(
-                f"power curves learned for {learned_share:.0%} of busy GPU time; the rest uses "
-                "the GPU model's prior, with wide intervals (a trace with little cap variation "
-                "has little to learn from)"
+                f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): the "
+                "rest uses the GPU model's prior, with wide intervals"
             )
         with np.errstate(invalid="ignore", divide="ignore"):
             work = c["sum_cu_dt"] / (clock * util)
@@ -443,10 +452,11 @@ class Estimates:
             idle_clock_mhz=idle_clock,
             notes=tuple(notes),
             summary={
-                "segments": float(s),
-                "natural_known_share": float(known.mean()) if s else 0.0,
+                "segments": float(ran.sum()),
+                "natural_known_share": float(known[ran].mean()) if ran.any() else 0.0,
                 "learned_curve_share": learned_share,
                 "capped_segments": float((c["n_bind"] > 0).sum()),
+                "never_uncapped_segments": float(unknown_all.sum()),
             },
         )
 
