@@ -34,6 +34,7 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.snapshot import Metric
 from agent.observe.promql import check_label_name, check_metric_name
 from agent.orient.groups import expand_nodes
+from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
@@ -303,6 +304,7 @@ class Config(_Section):
     )
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
     guard: GuardSettings = Field(default_factory=GuardSettings)
+    orient: OrientSettings = Field(default_factory=OrientSettings)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     rollout: RolloutSettings = Field(

@@ -92,6 +92,7 @@ def orienter_for(config: Config) -> Orienter:
         group_label=cluster.group_label,
         label_budgets_w=dict(cluster.label_budgets_w),
         job_priority=dict(cluster.job_priority),
+        settings=config.orient,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from agent.core.errors import ConfigError
+from policies.curve_exploration import CurveExploration
 from policies.energy_efficiency import EnergyEfficiency
 from policies.health_drain import HealthDrain
 from policies.idle_powerdown import IdlePowerdown
@@ -81,7 +82,15 @@ class PolicyRegistry:
 def builtin_registry() -> PolicyRegistry:
     """A fresh registry with the built-in policies (explicitly listed)."""
     registry = PolicyRegistry()
-    for cls in (PowerBudget, ThermalGuard, HealthDrain, EnergyEfficiency, IdlePowerdown, Placement):
+    for cls in (
+        PowerBudget,
+        ThermalGuard,
+        HealthDrain,
+        EnergyEfficiency,
+        IdlePowerdown,
+        Placement,
+        CurveExploration,
+    ):
         registry.register(cls)
     return registry
 

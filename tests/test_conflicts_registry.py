@@ -124,6 +124,7 @@ def test_registry_refuses_duplicates() -> None:
         "energy_efficiency",
         "idle_powerdown",
         "placement",
+        "curve_exploration",
     }
 
 

@@ -11,6 +11,7 @@ from agent.cli._common import setup_logging
 from agent.cli.audit_cmd import audit_app, explain
 from agent.cli.config_cmd import config_app, policies
 from agent.cli.demo import demo
+from agent.cli.detect import detect, forecast
 from agent.cli.guard_cmd import guard_app
 from agent.cli.node import node_app
 from agent.cli.once import once
@@ -58,6 +59,8 @@ app.add_typer(guard_app, name="guard")
 app.add_typer(audit_app, name="audit")
 app.command("explain")(explain)
 app.command("rollback")(rollback)
+app.command("detect")(detect)
+app.command("forecast")(forecast)
 
 
 def main(argv: list[str] | None = None) -> int:

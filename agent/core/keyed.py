@@ -65,6 +65,18 @@ class KeyedColumns:
         pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1)
         return pos.astype(np.int64), self.keys[pos] == arr
 
+    def retain(self, mask: npt.ArrayLike) -> None:
+        """Keep only the keys where `mask` is true (forget the others and their columns)."""
+        keep = np.asarray(mask, dtype=bool)
+        if keep.shape != self.keys.shape:
+            raise ValueError(f"retain: mask has shape {keep.shape}, want {self.keys.shape}")
+        if keep.all():
+            return
+        self.keys = self.keys[keep]
+        for name in self.cols:
+            self.cols[name] = self.cols[name][keep]
+        self._last_keys = self._last_slots = None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for persistence)."""
         return {"keys": self.keys.tolist(), **{k: v.tolist() for k, v in self.cols.items()}}

@@ -36,6 +36,9 @@ class CurveEstimates:
     confidence: FloatArray
     source: StrArray  # "prior" or "learned"
     natural_w_hi: FloatArray  # a high quantile of the natural draw, for budget safety
+    natural_clock_mhz: FloatArray | None = None  # SM clock when uncapped (the throughput proxy)
+    workload_class: StrArray | None = None  # the class whose prior applies ("" unknown)
+    natural_known: BoolArray | None = None  # natural draw seen uncapped after start-up
 
     @staticmethod
     def constant(
@@ -69,6 +72,12 @@ class PowerForecast:
     node_hi_w: FloatArray | None = None
     method: str = "persistence"  # which model produced it ("persistence" or a learned one)
     coverage: float = 0.9  # nominal coverage of [lo, hi]
+    node_lo_w: FloatArray | None = None  # nodes x horizons
+    node_methods: tuple[str, ...] = ()  # per horizon: what produced node_w
+    fleet_methods: tuple[str, ...] = ()  # per horizon: what produced fleet_w
+    node_temp_c: FloatArray | None = None  # nodes x horizons: the node's hottest GPU
+    node_temp_lo_c: FloatArray | None = None
+    node_temp_hi_c: FloatArray | None = None
 
     def at(self, horizon_s: float) -> tuple[float, float, float]:
         """Point, low, high at the first horizon >= horizon_s (the last one if none)."""
@@ -94,6 +103,9 @@ class HealthStatus:
     code: StrArray  # e.g. "xid:79", "ecc_dbe", "row_remap_failure", "" when OK
     remediation: StrArray  # e.g. "drain, requeue its jobs"
     since_s: FloatArray  # when the current condition started (NaN when OK)
+    # Every condition held, comma-separated (e.g. "row_remap_failure,ecc_dbe,xid:48"); None when
+    # the producer does not say.
+    conditions: StrArray | None = None
 
     @staticmethod
     def healthy(n: int) -> HealthStatus:
@@ -102,6 +114,7 @@ class HealthStatus:
             code=np.full(n, "", dtype=np.str_),
             remediation=np.full(n, "", dtype=np.str_),
             since_s=np.full(n, np.nan),
+            conditions=np.full(n, "", dtype=np.str_),
         )
 
 

@@ -10,13 +10,16 @@ for `warmup_s`, and policies account for it at its cap. State is columnar, keyed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
+from agent.orient.stats import Grouper
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -34,6 +37,7 @@ class NaturalDraw:
     uncertain: BoolArray  # warming up, or never seen uncapped
     busy: BoolArray
     cap_draw_frac: FloatArray  # draw / limit under a binding cap (NaN: not seen capped yet)
+    busy_for_s: FloatArray | None = None  # how long the GPU has run its current job (NaN idle)
 
 
 class NaturalDrawTracker:
@@ -45,9 +49,10 @@ class NaturalDrawTracker:
         self.rise_halflife_s = rise_halflife_s
         self.fall_halflife_s = fall_halflife_s
         self.warmup_s = warmup_s
+        self._jobs = Grouper()
         self.state = KeyedColumns(
             {
-                "job": ("U64", ""),
+                "job": (np.int64, 0),  # string_hash of the job label
                 "busy_since": (np.float64, np.nan),
                 "mean": (np.float64, np.nan),
                 "var": (np.float64, 0.0),
@@ -56,6 +61,12 @@ class NaturalDrawTracker:
                 "cap_frac": (np.float64, np.nan),
             }
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state.to_dict()}
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.state.load_dict(data.get("state", {}))
 
     def update(self, snapshot: Snapshot) -> NaturalDraw:
         n = snapshot.n_gpus
@@ -76,9 +87,10 @@ class NaturalDrawTracker:
         busy = fresh & (has_job | (util_ok & (util > BUSY_UTIL_PCT)))
 
         # A new job (or a GPU turning busy) restarts what we know.
-        job_changed = (st["job"][slot] != snapshot.job) | (busy & np.isnan(st["busy_since"][slot]))
+        job = self._jobs.hashes(snapshot.job)
+        job_changed = (st["job"][slot] != job) | (busy & np.isnan(st["busy_since"][slot]))
         restart = fresh & job_changed
-        st["job"][slot[restart]] = snapshot.job[restart]
+        st["job"][slot[restart]] = job[restart]
         st["busy_since"][slot[restart]] = np.where(busy[restart], now, np.nan)
         st["mean"][slot[restart]] = np.nan
         st["var"][slot[restart]] = 0.0
@@ -130,4 +142,5 @@ class NaturalDrawTracker:
             uncertain=busy & (warming | ~st["seen"][slot]),
             busy=busy,
             cap_draw_frac=np.where(busy, st["cap_frac"][slot], np.nan),
+            busy_for_s=np.where(busy, now - st["busy_since"][slot], np.nan),
         )

@@ -1,7 +1,13 @@
-"""Orient: a Snapshot becomes a Situation (headroom, who is busy, each GPU's power curve).
+"""Orient: a Snapshot becomes a Situation: headroom, who is busy, each GPU's learned power
+curve, its health class, anomalies with their evidence, and power/temperature forecasts.
 
-Pure computation over numpy arrays; the state it keeps between cycles (learned draws) lives in
-its trackers and is explicit.
+Pure computation over numpy arrays (and scikit-learn models refit on a schedule); the state it
+keeps between cycles lives in its models and is explicit: `to_dict()` gives it as JSON-ready
+data, `load_dict()` restores it.
+
+Order within a cycle: the natural draws and health first (they explain what follows), then the
+anomaly detectors score the new snapshot against what was learned before it, then the curves
+learn from whatever was not flagged, then the forecasts.
 """
 
 from __future__ import annotations
@@ -14,14 +20,29 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.situation import CurveEstimates, NodeStates, Situation
+from agent.core.situation import (
+    AnomalyFlags,
+    CurveEstimates,
+    HealthSeverity,
+    HealthStatus,
+    NodeStates,
+    PowerForecast,
+    Situation,
+)
 from agent.core.snapshot import Metric, Snapshot
+from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
 from agent.orient.arrivals import ArrivalTracker
+from agent.orient.curvefit import CurveLearner
+from agent.orient.forecast import PanelForecaster
 from agent.orient.groups import GroupSpec, group_masks, job_priorities
+from agent.orient.health import HealthClassifier
 from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
+from agent.orient.settings import OrientSettings
+from agent.orient.stats import json_safe
 
 FloatArray = npt.NDArray[np.float64]
+STATE_VERSION = 1
 
 
 DEFAULT_REL_SPREAD = 0.03  # relative spread of a GPU's draw before any is measured
@@ -78,6 +99,8 @@ class Orienter:
         node_overhead_w: float = 0.0,
         prior: CurvePrior | None = None,
         natural: NaturalDrawTracker | None = None,
+        settings: OrientSettings | None = None,
+        seed: int = 0,
         groups: tuple[GroupSpec, ...] = (),
         group_label: str | None = None,
         label_budgets_w: dict[str, float] | None = None,
@@ -92,22 +115,84 @@ class Orienter:
         self.natural = natural or NaturalDrawTracker()
         self.idle = IdleTracker()
         self.arrivals = ArrivalTracker()
+        self.settings = s = settings or OrientSettings()
+        self.health = HealthClassifier(s.health.watch_hold_s, s.health.restart_hold_s)
+        self.anomaly = AnomalyDetector(s.anomaly, seed=seed)
+        self.curves = CurveLearner(
+            s.curves, prior_a=self.prior.a, prior_b=self.prior.b, warmup_s=self.natural.warmup_s
+        )
+        fc = s.forecast
+
+        def panel(n_exog: int, panel_seed: int) -> PanelForecaster:
+            return PanelForecaster(
+                horizons_s=fc.horizons_s,
+                coverage=fc.coverage,
+                refit_cycles=fc.refit_cycles,
+                min_train_rows=fc.min_train_rows,
+                train_rows=fc.train_rows,
+                series_per_cycle=fc.nodes_per_cycle,
+                n_exog=n_exog,
+                seed=panel_seed,
+                model=fc.model,
+            )
+
+        self.node_power = panel(6, seed)
+        self.node_temp = panel(1, seed + 100)
+        self.fleet = FleetScore(len(fc.horizons_s), fc.coverage)
+        self.interval_s: float | None = None
+        self.last_time_s: float | None = None
+        self.cycles = 0
+
+    # -- state ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The models' learned state, JSON-ready (the daemon persists it across restarts)."""
-        return {
-            "natural": self.natural.state.to_dict(),
+        """Everything learned, as strict-JSON-ready data (NaN as null)."""
+        data = {
+            "version": STATE_VERSION,
+            "interval_s": self.interval_s,
+            "last_time_s": self.last_time_s,
+            "cycles": self.cycles,
+            "natural": self.natural.to_dict(),
+            "health": self.health.to_dict(),
+            "anomaly": self.anomaly.to_dict(),
+            "curves": self.curves.to_dict(),
+            "node_power": self.node_power.to_dict(),
+            "node_temp": self.node_temp.to_dict(),
+            "fleet": self.fleet.to_dict(),
             "idle": self.idle.state.to_dict(),
             "arrivals": self.arrivals.to_dict(),
         }
+        out = json_safe(data)
+        assert isinstance(out, dict)
+        return out
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
-        if "natural" in data:
-            self.natural.state.load_dict(data["natural"])
-        if "idle" in data:
-            self.idle.state.load_dict(data["idle"])
+        if "version" not in data:  # a state saved before the orient models: what it holds
+            if "natural" in data:
+                self.natural.state.load_dict(data["natural"])
+            if "idle" in data:
+                self.idle.state.load_dict(data["idle"])
+            if "arrivals" in data:
+                self.arrivals.load_dict(data["arrivals"])
+            return
+        version = data.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"orient state version {version!r} (this agent reads {STATE_VERSION})")
+        self.interval_s = _opt_float(data.get("interval_s"))
+        self.last_time_s = _opt_float(data.get("last_time_s"))
+        self.cycles = int(data.get("cycles", 0))
+        self.natural.load_dict(data["natural"])
+        self.health.load_dict(data["health"])
+        self.anomaly.load_dict(data["anomaly"])
+        self.curves.load_dict(data["curves"])
+        self.node_power.load_dict(data["node_power"])
+        self.node_temp.load_dict(data["node_temp"])
+        self.fleet.load_dict(data["fleet"])
+        self.idle.state.load_dict(data.get("idle", {}))
         if "arrivals" in data:
             self.arrivals.load_dict(data["arrivals"])
+
+    # -- one cycle --------------------------------------------------------------------------------
 
     def orient(
         self,
@@ -117,6 +202,10 @@ class Orienter:
         priority: npt.NDArray[np.int64] | None = None,
     ) -> Situation:
         n = snapshot.n_gpus
+        self.cycles += 1
+        if self.last_time_s is not None and snapshot.time_s > self.last_time_s:
+            self.interval_s = typical_interval(self.interval_s, snapshot.time_s - self.last_time_s)
+        self.last_time_s = snapshot.time_s
         cap, min_cap, max_cap, default_cap = cap_bounds(snapshot)
         draw = self.natural.update(snapshot)
         prior_natural = self.prior.natural_frac * max_cap
@@ -131,29 +220,87 @@ class Orienter:
         typical = float(np.median(rel)) if rel.size else DEFAULT_REL_SPREAD
         std = np.where(known_spread, draw.std_w, typical * natural)
         natural_hi = natural + 2.0 * std
+        # Learned where seen capped, else the prior (noise is the budget's fleet margin).
+        cap_draw_frac = np.where(
+            np.isfinite(draw.cap_draw_frac),
+            np.minimum(draw.cap_draw_frac, 1.0),
+            self.prior.cap_draw_frac,
+        )
+        health = self.health.update(snapshot)
+        natural_known = draw.busy & ~draw.uncertain & np.isfinite(draw.mean_w)
+        before = self.curves.view(snapshot, draw.busy)
+        anomalies = self.anomaly.update(
+            snapshot,
+            AnomalyContext(
+                busy=draw.busy,
+                natural_w=np.where(natural_known, draw.mean_w, np.nan),
+                natural_known=natural_known,
+                cap_draw_frac=np.where(np.isfinite(draw.cap_draw_frac), draw.cap_draw_frac, 0.95),
+                cap_frac_known=np.isfinite(draw.cap_draw_frac),
+                cap_w=cap,
+                max_cap_w=max_cap,
+                natural_clock_mhz=before.natural_clock_mhz,
+                curve_a=before.a,
+                curve_b=before.b,
+                health_severity=health.severity,
+                interval_s=self.interval_s,
+            ),
+        )
+        # Curves see the unbiased uncapped level where the detector has one (the tracker's
+        # estimate leans high on purpose, which would bend the fitted curves).
+        level_w = self.anomaly.uncapped_level_w
+        learned = self.curves.update(
+            snapshot,
+            busy=draw.busy,
+            natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
+            natural_known=natural_known,
+            max_cap_w=max_cap,
+            exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
+        )
+        use = self.settings.curves.apply
         curves = CurveEstimates(
             natural_w=natural,
-            a=np.full(n, self.prior.a),
-            b=np.full(n, self.prior.b),
-            # Learned where seen capped, else the prior (noise is the budget's fleet margin).
-            cap_draw_frac=np.where(
-                np.isfinite(draw.cap_draw_frac),
-                np.minimum(draw.cap_draw_frac, 1.0),
-                self.prior.cap_draw_frac,
-            ),
-            confidence=np.zeros(n),
-            source=np.full(n, "prior", dtype=np.str_),
+            a=learned.a if use else np.full(n, self.prior.a),
+            b=learned.b if use else np.full(n, self.prior.b),
+            cap_draw_frac=cap_draw_frac,
+            confidence=np.where(draw.busy, learned.confidence, 0.0),
+            source=np.where(draw.busy, learned.source, "prior").astype(np.str_),
             natural_w_hi=natural_hi,
+            natural_clock_mhz=learned.natural_clock_mhz,
+            workload_class=learned.workload_class,
+            natural_known=natural_known,
         )
         power, power_ok = snapshot.column(Metric.POWER_W)
         fresh_power = power_ok & snapshot.fresh
         overhead = self.node_overhead_w * snapshot.n_nodes
         fleet = float(power[fresh_power].sum()) + overhead
+        # What each GPU draws on average right now, as far as the models know: the noise-free
+        # level the forecasts start from (a sample is level + noise), and where warming jobs go.
+        expected = self.anomaly.expected_power_w
+        level = np.where(np.isfinite(expected), expected, power)
+        target = np.where(
+            draw.busy & draw.uncertain,
+            np.fmin(natural, cap_draw_frac * np.where(np.isfinite(cap), cap, np.inf)),
+            level,
+        )
+        forecast = self._forecast(
+            snapshot, fleet, draw.busy, draw.uncertain, cap, max_cap, level, target, draw.busy_for_s
+        )
         notes: list[str] = []
         n_stale = int(snapshot.stale.sum())
         if n_stale:
             notes.append(
                 f"{n_stale} GPUs stale: no actions on them, their power is not in fleet_power_w"
+            )
+        notes.extend(_health_notes(health))
+        n_flag = int(anomalies.flagged.sum())
+        if n_flag:
+            assert anomalies.persistent is not None
+            kinds, counts = np.unique(anomalies.kind[anomalies.flagged], return_counts=True)
+            summary = ", ".join(f"{k} {c}" for k, c in zip(kinds, counts, strict=True))
+            notes.append(
+                f"anomalies: {n_flag} GPUs flagged ({summary}); "
+                f"{int(anomalies.persistent.sum())} persistent"
             )
         if priority is None:
             priority = job_priorities(
@@ -172,6 +319,9 @@ class Orienter:
             min_cap_w=min_cap,
             max_cap_w=max_cap,
             default_cap_w=default_cap,
+            forecast=forecast,
+            health=health,
+            anomalies=anomalies if n else AnomalyFlags.none(0),
             nodes=nodes,
             notes=tuple(notes),
             idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
@@ -180,6 +330,207 @@ class Orienter:
                 snapshot, self.groups, self.group_label, self.label_budgets_w
             ),
         )
+
+    # -- forecasts --------------------------------------------------------------------------------
+
+    def _forecast(
+        self,
+        snapshot: Snapshot,
+        fleet_w: float,
+        busy: npt.NDArray[np.bool_],
+        uncertain: npt.NDArray[np.bool_],
+        cap: FloatArray,
+        max_cap: FloatArray,
+        level_w: FloatArray,
+        target_w: FloatArray,
+        busy_for_s: FloatArray | None,
+    ) -> PowerForecast:
+        horizons = self.settings.forecast.horizons_s
+        h = len(horizons)
+        k = snapshot.n_nodes
+        if snapshot.n_gpus == 0:  # nothing seen: nothing to say (never a forecast of 0 W)
+            unknown = np.full(h, np.nan)
+            return PowerForecast(
+                horizons_s=tuple(horizons),
+                fleet_w=unknown,
+                fleet_lo_w=unknown.copy(),
+                fleet_hi_w=unknown.copy(),
+                method="none",
+            )
+        node = snapshot.node
+        power, power_ok = snapshot.column(Metric.POWER_W)
+        temp, temp_ok = snapshot.column(Metric.TEMP_C)
+        fresh = snapshot.fresh
+        count: FloatArray = np.bincount(node, minlength=k).astype(np.float64)
+        fleet_busy = float(busy.sum()) / max(float(count.sum()), 1.0)
+        good = fresh & power_ok
+        complete = np.bincount(node[good], minlength=k) == count
+        node_w = np.where(complete, np.bincount(node[good], power[good], minlength=k), np.nan)
+        capacity = np.bincount(node, np.nan_to_num(max_cap, nan=0.0), minlength=k).astype(
+            np.float64
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            busy_share = np.bincount(node, busy.astype(np.float64), minlength=k) / count
+            warm = np.bincount(node, (busy & uncertain).astype(np.float64), minlength=k)
+            warm_share = warm / count
+            cap_share = np.bincount(node, np.nan_to_num(cap, nan=0.0), minlength=k) / capacity
+            level = np.where(good, np.nan_to_num(level_w), 0.0)
+            node_level = np.where(complete, np.bincount(node, level, minlength=k), np.nan)
+            ramp = np.where(good, np.nan_to_num(target_w - level_w), 0.0)
+            ramp_gap = np.bincount(node, ramp, minlength=k) / capacity
+            # How long the node's jobs have run (hours, capped): jobs end, and the chance
+            # depends on their age.
+            ages = np.zeros(busy.shape[0]) if busy_for_s is None else busy_for_s
+            age_h = np.minimum(np.nan_to_num(ages, nan=0.0) / 3600.0, 6.0)
+            busy_n = np.bincount(node, busy.astype(np.float64), minlength=k)
+            age_sum = np.bincount(node, np.where(busy, age_h, 0.0), minlength=k)
+            job_age = np.where(busy_n > 0, age_sum / np.maximum(busy_n, 1.0), 0.0)
+        pw = self.node_power.update(
+            snapshot.node_names,
+            node_w,
+            capacity,
+            np.column_stack(
+                [busy_share, warm_share, cap_share, ramp_gap, np.full(k, fleet_busy), job_age]
+            ),
+            self.interval_s,
+            base=node_level,
+        )
+        t_ok = fresh & temp_ok
+        node_t = np.full(k, -np.inf)
+        np.maximum.at(node_t, node[t_ok], temp[t_ok])
+        node_t = np.where(np.isfinite(node_t), node_t, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            load = np.where(capacity > 0, np.nan_to_num(node_w) / capacity, np.nan)
+        tf = self.node_temp.update(
+            snapshot.node_names, node_t, np.full(k, 100.0), load[:, None], self.interval_s
+        )
+
+        # The fleet: its noise-free level plus the nodes' predicted changes. Persistence, the
+        # level alone and level + changes are scored as their forecasts come due; the best one
+        # so far is used, persistence until another beats it.
+        fleet_level = fleet_w + float(np.nansum(np.where(good, level_w - power, 0.0)))
+        rows = np.isfinite(node_level)
+        change = np.where(rows[:, None], pw.point - node_level[:, None], 0.0)
+        summed = fleet_level + np.nansum(change, axis=0)
+        candidates = np.stack([np.full(h, fleet_w), np.full(h, fleet_level), summed])
+        self.fleet.realize(fleet_w)
+        choice, q_lo, q_hi = self.fleet.choose()
+        point = candidates[choice, np.arange(h)]
+        self.fleet.record(candidates, self.node_power.steps if self.interval_s else ())
+        spread = np.sqrt(np.nansum(np.where(rows[:, None], pw.hi - pw.point, 0.0) ** 2, axis=0))
+        q_lo = np.where(np.isfinite(q_lo), q_lo, -spread)
+        q_hi = np.where(np.isfinite(q_hi), q_hi, spread)
+        methods = tuple(FLEET_METHODS[c] for c in choice)
+        return PowerForecast(
+            horizons_s=tuple(horizons),
+            fleet_w=point,
+            fleet_lo_w=point + q_lo,
+            fleet_hi_w=point + q_hi,
+            node_w=pw.point,
+            node_hi_w=pw.hi,
+            method=methods[0] if len(set(methods)) == 1 else "mixed",
+            coverage=self.settings.forecast.coverage,
+            node_lo_w=pw.lo,
+            node_methods=pw.methods,
+            fleet_methods=methods,
+            node_temp_c=tf.point,
+            node_temp_lo_c=tf.lo,
+            node_temp_hi_c=tf.hi,
+        )
+
+
+FLEET_METHODS = ("persistence", "level", "level+nodes")
+
+
+class FleetScore:
+    """Realized errors of the fleet's candidate forecasts, per horizon (online, causal)."""
+
+    def __init__(self, n_horizons: int, coverage: float, kept: int = 240) -> None:
+        self.h = n_horizons
+        self.coverage = coverage
+        self.kept = kept
+        self.cycle = 0
+        self.pending: dict[int, list[list[float]]] = {}  # cycle -> candidates x horizons
+        self.steps: tuple[int, ...] = ()
+        self.errors: list[list[list[float]]] = [
+            [[] for _ in range(n_horizons)] for _ in FLEET_METHODS
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cycle": self.cycle,
+            "pending": {str(c): v for c, v in self.pending.items()},
+            "steps": list(self.steps),
+            "errors": self.errors,
+        }
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.cycle = int(data.get("cycle", 0))
+        self.pending = {
+            int(c): [[float(x) for x in row] for row in v] for c, v in data["pending"].items()
+        }
+        self.steps = tuple(int(x) for x in data.get("steps", []))
+        self.errors = [[[float(x) for x in e] for e in per] for per in data["errors"]]
+
+    def realize(self, actual: float) -> None:
+        self.cycle += 1
+        for i, step in enumerate(self.steps):
+            entry = self.pending.get(self.cycle - step)
+            if entry is None:
+                continue
+            for c in range(len(FLEET_METHODS)):
+                errs = self.errors[c][i]
+                errs.append(actual - entry[c][i])
+                del errs[: max(0, len(errs) - self.kept)]
+        oldest = self.cycle - max(self.steps, default=0)
+        for c in [c for c in self.pending if c <= oldest]:
+            del self.pending[c]
+
+    def record(self, candidates: FloatArray, steps: tuple[int, ...]) -> None:
+        if steps != self.steps:  # a new cycle interval: earlier scores no longer apply
+            self.steps = steps
+            self.pending.clear()
+            self.errors = [[[] for _ in range(self.h)] for _ in FLEET_METHODS]
+        if steps and np.all(np.isfinite(candidates)):
+            self.pending[self.cycle] = candidates.tolist()
+
+    def choose(self) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray]:
+        """Per horizon: the candidate to use and its error quantiles (NaN: none known)."""
+        choice = np.zeros(self.h, dtype=np.int64)
+        lo = np.full(self.h, np.nan)
+        hi = np.full(self.h, np.nan)
+        qs = [(1.0 - self.coverage) / 2.0, 1.0 - (1.0 - self.coverage) / 2.0]
+        for i in range(self.h):
+            persistence = np.asarray(self.errors[0][i])
+            if persistence.size < 30:
+                continue
+            mae = [float(np.mean(np.abs(self.errors[c][i]))) for c in range(len(FLEET_METHODS))]
+            best = 0
+            for c in (1, 2):
+                if mae[c] < 0.99 * mae[best] or (c == 1 and mae[c] < mae[0]):
+                    best = c
+            choice[i] = best
+            lo[i], hi[i] = np.quantile(np.asarray(self.errors[best][i]), qs)
+        return choice, lo, hi
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _health_notes(health: HealthStatus) -> list[str]:
+    sev = health.severity
+    parts = []
+    for level, label in (
+        (HealthSeverity.DRAIN, "to drain"),
+        (HealthSeverity.RESTART_JOB, "with a job to restart"),
+        (HealthSeverity.WATCH, "to watch"),
+    ):
+        count = int((sev == int(level)).sum())
+        if count:
+            codes = np.unique(health.code[sev == int(level)])[:5]
+            parts.append(f"{count} GPUs {label} ({', '.join(codes.tolist())})")
+    return [f"health: {'; '.join(parts)}"] if parts else []
 
 
 def _priority_from_labels(snapshot: Snapshot) -> npt.NDArray[np.int64]:

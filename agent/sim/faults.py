@@ -19,9 +19,9 @@ class FaultKind(StrEnum):
     DROPOUT = "dropout"  # the node's exporter stops answering
     XID = "xid"  # PARAM: the XID code (default 79)
     ECC = "ecc"  # double-bit ECC errors and a row-remap failure
-    FAN = "fan"  # cooling degrades: temperature rises; PARAM: thermal resistance factor (1.6)
-    STRAGGLER = "straggler"  # PARAM: clock factor (0.7)
-    SPIKE = "spike"  # PARAM: extra watts (default 40% of TDP)
+    FAN = "fan"  # a fan fails: thermal resistance x PARAM (1.6) within seconds; temperature rises
+    STRAGGLER = "straggler"  # PARAM: clock (throughput) factor (0.7); its draw drops a little
+    SPIKE = "spike"  # PARAM: extra watts (default 40% of TDP) that pass the cap, up to the max
 
 
 DEFAULT_PARAM: dict[FaultKind, float] = {

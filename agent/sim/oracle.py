@@ -12,7 +12,7 @@ from agent.core.curves import (
     power_for_throughput,
     throughput_at_cap,
 )
-from agent.sim.twin import FATAL_XIDS, Twin
+from agent.sim.twin import FATAL_XIDS, FloatArray, Twin
 
 RAMP_RESOLVE_S = 5.0  # while jobs ramp up, re-solve this often
 
@@ -132,3 +132,9 @@ class EnergyOracle:
             caps[busy] = np.clip(x * natural / k, twin.min_w[busy], twin.max_w[busy])
             caps[busy] = np.where(x >= 0.999, twin.max_w[busy], caps[busy])
         twin.cap_w[:] = caps
+
+
+def curve_truth(twin: Twin) -> dict[str, FloatArray]:
+    """The twin's true curves per GPU, for scoring learned curves (tests, benchmarks): the
+    agent itself never sees these."""
+    return twin.true_curves()

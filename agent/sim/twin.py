@@ -37,7 +37,9 @@ BoolArray = npt.NDArray[np.bool_]
 IDLE_SM_CLOCK_MHZ = 345.0
 THROTTLE_THROUGHPUT = 0.5  # hardware thermal slowdown: the clock drops hard
 THROTTLE_POWER = 0.6
-FAN_RAMP_S = 300.0  # a failing fan degrades cooling over minutes, not at once
+# A failed fan stops within seconds; the heat sink's thermal mass (thermal_tau_s) is what spreads
+# the temperature rise over a minute or two.
+FAN_RAMP_S = 10.0
 FATAL_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120, 140})  # the GPU stops doing work
 
 JOB_PENDING, JOB_RUNNING, JOB_DONE = 0, 1, 2
@@ -434,12 +436,14 @@ class Twin:
                 extra = 0.4 * self.spec.model.tdp_w if np.isnan(fault.param) else fault.param
                 self.spike_w[rows] = extra
         self.xid = xid_now
-        # A recovered GPU's ECC condition clears with the reset that recovers it.
+        # A recovered GPU's ECC condition clears with the reset that recovers it; the reset also
+        # clears the volatile double-bit counter (the remapped-row count is persistent).
         ecc_active = np.zeros(n, dtype=bool)
         for fault in self.spec.faults:
             if fault.kind is FaultKind.ECC and fault.active(t_s):
                 ecc_active[self._fault_rows(fault)] = True
         self.row_remap_failure[~ecc_active] = 0.0
+        self.ecc_dbe[~ecc_active] = 0.0
 
     # -- physics --------------------------------------------------------------------------------
 
@@ -466,7 +470,13 @@ class Twin:
         natural_eff = np.where(working, natural * (0.85 + 0.15 * straggle), model.idle_w)
         mean_power = np.minimum(natural_eff, k * self.enforced_w)
         noise = 1.0 + spec.power_noise_frac * self.rng.standard_normal(spec.n_gpus)
-        power = np.minimum(mean_power * noise + self.spike_w, self.enforced_w)
+        # A spike is an excursion the GPU's power limiter does not hold (a firmware or sensor
+        # fault, or a surge faster than the limiter): the draw can pass the enforced limit, up to
+        # the board's maximum. Without one, the limit holds.
+        ceiling = np.where(
+            self.spike_w > 0, np.maximum(self.enforced_w, self.max_w), self.enforced_w
+        )
+        power = np.minimum(mean_power * noise + self.spike_w, ceiling)
         power = np.where(
             working | (self.spike_w > 0), power, model.idle_w * (1 + 0.01 * (noise - 1))
         )

@@ -46,7 +46,6 @@ def test_thermal_guard_replay() -> None:
     assert_golden(result, GOLDEN / "thermal_guard.json")
 
 
-@pytest.mark.skip(reason="needs orient's health classes (issue 4), enabled when they land")
 def test_health_drain_replay() -> None:
     spec = TwinSpec(
         nodes=4,

@@ -1,0 +1,231 @@
+"""`ooda detect` and `ooda forecast`: orient's models on anyone's time series (a CSV file).
+
+Both read a CSV with a header, a time column and a value column; timestamps are numbers (e.g.
+Unix seconds) or ISO 8601 date-times, at any regular or irregular interval. Both are causal: the
+output row for input row i uses rows <= i only, so the output for a prefix of a file is the
+prefix of the output. Timestamps that repeat or step back (clock changes, exporter restarts) are
+warned about on stderr, naming the lines, and processed in file order; `--strict` refuses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.core.errors import BadInputError
+
+MAX_WARNINGS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    times_text: list[str]
+    values_text: list[str]
+    times: list[float]
+    values: list[float]
+    lines: list[int]  # the line each row starts on (1 = the header)
+
+
+def _parse_time(text: str, where: str) -> tuple[float, str]:
+    """Seconds and the kind ("number" or "datetime") of one timestamp."""
+    stripped = text.strip()
+    try:
+        value = float(stripped)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value):
+            raise BadInputError(f"{where}: timestamp {text!r} is not a finite number")
+        return value, "number"
+    try:
+        stamp = datetime.fromisoformat(stripped)
+    except ValueError:
+        raise BadInputError(
+            f"{where}: timestamp {text!r} is neither a number nor an ISO 8601 date-time"
+        ) from None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.timestamp(), "datetime"
+
+
+def read_series(path: Path, time_column: str, value_column: str, strict: bool = False) -> Series:
+    """Read and check the file; raise BadInputError naming the file and line on bad input."""
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise BadInputError(f"{path}: line 1: empty file (expected a header)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise BadInputError(f"{path}: line 1: not readable CSV ({exc})") from None
+        names = [h.strip() for h in header]
+        for column, option in ((time_column, "--time-column"), (value_column, "--value-column")):
+            if column not in names:
+                raise BadInputError(
+                    f"{path}: line 1: no column {column!r} in the header "
+                    f"(found: {', '.join(names) or 'nothing'}; choose one with {option})"
+                )
+        ti, vi = names.index(time_column), names.index(value_column)
+        out = Series([], [], [], [], [])
+        kind: str | None = None
+        line = reader.line_num + 1
+        try:
+            for row in reader:
+                where = f"{path}: line {line}"
+                if not row or all(not cell.strip() for cell in row):
+                    line = reader.line_num + 1
+                    continue  # blank lines carry nothing
+                if len(row) <= max(ti, vi):
+                    raise BadInputError(
+                        f"{where}: {len(row)} fields, but column "
+                        f"{names[max(ti, vi)]!r} is field {max(ti, vi) + 1}"
+                    )
+                t_text, v_text = row[ti], row[vi]
+                t, t_kind = _parse_time(t_text, where)
+                if kind is None:
+                    kind = t_kind
+                elif t_kind != kind:
+                    raise BadInputError(
+                        f"{where}: timestamp {t_text!r} is a {t_kind}, earlier ones are {kind}s"
+                    )
+                try:
+                    v = float(v_text.strip())
+                except ValueError:
+                    raise BadInputError(f"{where}: value {v_text!r} is not a number") from None
+                if not math.isfinite(v):
+                    raise BadInputError(f"{where}: value {v_text!r} is not a finite number")
+                out.times_text.append(t_text)
+                out.values_text.append(v_text)
+                out.times.append(t)
+                out.values.append(v)
+                out.lines.append(line)
+                line = reader.line_num + 1
+        except csv.Error as exc:
+            raise BadInputError(
+                f"{path}: line {reader.line_num}: not readable CSV ({exc})"
+            ) from None
+        except UnicodeDecodeError:
+            raise BadInputError(f"{path}: line {line}: not UTF-8 text") from None
+    if not out.values:
+        raise BadInputError(f"{path}: line 2: no data rows after the header")
+    _check_order(path, out, strict)
+    return out
+
+
+def _check_order(path: Path, series: Series, strict: bool) -> None:
+    problems: list[str] = []
+    for i in range(1, len(series.times)):
+        if series.times[i] <= series.times[i - 1]:
+            what = "repeats" if series.times[i] == series.times[i - 1] else "steps back from"
+            problems.append(
+                f"line {series.lines[i]}: timestamp {series.times_text[i]!r} {what} "
+                f"line {series.lines[i - 1]} ({series.times_text[i - 1]!r})"
+            )
+    if not problems:
+        return
+    if strict:
+        raise BadInputError(f"{path}: {problems[0]} (--strict refuses timestamps out of order)")
+    for problem in problems[:MAX_WARNINGS]:
+        typer.echo(f"ooda: warning: {path}: {problem}; processed in file order", err=True)
+    if len(problems) > MAX_WARNINGS:
+        typer.echo(
+            f"ooda: warning: {path}: {len(problems) - MAX_WARNINGS} more timestamps out of order",
+            err=True,
+        )
+
+
+def _format(x: float) -> str:
+    return f"{x:.6g}"
+
+
+TimeColumn = Annotated[str, typer.Option("--time-column", help="Name of the timestamp column.")]
+ValueColumn = Annotated[str, typer.Option("--value-column", help="Name of the value column.")]
+Strict = Annotated[
+    bool,
+    typer.Option("--strict", help="Refuse timestamps that repeat or step back (exit 2)."),
+]
+
+
+def detect(
+    file: Annotated[Path, typer.Argument(help="CSV file with a header.")],
+    time_column: TimeColumn = "timestamp",
+    value_column: ValueColumn = "value",
+    strict: Strict = False,
+    threshold: Annotated[
+        float, typer.Option(min=0.1, help="Robust z-score from which a row is anomalous.")
+    ] = 6.0,
+) -> None:
+    """Anomalies in a time series: one output row per input row, causally.
+
+    Writes `timestamp,value,score,anomaly` to stdout: timestamps and values exactly as read,
+    `score` the row's distance from a robust baseline (exponentially weighted level and mean
+    absolute deviation, Huberized so outliers barely move it) learned from the rows before it,
+    in standard deviations; `anomaly` 1 where score >= --threshold. The first 10 rows only
+    teach the baseline (score 0).
+
+    Examples:
+
+      ooda detect power.csv
+
+      ooda detect metrics.csv --time-column time --value-column gpu0_power_w --threshold 5
+    """
+    from agent.orient.univariate import OnlineDetector
+
+    series = read_series(file, time_column, value_column, strict)
+    detector = OnlineDetector(threshold=threshold)
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["timestamp", "value", "score", "anomaly"])
+    for t_text, v_text, t, v in zip(
+        series.times_text, series.values_text, series.times, series.values, strict=True
+    ):
+        scored = detector.update(v, t)
+        out.writerow([t_text, v_text, _format(scored.score), int(scored.anomaly)])
+
+
+def forecast(
+    file: Annotated[Path, typer.Argument(help="CSV file with a header.")],
+    horizon_steps: Annotated[
+        int,
+        typer.Option("--horizon-steps", min=1, help="Forecast this many rows ahead."),
+    ],
+    time_column: TimeColumn = "timestamp",
+    value_column: ValueColumn = "value",
+    strict: Strict = False,
+) -> None:
+    """Forecasts of a time series, causally: row i forecasts row i + H from rows <= i.
+
+    Writes `timestamp,value,forecast` to stdout (timestamps and values exactly as read). The
+    model (gradient-boosted trees on lag features, predicting the change) is refit as rows
+    come, on a schedule that depends only on the row number, and is used only where it beat
+    persistence (the last value) on its most recent training rows; elsewhere, and until enough
+    rows exist, the forecast is the last value.
+
+    Examples:
+
+      ooda forecast power.csv --horizon-steps 4
+
+      ooda forecast metrics.csv --horizon-steps 20 --value-column fleet_power_w
+    """
+    import numpy as np
+
+    from agent.orient.forecast import forecast_series
+
+    series = read_series(file, time_column, value_column, strict)
+    predicted = forecast_series(np.asarray(series.values, dtype=np.float64), horizon_steps)
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["timestamp", "value", "forecast"])
+    for t_text, v_text, f in zip(
+        series.times_text, series.values_text, predicted.tolist(), strict=True
+    ):
+        out.writerow([t_text, v_text, _format(f)])

@@ -1,0 +1,405 @@
+"""Learned power curves: each job's throughput-vs-power curve, online, from what the loop sees.
+
+The family is agent.core.curves': relative throughput T(x) = 1 - a (1 - x)^b at a share x of the
+job's natural draw. With the SM clock as the throughput proxy (DVFS lowers the clock when a power
+cap binds, and throughput follows the clock for compute-bound work):
+
+- a GPU's *natural clock* is its clock while its cap does not bind (after its job's start-up);
+- under a cap, x = draw / natural draw and T = clock / natural clock, both per GPU, averaged over
+  the job's GPUs each cycle (one observation per job and cycle);
+- log(1 - T) = log a + b log(1 - x) is linear in (log a, b): a conjugate Bayesian linear
+  regression per job, columnar over jobs (2 x 2 posteriors in closed form), with the prior of the
+  job's GPU model and workload class, and old observations fading slowly.
+
+Only observations that say something count: 0.3 < x < 0.95 (near x = 1 the curve is flat and the
+noise is all there is), after the start-up (a ramping job's draw is not its natural draw), with
+the natural draw known (a capped GPU's draw is only a lower bound of its natural draw, so a GPU
+never seen uncapped teaches nothing), and never from GPUs flagged as anomalous.
+
+`confidence` is 1 - (posterior / prior) predictive spread of log(1 - T) at x = 0.75: 0 is the prior,
+1 is certain. Priors per (GPU model, workload class) are learned from the jobs already learned
+(their posteriors, weighted by confidence, when the job ends); the class is the job's `workload`
+label where telemetry carries one, else a signature of what it looks like (memory-copy
+utilization and natural draw, in bins); a class nothing was learned for falls back to the GPU
+model's pooled prior, then to the conservative built-in prior. GPUs without a job label are
+their own job while busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.curves import MIN_EXPONENT
+from agent.core.keyed import KeyedColumns
+from agent.core.snapshot import Metric, Snapshot
+from agent.orient.settings import CurveSettings
+from agent.orient.stats import Grouper
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+PRIOR_SD_LOG_A = 0.5
+PRIOR_SD_B = 0.35
+X_REF = 0.75
+MODEL_ERR_LOG = 0.05  # misfit of the family, in log(1 - T): keeps one cap from being "certain"
+CLEAR_OF_CAP_FRAC = 0.75
+MIN_PRIOR_WEIGHT = 1.5  # confidence-weighted jobs behind a learned prior before it is used
+
+
+@dataclass(frozen=True, slots=True)
+class CurveView:
+    """Per snapshot row."""
+
+    a: FloatArray
+    b: FloatArray
+    confidence: FloatArray
+    source: npt.NDArray[np.str_]  # "learned", "class_prior", "model_prior" or "prior"
+    natural_clock_mhz: FloatArray
+    job_key: npt.NDArray[np.str_]
+    workload_class: npt.NDArray[np.str_]
+
+
+def job_keys(snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
+    """A GPU's job: its label, or the GPU itself while busy without one ("" when idle)."""
+    own = (snapshot.job == "") & busy
+    if not own.any():
+        return snapshot.job  # (no copy: widening 100,000 strings costs more than the rest)
+    return np.where(own, np.char.add("gpu:", snapshot.uuid.astype(np.str_)), snapshot.job)
+
+
+class CurveLearner:
+    def __init__(
+        self,
+        settings: CurveSettings | None = None,
+        prior_a: float = 1.13,
+        prior_b: float = 1.65,
+        warmup_s: float = 180.0,
+    ) -> None:
+        self.settings = settings or CurveSettings()
+        self.prior_a = prior_a
+        self.prior_b = prior_b
+        self.warmup_s = warmup_s
+        self.gpus = KeyedColumns(
+            {
+                "job": (np.int64, 0),  # string_hash of the job key
+                "since": (np.float64, np.nan),
+                "nc": (np.float64, np.nan),  # natural SM clock
+            }
+        )
+        self.jobs = KeyedColumns(
+            {
+                "model": ("U64", ""),
+                "klass": ("U64", ""),
+                "s0": (np.float64, 0.0),
+                "s1": (np.float64, 0.0),
+                "s2": (np.float64, 0.0),
+                "sy": (np.float64, 0.0),
+                "suy": (np.float64, 0.0),
+                "n_obs": (np.int64, 0),
+                "last_t": (np.float64, np.nan),
+                "retired": (np.bool_, False),
+                # The job's prior, cached until the priors or the job's class change.
+                "prior_la": (np.float64, np.nan),
+                "prior_b": (np.float64, np.nan),
+                "prior_src": ("U16", ""),
+                "prior_ver": (np.int64, -1),
+            }
+        )
+        self._prior_version = 0
+        # (model, class) -> [weight, weight * log a, weight * b]; class "*" pools the model.
+        self.priors: dict[str, list[float]] = {}
+        self._grouper = Grouper()
+        self.cycles = 0
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpus": self.gpus.to_dict(),
+            "jobs": self.jobs.to_dict(),
+            "priors": self.priors,
+            "cycles": self.cycles,
+        }
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        self.gpus.load_dict(data.get("gpus", {}))
+        self.jobs.load_dict(data.get("jobs", {}))
+        self.priors = {str(k): [float(x) for x in v] for k, v in data.get("priors", {}).items()}
+        self._prior_version += 1  # cached priors no longer apply
+        self.cycles = int(data.get("cycles", 0))
+
+    # -- priors -----------------------------------------------------------------------------------
+
+    def prior_for(self, model: str, klass: str) -> tuple[float, float, str]:
+        """(log a, b, source) of the prior for a job of this GPU model and class."""
+        for key, source in ((f"{model}|{klass}", "class_prior"), (f"{model}|*", "model_prior")):
+            if klass == "" and source == "class_prior":
+                continue
+            entry = self.priors.get(key)
+            if entry is not None and entry[0] >= MIN_PRIOR_WEIGHT:
+                return entry[1] / entry[0], entry[2] / entry[0], source
+        return float(np.log(self.prior_a)), self.prior_b, "prior"
+
+    def _commit(self, model: str, klass: str, log_a: float, b: float, weight: float) -> None:
+        keys = [f"{model}|*"] + ([f"{model}|{klass}"] if klass else [])
+        self._prior_version += 1
+        for key in keys:
+            entry = self.priors.setdefault(key, [0.0, 0.0, 0.0])
+            entry[0] += weight
+            entry[1] += weight * log_a
+            entry[2] += weight * b
+
+    # -- posterior --------------------------------------------------------------------------------
+
+    def _posterior(
+        self, slots: IntArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray, npt.NDArray[np.str_]]:
+        """(a, b, confidence, source) for the given job slots."""
+        jc = self.jobs.cols
+        stale = slots[jc["prior_ver"][slots] != self._prior_version]
+        if stale.size:
+            pairs = np.char.add(np.char.add(jc["model"][stale], "|"), jc["klass"][stale])
+            uniq, inverse = np.unique(pairs, return_inverse=True)
+            for i, pair in enumerate(uniq.tolist()):  # a few (model, class) pairs
+                model, _, klass = str(pair).partition("|")
+                la, bb, source = self.prior_for(model, klass)
+                sel = stale[inverse == i]
+                jc["prior_la"][sel], jc["prior_b"][sel], jc["prior_src"][sel] = la, bb, source
+            jc["prior_ver"][stale] = self._prior_version
+        mu_a = jc["prior_la"][slots]
+        mu_b = jc["prior_b"][slots]
+        src = jc["prior_src"][slots]
+        p_a = 1.0 / PRIOR_SD_LOG_A**2
+        p_b = 1.0 / PRIOR_SD_B**2
+        l00 = p_a + jc["s0"][slots]
+        l01 = jc["s1"][slots]
+        l11 = p_b + jc["s2"][slots]
+        e0 = p_a * mu_a + jc["sy"][slots]
+        e1 = p_b * mu_b + jc["suy"][slots]
+        det = l00 * l11 - l01 * l01
+        theta0 = (l11 * e0 - l01 * e1) / det
+        theta1 = (l00 * e1 - l01 * e0) / det
+        u = np.log(1.0 - X_REF)
+        var_post = (l11 - 2.0 * u * l01 + u * u * l00) / det
+        var_prior = PRIOR_SD_LOG_A**2 + u * u * PRIOR_SD_B**2
+        conf = np.clip(1.0 - np.sqrt(np.maximum(var_post, 0.0) / var_prior), 0.0, 1.0)
+        a = np.clip(np.exp(theta0), 0.02, 2.5)
+        b = np.clip(theta1, MIN_EXPONENT, 3.0)
+        learned = conf >= self.settings.learned_confidence
+        src = np.where(learned, "learned", src)
+        return a, b, conf, src.astype(np.str_)
+
+    # -- per cycle --------------------------------------------------------------------------------
+
+    def view(self, snapshot: Snapshot, busy: BoolArray) -> CurveView:
+        """The current estimate per GPU (no learning)."""
+        n = snapshot.n_gpus
+        keys = job_keys(snapshot, busy)
+        g = self.gpus.slots(snapshot.uuid)
+        # Per job, not per GPU: look each job up once, then spread over its GPUs.
+        ids, names = self._grouper.ids(keys)
+        name_slot, name_found = self.jobs.lookup(names)
+        name_found &= names != ""
+        a = np.full(n, self.prior_a)
+        b = np.full(n, self.prior_b)
+        conf = np.zeros(n)
+        source = np.full(n, "prior", dtype="U16")
+        klass = np.full(n, "", dtype="U64")
+        found = name_found[ids]
+        if found.any():
+            hit = np.flatnonzero(name_found)
+            pa, pb, pc, ps = self._posterior(name_slot[hit])
+            per_a = np.full(names.shape[0], np.nan)
+            per_b, per_c = per_a.copy(), per_a.copy()
+            per_s = np.full(names.shape[0], "prior", dtype="U16")
+            per_k = np.full(names.shape[0], "", dtype="U64")
+            per_a[hit], per_b[hit], per_c[hit], per_s[hit] = pa, pb, pc, ps
+            per_k[hit] = self.jobs.cols["klass"][name_slot[hit]]
+            rows = np.flatnonzero(found)
+            sel = ids[rows]
+            a[rows], b[rows], conf[rows] = per_a[sel], per_b[sel], per_c[sel]
+            source[rows], klass[rows] = per_s[sel], per_k[sel]
+        unknown = ~found & busy
+        if unknown.any():
+            # Jobs not seen yet: the prior of their GPU model (pooled over classes).
+            for model in np.unique(snapshot.model[unknown]).tolist():
+                la, bb, src = self.prior_for(str(model), "")
+                sel = unknown & (snapshot.model == model)
+                a[sel], b[sel], source[sel] = np.exp(la), bb, src
+        same_job = self.gpus.cols["job"][g] == self._grouper.hashes(keys)
+        nc = np.where(same_job, self.gpus.cols["nc"][g], np.nan)
+        return CurveView(
+            a=a,
+            b=np.maximum(b, MIN_EXPONENT),
+            confidence=conf,
+            source=source.astype(np.str_),
+            natural_clock_mhz=nc,
+            job_key=keys,
+            workload_class=klass.astype(np.str_),
+        )
+
+    def update(
+        self,
+        snapshot: Snapshot,
+        busy: BoolArray,
+        natural_w: FloatArray,
+        natural_known: BoolArray,
+        max_cap_w: FloatArray,
+        exclude: BoolArray,
+    ) -> CurveView:
+        """Learn from this snapshot (rows in `exclude` teach nothing), then the estimates."""
+        n = snapshot.n_gpus
+        if n == 0:
+            return self.view(snapshot, busy)
+        self.cycles += 1
+        s = self.settings
+        now = snapshot.time_s
+        keys = job_keys(snapshot, busy)
+        g = self.gpus.slots(snapshot.uuid)
+        gc = self.gpus.cols
+        fresh = snapshot.fresh
+        key_hash = self._grouper.hashes(keys)
+        changed = fresh & (gc["job"][g] != key_hash)
+        c = g[changed]
+        gc["job"][c] = key_hash[changed]
+        gc["since"][c] = np.where(busy[changed], now, np.nan)
+        gc["nc"][c] = np.nan
+        warming = busy & ((now - gc["since"][g]) < self.warmup_s)
+
+        power, power_ok = snapshot.column(Metric.POWER_W)
+        clock, clock_ok = snapshot.column(Metric.SM_CLOCK_MHZ)
+        limit, limit_ok = snapshot.column(Metric.POWER_LIMIT_W)
+        ok = fresh & busy & ~warming & power_ok & clock_ok & ~exclude & (keys != "")
+        at_max = limit_ok & np.isfinite(max_cap_w) & (limit >= max_cap_w - 0.5)
+        clear = at_max | (limit_ok & (power < CLEAR_OF_CAP_FRAC * limit))
+
+        # Natural clock: the clock while the cap does not bind.
+        learn_nc = ok & clear & (clock > 0)
+        s_nc = g[learn_nc]
+        old = gc["nc"][s_nc]
+        gc["nc"][s_nc] = np.where(np.isnan(old), clock[learn_nc], 0.7 * old + 0.3 * clock[learn_nc])
+
+        # Jobs: register, refresh, classify.
+        active = fresh & (keys != "") & busy
+        ids, names = self._grouper.ids(keys)
+        if active.any():
+            named = names != ""
+            name_slot = np.zeros(names.shape[0], dtype=np.int64)
+            name_slot[named] = self.jobs.slots(names[named])
+            jslot = name_slot[ids[active]]
+        else:
+            jslot = np.zeros(0, dtype=np.int64)
+        jc = self.jobs.cols
+        # Forget a little every cycle (the job may change phase; old evidence fades).
+        for col in ("s0", "s1", "s2", "sy", "suy"):
+            jc[col] *= s.forget_per_cycle
+        if active.any():
+            jc["last_t"][jslot] = now
+            jc["retired"][jslot] = False
+            new_model = jc["model"][jslot] != snapshot.model[active]
+            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
+            jc["prior_ver"][jslot[new_model]] = -1
+            self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
+
+        # Observations: one per job and cycle, the mean over its GPUs.
+        nc = np.where(gc["job"][g] == key_hash, gc["nc"][g], np.nan)
+        obs = ok & natural_known & np.isfinite(natural_w) & np.isfinite(nc) & (natural_w > 0)
+        if obs.any():
+            x = np.clip(power / natural_w, 0.0, 1.0)
+            t = clock / nc
+            ids, names = self._grouper.ids(keys)
+            m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)
+            sx = np.bincount(ids[obs], weights=x[obs], minlength=names.shape[0])
+            stt = np.bincount(ids[obs], weights=t[obs], minlength=names.shape[0])
+            has = m > 0
+            xm = sx[has] / m[has]
+            tm = stt[has] / m[has]
+            cnt = m[has]
+            good = (xm > 0.3) & (xm < 0.95) & (tm > 0.05) & (tm < 0.998)
+            if good.any():
+                job_names = names[has][good]
+                slot = self.jobs.slots(job_names)
+                xm, tm, cnt = xm[good], tm[good], cnt[good]
+                u = np.log1p(-xm)
+                v = np.log1p(-tm)
+                b_now = np.clip(self._posterior(slot)[1], MIN_EXPONENT, 3.0)
+                var_u = (0.02 * xm / (1.0 - xm)) ** 2 / cnt
+                var_v = (0.005 / (1.0 - tm)) ** 2 / cnt
+                w = 1.0 / (var_v + b_now**2 * var_u + MODEL_ERR_LOG**2)
+                np.add.at(jc["s0"], slot, w)
+                np.add.at(jc["s1"], slot, w * u)
+                np.add.at(jc["s2"], slot, w * u * u)
+                np.add.at(jc["sy"], slot, w * v)
+                np.add.at(jc["suy"], slot, w * u * v)
+                np.add.at(jc["n_obs"], slot, 1)
+
+        self._retire(now)
+        return self.view(snapshot, busy)
+
+    def _classify(
+        self,
+        snapshot: Snapshot,
+        active: BoolArray,
+        jslot: IntArray,
+        natural_w: FloatArray,
+        natural_known: BoolArray,
+        max_cap_w: FloatArray,
+    ) -> None:
+        jc = self.jobs.cols
+        label = snapshot.labels.get(self.settings.workload_label)
+        if label is not None and label.shape == (snapshot.n_gpus,):
+            named = active & (label != "")
+            lab = label[active]
+            has = lab != ""
+            new = jc["klass"][jslot[has]] != np.char.add("w:", lab[has])
+            jc["klass"][jslot[has][new]] = np.char.add("w:", lab[has][new])
+            jc["prior_ver"][jslot[has][new]] = -1
+            if named.all():
+                return
+        # A signature from telemetry, fixed once the job's natural draw is known.
+        mem, mem_ok = snapshot.column(Metric.MEM_UTIL_PCT)
+        sel = active & natural_known & mem_ok & np.isfinite(natural_w) & np.isfinite(max_cap_w)
+        unset = jc["klass"][jslot] == ""
+        pick = sel[active] & unset
+        if not pick.any():
+            return
+        rows = np.flatnonzero(active)[pick]
+        m_bin = np.rint(mem[rows] / 10.0).astype(np.int64)
+        n_bin = np.rint(10.0 * natural_w[rows] / max_cap_w[rows]).astype(np.int64)
+        sig = np.char.add(
+            np.char.add("s:m", m_bin.astype(np.str_)), np.char.add("n", n_bin.astype(np.str_))
+        )
+        jc["klass"][jslot[pick]] = sig
+        jc["prior_ver"][jslot[pick]] = -1
+
+    def _retire(self, now: float, everything: bool = False) -> None:
+        """Jobs gone for a while: their curve joins their class prior, then they are dropped."""
+        jc = self.jobs.cols
+        gone = (~jc["retired"]) & np.isfinite(jc["last_t"])
+        if not everything:
+            gone &= now - jc["last_t"] > self.settings.job_forget_s
+        if not gone.any():
+            return
+        slots = np.flatnonzero(gone).astype(np.int64)
+        a, b, conf, _ = self._posterior(slots)
+        for i, slot in enumerate(slots.tolist()):  # jobs ending this cycle: few
+            if conf[i] >= 0.3 and jc["n_obs"][slot] >= 5:
+                self._commit(
+                    str(jc["model"][slot]),
+                    str(jc["klass"][slot]),
+                    float(np.log(a[i])),
+                    float(b[i]),
+                    float(conf[i]),
+                )
+        jc["retired"][slots] = True
+        self.jobs.retain(~jc["retired"])
+
+    def finish_all(self) -> None:
+        """Commit every job's curve to its prior now (e.g. at the end of a benchmark)."""
+        self._retire(0.0, everything=True)

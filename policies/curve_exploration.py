@@ -1,0 +1,223 @@
+"""curve_exploration: teach the power curves by small, bounded cap steps (opt-in).
+
+A fleet whose caps never move teaches nothing about how its jobs slow down under a cap. This
+policy lowers the cap of a few GPUs at a time, by a step small enough that even the most
+cap-sensitive curve measured (the conservative prior) loses at most `max_slowdown_frac` of
+throughput, holds it for `hold_s` so the learner sees the job at that draw, then gives the cap
+back. It explores whole jobs (their GPUs share one curve), least confident first, only jobs whose
+natural draw is known (without it a step teaches nothing), never the same job again within
+`repeat_after_s`. It only ever lowers caps, so it can never push the fleet over a budget; under
+the conflict rule the lowest cap wins, so other policies' lower caps stand.
+
+Disabled unless configured: `[policies.curve_exploration] enabled = true`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.core.curves import power_for_throughput, throughput_at_power
+from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
+from agent.core.situation import Situation
+from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+
+CONSERVATIVE_A = 1.13  # the most cap-sensitive measured curve (Zeus BERT): the step's bound
+CONSERVATIVE_B = 1.65
+LOWEST_CAP_DRAW_FRAC = 0.88  # under a cap a GPU draws at least this share of it (Zeus: >= 0.9)
+
+
+class CurveExplorationSettings(PolicySettings):
+    enabled: bool = Field(False, description="Run this policy (off unless configured).")
+    max_gpus: int = Field(8, ge=1, le=10_000, description="GPUs under exploration at a time.")
+    max_slowdown_frac: float = Field(
+        0.05,
+        gt=0.0,
+        le=0.2,
+        description="Largest throughput loss a step may cost, by the most sensitive curve.",
+    )
+    # (The bound is computed under pessimistic assumptions, so the true loss is usually far
+    # smaller; below ~4% the steps become too small to teach anything.)
+    hold_s: float = Field(
+        120.0, ge=15.0, description="How long a step is held before the cap is given back (s)."
+    )
+    target_confidence: float = Field(
+        0.6, ge=0.0, le=1.0, description="Jobs whose curve is less confident are explored."
+    )
+    repeat_after_s: float = Field(
+        1800.0, ge=0.0, description="No second step on one job within this time (s)."
+    )
+    min_step_w: float = Field(
+        20.0, ge=1.0, description="Steps smaller than this are not worth taking (W)."
+    )
+
+
+class Exploring(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: str
+    uuid: str
+    node: str
+    gpu: int
+    since_s: float
+    cap_w: float
+    restore_default: bool  # the GPU was at its default limit before
+
+
+class CurveExplorationMemory(PolicyMemory):
+    active: tuple[Exploring, ...] = ()
+    last_explored_s: dict[str, float] = Field(default_factory=dict)
+
+
+class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemory]):
+    name: ClassVar[str] = "curve_exploration"
+    safety: ClassVar[bool] = False
+    description: ClassVar[str] = (
+        "Lower a few GPUs' caps a little, within a slowdown bound, to learn their power curves."
+    )
+    Settings = CurveExplorationSettings
+    Memory = CurveExplorationMemory
+
+    def decide(
+        self, situation: Situation, memory: PolicyMemory, now_s: float
+    ) -> Decision[PolicyMemory]:
+        assert isinstance(memory, CurveExplorationMemory)
+        s = self.settings
+        snap = situation.snapshot
+        expires = now_s + max(s.hold_s, 60.0)
+        if snap.n_gpus == 0:
+            return Decision([], memory)
+        job_key = np.where(snap.job != "", snap.job, np.char.add("gpu:", snap.uuid))
+        row_of = {str(u): i for i, u in enumerate(snap.uuid.tolist())} if memory.active else {}
+        intents: list[Intent] = []
+        keep: list[Exploring] = []
+        hold_rows: list[int] = []
+        hold_w: list[float] = []
+        release_rows: list[int] = []
+        for e in memory.active:  # a few GPUs at most
+            row = row_of.get(e.uuid)
+            still = (
+                row is not None
+                and bool(snap.fresh[row])
+                and bool(situation.busy[row])
+                and str(job_key[row]) == e.job
+            )
+            if still and now_s - e.since_s < s.hold_s:
+                assert row is not None
+                keep.append(e)
+                hold_rows.append(row)
+                hold_w.append(e.cap_w)
+            elif (
+                row is not None
+                and e.restore_default
+                and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
+            ):
+                # Given back until the cap is seen back (a release may wait out a cooldown).
+                if bool(snap.fresh[row]):
+                    release_rows.append(row)
+                keep.append(e.model_copy(update={"since_s": -1.0}))
+        last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
+
+        # New steps: least confident jobs first, whole jobs, within the GPU allowance.
+        room = s.max_gpus - sum(1 for e in keep if e.since_s >= 0.0)
+        curves = situation.curves
+        known = (
+            curves.natural_known
+            if curves.natural_known is not None
+            else np.zeros(snap.n_gpus, dtype=bool)
+        )
+        candidate = (
+            snap.fresh
+            & situation.busy
+            & known
+            & (curves.confidence < s.target_confidence)
+            & np.isfinite(situation.cap_w)
+            & np.isfinite(situation.min_cap_w)
+        )
+        busy_keys = {str(e.job) for e in keep}
+        if room > 0 and candidate.any():
+            keys, inverse = np.unique(job_key[candidate], return_inverse=True)
+            rows = np.flatnonzero(candidate)
+            conf = np.bincount(inverse, curves.confidence[rows]) / np.bincount(inverse)
+            sizes = np.bincount(inverse)
+            for j in np.argsort(conf, kind="stable").tolist():  # jobs, not GPUs
+                key = str(keys[j])
+                if key in last or key in busy_keys or sizes[j] > room:
+                    continue
+                job_rows = rows[inverse == j]
+                caps = self._step_caps(situation, job_rows)
+                step = situation.cap_w[job_rows] - caps
+                if np.any(~np.isfinite(caps)) or float(step.min()) < s.min_step_w:
+                    continue
+                for row, cap in zip(job_rows.tolist(), caps.tolist(), strict=True):
+                    at_default = situation.cap_w[row] >= situation.default_cap_w[row] - 0.5
+                    keep.append(
+                        Exploring(
+                            job=key,
+                            uuid=str(snap.uuid[row]),
+                            node=str(snap.node_names[snap.node[row]]),
+                            gpu=int(snap.gpu[row]),
+                            since_s=now_s,
+                            cap_w=float(np.ceil(cap)),
+                            restore_default=bool(at_default),
+                        )
+                    )
+                    hold_rows.append(row)
+                    hold_w.append(float(np.ceil(cap)))
+                last[key] = now_s
+                room -= int(sizes[j])
+                busy_keys.add(key)
+                if room <= 0:
+                    break
+        if hold_rows:
+            idx = np.asarray(hold_rows, dtype=np.int64)
+            intents.append(
+                SetPowerCap(
+                    policy=self.name,
+                    reason="exploration: a small cap step to learn the job's power curve",
+                    evidence={
+                        "confidence": np.round(curves.confidence[idx], 3),
+                        "natural_w": np.round(curves.natural_w[idx], 1),
+                        "max_slowdown_frac": s.max_slowdown_frac,
+                    },
+                    expires_s=expires,
+                    targets=GpuTargets.from_rows(snap, idx),
+                    watts=np.asarray(hold_w, dtype=np.float64),
+                )
+            )
+        if release_rows:
+            intents.append(
+                ReleasePowerCap(
+                    policy=self.name,
+                    reason="exploration step done: cap given back",
+                    expires_s=expires,
+                    targets=GpuTargets.from_rows(snap, np.asarray(release_rows, dtype=np.int64)),
+                )
+            )
+        return Decision(intents, CurveExplorationMemory(active=tuple(keep), last_explored_s=last))
+
+    def _step_caps(self, situation: Situation, rows: np.ndarray) -> np.ndarray:
+        """Per GPU: the cap that loses at most max_slowdown_frac by the more sensitive of the
+        job's current curve and the conservative one, counting the natural draw at its high
+        estimate and the draw under the cap at its lowest plausible share (so errors in either
+        make the step smaller, never larger); never below the GPU's minimum."""
+        s = self.settings
+        curves = situation.curves
+        natural = np.fmax(curves.natural_w_hi[rows], curves.natural_w[rows])
+        k = np.full(rows.shape[0], LOWEST_CAP_DRAW_FRAC)
+        keep = 1.0 - s.max_slowdown_frac
+        p_cons = power_for_throughput(keep, natural, CONSERVATIVE_A, CONSERVATIVE_B)
+        p_own = power_for_throughput(keep, natural, curves.a[rows], curves.b[rows])
+        power = np.fmax(p_cons, p_own)
+        # Where the job draws below that already (its cap binds), step from its draw.
+        draw_cap = np.minimum(situation.cap_w[rows], natural / np.maximum(k, 1e-3))
+        cap = np.minimum(power / np.maximum(k, 1e-3), draw_cap)
+        cap = np.maximum(cap, situation.min_cap_w[rows])
+        lost = 1.0 - throughput_at_power(
+            np.minimum(natural, k * cap), natural, CONSERVATIVE_A, CONSERVATIVE_B
+        )
+        # A step must bind (a cap above the draw teaches nothing, e.g. under the minimum cap).
+        binds = k * cap < 0.97 * natural
+        return np.where((lost <= s.max_slowdown_frac + 1e-6) & binds, cap, np.nan)

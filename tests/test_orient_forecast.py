@@ -1,0 +1,128 @@
+"""Forecasts: causal, compared with persistence (and falling back to it), intervals that
+cover, and the Orienter's forecast in the loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.orient.forecast import PanelForecaster, forecast_series
+from agent.orient.orienter import Orienter
+from tests.conftest import make_snapshot
+
+
+def ar_series(n: int, seed: int, phi: float = 0.9) -> np.ndarray:
+    """Mean-reverting around 100: the change ahead is predictable from the level."""
+    rng = np.random.default_rng(seed)
+    y = np.empty(n)
+    y[0] = 100.0
+    for i in range(1, n):
+        y[i] = 100.0 + phi * (y[i - 1] - 100.0) + rng.normal(0, 2.0)
+    return y
+
+
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a - b)))
+
+
+def test_the_model_beats_persistence_where_there_is_something_to_learn() -> None:
+    y = ar_series(3000, seed=1, phi=0.8)
+    h = 5
+    f = forecast_series(y, h)
+    tail = np.arange(1500, len(y) - h)
+    # The best possible here (the AR(1) mean) is about 0.82 of persistence's error.
+    assert mae(f[tail], y[tail + h]) < 0.9 * mae(y[tail], y[tail + h])
+
+
+def test_it_falls_back_to_persistence_where_there_is_not() -> None:
+    rng = np.random.default_rng(2)
+    walk = np.cumsum(rng.normal(0, 1, 3000))  # a random walk: persistence is optimal
+    h = 3
+    f = forecast_series(walk, h)
+    tail = np.arange(1000, len(walk) - h)
+    assert mae(f[tail], walk[tail + h]) <= 1.03 * mae(walk[tail], walk[tail + h])
+    assert np.mean(f[tail] == walk[tail]) > 0.5  # mostly persistence itself
+
+
+def test_forecast_is_causal() -> None:
+    y = ar_series(700, seed=3)
+    full = forecast_series(y, 4)
+    for cut in (1, 65, 200, 523):
+        assert np.array_equal(forecast_series(y[:cut], 4), full[:cut])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=160
+    ),
+    horizon=st.integers(1, 10),
+    cut=st.integers(1, 160),
+)
+def test_forecast_prefix_property(values: list[float], horizon: int, cut: int) -> None:
+    y = np.asarray(values)
+    cut = min(cut, len(values))
+    assert np.array_equal(forecast_series(y[:cut], horizon), forecast_series(y, horizon)[:cut])
+
+
+def test_panel_intervals_cover_and_state_round_trips() -> None:
+    rng = np.random.default_rng(4)
+    series = 40
+    names = np.array([f"node{i}" for i in range(series)])
+    level = np.full(series, 0.5)
+    panel = PanelForecaster(
+        horizons_s=(15.0, 60.0), refit_cycles=20, min_train_rows=100, series_per_cycle=series
+    )
+    inside, total = 0, 0
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for cycle in range(400):
+        level = 0.5 + 0.8 * (level - 0.5) + rng.normal(0, 0.03, series)
+        out = panel.update(names, level * 1000.0, np.full(series, 1000.0), None, 15.0)
+        if cycle > 250:
+            pending.append((cycle + 4, out.lo[:, 1].copy(), out.hi[:, 1].copy()))
+        for _due, lo, hi in [p for p in pending if p[0] == cycle]:
+            inside += int(((level * 1000 >= lo) & (level * 1000 <= hi)).sum())
+            total += series
+    assert panel.models[1].method != "persistence"  # mean reversion is there to learn
+    assert 0.8 <= inside / total <= 0.97
+    state = json.loads(json.dumps(panel.to_dict()))
+    restored = PanelForecaster(
+        horizons_s=(15.0, 60.0), refit_cycles=20, min_train_rows=100, series_per_cycle=series
+    )
+    restored.load_dict(state)
+    # The newest training rows are kept and the models refit on them: a restart forecasts
+    # about as before, without writing every row at every save.
+    assert all(
+        y.shape[0] == min(1000, panel.train_y[i].shape[0]) for i, y in enumerate(restored.train_y)
+    )
+    a = panel.update(names, level * 1000.0, np.full(series, 1000.0), None, 15.0)
+    b = restored.update(names, level * 1000.0, np.full(series, 1000.0), None, 15.0)
+    assert b.methods[1] != "persistence"
+    assert np.isfinite(b.point).all()
+    assert np.mean(np.abs(a.point - b.point)) < 30.0  # within the series' own noise (sd 30)
+
+
+def test_the_orienter_forecasts_fleet_and_nodes_with_intervals() -> None:
+    orienter = Orienter()
+    rng = np.random.default_rng(5)
+    sit = None
+    for k in range(30):
+        power = list(500 + 20 * rng.standard_normal(8))
+        sit = orienter.orient(make_snapshot(power, time_s=15.0 * k), None)
+    assert sit is not None and sit.forecast is not None
+    f = sit.forecast
+    assert f.horizons_s == (60.0, 300.0, 900.0)
+    assert f.node_w is not None and f.node_w.shape == (2, 3)
+    assert f.node_temp_c is not None and f.node_temp_c.shape == (2, 3)
+    assert np.all(f.fleet_lo_w <= f.fleet_w) and np.all(f.fleet_w <= f.fleet_hi_w)
+    assert len(f.fleet_methods) == 3 and f.method in (
+        "persistence",
+        "level",
+        "level+nodes",
+        "mixed",
+    )
+    point, lo, hi = f.at(300.0)
+    assert lo <= point <= hi
