@@ -57,6 +57,7 @@ from agent.core.situation import HealthSeverity, NodeStates, Situation
 from agent.core.snapshot import Snapshot
 from agent.loop import CycleReport, Loop
 from agent.observe.trace import TraceReader
+from agent.orient.orienter import Orienter
 from agent.replay.outcome import (
     DRAWS,
     Counterfactual,
@@ -82,6 +83,10 @@ ACTION_KINDS = (
     "notify",
 )
 MAX_EVENTS = 2000  # timeline markers kept for the report (the counts are always complete)
+# The learn pass orients the recorded trace about once a minute of it: curves learn from one
+# observation per job and minute (hundreds over hours), and orient costs milliseconds per call.
+LEARN_EVERY_S = 60.0
+NO_REFIT = 10**9  # forecast models are never fitted in replay unless asked (no policy reads them)
 INTERVAL_LEVEL = 0.90
 
 
@@ -389,6 +394,19 @@ def _dt(reader: TraceReader) -> FloatArray:
     return np.diff(np.append(times, times[-1] + reader.meta.step_s))
 
 
+def replay_orienter(config: Config, forecasts: bool = False) -> Orienter:
+    """The configured Orienter; without fitting forecast models unless `forecasts` (no built-in
+    policy reads forecasts, and fitting them is most of orient's time: forecasts in replay are
+    persistence)."""
+    if forecasts:
+        return orienter_for(config)
+    orient = config.orient.model_copy(
+        update={"forecast": config.orient.forecast.model_copy(update={"refit_cycles": NO_REFIT})}
+    )
+    lean = config.model_copy(update={"orient": orient})
+    return orienter_for(lean)
+
+
 def learn(
     reader: TraceReader,
     config: Config,
@@ -396,10 +414,13 @@ def learn(
     draws: int = DRAWS,
     seed: int = 0,
     progress: Progress | None = None,
+    every_s: float = LEARN_EVERY_S,
 ) -> Learned:
-    """Pass 1: orient and the segment book over the trace as recorded."""
+    """Pass 1: the segment book over every step of the trace as recorded, and orient over a step
+    every `every_s` (its curves, health and anomalies)."""
     t0 = time.perf_counter()
-    orienter = orienter_for(config)
+    orienter = replay_orienter(config)
+    stride = max(1, round(every_s / reader.meta.step_s))
     book = SegmentBook()
     findings: list[Finding] = []
     flagged_per_step: list[int] = []
@@ -407,13 +428,15 @@ def learn(
     prev_flag: set[str] = set()
     prev_health: set[str] = set()
     dts = _dt(reader)
+    flagged = 0
     for j, snap in enumerate(_snapshots(reader)):
-        budget = config.cluster.budget_w if config.cluster.budget_w is not None else snap.budget_w
-        situation = orienter.orient(snap, budget)
+        situation = None
+        if j % stride == 0:
+            budget = config.cluster.budget_w
+            situation = orienter.orient(snap, snap.budget_w if budget is None else budget)
+            flagged, prev_flag, prev_health = _findings(situation, prev_flag, prev_health, findings)
         book.learn(snap, situation, float(dts[j]))
         caps_seen.update(snap)
-        flagged, now_flag, now_health = _findings(situation, prev_flag, prev_health, findings)
-        prev_flag, prev_health = now_flag, now_health
         flagged_per_step.append(flagged)
         if progress is not None:
             progress(1)
@@ -493,6 +516,7 @@ def replay_set(
     interval_s: float,
     keep_decisions: bool = False,
     progress: Progress | None = None,
+    forecasts: bool = False,
 ) -> SetResult:
     """Pass 2: the loop, in dry-run, over the trace as `policy_set` would have seen it."""
     t0 = time.perf_counter()
@@ -508,7 +532,7 @@ def replay_set(
 
     loop = Loop(
         source=feed,
-        orienter=orienter_for(config),
+        orienter=replay_orienter(config, forecasts),
         policies=policies,
         guard=Guard(config.guard, rollout=rollout_for(config, clock), is_dry=always),
         executor=Executor(actuators, always, config.actuators.lease_s, why_dry=lambda _i: "replay"),
@@ -708,6 +732,7 @@ def replay_trace(
     progress: Progress | None = None,
     budget_w: float | None = None,
     overhead_per_node_w: float | None = None,
+    forecasts: bool = False,
 ) -> ReplayReport:
     """Replay `trace` through each policy set (default: the configuration's policies)."""
     t0 = time.perf_counter()
@@ -731,6 +756,7 @@ def replay_trace(
             interval_s=interval,
             keep_decisions=keep_decisions,
             progress=progress,
+            forecasts=forecasts,
         )
         for s in sets
     ]
