@@ -529,7 +529,9 @@ def test_a_cycle_that_does_not_finish_in_the_grace_is_abandoned(tmp_path: Path) 
         assert daemon.exit_abandoned
         # What the finished cycles wrote is on disk, whole; the lock is free for a restart.
         events = audit_events(state_dir / "audit.jsonl")
-        assert {_cycle(e) for e in events if e["event"] == "decision"} == {1, 2}
+        # (a cycle whose decisions are all already in place writes none: cycle 2 may be silent)
+        cycles = {_cycle(e) for e in events if e["event"] == "decision"}
+        assert 1 in cycles and cycles <= {1, 2}
         assert StateFile(state_dir, "lab").load().found
         in_process(cfg, state_dir).shutdown()
     finally:

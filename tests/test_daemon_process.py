@@ -174,12 +174,15 @@ def test_a_restart_resumes_state_and_the_cluster(tmp_path: Path) -> None:
     for e in events:
         if "decision_id" in e:
             runs.setdefault(_cycle_of(e["decision_id"])[0], []).append(e)
-    assert len(runs) == 2
-    events1, events2 = runs.values()
-    # The twin (the cluster) went on where it was: its time continues...
-    assert min(e["time_s"] for e in events2) > max(e["time_s"] for e in events1)
+    # The second run may write nothing at all: with the caps it finds in force, there is nothing
+    # to decide (unchanged decisions are not audited). That is the point of restoring state.
+    assert 1 <= len(runs) <= 2
+    events1, *rest = runs.values()
+    events2 = rest[0] if rest else []
 
     def capped_in_first_cycle(run_events: list[dict]) -> int:  # type: ignore[type-arg]
+        if not run_events:
+            return 0
         first = min(_cycle_of(e["decision_id"])[1] for e in run_events)
         return sum(
             len(e["target"])
@@ -190,7 +193,10 @@ def test_a_restart_resumes_state_and_the_cluster(tmp_path: Path) -> None:
             and _cycle_of(e["decision_id"])[1] == first
         )
 
-    # ...and its caps: the first run capped the fleet from scratch, the second found them in force.
+    # The twin (the cluster) went on where it was: its time continues, and its caps: the first
+    # run capped the fleet from scratch, the second found them in force.
+    if events2:
+        assert min(e["time_s"] for e in events2) > max(e["time_s"] for e in events1)
     assert capped_in_first_cycle(events1) >= 4
     assert capped_in_first_cycle(events2) < capped_in_first_cycle(events1)
 
