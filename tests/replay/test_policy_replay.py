@@ -161,3 +161,32 @@ def test_replay_assertions_say_what_went_wrong(fan_trace: Path) -> None:
         result.assert_kpis(nope=(0, 1))
     with pytest.raises(ValueError, match="unknown action kind"):
         result.assert_actions("reboot")
+
+
+def test_health_drain_over_a_recorded_trace(tmp_path: Path) -> None:
+    spec = TwinSpec(
+        nodes=4,
+        gpus_per_node=4,
+        seed=2,
+        occupancy=1.0,
+        median_job_s=7200.0,
+        faults=(parse_fault("xid=79:node2/gpu1@60+300"),),
+    )
+    trace = record(spec, tmp_path / "xid.parquet", duration_s=1200)
+    result = replay(
+        trace,
+        policies=["health_drain"],
+        config={
+            "guard": {"node_cooldown_s": 60},
+            "policies": {"health_drain": {"resume_hold_s": 120}},
+        },
+    )
+    result.assert_actions("drain_node", targets=["node2"], count=1, between_s=(60, 90))
+    result.assert_actions("requeue_job", count=1)
+    resumes = result.assert_actions("resume_node", targets=["node2"])
+    assert resumes[0]["t_s"] >= 360 + 120
+    assert result.kpis["drains"] == 1
+    # Orient's finding on the recorded trace is on the report's timeline.
+    assert result.report is not None
+    findings = result.report.learned.findings
+    assert any(f.target == "node2/gpu1" and f.kind == "health:xid:79" for f in findings)
