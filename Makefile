@@ -8,6 +8,8 @@ TESTS  := $(VENV)/.installed-test
 SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm munge:munge systemd-analyze:systemd
 # Alertmanager for the Notify integration test (agent/act/notify.py).
 SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
+# Headless Chromium opens the replay report in its test (driven through playwright's client).
+SYSTEM_TOOLS += chromium:chromium
 
 .PHONY: demo test lint bench system-deps clean
 

@@ -311,6 +311,21 @@ class Config(_Section):
         default_factory=RolloutSettings,
         description="Going live in stages: advisory kinds, the scope, freeze windows.",
     )
+    policy_sets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Named sets of policies for `ooda replay --compare`, e.g. "
+        "{efficient = ['power_budget', 'energy_efficiency']} (a '+'-joined string works too).",
+    )
+
+    @field_validator("policy_sets", mode="before")
+    @classmethod
+    def _split_sets(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                k: [p.strip() for p in v.split("+") if p.strip()] if isinstance(v, str) else v
+                for k, v in value.items()
+            }
+        return value
 
     # Filled by `load_config`/`parse_config` from the registry (not part of the file).
     policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
@@ -389,6 +404,15 @@ def parse_config(
             settings[name] = registry.get(name).Settings.model_validate(dict(raw))
         except ValidationError as exc:
             problems.extend(_errors(exc, ("policies", name)))
+    for set_name, members in config.policy_sets.items():
+        if not members:
+            problems.append(f"policy_sets.{set_name}: names no policy")
+        for name in members:
+            if name not in registry:
+                problems.append(
+                    f"policy_sets.{set_name}: unknown policy {name!r} "
+                    f"(known: {', '.join(registry.names())})"
+                )
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     config.policy_settings = settings

@@ -15,6 +15,7 @@ from agent.cli.detect import detect, forecast
 from agent.cli.guard_cmd import guard_app
 from agent.cli.node import node_app
 from agent.cli.once import once
+from agent.cli.replay import replay
 from agent.cli.rollback import rollback
 from agent.cli.run import run
 from agent.cli.sim import sim_app
@@ -47,6 +48,7 @@ def _root(
 app.command()(demo)
 app.command()(once)
 app.command()(record)
+app.command()(replay)
 app.add_typer(sim_app, name="sim")
 app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)

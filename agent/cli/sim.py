@@ -73,6 +73,26 @@ def _spec(
     return load_scenario(scenario, base) if scenario is not None else base
 
 
+def _policies(policy: list[str] | None, config: Path | None) -> tuple[list[str], Any, Any]:
+    """The policies to run live while recording, their settings and the guard's."""
+    if not policy:
+        if config is not None:
+            raise BadInputError("--config: only used with --policy")
+        return [], None, None
+    from agent.config import default_config, load_config
+    from policies.registry import default_registry
+
+    registry = default_registry()
+    cfg = load_config(config) if config is not None else default_config(registry)
+    unknown = [p for p in policy if p not in registry]
+    if unknown:
+        raise BadInputError(
+            f"--policy: unknown policy {unknown[0]!r} (known: {', '.join(registry.names())})"
+        )
+    settings = {p: cfg.policy_settings.get(p) or registry.get(p).Settings() for p in policy}
+    return list(policy), settings, cfg.guard
+
+
 def _counters(value: str) -> Any:
     if value not in ("all", "default"):
         raise BadInputError(f"--counters: {value!r} is not 'all' or 'default'")
@@ -222,22 +242,49 @@ def record(
     fault: FaultOpt = None,
     scenario: ScenarioOpt = None,
     counters: CountersOpt = "all",
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            help="Run this policy live in the loop while recording (repeatable): the agent acts "
+            "on the twin every --interval, and the trace shows its caps.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="With --policy: the policies' settings and the guard."),
+    ] = None,
+    interval: Annotated[
+        str, typer.Option(help="With --policy: the agent's control interval (twin time).")
+    ] = "15s",
+    budget_w: Annotated[
+        float | None,
+        typer.Option("--budget-w", min=1, help="A constant facility budget (W) for the twin."),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on the last line.")
     ] = False,
 ) -> None:
     """Write a trace from the twin: what Prometheus would hold had it scraped the twin's exporters
-    at every step, with the scenario (budget, faults) in the file's metadata.
+    at every step, with the scenario (budget, faults, the policies that ran) in the metadata.
 
     Examples:
 
       ooda sim record --nodes 125 --duration 24h -o day-1000gpus.parquet
 
       ooda sim record --nodes 4 --duration 2h --fault dropout:node2@1800+300 -o t.parquet
+
+      ooda sim record --nodes 16 --duration 2h --budget-w 40000 --policy power_budget -o q.parquet
     """
+    from dataclasses import replace
+
     from agent.replay.twin_trace import record_twin
+    from agent.sim.twin import BudgetSchedule
 
     spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    if budget_w is not None:
+        spec = replace(spec, budget=BudgetSchedule.constant(budget_w))
+    names, settings, guard = _policies(policy, config)
     t0 = time.perf_counter()
     summary = record_twin(
         spec,
@@ -245,6 +292,10 @@ def record(
         duration_s=duration_s(duration, "--duration"),
         step_s=duration_s(step, "--step"),
         counters=_counters(counters),
+        policies=names,
+        settings=settings,
+        guard=guard,
+        interval_s=duration_s(interval, "--interval"),
     )
     wall = time.perf_counter() - t0
     result = {

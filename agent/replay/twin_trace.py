@@ -1,16 +1,31 @@
 """Recording a trace from the twin: what Prometheus would have stored had it scraped the twin's
-exporters at every step, plus the scenario (ground truth: seed, budget, faults) in the metadata."""
+exporters at every step, plus the scenario (ground truth: seed, budget, faults) in the metadata.
+
+The twin runs alone (nothing changes its caps), or with the agent live in the loop: policies
+acting on the twin every interval, as `ooda demo` runs them. The second gives a trace recorded
+under a policy (cap changes to learn curves from), and, run again with another policy from the
+same seed, the truth a replay's counterfactual is checked against.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.act.audit import AuditLog
+from agent.act.guard import GuardSettings
+from agent.core.dcgm import DcgmField
+from agent.core.snapshot import Snapshot
+from agent.demo import RunKpis, build_agent, run_kpis
+from agent.loop import CycleReport
 from agent.observe.trace import TraceSummary, TraceWriter
 from agent.sim.exporter import Counters, dcgm_snapshot, served_fields
 from agent.sim.twin import Twin, TwinSpec
+from policies.base import PolicySettings
+from policies.registry import PolicyRegistry, builtin_registry
 
 
 def scenario_of(spec: TwinSpec) -> dict[str, Any]:
@@ -38,6 +53,98 @@ def scenario_of(spec: TwinSpec) -> dict[str, Any]:
     }
 
 
+@dataclass
+class TwinRun:
+    """A twin run: the twin at its end (its step log holds the truth), the agent's cycles (when
+    policies ran live), the trace written (when recording) and the run's KPIs."""
+
+    twin: Twin
+    kpis: RunKpis
+    reports: list[CycleReport] = field(default_factory=list)
+    summary: TraceSummary | None = None
+
+
+class ExporterView:
+    """The twin through its exporters, as a TelemetrySource."""
+
+    def __init__(self, twin: Twin, fields: Sequence[DcgmField]) -> None:
+        self.twin = twin
+        self.fields = tuple(fields)
+
+    def observe(self, now_s: float) -> Snapshot:
+        return dcgm_snapshot(self.twin, self.fields)
+
+
+def run_twin(
+    spec: TwinSpec,
+    *,
+    duration_s: float,
+    step_s: float = 15.0,
+    policies: Sequence[str] = (),
+    settings: Mapping[str, PolicySettings] | None = None,
+    guard: GuardSettings | None = None,
+    interval_s: float = 15.0,
+    record_to: Path | None = None,
+    counters: Counters = "all",
+    registry: PolicyRegistry | None = None,
+) -> TwinRun:
+    """Run the twin for `duration_s` at a physics step of `step_s`, with `policies` live (every
+    `interval_s`, acting on the twin's caps and scheduler), recording every step to `record_to`.
+
+    A step is recorded before the agent's cycle at that time, as a scrape that lands just before
+    the agent reads: the draw shown is the one the caps set in earlier cycles produced."""
+    if step_s <= 0 or duration_s <= 0:
+        raise ValueError("duration and step must be positive")
+    if interval_s <= 0:
+        raise ValueError("the control interval must be positive")
+    spec = replace(spec, step_s=step_s)
+    twin = Twin(spec)
+    registry = registry or builtin_registry()
+    loop = None
+    if policies:
+        typed = {
+            name: (settings or {}).get(name) or registry.get(name).Settings() for name in policies
+        }
+        loop, _ = build_agent(
+            twin, False, AuditLog(), registry, tuple(policies), dict(typed), guard, interval_s
+        )
+    fields = served_fields(counters)
+    if loop is not None:
+        # The agent sees the twin as it would a cluster: through its exporters (the view the
+        # trace records), not the twin's own arrays.
+        loop.source = ExporterView(twin, fields)
+    writer = None
+    if record_to is not None:
+        scenario = scenario_of(spec)
+        scenario["policies"] = list(policies)
+        scenario["interval_s"] = interval_s
+        writer = TraceWriter(
+            record_to,
+            time_base="twin",
+            step_s=step_s,
+            source={"kind": "twin", "counters": counters},
+            metrics=[f.metric for f in fields],
+            labels=("priority",),
+            scenario=scenario,
+        )
+    reports: list[CycleReport] = []
+    next_cycle = 0.0
+    try:
+        while twin.t_s < duration_s - 1e-9:
+            if writer is not None:
+                writer.append(dcgm_snapshot(twin, fields))
+            if loop is not None and twin.t_s >= next_cycle - 1e-9:
+                reports.append(loop.cycle())
+                next_cycle += interval_s
+            twin.step(min(step_s, duration_s - twin.t_s))
+        summary = writer.close() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return TwinRun(twin=twin, kpis=run_kpis(twin, interval_s), reports=reports, summary=summary)
+
+
 def record_twin(
     spec: TwinSpec,
     path: Path,
@@ -45,23 +152,22 @@ def record_twin(
     duration_s: float,
     step_s: float = 15.0,
     counters: Counters = "all",
+    policies: Sequence[str] = (),
+    settings: Mapping[str, PolicySettings] | None = None,
+    guard: GuardSettings | None = None,
+    interval_s: float = 15.0,
 ) -> TraceSummary:
-    """Run the twin for `duration_s` at a physics step of `step_s` and record every step."""
-    if step_s <= 0 or duration_s <= 0:
-        raise ValueError("duration and step must be positive")
-    spec = replace(spec, step_s=step_s)
-    twin = Twin(spec)
-    fields = served_fields(counters)
-    with TraceWriter(
-        path,
-        time_base="twin",
+    """Record the twin (with `policies` live in the loop, if any) into a trace at `path`."""
+    run = run_twin(
+        spec,
+        duration_s=duration_s,
         step_s=step_s,
-        source={"kind": "twin", "counters": counters},
-        metrics=[f.metric for f in fields],
-        labels=("priority",),
-        scenario=scenario_of(spec),
-    ) as writer:
-        while twin.t_s < duration_s - 1e-9:
-            writer.append(dcgm_snapshot(twin, fields))
-            twin.step()
-        return writer.close()
+        policies=policies,
+        settings=settings,
+        guard=guard,
+        interval_s=interval_s,
+        record_to=path,
+        counters=counters,
+    )
+    assert run.summary is not None
+    return run.summary

@@ -1,0 +1,757 @@
+"""Counterfactual outcomes: what a trace would have looked like under other power caps.
+
+A trace shows what happened under the settings of its time (the *recorded* caps). Replay asks what
+would have happened under the caps the replayed policies set instead. The model, per GPU and step:
+
+- **power**: a busy GPU draws its uncapped draw D, or about `k x cap` when the cap binds:
+  `min(D, k x cap_new)`. Where the recorded cap did not bind, D is the recorded draw (ramps and
+  noise included); where it bound, D is the job's natural draw N (learned below), times the
+  recorded draw's noise around `k x cap_old`. Idle GPUs draw what they drew (under any cap above
+  it).
+- **throughput**: the proxy is the SM clock relative to the job's uncapped clock (DVFS lowers the
+  clock when a cap binds, and throughput follows it for compute-bound work), times utilization
+  relative to its uncapped level (a job still starting up or stalled does less):
+  `T = clock / natural_clock x util / natural_util`, the same proxy orient's curve learner uses.
+  Under a new cap the clock part follows the job's power curve T(x) = 1 - a (1 - x)^b at the
+  share x = power / N; where the recorded cap bound, the recorded clock is a point on the job's
+  curve, and the estimate follows the curve through it with the job's exponent b.
+- **what is learned, and from what** (the `learn` pass over the recorded trace, before replay):
+  per GPU and job (a *segment*), the natural draw, clock and utilization from the samples where
+  its cap did not bind, after the job's start-up; `k` from the samples where it did; the curve
+  (a, b) and its confidence from orient's curve learner (`Situation.curves`), as learned by the
+  end of the segment. A job its cap held down for all of its life has only a lower bound on its
+  natural draw (what it drew under the cap): its N is drawn from the natural draws of this
+  trace's other jobs on the same GPU model, above that bound.
+
+What is carried forward, and how far: each job's progress under the new caps. A job whose end
+the trace shows and that got ahead of its recorded progress has finished early: its GPU idles
+(at the model's idle draw) until the trace shows it busy with another job. A job slowed down is
+not carried past its recorded end (its GPU may run the next job in the trace): the work it did
+not do shows as lost throughput, and the energy it would have drawn finishing is not counted.
+Nor is the schedule changed: the next job starts when it started in the trace, and drains,
+weights and requeues are counted but their effect on placement is not estimated. Over hours with
+long jobs this is a small effect; over weeks it is not, and the report says so.
+
+**Uncertainty** (90% intervals): KPIs are computed for the point estimate and for `draws`
+parameter draws: the curve's loss a (1 - x)^b scaled by exp(sigma z), sigma shrinking with the
+curve's confidence (0: the prior, sigma about 0.7, a factor of 3 on the loss at the 90% level;
+through a recorded capped point, only b, within 0.35 (1 - confidence));
+k within 1% (measured) or 3% (assumed); N within 2% (measured) or over its truncated
+distribution (never seen uncapped). Draws are shared by every GPU (fully correlated): a wrong
+prior is wrong for every job, so the intervals are conservative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.curves import MIN_EXPONENT
+from agent.core.keyed import KeyedColumns
+from agent.core.situation import Situation
+from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
+from agent.orient.natural import BUSY_UTIL_PCT, CLEAR_OF_CAP_FRAC
+from agent.orient.orienter import cap_bounds
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+StrArray = npt.NDArray[np.str_]
+
+SEP = "\x1f"  # between a GPU's UUID and its job in a segment key
+WARMUP_S = 180.0  # a job's start-up: its draw and clock say nothing about its natural level yet
+FULL_UTIL_PCT = 90.0  # a GPU this busy is past its job's start-up
+LEARNED_CONFIDENCE = 0.3  # a curve this confident counts as learned (not the prior) in notes
+PRIOR_LOG_LOSS_SD = 0.70  # the prior's spread of log(a (1 - x)^b) near x = 0.75 (orient's prior)
+B_SD_PER_LOSS_SD = 0.5  # the prior's sd of b (0.35) per sd of its log loss (0.70)
+N_MEASURED_SD = 0.02  # relative uncertainty of a natural draw measured uncapped
+K_MEASURED_SD = 0.01
+K_ASSUMED_SD = 0.03
+K_DEFAULT = 0.97  # draw / cap under a binding cap when a trace never shows one binding
+DRAWS = 40
+
+
+_MODEL_BOUNDS: dict[bytes, tuple[FloatArray, FloatArray, FloatArray]] = {}
+
+
+def limits(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """orient's `cap_bounds` (current, min, max, default per GPU), with the model table's part
+    cached per fleet (the same models step after step)."""
+    key = snapshot.model.tobytes()
+    table = _MODEL_BOUNDS.get(key)
+    if table is None:
+        probe = replace(snapshot, values={}, valid={})
+        _cur, lo, hi, default = cap_bounds(probe)
+        table = (lo, hi, default)
+        if len(_MODEL_BOUNDS) > 64:
+            _MODEL_BOUNDS.clear()
+        _MODEL_BOUNDS[key] = table
+
+    def pick(metric: Metric, fallback: FloatArray) -> FloatArray:
+        values, ok = snapshot.column(metric)
+        return np.where(ok, values, fallback)
+
+    nan = np.full(snapshot.n_gpus, np.nan)
+    current = pick(Metric.POWER_LIMIT_W, pick(Metric.ENFORCED_LIMIT_W, nan))
+    return (
+        current,
+        pick(Metric.MIN_LIMIT_W, table[0]),
+        pick(Metric.MAX_LIMIT_W, table[1]),
+        pick(Metric.DEFAULT_LIMIT_W, table[2]),
+    )
+
+
+def busy_mask(snapshot: Snapshot) -> BoolArray:
+    """Fresh GPUs with power that run work (a job, or utilization): orient's rule."""
+    power_ok = snapshot.usable(Metric.POWER_W)
+    util, util_ok = snapshot.column(Metric.UTIL_PCT)
+    has_job = snapshot.job != ""
+    return np.asarray(power_ok & (has_job | (util_ok & (util > BUSY_UTIL_PCT))), dtype=bool)
+
+
+def binding_mask(snapshot: Snapshot, limit_w: FloatArray, max_w: FloatArray) -> BoolArray:
+    """Where the recorded cap holds the GPU's draw down: the GPU says so (clock event reasons),
+    else the cap is below the maximum and the draw is close to it."""
+    power, _ = snapshot.column(Metric.POWER_W)
+    reasons, reasons_ok = snapshot.column(Metric.CLOCKS_EVENT_REASONS)
+    cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+    lowered = np.isfinite(limit_w) & (np.nan_to_num(limit_w, nan=np.inf) < max_w - 0.5)
+    with np.errstate(invalid="ignore"):
+        near = lowered & (power >= CLEAR_OF_CAP_FRAC * limit_w)
+    return np.asarray(np.where(reasons_ok, cap_bit & np.isfinite(limit_w), near), dtype=bool)
+
+
+def segment_keys(uuid: StrArray, job: StrArray) -> StrArray:
+    return np.asarray(np.char.add(np.char.add(uuid, SEP), job), dtype=np.str_)
+
+
+class SegmentIndex:
+    """Stable ids for (GPU, job) segments, append-only. A GPU's job rarely changes from one step
+    to the next, so each call looks up only the rows whose (UUID, job) changed since the last."""
+
+    def __init__(self, keys: StrArray | None = None, uuids: StrArray | None = None) -> None:
+        self.keys = np.zeros(0, dtype=np.str_) if keys is None else np.asarray(keys)
+        self.uuids = np.zeros(0, dtype=np.str_) if uuids is None else np.asarray(uuids)
+        self._order = np.argsort(self.keys, kind="stable").astype(np.int64)
+        self._sorted = self.keys[self._order]
+        self._rows: tuple[StrArray, StrArray, IntArray, BoolArray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def _find(self, keys: StrArray) -> tuple[IntArray, BoolArray]:
+        if self._sorted.size == 0:
+            return np.zeros(keys.shape, dtype=np.int64), np.zeros(keys.shape, dtype=bool)
+        pos = np.clip(np.searchsorted(self._sorted, keys), 0, self._sorted.size - 1)
+        found = self._sorted[pos] == keys
+        return np.where(found, self._order[pos], 0).astype(np.int64), found
+
+    def _add(self, keys: StrArray, uuids: StrArray) -> None:
+        new, first = np.unique(keys, return_index=True)
+        ids = np.arange(self.keys.size, self.keys.size + new.size, dtype=np.int64)
+        self.keys = np.concatenate([self.keys, new])
+        self.uuids = np.concatenate([self.uuids, uuids[first]])
+        at = np.searchsorted(self._sorted, new)
+        # np.insert keeps the array's dtype: widen it first, or longer keys are truncated.
+        wide = np.promote_types(self._sorted.dtype, new.dtype)
+        self._sorted = np.insert(self._sorted.astype(wide), at, new)
+        self._order = np.insert(self._order, at, ids)
+
+    def ids(self, uuid: StrArray, job: StrArray, add: bool) -> tuple[IntArray, BoolArray]:
+        """Per row: its segment's id, and whether it is known (always, when `add`)."""
+        last = self._rows
+        if last is not None and last[0].shape == uuid.shape and np.array_equal(last[0], uuid):
+            rows = np.flatnonzero(last[1] != job)
+            if rows.size == 0:
+                return last[2], last[3]
+            ids, found = last[2].copy(), last[3].copy()
+        else:
+            rows = np.arange(uuid.shape[0])
+            ids = np.zeros(uuid.shape[0], dtype=np.int64)
+            found = np.zeros(uuid.shape[0], dtype=bool)
+        keys = segment_keys(uuid[rows], job[rows])
+        got, hit = self._find(keys)
+        if add and not hit.all():
+            self._add(keys[~hit], uuid[rows][~hit])
+            got, hit = self._find(keys)
+        ids[rows], found[rows] = got, hit
+        self._rows = (uuid.copy(), job.copy(), ids, found)
+        return ids, found
+
+
+class GrowColumns:
+    """Columns indexed by a stable id, grown by doubling."""
+
+    def __init__(self, spec: dict[str, tuple[npt.DTypeLike, Any]]) -> None:
+        self._spec = spec
+        self._n = 0
+        self._data = {name: np.full(64, fill, dtype=dt) for name, (dt, fill) in spec.items()}
+
+    def ensure(self, n: int) -> None:
+        if n > next(iter(self._data.values())).shape[0]:
+            size = max(n, 2 * next(iter(self._data.values())).shape[0])
+            for name, (dt, fill) in self._spec.items():
+                grown = np.full(size, fill, dtype=dt)
+                old = self._data[name]
+                grown[: old.shape[0]] = old
+                self._data[name] = grown
+        self._n = max(self._n, n)
+
+    @property
+    def cols(self) -> dict[str, npt.NDArray[Any]]:
+        return {name: arr[: self._n] for name, arr in self._data.items()}
+
+
+class SegmentBook:
+    """What the recorded trace shows about each (GPU, job): the `learn` pass."""
+
+    def __init__(self) -> None:
+        self.index = SegmentIndex()
+        self.seg = GrowColumns(
+            {
+                "model": ("U64", ""),
+                "since": (np.float64, np.nan),
+                "n_clear": (np.int64, 0),
+                "sum_p": (np.float64, 0.0),
+                "sum_clock": (np.float64, 0.0),
+                "n_clock": (np.int64, 0),
+                "sum_util": (np.float64, 0.0),
+                "n_bind": (np.int64, 0),
+                "sum_k": (np.float64, 0.0),
+                "bound_w": (np.float64, np.nan),  # the most it drew under a binding cap
+                "max_cap": (np.float64, np.nan),
+                "a": (np.float64, np.nan),
+                "b": (np.float64, np.nan),
+                "confidence": (np.float64, 0.0),
+                "source": ("U16", ""),
+                "busy_steps": (np.int64, 0),
+                "sum_cu_dt": (np.float64, 0.0),  # clock x util x dt: the recorded work, raw
+                "last_t": (np.float64, np.nan),
+            }
+        )
+        self.gpus = KeyedColumns({"last_t": (np.float64, np.nan)})  # last seen fresh
+        self.idle: dict[str, list[float]] = {}  # model -> [sum power, sum clock, samples]
+
+    def learn(self, snapshot: Snapshot, situation: Situation | None, dt_s: float) -> None:
+        """One recorded step (and what orient made of it); `dt_s` is the time it stands for."""
+        busy = busy_mask(snapshot)
+        fresh = snapshot.fresh
+        if fresh.any():
+            seen = self.gpus.slots(snapshot.uuid[fresh])
+            self.gpus["last_t"][seen] = snapshot.time_s
+        self._learn_idle(snapshot, fresh & snapshot.usable(Metric.POWER_W) & ~busy)
+        if not busy.any():
+            return
+        rows = np.flatnonzero(busy)
+        ids, _ = self.index.ids(snapshot.uuid, snapshot.job, add=True)
+        slot = ids[rows]
+        self.seg.ensure(len(self.index))
+        c = self.seg.cols
+        now = snapshot.time_s
+        c["model"][slot] = snapshot.model[rows]
+        new = np.isnan(c["since"][slot])
+        c["since"][slot[new]] = now
+        c["busy_steps"][slot] += 1
+        c["last_t"][slot] = now
+        limit, _mn, max_w, _df = limits(snapshot)
+        c["max_cap"][slot] = max_w[rows]
+        power = snapshot.column(Metric.POWER_W)[0][rows]
+        bind = binding_mask(snapshot, limit, max_w)[rows]
+        clock, clock_ok = snapshot.column(Metric.SM_CLOCK_MHZ)
+        util, util_ok = snapshot.column(Metric.UTIL_PCT)
+        # Past its start-up: by time, or by running flat out (a job loading data or setting up
+        # keeps its GPU partly idle; one at full utilization is computing).
+        warm = ((now - c["since"][slot]) >= WARMUP_S) | (
+            util_ok[rows] & (util[rows] >= FULL_UTIL_PCT)
+        )
+        clear = warm & ~bind
+        s = slot[clear]
+        c["n_clear"][s] += 1
+        c["sum_p"][s] += power[clear]
+        has_clock = clear & clock_ok[rows] & util_ok[rows]
+        s2 = slot[has_clock]
+        c["n_clock"][s2] += 1
+        c["sum_clock"][s2] += clock[rows][has_clock]
+        c["sum_util"][s2] += util[rows][has_clock]
+        works = clock_ok[rows] & util_ok[rows]
+        c["sum_cu_dt"][slot[works]] += clock[rows][works] * util[rows][works] * dt_s
+        held = bind & np.isfinite(limit[rows]) & (limit[rows] > 0)
+        s3 = slot[held]
+        c["n_bind"][s3] += 1
+        c["sum_k"][s3] += power[held] / limit[rows][held]
+        c["bound_w"][s3] = np.fmax(c["bound_w"][s3], power[held])
+        if situation is not None and situation.snapshot.n_gpus == snapshot.n_gpus:
+            cur = situation.curves
+            c["a"][slot] = cur.a[rows]
+            c["b"][slot] = cur.b[rows]
+            c["confidence"][slot] = cur.confidence[rows]
+            c["source"][slot] = cur.source[rows]
+
+    def _learn_idle(self, snapshot: Snapshot, idle: BoolArray) -> None:
+        if not idle.any():
+            return
+        power = snapshot.column(Metric.POWER_W)[0]
+        clock, clock_ok = snapshot.column(Metric.SM_CLOCK_MHZ)
+        for model in np.unique(snapshot.model[idle]).tolist():
+            rows = idle & (snapshot.model == model)
+            entry = self.idle.setdefault(str(model), [0.0, 0.0, 0.0, 0.0])
+            entry[0] += float(power[rows].sum())
+            entry[1] += float(rows.sum())
+            ok = rows & clock_ok
+            entry[2] += float(clock[ok].sum())
+            entry[3] += float(ok.sum())
+
+    def ended(self) -> BoolArray:
+        """Per segment: its GPU was seen fresh after it (its job ended inside the trace)."""
+        if len(self.index) == 0:
+            return np.zeros(0, dtype=bool)
+        self.seg.ensure(len(self.index))
+        pos, found = self.gpus.lookup(self.index.uuids)
+        gpu_last = np.where(found, self.gpus["last_t"][pos], np.nan)
+        return np.asarray(gpu_last > self.seg.cols["last_t"], dtype=bool)
+
+    def estimates(self, draws: int = DRAWS, seed: int = 0) -> Estimates:
+        return Estimates.from_book(self, draws, seed)
+
+
+@dataclass(frozen=True, eq=False)
+class Estimates:
+    """Per segment (by id): the counterfactual's parameters, point and draws."""
+
+    keys: StrArray
+    uuids: StrArray
+    natural_w: FloatArray
+    natural_w_draws: FloatArray  # (segments, draws)
+    natural_known: BoolArray  # seen uncapped after its start-up
+    natural_clock_mhz: FloatArray
+    natural_util_pct: FloatArray
+    k: FloatArray
+    k_sd: FloatArray
+    a: FloatArray
+    b: FloatArray
+    loss_sd: FloatArray  # sd of log(loss) (0.7 at confidence 0)
+    learned: BoolArray  # the curve counts as learned (confident), not a prior
+    z_loss: FloatArray  # (draws,) shared standard normal shocks
+    z_k: FloatArray
+    z_n: FloatArray
+    work_total: FloatArray  # the recorded work of a segment that ended in the trace (else inf)
+    idle_w: dict[str, float] = field(default_factory=dict)  # per GPU model: idle draw
+    idle_clock_mhz: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    summary: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def draws(self) -> int:
+        return int(self.z_loss.shape[0])
+
+    @staticmethod
+    def from_book(book: SegmentBook, draws: int, seed: int) -> Estimates:
+        book.seg.ensure(len(book.index))
+        c = book.seg.cols
+        keys = book.index.keys
+        s = keys.shape[0]
+        rng = np.random.default_rng(seed)
+        z_loss = rng.standard_normal(draws)
+        z_k = rng.standard_normal(draws)
+        z_n = rng.standard_normal(draws)
+        u_n = (np.arange(draws) + 0.5) / draws
+        rng.shuffle(u_n)  # stratified: the truncated distribution is covered evenly
+        with np.errstate(invalid="ignore", divide="ignore"):
+            natural_mean = c["sum_p"] / c["n_clear"]
+            clock = c["sum_clock"] / c["n_clock"]
+            util = c["sum_util"] / c["n_clock"]
+            k_seg = c["sum_k"] / c["n_bind"]
+        known = c["n_clear"] > 0
+        ran = c["busy_steps"] > 0  # a segment ids also name idle GPUs: only those that ran count
+        notes: list[str] = []
+        natural = np.where(known, natural_mean, np.nan)
+        n_draws = np.repeat(natural[:, None], draws, axis=1) * (1 + N_MEASURED_SD * z_n)[None, :]
+        k = np.full(s, K_DEFAULT)
+        k_sd = np.full(s, K_ASSUMED_SD)
+        models = np.unique(c["model"]) if s else np.zeros(0, dtype=np.str_)
+        for model in models:
+            mine = c["model"] == model
+            # k: the segment's own, else its GPU model's (median of the segments seen capped).
+            seen_k = mine & (c["n_bind"] > 0) & np.isfinite(k_seg)
+            model_k = float(np.median(k_seg[seen_k])) if seen_k.any() else K_DEFAULT
+            k[mine] = np.where(seen_k[mine], k_seg[mine], model_k)
+            k_sd[mine] = np.where(seen_k[mine], K_MEASURED_SD, K_ASSUMED_SD)
+            # Natural clock and utilization: the segment's own, else the model's median.
+            has_clock = mine & (c["n_clock"] > 0)
+            if has_clock.any():
+                clock[mine & ~has_clock] = float(np.median(clock[has_clock]))
+                util[mine & ~has_clock] = float(np.median(util[has_clock]))
+            # Natural draw of jobs never seen uncapped: the model's known draws above the bound.
+            unknown = mine & ~known & ran
+            if not unknown.any():
+                continue
+            lo = np.nan_to_num(c["bound_w"][unknown], nan=0.0)
+            hi = np.nan_to_num(c["max_cap"][unknown], nan=np.nanmax(lo, initial=0.0))
+            pool = np.sort(natural[mine & known])
+            if pool.size >= 5:
+                n_pt, n_dr = _truncated(pool, lo, hi, u_n)
+            else:  # nothing to learn from: anywhere between the bound and the maximum limit
+                n_pt = np.maximum(lo, 0.9 * hi)
+                n_dr = lo[:, None] + (hi - lo)[:, None] * u_n[None, :]
+            natural[unknown] = n_pt
+            n_draws[unknown] = n_dr
+        # Jobs seen for one step only (a label that lags the draw) are not worth a note.
+        unknown_all = ~known & (c["busy_steps"] > 1)
+        if unknown_all.any():
+            notes.append(
+                f"{int(unknown_all.sum())} of {int((c['busy_steps'] > 1).sum())} jobs (per GPU) "
+                "were never seen "
+                "uncapped: their "
+                "natural draw is estimated from the trace's other jobs, above what they drew"
+            )
+        a = np.where(np.isfinite(c["a"]), c["a"], 1.13)
+        b = np.maximum(np.where(np.isfinite(c["b"]), c["b"], 1.65), MIN_EXPONENT)
+        conf = np.clip(np.nan_to_num(c["confidence"]), 0.0, 1.0)
+        learned = (conf >= LEARNED_CONFIDENCE) & (c["source"] != "prior")
+        steps = c["busy_steps"].astype(np.float64)
+        total = float(steps.sum())
+        learned_share = float(steps[learned].sum()) / total if total else 0.0
+        capped_share = float(steps[c["n_bind"] > 0].sum()) / total if total else 0.0
+        if total and learned_share < 0.5:
+            why = (
+                "the trace shows few caps binding, little to learn curves from"
+                if capped_share < 0.2
+                else "orient did not learn them with confidence from this trace"
+            )
+            notes.append(
+                f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): the "
+                "rest uses the GPU model's prior, with wide intervals"
+            )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            work = c["sum_cu_dt"] / (clock * util)
+        work_total = np.where(book.ended() & np.isfinite(work), work, np.inf)
+        idle_w = {m: e[0] / e[1] for m, e in book.idle.items() if e[1] > 0}
+        idle_clock = {m: e[2] / e[3] for m, e in book.idle.items() if e[3] > 0}
+        return Estimates(
+            keys=keys,
+            uuids=book.index.uuids,
+            natural_w=natural,
+            natural_w_draws=n_draws,
+            natural_known=known,
+            natural_clock_mhz=clock,
+            natural_util_pct=util,
+            k=np.clip(k, 0.5, 1.0),
+            k_sd=k_sd,
+            a=a,
+            b=b,
+            loss_sd=PRIOR_LOG_LOSS_SD * (1.0 - conf),
+            learned=learned,
+            z_loss=z_loss,
+            z_k=z_k,
+            z_n=z_n,
+            work_total=work_total,
+            idle_w=idle_w,
+            idle_clock_mhz=idle_clock,
+            notes=tuple(notes),
+            summary={
+                "segments": float(ran.sum()),
+                "natural_known_share": float(known[ran].mean()) if ran.any() else 0.0,
+                "learned_curve_share": learned_share,
+                "capped_segments": float((c["n_bind"] > 0).sum()),
+                "never_uncapped_segments": float(unknown_all.sum()),
+            },
+        )
+
+    def index(self) -> SegmentIndex:
+        return SegmentIndex(self.keys, self.uuids)
+
+
+def _truncated(
+    pool: FloatArray, lo: FloatArray, hi: FloatArray, u: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """Quantiles of the empirical distribution `pool` (sorted) truncated to [lo, hi], per bound:
+    the median and the levels `u`."""
+    m = pool.size
+    levels = (np.arange(m) + 0.5) / m
+    f_lo = np.interp(lo, pool, levels, left=0.0, right=1.0)
+    f_hi = np.interp(hi, pool, levels, left=0.0, right=1.0)
+    f_hi = np.maximum(f_hi, f_lo)
+
+    def at(q: FloatArray) -> FloatArray:
+        return np.asarray(np.interp(q, levels, pool), dtype=np.float64)
+
+    point = np.clip(at(f_lo + 0.5 * (f_hi - f_lo)), lo, np.maximum(lo, hi))
+    grid = f_lo[:, None] + u[None, :] * (f_hi - f_lo)[:, None]
+    drawn = at(grid.ravel()).reshape(grid.shape)
+    drawn = np.clip(drawn, lo[:, None], np.maximum(lo, hi)[:, None])
+    return np.asarray(point, dtype=np.float64), np.asarray(drawn, dtype=np.float64)
+
+
+def _throughput(x: FloatArray, a: FloatArray, b: FloatArray, scale: FloatArray) -> FloatArray:
+    """T(x) = 1 - a (1 - x)^b x scale, clipped to [0, 1]."""
+    loss = a * np.power(np.clip(1.0 - x, 0.0, 1.0), b) * scale
+    return np.asarray(np.clip(1.0 - loss, 0.0, 1.0), dtype=np.float64)
+
+
+@dataclass
+class StepOutcome:
+    """One step of the counterfactual (fleet totals; power includes node overhead)."""
+
+    time_s: float
+    fleet_obs_w: float
+    fleet_cf_w: float
+    fleet_cf_draws_w: FloatArray  # (draws,)
+    work_obs: float  # throughput proxy summed over busy GPUs (GPU-equivalents)
+    work_cf: float
+    work_cf_draws: FloatArray
+    capped_obs: int  # busy GPUs whose cap binds
+    capped_cf: int
+    mean_cap_obs_w: float  # over GPUs with a known cap
+    mean_cap_cf_w: float
+    lowered_cf: int  # GPUs whose counterfactual cap is below their maximum
+    finished_early: int  # GPUs whose job would have ended already (idle instead)
+
+
+class Counterfactual:
+    """The replayed policies' world: their caps (keyed by UUID), and each recorded step as it
+    would have been under them."""
+
+    def __init__(self, estimates: Estimates, overhead_per_node_w: float = 0.0) -> None:
+        self.est = estimates
+        self.overhead_per_node_w = overhead_per_node_w
+        self.caps = KeyedColumns({"cap_w": (np.float64, np.nan), "default_w": (np.float64, np.nan)})
+        self._energy_cf_j = KeyedColumns({"delta_j": (np.float64, 0.0)})
+        self.index = estimates.index()
+        s = estimates.keys.shape[0]
+        self.progress = np.zeros(s)  # per segment: work done under the new caps (proxy units)
+        self.progress_d = np.zeros((s, estimates.draws))
+
+    # -- what the replayed policies do (called by the dry-run cap recorder) -------------------
+
+    def set_caps(self, uuids: StrArray, watts: FloatArray) -> None:
+        slot = self.caps.slots(uuids)
+        self.caps["cap_w"][slot] = watts
+
+    def release_caps(self, uuids: StrArray) -> None:
+        slot = self.caps.slots(uuids)
+        self.caps["cap_w"][slot] = self.caps["default_w"][slot]
+
+    def cap_of(self, uuids: StrArray) -> FloatArray:
+        pos, found = self.caps.lookup(uuids)
+        return np.where(found, self.caps["cap_w"][pos], np.nan)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self, snap: Snapshot, dt_s: float) -> tuple[Snapshot, StepOutcome]:
+        est = self.est
+        n = snap.n_gpus
+        limit, _mn, max_w, default_w = limits(snap)
+        gslot = self.caps.slots(snap.uuid)
+        cap_p = self.caps["cap_w"][gslot]
+        fresh_cap = np.isnan(cap_p)  # first sight: the cap it had in the trace then
+        start = np.where(np.isfinite(limit), limit, default_w)
+        self.caps["cap_w"][gslot[fresh_cap]] = start[fresh_cap]
+        self.caps["default_w"][gslot] = default_w
+        cap_p = self.caps["cap_w"][gslot]
+        cap_p_eff = np.where(np.isfinite(cap_p), cap_p, np.inf)
+
+        power, power_ok = snap.column(Metric.POWER_W)
+        usable = power_ok & snap.fresh
+        busy = busy_mask(snap)
+        seg, found = self.index.ids(snap.uuid, snap.job, add=False)
+        known = busy & found
+        # A job that got ahead of its recorded progress has finished: its GPU idles.
+        total = np.where(known, est.work_total[seg], np.inf)
+        done = known & (self.progress[seg] >= total * (1.0 - 1e-9))
+        idle_w = self._per_model(snap, est.idle_w, power)
+        bind_q = binding_mask(snap, limit, max_w) & known
+        natural = np.where(known, est.natural_w[seg], np.nan)
+        k = np.where(known, est.k[seg], K_DEFAULT)
+        d_now = np.where(bind_q, natural, power)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            noise = np.where(bind_q, np.clip(power / (k * limit), 0.8, 1.2), 1.0)
+        busy_power = np.minimum(d_now, k * cap_p_eff) * noise
+        power_cf = np.where(busy, busy_power, np.minimum(power, cap_p_eff))
+        power_cf = np.where(done, idle_w, power_cf)
+        power_cf = np.where(usable, np.minimum(power_cf, cap_p_eff), np.nan)
+        bind_p = busy & ~done & (k * cap_p_eff < d_now)
+
+        # Throughput proxy, recorded and counterfactual (point estimate).
+        clock, clock_ok = snap.column(Metric.SM_CLOCK_MHZ)
+        util, util_ok = snap.column(Metric.UTIL_PCT)
+        nc = np.where(known, est.natural_clock_mhz[seg], np.nan)
+        nu = np.where(known, est.natural_util_pct[seg], np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c_obs = np.clip(clock / nc, 0.0, 1.2)
+            u_obs = np.clip(util / nu, 0.0, 1.0)
+        proxy_ok = known & clock_ok & util_ok & np.isfinite(c_obs) & np.isfinite(u_obs)
+        a = np.where(known, est.a[seg], 1.0)
+        b = np.where(known, est.b[seg], 2.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x_obs = np.where(bind_q, np.minimum(1.0, k * limit / natural), 1.0)
+            x_cf = np.minimum(1.0, k * cap_p_eff / d_now)
+        x_obs = np.nan_to_num(x_obs, nan=1.0)
+        x_cf = np.nan_to_num(x_cf, nan=1.0)
+        clock_cf = _clock_share(c_obs, x_obs, x_cf, bind_q, a, b, 0.0, np.zeros(n))
+        t_obs = np.where(proxy_ok, c_obs * u_obs, 0.0)
+        t_cf = np.where(proxy_ok & ~done, clock_cf * u_obs, 0.0)
+
+        # Draws: only where a cap binds (recorded or counterfactual), or a job may have
+        # finished, do the parameters matter.
+        m = est.draws
+        rows_k = np.flatnonzero(known)
+        done_d = self.progress_d[seg] >= total[:, None] * (1.0 - 1e-9)  # (n, m)
+        maybe = done_d.any(axis=1) | done
+        affected = np.flatnonzero(usable & known & (bind_q | bind_p | maybe))
+        fleet_draws = np.zeros(m)
+        work_draws = np.zeros(m)
+        tc_rows = np.zeros((m, 0))
+        if affected.size and m:
+            r = affected
+            sg = seg[r]
+            nat_d = est.natural_w_draws[sg].T  # (m, A)
+            k_d = k[r][None, :] * (1.0 + est.k_sd[sg][None, :] * est.z_k[:, None])
+            k_d = np.clip(k_d, 0.5, 1.0)
+            bq = bind_q[r][None, :]
+            d_d = np.where(bq, nat_d, power[r][None, :])
+            dd = done_d[r].T
+            with np.errstate(invalid="ignore", divide="ignore"):
+                noise_d = np.where(bq, np.clip(power[r] / (k_d * limit[r]), 0.8, 1.2), 1.0)
+                p_d = np.minimum(np.minimum(d_d, k_d * cap_p_eff[r]) * noise_d, cap_p_eff[r])
+                xo = np.where(bq, np.minimum(1.0, k_d * limit[r] / nat_d), 1.0)
+                xc = np.minimum(1.0, k_d * cap_p_eff[r] / d_d)
+            p_d = np.where(dd, np.minimum(idle_w[r], cap_p_eff[r]), p_d)
+            xo = np.nan_to_num(xo, nan=1.0)
+            xc = np.nan_to_num(xc, nan=1.0)
+            cc = _clock_share(
+                np.broadcast_to(c_obs[r], xo.shape),
+                xo,
+                xc,
+                bq,
+                a[r],
+                b[r],
+                est.z_loss[:, None],
+                est.loss_sd[sg][None, :],
+            )
+            tc_rows = np.where(proxy_ok[r] & ~dd, cc * u_obs[r], 0.0)
+            fleet_draws = np.nansum(p_d, axis=1) - float(np.nansum(power_cf[r]))
+            work_draws = tc_rows.sum(axis=1) - float(t_cf[r].sum())
+
+        # Progress of each job under the new caps (point, and per draw).
+        self.progress[seg[rows_k]] += t_cf[rows_k] * dt_s
+        self.progress_d[seg[rows_k]] += t_cf[rows_k, None] * dt_s
+        if affected.size and m:
+            self.progress_d[seg[affected]] += (tc_rows.T - t_cf[affected, None]) * dt_s
+
+        overhead = self.overhead_per_node_w * snap.n_nodes
+        fleet_obs = float(np.nansum(np.where(usable, power, 0.0))) + overhead
+        fleet_cf = float(np.nansum(power_cf)) + overhead
+        work_obs = float(t_obs.sum())
+        work_cf = float(t_cf.sum())
+        has_cap = np.isfinite(limit) & usable
+        shown = usable & np.isfinite(cap_p)
+        out = StepOutcome(
+            time_s=snap.time_s,
+            fleet_obs_w=fleet_obs,
+            fleet_cf_w=fleet_cf,
+            fleet_cf_draws_w=fleet_cf + fleet_draws,
+            work_obs=work_obs,
+            work_cf=work_cf,
+            work_cf_draws=work_cf + work_draws,
+            capped_obs=int((bind_q & (limit < max_w - 0.5)).sum()),
+            capped_cf=int((bind_p & (cap_p < max_w - 0.5)).sum()),
+            mean_cap_obs_w=float(limit[has_cap].mean()) if has_cap.any() else float("nan"),
+            mean_cap_cf_w=float(cap_p[shown].mean()) if shown.any() else float("nan"),
+            lowered_cf=int((usable & (cap_p < max_w - 0.5)).sum()),
+            finished_early=int(done.sum()),
+        )
+        idle_clock = self._per_model(snap, est.idle_clock_mhz, clock)
+        clock_view = np.where(done, idle_clock, clock_cf * nc)
+        return self._view(snap, power_cf, cap_p, clock_view, bind_p, done, dt_s), out
+
+    @staticmethod
+    def _per_model(snap: Snapshot, levels: dict[str, float], fallback: FloatArray) -> FloatArray:
+        out = np.array(fallback, dtype=np.float64, copy=True)
+        for model, level in levels.items():
+            out[snap.model == model] = level
+        return out
+
+    def _view(
+        self,
+        snap: Snapshot,
+        power_cf: FloatArray,
+        cap_p: FloatArray,
+        clock_cf_mhz: FloatArray,
+        bind_p: BoolArray,
+        done: BoolArray,
+        dt_s: float,
+    ) -> Snapshot:
+        """The recorded snapshot as the replayed policies would have seen it under their caps."""
+        values = dict(snap.values)
+        valid = dict(snap.valid)
+        usable = snap.usable(Metric.POWER_W)
+
+        def put(metric: Metric, column: FloatArray) -> None:
+            values[metric] = column
+            valid[metric] = np.isfinite(column)
+
+        put(Metric.POWER_W, np.where(usable, power_cf, np.nan))
+        shown_cap = np.where(snap.fresh, cap_p, np.nan)
+        put(Metric.POWER_LIMIT_W, shown_cap)
+        if Metric.ENFORCED_LIMIT_W in values:
+            put(Metric.ENFORCED_LIMIT_W, shown_cap)
+        clock, clock_ok = snap.column(Metric.SM_CLOCK_MHZ)
+        if Metric.SM_CLOCK_MHZ in values:
+            changed = clock_ok & np.isfinite(clock_cf_mhz) & busy_mask(snap)
+            put(Metric.SM_CLOCK_MHZ, np.where(changed, clock_cf_mhz, clock))
+        for metric in (Metric.UTIL_PCT, Metric.MEM_UTIL_PCT):
+            if metric in values and done.any():
+                put(metric, np.where(done, 0.0, values[metric]))
+        reasons, reasons_ok = snap.column(Metric.CLOCKS_EVENT_REASONS)
+        if Metric.CLOCKS_EVENT_REASONS in values:
+            bits = np.nan_to_num(reasons).astype(np.int64) & ~CLOCK_EVENT_SW_POWER_CAP
+            bits |= np.where(bind_p, CLOCK_EVENT_SW_POWER_CAP, 0)
+            put(Metric.CLOCKS_EVENT_REASONS, np.where(reasons_ok, bits.astype(np.float64), np.nan))
+        energy, energy_ok = snap.column(Metric.ENERGY_J)
+        if Metric.ENERGY_J in values:
+            # The counter runs on what the GPU would have drawn: recorded plus what changed.
+            power = snap.column(Metric.POWER_W)[0]
+            slot = self._energy_cf_j.slots(snap.uuid)
+            delta = self._energy_cf_j["delta_j"]
+            step = np.where(usable, np.nan_to_num(power_cf - power) * dt_s, 0.0)
+            delta[slot] += step
+            put(Metric.ENERGY_J, np.where(energy_ok, energy + delta[slot], np.nan))
+        job = np.where(done, "", snap.job) if done.any() else snap.job
+        return replace(snap, values=values, valid=valid, job=job)
+
+
+def _clock_share(
+    c_obs: npt.ArrayLike,
+    x_obs: FloatArray,
+    x_cf: FloatArray,
+    bind_q: npt.ArrayLike,
+    a: npt.ArrayLike,
+    b: npt.ArrayLike,
+    z: npt.ArrayLike,
+    loss_sd: npt.ArrayLike,
+) -> FloatArray:
+    """The clock share (of the natural clock) under the new cap.
+
+    Recorded uncapped: what was seen, times the curve's T at the new share (the curve's level
+    uncertain: its loss scaled by exp(loss_sd z)). Recorded under a binding cap: the recorded
+    point (x_obs, c_obs) lies on the job's curve, so the curve through it with the exponent b,
+    loss(x) = loss_obs ((1 - x) / (1 - x_obs))^b; only b is uncertain there (sd b_sd z)."""
+    a_ = np.asarray(a, dtype=np.float64)
+    b_ = np.asarray(b, dtype=np.float64)
+    z_ = np.asarray(z, dtype=np.float64)
+    sd = np.asarray(loss_sd, dtype=np.float64)
+    c = np.asarray(c_obs, dtype=np.float64)
+    scale = np.exp(sd * z_)
+    b_d = np.maximum(b_ + B_SD_PER_LOSS_SD * sd * z_, MIN_EXPONENT)
+    t_cf = _throughput(x_cf, a_, b_, scale)
+    gap = 1.0 - x_obs
+    loss_obs = np.clip(1.0 - c, 0.0, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(gap > 0.02, np.clip(1.0 - x_cf, 0.0, 1.0) / gap, 1.0)
+        through = 1.0 - loss_obs * np.power(ratio, b_d)
+    capped = np.where(gap > 0.02, through, t_cf)
+    out = np.where(np.asarray(bind_q, dtype=bool), capped, c * t_cf)
+    return np.asarray(np.clip(out, 0.0, 1.2), dtype=np.float64)
