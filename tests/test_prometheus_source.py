@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.core.dcgm import DCGM_FIELDS
 from agent.core.errors import TelemetryError
 from agent.core.snapshot import Metric
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource, lookup
@@ -109,7 +110,7 @@ def test_joins_values_by_host_and_gpu_and_marks_stale_gpus() -> None:
     assert snap.column(Metric.ENERGY_J)[0][0] == 5000.0  # mJ -> J
     limit, limit_ok = snap.column(Metric.POWER_LIMIT_W)
     assert not limit_ok.any() and np.isnan(limit).all()  # not exported: missing
-    assert source.queries == 2 + 15 + 1  # inventory, live, one per field, stale hosts
+    assert source.queries == 2 + len(DCGM_FIELDS) + 1  # inventory, live, one per field, stale
     # Every query was evaluated at the same time; the stale-host one names only node2.
     assert {p["time"] for _, p in fake.queries} == {f"{NOW:.3f}"}
     stale_query = next(q for q, _ in fake.queries if "max_over_time" in q)

@@ -119,6 +119,14 @@ DCGM_FIELDS: tuple[DcgmField, ...] = (
         Metric.ENFORCED_LIMIT_W,
     ),
     DcgmField(
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+        "gauge",
+        "Current clock event reasons (bitmask of why clocks are held down; 0x4: the power cap). "
+        "Older dcgm-exporters call it DCGM_FI_DEV_CLOCK_THROTTLE_REASONS.",
+        Metric.CLOCKS_EVENT_REASONS,
+        integer=True,
+    ),
+    DcgmField(
         "DCGM_FI_DEV_POWER_MGMT_LIMIT_MIN",
         "gauge",
         "Minimum power management limit (in W).",

@@ -70,6 +70,7 @@ _TWIN_ATTR: dict[Metric, str] = {
     Metric.MIN_LIMIT_W: "min_w",
     Metric.MAX_LIMIT_W: "max_w",
     Metric.DEFAULT_LIMIT_W: "default_w",
+    Metric.CLOCKS_EVENT_REASONS: "clocks_event_reasons",
 }
 
 
