@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
+ALLOCATION_TOLERANCE_W = 0.5  # the split is done once it uses the budget to within this
 MIN_EXPONENT = 1.05  # keeps the family strictly concave (and the allocator's inverse finite)
 
 
@@ -141,10 +142,13 @@ def allocate_power(
     lam_lo, lam_hi = 0.0, float(np.nanmax(slope_at_lo)) * 1.001 + 1e-12
     for _ in range(iterations):
         lam = 0.5 * (lam_lo + lam_hi)
-        if float(power_at_multiplier(lam).sum()) > budget_w:
+        total = float(power_at_multiplier(lam).sum())
+        if total > budget_w:
             lam_lo = lam
         else:
             lam_hi = lam
+            if budget_w - total < ALLOCATION_TOLERANCE_W:  # within half a watt: done
+                break
     power = power_at_multiplier(lam_hi)  # lam_hi always satisfies the budget
     cap, binding = caps_for(power)
     return Allocation(power, cap, binding, True, lam_hi)

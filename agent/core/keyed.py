@@ -43,16 +43,24 @@ class KeyedColumns:
             and np.array_equal(last, arr)
         ):
             return cached
-        missing = ~np.isin(arr, self.keys) if self.keys.size else np.ones(arr.shape, dtype=bool)
-        if missing.any():
-            new = np.unique(arr[missing])
-            merged = np.concatenate([self.keys, new])
-            order = np.argsort(merged, kind="stable")
-            self.keys = merged[order]
-            for name, (_dtype, fill) in self._spec.items():
-                old = self.cols[name]
-                grown = np.concatenate([old, np.full(new.shape[0], fill, dtype=old.dtype)])
-                self.cols[name] = grown[order]
+        # Every key known already (the common case): one searchsorted, no hashing or sorting.
+        if self.keys.size:
+            pos = np.minimum(np.searchsorted(self.keys, arr), self.keys.size - 1)
+            missing = self.keys[pos] != arr
+        else:
+            missing = np.ones(arr.shape, dtype=bool)
+        if not missing.any():
+            slots = pos.astype(np.int64)
+            self._last_keys, self._last_slots = arr.copy(), slots
+            return slots
+        new = np.unique(arr[missing])
+        merged = np.concatenate([self.keys, new])
+        order = np.argsort(merged, kind="stable")
+        self.keys = merged[order]
+        for name, (_dtype, fill) in self._spec.items():
+            old = self.cols[name]
+            grown = np.concatenate([old, np.full(new.shape[0], fill, dtype=old.dtype)])
+            self.cols[name] = grown[order]
         slots = np.searchsorted(self.keys, arr).astype(np.int64)
         self._last_keys, self._last_slots = arr.copy(), slots
         return slots

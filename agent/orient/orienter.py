@@ -32,7 +32,7 @@ from agent.core.situation import (
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
 from agent.orient.arrivals import ArrivalTracker
-from agent.orient.curvefit import CurveLearner
+from agent.orient.curvefit import CurveLearner, CurveView
 from agent.orient.forecast import PanelForecaster
 from agent.orient.groups import GroupSpec, group_masks, job_priorities
 from agent.orient.health import HealthClassifier
@@ -142,6 +142,7 @@ class Orienter:
         self.interval_s: float | None = None
         self.last_time_s: float | None = None
         self.cycles = 0
+        self._slow_cache: tuple[npt.NDArray[np.str_], AnomalyFlags, CurveView] | None = None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -228,36 +229,54 @@ class Orienter:
         )
         health = self.health.update(snapshot)
         natural_known = draw.busy & ~draw.uncertain & np.isfinite(draw.mean_w)
-        before = self.curves.view(snapshot, draw.busy)
-        anomalies = self.anomaly.update(
-            snapshot,
-            AnomalyContext(
+        # The slow models (anomaly detectors, curve learner) may run every Nth cycle; between
+        # runs their last findings stand, as long as the GPUs are the same rows.
+        every = self.settings.slow_models_every_cycles
+        cached = self._slow_cache
+        reuse = (
+            every > 1
+            and cached is not None
+            and self.cycles % every != 0
+            and cached[0].shape == snapshot.uuid.shape
+            and bool(np.array_equal(cached[0], snapshot.uuid))
+        )
+        if reuse:
+            assert cached is not None
+            _uuid, anomalies, learned = cached
+        else:
+            before = self.curves.view(snapshot, draw.busy)
+            anomalies = self.anomaly.update(
+                snapshot,
+                AnomalyContext(
+                    busy=draw.busy,
+                    natural_w=np.where(natural_known, draw.mean_w, np.nan),
+                    natural_known=natural_known,
+                    cap_draw_frac=np.where(
+                        np.isfinite(draw.cap_draw_frac), draw.cap_draw_frac, 0.95
+                    ),
+                    cap_frac_known=np.isfinite(draw.cap_draw_frac),
+                    cap_w=cap,
+                    max_cap_w=max_cap,
+                    natural_clock_mhz=before.natural_clock_mhz,
+                    curve_a=before.a,
+                    curve_b=before.b,
+                    health_severity=health.severity,
+                    interval_s=self.interval_s,
+                ),
+            )
+            # Curves see the unbiased uncapped level where the detector has one (the tracker's
+            # estimate leans high on purpose, which would bend the fitted curves).
+            level_w = self.anomaly.uncapped_level_w
+            learned = self.curves.update(
+                snapshot,
                 busy=draw.busy,
-                natural_w=np.where(natural_known, draw.mean_w, np.nan),
+                natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
                 natural_known=natural_known,
-                cap_draw_frac=np.where(np.isfinite(draw.cap_draw_frac), draw.cap_draw_frac, 0.95),
-                cap_frac_known=np.isfinite(draw.cap_draw_frac),
-                cap_w=cap,
                 max_cap_w=max_cap,
-                natural_clock_mhz=before.natural_clock_mhz,
-                curve_a=before.a,
-                curve_b=before.b,
-                health_severity=health.severity,
-                interval_s=self.interval_s,
-            ),
-        )
-        # Curves see the unbiased uncapped level where the detector has one (the tracker's
-        # estimate leans high on purpose, which would bend the fitted curves).
-        level_w = self.anomaly.uncapped_level_w
-        learned = self.curves.update(
-            snapshot,
-            busy=draw.busy,
-            natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
-            natural_known=natural_known,
-            max_cap_w=max_cap,
-            exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
-            cap_draw_frac=draw.cap_draw_frac,
-        )
+                exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
+                cap_draw_frac=draw.cap_draw_frac,
+            )
+            self._slow_cache = (snapshot.uuid, anomalies, learned)
         use = self.settings.curves.apply
         curves = CurveEstimates(
             natural_w=natural,
@@ -284,8 +303,20 @@ class Orienter:
             np.fmin(natural, cap_draw_frac * np.where(np.isfinite(cap), cap, np.inf)),
             level,
         )
-        forecast = self._forecast(
-            snapshot, fleet, draw.busy, draw.uncertain, cap, max_cap, level, target, draw.busy_for_s
+        forecast = (
+            self._forecast(
+                snapshot,
+                fleet,
+                draw.busy,
+                draw.uncertain,
+                cap,
+                max_cap,
+                level,
+                target,
+                draw.busy_for_s,
+            )
+            if self.settings.forecast.enabled
+            else None
         )
         notes: list[str] = []
         n_stale = int(snapshot.stale.sum())

@@ -85,6 +85,9 @@ class HealthSettings(_Section):
 
 
 class ForecastSettings(_Section):
+    enabled: bool = Field(
+        True, description="Forecast fleet and node power (false: no forecast, and no cost)."
+    )
     model: Literal["hgb", "huber", "ridge"] = Field(
         "hgb",
         description="The learned model: gradient-boosted trees (hgb) or a linear ridge model.",
@@ -128,6 +131,13 @@ class CurveSettings(_Section):
 
 
 class OrientSettings(_Section):
+    slow_models_every_cycles: int = Field(
+        1,
+        ge=1,
+        le=60,
+        description="Run the anomaly detectors and the curve learner every Nth cycle, reusing "
+        "their last findings in between (1: every cycle; replay uses more to run faster).",
+    )
     anomaly: AnomalySettings = Field(default_factory=AnomalySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     forecast: ForecastSettings = Field(default_factory=ForecastSettings)

@@ -86,7 +86,6 @@ MAX_EVENTS = 2000  # timeline markers kept for the report (the counts are always
 # The learn pass orients the recorded trace about once a minute of it: curves learn from one
 # observation per job and minute (hundreds over hours), and orient costs milliseconds per call.
 LEARN_EVERY_S = 60.0
-NO_REFIT = 10**9  # forecast models are never fitted in replay unless asked (no policy reads them)
 INTERVAL_LEVEL = 0.90
 
 
@@ -395,13 +394,16 @@ def _dt(reader: TraceReader) -> FloatArray:
 
 
 def replay_orienter(config: Config, forecasts: bool = False) -> Orienter:
-    """The configured Orienter; without fitting forecast models unless `forecasts` (no built-in
-    policy reads forecasts, and fitting them is most of orient's time: forecasts in replay are
-    persistence)."""
+    """The configured Orienter; without forecasts unless `forecasts` (no built-in policy reads
+    them, and keeping them is a large share of orient's time)."""
     if forecasts:
         return orienter_for(config)
     orient = config.orient.model_copy(
-        update={"forecast": config.orient.forecast.model_copy(update={"refit_cycles": NO_REFIT})}
+        update={
+            "forecast": config.orient.forecast.model_copy(update={"enabled": False}),
+            # Anomalies and curves every 2 minutes of trace (at 15 s steps), not every step.
+            "slow_models_every_cycles": max(config.orient.slow_models_every_cycles, 8),
+        }
     )
     lean = config.model_copy(update={"orient": orient})
     return orienter_for(lean)

@@ -258,12 +258,6 @@ def test_sim_record_with_a_policy_live(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="acceptance not met since orient's models merged: one orient cycle costs about 7-9 ms "
-    "at 1,000 GPUs here (anomaly detectors, curve learner, forecast panels), and a day is 5,760 "
-    "cycles: the replay takes about 100 s (it took 40 s before). XPASS when orient is faster.",
-)
 def test_a_day_of_1000_gpus_replays_in_under_a_minute(tmp_path: Path) -> None:
     """Acceptance: 24 h of 1,000 GPUs at 15 s steps (5,760 steps, 5.76 M GPU samples) replays
     through power_budget, with the counterfactual and its intervals, in under a minute."""
