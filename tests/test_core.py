@@ -150,3 +150,10 @@ def test_keyed_columns_grow_and_persist() -> None:
     copy = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")})
     copy.load_dict(table.to_dict())
     assert copy.keys.tolist() == ["a", "b", "c"] and copy["x"][0] == 1.0
+
+
+def test_keyed_columns_take_an_empty_key_array_before_any_key() -> None:
+    # An outage snapshot has no GPUs; the first cycle of a fresh agent can be one.
+    table = KeyedColumns({"x": (np.float64, np.nan)})
+    assert table.slots(np.array([], dtype=np.str_)).tolist() == []
+    assert table.slots(np.array(["a"])).tolist() == [0]

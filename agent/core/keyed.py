@@ -48,6 +48,8 @@ class KeyedColumns:
             pos = np.minimum(np.searchsorted(self.keys, arr), self.keys.size - 1)
             missing = self.keys[pos] != arr
         else:
+            # Nothing known yet: every key is new (and an empty `arr` maps to no slots).
+            pos = np.zeros(arr.shape, dtype=np.int64)
             missing = np.ones(arr.shape, dtype=bool)
         if not missing.any():
             slots = pos.astype(np.int64)
