@@ -19,14 +19,16 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.core.curves import power_for_throughput, throughput_at_power
+from agent.core.curves import (
+    CONSERVATIVE_A,
+    CONSERVATIVE_B,
+    LOWEST_CAP_DRAW_FRAC,
+    power_for_throughput,
+    throughput_at_power,
+)
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
 from agent.core.situation import Situation
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
-
-CONSERVATIVE_A = 1.13  # the most cap-sensitive measured curve (Zeus BERT): the step's bound
-CONSERVATIVE_B = 1.65
-LOWEST_CAP_DRAW_FRAC = 0.88  # under a cap a GPU draws at least this share of it (Zeus: >= 0.9)
 
 
 class CurveExplorationSettings(PolicySettings):

@@ -25,6 +25,11 @@ FloatArray = npt.NDArray[np.float64]
 
 ALLOCATION_TOLERANCE_W = 0.5  # the split is done once it uses the budget to within this
 MIN_EXPONENT = 1.05  # keeps the family strictly concave (and the allocator's inverse finite)
+# The most cap-sensitive curve measured (Zeus squad/bert, agent/sim/calibration.py): a cap chosen
+# by it loses at most its bound on any job that is no more sensitive.
+CONSERVATIVE_A = 1.13
+CONSERVATIVE_B = 1.65
+LOWEST_CAP_DRAW_FRAC = 0.88  # under a cap a GPU draws at least this share of it (Zeus: >= 0.9)
 
 
 def _as_f64(value: npt.ArrayLike) -> FloatArray:
