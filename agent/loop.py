@@ -19,15 +19,15 @@ import structlog
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Executor
-from agent.act.guard import Guard, Refusal
+from agent.act.guard import Guard, Refusal, Review
 from agent.core.clock import Clock
 from agent.core.intents import Action, Intent, Outcome
 from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
-from agent.core.snapshot import Metric, Snapshot
+from agent.core.snapshot import Metric, Snapshot, screen_implausible
 from agent.orient.orienter import Orienter
 from policies.base import Policy, PolicyMemory
-from policies.conflicts import Overridden, resolve
+from policies.conflicts import Overridden, Resolution, resolve
 
 log = structlog.get_logger("ooda.loop")
 
@@ -144,6 +144,84 @@ class Loop:
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}-{self.run_id}-{self.cycles:06d}-{next(self._ids):04d}"
 
+    def _act(
+        self, resolution: Resolution, review: Review, now: float, errors: list[str]
+    ) -> list[Action]:
+        """Audit what was decided, durably, then act: no actuator is called for a decision whose
+        record could not be written (a full disk under the audit log), and the cycle says so."""
+        decision_ids: dict[int, str] = {}
+
+        def decision_id(intent: Intent) -> str:
+            return decision_ids.setdefault(id(intent), self._next_id("d"))
+
+        written = sum(self.audit.counts.values())
+        try:
+            with self.audit.batch():
+                for name, fields in review.events:  # the guard's own: breaker tripped, reset
+                    self.audit.event(name, **fields)
+                # A decision is audited when something comes of it: an action, a refusal, or
+                # the guard's own. Desired state re-asserted every cycle and already in place
+                # (within the dead band) changes nothing and is only counted, or the log would
+                # grow by every GPU every cycle.
+                effective = {id(o) for o in review.origin} | {
+                    id(r.origin or r.intent) for r in review.refused
+                }
+                for intent in [*resolution.intents, *review.raised]:
+                    if id(intent) in effective or intent in review.raised:
+                        self.audit.decision(
+                            decision_id(intent), intent, self.executor.dry_run(intent), now
+                        )
+                for over in resolution.overridden:
+                    self.audit.refusal(
+                        decision_id(over.intent),
+                        over.intent,
+                        f"overridden: {over.reason}",
+                        self.executor.dry_run(over.intent),
+                        now,
+                    )
+                for refusal in review.refused:
+                    origin = refusal.origin or refusal.intent
+                    self.audit.refusal(
+                        decision_id(origin),
+                        refusal.intent,
+                        refusal.reason,
+                        self.executor.dry_run(origin),
+                        now,
+                    )
+                if sum(self.audit.counts.values()) != written:
+                    self.audit.flush()  # the decisions are on disk before any actuator runs
+        except OSError as exc:
+            message = (
+                f"audit log unwritable ({exc.strerror or exc}): not acting on "
+                f"{len(review.allowed)} allowed intents until their records can be written"
+            )
+            errors.append(message)
+            log.error("audit_unwritable_not_acting", error=str(exc), intents=len(review.allowed))
+            return []
+        actions = self.executor.execute(
+            [
+                (decision_id(origin), intent)
+                for intent, origin in zip(review.allowed, review.origin, strict=True)
+            ],
+            lambda: self._next_id("a"),
+            now,
+        )
+        for action in actions:
+            self.guard.record(action, now)
+        try:
+            with self.audit.batch():
+                for action in actions:
+                    self.audit.action(action)
+        except OSError as exc:
+            # Done is done: the guard knows, and each action's decision is on record.
+            message = (
+                f"audit log unwritable ({exc.strerror or exc}): the outcomes of "
+                f"{len(actions)} actions were not recorded (their decisions were)"
+            )
+            errors.append(message)
+            log.error("audit_actions_unwritable", error=str(exc), actions=len(actions))
+        return actions
+
     def cycle(self) -> CycleReport:
         self.cycles += 1
         now = self.clock.now()
@@ -165,6 +243,7 @@ class Loop:
                 message = f"observe failed: {exc}"
                 log.error("observe_failed", error=str(exc), error_type=type(exc).__name__)
                 snapshot = Snapshot.empty(now, errors=(message,))
+            snapshot = screen_implausible(snapshot)  # a broken exporter's values are not believed
             errors.extend(snapshot.errors)
             nodes: NodeStates | None = None
             if self.placement is not None and snapshot.n_nodes:
@@ -206,54 +285,8 @@ class Loop:
                 errors.append(f"guard: {alarm}")
                 log.error("guard_alarm", alarm=alarm)
 
-        with stage("act"), self.audit.batch():
-            decision_ids: dict[int, str] = {}
-
-            def decision_id(intent: Intent) -> str:
-                return decision_ids.setdefault(id(intent), self._next_id("d"))
-
-            for name, fields in review.events:  # the guard's own: breaker tripped, reset
-                self.audit.event(name, **fields)
-            # A decision is audited when something comes of it: an action, a refusal, or the
-            # guard's own. Desired state re-asserted every cycle and already in place (within
-            # the dead band) changes nothing and is only counted, or the log would grow by
-            # every GPU every cycle.
-            effective = {id(o) for o in review.origin} | {
-                id(r.origin or r.intent) for r in review.refused
-            }
-            for intent in [*resolution.intents, *review.raised]:
-                if id(intent) in effective or intent in review.raised:
-                    self.audit.decision(
-                        decision_id(intent), intent, self.executor.dry_run(intent), now
-                    )
-            for over in resolution.overridden:
-                self.audit.refusal(
-                    decision_id(over.intent),
-                    over.intent,
-                    f"overridden: {over.reason}",
-                    self.executor.dry_run(over.intent),
-                    now,
-                )
-            for refusal in review.refused:
-                origin = refusal.origin or refusal.intent
-                self.audit.refusal(
-                    decision_id(origin),
-                    refusal.intent,
-                    refusal.reason,
-                    self.executor.dry_run(origin),
-                    now,
-                )
-            actions = self.executor.execute(
-                [
-                    (decision_id(origin), intent)
-                    for intent, origin in zip(review.allowed, review.origin, strict=True)
-                ],
-                lambda: self._next_id("a"),
-                now,
-            )
-            for action in actions:
-                self.audit.action(action)
-                self.guard.record(action, now)
+        with stage("act"):
+            actions = self._act(resolution, review, now, errors)
             self._renew_leases(errors)
         report = CycleReport(
             cycle=self.cycles,

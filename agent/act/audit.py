@@ -19,6 +19,7 @@ Readers: `audit_files` (oldest first), `read_records`, `tail`, `follow`, `explai
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -117,12 +118,20 @@ class _DurableFile:
             size = os.fstat(self._fd).st_size
             if self.max_bytes is not None and size and size + len(data) > self.max_bytes:
                 self._rotate()
+                size = 0
             view = memoryview(data)
-            while view:  # one write() in practice; a short write is finished, never dropped
-                written = os.write(self._fd, view)
-                view = view[written:]
-            if sync:
-                os.fsync(self._fd)
+            try:
+                while view:  # one write() in practice; a short write is finished, never dropped
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                if sync:
+                    os.fsync(self._fd)
+            except OSError:
+                # A full disk takes part of a record: cut it off again, or the next record would
+                # be glued to it and both lost. The caller learns the record was not written.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                raise
 
     def sync(self) -> None:
         if self._fd >= 0:

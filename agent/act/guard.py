@@ -65,6 +65,9 @@ RESET_FILE = "guard-reset.request"
 GUARD_POLICY = "guard"  # the policy name on the guard's own intents (its breaker alarm)
 
 
+_NODE_TIMES = ("last_change_s", "drained_s")
+
+
 class GuardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -240,6 +243,7 @@ class Guard:
         self, intents: Sequence[Intent], situation: Situation, now_s: float, dry_run_caps: bool
     ) -> Review:
         review = Review()
+        self._clock_went_back(now_s, review)
         self._consume_reset(now_s, review)
         if self.rollout is not None:
             self.rollout.pin(now_s)
@@ -442,6 +446,27 @@ class Guard:
             return 1
         review.allow(intent, intent)
         return 0
+
+    def _clock_went_back(self, now_s: float, review: Review) -> None:
+        """Times remembered after `now_s` mean the clock jumped back (NTP, a restored VM): they
+        become now, so a cooldown lasts its length from the jump, not until the clock catches
+        up hours later. Said once, as an alarm."""
+        ahead = 0.0
+        for cols, names in ((self.caps, ("last_change_s",)), (self.nodes, _NODE_TIMES)):
+            for name in names:
+                times = cols[name]
+                with np.errstate(invalid="ignore"):
+                    future = times > now_s
+                if future.any():
+                    ahead = max(ahead, float(times[future].max()) - now_s)
+                    times[future] = now_s
+        if any(t > now_s for t, _ in self.drains):
+            ahead = max(ahead, max(t for t, _ in self.drains) - now_s)
+            self.drains = [(min(t, now_s), n) for t, n in self.drains]
+        if ahead > 0:
+            review.alarms.append(
+                f"the clock went back {ahead:.0f} s: cooldowns and drain windows restart from now"
+            )
 
     # -- drains: the circuit breaker and the rate limit -------------------------------------------
 

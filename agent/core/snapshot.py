@@ -8,7 +8,7 @@ Snapshot (use `uuid` to follow a GPU across cycles).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
@@ -184,4 +184,57 @@ def build_snapshot(
         budget_w=budget_w,
         errors=errors,
         labels={k: np.asarray(v, dtype=np.str_) for k, v in (labels or {}).items()},
+    )
+
+
+# What a sensor can physically report, generously: a value outside is a broken exporter or parser
+# (a negative draw, 1e9 W, a temperature of a star), treated as missing, never believed.
+PLAUSIBLE: Mapping[Metric, tuple[float, float]] = {
+    Metric.POWER_W: (0.0, 5000.0),
+    Metric.POWER_LIMIT_W: (0.0, 5000.0),
+    Metric.ENFORCED_LIMIT_W: (0.0, 5000.0),
+    Metric.MIN_LIMIT_W: (0.0, 5000.0),
+    Metric.MAX_LIMIT_W: (0.0, 5000.0),
+    Metric.DEFAULT_LIMIT_W: (0.0, 5000.0),
+    Metric.TEMP_C: (-40.0, 150.0),
+    Metric.UTIL_PCT: (0.0, 100.0),
+    Metric.MEM_UTIL_PCT: (0.0, 100.0),
+    Metric.SM_CLOCK_MHZ: (0.0, 10_000.0),
+    Metric.XID: (0.0, 65_535.0),
+    Metric.ECC_DBE_TOTAL: (0.0, np.inf),
+    Metric.REMAPPED_ROWS_UNCORRECTABLE: (0.0, np.inf),
+    Metric.ROW_REMAP_FAILURE: (0.0, np.inf),
+    Metric.ENERGY_J: (0.0, np.inf),
+    Metric.CLOCKS_EVENT_REASONS: (0.0, np.inf),
+}
+
+
+def screen_implausible(snapshot: Snapshot) -> Snapshot:
+    """The snapshot with physically impossible values made missing (NaN, invalid), and an error
+    per field saying how many; the same object when every value is plausible."""
+    values: dict[Metric, FloatArray] = {}
+    valid: dict[Metric, BoolArray] = {}
+    errors: list[str] = []
+    for metric, column in snapshot.values.items():
+        bounds = PLAUSIBLE.get(metric)
+        if bounds is None:
+            continue
+        ok = snapshot.valid[metric]
+        with np.errstate(invalid="ignore"):
+            bad = ok & ~((column >= bounds[0]) & (column <= bounds[1]))
+        if not bad.any():
+            continue
+        values[metric] = np.where(bad, np.nan, column)
+        valid[metric] = ok & ~bad
+        errors.append(
+            f"{int(bad.sum())} implausible {metric} samples (outside [{bounds[0]:g}, "
+            f"{bounds[1]:g}]) treated as missing"
+        )
+    if not errors:
+        return snapshot
+    return replace(
+        snapshot,
+        values={**snapshot.values, **values},
+        valid={**snapshot.valid, **valid},
+        errors=(*snapshot.errors, *errors),
     )

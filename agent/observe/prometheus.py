@@ -122,6 +122,8 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
         m = re.search(r"too many (\d+) error responses", str(exc))
         return f"HTTP {m.group(1)} on every retry" if m else "failed on every retry"
     if isinstance(exc, requests.exceptions.ConnectionError):
+        if "read timed out" in str(exc).lower():  # a read timeout not retried (read=0) lands here
+            return f"timed out after {timeout_s:g} s"
         m = _ERRNO.search(str(exc))
         return m.group(1).strip().lower() if m else "cannot connect"
     if isinstance(exc, PrometheusApiClientException):
