@@ -7,6 +7,8 @@ policy's own settings model, found in the policy registry.
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -355,8 +357,14 @@ class Config(_Section):
         return self
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+    """A TOML key path; a key that is not bare is quoted (a newline in a key stays on one line)."""
+    return ".".join(
+        str(part) if _BARE_KEY.fullmatch(str(part)) else json.dumps(str(part)) for part in loc
+    )
 
 
 def _message(err: Mapping[str, Any]) -> str:
@@ -397,7 +405,8 @@ def parse_config(
     for name, raw in wanted.items():
         if name not in registry:
             problems.append(
-                f"policies.{name}: unknown policy (known: {', '.join(registry.names())})"
+                f"{_path(('policies', name))}: unknown policy "
+                f"(known: {', '.join(registry.names())})"
             )
             continue
         try:
@@ -406,11 +415,11 @@ def parse_config(
             problems.extend(_errors(exc, ("policies", name)))
     for set_name, members in config.policy_sets.items():
         if not members:
-            problems.append(f"policy_sets.{set_name}: names no policy")
+            problems.append(f"{_path(('policy_sets', set_name))}: names no policy")
         for name in members:
             if name not in registry:
                 problems.append(
-                    f"policy_sets.{set_name}: unknown policy {name!r} "
+                    f"{_path(('policy_sets', set_name))}: unknown policy {name!r} "
                     f"(known: {', '.join(registry.names())})"
                 )
     if problems:

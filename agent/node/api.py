@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -286,6 +287,14 @@ def _error(index: int | None, exc: CapRequestError) -> dict[str, Any]:
     return {"index": index, "ok": False, "status": exc.status, "error": exc.message}
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 as JSON errors, like every other answer of the API."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": exc.detail}, status_code=exc.status_code, headers=exc.headers or None
+    )
+
+
 def build_app(
     manager: LeaseManager,
     tokens: TokenStore,
@@ -393,6 +402,6 @@ def build_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     open_paths = frozenset({"/healthz", "/metrics"} if public_metrics else {"/healthz"})
     return AuthGate(app, tokens, metrics, open_paths)
