@@ -459,7 +459,9 @@ class NodeCapActuator:
         now = self.clock.now()
         with self._caps_lock:
             cols = self._caps.cols
-            sel = cols["active"] & (now - cols["last_ok_s"] >= self.settings.renew_min_age_s)
+            age = now - cols["last_ok_s"]
+            # A negative age: the clock went back; renew rather than let the leases lapse.
+            sel = cols["active"] & ((age >= self.settings.renew_min_age_s) | (age < 0))
             targets = GpuTargets(
                 cols["node"][sel].astype(np.str_),
                 cols["gpu"][sel].astype(np.int64),
