@@ -113,6 +113,7 @@ class Loop:
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
         self._ids = itertools.count(1)
+        self._last_now: float | None = None  # the previous cycle's time: a jump back shows
 
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
@@ -280,6 +281,14 @@ class Loop:
             )
 
         with stage("guard"):
+            if self._last_now is not None and now < self._last_now:
+                ahead = self.guard.clock_went_back(now)
+                errors.append(
+                    f"the clock went back {self._last_now - now:.0f} s: cooldowns and drain "
+                    f"windows restart from now ({ahead:.0f} s of them were ahead)"
+                )
+                log.error("clock_went_back", by_s=self._last_now - now)
+            self._last_now = now
             review = self.guard.review(resolution.intents, situation, now, self.dry_run_caps)
             for alarm in review.alarms:  # e.g. the drain circuit breaker is open: say it loudly
                 errors.append(f"guard: {alarm}")

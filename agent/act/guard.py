@@ -243,7 +243,6 @@ class Guard:
         self, intents: Sequence[Intent], situation: Situation, now_s: float, dry_run_caps: bool
     ) -> Review:
         review = Review()
-        self._clock_went_back(now_s, review)
         self._consume_reset(now_s, review)
         if self.rollout is not None:
             self.rollout.pin(now_s)
@@ -447,10 +446,10 @@ class Guard:
         review.allow(intent, intent)
         return 0
 
-    def _clock_went_back(self, now_s: float, review: Review) -> None:
-        """Times remembered after `now_s` mean the clock jumped back (NTP, a restored VM): they
-        become now, so a cooldown lasts its length from the jump, not until the clock catches
-        up hours later. Said once, as an alarm."""
+    def clock_went_back(self, now_s: float) -> float:
+        """The clock jumped back (NTP, a restored VM): times remembered after `now_s` become
+        now, so a cooldown lasts its length from the jump, not until the clock catches up hours
+        later. Returns how far the newest remembered time was ahead (0: nothing was)."""
         ahead = 0.0
         for cols, names in ((self.caps, ("last_change_s",)), (self.nodes, _NODE_TIMES)):
             for name in names:
@@ -463,10 +462,7 @@ class Guard:
         if any(t > now_s for t, _ in self.drains):
             ahead = max(ahead, max(t for t, _ in self.drains) - now_s)
             self.drains = [(min(t, now_s), n) for t, n in self.drains]
-        if ahead > 0:
-            review.alarms.append(
-                f"the clock went back {ahead:.0f} s: cooldowns and drain windows restart from now"
-            )
+        return ahead
 
     # -- drains: the circuit breaker and the rate limit -------------------------------------------
 
