@@ -165,6 +165,7 @@ def test_truncated_or_mutated_traces_raise_only_trace_errors(
     column=st.integers(min_value=0, max_value=50),
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a silent NaN cast is a failure too
 def test_bad_columns_raise_trace_errors_naming_the_column(
     trace_dir: Path, change: str, column: int
 ) -> None:

@@ -498,7 +498,7 @@ class TraceReader:
             self._file = pq.ParquetFile(self.path, page_checksum_verification=True)
         except FileNotFoundError:
             raise TraceError(f"trace {self.path}: no such file") from None
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, ValueError, pa.ArrowException) as exc:  # bad UTF-8 is a ValueError
             size = self.path.stat().st_size if self.path.exists() else 0
             raise TraceError(
                 f"trace {self.path}: not a trace or truncated: the Parquet footer at the end of "
@@ -611,7 +611,7 @@ class TraceReader:
         place = f"row group {group} (steps {first}..{last - 1})"
         try:
             table = self._file.read_row_group(group, columns=self._columns)
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise self._err(self._locate(group, place), _first_line(exc)) from None
         times = self.meta.time_s[first:last]
         t = last - first
@@ -634,7 +634,7 @@ class TraceReader:
         for name in self._file.schema_arrow.names:
             try:
                 self._file.read_row_group(group, columns=[name])
-            except (OSError, pa.ArrowException):
+            except (OSError, ValueError, pa.ArrowException):
                 return f"{place}, column {name!r}"
         return place
 
@@ -665,6 +665,8 @@ class TraceReader:
         grid = numbers("time_s", 1.0)  # (t, n): every GPU's column must be the step times
         if n and not bool(np.all(grid == grid[:, :1])):
             raise ValueError("rows are not sorted by GPU then time")
+        if table.column("gpu").null_count:  # NaN would cast to a garbage index
+            raise ValueError("column 'gpu' has missing values")
         gpu = table.column("gpu").to_numpy().astype(np.int64).reshape(n, t)
         if n and not bool(np.all(gpu == gpu[:, :1])):
             raise ValueError("column 'gpu' changes within a GPU's rows")
