@@ -503,6 +503,24 @@ def test_sigkill_mid_cycle_then_restart_no_torn_record_state_reloads_no_duplicat
     }
     first_run = {r["decision_id"].split("-")[1] for r in killed if "decision_id" in r}
     assert not second_run & first_run  # a new run id; decision ids never collide
+
+    def capped_in_first_cycle(run_records: list[dict[str, Any]]) -> int:
+        cycles = [int(r["decision_id"].split("-")[2]) for r in run_records if "decision_id" in r]
+        if not cycles:
+            return 0
+        return sum(
+            len(r["target"])
+            for r in run_records
+            if r["event"] == "action"
+            and r["kind"] == "set_power_cap"
+            and r["outcome"] == "applied"
+            and int(r["decision_id"].split("-")[2]) == min(cycles)
+        )
+
+    # The first run capped the fleet from scratch; the restarted one found its caps in force
+    # (restored as its own) and did not set them all again.
+    assert capped_in_first_cycle(killed) >= 4
+    assert capped_in_first_cycle(records[len(killed) :]) < capped_in_first_cycle(killed)
     log = [
         json.loads(x) for x in (tmp_path / "second.log").read_text().splitlines() if x[:1] == "{"
     ]
