@@ -15,13 +15,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Executor
 from agent.act.guard import Guard, Refusal, Review
 from agent.core.clock import Clock
-from agent.core.intents import Action, Intent, Outcome
+from agent.core.intents import (
+    Action,
+    GpuTargets,
+    Intent,
+    Outcome,
+    ReleasePowerCap,
+    SetPowerCap,
+)
 from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot, screen_implausible
@@ -274,6 +282,17 @@ class Loop:
                     continue
                 self.memory[policy.name] = decision.memory
                 proposed.extend(decision.intents)
+            asserted = _asserted_caps(snapshot, proposed)
+            outlived = self.guard.caps_outlived(snapshot, asserted)
+            if outlived.any():
+                proposed.append(
+                    ReleasePowerCap(
+                        policy="ownership",
+                        reason="the job this cap was chosen for has left the GPU",
+                        expires_s=now + self.interval_s,
+                        targets=GpuTargets.from_rows(snapshot, np.flatnonzero(outlived)),
+                    )
+                )
             resolution = resolve(
                 proposed,
                 safety={p.name: p.safety for p in self.policies},
@@ -296,6 +315,7 @@ class Loop:
 
         with stage("act"):
             actions = self._act(resolution, review, now, errors)
+            self.guard.stamp_cap_jobs(snapshot, asserted)
             self._renew_leases(errors)
         report = CycleReport(
             cycle=self.cycles,
@@ -312,3 +332,11 @@ class Loop:
         )
         log.debug("cycle", **{k: v for k, v in report.summary().items() if k != "errors"})
         return report
+
+
+def _asserted_caps(snapshot: Snapshot, intents: list[Intent]) -> npt.NDArray[np.bool_]:
+    """Per GPU: does any policy ask a cap for it this cycle?"""
+    uuids = [i.targets.uuid for i in intents if isinstance(i, SetPowerCap)]
+    if not uuids or snapshot.n_gpus == 0:
+        return np.zeros(snapshot.n_gpus, dtype=bool)
+    return np.isin(snapshot.uuid, np.concatenate(uuids))

@@ -110,7 +110,8 @@ def scenarios(seed: int) -> list[Scenario]:
             duration,
             # Caps never vary without a binding budget: opt-in exploration teaches the curves.
             policies=("power_budget", "energy_efficiency", "curve_exploration"),
-            settings={"curve_exploration": {"enabled": True, "max_gpus": 16}},
+            # Every job at once: each step is bounded by the most sensitive curve anyway.
+            settings={"curve_exploration": {"enabled": True, "max_gpus": 64}},
             energy=True,
         ),
     ]

@@ -29,6 +29,7 @@ from agent.core.curves import (
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
 from agent.core.situation import Situation
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+from policies.common import power
 
 
 class CurveExplorationSettings(PolicySettings):
@@ -66,6 +67,7 @@ class Exploring(BaseModel):
     since_s: float
     cap_w: float
     restore_default: bool  # the GPU was at its default limit before
+    given_back_s: float | None = None  # when the step ended and its cap was given back
 
 
 class CurveExplorationMemory(PolicyMemory):
@@ -89,6 +91,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         s = self.settings
         snap = situation.snapshot
         expires = now_s + max(s.hold_s, 60.0)
+        give_back_s = max(s.hold_s, 60.0)
         if snap.n_gpus == 0:
             return Decision([], memory)
         job_key = np.where(snap.job != "", snap.job, np.char.add("gpu:", snap.uuid))
@@ -119,11 +122,15 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 row is not None
                 and e.restore_default
                 and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
+                and str(job_key[row]) == e.job
+                and now_s - (now_s if e.given_back_s is None else e.given_back_s) <= give_back_s
             ):
-                # Given back until the cap is seen back (a release may wait out a cooldown).
+                # Given back until the cap is seen back (a release may wait out a cooldown), for
+                # a while: a lower cap from another policy may stand, and outlives the step.
                 if bool(snap.fresh[row]):
                     release_rows.append(row)
-                keep.append(e.model_copy(update={"since_s": -1.0}))
+                given = now_s if e.given_back_s is None else e.given_back_s
+                keep.append(e.model_copy(update={"since_s": -1.0, "given_back_s": given}))
         last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
 
         # New steps: least confident jobs first, whole jobs, within the GPU allowance.
@@ -143,6 +150,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             & np.isfinite(situation.min_cap_w)
         )
         busy_keys = {str(e.job) for e in keep}
+        draw_w = np.where(np.isfinite(power(situation)), power(situation), curves.natural_w)
         if room > 0 and candidate.any():
             keys, inverse = np.unique(job_key[candidate], return_inverse=True)
             rows = np.flatnonzero(candidate)
@@ -154,7 +162,11 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                     continue
                 job_rows = rows[inverse == j]
                 caps = self._step_caps(situation, job_rows)
-                step = situation.cap_w[job_rows] - caps
+                # The step's size is what it takes off the draw (a GPU near its maximum limit
+                # draws well under a cap just below it).
+                k = curves.cap_draw_frac[job_rows]
+                k = np.where(np.isfinite(k) & (k > 0.5) & (k < 1.0), k, LOWEST_CAP_DRAW_FRAC)
+                step = draw_w[job_rows] - k * caps
                 if np.any(~np.isfinite(caps)) or float(step.min()) < s.min_step_w:
                     continue
                 for row, cap in zip(job_rows.tolist(), caps.tolist(), strict=True):

@@ -118,3 +118,23 @@ def test_on_the_twin_it_teaches_the_curves_within_its_bound() -> None:
     assert learned_off == 0.0 and worst_off == 1.0  # nothing moves, nothing is learned
     assert learned_on > 0.1
     assert worst_on >= 1.0 - 0.05  # the bound (the default 5%) holds on the true curves
+
+
+def test_a_give_back_that_another_policys_cap_outlasts_ends() -> None:
+    sit = settled_situation()
+    policy = CurveExploration(CurveExplorationSettings(enabled=True, max_gpus=8, hold_s=120))
+    d = policy.decide(sit, CurveExplorationMemory(), 400.0)
+    (caps,) = [i for i in d.intents if isinstance(i, SetPowerCap)]
+    rows = [int(np.flatnonzero(sit.snapshot.uuid == u)[0]) for u in caps.targets.uuid]
+    lower = sit.cap_w.copy()
+    lower[rows] = caps.watts - 50.0  # another policy's lower cap stands under the step
+    memory = d.memory
+    given_back = []
+    for t in np.arange(530.0, 800.0, 15.0):
+        out = policy.decide(replace(sit, time_s=float(t), cap_w=lower), memory, float(t))
+        memory = out.memory
+        given_back.append(any(isinstance(i, ReleasePowerCap) for i in out.intents))
+    assert given_back[0]  # given back once the hold is over...
+    assert not any(given_back[-5:])  # ...for a while, not every cycle for ever
+    assert isinstance(memory, CurveExplorationMemory)
+    assert all(e.since_s >= 0.0 for e in memory.active)  # the finished steps are forgotten

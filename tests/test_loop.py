@@ -12,7 +12,7 @@ from agent.act.executor import Actuators, Executor, RecordingCapActuator
 from agent.act.guard import Guard
 from agent.core.clock import FakeClock
 from agent.core.errors import TelemetryError
-from agent.core.intents import Intent, Outcome, SetPowerCap
+from agent.core.intents import GpuTargets, Intent, Outcome, SetPowerCap
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 from agent.loop import Loop
@@ -164,3 +164,55 @@ def test_dry_run_renews_nothing() -> None:
     loop.executor.actuators.caps = caps
     loop.cycle()
     assert caps.renewals == []
+
+
+class CapsJobA(BasePolicy[PolicySettings, PolicyMemory]):
+    """Caps every GPU that runs job "a" (a stand-in for a per-job policy such as
+    energy_efficiency)."""
+
+    name: ClassVar[str] = "caps_job_a"
+
+    def decide(
+        self, situation: Situation, memory: PolicyMemory, now_s: float
+    ) -> Decision[PolicyMemory]:
+        snap = situation.snapshot
+        rows = np.flatnonzero(snap.job == "a")
+        if rows.size == 0:
+            return Decision([], memory)
+        intent = SetPowerCap(
+            policy=self.name,
+            reason="job a's cap",
+            expires_s=now_s + 300.0,
+            targets=GpuTargets.from_rows(snap, rows),
+            watts=np.full(rows.size, 500.0),
+        )
+        return Decision([intent], memory)
+
+
+def test_a_cap_chosen_for_a_job_is_released_when_the_next_job_arrives() -> None:
+    before = make_snapshot([600.0] * 4, jobs=["a", "a", "c", "c"])
+    capped = [500.0, 500.0, 700.0, 700.0]
+    after = make_snapshot([480.0] * 4, limit_w=capped, jobs=["b", "a", "c", "c"])
+    live = RecordingCapActuator()
+    clock = FakeClock(500.0)
+    loop = Loop(
+        source=FakeSource([before, after, after]),
+        orienter=Orienter(),
+        policies=[CapsJobA(PolicySettings())],
+        guard=Guard(),
+        executor=Executor(Actuators(caps=live), lambda _i: False),
+        audit=AuditLog(stream=io.StringIO()),
+        clock=clock,
+    )
+    loop.cycle()
+    assert [(kind, t.uuid.tolist()) for kind, t, _ in live.calls] == [
+        ("set", ["GPU-0000", "GPU-0001"])
+    ]
+    clock.advance(120.0)  # past the cooldown on raising a cap
+    report = loop.cycle()
+    # GPU 0 now runs job b: job a's cap goes; GPU 1 still runs job a and keeps it.
+    done = [(a.intent.policy, a.intent.targets.uuid.tolist()) for a in report.actions]
+    assert done == [("ownership", ["GPU-0000"])]
+    assert live.calls[-1][0] == "release"
+    clock.advance(15.0)
+    assert not loop.cycle().actions  # released once, not again

@@ -58,6 +58,7 @@ from agent.core.intents import (
 )
 from agent.core.keyed import KeyedColumns
 from agent.core.situation import Situation
+from agent.core.snapshot import Snapshot
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -208,6 +209,9 @@ class _Nodes:
         return self._index.get(node)
 
 
+IDLE_JOB = "<idle>"
+
+
 class Guard:
     def __init__(
         self,
@@ -223,7 +227,12 @@ class Guard:
         # Per intent: only recorded? (the executor's predicate; default: the loop's flag)
         self.is_dry = is_dry
         self.caps = KeyedColumns(
-            {"our_cap_w": (np.float64, np.nan), "last_change_s": (np.float64, -np.inf)}
+            {
+                "our_cap_w": (np.float64, np.nan),
+                "last_change_s": (np.float64, -np.inf),
+                # The job the cap was last chosen for ("" unknown, IDLE_JOB: the GPU was idle).
+                "for_job": ("U64", ""),
+            }
         )
         self.nodes = KeyedColumns(
             {
@@ -642,6 +651,28 @@ class Guard:
         self.drains = [(float(t), str(n)) for t, n in data.get("drains", [])]
         self.steers = [(float(t), str(n)) for t, n in data.get("steers", [])]
         self.breaker = BreakerState.from_dict(data.get("breaker", {}))
+
+    def stamp_cap_jobs(self, snapshot: Snapshot, asserted: BoolArray) -> None:
+        """Per GPU a policy asked a cap for this cycle: the job it was chosen for."""
+        rows = np.flatnonzero(asserted & snapshot.fresh)
+        if rows.size == 0 or len(self.caps) == 0:
+            return
+        pos, found = self.caps.lookup(snapshot.uuid[rows])
+        jobs = np.where(snapshot.job[rows] != "", snapshot.job[rows], IDLE_JOB)
+        self.caps["for_job"][pos[found]] = jobs[found]
+
+    def caps_outlived(self, snapshot: Snapshot, asserted: BoolArray) -> BoolArray:
+        """Per GPU: a cap of ours chosen for a job that has since left the GPU, and that no
+        policy asks for any more. A cap fitted to one job's curve must not throttle the next."""
+        if len(self.caps) == 0 or snapshot.n_gpus == 0:
+            return np.zeros(snapshot.n_gpus, dtype=bool)
+        pos, found = self.caps.lookup(snapshot.uuid)
+        stamped = self.caps["for_job"][pos]
+        jobs = np.where(snapshot.job != "", snapshot.job, IDLE_JOB)
+        ours = found & np.isfinite(self.caps["our_cap_w"][pos])
+        return np.asarray(
+            ours & snapshot.fresh & ~asserted & (stamped != "") & (stamped != jobs), dtype=bool
+        )
 
     def capped_by_us(self, uuids: npt.NDArray[np.str_]) -> BoolArray:
         if len(self.caps) == 0:

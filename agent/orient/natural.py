@@ -105,7 +105,9 @@ class NaturalDrawTracker:
         # Where the GPU reports its clock event reasons, it says itself whether the cap binds.
         reasons, reasons_ok = snapshot.column(Metric.CLOCKS_EVENT_REASONS)
         cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
-        clear = np.where(reasons_ok, ~cap_bit, clear)
+        # At the maximum limit the draw is the most the GPU can draw whatever the job wants:
+        # that is its natural draw, as far as any cap can tell (even if the limit binds there).
+        clear = np.where(reasons_ok, ~cap_bit | at_max, clear)
         learn = busy & clear & ~warming
         s = slot[learn]
         dt = np.where(np.isnan(st["last_t"][s]), np.inf, now - st["last_t"][s])

@@ -1,0 +1,43 @@
+"""The natural-draw tracker where the GPU reports its clock event reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot, build_snapshot
+from agent.orient.natural import NaturalDrawTracker
+
+
+def snapshot_at(
+    time_s: float, limit_w: list[float], power_w: list[float], cap_bit: bool
+) -> Snapshot:
+    n = len(power_w)
+    return build_snapshot(
+        time_s=time_s,
+        node_of_gpu=["node1"] * n,
+        gpu=list(range(n)),
+        uuid=[f"GPU-{i}" for i in range(n)],
+        model=["NVIDIA H100 80GB HBM3"] * n,
+        job=["7"] * n,
+        values={
+            Metric.POWER_W: power_w,
+            Metric.POWER_LIMIT_W: limit_w,
+            Metric.MAX_LIMIT_W: [700.0] * n,
+            Metric.UTIL_PCT: [95.0] * n,
+            Metric.CLOCKS_EVENT_REASONS: [CLOCK_EVENT_SW_POWER_CAP if cap_bit else 0] * n,
+        },
+        age_s=[1.0] * n,
+        stale=[False] * n,
+    )
+
+
+def test_a_gpu_held_at_its_maximum_limit_draws_its_natural_draw() -> None:
+    # GPU 0 runs at its maximum limit and the limit binds (a power-bound job): no cap can give
+    # it more, so its draw there is its natural draw. GPU 1 is under a lowered cap that binds:
+    # only a lower bound on its natural draw, not yet known.
+    tracker = NaturalDrawTracker(warmup_s=0.0)
+    for t in np.arange(0.0, 300.0, 15.0):
+        draw = tracker.update(snapshot_at(float(t), [700.0, 400.0], [690.0, 385.0], cap_bit=True))
+    assert draw.mean_w[0] == 690.0 and not draw.uncertain[0]
+    assert draw.uncertain[1] and draw.mean_w[1] >= 385.0
+    assert 0.95 < draw.cap_draw_frac[1] < 0.97  # how close to its cap it draws, learned there
