@@ -14,16 +14,23 @@ restarting), the loop keeps cycling at the same twin time until it has.
    across cycles and a daemon restart (state persisted), until `ooda guard reset`.
 4. Dry-run: the same scenarios record the same actions in the same order and change nothing in
    Slurm or on any GPU.
+5. Caps through real node daemons (no Slurm): the loop renews their leases every cycle; when it
+   stops, each lease expires to the fallback cap, and the next cycle sets the caps again.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -31,10 +38,14 @@ from agent.act.audit import read_records
 from agent.config import parse_config
 from agent.daemon.service import Daemon, DaemonOptions
 from agent.loop import CycleReport
-from agent.runtime import Runtime, build_runtime
+from agent.node.server import NodeDaemon, NodeSettings
+from agent.runtime import Runtime, build_runtime, twin_spec
+from agent.sim.devices import TwinNodeBackend
+from agent.sim.twin import Twin
 from tests.integration.alertmanager import Alertmanager
 from tests.integration.conftest import last_json, ooda
 from tests.integration.slurm_cluster import SlurmCluster, wait_until
+from tests.node_helpers import write_token
 
 pytestmark = pytest.mark.integration
 
@@ -462,3 +473,117 @@ def test_dry_run_of_the_breaker_records_the_same_and_changes_nothing(
     assert [r["event"] for r in dry.records].count("guard_breaker_tripped") == 1
     assert dry.seen["slurm_tripped"] == dry.seen["slurm_before"]
     assert dry.seen["slurm_after"] == dry.seen["slurm_before"]
+
+
+# -- 5: caps through real node daemons: an expired lease falls back, the loop re-asserts ----------
+
+FALLBACK_W = 300.0
+LEASE_S = 1.0
+
+
+def node_gpus(socket: Path, token: str) -> list[dict[str, Any]]:
+    """`GET /v1/gpus` from a node daemon, as an operator would ask it."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=5.0) as client:
+        answer = client.get("http://node/v1/gpus", headers={"Authorization": f"Bearer {token}"})
+    answer.raise_for_status()
+    gpus: list[dict[str, Any]] = answer.json()
+    return gpus
+
+
+def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
+    tmp_path: Path,
+) -> None:
+    """The loop sets caps through real node daemons (Unix sockets, bearer token) on the twin's
+    GPUs and renews their leases every cycle; when it stops cycling, every lease runs out and
+    each node daemon puts its GPUs at the fallback cap (never at max); the next cycle sees that
+    and sets its caps again."""
+    short = Path(tempfile.mkdtemp(prefix="ooda-e2e-"))  # Unix socket paths stay under 108 bytes
+    token = short / "token"
+    secret = write_token(token)
+    data: dict[str, Any] = {
+        "dry_run": False,
+        "twin": {"nodes": 2, "gpus_per_node": 2, "seed": 4, "occupancy": 1.0, "budget_w": 1200.0},
+        "policies": {"power_budget": {}},
+        "actuators": {
+            "caps": "node",
+            "placement": "none",
+            "lease_s": LEASE_S,
+            "node": {
+                "endpoints": {f"node{k}": f"unix://{short}/node{k}.sock" for k in (1, 2)},
+                "token_file": str(token),
+                "timeout_s": 2.0,
+                "renew_min_age_s": 0.0,
+            },
+        },
+        "guard": {"cap_cooldown_s": 0.0},
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+    }
+    config = parse_config(data)
+    twin = Twin(twin_spec(config.twin))
+    lock = threading.RLock()  # the node daemons' threads and the twin's steps take turns
+    daemons = [
+        NodeDaemon(
+            TwinNodeBackend(twin, k),
+            NodeSettings(
+                token_file=token,
+                socket_path=short / f"node{k}.sock",
+                fallback_cap_w=FALLBACK_W,
+                check_interval_s=0.05,
+            ),
+            lock=lock,
+        ).start()
+        for k in (1, 2)
+    ]
+    runtime = build_runtime(config, twin=twin)
+
+    def cycle() -> CycleReport:
+        with lock:
+            twin.run_until(twin.t_s + INTERVAL_S)
+        report = runtime.loop.cycle()
+        assert not report.errors, report.errors
+        return report
+
+    try:
+        first = cycle()
+        caps = [a for a in first.actions if a.intent.kind == "set_power_cap"]
+        assert caps and all(a.outcome == "applied" for a in caps)
+        ours = runtime.loop.guard.caps["our_cap_w"][runtime.loop.guard.caps.slots(twin.uuid)]
+        assert np.isfinite(ours).all() and (ours < 700).all()
+        assert (ours != FALLBACK_W).all()  # so the fallback is told apart from our caps
+        with lock:
+            assert np.array_equal(twin.cap_w, ours)
+
+        # Renewed every cycle: the caps outlive their 1 s leases.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * LEASE_S:
+            runtime.loop.cycle()
+            time.sleep(0.1)
+        with lock:
+            assert np.array_equal(twin.cap_w, ours)
+
+        # The agent stops: every lease runs out, every GPU goes to the fallback cap.
+        def fallen_back() -> bool:
+            with lock:
+                return bool((twin.cap_w == FALLBACK_W).all())
+
+        wait_until(fallen_back, 5 * LEASE_S, "the node daemons' fallback caps")
+        listed = [g for k in (1, 2) for g in node_gpus(short / f"node{k}.sock", secret)]
+        assert {g["state"] for g in listed} == {"fallback"}
+        assert all(g["power_limit_w"] == FALLBACK_W for g in listed)
+        assert all(g["lease_remaining_s"] is None for g in listed)
+
+        # The next cycle sees the GPUs at the fallback and sets the agent's caps again.
+        report = cycle()
+        seen = report.situation.cap_w
+        assert (seen == FALLBACK_W).all()
+        again = [a for a in report.actions if a.intent.kind == "set_power_cap"]
+        assert again and all(a.outcome == "applied" for a in again)
+        with lock:
+            assert (twin.cap_w != FALLBACK_W).all()
+        listed = [g for k in (1, 2) for g in node_gpus(short / f"node{k}.sock", secret)]
+        assert all(g["lease_remaining_s"] is not None for g in listed)
+    finally:
+        runtime.close()
+        for daemon in daemons:
+            daemon.stop()
+        shutil.rmtree(short, ignore_errors=True)
