@@ -101,7 +101,6 @@ def acted(records: list[dict[str, Any]], jobs: dict[str, str]) -> list[tuple[str
 
 @dataclass
 class XidRun:
-    dry_run: bool
     jobs: dict[str, str] = field(default_factory=dict)  # Slurm job id -> role
     records: list[dict[str, Any]] = field(default_factory=list)
     reports: list[CycleReport] = field(default_factory=list)
@@ -114,7 +113,7 @@ def run_xid_on_node2(slurm: SlurmCluster, tmp_path: Path, dry_run: bool) -> XidR
     """The same twin schedule live and in dry-run: a cycle every 15 s of twin time to t=240 s;
     live, after the requeue, extra cycles at the same twin time until Slurm has restarted the
     job (they decide nothing new)."""
-    run = XidRun(dry_run)
+    run = XidRun()
     for node in ("node1", "node3", "node4"):  # steer the first job onto node2 without pinning it
         slurm.scontrol("update", f"nodename={node}", "weight=10")
     victim = slurm.sbatch(gpus=2)
@@ -371,6 +370,9 @@ def run_breaker(
         run.seen["slurm_tripped"] = slurm_view(slurm)
     finally:
         daemon.shutdown()
+    run.seen["saved_breaker"] = json.loads(daemon.store.path.read_text())["parts"]["guard"][
+        "breaker"
+    ]
     daemon = start_daemon(config)
     try:
         run.seen["restored"] = daemon.restored
@@ -413,6 +415,8 @@ def test_circuit_breaker_trips_holds_across_a_restart_until_guard_reset(
 
     # Open on every cycle after, before and after the restart (its state was saved and loaded):
     # node3's drain refused with the reason, the alarm raised, a critical alert sent.
+    saved = run.seen["saved_breaker"]
+    assert saved["open"] and saved["trips"] == 1 and "node3" in saved["reason"]
     assert run.seen["restored"]
     for report in [*first, *run.seen["after_restart"]]:
         assert any("circuit breaker OPEN" in e for e in report.errors), report.errors
