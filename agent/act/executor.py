@@ -51,22 +51,48 @@ class RecordingCapActuator:
 
 
 class RecordingPlacement:
-    """Dry-run placement: remembers, changes nothing; node states come from the real one."""
+    """Dry-run placement: remembers, changes nothing. Node states come from the real one, with
+    the drains recorded here laid over them: a node whose drain was recorded shows as drained by
+    us until its resume is recorded, so in dry-run the policies see their advice followed, as
+    they would see it done live, and advise what live would do next (the resume after the hold).
+    A node someone else drained keeps its real state."""
 
     def __init__(self, real: PlacementActuator | None = None) -> None:
         self.real = real
         self.calls: list[tuple[str, str, object]] = []
+        self.drained: dict[str, str] = {}  # recorded drains not resumed since: node -> reason
 
     def node_states(self, node_names: Sequence[str]) -> NodeStates:
         if self.real is not None:
-            return self.real.node_states(node_names)
-        return NodeStates.unknown(len(node_names))
+            states = self.real.node_states(node_names)
+        else:
+            states = NodeStates.unknown(len(node_names))
+        if not self.drained:
+            return states
+        names = np.asarray(list(node_names), dtype=np.str_)
+        ours = (
+            np.isin(names, np.asarray(list(self.drained), dtype=np.str_))
+            & states.known
+            & ~(states.drained & ~states.drained_by_us)
+        )
+        if not ours.any():
+            return states
+        reason = states.reason.astype(object)
+        reason[ours] = [self.drained[str(n)] for n in names[ours]]
+        return replace(
+            states,
+            drained=states.drained | ours,
+            drained_by_us=states.drained_by_us | ours,
+            reason=reason.astype(np.str_),
+        )
 
     def drain(self, node: str, reason: str) -> None:
         self.calls.append(("drain", node, reason))
+        self.drained[node] = reason
 
     def resume(self, node: str) -> None:
         self.calls.append(("resume", node, None))
+        self.drained.pop(node, None)
 
     def set_weight(self, node: str, weight: int) -> None:
         self.calls.append(("weight", node, weight))
