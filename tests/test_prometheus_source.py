@@ -218,3 +218,43 @@ def test_lookup() -> None:
     keys = np.array(["b", "a", "c"])
     assert list(lookup(keys, np.array(["a", "z", "c", "b"]))) == [1, -1, 2, 0]
     assert list(lookup(np.array([], dtype=np.str_), np.array(["a"]))) == [-1]
+
+
+def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
+    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
+    values = [
+        sample(700.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", Hostname="node1", gpu="0"),
+        sample(200.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MIN", Hostname="node1", gpu="0"),
+        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
+    ]
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300), client=fake
+    )
+
+    def limit_queries() -> int:
+        return sum("LIMIT_MAX" in q for q, _ in fake.queries)
+
+    assert source.observe(NOW).column(Metric.MAX_LIMIT_W)[0][0] == 700.0
+    assert limit_queries() == 1
+    snap = source.observe(NOW + 15)  # not due: from the last read, not asked again
+    assert limit_queries() == 1
+    assert snap.column(Metric.MAX_LIMIT_W)[0][0] == 700.0
+    assert snap.column(Metric.MIN_LIMIT_W)[0][0] == 200.0
+    assert snap.column(Metric.POWER_W)[0][0] == 410.0
+    assert source.queries == 2 + len(DCGM_FIELDS) - 3
+    # A GPU the last read did not cover: read again at once.
+    live.append({"metric": gpu("node2", 0), "value": [NOW, str(NOW + 29)]})
+    values.append(
+        sample(600.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", Hostname="node2", gpu="0")
+    )
+    fake.answers = [("timestamp(", live), *per_field(values)]
+    snap = source.observe(NOW + 30)
+    assert limit_queries() == 2
+    assert list(snap.column(Metric.MAX_LIMIT_W)[0]) == [700.0, 600.0]
+    source.observe(NOW + 45)
+    assert limit_queries() == 2
+    source.observe(NOW + 400)  # due
+    assert limit_queries() == 3
+    source.observe(NOW + 100)  # the clock went back: read again
+    assert limit_queries() == 4

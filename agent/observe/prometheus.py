@@ -10,7 +10,9 @@ most), all evaluated at the same time `now`, never one per GPU:
 2. freshness: `max by (host, gpu, UUID, modelName, job) (timestamp(POWER))`: the newest sample's
    time of every GPU Prometheus still considers live (an instant selector drops stale-marked
    series), and the job running there;
-3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...);
+3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...); the
+   static ones (the cap range and the default cap) only every `static_refresh_s`, or when a GPU
+   appears that the last read did not cover;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -21,6 +23,12 @@ newest sample is older than the staleness limit; stale GPUs keep their identity 
 NaN values. A field a fresh GPU lacks (dcgm-exporter exports no power limits by default) is NaN:
 missing, never 0. Host names come from the first non-empty host label (`Hostname`, `hostname`).
 Responses are parsed into numpy columns and joined by (host, gpu) with sorted-key lookups.
+
+At 100,000 GPUs the cost is Prometheus's (about 10-15 us of its CPU per series selected, on
+2.42 with backfilled blocks) and the decoding of its answers: queries 1-3 and 5 are sent at
+once on `parallel_queries` threads, answers are decoded by orjson straight from the bytes and
+joined series by series through a dict (no label columns for the value queries), each as it
+arrives.
 """
 
 from __future__ import annotations
@@ -29,17 +37,21 @@ import ast
 import json
 import math
 import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from agent.core.dcgm import (
@@ -63,6 +75,9 @@ StrArray = npt.NDArray[np.str_]
 
 KEY_SEP = "\x1f"  # joins host and gpu into one key; cannot appear in a sane label value
 
+# Fields that change only when a GPU is reconfigured: read every `static_refresh_s`.
+STATIC_METRICS = frozenset({Metric.MIN_LIMIT_W, Metric.MAX_LIMIT_W, Metric.DEFAULT_LIMIT_W})
+
 
 def default_metric_names() -> dict[Metric, str]:
     return {f.metric: f.name for f in DCGM_FIELDS}
@@ -85,6 +100,12 @@ class PrometheusSettings:
     match: Mapping[str, str] = field(default_factory=dict)  # extra exact matchers everywhere
     budget_query: str | None = None
     max_hosts_per_query: int = 500  # stale-host regexes are split to keep URLs short
+    # Queries in flight at once: Prometheus evaluates one query on one core, and the agent
+    # decodes one answer while Prometheus evaluates the next.
+    parallel_queries: int = 2
+    # Fields that only change when a GPU is reconfigured (its cap range, its default cap) are
+    # read again after this long, or when a GPU appears that the last read did not cover.
+    static_refresh_s: float = 300.0
 
     def __post_init__(self) -> None:
         if Metric.POWER_W not in self.metrics or not self.metrics[Metric.POWER_W]:
@@ -94,6 +115,8 @@ class PrometheusSettings:
                 promql.check_metric_name(name)
         if not self.host_labels:
             raise ValueError("host_labels: at least one label")
+        if self.parallel_queries < 1:
+            raise ValueError("parallel_queries: at least 1")
         for label in (
             *self.host_labels,
             self.gpu_label,
@@ -143,14 +166,38 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
 # -- vectorized helpers ---------------------------------------------------------------------------
 
 
+class KeyIndex:
+    """Unique keys sorted once, for many lookups (one per field) in the same cycle."""
+
+    def __init__(self, keys: StrArray) -> None:
+        self.size = int(keys.size)
+        self.order = np.argsort(keys, kind="stable")
+        self.ordered = keys[self.order]
+
+    def find(self, query: StrArray) -> IntArray:
+        """The position in the keys of each query key; -1 where absent."""
+        if self.size == 0 or query.size == 0:
+            return np.full(query.shape, -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ordered, query), self.size - 1)
+        return np.where(self.ordered[pos] == query, self.order[pos], -1).astype(np.int64)
+
+
+class RowIndex:
+    """The row of each GPU key (`host<SEP>gpu`, the gpu index as a plain integer), for joining
+    answers series by series without building label columns."""
+
+    def __init__(self, keys: StrArray) -> None:
+        self.size = int(keys.size)
+        self._row = {k: i for i, k in enumerate(keys.tolist())}
+
+    def of(self, keys: Iterable[str]) -> Iterator[int]:
+        row = self._row.get
+        return (row(k, -1) for k in keys)
+
+
 def lookup(keys: StrArray, query: StrArray) -> IntArray:
     """The position in `keys` (unique) of each query key; -1 where absent."""
-    if keys.size == 0 or query.size == 0:
-        return np.full(query.shape, -1, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    pos = np.minimum(np.searchsorted(ordered, query), keys.size - 1)
-    return np.where(ordered[pos] == query, order[pos], -1).astype(np.int64)
+    return KeyIndex(keys).find(query)
 
 
 def first_per_key(keys: StrArray, rank: FloatArray) -> IntArray:
@@ -180,6 +227,28 @@ class Vector:
         }
         values = np.array([r["value"][1] for r in result], dtype=np.float64)
         return Vector(cols, values.reshape(len(result)))
+
+
+class Answer:
+    """A query's answer, handed over once: taking it leaves nothing behind to hold memory."""
+
+    def __init__(self, result: list[dict[str, Any]]) -> None:
+        self._result: list[dict[str, Any]] | None = result
+
+    def take(self) -> list[dict[str, Any]]:
+        result, self._result = self._result, None
+        if result is None:
+            raise RuntimeError("answer already taken")
+        return result
+
+
+@dataclass(frozen=True, eq=False)
+class _StaticRead:
+    """The static fields as last read: per GPU key the read covered, per field its value."""
+
+    time_s: float
+    keys: KeyIndex
+    values: dict[Metric, FloatArray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,11 +294,22 @@ class PrometheusSource:
             allowed_methods=None,
             raise_on_status=False,
         )
+        self.base_url = s.url.rstrip("/")
         self.client = client or PrometheusConnect(
-            url=s.url.rstrip("/"), retry=retry, timeout=s.timeout_s, method="POST"
+            url=self.base_url, retry=retry, timeout=s.timeout_s, method="POST"
         )
+        # Instant queries (the cycle's) go out on this session and are decoded by orjson straight
+        # from the bytes: prometheus-api-client's `response.json()` took most of the client's
+        # time at 100,000 GPUs. An injected client (tests' fakes) answers them itself.
+        self._session: requests.Session | None = None
+        if client is None:
+            self._session = requests.Session()
+            self._session.mount(self.base_url, HTTPAdapter(max_retries=retry))
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._static: _StaticRead | None = None
         self.queries = 0  # made by the last observe()
-        self.query_s = 0.0  # spent waiting on Prometheus in the last observe()
+        self.query_s = 0.0  # spent waiting on Prometheus in the last observe() (all threads)
         hb = s.metrics[Metric.POWER_W]
         self.heartbeat = hb  # the metric whose presence makes a GPU known and live
         self.ident = [*s.host_labels, s.gpu_label]  # the labels that name a GPU
@@ -244,22 +324,49 @@ class PrometheusSource:
         """One instant query; TelemetryError naming the URL and the cause when it fails."""
         s = self.settings
         t0 = time.perf_counter()
-        self.queries += 1
+        with self._lock:
+            self.queries += 1
+        params = {"time": f"{now_s:.3f}", "timeout": f"{s.timeout_s:g}s"}
         try:
-            result = self.client.custom_query(
-                expr, params={"time": f"{now_s:.3f}", "timeout": f"{s.timeout_s:g}s"}
-            )
+            if self._session is not None:
+                result = self._post_query(self._session, expr, params)
+            else:
+                result = self.client.custom_query(expr, params=params)
         except Exception as exc:
             raise TelemetryError(
                 f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} (query {_shorten(expr)})"
             ) from exc
         finally:
-            self.query_s += time.perf_counter() - t0
+            with self._lock:
+                self.query_s += time.perf_counter() - t0
         if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
             return [{"metric": {}, "value": result}]  # a scalar answer
         if not isinstance(result, list):
             raise TelemetryError(f"prometheus {s.url}: malformed answer to {_shorten(expr)}")
         return result
+
+    def _post_query(self, session: requests.Session, expr: str, params: dict[str, str]) -> Any:
+        """What prometheus-api-client's `custom_query` does (the same errors), with the query in
+        the body and the answer decoded by orjson."""
+        response = session.post(
+            f"{self.base_url}/api/v1/query",
+            data={"query": expr, **params},
+            timeout=self.settings.timeout_s,
+        )
+        if response.status_code != 200:
+            raise PrometheusApiClientException(
+                f"HTTP Status Code {response.status_code} ({response.content!r})"
+            )
+        return orjson.loads(response.content)["data"]["result"]
+
+    def submit(self, expr: str, now_s: float) -> Future[Answer]:
+        """`query` on the source's threads (at most `parallel_queries` in flight); `take()` the
+        answer out of it (a future would keep it in memory as long as it lives)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.parallel_queries, thread_name_prefix="prometheus"
+            )
+        return self._pool.submit(lambda: Answer(self.query(expr, now_s)))
 
     def query_range(
         self, expr: str, start_s: float, end_s: float, step_s: float
@@ -316,18 +423,53 @@ class PrometheusSource:
         window = promql.duration(s.inventory_window_s)
         ident = self.ident
         with_uuid = [*ident, s.uuid_label, s.model_label]
-
-        inv = Vector.parse(
-            self.query(
-                f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))",
-                now_s,
-            ),
-            with_uuid,
-        )
         live_labels = [*with_uuid, s.job_label]
-        live = Vector.parse(
-            self.query(f"max {promql.by(live_labels)} (timestamp({hb}))", now_s), live_labels
-        )
+        by_ident = promql.by(ident)
+
+        # Every query of the cycle at once (they are independent): Prometheus evaluates them
+        # side by side while the agent decodes the answers in turn. Static fields only when due.
+        static_due = self._static_due(now_s)
+        wanted = {
+            name: metric
+            for name, metric in self.value_metrics.items()
+            if static_due or metric not in STATIC_METRICS
+        }
+        pending: list[Future[Answer]] = []
+
+        def ask(expr: str) -> Future[Answer]:
+            pending.append(self.submit(expr, now_s))
+            return pending[-1]
+
+        inv_answer = ask(f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))")
+        live_answer = ask(f"max {promql.by(live_labels)} (timestamp({hb}))")
+        field_answers = {name: ask(f"max {by_ident} ({self._selector(name)})") for name in wanted}
+        budget_answer = ask(s.budget_query) if s.budget_query else None
+        try:
+            return self._join(
+                now_s, static_due, inv_answer, live_answer, field_answers, budget_answer, errors
+            )
+        finally:  # after a failure, what was not sent yet is not sent
+            for future in pending:
+                future.cancel()
+
+    def _join(
+        self,
+        now_s: float,
+        static_due: bool,
+        inv_answer: Future[Answer],
+        live_answer: Future[Answer],
+        field_answers: dict[str, Future[Answer]],
+        budget_answer: Future[Answer] | None,
+        errors: list[str],
+    ) -> Snapshot:
+        """The answers joined into a Snapshot, each read as it comes, in the order asked (so the
+        first failure is the one named, and at most a few answers are in memory at once)."""
+        s = self.settings
+        with_uuid = [*self.ident, s.uuid_label, s.model_label]
+        live_labels = [*with_uuid, s.job_label]
+        inv = Vector.parse(inv_answer.result().take(), with_uuid)
+        live = Vector.parse(live_answer.result().take(), live_labels)
+
         # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
         # replaced GPU leaves an older series behind for a moment).
         l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
@@ -370,19 +512,27 @@ class PrometheusSource:
         # Values: one aggregated query per field (a `__name__=~"a|b|..."` selector answers the
         # same in one query but took 1.4 s instead of 0.8 s at 10,000 GPUs on Prometheus 2.42),
         # joined by (host, gpu); stale GPUs carry none.
+        index = RowIndex(key)
+        raw = {
+            self.value_metrics[name]: self._column(
+                answer.result().take(), index, self.value_metrics[name]
+            )
+            for name, answer in field_answers.items()
+        }
+        if static_due:
+            self._keep_static(now_s, key, raw)
+        else:
+            cached = self._cached_static(key, stale)
+            if cached is None:  # a fresh GPU the last read did not cover: read them again
+                cached = self._read_static(now_s, index, key)
+            raw.update(cached)
         values: dict[Metric, FloatArray] = {}
-        by_ident = promql.by(ident)
-        for name, metric in self.value_metrics.items():
-            vec = Vector.parse(self.query(f"max {by_ident} ({self._selector(name)})", now_s), ident)
-            v_key, _, _, v_ok = self.keys(vec.labels)
-            v_row = np.where(v_ok, lookup(key, v_key), -1)
-            column = np.full(key.size, np.nan)
-            hit = v_row >= 0
-            column[v_row[hit]] = vec.values[hit] * FIELD_BY_METRIC[metric].to_metric
+        for metric in self.value_metrics.values():
+            column = raw[metric]
             column[stale] = np.nan
             values[metric] = column
 
-        budget = self._budget(now_s, errors) if s.budget_query else None
+        budget = self._budget(budget_answer, errors) if budget_answer is not None else None
         order = np.lexsort((gpu, host))
         return build_snapshot(
             time_s=now_s,
@@ -397,6 +547,81 @@ class PrometheusSource:
             budget_w=budget,
             errors=tuple(errors),
         )
+
+    def _column(self, result: list[dict[str, Any]], rows: RowIndex, metric: Metric) -> FloatArray:
+        """One field's answer as a column over the GPUs of `rows` (NaN where it has none), in
+        the metric's unit. One pass over the answer, no label columns: at 100,000 GPUs and a
+        dozen fields this join is most of the agent's own work in a cycle."""
+        n = len(result)
+        where = np.fromiter(rows.of(self._series_keys(result)), dtype=np.int64, count=n)
+        value = np.fromiter((float(r["value"][1]) for r in result), dtype=np.float64, count=n)
+        column = np.full(rows.size, np.nan)
+        hit = where >= 0
+        column[where[hit]] = value[hit] * FIELD_BY_METRIC[metric].to_metric
+        return column
+
+    def _series_keys(self, result: list[dict[str, Any]]) -> Iterator[str]:
+        """Each series' key, `host<SEP>gpu`, the host being the first non-empty host label."""
+        s = self.settings
+        g = s.gpu_label
+        if len(s.host_labels) == 1:
+            (h,) = s.host_labels
+            return (f"{r['metric'].get(h, '')}{KEY_SEP}{r['metric'].get(g, '')}" for r in result)
+        if len(s.host_labels) == 2:
+            h1, h2 = s.host_labels
+            return (
+                f"{m.get(h1) or m.get(h2) or ''}{KEY_SEP}{m.get(g, '')}"
+                for m in (r["metric"] for r in result)
+            )
+        return (
+            f"{next((m[h] for h in s.host_labels if m.get(h)), '')}{KEY_SEP}{m.get(g, '')}"
+            for m in (r["metric"] for r in result)
+        )
+
+    # -- static fields ---------------------------------------------------------------------
+
+    def _static_names(self) -> list[str]:
+        return [n for n, m in self.value_metrics.items() if m in STATIC_METRICS]
+
+    def _static_due(self, now_s: float) -> bool:
+        last = self._static
+        # A clock that went back (or a refresh of 0) reads them again too.
+        return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
+
+    def _keep_static(self, now_s: float, key: StrArray, raw: dict[Metric, FloatArray]) -> None:
+        self._static = _StaticRead(
+            now_s, KeyIndex(key), {m: raw[m].copy() for m in raw if m in STATIC_METRICS}
+        )
+
+    def _cached_static(self, key: StrArray, stale: BoolArray) -> dict[Metric, FloatArray] | None:
+        """The static fields from the last read; None when a fresh GPU is not covered by it."""
+        last = self._static
+        assert last is not None
+        rows = last.keys.find(key)
+        missing = rows < 0
+        if (missing & ~stale).any():
+            return None
+        out: dict[Metric, FloatArray] = {}
+        for metric, column in last.values.items():
+            out[metric] = np.where(missing, np.nan, column[np.maximum(rows, 0)])
+        return out
+
+    def _read_static(
+        self, now_s: float, index: RowIndex, key: StrArray
+    ) -> dict[Metric, FloatArray]:
+        by_ident = promql.by(self.ident)
+        futures = {
+            name: self.submit(f"max {by_ident} ({self._selector(name)})", now_s)
+            for name in self._static_names()
+        }
+        raw = {
+            self.value_metrics[name]: self._column(
+                f.result().take(), index, self.value_metrics[name]
+            )
+            for name, f in futures.items()
+        }
+        self._keep_static(now_s, key, raw)
+        return {m: c.copy() for m, c in raw.items()}
 
     def _last_sample_times(
         self, keys: StrArray, hosts: StrArray, now_s: float, errors: list[str]
@@ -432,10 +657,10 @@ class PrometheusSource:
             errors.append(f"{unknown} stale GPUs: time of the last sample unknown")
         return out
 
-    def _budget(self, now_s: float, errors: list[str]) -> float | None:
+    def _budget(self, answer: Future[Answer], errors: list[str]) -> float | None:
         assert self.settings.budget_query is not None
         try:
-            result = self.query(self.settings.budget_query, now_s)
+            result = answer.result().take()
         except TelemetryError as exc:
             errors.append(f"budget: {exc}")
             return None
@@ -452,6 +677,11 @@ class PrometheusSource:
         return value
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._session is not None:
+            self._session.close()
         self.client.close()
 
 

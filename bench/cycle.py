@@ -1,0 +1,361 @@
+"""How long does one full dry-run cycle take against a real Prometheus holding N GPUs, per stage,
+and how much memory does the agent need for it?
+
+For each N: the twin (N/8 nodes of 8 GPUs, every field dcgm-exporter can serve: the power limits
+and the `hpc_job` labels included; 1% of the nodes' exporters go silent after the first scrape,
+so some GPUs are stale) is recorded for 2 minutes at a 30 s scrape interval, exported as
+OpenMetrics and backfilled with promtool into a fresh Prometheus (Debian's, on 127.0.0.1, a free
+port). The backfilled block is cached under the temp dir per N (`--no-cache`: build it afresh);
+each run serves a hard-linked copy of it, so Prometheus never writes into the cache.
+
+A separate process then builds the agent as `ooda run --dry-run` would (`build_runtime` on a
+Prometheus config, every built-in policy, an audit log in a temp dir) with a fake clock at the
+end of the recording, and runs `--cycles` cycles 15 s apart through the real Loop: observe
+(PrometheusSource), orient, decide, guard, act (the dry-run recorders). The budget is 85% of
+the fleet's draw, stepping down 3% a cycle, so the power-budget policy moves every cap every
+cycle. The first cycle is a warm-up (its time is shown apart); the figures are medians of the
+others.
+
+Prints one JSON line per N:
+    {"bench": "cycle", "gpus": N, "cycle_s": median, "stages": {"observe": s, ...},
+     "peak_rss_mb": MB (the agent's process), "queries": count, "prometheus_rss_mb": MB,
+     "agent_cpu_s": s, "prometheus_cpu_s": s (CPU per cycle, median: steadier than wall time on
+     a shared machine), ...}
+and, when 10,000 and 100,000 are both measured, a last line with the growth factors.
+
+    python bench/cycle.py --json                       # 1,000, 10,000 and 100,000 GPUs
+    python bench/cycle.py --gpus 100000 --cycles 5 --profile /tmp/cycle.prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+SCRAPE_S = 30.0
+RECORD_S = 120.0  # 4 scrapes: the source needs only the newest samples
+INTERVAL_S = 15.0
+SILENT_NODES = 0.01
+CACHE_VERSION = 1  # bump when the recording changes
+STAGES = ("observe", "orient", "decide", "guard", "act")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process (all its threads) or of `pid`: unlike wall
+    time, not inflated when other work shares the cores."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cycle_child(
+    url: str, at_s: float, cycles: int, work: Path, profile: str | None, prom_pid: int | None
+) -> dict[str, Any]:
+    """Runs in its own process: a dry-run Loop over Prometheus; timings and this process's peak
+    memory."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    from agent.config import parse_config
+    from agent.core.clock import FakeClock
+    from agent.observe.prometheus import PrometheusSource
+    from agent.runtime import build_runtime
+
+    config = parse_config(
+        {
+            "dry_run": True,
+            "source": {
+                "kind": "prometheus",
+                "prometheus": {"url": url, "scrape_interval_s": SCRAPE_S, "timeout_s": 120},
+            },
+            "audit": {"path": str(work / "audit.jsonl")},
+            "daemon": {"interval_s": INTERVAL_S},
+        },
+        source="bench",
+    )
+    clock = FakeClock(at_s)
+    runtime = build_runtime(config, clock=clock)
+    loop = runtime.loop
+    source = loop.source
+    assert isinstance(source, PrometheusSource)
+
+    warm = loop.cycle()  # model fits, caches; no budget yet
+    fleet_w = warm.situation.fleet_power_w
+    clock.advance(INTERVAL_S)
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    reports = []
+    agent_cpu, prom_cpu = [], []
+    for k in range(cycles):
+        # The budget steps down every cycle, so every cycle moves every cap (the worst case
+        # for guard and act: the same samples otherwise leave the caps in the dead band).
+        loop.budget_w = (0.85 - 0.03 * k) * fleet_w
+        a0, p0 = _cpu_s(), _cpu_s(prom_pid) if prom_pid else float("nan")
+        reports.append(loop.cycle())
+        agent_cpu.append(_cpu_s() - a0)
+        prom_cpu.append(_cpu_s(prom_pid) - p0 if prom_pid else float("nan"))
+        clock.advance(INTERVAL_S)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    runtime.close()
+    last = reports[-1].summary()
+    return {
+        "cycle_s": round(statistics.median(r.duration_s for r in reports), 4),
+        "cycle_min_s": round(min(r.duration_s for r in reports), 4),
+        "stages": {s: round(statistics.median(r.stage_s[s] for r in reports), 4) for s in STAGES},
+        "agent_cpu_s": round(statistics.median(agent_cpu), 4),
+        "prometheus_cpu_s": round(statistics.median(prom_cpu), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "queries": source.queries,
+        "query_s": round(source.query_s, 4),
+        "first_cycle_s": round(warm.duration_s, 4),
+        "cycles": cycles,
+        "seen": last["gpus"],
+        "stale": last["stale"],
+        "intents": last["intents"],
+        "actions": last["actions"],
+        "recorded_per_cycle": [
+            sum(len(getattr(a.intent, "targets", [0])) for a in r.actions) for r in reports
+        ],
+        "unchanged_per_cycle": [r.unchanged for r in reports],
+        "errors": last["errors"],
+    }
+
+
+def _record(gpus: int, work: Path) -> tuple[Path, float]:
+    """The backfilled TSDB of N GPUs (a fresh directory under `work`) and its last scrape's Unix
+    time."""
+    from agent.observe.openmetrics import write_openmetrics
+    from agent.observe.trace import TraceReader
+    from agent.replay.twin_trace import record_twin
+    from agent.sim.faults import parse_fault
+    from agent.sim.twin import TwinSpec
+
+    nodes = max(1, gpus // 8)
+    silent = [
+        parse_fault(f"dropout:node{k}@{SCRAPE_S / 2:g}+{RECORD_S:g}")
+        for k in range(1, max(1, round(nodes * SILENT_NODES)) + 1)
+    ]
+    trace = work / "twin.parquet"
+    record_twin(
+        TwinSpec(nodes=nodes, gpus_per_node=8, seed=1, faults=tuple(silent)),
+        trace,
+        duration_s=RECORD_S,
+        step_s=SCRAPE_S,
+        counters="all",
+    )
+    last = float(TraceReader(trace).meta.time_s[-1])
+    # Whole hours in the past: inside Prometheus's reach, and blocks align the same every run.
+    end_unix = float((int(time.time()) // 3600 - 2) * 3600)
+    text = work / "twin.om"
+    with text.open("w", encoding="utf-8") as out:
+        write_openmetrics(trace, out, offset_s=end_unix - last)
+    trace.unlink()
+    data = work / "data"
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(text), str(data)],
+        check=True,
+        capture_output=True,
+    )
+    text.unlink()
+    return data, end_unix
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """A copy of `src` whose files are hard links (Prometheus only ever deletes block files)."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+
+
+def _prometheus_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def bench(
+    gpus: int, cycles: int, work: Path, cache: Path | None, profile: str | None
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cached = cache / f"gpus-{gpus}-v{CACHE_VERSION}" if cache is not None else None
+    if cached is not None and (cached / "meta.json").is_file():
+        end_unix = float(json.loads((cached / "meta.json").read_text())["end_unix"])
+        source_data = cached / "data"
+        from_cache = True
+    else:
+        build = work / f"build-{gpus}"
+        build.mkdir()
+        source_data, end_unix = _record(gpus, build)
+        from_cache = False
+        if cached is not None:
+            shutil.rmtree(cached, ignore_errors=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(build), cached)
+            (cached / "meta.json").write_text(json.dumps({"end_unix": end_unix, "gpus": gpus}))
+            source_data = cached / "data"
+    data = work / f"data-{gpus}"
+    _link_tree(source_data, data)
+    config = work / "prometheus.yml"
+    config.write_text(f"global:\n  scrape_interval: {SCRAPE_S:g}s\n")
+    port = _free_port()
+    log = (work / f"prometheus-{gpus}.log").open("wb")
+    prom = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=100y",
+            "--log.level=error",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if prom.poll() is not None or time.monotonic() > deadline:
+                tail = (work / f"prometheus-{gpus}.log").read_text()[-2000:]
+                raise RuntimeError(f"prometheus did not start: {tail}")
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        setup_s = time.perf_counter() - t0
+        agent_work = work / f"agent-{gpus}"
+        agent_work.mkdir()
+        command = [sys.executable, __file__, "--child", url, "--at", str(end_unix + 5),
+                   "--cycles", str(cycles), "--work", str(agent_work),
+                   "--prometheus-pid", str(prom.pid)]  # fmt: skip
+        if profile:
+            command += ["--profile", profile]
+        child = subprocess.run(command, check=False, capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the cycle process failed: {child.stderr[-3000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        prom_rss = _prometheus_rss_mb(prom.pid)
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait(timeout=10)
+        shutil.rmtree(data, ignore_errors=True)
+    return {
+        "bench": "cycle",
+        "gpus": gpus,
+        **result,
+        "prometheus_rss_mb": prom_rss,
+        "setup_s": round(setup_s, 1),
+        "tsdb_cached": from_cache,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, action="append", help="fleet sizes (repeatable)")
+    parser.add_argument("--cycles", type=int, default=5, help="timed cycles per size")
+    parser.add_argument("--json", action="store_true", help="JSON lines (the default output)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "ooda-bench-cycle",
+        help="where backfilled TSDBs are kept between runs",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="record and backfill afresh")
+    parser.add_argument("--profile", help="write a cProfile of the timed cycles here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prometheus-pid", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(
+            json.dumps(
+                cycle_child(
+                    args.child,
+                    args.at,
+                    args.cycles,
+                    args.work,
+                    args.profile,
+                    args.prometheus_pid,
+                )
+            )
+        )
+        return 0
+    for tool in ("prometheus", "promtool"):
+        if shutil.which(tool) is None:
+            print(
+                f"bench/cycle.py: {tool} is not installed (make system-deps installs it)",
+                file=sys.stderr,
+            )
+            return 1
+    results: dict[int, dict[str, Any]] = {}
+    cache = None if args.no_cache else args.cache_dir
+    with tempfile.TemporaryDirectory(prefix="ooda-bench-cycle-") as tmp:
+        for gpus in args.gpus or [1000, 10000, 100000]:
+            results[gpus] = bench(gpus, args.cycles, Path(tmp), cache, args.profile)
+            print(json.dumps(results[gpus]), flush=True)
+    if 10000 in results and 100000 in results:
+        small, big = results[10000], results[100000]
+        print(
+            json.dumps(
+                {
+                    "bench": "cycle",
+                    "growth": "10000->100000",
+                    "cycle": round(big["cycle_s"] / small["cycle_s"], 2),
+                    "stages": {
+                        s: round(big["stages"][s] / max(small["stages"][s], 1e-9), 2)
+                        for s in STAGES
+                    },
+                    "peak_rss": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
