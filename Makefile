@@ -47,7 +47,7 @@ test: system-deps lint
 	$(BIN)/pytest
 
 bench: $(TESTS)
-	@for script in bench/*.py; do $(BIN)/python $$script --json || exit 1; done
+	@for script in bench/[!_]*.py; do $(BIN)/python $$script --json || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -34,15 +34,15 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _prometheus import backfill_twin, serve
 
 SCRAPE_S = 30.0
 RECORD_S = 120.0  # 4 scrapes: the source needs only the newest samples
@@ -50,12 +50,6 @@ INTERVAL_S = 15.0
 SILENT_NODES = 0.01
 CACHE_VERSION = 1  # bump when the recording changes
 STAGES = ("observe", "orient", "decide", "guard", "act")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_s(pid: int | None = None) -> float:
@@ -155,39 +149,19 @@ def cycle_child(
 def _record(gpus: int, work: Path) -> tuple[Path, float]:
     """The backfilled TSDB of N GPUs (a fresh directory under `work`) and its last scrape's Unix
     time."""
-    from agent.observe.openmetrics import write_openmetrics
-    from agent.observe.trace import TraceReader
-    from agent.replay.twin_trace import record_twin
-    from agent.sim.faults import parse_fault
-    from agent.sim.twin import TwinSpec
-
-    nodes = max(1, gpus // 8)
-    silent = [
-        parse_fault(f"dropout:node{k}@{SCRAPE_S / 2:g}+{RECORD_S:g}")
-        for k in range(1, max(1, round(nodes * SILENT_NODES)) + 1)
-    ]
-    trace = work / "twin.parquet"
-    record_twin(
-        TwinSpec(nodes=nodes, gpus_per_node=8, seed=1, faults=tuple(silent)),
-        trace,
-        duration_s=RECORD_S,
-        step_s=SCRAPE_S,
-        counters="all",
-    )
-    last = float(TraceReader(trace).meta.time_s[-1])
     # Whole hours in the past: inside Prometheus's reach, and blocks align the same every run.
     end_unix = float((int(time.time()) // 3600 - 2) * 3600)
-    text = work / "twin.om"
-    with text.open("w", encoding="utf-8") as out:
-        write_openmetrics(trace, out, offset_s=end_unix - last)
-    trace.unlink()
-    data = work / "data"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(text), str(data)],
-        check=True,
-        capture_output=True,
+    data, _samples = backfill_twin(
+        gpus,
+        work,
+        duration_s=RECORD_S,
+        scrape_s=SCRAPE_S,
+        counters="all",
+        silent_nodes=round(max(1, gpus // 8) * SILENT_NODES),
+        silent_from_s=SCRAPE_S / 2,
+        silent_for_s=RECORD_S,
+        end_unix=end_unix,
     )
-    text.unlink()
     return data, end_unix
 
 
@@ -232,55 +206,25 @@ def bench(
             source_data = cached / "data"
     data = work / f"data-{gpus}"
     _link_tree(source_data, data)
-    config = work / "prometheus.yml"
-    config.write_text(f"global:\n  scrape_interval: {SCRAPE_S:g}s\n")
-    port = _free_port()
-    log = (work / f"prometheus-{gpus}.log").open("wb")
-    prom = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={data}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=100y",
-            "--log.level=error",
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    log.close()
+    prom_work = work / f"prometheus-{gpus}"
+    prom_work.mkdir()
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if prom.poll() is not None or time.monotonic() > deadline:
-                tail = (work / f"prometheus-{gpus}.log").read_text()[-2000:]
-                raise RuntimeError(f"prometheus did not start: {tail}")
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        setup_s = time.perf_counter() - t0
-        agent_work = work / f"agent-{gpus}"
-        agent_work.mkdir()
-        command = [sys.executable, __file__, "--child", url, "--at", str(end_unix + 5),
-                   "--cycles", str(cycles), "--work", str(agent_work),
-                   "--prometheus-pid", str(prom.pid)]  # fmt: skip
-        if profile:
-            command += ["--profile", profile]
-        child = subprocess.run(command, check=False, capture_output=True, text=True)
-        if child.returncode != 0:
-            raise RuntimeError(f"the cycle process failed: {child.stderr[-3000:]}")
-        result = json.loads(child.stdout.strip().splitlines()[-1])
-        prom_rss = _prometheus_rss_mb(prom.pid)
+        with serve(data, prom_work, SCRAPE_S, timeout_s=120) as prom:
+            url = prom.url
+            setup_s = time.perf_counter() - t0
+            agent_work = work / f"agent-{gpus}"
+            agent_work.mkdir()
+            command = [sys.executable, __file__, "--child", url, "--at", str(end_unix + 5),
+                       "--cycles", str(cycles), "--work", str(agent_work),
+                       "--prometheus-pid", str(prom.pid)]  # fmt: skip
+            if profile:
+                command += ["--profile", profile]
+            child = subprocess.run(command, check=False, capture_output=True, text=True)
+            if child.returncode != 0:
+                raise RuntimeError(f"the cycle process failed: {child.stderr[-3000:]}")
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            prom_rss = _prometheus_rss_mb(prom.pid)
     finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(timeout=10)
         shutil.rmtree(data, ignore_errors=True)
     return {
         "bench": "cycle",

@@ -20,24 +20,18 @@ import argparse
 import json
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _prometheus import backfill_twin, serve
+
 SCRAPE_S = 30.0
 MINUTES = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def observe_child(url: str, at_s: float, repeat: int) -> dict[str, Any]:
@@ -70,76 +64,32 @@ def observe_child(url: str, at_s: float, repeat: int) -> dict[str, Any]:
 
 
 def bench(gpus: int, repeat: int, work: Path) -> dict[str, Any]:
-    from agent.observe.openmetrics import write_openmetrics
-    from agent.observe.trace import TraceReader
-    from agent.replay.twin_trace import record_twin
-    from agent.sim.faults import parse_fault
-    from agent.sim.twin import TwinSpec
-
     t0 = time.perf_counter()
-    nodes = max(1, gpus // 8)
     duration = MINUTES * 60
-    silent = [
-        parse_fault(f"dropout:node{k}@{duration - 360:g}+600")
-        for k in range(1, max(1, nodes // 10) + 1)
-    ]
-    trace = work / f"twin-{gpus}.parquet"
-    record_twin(
-        TwinSpec(nodes=nodes, gpus_per_node=8, seed=1, faults=tuple(silent)),
-        trace,
-        duration_s=duration,
-        step_s=SCRAPE_S,
-        counters="default",
-    )
-    last = float(TraceReader(trace).meta.time_s[-1])
     end_unix = float(int(time.time()) - 3600)  # an hour ago: well inside the backfill's reach
-    offset = end_unix - last
-    text = work / f"twin-{gpus}.om"
-    with text.open("w", encoding="utf-8") as out:
-        samples = write_openmetrics(trace, out, offset_s=offset)
-    data = work / f"data-{gpus}"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(text), str(data)],
-        check=True,
-        capture_output=True,
-    )
-    text.unlink()
-    config = work / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 30s\n")
-    port = _free_port()
-    prom = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={data}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=100y",
-            "--log.level=error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    data, samples = backfill_twin(
+        gpus,
+        work,
+        duration_s=duration,
+        scrape_s=SCRAPE_S,
+        counters="default",
+        silent_nodes=max(1, gpus // 8) // 10,
+        silent_from_s=duration - 360,
+        silent_for_s=600,
+        end_unix=end_unix,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        setup_s = time.perf_counter() - t0
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", url, "--at", str(end_unix + 5), "--repeat",
-             str(repeat)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        result = json.loads(child.stdout.strip().splitlines()[-1])
+        with serve(data, work, SCRAPE_S, timeout_s=60) as prom:
+            setup_s = time.perf_counter() - t0
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", prom.url, "--at", str(end_unix + 5),
+                 "--repeat", str(repeat)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            result = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
-        prom.terminate()
-        prom.wait(timeout=30)
         shutil.rmtree(data, ignore_errors=True)
     return {"gpus": gpus, **result, "samples": samples, "setup_s": round(setup_s, 1)}
 
