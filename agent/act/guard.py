@@ -468,9 +468,10 @@ class Guard:
                 if future.any():
                     ahead = max(ahead, float(times[future].max()) - now_s)
                     times[future] = now_s
-        if any(t > now_s for t, _ in self.drains):
-            ahead = max(ahead, max(t for t, _ in self.drains) - now_s)
-            self.drains = [(min(t, now_s), n) for t, n in self.drains]
+        for history in (self.drains, self.steers):  # the rate limits' windows too
+            if any(t > now_s for t, _ in history):
+                ahead = max(ahead, max(t for t, _ in history) - now_s)
+                history[:] = [(min(t, now_s), n) for t, n in history]
         return ahead
 
     # -- drains: the circuit breaker and the rate limit -------------------------------------------
