@@ -103,6 +103,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         release_rows: list[int] = []
         for e in memory.active:  # a few GPUs at most
             row = row_of.get(e.uuid)
+            given = now_s if e.given_back_s is None else e.given_back_s
             still = (
                 row is not None
                 and bool(snap.fresh[row])
@@ -123,13 +124,12 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 and e.restore_default
                 and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
                 and str(job_key[row]) == e.job
-                and now_s - (now_s if e.given_back_s is None else e.given_back_s) <= give_back_s
+                and now_s - given <= give_back_s
             ):
                 # Given back until the cap is seen back (a release may wait out a cooldown), for
                 # a while: a lower cap from another policy may stand, and outlives the step.
                 if bool(snap.fresh[row]):
                     release_rows.append(row)
-                given = now_s if e.given_back_s is None else e.given_back_s
                 keep.append(e.model_copy(update={"since_s": -1.0, "given_back_s": given}))
         last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
 
@@ -150,7 +150,8 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             & np.isfinite(situation.min_cap_w)
         )
         busy_keys = {str(e.job) for e in keep}
-        draw_w = np.where(np.isfinite(power(situation)), power(situation), curves.natural_w)
+        now_w = power(situation)
+        draw_w = np.where(np.isfinite(now_w), now_w, curves.natural_w)
         if room > 0 and candidate.any():
             keys, inverse = np.unique(job_key[candidate], return_inverse=True)
             rows = np.flatnonzero(candidate)
