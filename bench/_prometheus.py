@@ -13,6 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+BLOCK_S = 7200  # Prometheus's first-level TSDB block (promtool backfills into these too)
+
+
+def mid_block_end_unix(blocks_back: int = 2) -> float:
+    """An end time for a backfill of at most an hour: the middle of a 2 h block some blocks in
+    the past, so the recording and an instant query's 5 min lookback lie in one block, as a
+    real Prometheus holds its newest hours in one head block. (Ending on a block boundary puts
+    the last scrape alone in a block of its own and makes every query read two blocks.)"""
+    return float((int(time.time()) // BLOCK_S - blocks_back) * BLOCK_S + BLOCK_S // 2)
+
+
 @dataclass(frozen=True)
 class Served:
     url: str

@@ -42,13 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _prometheus import backfill_twin, serve
+from _prometheus import backfill_twin, mid_block_end_unix, serve
 
 SCRAPE_S = 30.0
 RECORD_S = 120.0  # 4 scrapes: the source needs only the newest samples
 INTERVAL_S = 15.0
 SILENT_NODES = 0.01
-CACHE_VERSION = 1  # bump when the recording changes
+CACHE_VERSION = 2  # bump when the recording changes
 STAGES = ("observe", "orient", "decide", "guard", "act")
 
 
@@ -149,8 +149,7 @@ def cycle_child(
 def _record(gpus: int, work: Path) -> tuple[Path, float]:
     """The backfilled TSDB of N GPUs (a fresh directory under `work`) and its last scrape's Unix
     time."""
-    # Whole hours in the past: inside Prometheus's reach, and blocks align the same every run.
-    end_unix = float((int(time.time()) // 3600 - 2) * 3600)
+    end_unix = mid_block_end_unix()
     data, _samples = backfill_twin(
         gpus,
         work,

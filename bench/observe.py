@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _prometheus import backfill_twin, serve
+from _prometheus import backfill_twin, mid_block_end_unix, serve
 
 SCRAPE_S = 30.0
 MINUTES = 10.0
@@ -66,7 +66,7 @@ def observe_child(url: str, at_s: float, repeat: int) -> dict[str, Any]:
 def bench(gpus: int, repeat: int, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     duration = MINUTES * 60
-    end_unix = float(int(time.time()) - 3600)  # an hour ago: well inside the backfill's reach
+    end_unix = mid_block_end_unix()
     data, samples = backfill_twin(
         gpus,
         work,
