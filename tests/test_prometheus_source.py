@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
+from json import loads as json_loads
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,13 @@ import pytest
 from agent.core.dcgm import DCGM_FIELDS
 from agent.core.errors import TelemetryError
 from agent.core.snapshot import Metric
-from agent.observe.prometheus import PrometheusSettings, PrometheusSource, lookup
+from agent.observe.prometheus import (
+    PrometheusSettings,
+    PrometheusSource,
+    Vector,
+    fast_series,
+    lookup,
+)
 
 NOW = 1_700_000_000.0
 MODEL = "NVIDIA H100 80GB HBM3"
@@ -242,7 +249,7 @@ def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
     assert snap.column(Metric.MAX_LIMIT_W)[0][0] == 700.0
     assert snap.column(Metric.MIN_LIMIT_W)[0][0] == 200.0
     assert snap.column(Metric.POWER_W)[0][0] == 410.0
-    assert source.queries == 2 + len(DCGM_FIELDS) - 3
+    assert source.queries == 1 + len(DCGM_FIELDS) - 3  # the inventory is not due either
     # A GPU the last read did not cover: read again at once.
     live.append({"metric": gpu("node2", 0), "value": [NOW, str(NOW + 29)]})
     values.append(
@@ -258,3 +265,128 @@ def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
     assert limit_queries() == 3
     source.observe(NOW + 100)  # the clock went back: read again
     assert limit_queries() == 4
+
+
+def test_the_inventory_is_remembered_between_full_reads() -> None:
+    """Between full reads (`static_refresh_s`) the inventory is the last cycle's GPUs plus the
+    ones live now; a remembered GPU that stops answering stays, stale, while it has a sample in
+    the window, and leaves when it has none."""
+    live = [{"metric": gpu(h, 0), "value": [NOW, str(NOW - 1)]} for h in ("node1", "node2")]
+    inventory = [{"metric": gpu("node1", 0), "value": [NOW, "1"]}]
+    last_seen: list[dict[str, Any]] = []
+    fake = FakePrometheus(
+        [("max_over_time", last_seen), ("last_over_time", inventory), ("timestamp(", live)]
+    )
+    source = PrometheusSource(  # samples stay fresh long enough for the clock to move on
+        PrometheusSettings(scrape_interval_s=15, staleness_s=600, static_refresh_s=300),
+        client=fake,
+    )
+
+    def inventory_reads() -> int:
+        return sum("last_over_time" in q for q, _ in fake.queries)
+
+    assert list(source.observe(NOW).node_of()) == ["node1", "node2"]
+    assert inventory_reads() == 1
+    # node2 stops answering: remembered, stale, aged by its newest sample.
+    del live[1]
+    last_seen.append({"metric": {"Hostname": "node2", "gpu": "0"}, "value": [NOW, str(NOW)]})
+    snap = source.observe(NOW + 60)
+    assert inventory_reads() == 1
+    assert list(snap.node_of()) == ["node1", "node2"]
+    assert list(snap.stale) == [False, True]
+    assert snap.age_s[1] == 60.0
+    assert not snap.errors
+    # A GPU new since the full read joins as soon as it is live.
+    live.append({"metric": gpu("node3", 1), "value": [NOW, str(NOW + 89)]})
+    assert list(source.observe(NOW + 90).node_of()) == ["node1", "node2", "node3"]
+    # No sample of node2 left in the window: it has left the inventory, without an error.
+    last_seen.clear()
+    snap = source.observe(NOW + 120)
+    assert list(snap.node_of()) == ["node1", "node3"]
+    assert not snap.errors
+    assert inventory_reads() == 1
+    source.observe(NOW + 400)  # due: read in full again
+    assert inventory_reads() == 2
+
+
+def _body(result: list[dict[str, Any]]) -> bytes:
+    import json
+
+    doc = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"Hostname": "node1", "gpu": "0"},
+        {"gpu": "3", "hostname": "rack-2.node_7"},
+        {"Hostname": 'quo"te\\back', "gpu": "1"},  # escapes inside label values
+        {"Hostname": "ünïcode", "gpu": "2", "hpc_job": "42", "modelName": "NVIDIA H100"},
+    ],
+)
+def test_plain_bodies_are_read_as_the_full_decoder_reads_them(labels: dict[str, str]) -> None:
+    result = [
+        {"metric": labels, "value": [NOW, v]} for v in ("410.5", "NaN", "+Inf", "-1e-06", "0")
+    ]
+    fast = fast_series(_body(result))
+    assert fast is not None
+    texts, values = fast
+    full = Vector.parse(result, list(labels))
+    assert [json_loads(t) for t in texts] == [labels] * len(result)
+    np.testing.assert_array_equal(values, full.values)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A label value with a brace: not the plain shape, decoded in full instead.
+        _body([{"metric": {"Hostname": "n{1}", "gpu": "0"}, "value": [NOW, "1"]}]),
+        # A value numpy cannot read.
+        _body([{"metric": {"Hostname": "n1", "gpu": "0"}, "value": [NOW, "one"]}]),
+        _body([]),
+        b'{"status":"success","data":{"resultType":"scalar","result":[1700000000,"3"]}}',
+        # A series the pattern does not match beside one it does: all or nothing.
+        _body(
+            [
+                {"metric": {"Hostname": "n1", "gpu": "0"}, "value": [NOW, "1"]},
+                {"metric": {"Hostname": "n2", "gpu": "0"}, "value": [NOW, "1"], "x": 1},
+            ]
+        ),
+    ],
+)
+def test_other_bodies_are_left_to_the_full_decoder(body: bytes) -> None:
+    assert fast_series(body) is None
+
+
+def test_sparse_health_counters_read_only_where_not_zero_between_full_reads() -> None:
+    """XID and the other health counters are read in full with the static fields; in between
+    only their non-zero values are asked for: a GPU that exported the counter reads 0 when it is
+    not in the answer, one that did not export it stays missing (NaN), never 0."""
+    live = [{"metric": gpu("node1", i), "value": [NOW, str(NOW + 100)]} for i in (0, 1)]
+    xid = [sample(0.0, Hostname="node1", gpu="0")]  # gpu 1 does not export XIDs
+    nonzero: list[dict[str, Any]] = []
+    fake = FakePrometheus(
+        [("timestamp(", live), ("XID_ERRORS != 0)", nonzero), ("(DCGM_FI_DEV_XID_ERRORS", xid)]
+    )
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300), client=fake
+    )
+
+    def xid_column(at: float) -> list[float]:
+        return list(source.observe(at).column(Metric.XID)[0])
+
+    assert xid_column(NOW + 100) == [0.0, pytest.approx(math.nan, nan_ok=True)]
+    assert sum("XID_ERRORS != 0" in q for q, _ in fake.queries) == 0  # the full read
+    nonzero.append(sample(79.0, Hostname="node1", gpu="0"))
+    assert xid_column(NOW + 110)[0] == 79.0
+    assert sum("XID_ERRORS != 0" in q for q, _ in fake.queries) == 1
+    nonzero.clear()  # cleared (DCGM keeps the last XID; here the exporter restarted)
+    values = xid_column(NOW + 115)
+    assert values[0] == 0.0 and math.isnan(values[1])
+    # A GPU the last full read did not cover: read in full again at once.
+    live.append({"metric": gpu("node2", 0), "value": [NOW, str(NOW + 119)]})
+    xid.append(sample(0.0, Hostname="node2", gpu="0"))
+    full_reads = sum("(DCGM_FI_DEV_XID_ERRORS)" in q for q, _ in fake.queries)
+    assert xid_column(NOW + 120)[2] == 0.0
+    assert sum("(DCGM_FI_DEV_XID_ERRORS)" in q for q, _ in fake.queries) == full_reads + 1

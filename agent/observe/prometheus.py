@@ -1,18 +1,20 @@
 """The fleet from Prometheus (dcgm-exporter metrics), on prometheus-api-client.
 
-A cycle is a fixed number of aggregated instant queries (two, one per field, and two more at
-most), all evaluated at the same time `now`, never one per GPU:
+A cycle is a fixed number of aggregated instant queries (one per field, one more, and two more
+at most), all evaluated at the same time `now`, never one per GPU:
 
-1. inventory: every GPU seen within the inventory window,
+1. inventory, every `static_refresh_s`: every GPU seen within the inventory window,
    `group by (host, gpu, UUID, modelName) (last_over_time(POWER[window]))`. Range selectors skip
    the stale markers Prometheus writes when a scrape fails, so a GPU whose exporter went silent
-   stays in the inventory for the whole window;
+   stays in the inventory for the whole window. Between these reads the inventory is the last
+   cycle's GPUs plus those live now, less those with no sample left in the window (query 4);
 2. freshness: `max by (host, gpu, UUID, modelName, job) (timestamp(POWER))`: the newest sample's
    time of every GPU Prometheus still considers live (an instant selector drops stale-marked
    series), and the job running there;
-3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...); the
+3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...). The
    static ones (the cap range and the default cap) only every `static_refresh_s`, or when a GPU
-   appears that the last read did not cover;
+   appears that the last read did not cover; the sparse health counters (XID, ECC, row remaps:
+   0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -21,29 +23,31 @@ most), all evaluated at the same time `now`, never one per GPU:
 A GPU is stale when Prometheus no longer has it live (query 2 misses it: its scrape failed) or its
 newest sample is older than the staleness limit; stale GPUs keep their identity and age but carry
 NaN values. A field a fresh GPU lacks (dcgm-exporter exports no power limits by default) is NaN:
-missing, never 0. Host names come from the first non-empty host label (`Hostname`, `hostname`).
-Responses are parsed into numpy columns and joined by (host, gpu) with sorted-key lookups.
+missing, never 0 (a sparse counter: missing at the last full read). Host names come from the
+first non-empty host label (`Hostname`, `hostname`). Answers are joined by (host, gpu).
 
-At 100,000 GPUs the cost is Prometheus's (about 10-15 us of its CPU per series selected, on
-2.42 with backfilled blocks) and the decoding of its answers: queries 1-3 and 5 are sent at
-once on `parallel_queries` threads, answers are decoded by orjson straight from the bytes and
-joined series by series through a dict (no label columns for the value queries), each as it
-arrives.
+At 100,000 GPUs the cost is Prometheus's (about 5-10 us of its CPU per series selected, on 2.42
+with backfilled blocks) and the decoding of its answers. Queries 1-3 and 5 are sent at once on
+`parallel_queries` threads. A body of the plain shape is read by one regular expression (labels
+as JSON text, values by numpy) rather than into a dict per series, and each distinct label set is
+decoded once and remembered across cycles (`fast_series`, `memoized`); any other body is decoded
+by orjson in full.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +81,12 @@ KEY_SEP = "\x1f"  # joins host and gpu into one key; cannot appear in a sane lab
 
 # Fields that change only when a GPU is reconfigured: read every `static_refresh_s`.
 STATIC_METRICS = frozenset({Metric.MIN_LIMIT_W, Metric.MAX_LIMIT_W, Metric.DEFAULT_LIMIT_W})
+# Health counters, 0 on a healthy GPU: read in full with the static fields, and in between only
+# where they are not 0 (`!= 0`: half of Prometheus's work, none of the answer); a GPU that had
+# one at the last full read and is not in the answer reads 0, one that had none NaN (missing).
+SPARSE_METRICS = frozenset(
+    {Metric.XID, Metric.ECC_DBE_TOTAL, Metric.REMAPPED_ROWS_UNCORRECTABLE, Metric.ROW_REMAP_FAILURE}
+)
 
 
 def default_metric_names() -> dict[Metric, str]:
@@ -190,9 +200,8 @@ class RowIndex:
         self.size = int(keys.size)
         self._row = {k: i for i, k in enumerate(keys.tolist())}
 
-    def of(self, keys: Iterable[str]) -> Iterator[int]:
-        row = self._row.get
-        return (row(k, -1) for k in keys)
+    def of(self, keys: Iterable[str | None]) -> Iterator[int]:
+        return map(self._row.get, keys, itertools.repeat(-1))
 
 
 def lookup(keys: StrArray, query: StrArray) -> IntArray:
@@ -221,30 +230,101 @@ class Vector:
 
     @staticmethod
     def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Vector:
-        metrics = [r["metric"] for r in result]
+        values = np.array([r["value"][1] for r in result], dtype=np.float64)
+        return Vector.of([r["metric"] for r in result], values.reshape(len(result)), labels)
+
+    @staticmethod
+    def of(
+        metrics: Sequence[Mapping[str, str]], values: FloatArray, labels: Sequence[str]
+    ) -> Vector:
         cols = {
             name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
         }
-        values = np.array([r["value"][1] for r in result], dtype=np.float64)
-        return Vector(cols, values.reshape(len(result)))
+        return Vector(cols, values)
 
 
 class Answer:
-    """A query's answer, handed over once: taking it leaves nothing behind to hold memory."""
+    """A query's answer, handed over once: taking it leaves nothing behind to hold memory. The
+    body is Prometheus's raw JSON (bytes) when the source's own session fetched it, or the
+    decoded result when an injected client answered."""
 
-    def __init__(self, result: list[dict[str, Any]]) -> None:
-        self._result: list[dict[str, Any]] | None = result
+    def __init__(self, body: bytes | list[dict[str, Any]], decode: Decoder) -> None:
+        self._body: bytes | list[dict[str, Any]] | None = body
+        self._decode = decode
+
+    def take_body(self) -> bytes | list[dict[str, Any]]:
+        body, self._body = self._body, None
+        if body is None:
+            raise RuntimeError("answer already taken")
+        return body
 
     def take(self) -> list[dict[str, Any]]:
-        result, self._result = self._result, None
-        if result is None:
-            raise RuntimeError("answer already taken")
-        return result
+        return self._decode(self.take_body())
+
+    def decode(self, body: bytes | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A body taken out of this answer, decoded in full (errors name the query)."""
+        return self._decode(body)
+
+
+Decoder = Callable[[bytes | list[dict[str, Any]]], list[dict[str, Any]]]
+
+# One series of an instant vector exactly as Prometheus writes it: its labels (a flat object)
+# and its value. Only a structural `{"metric":` can start a match (inside a JSON string every
+# quote is escaped), so when the matches are as many as the series, each series matched once.
+_SERIES = re.compile(rb'\{"metric":(\{[^{}]*\}),"value":\[[^\[\]",]*,"([^"]*)"\]\}')
+_SERIES_START = b'{"metric":'
+
+
+T = TypeVar("T")
+
+
+def memoized(texts: list[bytes], memo: dict[bytes, T], make: Callable[[bytes], T]) -> list[T]:
+    """`make(text)` for each text, each distinct text made once and kept in `memo` for the next
+    cycles (a fleet's label sets rarely change); a memo grown past twice these texts (a churning
+    fleet) starts afresh."""
+    if len(memo) > 2 * len(texts) + 1024:
+        memo.clear()
+    found = list(map(memo.get, texts))
+    if None not in found:
+        return found  # type: ignore[return-value]
+    for i in (i for i, x in enumerate(found) if x is None):
+        found[i] = memo[texts[i]] = make(texts[i])
+    return found  # type: ignore[return-value]
+
+
+def fast_series(body: bytes) -> tuple[list[bytes], FloatArray] | None:
+    """Each series' labels (their JSON text) and value, straight from the body, without
+    building a Python object per label; None when the body is not the plain shape (a label
+    value with a brace, another resultType, a value numpy cannot read...) and must be decoded
+    in full."""
+    found = _SERIES.findall(body)
+    if not found or len(found) != body.count(_SERIES_START):
+        return None
+    try:
+        values = np.array([value for _, value in found], dtype=np.bytes_).astype(np.float64)
+    except ValueError:
+        return None
+    return [labels for labels, _ in found], values
+
+
+@dataclass(frozen=True, eq=False)
+class _Inventory:
+    """The GPUs known at the last cycle (one row each) and when the inventory was last read in
+    full; between full reads GPUs join when they turn up live and leave when they have no
+    sample left in the inventory window."""
+
+    time_s: float
+    key: StrArray
+    host: StrArray
+    gpu: IntArray
+    uuid: StrArray
+    model: StrArray
 
 
 @dataclass(frozen=True, eq=False)
 class _StaticRead:
-    """The static fields as last read: per GPU key the read covered, per field its value."""
+    """The static and sparse fields as last read in full: per GPU key the read covered, per
+    field its value."""
 
     time_s: float
     keys: KeyIndex
@@ -308,6 +388,9 @@ class PrometheusSource:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._static: _StaticRead | None = None
+        self._inventory: _Inventory | None = None
+        self._key_of_labels: dict[bytes, str] = {}  # a series' label JSON -> its GPU key
+        self._labels_of_text: dict[bytes, dict[str, str]] = {}  # ... -> its labels
         self.queries = 0  # made by the last observe()
         self.query_s = 0.0  # spent waiting on Prometheus in the last observe() (all threads)
         hb = s.metrics[Metric.POWER_W]
@@ -322,6 +405,11 @@ class PrometheusSource:
 
     def query(self, expr: str, now_s: float) -> list[dict[str, Any]]:
         """One instant query; TelemetryError naming the URL and the cause when it fails."""
+        return self._decode(expr, self._fetch(expr, now_s))
+
+    def _fetch(self, expr: str, now_s: float) -> bytes | list[dict[str, Any]]:
+        """One instant query's answer: the raw body from the source's session, or what an
+        injected client decoded."""
         s = self.settings
         t0 = time.perf_counter()
         with self._lock:
@@ -329,25 +417,38 @@ class PrometheusSource:
         params = {"time": f"{now_s:.3f}", "timeout": f"{s.timeout_s:g}s"}
         try:
             if self._session is not None:
-                result = self._post_query(self._session, expr, params)
-            else:
-                result = self.client.custom_query(expr, params=params)
+                return self._post_query(self._session, expr, params)
+            return self.client.custom_query(expr, params=params)  # type: ignore[no-any-return]
         except Exception as exc:
-            raise TelemetryError(
-                f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} (query {_shorten(expr)})"
-            ) from exc
+            raise self._failed(expr, exc) from exc
         finally:
             with self._lock:
                 self.query_s += time.perf_counter() - t0
+
+    def _failed(self, expr: str, exc: BaseException) -> TelemetryError:
+        s = self.settings
+        return TelemetryError(
+            f"prometheus {s.url}: {describe_error(exc, s.timeout_s)} (query {_shorten(expr)})"
+        )
+
+    def _decode(self, expr: str, body: bytes | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        s = self.settings
+        if isinstance(body, bytes):
+            try:
+                result = orjson.loads(body)["data"]["result"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise self._failed(expr, exc) from exc
+        else:
+            result = body
         if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
             return [{"metric": {}, "value": result}]  # a scalar answer
         if not isinstance(result, list):
             raise TelemetryError(f"prometheus {s.url}: malformed answer to {_shorten(expr)}")
         return result
 
-    def _post_query(self, session: requests.Session, expr: str, params: dict[str, str]) -> Any:
+    def _post_query(self, session: requests.Session, expr: str, params: dict[str, str]) -> bytes:
         """What prometheus-api-client's `custom_query` does (the same errors), with the query in
-        the body and the answer decoded by orjson."""
+        the body; the answer is left undecoded."""
         response = session.post(
             f"{self.base_url}/api/v1/query",
             data={"query": expr, **params},
@@ -357,7 +458,7 @@ class PrometheusSource:
             raise PrometheusApiClientException(
                 f"HTTP Status Code {response.status_code} ({response.content!r})"
             )
-        return orjson.loads(response.content)["data"]["result"]
+        return response.content
 
     def submit(self, expr: str, now_s: float) -> Future[Answer]:
         """`query` on the source's threads (at most `parallel_queries` in flight); `take()` the
@@ -366,7 +467,9 @@ class PrometheusSource:
             self._pool = ThreadPoolExecutor(
                 max_workers=self.settings.parallel_queries, thread_name_prefix="prometheus"
             )
-        return self._pool.submit(lambda: Answer(self.query(expr, now_s)))
+        return self._pool.submit(
+            lambda: Answer(self._fetch(expr, now_s), lambda body: self._decode(expr, body))
+        )
 
     def query_range(
         self, expr: str, start_s: float, end_s: float, step_s: float
@@ -429,6 +532,7 @@ class PrometheusSource:
         # Every query of the cycle at once (they are independent): Prometheus evaluates them
         # side by side while the agent decodes the answers in turn. Static fields only when due.
         static_due = self._static_due(now_s)
+        inventory_due = self._inventory_due(now_s)
         wanted = {
             name: metric
             for name, metric in self.value_metrics.items()
@@ -440,9 +544,20 @@ class PrometheusSource:
             pending.append(self.submit(expr, now_s))
             return pending[-1]
 
-        inv_answer = ask(f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))")
+        inv_answer = (
+            ask(f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))")
+            if inventory_due
+            else None
+        )
         live_answer = ask(f"max {promql.by(live_labels)} (timestamp({hb}))")
-        field_answers = {name: ask(f"max {by_ident} ({self._selector(name)})") for name in wanted}
+        field_answers = {
+            name: ask(
+                f"max {by_ident} ({self._selector(name)} != 0)"
+                if metric in SPARSE_METRICS and not static_due
+                else f"max {by_ident} ({self._selector(name)})"
+            )
+            for name, metric in wanted.items()
+        }
         budget_answer = ask(s.budget_query) if s.budget_query else None
         try:
             return self._join(
@@ -456,7 +571,7 @@ class PrometheusSource:
         self,
         now_s: float,
         static_due: bool,
-        inv_answer: Future[Answer],
+        inv_answer: Future[Answer] | None,
         live_answer: Future[Answer],
         field_answers: dict[str, Future[Answer]],
         budget_answer: Future[Answer] | None,
@@ -467,14 +582,23 @@ class PrometheusSource:
         s = self.settings
         with_uuid = [*self.ident, s.uuid_label, s.model_label]
         live_labels = [*with_uuid, s.job_label]
-        inv = Vector.parse(inv_answer.result().take(), with_uuid)
-        live = Vector.parse(live_answer.result().take(), live_labels)
+        live = self._vector(live_answer.result(), live_labels)
 
         # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
         # replaced GPU leaves an older series behind for a moment).
         l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
-        i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
-        bad = int((~l_ok).sum() + (~i_ok).sum())
+        bad = int((~l_ok).sum())
+        if inv_answer is not None:
+            inv = self._vector(inv_answer.result(), with_uuid)
+            i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
+            bad += int((~i_ok).sum())
+            inventory = _Inventory(
+                now_s, i_key[i_ok], i_host[i_ok], i_gpu[i_ok],
+                inv.labels[s.uuid_label][i_ok], inv.labels[s.model_label][i_ok],
+            )  # fmt: skip
+        else:  # the GPUs the last cycle had (the last full read's, and live ones since)
+            assert self._inventory is not None
+            inventory = self._inventory
         if bad:
             labels = ", ".join(s.host_labels)
             errors.append(
@@ -484,17 +608,14 @@ class PrometheusSource:
         pick = first_per_key(l_key[l_ok], live.values[l_ok])
         l_rows = np.flatnonzero(l_ok)[pick]
         # Inventory GPUs not live: stale. One per key (any of its UUIDs if it has several).
-        i_rows = np.flatnonzero(i_ok)
-        i_rows = i_rows[first_per_key(i_key[i_rows], np.zeros(i_rows.size))]
-        i_rows = i_rows[lookup(l_key[l_rows], i_key[i_rows]) < 0]
+        i_rows = first_per_key(inventory.key, np.zeros(inventory.key.size))
+        i_rows = i_rows[lookup(l_key[l_rows], inventory.key[i_rows]) < 0]
 
-        key = np.concatenate([l_key[l_rows], i_key[i_rows]])
-        host = np.concatenate([l_host[l_rows], i_host[i_rows]])
-        gpu = np.concatenate([l_gpu[l_rows], i_gpu[i_rows]])
-        uuid = np.concatenate([live.labels[s.uuid_label][l_rows], inv.labels[s.uuid_label][i_rows]])
-        model = np.concatenate(
-            [live.labels[s.model_label][l_rows], inv.labels[s.model_label][i_rows]]
-        )
+        key = np.concatenate([l_key[l_rows], inventory.key[i_rows]])
+        host = np.concatenate([l_host[l_rows], inventory.host[i_rows]])
+        gpu = np.concatenate([l_gpu[l_rows], inventory.gpu[i_rows]])
+        uuid = np.concatenate([live.labels[s.uuid_label][l_rows], inventory.uuid[i_rows]])
+        model = np.concatenate([live.labels[s.model_label][l_rows], inventory.model[i_rows]])
         job = np.concatenate(
             [live.labels[s.job_label][l_rows], np.full(i_rows.size, "", dtype=np.str_)]
         )
@@ -503,8 +624,15 @@ class PrometheusSource:
 
         if i_rows.size:
             sample_t[~is_live] = self._last_sample_times(
-                key[~is_live], host[~is_live], now_s, errors
+                key[~is_live], host[~is_live], now_s, errors if inv_answer is not None else None
             )
+            if inv_answer is None:
+                # Remembered GPUs with no sample in the window have left the inventory.
+                keep = is_live | ~np.isnan(sample_t)
+                key, host, gpu, uuid, model, job, sample_t, is_live = (
+                    a[keep] for a in (key, host, gpu, uuid, model, job, sample_t, is_live)
+                )
+        self._inventory = _Inventory(inventory.time_s, key, host, gpu, uuid, model)
 
         age = np.maximum(now_s - sample_t, 0.0)
         stale = ~is_live | ~(age <= s.staleness_limit_s)
@@ -513,19 +641,20 @@ class PrometheusSource:
         # same in one query but took 1.4 s instead of 0.8 s at 10,000 GPUs on Prometheus 2.42),
         # joined by (host, gpu); stale GPUs carry none.
         index = RowIndex(key)
-        raw = {
-            self.value_metrics[name]: self._column(
-                answer.result().take(), index, self.value_metrics[name]
-            )
-            for name, answer in field_answers.items()
-        }
+        last = None if static_due else self._cached_static(key, stale)
+        raw: dict[Metric, FloatArray] = {}
+        for name, answer in field_answers.items():
+            metric = self.value_metrics[name]
+            fill = None
+            if metric in SPARSE_METRICS and last is not None:  # 0 where it was exported
+                fill = np.where(np.isnan(last[metric]), np.nan, 0.0)
+            raw[metric] = self._column(answer.result(), index, metric, fill)
         if static_due:
             self._keep_static(now_s, key, raw)
+        elif last is None:  # a fresh GPU the last full read did not cover: read again
+            raw.update(self._read_static(now_s, index, key))
         else:
-            cached = self._cached_static(key, stale)
-            if cached is None:  # a fresh GPU the last read did not cover: read them again
-                cached = self._read_static(now_s, index, key)
-            raw.update(cached)
+            raw.update({m: v for m, v in last.items() if m in STATIC_METRICS})
         values: dict[Metric, FloatArray] = {}
         for metric in self.value_metrics.values():
             column = raw[metric]
@@ -548,40 +677,64 @@ class PrometheusSource:
             errors=tuple(errors),
         )
 
-    def _column(self, result: list[dict[str, Any]], rows: RowIndex, metric: Metric) -> FloatArray:
-        """One field's answer as a column over the GPUs of `rows` (NaN where it has none), in
-        the metric's unit. One pass over the answer, no label columns: at 100,000 GPUs and a
-        dozen fields this join is most of the agent's own work in a cycle."""
-        n = len(result)
-        where = np.fromiter(rows.of(self._series_keys(result)), dtype=np.int64, count=n)
-        value = np.fromiter((float(r["value"][1]) for r in result), dtype=np.float64, count=n)
-        column = np.full(rows.size, np.nan)
+    def _column(
+        self, answer: Answer, rows: RowIndex, metric: Metric, fill: FloatArray | None = None
+    ) -> FloatArray:
+        """One field's answer as a column over the GPUs of `rows` (`fill`, or NaN, where it has
+        none), in the metric's unit. At 100,000 GPUs and a dozen fields this join is most of
+        the agent's own work in a cycle, so a plain body is read without decoding it into a
+        dict per series (`fast_series`); label sets seen are kept between cycles with their key."""
+        body = answer.take_body()
+        plain = self._read_plain(body) if isinstance(body, bytes) else None
+        if plain is None:
+            result = answer.decode(body)
+            plain = (
+                [self._series_key(r["metric"]) for r in result],
+                np.fromiter((float(r["value"][1]) for r in result), np.float64, len(result)),
+            )
+        keys, value = plain
+        where = np.fromiter(rows.of(keys), dtype=np.int64, count=len(keys))
+        column = np.full(rows.size, np.nan) if fill is None else fill.copy()
         hit = where >= 0
         column[where[hit]] = value[hit] * FIELD_BY_METRIC[metric].to_metric
         return column
 
-    def _series_keys(self, result: list[dict[str, Any]]) -> Iterator[str]:
-        """Each series' key, `host<SEP>gpu`, the host being the first non-empty host label."""
-        s = self.settings
-        g = s.gpu_label
-        if len(s.host_labels) == 1:
-            (h,) = s.host_labels
-            return (f"{r['metric'].get(h, '')}{KEY_SEP}{r['metric'].get(g, '')}" for r in result)
-        if len(s.host_labels) == 2:
-            h1, h2 = s.host_labels
-            return (
-                f"{m.get(h1) or m.get(h2) or ''}{KEY_SEP}{m.get(g, '')}"
-                for m in (r["metric"] for r in result)
-            )
-        return (
-            f"{next((m[h] for h in s.host_labels if m.get(h)), '')}{KEY_SEP}{m.get(g, '')}"
-            for m in (r["metric"] for r in result)
+    def _vector(self, answer: Answer, labels: Sequence[str]) -> Vector:
+        """An answer as label columns and values; a plain body (see `fast_series`) decodes
+        each label set once and keeps it for the next cycles (they rarely change)."""
+        body = answer.take_body()
+        fast = fast_series(body) if isinstance(body, bytes) else None
+        if fast is None:
+            return Vector.parse(answer.decode(body), labels)
+        label_texts, values = fast
+        metrics = memoized(label_texts, self._labels_of_text, orjson.loads)
+        return Vector.of(metrics, values, labels)
+
+    def _read_plain(self, body: bytes) -> tuple[Sequence[str], FloatArray] | None:
+        """Keys and values of a plain body's series (see `fast_series`); None if it is not."""
+        fast = fast_series(body)
+        if fast is None:
+            return None
+        label_texts, value = fast
+        keys = memoized(
+            label_texts, self._key_of_labels, lambda text: self._series_key(orjson.loads(text))
         )
+        return keys, value
+
+    def _series_key(self, labels: Mapping[str, str]) -> str:
+        """A series' key, `host<SEP>gpu`, the host being the first non-empty host label."""
+        s = self.settings
+        host = next((labels[h] for h in s.host_labels if labels.get(h)), "")
+        return f"{host}{KEY_SEP}{labels.get(s.gpu_label, '')}"
 
     # -- static fields ---------------------------------------------------------------------
 
-    def _static_names(self) -> list[str]:
-        return [n for n, m in self.value_metrics.items() if m in STATIC_METRICS]
+    def _full_read_names(self) -> list[str]:
+        return [n for n, m in self.value_metrics.items() if m in STATIC_METRICS | SPARSE_METRICS]
+
+    def _inventory_due(self, now_s: float) -> bool:
+        last = self._inventory
+        return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
 
     def _static_due(self, now_s: float) -> bool:
         last = self._static
@@ -590,11 +743,14 @@ class PrometheusSource:
 
     def _keep_static(self, now_s: float, key: StrArray, raw: dict[Metric, FloatArray]) -> None:
         self._static = _StaticRead(
-            now_s, KeyIndex(key), {m: raw[m].copy() for m in raw if m in STATIC_METRICS}
+            now_s,
+            KeyIndex(key),
+            {m: raw[m].copy() for m in raw if m in STATIC_METRICS | SPARSE_METRICS},
         )
 
     def _cached_static(self, key: StrArray, stale: BoolArray) -> dict[Metric, FloatArray] | None:
-        """The static fields from the last read; None when a fresh GPU is not covered by it."""
+        """The static and sparse fields as of the last full read; None when a fresh GPU is not
+        covered by it."""
         last = self._static
         assert last is not None
         rows = last.keys.find(key)
@@ -612,19 +768,17 @@ class PrometheusSource:
         by_ident = promql.by(self.ident)
         futures = {
             name: self.submit(f"max {by_ident} ({self._selector(name)})", now_s)
-            for name in self._static_names()
+            for name in self._full_read_names()
         }
         raw = {
-            self.value_metrics[name]: self._column(
-                f.result().take(), index, self.value_metrics[name]
-            )
+            self.value_metrics[name]: self._column(f.result(), index, self.value_metrics[name])
             for name, f in futures.items()
         }
         self._keep_static(now_s, key, raw)
         return {m: c.copy() for m, c in raw.items()}
 
     def _last_sample_times(
-        self, keys: StrArray, hosts: StrArray, now_s: float, errors: list[str]
+        self, keys: StrArray, hosts: StrArray, now_s: float, errors: list[str] | None
     ) -> FloatArray:
         """Newest sample time of GPUs Prometheus no longer has live, from a subquery over the
         inventory window restricted to their hosts (the regex escapes every host name).
@@ -653,7 +807,7 @@ class PrometheusSource:
             hit = v_ok & (rows >= 0)
             np.fmax.at(out, rows[hit], vec.values[hit])
         unknown = int(np.isnan(out).sum())
-        if unknown:
+        if unknown and errors is not None:
             errors.append(f"{unknown} stale GPUs: time of the last sample unknown")
         return out
 
