@@ -154,6 +154,16 @@ class PrometheusConfig(_Section):
     inventory_window_s: float = Field(
         600.0, gt=0, description="GPUs seen within this window are known (s)."
     )
+    static_refresh_s: float = Field(
+        300.0,
+        ge=0,
+        description="The inventory, the cap range and the health counters are read in full "
+        "this often (s); in between the inventory is remembered and only non-zero health "
+        "counters are read.",
+    )
+    parallel_queries: int = Field(
+        2, ge=1, le=16, description="Queries in flight at once (Prometheus runs each on one core)."
+    )
     metrics: dict[Metric, str] = Field(
         default_factory=_dcgm_metric_names,
         description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "

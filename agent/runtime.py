@@ -70,6 +70,8 @@ def prometheus_settings(config: Config) -> PrometheusSettings:
         scrape_interval_s=p.scrape_interval_s,
         staleness_s=p.staleness_s,
         inventory_window_s=p.inventory_window_s,
+        static_refresh_s=p.static_refresh_s,
+        parallel_queries=p.parallel_queries,
         metrics=dict(p.metrics),
         host_labels=tuple(p.host_labels),
         gpu_label=p.gpu_label,

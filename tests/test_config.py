@@ -63,6 +63,10 @@ interval_s = 5
         ("[twin]\nmodel = 'V200'", "twin.model: unknown GPU model 'V200'"),
         ("[twin]\nfaults = ['melt:node1@5']", "twin.faults: fault 'melt:node1@5': unknown kind"),
         ("[cluster]\nbudget_w = 5\nbudget_query = 'x'", "give budget_w or budget_query, not both"),
+        (
+            "[source.prometheus]\nparallel_queries = 0",
+            "source.prometheus.parallel_queries: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_errors_name_the_key_path(tmp_path: Path, text: str, expected: str) -> None:
@@ -121,3 +125,17 @@ budget_w = 20000
     assert config.cluster.job_priority == {"10*": 2}
     with pytest.raises(ConfigError, match=r"cluster.groups.rack1.nodes: bad node list 'node\[1-'"):
         load_config(write(tmp_path, "[cluster.groups.rack1]\nnodes = 'node[1-'\nbudget_w = 5\n"))
+
+
+def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:
+    from agent.runtime import prometheus_settings
+
+    config = load_config(
+        write(
+            tmp_path,
+            '[source]\nkind = "prometheus"\n[source.prometheus]\n'
+            "static_refresh_s = 60\nparallel_queries = 4\n",
+        )
+    )
+    settings = prometheus_settings(config)
+    assert settings.static_refresh_s == 60 and settings.parallel_queries == 4
