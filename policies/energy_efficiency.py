@@ -113,9 +113,10 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         the pace while the others spend watts that buy nothing. The noise of an estimate is
         bounded by the spread of one sample (the draw's own spread, from `natural_w_hi`)."""
         curves = situation.curves
-        natural = curves.natural_w[rows]
+        reference = curves.natural_w if curves.curve_natural_w is None else curves.curve_natural_w
+        natural = reference[rows]
         k = curves.cap_draw_frac[rows]
-        sample_sd = np.maximum(curves.natural_w_hi[rows] - natural, 0.0) / 2.0
+        sample_sd = np.maximum(curves.natural_w_hi[rows] - curves.natural_w[rows], 0.0) / 2.0
         keys = job_keys(situation)[rows]
         pooled_natural = pool_within_jobs(natural, sample_sd**2, keys)
         # A share of the cap is measured with the draw's relative noise.
