@@ -49,3 +49,43 @@ def node_any(situation: Situation, per_gpu: BoolArray) -> BoolArray:
     snap = situation.snapshot
     counts = np.bincount(snap.node[per_gpu], minlength=snap.n_nodes)
     return np.asarray(counts > 0, dtype=bool)
+
+
+def job_keys(situation: Situation) -> npt.NDArray[np.str_]:
+    """Per GPU: its job's label, or the GPU itself where it carries none."""
+    snap = situation.snapshot
+    return np.asarray(
+        np.where(snap.job != "", snap.job, np.char.add("gpu:", snap.uuid.astype(np.str_))),
+        dtype=np.str_,
+    )
+
+
+def pool_within_jobs(
+    values: FloatArray, noise_var: FloatArray, keys: npt.NDArray[np.str_]
+) -> FloatArray:
+    """Per GPU estimates of a quantity its job's GPUs share up to real differences (a natural
+    draw, a cap-draw share), shrunk towards their job's mean by how much of their spread is
+    estimation noise (empirical Bayes, method of moments): where the estimates of one job differ
+    no more than their noise, they become the job's mean; real differences, larger than the
+    noise, are kept in proportion. A job runs at the pace of its slowest GPU, so noise alone
+    must not give its GPUs different shares of their natural draw.
+
+    `noise_var`: per GPU, the variance of its estimate's error (an upper bound will do: it only
+    pools more). GPUs alone in their job, and non-finite values, are left as they are."""
+    out = np.asarray(values, dtype=np.float64).copy()
+    ok = np.isfinite(out) & np.isfinite(noise_var)
+    if not ok.any():
+        return out
+    _, inverse = np.unique(keys[ok], return_inverse=True)
+    v, nv = out[ok], np.maximum(noise_var[ok], 0.0)
+    count = np.bincount(inverse).astype(np.float64)
+    mean = np.bincount(inverse, v) / count
+    dev2 = np.bincount(inverse, (v - mean[inverse]) ** 2)
+    spread = np.where(count > 1, dev2 / np.maximum(count - 1.0, 1.0), np.inf)
+    noise = np.bincount(inverse, nv) / count
+    between = np.maximum(spread - noise, 0.0)[inverse]  # the real differences' variance
+    with np.errstate(invalid="ignore", divide="ignore"):
+        keep = np.where(between + nv > 0, between / (between + nv), 1.0)
+    keep = np.where(np.isinf(between), 1.0, keep)
+    out[ok] = mean[inverse] + keep * (v - mean[inverse])
+    return out

@@ -28,6 +28,7 @@ from agent.core.curves import (
 )
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
 from agent.core.situation import Situation
+from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import power
 
@@ -68,6 +69,9 @@ class Exploring(BaseModel):
     cap_w: float
     restore_default: bool  # the GPU was at its default limit before
     given_back_s: float | None = None  # when the step ended and its cap was given back
+    # The least share of its cap the GPU draws under a binding cap, as far as this step has
+    # shown (a step that did not bind puts it at least at draw / cap); 0: nothing shown.
+    share_lo: float = 0.0
 
 
 class CurveExplorationMemory(PolicyMemory):
@@ -101,6 +105,8 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         hold_rows: list[int] = []
         hold_w: list[float] = []
         release_rows: list[int] = []
+        now_w = power(situation)
+        unbound = self._unbound_share(situation, now_w) if memory.active else None
         for e in memory.active:  # a few GPUs at most
             row = row_of.get(e.uuid)
             given = now_s if e.given_back_s is None else e.given_back_s
@@ -111,11 +117,24 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 and str(job_key[row]) == e.job
             )
             if still and now_s - e.since_s < s.hold_s:
-                assert row is not None
-                aimed = float(self._step_caps(situation, np.array([row]), measured=True)[0])
+                assert row is not None and unbound is not None
                 held = e
+                # The step in force did not bind: the GPU draws a larger share of its cap than
+                # assumed (a stale or missing measurement); re-aim it now, or it teaches nothing.
+                if situation.cap_w[row] <= e.cap_w + 0.5 and unbound[row] > 0.0:
+                    held = e.model_copy(
+                        update={"share_lo": float(np.fmax(e.share_lo, unbound[row]))}
+                    )
+                aimed = float(
+                    self._step_caps(
+                        situation,
+                        np.array([row]),
+                        measured=True,
+                        share_lo=np.array([held.share_lo]),
+                    )[0]
+                )
                 if np.isfinite(aimed) and np.ceil(aimed) < e.cap_w - 1.0:  # only ever lower
-                    held = e.model_copy(update={"cap_w": float(np.ceil(aimed))})
+                    held = held.model_copy(update={"cap_w": float(np.ceil(aimed))})
                 keep.append(held)
                 hold_rows.append(row)
                 hold_w.append(held.cap_w)
@@ -150,7 +169,6 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             & np.isfinite(situation.min_cap_w)
         )
         busy_keys = {str(e.job) for e in keep}
-        now_w = power(situation)
         draw_w = np.where(np.isfinite(now_w), now_w, curves.natural_w)
         if room > 0 and candidate.any():
             keys, inverse = np.unique(job_key[candidate], return_inverse=True)
@@ -217,8 +235,29 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             )
         return Decision(intents, CurveExplorationMemory(active=tuple(keep), last_explored_s=last))
 
+    @staticmethod
+    def _unbound_share(situation: Situation, now_w: np.ndarray) -> np.ndarray:
+        """Per GPU: where its limit surely does not bind, the share of the limit it draws (its
+        share under a binding cap is at least that, or the limit would bind); 0 elsewhere.
+
+        Only where the GPU reports its clock event reasons: the power cap bit says whether the
+        limit holds the clocks down. Without it, a draw just under the limit may be a binding
+        cap's margin, so nothing is inferred. The draw counted is the lower of the current one
+        and the natural draw, so a noisy sample does not overstate the share."""
+        reasons, reasons_ok = situation.snapshot.column(Metric.CLOCKS_EVENT_REASONS)
+        cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+        draw = np.fmin(now_w, situation.curves.natural_w)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = draw / situation.cap_w
+        ok = reasons_ok & ~cap_bit & np.isfinite(share) & (share < 1.0)
+        return np.where(ok, share, 0.0)
+
     def _step_caps(
-        self, situation: Situation, rows: np.ndarray, measured: bool = False
+        self,
+        situation: Situation,
+        rows: np.ndarray,
+        measured: bool = False,
+        share_lo: np.ndarray | None = None,
     ) -> np.ndarray:
         """Per GPU: the cap that loses at most max_slowdown_frac by the more sensitive of the
         job's current curve and the conservative one, counting the natural draw at its high
@@ -228,13 +267,17 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         `measured`: once a step binds, the GPU's own draw under its cap is measured within a
         cycle; re-aiming with it gives the step its intended size (the blind first step often
         lands too near the natural draw to teach anything), while the bound on the loss holds
-        as before (the natural draw still at its high estimate)."""
+        as before (the natural draw still at its high estimate). `share_lo`: per row, a lower
+        bound on the share shown by a step that did not bind (0: none); it raises the assumed
+        share where none is measured, which keeps the bound (the share is at least that)."""
         s = self.settings
         curves = situation.curves
         natural = np.fmax(curves.natural_w_hi[rows], curves.natural_w[rows])
         k = np.full(rows.shape[0], LOWEST_CAP_DRAW_FRAC)
         if measured:
             own = curves.cap_draw_frac[rows]
+            if share_lo is not None:
+                k = np.fmax(k, np.where(np.isfinite(share_lo) & (share_lo < 1.0), share_lo, k))
             k = np.where(np.isfinite(own) & (own < 1.0) & (own > 0.5), own, k)
         keep = 1.0 - s.max_slowdown_frac
         p_cons = power_for_throughput(keep, natural, CONSERVATIVE_A, CONSERVATIVE_B)

@@ -20,7 +20,7 @@ from agent.core.curves import energy_optimal_share, power_for_throughput, throug
 from agent.core.intents import GpuTargets, Intent, SetPowerCap
 from agent.core.situation import Situation
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
-from policies.common import controllable, power
+from policies.common import FloatArray, controllable, job_keys, pool_within_jobs, power
 
 
 class EnergyEfficiencySettings(PolicySettings):
@@ -68,8 +68,8 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         rows = np.flatnonzero(eligible)
         if rows.size == 0:
             return Decision([], memory)
-        natural = curves.natural_w[rows]
-        a, b, k = curves.a[rows], curves.b[rows], curves.cap_draw_frac[rows]
+        natural, k = self._pooled(situation, rows)
+        a, b = curves.a[rows], curves.b[rows]
         lo_cap, hi_cap = situation.min_cap_w[rows], situation.max_cap_w[rows]
         # The least share allowed: the slowdown bound, and what the lowest cap still gives.
         x_slow = power_for_throughput(1.0 - s.max_slowdown_frac, natural, a, b) / natural
@@ -102,3 +102,24 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
             watts=cap[act],
         )
         return Decision([intent], memory)
+
+    @staticmethod
+    def _pooled(situation: Situation, rows: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """(natural draw, cap-draw share) of the given GPUs, pooled within each job.
+
+        A job runs at the pace of its slowest GPU, and each GPU's natural draw is often known
+        from a few noisy samples before its first cap: capping each by its own estimate would
+        give the job's GPUs different shares of their true draw, and the most throttled sets
+        the pace while the others spend watts that buy nothing. The noise of an estimate is
+        bounded by the spread of one sample (the draw's own spread, from `natural_w_hi`)."""
+        curves = situation.curves
+        reference = curves.natural_w if curves.curve_natural_w is None else curves.curve_natural_w
+        natural = reference[rows]
+        k = curves.cap_draw_frac[rows]
+        sample_sd = np.maximum(curves.natural_w_hi[rows] - curves.natural_w[rows], 0.0) / 2.0
+        keys = job_keys(situation)[rows]
+        pooled_natural = pool_within_jobs(natural, sample_sd**2, keys)
+        # A share of the cap is measured with the draw's relative noise.
+        rel_sd = sample_sd / np.maximum(natural, 1e-9)
+        pooled_k = pool_within_jobs(k, (rel_sd * k) ** 2, keys)
+        return pooled_natural, pooled_k

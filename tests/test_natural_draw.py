@@ -9,7 +9,7 @@ from agent.orient.natural import NaturalDrawTracker
 
 
 def snapshot_at(
-    time_s: float, limit_w: list[float], power_w: list[float], cap_bit: bool
+    time_s: float, limit_w: list[float], power_w: list[float], cap_bit: bool, job: str = "7"
 ) -> Snapshot:
     n = len(power_w)
     return build_snapshot(
@@ -18,7 +18,7 @@ def snapshot_at(
         gpu=list(range(n)),
         uuid=[f"GPU-{i}" for i in range(n)],
         model=["NVIDIA H100 80GB HBM3"] * n,
-        job=["7"] * n,
+        job=[job] * n,
         values={
             Metric.POWER_W: power_w,
             Metric.POWER_LIMIT_W: limit_w,
@@ -41,3 +41,16 @@ def test_a_gpu_held_at_its_maximum_limit_draws_its_natural_draw() -> None:
     assert draw.mean_w[0] == 690.0 and not draw.uncertain[0]
     assert draw.uncertain[1] and draw.mean_w[1] >= 385.0
     assert 0.95 < draw.cap_draw_frac[1] < 0.97  # how close to its cap it draws, learned there
+
+
+def test_a_new_job_does_not_inherit_the_previous_jobs_cap_draw_share() -> None:
+    # How close to its cap a GPU draws depends on its job's workload (how bursty its draw is):
+    # the next job on the GPU starts without it, until its own cap binds.
+    tracker = NaturalDrawTracker(warmup_s=0.0)
+    for t in np.arange(0.0, 150.0, 15.0):
+        draw = tracker.update(snapshot_at(float(t), [400.0], [385.0], cap_bit=True))
+    assert 0.95 < draw.cap_draw_frac[0] < 0.97
+    draw = tracker.update(snapshot_at(150.0, [700.0], [500.0], cap_bit=False, job="8"))
+    assert np.isnan(draw.cap_draw_frac[0])
+    draw = tracker.update(snapshot_at(165.0, [450.0], [405.0], cap_bit=True, job="8"))
+    assert draw.cap_draw_frac[0] == 0.9  # its own, from its first binding sample

@@ -109,6 +109,46 @@ def test_energy_efficiency_ignores_unconfident_curves_and_insensitive_jobs() -> 
     assert policy.decide(flat, PolicyMemory(), 0).intents == []
 
 
+def test_pool_within_jobs_keeps_real_differences_and_drops_noise() -> None:
+    from policies.common import pool_within_jobs
+
+    keys = np.array(["a", "a", "a", "a", "b", "c", "c"])
+    noise_var = np.full(7, 10.0**2)  # estimates good to about 10 W
+    # Job a: spread within the noise; b alone; c: 200 W apart, far beyond it.
+    values = np.array([600.0, 612.0, 590.0, 606.0, 450.0, 400.0, 600.0])
+    pooled = pool_within_jobs(values, noise_var, keys)
+    assert np.allclose(pooled[:4], values[:4].mean())
+    assert pooled[4] == 450.0
+    assert 400.0 <= pooled[5] < 402.0 and 598.0 < pooled[6] <= 600.0
+    # Unknown values stay unknown and pool nothing.
+    with_nan = pool_within_jobs(np.array([600.0, np.nan, 610.0]), np.full(3, 100.0), keys[:3])
+    assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], 605.0)
+
+
+def test_energy_efficiency_gives_a_jobs_gpus_the_same_share_despite_noisy_estimates() -> None:
+    # A job runs at its slowest GPU's pace: natural draws known from a few noisy samples must not
+    # cap one GPU of the job deeper than its peers.
+    snap = make_snapshot([600.0] * 8, gpus_per_node=8, jobs=["7"] * 4 + ["8"] * 4)
+    curves = curves_for(8, 600.0, 0.85, 1.58, 0.9)
+    noisy = np.array([588.0, 612.0, 600.0, 596.0, 400.0, 402.0, 600.0, 598.0])
+    curves = replace(
+        curves,
+        natural_w=noisy,
+        natural_w_hi=noisy + 2 * 12.0,  # each estimate's draw spreads by 12 W
+        cap_draw_frac=np.array([0.95, 0.97, 0.96, 0.96, 0.95, 0.95, 0.95, 0.95]),
+    )
+    sit = replace(orient(snap), curves=curves)
+    caps = only(
+        EnergyEfficiency(EnergyEfficiencySettings()).decide(sit, PolicyMemory(), 0).intents,
+        SetPowerCap,
+    )[0]
+    watts = dict(zip(caps.targets.uuid.tolist(), caps.watts.tolist(), strict=True))
+    job7 = [watts[f"GPU-{i:04d}"] for i in range(4)]
+    assert max(job7) - min(job7) <= 1.0  # one share for the job
+    # Job 8's GPUs really differ (200 W apart, far beyond the noise): each keeps its own.
+    assert watts["GPU-0006"] - watts["GPU-0004"] > 150.0
+
+
 # -- thermal_guard ----------------------------------------------------------------------------
 
 
@@ -262,3 +302,23 @@ def test_placement_steers_away_from_a_rack_at_its_budget_only() -> None:
         orient(snap), nodes=nodes, group_budgets={"all": (6000.0, np.ones(12, dtype=bool))}
     )
     assert only(policy.decide(everyone, PlacementMemory(), 0).intents, SetNodeWeight) == []
+
+
+def test_energy_efficiency_caps_against_the_curves_own_natural_draw() -> None:
+    # The budget's natural draw leans high on purpose; the curve's x was measured against the
+    # unbiased level, and the cap must be too (else it caps less than the curve allows).
+    from agent.core.curves import throughput_at_cap
+
+    snap = make_snapshot([600.0] * 4)
+    curves = replace(
+        curves_for(4, 630.0, 0.85, 1.58, 0.9),
+        natural_w_hi=np.full(4, 640.0),
+        curve_natural_w=np.full(4, 600.0),
+    )
+    sit = replace(orient(snap), curves=curves)
+    caps = only(
+        EnergyEfficiency(EnergyEfficiencySettings()).decide(sit, PolicyMemory(), 0).intents,
+        SetPowerCap,
+    )[0]
+    t = throughput_at_cap(caps.watts, 600.0, 0.85, 1.58, 1.0)
+    assert np.all(np.abs(t - 0.95) < 2e-3)  # at the bound, by the curve's own reference

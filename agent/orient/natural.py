@@ -95,6 +95,7 @@ class NaturalDrawTracker:
         st["mean"][slot[restart]] = np.nan
         st["var"][slot[restart]] = 0.0
         st["seen"][slot[restart]] = False
+        st["cap_frac"][slot[restart]] = np.nan
         went_idle = fresh & ~busy
         st["busy_since"][slot[went_idle]] = np.nan
 

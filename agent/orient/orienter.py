@@ -277,6 +277,12 @@ class Orienter:
                 cap_draw_frac=draw.cap_draw_frac,
             )
             self._slow_cache = (snapshot.uuid, anomalies, learned)
+        level_w = self.anomaly.uncapped_level_w
+        curve_natural = (
+            np.where(np.isfinite(level_w), level_w, draw.mean_w)
+            if level_w.shape == (n,)
+            else draw.mean_w
+        )
         use = self.settings.curves.apply
         curves = CurveEstimates(
             natural_w=natural,
@@ -289,6 +295,9 @@ class Orienter:
             natural_clock_mhz=learned.natural_clock_mhz,
             workload_class=learned.workload_class,
             natural_known=natural_known,
+            curve_natural_w=np.where(
+                natural_known & np.isfinite(curve_natural), curve_natural, natural
+            ),
         )
         power, power_ok = snapshot.column(Metric.POWER_W)
         fresh_power = power_ok & snapshot.fresh
