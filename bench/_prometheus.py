@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 BLOCK_S = 7200  # Prometheus's first-level TSDB block (promtool backfills into these too)
 
 
