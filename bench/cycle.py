@@ -99,7 +99,8 @@ def cycle_child(
     assert isinstance(source, PrometheusSource)
 
     warm = loop.cycle()  # model fits, caches; no budget yet
-    fleet_w = warm.situation.fleet_power_w
+    fleet_w, first_cycle_s = warm.situation.fleet_power_w, warm.duration_s
+    del warm
     clock.advance(INTERVAL_S)
     profiler = None
     if profile:
@@ -107,41 +108,48 @@ def cycle_child(
 
         profiler = cProfile.Profile()
         profiler.enable()
-    reports = []
+    # Only each cycle's figures are kept (a daemon holds only its last report; holding every
+    # report's snapshot and situation would count them in the peak memory).
+    durations, stage_s, recorded, unchanged = [], [], [], []
     agent_cpu, prom_cpu = [], []
+    last = None
     for k in range(cycles):
         # The budget steps down every cycle, so every cycle moves every cap (the worst case
         # for guard and act: the same samples otherwise leave the caps in the dead band).
         loop.budget_w = (0.85 - 0.03 * k) * fleet_w
         a0, p0 = _cpu_s(), _cpu_s(prom_pid) if prom_pid else float("nan")
-        reports.append(loop.cycle())
+        report = loop.cycle()
         agent_cpu.append(_cpu_s() - a0)
         prom_cpu.append(_cpu_s(prom_pid) - p0 if prom_pid else float("nan"))
+        durations.append(report.duration_s)
+        stage_s.append(report.stage_s)
+        recorded.append(sum(len(getattr(a.intent, "targets", [0])) for a in report.actions))
+        unchanged.append(report.unchanged)
+        last = report.summary()
+        del report
         clock.advance(INTERVAL_S)
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
     runtime.close()
-    last = reports[-1].summary()
+    assert last is not None
     return {
-        "cycle_s": round(statistics.median(r.duration_s for r in reports), 4),
-        "cycle_min_s": round(min(r.duration_s for r in reports), 4),
-        "stages": {s: round(statistics.median(r.stage_s[s] for r in reports), 4) for s in STAGES},
+        "cycle_s": round(statistics.median(durations), 4),
+        "cycle_min_s": round(min(durations), 4),
+        "stages": {s: round(statistics.median(x[s] for x in stage_s), 4) for s in STAGES},
         "agent_cpu_s": round(statistics.median(agent_cpu), 4),
         "prometheus_cpu_s": round(statistics.median(prom_cpu), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "queries": source.queries,
         "query_s": round(source.query_s, 4),
-        "first_cycle_s": round(warm.duration_s, 4),
+        "first_cycle_s": round(first_cycle_s, 4),
         "cycles": cycles,
         "seen": last["gpus"],
         "stale": last["stale"],
         "intents": last["intents"],
         "actions": last["actions"],
-        "recorded_per_cycle": [
-            sum(len(getattr(a.intent, "targets", [0])) for a in r.actions) for r in reports
-        ],
-        "unchanged_per_cycle": [r.unchanged for r in reports],
+        "recorded_per_cycle": recorded,
+        "unchanged_per_cycle": unchanged,
         "errors": last["errors"],
     }
 

@@ -335,7 +335,7 @@ def test_audit_tail_follow_cli(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)  # generous: a loaded CI machine once needed more than 10 s
         finally:
             proc.kill()
             proc.wait(timeout=10)
