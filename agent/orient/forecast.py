@@ -8,12 +8,12 @@ spread) and what the caller knows of each series now (e.g. the share of GPUs sta
 scikit-learn's HistGradientBoostingRegressor with an absolute-error loss (or a ridge model).
 
 Three methods compete on the most recent quarter of each horizon's training rows (held out
-from the fit): persistence (the value now), the base alone, and base + model. The best is used;
-persistence unless another beats it by at least 1%, and the model only where it also wins
-clearly: rows `h` cycles apart share most of their future, so the held-out rows are cut into
-blocks a horizon long and the model's mean gain must exceed one standard error of the block
-means (at long horizons a model that fits noise otherwise wins a few blocks by chance, and
-loses badly after). Intervals are split-conformal: the quantiles of the chosen method's errors
+from the fit): persistence (the value now), the base alone, and base + model. A method must
+win clearly to be used: by at least 1%, and by more than one standard error of its gain, the
+held-out rows cut into blocks a horizon long (rows `h` cycles apart share most of their future:
+at long horizons a model that fits noise otherwise wins a few blocks by chance, and loses badly
+after). The base (the value without its noise) is used unless persistence wins clearly; the
+model where it wins clearly over both. Intervals are split-conformal: the quantiles of the chosen method's errors
 on those rows.
 
 `PanelForecaster` serves many series at once (one per node): it keeps the last values of each
@@ -190,8 +190,9 @@ def fit_horizon(
     out.mae_persistence = float(np.mean(np.abs(err_p)))
     out.mae_level = float(np.mean(np.abs(yv)))
     best_err, best_mae = err_p, out.mae_persistence
-    # The base is the value without its noise: it need only not lose to persistence.
-    if out.mae_level < best_mae:
+    # The base is the value without its noise: it need only not lose clearly to persistence
+    # (on held-out rows a horizon apart either wins often by chance, and switching costs).
+    if out.mae_level < best_mae or not clearly_better(err_p, yv, block_rows):
         out.method, best_err, best_mae = "level", yv, out.mae_level
     model = _fit_model(x[:split], y[:split], min_rows, seed, kind, leaf)
     if model is not None:
