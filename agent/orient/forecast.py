@@ -13,8 +13,8 @@ win clearly to be used: by at least 1%, and by more than one standard error of i
 held-out rows cut into blocks a horizon long (rows `h` cycles apart share most of their future:
 at long horizons a model that fits noise otherwise wins a few blocks by chance, and loses badly
 after). The base (the value without its noise) is used unless persistence wins clearly; the
-model where it wins clearly over both. Intervals are split-conformal: the quantiles of the chosen method's errors
-on those rows.
+model where it wins clearly over both. Intervals are split-conformal: the quantiles of the
+chosen method's errors on those rows.
 
 `PanelForecaster` serves many series at once (one per node): it keeps the last values of each
 series in a ring of columns, samples a few series each cycle into a training set whose targets
