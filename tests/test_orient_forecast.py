@@ -126,3 +126,17 @@ def test_the_orienter_forecasts_fleet_and_nodes_with_intervals() -> None:
     )
     point, lo, hi = f.at(300.0)
     assert lo <= point <= hi
+
+
+def test_a_model_must_win_clearly_not_in_a_few_lucky_blocks() -> None:
+    """Rows a horizon apart share their future: a gain made in one block of ten is luck."""
+    from agent.orient.forecast import clearly_better
+
+    rng = np.random.default_rng(6)
+    old = rng.normal(0.0, 10.0, 4000)
+    assert clearly_better(0.9 * old, old, block_rows=400)  # better everywhere
+    lucky = old * np.where(np.arange(old.size) < 400, 0.5, 1.01)
+    assert np.mean(np.abs(lucky)) < 0.97 * np.mean(np.abs(old))  # better on average ...
+    assert not clearly_better(lucky, old, block_rows=400)  # ... in one block only
+    assert clearly_better(lucky, old, block_rows=1)  # what counting every row would conclude
+    assert not clearly_better(old, old, block_rows=400)

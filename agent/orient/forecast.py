@@ -8,9 +8,13 @@ spread) and what the caller knows of each series now (e.g. the share of GPUs sta
 scikit-learn's HistGradientBoostingRegressor with an absolute-error loss (or a ridge model).
 
 Three methods compete on the most recent quarter of each horizon's training rows (held out
-from the fit): persistence (the value now), the base alone, and base + model. The best is used;
-persistence unless another beats it by at least 1%. Intervals are split-conformal: the
-quantiles of the chosen method's errors on those rows.
+from the fit): persistence (the value now), the base alone, and base + model. A method must
+win clearly to be used: by at least 1%, and by more than one standard error of its gain, the
+held-out rows cut into blocks a horizon long (rows `h` cycles apart share most of their future:
+at long horizons a model that fits noise otherwise wins a few blocks by chance, and loses badly
+after). The base (the value without its noise) is used unless persistence wins clearly; the
+model where it wins clearly over both. Intervals are split-conformal: the quantiles of the
+chosen method's errors on those rows.
 
 `PanelForecaster` serves many series at once (one per node): it keeps the last values of each
 series in a ring of columns, samples a few series each cycle into a training set whose targets
@@ -45,6 +49,7 @@ N_LAG_FEATURES = 1 + len(LAGS) + 3 + 1  # ... and base - value
 VALIDATION_SHARE = 0.25
 PERSIST_ROWS = 1000  # training rows per horizon kept in the saved state
 BEAT_MARGIN = 0.99  # another method must be at least 1% better than persistence to be used
+MIN_BLOCKS = 3  # blocks of held-out rows a model is compared on, at the fewest
 
 
 def lag_features(window: FloatArray, exog: FloatArray | None = None) -> FloatArray:
@@ -141,6 +146,24 @@ class _Columns:
             return np.asarray(self.model.predict(self._x(x)), dtype=np.float64)
 
 
+def clearly_better(err_new: FloatArray, err_old: FloatArray, block_rows: int) -> bool:
+    """Whether errors `err_new` beat `err_old` (paired, in time order) by at least 1% in mean
+    absolute error and by more than one standard error of the gain's means over blocks of
+    `block_rows` consecutive rows (rows within a block are not independent evidence)."""
+    new, old = np.abs(err_new), np.abs(err_old)
+    if not float(new.mean()) < BEAT_MARGIN * float(old.mean()):
+        return False
+    # Few rows (a restart keeps only the newest): at least MIN_BLOCKS shorter blocks, a weaker
+    # test than with whole horizons but still more than the margin alone.
+    block = max(1, min(int(block_rows), new.shape[0] // MIN_BLOCKS))
+    blocks = new.shape[0] // block
+    if blocks < 2:
+        return False
+    # The newest rows, whole blocks only.
+    gain = (old - new)[new.shape[0] - blocks * block :].reshape(blocks, block).mean(axis=1)
+    return bool(gain.mean() > gain.std(ddof=1) / math.sqrt(blocks))
+
+
 def fit_horizon(
     x: FloatArray,
     y: FloatArray,
@@ -150,10 +173,12 @@ def fit_horizon(
     seed: int = 0,
     kind: str = "hgb",
     leaf: int = 40,
+    block_rows: int = 1,
 ) -> HorizonModel:
     """Choose a method for one horizon. `y`: the value at the horizon minus the base; `offset`:
     the base minus the value now (so persistence's error is y + offset). Rows in time order:
-    fit on the older three quarters, compare on the newest quarter."""
+    fit on the older three quarters, compare on the newest quarter. `block_rows`: about how many
+    consecutive rows span one horizon (their futures overlap)."""
     n = y.shape[0]
     out = HorizonModel(rows=n)
     if n < 20:
@@ -165,14 +190,17 @@ def fit_horizon(
     out.mae_persistence = float(np.mean(np.abs(err_p)))
     out.mae_level = float(np.mean(np.abs(yv)))
     best_err, best_mae = err_p, out.mae_persistence
-    # The base is the value without its noise: it need only not lose to persistence.
-    if out.mae_level < best_mae:
+    # The base is the value without its noise: it need only not lose clearly to persistence
+    # (on held-out rows a horizon apart either wins often by chance, and switching costs).
+    if out.mae_level < best_mae or not clearly_better(err_p, yv, block_rows):
         out.method, best_err, best_mae = "level", yv, out.mae_level
     model = _fit_model(x[:split], y[:split], min_rows, seed, kind, leaf)
     if model is not None:
         pred = model.predict(x[split:])
         out.mae_model = float(np.mean(np.abs(yv - pred)))
-        if out.mae_model < BEAT_MARGIN * min(best_mae, out.mae_persistence):
+        if clearly_better(yv - pred, best_err, block_rows) and clearly_better(
+            yv - pred, err_p, block_rows
+        ):
             out.method, out.model, best_err = kind, model, yv - pred
     out.q_lo, out.q_hi = (float(q) for q in np.quantile(best_err, quantiles))
     return out
@@ -417,6 +445,8 @@ class PanelForecaster:
     def _refit(self, i: int, start: int = 0, end: int | None = None) -> None:
         leaf = int(np.clip(10 * self.steps[i], 40, 400))
         rows = slice(start, end)
+        # Rows come a cycle's sample at a time: a horizon's worth is steps x that many.
+        per_cycle = max(1, min(self.series_per_cycle, len(self.series)))
         self.models[i] = fit_horizon(
             self.train_x[i][rows],
             self.train_y[i][rows],
@@ -427,6 +457,7 @@ class PanelForecaster:
             self.kind,
             # Rows h cycles apart overlap: long horizons have fewer independent rows.
             leaf=leaf,
+            block_rows=self.steps[i] * per_cycle,
         )
         self.models[i].fit_end = self.appended[i]
 
@@ -477,7 +508,14 @@ def forecast_series(
             continue
         lo = max(0, last + 1 - window_rows)
         model = fit_horizon(
-            feats[lo : last + 1], target[lo : last + 1], zero[lo : last + 1], 0.9, min_rows, 0, kind
+            feats[lo : last + 1],
+            target[lo : last + 1],
+            zero[lo : last + 1],
+            0.9,
+            min_rows,
+            0,
+            kind,
+            block_rows=h,
         )
         end = points[k + 1] if k + 1 < len(points) else n
         out[r:end] = predict(model, y[r:end], y[r:end], feats[r:end])

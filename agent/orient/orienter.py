@@ -33,7 +33,7 @@ from agent.core.snapshot import Metric, Snapshot
 from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
 from agent.orient.arrivals import ArrivalTracker
 from agent.orient.curvefit import CurveLearner, CurveView
-from agent.orient.forecast import PanelForecaster
+from agent.orient.forecast import PanelForecaster, clearly_better
 from agent.orient.groups import GroupSpec, group_masks, job_priorities
 from agent.orient.health import HealthClassifier
 from agent.orient.idle import IdleTracker
@@ -481,6 +481,7 @@ class Orienter:
 
 
 FLEET_METHODS = ("persistence", "level", "level+nodes")
+KEPT_HORIZONS = 16
 
 
 class FleetScore:
@@ -522,10 +523,16 @@ class FleetScore:
             for c in range(len(FLEET_METHODS)):
                 errs = self.errors[c][i]
                 errs.append(actual - entry[c][i])
-                del errs[: max(0, len(errs) - self.kept)]
+                del errs[: max(0, len(errs) - self._kept(i))]
         oldest = self.cycle - max(self.steps, default=0)
         for c in [c for c in self.pending if c <= oldest]:
             del self.pending[c]
+
+    def _kept(self, i: int) -> int:
+        # Errors h cycles apart overlap: a long horizon needs a longer window for as many
+        # independent comparisons (16 horizons' worth, at least `kept` cycles).
+        step = self.steps[i] if i < len(self.steps) else 1
+        return max(self.kept, KEPT_HORIZONS * step)
 
     def record(self, candidates: FloatArray, steps: tuple[int, ...]) -> None:
         if steps != self.steps:  # a new cycle interval: earlier scores no longer apply
@@ -545,11 +552,16 @@ class FleetScore:
             persistence = np.asarray(self.errors[0][i])
             if persistence.size < 30:
                 continue
-            mae = [float(np.mean(np.abs(self.errors[c][i]))) for c in range(len(FLEET_METHODS))]
-            best = 0
-            for c in (1, 2):
-                if mae[c] < 0.99 * mae[best] or (c == 1 and mae[c] < mae[0]):
-                    best = c
+            errs = [np.asarray(self.errors[c][i]) for c in range(len(FLEET_METHODS))]
+            block = self.steps[i] if i < len(self.steps) else 1
+            # The level is the value without its noise: it need only not lose clearly (on a
+            # few recent errors one or the other wins by chance, and switching costs). The
+            # nodes' changes must win clearly over both.
+            best = 0 if clearly_better(errs[0], errs[1], block) else 1
+            if clearly_better(errs[2], errs[best], block) and clearly_better(
+                errs[2], errs[0], block
+            ):
+                best = 2
             choice[i] = best
             lo[i], hi[i] = np.quantile(np.asarray(self.errors[best][i]), qs)
         return choice, lo, hi
