@@ -305,6 +305,9 @@ def test_audit_tail_follow_cli(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(path)
     audit.event("note", seq=0)
+    # Ctrl-C as at a terminal even when the suite was started in the background (a shell's `&`
+    # ignores SIGINT, and the child would inherit that): a handled signal is reset on exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -323,6 +326,7 @@ def test_audit_tail_follow_cli(tmp_path: Path) -> None:
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
+    signal.signal(signal.SIGINT, previous)
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
@@ -335,7 +339,7 @@ def test_audit_tail_follow_cli(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=30)  # generous: a loaded CI machine once needed more than 10 s
+            proc.wait(timeout=10)
         finally:
             proc.kill()
             proc.wait(timeout=10)
