@@ -223,6 +223,8 @@ class Twin:
         self.mem_util_pct = np.zeros(n)
         self.sm_clock_mhz = np.full(n, IDLE_SM_CLOCK_MHZ)
         self.throughput = np.zeros(n)  # relative to uncapped, per GPU
+        # What its cap alone costs a working GPU's throughput (ground truth, for benchmarks).
+        self.cap_slowdown = np.zeros(n)
         self.throttled = np.zeros(n, dtype=bool)
         self.clocks_event_reasons = np.zeros(n, dtype=np.int64)  # NVML/DCGM throttle bitmask
         self.node_drained = np.zeros(spec.nodes, dtype=bool)
@@ -481,7 +483,9 @@ class Twin:
             working | (self.spike_w > 0), power, model.idle_w * (1 + 0.01 * (noise - 1))
         )
 
-        tput = np.where(working, throughput_at_power(mean_power, natural_eff, a, b) * ramp, 0.0)
+        under_cap = throughput_at_power(mean_power, natural_eff, a, b)
+        self.cap_slowdown = np.where(working, 1.0 - under_cap, 0.0)
+        tput = np.where(working, under_cap * ramp, 0.0)
         tput *= straggle
         self.throttled = self.temp_c >= model.slowdown_temp_c
         tput = np.where(self.throttled, tput * THROTTLE_THROUGHPUT, tput)
