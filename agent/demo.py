@@ -115,9 +115,7 @@ def build_agent(
     interval_s: float = 15.0,
 ) -> tuple[Loop, Actuators]:
     """The agent wired to the twin: its telemetry, its caps and its scheduler."""
-    placement = TwinPlacement(twin)
-    actuators = Actuators(caps=TwinCapActuator(twin), placement=placement)
-    actuators.recorded_placement.real = placement  # dry-run: live states plus recorded drains
+    actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
     chosen = {
         name: (settings or {}).get(name) or registry.get(name).Settings() for name in policy_names
     }
@@ -130,7 +128,7 @@ def build_agent(
         executor=Executor(actuators, dry_run_predicate(dry_run, policies)),
         audit=audit,
         clock=TwinClock(twin),
-        placement=actuators.recorded_placement,
+        placement=actuators.node_states_reader(),
         dry_run_caps=dry_run,
         interval_s=interval_s,
     )

@@ -251,10 +251,6 @@ def build_runtime(
     if notifier is not None:
         actuators.notifier = notifier
         closers.append(notifier.close)
-    if actuators.placement is not None:
-        # The loop reads node states through the dry-run recorder: live ones as they are, plus
-        # the drains it recorded (so a dry-run advises the resume that live would do).
-        actuators.recorded_placement.real = actuators.placement
     budget = budget_w if budget_w is not None else config.cluster.budget_w
     rollout = rollout_for(config, clock)
     is_dry = dry_run_predicate(config.dry_run, policies, rollout)
@@ -277,7 +273,7 @@ def build_runtime(
         audit=audit,
         clock=clock,
         budget_w=budget,
-        placement=actuators.recorded_placement if actuators.placement is not None else None,
+        placement=actuators.node_states_reader(),
         dry_run_caps=config.dry_run,
         interval_s=config.daemon.interval_s,
     )

@@ -123,6 +123,15 @@ class Actuators:
     recorded_placement: RecordingPlacement = field(default_factory=RecordingPlacement)
     recorded_notes: RecordingNotifier = field(default_factory=RecordingNotifier)
 
+    def node_states_reader(self) -> PlacementActuator | None:
+        """Where the loop reads node states: the live placement's, with the drains recorded in
+        dry-run laid over them (so a dry-run advises the resume live would do); None when no
+        placement is configured."""
+        if self.placement is None:
+            return None
+        self.recorded_placement.real = self.placement
+        return self.recorded_placement
+
 
 class Executor:
     """`dry_run(intent)` says, per intent, whether it only gets recorded."""
