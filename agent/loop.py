@@ -172,11 +172,11 @@ class Loop:
                 # the guard's own. Desired state re-asserted every cycle and already in place
                 # (within the dead band) changes nothing and is only counted, or the log would
                 # grow by every GPU every cycle.
-                effective = {id(o) for o in review.origin} | {
+                effective = {id(o) for o in [*review.origin, *review.raised]} | {
                     id(r.origin or r.intent) for r in review.refused
                 }
                 for intent in [*resolution.intents, *review.raised]:
-                    if id(intent) in effective or intent in review.raised:
+                    if id(intent) in effective:
                         self.audit.decision(
                             decision_id(intent), intent, self.executor.dry_run(intent), now
                         )

@@ -64,9 +64,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 RESET_FILE = "guard-reset.request"
 GUARD_POLICY = "guard"  # the policy name on the guard's own intents (its breaker alarm)
-
-
-_NODE_TIMES = ("last_change_s", "drained_s")
+IDLE_JOB = "<idle>"  # what a cap was chosen for when its GPU was idle
+_NODE_TIMES = ("last_change_s", "drained_s")  # per node, the times a clock jump can put ahead
 
 
 class GuardSettings(BaseModel):
@@ -207,9 +206,6 @@ class _Nodes:
         if self._index is None:
             self._index = {str(n): k for k, n in enumerate(self.names.tolist())}
         return self._index.get(node)
-
-
-IDLE_JOB = "<idle>"
 
 
 class Guard:

@@ -396,6 +396,8 @@ class PrometheusSource:
         hb = s.metrics[Metric.POWER_W]
         self.heartbeat = hb  # the metric whose presence makes a GPU known and live
         self.ident = [*s.host_labels, s.gpu_label]  # the labels that name a GPU
+        self.inventory_labels = [*self.ident, s.uuid_label, s.model_label]
+        self.live_labels = [*self.inventory_labels, s.job_label]
         self.value_metrics: dict[str, Metric] = {
             name: metric for metric, name in s.metrics.items() if name and metric != Metric.POWER_W
         }
@@ -524,15 +526,12 @@ class PrometheusSource:
         errors: list[str] = []
         hb = self._selector(self.heartbeat)
         window = promql.duration(s.inventory_window_s)
-        ident = self.ident
-        with_uuid = [*ident, s.uuid_label, s.model_label]
-        live_labels = [*with_uuid, s.job_label]
-        by_ident = promql.by(ident)
+        by_ident = promql.by(self.ident)
 
         # Every query of the cycle at once (they are independent): Prometheus evaluates them
         # side by side while the agent decodes the answers in turn. Static fields only when due.
-        static_due = self._static_due(now_s)
-        inventory_due = self._inventory_due(now_s)
+        static_due = self._due(self._static, now_s)
+        inventory_due = self._due(self._inventory, now_s)
         wanted = {
             name: metric
             for name, metric in self.value_metrics.items()
@@ -545,11 +544,11 @@ class PrometheusSource:
             return pending[-1]
 
         inv_answer = (
-            ask(f"group {promql.by(with_uuid)} (last_over_time({hb}[{window}]))")
+            ask(f"group {promql.by(self.inventory_labels)} (last_over_time({hb}[{window}]))")
             if inventory_due
             else None
         )
-        live_answer = ask(f"max {promql.by(live_labels)} (timestamp({hb}))")
+        live_answer = ask(f"max {promql.by(self.live_labels)} (timestamp({hb}))")
         field_answers = {
             name: ask(
                 f"max {by_ident} ({self._selector(name)} != 0)"
@@ -580,16 +579,14 @@ class PrometheusSource:
         """The answers joined into a Snapshot, each read as it comes, in the order asked (so the
         first failure is the one named, and at most a few answers are in memory at once)."""
         s = self.settings
-        with_uuid = [*self.ident, s.uuid_label, s.model_label]
-        live_labels = [*with_uuid, s.job_label]
-        live = self._vector(live_answer.result(), live_labels)
+        live = self._vector(live_answer.result(), self.live_labels)
 
         # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
         # replaced GPU leaves an older series behind for a moment).
         l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
         bad = int((~l_ok).sum())
         if inv_answer is not None:
-            inv = self._vector(inv_answer.result(), with_uuid)
+            inv = self._vector(inv_answer.result(), self.inventory_labels)
             i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
             bad += int((~i_ok).sum())
             inventory = _Inventory(
@@ -685,14 +682,16 @@ class PrometheusSource:
         the agent's own work in a cycle, so a plain body is read without decoding it into a
         dict per series (`fast_series`); label sets seen are kept between cycles with their key."""
         body = answer.take_body()
-        plain = self._read_plain(body) if isinstance(body, bytes) else None
-        if plain is None:
-            result = answer.decode(body)
-            plain = (
-                [self._series_key(r["metric"]) for r in result],
-                np.fromiter((float(r["value"][1]) for r in result), np.float64, len(result)),
+        fast = fast_series(body) if isinstance(body, bytes) else None
+        if fast is not None:
+            label_texts, value = fast
+            keys = memoized(
+                label_texts, self._key_of_labels, lambda t: self._series_key(orjson.loads(t))
             )
-        keys, value = plain
+        else:
+            result = answer.decode(body)
+            keys = [self._series_key(r["metric"]) for r in result]
+            value = np.fromiter((float(r["value"][1]) for r in result), np.float64, len(result))
         where = np.fromiter(rows.of(keys), dtype=np.int64, count=len(keys))
         column = np.full(rows.size, np.nan) if fill is None else fill.copy()
         hit = where >= 0
@@ -710,17 +709,6 @@ class PrometheusSource:
         metrics = memoized(label_texts, self._labels_of_text, orjson.loads)
         return Vector.of(metrics, values, labels)
 
-    def _read_plain(self, body: bytes) -> tuple[Sequence[str], FloatArray] | None:
-        """Keys and values of a plain body's series (see `fast_series`); None if it is not."""
-        fast = fast_series(body)
-        if fast is None:
-            return None
-        label_texts, value = fast
-        keys = memoized(
-            label_texts, self._key_of_labels, lambda text: self._series_key(orjson.loads(text))
-        )
-        return keys, value
-
     def _series_key(self, labels: Mapping[str, str]) -> str:
         """A series' key, `host<SEP>gpu`, the host being the first non-empty host label."""
         s = self.settings
@@ -732,13 +720,9 @@ class PrometheusSource:
     def _full_read_names(self) -> list[str]:
         return [n for n, m in self.value_metrics.items() if m in STATIC_METRICS | SPARSE_METRICS]
 
-    def _inventory_due(self, now_s: float) -> bool:
-        last = self._inventory
-        return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
-
-    def _static_due(self, now_s: float) -> bool:
-        last = self._static
-        # A clock that went back (or a refresh of 0) reads them again too.
+    def _due(self, last: _Inventory | _StaticRead | None, now_s: float) -> bool:
+        """Whether a full read is due: never read, `static_refresh_s` since, or a clock that
+        went back (a refresh of 0: every cycle)."""
         return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
 
     def _keep_static(self, now_s: float, key: StrArray, raw: dict[Metric, FloatArray]) -> None:
