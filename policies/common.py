@@ -51,15 +51,6 @@ def node_any(situation: Situation, per_gpu: BoolArray) -> BoolArray:
     return np.asarray(counts > 0, dtype=bool)
 
 
-def job_keys(situation: Situation) -> npt.NDArray[np.str_]:
-    """Per GPU: its job's label, or the GPU itself where it carries none."""
-    snap = situation.snapshot
-    return np.asarray(
-        np.where(snap.job != "", snap.job, np.char.add("gpu:", snap.uuid.astype(np.str_))),
-        dtype=np.str_,
-    )
-
-
 def pool_within_jobs(
     values: FloatArray, noise_var: FloatArray, keys: npt.NDArray[np.str_]
 ) -> FloatArray:

@@ -28,7 +28,6 @@ from agent.core.curves import (
 )
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
 from agent.core.situation import Situation
-from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import power
 
@@ -98,7 +97,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         give_back_s = max(s.hold_s, 60.0)
         if snap.n_gpus == 0:
             return Decision([], memory)
-        job_key = np.where(snap.job != "", snap.job, np.char.add("gpu:", snap.uuid))
+        job_key = snap.job_key
         row_of = {str(u): i for i, u in enumerate(snap.uuid.tolist())} if memory.active else {}
         intents: list[Intent] = []
         keep: list[Exploring] = []
@@ -244,8 +243,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         limit holds the clocks down. Without it, a draw just under the limit may be a binding
         cap's margin, so nothing is inferred. The draw counted is the lower of the current one
         and the natural draw, so a noisy sample does not overstate the share."""
-        reasons, reasons_ok = situation.snapshot.column(Metric.CLOCKS_EVENT_REASONS)
-        cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+        cap_bit, reasons_ok = situation.snapshot.power_cap_holds()
         draw = np.fmin(now_w, situation.curves.natural_w)
         with np.errstate(divide="ignore", invalid="ignore"):
             share = draw / situation.cap_w

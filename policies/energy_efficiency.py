@@ -20,7 +20,7 @@ from agent.core.curves import energy_optimal_share, power_for_throughput, throug
 from agent.core.intents import GpuTargets, Intent, SetPowerCap
 from agent.core.situation import Situation
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
-from policies.common import FloatArray, controllable, job_keys, pool_within_jobs, power
+from policies.common import FloatArray, controllable, pool_within_jobs, power
 
 
 class EnergyEfficiencySettings(PolicySettings):
@@ -117,7 +117,7 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         natural = reference[rows]
         k = curves.cap_draw_frac[rows]
         sample_sd = np.maximum(curves.natural_w_hi[rows] - curves.natural_w[rows], 0.0) / 2.0
-        keys = job_keys(situation)[rows]
+        keys = situation.snapshot.job_key[rows]
         pooled_natural = pool_within_jobs(natural, sample_sd**2, keys)
         # A share of the cap is measured with the draw's relative noise.
         rel_sd = sample_sd / np.maximum(natural, 1e-9)

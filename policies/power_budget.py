@@ -218,7 +218,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             return caps_w
         natural = curves.natural_w[rows]
         binding = caps_w < situation.max_cap_w[rows] - 0.5
-        keys = np.where(job != "", job, np.char.add("gpu:", situation.snapshot.uuid[rows]))
+        keys = situation.snapshot.job_key[rows]
         _, inverse = np.unique(keys, return_inverse=True)
         planned = np.bincount(inverse, weights=np.where(binding, power_w, natural))
         nat_sum = np.bincount(inverse, weights=natural)

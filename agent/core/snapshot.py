@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +97,22 @@ class Snapshot:
         if metric in self.values:
             return self.values[metric], self.valid[metric]
         return np.full(self.n_gpus, np.nan), np.zeros(self.n_gpus, dtype=bool)
+
+    @cached_property
+    def job_key(self) -> StrArray:
+        """Per GPU: its job, or the GPU itself (`gpu:UUID`) where no job is known: what GPUs
+        that run at one pace share."""
+        return np.asarray(
+            np.where(self.job != "", self.job, np.char.add("gpu:", self.uuid.astype(np.str_))),
+            dtype=np.str_,
+        )
+
+    def power_cap_holds(self) -> tuple[BoolArray, BoolArray]:
+        """Per GPU: whether its clock event reasons say the power limit holds its clocks down,
+        and whether it reports them at all (where it does not, nothing is known either way)."""
+        reasons, reported = self.column(Metric.CLOCKS_EVENT_REASONS)
+        bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+        return np.asarray(bit & reported, dtype=bool), reported
 
     def usable(self, metric: Metric) -> BoolArray:
         """Valid and fresh."""

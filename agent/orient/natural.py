@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.keyed import KeyedColumns
-from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
+from agent.core.snapshot import Metric, Snapshot
 from agent.orient.stats import Grouper
 
 FloatArray = npt.NDArray[np.float64]
@@ -104,8 +104,7 @@ class NaturalDrawTracker:
         at_max = np.where(max_ok & limit_ok, limit >= max_w - 0.5, False)
         clear = at_max | (limit_ok & (power < CLEAR_OF_CAP_FRAC * limit))
         # Where the GPU reports its clock event reasons, it says itself whether the cap binds.
-        reasons, reasons_ok = snapshot.column(Metric.CLOCKS_EVENT_REASONS)
-        cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+        cap_bit, reasons_ok = snapshot.power_cap_holds()
         # At the maximum limit the draw is the most the GPU can draw whatever the job wants:
         # that is its natural draw, as far as any cap can tell (even if the limit binds there).
         clear = np.where(reasons_ok, ~cap_bit | at_max, clear)

@@ -116,8 +116,7 @@ def binding_mask(snapshot: Snapshot, limit_w: FloatArray, max_w: FloatArray) -> 
     """Where the recorded cap holds the GPU's draw down: the GPU says so (clock event reasons),
     else the cap is below the maximum and the draw is close to it."""
     power, _ = snapshot.column(Metric.POWER_W)
-    reasons, reasons_ok = snapshot.column(Metric.CLOCKS_EVENT_REASONS)
-    cap_bit = (np.nan_to_num(reasons).astype(np.int64) & CLOCK_EVENT_SW_POWER_CAP) > 0
+    cap_bit, reasons_ok = snapshot.power_cap_holds()
     lowered = np.isfinite(limit_w) & (np.nan_to_num(limit_w, nan=np.inf) < max_w - 0.5)
     with np.errstate(invalid="ignore"):
         near = lowered & (power >= CLEAR_OF_CAP_FRAC * limit_w)
