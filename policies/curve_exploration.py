@@ -93,8 +93,8 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         assert isinstance(memory, CurveExplorationMemory)
         s = self.settings
         snap = situation.snapshot
-        expires = now_s + max(s.hold_s, 60.0)
-        give_back_s = max(s.hold_s, 60.0)
+        give_back_s = max(s.hold_s, 60.0)  # a step's cap lasts this long unless renewed
+        expires = now_s + give_back_s
         if snap.n_gpus == 0:
             return Decision([], memory)
         job_key = snap.job_key

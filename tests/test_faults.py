@@ -20,6 +20,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -216,22 +217,7 @@ class Corrupting:
         values[Metric.XID][5] = -1.0
         for m in (Metric.POWER_W, Metric.TEMP_C, Metric.MAX_LIMIT_W, Metric.XID):
             valid[m] = np.isfinite(values[m])
-        return Snapshot(
-            time_s=snap.time_s,
-            node_names=snap.node_names,
-            node=snap.node,
-            gpu=snap.gpu,
-            uuid=snap.uuid,
-            model=snap.model,
-            job=snap.job,
-            values=values,
-            valid=valid,
-            age_s=snap.age_s,
-            stale=snap.stale,
-            budget_w=snap.budget_w,
-            errors=snap.errors,
-            labels=snap.labels,
-        )
+        return replace(snap, values=values, valid=valid)
 
 
 def test_nan_negative_and_absurd_samples_never_move_a_cap_out_of_range_or_drain(

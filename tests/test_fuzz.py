@@ -135,6 +135,17 @@ def read_all(path: Path) -> None:
         assert snap.n_gpus >= 0
 
 
+def read_then_remove(path: Path) -> None:
+    """Read a damaged trace: it reads, or fails with a TraceError naming the file, and nothing
+    else; the file is removed after."""
+    try:
+        read_all(path)
+    except TraceError as exc:
+        assert str(path) in str(exc)
+    finally:
+        path.unlink()
+
+
 @given(
     cut=st.integers(min_value=0, max_value=10_000),
     flips=st.lists(
@@ -152,12 +163,7 @@ def test_truncated_or_mutated_traces_raise_only_trace_errors(
         data = data[:cut]
     path = trace_dir / f"bad-{cut}.parquet"
     path.write_bytes(bytes(data))
-    try:
-        read_all(path)
-    except TraceError as exc:
-        assert str(path) in str(exc)
-    finally:
-        path.unlink()
+    read_then_remove(path)
 
 
 @given(
@@ -187,12 +193,7 @@ def test_bad_columns_raise_trace_errors_naming_the_column(
     writer.write_table(table)
     writer.add_key_value_metadata({k.decode(): v.decode() for k, v in (footer or {}).items()})
     writer.close()
-    try:
-        read_all(path)
-    except TraceError as exc:
-        assert str(path) in str(exc)
-    finally:
-        path.unlink()
+    read_then_remove(path)
 
 
 # -- the node daemon's request parsing ------------------------------------------------------------

@@ -23,8 +23,9 @@ from agent.act.executor import Actuators, Executor
 from agent.act.guard import Guard
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.config import parse_config
-from agent.core.clock import FakeClock
+from agent.core.clock import Clock, FakeClock
 from agent.core.intents import DrainNode, Outcome, SetPowerCap
+from agent.core.protocols import CapActuator, TelemetrySource
 from agent.core.snapshot import Metric
 from agent.loop import Loop
 from agent.node.nvml import NvmlBackend
@@ -57,6 +58,27 @@ def short_dir() -> Iterator[Path]:
 # -- node daemons down or slow --------------------------------------------------------------------
 
 
+def budget_loop(
+    source: TelemetrySource,
+    caps: CapActuator,
+    audit: AuditLog,
+    clock: Clock,
+    budget_w: float,
+    lease_s: float = 120.0,
+) -> Loop:
+    """A live loop (nothing dry) with power_budget alone, capping through `caps`."""
+    return Loop(
+        source=source,
+        orienter=Orienter(),
+        policies=[PowerBudget(PowerBudgetSettings())],
+        guard=Guard(),
+        executor=Executor(Actuators(caps=caps), lambda _i: False, lease_s=lease_s),
+        audit=audit,
+        clock=clock,
+        budget_w=budget_w,
+    )
+
+
 def test_node_daemons_down_or_slow_cost_their_timeout_and_fail_audited(short_dir: Path) -> None:
     """node1, node2 healthy; node3 answers in 1 s (timeout 0.3 s); node4 has no daemon; node5
     has no endpoint. The loop caps what it can, fails the rest with the node named, and goes on;
@@ -66,16 +88,8 @@ def test_node_daemons_down_or_slow_cost_their_timeout_and_fail_audited(short_dir
     caps = NodeCapActuator(cluster.settings(renew_min_age_s=30.0), clock=clock)
     audit_path = short_dir / "audit.jsonl"
     audit = AuditLog(path=audit_path)
-    loop = Loop(
-        source=TwinSource(cluster.twin),
-        orienter=Orienter(),
-        policies=[PowerBudget(PowerBudgetSettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=caps), lambda _i: False, lease_s=5.0),
-        audit=audit,
-        clock=clock,
-        budget_w=2_500.0,  # 10 GPUs at about 500 W each: caps needed
-    )
+    # 10 GPUs at about 500 W each: caps needed
+    loop = budget_loop(TwinSource(cluster.twin), caps, audit, clock, 2_500.0, lease_s=5.0)
     try:
         reports = []
         for _ in range(3):
@@ -162,16 +176,9 @@ def test_nvml_errors_fail_actions_audited_and_lost_gpus_are_never_acted_on(
     with daemon:
         caps = NodeCapActuator(settings, clock=clock)
         audit = AuditLog(path=audit_path)
-        loop = Loop(
-            source=NvmlSource(NvmlBackend(nvml), "node1"),
-            orienter=Orienter(),
-            policies=[PowerBudget(PowerBudgetSettings())],
-            guard=Guard(),
-            executor=Executor(Actuators(caps=caps), lambda _i: False, lease_s=60.0),
-            audit=audit,
-            clock=clock,
-            budget_w=1_600.0,  # 4 GPUs at 650 W: caps needed
-        )
+        source = NvmlSource(NvmlBackend(nvml), "node1")
+        # 4 GPUs at 650 W: caps needed
+        loop = budget_loop(source, caps, audit, clock, 1_600.0, lease_s=60.0)
         try:
             nvml.fail_gpu[("set", 1)] = 4  # NVML_ERROR_NO_PERMISSION on GPU 1
             nvml.fail_gpu[("limit", 3)] = 15  # GPU 3 fell off the bus
@@ -325,16 +332,7 @@ def test_nan_negative_absurd_and_duplicated_samples_through_a_real_prometheus(
 
         audit_path = tmp_path / "audit.jsonl"
         audit = AuditLog(path=audit_path)
-        loop = Loop(
-            source=source,
-            orienter=Orienter(),
-            policies=[PowerBudget(PowerBudgetSettings())],
-            guard=Guard(),
-            executor=Executor(Actuators(caps=Recording()), lambda _i: False),
-            audit=audit,
-            clock=FakeClock(time.time()),
-            budget_w=600.0,
-        )
+        loop = budget_loop(source, Recording(), audit, FakeClock(time.time()), 600.0)
         report = loop.cycle()
         audit.close()
         source.close()
