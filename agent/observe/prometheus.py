@@ -218,6 +218,13 @@ def first_per_key(keys: StrArray, rank: FloatArray) -> IntArray:
     return order[first].astype(np.int64)
 
 
+def label_columns(
+    metrics: Sequence[Mapping[str, str]], labels: Sequence[str]
+) -> dict[str, StrArray]:
+    """Per label asked for, its value in each series ("" where a series lacks it)."""
+    return {name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels}
+
+
 @dataclass(frozen=True, eq=False)
 class Vector:
     """An instant-query answer as columns: the labels asked for and the values."""
@@ -237,10 +244,7 @@ class Vector:
     def of(
         metrics: Sequence[Mapping[str, str]], values: FloatArray, labels: Sequence[str]
     ) -> Vector:
-        cols = {
-            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
-        }
-        return Vector(cols, values)
+        return Vector(label_columns(metrics, labels), values)
 
 
 class Answer:
@@ -346,10 +350,7 @@ class Matrix:
 
     @staticmethod
     def parse(result: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Matrix:
-        metrics = [r["metric"] for r in result]
-        cols = {
-            name: np.array([m.get(name, "") for m in metrics], dtype=np.str_) for name in labels
-        }
+        cols = label_columns([r["metric"] for r in result], labels)
         lengths = np.array([len(r["values"]) for r in result], dtype=np.int64)
         points = [p for r in result for p in r["values"]]
         t = np.fromiter((p[0] for p in points), dtype=np.float64, count=len(points))
