@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.core.errors import GpuInvalidArgumentError, GpuLostError
 from agent.core.protocols import GpuDevice, PowerConstraints
+from agent.node.server import NodeDaemon, NodeSettings
 
 
 class FakeGpu:
@@ -127,6 +128,21 @@ def write_token(path: Path, *tokens: str) -> str:
     tmp.chmod(0o600)
     tmp.replace(path)
     return values[0]
+
+
+def unix_node_daemon(root: Path, gpus: Sequence[FakeGpu]) -> NodeDaemon:
+    """A node daemon (not started) over fake GPUs on `root/node.sock`, with the token of
+    `root/token`, a 400 W fallback cap and 600 s leases at most, checked every 50 ms."""
+    return NodeDaemon(
+        FakeBackend(list(gpus)),
+        NodeSettings(
+            token_file=root / "token",
+            socket_path=root / "node.sock",
+            fallback_cap_w=400.0,
+            max_lease_s=600.0,
+            check_interval_s=0.05,
+        ),
+    )
 
 
 # -- throwaway certificates --------------------------------------------------------------------

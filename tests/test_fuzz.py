@@ -25,11 +25,10 @@ from hypothesis import strategies as st
 from agent.config import parse_config
 from agent.core.errors import ConfigError, TraceError
 from agent.core.snapshot import Metric, build_snapshot
-from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe import promql
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.observe.trace import TraceReader, TraceWriter
-from tests.node_helpers import FakeBackend, FakeGpu, write_token
+from tests.node_helpers import FakeGpu, unix_node_daemon, write_token
 
 # -- config parsing -------------------------------------------------------------------------------
 
@@ -203,16 +202,7 @@ class NodeUnderFuzz:
     def __init__(self, root: Path) -> None:
         self.token = write_token(root / "token")
         self.gpus = [FakeGpu(0), FakeGpu(1)]
-        self.daemon = NodeDaemon(
-            FakeBackend(self.gpus),
-            NodeSettings(
-                token_file=root / "token",
-                socket_path=root / "node.sock",
-                fallback_cap_w=400.0,
-                max_lease_s=600.0,
-                check_interval_s=0.05,
-            ),
-        )
+        self.daemon = unix_node_daemon(root, self.gpus)
         self.daemon.start()
         self.client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(root / "node.sock")),

@@ -25,7 +25,7 @@ import pytest
 from agent.core.errors import BadInputError
 from agent.node.leases import OnExit
 from agent.node.server import NodeDaemon, NodeSettings
-from tests.node_helpers import FakeBackend, FakeGpu, Pki, make_pki, write_token
+from tests.node_helpers import FakeBackend, FakeGpu, Pki, make_pki, unix_node_daemon, write_token
 
 pytestmark = pytest.mark.integration
 
@@ -70,16 +70,7 @@ class Running:
 def unix_daemon(short_dir: Path) -> Iterator[Running]:
     token = write_token(short_dir / "token")
     gpus = [FakeGpu(0), FakeGpu(1)]
-    daemon = NodeDaemon(
-        FakeBackend(gpus),
-        NodeSettings(
-            token_file=short_dir / "token",
-            socket_path=short_dir / "node.sock",
-            fallback_cap_w=400.0,
-            max_lease_s=600.0,
-            check_interval_s=0.05,
-        ),
-    )
+    daemon = unix_node_daemon(short_dir, gpus)
     with daemon:
         yield Running(daemon, gpus, token, short_dir)
 
