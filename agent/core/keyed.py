@@ -13,6 +13,47 @@ import numpy as np
 import numpy.typing as npt
 
 
+def frozen(arr: npt.NDArray[Any]) -> bool:
+    """Whether nothing can change `arr`'s contents: it and every array it views are read-only,
+    down to one that owns its data."""
+    a: object = arr
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None
+
+
+def freeze(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Make an array that owns its data read-only (so `LastKeys` can trust its identity)."""
+    if arr.base is None:
+        arr.flags.writeable = False
+    return arr
+
+
+class LastKeys:
+    """The last key array seen, to answer "the same keys as last time?" cheaply: by identity for
+    a frozen array (the same inventory object cycle after cycle), else by one comparison."""
+
+    def __init__(self) -> None:
+        self._src: npt.NDArray[Any] | None = None
+        self._copy: npt.NDArray[Any] | None = None
+
+    def same(self, keys: npt.NDArray[Any]) -> bool:
+        if self._copy is None:
+            return False
+        if keys is self._src and frozen(keys):
+            return True
+        return self._copy.shape == keys.shape and bool(np.array_equal(self._copy, keys))
+
+    def remember(self, keys: npt.NDArray[Any]) -> None:
+        self._src = keys
+        self._copy = keys if frozen(keys) else keys.copy()
+
+    def forget(self) -> None:
+        self._src = self._copy = None
+
+
 class KeyedColumns:
     def __init__(self, columns: Mapping[str, tuple[npt.DTypeLike, Any]]) -> None:
         """`columns`: name -> (dtype, fill value for new keys). String columns need a sized dtype
@@ -22,8 +63,9 @@ class KeyedColumns:
         self.cols: dict[str, npt.NDArray[Any]] = {
             name: np.zeros(0, dtype=dtype) for name, (dtype, _) in self._spec.items()
         }
-        self._last_keys: npt.NDArray[np.str_] | None = None
+        self._last_keys = LastKeys()
         self._last_slots: npt.NDArray[np.int64] | None = None
+        self._last_lookup: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -34,14 +76,8 @@ class KeyedColumns:
     def slots(self, keys: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Positions of `keys` (added if new). Cached: the same key array costs one comparison."""
         arr = np.asarray(keys, dtype=np.str_)
-        last = self._last_keys
         cached = self._last_slots
-        if (
-            last is not None
-            and cached is not None
-            and last.shape == arr.shape
-            and np.array_equal(last, arr)
-        ):
+        if cached is not None and self._last_keys.same(arr):
             return cached
         # Every key known already (the common case): one searchsorted, no hashing or sorting.
         if self.keys.size:
@@ -53,7 +89,7 @@ class KeyedColumns:
             missing = np.ones(arr.shape, dtype=bool)
         if not missing.any():
             slots = pos.astype(np.int64)
-            self._last_keys, self._last_slots = arr.copy(), slots
+            self._remember(arr, slots)
             return slots
         new = np.unique(arr[missing])
         merged = np.concatenate([self.keys, new])
@@ -64,14 +100,28 @@ class KeyedColumns:
             grown = np.concatenate([old, np.full(new.shape[0], fill, dtype=old.dtype)])
             self.cols[name] = grown[order]
         slots = np.searchsorted(self.keys, arr).astype(np.int64)
-        self._last_keys, self._last_slots = arr.copy(), slots
+        self._remember(arr, slots)
         return slots
+
+    def _remember(self, arr: npt.NDArray[np.str_], slots: npt.NDArray[np.int64]) -> None:
+        # Handed out again while the keys stay the same: read-only, so no caller can spoil it.
+        slots.flags.writeable = False
+        self._last_keys.remember(arr)
+        self._last_slots = slots
+        self._last_lookup = None
 
     def lookup(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Positions of `keys` without adding any; the mask says which were found."""
         arr = np.asarray(keys, dtype=np.str_)
         if self.keys.size == 0:
             return np.zeros(arr.shape, dtype=np.int64), np.zeros(arr.shape, dtype=bool)
+        if self._last_slots is not None and self._last_keys.same(arr):
+            # The keys of the last `slots` call: all known, at the same positions.
+            if self._last_lookup is None:
+                found = np.ones(arr.shape, dtype=bool)
+                found.flags.writeable = False
+                self._last_lookup = (self._last_slots, found)
+            return self._last_lookup
         pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1)
         return pos.astype(np.int64), self.keys[pos] == arr
 
@@ -85,7 +135,12 @@ class KeyedColumns:
         self.keys = self.keys[keep]
         for name in self.cols:
             self.cols[name] = self.cols[name][keep]
-        self._last_keys = self._last_slots = None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._last_keys.forget()
+        self._last_slots = None
+        self._last_lookup = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for persistence)."""
@@ -107,4 +162,4 @@ class KeyedColumns:
                     f"column {name!r} has {col.shape[0]} values for {keys.shape[0]} keys"
                 )
             self.cols[name] = col[order]
-        self._last_keys = self._last_slots = None
+        self._forget()

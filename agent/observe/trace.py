@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from agent.core.errors import TelemetryError, TraceError
+from agent.core.keyed import freeze
 from agent.core.snapshot import Metric, Snapshot
 
 FloatArray = npt.NDArray[np.float64]
@@ -109,31 +110,39 @@ class TraceBlock:
         for metric, column in self.values.items():
             if column.shape != (t, n):
                 raise ValueError(f"TraceBlock values {metric} must have shape ({t}, {n})")
+        # The same per-GPU arrays go into every step's snapshot: frozen, state keyed by them
+        # knows them by identity (`LastKeys`) instead of comparing 1,000s of strings per step.
+        for per_gpu in (self.uuid, self.model, *self.labels.values()):
+            freeze(per_gpu)
 
     def snapshot(self, j: int, budget_w: float | None = None) -> Snapshot:
         """Step j as a Snapshot (GPUs not seen yet at that step left out)."""
         seen = np.isfinite(self.age_s[j])
-        if bool(seen.all()):  # the common case: no per-GPU selection
+        if bool(seen.all()):  # the common case: the per-GPU arrays as they are
             node_names, node_idx = self._nodes
             rows: slice | BoolArray = slice(None)
+            gpu, uuid, model = self.gpu, self.uuid, self.model
+            labels = dict(self.labels)
         else:
             node_names, node_idx = np.unique(self.node[seen], return_inverse=True)
             rows = seen
+            gpu, uuid, model = self.gpu[rows], self.uuid[rows], self.model[rows]
+            labels = {k: v[rows] for k, v in self.labels.items()}
         values = {m: np.asarray(v[j, rows], dtype=np.float64) for m, v in self.values.items()}
         return Snapshot(
             time_s=float(self.time_s[j]),
             node_names=node_names,
             node=node_idx.astype(np.int64),
-            gpu=self.gpu[rows],
-            uuid=self.uuid[rows],
-            model=self.model[rows],
+            gpu=gpu,
+            uuid=uuid,
+            model=model,
             job=self.job[j, rows],
             values=values,
             valid={m: np.isfinite(v) for m, v in values.items()},
             age_s=np.asarray(self.age_s[j, rows], dtype=np.float64),
             stale=self.stale[j, rows],
             budget_w=budget_w,
-            labels={k: v[rows] for k, v in self.labels.items()},
+            labels=labels,
         )
 
     @functools.cached_property

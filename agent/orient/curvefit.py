@@ -205,7 +205,7 @@ class CurveLearner:
         # Per job, not per GPU: look each job up once, then spread over its GPUs.
         ids, names = self._grouper.ids(keys)
         name_slot, name_found = self.jobs.lookup(names)
-        name_found &= names != ""
+        name_found = name_found & (names != "")
         a = np.full(n, self.prior_a)
         b = np.full(n, self.prior_b)
         conf = np.zeros(n)

@@ -296,10 +296,19 @@ class HealthClassifier:
         pick = np.argmax(sev_c, axis=0)  # first of the highest
         severity = sev_c[pick, np.arange(n)].astype(np.int64)
         since = np.where(severity > OK, since_c[pick, np.arange(n)], np.nan)
+        bad = np.flatnonzero((severity > OK) | fail | dbe | rows | (xid_code != 0))
+        if bad.size == 0:  # the usual case: no strings to build
+            empty = np.zeros(n, dtype="<U1")
+            return HealthStatus(
+                severity=severity,
+                code=empty,
+                remediation=empty.copy(),
+                since_s=since,
+                conditions=empty.copy(),
+            )
         code = np.full(n, "", dtype=object)
         remediation = np.full(n, "", dtype=object)
         conditions = np.full(n, "", dtype=object)
-        bad = np.flatnonzero((severity > OK) | fail | dbe | rows | (xid_code != 0))
         # Strings only for the few GPUs with a condition (no per-GPU work for healthy ones).
         after = st["xid_after"][slot]
         for i in bad.tolist():

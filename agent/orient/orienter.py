@@ -39,7 +39,7 @@ from agent.orient.health import HealthClassifier
 from agent.orient.idle import IdleTracker
 from agent.orient.natural import NaturalDrawTracker
 from agent.orient.settings import OrientSettings
-from agent.orient.stats import json_safe
+from agent.orient.stats import Grouper, json_safe
 
 FloatArray = npt.NDArray[np.float64]
 STATE_VERSION = 1
@@ -66,6 +66,11 @@ class CurvePrior:
 def cap_bounds(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """(current, min, max, default) limit per GPU: from telemetry, else from the model table."""
     n = snapshot.n_gpus
+    current = _pick(snapshot, Metric.POWER_LIMIT_W, _pick(snapshot, Metric.ENFORCED_LIMIT_W, None))
+    reported = [snapshot.column(m)[1] for m in _CONSTRAINTS]
+    if all(ok.all() for ok in reported):  # the usual case: no need for the table
+        lo, hi, default = (snapshot.column(m)[0].copy() for m in _CONSTRAINTS)
+        return current, lo, hi, default
     table = {m.model_name: m for m in BUILTIN_MODELS.values()}
     model_min = np.full(n, np.nan)
     model_max = np.full(n, np.nan)
@@ -79,18 +84,23 @@ def cap_bounds(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, 
                 spec.max_cap_w,
                 spec.default_cap_w,
             )
-
-    def pick(metric: Metric, fallback: FloatArray) -> FloatArray:
-        values, ok = snapshot.column(metric)
-        return np.where(ok, values, fallback)
-
-    current = pick(Metric.POWER_LIMIT_W, pick(Metric.ENFORCED_LIMIT_W, np.full(n, np.nan)))
     return (
         current,
-        pick(Metric.MIN_LIMIT_W, model_min),
-        pick(Metric.MAX_LIMIT_W, model_max),
-        pick(Metric.DEFAULT_LIMIT_W, model_def),
+        _pick(snapshot, Metric.MIN_LIMIT_W, model_min),
+        _pick(snapshot, Metric.MAX_LIMIT_W, model_max),
+        _pick(snapshot, Metric.DEFAULT_LIMIT_W, model_def),
     )
+
+
+_CONSTRAINTS = (Metric.MIN_LIMIT_W, Metric.MAX_LIMIT_W, Metric.DEFAULT_LIMIT_W)
+
+
+def _pick(snapshot: Snapshot, metric: Metric, fallback: FloatArray | None) -> FloatArray:
+    """The metric where reported, else `fallback` (NaN where there is none)."""
+    values, ok = snapshot.column(metric)
+    if ok.all():
+        return values.copy()  # the caller's to keep: not the snapshot's own column
+    return np.where(ok, values, np.nan if fallback is None else fallback)
 
 
 class Orienter:
@@ -111,6 +121,7 @@ class Orienter:
         self.group_label = group_label
         self.label_budgets_w = label_budgets_w or {}
         self.job_priority = job_priority or {}
+        self._priority_labels = Grouper()
         self.prior = prior or CurvePrior()
         self.natural = natural or NaturalDrawTracker()
         self.idle = IdleTracker()
@@ -194,6 +205,18 @@ class Orienter:
             self.arrivals.load_dict(data["arrivals"])
 
     # -- one cycle --------------------------------------------------------------------------------
+
+    def _priority_from_labels(self, snapshot: Snapshot) -> npt.NDArray[np.int64]:
+        """The `priority` label (an integer class) where telemetry carries one, else 0 (each
+        distinct label parsed once)."""
+        label = snapshot.labels.get("priority")
+        if label is None:
+            return np.zeros(snapshot.n_gpus, dtype=np.int64)
+        ids, names = self._priority_labels.ids(label)
+        digits = np.char.isdigit(names)
+        classes = np.zeros(names.size, dtype=np.int64)
+        classes[digits] = names[digits].astype(np.int64)
+        return classes[ids]
 
     def orient(
         self,
@@ -345,7 +368,7 @@ class Orienter:
             )
         if priority is None:
             priority = job_priorities(
-                snapshot.job, self.job_priority, _priority_from_labels(snapshot)
+                snapshot.job, self.job_priority, self._priority_from_labels(snapshot)
             )
         return Situation(
             snapshot=snapshot,
@@ -586,12 +609,3 @@ def _health_notes(health: HealthStatus) -> list[str]:
     return [f"health: {'; '.join(parts)}"] if parts else []
 
 
-def _priority_from_labels(snapshot: Snapshot) -> npt.NDArray[np.int64]:
-    """The `priority` label (an integer class) where telemetry carries one, else 0."""
-    label = snapshot.labels.get("priority")
-    if label is None:
-        return np.zeros(snapshot.n_gpus, dtype=np.int64)
-    digits = np.char.isdigit(label)
-    out = np.zeros(snapshot.n_gpus, dtype=np.int64)
-    out[digits] = label[digits].astype(np.int64)
-    return out

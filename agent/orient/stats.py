@@ -13,6 +13,8 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
+from agent.core.keyed import LastKeys
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -30,15 +32,14 @@ class Grouper:
     """Integer group ids for string labels, cached while the labels do not change."""
 
     def __init__(self) -> None:
-        self._labels: npt.NDArray[np.str_] | None = None
+        self._labels = LastKeys()
         self._ids: IntArray = np.zeros(0, dtype=np.int64)
         self._names: npt.NDArray[np.str_] = np.zeros(0, dtype=np.str_)
 
     def ids(self, labels: npt.NDArray[np.str_]) -> tuple[IntArray, npt.NDArray[np.str_]]:
-        last = self._labels
-        if last is None or last.shape != labels.shape or not np.array_equal(last, labels):
+        if not self._labels.same(labels):
             names, inverse = np.unique(labels, return_inverse=True)
-            self._labels = labels.copy()
+            self._labels.remember(labels)
             self._ids = inverse.astype(np.int64).reshape(labels.shape)
             self._names = names
             self._hashes: IntArray | None = None

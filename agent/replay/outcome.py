@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.curves import MIN_EXPONENT
-from agent.core.keyed import KeyedColumns
+from agent.core.keyed import KeyedColumns, LastKeys
 from agent.core.situation import Situation
 from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
 from agent.orient.natural import BUSY_UTIL_PCT, CLEAR_OF_CAP_FRAC
@@ -129,44 +129,41 @@ def segment_keys(uuid: StrArray, job: StrArray) -> StrArray:
 
 class SegmentIndex:
     """Stable ids for (GPU, job) segments, append-only. A GPU's job rarely changes from one step
-    to the next, so each call looks up only the rows whose (UUID, job) changed since the last."""
+    to the next, so each call looks up only the rows whose (UUID, job) changed since the last
+    (in a dict: a handful of keys a step, against a sorted array that every insert would copy)."""
 
     def __init__(self, keys: StrArray | None = None, uuids: StrArray | None = None) -> None:
         self.keys = np.zeros(0, dtype=np.str_) if keys is None else np.asarray(keys)
         self.uuids = np.zeros(0, dtype=np.str_) if uuids is None else np.asarray(uuids)
-        self._order = np.argsort(self.keys, kind="stable").astype(np.int64)
-        self._sorted = self.keys[self._order]
-        self._rows: tuple[StrArray, StrArray, IntArray, BoolArray] | None = None
+        self._id = {key: i for i, key in enumerate(self.keys.tolist())}
+        self._last_uuid = LastKeys()
+        self._rows: tuple[StrArray, IntArray, BoolArray] | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
     def _find(self, keys: StrArray) -> tuple[IntArray, BoolArray]:
-        if self._sorted.size == 0:
-            return np.zeros(keys.shape, dtype=np.int64), np.zeros(keys.shape, dtype=bool)
-        pos = np.clip(np.searchsorted(self._sorted, keys), 0, self._sorted.size - 1)
-        found = self._sorted[pos] == keys
-        return np.where(found, self._order[pos], 0).astype(np.int64), found
+        got = np.fromiter(
+            (self._id.get(key, -1) for key in keys.tolist()), dtype=np.int64, count=keys.size
+        )
+        found = got >= 0
+        return np.where(found, got, 0), found
 
     def _add(self, keys: StrArray, uuids: StrArray) -> None:
         new, first = np.unique(keys, return_index=True)
-        ids = np.arange(self.keys.size, self.keys.size + new.size, dtype=np.int64)
+        start = self.keys.size
+        self._id.update(zip(new.tolist(), range(start, start + new.size), strict=True))
         self.keys = np.concatenate([self.keys, new])
         self.uuids = np.concatenate([self.uuids, uuids[first]])
-        at = np.searchsorted(self._sorted, new)
-        # np.insert keeps the array's dtype: widen it first, or longer keys are truncated.
-        wide = np.promote_types(self._sorted.dtype, new.dtype)
-        self._sorted = np.insert(self._sorted.astype(wide), at, new)
-        self._order = np.insert(self._order, at, ids)
 
     def ids(self, uuid: StrArray, job: StrArray, add: bool) -> tuple[IntArray, BoolArray]:
         """Per row: its segment's id, and whether it is known (always, when `add`)."""
         last = self._rows
-        if last is not None and last[0].shape == uuid.shape and np.array_equal(last[0], uuid):
-            rows = np.flatnonzero(last[1] != job)
+        if last is not None and self._last_uuid.same(uuid):
+            rows = np.flatnonzero(last[0] != job)
             if rows.size == 0:
-                return last[2], last[3]
-            ids, found = last[2].copy(), last[3].copy()
+                return last[1], last[2]
+            ids, found = last[1].copy(), last[2].copy()
         else:
             rows = np.arange(uuid.shape[0])
             ids = np.zeros(uuid.shape[0], dtype=np.int64)
@@ -177,7 +174,8 @@ class SegmentIndex:
             self._add(keys[~hit], uuid[rows][~hit])
             got, hit = self._find(keys)
         ids[rows], found[rows] = got, hit
-        self._rows = (uuid.copy(), job.copy(), ids, found)
+        self._last_uuid.remember(uuid)
+        self._rows = (job.copy(), ids, found)
         return ids, found
 
 
