@@ -11,7 +11,7 @@ from agent.core.curves import (
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, SetPowerCap
-from agent.core.keyed import KeyedColumns
+from agent.core.keyed import KeyedColumns, freeze
 from agent.core.snapshot import Metric, Snapshot
 from tests.conftest import make_snapshot
 
@@ -157,3 +157,37 @@ def test_keyed_columns_take_an_empty_key_array_before_any_key() -> None:
     table = KeyedColumns({"x": (np.float64, np.nan)})
     assert table.slots(np.array([], dtype=np.str_)).tolist() == []
     assert table.slots(np.array(["a"])).tolist() == [0]
+
+
+def test_keyed_columns_trust_only_frozen_arrays_by_identity() -> None:
+    """The same frozen array is known without comparing; an array changed in place is not."""
+    table = KeyedColumns({"x": (np.float64, np.nan)})
+    writable = np.array(["a", "b"])
+    assert table.slots(writable).tolist() == [0, 1]
+    writable[1] = "c"  # the same object, new contents: must not hit the cache
+    assert table.keys.tolist() == ["a", "b"]
+    assert table.slots(writable).tolist() == [0, 2] and table.keys.tolist() == ["a", "b", "c"]
+
+    frozen_keys = freeze(np.array(["c", "a"]))
+    slots = table.slots(frozen_keys)
+    assert table.slots(frozen_keys) is slots  # by identity
+    pos, found = table.lookup(frozen_keys)
+    assert pos.tolist() == [2, 0] and found.all()
+    with pytest.raises(ValueError):  # handed out again: no caller may change it
+        slots[0] = 1
+    # The same keys in a new frozen array (a new trace block) are found by comparison once.
+    again = freeze(np.array(["c", "a"]))
+    assert table.slots(again) is slots
+    table.retain(np.array([True, False, True]))  # forgets "b": positions change
+    assert table.slots(again).tolist() == [1, 0]
+
+
+def test_keyed_columns_lookup_answer_follows_added_keys() -> None:
+    table = KeyedColumns({"x": (np.float64, np.nan)})
+    table.slots(np.array(["a", "c"]))
+    asked = freeze(np.array(["c", "b"]))
+    pos, found = table.lookup(asked)
+    assert found.tolist() == [True, False] and table.lookup(asked)[0] is pos
+    table.slots(np.array(["b"]))  # a key added: the remembered answer is out of date
+    pos, found = table.lookup(asked)
+    assert pos.tolist() == [2, 1] and found.all()

@@ -44,7 +44,11 @@ class LastKeys:
             return False
         if keys is self._src and frozen(keys):
             return True
-        return self._copy.shape == keys.shape and bool(np.array_equal(self._copy, keys))
+        if self._copy.shape != keys.shape or not np.array_equal(self._copy, keys):
+            return False
+        if frozen(keys):  # the same keys in a new frozen array (a new trace block): known by it now
+            self._src = self._copy = keys
+        return True
 
     def remember(self, keys: npt.NDArray[Any]) -> None:
         self._src = keys
@@ -52,6 +56,12 @@ class LastKeys:
 
     def forget(self) -> None:
         self._src = self._copy = None
+
+
+def _all_true(shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
+    out = np.ones(shape, dtype=bool)
+    out.flags.writeable = False
+    return out
 
 
 class KeyedColumns:
@@ -65,6 +75,8 @@ class KeyedColumns:
         }
         self._last_keys = LastKeys()
         self._last_slots: npt.NDArray[np.int64] | None = None
+        # The last `lookup` answer, good while no key is added or removed.
+        self._lookup_keys = LastKeys()
         self._last_lookup: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None = None
 
     def __len__(self) -> int:
@@ -92,6 +104,8 @@ class KeyedColumns:
             self._remember(arr, slots)
             return slots
         new = np.unique(arr[missing])
+        self._lookup_keys.forget()
+        self._last_lookup = None
         merged = np.concatenate([self.keys, new])
         order = np.argsort(merged, kind="stable")
         self.keys = merged[order]
@@ -108,7 +122,6 @@ class KeyedColumns:
         slots.flags.writeable = False
         self._last_keys.remember(arr)
         self._last_slots = slots
-        self._last_lookup = None
 
     def lookup(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Positions of `keys` without adding any; the mask says which were found."""
@@ -117,13 +130,15 @@ class KeyedColumns:
             return np.zeros(arr.shape, dtype=np.int64), np.zeros(arr.shape, dtype=bool)
         if self._last_slots is not None and self._last_keys.same(arr):
             # The keys of the last `slots` call: all known, at the same positions.
-            if self._last_lookup is None:
-                found = np.ones(arr.shape, dtype=bool)
-                found.flags.writeable = False
-                self._last_lookup = (self._last_slots, found)
+            return self._last_slots, _all_true(arr.shape)
+        if self._last_lookup is not None and self._lookup_keys.same(arr):
             return self._last_lookup
-        pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1)
-        return pos.astype(np.int64), self.keys[pos] == arr
+        pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1).astype(np.int64)
+        found = self.keys[pos] == arr
+        pos.flags.writeable = found.flags.writeable = False  # handed out again, like slots
+        self._lookup_keys.remember(arr)
+        self._last_lookup = (pos, found)
+        return pos, found
 
     def retain(self, mask: npt.ArrayLike) -> None:
         """Keep only the keys where `mask` is true (forget the others and their columns)."""
@@ -140,6 +155,7 @@ class KeyedColumns:
     def _forget(self) -> None:
         self._last_keys.forget()
         self._last_slots = None
+        self._lookup_keys.forget()
         self._last_lookup = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -607,5 +607,3 @@ def _health_notes(health: HealthStatus) -> list[str]:
             codes = np.unique(health.code[sev == int(level)])[:5]
             parts.append(f"{count} GPUs {label} ({', '.join(codes.tolist())})")
     return [f"health: {'; '.join(parts)}"] if parts else []
-
-
