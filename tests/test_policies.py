@@ -52,6 +52,22 @@ def only(intents: object, kind: type) -> list:  # type: ignore[type-arg]
 # -- idle_powerdown --------------------------------------------------------------------------
 
 
+def test_a_gpu_whose_power_is_missing_is_not_idle() -> None:
+    """A running GPU whose power reading is missing (an exporter hiccup) is not known to be
+    idle, however long it lasts: idle_powerdown must not floor its cap."""
+    orienter = Orienter()
+    policy = IdlePowerdown(IdlePowerdownSettings(idle_after_s=120))
+    for t in range(0, 600, 15):
+        snap = make_snapshot(
+            [float("nan"), 80.0], time_s=float(t), util_pct=[95, 0], jobs=["7", ""]
+        )
+        situation = orienter.orient(snap, None)
+    assert situation.idle_s is not None
+    assert np.isnan(situation.idle_s[0]) and situation.idle_s[1] >= 120.0
+    caps = only(policy.decide(situation, PolicyMemory(), 600.0).intents, SetPowerCap)
+    assert [c.targets.uuid.tolist() for c in caps] == [["GPU-0001"]]
+
+
 def test_idle_powerdown_caps_lasting_idleness_and_restores_on_work() -> None:
     snap = make_snapshot(
         [80.0, 80.0, 500.0, 210.0], util_pct=[0, 0, 95, 95], jobs=["", "", "7", "8"]

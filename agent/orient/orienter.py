@@ -388,7 +388,9 @@ class Orienter:
             anomalies=anomalies if n else AnomalyFlags.none(0),
             nodes=nodes,
             notes=tuple(notes),
-            idle_s=self.idle.update(snapshot.uuid, draw.busy, snapshot.fresh, snapshot.time_s),
+            # Busy or idle is known only where power is read (`draw.busy` needs it): a GPU
+            # without a power reading is not idle, and must not get an idle cap.
+            idle_s=self.idle.update(snapshot.uuid, draw.busy, fresh_power, snapshot.time_s),
             arrival_reserve_w=self.arrivals.update(snapshot.uuid, draw.busy, snapshot.fresh, power),
             group_budgets=group_masks(
                 snapshot, self.groups, self.group_label, self.label_budgets_w
