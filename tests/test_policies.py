@@ -49,6 +49,15 @@ def only(intents: object, kind: type) -> list:  # type: ignore[type-arg]
     return [i for i in intents if isinstance(i, kind)]  # type: ignore[attr-defined]
 
 
+def test_priority_labels_read_as_small_integers_and_odd_text_as_zero() -> None:
+    """A label is anyone's text: digits that are not ASCII-decimal, or a number that overflows,
+    read as class 0 rather than stopping orient."""
+    snap = make_snapshot([300.0] * 5)
+    labels = {"priority": np.array(["2", "", "³", "9" * 20, "low"], dtype=np.str_)}
+    situation = orient(replace(snap, labels=labels))
+    assert situation.priority.tolist() == [2, 0, 0, 0, 0]
+
+
 # -- idle_powerdown --------------------------------------------------------------------------
 
 

@@ -149,11 +149,22 @@ def test_series_without_host_or_gpu_are_reported_not_guessed() -> None:
     live = [
         {"metric": {"gpu": "0", "UUID": "GPU-x"}, "value": [NOW, str(NOW)]},
         {"metric": {"Hostname": "n", "gpu": "MIG-1"}, "value": [NOW, str(NOW)]},
+        {"metric": {"Hostname": "n", "gpu": "9" * 20}, "value": [NOW, str(NOW)]},
     ]
     fake = FakePrometheus([("timestamp(", live)])
     snap = PrometheusSource(PrometheusSettings(), client=fake).observe(NOW)
     assert snap.n_gpus == 0
-    assert any("2 series without a host label" in e for e in snap.errors)
+    assert any("3 series without a host label" in e for e in snap.errors)
+
+
+def test_a_zero_padded_gpu_label_joins_its_values() -> None:
+    """Identity and values are joined by (host, gpu index): "03" and "3" are one GPU."""
+    labels = {"Hostname": "node1", "gpu": "03", "UUID": "GPU-a", "modelName": MODEL}
+    live = [{"metric": labels, "value": [NOW, str(NOW - 1)]}]
+    values = [sample(410.5, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="03")]
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
+    snap = PrometheusSource(PrometheusSettings(), client=fake).observe(NOW)
+    assert snap.gpu.tolist() == [3] and snap.column(Metric.POWER_W)[0].tolist() == [410.5]
 
 
 def test_relabelled_names_and_matchers() -> None:

@@ -92,7 +92,7 @@ def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]
     if keys.size == 0:
         return GpuTargets.empty(), np.zeros(0)
     parts = np.char.rpartition(keys.astype(np.str_), "/gpu")
-    gpu_ok = np.char.isdigit(parts[:, 2])
+    gpu_ok = np.char.isdecimal(parts[:, 2]) & (np.char.str_len(parts[:, 2]) <= 9)
     gpu = np.where(gpu_ok, parts[:, 2], "-1").astype(np.int64)
     targets = GpuTargets(
         node=parts[:, 0].astype(np.str_),

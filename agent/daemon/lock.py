@@ -65,4 +65,4 @@ def _read_pid(fd: int) -> int | None:
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isdecimal() else None

@@ -24,7 +24,7 @@ class SystemdNotify:
         self.watchdog_s: float | None = None
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
-        if self.socket and usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
+        if self.socket and usec.isdecimal() and int(usec) > 0 and pid in ("", str(os.getpid())):
             self.watchdog_s = int(usec) / 1e6
 
     @property

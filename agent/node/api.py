@@ -257,7 +257,7 @@ def _refusal(result: AuthResult) -> Response:
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and declared.isdecimal() and int(declared) > MAX_BODY_BYTES:
         raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0

@@ -513,7 +513,8 @@ class PrometheusSource:
             host = np.where(host != "", host, labels[name])
         host = np.asarray(host, dtype=np.str_)
         gpu_text = labels[self.settings.gpu_label]
-        ok = (host != "") & np.char.isdigit(gpu_text)
+        # An index, not a number that overflows int64 (a label is anyone's text).
+        ok = (host != "") & np.char.isdecimal(gpu_text) & (np.char.str_len(gpu_text) <= 9)
         gpu = np.where(ok, gpu_text, "0").astype(np.int64)
         keys = np.char.add(np.char.add(host, KEY_SEP), gpu.astype(np.str_))
         return np.asarray(keys, dtype=np.str_), host, gpu, np.asarray(ok, dtype=bool)
@@ -711,10 +712,13 @@ class PrometheusSource:
         return Vector.of(metrics, values, labels)
 
     def _series_key(self, labels: Mapping[str, str]) -> str:
-        """A series' key, `host<SEP>gpu`, the host being the first non-empty host label."""
+        """A series' key, `host<SEP>gpu`, as `keys()` makes it: the host is the first non-empty
+        host label, the gpu its index ("03" is GPU 3)."""
         s = self.settings
         host = next((labels[h] for h in s.host_labels if labels.get(h)), "")
-        return f"{host}{KEY_SEP}{labels.get(s.gpu_label, '')}"
+        gpu = labels.get(s.gpu_label, "")
+        index = int(gpu) if gpu.isdecimal() and len(gpu) <= 9 else gpu
+        return f"{host}{KEY_SEP}{index}"
 
     # -- static fields ---------------------------------------------------------------------
 

@@ -213,7 +213,8 @@ class Orienter:
         if label is None:
             return np.zeros(snapshot.n_gpus, dtype=np.int64)
         ids, names = self._priority_labels.ids(label)
-        digits = np.char.isdigit(names)
+        # A class is a small integer: other text (and numbers that overflow) reads as 0.
+        digits = np.char.isdecimal(names) & (np.char.str_len(names) <= 9)
         classes = np.zeros(names.size, dtype=np.int64)
         classes[digits] = names[digits].astype(np.int64)
         return classes[ids]
