@@ -167,6 +167,19 @@ def test_a_zero_padded_gpu_label_joins_its_values() -> None:
     assert snap.gpu.tolist() == [3] and snap.column(Metric.POWER_W)[0].tolist() == [410.5]
 
 
+def test_an_unchanged_fleet_keeps_one_frozen_identity_array() -> None:
+    """Cycle after cycle the same UUIDs come as the same read-only array (state keyed by UUID
+    then knows them without comparing); a change gives a new one."""
+    live = [{"metric": gpu("node1", i), "value": [NOW, str(NOW - 1)]} for i in range(2)]
+    fake = FakePrometheus([("timestamp(", live)])
+    source = PrometheusSource(PrometheusSettings(), client=fake)
+    first, second = source.observe(NOW), source.observe(NOW + 15)
+    assert second.uuid is first.uuid and not second.uuid.flags.writeable
+    live.append({"metric": gpu("node2", 0), "value": [NOW, str(NOW - 1)]})
+    third = source.observe(NOW + 30)
+    assert third.uuid is not first.uuid and third.uuid.tolist()[-1] == "GPU-node2-0"
+
+
 def test_relabelled_names_and_matchers() -> None:
     settings = PrometheusSettings(
         metrics={Metric.POWER_W: "gpu_power_watts", Metric.TEMP_C: "gpu_temp"},
