@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import (
     DrainNode,
     Notify,
@@ -25,7 +26,7 @@ from agent.core.situation import (
     Situation,
 )
 from agent.core.snapshot import Metric, Snapshot
-from agent.orient.orienter import Orienter
+from agent.orient.orienter import Orienter, cap_bounds
 from policies.base import PolicyMemory
 from policies.energy_efficiency import EnergyEfficiency, EnergyEfficiencySettings
 from policies.health_drain import HealthDrain, HealthDrainMemory, HealthDrainSettings
@@ -56,6 +57,23 @@ def test_priority_labels_read_as_small_integers_and_odd_text_as_zero() -> None:
     labels = {"priority": np.array(["2", "", "³", "9" * 20, "low"], dtype=np.str_)}
     situation = orient(replace(snap, labels=labels))
     assert situation.priority.tolist() == [2, 0, 0, 0, 0]
+
+
+def test_cap_bounds_come_from_telemetry_else_from_the_model_table() -> None:
+    h100 = BUILTIN_MODELS["H100"]
+    snap = make_snapshot([300.0, 300.0])  # no cap range in telemetry: the model's
+    _cur, lo, hi, default = cap_bounds(snap)
+    assert lo.tolist() == [h100.min_cap_w] * 2 and hi.tolist() == [h100.max_cap_w] * 2
+    assert default.tolist() == [h100.default_cap_w] * 2
+    values = dict(snap.values)
+    values[Metric.MAX_LIMIT_W] = np.array([650.0, np.nan])
+    reported = replace(snap, values=values, valid={m: np.isfinite(v) for m, v in values.items()})
+    _cur, lo, hi, _default = cap_bounds(reported)
+    assert hi.tolist() == [650.0, h100.max_cap_w]  # where reported, telemetry wins
+    hi[0] = 1.0  # the caller's own array: the table is not changed
+    assert cap_bounds(snap)[2].tolist() == [h100.max_cap_w] * 2
+    unknown = replace(snap, model=np.array(["Some GPU", "Some GPU"]))
+    assert np.isnan(cap_bounds(unknown)[1]).all()
 
 
 # -- idle_powerdown --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ learn from whatever was not flagged, then the forecasts.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.core.keyed import LastKeys, freeze
 from agent.core.situation import (
     AnomalyFlags,
     CurveEstimates,
@@ -42,6 +44,7 @@ from agent.orient.settings import OrientSettings
 from agent.orient.stats import Grouper, json_safe
 
 FloatArray = npt.NDArray[np.float64]
+StrArray = npt.NDArray[np.str_]
 STATE_VERSION = 1
 
 
@@ -65,38 +68,54 @@ class CurvePrior:
 
 def cap_bounds(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """(current, min, max, default) limit per GPU: from telemetry, else from the model table."""
-    n = snapshot.n_gpus
     current = _pick(snapshot, Metric.POWER_LIMIT_W, _pick(snapshot, Metric.ENFORCED_LIMIT_W, None))
-    reported = [snapshot.column(m)[1] for m in _CONSTRAINTS]
-    if all(ok.all() for ok in reported):  # the usual case: no need for the table
-        lo, hi, default = (snapshot.column(m)[0].copy() for m in _CONSTRAINTS)
-        return current, lo, hi, default
-    table = {m.model_name: m for m in BUILTIN_MODELS.values()}
-    model_min = np.full(n, np.nan)
-    model_max = np.full(n, np.nan)
-    model_def = np.full(n, np.nan)
-    for name in np.unique(snapshot.model):
-        spec = table.get(str(name))
-        if spec is not None:
-            rows = snapshot.model == name
-            model_min[rows], model_max[rows], model_def[rows] = (
-                spec.min_cap_w,
-                spec.max_cap_w,
-                spec.default_cap_w,
-            )
-    return (
-        current,
-        _pick(snapshot, Metric.MIN_LIMIT_W, model_min),
-        _pick(snapshot, Metric.MAX_LIMIT_W, model_max),
-        _pick(snapshot, Metric.DEFAULT_LIMIT_W, model_def),
-    )
+    if all(snapshot.column(m)[1].all() for m in _CONSTRAINTS):  # the usual case: no table
+        lo, hi, default = (_pick(snapshot, m, None) for m in _CONSTRAINTS)
+    else:
+        table = _MODEL_TABLE.columns(snapshot.model)
+        lo, hi, default = (_pick(snapshot, m, t) for m, t in zip(_CONSTRAINTS, table, strict=True))
+    return current, lo, hi, default
+
+
+class _ModelTable:
+    """Per GPU, the (min, max, default) limit of its model in the built-in table (NaN where the
+    model is unknown), for the last fleet asked about: the same models cycle after cycle, known
+    by identity when frozen (`LastKeys`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models = LastKeys()
+        self._columns: tuple[FloatArray, FloatArray, FloatArray] | None = None
+
+    def columns(self, model: StrArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+        with self._lock:
+            if self._columns is not None and self._models.same(model):
+                return self._columns
+            n = model.shape[0]
+            table = {m.model_name: m for m in BUILTIN_MODELS.values()}
+            lo, hi, default = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+            for name in np.unique(model):
+                spec = table.get(str(name))
+                if spec is not None:
+                    rows = model == name
+                    lo[rows], hi[rows], default[rows] = (
+                        spec.min_cap_w,
+                        spec.max_cap_w,
+                        spec.default_cap_w,
+                    )
+            self._models.remember(model)
+            self._columns = (freeze(lo), freeze(hi), freeze(default))
+            return self._columns
+
+
+_MODEL_TABLE = _ModelTable()
 
 
 _CONSTRAINTS = (Metric.MIN_LIMIT_W, Metric.MAX_LIMIT_W, Metric.DEFAULT_LIMIT_W)
 
 
 def _pick(snapshot: Snapshot, metric: Metric, fallback: FloatArray | None) -> FloatArray:
-    """The metric where reported, else `fallback` (NaN where there is none)."""
+    """The metric where reported, else `fallback` (NaN where there is none); a new array."""
     values, ok = snapshot.column(metric)
     if ok.all():
         return values.copy()  # the caller's to keep: not the snapshot's own column

@@ -57,14 +57,13 @@ from agent.core.situation import HealthSeverity, NodeStates, Situation
 from agent.core.snapshot import Snapshot
 from agent.loop import CycleReport, Loop
 from agent.observe.trace import TraceReader
-from agent.orient.orienter import Orienter
+from agent.orient.orienter import Orienter, cap_bounds
 from agent.replay.outcome import (
     DRAWS,
     Counterfactual,
     Estimates,
     SegmentBook,
     StepOutcome,
-    limits,
 )
 from agent.runtime import build_policies, orienter_for, rollout_for
 from policies.base import PolicySettings
@@ -460,7 +459,7 @@ class _CapChanges:
         self.released = 0
 
     def update(self, snap: Snapshot) -> None:
-        limit, _mn, _mx, default = limits(snap)
+        limit, _mn, _mx, default = cap_bounds(snap)
         ok = np.isfinite(limit) & snap.fresh
         if not ok.any():
             return

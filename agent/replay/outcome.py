@@ -74,36 +74,6 @@ K_DEFAULT = 0.97  # draw / cap under a binding cap when a trace never shows one 
 DRAWS = 40
 
 
-_MODEL_BOUNDS: dict[bytes, tuple[FloatArray, FloatArray, FloatArray]] = {}
-
-
-def limits(snapshot: Snapshot) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """orient's `cap_bounds` (current, min, max, default per GPU), with the model table's part
-    cached per fleet (the same models step after step)."""
-    key = snapshot.model.tobytes()
-    table = _MODEL_BOUNDS.get(key)
-    if table is None:
-        probe = replace(snapshot, values={}, valid={})
-        _cur, lo, hi, default = cap_bounds(probe)
-        table = (lo, hi, default)
-        if len(_MODEL_BOUNDS) > 64:
-            _MODEL_BOUNDS.clear()
-        _MODEL_BOUNDS[key] = table
-
-    def pick(metric: Metric, fallback: FloatArray) -> FloatArray:
-        values, ok = snapshot.column(metric)
-        return np.where(ok, values, fallback)
-
-    nan = np.full(snapshot.n_gpus, np.nan)
-    current = pick(Metric.POWER_LIMIT_W, pick(Metric.ENFORCED_LIMIT_W, nan))
-    return (
-        current,
-        pick(Metric.MIN_LIMIT_W, table[0]),
-        pick(Metric.MAX_LIMIT_W, table[1]),
-        pick(Metric.DEFAULT_LIMIT_W, table[2]),
-    )
-
-
 def busy_mask(snapshot: Snapshot) -> BoolArray:
     """Fresh GPUs with power that run work (a job, or utilization): orient's rule."""
     power_ok = snapshot.usable(Metric.POWER_W)
@@ -253,7 +223,7 @@ class SegmentBook:
         c["since"][slot[new]] = now
         c["busy_steps"][slot] += 1
         c["last_t"][slot] = now
-        limit, _mn, max_w, _df = limits(snapshot)
+        limit, _mn, max_w, _df = cap_bounds(snapshot)
         c["max_cap"][slot] = max_w[rows]
         power = snapshot.column(Metric.POWER_W)[0][rows]
         bind = binding_mask(snapshot, limit, max_w)[rows]
@@ -540,7 +510,7 @@ class Counterfactual:
     def step(self, snap: Snapshot, dt_s: float) -> tuple[Snapshot, StepOutcome]:
         est = self.est
         n = snap.n_gpus
-        limit, _mn, max_w, default_w = limits(snap)
+        limit, _mn, max_w, default_w = cap_bounds(snap)
         gslot = self.caps.slots(snap.uuid)
         cap_p = self.caps["cap_w"][gslot]
         fresh_cap = np.isnan(cap_p)  # first sight: the cap it had in the trace then
