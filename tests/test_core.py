@@ -11,7 +11,7 @@ from agent.core.curves import (
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, SetPowerCap
-from agent.core.keyed import KeyedColumns, freeze
+from agent.core.keyed import KeyedColumns, LastKeys, freeze
 from agent.core.snapshot import Metric, Snapshot
 from tests.conftest import make_snapshot
 
@@ -191,3 +191,12 @@ def test_keyed_columns_lookup_answer_follows_added_keys() -> None:
     table.slots(np.array(["b"]))  # a key added: the remembered answer is out of date
     pos, found = table.lookup(asked)
     assert pos.tolist() == [2, 1] and found.all()
+
+
+def test_last_keys_interned_hands_out_one_frozen_array_while_the_keys_stay() -> None:
+    last = LastKeys()
+    first = last.interned(np.array(["a", "b"]))
+    assert not first.flags.writeable
+    assert last.interned(np.array(["a", "b"])) is first  # equal keys, a new array: the same one
+    changed = last.interned(np.array(["a", "c"]))
+    assert changed is not first and changed.tolist() == ["a", "c"]

@@ -54,6 +54,15 @@ class LastKeys:
         self._src = keys
         self._copy = keys if frozen(keys) else keys.copy()
 
+    def interned(self, keys: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """`keys` as one frozen array for as long as they stay the same: the one remembered, or
+        a frozen copy of these (so everything keyed by them downstream knows them by identity)."""
+        if self.same(keys) and self._copy is not None and frozen(self._copy):
+            return self._copy
+        own = freeze(keys.copy())
+        self.remember(own)
+        return own
+
     def forget(self) -> None:
         self._src = self._copy = None
 

@@ -69,7 +69,7 @@ from agent.core.dcgm import (
     LABEL_UUID,
 )
 from agent.core.errors import TelemetryError
-from agent.core.keyed import freeze
+from agent.core.keyed import LastKeys
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.observe import promql
 
@@ -391,9 +391,9 @@ class PrometheusSource:
         self._lock = threading.Lock()
         self._static: _StaticRead | None = None
         self._inventory: _Inventory | None = None
-        # Last cycle's per-GPU identity, frozen: handed out again while it is the same, so state
-        # keyed by UUID downstream knows it by identity instead of comparing 100,000 strings.
-        self._identity: tuple[StrArray, StrArray] | None = None
+        # The per-GPU identity handed out again while it is the same (`LastKeys.interned`).
+        self._uuids = LastKeys()
+        self._models = LastKeys()
         self._key_of_labels: dict[bytes, str] = {}  # a series' label JSON -> its GPU key
         self._labels_of_text: dict[bytes, dict[str, str]] = {}  # ... -> its labels
         self.queries = 0  # made by the last observe()
@@ -666,13 +666,12 @@ class PrometheusSource:
 
         budget = self._budget(budget_answer, errors) if budget_answer is not None else None
         order = np.lexsort((gpu, host))
-        uuid_sorted, model_sorted = self._same_identity(uuid[order], model[order])
         return build_snapshot(
             time_s=now_s,
             node_of_gpu=host[order],
             gpu=gpu[order],
-            uuid=uuid_sorted,
-            model=model_sorted,
+            uuid=self._uuids.interned(uuid[order]),
+            model=self._models.interned(model[order]),
             job=job[order],
             values={m: v[order] for m, v in values.items()},
             age_s=age[order],
@@ -680,18 +679,6 @@ class PrometheusSource:
             budget_w=budget,
             errors=tuple(errors),
         )
-
-    def _same_identity(self, uuid: StrArray, model: StrArray) -> tuple[StrArray, StrArray]:
-        last = self._identity
-        if (
-            last is not None
-            and last[0].shape == uuid.shape
-            and np.array_equal(last[0], uuid)
-            and np.array_equal(last[1], model)
-        ):
-            return last
-        self._identity = (freeze(np.ascontiguousarray(uuid)), freeze(np.ascontiguousarray(model)))
-        return self._identity
 
     def _column(
         self, answer: Answer, rows: RowIndex, metric: Metric, fill: FloatArray | None = None
