@@ -201,7 +201,7 @@ class RowIndex:
         self.size = int(keys.size)
         self._row = {k: i for i, k in enumerate(keys.tolist())}
 
-    def of(self, keys: Iterable[str | None]) -> Iterator[int]:
+    def of(self, keys: Iterable[str]) -> Iterator[int]:
         return map(self._row.get, keys, itertools.repeat(-1))
 
 
@@ -283,17 +283,20 @@ _SERIES_START = b'{"metric":'
 T = TypeVar("T")
 
 
-def memoized(texts: list[bytes], memo: dict[bytes, T], make: Callable[[bytes], T]) -> list[T]:
-    """`make(text)` for each text, each distinct text made once and kept in `memo` for the next
-    cycles (a fleet's label sets rarely change); a memo grown past twice these texts (a churning
-    fleet) starts afresh."""
+def memoized(
+    texts: list[bytes], memo: dict[bytes, T], make: Callable[[list[bytes]], list[T]]
+) -> list[T]:
+    """What `make` gives for each text, the texts not seen before made in one call and kept in
+    `memo` for the next cycles (a fleet's label sets rarely change); a memo grown past twice
+    these texts (a churning fleet) starts afresh."""
     if len(memo) > 2 * len(texts) + 1024:
         memo.clear()
     found = list(map(memo.get, texts))
-    if None not in found:
-        return found  # type: ignore[return-value]
-    for i in (i for i, x in enumerate(found) if x is None):
-        found[i] = memo[texts[i]] = make(texts[i])
+    missing = [i for i, x in enumerate(found) if x is None]
+    if missing:
+        made = make([texts[i] for i in missing])
+        for i, x in zip(missing, made, strict=True):
+            found[i] = memo[texts[i]] = x
     return found  # type: ignore[return-value]
 
 
@@ -685,19 +688,8 @@ class PrometheusSource:
     ) -> FloatArray:
         """One field's answer as a column over the GPUs of `rows` (`fill`, or NaN, where it has
         none), in the metric's unit. At 100,000 GPUs and a dozen fields this join is most of
-        the agent's own work in a cycle, so a plain body is read without decoding it into a
-        dict per series (`fast_series`); label sets seen are kept between cycles with their key."""
-        body = answer.take_body()
-        fast = fast_series(body) if isinstance(body, bytes) else None
-        if fast is not None:
-            label_texts, value = fast
-            keys = memoized(
-                label_texts, self._key_of_labels, lambda t: self._series_key(orjson.loads(t))
-            )
-        else:
-            result = answer.decode(body)
-            keys = [self._series_key(r["metric"]) for r in result]
-            value = np.fromiter((float(r["value"][1]) for r in result), np.float64, len(result))
+        the agent's own work in a cycle: see `_series`."""
+        keys, value = self._series(answer, self._key_of_labels, self._join_keys)
         where = np.fromiter(rows.of(keys), dtype=np.int64, count=len(keys))
         column = np.full(rows.size, np.nan) if fill is None else fill.copy()
         hit = where >= 0
@@ -705,24 +697,33 @@ class PrometheusSource:
         return column
 
     def _vector(self, answer: Answer, labels: Sequence[str]) -> Vector:
-        """An answer as label columns and values; a plain body (see `fast_series`) decodes
-        each label set once and keeps it for the next cycles (they rarely change)."""
+        """An answer as label columns and values (see `_series`)."""
+        metrics, values = self._series(answer, self._labels_of_text, lambda found: found)
+        return Vector.of(metrics, values, labels)
+
+    def _series(
+        self,
+        answer: Answer,
+        memo: dict[bytes, T],
+        make: Callable[[list[dict[str, str]]], list[T]],
+    ) -> tuple[list[T], FloatArray]:
+        """Per series of an answer, `make` of its labels, and its value. A plain body is read
+        without decoding it into a dict per series (`fast_series`), and what `make` gives for
+        a label set is kept in `memo` across cycles (they rarely change)."""
         body = answer.take_body()
         fast = fast_series(body) if isinstance(body, bytes) else None
         if fast is None:
-            return Vector.parse(answer.decode(body), labels)
-        label_texts, values = fast
-        metrics = memoized(label_texts, self._labels_of_text, orjson.loads)
-        return Vector.of(metrics, values, labels)
+            result = answer.decode(body)
+            values = np.array([r["value"][1] for r in result], dtype=np.float64)
+            return make([r["metric"] for r in result]), values.reshape(len(result))
+        texts, values = fast
+        return memoized(texts, memo, lambda new: make([orjson.loads(t) for t in new])), values
 
-    def _series_key(self, labels: Mapping[str, str]) -> str:
-        """A series' key, `host<SEP>gpu`, as `keys()` makes it: the host is the first non-empty
-        host label, the gpu its index ("03" is GPU 3)."""
-        s = self.settings
-        host = next((labels[h] for h in s.host_labels if labels.get(h)), "")
-        gpu = labels.get(s.gpu_label, "")
-        index = int(gpu) if gpu.isdecimal() and len(gpu) <= 9 else gpu
-        return f"{host}{KEY_SEP}{index}"
+    def _join_keys(self, metrics: list[dict[str, str]]) -> list[str]:
+        """Each series' GPU key, as `keys()` makes it; "" (which no GPU has) for a series
+        without a host or a gpu index."""
+        key, _host, _gpu, ok = self.keys(label_columns(metrics, self.ident))
+        return list(np.where(ok, key, "").tolist())
 
     # -- static fields ---------------------------------------------------------------------
 
