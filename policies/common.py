@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -52,7 +54,7 @@ def node_any(situation: Situation, per_gpu: BoolArray) -> BoolArray:
 
 
 def pool_within_jobs(
-    values: FloatArray, noise_var: FloatArray, keys: npt.NDArray[np.str_]
+    values: FloatArray, noise_var: FloatArray, keys: npt.NDArray[Any]
 ) -> FloatArray:
     """Per GPU estimates of a quantity its job's GPUs share up to real differences (a natural
     draw, a cap-draw share), shrunk towards their job's mean by how much of their spread is
@@ -62,7 +64,9 @@ def pool_within_jobs(
     must not give its GPUs different shares of their natural draw.
 
     `noise_var`: per GPU, the variance of its estimate's error (an upper bound will do: it only
-    pools more). GPUs alone in their job, and non-finite values, are left as they are."""
+    pools more). `keys`: per GPU its job, as text or as integer group ids (cheaper to group
+    when pooling several quantities). GPUs alone in their job, and non-finite values, are left
+    as they are."""
     out = np.asarray(values, dtype=np.float64).copy()
     ok = np.isfinite(out) & np.isfinite(noise_var)
     if not ok.any():

@@ -117,9 +117,9 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         natural = reference[rows]
         k = curves.cap_draw_frac[rows]
         sample_sd = np.maximum(curves.natural_w_hi[rows] - curves.natural_w[rows], 0.0) / 2.0
-        keys = situation.snapshot.job_key[rows]
-        pooled_natural = pool_within_jobs(natural, sample_sd**2, keys)
+        _, jobs = np.unique(situation.snapshot.job_key[rows], return_inverse=True)
+        pooled_natural = pool_within_jobs(natural, sample_sd**2, jobs)
         # A share of the cap is measured with the draw's relative noise.
         rel_sd = sample_sd / np.maximum(natural, 1e-9)
-        pooled_k = pool_within_jobs(k, (rel_sd * k) ** 2, keys)
+        pooled_k = pool_within_jobs(k, (rel_sd * k) ** 2, jobs)
         return pooled_natural, pooled_k
