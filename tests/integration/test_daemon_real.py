@@ -117,6 +117,8 @@ def test_ooda_run_live_on_prometheus_and_node_daemons_restart_and_release(
                 time.sleep(0.3)
             assert leased, first.log_path.read_text()[-3000:]
             assert all(g["power_limit_w"] < 700 for g in leased)
+            # Leases land during act; the cycle's metrics are set when the cycle ends.
+            first.wait_cycles(1)
             assert first.value("ooda_gpus_seen") == 8
             assert httpx.get(f"{first.url}/readyz", timeout=5).status_code == 200
             code, took_s = first.stop()
