@@ -47,6 +47,9 @@ def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
     runtime = build_runtime(config)
     try:
         assert isinstance(runtime.loop.source, PrometheusSource)
+        # No orient model or policy reads the energy counter: the loop does not ask for it.
+        assert Metric.ENERGY_J not in runtime.loop.source.value_metrics.values()
+        assert Metric.TEMP_C in runtime.loop.source.value_metrics.values()
         assert isinstance(runtime.loop.clock, SystemClock)
         assert runtime.twin is None
     finally:
