@@ -38,7 +38,7 @@ from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.runtime import Runtime, build_runtime
 from agent.sim.adapters import TwinSource
 from agent.sim.twin import Twin
-from tests.daemon_helpers import twin_config
+from tests.daemon_helpers import DaemonProcess, twin_config
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 
@@ -194,6 +194,38 @@ def test_a_record_cut_by_a_full_disk_leaves_no_torn_line(tiny_disk: Path) -> Non
     audit.event("after", n=2)
     audit.close()
     assert [r["event"] for r in audit_lines(path)] == ["before", "after"]
+
+
+def test_the_daemon_starts_on_a_full_disk_refuses_to_act_and_acts_once_space_is_back(
+    tmp_path: Path, tiny_disk: Path
+) -> None:
+    cfg = tmp_path / "ooda.toml"
+    cfg.write_text(twin_config(dry_run=False, interval_s=0.05, speed=20))
+    state = tiny_disk / "state"
+    state.mkdir()
+    filler = fill(tiny_disk)
+    proc = DaemonProcess(cfg, state, tmp_path / "run.log").started()
+    try:
+        assert proc.wait_event("lock_pid_unwritten")["reason"].startswith("cannot write the pid")
+        refused = proc.wait_event("cycle_summary")
+        assert any("audit log unwritable" in e and "not acting" in e for e in refused["errors"])
+        assert proc.wait_event("state_save_failed")
+        assert proc.proc.poll() is None  # still running, still observing
+        seen = len(proc.events())
+        filler.unlink()
+        deadline = time.monotonic() + 20
+        while not any(
+            e.get("event") == "cycle_summary" and e["actions"].get("applied")
+            for e in proc.events()[seen:]
+        ):
+            assert time.monotonic() < deadline, "no action applied once space was back"
+            time.sleep(0.05)
+        code, _took_s = proc.stop()
+    finally:
+        proc.kill()
+    assert code == 0
+    records = audit_lines(state / "audit.jsonl")
+    assert_every_action_has_its_decision(records)
 
 
 # -- bad samples: NaN, negative, absurd ----------------------------------------------------------

@@ -24,6 +24,7 @@ class InstanceLock:
         self.cluster = cluster
         self.path = state_dir / f"{safe_name(cluster)}.lock"
         self._fd: int | None = None
+        self.pid_error: str | None = None  # why the pid could not be written, if it could not
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -40,10 +41,15 @@ class InstanceLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
         self._fd = fd
+        # The pid only lets a second instance say who holds the lock: a full disk must not
+        # stop the agent from starting (it then refuses to act until its audit log is writable).
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:
+            self.pid_error = f"cannot write the pid to {self.path} ({exc.strerror or exc})"
 
     def release(self) -> None:
         """Unlock (the file stays: removing it would race with a starting instance)."""

@@ -202,6 +202,8 @@ class Daemon:
         cluster = config.cluster.name
         self.lock = InstanceLock(directory, cluster)
         self.lock.acquire()
+        if self.lock.pid_error is not None:
+            log.warning("lock_pid_unwritten", reason=self.lock.pid_error)
         try:
             self._open(config)
         except BaseException:
