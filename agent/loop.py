@@ -7,9 +7,10 @@ actuators. Nothing here sleeps or reads the wall clock: time comes from the inje
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -122,6 +123,16 @@ class Loop:
         self.cycles = 0
         self._ids = itertools.count(1)
         self._last_now: float | None = None  # the previous cycle's time: a jump back shows
+
+    def to_dict(self) -> dict[str, Any]:
+        """The last cycle's time, so a restart after the clock went back sees the jump."""
+        return {"last_cycle_s": self._last_now}
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        last = data.get("last_cycle_s")
+        if last is not None and not (isinstance(last, int | float) and math.isfinite(last)):
+            raise ValueError(f"last_cycle_s: not a time: {last!r}")
+        self._last_now = None if last is None else float(last)
 
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe

@@ -133,6 +133,8 @@ def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_pat
         assert second.runtime.twin.t_s == pytest.approx(last_t)
         assert bool(second.runtime.twin.node_drained[1])
         assert same(loop.guard.to_dict(), guard_before)
+        # The last cycle's time too: a restart after the clock went back sees the jump.
+        assert loop.to_dict() == saved["parts"]["loop"] == {"last_cycle_s": last_t}
         # Cooldowns resume: raising a cap the first run changed in its last cycle is refused;
         # a guard that forgot would allow it.
         last_change = np.array(guard_before["caps"]["last_change_s"])

@@ -319,6 +319,36 @@ def test_clock_jumps_keep_cooldowns_and_caps_sane(tmp_path: Path) -> None:
     assert_every_action_has_its_decision(records)
 
 
+def test_a_restart_after_the_clock_went_back_sees_the_jump(tmp_path: Path) -> None:
+    """The agent stops, the clock is set two hours back, the agent starts with its saved state:
+    its cooldowns restart from now instead of lasting until the clock catches up."""
+    first = twin_runtime(tmp_path, extra="\n[guard]\ncap_cooldown_s = 60\n")
+    assert first.twin is not None
+    clock = FakeClock(first.twin.t_s)
+    first.loop.clock = clock
+    for _ in range(4):
+        clock.set(clock.now() + 15.0)
+        step(first)
+    stopped_at = clock.now()
+    saved = json.loads(
+        json.dumps({"loop": first.loop.to_dict(), "guard": first.loop.guard.to_dict()})
+    )
+    first.close()
+    assert saved["loop"] == {"last_cycle_s": stopped_at}
+
+    second = twin_runtime(tmp_path)
+    second.loop.load_dict(saved["loop"])
+    second.loop.guard.load_dict(saved["guard"])
+    second.loop.clock = FakeClock(stopped_at - 7_200.0)
+    report = step(second)
+    second.close()
+    assert any("the clock went back 7200 s" in e for e in report.errors), report.errors
+    changed = second.loop.guard.caps["last_change_s"]
+    assert (changed[np.isfinite(changed)] <= stopped_at - 7_200.0).all()
+    with pytest.raises(ValueError, match="last_cycle_s"):
+        second.loop.load_dict({"last_cycle_s": "yesterday"})
+
+
 # -- Prometheus down, stalling, partial -----------------------------------------------------------
 
 

@@ -291,6 +291,7 @@ class Daemon:
         runtime = runtime or self.runtime
         loop = runtime.loop
         parts: dict[str, Any] = {
+            "loop": loop.to_dict(),
             "guard": loop.guard.to_dict(),
             "orienter": loop.orienter.to_dict(),
             "policies": {name: m.model_dump(mode="json") for name, m in loop.memory.items()},
@@ -311,6 +312,7 @@ class Daemon:
         loop = runtime.loop
         problems: list[str] = []
         targets: dict[str, Persistent] = {
+            "loop": loop,
             "guard": loop.guard,
             "orienter": loop.orienter,
             "recommendations": self.metrics.recommendations,
