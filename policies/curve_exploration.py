@@ -64,10 +64,11 @@ class Exploring(BaseModel):
     uuid: str
     node: str
     gpu: int
-    since_s: float
+    since_s: float  # when the step started
     cap_w: float
     restore_default: bool  # the GPU was at its default limit before
-    given_back_s: float | None = None  # when the step ended and its cap was given back
+    # When the step ended and its cap was given back; None while it is in force.
+    given_back_s: float | None = None
     # The least share of its cap the GPU draws under a binding cap, as far as this step has
     # shown (a step that did not bind puts it at least at draw / cap); 0: nothing shown.
     share_lo: float = 0.0
@@ -115,7 +116,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 and bool(situation.busy[row])
                 and str(job_key[row]) == e.job
             )
-            if still and now_s - e.since_s < s.hold_s:
+            if e.given_back_s is None and still and now_s - e.since_s < s.hold_s:
                 assert row is not None and unbound is not None
                 held = e
                 # The step in force did not bind: the GPU draws a larger share of its cap than
@@ -148,11 +149,11 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                 # a while: a lower cap from another policy may stand, and outlives the step.
                 if bool(snap.fresh[row]):
                     release_rows.append(row)
-                keep.append(e.model_copy(update={"since_s": -1.0, "given_back_s": given}))
+                keep.append(e.model_copy(update={"given_back_s": given}))
         last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
 
         # New steps: least confident jobs first, whole jobs, within the GPU allowance.
-        room = s.max_gpus - sum(1 for e in keep if e.since_s >= 0.0)
+        room = s.max_gpus - sum(1 for e in keep if e.given_back_s is None)
         curves = situation.curves
         known = (
             curves.natural_known

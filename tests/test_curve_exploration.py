@@ -139,7 +139,7 @@ def test_a_give_back_that_another_policys_cap_outlasts_ends() -> None:
     assert given_back[0]  # given back once the hold is over...
     assert not any(given_back[-5:])  # ...for a while, not every cycle for ever
     assert isinstance(memory, CurveExplorationMemory)
-    assert all(e.since_s >= 0.0 for e in memory.active)  # the finished steps are forgotten
+    assert all(e.given_back_s is None for e in memory.active)  # the finished steps are forgotten
 
 
 def _with_reasons(
@@ -192,3 +192,24 @@ def test_a_step_that_does_not_bind_is_re_aimed_lower_within_the_bound() -> None:
     # Where the GPU says its cap binds, or cannot say (no reasons field), nothing is inferred.
     np.testing.assert_array_equal(next_caps(float(CLOCK_EVENT_SW_POWER_CAP)), caps.watts)
     np.testing.assert_array_equal(next_caps(None), caps.watts)
+
+
+def test_a_step_ended_early_is_not_taken_up_again_within_its_hold() -> None:
+    sit = settled_situation()
+    policy = CurveExploration(CurveExplorationSettings(enabled=True, max_gpus=8, hold_s=120))
+    d = policy.decide(sit, CurveExplorationMemory(), 400.0)
+    (caps,) = [i for i in d.intents if isinstance(i, SetPowerCap)]
+    stepped = set(caps.targets.uuid.tolist())
+    rows = [int(np.flatnonzero(sit.snapshot.uuid == u)[0]) for u in stepped]
+    applied = sit.cap_w.copy()
+    applied[rows] = caps.watts
+    idle = sit.busy.copy()
+    idle[rows] = False  # the job pauses: the step ends early and its cap is given back
+    paused = policy.decide(replace(sit, time_s=415.0, cap_w=applied, busy=idle), d.memory, 415.0)
+    assert isinstance(paused.memory, CurveExplorationMemory)
+    assert all(e.given_back_s == 415.0 for e in paused.memory.active)
+    # Busy again within the step's hold: the step stays ended, its cap is not set again.
+    back = policy.decide(replace(sit, time_s=430.0, cap_w=applied), paused.memory, 430.0)
+    assert not any(
+        stepped & set(i.targets.uuid.tolist()) for i in back.intents if isinstance(i, SetPowerCap)
+    )
