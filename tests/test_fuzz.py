@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from agent.config import parse_config
@@ -151,6 +151,7 @@ def read_then_remove(path: Path) -> None:
         st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(1, 255)), max_size=4
     ),
 )
+@example(cut=0, flips=[(167, 1), (167, 5)])  # a dictionary index past its dictionary (found)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_truncated_or_mutated_traces_raise_only_trace_errors(
     trace_dir: Path, cut: int, flips: list[tuple[int, int]]

@@ -658,6 +658,8 @@ class TraceReader:
             dictionary = np.asarray([*col.dictionary.to_pylist(), ""], dtype=np.str_)
             # Nulls point at the "" appended to the dictionary.
             idx = pc.fill_null(col.indices, len(dictionary) - 1).to_numpy().reshape(n, t)
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(dictionary)):
+                raise ValueError(f"column {name!r} points outside its dictionary")
             if not per_gpu:
                 return np.asarray(dictionary[np.ascontiguousarray(idx.T)], dtype=np.str_)
             if n and not bool(np.all(idx == idx[:, :1])):
