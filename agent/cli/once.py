@@ -119,8 +119,8 @@ def summarize(report: CycleReport, *, source: str, dry_run: bool) -> dict[str, A
         for i in range(snap.n_gpus)
     ]
     intents = [record for intent in report.intents for record in intent.to_records()]
-    missing_fields = {
-        str(metric): int((snap.fresh & ~snap.column(metric)[1]).sum()) for metric in Metric
+    missing_fields = {  # of the fields the source reads (the loop leaves some out)
+        str(metric): int((snap.fresh & ~snap.column(metric)[1]).sum()) for metric in snap.values
     }
     outage = snap.n_gpus == 0 and bool(report.errors)
     return {

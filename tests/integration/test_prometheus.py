@@ -79,6 +79,7 @@ def test_acceptance_sim_serve_once_and_a_dropout(prometheus_factory: PrometheusF
         assert done.returncode == 0, done.stderr
         out = last_json(done.stdout)
         assert (out["gpus"], out["nodes"], out["stale"], out["missing"]) == (16, 4, 0, 0)
+        assert out["missing_fields"] == {}  # every field read is served (energy is not read)
         assert out["dry_run"] is True and not out["errors"]
         assert {g["node"] for g in out["per_gpu"]} == {"node1", "node2", "node3", "node4"}
         assert all(g["power_limit_w"] == 700.0 for g in out["per_gpu"])
