@@ -167,7 +167,8 @@ class PrometheusConfig(_Section):
     metrics: dict[Metric, str] = Field(
         default_factory=_dcgm_metric_names,
         description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "
-        "names and units by default; '' leaves a field out). Only the names given change.",
+        "names and units by default; '' leaves a field out). Only the names given change. "
+        "The loop does not read energy_j (no policy uses it); recording and replay do.",
     )
     host_labels: list[str] = Field(
         default_factory=lambda: [LABEL_HOST, LABEL_HOST_NEW],
