@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.core.dcgm import DCGM_FIELDS
 from agent.core.errors import TelemetryError
@@ -359,6 +361,41 @@ def test_plain_bodies_are_read_as_the_full_decoder_reads_them(labels: dict[str, 
     full = Vector.parse(result, list(labels))
     assert [json_loads(t) for t in texts] == [labels] * len(result)
     np.testing.assert_array_equal(values, full.values)
+
+
+@given(
+    series=st.lists(
+        st.tuples(
+            st.dictionaries(
+                st.text("abcXYZ_", min_size=1, max_size=8), st.text(max_size=12), max_size=4
+            ),
+            st.one_of(
+                st.floats(allow_nan=False, width=64).map(repr),
+                st.sampled_from(["NaN", "+Inf", "-Inf", "1e-06", "0"]),
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    ascii_only=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_body_reads_as_the_full_decoder_reads_it_or_is_left_to_it(
+    series: list[tuple[dict[str, str], str]], ascii_only: bool
+) -> None:
+    """Label values are anyone's text (quotes, braces, escapes, any script): the fast reader
+    gives exactly what the full decoder gives, or declines."""
+    import json
+
+    result = [{"metric": labels, "value": [NOW, value]} for labels, value in series]
+    doc = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    fast = fast_series(json.dumps(doc, separators=(",", ":"), ensure_ascii=ascii_only).encode())
+    if fast is None:
+        return
+    texts, values = fast
+    assert [json_loads(t) for t in texts] == [labels for labels, _ in series]
+    expected = np.array([float(value) for _, value in series])
+    np.testing.assert_array_equal(values, expected)
 
 
 @pytest.mark.parametrize(
