@@ -200,3 +200,11 @@ def test_last_keys_interned_hands_out_one_frozen_array_while_the_keys_stay() -> 
     assert last.interned(np.array(["a", "b"])) is first  # equal keys, a new array: the same one
     changed = last.interned(np.array(["a", "c"]))
     assert changed is not first and changed.tolist() == ["a", "c"]
+
+
+def test_small_ints_read_indices_and_classes_and_nothing_else() -> None:
+    from agent.core.text import small_ints
+
+    values, ok = small_ints(np.array(["3", "03", "", "³", "9" * 10, "-1", "x1", "123456789"]))
+    assert ok.tolist() == [True, True, False, False, False, False, False, True]
+    assert values.tolist() == [3, 3, 0, 0, 0, 0, 0, 123456789]

@@ -25,6 +25,7 @@ from agent.act.executor import Actuators, Executor
 from agent.core.intents import Action, GpuTargets, Intent, Outcome, ReleasePowerCap, ResumeNode
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapActuator, NodeLister, PlacementActuator
+from agent.core.text import small_ints
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -92,8 +93,7 @@ def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]
     if keys.size == 0:
         return GpuTargets.empty(), np.zeros(0)
     parts = np.char.rpartition(keys.astype(np.str_), "/gpu")
-    gpu_ok = np.char.isdecimal(parts[:, 2]) & (np.char.str_len(parts[:, 2]) <= 9)
-    gpu = np.where(gpu_ok, parts[:, 2], "-1").astype(np.int64)
+    gpu, gpu_ok = small_ints(parts[:, 2])
     targets = GpuTargets(
         node=parts[:, 0].astype(np.str_),
         gpu=gpu,

@@ -71,6 +71,7 @@ from agent.core.dcgm import (
 from agent.core.errors import TelemetryError
 from agent.core.keyed import LastKeys
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.core.text import small_ints
 from agent.observe import promql
 
 FloatArray = npt.NDArray[np.float64]
@@ -519,10 +520,8 @@ class PrometheusSource:
         for name in names[1:]:
             host = np.where(host != "", host, labels[name])
         host = np.asarray(host, dtype=np.str_)
-        gpu_text = labels[self.settings.gpu_label]
-        # An index, not a number that overflows int64 (a label is anyone's text).
-        ok = (host != "") & np.char.isdecimal(gpu_text) & (np.char.str_len(gpu_text) <= 9)
-        gpu = np.where(ok, gpu_text, "0").astype(np.int64)
+        gpu, is_index = small_ints(labels[self.settings.gpu_label])
+        ok = (host != "") & is_index
         keys = np.char.add(np.char.add(host, KEY_SEP), gpu.astype(np.str_))
         return np.asarray(keys, dtype=np.str_), host, gpu, np.asarray(ok, dtype=bool)
 

@@ -32,6 +32,7 @@ from agent.core.situation import (
     Situation,
 )
 from agent.core.snapshot import Metric, Snapshot
+from agent.core.text import small_ints
 from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
 from agent.orient.arrivals import ArrivalTracker
 from agent.orient.curvefit import CurveLearner, CurveView
@@ -232,10 +233,7 @@ class Orienter:
         if label is None:
             return np.zeros(snapshot.n_gpus, dtype=np.int64)
         ids, names = self._priority_labels.ids(label)
-        # A class is a small integer: other text (and numbers that overflow) reads as 0.
-        digits = np.char.isdecimal(names) & (np.char.str_len(names) <= 9)
-        classes = np.zeros(names.size, dtype=np.int64)
-        classes[digits] = names[digits].astype(np.int64)
+        classes, _ = small_ints(names)  # a class is a small integer: other text reads as 0
         return classes[ids]
 
     def orient(
