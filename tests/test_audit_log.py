@@ -53,6 +53,18 @@ def test_rotation_keeps_whole_records_and_n_files(tmp_path: Path) -> None:
     assert got == list(range(got[0], 200)) and got[0] > 0
 
 
+def test_a_stray_file_with_a_non_ascii_digit_suffix_is_not_a_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    stray = tmp_path / "audit.jsonl.\u00b3"  # "³": a digit to str.isdigit, not a number to int
+    stray.write_text("not ours\n")
+    audit = AuditLog(path, max_bytes=4096, keep=2)
+    for i in range(100):  # rotates several times past the stray file
+        audit.event("note", seq=i, pad=PAD)
+    audit.close()
+    assert [f.name for f in audit_files(path)] == ["audit.jsonl.2", "audit.jsonl.1", path.name]
+    assert stray.read_text() == "not ours\n"
+
+
 def test_a_record_larger_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(path, max_bytes=4096, keep=5)

@@ -321,6 +321,7 @@ def test_tls_without_client_certificates(short_dir: Path, pki: Pki) -> None:
         ({"listen": "127.0.0.1:0", "tls_cert": Path("/etc/hostname")}, "go together"),
         ({"listen": "127.0.0.1:0", "tls_client_ca": Path("/etc/hostname")}, "needs --tls-cert"),
         ({"listen": "127.0.0.1"}, "ADDR:PORT"),
+        ({"listen": "127.0.0.1:\u00b3"}, "ADDR:PORT"),  # a digit to str.isdigit, not to int
         ({"listen": "127.0.0.1:0", "fallback_cap_w": 0.0}, "--fallback-cap-w"),
     ],
 )

@@ -99,7 +99,7 @@ class _DurableFile:
                 (
                     int(entry.name[len(prefix) :])
                     for entry in os.scandir(self.path.parent)
-                    if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
+                    if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdecimal()
                 ),
                 reverse=True,
             )
@@ -337,7 +337,7 @@ def audit_files(path: Path) -> list[Path]:
     rotated: list[tuple[int, Path]] = []
     for candidate in path.parent.glob(f"{path.name}.*"):
         suffix = candidate.name[len(path.name) + 1 :]
-        if suffix.isdigit():
+        if suffix.isdecimal():
             rotated.append((int(suffix), candidate))
     out = [p for _, p in sorted(rotated, reverse=True)]
     if path.exists():

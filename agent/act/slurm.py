@@ -286,7 +286,7 @@ def parse_index_list(text: str) -> list[int]:
     out: list[int] = []
     for raw in text.split(","):
         item = raw.strip()
-        if not item or not item[0].isdigit():
+        if not item or not item[0].isdecimal():
             continue
         if "-" in item:
             lo, hi = item.split("-", 1)

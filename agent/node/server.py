@@ -102,7 +102,7 @@ class NodeSettings:
 def parse_listen(text: str) -> tuple[str, int]:
     """`127.0.0.1:9440`, `[::1]:9440`, `node1:9440` -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not port.isdecimal() or not 0 <= int(port) <= 65535:
         raise BadInputError(f"--listen {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9440")
     return host.removeprefix("[").removesuffix("]"), int(port)
 

@@ -178,7 +178,7 @@ class TwinPlacement:
         self.twin.node_features[k] = (self.twin.node_features[k] - remove) | add
 
     def requeue(self, job: str) -> None:
-        if not job.isdigit() or not self.twin.requeue_job(int(job)):
+        if not job.isdecimal() or not self.twin.requeue_job(int(job)):
             raise ActuatorError(f"twin: job {job!r} is not running")
 
 

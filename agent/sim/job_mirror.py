@@ -59,7 +59,7 @@ class JobMirror:
             if not with_gpu.any():
                 continue  # holds no GPU: nothing to mirror
             rows = gpu_rows[with_gpu]
-            if not job.isdigit():
+            if not job.isdecimal():
                 report.unplaced[job] = "job id is not an integer"
             elif (rows < 0).any():
                 missing = sorted(

@@ -613,7 +613,7 @@ class Twin:
         g = self.spec.gpus_per_node
         out = np.full(len(nodes), -1, dtype=np.int64)
         for i, (node, gpu) in enumerate(zip(nodes, gpus, strict=True)):
-            if node.startswith("node") and node[4:].isdigit():
+            if node.startswith("node") and node[4:].isdecimal():
                 k = int(node[4:]) - 1
                 if 0 <= k < self.spec.nodes and 0 <= int(gpu) < g:
                     out[i] = k * g + int(gpu)
