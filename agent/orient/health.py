@@ -296,21 +296,12 @@ class HealthClassifier:
         pick = np.argmax(sev_c, axis=0)  # first of the highest
         severity = sev_c[pick, np.arange(n)].astype(np.int64)
         since = np.where(severity > OK, since_c[pick, np.arange(n)], np.nan)
-        bad = np.flatnonzero((severity > OK) | fail | dbe | rows | (xid_code != 0))
-        if bad.size == 0:  # the usual case: no strings to build
-            empty = np.zeros(n, dtype="<U1")
-            return HealthStatus(
-                severity=severity,
-                code=empty,
-                remediation=empty.copy(),
-                since_s=since,
-                conditions=empty.copy(),
-            )
-        code = np.full(n, "", dtype=object)
-        remediation = np.full(n, "", dtype=object)
-        conditions = np.full(n, "", dtype=object)
         # Strings only for the few GPUs with a condition (no per-GPU work for healthy ones).
+        bad = np.flatnonzero((severity > OK) | fail | dbe | rows | (xid_code != 0))
         after = st["xid_after"][slot]
+        code: list[str] = []
+        remediation: list[str] = []
+        conditions: list[str] = []
         for i in bad.tolist():
             parts: list[tuple[str, XidClass]] = []
             if fail[i]:
@@ -323,15 +314,25 @@ class HealthClassifier:
                 parts.append(("remapped_rows", REMAPPED_ROWS))
             if after[i]:
                 parts.append((f"xid:{int(after[i])}", xid_class(int(after[i]))))
-            conditions[i] = ",".join(p[0] for p in parts)
+            conditions.append(",".join(p[0] for p in parts))
+            label, detail = "", ""
             if severity[i] > OK:
                 label, cls = next(p for p in parts if int(p[1].severity) == severity[i])
-                code[i] = label
-                remediation[i] = f"{cls.remediation} ({cls.meaning})"
+                detail = f"{cls.remediation} ({cls.meaning})"
+            code.append(label)
+            remediation.append(detail)
         return HealthStatus(
             severity=severity,
-            code=code.astype(np.str_),
-            remediation=remediation.astype(np.str_),
+            code=_scatter(n, bad, code),
+            remediation=_scatter(n, bad, remediation),
             since_s=since,
-            conditions=conditions.astype(np.str_),
+            conditions=_scatter(n, bad, conditions),
         )
+
+
+def _scatter(n: int, rows: npt.NDArray[np.int64], texts: list[str]) -> npt.NDArray[np.str_]:
+    """n strings, `texts` at `rows` and "" elsewhere."""
+    given = np.asarray(texts, dtype=np.str_)
+    out = np.zeros(n, dtype=given.dtype if given.size else "<U1")
+    out[rows] = given
+    return out
