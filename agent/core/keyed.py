@@ -113,8 +113,7 @@ class KeyedColumns:
             self._remember(arr, slots)
             return slots
         new = np.unique(arr[missing])
-        self._lookup_keys.forget()
-        self._last_lookup = None
+        self._forget()  # positions change: no remembered answer holds
         merged = np.concatenate([self.keys, new])
         order = np.argsort(merged, kind="stable")
         self.keys = merged[order]

@@ -714,7 +714,7 @@ class PrometheusSource:
         if fast is None:
             result = answer.decode(body)
             values = np.array([r["value"][1] for r in result], dtype=np.float64)
-            return make([r["metric"] for r in result]), values.reshape(len(result))
+            return make([r["metric"] for r in result]), values
         texts, values = fast
         return memoized(texts, memo, lambda new: make([orjson.loads(t) for t in new])), values
 

@@ -70,7 +70,7 @@ def job_keys(snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
     own = (snapshot.job == "") & busy
     if not own.any():
         return snapshot.job  # (no copy: widening 100,000 strings costs more than the rest)
-    return np.where(own, np.char.add("gpu:", snapshot.uuid.astype(np.str_)), snapshot.job)
+    return np.where(own, snapshot.job_key, snapshot.job)
 
 
 class CurveLearner:
