@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.act.audit import read_records
-from agent.act.executor import RecordingPlacement
+from agent.act.executor import Actuators, RecordingPlacement
 from agent.config import parse_config
 from agent.core.situation import NodeStates
 from agent.runtime import build_runtime
@@ -124,3 +124,17 @@ def test_dry_run_advises_the_resume_a_live_run_does(tmp_path: Path) -> None:
     assert [(k, t) for k, t, _, _ in live] == [("drain_node", "node2"), ("resume_node", "node2")]
     assert [x[:3] for x in dry] == [x[:3] for x in live]
     assert {x[3] for x in live} == {"applied"} and {x[3] for x in dry} == {"recorded"}
+
+
+def test_the_recorder_reads_the_live_placement_whenever_it_is_set() -> None:
+    """The runtime sets the live placement after building the actuators: the dry-run recorder
+    follows it, and the loop reads node states through the recorder only when there is one."""
+    actuators = Actuators()
+    assert actuators.node_states_reader() is None
+    real = FakePlacement()
+    actuators.placement = real
+    assert actuators.recorded_placement.real is real
+    assert actuators.node_states_reader() is actuators.recorded_placement
+    assert Actuators(placement=real).recorded_placement.real is real
+    actuators.placement = None
+    assert actuators.recorded_placement.real is None and actuators.node_states_reader() is None

@@ -123,14 +123,21 @@ class Actuators:
     recorded_placement: RecordingPlacement = field(default_factory=RecordingPlacement)
     recorded_notes: RecordingNotifier = field(default_factory=RecordingNotifier)
 
+    def __post_init__(self) -> None:
+        self.recorded_placement.real = self.placement
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        # The dry-run recorder reads node states from the live placement, whenever it is set
+        # (the runtime sets it after building the actuators).
+        if name == "placement" and "recorded_placement" in self.__dict__:
+            self.recorded_placement.real = self.placement
+
     def node_states_reader(self) -> PlacementActuator | None:
         """Where the loop reads node states: the live placement's, with the drains recorded in
         dry-run laid over them (so a dry-run advises the resume live would do); None when no
         placement is configured."""
-        if self.placement is None:
-            return None
-        self.recorded_placement.real = self.placement
-        return self.recorded_placement
+        return self.recorded_placement if self.placement is not None else None
 
 
 class Executor:
