@@ -130,7 +130,9 @@ class Loop:
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
         last = data.get("last_cycle_s")
-        if last is not None and not (isinstance(last, int | float) and math.isfinite(last)):
+        if last is not None and (
+            isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last)
+        ):
             raise ValueError(f"last_cycle_s: not a time: {last!r}")
         self._last_now = None if last is None else float(last)
 

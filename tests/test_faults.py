@@ -354,6 +354,8 @@ def test_a_restart_after_the_clock_went_back_sees_the_jump(tmp_path: Path) -> No
     assert (changed[np.isfinite(changed)] <= stopped_at - 7_200.0).all()
     with pytest.raises(ValueError, match="last_cycle_s"):
         second.loop.load_dict({"last_cycle_s": "yesterday"})
+    with pytest.raises(ValueError, match="last_cycle_s"):
+        second.loop.load_dict({"last_cycle_s": True})
 
 
 # -- Prometheus down, stalling, partial -----------------------------------------------------------

@@ -49,6 +49,10 @@ def test_hostlists_and_gpu_indices() -> None:
     assert expand_hostlist("") == []
     assert parse_index_list("0-2,5") == [0, 1, 2, 5]
     assert parse_index_list("N/A") == []
+    # Malformed items are skipped, never a crash or a list sized by the text.
+    assert parse_index_list("1-x,3") == [3]
+    assert parse_index_list("3-1,0-99999999,2x,-1,4") == [4]
+    assert parse_index_list("\u0663,1") == [1]  # an Arabic-Indic 3 is not a GPU index
     assert gpus_from_gres_detail("gpu:2(IDX:0-1)") == [0, 1]
     assert gpus_from_gres_detail("gpu:h100:2(IDX:1,3)") == [1, 3]
     assert gpus_from_gres_detail("gpu(IDX:N/A)") == []

@@ -76,6 +76,9 @@ REQUEUE_FOLLOW_S = 600.0  # stop following a requeued job after this long
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one node: no commas, no brackets
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 _FEATURE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# One item of a GPU index list: `3` or `0-7` (ASCII digits, a few of them).
+_INDEX_ITEM = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?")
+MAX_GPUS_PER_NODE = 1024  # a range wider than this is not a real allocation
 _GPU_IDX = re.compile(r"gpu(?::[^:(,]+)?(?::\d+)?\(IDX:([^)]*)\)")
 
 _STATES = {
@@ -282,17 +285,18 @@ def expand_hostlist(text: str) -> list[str]:
 
 
 def parse_index_list(text: str) -> list[int]:
-    """`0-2,5` -> [0, 1, 2, 5]; `N/A` or empty -> []."""
+    """`0-2,5` -> [0, 1, 2, 5]; `N/A` or empty -> []. An item that is not an index or a range
+    of them (`1-x`, `3-1`, a range wider than any node's GPUs) is skipped: Slurm's text is read,
+    never trusted to size a list."""
     out: list[int] = []
     for raw in text.split(","):
-        item = raw.strip()
-        if not item or not item[0].isdecimal():
+        match = _INDEX_ITEM.fullmatch(raw.strip())
+        if match is None:
             continue
-        if "-" in item:
-            lo, hi = item.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(item))
+        lo = int(match.group(1))
+        hi = lo if match.group(2) is None else int(match.group(2))
+        if lo <= hi < lo + MAX_GPUS_PER_NODE:
+            out.extend(range(lo, hi + 1))
     return out
 
 
