@@ -285,6 +285,17 @@ class Loop:
             )
 
         with stage("decide"):
+            if self._last_now is not None and now < self._last_now:
+                # Before the policies decide: their holds restart from now, as the guard's do.
+                ahead = self.guard.clock_went_back(now)
+                self.memory = {n: m.clock_went_back(now) for n, m in self.memory.items()}
+                errors.append(
+                    f"the clock went back {self._last_now - now:.0f} s: cooldowns, drain "
+                    f"windows and policy holds restart from now ({ahead:.0f} s of the guard's "
+                    "were ahead)"
+                )
+                log.error("clock_went_back", by_s=self._last_now - now)
+            self._last_now = now
             proposed: list[Intent] = []
             for policy in self.policies:
                 try:
@@ -313,14 +324,6 @@ class Loop:
             )
 
         with stage("guard"):
-            if self._last_now is not None and now < self._last_now:
-                ahead = self.guard.clock_went_back(now)
-                errors.append(
-                    f"the clock went back {self._last_now - now:.0f} s: cooldowns and drain "
-                    f"windows restart from now ({ahead:.0f} s of them were ahead)"
-                )
-                log.error("clock_went_back", by_s=self._last_now - now)
-            self._last_now = now
             review = self.guard.review(resolution.intents, situation, now, self.dry_run_caps)
             for alarm in review.alarms:  # e.g. the drain circuit breaker is open: say it loudly
                 errors.append(f"guard: {alarm}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,9 +30,31 @@ class PolicySettings(BaseModel):
 
 
 class PolicyMemory(BaseModel):
-    """Base of every policy's memory (JSON-serializable, so the daemon can persist it)."""
+    """Base of every policy's memory (JSON-serializable, so the daemon can persist it).
+
+    A remembered time is a field named `*_s` (a number, or a dict or list of them, also inside
+    nested models): `clock_went_back` relies on that."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def clock_went_back(self, now_s: float) -> Self:
+        """A copy whose remembered times later than `now_s` are `now_s`: after the clock jumped
+        back (NTP, a restored VM, a restart), a hold lasts its length from now, not until the
+        clock catches up hours later."""
+        return self.model_validate(_times_until(self.model_dump(), now_s, False))
+
+
+def _times_until(value: Any, now_s: float, is_time: bool) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _times_until(v, now_s, is_time or (isinstance(k, str) and k.endswith("_s")))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_times_until(v, now_s, is_time) for v in value]
+    if is_time and isinstance(value, int | float) and not isinstance(value, bool):
+        return min(value, now_s)
+    return value
 
 
 S = TypeVar("S", bound=PolicySettings)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor, RecordingCapActuator
@@ -216,3 +217,73 @@ def test_a_cap_chosen_for_a_job_is_released_when_the_next_job_arrives() -> None:
     assert live.calls[-1][0] == "release"
     clock.advance(15.0)
     assert not loop.cycle().actions  # released once, not again
+
+
+class HoldMemory(PolicyMemory):
+    since_s: float | None = None
+    held_s: dict[str, float] = Field(default_factory=dict)
+    note: dict[str, float] = Field(default_factory=dict)  # not a time: kept as it is
+
+
+class Holds(BasePolicy[PolicySettings, HoldMemory]):
+    """Remembers what it was given (a stand-in for a policy with hold timers)."""
+
+    name: ClassVar[str] = "holds"
+    seen: ClassVar[list[HoldMemory]] = []
+
+    def decide(
+        self, situation: Situation, memory: PolicyMemory, now_s: float
+    ) -> Decision[HoldMemory]:
+        assert isinstance(memory, HoldMemory)
+        Holds.seen.append(memory)
+        return Decision([], memory)
+
+
+def test_policy_holds_restart_from_now_when_the_clock_goes_back() -> None:
+    """As the guard's cooldowns: a hold remembered at 10,000 s must not last until the clock,
+    set back to 500 s, catches up."""
+    snap = make_snapshot([600.0] * 4, time_s=500)
+    clock = FakeClock(10_000.0)
+    loop = Loop(
+        source=FakeSource([snap, snap]),
+        orienter=Orienter(),
+        policies=[Holds(PolicySettings())],
+        guard=Guard(),
+        executor=Executor(Actuators(caps=RecordingCapActuator()), lambda _i: False),
+        audit=AuditLog(stream=io.StringIO()),
+        clock=clock,
+    )
+    Holds.seen.clear()
+    loop.memory["holds"] = HoldMemory(
+        since_s=9_990.0, held_s={"node1": 9_000.0, "node2": 100.0}, note={"x": 9_999.0}
+    )
+    loop.cycle()
+    assert Holds.seen[-1].since_s == 9_990.0  # time went forward: nothing changes
+    clock.set(500.0)
+    report = loop.cycle()
+    assert any("the clock went back 9500 s" in e for e in report.errors), report.errors
+    given = Holds.seen[-1]
+    assert given.since_s == 500.0
+    assert given.held_s == {"node1": 500.0, "node2": 100.0}
+    assert given.note == {"x": 9_999.0}
+
+
+def test_every_builtin_memory_pulls_its_times_back() -> None:
+    from policies.curve_exploration import CurveExplorationMemory, Exploring
+    from policies.health_drain import HealthDrainMemory
+    from policies.power_budget import PowerBudgetMemory
+
+    step = Exploring(
+        job="j", uuid="u", node="n", gpu=0, since_s=900.0, cap_w=400.0, restore_default=True,
+        given_back_s=950.0, share_lo=0.9,
+    )  # fmt: skip
+    memory = CurveExplorationMemory(active=(step,), last_explored_s={"j": 990.0, "k": 10.0})
+    back = memory.clock_went_back(100.0)
+    assert back.active[0].since_s == back.active[0].given_back_s == 100.0
+    assert back.active[0].share_lo == 0.9 and back.active[0].cap_w == 400.0
+    assert back.last_explored_s == {"j": 100.0, "k": 10.0}
+    drain = HealthDrainMemory(healthy_since_s={"n": 500.0}, requeued_at_s={"7": 50.0})
+    assert drain.clock_went_back(100.0).healthy_since_s == {"n": 100.0}
+    assert drain.clock_went_back(100.0).requeued_at_s == {"7": 50.0}
+    assert PowerBudgetMemory(fits_since_s=None).clock_went_back(1.0).fits_since_s is None
+    assert PowerBudgetMemory(fits_since_s=5.0).clock_went_back(1.0).fits_since_s == 1.0
