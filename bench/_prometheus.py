@@ -3,6 +3,7 @@ with promtool, and Debian's Prometheus serving it on 127.0.0.1 (not a benchmark 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -85,8 +86,11 @@ def backfill_twin(
 
 
 @contextmanager
-def serve(data: Path, work: Path, scrape_s: float, timeout_s: float) -> Iterator[Served]:
-    """Prometheus serving `data` on a free loopback port, ready, until the block ends."""
+def serve(
+    data: Path, work: Path, scrape_s: float, timeout_s: float, gogc: str | None = None
+) -> Iterator[Served]:
+    """Prometheus serving `data` on a free loopback port, ready, until the block ends. `gogc`:
+    its Go garbage collector's GOGC (None: the environment's, else Go's default of 100)."""
     config = work / "prometheus.yml"
     config.write_text(f"global:\n  scrape_interval: {scrape_s:g}s\n")
     log_path = work / "prometheus.log"
@@ -103,6 +107,7 @@ def serve(data: Path, work: Path, scrape_s: float, timeout_s: float) -> Iterator
         ],
         stdout=log,
         stderr=log,
+        env=None if gogc is None else {**os.environ, "GOGC": gogc},
     )
     log.close()
     url = f"http://127.0.0.1:{port}"

@@ -25,6 +25,7 @@ and, when 10,000 and 100,000 are both measured, a last line with the growth fact
 
     python bench/cycle.py --json                       # 1,000, 10,000 and 100,000 GPUs
     python bench/cycle.py --gpus 100000 --cycles 5 --profile /tmp/cycle.prof
+    python bench/cycle.py --gpus 100000 --prometheus-gogc 400   # Prometheus's GC tuned for CPU
 """
 
 from __future__ import annotations
@@ -192,7 +193,12 @@ def _prometheus_rss_mb(pid: int) -> float | None:
 
 
 def bench(
-    gpus: int, cycles: int, work: Path, cache: Path | None, profile: str | None
+    gpus: int,
+    cycles: int,
+    work: Path,
+    cache: Path | None,
+    profile: str | None,
+    gogc: str | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     cached = cache / f"gpus-{gpus}-v{CACHE_VERSION}" if cache is not None else None
@@ -216,7 +222,7 @@ def bench(
     prom_work = work / f"prometheus-{gpus}"
     prom_work.mkdir()
     try:
-        with serve(data, prom_work, SCRAPE_S, timeout_s=120) as prom:
+        with serve(data, prom_work, SCRAPE_S, timeout_s=120, gogc=gogc) as prom:
             url = prom.url
             setup_s = time.perf_counter() - t0
             agent_work = work / f"agent-{gpus}"
@@ -238,6 +244,7 @@ def bench(
         "gpus": gpus,
         **result,
         "prometheus_rss_mb": prom_rss,
+        "prometheus_gogc": gogc,
         "setup_s": round(setup_s, 1),
         "tsdb_cached": from_cache,
     }
@@ -256,6 +263,11 @@ def main() -> int:
     )
     parser.add_argument("--no-cache", action="store_true", help="record and backfill afresh")
     parser.add_argument("--profile", help="write a cProfile of the timed cycles here")
+    parser.add_argument(
+        "--prometheus-gogc",
+        help="GOGC for the Prometheus (e.g. 400: less of its CPU goes to garbage collection, "
+        "for more memory); default: Go's 100",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -286,7 +298,9 @@ def main() -> int:
     cache = None if args.no_cache else args.cache_dir
     with tempfile.TemporaryDirectory(prefix="ooda-bench-cycle-") as tmp:
         for gpus in args.gpus or [1000, 10000, 100000]:
-            results[gpus] = bench(gpus, args.cycles, Path(tmp), cache, args.profile)
+            results[gpus] = bench(
+                gpus, args.cycles, Path(tmp), cache, args.profile, args.prometheus_gogc
+            )
             print(json.dumps(results[gpus]), flush=True)
     if 10000 in results and 100000 in results:
         small, big = results[10000], results[100000]
