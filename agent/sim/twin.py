@@ -219,6 +219,9 @@ class Twin:
         self.remapped_uncorrectable = np.zeros(n)
         self.row_remap_failure = np.zeros(n)
         self.power_w = np.full(n, model.idle_w)
+        # The draw without its sampling noise (ground truth, for benchmarks: what knowing the
+        # present exactly would give a forecast).
+        self.noise_free_power_w = np.full(n, model.idle_w)
         self.util_pct = np.zeros(n)
         self.mem_util_pct = np.zeros(n)
         self.sm_clock_mhz = np.full(n, IDLE_SM_CLOCK_MHZ)
@@ -491,6 +494,14 @@ class Twin:
         tput = np.where(self.throttled, tput * THROTTLE_THROUGHPUT, tput)
         power = np.where(self.throttled, power * THROTTLE_POWER, power)
         self.power_w = np.maximum(power, 0.0)
+        level = np.where(
+            working | (self.spike_w > 0),
+            np.minimum(mean_power + self.spike_w, ceiling),
+            model.idle_w,
+        )
+        self.noise_free_power_w = np.maximum(
+            np.where(self.throttled, level * THROTTLE_POWER, level), 0.0
+        )
         self.throughput = tput
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
