@@ -47,6 +47,20 @@ def test_capping_slows_jobs_and_saves_power() -> None:
     assert np.all(capped.power_w <= 300.0 + 1e-9)
 
 
+def test_noise_free_power_is_the_draw_without_its_sampling_noise() -> None:
+    """Benchmarks hold it as "the present known exactly": without noise it is the draw itself;
+    with the usual 2% it is the draw's centre (the samples scatter about it by that much)."""
+    quiet = Twin(TwinSpec(nodes=2, seed=5, power_noise_frac=0.0))
+    quiet.run_until(900)
+    assert np.array_equal(quiet.noise_free_power_w, quiet.power_w)
+    noisy = Twin(TwinSpec(nodes=8, seed=5))
+    noisy.run_until(900)
+    rel = noisy.power_w / noisy.noise_free_power_w - 1.0
+    busy = noisy.job_row >= 0
+    assert busy.sum() >= 20
+    assert abs(float(rel[busy].mean())) < 0.01 and 0.01 < float(rel[busy].std()) < 0.03
+
+
 def test_thermal_steady_state_and_fan_fault() -> None:
     spec = TwinSpec(nodes=1, gpus_per_node=2, seed=0, faults=(parse_fault("fan:node1/gpu1@0"),))
     twin = Twin(spec)
