@@ -6,6 +6,7 @@ import pytest
 from agent.act.guard import Guard, GuardSettings
 from agent.core.clock import FakeClock
 from agent.core.intents import Action, GpuTargets, Outcome, ReleasePowerCap, SetPowerCap
+from agent.core.snapshot import Snapshot
 from agent.orient.orienter import Orienter
 from tests.conftest import make_snapshot
 
@@ -68,6 +69,27 @@ def test_stale_and_unknown_refused() -> None:
         "the GPU's cap range is unknown",
     ]
     assert not review.allowed
+
+
+def test_targets_not_in_this_cycle_are_refused_even_when_nothing_is_seen() -> None:
+    """A GPU capped earlier that this cycle did not see (another node, or an outage that left no
+    GPU at all) is never acted on, whatever the guard remembers of it."""
+    guard = Guard(GuardSettings(cap_cooldown_s=0))
+    seen = make_snapshot([500.0] * 4, limit_w=700.0)
+    first = guard.review(
+        [cap(seen, [0, 1, 2, 3], [400] * 4)], Orienter().orient(seen, None), 0.0, False
+    )
+    apply(guard, first, 0.0)
+    fewer = make_snapshot([500.0] * 2, limit_w=700.0)  # GPUs 2 and 3 are gone
+    review = guard.review(
+        [cap(seen, [1, 2, 3], [300] * 3)], Orienter().orient(fewer, None), 100.0, False
+    )
+    assert [r.reason for r in review.refused] == ["GPU not seen this cycle"]
+    assert review.refused[0].intent.targets.uuid.tolist() == seen.uuid[[2, 3]].tolist()
+    assert review.allowed[0].targets.uuid.tolist() == [seen.uuid[1]]
+    nothing = Snapshot.empty(200.0)
+    review = guard.review([cap(seen, [0], [300])], Orienter().orient(nothing, None), 200.0, False)
+    assert [r.reason for r in review.refused] == ["GPU not seen this cycle"] and not review.allowed
 
 
 def test_release_only_what_we_capped() -> None:

@@ -56,7 +56,7 @@ from agent.core.intents import (
     SetPowerCap,
     Severity,
 )
-from agent.core.keyed import KeyedColumns
+from agent.core.keyed import KeyedColumns, LastRowIndex, RowIndex
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 
@@ -238,6 +238,7 @@ class Guard:
             }
         )
         self.breaker = BreakerState()
+        self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while it stays
         self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
         self.steers: list[tuple[float, str]] = []  # (time, node) of our weight/feature changes
         self._found_pending: dict[int, int] = {}  # id(weight intent) -> the weight found
@@ -253,7 +254,10 @@ class Guard:
             self.rollout.pin(now_s)
         self._prune(now_s)
         self._found_pending.clear()
-        rows_by_uuid = _row_index(situation)
+        # Each target's row, and each seen GPU's entry of ours: found by hash, once a cycle
+        # (targets are most GPUs at scale; a binary search over UUIDs cost ten times as much).
+        index = self._rows.of(situation.snapshot.uuid)
+        ours_at = self.caps.lookup(situation.snapshot.uuid)
         nodes = _Nodes(situation, self.rollout)
         pending: list[str] = []  # drains allowed in this review (they count at once)
         steering = 0
@@ -262,7 +266,7 @@ class Guard:
             if intent.expires_s < now_s:
                 review.refuse(intent, "expired before it could be applied")
             elif isinstance(intent, SetPowerCap | ReleasePowerCap):
-                self._review_caps(intent, situation, rows_by_uuid, nodes, now_s, dry, review)
+                self._review_caps(intent, situation, index, ours_at, nodes, now_s, dry, review)
             else:
                 steering += self._review_node(
                     intent, situation, nodes, now_s, dry, review, pending, steering
@@ -275,34 +279,42 @@ class Guard:
         self,
         intent: SetPowerCap | ReleasePowerCap,
         situation: Situation,
-        rows_by_uuid: tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]],
+        index: RowIndex,
+        ours_at: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]],
         nodes: _Nodes,
         now_s: float,
         dry_run: bool,
         review: Review,
     ) -> None:
+        """`index`: the snapshot's row of each UUID; `ours_at`: per snapshot row, its entry in
+        `caps` and whether it has one."""
         s = self.settings
-        sorted_uuid, order = rows_by_uuid
         uuids = intent.targets.uuid
         n = uuids.shape[0]
         if n == 0:
             return
-        pos = np.clip(np.searchsorted(sorted_uuid, uuids), 0, max(sorted_uuid.size - 1, 0))
-        known = sorted_uuid[pos] == uuids if sorted_uuid.size else np.zeros(n, dtype=bool)
-        rows = np.where(known, order[pos] if order.size else 0, 0)
+        if situation.snapshot.n_gpus == 0:  # nothing seen: nothing to index into
+            review.refused.append(Refusal(intent, "GPU not seen this cycle", intent))
+            return
+        rows, known = index.find(uuids)
         fresh = known & situation.snapshot.fresh[rows]
         lo = situation.min_cap_w[rows]
         hi = situation.max_cap_w[rows]
         bounded = np.isfinite(lo) & np.isfinite(hi)
-        slot = self.caps.slots(uuids)
-        ours = self.caps["our_cap_w"][slot]
+        # A GPU not seen is refused below, whatever we remember of it.
+        have = known & ours_at[1][rows]
+        slot = ours_at[0][rows][have]
+        ours = np.full(n, np.nan)
+        ours[have] = self.caps["our_cap_w"][slot]
+        last_change_s = np.full(n, -np.inf)
+        last_change_s[have] = self.caps["last_change_s"][slot]
         telemetry = situation.cap_w[rows]
         current = np.where(dry_run & np.isfinite(ours), ours, telemetry)
         if isinstance(intent, SetPowerCap):
             wanted = np.clip(intent.watts, lo, hi)
         else:
             wanted = situation.default_cap_w[rows]
-        since = now_s - self.caps["last_change_s"][slot]
+        since = now_s - last_change_s
         raising = ~(wanted < current)  # NaN current counts as raising: unknown is not safe
         cooling = raising & (since < s.cap_cooldown_s)
 
@@ -654,7 +666,8 @@ class Guard:
         rows = np.flatnonzero(asserted & snapshot.fresh)
         if rows.size == 0 or len(self.caps) == 0:
             return
-        pos, found = self.caps.lookup(snapshot.uuid[rows])
+        pos, found = self.caps.lookup(snapshot.uuid)  # the whole fleet's: the same each cycle
+        pos, found = pos[rows], found[rows]
         jobs = np.where(snapshot.job[rows] != "", snapshot.job[rows], IDLE_JOB)
         self.caps["for_job"][pos[found]] = jobs[found]
 
@@ -716,9 +729,3 @@ def _who() -> str:
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
-
-
-def _row_index(situation: Situation) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]]:
-    uuid = situation.snapshot.uuid
-    order = np.argsort(uuid, kind="stable").astype(np.int64)
-    return uuid[order], order

@@ -6,7 +6,8 @@ adding unseen keys with each column's fill value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,43 @@ class LastKeys:
 
     def forget(self) -> None:
         self._src = self._copy = None
+
+
+class RowIndex:
+    """The row of each key of one key array (unique keys: a GPU's `host<SEP>gpu`, its UUID),
+    for many lookups: a dict, so a lookup costs a hash, not a binary search over long strings
+    (which at 100,000 UUIDs cost ten times as much)."""
+
+    def __init__(self, keys: npt.NDArray[np.str_]) -> None:
+        self.size = int(keys.size)
+        self._row = {k: i for i, k in enumerate(keys.tolist())}
+
+    def of(self, keys: Iterable[str]) -> Iterator[int]:
+        """Each key's row, -1 where absent."""
+        return map(self._row.get, keys, itertools.repeat(-1))
+
+    def find(
+        self, keys: npt.NDArray[np.str_]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Each key's row (0 where absent) and whether it is present."""
+        rows = np.fromiter(self.of(keys.tolist()), dtype=np.int64, count=int(keys.size))
+        found = rows >= 0
+        return np.where(found, rows, 0), found
+
+
+class LastRowIndex:
+    """A `RowIndex` of the last key array given, built again only when the keys change (known
+    by identity when frozen, else by one comparison: `LastKeys`)."""
+
+    def __init__(self) -> None:
+        self._keys = LastKeys()
+        self._index: RowIndex | None = None
+
+    def of(self, keys: npt.NDArray[np.str_]) -> RowIndex:
+        if self._index is None or not self._keys.same(keys):
+            self._index = RowIndex(keys)
+            self._keys.remember(keys)
+        return self._index
 
 
 def _all_true(shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:

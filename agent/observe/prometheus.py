@@ -37,13 +37,12 @@ by orjson in full.
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,7 +68,7 @@ from agent.core.dcgm import (
     LABEL_UUID,
 )
 from agent.core.errors import TelemetryError
-from agent.core.keyed import LastKeys
+from agent.core.keyed import LastKeys, RowIndex
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.core.text import small_ints
 from agent.observe import promql
@@ -192,18 +191,6 @@ class KeyIndex:
             return np.full(query.shape, -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ordered, query), self.size - 1)
         return np.where(self.ordered[pos] == query, self.order[pos], -1).astype(np.int64)
-
-
-class RowIndex:
-    """The row of each GPU key (`host<SEP>gpu`, the gpu index as a plain integer), for joining
-    answers series by series without building label columns."""
-
-    def __init__(self, keys: StrArray) -> None:
-        self.size = int(keys.size)
-        self._row = {k: i for i, k in enumerate(keys.tolist())}
-
-    def of(self, keys: Iterable[str]) -> Iterator[int]:
-        return map(self._row.get, keys, itertools.repeat(-1))
 
 
 def lookup(keys: StrArray, query: StrArray) -> IntArray:
