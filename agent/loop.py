@@ -31,6 +31,7 @@ from agent.core.intents import (
     ReleasePowerCap,
     SetPowerCap,
 )
+from agent.core.keyed import RowIndex
 from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot, screen_implausible
@@ -306,7 +307,7 @@ class Loop:
                     continue
                 self.memory[policy.name] = decision.memory
                 proposed.extend(decision.intents)
-            asserted = _asserted_caps(snapshot, proposed)
+            asserted = _asserted_caps(snapshot, self.guard.rows(snapshot), proposed)
             outlived = self.guard.caps_outlived(snapshot, asserted)
             if outlived.any():
                 proposed.append(
@@ -350,9 +351,13 @@ class Loop:
         return report
 
 
-def _asserted_caps(snapshot: Snapshot, intents: list[Intent]) -> npt.NDArray[np.bool_]:
-    """Per GPU: does any policy ask a cap for it this cycle?"""
+def _asserted_caps(
+    snapshot: Snapshot, rows: RowIndex, intents: list[Intent]
+) -> npt.NDArray[np.bool_]:
+    """Per GPU: does any policy ask a cap for it this cycle? (`rows`: the snapshot's UUIDs)"""
+    asserted = np.zeros(snapshot.n_gpus, dtype=bool)
     uuids = [i.targets.uuid for i in intents if isinstance(i, SetPowerCap)]
-    if not uuids or snapshot.n_gpus == 0:
-        return np.zeros(snapshot.n_gpus, dtype=bool)
-    return np.isin(snapshot.uuid, np.concatenate(uuids))
+    if uuids and snapshot.n_gpus:
+        at, found = rows.find(np.concatenate(uuids))
+        asserted[at[found]] = True
+    return asserted

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.core.clock import FakeClock
 from agent.core.curves import (
@@ -139,29 +141,32 @@ def test_allocation_weights_cap_low_priority_first() -> None:
     assert alloc.power_w[0] < alloc.power_w[1]
 
 
-def test_keyed_columns_grow_and_persist() -> None:
-    table = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")})
+@pytest.mark.parametrize("hashed", [False, True])
+def test_keyed_columns_grow_and_persist(hashed: bool) -> None:
+    table = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")}, hashed=hashed)
     slots = table.slots(np.array(["b", "a"]))
     table["x"][slots] = [2.0, 1.0]
     slots2 = table.slots(np.array(["c", "a", "b"]))
     assert table["x"][slots2][1:].tolist() == [1.0, 2.0] and np.isnan(table["x"][slots2][0])
     _pos, found = table.lookup(np.array(["a", "zz"]))
     assert found.tolist() == [True, False]
-    copy = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")})
+    copy = KeyedColumns({"x": (np.float64, np.nan), "tag": ("U16", "")}, hashed=hashed)
     copy.load_dict(table.to_dict())
     assert copy.keys.tolist() == ["a", "b", "c"] and copy["x"][0] == 1.0
 
 
-def test_keyed_columns_take_an_empty_key_array_before_any_key() -> None:
+@pytest.mark.parametrize("hashed", [False, True])
+def test_keyed_columns_take_an_empty_key_array_before_any_key(hashed: bool) -> None:
     # An outage snapshot has no GPUs; the first cycle of a fresh agent can be one.
-    table = KeyedColumns({"x": (np.float64, np.nan)})
+    table = KeyedColumns({"x": (np.float64, np.nan)}, hashed=hashed)
     assert table.slots(np.array([], dtype=np.str_)).tolist() == []
     assert table.slots(np.array(["a"])).tolist() == [0]
 
 
-def test_keyed_columns_trust_only_frozen_arrays_by_identity() -> None:
+@pytest.mark.parametrize("hashed", [False, True])
+def test_keyed_columns_trust_only_frozen_arrays_by_identity(hashed: bool) -> None:
     """The same frozen array is known without comparing; an array changed in place is not."""
-    table = KeyedColumns({"x": (np.float64, np.nan)})
+    table = KeyedColumns({"x": (np.float64, np.nan)}, hashed=hashed)
     writable = np.array(["a", "b"])
     assert table.slots(writable).tolist() == [0, 1]
     writable[1] = "c"  # the same object, new contents: must not hit the cache
@@ -182,8 +187,9 @@ def test_keyed_columns_trust_only_frozen_arrays_by_identity() -> None:
     assert table.slots(again).tolist() == [1, 0]
 
 
-def test_keyed_columns_lookup_answer_follows_added_keys() -> None:
-    table = KeyedColumns({"x": (np.float64, np.nan)})
+@pytest.mark.parametrize("hashed", [False, True])
+def test_keyed_columns_lookup_answer_follows_added_keys(hashed: bool) -> None:
+    table = KeyedColumns({"x": (np.float64, np.nan)}, hashed=hashed)
     table.slots(np.array(["a", "c"]))
     asked = freeze(np.array(["c", "b"]))
     pos, found = table.lookup(asked)
@@ -191,6 +197,39 @@ def test_keyed_columns_lookup_answer_follows_added_keys() -> None:
     table.slots(np.array(["b"]))  # a key added: the remembered answer is out of date
     pos, found = table.lookup(asked)
     assert pos.tolist() == [2, 1] and found.all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["slots", "lookup", "retain"]),
+            st.lists(st.sampled_from(["a", "b", "c", "GPU-1", "GPU-2", "é", ""]), max_size=6),
+        ),
+        max_size=12,
+    )
+)
+def test_keyed_columns_hashed_or_searched_answer_alike(
+    ops: list[tuple[str, list[str]]],
+) -> None:
+    """The dict-backed table is only faster: every answer and its state stay the same."""
+    searched = KeyedColumns({"x": (np.float64, np.nan)})
+    hashed = KeyedColumns({"x": (np.float64, np.nan)}, hashed=True)
+    for op, keys in ops:
+        arr = np.array(keys, dtype=np.str_)
+        if op == "slots":
+            a, b = searched.slots(arr), hashed.slots(arr)
+            assert a.tolist() == b.tolist()
+            searched["x"][a] = hashed["x"][b] = np.arange(a.size, dtype=np.float64)
+        elif op == "lookup":
+            (pa, fa), (pb, fb) = searched.lookup(arr), hashed.lookup(arr)
+            assert fa.tolist() == fb.tolist() and pa[fa].tolist() == pb[fb].tolist()
+        else:
+            keep = np.array([k not in keys for k in searched.keys.tolist()], dtype=bool)
+            searched.retain(keep)
+            hashed.retain(keep)
+        assert searched.keys.tolist() == hashed.keys.tolist()
+        assert np.array_equal(searched["x"], hashed["x"], equal_nan=True)
 
 
 def test_last_keys_interned_hands_out_one_frozen_array_while_the_keys_stay() -> None:

@@ -228,7 +228,8 @@ class Guard:
                 "last_change_s": (np.float64, -np.inf),
                 # The job the cap was last chosen for ("" unknown, IDLE_JOB: the GPU was idle).
                 "for_job": ("U64", ""),
-            }
+            },
+            hashed=True,  # asked about each cycle's targets: a new key array every time
         )
         self.nodes = KeyedColumns(
             {
@@ -238,12 +239,16 @@ class Guard:
             }
         )
         self.breaker = BreakerState()
-        self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while it stays
+        self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while they stay
         self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
         self.steers: list[tuple[float, str]] = []  # (time, node) of our weight/feature changes
         self._found_pending: dict[int, int] = {}  # id(weight intent) -> the weight found
 
     # -- review ---------------------------------------------------------------------------------
+
+    def rows(self, snapshot: Snapshot) -> RowIndex:
+        """The row of each of the snapshot's UUIDs (kept while they stay the same)."""
+        return self._rows.of(snapshot.uuid)
 
     def review(
         self, intents: Sequence[Intent], situation: Situation, now_s: float, dry_run_caps: bool
@@ -256,7 +261,7 @@ class Guard:
         self._found_pending.clear()
         # Each target's row, and each seen GPU's entry of ours: found by hash, once a cycle
         # (targets are most GPUs at scale; a binary search over UUIDs cost ten times as much).
-        index = self._rows.of(situation.snapshot.uuid)
+        index = self.rows(situation.snapshot)
         ours_at = self.caps.lookup(situation.snapshot.uuid)
         nodes = _Nodes(situation, self.rollout)
         pending: list[str] = []  # drains allowed in this review (they count at once)

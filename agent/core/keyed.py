@@ -1,7 +1,7 @@
 """Columnar state keyed by string (a GPU's UUID, a node's name): numpy arrays, no per-key objects.
 
-Keys are kept sorted; `slots(keys)` maps a whole array of keys to positions in one searchsorted,
-adding unseen keys with each column's fill value.
+Keys are kept sorted; `slots(keys)` maps a whole array of keys to positions (a binary search, or a
+hash where asked), adding unseen keys with each column's fill value.
 """
 
 from __future__ import annotations
@@ -112,10 +112,17 @@ def _all_true(shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
 
 
 class KeyedColumns:
-    def __init__(self, columns: Mapping[str, tuple[npt.DTypeLike, Any]]) -> None:
+    def __init__(
+        self, columns: Mapping[str, tuple[npt.DTypeLike, Any]], *, hashed: bool = False
+    ) -> None:
         """`columns`: name -> (dtype, fill value for new keys). String columns need a sized dtype
-        ("U64"): numpy truncates longer strings silently."""
+        ("U64"): numpy truncates longer strings silently. `hashed`: find keys through a dict of
+        them (kept while they stay) rather than a binary search: for tables asked about a new
+        key array every time (each cycle's intent targets), at the cost of the dict (about
+        12 MB for 100,000 UUIDs); tables asked about the same array every cycle answer from
+        their cache either way."""
         self._spec = dict(columns)
+        self._hashed = hashed
         self.keys = np.zeros(0, dtype=np.str_)
         self.cols: dict[str, npt.NDArray[Any]] = {
             name: np.zeros(0, dtype=dtype) for name, (dtype, _) in self._spec.items()
@@ -125,6 +132,20 @@ class KeyedColumns:
         # The last `lookup` answer, good while no key is added or removed.
         self._lookup_keys = LastKeys()
         self._last_lookup: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None = None
+        self._index: RowIndex | None = None  # of `keys` when hashed, built when first needed
+
+    def _find(
+        self, arr: npt.NDArray[np.str_]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Position of each key (0 where absent) and whether it is known."""
+        if not self._hashed:
+            if self.keys.size == 0:
+                return np.zeros(arr.shape, dtype=np.int64), np.zeros(arr.shape, dtype=bool)
+            pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1)
+            return pos.astype(np.int64), np.asarray(self.keys[pos] == arr, dtype=bool)
+        if self._index is None:
+            self._index = RowIndex(self.keys)
+        return self._index.find(arr)
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -138,18 +159,12 @@ class KeyedColumns:
         cached = self._last_slots
         if cached is not None and self._last_keys.same(arr):
             return cached
-        # Every key known already (the common case): one searchsorted, no hashing or sorting.
-        if self.keys.size:
-            pos = np.minimum(np.searchsorted(self.keys, arr), self.keys.size - 1)
-            missing = self.keys[pos] != arr
-        else:
-            # Nothing known yet: every key is new (and an empty `arr` maps to no slots).
-            pos = np.zeros(arr.shape, dtype=np.int64)
-            missing = np.ones(arr.shape, dtype=bool)
+        # Every key known already (the common case): found, nothing sorted.
+        pos, found = self._find(arr)
+        missing = ~found
         if not missing.any():
-            slots = pos.astype(np.int64)
-            self._remember(arr, slots)
-            return slots
+            self._remember(arr, pos)
+            return pos
         new = np.unique(arr[missing])
         self._forget()  # positions change: no remembered answer holds
         merged = np.concatenate([self.keys, new])
@@ -159,7 +174,7 @@ class KeyedColumns:
             old = self.cols[name]
             grown = np.concatenate([old, np.full(new.shape[0], fill, dtype=old.dtype)])
             self.cols[name] = grown[order]
-        slots = np.searchsorted(self.keys, arr).astype(np.int64)
+        slots, _ = self._find(arr)
         self._remember(arr, slots)
         return slots
 
@@ -179,8 +194,7 @@ class KeyedColumns:
             return self._last_slots, _all_true(arr.shape)
         if self._last_lookup is not None and self._lookup_keys.same(arr):
             return self._last_lookup
-        pos = np.clip(np.searchsorted(self.keys, arr), 0, self.keys.size - 1).astype(np.int64)
-        found = self.keys[pos] == arr
+        pos, found = self._find(arr)
         pos.flags.writeable = found.flags.writeable = False  # handed out again, like slots
         self._lookup_keys.remember(arr)
         self._last_lookup = (pos, found)
@@ -199,6 +213,7 @@ class KeyedColumns:
         self._forget()
 
     def _forget(self) -> None:
+        self._index = None
         self._last_keys.forget()
         self._last_slots = None
         self._lookup_keys.forget()
