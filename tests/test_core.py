@@ -232,6 +232,15 @@ def test_keyed_columns_hashed_or_searched_answer_alike(
         assert np.array_equal(searched["x"], hashed["x"], equal_nan=True)
 
 
+def test_row_index_finds_rows_and_keeps_the_first_of_a_repeated_key() -> None:
+    from agent.core.keyed import RowIndex
+
+    index = RowIndex(np.array(["GPU-b", "GPU-a", "GPU-b", "GPU-c"]))
+    rows, found = index.find(np.array(["GPU-c", "GPU-x", "GPU-b", "GPU-a"]))
+    assert rows.tolist() == [3, 0, 0, 1] and found.tolist() == [True, False, True, True]
+    assert index.find(np.array([], dtype=np.str_))[0].tolist() == []
+
+
 def test_last_keys_interned_hands_out_one_frozen_array_while_the_keys_stay() -> None:
     last = LastKeys()
     first = last.interned(np.array(["a", "b"]))

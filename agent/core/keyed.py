@@ -69,13 +69,14 @@ class LastKeys:
 
 
 class RowIndex:
-    """The row of each key of one key array (unique keys: a GPU's `host<SEP>gpu`, its UUID),
-    for many lookups: a dict, so a lookup costs a hash, not a binary search over long strings
-    (which at 100,000 UUIDs cost ten times as much)."""
+    """The row of each key of one key array (a GPU's `host<SEP>gpu`, its UUID; a key given
+    twice: its first row), for many lookups: a dict, so a lookup costs a hash, not a binary
+    search over long strings (which at 100,000 UUIDs cost ten times as much)."""
 
     def __init__(self, keys: npt.NDArray[np.str_]) -> None:
         self.size = int(keys.size)
-        self._row = {k: i for i, k in enumerate(keys.tolist())}
+        # Built from the end, so the first row of a repeated key is the one kept.
+        self._row = dict(zip(reversed(keys.tolist()), range(self.size - 1, -1, -1), strict=True))
 
     def of(self, keys: Iterable[str]) -> Iterator[int]:
         """Each key's row, -1 where absent."""
