@@ -41,17 +41,26 @@ class PolicyMemory(BaseModel):
         """A copy whose remembered times later than `now_s` are `now_s`: after the clock jumped
         back (NTP, a restored VM, a restart), a hold lasts its length from now, not until the
         clock catches up hours later."""
-        return self.model_validate(_times_until(self.model_dump(), now_s, False))
+        out = _times_until(self, now_s, False)
+        assert isinstance(out, type(self))
+        return out
 
 
 def _times_until(value: Any, now_s: float, is_time: bool) -> Any:
+    """`value` with its times later than `now_s` pulled back: a time is a number held by a field
+    named `*_s` (directly, or in a dict, list or tuple there); only field names count, never a
+    dict's keys (a node may be called anything)."""
+    if isinstance(value, BaseModel):
+        return value.model_copy(
+            update={
+                name: _times_until(getattr(value, name), now_s, name.endswith("_s"))
+                for name in type(value).model_fields
+            }
+        )
     if isinstance(value, dict):
-        return {
-            k: _times_until(v, now_s, is_time or (isinstance(k, str) and k.endswith("_s")))
-            for k, v in value.items()
-        }
+        return {k: _times_until(v, now_s, is_time) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_times_until(v, now_s, is_time) for v in value]
+        return type(value)(_times_until(v, now_s, is_time) for v in value)
     if is_time and isinstance(value, int | float) and not isinstance(value, bool):
         return min(value, now_s)
     return value

@@ -271,6 +271,7 @@ def test_policy_holds_restart_from_now_when_the_clock_goes_back() -> None:
 def test_every_builtin_memory_pulls_its_times_back() -> None:
     from policies.curve_exploration import CurveExplorationMemory, Exploring
     from policies.health_drain import HealthDrainMemory
+    from policies.placement import PlacementMemory
     from policies.power_budget import PowerBudgetMemory
 
     step = Exploring(
@@ -285,5 +286,8 @@ def test_every_builtin_memory_pulls_its_times_back() -> None:
     drain = HealthDrainMemory(healthy_since_s={"n": 500.0}, requeued_at_s={"7": 50.0})
     assert drain.clock_went_back(100.0).healthy_since_s == {"n": 100.0}
     assert drain.clock_went_back(100.0).requeued_at_s == {"7": 50.0}
+    # Only field names say what is a time: a node called "rack_s" keeps its weight.
+    placement = PlacementMemory(original_weight={"rack_s": 50, "n": 7}, marked=["rack_s"])
+    assert placement.clock_went_back(5.0) == placement
     assert PowerBudgetMemory(fits_since_s=None).clock_went_back(1.0).fits_since_s is None
     assert PowerBudgetMemory(fits_since_s=5.0).clock_went_back(1.0).fits_since_s == 1.0
