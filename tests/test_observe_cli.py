@@ -178,3 +178,18 @@ def test_sim_record_from_a_scenario(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert info["gpus_max"] == 4 and info["budget_w"] == {"min": 2000.0, "max": 2000.0}
     assert info["scenario"]["seed"] == 3
     assert [f["spec"] for f in info["scenario"]["faults"]] == ["xid:node2/gpu1@30"]
+
+
+def test_every_json_answer_is_strict_json_with_null_for_nan(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--json` answers carry measurements, and a missing one is NaN: it prints as null (jq and
+    friends read strict JSON only), never as a crash or a bare NaN."""
+    import numpy as np
+
+    from agent.cli._common import emit_json
+
+    emit_json({"power_w": float("nan"), "caps": np.array([300.0, np.inf]), "n": np.int64(2)})
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line) == {"power_w": None, "caps": [300.0, None], "n": 2}
+    assert "NaN" not in line and "Infinity" not in line

@@ -43,9 +43,12 @@ def setup_logging(level: str | None = None, json_logs: bool | None = None) -> No
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON object on the last line of stdout."""
+    """One JSON object on the last line of stdout: strict JSON, NaN and infinities as null."""
+    from agent.act.audit import finite
+
     sys.stdout.write(
-        json.dumps(jsonable(obj), separators=(",", ":"), allow_nan=False, default=str) + "\n"
+        json.dumps(finite(jsonable(obj)), separators=(",", ":"), allow_nan=False, default=str)
+        + "\n"
     )
 
 

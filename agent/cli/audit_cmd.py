@@ -112,14 +112,12 @@ def tail_cmd(
     records = tail(path, lines, stats)
     if json_out and not follow_:
         emit_json(
-            _finite(
-                {
-                    "audit_log": str(path),
-                    "files": [str(f) for f in stats.files],
-                    "records": records,
-                    "skipped": stats.skipped,
-                }
-            )
+            {
+                "audit_log": str(path),
+                "files": [str(f) for f in stats.files],
+                "records": records,
+                "skipped": stats.skipped,
+            }
         )
         return
     for record in records:
@@ -169,14 +167,12 @@ def explain(
         raise BadInputError(f"explain: {exc}") from None
     if json_out:
         emit_json(
-            _finite(
-                {
-                    "action": found.action,
-                    "decision": found.decision,
-                    "refusals": found.refusals,
-                    "other_actions": found.siblings,
-                }
-            )
+            {
+                "action": found.action,
+                "decision": found.decision,
+                "refusals": found.refusals,
+                "other_actions": found.siblings,
+            }
         )
         return
     a = found.action
@@ -213,9 +209,3 @@ def explain(
             + (f" ({s['detail']})" if s.get("detail") else "")
         )
     typer.echo("\n".join(out))
-
-
-def _finite(value: Any) -> Any:
-    from agent.act.audit import finite
-
-    return finite(value)

@@ -104,7 +104,7 @@ def reset(
     consumed = not path.exists()
     result = {"requested": True, "request": request, "file": str(path), "applied": consumed}
     if json_out:
-        emit_json(_finite(result))
+        emit_json(result)
         return
     if consumed:
         typer.echo(f"guard reset: applied by the running agent (request {request['id']})")
@@ -133,7 +133,7 @@ def status(
     breaker = _breaker_from_audit(audit_path)
     result = {"state_dir": str(directory), "reset_pending": pending, "breaker": breaker}
     if json_out:
-        emit_json(_finite(result))
+        emit_json(result)
         return
     if not breaker["known"]:
         typer.echo(f"breaker: unknown ({breaker['why']})")
@@ -144,9 +144,3 @@ def status(
         typer.echo("breaker: closed")
     if pending:
         typer.echo(f"reset: requested, not applied yet ({directory / RESET_FILE})")
-
-
-def _finite(value: Any) -> Any:
-    from agent.act.audit import finite
-
-    return finite(value)

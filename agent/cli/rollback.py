@@ -90,7 +90,7 @@ def rollback(
         "failed": len(failed),
     }
     if json_out:
-        emit_json(_finite(result))
+        emit_json(result)
     else:
         verb = "would " if dry_run else ""
         typer.echo(
@@ -105,9 +105,3 @@ def rollback(
             typer.echo(f"  FAILED: {a.intent.target_name()}: {a.detail}", err=True)
     if failed:
         raise typer.Exit(1)
-
-
-def _finite(value: Any) -> Any:
-    from agent.act.audit import finite
-
-    return finite(value)
