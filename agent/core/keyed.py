@@ -82,11 +82,15 @@ class RowIndex:
         """Each key's row, -1 where absent."""
         return map(self._row.get, keys, itertools.repeat(-1))
 
+    def positions(self, keys: npt.NDArray[np.str_]) -> npt.NDArray[np.int64]:
+        """Each key's row, -1 where absent."""
+        return np.fromiter(self.of(keys.tolist()), dtype=np.int64, count=int(keys.size))
+
     def find(
         self, keys: npt.NDArray[np.str_]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Each key's row (0 where absent) and whether it is present."""
-        rows = np.fromiter(self.of(keys.tolist()), dtype=np.int64, count=int(keys.size))
+        rows = self.positions(keys)
         found = rows >= 0
         return np.where(found, rows, 0), found
 

@@ -177,25 +177,9 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
 # -- vectorized helpers ---------------------------------------------------------------------------
 
 
-class KeyIndex:
-    """Unique keys sorted once, for many lookups (one per field) in the same cycle."""
-
-    def __init__(self, keys: StrArray) -> None:
-        self.size = int(keys.size)
-        self.order = np.argsort(keys, kind="stable")
-        self.ordered = keys[self.order]
-
-    def find(self, query: StrArray) -> IntArray:
-        """The position in the keys of each query key; -1 where absent."""
-        if self.size == 0 or query.size == 0:
-            return np.full(query.shape, -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.ordered, query), self.size - 1)
-        return np.where(self.ordered[pos] == query, self.order[pos], -1).astype(np.int64)
-
-
 def lookup(keys: StrArray, query: StrArray) -> IntArray:
     """The position in `keys` (unique) of each query key; -1 where absent."""
-    return KeyIndex(keys).find(query)
+    return RowIndex(keys).positions(query)
 
 
 def first_per_key(keys: StrArray, rank: FloatArray) -> IntArray:
@@ -323,7 +307,7 @@ class _StaticRead:
     field its value."""
 
     time_s: float
-    keys: KeyIndex
+    keys: RowIndex
     values: dict[Metric, FloatArray]
 
 
@@ -642,9 +626,9 @@ class PrometheusSource:
                 fill = np.where(np.isnan(last[metric]), np.nan, 0.0)
             raw[metric] = self._column(answer.result(), index, metric, fill)
         if static_due:
-            self._keep_static(now_s, key, raw)
+            self._keep_static(now_s, index, raw)
         elif last is None:  # a fresh GPU the last full read did not cover: read again
-            raw.update(self._read_static(now_s, index, key))
+            raw.update(self._read_static(now_s, index))
         else:
             raw.update({m: v for m, v in last.items() if m in STATIC_METRICS})
         values: dict[Metric, FloatArray] = {}
@@ -721,10 +705,10 @@ class PrometheusSource:
         went back (a refresh of 0: every cycle)."""
         return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
 
-    def _keep_static(self, now_s: float, key: StrArray, raw: dict[Metric, FloatArray]) -> None:
+    def _keep_static(self, now_s: float, index: RowIndex, raw: dict[Metric, FloatArray]) -> None:
         self._static = _StaticRead(
             now_s,
-            KeyIndex(key),
+            index,
             {m: raw[m].copy() for m in raw if m in STATIC_METRICS | SPARSE_METRICS},
         )
 
@@ -733,7 +717,7 @@ class PrometheusSource:
         covered by it."""
         last = self._static
         assert last is not None
-        rows = last.keys.find(key)
+        rows = last.keys.positions(key)
         missing = rows < 0
         if (missing & ~stale).any():
             return None
@@ -742,9 +726,7 @@ class PrometheusSource:
             out[metric] = np.where(missing, np.nan, column[np.maximum(rows, 0)])
         return out
 
-    def _read_static(
-        self, now_s: float, index: RowIndex, key: StrArray
-    ) -> dict[Metric, FloatArray]:
+    def _read_static(self, now_s: float, index: RowIndex) -> dict[Metric, FloatArray]:
         by_ident = promql.by(self.ident)
         futures = {
             name: self.submit(f"max {by_ident} ({self._selector(name)})", now_s)
@@ -754,7 +736,7 @@ class PrometheusSource:
             self.value_metrics[name]: self._column(f.result(), index, self.value_metrics[name])
             for name, f in futures.items()
         }
-        self._keep_static(now_s, key, raw)
+        self._keep_static(now_s, index, raw)
         return {m: c.copy() for m, c in raw.items()}
 
     def _last_sample_times(
