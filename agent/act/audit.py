@@ -22,22 +22,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-import orjson
 import structlog
 
-from agent.core.intents import Action, Intent, ReleasePowerCap, SetPowerCap, jsonable
+from agent.core.intents import (
+    Action,
+    Intent,
+    ReleasePowerCap,
+    SetPowerCap,
+    jsonable,
+    strict_json,
+)
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEP = 10
@@ -198,50 +202,9 @@ class _JsonLineSink:
     log = info = warning = error = msg
 
 
-def finite(value: Any) -> Any:
-    """JSON-ready with NaN and infinities as null (strict JSON: jq and friends read it); numpy
-    arrays converted in one vectorized step. (For the CLIs' JSON; the audit log's own lines
-    are written by orjson, which does the same.)"""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind == "f":
-            out = value.astype(object)
-            out[~np.isfinite(value)] = None
-            return out.tolist()
-        return finite(value.tolist()) if value.dtype.kind == "O" else value.tolist()
-    if isinstance(value, np.generic):
-        return finite(value.item())
-    if isinstance(value, Mapping):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = list(value)
-        kinds = set(map(type, items))  # long lists are homogeneous: one pass at C speed
-        if kinds <= _PLAIN:
-            return items
-        if kinds <= {float, int}:
-            return [v if math.isfinite(v) else None for v in items]
-        return [finite(v) for v in items]
-    return value
-
-
-_PLAIN = frozenset({str, int, bool, type(None)})
-
-
-# orjson writes NaN and infinities as null (strict JSON: jq and friends read it) and numeric numpy
-# arrays natively; anything else goes through `_default`.
-_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
 def _render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
     """One audit record as one line of strict JSON."""
-    return orjson.dumps(event, default=_default, option=_JSON_OPTIONS).decode()
-
-
-def _default(value: Any) -> Any:
-    """numpy values to JSON; anything else unknown as its string."""
-    converted = jsonable(value)
-    return str(value) if converted is value else converted
+    return strict_json(event)
 
 
 class AuditLog:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,7 +11,7 @@ import structlog
 import typer
 
 from agent.core.errors import BadInputError
-from agent.core.intents import jsonable
+from agent.core.intents import strict_json
 
 
 def setup_logging(level: str | None = None, json_logs: bool | None = None) -> None:
@@ -44,12 +43,7 @@ def setup_logging(level: str | None = None, json_logs: bool | None = None) -> No
 
 def emit_json(obj: Any) -> None:
     """One JSON object on the last line of stdout: strict JSON, NaN and infinities as null."""
-    from agent.act.audit import finite
-
-    sys.stdout.write(
-        json.dumps(finite(jsonable(obj)), separators=(",", ":"), allow_nan=False, default=str)
-        + "\n"
-    )
+    sys.stdout.write(strict_json(obj) + "\n")
 
 
 def bad_input(message: str) -> typer.Exit:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from agent.core.snapshot import Snapshot
 
@@ -327,3 +328,24 @@ class Action:
 def jsonable(value: Any) -> Any:
     """Numpy values and containers to plain JSON types."""
     return _jsonable(value)
+
+
+# NaN and infinities as null (strict JSON: jq and friends read it), numeric numpy arrays natively;
+# dataclasses and datetimes go through `_json_default` like anything else orjson does not know.
+_JSON_OPTIONS = (
+    orjson.OPT_SERIALIZE_NUMPY
+    | orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def _json_default(value: Any) -> Any:
+    """numpy values to JSON; anything else unknown as its string."""
+    converted = _jsonable(value)
+    return str(value) if converted is value else converted
+
+
+def strict_json(value: Any) -> str:
+    """`value` as one line of strict JSON (the audit log's records, the CLIs' `--json`)."""
+    return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS).decode()
