@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,22 @@ class DaemonProcess:
                     continue
         return out
 
-    def wait_event(self, name: str, timeout_s: float = 20.0, after: int = 0) -> dict[str, Any]:
+    def wait_event(
+        self,
+        name: str,
+        timeout_s: float = 20.0,
+        after: int = 0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The newest event `name` after the first `after` events (and, given `where`, one
+        it holds for), waiting up to `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            found = [e for e in self.events()[after:] if e.get("event") == name]
+            found = [
+                e
+                for e in self.events()[after:]
+                if e.get("event") == name and (where is None or where(e))
+            ]
             if found:
                 return found[-1]
             if self.proc.poll() is not None:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -207,26 +207,21 @@ def test_the_daemon_starts_on_a_full_disk_refuses_to_act_and_acts_once_space_is_
     proc = DaemonProcess(cfg, state, tmp_path / "run.log").started()
     try:
         assert proc.wait_event("lock_pid_unwritten")["reason"].startswith("cannot write the pid")
-
-        def wait_for_cycle(wanted: Callable[[dict[str, Any]], bool], after: int = 0) -> None:
-            deadline = time.monotonic() + 20
-            while not any(
-                e.get("event") == "cycle_summary" and wanted(e) for e in proc.events()[after:]
-            ):
-                assert proc.proc.poll() is None, proc.log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no such cycle within 20 s"
-                time.sleep(0.05)
-
         # It runs, observes and decides, and refuses to act on what it cannot audit.
-        wait_for_cycle(
-            lambda e: any("audit log unwritable" in m and "not acting" in m for m in e["errors"])
+        proc.wait_event(
+            "cycle_summary",
+            where=lambda e: any(
+                "audit log unwritable" in m and "not acting" in m for m in e["errors"]
+            ),
         )
         assert proc.wait_event("state_save_failed")
         summaries = [e for e in proc.events() if e.get("event") == "cycle_summary"]
         assert not any(e["actions"].get("applied") for e in summaries)
         seen = len(proc.events())
         filler.unlink()
-        wait_for_cycle(lambda e: bool(e["actions"].get("applied")), after=seen)
+        proc.wait_event(
+            "cycle_summary", after=seen, where=lambda e: bool(e["actions"].get("applied"))
+        )
         code, _took_s = proc.stop()
     finally:
         proc.kill()
