@@ -130,6 +130,9 @@ class GuardSettings(BaseModel):
     )
 
 
+NOT_SEEN = "GPU not seen this cycle"
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     intent: Intent  # what was refused (for caps: the refused targets only)
@@ -299,7 +302,7 @@ class Guard:
         if n == 0:
             return
         if situation.snapshot.n_gpus == 0:  # nothing seen: nothing to index into
-            review.refused.append(Refusal(intent, "GPU not seen this cycle", intent))
+            review.refused.append(Refusal(intent, NOT_SEEN, intent))
             return
         rows, known = index.find(uuids)
         fresh = known & situation.snapshot.fresh[rows]
@@ -324,7 +327,7 @@ class Guard:
         cooling = raising & (since < s.cap_cooldown_s)
 
         reasons = np.full(n, "", dtype=object)
-        reasons[~known] = "GPU not seen this cycle"
+        reasons[~known] = NOT_SEEN
         if situation.snapshot.n_nodes:
             blocked = np.where(known, nodes.block[situation.snapshot.node[rows]], "")
             hit = known & (blocked != "")
