@@ -4,7 +4,8 @@ life of a fleet (cap changes, noise), evidence, persistence, causality and saved
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import tracemalloc
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -192,3 +193,27 @@ def test_detection_is_causal_and_state_survives_a_restart() -> None:
     fleet.warm(orienter)
     first = [orienter.orient(fleet.step(), None).anomalies.kind.tolist() for _ in range(3)]
     assert first == straight[:3]
+
+
+def test_an_absurd_power_sample_costs_no_memory() -> None:
+    """One absurd draw (DCGM's blank 2^47 W, an infinity, a negative) is that GPU's problem: the
+    peer groups (node or job x draw band) stay as small as on a sane fleet."""
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter, cycles=20)
+    for bad in (2.0**47, 1e300, np.inf, -np.inf, -50.0, 1e9):
+        snap = fleet.step()
+        power = snap.values[Metric.POWER_W].copy()
+        power[5] = bad
+        snap = replace(
+            snap,
+            values={**snap.values, Metric.POWER_W: power},
+            valid={**snap.valid, Metric.POWER_W: np.isfinite(power)},
+        )
+        tracemalloc.start()
+        try:
+            sit = orienter.orient(snap, None)
+            peak_b = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak_b < 64 << 20, (bad, peak_b)
+        assert sit.anomalies is not None and not np.delete(sit.anomalies.flagged, 5).any()

@@ -70,6 +70,10 @@ THERMAL_BUFFER_ROWS = 8192
 PERSIST_ROWS = 1000  # samples of each buffer kept in the saved state
 THERMAL_COLS = 6  # T_prev, P_prev, P_now, T_now, dt, dT_prev
 MV_BUFFER_ROWS = 8192
+# Peer bands' limits: draws beyond share the top band (3x the max cap; 10 kW) rather than size
+# the group arrays (n_nodes or n_jobs x bands) after one absurd sample.
+HOT_PEER_TOP_BAND = 20.0
+STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
 
 
@@ -641,7 +645,11 @@ class AnomalyDetector:
         s = self.settings
         n = snap.n_gpus
         band_w = 0.15 * np.where(np.isfinite(max_cap), max_cap, 700.0)
-        band = np.floor(np.nan_to_num(power) / band_w).astype(np.int64)
+        # Clamped: the groups are node x band, so one absurd sample (DCGM's blank 2^47 W, an
+        # infinity) must not size them; no real draw lies beyond the top band.
+        with np.errstate(invalid="ignore"):
+            band_f = np.clip(np.nan_to_num(power / band_w), 0.0, HOT_PEER_TOP_BAND)
+        band = np.floor(band_f).astype(np.int64)
         bands = int(band.max(initial=0)) + 1
         ok = np.isfinite(smooth) & np.isfinite(power)
         ids = snap.node * bands + band
@@ -689,7 +697,9 @@ class AnomalyDetector:
         # ... among peers whose draw is within about 25% of its own (beyond, the curve's own
         # error would show): log-draw bands counted twice, the second shifted by half a band;
         # each GPU takes the grouping that gives it more peers.
-        log_p = np.log(np.maximum(np.nan_to_num(power), 1.0)) / np.log(1.25)
+        # (Clamped, as the groups are job x band: an absurd sample must not size them.)
+        power_b = np.clip(np.nan_to_num(power), 1.0, STRAGGLER_POWER_CEILING_W)
+        log_p = np.log(power_b) / np.log(1.25)
         peer_full = _nan(n)
         best = np.zeros(n)
         for shift in (0.0, 0.5):
