@@ -208,6 +208,9 @@ def test_relabelled_names_and_matchers() -> None:
         ([], None, "returned 0 series"),
         ([sample(1.0), sample(2.0)], None, "returned 2 series"),
         ([sample(-5.0)], None, "not a positive number"),
+        # A range vector or a string answer: a budget error, not a failed cycle.
+        ([{"metric": {}, "values": [[NOW, "5000"]]}], None, "malformed answer (KeyError"),
+        ([NOW, "five kW"], None, "malformed answer (ValueError"),
     ],
 )
 def test_budget_from_promql(answer: Any, budget: float | None, error: str | None) -> None:

@@ -774,7 +774,8 @@ class PrometheusSource:
         return out
 
     def _budget(self, answer: Future[Answer], errors: list[str]) -> float | None:
-        assert self.settings.budget_query is not None
+        query = self.settings.budget_query
+        assert query is not None
         try:
             result = answer.result().take()
         except TelemetryError as exc:
@@ -782,11 +783,19 @@ class PrometheusSource:
             return None
         if len(result) != 1:
             errors.append(
-                f"budget query {_shorten(self.settings.budget_query)} returned "
-                f"{len(result)} series, want exactly one"
+                f"budget query {_shorten(query)} returned {len(result)} series, want exactly one"
             )
             return None
-        value = float(result[0]["value"][1])
+        try:
+            value = float(result[0]["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            # A range vector or a string: no budget this cycle, but the fleet's cycle goes on.
+            problem = describe_error(exc, self.settings.timeout_s)
+            errors.append(
+                f"budget query {_shorten(query)}: {problem}, want one number "
+                "(an instant vector or a scalar)"
+            )
+            return None
         if not math.isfinite(value) or value <= 0:
             errors.append(f"budget query returned {value!r}, not a positive number of watts")
             return None
