@@ -14,6 +14,8 @@ import pytest
 from agent.core.errors import TelemetryError, TraceError
 from agent.core.snapshot import Metric, build_snapshot
 from agent.observe.openmetrics import write_openmetrics
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from agent.observe.record import record_prometheus
 from agent.observe.trace import TraceReader, TraceWriter
 from agent.replay.twin_trace import record_twin
 from agent.sim.exporter import dcgm_metric_values, served_fields
@@ -243,3 +245,44 @@ def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
         w.append(snap)
     back = TraceReader(path).snapshot(0)
     assert list(back.uuid) == ["u1"] and list(back.node_names) == ["a"]
+
+
+class _FakeRange:
+    """Range-query answers for one GPU and a budget signal, a point per step from T0."""
+
+    T0 = 1_700_000_040.0
+    MODEL = "NVIDIA H100 80GB HBM3"
+
+    def __init__(self, budget: list[str]) -> None:
+        self.budget = budget
+
+    def custom_query_range(self, query: str, **_: object) -> list[dict[str, object]]:
+        times = [self.T0 + 15 * i for i in range(len(self.budget))]
+        if "facility_budget" in query:
+            points = [[t, b] for t, b in zip(times, self.budget, strict=True)]
+            return [{"metric": {}, "values": points}]
+        if "timestamp(" in query:
+            gpu = {"Hostname": "n1", "gpu": "0", "UUID": "U0", "modelName": self.MODEL}
+            return [{"metric": gpu, "values": [[t, str(t - 1)] for t in times]}]
+        power = {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": "0"}
+        return [{"metric": power, "values": [[t, "300"] for t in times]}]
+
+    def close(self) -> None:
+        pass
+
+
+def test_recorded_budget_is_screened_as_the_live_source_screens_it(tmp_path: Path) -> None:
+    """The live source takes no budget from 0 W, a negative or a non-finite reading; a trace
+    recorded from the same Prometheus holds none there either (replay would see 0 W)."""
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15, budget_query="facility_budget"),
+        client=_FakeRange(["5000", "0", "-1", "NaN", "+Inf"]),  # type: ignore[arg-type]
+    )
+    path = tmp_path / "t.parquet"
+    t0 = _FakeRange.T0
+    metrics = list(source.value_metrics.values())
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
+        record_prometheus(source, w, start_s=t0, end_s=t0 + 60, step_s=15)
+    snaps = list(TraceReader(path).snapshots())
+    assert [s.budget_w for s in snaps] == [5000.0, None, None, None, None]
+    assert [s.column(Metric.POWER_W)[0][0] for s in snaps] == [300.0] * 5

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import re
 import threading
 import time
@@ -180,6 +179,13 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
 def lookup(keys: StrArray, query: StrArray) -> IntArray:
     """The position in `keys` (unique) of each query key; -1 where absent."""
     return RowIndex(keys).positions(query)
+
+
+def usable_budget(watts: FloatArray) -> BoolArray:
+    """Which budget readings are usable: a positive, finite number of watts. Anything else (0,
+    negative, NaN, infinite) is no budget, never a budget of that many watts; the live source
+    and the recorder screen by this one rule, so replay sees what the agent would have."""
+    return np.isfinite(watts) & (watts > 0)
 
 
 def first_per_key(keys: StrArray, rank: FloatArray) -> IntArray:
@@ -796,7 +802,7 @@ class PrometheusSource:
                 "(an instant vector or a scalar)"
             )
             return None
-        if not math.isfinite(value) or value <= 0:
+        if not usable_budget(np.array([value]))[0]:
             errors.append(f"budget query returned {value!r}, not a positive number of watts")
             return None
         return value

@@ -21,7 +21,13 @@ import numpy.typing as npt
 from agent.core.dcgm import FIELD_BY_METRIC
 from agent.core.snapshot import Metric
 from agent.observe import promql
-from agent.observe.prometheus import Matrix, PrometheusSource, first_per_key, lookup
+from agent.observe.prometheus import (
+    Matrix,
+    PrometheusSource,
+    first_per_key,
+    lookup,
+    usable_budget,
+)
 from agent.observe.trace import TraceBlock, TraceWriter
 
 FloatArray = npt.NDArray[np.float64]
@@ -97,6 +103,8 @@ def record_prometheus(
             answer = Matrix.parse(query(s.budget_query), [])
             if np.unique(answer.series).size == 1:  # one budget signal, or none recorded
                 budget[_step_index(answer.t_s, t0, step_s)] = answer.values
+            # What the live source would refuse (0 W, negative) is recorded as no budget.
+            budget[~usable_budget(budget)] = np.nan
         block, seen = _block(source, times, t0, step_s, live, vals, seen, budget)
         writer.write_block(block)
         most = max(most, block.n_gpus)
