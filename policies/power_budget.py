@@ -3,7 +3,8 @@
 Each cycle it plans caps for every GPU it can see so that, in the worst case until the next cycle,
 the fleet stays under `budget x (1 - margin_frac)`:
 
-- what cannot be seen still draws power: stale GPUs are counted at their maximum limit;
+- what cannot be seen still draws power: stale GPUs are counted at their maximum limit (where
+  that is unknown, at the largest limit known; and no cap is released while such a GPU is unseen);
 - idle GPUs may start work at any moment, so while the budget binds they get their lowest cap and
   count at it; GPUs whose job is still warming up count at their cap too;
 - the rest of the budget is split over busy GPUs by equal marginal throughput per watt (water-
@@ -24,12 +25,29 @@ import numpy as np
 from pydantic import Field
 
 from agent.core.curves import allocate_power
+from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 
 NOISE_Z = 3.0  # fleet-level safety margin against draw noise, in standard deviations
+# The most any GPU model we know of may draw: an unseen GPU of unknown model counts at this.
+LARGEST_BUILTIN_MAX_CAP_W = max(m.max_cap_w for m in BUILTIN_MODELS.values())
+
+
+def stale_worst_w(situation: Situation) -> tuple[np.ndarray, bool]:
+    """Per GPU, what it may draw while unseen (0 W where fresh), and whether any of that is a
+    guess. A stale GPU counts at its maximum limit; where that is unknown (a model missing from
+    the built-in table that reports no limits while stale) at the largest limit known, in the
+    fleet or the table. An unknown model may draw more still: hence the flag, and the caller holds
+    its caps rather than release them on a guess."""
+    stale = ~situation.snapshot.fresh
+    max_cap = situation.max_cap_w
+    known = np.isfinite(max_cap)
+    largest = max(float(max_cap[known].max(initial=0.0)), LARGEST_BUILTIN_MAX_CAP_W)
+    worst = np.where(stale, np.where(known, max_cap, largest), 0.0)
+    return worst, bool((stale & ~known).any())
 
 
 class PowerBudgetSettings(PolicySettings):
@@ -88,7 +106,8 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         curves = situation.curves
 
         # Power we cannot steer this cycle, counted at its worst.
-        stale_w = float(np.nansum(np.where(~fresh, situation.max_cap_w, 0.0)))
+        stale_worst, stale_guessed = stale_worst_w(situation)
+        stale_w = float(stale_worst.sum())
         unbounded_w = float(
             np.nansum(np.where(fresh & ~bounded, snap.column(Metric.POWER_W)[0], 0.0))
         )
@@ -114,11 +133,15 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             "available_w": round(available, 1),
             "worst_uncapped_w": round(worst_uncapped, 1),
             "stale_reserve_w": round(stale_w, 1),
+            "stale_max_cap_guessed": stale_guessed,
             "arrival_reserve_w": None if learned_reserve is None else round(learned_reserve, 1),
         }
 
-        groups_fit = self._groups_fit(situation, busy, idle, natural)
+        groups_fit = self._groups_fit(situation, busy, idle, natural, stale_worst)
         if worst_uncapped <= available and groups_fit:
+            if stale_guessed:
+                # The fit rests on a guess of what unseen GPUs draw: hold the caps as they are.
+                return Decision([], PowerBudgetMemory(fits_since_s=None))
             return self._maybe_release(
                 situation, memory, now_s, available, worst_uncapped, evidence_common
             )
@@ -157,7 +180,14 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             everyone = np.ones(busy_rows.size, dtype=bool)
             busy_caps, busy_power, feasible = allocate(everyone, available_busy)
             busy_caps, busy_power = self._hold_group_budgets(
-                situation, busy_rows, idle, busy_caps, busy_power, available_busy, allocate
+                situation,
+                busy_rows,
+                idle,
+                stale_worst,
+                busy_caps,
+                busy_power,
+                available_busy,
+                allocate,
             )
             busy_caps = np.floor(
                 self._same_share_per_job(situation, busy_rows, busy_power, busy_caps)
@@ -232,13 +262,18 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         return np.where(any_binding[inverse] & (share < 1.0), even, caps_w)
 
     def _groups_fit(
-        self, situation: Situation, busy: np.ndarray, idle: np.ndarray, natural: np.ndarray
+        self,
+        situation: Situation,
+        busy: np.ndarray,
+        idle: np.ndarray,
+        natural: np.ndarray,
+        stale_worst_w: np.ndarray,
     ) -> bool:
         """Does every rack or row fit its own budget with no caps, in the worst case?"""
         snap = situation.snapshot
         per_node_overhead = situation.overhead_w / max(snap.n_nodes, 1)
         for _name, (group_budget, members) in situation.group_budgets.items():
-            stale = float(np.nansum(np.where(members & ~snap.fresh, situation.max_cap_w, 0.0)))
+            stale = float(stale_worst_w[members].sum())
             worst = (
                 float(natural[members & busy].sum())
                 + float(situation.max_cap_w[members & idle].sum())
@@ -254,6 +289,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         situation: Situation,
         busy_rows: np.ndarray,
         idle: np.ndarray,
+        stale_worst_w: np.ndarray,
         caps_w: np.ndarray,
         power_w: np.ndarray,
         available_busy_w: float,
@@ -275,9 +311,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                     continue
                 rows = np.flatnonzero(members)
                 idle_reserve = float(situation.min_cap_w[rows][idle[rows]].sum())
-                stale = float(
-                    np.nansum(np.where(~snap.fresh[rows], situation.max_cap_w[rows], 0.0))
-                )
+                stale = float(stale_worst_w[rows].sum())
                 overhead = per_node_overhead * np.unique(snap.node[rows]).size
                 fixed_here = float(power_w[members[busy_rows] & fixed].sum())
                 room = (

@@ -132,3 +132,32 @@ def test_job_priority_patterns() -> None:
     job = np.array(["1001", "1001", "2002", "", "3003"])
     out = job_priorities(job, {"1*": 2, "3*": 0}, np.ones(5, dtype=np.int64))
     assert out.tolist() == [2, 2, 1, 1, 0]
+
+
+def test_stale_gpus_of_an_unknown_model_count_at_the_largest_known_max() -> None:
+    from dataclasses import replace
+
+    # "NVIDIA H100 NVL" is not in the built-in table: its limits are unknown.
+    models = np.array(["NVIDIA H100 80GB HBM3"] * 4 + ["NVIDIA H100 NVL"] * 4)
+
+    def snap_at(t: float, stale: list[bool], power_w: float = 350.0) -> Snapshot:
+        s = make_snapshot([600.0] * 4 + [power_w] * 4, time_s=t, stale=stale)
+        return replace(s, model=models.copy())
+
+    orienter = Orienter()
+    for t in (0.0, 200.0):
+        orienter.orient(snap_at(t, [False] * 8), 2700.0)
+    # Unseen, the unknown GPUs may draw as much as any GPU we know of: not 0 W.
+    sit = orienter.orient(snap_at(215.0, [False] * 4 + [True] * 4), 2700.0)
+    d = policy().decide(sit, PowerBudgetMemory(), 215.0)
+    caps = caps_of(list(d.intents))
+    assert caps.evidence["stale_reserve_w"] == 4 * 700.0
+    assert caps.evidence["stale_max_cap_guessed"] is True
+    # Even where the guess fits with room to spare, caps are held, not released.
+    roomy = orienter.orient(snap_at(230.0, [False] * 4 + [True] * 4), 100_000.0)
+    p = policy(release_hold_s=0.0)
+    capped = replace(roomy, cap_w=np.full(8, 400.0))
+    assert p.decide(capped, PowerBudgetMemory(fits_since_s=0.0), 230.0).intents == []
+    seen = orienter.orient(snap_at(245.0, [False] * 8, power_w=80.0), 100_000.0)
+    released = p.decide(replace(seen, cap_w=np.full(8, 400.0)), PowerBudgetMemory(), 245.0)
+    assert any(isinstance(i, ReleasePowerCap) for i in released.intents)
