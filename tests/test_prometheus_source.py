@@ -454,3 +454,47 @@ def test_sparse_health_counters_read_only_where_not_zero_between_full_reads() ->
     full_reads = sum("(DCGM_FI_DEV_XID_ERRORS)" in q for q, _ in fake.queries)
     assert xid_column(NOW + 120)[2] == 0.0
     assert sum("(DCGM_FI_DEV_XID_ERRORS)" in q for q, _ in fake.queries) == full_reads + 1
+
+
+def test_a_gpu_stale_at_the_full_read_is_read_again_when_it_is_back() -> None:
+    """node1/gpu0 is down at the full read of the static fields; back 30 s later (with its
+    cap range exported), its range is read at once, not reported missing until the next one."""
+    live = [{"metric": gpu("node1", 1), "value": [NOW, str(NOW - 1)]}]
+    values = [
+        sample(700.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", Hostname="node1", gpu="1"),
+        sample(1.0, __name__="DCGM_FI_DEV_XID_ERRORS", Hostname="node1", gpu="1"),
+        sample(300.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="1"),
+    ]
+    last_seen = [{"metric": {"Hostname": "node1", "gpu": "0"}, "value": [NOW, str(NOW - 200)]}]
+    fake = FakePrometheus(
+        [
+            ("max_over_time", last_seen),
+            ("last_over_time", [{"metric": gpu("node1", i), "value": [NOW, "1"]} for i in (0, 1)]),
+            ("timestamp(", live),
+            *per_field(values),
+        ]
+    )
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300), client=fake
+    )
+
+    def limit_queries() -> int:
+        return sum("LIMIT_MAX" in q for q, _ in fake.queries)
+
+    assert list(source.observe(NOW).stale) == [True, False]
+    assert limit_queries() == 1
+    live.append({"metric": gpu("node1", 0), "value": [NOW, str(NOW + 29)]})
+    values += [
+        sample(650.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", Hostname="node1", gpu="0"),
+        sample(250.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
+        sample(0.0, __name__="DCGM_FI_DEV_XID_ERRORS", Hostname="node1", gpu="0"),
+    ]
+    fake.answers = [("timestamp(", live), *per_field(values)]
+    snap = source.observe(NOW + 30)
+    assert limit_queries() == 2
+    assert list(snap.stale) == [False, False]
+    assert list(snap.column(Metric.MAX_LIMIT_W)[0]) == [650.0, 700.0]
+    assert list(snap.column(Metric.XID)[0]) == [0.0, 1.0]  # exported: 0, not missing
+    # Covered now: not read again until due.
+    source.observe(NOW + 45)
+    assert limit_queries() == 2

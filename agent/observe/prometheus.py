@@ -13,8 +13,8 @@ at most), all evaluated at the same time `now`, never one per GPU:
    series), and the job running there;
 3. values: `max by (host, gpu) (FIELD)` for each field (power, temperature, limits...). The
    static ones (the cap range and the default cap) only every `static_refresh_s`, or when a GPU
-   appears that the last read did not cover; the sparse health counters (XID, ECC, row remaps:
-   0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
+   is fresh that the last read did not cover (or found stale); the sparse health counters (XID,
+   ECC, row remaps: 0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -310,11 +310,12 @@ class _Inventory:
 @dataclass(frozen=True, eq=False)
 class _StaticRead:
     """The static and sparse fields as last read in full: per GPU key the read covered, per
-    field its value."""
+    field its value, and whether the GPU was fresh then (a stale one's fields were unknown)."""
 
     time_s: float
     keys: RowIndex
     values: dict[Metric, FloatArray]
+    fresh: BoolArray
 
 
 @dataclass(frozen=True, eq=False)
@@ -632,9 +633,9 @@ class PrometheusSource:
                 fill = np.where(np.isnan(last[metric]), np.nan, 0.0)
             raw[metric] = self._column(answer.result(), index, metric, fill)
         if static_due:
-            self._keep_static(now_s, index, raw)
+            self._keep_static(now_s, index, raw, ~stale)
         elif last is None:  # a fresh GPU the last full read did not cover: read again
-            raw.update(self._read_static(now_s, index))
+            raw.update(self._read_static(now_s, index, ~stale))
         else:
             raw.update({m: v for m, v in last.items() if m in STATIC_METRICS})
         values: dict[Metric, FloatArray] = {}
@@ -711,28 +712,34 @@ class PrometheusSource:
         went back (a refresh of 0: every cycle)."""
         return last is None or not (0.0 <= now_s - last.time_s < self.settings.static_refresh_s)
 
-    def _keep_static(self, now_s: float, index: RowIndex, raw: dict[Metric, FloatArray]) -> None:
+    def _keep_static(
+        self, now_s: float, index: RowIndex, raw: dict[Metric, FloatArray], fresh: BoolArray
+    ) -> None:
         self._static = _StaticRead(
             now_s,
             index,
             {m: raw[m].copy() for m in raw if m in STATIC_METRICS | SPARSE_METRICS},
+            fresh.copy(),
         )
 
     def _cached_static(self, key: StrArray, stale: BoolArray) -> dict[Metric, FloatArray] | None:
         """The static and sparse fields as of the last full read; None when a fresh GPU is not
-        covered by it."""
+        covered by it: not in it, or stale then (its fields were unknown, not missing)."""
         last = self._static
         assert last is not None
         rows = last.keys.positions(key)
-        missing = rows < 0
-        if (missing & ~stale).any():
+        covered = rows >= 0
+        covered[covered] = last.fresh[rows[covered]]
+        if (~covered & ~stale).any():
             return None
         out: dict[Metric, FloatArray] = {}
         for metric, column in last.values.items():
-            out[metric] = np.where(missing, np.nan, column[np.maximum(rows, 0)])
+            out[metric] = np.where(covered, column[np.maximum(rows, 0)], np.nan)
         return out
 
-    def _read_static(self, now_s: float, index: RowIndex) -> dict[Metric, FloatArray]:
+    def _read_static(
+        self, now_s: float, index: RowIndex, fresh: BoolArray
+    ) -> dict[Metric, FloatArray]:
         by_ident = promql.by(self.ident)
         futures = {
             name: self.submit(f"max {by_ident} ({self._selector(name)})", now_s)
@@ -742,7 +749,7 @@ class PrometheusSource:
             self.value_metrics[name]: self._column(f.result(), index, self.value_metrics[name])
             for name, f in futures.items()
         }
-        self._keep_static(now_s, index, raw)
+        self._keep_static(now_s, index, raw, fresh)
         return {m: c.copy() for m, c in raw.items()}
 
     def _last_sample_times(
