@@ -498,3 +498,36 @@ def test_a_gpu_stale_at_the_full_read_is_read_again_when_it_is_back() -> None:
     # Covered now: not read again until due.
     source.observe(NOW + 45)
     assert limit_queries() == 2
+
+
+def test_a_gpu_that_moved_host_is_one_row_on_its_new_host() -> None:
+    """GPU-X's host was renamed node-a -> node-b: the inventory window still holds its old
+    series, but it is one GPU, fresh on node-b, not also a stale row on node-a."""
+    old = {"Hostname": "node-a", "gpu": "0", "UUID": "GPU-X", "modelName": MODEL}
+    new = {**old, "Hostname": "node-b"}
+    other = gpu("node-c", 0)  # a GPU that is really down stays as a stale row
+    fake = FakePrometheus(
+        [
+            (
+                "max_over_time",
+                [
+                    {"metric": {"Hostname": h, "gpu": "0"}, "value": [NOW, str(NOW - 120)]}
+                    for h in ("node-a", "node-c")
+                ],
+            ),
+            ("last_over_time", [{"metric": m, "value": [NOW, "1"]} for m in (old, new, other)]),
+            ("timestamp(", [{"metric": new, "value": [NOW, str(NOW - 1)]}]),
+            *per_field(
+                [sample(300.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node-b", gpu="0")]
+            ),
+        ]
+    )
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300), client=fake
+    )
+    for t in (NOW, NOW + 15):  # the full inventory read, then the remembered inventory
+        snap = source.observe(t)
+        assert list(snap.node_of()) == ["node-b", "node-c"]
+        assert list(snap.uuid) == ["GPU-X", "GPU-node-c-0"]
+        assert list(snap.stale) == [False, True]
+        assert snap.column(Metric.POWER_W)[0][0] == 300.0

@@ -593,6 +593,12 @@ class PrometheusSource:
         # Inventory GPUs not live: stale. One per key (any of its UUIDs if it has several).
         i_rows = first_per_key(inventory.key, np.zeros(inventory.key.size))
         i_rows = i_rows[lookup(l_key[l_rows], inventory.key[i_rows]) < 0]
+        if i_rows.size:
+            # A GPU that moved host (or whose host was renamed) is live under its new key: the
+            # old key's row is the same GPU, not a stale one beside it with the same UUID.
+            l_uuid = live.labels[s.uuid_label][l_rows]
+            moved = lookup(l_uuid[l_uuid != ""], inventory.uuid[i_rows]) >= 0
+            i_rows = i_rows[~moved]
 
         key = np.concatenate([l_key[l_rows], inventory.key[i_rows]])
         host = np.concatenate([l_host[l_rows], inventory.host[i_rows]])
