@@ -38,24 +38,29 @@ def snap(
     remap_fail: list[float] | None = None,
     rows: list[float] | None = None,
     jobs: list[str] | None = None,
+    stale: list[bool] | None = None,
 ) -> Snapshot:
     n = len(xid)
     zeros = [0.0] * n
+    unseen = np.zeros(n, dtype=bool) if stale is None else np.asarray(stale, dtype=bool)
+    values = {
+        Metric.XID: xid,
+        Metric.ECC_DBE_TOTAL: dbe or zeros,
+        Metric.ROW_REMAP_FAILURE: remap_fail or zeros,
+        Metric.REMAPPED_ROWS_UNCORRECTABLE: rows or zeros,
+    }
+    # As the Prometheus source gives a stale GPU: no values, no job label.
+    values = {m: np.where(unseen, np.nan, np.asarray(v, dtype=float)) for m, v in values.items()}
     return build_snapshot(
         time_s=t,
         node_of_gpu=["node1"] * n,
         gpu=list(range(n)),
         uuid=[f"GPU-{i}" for i in range(n)],
         model=["NVIDIA H100 80GB HBM3"] * n,
-        job=jobs or ["7"] * n,
-        values={
-            Metric.XID: xid,
-            Metric.ECC_DBE_TOTAL: dbe or zeros,
-            Metric.ROW_REMAP_FAILURE: remap_fail or zeros,
-            Metric.REMAPPED_ROWS_UNCORRECTABLE: rows or zeros,
-        },
-        age_s=np.zeros(n),
-        stale=np.zeros(n, dtype=bool),
+        job=np.where(unseen, "", np.asarray(jobs or ["7"] * n, dtype=str)).tolist(),
+        values=values,
+        age_s=np.where(unseen, 120.0, 0.0),
+        stale=unseen,
     )
 
 
@@ -123,6 +128,20 @@ def test_watch_expires_restart_clears_when_the_job_changes() -> None:
     # The gauge still shows the old codes: no new event.
     still = h.update(snap(900, [63.0, 94.0], jobs=["7", "9"]))
     assert list(still.severity) == [HealthSeverity.OK, HealthSeverity.OK]
+
+
+def test_a_missed_scrape_does_not_end_a_restart_condition() -> None:
+    h = HealthClassifier(restart_hold_s=900)
+    h.update(snap(0, [0.0, 0.0], jobs=["42", "43"]))
+    hit = h.update(snap(15, [94.0, 94.0], jobs=["42", "43"]))
+    assert hit.severity.tolist() == [HealthSeverity.RESTART_JOB] * 2
+    # One missed scrape: stale, no values and no job label; that is no news of the job.
+    unseen = h.update(snap(30, [0.0, 0.0], jobs=["42", "43"], stale=[True, True]))
+    assert unseen.severity.tolist() == [HealthSeverity.RESTART_JOB] * 2
+    # Seen again: still job 42 on GPU 0 (held); GPU 1 idle, no job (the job is gone).
+    back = h.update(snap(45, [94.0, 94.0], jobs=["42", ""]))
+    assert back.severity.tolist() == [HealthSeverity.RESTART_JOB, HealthSeverity.OK]
+    assert back.code[0] == "xid:94" and back.since_s[0] == 15
 
 
 def test_ecc_and_row_remap_signals() -> None:

@@ -216,7 +216,9 @@ class HealthClassifier:
         watch_done = (sev_all == WATCH) & (age >= self.watch_hold_s)
         restart = np.flatnonzero(sev_all == RESTART)
         held_job = st["xid_job"][slot[restart]]
-        job_gone = (held_job != "") & (held_job != snapshot.job[restart])
+        # Only a fresh reading says which job runs: a stale GPU carries no job label, which is
+        # no news of the job (one missed scrape must not drop the condition for good).
+        job_gone = snapshot.fresh[restart] & (held_job != "") & (held_job != snapshot.job[restart])
         restart_done = np.zeros(slot.shape[0], dtype=bool)
         restart_done[restart] = job_gone | (
             (held_job == "") & (age[restart] >= self.restart_hold_s)
