@@ -144,6 +144,24 @@ def test_a_missed_scrape_does_not_end_a_restart_condition() -> None:
     assert back.code[0] == "xid:94" and back.since_s[0] == 15
 
 
+def test_remapped_rows_watch_holds_until_a_reset_or_its_hold() -> None:
+    h = HealthClassifier(watch_hold_s=600)
+    h.update(snap(0, [0.0, 13.0, 0.0]))
+    rose = h.update(snap(15, [0.0, 13.0, 0.0], dbe=[0, 0, 2], rows=[1, 1, 1]))
+    assert rose.code.tolist() == ["remapped_rows", "xid:13", "ecc_dbe"]
+    # An XID gauge that sits at 0 is no reset: the remap is still pending.
+    held = h.update(snap(300, [0.0, 13.0, 0.0], dbe=[0, 0, 2], rows=[1, 1, 1]))
+    assert held.severity.tolist()[:2] == [HealthSeverity.WATCH] * 2
+    assert held.conditions is not None
+    assert all("remapped_rows" in str(c) for c in held.conditions)
+    # A reset: GPU 1's gauge goes back to 0, GPU 2's volatile DBE count clears.
+    reset = h.update(snap(315, [0.0, 0.0, 0.0], dbe=[0, 0, 0], rows=[1, 1, 1]))
+    assert reset.severity.tolist() == [HealthSeverity.WATCH, HealthSeverity.OK, HealthSeverity.OK]
+    # GPU 0's watch expires after watch_hold_s.
+    expired = h.update(snap(615, [0.0] * 3, rows=[1, 1, 1]))
+    assert expired.severity.tolist() == [HealthSeverity.OK] * 3
+
+
 def test_ecc_and_row_remap_signals() -> None:
     h = HealthClassifier(watch_hold_s=600)
     h.update(snap(0, [0.0] * 4, dbe=[0, 0, 0, 0], rows=[0, 0, 0, 3]))

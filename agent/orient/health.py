@@ -12,7 +12,8 @@ What the signals can and cannot say:
   stays on the gauge is old news: watch conditions expire after `watch_hold_s`.
 - The volatile double-bit ECC counter rising means a DBE happened (drain); it falls back when the
   GPU is reset. A row-remap failure holds while the flag is set. Uncorrectable remapped rows rising
-  means a remap is pending until the next reset (watch).
+  means a remap is pending until the next reset (watch): until the XID gauge returns to 0 or the
+  DBE counter falls, or `watch_hold_s`.
 
 Every condition is held with the time it started (`since_s`). State is columnar, keyed by UUID.
 """
@@ -174,11 +175,12 @@ class HealthClassifier:
             return HealthStatus.healthy(0)
         now = snapshot.time_s
         slot = self.state.slots(snapshot.uuid)
-        self._update_xid(snapshot, slot, now)
-        self._update_ecc(snapshot, slot, now)
+        xid_reset = self._update_xid(snapshot, slot, now)
+        self._update_ecc(snapshot, slot, now, xid_reset)
         return self._status(snapshot, slot, now)
 
-    def _update_xid(self, snapshot: Snapshot, slot: IntArray, now: float) -> None:
+    def _update_xid(self, snapshot: Snapshot, slot: IntArray, now: float) -> BoolArray:
+        """Update the held XID conditions; per GPU, whether a reset was seen this cycle."""
         st = self.state.cols
         xid, ok = snapshot.column(Metric.XID)
         ok = ok & np.isfinite(xid)
@@ -228,8 +230,15 @@ class HealthClassifier:
         st["xid_sev"][done] = OK
         st["xid_since"][done] = np.nan
         st["xid_after"][done] = 0
+        reset_rows = np.zeros(slot.shape[0], dtype=bool)
+        reset_rows[np.flatnonzero(ok)] = reset
+        return reset_rows
 
-    def _update_ecc(self, snapshot: Snapshot, slot: IntArray, now: float) -> None:
+    def _update_ecc(
+        self, snapshot: Snapshot, slot: IntArray, now: float, xid_reset: BoolArray
+    ) -> None:
+        """Update the ECC and row-remap conditions; `xid_reset`: per GPU, whether the XID gauge
+        went back to 0 this cycle (a reset)."""
         st = self.state.cols
         dbe, dbe_ok = snapshot.column(Metric.ECC_DBE_TOTAL)
         dbe_ok = dbe_ok & np.isfinite(dbe)
@@ -239,6 +248,8 @@ class HealthClassifier:
         seen = np.isfinite(prev)
         rose = np.where(seen, cur > prev, cur > 0)
         fell = seen & (cur < prev)  # volatile counter cleared: the GPU was reset
+        dbe_reset = np.zeros(slot.shape[0], dtype=bool)
+        dbe_reset[np.flatnonzero(dbe_ok)] = fell
         since = st["dbe_since"][s]
         since = np.where(fell, np.nan, np.where(rose & np.isnan(since), now, since))
         st["dbe_since"][s] = since
@@ -262,12 +273,13 @@ class HealthClassifier:
         st["rows_since"][s] = since_rows
         st["rows_last"][s] = cur_rows
 
-        # A reset (XID gauge back to 0 or the volatile counter cleared) also applies pending
-        # remaps; watch on remapped rows expires like any watch.
-        xid_reset = (st["xid_code"][slot] == 0) & (st["last_xid"][slot] == 0)
+        # A reset seen this cycle (the XID gauge going back to 0, or the volatile DBE counter
+        # cleared) also applies pending remaps; a gauge that merely sits at 0 is no reset. A
+        # watch on remapped rows otherwise expires like any watch.
+        reset = xid_reset | dbe_reset
         r = st["rows_since"][slot]
         stale_watch = np.isfinite(r) & (now - r >= self.watch_hold_s)
-        cleared = slot[stale_watch | (np.isfinite(r) & xid_reset & (now > r))]
+        cleared = slot[stale_watch | (np.isfinite(r) & reset & (now > r))]
         st["rows_since"][cleared] = np.nan
 
     def _status(self, snapshot: Snapshot, slot: IntArray, now: float) -> HealthStatus:
