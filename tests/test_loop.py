@@ -291,3 +291,27 @@ def test_every_builtin_memory_pulls_its_times_back() -> None:
     assert placement.clock_went_back(5.0) == placement
     assert PowerBudgetMemory(fits_since_s=None).clock_went_back(1.0).fits_since_s is None
     assert PowerBudgetMemory(fits_since_s=5.0).clock_went_back(1.0).fits_since_s == 1.0
+
+
+def test_an_unexpected_actuator_error_fails_that_intent_only() -> None:
+    """A bug-shaped failure (not an OodaError) in one actuator call is that intent's FAILED
+    action: the caps applied before it in the same call keep their actions (audit, ownership,
+    cooldowns), and nothing escapes the executor."""
+    from agent.core.intents import Notify, Severity
+
+    class BrokenNotifier:
+        def notify(self, intent: Notify) -> None:
+            raise ValueError("Out of range float values are not JSON compliant")
+
+    live = RecordingCapActuator()
+    executor = Executor(Actuators(caps=live, notifier=BrokenNotifier()), lambda _i: False)
+    snap = make_snapshot([500.0])
+    targets = GpuTargets.from_rows(snap, [0])
+    cap = SetPowerCap(policy="p", reason="r", targets=targets, watts=np.array([400.0]))
+    note = Notify(policy="p", reason="r", target="cluster", severity=Severity.WARNING)
+    ids = iter(range(10))
+    actions = executor.execute([("d1", cap), ("d2", note)], lambda: f"a{next(ids)}", 0.0)
+    assert [a.outcome for a in actions] == [Outcome.APPLIED, Outcome.FAILED]
+    assert actions[1].detail == (
+        "unexpected ValueError: Out of range float values are not JSON compliant"
+    )

@@ -307,3 +307,66 @@ def test_config_errors_name_the_key(actuators: dict[str, object], message: str) 
     with pytest.raises(ConfigError) as exc:
         parse_config({"actuators": actuators})
     assert message in str(exc.value), str(exc.value)
+
+
+class _Misbehaving:
+    """A 'node daemon' on loopback that answers 200 with `listing` to a GET, `body` otherwise."""
+
+    def __init__(self, body: bytes, listing: bytes) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                answer = listing if self.command == "GET" else body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def do_GET(self) -> None:
+                self._answer()
+
+            def do_PUT(self) -> None:
+                self._answer()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("index", ["null", '"0"', "true", "-1", "1.5"])
+def test_a_node_answer_without_a_gpu_index_fails_that_node_only(
+    cluster: Cluster, index: str
+) -> None:
+    """A node whose answer names no integer GPU index is that node's per-target error: the
+    healthy node's cap is still set and reported, and nothing raises."""
+    bad = _Misbehaving(
+        b'{"results": [{"index": %s, "ok": true, "before_w": 700}]}' % index.encode(),
+        b'[{"index": %s, "uuid": "GPU-x", "max_w": 700}]' % index.encode(),
+    )
+    endpoints = {"node1": f"unix://{cluster.root}/node1.sock", "node9": bad.url}
+    actuator = NodeCapActuator(cluster.settings(endpoints=endpoints))
+    try:
+        targets = GpuTargets(
+            node=np.array(["node1", "node9"], dtype=np.str_),
+            gpu=np.array([0, 0], dtype=np.int64),
+            uuid=np.array([cluster.twin.uuid[0], "GPU-x"], dtype=np.str_),
+        )
+        result = actuator.set_caps(targets, np.array([450.0, 450.0]), 60.0)
+        assert result.ok.tolist() == [True, False]
+        assert "no result in the node's answer" in result.errors[1]
+        limits = actuator.gpu_limits(["node1", "node9"])
+        assert limits.node.tolist() == ["node1", "node1"] and not limits.errors
+    finally:
+        actuator.release_caps(cluster.targets([1], [0]))
+        actuator.close()
+        bad.close()

@@ -97,6 +97,25 @@ def test_webhook_posts_one_json_object(hook: Hook) -> None:
     assert datetime.fromisoformat(body["time"]).timestamp() == 1_800_000_000.0
 
 
+def test_evidence_not_known_is_sent_as_null(hook: Hook) -> None:
+    """NaN and infinities in the evidence (a reading not known) go out as strict JSON nulls;
+    httpx's own encoder would raise on them."""
+    notifier = WebhookNotifier(settings(f"{hook.url}/h"), "lab", FakeClock(0.0))
+    note = intent()
+    notifier.notify(
+        Notify(
+            policy=note.policy,
+            reason=note.reason,
+            target=note.target,
+            severity=note.severity,
+            evidence={"fleet_power_w": float("nan"), "headroom_w": float("-inf"), "xid": 79},
+        )
+    )
+    _path, headers, body = hook.requests[0]
+    assert headers["Content-Type"] == "application/json"
+    assert body["evidence"] == {"fleet_power_w": None, "headroom_w": None, "xid": 79}
+
+
 def test_retries_server_errors_then_succeeds(hook: Hook) -> None:
     hook.statuses = [503, 502]
     slept: list[float] = []

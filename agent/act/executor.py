@@ -174,12 +174,16 @@ class Executor:
                         for a in done
                     ]
                 actions.extend(done)
-            except OodaError as exc:
+            except Exception as exc:
+                # Any failure of one intent is that intent's FAILED action: the actions already
+                # taken this cycle are still returned, audited and remembered by the guard.
+                unexpected = not isinstance(exc, OodaError)
                 log.error(
                     "actuator_failed",
                     kind=str(intent.kind),
                     target=intent.target_name(),
                     error=str(exc),
+                    exc_info=unexpected,
                 )
                 actions.append(
                     Action(
@@ -188,7 +192,7 @@ class Executor:
                         intent,
                         Outcome.FAILED,
                         dry,
-                        str(exc),
+                        f"unexpected {type(exc).__name__}: {exc}" if unexpected else str(exc),
                         time_s=now_s,
                     )
                 )

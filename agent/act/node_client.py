@@ -373,9 +373,9 @@ class NodeCapActuator:
             results = call.body.get("results") if isinstance(call.body, dict) else None
             by_index: dict[int, dict[str, Any]] = {}
             if isinstance(results, list):
-                by_index = {
-                    int(r["index"]): r for r in results if isinstance(r, dict) and "index" in r
-                }
+                # A result without an integer index answers for no GPU (its GPU then reads
+                # "no result"): one malformed node answer must not raise for every node.
+                by_index = {i: r for r in results if (i := _gpu_index(r)) is not None}
             for p in plist:
                 r = by_index.get(gpus[p])
                 if r is None:
@@ -488,7 +488,7 @@ class NodeCapActuator:
                 errors[node] = call.error or "unexpected answer (not a list of GPUs)"
                 continue
             for gpu in call.body:
-                if isinstance(gpu, dict) and "index" in gpu:
+                if _gpu_index(gpu) is not None:
                     rows.append(gpu)
                     node_col.append(node)
 
@@ -500,7 +500,7 @@ class NodeCapActuator:
 
         return GpuLimits(
             node=np.array(node_col, dtype=np.str_),
-            gpu=np.array([int(r["index"]) for r in rows], dtype=np.int64),
+            gpu=np.array([r["index"] for r in rows], dtype=np.int64),
             uuid=np.array([str(r.get("uuid", "")) for r in rows], dtype=np.str_),
             min_w=col("min_w"),
             max_w=col("max_w"),
@@ -510,3 +510,14 @@ class NodeCapActuator:
             lease_remaining_s=col("lease_remaining_s"),
             errors=errors,
         )
+
+
+def _gpu_index(item: object) -> int | None:
+    """The GPU index a node's answer item is about, None when it names none (not an object,
+    no index, or an index that is not a non-negative integer)."""
+    if not isinstance(item, dict):
+        return None
+    index = item.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return None
+    return index

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ActuatorError
-from agent.core.intents import Notify, jsonable
+from agent.core.intents import Notify, jsonable, strict_json
 
 log = structlog.get_logger("ooda.act.notify")
 
@@ -92,6 +92,7 @@ class _Poster:
 
     def post(self, url: str, body: Any) -> httpx.Response:
         s = self.settings
+        payload = strict_json(body).encode()
         delay = s.backoff_s
         problem = ""
         for attempt in range(s.retries + 1):
@@ -99,7 +100,14 @@ class _Poster:
                 self.sleep(delay)
                 delay *= 2
             try:
-                response = self.client.post(url, json=body, timeout=s.timeout_s)
+                # Strict JSON: evidence may hold NaN or infinities (null here), which httpx's
+                # own encoder refuses, and a refusal must not escape as anything but an error.
+                response = self.client.post(
+                    url,
+                    content=payload,
+                    headers={"Content-Type": "application/json"},
+                    timeout=s.timeout_s,
+                )
             except httpx.TimeoutException:
                 problem = f"timed out after {s.timeout_s:g} s"
                 continue
