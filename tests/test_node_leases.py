@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,24 @@ def test_bad_construction() -> None:
         LeaseManager(FakeBackend([FakeGpu(0)]), FakeClock(), fallback_cap_w=-1.0)
     with pytest.raises(ValueError, match="same index"):
         LeaseManager(FakeBackend([FakeGpu(0), FakeGpu(0)]), FakeClock())
+
+
+def test_a_lease_lasts_no_longer_than_granted_when_the_clock_steps_back() -> None:
+    """A wall clock stepped back 9,000 s must not stretch a 60 s lease by as much: at the next
+    check the lease is cut to its length from now, then falls back as usual."""
+    manager, gpus, clock = _manager()
+    manager.set_cap(0, 450.0, 60.0)
+    clock.set(1000.0 - 9000.0)
+    assert manager.gpu(0)["lease_remaining_s"] == pytest.approx(60.0)
+    clock.advance(61.0)
+    assert manager.enforce() == [0]
+    assert gpus[0].limit_w == 400.0 and manager.gpu(0)["state"] == "fallback"
+
+
+def test_the_node_daemon_times_leases_on_a_monotonic_clock(tmp_path: Path) -> None:
+    from agent.core.clock import MonotonicClock
+    from tests.node_helpers import unix_node_daemon, write_token
+
+    write_token(tmp_path / "token")
+    daemon = unix_node_daemon(tmp_path, [FakeGpu(0)])
+    assert isinstance(daemon.manager.clock, MonotonicClock)

@@ -130,6 +130,7 @@ class LeaseManager:
             raise ValueError("the backend lists two GPUs with the same index")
         self._state: dict[int, CapState] = dict.fromkeys(self._devices, CapState.UNMANAGED)
         self._expires_s: dict[int, float] = {}
+        self._lease_s: dict[int, float] = {}  # each running lease's length as granted
 
     @property
     def indices(self) -> list[int]:
@@ -224,6 +225,7 @@ class LeaseManager:
             now = self.clock.now()
             self._state[index] = CapState.LEASED
             self._expires_s[index] = now + float(lease_s)
+            self._lease_s[index] = float(lease_s)
             self.events.cap_changed(index, "renew" if renew else "set")
             return CapOutcome(index, before, self._describe(index, now))
 
@@ -248,6 +250,7 @@ class LeaseManager:
                 raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
             self._state[index] = CapState.DEFAULT
             self._expires_s.pop(index, None)
+            self._lease_s.pop(index, None)
             self.events.cap_changed(index, "release")
             return CapOutcome(index, before, self._describe(index, self.clock.now()))
 
@@ -264,11 +267,18 @@ class LeaseManager:
             return False
         self._state[index] = CapState.FALLBACK
         self._expires_s.pop(index, None)
+        self._lease_s.pop(index, None)
         self.events.cap_changed(index, kind)
         return True
 
     def _enforce_locked(self) -> list[int]:
         now = self.clock.now()
+        for index, expires_s in self._expires_s.items():
+            # The clock went back (a wall clock stepped by NTP): no lease outlasts its length
+            # from now, or an agent gone for good would hold the GPU until the clock caught up.
+            if expires_s - now > self._lease_s[index]:
+                self._expires_s[index] = now + self._lease_s[index]
+                log.warning("lease_clock_went_back", gpu=index, ahead_s=expires_s - now)
         expired = [i for i, t in self._expires_s.items() if t <= now]
         done: list[int] = []
         for index in sorted(expired):

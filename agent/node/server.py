@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
-from agent.core.clock import Clock, SystemClock
+from agent.core.clock import Clock, MonotonicClock
 from agent.core.errors import BadInputError
 from agent.core.protocols import GpuBackend
 from agent.node.api import NodeMetrics, build_app
@@ -190,7 +190,7 @@ class NodeDaemon:
         self.metrics = NodeMetrics(lambda: self.manager)
         self.manager = LeaseManager(
             backend,
-            clock or SystemClock(),
+            clock or MonotonicClock(),  # leases are durations: immune to wall-clock steps
             fallback_cap_w=settings.fallback_cap_w,
             max_lease_s=settings.max_lease_s,
             lock=lock,
