@@ -139,3 +139,51 @@ def test_config_sections_and_runtime_wiring(tmp_path: Path) -> None:
     config = parse_config({"actuators": {"placement": "slurm", "slurm": {"bin_dir": str(bin_dir)}}})
     with pytest.raises(ConfigError, match=r"actuators.slurm.bin_dir: squeue not found in"):
         build_runtime(config)
+
+
+@pytest.mark.parametrize(
+    ("available", "active", "add", "remove", "written"),
+    [
+        # node_features plugins: knl_snc2 is available, not active; adding ours activates none
+        # of the site's.
+        (
+            "h100,knl_quad,knl_snc2",
+            "h100,knl_quad",
+            {"hot"},
+            set(),
+            (
+                "AvailableFeatures=h100,knl_quad,knl_snc2,ooda_hot",
+                "ActiveFeatures=h100,knl_quad,ooda_hot",
+            ),
+        ),
+        (
+            "h100,knl_snc2,ooda_hot",
+            "h100,ooda_hot",
+            set(),
+            {"hot"},
+            ("AvailableFeatures=h100,knl_snc2", "ActiveFeatures=h100"),
+        ),
+        ("h100,ooda_hot", "h100,ooda_hot", {"hot"}, set(), None),  # in place: nothing written
+    ],
+)
+def test_our_features_leave_the_sites_active_set_alone(
+    tmp_path: Path,
+    available: str,
+    active: str,
+    add: set[str],
+    remove: set[str],
+    written: tuple[str, str] | None,
+) -> None:
+    node = NODE | {"features": available, "active_features": active}
+    log = tmp_path / "scontrol.log"
+    bin_dir = fake_bin(
+        tmp_path,
+        sinfo=f"echo '{json.dumps({'nodes': [node]})}'",
+        scontrol=f'echo "$@" >> {log}',
+    )
+    placement = SlurmPlacement(SlurmSettings(bin_dir=bin_dir))
+    placement.set_features("node1", frozenset(add), frozenset(remove))
+    if written is None:
+        assert not log.exists()
+    else:
+        assert log.read_text().split() == ["update", "nodename=node1", *written]

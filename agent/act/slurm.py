@@ -440,11 +440,11 @@ class SlurmPlacement:
                 node = nodes.get(name)
                 if node is None or self._blocked(node):
                     continue
-                missing = wanted - node.features
+                missing = wanted - (node.features & node.active_features)
                 if missing:
                     what = f"{name}: features +{','.join(sorted(missing))} (re-applied)"
                     try:
-                        self._write_features(node, node.features | wanted)
+                        self._write_features(node, wanted, frozenset())
                         done.append(what)
                     except ActuatorError as exc:
                         failed.append(f"{what} failed: {exc}")
@@ -555,9 +555,19 @@ class SlurmPlacement:
             out.add(feature if feature.startswith(prefix) else prefix + feature)
         return frozenset(out)
 
-    def _write_features(self, node: SlurmNode, features: frozenset[str]) -> None:
-        text = ",".join(sorted(features))
-        self._update(node.name, f"AvailableFeatures={text}", f"ActiveFeatures={text}")
+    def _write_features(self, node: SlurmNode, add: frozenset[str], remove: frozenset[str]) -> None:
+        """Our features added to (removed from) both the node's available and active sets; the
+        site's own stay as they are in each (they differ where node_features plugins run, and
+        activating an available feature there can reboot the node)."""
+        available = (node.features - remove) | add
+        active = (node.active_features - remove) | add
+        if available == node.features and active == node.active_features:
+            return
+        self._update(
+            node.name,
+            f"AvailableFeatures={','.join(sorted(available))}",
+            f"ActiveFeatures={','.join(sorted(active))}",
+        )
 
     def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None:
         """Add and remove the agent's own features (prefixed); others are never touched."""
@@ -565,9 +575,7 @@ class SlurmPlacement:
         current = self._node(node)
         if add_owned - current.features:  # removing ours is an undo, allowed anywhere
             self._refuse_if_not_ours(current, "adding features to")
-        wanted = (current.features - remove_owned) | add_owned
-        if wanted != current.features or wanted != current.active_features:
-            self._write_features(current, wanted)
+        self._write_features(current, add_owned, remove_owned)
         mine = (self._features.get(node, frozenset()) - remove_owned) | add_owned
         if mine:
             self._features[node] = mine
