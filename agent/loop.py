@@ -281,7 +281,7 @@ class Loop:
             # What the agent itself set: policies undo only their own caps.
             situation = replace(
                 situation,
-                capped_by_us=self.guard.capped_by_us(snapshot.uuid),
+                capped_by_us=self.guard.capped_by_us(snapshot.uuid, self.dry_run_caps),
                 interval_s=self.interval_s,
             )
 
@@ -308,7 +308,7 @@ class Loop:
                 self.memory[policy.name] = decision.memory
                 proposed.extend(decision.intents)
             asserted = _asserted_caps(snapshot, self.guard.rows(snapshot), proposed)
-            outlived = self.guard.caps_outlived(snapshot, asserted)
+            outlived = self.guard.caps_outlived(snapshot, asserted, self.dry_run_caps)
             if outlived.any():
                 proposed.append(
                     ReleasePowerCap(

@@ -19,6 +19,7 @@ from agent.core.intents import (
     Intent,
     Notify,
     Outcome,
+    ReleasePowerCap,
     RequeueJob,
     ResumeNode,
     SetNodeFeatures,
@@ -492,3 +493,134 @@ def test_state_dir_defaults_to_the_cluster_name() -> None:
 
     assert state_dir(parse_config({"cluster": {"name": "lab"}})) == Path("/var/lib/ooda/lab")
     assert state_dir(parse_config({"daemon": {"state_dir": "/srv/ooda"}})) == Path("/srv/ooda")
+
+
+def test_breaker_counts_drains_made_after_the_clock_went_back_past_a_reset() -> None:
+    """A reset at t=10,000, then the clock steps back to 5,000: drains after the jump carry
+    earlier times than the reset, and must count towards the breaker all the same."""
+    guard = Guard(
+        GuardSettings(
+            breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=100, node_cooldown_s=0
+        )
+    )
+    guard.reset_breaker(10_000.0, by="op")
+    assert guard.clock_went_back(5_000.0) == 5_000.0
+    sit = situation()
+    drained: list[str] = []
+    for k, node in enumerate(["node1", "node2", "node3", "node4"]):
+        t = 5_000.0 + 60.0 * k
+        review = guard.review([drain(node)], sit, t, False)
+        apply(guard, review, t)
+        drained += allowed_nodes(review)
+    assert drained == ["node1", "node2"] and guard.breaker.open
+
+
+def test_requeue_needs_a_node_whose_scope_can_be_checked() -> None:
+    """A requeue names a node not seen this cycle (its scope and opt-out unknown), or no node
+    under a rollout scope: refused, as node intents on unseen nodes are."""
+    rollout = Rollout(RolloutSettings(nodes="node[1-3]"), members=["node1", "node2", "node3"])
+    guard = Guard(GuardSettings(), rollout=rollout)
+    unseen = RequeueJob(policy="health_drain", reason="xid", job="42", node="node99")
+    nameless = RequeueJob(policy="health_drain", reason="xid", job="43", node="")
+    inside = RequeueJob(policy="health_drain", reason="xid", job="44", node="node1")
+    review = guard.review([unseen, nameless, inside], situation(), 0.0, False)
+    assert [i.target_name() for i in review.allowed] == ["44"]
+    assert "node99 not seen this cycle" in reasons(review)["42"]
+    assert "rollout scope" in reasons(review)["43"]
+    # Without a scope, a requeue that names no node still goes ahead (nothing to check).
+    review = Guard(GuardSettings()).review([nameless], situation(), 0.0, False)
+    assert [i.target_name() for i in review.allowed] == ["43"]
+
+
+def _one_gpu(limit_w: float) -> tuple[Situation, GpuTargets]:
+    snap = make_snapshot([500.0] * 8, limit_w=limit_w)
+    return Orienter().orient(snap, None, states(2)), GpuTargets.from_rows(snap, [0])
+
+
+def test_a_cap_only_recorded_by_a_dry_policy_is_not_ours_to_release_live() -> None:
+    """A live agent with one dry-run policy: that policy's cap is only recorded, so a live
+    release (ownership, the daemon's on-exit release) must not touch the GPU, whose 500 W limit
+    someone else set. The dry policy itself still sees its recorded cap."""
+    guard = Guard(GuardSettings(cap_cooldown_s=0.0), is_dry=lambda i: i.policy == "shadow")
+    sit, t = _one_gpu(500.0)
+    advice = SetPowerCap(policy="shadow", reason="r", targets=t, watts=np.array([400.0]))
+    apply(guard, guard.review([advice], sit, 0.0, False), 0.0, Outcome.RECORDED)
+    assert guard.capped_by_us(t.uuid).tolist() == [True]
+    assert guard.capped_by_us(t.uuid, recorded=False).tolist() == [False]
+    live = ReleasePowerCap(policy="ownership", reason="job left", targets=t)
+    review = guard.review([live], sit, 100.0, False)
+    assert not review.allowed and review.refused[0].reason == "not capped by us"
+    dry = ReleasePowerCap(policy="shadow", reason="r", targets=t)
+    assert len(guard.review([dry], sit, 100.0, False).allowed) == 1
+    # Applied for real, the cap is ours to a live release too.
+    cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
+    apply(guard, guard.review([cap], sit, 200.0, False), 200.0)
+    assert len(guard.review([live], sit, 300.0, False).allowed) == 1
+
+
+def test_state_saved_before_live_caps_were_told_apart_keeps_them_ours() -> None:
+    guard = Guard()
+    sit, t = _one_gpu(700.0)
+    cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
+    apply(guard, guard.review([cap], sit, 0.0, False), 0.0)
+    saved = guard.to_dict()
+    del saved["caps"]["live_cap_w"]
+    copy = Guard()
+    copy.load_dict(saved)
+    assert copy.capped_by_us(t.uuid, recorded=False).tolist() == [True]
+
+
+def test_a_raise_above_our_cap_waits_for_the_cooldown_while_telemetry_lags() -> None:
+    """We lowered a GPU to 300 W; 10 s later the exporter still shows the old 700 W. A request
+    for 650 W is a raise of our cap within the cooldown, however it compares with 700 W.
+    Asking our own 300 W again is not a raise."""
+    guard = Guard(GuardSettings(cap_cooldown_s=60.0, cap_dead_band_w=10.0))
+    sit, t = _one_gpu(700.0)
+    first = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([300.0]))
+    apply(guard, guard.review([first], sit, 0.0, False), 0.0)
+    up = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([650.0]))
+    review = guard.review([up], sit, 10.0, False)
+    assert not review.allowed and review.refused[0].reason.startswith("cooldown")
+    assert len(guard.review([first], sit, 10.0, False).allowed) == 1
+    assert len(guard.review([up], sit, 70.0, False).allowed) == 1
+
+
+def test_a_release_that_finds_the_default_in_place_ends_our_ownership() -> None:
+    """Our 400 W cap is gone (the GPU was reset to its 700 W default): our release finds
+    nothing to do, and the GPU is no longer ours (audited), so a later release of ours cannot
+    undo a 500 W cap someone else sets there."""
+    guard = Guard(GuardSettings(cap_cooldown_s=0.0))
+    at_default, t = _one_gpu(700.0)
+    cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
+    apply(guard, guard.review([cap], at_default, 0.0, False), 0.0)
+    release = ReleasePowerCap(policy="p", reason="r", targets=t)
+    review = guard.review([release], at_default, 100.0, False)
+    assert review.unchanged == 1 and not review.allowed
+    assert [name for name, _ in review.events] == ["guard_cap_found_released"]
+    assert review.events[0][1]["uuids"] == t.uuid.tolist()
+    assert guard.capped_by_us(t.uuid).tolist() == [False]
+    someone_elses, _ = _one_gpu(500.0)
+    review = guard.review([release], someone_elses, 200.0, False)
+    assert not review.allowed and review.refused[0].reason == "not capped by us"
+
+
+def test_a_long_job_id_keeps_its_cap_while_the_job_runs() -> None:
+    """Job ids of any length (a Kubernetes namespace/pod name): a cap stamped with one is not
+    outlived while that job runs, and is once another job with the same long prefix runs."""
+    job = "ml-training/llama-70b-finetune-run-2025-06-01-" + "x" * 60
+    snap = make_snapshot([500.0] * 8, jobs=[job] * 8)
+    sit = Orienter().orient(snap, None, states(2))
+    guard = Guard(GuardSettings())
+    t = GpuTargets.from_rows(snap, [0])
+    cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
+    apply(guard, guard.review([cap], sit, 0.0, False), 0.0)
+    asserted = np.zeros(snap.n_gpus, dtype=bool)
+    asserted[0] = True
+    guard.stamp_cap_jobs(snap, asserted)
+    holding = np.zeros(snap.n_gpus, dtype=bool)
+    assert not guard.caps_outlived(snap, holding)[0]
+    next_job = make_snapshot([500.0] * 8, jobs=[job[:-1] + "y"] * 8)
+    assert guard.caps_outlived(next_job, holding)[0]
+    copy = Guard()
+    copy.load_dict(json.loads(json.dumps(guard.to_dict())))
+    assert not copy.caps_outlived(snap, holding)[0]

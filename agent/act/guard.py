@@ -66,6 +66,7 @@ RESET_FILE = "guard-reset.request"
 GUARD_POLICY = "guard"  # the policy name on the guard's own intents (its breaker alarm)
 IDLE_JOB = "<idle>"  # what a cap was chosen for when its GPU was idle
 _NODE_TIMES = ("last_change_s", "drained_s")  # per node, the times a clock jump can put ahead
+_OURS = {True: "our_cap_w", False: "live_cap_w"}  # counting recorded caps as ours, or not
 
 
 class GuardSettings(BaseModel):
@@ -227,10 +228,15 @@ class Guard:
         self.is_dry = is_dry
         self.caps = KeyedColumns(
             {
+                # Our cap, applied or (advising) recorded: what a dry-run intent sees as ours.
                 "our_cap_w": (np.float64, np.nan),
+                # Our cap applied for real: only this makes a GPU ours to a live intent (a cap
+                # a dry-run policy only recorded beside a live agent never was).
+                "live_cap_w": (np.float64, np.nan),
                 "last_change_s": (np.float64, -np.inf),
                 # The job the cap was last chosen for ("" unknown, IDLE_JOB: the GPU was idle).
-                "for_job": ("U64", ""),
+                # Objects: job ids (Kubernetes namespace/pod names) may be of any length.
+                "for_job": (object, ""),
             },
             hashed=True,  # asked about each cycle's targets: a new key array every time
         )
@@ -312,8 +318,8 @@ class Guard:
         # A GPU not seen is refused below, whatever we remember of it.
         have = known & ours_at[1][rows]
         slot = ours_at[0][rows][have]
-        ours = np.full(n, np.nan)
-        ours[have] = self.caps["our_cap_w"][slot]
+        ours = np.full(n, np.nan)  # our cap as this intent sees it (recorded ones if dry)
+        ours[have] = self.caps["our_cap_w" if dry_run else "live_cap_w"][slot]
         last_change_s = np.full(n, -np.inf)
         last_change_s[have] = self.caps["last_change_s"][slot]
         telemetry = situation.cap_w[rows]
@@ -324,6 +330,9 @@ class Guard:
             wanted = situation.default_cap_w[rows]
         since = now_s - last_change_s
         raising = ~(wanted < current)  # NaN current counts as raising: unknown is not safe
+        # Above our own last cap is a raise too, whatever the telemetry says: a limit read
+        # before our change took effect (scrape lag) must not open the cooldown.
+        raising |= np.isfinite(ours) & (wanted - ours >= s.cap_dead_band_w)
         cooling = raising & (since < s.cap_cooldown_s)
 
         reasons = np.full(n, "", dtype=object)
@@ -345,6 +354,10 @@ class Guard:
         ok = reasons == ""
         unchanged = ok & (np.abs(wanted - current) < s.cap_dead_band_w)
         review.unchanged += int(unchanged.sum())
+        if isinstance(intent, ReleasePowerCap) and unchanged.any():
+            settled = unchanged & np.isfinite(ours)  # ours, and at the default already
+            if settled.any():
+                self._settle(intent, settled, ours_at[0][rows][settled], dry_run, review)
         go = ok & ~unchanged
         for reason in np.unique(reasons[~ok].astype(np.str_)):
             review.refused.append(Refusal(intent.subset(reasons == reason), str(reason), intent))
@@ -366,6 +379,31 @@ class Guard:
             else:
                 review.allow(allowed, intent)
 
+    def _settle(
+        self,
+        release: ReleasePowerCap,
+        settled: npt.NDArray[np.bool_],
+        slots: npt.NDArray[np.int64],
+        dry_run: bool,
+        review: Review,
+    ) -> None:
+        """A release of ours that finds the GPUs at their default already (a reset, a reboot):
+        nothing to do, but our cap is gone, so the GPUs are no longer ours. Kept, a later
+        release of ours would undo a cap someone else set there."""
+        self.caps["our_cap_w"][slots] = np.nan
+        if not dry_run:
+            self.caps["live_cap_w"][slots] = np.nan
+        review.events.append(
+            (
+                "guard_cap_found_released",
+                {
+                    "policy": release.policy,
+                    "uuids": release.targets.uuid[settled].tolist(),
+                    "reason": "our release found the default limit in place: no longer ours",
+                },
+            )
+        )
+
     def _review_node(
         self,
         intent: Intent,
@@ -381,10 +419,19 @@ class Guard:
         change (the rate limit counts those within the review too)."""
         s = self.settings
         if isinstance(intent, RequeueJob):
-            # Not a change to the node, but to work on it: scope and opt-out still hold.
+            # Not a change to the node, but to work on it: scope and opt-out still hold, so a
+            # node they cannot be checked for (not seen, or none named under a scope) is refused.
             k = nodes.index(intent.node) if intent.node else None
-            if k is not None and nodes.block[k]:
+            if intent.node and k is None:
+                review.refuse(
+                    intent,
+                    f"node {intent.node} not seen this cycle: its scope and opt-out cannot be "
+                    "checked",
+                )
+            elif k is not None and nodes.block[k]:
                 review.refuse(intent, f"{nodes.block[k]} (node {intent.node})")
+            elif k is None and self.rollout is not None and not self.rollout.scope.everything:
+                review.refuse(intent, "the job's node is not known: the rollout scope cannot hold")
             else:
                 review.allow(intent, intent)
             return 0
@@ -484,6 +531,10 @@ class Guard:
                 if future.any():
                     ahead = max(ahead, float(times[future].max()) - now_s)
                     times[future] = now_s
+        b = self.breaker
+        if b.last_reset_s > now_s:  # else drains after the jump would never count towards it
+            ahead = max(ahead, b.last_reset_s - now_s)
+            b.last_reset_s = now_s
         for history in (self.drains, self.steers):  # the rate limits' windows too
             if any(t > now_s for t, _ in history):
                 ahead = max(ahead, max(t for t, _ in history) - now_s)
@@ -631,9 +682,10 @@ class Guard:
         if isinstance(intent, SetPowerCap | ReleasePowerCap):
             slot = self.caps.slots(intent.targets.uuid)
             self.caps["last_change_s"][slot] = now_s
-            self.caps["our_cap_w"][slot] = (
-                intent.watts if isinstance(intent, SetPowerCap) else np.nan
-            )
+            cap_w = intent.watts if isinstance(intent, SetPowerCap) else np.nan
+            self.caps["our_cap_w"][slot] = cap_w
+            if action.outcome is Outcome.APPLIED:
+                self.caps["live_cap_w"][slot] = cap_w
         elif isinstance(intent, DrainNode | ResumeNode | SetNodeWeight | SetNodeFeatures):
             k = int(self.nodes.slots(np.array([intent.node]))[0])
             self.nodes["last_change_s"][k] = now_s
@@ -663,7 +715,11 @@ class Guard:
         }
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
-        self.caps.load_dict(data.get("caps", {}))
+        caps = data.get("caps", {})
+        if "our_cap_w" in caps and "live_cap_w" not in caps:
+            # Saved before live and recorded caps were told apart: every cap counted as ours.
+            caps = {**caps, "live_cap_w": caps["our_cap_w"]}
+        self.caps.load_dict(caps)
         self.nodes.load_dict(data.get("nodes", {}))
         self.drains = [(float(t), str(n)) for t, n in data.get("drains", [])]
         self.steers = [(float(t), str(n)) for t, n in data.get("steers", [])]
@@ -679,24 +735,29 @@ class Guard:
         jobs = np.where(snapshot.job[rows] != "", snapshot.job[rows], IDLE_JOB)
         self.caps["for_job"][pos[found]] = jobs[found]
 
-    def caps_outlived(self, snapshot: Snapshot, asserted: BoolArray) -> BoolArray:
+    def caps_outlived(
+        self, snapshot: Snapshot, asserted: BoolArray, recorded: bool = True
+    ) -> BoolArray:
         """Per GPU: a cap of ours chosen for a job that has since left the GPU, and that no
-        policy asks for any more. A cap fitted to one job's curve must not throttle the next."""
+        policy asks for any more. A cap fitted to one job's curve must not throttle the next.
+        `recorded`: count caps only recorded (dry-run) as ours, else only those applied."""
         if len(self.caps) == 0 or snapshot.n_gpus == 0:
             return np.zeros(snapshot.n_gpus, dtype=bool)
         pos, found = self.caps.lookup(snapshot.uuid)
         stamped = self.caps["for_job"][pos]
         jobs = np.where(snapshot.job != "", snapshot.job, IDLE_JOB)
-        ours = found & np.isfinite(self.caps["our_cap_w"][pos])
+        ours = found & np.isfinite(self.caps[_OURS[recorded]][pos])
         return np.asarray(
             ours & snapshot.fresh & ~asserted & (stamped != "") & (stamped != jobs), dtype=bool
         )
 
-    def capped_by_us(self, uuids: npt.NDArray[np.str_]) -> BoolArray:
+    def capped_by_us(self, uuids: npt.NDArray[np.str_], recorded: bool = True) -> BoolArray:
+        """Per UUID: a cap of ours is on it (`recorded`: applied or recorded in dry-run; else
+        applied for real)."""
         if len(self.caps) == 0:
             return np.zeros(uuids.shape, dtype=bool)
         pos, found = self.caps.lookup(uuids)
-        return np.asarray(found & np.isfinite(self.caps["our_cap_w"][pos]), dtype=bool)
+        return np.asarray(found & np.isfinite(self.caps[_OURS[recorded]][pos]), dtype=bool)
 
 
 def request_reset(state_dir: Path, by: str | None = None, note: str = "") -> dict[str, Any]:

@@ -770,7 +770,7 @@ class Daemon:
         if report is None:
             return
         snap = report.snapshot
-        rows = np.flatnonzero(loop.guard.capped_by_us(snap.uuid))
+        rows = np.flatnonzero(loop.guard.capped_by_us(snap.uuid, recorded=False))
         if rows.size == 0:
             return
         intent = ReleasePowerCap(
