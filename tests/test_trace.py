@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -248,13 +249,15 @@ def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
 
 
 class _FakeRange:
-    """Range-query answers for one GPU and a budget signal, a point per step from T0."""
+    """Range-query answers for GPUs of node n1 (by index) and a budget signal, a point per step
+    from T0."""
 
     T0 = 1_700_000_040.0
     MODEL = "NVIDIA H100 80GB HBM3"
 
-    def __init__(self, budget: list[str]) -> None:
+    def __init__(self, budget: list[str], gpus: tuple[str, ...] = ("0",)) -> None:
         self.budget = budget
+        self.gpus = gpus
 
     def custom_query_range(self, query: str, **_: object) -> list[dict[str, object]]:
         times = [self.T0 + 15 * i for i in range(len(self.budget))]
@@ -262,10 +265,26 @@ class _FakeRange:
             points = [[t, b] for t, b in zip(times, self.budget, strict=True)]
             return [{"metric": {}, "values": points}]
         if "timestamp(" in query:
-            gpu = {"Hostname": "n1", "gpu": "0", "UUID": "U0", "modelName": self.MODEL}
-            return [{"metric": gpu, "values": [[t, str(t - 1)] for t in times]}]
-        power = {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": "0"}
-        return [{"metric": power, "values": [[t, "300"] for t in times]}]
+            seen = [[t, str(t - 1)] for t in times]
+            return [
+                {
+                    "metric": {
+                        "Hostname": "n1",
+                        "gpu": i,
+                        "UUID": f"U{i}",
+                        "modelName": self.MODEL,
+                    },
+                    "values": seen,
+                }
+                for i in self.gpus
+            ]
+        return [
+            {
+                "metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": i},
+                "values": [[t, "300"] for t in times],
+            }
+            for i in self.gpus
+        ]
 
     def close(self) -> None:
         pass
@@ -286,3 +305,68 @@ def test_recorded_budget_is_screened_as_the_live_source_screens_it(tmp_path: Pat
     snaps = list(TraceReader(path).snapshots())
     assert [s.budget_w for s in snaps] == [5000.0, None, None, None, None]
     assert [s.column(Metric.POWER_W)[0][0] for s in snaps] == [300.0] * 5
+
+
+def test_a_value_the_column_cannot_hold_is_missing_not_another_number(tmp_path: Path) -> None:
+    """Power is int32 mW (to 2,147 kW), energy int64 mJ, others float32: a broken exporter's
+    3,000,000 W would wrap to -2,147,483 W; out of range reads back missing instead."""
+    snap = build_snapshot(
+        time_s=100.0,
+        node_of_gpu=["n1"] * 3,
+        gpu=[0, 1, 2],
+        uuid=["A", "B", "C"],
+        model=["m"] * 3,
+        job=["", "", ""],
+        values={
+            Metric.POWER_W: [3.0e6, 300.0, -3.0e6],
+            Metric.POWER_LIMIT_W: [2_147_483.0, 2_147_484.0, -2_147_483.0],
+            Metric.ENERGY_J: [1e17, 5.0e6, 9.2e15],
+            Metric.TEMP_C: [1e39, 50.0, -1e39],
+        },
+        age_s=[0.0, 0.0, 0.0],
+        stale=[False, False, False],
+    )
+    path = tmp_path / "t.parquet"
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=METRICS) as w:
+        w.append(snap)
+    back = TraceReader(path).snapshot(0)
+    np.testing.assert_array_equal(back.column(Metric.POWER_W)[0], [np.nan, 300.0, np.nan])
+    np.testing.assert_array_equal(
+        back.column(Metric.POWER_LIMIT_W)[0], [2_147_483.0, np.nan, -2_147_483.0]
+    )
+    np.testing.assert_array_equal(back.column(Metric.ENERGY_J)[0], [np.nan, 5.0e6, 9.2e15])
+    np.testing.assert_array_equal(back.column(Metric.TEMP_C)[0], [np.nan, 50.0, np.nan])
+    assert list(back.column(Metric.POWER_W)[1]) == [False, True, False]
+
+
+def test_a_gpu_index_the_gpu_column_cannot_hold_is_refused_not_wrapped(tmp_path: Path) -> None:
+    snap = build_snapshot(
+        time_s=0.0,
+        node_of_gpu=["n1", "n1"],
+        gpu=[0, 40_000],
+        uuid=["A", "B"],
+        model=["m", "m"],
+        job=["", ""],
+        values={Metric.POWER_W: [1.0, 2.0]},
+        age_s=[0.0, 0.0],
+        stale=[False, False],
+    )
+    w = TraceWriter(tmp_path / "t.parquet", time_base="twin", step_s=1, source={})
+    w.append(snap)
+    with pytest.raises(ValueError, match=r"GPU index 40000 of 'B' on node 'n1' does not fit"):
+        w.close()
+    w.abort()
+
+
+def test_the_recorder_leaves_out_a_gpu_index_a_trace_cannot_hold(tmp_path: Path) -> None:
+    """A series with gpu="40000" is as unusable as one without an index: the other GPUs are
+    recorded, and no index is wrapped to another."""
+    fake: Any = _FakeRange(["1"] * 3, gpus=("0", "40000"))
+    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
+    path = tmp_path / "t.parquet"
+    t0 = _FakeRange.T0
+    metrics = list(source.value_metrics.values())
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
+        record_prometheus(source, w, start_s=t0, end_s=t0 + 30, step_s=15)
+    snaps = list(TraceReader(path).snapshots())
+    assert [list(s.uuid) for s in snaps] == [["U0"]] * 3

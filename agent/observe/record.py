@@ -28,7 +28,7 @@ from agent.observe.prometheus import (
     lookup,
     usable_budget,
 )
-from agent.observe.trace import TraceBlock, TraceWriter
+from agent.observe.trace import GPU_INDEX_MAX, TraceBlock, TraceWriter
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -139,6 +139,7 @@ def _block(
     window = s.inventory_window_s
     # Series -> GPU key; this chunk's GPUs are the live ones plus those seen recently before.
     s_key, s_host, s_gpu, s_ok = source.keys(live.labels)
+    s_ok &= s_gpu <= GPU_INDEX_MAX  # an index the trace cannot hold: as unusable as none
     newest = np.full(s_key.size, -np.inf)
     np.maximum.at(newest, live.series, live.values)
     ok_rows = np.flatnonzero(s_ok)

@@ -48,6 +48,7 @@ META_HEADER = b"ooda.trace"  # written when the file is opened
 META_STEPS = b"ooda.trace.steps"  # written when it is closed: per-step fleet data
 ROWS_PER_GROUP = 1 << 19  # rows per row group: memory stays flat (about 250 MB writing)
 LABEL_PREFIX = "label."
+GPU_INDEX_MAX = int(np.iinfo(np.int16).max)  # the `gpu` column is int16
 
 TimeBase = Literal["unix", "twin"]
 
@@ -282,6 +283,14 @@ class TraceWriter:
             raise ValueError(f"trace {self.path}: already closed")
         if self._steps_t and block.n_steps and block.time_s[0] <= self._steps_t[-1]:
             raise ValueError(f"trace {self.path}: steps must move forward in time")
+        # `gpu` is identity (never null): an index int16 cannot hold is refused, not wrapped.
+        wide = (block.gpu < 0) | (block.gpu > GPU_INDEX_MAX)
+        if wide.any():
+            i = int(np.flatnonzero(wide)[0])
+            raise ValueError(
+                f"trace {self.path}: GPU index {int(block.gpu[i])} of {str(block.uuid[i])!r} on "
+                f"node {str(block.node[i])!r} does not fit the gpu column (0..{GPU_INDEX_MAX})"
+            )
         per_group = max(1, self.rows_per_group // max(block.n_gpus, 1))
         for start in range(0, block.n_steps, per_group):
             self._write_group(block, slice(start, min(block.n_steps, start + per_group)))
@@ -404,9 +413,10 @@ class _StepBuffer:
         j = self.steps
         self.time_s[j] = snapshot.time_s
         self.budget_w[j] = budget_w
-        for metric, column in self.values.items():
-            column[j] = snapshot.column(metric)[0]
-        self.age_s[j] = snapshot.age_s
+        with np.errstate(over="ignore"):  # beyond float32: infinite here, missing when written
+            for metric, column in self.values.items():
+                column[j] = snapshot.column(metric)[0]
+            self.age_s[j] = snapshot.age_s
         self.stale[j] = snapshot.stale
         names, inverse = np.unique(snapshot.job, return_inverse=True)
         codes = np.array(
@@ -460,14 +470,20 @@ def _dictionary(values: StrArray, null: str) -> pa.Array:
 def _numeric(
     values: npt.NDArray[np.floating[Any]], kind: pa.DataType, scale: float, digits: int | None
 ) -> pa.Array:
-    """Numbers (NaN = missing) as a nullable Arrow array of `kind`, stored = value x scale."""
+    """Numbers (NaN = missing) as a nullable Arrow array of `kind`, stored = value x scale. A
+    value the column cannot hold is missing too: numpy's cast would wrap it (int32 mW beyond
+    2,147 kW) or make it infinite, a different number read back."""
     data = np.array(values, dtype=np.float64)  # one working copy, changed in place
-    missing = ~np.isfinite(data)
-    data[missing] = 0.0
     if pa.types.is_integer(kind):
+        dtype = np.dtype(kind.to_pandas_dtype())
         np.multiply(data, scale, out=data)
         np.round(data, out=data)
-        return pa.array(data.astype(kind.to_pandas_dtype()), mask=missing, type=kind)
+        low = float(np.iinfo(dtype).min)  # -2^(bits-1), exact in float64; -low is past the top
+        missing = ~((data >= low) & (data < -low))  # NaN compares false: missing as well
+        data[missing] = 0.0
+        return pa.array(data.astype(dtype), mask=missing, type=kind)
+    missing = ~(np.abs(data) <= np.finfo(np.float32).max)
+    data[missing] = 0.0
     if digits is not None:
         np.round(data, digits, out=data)
     return pa.array(data.astype(np.float32), mask=missing, type=pa.float32())
