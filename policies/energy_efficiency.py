@@ -4,7 +4,9 @@ slowdown, from the job's learned power curve.
 For a job with natural draw N and curve T(x) (x = power / N), the energy per unit of work at a
 share x is (x N + static_w) / T(x); energy x delay is that over T(x) again. With T concave both are
 unimodal in x, so a vectorized golden-section search over every GPU at once finds the optimum;
-the search is confined to x where T(x) >= 1 - max_slowdown_frac and the cap stays settable.
+the search is confined to x where T(x) >= 1 - max_slowdown_frac and the cap stays settable. The
+cap for a share x is x N / k, k the share of its cap the GPU draws: its learned one, else the lowest
+plausible one (so the GPU gets at least x N, and the bound holds).
 Only curves learned with at least `min_confidence` are acted on: a prior is not evidence enough
 to slow anyone's job down.
 """
@@ -16,7 +18,12 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from agent.core.curves import energy_optimal_share, power_for_throughput, throughput_at_power
+from agent.core.curves import (
+    energy_optimal_share,
+    power_for_throughput,
+    slowdown_cap_draw_frac,
+    throughput_at_power,
+)
 from agent.core.intents import GpuTargets, Intent, SetPowerCap
 from agent.core.situation import Situation
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -115,7 +122,9 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         curves = situation.curves
         reference = curves.natural_w if curves.curve_natural_w is None else curves.curve_natural_w
         natural = reference[rows]
-        k = curves.cap_draw_frac[rows]
+        # Where the share is not learned, the lowest plausible one: orient's prior (the whole
+        # cap, for budgets) would give a cap that slows the job beyond the bound.
+        k = slowdown_cap_draw_frac(curves.cap_draw_frac[rows])
         sample_sd = np.maximum(curves.natural_w_hi[rows] - curves.natural_w[rows], 0.0) / 2.0
         _, jobs = np.unique(situation.snapshot.job_key[rows], return_inverse=True)
         pooled_natural = pool_within_jobs(natural, sample_sd**2, jobs)

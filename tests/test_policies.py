@@ -142,6 +142,24 @@ def test_energy_efficiency_respects_the_slowdown_bound(objective: str) -> None:
     assert np.all(caps.evidence["expected_energy_saving"] > 0.02)
 
 
+def test_energy_efficiency_keeps_the_bound_where_the_cap_draw_share_is_not_learned() -> None:
+    from agent.core.curves import LOWEST_CAP_DRAW_FRAC, throughput_at_cap
+
+    # Never seen under a binding cap: orient hands out its budget prior (the whole cap).
+    sit = orient(make_snapshot([600.0] * 4))
+    assert np.all(sit.curves.cap_draw_frac == 1.0)
+    # A job whose curve is learned (a requeued job: same id, new GPUs), the most sensitive one.
+    curves = replace(sit.curves, confidence=np.full(4, 0.9), a=np.full(4, 1.13), b=np.full(4, 1.65))
+    settings = EnergyEfficiencySettings(max_slowdown_frac=0.05)
+    d = EnergyEfficiency(settings).decide(replace(sit, curves=curves), PolicyMemory(), 0)
+    caps = only(d.intents, SetPowerCap)[0]
+    # Whatever share of the cap the GPUs really draw (at least LOWEST_CAP_DRAW_FRAC of it, real
+    # ones 0.9-0.95), the job keeps within the bound.
+    for k in (LOWEST_CAP_DRAW_FRAC, 0.92, 0.95, 1.0):
+        t = throughput_at_cap(caps.watts, sit.curves.natural_w, 1.13, 1.65, k)
+        assert np.all(t >= 0.95 - 1e-3), (k, caps.watts, t)
+
+
 def test_energy_efficiency_ignores_unconfident_curves_and_insensitive_jobs() -> None:
     snap = make_snapshot([600.0] * 4)
     policy = EnergyEfficiency(EnergyEfficiencySettings())
@@ -357,11 +375,12 @@ def test_energy_efficiency_caps_against_the_curves_own_natural_draw() -> None:
         curves_for(4, 630.0, 0.85, 1.58, 0.9),
         natural_w_hi=np.full(4, 640.0),
         curve_natural_w=np.full(4, 600.0),
+        cap_draw_frac=np.full(4, 0.95),  # learned
     )
     sit = replace(orient(snap), curves=curves)
     caps = only(
         EnergyEfficiency(EnergyEfficiencySettings()).decide(sit, PolicyMemory(), 0).intents,
         SetPowerCap,
     )[0]
-    t = throughput_at_cap(caps.watts, 600.0, 0.85, 1.58, 1.0)
+    t = throughput_at_cap(caps.watts, 600.0, 0.85, 1.58, 0.95)
     assert np.all(np.abs(t - 0.95) < 2e-3)  # at the bound, by the curve's own reference

@@ -36,6 +36,21 @@ def _as_f64(value: npt.ArrayLike) -> FloatArray:
     return np.asarray(value, dtype=np.float64)
 
 
+def slowdown_cap_draw_frac(cap_draw_frac: npt.ArrayLike) -> FloatArray:
+    """Per GPU, the share of its cap to assume when a cap must keep a bound on slowdown: the
+    learned share where there is one, else LOWEST_CAP_DRAW_FRAC.
+
+    Where no share is learned, orient hands out 1.0 (a capped GPU draws its whole cap: the safe
+    end for a power budget). For a slowdown bound that is the unsafe end: a cap aimed at a draw
+    of x would give the GPU only k * x, and the job slows down more than the bound. A share of 1
+    or more, or 0.5 or less, is read as not learned (a real GPU draws 0.9-0.95 of a binding cap):
+    assuming the lowest share can only raise the cap, which keeps the bound."""
+    k = _as_f64(cap_draw_frac)
+    with np.errstate(invalid="ignore"):
+        learned = np.isfinite(k) & (k > 0.5) & (k < 1.0)
+    return np.asarray(np.where(learned, k, LOWEST_CAP_DRAW_FRAC), dtype=np.float64)
+
+
 def throughput_at_power(
     power_w: npt.ArrayLike, natural_w: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike
 ) -> FloatArray:

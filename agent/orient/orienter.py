@@ -262,7 +262,9 @@ class Orienter:
         typical = float(np.median(rel)) if rel.size else DEFAULT_REL_SPREAD
         std = np.where(known_spread, draw.std_w, typical * natural)
         natural_hi = natural + 2.0 * std
-        # Learned where seen capped, else the prior (noise is the budget's fleet margin).
+        # Learned where seen capped, else the prior (noise is the budget's fleet margin). The
+        # prior of 1.0 is safe for budgets only: policies that bound a slowdown read it as not
+        # learned (agent.core.curves.slowdown_cap_draw_frac).
         cap_draw_frac = np.where(
             np.isfinite(draw.cap_draw_frac),
             np.minimum(draw.cap_draw_frac, 1.0),
