@@ -117,7 +117,10 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             budget * (1.0 - s.margin_frac) - situation.overhead_w - stale_w - unbounded_w - noise_w
         )
 
-        natural = np.where(busy, curves.natural_w, 0.0)
+        # A busy GPU whose natural draw is unknown counts as drawing all its maximum cap allows
+        # (as allocate_power does): a NaN here would uncap the fleet.
+        natural_w = np.where(np.isfinite(curves.natural_w), curves.natural_w, situation.max_cap_w)
+        natural = np.where(busy, natural_w, 0.0)
         draw = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
         learned_reserve = situation.arrival_reserve_w
         # What idle GPUs may add before the next cycle: learned from history where known
@@ -166,7 +169,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                 r = busy_rows[sel]
                 alloc = allocate_power(
                     budget_w,
-                    curves.natural_w[r],
+                    natural_w[r],
                     curves.a[r],
                     curves.b[r],
                     curves.cap_draw_frac[r],
@@ -174,7 +177,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                     situation.max_cap_w[r],
                     weight=weights[sel],
                 )
-                planned = np.where(alloc.binding, alloc.power_w, curves.natural_w[r])
+                planned = np.where(alloc.binding, alloc.power_w, natural_w[r])
                 return alloc.cap_w, planned, alloc.feasible
 
             everyone = np.ones(busy_rows.size, dtype=bool)
@@ -190,7 +193,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                 allocate,
             )
             busy_caps = np.floor(
-                self._same_share_per_job(situation, busy_rows, busy_power, busy_caps)
+                self._same_share_per_job(situation, natural_w, busy_rows, busy_power, busy_caps)
             )
             targets_rows.append(busy_rows)
             caps.append(busy_caps)
@@ -234,6 +237,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
     def _same_share_per_job(
         self,
         situation: Situation,
+        natural_w: np.ndarray,
         rows: np.ndarray,
         power_w: np.ndarray,
         caps_w: np.ndarray,
@@ -241,12 +245,13 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         """A job runs at the pace of its slowest GPU: every GPU of a job gets the same share of
         its natural draw (the job's planned power in total, spread evenly), so no GPU of it is
         held back while its peers burn watts that buy nothing. GPUs without a job label stand
-        alone. Group (rack) budgets stay held: the job's total power does not change."""
+        alone. Group (rack) budgets stay held: the job's total power does not change.
+        `natural_w`: per GPU of the situation, the natural draw the plan counted."""
         curves = situation.curves
         job = situation.snapshot.job[rows]
         if rows.size == 0 or not (job != "").any():
             return caps_w
-        natural = curves.natural_w[rows]
+        natural = natural_w[rows]
         binding = caps_w < situation.max_cap_w[rows] - 0.5
         keys = situation.snapshot.job_key[rows]
         _, inverse = np.unique(keys, return_inverse=True)

@@ -161,3 +161,26 @@ def test_stale_gpus_of_an_unknown_model_count_at_the_largest_known_max() -> None
     seen = orienter.orient(snap_at(245.0, [False] * 8, power_w=80.0), 100_000.0)
     released = p.decide(replace(seen, cap_w=np.full(8, 400.0)), PowerBudgetMemory(), 245.0)
     assert any(isinstance(i, ReleasePowerCap) for i in released.intents)
+
+
+def test_an_unknown_natural_draw_counts_at_the_max_cap_and_uncaps_nobody() -> None:
+    from dataclasses import replace
+
+    from agent.core.curves import allocate_power
+
+    # The split itself: the unknown GPU counts as drawing its max cap, and is capped too.
+    natural = np.array([np.nan, 600.0, 600.0, 600.0])
+    alloc = allocate_power(2000.0, natural, 1.13, 1.65, 1.0, 200.0, 700.0)
+    assert alloc.feasible and np.all(np.isfinite(alloc.cap_w))
+    assert alloc.power_w.sum() <= 2000.0 and np.all(alloc.cap_w < 700.0)
+    # The policy: one NaN natural draw must not plan every GPU at its max.
+    snap = make_snapshot([600.0] * 8, time_s=400)
+    sit = situation(snap, 3000.0)
+    nat = sit.curves.natural_w.copy()
+    nat[0] = np.nan
+    unknown = replace(sit, curves=replace(sit.curves, natural_w=nat))
+    caps = caps_of(list(policy().decide(unknown, PowerBudgetMemory(), 400).intents))
+    assert np.all(np.isfinite(caps.watts))
+    # Each GPU draws at most its natural draw (600 W) or its cap, the unknown one its cap.
+    drawn = np.minimum(np.where(np.isnan(nat), 700.0, 600.0), caps.watts)
+    assert drawn.sum() <= 3000.0, caps.watts

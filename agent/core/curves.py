@@ -117,8 +117,10 @@ def allocate_power(
 ) -> Allocation:
     """Split `budget_w` over busy GPUs to maximize sum(weight * T), each cap within its bounds.
 
-    All arguments are arrays over the same GPUs (or scalars). Vectorized: cost is
-    O(iterations * n) numpy work, no Python loop over GPUs.
+    All arguments are arrays over the same GPUs (or scalars); the cap bounds must be finite. A
+    GPU whose natural draw is unknown (NaN) counts as drawing all its maximum cap allows, and is
+    capped like the rest. Vectorized: cost is O(iterations * n) numpy work, no Python loop over
+    GPUs.
     """
     natural = _as_f64(natural_w)
     n = natural.shape[0] if natural.ndim else 1
@@ -129,6 +131,9 @@ def allocate_power(
     lo_cap = np.broadcast_to(_as_f64(min_cap_w), (n,))
     hi_cap = np.broadcast_to(_as_f64(max_cap_w), (n,))
     w = np.ones(n) if weight is None else np.broadcast_to(_as_f64(weight), (n,))
+    # Unknown natural draw: the most the GPU may draw (a NaN would make every sum NaN, and the
+    # bisection would end at "no cap anywhere").
+    natural = np.where(np.isfinite(natural), natural, hi_cap)
 
     # The natural draw can exceed what the maximum cap allows.
     p_hi = np.minimum(natural, k * hi_cap)
