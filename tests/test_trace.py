@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,60 @@ def test_the_recorder_leaves_out_a_gpu_index_a_trace_cannot_hold(tmp_path: Path)
         record_prometheus(source, w, start_s=t0, end_s=t0 + 30, step_s=15)
     snaps = list(TraceReader(path).snapshots())
     assert [list(s.uuid) for s in snaps] == [["U0"]] * 3
+
+
+def _labelled(t: float, nodes: list[str], gpus: list[int], priority: list[str]):  # type: ignore[no-untyped-def]
+    return build_snapshot(
+        time_s=t,
+        node_of_gpu=nodes,
+        gpu=gpus,
+        uuid=["A", "B"],
+        model=["m", "m"],
+        job=["" if p == "0" else "j7" for p in priority],
+        values={Metric.POWER_W: [100.0, 300.0]},
+        age_s=[0.0, 0.0],
+        stale=[False, False],
+        labels={"priority": priority},
+    )
+
+
+def test_labels_nodes_and_indexes_read_back_as_they_were_at_each_step(tmp_path: Path) -> None:
+    """The twin's `priority` follows the job on a GPU; a host can be renamed; an index can
+    change with the same UUIDs. Each step reads back as written, not as the block's first."""
+    path = tmp_path / "t.parquet"
+    written = [
+        _labelled(0.0, ["n1", "n2"], [0, 0], ["0", "0"]),
+        _labelled(15.0, ["n1", "n2"], [0, 0], ["0", "2"]),  # a class-2 job starts on B
+        _labelled(30.0, ["n1", "n2"], [0, 0], ["1", "2"]),
+        _labelled(45.0, ["n1", "n3"], [0, 0], ["1", "2"]),  # B's host renamed n2 -> n3
+        _labelled(60.0, ["n1", "n3"], [0, 1], ["1", "0"]),  # B's index changed
+    ]
+    with TraceWriter(
+        path, time_base="twin", step_s=15, source={}, metrics=METRICS, labels=("priority",)
+    ) as w:
+        for snap in written:
+            w.append(snap)
+        summary = w.close()
+    # A label change stays in its block; a GPU's node or index starts a new one.
+    assert summary.row_groups == 3
+    back = list(TraceReader(path).snapshots())
+    for orig, got in zip(written, back, strict=True):
+        assert list(got.labels["priority"]) == list(orig.labels["priority"])
+        assert list(got.job) == list(orig.job)
+        assert list(got.node_of()) == list(orig.node_of())
+        assert list(got.gpu) == list(orig.gpu)
+        assert list(got.uuid) == ["A", "B"]
+
+
+def test_a_label_not_given_at_a_step_is_missing_there(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    no_label = _snap(15.0, [1.0, 2.0])
+    with TraceWriter(
+        path, time_base="twin", step_s=15, source={}, metrics=METRICS, labels=("priority",)
+    ) as w:
+        w.append(replace(_snap(0.0, [1.0, 2.0]), labels={"priority": np.array(["3", "1"])}))
+        w.append(no_label)
+    back = list(TraceReader(path).snapshots())
+    assert [list(s.labels["priority"]) for s in back] == [["3", "1"], ["", ""]]
+    table = pq.read_table(path, columns=["label.priority"])
+    assert table.column("label.priority").null_count == 2  # "" is stored as null

@@ -89,7 +89,7 @@ class TraceBlock:
     values: Mapping[Metric, Floats]  # (T, n)
     age_s: Floats  # (T, n), NaN = not seen yet
     stale: BoolArray  # (T, n)
-    labels: Mapping[str, StrArray] = field(default_factory=dict)  # (n,)
+    labels: Mapping[str, StrArray] = field(default_factory=dict)  # (T, n), "" = none
     budget_w: FloatArray | None = None  # (T,), NaN = none
 
     @property
@@ -111,9 +111,12 @@ class TraceBlock:
         for metric, column in self.values.items():
             if column.shape != (t, n):
                 raise ValueError(f"TraceBlock values {metric} must have shape ({t}, {n})")
+        for label, per_step in self.labels.items():
+            if per_step.shape != (t, n):
+                raise ValueError(f"TraceBlock labels {label!r} must have shape ({t}, {n})")
         # The same per-GPU arrays go into every step's snapshot: frozen, state keyed by them
         # knows them by identity (`LastKeys`) instead of comparing 1,000s of strings per step.
-        for per_gpu in (self.uuid, self.model, *self.labels.values()):
+        for per_gpu in (self.uuid, self.model):
             freeze(per_gpu)
 
     def snapshot(self, j: int, budget_w: float | None = None) -> Snapshot:
@@ -123,12 +126,12 @@ class TraceBlock:
             node_names, node_idx = self._nodes
             rows: slice | BoolArray = slice(None)
             gpu, uuid, model = self.gpu, self.uuid, self.model
-            labels = dict(self.labels)
+            labels = {k: v[j] for k, v in self.labels.items()}
         else:
             node_names, node_idx = np.unique(self.node[seen], return_inverse=True)
             rows = seen
             gpu, uuid, model = self.gpu[rows], self.uuid[rows], self.model[rows]
-            labels = {k: v[rows] for k, v in self.labels.items()}
+            labels = {k: v[j, rows] for k, v in self.labels.items()}
         values = {m: np.asarray(v[j, rows], dtype=np.float64) for m, v in self.values.items()}
         return Snapshot(
             time_s=float(self.time_s[j]),
@@ -251,8 +254,9 @@ class TraceWriter:
     # -- appending ---------------------------------------------------------------------------
 
     def append(self, snapshot: Snapshot, budget_w: float | None = None) -> None:
-        """One step. Consecutive steps with the same GPUs (same UUIDs in the same order) share
-        a block; a change of the fleet starts a new one."""
+        """One step. Consecutive steps with the same GPUs (same UUIDs in the same order, each on
+        the same node at the same index) share a block; a change of the fleet starts a new one.
+        Jobs and labels are per step: they may change within a block."""
         budget = snapshot.budget_w if budget_w is None else budget_w
         buf = self._buffer
         last = buf.time_s[buf.steps - 1] if buf is not None and buf.steps else None
@@ -316,8 +320,9 @@ class TraceWriter:
             data = np.full(n * t, np.nan) if raw is None else _gpu_major(raw, steps, order)
             columns[col.name] = _numeric(data, col.type, col.scale, None)
         for name in self.labels:
-            labels = block.labels.get(name, np.full(n, "", dtype=np.str_))
-            columns[LABEL_PREFIX + name] = _dictionary(np.repeat(labels[order], t), null="")
+            labels = block.labels.get(name)
+            rows = np.full(n * t, "") if labels is None else _gpu_major(labels, steps, order)
+            columns[LABEL_PREFIX + name] = _dictionary(rows, null="")
         table = pa.Table.from_pydict(columns, schema=self.schema)
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         budget = np.full(t, np.nan) if block.budget_w is None else np.asarray(block.budget_w)[steps]
@@ -384,6 +389,7 @@ class _StepBuffer:
     ) -> None:
         n = first.n_gpus
         self.first = first
+        self.node = first.node_of()
         self.capacity = capacity
         self.steps = 0
         self.time_s = np.zeros(capacity)
@@ -398,16 +404,29 @@ class _StepBuffer:
         # Jobs as codes into a small dictionary: per-step string arrays can be wide (U21).
         self.job_codes = np.empty((capacity, n), dtype=np.int32)
         self.job_names: dict[str, int] = {}
-        self.labels = {k: first.labels.get(k, np.full(n, "", dtype=np.str_)) for k in labels}
+        # Labels alike, per step: one may follow the job on a GPU (the twin's `priority`).
+        self.label_codes = {k: np.empty((capacity, n), dtype=np.int32) for k in labels}
+        self.label_names: dict[str, dict[str, int]] = {k: {} for k in labels}
+        self._last_labels: dict[str, StrArray] = {}  # each label's values at the last step
+        self._no_label = np.full(n, "", dtype=np.str_)
 
     @property
     def full(self) -> bool:
         return self.steps >= self.capacity
 
     def same_gpus(self, snapshot: Snapshot) -> bool:
-        return self.first.n_gpus == snapshot.n_gpus and bool(
-            np.array_equal(self.first.uuid, snapshot.uuid)
-        )
+        """Whether `snapshot` holds this block's GPUs: the same UUIDs in the same order, each at
+        the same index on the same node (a block stores these once per GPU)."""
+        first = self.first
+        if not (
+            first.n_gpus == snapshot.n_gpus
+            and np.array_equal(first.uuid, snapshot.uuid)
+            and np.array_equal(first.gpu, snapshot.gpu)
+        ):
+            return False
+        if np.array_equal(first.node_names, snapshot.node_names):
+            return bool(np.array_equal(first.node, snapshot.node))  # integers, not names
+        return bool(np.array_equal(self.node, snapshot.node_of()))
 
     def add(self, snapshot: Snapshot, budget_w: float) -> None:
         j = self.steps
@@ -418,29 +437,48 @@ class _StepBuffer:
                 column[j] = snapshot.column(metric)[0]
             self.age_s[j] = snapshot.age_s
         self.stale[j] = snapshot.stale
-        names, inverse = np.unique(snapshot.job, return_inverse=True)
-        codes = np.array(
-            [self.job_names.setdefault(x, len(self.job_names)) for x in names.tolist()],
-            dtype=np.int32,
-        )
-        self.job_codes[j] = codes[inverse]
+        self.job_codes[j] = _codes(snapshot.job, self.job_names)
+        for name, codes in self.label_codes.items():
+            values = snapshot.labels.get(name, self._no_label)
+            last = self._last_labels.get(name)
+            if last is None:
+                codes[j] = _codes(values, self.label_names[name])
+            else:  # labels change at a few GPUs a step: only those are encoded again
+                changed = np.flatnonzero(values != last)
+                codes[j] = codes[j - 1]
+                if not changed.size:
+                    continue
+                codes[j, changed] = _codes(values[changed], self.label_names[name])
+            self._last_labels[name] = values.copy()
         self.steps += 1
 
     def block(self) -> TraceBlock:
         t, first = self.steps, self.first
         return TraceBlock(
             time_s=self.time_s[:t],
-            node=first.node_of(),
+            node=self.node,
             gpu=first.gpu,
             uuid=first.uuid,
             model=first.model,
-            job=np.asarray(list(self.job_names) or [""], dtype=np.str_)[self.job_codes[:t]],
+            job=_decode(self.job_names, self.job_codes[:t]),
             values={m: v[:t] for m, v in self.values.items()},
             age_s=self.age_s[:t],
             stale=self.stale[:t],
-            labels=self.labels,
+            labels={k: _decode(self.label_names[k], c[:t]) for k, c in self.label_codes.items()},
             budget_w=self.budget_w[:t],
         )
+
+
+def _codes(values: StrArray, names: dict[str, int]) -> npt.NDArray[np.int32]:
+    """Each string's code in `names` (new strings added): one lookup per distinct string."""
+    distinct, inverse = np.unique(values, return_inverse=True)
+    codes = np.array([names.setdefault(x, len(names)) for x in distinct.tolist()], dtype=np.int32)
+    return codes[inverse]
+
+
+def _decode(names: dict[str, int], codes: npt.NDArray[np.int32]) -> StrArray:
+    """Codes (`_codes`) back to strings."""
+    return np.asarray(list(names) or [""], dtype=np.str_)[codes]
 
 
 def _gpu_major(values: npt.NDArray[Any], steps: slice, order: IntArray) -> npt.NDArray[Any]:
@@ -708,7 +746,7 @@ class TraceReader:
             values=values,
             age_s=numbers("age_s", 1.0),
             stale=_step_major(table.column("stale").to_numpy(zero_copy_only=False), n, t),
-            labels={x: strings(LABEL_PREFIX + x, True) for x in self.meta.labels},
+            labels={x: strings(LABEL_PREFIX + x, False) for x in self.meta.labels},
             budget_w=budget,
         )
 
