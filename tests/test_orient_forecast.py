@@ -140,3 +140,28 @@ def test_a_model_must_win_clearly_not_in_a_few_lucky_blocks() -> None:
     assert not clearly_better(lucky, old, block_rows=400)  # ... in one block only
     assert clearly_better(lucky, old, block_rows=1)  # what counting every row would conclude
     assert not clearly_better(old, old, block_rows=400)
+
+
+def test_an_unknown_forecast_model_is_refused_by_name() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from agent.config import parse_config
+    from agent.core.errors import ConfigError
+    from agent.orient.forecast import _new_regressor
+    from agent.orient.settings import ForecastSettings
+
+    # "huber" was once accepted, and silently built gradient-boosted trees: refused now, with
+    # the field named, as any unknown model is (the documented ones: hgb, ridge).
+    with pytest.raises(ConfigError, match=r"orient\.forecast\.model"):
+        parse_config({"orient": {"forecast": {"model": "huber"}}})
+    with pytest.raises(ValidationError):
+        ForecastSettings(model="huber")  # type: ignore[arg-type]
+    for kind in ("huber", "HGB", ""):
+        with pytest.raises(ValueError, match="unknown forecast model"):
+            _new_regressor(kind, 0)
+        with pytest.raises(ValueError, match="unknown forecast model"):
+            PanelForecaster([60.0], model=kind)
+    assert parse_config({"orient": {"forecast": {"model": "ridge"}}}).orient.forecast.model == (
+        "ridge"
+    )

@@ -50,6 +50,7 @@ VALIDATION_SHARE = 0.25
 PERSIST_ROWS = 1000  # training rows per horizon kept in the saved state
 BEAT_MARGIN = 0.99  # another method must be at least 1% better than persistence to be used
 MIN_BLOCKS = 3  # blocks of held-out rows a model is compared on, at the fewest
+MODELS = ("hgb", "ridge")  # the learned models: gradient-boosted trees, or linear ridge
 
 
 def lag_features(window: FloatArray, exog: FloatArray | None = None) -> FloatArray:
@@ -110,8 +111,16 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def check_model(kind: str) -> str:
+    """`kind` if it names a learned model; a ValueError naming the choices otherwise (an unknown
+    name must not silently build another model)."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown forecast model {kind!r} (known: {', '.join(MODELS)})")
+    return kind
+
+
 def _new_regressor(kind: str, seed: int, leaf: int = 40, loss: str = "absolute_error") -> Any:
-    if kind == "ridge":
+    if check_model(kind) == "ridge":
         return Ridge(alpha=1.0)
     return HistGradientBoostingRegressor(
         loss=loss,
@@ -268,7 +277,7 @@ class PanelForecaster:
         seed: int = 0,
         model: str = "hgb",
     ) -> None:
-        self.kind = model
+        self.kind = check_model(model)
         self.horizons_s = tuple(float(h) for h in horizons_s)
         self.coverage = coverage
         self.refit_cycles = refit_cycles
@@ -487,6 +496,7 @@ def forecast_series(
 
     Until enough history exists, and wherever the model does not beat persistence on its
     most recent training rows, the forecast is the last value (persistence)."""
+    check_model(kind)
     y = np.asarray(values, dtype=np.float64)
     n = y.shape[0]
     h = int(horizon_steps)

@@ -88,7 +88,8 @@ class ForecastSettings(_Section):
     enabled: bool = Field(
         True, description="Forecast fleet and node power (false: no forecast, and no cost)."
     )
-    model: Literal["hgb", "huber", "ridge"] = Field(
+    # (No "huber": it was accepted once and silently built trees; an unknown name is refused.)
+    model: Literal["hgb", "ridge"] = Field(
         "hgb",
         description="The learned model: gradient-boosted trees (hgb) or a linear ridge model.",
     )
