@@ -148,3 +148,29 @@ def test_missing_file_and_bad_horizon(tmp_path: Path, capsys: pytest.CaptureFixt
     path = write(tmp_path / "s.csv", series_rows(5))
     code, _, err = run_cli(capsys, "forecast", str(path), "--horizon-steps", "0")
     assert code == 2 and "--horizon-steps" in err
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize(("bad_line", "bom"), [(2, False), (102, False), (5000, True)])
+def test_a_byte_that_is_not_utf8_is_named_by_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], newline: bytes, bad_line: int, bom: bool
+) -> None:
+    """The whole file is decoded before it is read: a text stream decodes ahead in 8 KiB
+    chunks, and named a line before the bad byte (line 1 for anything in the first chunk)."""
+    lines = [b"timestamp,value"] + [f"{i},{i}.5".encode() for i in range(bad_line - 2)]
+    lines += [b"9999,caf\xe9", b"10000,1"]
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + newline.join(lines) + newline)
+    code, out, err = run_cli(capsys, "detect", str(path))
+    assert code == 2 and out == ""
+    assert f"line {bad_line}: not UTF-8 text" in err and str(path) in err
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbftimestamp,value\r\n1,2\r\n2,3\r\n")
+    code, out, err = run_cli(capsys, "detect", str(path))
+    assert code == 0 and err == ""
+    assert [row[:2] for row in parse(out)] == [["timestamp", "value"], ["1", "2"], ["2", "3"]]

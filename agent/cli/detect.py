@@ -10,6 +10,7 @@ warned about on stderr, naming the lines, and processed in file order; `--strict
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 from dataclasses import dataclass
@@ -55,19 +56,37 @@ def _parse_time(text: str, where: str) -> tuple[float, str]:
     return stamp.timestamp(), "datetime"
 
 
-def read_series(path: Path, time_column: str, value_column: str, strict: bool = False) -> Series:
-    """Read and check the file; raise BadInputError naming the file and line on bad input."""
+def _line_at(data: bytes, offset: int) -> int:
+    """The line (1 = the first) that byte `offset` of `data` is on; a line ends at \n, \r\n or
+    \r, as the CSV reader's lines do."""
+    before = data[:offset]
+    return before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+
+
+def _read_text(path: Path) -> str:
+    """The file as text. Decoded whole, so a bad byte's offset names its line (a text stream
+    decodes ahead in chunks: its error came on an earlier line). utf-8-sig: a byte order mark
+    (as spreadsheets write one) is not part of the first column's name."""
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with handle:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = _line_at(exc.object, exc.start)  # the object is the data after any mark
+        raise BadInputError(f"{path}: line {line}: not UTF-8 text") from None
+
+
+def read_series(path: Path, time_column: str, value_column: str, strict: bool = False) -> Series:
+    """Read and check the file; raise BadInputError naming the file and line on bad input."""
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.reader(handle)
         try:
             header = next(reader)
         except StopIteration:
             raise BadInputError(f"{path}: line 1: empty file (expected a header)") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             raise BadInputError(f"{path}: line 1: not readable CSV ({exc})") from None
         names = [h.strip() for h in header]
         for column, option in ((time_column, "--time-column"), (value_column, "--value-column")):
@@ -115,8 +134,6 @@ def read_series(path: Path, time_column: str, value_column: str, strict: bool = 
             raise BadInputError(
                 f"{path}: line {reader.line_num}: not readable CSV ({exc})"
             ) from None
-        except UnicodeDecodeError:
-            raise BadInputError(f"{path}: line {line}: not UTF-8 text") from None
     if not out.values:
         raise BadInputError(f"{path}: line 2: no data rows after the header")
     _check_order(path, out, strict)
