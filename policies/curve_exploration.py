@@ -24,6 +24,7 @@ from agent.core.curves import (
     CONSERVATIVE_B,
     LOWEST_CAP_DRAW_FRAC,
     power_for_throughput,
+    slowdown_cap_draw_frac,
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
@@ -171,43 +172,55 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         busy_keys = {str(e.job) for e in keep}
         draw_w = np.where(np.isfinite(now_w), now_w, curves.natural_w)
         if room > 0 and candidate.any():
-            keys, inverse = np.unique(job_key[candidate], return_inverse=True)
             rows = np.flatnonzero(candidate)
-            conf = np.bincount(inverse, curves.confidence[rows]) / np.bincount(inverse)
+            keys, inverse = np.unique(job_key[rows], return_inverse=True)
             sizes = np.bincount(inverse)
-            for j in np.argsort(conf, kind="stable").tolist():  # jobs, not GPUs
-                key = str(keys[j])
-                if key in last or key in busy_keys or sizes[j] > room:
+            conf = np.bincount(inverse, curves.confidence[rows]) / sizes
+            # Every candidate's step at once (a step is per GPU), then per job whether it is
+            # worth taking: every GPU's cap found, and its smallest step at least min_step_w.
+            # The step's size is what it takes off the draw (a GPU near its maximum limit
+            # draws well under a cap just below it).
+            step_caps = self._step_caps(situation, rows)
+            k = slowdown_cap_draw_frac(curves.cap_draw_frac[rows])
+            with np.errstate(invalid="ignore"):
+                step = draw_w[rows] - k * step_caps
+            step = np.where(np.isfinite(step), step, -np.inf)
+            job_step = np.full(keys.shape[0], np.inf)
+            np.minimum.at(job_step, inverse, step)
+            recent = np.isin(keys, np.asarray(sorted(set(last) | busy_keys), dtype=np.str_))
+            order = np.argsort(conf, kind="stable")  # least confident first
+            order = order[(job_step[order] >= s.min_step_w) & ~recent[order]]
+            chosen: list[int] = []
+            for j in order.tolist():  # jobs worth a step, O(1) each: whole jobs within room
+                if sizes[j] > room:
                     continue
-                job_rows = rows[inverse == j]
-                caps = self._step_caps(situation, job_rows)
-                # The step's size is what it takes off the draw (a GPU near its maximum limit
-                # draws well under a cap just below it).
-                k = curves.cap_draw_frac[job_rows]
-                k = np.where(np.isfinite(k) & (k > 0.5) & (k < 1.0), k, LOWEST_CAP_DRAW_FRAC)
-                step = draw_w[job_rows] - k * caps
-                if np.any(~np.isfinite(caps)) or float(step.min()) < s.min_step_w:
-                    continue
-                for row, cap in zip(job_rows.tolist(), caps.tolist(), strict=True):
-                    at_default = situation.cap_w[row] >= situation.default_cap_w[row] - 0.5
-                    keep.append(
-                        Exploring(
-                            job=key,
-                            uuid=str(snap.uuid[row]),
-                            node=str(snap.node_names[snap.node[row]]),
-                            gpu=int(snap.gpu[row]),
-                            since_s=now_s,
-                            cap_w=float(np.ceil(cap)),
-                            restore_default=bool(at_default),
-                        )
-                    )
-                    hold_rows.append(row)
-                    hold_w.append(float(np.ceil(cap)))
-                last[key] = now_s
+                chosen.append(j)
                 room -= int(sizes[j])
-                busy_keys.add(key)
                 if room <= 0:
                     break
+            rank = np.full(keys.shape[0], -1, dtype=np.int64)
+            rank[chosen] = np.arange(len(chosen))
+            picked = np.flatnonzero(rank[inverse] >= 0)  # at most max_gpus
+            picked = picked[np.argsort(rank[inverse[picked]], kind="stable")]
+            for i in picked.tolist():
+                row = int(rows[i])
+                cap = float(np.ceil(step_caps[i]))
+                at_default = situation.cap_w[row] >= situation.default_cap_w[row] - 0.5
+                keep.append(
+                    Exploring(
+                        job=str(keys[inverse[i]]),
+                        uuid=str(snap.uuid[row]),
+                        node=str(snap.node_names[snap.node[row]]),
+                        gpu=int(snap.gpu[row]),
+                        since_s=now_s,
+                        cap_w=cap,
+                        restore_default=bool(at_default),
+                    )
+                )
+                hold_rows.append(row)
+                hold_w.append(cap)
+            for j in chosen:
+                last[str(keys[j])] = now_s
         if hold_rows:
             idx = np.asarray(hold_rows, dtype=np.int64)
             intents.append(
