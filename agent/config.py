@@ -455,6 +455,15 @@ def default_config(registry: PolicyRegistry | None = None) -> Config:
     return parse_config({}, registry, source="built-in defaults")
 
 
+def force_dry_run(config: Config) -> Config:
+    """`--dry-run`: advise only, whatever the file says. A policy's own `dry_run = false`
+    overrides the global flag, so every policy's is forced too (`ooda run` and `ooda once`)."""
+    settings = {
+        name: s.model_copy(update={"dry_run": True}) for name, s in config.policy_settings.items()
+    }
+    return config.model_copy(update={"dry_run": True, "policy_settings": settings})
+
+
 def state_dir(config: Config) -> Path:
     """Where the daemon keeps its state: `daemon.state_dir`, else /var/lib/ooda/CLUSTER."""
     if config.daemon.state_dir is not None:

@@ -31,7 +31,12 @@ def once(
         typer.Option("--budget-w", min=0.001, help="Power budget (W); overrides the config."),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Advise only: record what would be done.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Advise only: record what would be done, whatever the file says (also for "
+            "each policy).",
+        ),
     ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on the last line.")
@@ -47,7 +52,7 @@ def once(
 
       ooda once --config /etc/ooda/agent.toml --json
     """
-    from agent.config import default_config, load_config, parse_config
+    from agent.config import default_config, force_dry_run, load_config, parse_config
     from agent.core.errors import BadInputError
     from agent.runtime import build_runtime
 
@@ -70,7 +75,7 @@ def once(
     else:  # pragma: no cover - excluded above
         cfg = default_config()
     if dry_run:
-        cfg.dry_run = True
+        cfg = force_dry_run(cfg)  # each policy's own dry_run too, as `ooda run --dry-run`
     runtime = build_runtime(cfg, budget_w=budget_w)
     try:
         report = runtime.loop.cycle()

@@ -53,7 +53,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
-from agent.config import Config, load_config, state_dir
+from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.intents import GpuTargets, ReleasePowerCap
@@ -176,11 +176,7 @@ class Daemon:
             audit_cfg = config.audit.model_copy(update={"path": state_dir(config) / audit})
             config = config.model_copy(update={"audit": audit_cfg})
         if self.options.force_dry_run:
-            settings = {
-                name: s.model_copy(update={"dry_run": True})
-                for name, s in config.policy_settings.items()
-            }
-            config = config.model_copy(update={"dry_run": True, "policy_settings": settings})
+            config = force_dry_run(config)
         return config
 
     def _build(self, config: Config, twin: Twin | None) -> Runtime:
