@@ -121,6 +121,57 @@ def test_parse_time() -> None:
         parse_time("yesterday", "--end", now)
     with pytest.raises(BadInputError, match="no time zone"):
         parse_time("2023-11-14T22:13:20", "--end", now)
+    # Floats to Python, but no time: refused as bad input, not a crash later on.
+    for text in ("nan", "inf", "+Infinity", "1e300", "1e20"):
+        with pytest.raises(BadInputError, match=re.escape(f"--start: not a time: '{text}'")):
+            parse_time(text, "--start", now)
+    with pytest.raises(BadInputError, match="--end: not a time: '-999999999h'"):
+        parse_time("-999999999h", "--end", now)
+
+
+@pytest.mark.parametrize(("start", "end"), [("nan", "now"), ("-2h", "inf"), ("-2h", "nan")])
+def test_record_refuses_a_time_that_is_not_one_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], start: str, end: str
+) -> None:
+    out = tmp_path / "t.parquet"
+    url = f"http://127.0.0.1:{_closed_port()}"  # never asked: the times are refused first
+    assert (
+        main(["record", "--prometheus", url, "--start", start, "--end", end, "-o", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("ooda: error: --") and "not a time" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_record_leaves_no_partial_trace_whatever_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.observe.record
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(agent.observe.record, "record_prometheus", broken)
+    out = tmp_path / "t.parquet"
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["record", "--prometheus", url, "--start", "-1h", "-o", str(out)])
+    assert not out.exists()
+
+
+def test_the_recorder_refuses_non_finite_times(tmp_path: Path) -> None:
+    from agent.observe.prometheus import PrometheusSettings
+    from agent.observe.record import record_prometheus
+    from agent.observe.trace import TraceWriter
+
+    source = PrometheusSource(PrometheusSettings(url=f"http://127.0.0.1:{_closed_port()}"))
+    writer = TraceWriter(tmp_path / "t.parquet", time_base="unix", step_s=15, source={})
+    for start, end in ((float("nan"), 1e9), (1e9, float("inf"))):
+        with pytest.raises(ValueError, match="finite"):
+            record_prometheus(source, writer, start_s=start, end_s=end, step_s=15)
+    writer.abort()
+    source.close()
 
 
 def test_sim_record_info_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,17 +22,19 @@ _RELATIVE = re.compile(r"^(?:now)?\s*-\s*(\S+)$")
 
 def parse_time(text: str, option: str, now_s: float) -> float:
     """`now`, a relative time (`-2h`, `now-90m`), RFC 3339 (`2024-05-01T12:00:00Z`) or Unix
-    seconds -> Unix seconds."""
+    seconds -> Unix seconds, a date-time can name (BadInputError otherwise)."""
     value = text.strip()
     if value == "now":
         return now_s
     m = _RELATIVE.match(value)
     if m:
-        return now_s - duration_s(m.group(1), option)
+        return _a_date(now_s - duration_s(m.group(1), option), text, option)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:  # `nan` and `inf` are floats to Python, not times
+        return _a_date(number, text, option)
     try:
         parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
@@ -42,6 +45,19 @@ def parse_time(text: str, option: str, now_s: float) -> float:
     if parsed.tzinfo is None:
         raise BadInputError(f"{option}: {text!r} has no time zone (add Z or +00:00)")
     return parsed.timestamp()
+
+
+def _a_date(time_s: float, text: str, option: str) -> float:
+    """`time_s` if it names a date-time (finite, within years 1..9999), else BadInputError."""
+    try:
+        if math.isfinite(time_s):
+            datetime.fromtimestamp(time_s, UTC)
+            return time_s
+    except (OverflowError, OSError, ValueError):
+        pass
+    raise BadInputError(
+        f"{option}: not a time: {text!r} (Unix seconds must be finite, in years 1 to 9999)"
+    )
 
 
 def record(
@@ -97,6 +113,7 @@ def record(
     settings = prometheus_settings(cfg)
     source = PrometheusSource(settings)
     t0 = time.perf_counter()
+    written = False  # whether the output was opened (one that could not be is left as it was)
     try:
         with TraceWriter(
             output,
@@ -110,12 +127,17 @@ def record(
             },
             metrics=list(source.value_metrics.values()),
         ) as writer:
+            written = True
             stats = record_prometheus(source, writer, start_s=start_s, end_s=end_s, step_s=step_s)
             summary = writer.close()
     except TelemetryError as exc:
         output.unlink(missing_ok=True)
         typer.echo(f"ooda: record failed: {exc}", err=True)
         raise typer.Exit(1) from None
+    except BaseException:  # whatever else stopped it (a bug, Ctrl-C): no partial trace left
+        if written:
+            output.unlink(missing_ok=True)
+        raise
     finally:
         source.close()
     result = {

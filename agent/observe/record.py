@@ -72,6 +72,8 @@ def record_prometheus(
     """Record [start_s, end_s] (Unix seconds; aligned to multiples of the step) into `writer`."""
     if step_s < 1 or not float(step_s).is_integer():
         raise ValueError("the step must be a whole number of seconds")
+    if not (math.isfinite(start_s) and math.isfinite(end_s)):  # no step is aligned to NaN or inf
+        raise ValueError(f"start and end must be finite Unix seconds (got {start_s}, {end_s})")
     first = math.ceil(start_s / step_s) * step_s
     last = math.floor(end_s / step_s) * step_s
     if last < first:
