@@ -246,8 +246,19 @@ class ActuatorsConfig(_Section):
         return self
 
 
+# The scheduler counts in whole seconds and datetimes: an interval or grace past a day is a
+# mistake, and inf or a huge one overflows it (the daemon would die at start or on reload).
+MAX_INTERVAL_S = 86_400.0
+
+
 class DaemonConfig(_Section):
-    interval_s: float = Field(15.0, gt=0, description="Seconds between cycles.")
+    interval_s: float = Field(
+        15.0,
+        gt=0,
+        le=MAX_INTERVAL_S,
+        allow_inf_nan=False,
+        description="Seconds between cycles (at most a day).",
+    )
     state_dir: Path | None = Field(
         None,
         description="The daemon's state directory (persisted state, `ooda guard reset` "
@@ -273,8 +284,10 @@ class DaemonConfig(_Section):
     misfire_grace_s: float | None = Field(
         None,
         gt=0,
+        le=MAX_INTERVAL_S,
+        allow_inf_nan=False,
         description="A cycle that cannot start within this of its time is skipped and reported "
-        "(s; default: one interval).",
+        "(s, at most a day; default: one interval).",
     )
     ready_max_age_s: float | None = Field(
         None,

@@ -329,6 +329,53 @@ def test_reload_takes_a_good_config_and_refuses_a_bad_one(tmp_path: Path) -> Non
         daemon.shutdown()
 
 
+@pytest.mark.parametrize("key", ["interval_s", "misfire_grace_s"])
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+def test_an_interval_the_scheduler_cannot_take_is_a_config_error(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    # inf or a huge interval overflowed APScheduler at start (a traceback naming no key).
+    cfg = write(
+        tmp_path / "ooda.toml",
+        twin_config(daemon_extra=f"{key} = {value}").replace(
+            "interval_s = 15.0\n", "" if key == "interval_s" else "interval_s = 15.0\n"
+        ),
+    )
+    with pytest.raises(BadInputError, match=rf"daemon\.{key}"):
+        in_process(cfg, tmp_path / "state")
+
+
+def test_a_reload_the_scheduler_refuses_keeps_the_old_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The new runtime used to be swapped in and the old one closed before the reschedule raised,
+    # which killed the daemon without on_exit or a state save.
+    cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False))
+    wall = FakeClock(START_UNIX)
+    daemon = in_process(cfg, tmp_path / "state", wall=wall)
+    daemon.start_scheduler()
+    try:
+        old = daemon.runtime
+
+        def overflow(**_kwargs: float) -> None:
+            raise OverflowError("date value out of range")
+
+        monkeypatch.setattr("agent.daemon.service.IntervalTrigger", overflow)
+        write(cfg, twin_config(dry_run=False, interval_s=30))
+        with capture_logs() as logs:
+            assert not daemon.reload()
+        assert any(e["event"] == "config_reload_refused" for e in logs)
+        assert daemon.runtime is old and daemon.interval_s == 15
+        audit = tmp_path / "state" / "audit.jsonl"
+        before = audit.stat().st_size
+        monkeypatch.undo()
+        assert drive(daemon, wall, 1)[0] is not None  # the old runtime runs on, its log open
+        assert audit.stat().st_size > before
+        assert sample(daemon, "ooda_config_reloads_total", result="refused") == 1
+    finally:
+        assert daemon.shutdown()
+
+
 def test_force_dry_run_overrides_the_file_and_each_policy(tmp_path: Path) -> None:
     cfg = write(
         tmp_path / "ooda.toml",

@@ -570,18 +570,18 @@ class Daemon:
                 and _hosts_twin(config)
                 and _twin_key(config) == _twin_key(old.config)
             )
+            # What can fail is prepared before anything is swapped: the old runtime stays whole
+            # (and running) until the new one and its schedule are ready.
+            schedule = self._schedule_for(old.config, config)
             runtime = self._build(config, old.twin if same_twin else None)
-        except BadInputError as exc:
-            self.metrics.reloads.labels("refused").inc()
-            log.error("config_reload_refused", error=str(exc), kept="the running configuration")
-            self.notify.ready(f"reload refused, running the old configuration: {exc}")
-            return False
         except Exception as exc:
-            self.metrics.reloads.labels("refused").inc()
-            log.exception("config_reload_refused", error=str(exc))
-            self.notify.ready(f"reload refused, running the old configuration: {exc}")
-            return False
+            return self._reload_refused(exc)
         with self._cycle_lock:  # between two cycles
+            try:
+                self._reschedule(schedule)
+            except Exception as exc:
+                runtime.close()
+                return self._reload_refused(exc)
             new_twin = runtime.twin is not None and not same_twin
             old_placement, placement = old.actuators.placement, runtime.actuators.placement
             if (
@@ -606,8 +606,10 @@ class Daemon:
                 self.pacer.set_speed(config.twin.speed, config.daemon.interval_s)
             else:
                 self.pacer = self._pacer_for(runtime)
-            old.close()
-            self._reschedule(old.config, config)
+            try:
+                old.close()
+            except Exception as exc:  # the new runtime is in; the old one's end must not stop it
+                log.error("old_runtime_close_failed", error=str(exc))
             self._publish_config()
             self.save_state()
         self.metrics.reloads.labels("ok").inc()
@@ -621,14 +623,32 @@ class Daemon:
         self.notify.ready("running (configuration reloaded)")
         return True
 
-    def _reschedule(self, old: Config, new: Config) -> None:
+    def _reload_refused(self, exc: Exception) -> bool:
+        self.metrics.reloads.labels("refused").inc()
+        if isinstance(exc, BadInputError):
+            log.error("config_reload_refused", error=str(exc), kept="the running configuration")
+        else:
+            log.exception("config_reload_refused", error=str(exc))
+        self.notify.ready(f"reload refused, running the old configuration: {exc}")
+        return False
+
+    def _schedule_for(self, old: Config, new: Config) -> tuple[IntervalTrigger | None, int]:
+        """The new trigger (None: the interval is unchanged) and misfire grace, built ahead:
+        a value the scheduler cannot take fails here, before the reload changes anything."""
+        trigger = (
+            IntervalTrigger(seconds=new.daemon.interval_s)
+            if new.daemon.interval_s != old.daemon.interval_s
+            else None
+        )
+        return trigger, self._misfire_grace(new)
+
+    def _reschedule(self, schedule: tuple[IntervalTrigger | None, int]) -> None:
         if self._scheduler is None:
             return
-        if new.daemon.interval_s != old.daemon.interval_s:
-            self._scheduler.reschedule_job(
-                JOB_ID, trigger=IntervalTrigger(seconds=new.daemon.interval_s)
-            )
-        self._scheduler.modify_job(JOB_ID, misfire_grace_time=self._misfire_grace(new))
+        trigger, grace = schedule
+        if trigger is not None:
+            self._scheduler.reschedule_job(JOB_ID, trigger=trigger)
+        self._scheduler.modify_job(JOB_ID, misfire_grace_time=grace)
 
     # -- scheduling -------------------------------------------------------------------------------
 
