@@ -305,7 +305,9 @@ class DaemonConfig(_Section):
 
 class AuditConfig(_Section):
     path: Path | None = Field(
-        None, description="Durable JSON-lines audit log (none: no audit log is kept)."
+        None,
+        description="Durable JSON-lines audit log (none: no audit log is kept); a relative path "
+        "is under daemon.state_dir.",
     )
     max_bytes: int = Field(
         DEFAULT_MAX_BYTES,
@@ -482,6 +484,16 @@ def state_dir(config: Config) -> Path:
     if config.daemon.state_dir is not None:
         return config.daemon.state_dir
     return Path("/var/lib/ooda") / config.cluster.name
+
+
+def audit_path(config: Config, state: Path | None = None) -> Path | None:
+    """The audit log every command reads and writes: `audit.path`, a relative one under the
+    state directory (`state`, else `state_dir(config)`), where the daemon can write under
+    systemd. None: no audit log is kept."""
+    path = config.audit.path
+    if path is None or path.is_absolute():
+        return path
+    return (state or state_dir(config)) / path
 
 
 def seconds(value: str | float) -> float:

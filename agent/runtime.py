@@ -16,7 +16,7 @@ from agent.act.node_client import NodeCapActuator
 from agent.act.notify import build_notifier
 from agent.act.rollout import Rollout, dry_run_reasons
 from agent.act.slurm import SlurmPlacement, SlurmSettings
-from agent.config import Config, TwinConfig, state_dir
+from agent.config import Config, TwinConfig, audit_path, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
@@ -199,7 +199,7 @@ def build_runtime(
     `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
-        path=config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep
+        path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
     actuators = Actuators()

@@ -28,8 +28,20 @@ AuditLogOpt = Annotated[
 ]
 
 
-def audit_path(config: Path | None, audit_log: Path | None) -> Path:
-    """The audit log a command reads: --audit-log, else the config's [audit] path."""
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="The daemon's state directory, where a relative audit.path is (default: the "
+        "config's daemon.state_dir).",
+    ),
+]
+
+
+def audit_path(config: Path | None, audit_log: Path | None, state_dir: Path | None = None) -> Path:
+    """The audit log a command reads: --audit-log, else the config's [audit] path (a relative
+    one under the state directory, as the daemon writes it)."""
+    from agent.config import audit_path as configured
     from agent.config import load_config
     from agent.core.errors import BadInputError
 
@@ -38,11 +50,12 @@ def audit_path(config: Path | None, audit_log: Path | None) -> Path:
     if audit_log is not None:
         return audit_log
     cfg = load_config(config or DEFAULT_CONFIG)
-    if cfg.audit.path is None:
+    path = configured(cfg, state_dir)
+    if path is None:
         raise BadInputError(
             f"config {config or DEFAULT_CONFIG}: audit.path is not set (no durable audit log)"
         )
-    return cfg.audit.path
+    return path
 
 
 def _short(value: Any, limit: int = 6) -> str:
@@ -80,6 +93,7 @@ def render(record: dict[str, Any]) -> str:
 def tail_cmd(
     config: ConfigOpt = None,
     audit_log: AuditLogOpt = None,
+    state_dir: StateDirOpt = None,
     lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="How many records.")] = 20,
     follow_: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new records (Ctrl-C stops).")
@@ -107,7 +121,7 @@ def tail_cmd(
     """
     from agent.act.audit import ReadStats, follow, tail
 
-    path = audit_path(config, audit_log)
+    path = audit_path(config, audit_log, state_dir)
     stats = ReadStats()
     records = tail(path, lines, stats)
     if json_out and not follow_:
@@ -143,6 +157,7 @@ def explain(
     ],
     config: ConfigOpt = None,
     audit_log: AuditLogOpt = None,
+    state_dir: StateDirOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on the last line.")
     ] = False,
@@ -160,7 +175,7 @@ def explain(
     from agent.act.audit import explain as find
     from agent.core.errors import BadInputError
 
-    path = audit_path(config, audit_log)
+    path = audit_path(config, audit_log, state_dir)
     try:
         found = find(path, action_id)
     except UnknownActionError as exc:

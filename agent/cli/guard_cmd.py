@@ -26,11 +26,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on the la
 
 
 def _where(config: Path, state_dir: Path | None) -> tuple[Path, Path | None]:
-    from agent.config import load_config
+    """The state directory and the audit log (a relative one under that directory, as the
+    daemon writes it)."""
+    from agent.config import audit_path, load_config
     from agent.config import state_dir as configured
 
     cfg = load_config(config)
-    return (state_dir or configured(cfg)), cfg.audit.path
+    directory = state_dir or configured(cfg)
+    return directory, audit_path(cfg, directory)
 
 
 def _breaker_from_audit(audit_path: Path | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from agent.cli._common import emit_json
-from agent.cli.audit_cmd import DEFAULT_CONFIG
+from agent.cli.audit_cmd import DEFAULT_CONFIG, StateDirOpt
 
 
 def rollback(
@@ -20,6 +20,7 @@ def rollback(
         Path | None,
         typer.Option("--audit-log", help="The audit log to read (default: the config's)."),
     ] = None,
+    state_dir: StateDirOpt = None,
     node: Annotated[
         list[str] | None,
         typer.Option("--node", help="Also check this node for a drain of ours (repeatable)."),
@@ -47,14 +48,14 @@ def rollback(
     """
     from agent.act.audit import AuditLog, ReadStats, read_records
     from agent.act.rollback import plan_rollback, run_rollback
-    from agent.config import load_config
+    from agent.config import audit_path, load_config
     from agent.core.clock import SystemClock
     from agent.core.errors import BadInputError
     from agent.core.intents import Outcome
     from agent.runtime import build_actuators
 
     cfg = load_config(config)
-    path = audit_log or cfg.audit.path
+    path = audit_log or audit_path(cfg, state_dir)  # a relative one: where the daemon writes it
     if path is None:
         raise BadInputError(
             f"config {config}: audit.path is not set; rollback reads what the agent did from "
