@@ -369,6 +369,10 @@ def test_a_reload_the_scheduler_refuses_keeps_the_old_runtime(
         audit = tmp_path / "state" / "audit.jsonl"
         before = audit.stat().st_size
         monkeypatch.undo()
+        assert daemon._scheduler is not None
+        daemon._scheduler.pause()  # its own cycles (real time) must not race the driven one
+        with daemon._cycle_lock:  # one of them may be running: wait for it
+            pass
         assert drive(daemon, wall, 1)[0] is not None  # the old runtime runs on, its log open
         assert audit.stat().st_size > before
         assert sample(daemon, "ooda_config_reloads_total", result="refused") == 1
