@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,15 +80,22 @@ class ClusterConfig(_Section):
         default_factory=dict, description="Racks or rows with budgets of their own, by node lists."
     )
     group_label: str | None = Field(
-        None, description="A telemetry label naming each GPU's rack or row (instead of node lists)."
+        None,
+        description="A snapshot label naming each GPU's rack or row, instead of node lists (as a "
+        "replayed trace may carry; the Prometheus source does not read it yet).",
     )
-    label_budgets_w: dict[str, float] = Field(
+    label_budgets_w: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict, description="Budget (W) per value of group_label."
     )
     job_priority: dict[str, int] = Field(
         default_factory=dict,
         description="Job id glob -> priority class (higher is more important), e.g. {'10*' = 2}.",
     )
+
+    @field_validator("group_label")
+    @classmethod
+    def _group_label_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_label_name(value)
 
 
 class DemandResponse(_Section):
@@ -362,6 +369,22 @@ class Config(_Section):
     def _budget_source(self) -> Config:
         if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
             raise ValueError("cluster: give budget_w or budget_query, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _group_label_source(self) -> Config:
+        # The Prometheus source reads only the labels that name a GPU and its job: a rack label
+        # would never reach the orienter, and the per-group budgets would silently not hold.
+        cluster = self.cluster
+        if cluster.label_budgets_w and cluster.group_label is None:
+            raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
+        if self.source.kind == "prometheus" and (cluster.label_budgets_w or cluster.group_label):
+            key = "label_budgets_w" if cluster.label_budgets_w else "group_label"
+            raise ValueError(
+                f"cluster.{key}: not supported with source.kind = 'prometheus' yet (the source "
+                "does not read the group label, so these budgets would never hold); give the "
+                "groups as node lists in [cluster.groups]"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,39 @@ budget_w = 20000
     assert config.cluster.job_priority == {"10*": 2}
     with pytest.raises(ConfigError, match=r"cluster.groups.rack1.nodes: bad node list 'node\[1-'"):
         load_config(write(tmp_path, "[cluster.groups.rack1]\nnodes = 'node[1-'\nbudget_w = 5\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "group_label = 'rack'\nlabel_budgets_w = {r1 = -5.0}",
+            "cluster.label_budgets_w.r1: Input should be greater than 0",
+        ),
+        (
+            "group_label = 'rack'\nlabel_budgets_w = {r1 = nan}",
+            "cluster.label_budgets_w.r1: Input should be a finite number",
+        ),
+        ("group_label = 'not a label!'", "cluster.group_label: not a Prometheus label name"),
+        ("label_budgets_w = {r1 = 5.0}", "cluster.label_budgets_w: needs cluster.group_label"),
+    ],
+)
+def test_label_group_budgets_are_checked(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config(tomllib.loads(f"[cluster]\n{text}\n"))
+    ok = parse_config(
+        tomllib.loads("[cluster]\ngroup_label = 'rack'\nlabel_budgets_w = {r1 = 5.0}")
+    )
+    assert ok.cluster.label_budgets_w == {"r1": 5.0}
+
+
+def test_label_group_budgets_are_refused_with_prometheus() -> None:
+    # The Prometheus source does not read the group label: the budgets would silently not hold.
+    text = "[source]\nkind = 'prometheus'\n[cluster]\ngroup_label = 'rack'\n"
+    with pytest.raises(ConfigError, match=r"cluster\.group_label: not supported with source"):
+        parse_config(tomllib.loads(text))
+    with pytest.raises(ConfigError, match=r"cluster\.label_budgets_w: not supported with source"):
+        parse_config(tomllib.loads(text + "label_budgets_w = {r1 = 100.0}\n"))
 
 
 def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:
