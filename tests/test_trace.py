@@ -428,3 +428,23 @@ def test_a_label_not_given_at_a_step_is_missing_there(tmp_path: Path) -> None:
     assert [list(s.labels["priority"]) for s in back] == [["3", "1"], ["", ""]]
     table = pq.read_table(path, columns=["label.priority"])
     assert table.column("label.priority").null_count == 2  # "" is stored as null
+
+
+@pytest.mark.parametrize(("version", "readable"), [(1, True), (2, True), (3, False)])
+def test_versions_read_and_refused(tmp_path: Path, version: int, readable: bool) -> None:
+    """Version 1 files (one label value per GPU) still read; a version from the future is
+    refused by its number."""
+    import json
+
+    path = _trace(tmp_path, steps=8)
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    header = json.loads(meta[b"ooda.trace"])
+    meta[b"ooda.trace.steps"] = pq.ParquetFile(path).metadata.metadata[b"ooda.trace.steps"]
+    meta[b"ooda.trace"] = json.dumps(header | {"version": version}).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    if readable:
+        assert len(list(TraceReader(path).snapshots())) == 8
+    else:
+        with pytest.raises(TraceError, match=r"version 3 is not supported \(this reader: 1, 2\)"):
+            TraceReader(path)

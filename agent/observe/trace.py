@@ -43,7 +43,10 @@ StrArray = npt.NDArray[np.str_]
 Floats = npt.NDArray[np.floating[Any]]  # float64, or float32 where that holds the value exactly
 
 FORMAT = "ooda-trace"
-VERSION = 1
+# 2: a label may change from step to step within a GPU's rows (1: one value per GPU). Version 1
+# files read as before; a reader of 1 refuses a 2 by its version, not by a confusing label error.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_HEADER = b"ooda.trace"  # written when the file is opened
 META_STEPS = b"ooda.trace.steps"  # written when it is closed: per-step fleet data
 ROWS_PER_GROUP = 1 << 19  # rows per row group: memory stays flat (about 250 MB writing)
@@ -611,10 +614,11 @@ class TraceReader:
         steps = self._json(footer, META_STEPS)
         if header.get("format") != FORMAT:
             raise self._err("metadata 'ooda.trace'", f"format is {header.get('format')!r}")
-        if header.get("version") != VERSION:
+        if header.get("version") not in READABLE_VERSIONS:
             raise self._err(
                 "metadata 'ooda.trace'",
-                f"version {header.get('version')!r} is not supported (this reader: {VERSION})",
+                f"version {header.get('version')!r} is not supported "
+                f"(this reader: {', '.join(map(str, READABLE_VERSIONS))})",
             )
         try:
             meta = TraceMeta(
