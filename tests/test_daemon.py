@@ -293,6 +293,29 @@ def test_a_second_instance_for_the_same_cluster_is_refused(tmp_path: Path) -> No
     in_process(cfg, state_dir).shutdown()  # released on stop
 
 
+def test_an_unusable_state_dir_is_a_config_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It exists, but the lock cannot be created there (a read-only mount, another user's
+    # directory): a raw OSError traceback (exit 1, a restart loop under Restart=) before.
+    cfg = write(tmp_path / "ooda.toml", twin_config())
+    state_dir = tmp_path / "state"
+    (state_dir / "lab.lock").mkdir(parents=True)  # the lock cannot be opened, even as root
+    with pytest.raises(BadInputError, match=r"daemon\.state_dir: .*lab\.lock: Is a directory"):
+        in_process(cfg, state_dir)
+    (state_dir / "lab.lock").rmdir()
+    # A read-only mount (root can write anywhere else): the access check says so.
+    real_access = os.access
+    monkeypatch.setattr(
+        "agent.daemon.service.os.access",
+        lambda path, mode: False if Path(path) == state_dir else real_access(path, mode),
+    )
+    with pytest.raises(BadInputError, match=r"daemon\.state_dir: .*not writable"):
+        in_process(cfg, state_dir)
+    monkeypatch.undo()
+    in_process(cfg, state_dir).shutdown()  # nothing left held
+
+
 def test_reload_takes_a_good_config_and_refuses_a_bad_one(tmp_path: Path) -> None:
     cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False))
     wall = FakeClock(START_UNIX)

@@ -193,9 +193,21 @@ class Daemon:
                 f"daemon.state_dir: cannot create {directory} ({exc.strerror or exc}); "
                 "set daemon.state_dir or --state-dir"
             ) from None
+        # An existing directory may still be unusable (a read-only mount, another user's): say
+        # so naming the setting (exit 2), not with a traceback that Restart= would loop on.
+        unusable = None if os.access(directory, os.W_OK | os.X_OK) else "not writable by this user"
         cluster = config.cluster.name
         self.lock = InstanceLock(directory, cluster)
-        self.lock.acquire()
+        if unusable is None:
+            try:
+                self.lock.acquire()
+            except OSError as exc:
+                unusable = f"cannot open its lock {self.lock.path}: {exc.strerror or exc}"
+        if unusable is not None:
+            raise ConfigError(
+                f"daemon.state_dir: {directory} is unusable ({unusable}); set daemon.state_dir "
+                "or --state-dir"
+            )
         if self.lock.pid_error is not None:
             log.warning("lock_pid_unwritten", reason=self.lock.pid_error)
         try:
