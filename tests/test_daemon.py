@@ -176,6 +176,47 @@ def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_pat
     assert len({e["decision_id"].split("-")[1] for e in applied}) == 2  # two runs
 
 
+class Killed(BaseException):
+    """SIGKILL, in-process: nothing after it runs."""
+
+
+@pytest.mark.parametrize("dies_in", ["store", "twin_store"])
+def test_a_kill_during_the_state_save_never_leaves_caps_the_agent_does_not_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: str
+) -> None:
+    # The twin pickle (the cluster, with the caps) was written before the state file (the
+    # ownership): killed between the two, the restarted agent owned none of the caps it had set
+    # and could never release them.
+    cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False, budget_w=5000))
+    state = tmp_path / "state"
+    wall = FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    assert first.save_state()  # from before any action
+
+    def die(*_args: object, **_kwargs: object) -> None:
+        raise Killed()
+
+    monkeypatch.setattr(getattr(first, dies_in), "save", die)
+    wall.advance(15)
+    with pytest.raises(Killed):
+        first.run_cycle()  # acts, then dies in its state save
+    twin = first.runtime.twin
+    assert twin is not None and np.any(twin.cap_w < twin.default_w)
+    assert first.lock is not None
+    first.lock.release()  # the process is gone
+    first.runtime.audit.close()
+
+    second = in_process(cfg, state, wall=wall)
+    try:
+        t2 = second.runtime.twin
+        assert t2 is not None
+        capped = int((t2.cap_w < t2.default_w).sum())
+        owned = int(np.isfinite(second.runtime.loop.guard.caps["our_cap_w"]).sum())
+        assert owned >= capped, f"{capped} GPUs capped after the restart, {owned} owned"
+    finally:
+        second.shutdown()
+
+
 def test_unreadable_state_is_reported_moved_aside_and_the_agent_starts_fresh(
     tmp_path: Path,
 ) -> None:

@@ -395,13 +395,10 @@ class Daemon:
         """Persist (atomically) what the agent must not forget. Call between cycles."""
         runtime = self.runtime
         try:
-            twin = runtime.twin
-            if twin is not None and self.pacer is not None:
-                placement = runtime.actuators.placement
-                reasons = dict(placement.reasons) if isinstance(placement, TwinPlacement) else {}
-                self.twin_store.save(
-                    _twin_key(runtime.config), self.timeline, twin, {"placement_reasons": reasons}
-                )
+            # The agent's own state (what it owns, small) before the twin (its "cluster", large):
+            # a kill between the two writes then leaves the agent owning caps an older twin lacks
+            # (it releases or resets them), never a twin with caps the agent does not own (which
+            # it would never release). Each file is replaced atomically.
             size = self.store.save(
                 self.collect_state(runtime),
                 {
@@ -411,6 +408,13 @@ class Daemon:
                     "cycles": runtime.loop.cycles,
                 },
             )
+            twin = runtime.twin
+            if twin is not None and self.pacer is not None:
+                placement = runtime.actuators.placement
+                reasons = dict(placement.reasons) if isinstance(placement, TwinPlacement) else {}
+                self.twin_store.save(
+                    _twin_key(runtime.config), self.timeline, twin, {"placement_reasons": reasons}
+                )
         except Exception as exc:  # a full disk must not stop the agent; say so loudly
             self.metrics.state_saves.labels("failed").inc()
             log.error("state_save_failed", file=str(self.store.path), error=str(exc))
