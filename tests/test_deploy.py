@@ -97,6 +97,10 @@ def test_agent_unit_is_unprivileged_and_hardened() -> None:
     assert one(unit, "Restart") == "on-failure"
     assert one(unit, "UMask") == "0077"
     assert "AF_PACKET" not in one(unit, "RestrictAddressFamilies")
+    # prometheus_client's process collector reads the boot time in /proc/stat: ProcSubset=pid
+    # hides it, and every ooda_process_* metric the dashboard shows is gone.
+    assert one(unit, "ProtectProc") == "invisible"
+    assert unit["Service"].get("ProcSubset", ["all"])[-1] == "all"
 
 
 def test_node_unit_keeps_only_cap_sys_admin() -> None:
