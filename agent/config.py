@@ -256,6 +256,9 @@ class ActuatorsConfig(_Section):
 # The scheduler counts in whole seconds and datetimes: an interval or grace past a day is a
 # mistake, and inf or a huge one overflows it (the daemon would die at start or on reload).
 MAX_INTERVAL_S = 86_400.0
+# The longest stop grace; deploy/systemd/ooda-agent.service's TimeoutStopSec leaves room above it
+# for on_exit and the state save (tests/test_deploy.py checks).
+MAX_STOP_GRACE_S = 60.0
 
 
 class DaemonConfig(_Section):
@@ -284,7 +287,7 @@ class DaemonConfig(_Section):
     stop_grace_s: float = Field(
         3.0,
         ge=0,
-        le=60,
+        le=MAX_STOP_GRACE_S,
         description="On SIGTERM, how long a running cycle may take to finish before it is "
         "abandoned (s).",
     )

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from agent.config import load_config
+from agent.config import MAX_STOP_GRACE_S, load_config
 from agent.core.clock import FakeClock
 from agent.core.situation import PowerForecast
 from tests.daemon_helpers import (
@@ -101,6 +101,8 @@ def test_agent_unit_is_unprivileged_and_hardened() -> None:
     # hides it, and every ooda_process_* metric the dashboard shows is gone.
     assert one(unit, "ProtectProc") == "invisible"
     assert unit["Service"].get("ProcSubset", ["all"])[-1] == "all"
+    # systemd's SIGKILL must not cut the longest stop grace, on_exit or the state save short.
+    assert int(one(unit, "TimeoutStopSec")) >= MAX_STOP_GRACE_S + 30
 
 
 def test_node_unit_keeps_only_cap_sys_admin() -> None:
