@@ -375,6 +375,14 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _demand_response_needs_a_budget(self) -> Config:
+        # Checked with the file, not when the twin is built: `ooda config check` must refuse
+        # what `ooda run` and `ooda once` would.
+        if self.twin.demand_response is not None and self.twin.budget_w is None:
+            raise ValueError("twin.demand_response: needs twin.budget_w (the normal budget)")
+        return self
+
+    @model_validator(mode="after")
     def _group_label_source(self) -> Config:
         # The Prometheus source reads only the labels that name a GPU and its job: a rack label
         # would never reach the orienter, and the per-group budgets would silently not hold.

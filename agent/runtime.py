@@ -40,15 +40,13 @@ from policies.registry import PolicyRegistry, default_registry
 def twin_spec(cfg: TwinConfig) -> TwinSpec:
     """The twin a config describes."""
     budget: BudgetSchedule | None = None
-    if cfg.budget_w is not None:
+    if cfg.budget_w is not None:  # a demand response without it is refused by the config
         budget = BudgetSchedule.constant(cfg.budget_w)
         if cfg.demand_response is not None:
             dr = cfg.demand_response
             budget = BudgetSchedule.demand_response(
                 cfg.budget_w, dr.budget_w, dr.start_s, dr.duration_s
             )
-    elif cfg.demand_response is not None:
-        raise ConfigError("twin.demand_response: needs twin.budget_w (the normal budget)")
     return TwinSpec(
         nodes=cfg.nodes,
         gpus_per_node=cfg.gpus_per_node,

@@ -98,6 +98,17 @@ def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert len(err) == 1 and "cluster.budget_w" in err[0]
 
 
+def test_config_check_refuses_what_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The rule lived only where the twin is built: `config check` said OK, `run` refused.
+    dr = "[twin]\ndemand_response = {start_s = 10, duration_s = 60, budget_w = 1000}\n"
+    assert main(["config", "check", str(write(tmp_path, dr))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "twin.demand_response: needs twin.budget_w" in err and "\n" not in err
+    assert main(["config", "check", str(write(tmp_path, dr + "budget_w = 5000\n"))]) == 0
+
+
 def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--duration", "soon"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
