@@ -43,7 +43,10 @@ from policies.registry import PolicyRegistry, default_registry
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: TOML has real booleans and numbers, so `true` is never 1 s or 1 node, and `"false"`
+    # or 0 is never a boolean; an int still reads as a float. No infinity or NaN anywhere: no
+    # setting means "never" or "unknown" by it. Paths and enum keys are converted (fields say so).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class GroupConfig(_Section):
@@ -63,8 +66,28 @@ class GroupConfig(_Section):
         return value
 
 
+# A cluster's name is a path component (/var/lib/ooda/NAME, its lock and state files): one
+# plain name, so that "/", ".." or "a/../../etc" cannot move the state elsewhere.
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
 class ClusterConfig(_Section):
-    name: str = Field("default", min_length=1, description="Cluster name (one agent per cluster).")
+    name: str = Field(
+        "default",
+        description="Cluster name (one agent per cluster): letters, digits, '.', '_', '-', "
+        "starting with a letter or digit, at most 63 characters.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _CLUSTER_NAME.fullmatch(value):
+            raise ValueError(
+                "must be a plain name (letters, digits, '.', '_', '-', starting with a letter or "
+                "digit, at most 63 characters): it names the state directory"
+            )
+        return value
+
     budget_w: float | None = Field(
         None, gt=0, description="Static power budget (W) covering GPU power plus node overhead."
     )
@@ -171,7 +194,7 @@ class PrometheusConfig(_Section):
     parallel_queries: int = Field(
         2, ge=1, le=16, description="Queries in flight at once (Prometheus runs each on one core)."
     )
-    metrics: dict[Metric, str] = Field(
+    metrics: dict[Annotated[Metric, Field(strict=False)], str] = Field(  # names -> Metric
         default_factory=_dcgm_metric_names,
         description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "
         "names and units by default; '' leaves a field out). Only the names given change. "
@@ -271,6 +294,7 @@ class DaemonConfig(_Section):
     )
     state_dir: Path | None = Field(
         None,
+        strict=False,
         description="The daemon's state directory (persisted state, `ooda guard reset` "
         "requests); default /var/lib/ooda/CLUSTER_NAME.",
     )
@@ -316,6 +340,7 @@ class DaemonConfig(_Section):
 class AuditConfig(_Section):
     path: Path | None = Field(
         None,
+        strict=False,
         description="Durable JSON-lines audit log (none: no audit log is kept); a relative path "
         "is under daemon.state_dir.",
     )

@@ -164,6 +164,44 @@ def test_label_group_budgets_are_checked(text: str, expected: str) -> None:
     assert ok.cluster.label_budgets_w == {"r1": 5.0}
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A boolean is not a number: `true` was 1 s, 1 node.
+        ("[daemon]\ninterval_s = true", "daemon.interval_s: Input should be a valid number"),
+        ("[twin]\nnodes = true", "twin.nodes: Input should be a valid integer"),
+        ("[cluster]\njob_priority = {'1*' = true}", 'cluster.job_priority."1*": Input should be'),
+        # Nor is a string or a number a boolean: "false" was read as false, 0 too.
+        ("dry_run = 'false'", "dry_run: Input should be a valid boolean"),
+        ("dry_run = 0", "dry_run: Input should be a valid boolean"),
+        # No infinities: a lease or interval that never ends overflows or never expires.
+        ("[actuators]\nlease_s = inf", "actuators.lease_s: Input should be a finite number"),
+        ("[daemon]\nmisfire_grace_s = inf", "daemon.misfire_grace_s: Input should be a finite"),
+        ("[twin]\nspeed = nan", "twin.speed: Input should be a finite number"),
+        # The cluster's name is a path component of the state directory.
+        ("[cluster]\nname = '/'", "cluster.name: must be a plain name"),
+        ("[cluster]\nname = '..'", "cluster.name: must be a plain name"),
+        ("[cluster]\nname = 'a/../../etc'", "cluster.name: must be a plain name"),
+        ("[cluster]\nname = '<cluster-name>'", "cluster.name: must be a plain name"),
+    ],
+)
+def test_values_that_only_looked_valid_are_refused(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config(tomllib.loads(text))
+
+
+def test_plain_values_still_read() -> None:
+    config = parse_config(
+        tomllib.loads(
+            "dry_run = false\n[cluster]\nname = 'gpu-a.prod_2'\n[daemon]\ninterval_s = 15\n"
+            "state_dir = '/tmp/x'\n[source.prometheus.metrics]\npower_w = 'gpu_power'\n"
+        )
+    )
+    assert config.daemon.interval_s == 15.0 and isinstance(config.daemon.interval_s, float)
+    assert config.cluster.name == "gpu-a.prod_2" and config.dry_run is False
+    assert config.daemon.state_dir == Path("/tmp/x")
+
+
 def test_label_group_budgets_are_refused_with_prometheus() -> None:
     # The Prometheus source does not read the group label: the budgets would silently not hold.
     text = "[source]\nkind = 'prometheus'\n[cluster]\ngroup_label = 'rack'\n"
