@@ -21,7 +21,7 @@ from agent.core.situation import Situation
 class PolicySettings(BaseModel):
     """Base of every policy's settings: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     enabled: bool = Field(True, description="Run this policy.")
     dry_run: bool | None = Field(
@@ -35,7 +35,7 @@ class PolicyMemory(BaseModel):
     A remembered time is a field named `*_s` (a number, or a dict or list of them, also inside
     nested models): `clock_went_back` relies on that."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     def clock_went_back(self, now_s: float) -> Self:
         """A copy whose remembered times later than `now_s` are `now_s`: after the clock jumped

@@ -59,7 +59,7 @@ class CurveExplorationSettings(PolicySettings):
 
 
 class Exploring(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     job: str
     uuid: str

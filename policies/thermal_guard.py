@@ -52,7 +52,7 @@ class ThermalGuardSettings(PolicySettings):
 
 
 class HeldGpu(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     cap_w: float
     last_step_s: float

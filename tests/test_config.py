@@ -183,6 +183,13 @@ def test_label_group_budgets_are_checked(text: str, expected: str) -> None:
         ("[cluster]\nname = '..'", "cluster.name: must be a plain name"),
         ("[cluster]\nname = 'a/../../etc'", "cluster.name: must be a plain name"),
         ("[cluster]\nname = '<cluster-name>'", "cluster.name: must be a plain name"),
+        # The same in the guard's, the policies', orient's and the actuators' own sections.
+        ("[guard]\ncap_cooldown_s = true", "guard.cap_cooldown_s: Input should be a valid number"),
+        ("[guard]\ncap_cooldown_s = inf", "guard.cap_cooldown_s: Input should be a finite"),
+        ("[policies.power_budget]\ndry_run = 'false'", "power_budget.dry_run: Input should be"),
+        ("[orient.forecast]\ncoverage = nan", "orient.forecast.coverage: Input should be a finite"),
+        ("[actuators.slurm]\ntimeout_s = true", "actuators.slurm.timeout_s: Input should be a"),
+        ("[rollout]\nnotify_during_freeze = 1", "rollout.notify_during_freeze: Input should be"),
     ],
 )
 def test_values_that_only_looked_valid_are_refused(text: str, expected: str) -> None:
@@ -200,6 +207,14 @@ def test_plain_values_still_read() -> None:
     assert config.daemon.interval_s == 15.0 and isinstance(config.daemon.interval_s, float)
     assert config.cluster.name == "gpu-a.prod_2" and config.dry_run is False
     assert config.daemon.state_dir == Path("/tmp/x")
+    # Paths and lists-as-tuples in the other sections still read from TOML's strings and arrays.
+    config = parse_config(
+        tomllib.loads(
+            "[actuators.slurm]\nbin_dir = '/usr/bin'\n[orient.forecast]\nhorizons_s = [60, 300]\n"
+        )
+    )
+    assert config.actuators.slurm.bin_dir == Path("/usr/bin")
+    assert config.orient.forecast.horizons_s == (60.0, 300.0)
 
 
 def test_label_group_budgets_are_refused_with_prometheus() -> None:

@@ -70,7 +70,7 @@ _OURS = {True: "our_cap_w", False: "live_cap_w"}  # counting recorded caps as ou
 
 
 class GuardSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     cap_cooldown_s: float = Field(
         60.0, ge=0.0, description="Least time between two raises of one GPU's cap (s)."

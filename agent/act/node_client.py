@@ -52,7 +52,7 @@ _SCHEMES = ("unix", "http", "https")
 class NodeClientSettings(BaseModel):
     """How the agent reaches the node daemons (config section `[actuators.node]`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     endpoints: dict[str, str] = Field(
         default_factory=dict,
@@ -63,14 +63,20 @@ class NodeClientSettings(BaseModel):
         description="Endpoint for nodes not in `endpoints`, with {node}, "
         "e.g. 'https://{node}:9440'.",
     )
-    token_file: Path = Field(..., description="Bearer token file (its first token is sent).")
+    token_file: Path = Field(
+        ..., strict=False, description="Bearer token file (its first token is sent)."
+    )
     tls_ca: Path | None = Field(
-        None, description="CA bundle that signed the daemons' certificates (default: system)."
+        None,
+        strict=False,
+        description="CA bundle that signed the daemons' certificates (default: system).",
     )
     tls_client_cert: Path | None = Field(
-        None, description="Client certificate (PEM) for daemons that require one."
+        None, strict=False, description="Client certificate (PEM) for daemons that require one."
     )
-    tls_client_key: Path | None = Field(None, description="The client certificate's key (PEM).")
+    tls_client_key: Path | None = Field(
+        None, strict=False, description="The client certificate's key (PEM)."
+    )
     timeout_s: float = Field(2.0, gt=0, le=60, description="Per-request timeout (s).")
     retries: int = Field(1, ge=0, le=5, description="Retries per node on transport errors/5xx.")
     retry_backoff_s: float = Field(0.1, ge=0, le=5, description="First retry delay (doubles).")

@@ -38,7 +38,7 @@ MAX_EVIDENCE_CHARS = 4000
 class NotifySettings(BaseModel):
     """`[actuators.notify]`: where Notify intents go."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     kind: Literal["none", "alertmanager", "webhook"] = Field(
         "none", description="Alertmanager's v2 API, a generic JSON webhook, or nowhere."

@@ -192,7 +192,7 @@ def _check_node_list(value: str | list[str]) -> None:
 class RolloutSettings(BaseModel):
     """`[rollout]`: advise-only per actuator kind, the scope, freeze windows."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     caps: Mode = Field("live", description="GPU power caps: live (follow dry_run) or advisory.")
     drains: Mode = Field("live", description="Node drains and resumes: live or advisory.")

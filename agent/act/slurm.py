@@ -97,13 +97,15 @@ _STATES = {
 class SlurmSettings(BaseModel):
     """`[actuators.slurm]`: where Slurm is and how the agent maps it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     slurm_conf: Path | None = Field(
-        None, description="slurm.conf for the CLIs (SLURM_CONF); none: the environment's."
+        None,
+        strict=False,
+        description="slurm.conf for the CLIs (SLURM_CONF); none: the environment's.",
     )
     bin_dir: Path | None = Field(
-        None, description="Directory holding scontrol, sinfo and squeue; none: PATH."
+        None, strict=False, description="Directory holding scontrol, sinfo and squeue; none: PATH."
     )
     timeout_s: float = Field(
         10.0, gt=0, le=300, description="Limit for one Slurm command (s); then an error."

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class AnomalySettings(_Section):
@@ -94,7 +94,7 @@ class ForecastSettings(_Section):
         description="The learned model: gradient-boosted trees (hgb) or a linear ridge model.",
     )
     horizons_s: tuple[float, ...] = Field(
-        (60.0, 300.0, 900.0), min_length=1, description="Forecast horizons (s)."
+        (60.0, 300.0, 900.0), min_length=1, strict=False, description="Forecast horizons (s)."
     )
     coverage: float = Field(0.9, gt=0, lt=1, description="Nominal coverage of the intervals.")
     refit_cycles: int = Field(
