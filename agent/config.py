@@ -38,6 +38,7 @@ from agent.observe.promql import check_label_name, check_metric_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
+from agent.sim.twin import TWIN_LABELS
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -104,8 +105,9 @@ class ClusterConfig(_Section):
     )
     group_label: str | None = Field(
         None,
-        description="A snapshot label naming each GPU's rack or row, instead of node lists (as a "
-        "replayed trace may carry; the Prometheus source does not read it yet).",
+        description="A label of the GPUs' power series naming each one's rack or row (added by "
+        "relabelling), instead of node lists; read with each GPU's identity. A GPU without it "
+        "is in no such group, and each cycle says how many.",
     )
     label_budgets_w: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict, description="Budget (W) per value of group_label."
@@ -409,17 +411,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _group_label_source(self) -> Config:
-        # The Prometheus source reads only the labels that name a GPU and its job: a rack label
-        # would never reach the orienter, and the per-group budgets would silently not hold.
+        # The Prometheus source reads the group label with each GPU's identity; the twin's GPUs
+        # carry only their job's priority, so another label would silently hold no budget.
         cluster = self.cluster
         if cluster.label_budgets_w and cluster.group_label is None:
             raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
-        if self.source.kind == "prometheus" and (cluster.label_budgets_w or cluster.group_label):
-            key = "label_budgets_w" if cluster.label_budgets_w else "group_label"
+        label = cluster.group_label
+        if self.source.kind == "twin" and label is not None and label not in TWIN_LABELS:
             raise ValueError(
-                f"cluster.{key}: not supported with source.kind = 'prometheus' yet (the source "
-                "does not read the group label, so these budgets would never hold); give the "
-                "groups as node lists in [cluster.groups]"
+                f"cluster.group_label: the twin's GPUs carry no {label!r} label (only "
+                f"{', '.join(TWIN_LABELS)}), so these budgets would never hold; give the groups "
+                "as node lists in [cluster.groups]"
             )
         return self
 

@@ -86,6 +86,8 @@ def prometheus_settings(config: Config, leave_out: Collection[Metric] = ()) -> P
         job_label=p.job_label,
         match=dict(p.match),
         budget_query=config.cluster.budget_query,
+        # The per-group budgets' label, read with each GPU's identity.
+        extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
     )
 
 

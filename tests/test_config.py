@@ -140,6 +140,9 @@ budget_w = 20000
         load_config(write(tmp_path, "[cluster.groups.rack1]\nnodes = 'node[1-'\nbudget_w = 5\n"))
 
 
+PROMETHEUS = "[source]\nkind = 'prometheus'\n"  # a source that reads a rack label
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -157,9 +160,11 @@ budget_w = 20000
 )
 def test_label_group_budgets_are_checked(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        parse_config(tomllib.loads(f"[cluster]\n{text}\n"))
+        parse_config(tomllib.loads(f"{PROMETHEUS}[cluster]\n{text}\n"))
     ok = parse_config(
-        tomllib.loads("[cluster]\ngroup_label = 'rack'\nlabel_budgets_w = {r1 = 5.0}")
+        tomllib.loads(
+            f"{PROMETHEUS}[cluster]\ngroup_label = 'rack'\nlabel_budgets_w = {{r1 = 5.0}}"
+        )
     )
     assert ok.cluster.label_budgets_w == {"r1": 5.0}
 
@@ -217,13 +222,16 @@ def test_plain_values_still_read() -> None:
     assert config.orient.forecast.horizons_s == (60.0, 300.0)
 
 
-def test_label_group_budgets_are_refused_with_prometheus() -> None:
-    # The Prometheus source does not read the group label: the budgets would silently not hold.
-    text = "[source]\nkind = 'prometheus'\n[cluster]\ngroup_label = 'rack'\n"
-    with pytest.raises(ConfigError, match=r"cluster\.group_label: not supported with source"):
+def test_label_group_budgets_need_a_source_that_has_the_label() -> None:
+    # The twin's GPUs carry only their job's priority: a rack label would hold no budget.
+    text = "[cluster]\ngroup_label = 'rack'\nlabel_budgets_w = {r1 = 100.0}\n"
+    with pytest.raises(ConfigError, match=r"cluster\.group_label: the twin's GPUs carry no 'rack'"):
         parse_config(tomllib.loads(text))
-    with pytest.raises(ConfigError, match=r"cluster\.label_budgets_w: not supported with source"):
-        parse_config(tomllib.loads(text + "label_budgets_w = {r1 = 100.0}\n"))
+    from agent.runtime import prometheus_settings
+
+    config = parse_config(tomllib.loads("[source]\nkind = 'prometheus'\n" + text))
+    assert prometheus_settings(config).extra_labels == ("rack",)
+    assert parse_config(tomllib.loads("[cluster]\ngroup_label = 'priority'\n"))
 
 
 def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:

@@ -531,3 +531,51 @@ def test_a_gpu_that_moved_host_is_one_row_on_its_new_host() -> None:
         assert list(snap.uuid) == ["GPU-X", "GPU-node-c-0"]
         assert list(snap.stale) == [False, True]
         assert snap.column(Metric.POWER_W)[0][0] == 300.0
+
+
+def test_the_group_label_reaches_the_snapshot_and_the_group_budgets() -> None:
+    """`cluster.group_label = 'rack'` with Prometheus: each GPU's rack comes with its identity
+    (a stale GPU keeps the one the inventory saw), the orienter builds the rack budgets from it,
+    and a GPU whose series carry no rack label is said, not silently left out."""
+    from agent.config import parse_config
+    from agent.runtime import orienter_for, prometheus_settings
+
+    config = parse_config(
+        {
+            "source": {"kind": "prometheus"},
+            "cluster": {"group_label": "rack", "label_budgets_w": {"r1": 100.0}},
+        }
+    )
+    inventory = [
+        {**gpu("node1", 0), "rack": "r1"},
+        {**gpu("node1", 1), "rack": "r1"},
+        {**gpu("node2", 0), "rack": "r2"},
+        gpu("node3", 0),  # no rack label
+    ]
+    live = [
+        {"metric": m, "value": [NOW, str(NOW - 1)]}
+        for m in (inventory[0], inventory[1], inventory[3])  # node2 went silent: stale
+    ]
+    values = [
+        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname=h, gpu=g)
+        for h, g in (("node1", "0"), ("node1", "1"), ("node3", "0"))
+    ]
+    fake = FakePrometheus(
+        [
+            ("max_over_time", [{"metric": {"Hostname": "node2", "gpu": "0"}, "value": [NOW, "1"]}]),
+            ("last_over_time", [{"metric": m, "value": [NOW, "1"]} for m in inventory]),
+            ("timestamp(", live),
+            *per_field(values),
+        ]
+    )
+    source = PrometheusSource(prometheus_settings(config), client=fake)
+    snap = source.observe(NOW)
+    assert list(snap.node_of()) == ["node1", "node1", "node2", "node3"]
+    assert list(snap.stale) == [False, False, True, False]
+    assert list(snap.labels["rack"]) == ["r1", "r1", "r2", ""]
+    assert "1 GPUs have no 'rack' label" in snap.errors
+    identity = [q for q, _ in fake.queries if "last_over_time" in q or "_job) (timestamp(" in q]
+    assert len(identity) == 2 and all("rack" in q for q in identity)
+    situation = orienter_for(config).orient(snap, None)
+    budget_w, members = situation.group_budgets["rack=r1"]
+    assert budget_w == 100.0 and list(members) == [True, True, False, False]

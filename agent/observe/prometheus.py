@@ -108,6 +108,9 @@ class PrometheusSettings:
     model_label: str = LABEL_MODEL
     job_label: str = LABEL_JOB
     match: Mapping[str, str] = field(default_factory=dict)  # extra exact matchers everywhere
+    # Labels of the power series carried into `Snapshot.labels` (a rack or row label for the
+    # per-group budgets); "" where a GPU's series has none.
+    extra_labels: tuple[str, ...] = ()
     budget_query: str | None = None
     max_hosts_per_query: int = 500  # stale-host regexes are split to keep URLs short
     # Queries in flight at once: Prometheus evaluates one query on one core, and the agent
@@ -134,6 +137,7 @@ class PrometheusSettings:
             self.model_label,
             self.job_label,
             *self.match,
+            *self.extra_labels,
         ):
             promql.check_label_name(label)
 
@@ -305,6 +309,7 @@ class _Inventory:
     gpu: IntArray
     uuid: StrArray
     model: StrArray
+    labels: Mapping[str, StrArray]  # the settings' extra labels, per row
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,7 +388,7 @@ class PrometheusSource:
         hb = s.metrics[Metric.POWER_W]
         self.heartbeat = hb  # the metric whose presence makes a GPU known and live
         self.ident = [*s.host_labels, s.gpu_label]  # the labels that name a GPU
-        self.inventory_labels = [*self.ident, s.uuid_label, s.model_label]
+        self.inventory_labels = [*self.ident, s.uuid_label, s.model_label, *s.extra_labels]
         self.live_labels = [*self.inventory_labels, s.job_label]
         self.value_metrics: dict[str, Metric] = {
             name: metric for metric, name in s.metrics.items() if name and metric != Metric.POWER_W
@@ -578,6 +583,7 @@ class PrometheusSource:
             inventory = _Inventory(
                 now_s, i_key[i_ok], i_host[i_ok], i_gpu[i_ok],
                 inv.labels[s.uuid_label][i_ok], inv.labels[s.model_label][i_ok],
+                {x: inv.labels[x][i_ok] for x in s.extra_labels},
             )  # fmt: skip
         else:  # the GPUs the last cycle had (the last full read's, and live ones since)
             assert self._inventory is not None
@@ -608,6 +614,10 @@ class PrometheusSource:
         job = np.concatenate(
             [live.labels[s.job_label][l_rows], np.full(i_rows.size, "", dtype=np.str_)]
         )
+        extra = {
+            x: np.concatenate([live.labels[x][l_rows], inventory.labels[x][i_rows]])
+            for x in s.extra_labels
+        }
         sample_t = np.concatenate([live.values[l_rows], np.full(i_rows.size, np.nan)])
         is_live = np.concatenate([np.ones(l_rows.size, bool), np.zeros(i_rows.size, bool)])
 
@@ -621,7 +631,8 @@ class PrometheusSource:
                 key, host, gpu, uuid, model, job, sample_t, is_live = (
                     a[keep] for a in (key, host, gpu, uuid, model, job, sample_t, is_live)
                 )
-        self._inventory = _Inventory(inventory.time_s, key, host, gpu, uuid, model)
+                extra = {x: v[keep] for x, v in extra.items()}
+        self._inventory = _Inventory(inventory.time_s, key, host, gpu, uuid, model, extra)
 
         age = np.maximum(now_s - sample_t, 0.0)
         stale = ~is_live | ~(age <= s.staleness_limit_s)
@@ -650,6 +661,10 @@ class PrometheusSource:
             column[stale] = np.nan
             values[metric] = column
 
+        for name, values_of in extra.items():
+            unlabelled = int((values_of == "").sum())
+            if unlabelled:  # outside every budget by that label: say so, every cycle
+                errors.append(f"{unlabelled} GPUs have no {name!r} label")
         budget = self._budget(budget_answer, errors) if budget_answer is not None else None
         order = np.lexsort((gpu, host))
         return build_snapshot(
@@ -664,6 +679,7 @@ class PrometheusSource:
             stale=stale[order],
             budget_w=budget,
             errors=tuple(errors),
+            labels={x: v[order] for x, v in extra.items()},
         )
 
     def _column(

@@ -45,6 +45,10 @@ FATAL_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120, 140})  # the GPU stops
 JOB_PENDING, JOB_RUNNING, JOB_DONE = 0, 1, 2
 
 
+# The labels the twin gives each GPU (Snapshot.labels): its job's priority class.
+TWIN_LABELS = ("priority",)
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetSchedule:
     """A piecewise-constant facility budget: (start_s, budget_w) steps, the first at 0."""
