@@ -598,6 +598,11 @@ def test_refusal_reasons_map_to_a_fixed_set_of_classes() -> None:
     assert refusal_class("GPU not seen this cycle") == "not_seen"
     assert refusal_class("drained by someone else: never resumed by us") == "not_ours"
     assert refusal_class("circuit breaker open: 3 drains in 1h") == "breaker"
+    assert refusal_class("out of scope: not in [rollout] nodes (node node9)") == "out_of_scope"
+    assert refusal_class("the job's node is not known: the rollout scope cannot hold") == (
+        "out_of_scope"
+    )
+    assert refusal_class("the cap asked is not a number") == "invalid"
     assert refusal_class("something new") == "other"
 
 

@@ -624,3 +624,19 @@ def test_a_long_job_id_keeps_its_cap_while_the_job_runs() -> None:
     copy = Guard()
     copy.load_dict(json.loads(json.dumps(guard.to_dict())))
     assert not copy.caps_outlived(snap, holding)[0]
+
+
+def test_a_cap_that_is_not_a_number_is_refused_live_and_advising() -> None:
+    """A policy's NaN (or infinite) cap goes nowhere: recorded, it would have wiped what the
+    guard remembers of our cap; live, it reached the actuator."""
+    sit, t = _one_gpu(700.0)
+    for dry in (False, True):
+        guard = Guard(GuardSettings(cap_cooldown_s=0.0))
+        cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
+        apply(guard, guard.review([cap], sit, 0.0, dry), 0.0)
+        for watts in (np.nan, np.inf):
+            bad = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([watts]))
+            review = guard.review([bad], sit, 100.0, dry)
+            assert not review.allowed
+            assert review.refused[0].reason == "the cap asked is not a number"
+        assert guard.capped_by_us(t.uuid).tolist() == [True]

@@ -345,6 +345,8 @@ class Guard:
             "telemetry stale: no action on what cannot be seen"
         )
         reasons[(reasons == "") & ~bounded] = "the GPU's cap range is unknown"
+        if isinstance(intent, SetPowerCap):  # a policy's NaN is no cap (clipping keeps it NaN)
+            reasons[(reasons == "") & ~np.isfinite(intent.watts)] = "the cap asked is not a number"
         if isinstance(intent, ReleasePowerCap):
             reasons[(reasons == "") & ~np.isfinite(ours)] = "not capped by us"
             reasons[(reasons == "") & ~np.isfinite(wanted)] = "the GPU's default limit is unknown"

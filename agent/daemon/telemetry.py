@@ -53,6 +53,9 @@ REFUSAL_CLASSES: tuple[tuple[str, str], ...] = (
     ("opt", "opted_out"),
     ("cooldown", "cooldown"),
     ("dead band", "dead_band"),
+    ("out of scope", "out_of_scope"),
+    ("scope cannot", "out_of_scope"),
+    ("not a number", "invalid"),
 )
 REFUSAL_CLASS_NAMES = tuple(sorted({c for _, c in REFUSAL_CLASSES} | {"other"}))
 
