@@ -640,3 +640,30 @@ def test_a_cap_that_is_not_a_number_is_refused_live_and_advising() -> None:
             assert not review.allowed
             assert review.refused[0].reason == "the cap asked is not a number"
         assert guard.capped_by_us(t.uuid).tolist() == [True]
+
+
+def test_a_drain_only_recorded_as_advice_does_not_stand_for_a_live_one() -> None:
+    """A live agent with an advising policy: its drain of node2 is only recorded, and laid over
+    the real node states (so advising policies see it followed). A live drain of node2 must still
+    go ahead, not count as 'already drained by us'; a live resume finds nothing to undo."""
+    from agent.act.executor import RecordingPlacement
+
+    class Real:
+        def node_states(self, names: list[str]) -> NodeStates:
+            return states()
+
+    record = RecordingPlacement(Real())  # type: ignore[arg-type]
+    record.drain("node2", "ooda: advice")
+    overlaid = record.node_states(node_order())
+    k = node_order().index("node2")
+    assert overlaid.drained_by_us[k] and not overlaid.live_drained_by_us(k)
+    sit = situation(overlaid)
+    guard = Guard(GuardSettings(), is_dry=lambda i: i.policy == "shadow")
+    review = guard.review([drain("node2")], sit, 0.0, False)
+    assert allowed_nodes(review) == ["node2"] and review.unchanged == 0
+    shadow = DrainNode(policy="shadow", reason="ooda: advice", node="node2")
+    review = guard.review([shadow], sit, 0.0, False)
+    assert not review.allowed and review.unchanged == 1  # advising: followed already
+    resume = ResumeNode(policy="health_drain", reason="healthy", node="node2")
+    review = guard.review([resume], sit, 0.0, False)
+    assert not review.allowed and review.unchanged == 1

@@ -84,6 +84,7 @@ class RecordingPlacement:
             drained=states.drained | ours,
             drained_by_us=states.drained_by_us | ours,
             reason=reason.astype(np.str_),
+            recorded_drain=ours & ~states.drained,
         )
 
     def drain(self, node: str, reason: str) -> None:

@@ -471,7 +471,10 @@ class Guard:
             if others:
                 review.refuse(intent, f"{held}: never touched by us")
                 return 0
-            ours_now = states is not None and bool(states.drained_by_us[k])
+            # Live, only a real drain of ours is one (a drain recorded as advice is not).
+            ours_now = states is not None and (
+                bool(states.drained_by_us[k]) if dry else states.live_drained_by_us(k)
+            )
             if ours_now or (dry and np.isfinite(drained_s)):
                 review.unchanged += 1  # already drained by us (or, advising, recorded so)
                 return 0
@@ -479,7 +482,9 @@ class Guard:
             if others:
                 review.refuse(intent, "drained by someone else: never resumed by us")
                 return 0
-            drained = states is not None and bool(states.drained[k])
+            drained = states is not None and (
+                bool(states.drained[k]) if dry else states.live_drained(k)
+            )
             if not drained and not (dry and np.isfinite(drained_s)):
                 review.unchanged += 1  # in service already
                 return 0

@@ -154,6 +154,20 @@ class NodeStates:
     known: BoolArray  # the placement system knows this node
     # Per node: the partitions (Slurm) or pools it belongs to; None: the system does not say.
     partitions: tuple[frozenset[str], ...] | None = None
+    # Per node: drained by us only in the record (advice, laid over the real state so advising
+    # policies see it followed); None: nothing recorded. A live intent must not count on it.
+    recorded_drain: BoolArray | None = None
+
+    def live_drained_by_us(self, k: int) -> bool:
+        """Node `k` is drained by us for real (not only in the record)."""
+        return bool(self.drained_by_us[k]) and not self.recorded_only(k)
+
+    def live_drained(self, k: int) -> bool:
+        """Node `k` is drained for real (by anyone)."""
+        return bool(self.drained[k]) and not self.recorded_only(k)
+
+    def recorded_only(self, k: int) -> bool:
+        return self.recorded_drain is not None and bool(self.recorded_drain[k])
 
     @staticmethod
     def unknown(n_nodes: int) -> NodeStates:
