@@ -448,3 +448,62 @@ def test_versions_read_and_refused(tmp_path: Path, version: int, readable: bool)
     else:
         with pytest.raises(TraceError, match=r"version 3 is not supported \(this reader: 1, 2\)"):
             TraceReader(path)
+
+
+class _RackedRange:
+    """Range answers for two GPUs of node n1 carrying a `rack` label: GPU 0 live throughout,
+    moved from rack r1 to r9 at step 30; GPU 1 (rack r2) live until step 58, then silent."""
+
+    T0 = 1_700_000_040.0
+
+    def custom_query_range(
+        self, query: str, *, start_time: Any, end_time: Any, **_: object
+    ) -> list[dict[str, object]]:
+        first = round((start_time.timestamp() - self.T0) / 15)
+        last = round((end_time.timestamp() - self.T0) / 15)
+        steps = range(first, last + 1)
+
+        def t(k: int) -> float:
+            return self.T0 + 15 * k
+
+        if "timestamp(" in query:
+            ident = {"Hostname": "n1", "modelName": "m"}
+            series = [
+                ({**ident, "gpu": "0", "UUID": "U0", "rack": "r1"}, [k for k in steps if k < 30]),
+                ({**ident, "gpu": "0", "UUID": "U0", "rack": "r9"}, [k for k in steps if k >= 30]),
+                ({**ident, "gpu": "1", "UUID": "U1", "rack": "r2"}, [k for k in steps if k <= 58]),
+            ]
+            return [
+                {"metric": m, "values": [[t(k), str(t(k) - 1)] for k in ks]}
+                for m, ks in series
+                if ks
+            ]
+        return [
+            {
+                "metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": g},
+                "values": [[t(k), "300"] for k in steps if g == "0" or k <= 58],
+            }
+            for g in ("0", "1")
+        ]
+
+
+def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
+    """`ooda record` with a group label: each step holds each GPU's label then (a change shows at
+    its step), and a GPU gone silent keeps its last label while it is stale, across chunks, as the
+    live source keeps a stale GPU's labels from its inventory."""
+    settings = PrometheusSettings(scrape_interval_s=15, extra_labels=("rack",))
+    source = PrometheusSource(settings, client=_RackedRange())  # type: ignore[arg-type]
+    path = tmp_path / "t.parquet"
+    t0 = _RackedRange.T0
+    metrics = list(source.value_metrics.values())
+    with TraceWriter(
+        path, time_base="unix", step_s=15, source={}, metrics=metrics, labels=["rack"]
+    ) as w:
+        record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * 69, step_s=15, max_points=40)
+    snaps = list(TraceReader(path).snapshots())
+    assert len(snaps) == 70
+    racks = [list(s.labels["rack"]) for s in snaps]
+    assert racks[0] == ["r1", "r2"] and racks[29] == ["r1", "r2"] and racks[30] == ["r9", "r2"]
+    assert racks[58] == ["r9", "r2"] and not snaps[58].stale.any()
+    assert racks[59] == racks[69] == ["r9", "r2"]  # U1 stale from step 59, label kept
+    assert list(snaps[69].stale) == [False, True]

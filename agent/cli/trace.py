@@ -126,6 +126,7 @@ def record(
                 "budget_query": settings.budget_query,
             },
             metrics=list(source.value_metrics.values()),
+            labels=settings.extra_labels,  # the group label, for per-group budgets in replay
         ) as writer:
             written = True
             stats = record_prometheus(source, writer, start_s=start_s, end_s=end_s, step_s=step_s)

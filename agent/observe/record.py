@@ -2,10 +2,11 @@
 sized so memory stays flat, written block by block.
 
 Per chunk, two aggregated range queries (plus the budget's, when configured):
-`max by (host, gpu, UUID, modelName, job) (timestamp(POWER))` gives, at every step, each live
-GPU's newest sample time and job; `max by (__name__, host, gpu) ({__name__=~"..."})` gives every
-field. A GPU seen before (in this chunk or within the inventory window before it) but not live at
-a step is stale there, with the age of its last sample, as `PrometheusSource` would have said.
+`max by (host, gpu, UUID, modelName, job, extra labels) (timestamp(POWER))` gives, at every step,
+each live GPU's newest sample time, job and extra labels (a stale GPU keeps its last ones);
+`max by (__name__, host, gpu) ({__name__=~"..."})` gives every field. A GPU seen before (in
+this chunk or within the inventory window before it) but not live at a step is stale there,
+with the age of its last sample, as `PrometheusSource` would have said.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Seen:
     uuid: StrArray
     model: StrArray
     last_s: FloatArray  # newest sample time
+    labels: dict[str, StrArray]  # the settings' extra labels, as last seen
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,15 @@ def record_prometheus(
     s = source.settings
     names = list(source.value_metrics)
     ident = source.ident
-    live_labels = [*ident, s.uuid_label, s.model_label, s.job_label]
+    live_labels = [*ident, s.uuid_label, s.model_label, s.job_label, *s.extra_labels]
     hb = promql.selector(source.heartbeat, s.match)
     live_expr = f"max {promql.by(live_labels)} (timestamp({hb}))"
     vals_expr = f"max {promql.by(['__name__', *ident])} ({promql.name_selector(names, s.match)})"
     none = np.zeros(0, dtype=np.str_)
-    seen = _Seen(none, none, np.zeros(0, dtype=np.int64), none, none, np.zeros(0))
+    seen = _Seen(
+        none, none, np.zeros(0, dtype=np.int64), none, none, np.zeros(0),
+        {x: none for x in s.extra_labels},
+    )  # fmt: skip
     chunk = min(60, MAX_STEPS)  # small at first, then sized from the fleet seen
     t0 = first
     chunks = most = 0
@@ -164,6 +169,12 @@ def _block(
     r, c = row[hit][order], col[hit][order]
     sample[r, c] = live.values[hit][order]
     job[r, c] = live.labels[s.job_label][live.series[hit][order]]
+    labels = {
+        x: _carried_forward(live.labels[x][live.series[hit][order]], r, c, nt, np.concatenate(
+            [np.full(pick.size, "", dtype=np.str_), seen.labels[x][carried]]
+        ))
+        for x in s.extra_labels
+    }  # fmt: skip
 
     # Age: time since the newest sample so far (carried in from earlier chunks).
     prior = np.full(n, -np.inf)
@@ -189,17 +200,18 @@ def _block(
 
     last_s = running[-1] if nt else prior
     keep = lookup(key, seen.key) < 0  # GPUs remembered but absent from this chunk stay known
+    recent = np.concatenate([last_s, seen.last_s[keep]]) >= times[-1] - window
     remembered = _Seen(
-        key=np.concatenate([key, seen.key[keep]]),
-        host=np.concatenate([host, seen.host[keep]]),
-        gpu=np.concatenate([gpu, seen.gpu[keep]]),
-        uuid=np.concatenate([uuid, seen.uuid[keep]]),
-        model=np.concatenate([model, seen.model[keep]]),
-        last_s=np.concatenate([last_s, seen.last_s[keep]]),
-    )
-    recent = remembered.last_s >= times[-1] - window
-    remembered = _Seen(
-        *(getattr(remembered, f)[recent] for f in ("key", "host", "gpu", "uuid", "model", "last_s"))
+        key=np.concatenate([key, seen.key[keep]])[recent],
+        host=np.concatenate([host, seen.host[keep]])[recent],
+        gpu=np.concatenate([gpu, seen.gpu[keep]])[recent],
+        uuid=np.concatenate([uuid, seen.uuid[keep]])[recent],
+        model=np.concatenate([model, seen.model[keep]])[recent],
+        last_s=np.concatenate([last_s, seen.last_s[keep]])[recent],
+        labels={
+            x: np.concatenate([grid[-1] if nt else grid[:0, 0], seen.labels[x][keep]])[recent]
+            for x, grid in labels.items()
+        },
     )
     block = TraceBlock(
         time_s=times,
@@ -211,6 +223,22 @@ def _block(
         values=values,
         age_s=age,
         stale=stale,
+        labels=labels,
         budget_w=budget,
     )
     return block, remembered
+
+
+def _carried_forward(
+    values: StrArray, rows: IntArray, cols: IntArray, nt: int, before: StrArray
+) -> StrArray:
+    """A label per (step, GPU): the value of each GPU's live sample at a step, and where it has
+    none (stale), its value at its last live step, else `before` (what an earlier chunk saw), as
+    the live source keeps a stale GPU's labels from its inventory."""
+    n = before.size
+    grid = np.full((nt, n), "", dtype=np.result_type(values.dtype, before.dtype, np.str_))
+    grid[rows, cols] = values
+    present = np.zeros((nt, n), dtype=bool)
+    present[rows, cols] = True
+    last = np.maximum.accumulate(np.where(present, np.arange(nt)[:, None], -1), axis=0)
+    return np.where(last >= 0, grid[np.maximum(last, 0), np.arange(n)], before[None, :])
