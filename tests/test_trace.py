@@ -507,3 +507,51 @@ def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
     assert racks[58] == ["r9", "r2"] and not snaps[58].stale.any()
     assert racks[59] == racks[69] == ["r9", "r2"]  # U1 stale from step 59, label kept
     assert list(snaps[69].stale) == [False, True]
+
+
+class _MovedRange:
+    """Range answers for GPU U0, on node n1 until step 29 and on node n2 from step 30 (moved),
+    and GPU U1 on n1 throughout."""
+
+    T0 = 1_700_000_040.0
+
+    def custom_query_range(
+        self, query: str, *, start_time: Any, end_time: Any, **_: object
+    ) -> list[dict[str, object]]:
+        first = round((start_time.timestamp() - self.T0) / 15)
+        last = round((end_time.timestamp() - self.T0) / 15)
+        where = [("n1", "0", "U0", lambda k: k < 30), ("n2", "0", "U0", lambda k: k >= 30),
+                 ("n1", "1", "U1", lambda k: True)]  # fmt: skip
+        out: list[dict[str, object]] = []
+        for host, g, uuid, live in where:
+            ks = [k for k in range(first, last + 1) if live(k)]
+            if not ks:
+                continue
+            if "timestamp(" in query:
+                metric = {"Hostname": host, "gpu": g, "UUID": uuid, "modelName": "m"}
+                out.append({"metric": metric, "values": [[self.T0 + 15 * k, "1"] for k in ks]})
+            else:
+                metric = {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": host, "gpu": g}
+                out.append({"metric": metric, "values": [[self.T0 + 15 * k, "300"] for k in ks]})
+        if "timestamp(" in query:  # sample times: the step's own
+            for series in out:
+                series["values"] = [[t, str(t - 1)] for t, _ in series["values"]]  # type: ignore[attr-defined]
+        return out
+
+
+def test_the_recorder_keeps_a_moved_gpu_once(tmp_path: Path) -> None:
+    """A GPU that moved host is one GPU at every step, within a chunk and across chunks: its old
+    key, stale, is left out wherever its new one is fresh."""
+    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=_MovedRange())  # type: ignore[arg-type]
+    path = tmp_path / "t.parquet"
+    t0 = _MovedRange.T0
+    metrics = list(source.value_metrics.values())
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
+        record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * 69, step_s=15, max_points=40)
+    snaps = list(TraceReader(path).snapshots())
+    assert len(snaps) == 70
+    for snap in snaps:
+        assert sorted(snap.uuid.tolist()) == ["U0", "U1"], snap.time_s
+        assert not snap.stale.any()
+    assert list(snaps[29].node_of()) == ["n1", "n1"]
+    assert list(snaps[30].node_of()) == ["n1", "n2"] and list(snaps[65].node_of()) == ["n1", "n2"]

@@ -183,6 +183,7 @@ def _block(
     running = np.maximum.accumulate(np.vstack([prior, np.nan_to_num(sample, nan=-np.inf)]), 0)[1:]
     age = np.where(np.isfinite(running), times[:, None] - running, np.nan)
     stale = np.isnan(sample) | ~(age <= s.staleness_limit_s)
+    _moved_unseen(uuid, stale, age)
 
     values: dict[Metric, FloatArray] = {}
     v_key, _, _, v_ok = source.keys(vals.labels)
@@ -227,6 +228,19 @@ def _block(
         budget_w=budget,
     )
     return block, remembered
+
+
+def _moved_unseen(uuid: StrArray, stale: npt.NDArray[np.bool_], age: FloatArray) -> None:
+    """A GPU that moved host (or whose host was renamed) has two keys: at a step where one is
+    fresh, the other, stale, is the same GPU, not one more beside it (the live source drops it
+    too): not seen there (age NaN, so the trace leaves it out of that step). In place."""
+    named = np.flatnonzero(uuid != "")
+    distinct, counts = np.unique(uuid[named], return_counts=True)
+    for twice in distinct[counts > 1].tolist():  # moved GPUs: a handful, not the fleet
+        cols = named[uuid[named] == twice]
+        fresh_elsewhere = (~stale[:, cols]).any(axis=1)
+        for col in cols.tolist():
+            age[fresh_elsewhere & stale[:, col], col] = np.nan
 
 
 def _carried_forward(
