@@ -312,7 +312,7 @@ def test_config_errors_name_the_key(actuators: dict[str, object], message: str) 
 class _Misbehaving:
     """A 'node daemon' on loopback that answers 200 with `listing` to a GET, `body` otherwise."""
 
-    def __init__(self, body: bytes, listing: bytes) -> None:
+    def __init__(self, body: bytes, listing: bytes, port: int = 0) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Handler(BaseHTTPRequestHandler):
@@ -334,7 +334,7 @@ class _Misbehaving:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -370,3 +370,50 @@ def test_a_node_answer_without_a_gpu_index_fails_that_node_only(
         actuator.release_caps(cluster.targets([1], [0]))
         actuator.close()
         bad.close()
+
+
+def test_an_unreachable_node_is_backed_off_then_asked_again(tmp_path: Path) -> None:
+    """A node that does not answer is not asked again for `unreachable_backoff_s` (its timeouts
+    would hold the workers and the deadline from the nodes that answer); the error says so. Once
+    the back-off has passed it is asked again, and a node that answers is forgotten as down."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there now: connections are refused
+    write_token(tmp_path / "token")
+    clock = FakeClock(1000.0)
+    settings = NodeClientSettings.model_validate(
+        {
+            "endpoints": {"node9": f"http://127.0.0.1:{port}"},
+            "token_file": tmp_path / "token",
+            "timeout_s": 0.3,
+            "retries": 0,
+        }
+    )
+    actuator = NodeCapActuator(settings, clock=clock)
+    targets = GpuTargets(
+        node=np.array(["node9"], dtype=np.str_),
+        gpu=np.array([0], dtype=np.int64),
+        uuid=np.array(["GPU-x"], dtype=np.str_),
+    )
+    try:
+        first = actuator.set_caps(targets, np.array([450.0]), 60.0)
+        assert not first.ok[0] and "unreachable" in first.errors[0]
+        again = actuator.set_caps(targets, np.array([450.0]), 60.0)
+        assert "1 times in a row" in again.errors[0]
+        assert "not asked again for 30 s" in again.errors[0]
+        clock.advance(31.0)
+        node = _Misbehaving(
+            b'{"results": [{"index": 0, "ok": true, "before_w": 700}]}', b"[]", port
+        )
+        try:
+            assert actuator.set_caps(targets, np.array([450.0]), 60.0).ok.tolist() == [True]
+        finally:
+            node.close()
+        # Down again: asked at once (answered last time), then backed off afresh.
+        down = actuator.set_caps(targets, np.array([450.0]), 60.0)
+        assert "not asked again" not in down.errors[0]
+        assert "not asked again" in actuator.set_caps(targets, np.array([450.0]), 60.0).errors[0]
+    finally:
+        actuator.close()

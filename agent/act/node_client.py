@@ -89,6 +89,14 @@ class NodeClientSettings(BaseModel):
     renew_min_age_s: float = Field(
         5.0, ge=0, description="Caps set or renewed less than this long ago are not renewed (s)."
     )
+    unreachable_backoff_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="A node that could not be reached (timeouts, refused connections) is not "
+        "asked again for this long, doubling with each failure up to 10x (0: always ask): its "
+        "timeouts would hold the workers, and the deadline, from the nodes that answer.",
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -139,7 +147,12 @@ def _check_endpoint(url: str, what: str) -> None:
 
 
 class _NodeError(Exception):
-    """One node could not answer: the message explains, for every GPU of that node."""
+    """One node could not answer: the message explains, for every GPU of that node.
+    `unreachable`: no answer at all (timeouts, transport errors), as opposed to a refusal."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +162,7 @@ class _Call:
     node: str
     body: Any = None
     error: str | None = None
+    unreachable: bool = False  # no answer at all: the node is backed off
 
 
 class _Token:
@@ -215,6 +229,8 @@ class NodeCapActuator:
         self._pool = ThreadPoolExecutor(
             settings.max_parallel, thread_name_prefix="ooda-node-client"
         )
+        # Nodes that went unanswered: node -> (failures in a row, not asked before, last error).
+        self._unreachable: dict[str, tuple[int, float, str]] = {}
         # The caps we set, for renewal: key "node/gpuN".
         self._caps = KeyedColumns(
             {
@@ -281,6 +297,7 @@ class NodeCapActuator:
         client, base = self._client(node)
         headers = {"Authorization": f"Bearer {self._token.get()}"}
         last = ""
+        unreachable = True  # every attempt so far went unanswered
         for attempt in range(s.retries + 1):
             if attempt:
                 time.sleep(s.retry_backoff_s * 2 ** (attempt - 1))
@@ -292,6 +309,7 @@ class NodeCapActuator:
             except httpx.TransportError as exc:
                 last = f"unreachable ({type(exc).__name__}: {exc})"
                 continue
+            unreachable = False
             if response.status_code in _RETRY_STATUS and attempt < s.retries:
                 last = f"HTTP {response.status_code}"
                 continue
@@ -304,7 +322,32 @@ class NodeCapActuator:
                 raise _NodeError(f"HTTP {response.status_code}: {detail or response.text[:200]}")
             return answer
         tries = s.retries + 1
-        raise _NodeError(f"{last} ({tries} {'try' if tries == 1 else 'tries'})")
+        raise _NodeError(f"{last} ({tries} {'try' if tries == 1 else 'tries'})", unreachable)
+
+    def _backed_off(self, node: str, now_s: float) -> _Call | None:
+        """The answer for a node still backed off (not asked), or None to ask it."""
+        down = self._unreachable.get(node)
+        if down is None or not (now_s < down[1] <= now_s + self._backoff_s(down[0])):
+            return None  # never failed, backed off long enough, or the clock went back
+        failures, until_s, last = down
+        return _Call(
+            node,
+            error=f"unreachable ({failures} times in a row; last: {last}); not asked again "
+            f"for {until_s - now_s:.0f} s",
+        )
+
+    def _backoff_s(self, failures: int) -> float:
+        base = self.settings.unreachable_backoff_s
+        return float(min(base * 2 ** (failures - 1), 10 * base))
+
+    def _note_reach(self, call: _Call, now_s: float) -> None:
+        """Remember whether the node answered (called in one thread, after the fan-out)."""
+        if not call.unreachable:
+            self._unreachable.pop(call.node, None)
+            return
+        failures = self._unreachable.get(call.node, (0, 0.0, ""))[0] + 1
+        until_s = now_s + self._backoff_s(failures)
+        self._unreachable[call.node] = (failures, until_s, call.error or "")
 
     def _fan_out(self, calls: Sequence[tuple[str, str, str, Any]]) -> dict[str, _Call]:
         """Run (node, method, path, body) calls in parallel within the deadline."""
@@ -313,18 +356,30 @@ class NodeCapActuator:
             try:
                 return _Call(node, body=self._request(node, method, path, body))
             except _NodeError as exc:
-                return _Call(node, error=str(exc))
+                return _Call(node, error=str(exc), unreachable=exc.unreachable)
             except Exception as exc:  # one node's surprise must not sink the others
                 log.exception("node_request_failed", node=node)
                 return _Call(node, error=f"{type(exc).__name__}: {exc}")
 
+        now = self.clock.now()
+        out: dict[str, _Call] = {}
+        asked: list[tuple[str, str, str, Any]] = []
+        for request in calls:
+            skipped = self._backed_off(request[0], now)
+            if skipped is None:
+                asked.append(request)
+            else:
+                out[request[0]] = skipped
         futures: dict[Future[_Call], str] = {
             self._pool.submit(one, node, method, path, body): node
-            for node, method, path, body in calls
+            for node, method, path, body in asked
         }
         deadline = self.settings.call_deadline_s()
         done, pending = wait(futures, timeout=deadline)
-        out = {futures[f]: f.result() for f in done}
+        for f in done:
+            answer = f.result()
+            out[answer.node] = answer
+            self._note_reach(answer, now)
         for f in pending:
             f.cancel()
             out[futures[f]] = _Call(futures[f], error=f"no answer within {deadline:g} s")
