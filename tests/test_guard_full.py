@@ -667,3 +667,37 @@ def test_a_drain_only_recorded_as_advice_does_not_stand_for_a_live_one() -> None
     resume = ResumeNode(policy="health_drain", reason="healthy", node="node2")
     review = guard.review([resume], sit, 0.0, False)
     assert not review.allowed and review.unchanged == 1
+
+
+def test_advice_beside_a_live_agent_neither_uses_up_nor_trips_the_live_drain_limits() -> None:
+    """A live agent with an advising policy: its recorded drains count for its own advice (as
+    live would), but not against live drains, and advice past the breaker's limit is refused
+    without opening the breaker that holds the live drains. All advising, it trips as before."""
+    settings = GuardSettings(
+        breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=100, node_cooldown_s=0
+    )
+    guard = Guard(settings, is_dry=lambda i: i.policy == "shadow")
+    sit = situation()
+
+    def advise(node: str) -> DrainNode:
+        return DrainNode(policy="shadow", reason="ooda: advice", node=node)
+
+    for t, node in enumerate(["node1", "node2"]):
+        apply(guard, guard.review([advise(node)], sit, float(t), False), float(t), Outcome.RECORDED)
+    review = guard.review([advise("node3")], sit, 10.0, False)
+    assert not review.allowed and "circuit breaker would trip" in review.refused[0].reason
+    assert not guard.breaker.open
+    live = guard.review([drain("node3"), drain("node4")], sit, 20.0, False)
+    assert allowed_nodes(live) == ["node3", "node4"] and not guard.breaker.open
+    # The same guard state, saved and restored, keeps advice apart from what was done.
+    copy = Guard(settings, is_dry=lambda i: i.policy == "shadow")
+    copy.load_dict(json.loads(json.dumps(guard.to_dict())))
+    assert [n for _, n in copy.advised_drains] == ["node1", "node2"] and copy.drains == []
+    # A dry-run agent (everything advice) trips the breaker, as live would.
+    all_dry = Guard(settings)
+    for t, node in enumerate(["node1", "node2"]):
+        apply(
+            all_dry, all_dry.review([drain(node)], sit, float(t), True), float(t), Outcome.RECORDED
+        )
+    review = all_dry.review([drain("node3")], sit, 10.0, True)
+    assert allowed_nodes(review) == [] and all_dry.breaker.open

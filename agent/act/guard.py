@@ -251,6 +251,9 @@ class Guard:
         self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while they stay
         self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
         self.steers: list[tuple[float, str]] = []  # (time, node) of our weight/feature changes
+        # The same, only recorded (advice): they count for advice, never against live changes.
+        self.advised_drains: list[tuple[float, str]] = []
+        self.advised_steers: list[tuple[float, str]] = []
         self._found_pending: dict[int, int] = {}  # id(weight intent) -> the weight found
 
     # -- review ---------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ class Guard:
         index = self.rows(situation.snapshot)
         ours_at = self.caps.lookup(situation.snapshot.uuid)
         nodes = _Nodes(situation, self.rollout)
-        pending: list[str] = []  # drains allowed in this review (they count at once)
+        pending: list[tuple[str, bool]] = []  # drains allowed in this review, and if live
         steering = 0
         for intent in intents:
             dry = self.is_dry(intent) if self.is_dry is not None else dry_run_caps
@@ -283,7 +286,7 @@ class Guard:
                 self._review_caps(intent, situation, index, ours_at, nodes, now_s, dry, review)
             else:
                 steering += self._review_node(
-                    intent, situation, nodes, now_s, dry, review, pending, steering
+                    intent, situation, nodes, now_s, dry, dry_run_caps, review, pending, steering
                 )
         if self.breaker.open:
             self._alarm(review)
@@ -413,8 +416,9 @@ class Guard:
         nodes: _Nodes,
         now_s: float,
         dry: bool,
+        all_dry: bool,
         review: Review,
-        pending: list[str],
+        pending: list[tuple[str, bool]],
         steered: int,
     ) -> int:
         """Review one node (or job) intent; returns 1 when it is an allowed weight/feature
@@ -503,14 +507,19 @@ class Guard:
             review.refuse(intent, f"cooldown: node changed {since:.0f} s ago")
             return 0
         if isinstance(intent, DrainNode):
-            why = self._drain_limits(node, situation.snapshot.n_nodes, now_s, pending, review)
+            # Advice counts every drain, as live would; a live drain only the live ones. Advice
+            # beside a live agent must not trip the breaker that holds the live drains.
+            why = self._drain_limits(
+                node, situation.snapshot.n_nodes, now_s, pending, review, dry, not dry or all_dry
+            )
             if why:
                 review.refuse(intent, why)
                 return 0
-            pending.append(node)
+            pending.append((node, not dry))
         elif isinstance(intent, SetNodeWeight | SetNodeFeatures):
             window = s.steer_rate_window_s
-            recent = sum(1 for t, _ in self.steers if t > now_s - window) + steered
+            history = [*self.steers, *self.advised_steers] if dry else self.steers
+            recent = sum(1 for t, _ in history if t > now_s - window) + steered
             if recent >= s.steer_rate_max:
                 review.refuse(
                     intent,
@@ -542,7 +551,8 @@ class Guard:
         if b.last_reset_s > now_s:  # else drains after the jump would never count towards it
             ahead = max(ahead, b.last_reset_s - now_s)
             b.last_reset_s = now_s
-        for history in (self.drains, self.steers):  # the rate limits' windows too
+        # The rate limits' windows too.
+        for history in (self.drains, self.steers, self.advised_drains, self.advised_steers):
             if any(t > now_s for t, _ in history):
                 ahead = max(ahead, max(t for t, _ in history) - now_s)
                 history[:] = [(min(t, now_s), n) for t, n in history]
@@ -557,9 +567,17 @@ class Guard:
         return min(s.breaker_max_nodes, by_share)
 
     def _drain_limits(
-        self, node: str, n_nodes: int, now_s: float, pending: list[str], review: Review
+        self,
+        node: str,
+        n_nodes: int,
+        now_s: float,
+        pending: list[tuple[str, bool]],
+        review: Review,
+        advice: bool,
+        may_trip: bool,
     ) -> str:
-        """Why this drain may not go ahead ("" when it may); trips the breaker when due."""
+        """Why this drain may not go ahead ("" when it may); trips the breaker when due and
+        `may_trip`. `advice`: recorded drains count too (else only those applied)."""
         s = self.settings
         b = self.breaker
         if b.open:
@@ -567,17 +585,22 @@ class Guard:
                 f"circuit breaker open since t={b.opened_s:.0f} s ({b.reason}): "
                 "no drains until a person runs `ooda guard reset`"
             )
+        history = [*self.drains, *self.advised_drains] if advice else self.drains
+        pending_nodes = [n for n, live in pending if live or advice]
         start = now_s - s.breaker_window_s
-        counted = {n for t, n in self.drains if t > start and t >= b.last_reset_s}
-        counted |= set(pending)
+        counted = {n for t, n in history if t > start and t >= b.last_reset_s}
+        counted |= set(pending_nodes)
         limit = self.breaker_limit(n_nodes)
         if node not in counted and len(counted) + 1 > limit:
-            b.open, b.opened_s, b.trips = True, now_s, b.trips + 1
-            b.reason = (
+            why = (
                 f"draining {node} would make {len(counted) + 1} nodes drained by us within "
                 f"{s.breaker_window_s:g} s; the limit is {limit} ({s.breaker_max_nodes} nodes or "
                 f"{s.breaker_max_pct:g}% of {n_nodes})"
             )
+            if not may_trip:  # advice beside a live agent: refused, the breaker stays closed
+                return f"circuit breaker would trip (advice; it stays closed): {why}"
+            b.open, b.opened_s, b.trips = True, now_s, b.trips + 1
+            b.reason = why
             review.events.append(
                 (
                     "guard_breaker_tripped",
@@ -593,7 +616,7 @@ class Guard:
             )
             return f"circuit breaker tripped: {b.reason}"
         window = s.drain_rate_window_s
-        recent = sum(1 for t, _ in self.drains if t > now_s - window) + len(pending)
+        recent = sum(1 for t, _ in history if t > now_s - window) + len(pending_nodes)
         if recent >= s.drain_rate_max:
             return (
                 f"rate limit: {recent} drains in the last {window:g} s "
@@ -624,7 +647,10 @@ class Guard:
         s = self.settings
         keep = max(s.drain_rate_window_s, s.breaker_window_s)
         self.drains = [(t, n) for t, n in self.drains if t > now_s - keep]
-        self.steers = [(t, n) for t, n in self.steers if t > now_s - s.steer_rate_window_s]
+        self.advised_drains = [(t, n) for t, n in self.advised_drains if t > now_s - keep]
+        steer_s = s.steer_rate_window_s
+        self.steers = [(t, n) for t, n in self.steers if t > now_s - steer_s]
+        self.advised_steers = [(t, n) for t, n in self.advised_steers if t > now_s - steer_s]
 
     # -- the reset ------------------------------------------------------------------------------
 
@@ -696,13 +722,14 @@ class Guard:
         elif isinstance(intent, DrainNode | ResumeNode | SetNodeWeight | SetNodeFeatures):
             k = int(self.nodes.slots(np.array([intent.node]))[0])
             self.nodes["last_change_s"][k] = now_s
+            applied = action.outcome is Outcome.APPLIED
             if isinstance(intent, DrainNode):
                 self.nodes["drained_s"][k] = now_s
-                self.drains.append((now_s, intent.node))
+                (self.drains if applied else self.advised_drains).append((now_s, intent.node))
             elif isinstance(intent, ResumeNode):
                 self.nodes["drained_s"][k] = np.nan
             else:
-                self.steers.append((now_s, intent.node))
+                (self.steers if applied else self.advised_steers).append((now_s, intent.node))
             if isinstance(intent, SetNodeWeight):
                 found = int(self.nodes["found_weight"][k])
                 if found >= 0 and intent.weight == found:
@@ -718,6 +745,8 @@ class Guard:
             "nodes": self.nodes.to_dict(),
             "drains": [[t, n] for t, n in self.drains],
             "steers": [[t, n] for t, n in self.steers],
+            "advised_drains": [[t, n] for t, n in self.advised_drains],
+            "advised_steers": [[t, n] for t, n in self.advised_steers],
             "breaker": self.breaker.to_dict(),
         }
 
@@ -730,6 +759,9 @@ class Guard:
         self.nodes.load_dict(data.get("nodes", {}))
         self.drains = [(float(t), str(n)) for t, n in data.get("drains", [])]
         self.steers = [(float(t), str(n)) for t, n in data.get("steers", [])]
+        # Saved before advice was told apart: every drain and change counted as live.
+        self.advised_drains = [(float(t), str(n)) for t, n in data.get("advised_drains", [])]
+        self.advised_steers = [(float(t), str(n)) for t, n in data.get("advised_steers", [])]
         self.breaker = BreakerState.from_dict(data.get("breaker", {}))
 
     def stamp_cap_jobs(self, snapshot: Snapshot, asserted: BoolArray) -> None:
