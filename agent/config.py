@@ -34,6 +34,7 @@ from agent.core.dcgm import (
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.snapshot import Metric
+from agent.core.urls import check_http_url
 from agent.observe.promql import check_label_name, check_metric_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
@@ -175,6 +176,13 @@ def _dcgm_metric_names() -> dict[Metric, str]:
 
 class PrometheusConfig(_Section):
     url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        check_http_url(value, "must be a URL")
+        return value
+
     timeout_s: float = Field(10.0, gt=0, description="Per-query timeout (s).")
     retries: int = Field(2, ge=0, le=10, description="Retries per query on connection errors.")
     scrape_interval_s: float = Field(15.0, gt=0, description="The exporters' scrape interval (s).")

@@ -195,6 +195,21 @@ def test_label_group_budgets_are_checked(text: str, expected: str) -> None:
         ("[orient.forecast]\ncoverage = nan", "orient.forecast.coverage: Input should be a finite"),
         ("[actuators.slurm]\ntimeout_s = true", "actuators.slurm.timeout_s: Input should be a"),
         ("[rollout]\nnotify_during_freeze = 1", "rollout.notify_during_freeze: Input should be"),
+        # URLs: a template's placeholder left in, no host, a port out of range, another scheme.
+        (
+            "[source.prometheus]\nurl = 'http://<prometheus>:9090'",
+            "source.prometheus.url: must be a URL: '<prometheus>' is not a host",
+        ),
+        (
+            "[source.prometheus]\nurl = 'http://'",
+            "source.prometheus.url: must be a URL: no host in",
+        ),
+        ("[source.prometheus]\nurl = 'http://p:99999'", "the port in 'http://p:99999' is not"),
+        ("[source.prometheus]\nurl = 'prom:9090'", "expected an http:// or https:// URL"),
+        (
+            "[actuators.node]\ntoken_file = '/t'\nendpoint_template = 'https://<{node}>:9440'",
+            "is not a host name or an IP address",
+        ),
     ],
 )
 def test_values_that_only_looked_valid_are_refused(text: str, expected: str) -> None:
@@ -219,6 +234,9 @@ def test_plain_values_still_read() -> None:
         )
     )
     assert config.actuators.slurm.bin_dir == Path("/usr/bin")
+    for url in ("http://127.0.0.1:9090", "https://prom.example.com/x", "http://[::1]:9090",
+                "http://prom_1:9090"):  # fmt: skip
+        parse_config({"source": {"prometheus": {"url": url}}})
     assert config.orient.forecast.horizons_s == (60.0, 300.0)
 
 

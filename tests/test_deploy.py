@@ -249,11 +249,16 @@ def test_example_configs_are_valid(tmp_path: Path) -> None:
         text = example.read_text()
         path = example
         if "<cluster-name>" in text:
-            # A template: refused until its cluster name is filled in, then valid.
-            with pytest.raises(ConfigError, match=r"cluster\.name: must be a plain name"):
+            # A template: refused, naming each placeholder, until they are filled in; then valid.
+            with pytest.raises(ConfigError) as refused:
                 load_config(example)
+            assert "cluster.name: must be a plain name" in str(refused.value)
+            assert "source.prometheus.url: must be a URL: '<prometheus>' is not a host" in str(
+                refused.value
+            )
             path = tmp_path / example.name
-            path.write_text(text.replace('"<cluster-name>"', '"gpu-a"'))
+            filled = text.replace('"<cluster-name>"', '"gpu-a"')
+            path.write_text(filled.replace("<prometheus>", "prometheus.example.com"))
         config = load_config(path)
         assert config.dry_run, f"{example}: examples start in dry-run"
     twin = load_config(DEPLOY / "examples" / "twin.toml")

@@ -38,6 +38,7 @@ from agent.core.errors import ConfigError
 from agent.core.intents import GpuTargets
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult, GpuLimits
+from agent.core.urls import check_http_url
 
 log = structlog.get_logger("ooda.act.node")
 
@@ -142,8 +143,8 @@ def _check_endpoint(url: str, what: str) -> None:
         )
     if parts.scheme == "unix" and not parts.path:
         raise ValueError(f"{what}: a unix endpoint needs a path, e.g. unix:///run/ooda/node.sock")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError(f"{what}: no host in {url!r}")
+    if parts.scheme != "unix":
+        check_http_url(url, what)
 
 
 class _NodeError(Exception):
