@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agent.core.errors import TelemetryError, TraceError
-from agent.core.snapshot import Metric, build_snapshot
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.observe.openmetrics import write_openmetrics
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.observe.record import record_prometheus
@@ -229,6 +230,13 @@ def test_steps_must_move_forward(tmp_path: Path) -> None:
         w.append(_snap(5, [1.0]))
 
 
+def _round_trip(path: Path, snap: Snapshot) -> Snapshot:
+    """`snap` written as a one-step trace and read back."""
+    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=METRICS) as w:
+        w.append(snap)
+    return TraceReader(path).snapshot(0)
+
+
 def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
     """A GPU not seen yet at a step (age NaN) is left out of that step's Snapshot."""
     path = tmp_path / "t.parquet"
@@ -243,49 +251,59 @@ def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
         age_s=[0.0, math.nan],
         stale=[False, True],
     )
-    with TraceWriter(path, time_base="twin", step_s=1, source={}, metrics=METRICS) as w:
-        w.append(snap)
-    back = TraceReader(path).snapshot(0)
+    back = _round_trip(path, snap)
     assert list(back.uuid) == ["u1"] and list(back.node_names) == ["a"]
 
 
-class _FakeRange:
-    """Range-query answers for GPUs of node n1 (by index) and a budget signal, a point per step
-    from T0."""
+def _on_n1(*indexes: str) -> list[tuple[dict[str, str], Callable[[int], bool]]]:
+    """GPUs of node n1 by index, live at every step."""
+    ident = {"Hostname": "n1", "modelName": "NVIDIA H100 80GB HBM3"}
+    return [({**ident, "gpu": i, "UUID": f"U{i}"}, lambda k: True) for i in indexes]
+
+
+class _RangeAnswers:
+    """Range-query answers, a point per step from T0 within the range asked: the live query's
+    from `series` (each one's labels, and the steps it is live at), 300 W for every live GPU
+    from the field query, and the budget signal (one value per step)."""
 
     T0 = 1_700_000_040.0
-    MODEL = "NVIDIA H100 80GB HBM3"
 
-    def __init__(self, budget: list[str], gpus: tuple[str, ...] = ("0",)) -> None:
+    def __init__(
+        self,
+        series: list[tuple[dict[str, str], Callable[[int], bool]]],
+        budget: Sequence[str] = (),
+    ) -> None:
+        self.series = series
         self.budget = budget
-        self.gpus = gpus
 
-    def custom_query_range(self, query: str, **_: object) -> list[dict[str, object]]:
-        times = [self.T0 + 15 * i for i in range(len(self.budget))]
+    def custom_query_range(
+        self, query: str, *, start_time: Any, end_time: Any, **_: object
+    ) -> list[dict[str, object]]:
+        first = round((start_time.timestamp() - self.T0) / 15)
+        steps = range(first, round((end_time.timestamp() - self.T0) / 15) + 1)
+
+        def t(k: int) -> float:
+            return self.T0 + 15 * k
+
         if "facility_budget" in query:
-            points = [[t, b] for t, b in zip(times, self.budget, strict=True)]
+            points = [[t(k), self.budget[k]] for k in steps if k < len(self.budget)]
             return [{"metric": {}, "values": points}]
-        if "timestamp(" in query:
-            seen = [[t, str(t - 1)] for t in times]
-            return [
-                {
-                    "metric": {
-                        "Hostname": "n1",
-                        "gpu": i,
-                        "UUID": f"U{i}",
-                        "modelName": self.MODEL,
-                    },
-                    "values": seen,
-                }
-                for i in self.gpus
-            ]
-        return [
-            {
-                "metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": i},
-                "values": [[t, "300"] for t in times],
-            }
-            for i in self.gpus
-        ]
+        out: list[dict[str, object]] = []
+        for labels, live in self.series:
+            ks = [k for k in steps if live(k)]
+            if not ks:
+                continue
+            if "timestamp(" in query:  # each step's sample, taken a second before it
+                out.append({"metric": labels, "values": [[t(k), str(t(k) - 1)] for k in ks]})
+            else:
+                field = {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": labels["Hostname"]}
+                out.append(
+                    {
+                        "metric": field | {"gpu": labels["gpu"]},
+                        "values": [[t(k), "300"] for k in ks],
+                    }
+                )
+        return out
 
     def close(self) -> None:
         pass
@@ -296,10 +314,10 @@ def test_recorded_budget_is_screened_as_the_live_source_screens_it(tmp_path: Pat
     recorded from the same Prometheus holds none there either (replay would see 0 W)."""
     source = PrometheusSource(
         PrometheusSettings(scrape_interval_s=15, budget_query="facility_budget"),
-        client=_FakeRange(["5000", "0", "-1", "NaN", "+Inf"]),  # type: ignore[arg-type]
+        client=_RangeAnswers(_on_n1("0"), ["5000", "0", "-1", "NaN", "+Inf"]),  # type: ignore[arg-type]
     )
     path = tmp_path / "t.parquet"
-    t0 = _FakeRange.T0
+    t0 = _RangeAnswers.T0
     metrics = list(source.value_metrics.values())
     with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
         record_prometheus(source, w, start_s=t0, end_s=t0 + 60, step_s=15)
@@ -327,10 +345,7 @@ def test_a_value_the_column_cannot_hold_is_missing_not_another_number(tmp_path: 
         age_s=[0.0, 0.0, 0.0],
         stale=[False, False, False],
     )
-    path = tmp_path / "t.parquet"
-    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=METRICS) as w:
-        w.append(snap)
-    back = TraceReader(path).snapshot(0)
+    back = _round_trip(tmp_path / "t.parquet", snap)
     np.testing.assert_array_equal(back.column(Metric.POWER_W)[0], [np.nan, 300.0, np.nan])
     np.testing.assert_array_equal(
         back.column(Metric.POWER_LIMIT_W)[0], [2_147_483.0, np.nan, -2_147_483.0]
@@ -362,10 +377,10 @@ def test_a_gpu_index_the_gpu_column_cannot_hold_is_refused_not_wrapped(tmp_path:
 def test_the_recorder_leaves_out_a_gpu_index_a_trace_cannot_hold(tmp_path: Path) -> None:
     """A series with gpu="40000" is as unusable as one without an index: the other GPUs are
     recorded, and no index is wrapped to another."""
-    fake: Any = _FakeRange(["1"] * 3, gpus=("0", "40000"))
+    fake: Any = _RangeAnswers(_on_n1("0", "40000"))
     source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
     path = tmp_path / "t.parquet"
-    t0 = _FakeRange.T0
+    t0 = _RangeAnswers.T0
     metrics = list(source.value_metrics.values())
     with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
         record_prometheus(source, w, start_s=t0, end_s=t0 + 30, step_s=15)
@@ -450,41 +465,15 @@ def test_versions_read_and_refused(tmp_path: Path, version: int, readable: bool)
             TraceReader(path)
 
 
-class _RackedRange:
-    """Range answers for two GPUs of node n1 carrying a `rack` label: GPU 0 live throughout,
-    moved from rack r1 to r9 at step 30; GPU 1 (rack r2) live until step 58, then silent."""
-
-    T0 = 1_700_000_040.0
-
-    def custom_query_range(
-        self, query: str, *, start_time: Any, end_time: Any, **_: object
-    ) -> list[dict[str, object]]:
-        first = round((start_time.timestamp() - self.T0) / 15)
-        last = round((end_time.timestamp() - self.T0) / 15)
-        steps = range(first, last + 1)
-
-        def t(k: int) -> float:
-            return self.T0 + 15 * k
-
-        if "timestamp(" in query:
-            ident = {"Hostname": "n1", "modelName": "m"}
-            series = [
-                ({**ident, "gpu": "0", "UUID": "U0", "rack": "r1"}, [k for k in steps if k < 30]),
-                ({**ident, "gpu": "0", "UUID": "U0", "rack": "r9"}, [k for k in steps if k >= 30]),
-                ({**ident, "gpu": "1", "UUID": "U1", "rack": "r2"}, [k for k in steps if k <= 58]),
-            ]
-            return [
-                {"metric": m, "values": [[t(k), str(t(k) - 1)] for k in ks]}
-                for m, ks in series
-                if ks
-            ]
-        return [
-            {
-                "metric": {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": "n1", "gpu": g},
-                "values": [[t(k), "300"] for k in steps if g == "0" or k <= 58],
-            }
-            for g in ("0", "1")
-        ]
+def _racked() -> list[tuple[dict[str, str], Callable[[int], bool]]]:
+    """Two GPUs of node n1 carrying a `rack` label: GPU 0 live throughout, moved from rack r1 to
+    r9 at step 30; GPU 1 (rack r2) live until step 58, then silent."""
+    ident = {"Hostname": "n1", "modelName": "m"}
+    return [
+        ({**ident, "gpu": "0", "UUID": "U0", "rack": "r1"}, lambda k: k < 30),
+        ({**ident, "gpu": "0", "UUID": "U0", "rack": "r9"}, lambda k: k >= 30),
+        ({**ident, "gpu": "1", "UUID": "U1", "rack": "r2"}, lambda k: k <= 58),
+    ]
 
 
 def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
@@ -492,9 +481,9 @@ def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
     its step), and a GPU gone silent keeps its last label while it is stale, across chunks, as the
     live source keeps a stale GPU's labels from its inventory."""
     settings = PrometheusSettings(scrape_interval_s=15, extra_labels=("rack",))
-    source = PrometheusSource(settings, client=_RackedRange())  # type: ignore[arg-type]
+    source = PrometheusSource(settings, client=_RangeAnswers(_racked()))  # type: ignore[arg-type]
     path = tmp_path / "t.parquet"
-    t0 = _RackedRange.T0
+    t0 = _RangeAnswers.T0
     metrics = list(source.value_metrics.values())
     with TraceWriter(
         path, time_base="unix", step_s=15, source={}, metrics=metrics, labels=["rack"]
@@ -509,42 +498,23 @@ def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
     assert list(snaps[69].stale) == [False, True]
 
 
-class _MovedRange:
-    """Range answers for GPU U0, on node n1 until step 29 and on node n2 from step 30 (moved),
-    and GPU U1 on n1 throughout."""
-
-    T0 = 1_700_000_040.0
-
-    def custom_query_range(
-        self, query: str, *, start_time: Any, end_time: Any, **_: object
-    ) -> list[dict[str, object]]:
-        first = round((start_time.timestamp() - self.T0) / 15)
-        last = round((end_time.timestamp() - self.T0) / 15)
-        where = [("n1", "0", "U0", lambda k: k < 30), ("n2", "0", "U0", lambda k: k >= 30),
-                 ("n1", "1", "U1", lambda k: True)]  # fmt: skip
-        out: list[dict[str, object]] = []
-        for host, g, uuid, live in where:
-            ks = [k for k in range(first, last + 1) if live(k)]
-            if not ks:
-                continue
-            if "timestamp(" in query:
-                metric = {"Hostname": host, "gpu": g, "UUID": uuid, "modelName": "m"}
-                out.append({"metric": metric, "values": [[self.T0 + 15 * k, "1"] for k in ks]})
-            else:
-                metric = {"__name__": "DCGM_FI_DEV_POWER_USAGE", "Hostname": host, "gpu": g}
-                out.append({"metric": metric, "values": [[self.T0 + 15 * k, "300"] for k in ks]})
-        if "timestamp(" in query:  # sample times: the step's own
-            for series in out:
-                series["values"] = [[t, str(t - 1)] for t, _ in series["values"]]  # type: ignore[attr-defined]
-        return out
+def _moved() -> list[tuple[dict[str, str], Callable[[int], bool]]]:
+    """GPU U0 on node n1 until step 29 and on node n2 from step 30 (moved); U1 on n1 throughout."""
+    return [
+        ({"Hostname": "n1", "gpu": "0", "UUID": "U0", "modelName": "m"}, lambda k: k < 30),
+        ({"Hostname": "n2", "gpu": "0", "UUID": "U0", "modelName": "m"}, lambda k: k >= 30),
+        ({"Hostname": "n1", "gpu": "1", "UUID": "U1", "modelName": "m"}, lambda k: True),
+    ]
 
 
 def test_the_recorder_keeps_a_moved_gpu_once(tmp_path: Path) -> None:
     """A GPU that moved host is one GPU at every step, within a chunk and across chunks: its old
     key, stale, is left out wherever its new one is fresh."""
-    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=_MovedRange())  # type: ignore[arg-type]
+    source = PrometheusSource(
+        PrometheusSettings(scrape_interval_s=15), client=_RangeAnswers(_moved())
+    )  # type: ignore[arg-type]
     path = tmp_path / "t.parquet"
-    t0 = _MovedRange.T0
+    t0 = _RangeAnswers.T0
     metrics = list(source.value_metrics.values())
     with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
         record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * 69, step_s=15, max_points=40)
