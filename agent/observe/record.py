@@ -168,13 +168,16 @@ def _block(
     order = np.argsort(live.values[hit], kind="stable")  # newest last: it wins the assignment
     r, c = row[hit][order], col[hit][order]
     sample[r, c] = live.values[hit][order]
-    job[r, c] = live.labels[s.job_label][live.series[hit][order]]
-    labels = {
-        x: _carried_forward(live.labels[x][live.series[hit][order]], r, c, nt, np.concatenate(
-            [np.full(pick.size, "", dtype=np.str_), seen.labels[x][carried]]
-        ))
-        for x in s.extra_labels
-    }  # fmt: skip
+    series = live.series[hit][order]
+    job[r, c] = live.labels[s.job_label][series]
+    labels: dict[str, StrArray] = {}
+    if s.extra_labels:  # each GPU's last live step so far: the same for every label
+        present = np.zeros((nt, n), dtype=bool)
+        present[r, c] = True
+        last_live = np.maximum.accumulate(np.where(present, np.arange(nt)[:, None], -1), axis=0)
+    for x in s.extra_labels:
+        before = np.concatenate([np.full(pick.size, "", dtype=np.str_), seen.labels[x][carried]])
+        labels[x] = _carried_forward(live.labels[x][series], r, c, last_live, before)
 
     # Age: time since the newest sample so far (carried in from earlier chunks).
     prior = np.full(n, -np.inf)
@@ -210,7 +213,7 @@ def _block(
         model=np.concatenate([model, seen.model[keep]])[recent],
         last_s=np.concatenate([last_s, seen.last_s[keep]])[recent],
         labels={
-            x: np.concatenate([grid[-1] if nt else grid[:0, 0], seen.labels[x][keep]])[recent]
+            x: np.concatenate([grid[-1], seen.labels[x][keep]])[recent]  # a chunk has a step
             for x, grid in labels.items()
         },
     )
@@ -244,15 +247,13 @@ def _moved_unseen(uuid: StrArray, stale: npt.NDArray[np.bool_], age: FloatArray)
 
 
 def _carried_forward(
-    values: StrArray, rows: IntArray, cols: IntArray, nt: int, before: StrArray
+    values: StrArray, rows: IntArray, cols: IntArray, last_live: IntArray, before: StrArray
 ) -> StrArray:
     """A label per (step, GPU): the value of each GPU's live sample at a step, and where it has
-    none (stale), its value at its last live step, else `before` (what an earlier chunk saw), as
-    the live source keeps a stale GPU's labels from its inventory."""
-    n = before.size
-    grid = np.full((nt, n), "", dtype=np.result_type(values.dtype, before.dtype, np.str_))
+    none (stale), its value at its last live step (`last_live`, -1: none yet), else `before`
+    (what an earlier chunk saw), as the live source keeps a stale GPU's labels from its
+    inventory."""
+    grid = np.full(last_live.shape, "", dtype=np.result_type(values.dtype, before.dtype, np.str_))
     grid[rows, cols] = values
-    present = np.zeros((nt, n), dtype=bool)
-    present[rows, cols] = True
-    last = np.maximum.accumulate(np.where(present, np.arange(nt)[:, None], -1), axis=0)
-    return np.where(last >= 0, grid[np.maximum(last, 0), np.arange(n)], before[None, :])
+    at_last = grid[np.maximum(last_live, 0), np.arange(before.size)]
+    return np.where(last_live >= 0, at_last, before[None, :])
