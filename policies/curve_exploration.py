@@ -290,7 +290,7 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             own = curves.cap_draw_frac[rows]
             if share_lo is not None:
                 k = np.fmax(k, np.where(np.isfinite(share_lo) & (share_lo < 1.0), share_lo, k))
-            k = np.where(np.isfinite(own) & (own < 1.0) & (own > 0.5), own, k)
+            k = slowdown_cap_draw_frac(own, fallback=k)
         keep = 1.0 - s.max_slowdown_frac
         p_cons = power_for_throughput(keep, natural, CONSERVATIVE_A, CONSERVATIVE_B)
         p_own = power_for_throughput(keep, natural, curves.a[rows], curves.b[rows])

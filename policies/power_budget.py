@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from agent.core.curves import allocate_power
+from agent.core.curves import allocate_power, known_natural_w
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
 from agent.core.situation import Situation
@@ -117,9 +117,8 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             budget * (1.0 - s.margin_frac) - situation.overhead_w - stale_w - unbounded_w - noise_w
         )
 
-        # A busy GPU whose natural draw is unknown counts as drawing all its maximum cap allows
-        # (as allocate_power does): a NaN here would uncap the fleet.
-        natural_w = np.where(np.isfinite(curves.natural_w), curves.natural_w, situation.max_cap_w)
+        # A busy GPU whose natural draw is unknown counts at its max cap, as in allocate_power.
+        natural_w = known_natural_w(curves.natural_w, situation.max_cap_w)
         natural = np.where(busy, natural_w, 0.0)
         draw = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
         learned_reserve = situation.arrival_reserve_w

@@ -36,9 +36,11 @@ def _as_f64(value: npt.ArrayLike) -> FloatArray:
     return np.asarray(value, dtype=np.float64)
 
 
-def slowdown_cap_draw_frac(cap_draw_frac: npt.ArrayLike) -> FloatArray:
+def slowdown_cap_draw_frac(
+    cap_draw_frac: npt.ArrayLike, fallback: npt.ArrayLike = LOWEST_CAP_DRAW_FRAC
+) -> FloatArray:
     """Per GPU, the share of its cap to assume when a cap must keep a bound on slowdown: the
-    learned share where there is one, else LOWEST_CAP_DRAW_FRAC.
+    learned share where there is one, else `fallback` (LOWEST_CAP_DRAW_FRAC).
 
     Where no share is learned, orient hands out 1.0 (a capped GPU draws its whole cap: the safe
     end for a power budget). For a slowdown bound that is the unsafe end: a cap aimed at a draw
@@ -48,7 +50,14 @@ def slowdown_cap_draw_frac(cap_draw_frac: npt.ArrayLike) -> FloatArray:
     k = _as_f64(cap_draw_frac)
     with np.errstate(invalid="ignore"):
         learned = np.isfinite(k) & (k > 0.5) & (k < 1.0)
-    return np.asarray(np.where(learned, k, LOWEST_CAP_DRAW_FRAC), dtype=np.float64)
+    return np.asarray(np.where(learned, k, fallback), dtype=np.float64)
+
+
+def known_natural_w(natural_w: npt.ArrayLike, max_cap_w: npt.ArrayLike) -> FloatArray:
+    """Per GPU, its natural draw, or where that is unknown (NaN) the most it may draw (its max
+    cap): a NaN would make every sum over the fleet NaN, and a budget split end at "no cap"."""
+    natural = _as_f64(natural_w)
+    return np.asarray(np.where(np.isfinite(natural), natural, max_cap_w), dtype=np.float64)
 
 
 def throughput_at_power(
@@ -131,9 +140,7 @@ def allocate_power(
     lo_cap = np.broadcast_to(_as_f64(min_cap_w), (n,))
     hi_cap = np.broadcast_to(_as_f64(max_cap_w), (n,))
     w = np.ones(n) if weight is None else np.broadcast_to(_as_f64(weight), (n,))
-    # Unknown natural draw: the most the GPU may draw (a NaN would make every sum NaN, and the
-    # bisection would end at "no cap anywhere").
-    natural = np.where(np.isfinite(natural), natural, hi_cap)
+    natural = known_natural_w(natural, hi_cap)
 
     # The natural draw can exceed what the maximum cap allows.
     p_hi = np.minimum(natural, k * hi_cap)
