@@ -485,27 +485,23 @@ class Twin:
         ceiling = np.where(
             self.spike_w > 0, np.maximum(self.enforced_w, self.max_w), self.enforced_w
         )
-        power = np.minimum(mean_power * noise + self.spike_w, ceiling)
-        power = np.where(
-            working | (self.spike_w > 0), power, model.idle_w * (1 + 0.01 * (noise - 1))
-        )
+        self.throttled = self.temp_c >= model.slowdown_temp_c
+        spiking = self.spike_w > 0
+
+        def draw(noise: FloatArray | float) -> FloatArray:
+            """The draw at a sampling noise (1.0: none, the level it scatters about)."""
+            power = np.minimum(mean_power * noise + self.spike_w, ceiling)
+            power = np.where(working | spiking, power, model.idle_w * (1 + 0.01 * (noise - 1)))
+            return np.maximum(np.where(self.throttled, power * THROTTLE_POWER, power), 0.0)
+
+        self.power_w = draw(noise)
+        self.noise_free_power_w = draw(1.0)
 
         under_cap = throughput_at_power(mean_power, natural_eff, a, b)
         self.cap_slowdown = np.where(working, 1.0 - under_cap, 0.0)
         tput = np.where(working, under_cap * ramp, 0.0)
         tput *= straggle
-        self.throttled = self.temp_c >= model.slowdown_temp_c
         tput = np.where(self.throttled, tput * THROTTLE_THROUGHPUT, tput)
-        power = np.where(self.throttled, power * THROTTLE_POWER, power)
-        self.power_w = np.maximum(power, 0.0)
-        level = np.where(
-            working | (self.spike_w > 0),
-            np.minimum(mean_power + self.spike_w, ceiling),
-            model.idle_w,
-        )
-        self.noise_free_power_w = np.maximum(
-            np.where(self.throttled, level * THROTTLE_POWER, level), 0.0
-        )
         self.throughput = tput
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
