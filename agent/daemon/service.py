@@ -53,7 +53,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
-from agent.config import Config, audit_path, force_dry_run, load_config, state_dir
+from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.intents import GpuTargets, ReleasePowerCap
@@ -170,9 +170,6 @@ class Daemon:
         if self.options.state_dir is not None:
             daemon = config.daemon.model_copy(update={"state_dir": self.options.state_dir})
             config = config.model_copy(update={"daemon": daemon})
-        # Resolved once here (a relative one lives with the state), as every command does.
-        audit_cfg = config.audit.model_copy(update={"path": audit_path(config)})
-        config = config.model_copy(update={"audit": audit_cfg})
         if self.options.force_dry_run:
             config = force_dry_run(config)
         return config
