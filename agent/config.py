@@ -110,7 +110,7 @@ class ClusterConfig(_Section):
         "relabelling), instead of node lists; read with each GPU's identity. A GPU without it "
         "is in no such group, and each cycle says how many.",
     )
-    label_budgets_w: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+    label_budgets_w: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Budget (W) per value of group_label."
     )
     job_priority: dict[str, int] = Field(
@@ -299,7 +299,6 @@ class DaemonConfig(_Section):
         15.0,
         gt=0,
         le=MAX_INTERVAL_S,
-        allow_inf_nan=False,
         description="Seconds between cycles (at most a day).",
     )
     state_dir: Path | None = Field(
@@ -329,7 +328,6 @@ class DaemonConfig(_Section):
         None,
         gt=0,
         le=MAX_INTERVAL_S,
-        allow_inf_nan=False,
         description="A cycle that cannot start within this of its time is skipped and reported "
         "(s, at most a day; default: one interval).",
     )

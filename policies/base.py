@@ -15,13 +15,14 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_chec
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.core.intents import Intent
+from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import Situation
 
 
 class PolicySettings(BaseModel):
     """Base of every policy's settings: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     enabled: bool = Field(True, description="Run this policy.")
     dry_run: bool | None = Field(
@@ -35,7 +36,8 @@ class PolicyMemory(BaseModel):
     A remembered time is a field named `*_s` (a number, or a dict or list of them, also inside
     nested models): `clock_went_back` relies on that."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # Memory, not settings: restored from saved JSON, so lax types (a list back to a tuple).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def clock_went_back(self, now_s: float) -> Self:
         """A copy whose remembered times later than `now_s` are `now_s`: after the clock jumped

@@ -59,7 +59,8 @@ class CurveExplorationSettings(PolicySettings):
 
 
 class Exploring(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # Memory, not settings: restored from saved JSON, so lax types (a list back to a tuple).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     job: str
     uuid: str

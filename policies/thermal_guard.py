@@ -52,7 +52,8 @@ class ThermalGuardSettings(PolicySettings):
 
 
 class HeldGpu(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # Memory, not settings: restored from saved JSON, so lax types (a list back to a tuple).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cap_w: float
     last_step_s: float

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from agent.act.rollout import Rollout
 from agent.core.intents import (
@@ -57,6 +57,7 @@ from agent.core.intents import (
     Severity,
 )
 from agent.core.keyed import KeyedColumns, LastRowIndex, RowIndex
+from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 
@@ -70,7 +71,7 @@ _OURS = {True: "our_cap_w", False: "live_cap_w"}  # counting recorded caps as ou
 
 
 class GuardSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     cap_cooldown_s: float = Field(
         60.0, ge=0.0, description="Least time between two raises of one GPU's cap (s)."

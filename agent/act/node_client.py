@@ -31,13 +31,14 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
 from agent.core.intents import GpuTargets
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult, GpuLimits
+from agent.core.settings import STRICT_SETTINGS
 from agent.core.urls import check_http_url
 
 log = structlog.get_logger("ooda.act.node")
@@ -53,7 +54,7 @@ _SCHEMES = ("unix", "http", "https")
 class NodeClientSettings(BaseModel):
     """How the agent reaches the node daemons (config section `[actuators.node]`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     endpoints: dict[str, str] = Field(
         default_factory=dict,

@@ -24,11 +24,12 @@ from typing import Any, Literal
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ActuatorError
 from agent.core.intents import Notify, jsonable, strict_json
+from agent.core.settings import STRICT_SETTINGS
 
 log = structlog.get_logger("ooda.act.notify")
 
@@ -38,7 +39,7 @@ MAX_EVIDENCE_CHARS = 4000
 class NotifySettings(BaseModel):
     """`[actuators.notify]`: where Notify intents go."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     kind: Literal["none", "alertmanager", "webhook"] = Field(
         "none", description="Alertmanager's v2 API, a generic JSON webhook, or nowhere."

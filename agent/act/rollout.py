@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import hostlist
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from agent.core.clock import Clock
 from agent.core.intents import (
@@ -42,6 +42,7 @@ from agent.core.intents import (
     SetNodeWeight,
     SetPowerCap,
 )
+from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import NodeStates
 
 BoolArray = npt.NDArray[np.bool_]
@@ -192,7 +193,7 @@ def _check_node_list(value: str | list[str]) -> None:
 class RolloutSettings(BaseModel):
     """`[rollout]`: advise-only per actuator kind, the scope, freeze windows."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     caps: Mode = Field("live", description="GPU power caps: live (follow dry_run) or advisory.")
     drains: Mode = Field("live", description="Node drains and resumes: live or advisory.")

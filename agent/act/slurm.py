@@ -60,10 +60,11 @@ from typing import Any
 import hostlist
 import numpy as np
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from agent.core.errors import ActuatorError
 from agent.core.jobs import NO_GPU, JobState, JobTable
+from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import NodeStates
 
 log = structlog.get_logger("ooda.act.slurm")
@@ -97,7 +98,7 @@ _STATES = {
 class SlurmSettings(BaseModel):
     """`[actuators.slurm]`: where Slurm is and how the agent maps it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT_SETTINGS
 
     slurm_conf: Path | None = Field(
         None,
