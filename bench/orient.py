@@ -152,6 +152,11 @@ def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
     }
 
 
+def _mase(pred: np.ndarray, actual: np.ndarray, t: np.ndarray, h: int) -> float:
+    """The forecast's absolute error over persistence's, `h` steps ahead of the steps `t`."""
+    return float(np.abs(pred - actual[t + h]).sum() / np.abs(actual[t] - actual[t + h]).sum())
+
+
 def mase(data: dict[str, Any], warmup_frac: float) -> list[dict[str, Any]]:
     out = []
     act, fc = data["node_act"], data["node_fc"]
@@ -160,12 +165,11 @@ def mase(data: dict[str, Any], warmup_frac: float) -> list[dict[str, Any]]:
     for i, h_s in enumerate(data["horizons_s"]):
         h = round(h_s / data["interval_s"])
         t = np.arange(first, len(act) - h)
-        node = np.abs(fc[t, :, i] - act[t + h]).sum() / np.abs(act[t] - act[t + h]).sum()
-        fleet = np.abs(ff[t, i] - fa[t + h]).sum() / np.abs(fa[t] - fa[t + h]).sum()
+        node = _mase(fc[t, :, i], act, t, h)
+        fleet = _mase(ff[t, i], fa, t, h)
         inside = (fa[t + h] >= data["fleet_lo"][t, i]) & (fa[t + h] <= data["fleet_hi"][t, i])
-        ne, fe = data["node_exact"], data["fleet_exact"]
-        exact_node = np.abs(ne[t] - act[t + h]).sum() / np.abs(act[t] - act[t + h]).sum()
-        exact_fleet = np.abs(fe[t] - fa[t + h]).sum() / np.abs(fa[t] - fa[t + h]).sum()
+        exact_node = _mase(data["node_exact"][t], act, t, h)
+        exact_fleet = _mase(data["fleet_exact"][t], fa, t, h)
         out.append(
             {
                 "horizon_min": h_s / 60.0,
