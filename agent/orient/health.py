@@ -231,7 +231,7 @@ class HealthClassifier:
         st["xid_since"][done] = np.nan
         st["xid_after"][done] = 0
         reset_rows = np.zeros(slot.shape[0], dtype=bool)
-        reset_rows[np.flatnonzero(ok)] = reset
+        reset_rows[ok] = reset
         return reset_rows
 
     def _update_ecc(
@@ -249,7 +249,7 @@ class HealthClassifier:
         rose = np.where(seen, cur > prev, cur > 0)
         fell = seen & (cur < prev)  # volatile counter cleared: the GPU was reset
         dbe_reset = np.zeros(slot.shape[0], dtype=bool)
-        dbe_reset[np.flatnonzero(dbe_ok)] = fell
+        dbe_reset[dbe_ok] = fell
         since = st["dbe_since"][s]
         since = np.where(fell, np.nan, np.where(rose & np.isnan(since), now, since))
         st["dbe_since"][s] = since
