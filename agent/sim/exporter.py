@@ -44,7 +44,7 @@ from agent.core.snapshot import Metric, Snapshot
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.faults import FaultKind
-from agent.sim.twin import TWIN_LABELS, Twin, TwinSpec
+from agent.sim.twin import PRIORITY_LABEL, Twin, TwinSpec
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -432,5 +432,5 @@ def dcgm_snapshot(twin: Twin, fields: Sequence[DcgmField]) -> Snapshot:
         age_s=age,
         stale=stale,
         budget_w=tw.budget_w(),
-        labels={TWIN_LABELS[0]: tw.job_priority().astype(np.str_)},
+        labels={PRIORITY_LABEL: tw.job_priority().astype(np.str_)},
     )

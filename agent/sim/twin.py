@@ -46,7 +46,8 @@ JOB_PENDING, JOB_RUNNING, JOB_DONE = 0, 1, 2
 
 
 # The labels the twin gives each GPU (Snapshot.labels): its job's priority class.
-TWIN_LABELS = ("priority",)
+PRIORITY_LABEL = "priority"
+TWIN_LABELS = (PRIORITY_LABEL,)
 
 
 @dataclass(frozen=True, slots=True)
