@@ -129,6 +129,11 @@ class Loop:
         """The last cycle's time, so a restart after the clock went back sees the jump."""
         return {"last_cycle_s": self._last_now}
 
+    @property
+    def last_cycle_s(self) -> float | None:
+        """The time of the last cycle (None: none yet)."""
+        return self._last_now
+
     def load_dict(self, data: Mapping[str, Any]) -> None:
         last = data.get("last_cycle_s")
         if last is not None and (
@@ -136,6 +141,19 @@ class Loop:
         ):
             raise ValueError(f"last_cycle_s: not a time: {last!r}")
         self._last_now = None if last is None else float(last)
+
+    def _adopt_pending(self, situation: Situation, now: float, errors: list[str]) -> None:
+        """Settle the cap changes a restart found in the audit log (agent.act.recovery)
+        against this cycle's telemetry, on the record."""
+        settled = self.guard.adopt_pending(situation, now)
+        if settled is None:
+            return
+        try:
+            with self.audit.batch():
+                self.audit.event("guard_caps_recovered", time_s=now, **settled)
+        except OSError as exc:
+            errors.append(f"audit log unwritable ({exc.strerror or exc}): caps recovered")
+        log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.items()})
 
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
@@ -278,6 +296,7 @@ class Loop:
 
         with stage("orient"):
             situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
+            self._adopt_pending(situation, now, errors)
             # What the agent itself set: policies undo only their own caps.
             situation = replace(
                 situation,

@@ -133,6 +133,8 @@ class GuardSettings(BaseModel):
 
 
 NOT_SEEN = "GPU not seen this cycle"
+# How long a cap change found after a crash (`pending`) waits for its GPU to be seen.
+PENDING_HOLD_S = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,9 @@ class Guard:
                 "found_weight": (np.int64, -1),  # the weight before our first change, -1: none
             }
         )
+        # Our cap changes the audit log holds after the last state save (agent.act.recovery),
+        # by GPU name ("node/gpuN"; NaN watts: a release): ours once telemetry shows them.
+        self.pending = KeyedColumns({"watts": (np.float64, np.nan), "time_s": (np.float64, 0.0)})
         self.breaker = BreakerState()
         self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while they stay
         self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
@@ -540,7 +545,11 @@ class Guard:
         now, so a cooldown lasts its length from the jump, not until the clock catches up hours
         later. Returns how far the newest remembered time was ahead (0: nothing was)."""
         ahead = 0.0
-        for cols, names in ((self.caps, ("last_change_s",)), (self.nodes, _NODE_TIMES)):
+        for cols, names in (
+            (self.caps, ("last_change_s",)),
+            (self.nodes, _NODE_TIMES),
+            (self.pending, ("time_s",)),
+        ):
             for name in names:
                 times = cols[name]
                 with np.errstate(invalid="ignore"):
@@ -738,6 +747,69 @@ class Guard:
                 elif found < 0 and id(intent) in self._found_pending:
                     self.nodes["found_weight"][k] = self._found_pending[id(intent)]
 
+    def remember_pending(
+        self,
+        names: npt.NDArray[np.str_],
+        watts: npt.NDArray[np.float64],
+        time_s: npt.NDArray[np.float64],
+    ) -> None:
+        """Cap changes of ours that may be in force (NaN watts: a release) but were never
+        saved as ours: `adopt_pending` settles them against telemetry."""
+        slots = self.pending.slots(names)
+        self.pending["watts"][slots] = watts
+        self.pending["time_s"][slots] = time_s
+
+    def adopt_pending(self, situation: Situation, now_s: float) -> dict[str, Any] | None:
+        """Settle the pending changes on GPUs seen fresh with a known cap: a cap in force as
+        we set it (within the dead band) becomes ours; a release found done (the GPU at its
+        default) ends our ownership; any other is not ours (never done, or changed since).
+        Pending changes older than `PENDING_HOLD_S` are given up. Returns the audit event's
+        fields, or None when nothing was settled."""
+        if len(self.pending) == 0:
+            return None
+        snap = situation.snapshot
+        watts, time_s = self.pending["watts"], self.pending["time_s"]
+        release = np.isnan(watts)
+        known = np.zeros(len(self.pending), dtype=bool)
+        in_force = known.copy()
+        row = np.full(len(self.pending), -1, dtype=np.int64)
+        if snap.n_gpus:
+            names = np.char.add(
+                snap.node_names[snap.node].astype(np.str_),
+                np.char.add("/gpu", snap.gpu.astype(np.str_)),
+            )
+            row = RowIndex(names).positions(self.pending.keys.astype(np.str_))
+            seen = row >= 0
+            at = np.where(seen, row, 0)
+            cap = situation.cap_w[at]
+            target = np.where(release, situation.default_cap_w[at], watts)
+            known = seen & snap.fresh[at] & np.isfinite(cap) & np.isfinite(target)
+            with np.errstate(invalid="ignore"):
+                in_force = known & (np.abs(cap - target) < self.settings.cap_dead_band_w)
+        given_up = ~known & (now_s - time_s > PENDING_HOLD_S)
+        if not (known.any() or given_up.any()):
+            return None
+        adopt = in_force & ~release
+        if adopt.any():
+            slots = self.caps.slots(snap.uuid[row[adopt]])
+            self.caps["our_cap_w"][slots] = watts[adopt]
+            self.caps["live_cap_w"][slots] = watts[adopt]
+            self.caps["last_change_s"][slots] = time_s[adopt]
+        ended = in_force & release
+        if ended.any():
+            pos, found = self.caps.lookup(snap.uuid[row[ended]])
+            self.caps["our_cap_w"][pos[found]] = np.nan
+            self.caps["live_cap_w"][pos[found]] = np.nan
+        names = self.pending.keys.astype(np.str_)
+        event = {
+            "adopted": names[adopt].tolist(),
+            "released": names[ended].tolist(),
+            "not_ours": names[known & ~in_force].tolist(),
+            "given_up": names[given_up].tolist(),
+        }
+        self.pending.retain(~(known | given_up))
+        return event
+
     def to_dict(self) -> dict[str, Any]:
         """Everything the guard remembers (ownership, cooldowns, the drain and weight/feature
         history of the rate limits, the circuit breaker), JSON-ready, for persistence."""
@@ -749,6 +821,7 @@ class Guard:
             "advised_drains": [[t, n] for t, n in self.advised_drains],
             "advised_steers": [[t, n] for t, n in self.advised_steers],
             "breaker": self.breaker.to_dict(),
+            "pending": self.pending.to_dict(),
         }
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
@@ -764,6 +837,7 @@ class Guard:
         self.advised_drains = [(float(t), str(n)) for t, n in data.get("advised_drains", [])]
         self.advised_steers = [(float(t), str(n)) for t, n in data.get("advised_steers", [])]
         self.breaker = BreakerState.from_dict(data.get("breaker", {}))
+        self.pending.load_dict(data.get("pending", {}))
 
     def stamp_cap_jobs(self, snapshot: Snapshot, asserted: BoolArray) -> None:
         """Per GPU a policy asked a cap for this cycle: the job it was chosen for."""

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import secrets
+import math
 import select
 import signal
 import sys
@@ -53,6 +54,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
+from agent.act.recovery import recover
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import BadInputError, ConfigError
@@ -376,6 +378,7 @@ class Daemon:
                 self.state_problems.extend(problems)
                 self.restored = True
                 self.metrics.publish_recommendations()
+                self._recover_unsaved(loaded.parts.get("loop"))
                 guard = self.runtime.loop.guard
                 log.info(
                     "state_restored",
@@ -387,6 +390,29 @@ class Daemon:
         for _ in self.state_problems:
             self.metrics.state_problems.inc()
         self.metrics.state_restored.set(1 if self.restored else 0)
+
+    def _recover_unsaved(self, loop_part: object) -> None:
+        """What the loop did after the saved cycle (a kill before the save), read back from
+        the audit log into the guard: see agent.act.recovery."""
+        audit_path = self.runtime.audit.path
+        if audit_path is None or not isinstance(loop_part, Mapping):
+            return
+        # Saved before its first cycle: every decision on record came after.
+        saved_s = self.runtime.loop.last_cycle_s
+        try:
+            found = recover(
+                self.runtime.loop.guard, audit_path, -math.inf if saved_s is None else saved_s
+            )
+        except OSError as exc:
+            problem = (
+                f"audit log {audit_path} unreadable: caps set after the last save are not "
+                f"known ({exc})"
+            )
+            self.state_problems.append(problem)
+            log.error("state_recovery_failed", problem=problem)
+            return
+        if found.records:
+            log.warning("state_recovered_from_audit", audit=str(audit_path), **found.as_dict())
 
     def save_state(self) -> bool:
         """Persist (atomically) what the agent must not forget. Call between cycles."""

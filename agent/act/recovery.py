@@ -1,0 +1,209 @@
+"""What a killed agent did after its last state save, found again in the audit log.
+
+The daemon saves what it owns after each cycle that acted. A kill between an actuator call and
+that save (SIGKILL, power lost) would forget caps it had set: nobody would ever release them.
+The audit log still has them, because every decision is fsynced before its actuator runs and
+every action right after. On start, the agent's records after the saved cycle (decisions timed
+after `last_cycle_s`, and the records of those decisions) are read back:
+
+- The last live cap change of ours per GPU is kept **pending** in the guard. It comes from an
+  applied action, or from a decision that has no action on record: the kill came while its
+  actuator ran, so whether it was done is unknown. A pending cap is adopted as ours at the first
+  cycle that sees the GPU with that very cap in force (within the dead band). A pending release
+  ends our ownership once the GPU is seen at its default. Telemetry decides, not the log: the
+  twin's cluster is restored from its own save and may not have them, and a cap someone changed
+  since is not ours.
+- Live node actions (drains, resumes, weight and feature changes) go into the guard's history
+  as they were, for the cooldowns, rate limits and circuit breaker. Who drained a node is read
+  from the placement system itself (our reason prefix), so ownership of drains needs nothing
+  here.
+
+Advice (dry-run records) is not recovered: it is recorded again at the next cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.act.audit import audit_files
+from agent.act.guard import Guard
+from agent.core.intents import (
+    Action,
+    DrainNode,
+    Intent,
+    IntentKind,
+    Outcome,
+    ResumeNode,
+    SetNodeFeatures,
+    SetNodeWeight,
+)
+
+# The agent loop's own ids: `d-<run>-<cycle>-<n>`, `a-<run>-<cycle>-<n>`, and `...-exit...` for
+# the on-exit step (not `ooda rollback`'s or `ooda guard`'s: they save no state of ours).
+_LOOP_ID = re.compile(r"^[da]-[0-9a-f]+-(?:\d+|exit)(?:-|$)")
+_CAP_KINDS = (str(IntentKind.SET_POWER_CAP), str(IntentKind.RELEASE_POWER_CAP))
+
+
+@dataclass
+class Recovered:
+    """What was found after the last save, and what became of it."""
+
+    records: int = 0  # the loop's records after the save
+    pending_caps: int = 0  # GPUs whose last change of ours awaits telemetry
+    unconfirmed: int = 0  # of those: from decisions whose outcome was never recorded
+    node_actions: int = 0  # live node actions replayed into the guard's history
+    skipped_lines: int = 0  # lines that did not parse (a torn last line)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "records": self.records,
+            "pending_caps": self.pending_caps,
+            "unconfirmed": self.unconfirmed,
+            "node_actions": self.node_actions,
+            "skipped_lines": self.skipped_lines,
+        }
+
+
+def _time(record: dict[str, Any]) -> float | None:
+    t = record.get("time_s")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        return None
+    return float(t)
+
+
+def _loop_records(file: Path, found: Recovered) -> list[dict[str, Any]]:
+    """The loop's decision, refusal and action records of one audit file, in order."""
+    out: list[dict[str, Any]] = []
+    try:
+        handle = file.open("rb")
+    except FileNotFoundError:  # rotated away meanwhile: read with the older files
+        return out
+    with handle:
+        for line in handle:
+            if b'"decision_id"' not in line:  # most lines of a busy log: cheap to pass over
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                found.skipped_lines += 1
+                continue
+            if (
+                isinstance(record, dict)
+                and record.get("event") in ("decision", "refusal", "action")
+                and isinstance(record.get("decision_id"), str)
+                and _LOOP_ID.match(record["decision_id"])
+            ):
+                out.append(record)
+    return out
+
+
+def unsaved_records(audit_path: Path, saved_s: float, found: Recovered) -> list[dict[str, Any]]:
+    """The loop's records of the decisions made after `saved_s` (the loop's time at its last
+    saved cycle), oldest first. Files are read newest first, and only until one starts with a
+    decision the save covered."""
+    chunks: list[list[dict[str, Any]]] = []
+    for file in reversed(audit_files(audit_path)):
+        records = _loop_records(file, found)
+        chunks.append(records)
+        first = next((_time(r) for r in records if r["event"] == "decision"), None)
+        if first is not None and first <= saved_s:
+            break
+    ordered = [r for chunk in reversed(chunks) for r in chunk]
+    after = {
+        r["decision_id"]
+        for r in ordered
+        if r["event"] == "decision" and (t := _time(r)) is not None and t > saved_s
+    }
+    return [r for r in ordered if r["decision_id"] in after]
+
+
+def _names(record: dict[str, Any]) -> list[str]:
+    target = record.get("target")
+    if isinstance(target, list):
+        return [str(x) for x in target]
+    return [str(target)] if isinstance(target, str) else []
+
+
+def _watts(record: dict[str, Any], n: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    after = record.get("after")
+    if isinstance(after, list) and len(after) == n:
+        return np.array([x if isinstance(x, int | float) else np.nan for x in after], dtype=float)
+    return np.full(n, np.nan)
+
+
+def _node_intent(record: dict[str, Any]) -> Intent | None:
+    kind, node = record.get("kind"), record.get("target")
+    if not isinstance(node, str):
+        return None
+    policy, reason = str(record.get("policy", "")), str(record.get("reason", ""))
+    after = record.get("after")
+    fields = after if isinstance(after, dict) else {}
+    if kind == IntentKind.DRAIN_NODE:
+        return DrainNode(policy=policy, reason=reason, node=node)
+    if kind == IntentKind.RESUME_NODE:
+        return ResumeNode(policy=policy, reason=reason, node=node)
+    if kind == IntentKind.SET_NODE_WEIGHT and isinstance(fields.get("weight"), int):
+        return SetNodeWeight(policy=policy, reason=reason, node=node, weight=fields["weight"])
+    if kind == IntentKind.SET_NODE_FEATURES:
+        return SetNodeFeatures(
+            policy=policy,
+            reason=reason,
+            node=node,
+            add=frozenset(map(str, fields.get("add", []))),
+            remove=frozenset(map(str, fields.get("remove", []))),
+        )
+    return None
+
+
+def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
+    """Read what the loop did after `saved_s` back into `guard` (see the module's doc)."""
+    found = Recovered()
+    records = unsaved_records(audit_path, saved_s, found)
+    found.records = len(records)
+    acted = {r["decision_id"] for r in records if r["event"] == "action"}
+    refused: dict[str, set[str]] = {}
+    for r in records:
+        if r["event"] == "refusal":
+            refused.setdefault(r["decision_id"], set()).update(_names(r))
+    time_of = {r["decision_id"]: _time(r) for r in records if r["event"] == "decision"}
+    # Per GPU name, in the order they were made: (watts or NaN for a release, time, unconfirmed).
+    last: dict[str, tuple[float, float, bool]] = {}
+    for r in records:
+        t = time_of.get(r["decision_id"])
+        if t is None or r.get("dry_run") is not False:  # advice: recorded again next cycle
+            continue
+        applied = r["event"] == "action" and r.get("outcome") == str(Outcome.APPLIED)
+        if r.get("kind") not in _CAP_KINDS:
+            intent = _node_intent(r) if applied else None
+            if intent is not None:
+                action_id = str(r.get("action_id", ""))
+                guard.record(
+                    Action(action_id, r["decision_id"], intent, Outcome.APPLIED, False, time_s=t),
+                    t,
+                )
+                found.node_actions += 1
+            continue
+        unconfirmed = r["event"] == "decision" and r["decision_id"] not in acted
+        if not (unconfirmed or applied):
+            continue
+        names = _names(r)
+        release = r.get("kind") == str(IntentKind.RELEASE_POWER_CAP)
+        watts = np.full(len(names), np.nan) if release else _watts(r, len(names))
+        skip = refused.get(r["decision_id"], set()) if unconfirmed else set()
+        for name, w in zip(names, watts, strict=True):
+            if name not in skip and (release or math.isfinite(w)):
+                last[name] = (float(w), t, unconfirmed)
+    if last:
+        keys = np.array(list(last), dtype=np.str_)
+        values = np.array(list(last.values()), dtype=np.float64)
+        guard.remember_pending(keys, values[:, 0], values[:, 1])
+        found.pending_caps = len(last)
+        found.unconfirmed = int(values[:, 2].sum())
+    return found

@@ -1,0 +1,207 @@
+"""A kill after the actuators ran but before the state save: what the agent had just set is found
+again in the audit log, and telemetry decides what of it is ours (agent/act/recovery.py).
+
+The twin stands in for the hardware. Real hardware keeps a cap through the agent's death; here
+that is the twin saved (`TwinStore`) while the agent's own state file is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.act.audit import AuditLog
+from agent.act.guard import Guard
+from agent.act.recovery import Recovered, recover, unsaved_records
+from agent.core.clock import FakeClock
+from agent.core.intents import Action, DrainNode, GpuTargets, Outcome, SetPowerCap
+from agent.daemon.service import Daemon
+from tests.daemon_helpers import START_UNIX, audit_events, in_process, twin_config, write
+
+
+class Killed(BaseException):
+    """SIGKILL, in-process: nothing after it runs."""
+
+
+def _config(tmp_path: Path) -> Path:
+    return write(
+        tmp_path / "ooda.toml",
+        twin_config(dry_run=False, budget_w=5000, daemon_extra='on_exit = "release"'),
+    )
+
+
+def _capped(daemon: Daemon) -> int:
+    twin = daemon.runtime.twin
+    assert twin is not None
+    return int((twin.cap_w < twin.default_w).sum())
+
+
+def _gone(daemon: Daemon) -> None:
+    """The process is gone: its lock and audit file with it."""
+    assert daemon.lock is not None
+    daemon.lock.release()
+    daemon.runtime.audit.close()
+
+
+def _recovered(state: Path) -> list[dict[str, Any]]:
+    return [e for e in audit_events(state / "audit.jsonl") if e["event"] == "guard_caps_recovered"]
+
+
+def _kill_before_the_save(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, wall: FakeClock, hardware_keeps: bool
+) -> None:
+    """One cycle that acts, then the agent's state file is never written (the twin is, when the
+    hardware keeps what was set)."""
+    monkeypatch.setattr(daemon.store, "save", lambda *_a, **_k: 0)
+    if not hardware_keeps:
+        monkeypatch.setattr(daemon.twin_store, "save", lambda *_a, **_k: None)
+    wall.advance(15)
+    report = daemon.run_cycle()
+    assert report is not None and any(a.outcome is Outcome.APPLIED for a in report.actions)
+
+
+def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    assert first.save_state()  # from before any action
+    _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=True)
+    capped = _capped(first)
+    assert capped > 0
+    _gone(first)
+
+    second = in_process(cfg, state, wall=wall)
+    guard = second.runtime.loop.guard
+    assert not np.isfinite(guard.caps["live_cap_w"]).any()  # the saved state knew of none
+    assert len(guard.pending) == capped  # the audit log did
+    wall.advance(15)
+    assert second.run_cycle() is not None
+    (event,) = _recovered(state)
+    assert len(event["adopted"]) == capped and not event["not_ours"]
+    assert len(guard.pending) == 0
+    # Ours again, so the on-exit release gives every one of them back. Without the audit log
+    # they would stay capped for good: nobody owned them.
+    assert second.shutdown()
+    assert _capped(second) == 0
+
+
+def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cluster went back with the agent (the twin restored from its own older save): the caps
+    # the log names are not there, so none is claimed.
+    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    assert first.save_state()
+    _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=False)
+    _gone(first)
+
+    second = in_process(cfg, state, wall=wall)
+    try:
+        pending = len(second.runtime.loop.guard.pending)
+        assert pending > 0
+        wall.advance(15)
+        assert second.run_cycle() is not None  # settled before the policies decide
+        (event,) = _recovered(state)
+        assert len(event["not_ours"]) == pending and not event["adopted"]
+        assert len(second.runtime.loop.guard.pending) == 0
+    finally:
+        second.shutdown()
+
+
+def test_a_kill_while_the_actuator_runs_leaves_decisions_whose_caps_telemetry_confirms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed inside the actuator call: the decision is on disk (fsynced before acting), no action
+    # record is. The cap was set, so telemetry shows it in force and it is adopted.
+    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    assert first.save_state()
+    caps = first.runtime.actuators.caps
+    real_set = caps.set_caps
+
+    def set_then_die(*args: Any, **kwargs: Any) -> Any:
+        real_set(*args, **kwargs)
+        raise Killed()
+
+    monkeypatch.setattr(caps, "set_caps", set_then_die)
+    wall.advance(15)
+    with pytest.raises(Killed):
+        first.run_cycle()
+    records = audit_events(state / "audit.jsonl")
+    assert any(r["event"] == "decision" for r in records)
+    assert not any(r["event"] == "action" for r in records)
+    # The hardware keeps the caps: only the twin is saved.
+    monkeypatch.setattr(first.store, "save", lambda *_a, **_k: 0)
+    assert first.save_state()
+    capped = _capped(first)
+    _gone(first)
+
+    second = in_process(cfg, state, wall=wall)
+    wall.advance(15)
+    assert second.run_cycle() is not None
+    (event,) = _recovered(state)
+    assert len(event["adopted"]) == capped > 0
+    assert second.shutdown()
+    assert _capped(second) == 0
+
+
+# -- which records a save covers -------------------------------------------------------------------
+
+
+def _targets(n: int, node: str = "node1") -> GpuTargets:
+    return GpuTargets(
+        np.array([node] * n, dtype=np.str_),
+        np.arange(n, dtype=np.int64),
+        np.array([f"GPU-{node}-{i}" for i in range(n)], dtype=np.str_),
+    )
+
+
+def _cycle(audit: AuditLog, run: str, cycle: int, t: float, watts: float, act: bool) -> None:
+    intent = SetPowerCap(policy="p", reason="r", targets=_targets(2), watts=np.full(2, watts))
+    decision_id = f"d-{run}-{cycle:06d}-0001"
+    audit.decision(decision_id, intent, False, t)
+    if act:
+        action_id = f"a-{run}-{cycle:06d}-0002"
+        audit.action(Action(action_id, decision_id, intent, Outcome.APPLIED, False, time_s=t))
+
+
+def test_only_decisions_after_the_saved_cycle_and_their_records_are_read_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path=path, max_bytes=600, keep=20)  # a file or two per cycle
+    _cycle(audit, "aaaaaa", 1, 100.0, 300.0, act=True)
+    _cycle(audit, "aaaaaa", 2, 115.0, 310.0, act=True)  # saved after this one
+    _cycle(audit, "aaaaaa", 3, 130.0, 320.0, act=True)
+    drain = DrainNode(policy="health_drain", reason="xid 79", node="node2")
+    audit.decision("d-aaaaaa-000003-0003", drain, False, 130.0)
+    audit.action(
+        Action("a-aaaaaa-000003-0004", "d-aaaaaa-000003-0003", drain, Outcome.APPLIED, False)
+    )
+    audit.event("decision", decision_id="d-rollback-1", time_s=999.0)  # not the loop's own
+    _cycle(audit, "bbbbbb", 1, 145.0, 330.0, act=False)  # killed while the actuator ran
+    audit.close()
+    assert len(list(tmp_path.glob("audit.jsonl*"))) > 3  # rotated: read across files
+
+    found = Recovered()
+    records = unsaved_records(path, 115.0, found)
+    assert {r["decision_id"] for r in records} == {
+        "d-aaaaaa-000003-0001",
+        "d-aaaaaa-000003-0003",
+        "d-bbbbbb-000001-0001",
+    }
+    guard = Guard()
+    recovered = recover(guard, path, 115.0)
+    assert recovered.pending_caps == 2 and recovered.unconfirmed == 2
+    assert recovered.node_actions == 1
+    assert guard.pending["watts"].tolist() == [330.0, 330.0]  # the last change of each GPU
+    assert guard.pending["time_s"].tolist() == [145.0, 145.0]
+    assert [n for _, n in guard.drains] == ["node2"]  # counts towards the breaker again
+    # Persisted with the guard: a second kill before the first cycle loses nothing.
+    again = Guard()
+    again.load_dict(guard.to_dict())
+    assert again.pending.keys.tolist() == ["node1/gpu0", "node1/gpu1"]
