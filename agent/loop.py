@@ -32,7 +32,12 @@ from agent.core.intents import (
     SetPowerCap,
 )
 from agent.core.keyed import RowIndex
-from agent.core.protocols import CapLeaseRenewer, PlacementActuator, TelemetrySource
+from agent.core.protocols import (
+    CapLeaseAdopter,
+    CapLeaseRenewer,
+    PlacementActuator,
+    TelemetrySource,
+)
 from agent.core.situation import NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot, screen_implausible
 from agent.orient.orienter import Orienter
@@ -148,12 +153,15 @@ class Loop:
         settled = self.guard.adopt_pending(situation, now)
         if settled is None:
             return
+        caps: object = self.executor.actuators.caps
+        if settled.rows.size and not self.dry_run_caps and isinstance(caps, CapLeaseAdopter):
+            caps.adopt_leases(GpuTargets.from_rows(situation.snapshot, settled.rows), settled.watts)
         try:
             with self.audit.batch():
-                self.audit.event("guard_caps_recovered", time_s=now, **settled)
+                self.audit.event("guard_caps_recovered", time_s=now, **settled.event)
         except OSError as exc:
             errors.append(f"audit log unwritable ({exc.strerror or exc}): caps recovered")
-        log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.items()})
+        log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.event.items()})
 
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe

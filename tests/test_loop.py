@@ -167,6 +167,41 @@ def test_dry_run_renews_nothing() -> None:
     assert caps.renewals == []
 
 
+class AdoptingCaps(RenewingCaps):
+    """...that also takes over caps a restart found in force (CapLeaseAdopter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adopted: list[tuple[list[str], list[float]]] = []
+
+    def adopt_leases(self, targets, watts) -> None:  # type: ignore[no-untyped-def]
+        self.adopted.append((targets.names(), watts.tolist()))
+
+
+def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_again() -> None:
+    # node1/gpu0 is at the cap the log says we set; node1/gpu1 is not (never set, or changed
+    # since); node1/gpu2 was released and is at its default; node9/gpu0 is not seen.
+    snap = make_snapshot([300.0] * 4, limit_w=[300.0, 700.0, 700.0, 700.0], time_s=500)
+    loop, _, _ = build(FakeSource([snap]))
+    caps = AdoptingCaps()
+    loop.executor.actuators.caps = caps
+    names = np.array(["node1/gpu0", "node1/gpu1", "node1/gpu2", "node9/gpu0"])
+    loop.guard.remember_pending(
+        names, np.array([300.0, 320.0, np.nan, 300.0]), np.array([490.0, 490.0, 490.0, 490.0])
+    )
+    loop.guard.caps.slots(np.array(["GPU-0002"]))  # the cap the release ended was ours
+    loop.guard.caps["live_cap_w"][:] = 250.0
+    loop.cycle()
+    assert caps.adopted == [(["node1/gpu0"], [300.0])]
+    owned = loop.guard.capped_by_us(snap.uuid, recorded=False)
+    assert owned.tolist() == [True, False, False, False]
+    assert (
+        loop.guard.caps["last_change_s"][loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]][0]
+        == 490.0
+    )  # its cooldown runs from when it was set
+    assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
+
+
 class CapsJobA(BasePolicy[PolicySettings, PolicyMemory]):
     """Caps every GPU that runs job "a" (a stand-in for a per-job policy such as
     energy_efficiency)."""

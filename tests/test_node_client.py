@@ -18,7 +18,12 @@ from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
 from agent.core.intents import GpuTargets
-from agent.core.protocols import CapActuator, CapLeaseRenewer, GpuLimitsSource
+from agent.core.protocols import (
+    CapActuator,
+    CapLeaseAdopter,
+    CapLeaseRenewer,
+    GpuLimitsSource,
+)
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.runtime import build_runtime
 from agent.sim.devices import TwinNodeBackend
@@ -182,6 +187,27 @@ def test_renewal_skips_fresh_caps_and_forgets_released_ones(cluster: Cluster) ->
         assert len(a.leased()[0]) == 0
     finally:
         a.close()
+
+
+def test_caps_adopted_after_a_restart_are_renewed_at_once(cluster: Cluster) -> None:
+    # A restarted agent found these caps of its own in force (agent.act.recovery): a fresh
+    # client never set them, and their leases were granted before the restart.
+    clock = FakeClock(100.0)
+    first = NodeCapActuator(cluster.settings(renew_min_age_s=10.0), clock=clock)
+    restarted = NodeCapActuator(cluster.settings(renew_min_age_s=10.0), clock=clock)
+    try:
+        targets = cluster.targets([1, 2], [0, 1])
+        assert first.set_caps(targets, np.array([300.0, 320.0]), 60.0).ok.all()
+        assert isinstance(restarted, CapLeaseAdopter)
+        restarted.adopt_leases(targets, np.array([300.0, 320.0]))
+        renewed, result = restarted.renew_leases(60.0)  # at once, not renew_min_age_s later
+        assert sorted(renewed.names()) == ["node1/gpu0", "node2/gpu1"] and result.ok.all()
+        assert (cluster.cap(1, 0), cluster.cap(2, 1)) == (300.0, 320.0)
+        assert len(restarted.renew_leases(60.0)[0]) == 0  # then on the usual schedule
+        assert restarted.release_caps(targets).ok.all()  # the cluster is shared by the module
+    finally:
+        first.close()
+        restarted.close()
 
 
 def test_gpu_limits_as_telemetry(cluster: Cluster, actuator: NodeCapActuator) -> None:

@@ -215,6 +215,15 @@ class _Nodes:
         return self._index.get(node)
 
 
+@dataclass(frozen=True, eq=False)
+class Settled:
+    """Pending cap changes settled against telemetry (`Guard.adopt_pending`)."""
+
+    event: dict[str, Any]  # the audit event's fields: GPU names by what became of them
+    rows: npt.NDArray[np.int64]  # the snapshot rows of the caps adopted as ours
+    watts: npt.NDArray[np.float64]  # and those caps
+
+
 class Guard:
     def __init__(
         self,
@@ -759,12 +768,12 @@ class Guard:
         self.pending["watts"][slots] = watts
         self.pending["time_s"][slots] = time_s
 
-    def adopt_pending(self, situation: Situation, now_s: float) -> dict[str, Any] | None:
+    def adopt_pending(self, situation: Situation, now_s: float) -> Settled | None:
         """Settle the pending changes on GPUs seen fresh with a known cap: a cap in force as
         we set it (within the dead band) becomes ours; a release found done (the GPU at its
         default) ends our ownership; any other is not ours (never done, or changed since).
-        Pending changes older than `PENDING_HOLD_S` are given up. Returns the audit event's
-        fields, or None when nothing was settled."""
+        Pending changes older than `PENDING_HOLD_S` are given up. None when nothing was
+        settled."""
         if len(self.pending) == 0:
             return None
         snap = situation.snapshot
@@ -807,8 +816,9 @@ class Guard:
             "not_ours": names[known & ~in_force].tolist(),
             "given_up": names[given_up].tolist(),
         }
+        rows, adopted_w = row[adopt], watts[adopt]
         self.pending.retain(~(known | given_up))
-        return event
+        return Settled(event, rows, adopted_w)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything the guard remembers (ownership, cooldowns, the drain and weight/feature

@@ -495,6 +495,15 @@ class NodeCapActuator:
         self._remember(targets, result.ok, gone, None)
         return result
 
+    def adopt_leases(self, targets: GpuTargets, watts: FloatArray) -> None:
+        """Caps of ours a restart found in force: renewed at the next renewal (their leases were
+        granted before the restart, for a time not known here) and from then on."""
+        n = len(targets)
+        self._remember(targets, np.ones(n, dtype=bool), np.zeros(n, dtype=bool), watts)
+        keys = np.char.add(np.char.add(targets.node.astype(np.str_), "/"), targets.gpu.astype(str))
+        with self._caps_lock:
+            self._caps["last_ok_s"][self._caps.slots(keys)] = -np.inf
+
     def leased(self) -> tuple[GpuTargets, FloatArray]:
         """The caps this actuator set and has not released (what it renews)."""
         with self._caps_lock:

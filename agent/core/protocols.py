@@ -128,6 +128,14 @@ class CapLeaseRenewer(Protocol):
     def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]: ...
 
 
+@runtime_checkable
+class CapLeaseAdopter(Protocol):
+    """A CapLeaseRenewer told of caps of ours it did not set in this process: a restart found
+    them in force (agent.act.recovery). It renews them from its next renewal on."""
+
+    def adopt_leases(self, targets: GpuTargets, watts: FloatArray) -> None: ...
+
+
 @dataclass(frozen=True, eq=False)
 class GpuLimits:
     """Per GPU, as the node daemons report them (watts; NaN where unknown): constraints, the

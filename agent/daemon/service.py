@@ -24,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
-import math
 import select
 import signal
 import sys
