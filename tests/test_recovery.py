@@ -32,6 +32,14 @@ def _config(tmp_path: Path) -> Path:
     )
 
 
+def _first_run(tmp_path: Path) -> tuple[Path, Path, FakeClock, Daemon]:
+    """A live agent on the twin, its state saved before it did anything."""
+    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    assert first.save_state()
+    return cfg, state, wall, first
+
+
 def _capped(daemon: Daemon) -> int:
     twin = daemon.runtime.twin
     assert twin is not None
@@ -65,9 +73,7 @@ def _kill_before_the_save(
 def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
-    first = in_process(cfg, state, wall=wall)
-    assert first.save_state()  # from before any action
+    cfg, state, wall, first = _first_run(tmp_path)
     _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=True)
     capped = _capped(first)
     assert capped > 0
@@ -93,9 +99,7 @@ def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
 ) -> None:
     # The cluster went back with the agent (the twin restored from its own older save): the caps
     # the log names are not there, so none is claimed.
-    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
-    first = in_process(cfg, state, wall=wall)
-    assert first.save_state()
+    cfg, state, wall, first = _first_run(tmp_path)
     _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=False)
     _gone(first)
 
@@ -117,9 +121,7 @@ def test_a_kill_while_the_actuator_runs_leaves_decisions_whose_caps_telemetry_co
 ) -> None:
     # Killed inside the actuator call: the decision is on disk (fsynced before acting), no action
     # record is. The cap was set, so telemetry shows it in force and it is adopted.
-    cfg, state, wall = _config(tmp_path), tmp_path / "state", FakeClock(START_UNIX)
-    first = in_process(cfg, state, wall=wall)
-    assert first.save_state()
+    cfg, state, wall, first = _first_run(tmp_path)
     caps = first.runtime.actuators.caps
     real_set = caps.set_caps
 
