@@ -94,6 +94,20 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     assert _capped(second) == 0
 
 
+def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
+    # The on-exit release is made after the last cycle and saved with the state.
+    cfg, state, wall, first = _first_run(tmp_path)
+    wall.advance(15)
+    assert first.run_cycle() is not None and _capped(first) > 0
+    assert first.shutdown()
+    second = in_process(cfg, state, wall=wall)
+    try:
+        assert len(second.runtime.loop.guard.pending) == 0
+    finally:
+        second.shutdown()
+    assert not _recovered(state)
+
+
 def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,8 @@
 The daemon saves what it owns after each cycle that acted. A kill between an actuator call and
 that save (SIGKILL, power lost) would forget caps it had set: nobody would ever release them.
 The audit log still has them, because every decision is fsynced before its actuator runs and
-every action right after. On start, the agent's records after the saved cycle (decisions timed
-after `last_cycle_s`, and the records of those decisions) are read back:
+every action right after. On start, the loop's records made after the save (its decisions timed
+after the loop's clock at the save, and the records of those decisions) are read back:
 
 - The last live cap change of ours per GPU is kept **pending** in the guard. It comes from an
   applied action, or from a decision that has no action on record: the kill came while its
@@ -105,8 +105,8 @@ def _loop_records(file: Path, found: Recovered) -> list[dict[str, Any]]:
 
 
 def unsaved_records(audit_path: Path, saved_s: float, found: Recovered) -> list[dict[str, Any]]:
-    """The loop's records of the decisions made after `saved_s` (the loop's time at its last
-    saved cycle), oldest first. Files are read newest first, and only until one starts with a
+    """The loop's records of the decisions made after `saved_s` (the loop's clock when the
+    state was saved), oldest first. Files are read newest first, and only until one starts with a
     decision the save covered."""
     chunks: list[list[dict[str, Any]]] = []
     for file in reversed(audit_files(audit_path)):

@@ -378,7 +378,7 @@ class Daemon:
                 self.state_problems.extend(problems)
                 self.restored = True
                 self.metrics.publish_recommendations()
-                self._recover_unsaved(loaded.parts.get("loop"))
+                self._recover_unsaved(loaded.meta)
                 guard = self.runtime.loop.guard
                 log.info(
                     "state_restored",
@@ -391,18 +391,20 @@ class Daemon:
             self.metrics.state_problems.inc()
         self.metrics.state_restored.set(1 if self.restored else 0)
 
-    def _recover_unsaved(self, loop_part: object) -> None:
-        """What the loop did after the saved cycle (a kill before the save), read back from
-        the audit log into the guard: see agent.act.recovery."""
+    def _recover_unsaved(self, meta: Mapping[str, Any]) -> None:
+        """What the loop did after the state was saved (a kill before the next save), read back
+        from the audit log into the guard: see agent.act.recovery."""
         audit_path = self.runtime.audit.path
-        if audit_path is None or not isinstance(loop_part, Mapping):
+        if audit_path is None:
             return
-        # Saved before its first cycle: every decision on record came after.
-        saved_s = self.runtime.loop.last_cycle_s
+        # Decisions up to the loop's clock at the save are in the state (the on-exit release
+        # included); a state from before `clock_s` was saved: up to its last cycle.
+        saved = meta.get("clock_s")
+        if isinstance(saved, bool) or not isinstance(saved, int | float) or math.isnan(saved):
+            saved = self.runtime.loop.last_cycle_s
+        saved_s = -math.inf if saved is None else float(saved)
         try:
-            found = recover(
-                self.runtime.loop.guard, audit_path, -math.inf if saved_s is None else saved_s
-            )
+            found = recover(self.runtime.loop.guard, audit_path, saved_s)
         except OSError as exc:
             problem = (
                 f"audit log {audit_path} unreadable: caps set after the last save are not "
