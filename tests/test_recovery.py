@@ -108,6 +108,44 @@ def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
     assert not _recovered(state)
 
 
+def test_an_unreadable_state_still_leaves_the_caps_in_force_ours(tmp_path: Path) -> None:
+    # The state file is lost (moved aside as unreadable): the agent starts fresh, and the audit
+    # log, read whole, says which caps in force are its own.
+    cfg = write(
+        tmp_path / "ooda.toml",
+        twin_config(dry_run=False, budget_w=5000, daemon_extra='on_exit = "renew"'),
+    )
+    state, wall = tmp_path / "state", FakeClock(START_UNIX)
+    first = in_process(cfg, state, wall=wall)
+    for _ in range(3):
+        wall.advance(15)
+        assert first.run_cycle() is not None
+    assert first.shutdown()  # the caps stay (renew on exit)
+    twin = first.runtime.twin
+    assert twin is not None
+    capped = twin.cap_w < twin.default_w
+    assert capped.any()
+    (state / "lab.state.json").write_text("{")
+
+    second = in_process(cfg, state, wall=wall)
+    try:
+        assert not second.restored
+        wall.advance(15)
+        report = second.run_cycle()
+        assert report is not None
+        (event,) = _recovered(state)
+        assert len(event["adopted"]) == int(capped.sum())
+        guard = second.runtime.loop.guard
+        t2 = second.runtime.twin
+        assert t2 is not None
+        still = t2.cap_w < t2.default_w
+        uuids = report.snapshot.uuid  # the twin's GPUs in the snapshot's order
+        owned = guard.capped_by_us(uuids, recorded=False)
+        assert int(owned.sum()) >= int(still.sum()) > 0
+    finally:
+        second.shutdown()
+
+
 def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

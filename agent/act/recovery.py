@@ -4,7 +4,8 @@ The daemon saves what it owns after each cycle that acted. A kill between an act
 that save (SIGKILL, power lost) would forget caps it had set: nobody would ever release them.
 The audit log still has them, because every decision is fsynced before its actuator runs and
 every action right after. On start, the loop's records made after the save (its decisions timed
-after the loop's clock at the save, and the records of those decisions) are read back:
+after the loop's clock at the save, and the records of those decisions; all of them when there
+is no state to start from) are read back:
 
 - The last live cap change of ours per GPU is kept **pending** in the guard. It comes from an
   applied action, or from a decision that has no action on record: the kill came while its

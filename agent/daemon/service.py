@@ -362,7 +362,10 @@ class Daemon:
                 problem=loaded.problem,
                 moved_to=str(loaded.moved_to) if loaded.moved_to else None,
             )
-        elif loaded.found:
+            self._recover_unsaved({})  # fresh, but the audit log knows which caps are ours
+        elif not loaded.found:
+            self._recover_unsaved({})
+        else:
             timeline = loaded.meta.get("timeline")
             if timeline != self.timeline:
                 why = (
@@ -392,13 +395,15 @@ class Daemon:
         self.metrics.state_restored.set(1 if self.restored else 0)
 
     def _recover_unsaved(self, meta: Mapping[str, Any]) -> None:
-        """What the loop did after the state was saved (a kill before the next save), read back
-        from the audit log into the guard: see agent.act.recovery."""
+        """What the loop did after the state was saved (a kill before the next save), or ever
+        when there is no state, read back from the audit log into the guard: see
+        agent.act.recovery."""
         audit_path = self.runtime.audit.path
         if audit_path is None:
             return
         # Decisions up to the loop's clock at the save are in the state (the on-exit release
-        # included); a state from before `clock_s` was saved: up to its last cycle.
+        # included); a state from before `clock_s` was saved: up to its last cycle; no state
+        # (none, or unreadable): none, so the whole log is read.
         saved = meta.get("clock_s")
         if isinstance(saved, bool) or not isinstance(saved, int | float) or math.isnan(saved):
             saved = self.runtime.loop.last_cycle_s
