@@ -160,7 +160,10 @@ class Loop:
             with self.audit.batch():
                 self.audit.event("guard_caps_recovered", time_s=now, **settled.event)
         except OSError as exc:
-            errors.append(f"audit log unwritable ({exc.strerror or exc}): caps recovered")
+            errors.append(
+                f"audit log unwritable ({exc.strerror or exc}): what became of the caps found "
+                "after a restart was not recorded"
+            )
         log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.event.items()})
 
     def _renew_leases(self, errors: list[str]) -> None:

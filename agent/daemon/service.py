@@ -410,10 +410,10 @@ class Daemon:
         saved_s = -math.inf if saved is None else float(saved)
         try:
             found = recover(self.runtime.loop.guard, audit_path, saved_s)
-        except OSError as exc:
+        except Exception as exc:  # the agent starts all the same, and says so
             problem = (
-                f"audit log {audit_path} unreadable: caps set after the last save are not "
-                f"known ({exc})"
+                f"audit log {audit_path} not read back ({type(exc).__name__}: {exc}): caps "
+                "set after the last state save are not known as ours"
             )
             self.state_problems.append(problem)
             log.error("state_recovery_failed", problem=problem)
