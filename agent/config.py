@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
@@ -33,6 +33,7 @@ from agent.core.dcgm import (
 )
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.gpu_models import BUILTIN_MODELS
+from agent.core.settings import STRICT_SECTION
 from agent.core.snapshot import Metric
 from agent.core.urls import check_http_url
 from agent.observe.promql import check_label_name, check_metric_name
@@ -45,10 +46,7 @@ from policies.registry import PolicyRegistry, default_registry
 
 
 class _Section(BaseModel):
-    # Strict: TOML has real booleans and numbers, so `true` is never 1 s or 1 node, and `"false"`
-    # or 0 is never a boolean; an int still reads as a float. No infinity or NaN anywhere: no
-    # setting means "never" or "unknown" by it. Paths and enum keys are converted (fields say so).
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = STRICT_SECTION  # no unknown keys, strict types, no infinity or NaN
 
 
 class GroupConfig(_Section):
