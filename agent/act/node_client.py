@@ -466,9 +466,12 @@ class NodeCapActuator:
         ok: npt.NDArray[np.bool_],
         gone: npt.NDArray[np.bool_],
         watts: FloatArray | None,
+        renewed_s: float | None = None,
     ) -> None:
+        """What was set (`watts`) or released (None) where `ok`; `renewed_s`: when the caps set
+        were last granted (default: now)."""
         keys = np.char.add(np.char.add(targets.node.astype(np.str_), "/"), targets.gpu.astype(str))
-        now = self.clock.now()
+        granted_s = self.clock.now() if renewed_s is None else renewed_s
         with self._caps_lock:
             slots = self._caps.slots(keys)
             cols = self._caps.cols
@@ -480,7 +483,7 @@ class NodeCapActuator:
                 cols["active"][s_ok] = False
             else:
                 cols["watts"][s_ok] = watts[ok]
-                cols["last_ok_s"][s_ok] = now
+                cols["last_ok_s"][s_ok] = granted_s
                 cols["active"][s_ok] = True
             cols["active"][slots[gone]] = False
 
@@ -499,10 +502,9 @@ class NodeCapActuator:
         """Caps of ours a restart found in force: renewed at the next renewal (their leases were
         granted before the restart, for a time not known here) and from then on."""
         n = len(targets)
-        self._remember(targets, np.ones(n, dtype=bool), np.zeros(n, dtype=bool), watts)
-        keys = np.char.add(np.char.add(targets.node.astype(np.str_), "/"), targets.gpu.astype(str))
-        with self._caps_lock:
-            self._caps["last_ok_s"][self._caps.slots(keys)] = -np.inf
+        self._remember(
+            targets, np.ones(n, dtype=bool), np.zeros(n, dtype=bool), watts, renewed_s=-np.inf
+        )
 
     def leased(self) -> tuple[GpuTargets, FloatArray]:
         """The caps this actuator set and has not released (what it renews)."""
