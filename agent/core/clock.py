@@ -26,16 +26,13 @@ class SystemClock:
             time.sleep(seconds)
 
 
-class MonotonicClock:
-    """Seconds that only move forward (never stepped by NTP): for durations such as leases,
-    which must not last longer because the wall clock went back. Not a time of day."""
+class MonotonicClock(SystemClock):
+    """The real clock's seconds that only move forward (never stepped by NTP): for durations
+    such as leases, which must not last longer because the wall clock went back. Not a time of
+    day."""
 
     def now(self) -> float:
         return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            time.sleep(seconds)
 
 
 class FakeClock:
