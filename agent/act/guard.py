@@ -337,7 +337,7 @@ class Guard:
         have = known & ours_at[1][rows]
         slot = ours_at[0][rows][have]
         ours = np.full(n, np.nan)  # our cap as this intent sees it (recorded ones if dry)
-        ours[have] = self.caps["our_cap_w" if dry_run else "live_cap_w"][slot]
+        ours[have] = self.caps[_OURS[dry_run]][slot]
         last_change_s = np.full(n, -np.inf)
         last_change_s[have] = self.caps["last_change_s"][slot]
         telemetry = situation.cap_w[rows]
