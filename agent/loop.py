@@ -134,11 +134,6 @@ class Loop:
         """The last cycle's time, so a restart after the clock went back sees the jump."""
         return {"last_cycle_s": self._last_now}
 
-    @property
-    def last_cycle_s(self) -> float | None:
-        """The time of the last cycle (None: none yet)."""
-        return self._last_now
-
     def load_dict(self, data: Mapping[str, Any]) -> None:
         last = data.get("last_cycle_s")
         if last is not None and (

@@ -362,10 +362,7 @@ class Daemon:
                 problem=loaded.problem,
                 moved_to=str(loaded.moved_to) if loaded.moved_to else None,
             )
-            self._recover_unsaved({})  # fresh, but the audit log knows which caps are ours
-        elif not loaded.found:
-            self._recover_unsaved({})
-        else:
+        elif loaded.found:
             timeline = loaded.meta.get("timeline")
             if timeline != self.timeline:
                 why = (
@@ -381,7 +378,7 @@ class Daemon:
                 self.state_problems.extend(problems)
                 self.restored = True
                 self.metrics.publish_recommendations()
-                self._recover_unsaved(loaded.meta)
+                self._recover_unsaved(loaded.meta.get("clock_s"))
                 guard = self.runtime.loop.guard
                 log.info(
                     "state_restored",
@@ -390,24 +387,23 @@ class Daemon:
                     caps_owned=int(np.isfinite(guard.caps["our_cap_w"]).sum()),
                     nodes_known=len(guard.nodes),
                 )
+        if loaded.problem is not None or not loaded.found:
+            self._recover_unsaved(None)  # no state to start from: the audit log says what is ours
         for _ in self.state_problems:
             self.metrics.state_problems.inc()
         self.metrics.state_restored.set(1 if self.restored else 0)
 
-    def _recover_unsaved(self, meta: Mapping[str, Any]) -> None:
-        """What the loop did after the state was saved (a kill before the next save), or ever
-        when there is no state, read back from the audit log into the guard: see
-        agent.act.recovery."""
+    def _recover_unsaved(self, saved_clock_s: float | None) -> None:
+        """What the loop did after the state was saved (a kill before the next save), read
+        back from the audit log into the guard: see agent.act.recovery. `saved_clock_s`: the
+        loop's clock at the save (decisions up to it, the on-exit release included, are in the
+        state); None (no state to start from): the whole log is read."""
         audit_path = self.runtime.audit.path
         if audit_path is None:
             return
-        # Decisions up to the loop's clock at the save are in the state (the on-exit release
-        # included); a state from before `clock_s` was saved: up to its last cycle; no state
-        # (none, or unreadable): none, so the whole log is read.
-        saved = meta.get("clock_s")
-        if isinstance(saved, bool) or not isinstance(saved, int | float) or math.isnan(saved):
-            saved = self.runtime.loop.last_cycle_s
-        saved_s = -math.inf if saved is None else float(saved)
+        saved_s = -math.inf
+        if isinstance(saved_clock_s, int | float) and math.isfinite(saved_clock_s):  # from JSON
+            saved_s = float(saved_clock_s)
         try:
             found = recover(self.runtime.loop.guard, audit_path, saved_s)
         except Exception as exc:  # the agent starts all the same, and says so
