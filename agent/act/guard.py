@@ -55,6 +55,7 @@ from agent.core.intents import (
     SetNodeWeight,
     SetPowerCap,
     Severity,
+    gpu_names,
 )
 from agent.core.keyed import KeyedColumns, LastRowIndex, RowIndex
 from agent.core.settings import STRICT_SETTINGS
@@ -783,10 +784,7 @@ class Guard:
         in_force = known.copy()
         row = np.full(len(self.pending), -1, dtype=np.int64)
         if snap.n_gpus:
-            names = np.char.add(
-                snap.node_names[snap.node].astype(np.str_),
-                np.char.add("/gpu", snap.gpu.astype(np.str_)),
-            )
+            names = gpu_names(snap.node_names[snap.node], snap.gpu)
             row = RowIndex(names).positions(self.pending.keys.astype(np.str_))
             seen = row >= 0
             at = np.where(seen, row, 0)

@@ -34,6 +34,13 @@ class IntentKind(StrEnum):
     NOTIFY = "notify"
 
 
+def gpu_names(node: npt.NDArray[np.str_], gpu: npt.NDArray[np.int64]) -> npt.NDArray[np.str_]:
+    """Per GPU, its name in the audit log and in messages: `node/gpuN`."""
+    return np.char.add(
+        node.astype(np.str_), np.char.add("/gpu", gpu.astype(np.int64).astype(np.str_))
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class GpuTargets:
     """A set of GPUs, self-contained (usable after the Snapshot it came from is gone)."""
@@ -65,7 +72,7 @@ class GpuTargets:
         )
 
     def names(self) -> list[str]:
-        return [f"{n}/gpu{int(g)}" for n, g in zip(self.node, self.gpu, strict=True)]
+        return gpu_names(self.node, self.gpu).tolist()  # type: ignore[no-any-return]
 
     def subset(self, selector: npt.ArrayLike) -> GpuTargets:
         sel = np.asarray(selector)
