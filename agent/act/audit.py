@@ -346,20 +346,27 @@ def read_records(path: Path, stats: ReadStats | None = None) -> Iterator[dict[st
     stats = stats if stats is not None else ReadStats()
     stats.files = audit_files(path)
     for file in stats.files:
-        try:
-            handle = file.open("rb")
-        except FileNotFoundError:  # rotated away while we read: its records moved on
-            continue
-        with handle:
-            offset = 0
-            for line in handle:
-                if line.endswith(b"\n"):
-                    offset += len(line)
-                record = _parse(line, stats)
-                if record is not None:
-                    yield record
-            if file == path:
-                stats.end = (os.fstat(handle.fileno()).st_ino, offset)
+        yield from file_records(file, stats, newest=file == path)
+
+
+def file_records(file: Path, stats: ReadStats, newest: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of one of the log's files, oldest first (none if it was rotated away
+    meanwhile: its records moved on); `newest`: note in `stats.end` where its last whole line
+    ends."""
+    try:
+        handle = file.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        offset = 0
+        for line in handle:
+            if line.endswith(b"\n"):
+                offset += len(line)
+            record = _parse(line, stats)
+            if record is not None:
+                yield record
+        if newest:
+            stats.end = (os.fstat(handle.fileno()).st_ino, offset)
 
 
 def tail(path: Path, n: int, stats: ReadStats | None = None) -> list[dict[str, Any]]:

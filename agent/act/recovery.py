@@ -24,7 +24,6 @@ Advice (dry-run records) is not recovered: it is recorded again at the next cycl
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.act.audit import audit_files
+from agent.act.audit import ReadStats, audit_files, file_records
 from agent.act.guard import Guard
 from agent.core.intents import (
     Action,
@@ -62,15 +61,6 @@ class Recovered:
     node_actions: int = 0  # live node actions replayed into the guard's history
     skipped_lines: int = 0  # lines that did not parse (a torn last line)
 
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "records": self.records,
-            "pending_caps": self.pending_caps,
-            "unconfirmed": self.unconfirmed,
-            "node_actions": self.node_actions,
-            "skipped_lines": self.skipped_lines,
-        }
-
 
 def _time(record: dict[str, Any]) -> float | None:
     t = record.get("time_s")
@@ -81,27 +71,15 @@ def _time(record: dict[str, Any]) -> float | None:
 
 def _loop_records(file: Path, found: Recovered) -> list[dict[str, Any]]:
     """The loop's decision, refusal and action records of one audit file, in order."""
-    out: list[dict[str, Any]] = []
-    try:
-        handle = file.open("rb")
-    except FileNotFoundError:  # rotated away meanwhile: read with the older files
-        return out
-    with handle:
-        for line in handle:
-            if b'"decision_id"' not in line:  # most lines of a busy log: cheap to pass over
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                found.skipped_lines += 1
-                continue
-            if (
-                isinstance(record, dict)
-                and record.get("event") in ("decision", "refusal", "action")
-                and isinstance(record.get("decision_id"), str)
-                and _LOOP_ID.match(record["decision_id"])
-            ):
-                out.append(record)
+    stats = ReadStats()
+    out = [
+        r
+        for r in file_records(file, stats)
+        if r.get("event") in ("decision", "refusal", "action")
+        and isinstance(r.get("decision_id"), str)
+        and _LOOP_ID.match(r["decision_id"])
+    ]
+    found.skipped_lines += stats.skipped
     return out
 
 

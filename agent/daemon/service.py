@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -415,7 +415,7 @@ class Daemon:
             log.error("state_recovery_failed", problem=problem)
             return
         if found.records:
-            log.warning("state_recovered_from_audit", audit=str(audit_path), **found.as_dict())
+            log.warning("state_recovered_from_audit", audit=str(audit_path), **asdict(found))
 
     def save_state(self) -> bool:
         """Persist (atomically) what the agent must not forget. Call between cycles."""
