@@ -44,6 +44,7 @@ from agent.core.intents import (
     SetNodeFeatures,
     SetNodeWeight,
 )
+from agent.core.keyed import KeyedColumns
 
 # The agent loop's own ids: `d-<run>-<cycle>-<n>`, `a-<run>-<cycle>-<n>`, and `...-exit...` for
 # the on-exit step (not `ooda rollback`'s or `ooda guard`'s: they save no state of ours).
@@ -152,8 +153,10 @@ def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
         if r["event"] == "refusal":
             refused.setdefault(r["decision_id"], set()).update(_names(r))
     time_of = {r["decision_id"]: _time(r) for r in records if r["event"] == "decision"}
-    # Per GPU name, in the order they were made: (watts or NaN for a release, time, unconfirmed).
-    last: dict[str, tuple[float, float, bool]] = {}
+    # Per GPU name, the last change: watts (NaN: a release), when, and whether unconfirmed.
+    last = KeyedColumns(
+        {"watts": (np.float64, np.nan), "time_s": (np.float64, 0.0), "unconfirmed": (bool, False)}
+    )
     for r in records:
         t = time_of.get(r["decision_id"])
         if t is None or r.get("dry_run") is not False:  # advice: recorded again next cycle
@@ -172,17 +175,18 @@ def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
         unconfirmed = r["event"] == "decision" and r["decision_id"] not in acted
         if not (unconfirmed or applied):
             continue
-        names = _names(r)
+        names = np.asarray(_names(r), dtype=np.str_)
         release = r.get("kind") == str(IntentKind.RELEASE_POWER_CAP)
-        watts = np.full(len(names), np.nan) if release else _watts(r, len(names))
-        skip = refused.get(r["decision_id"], set()) if unconfirmed else set()
-        for name, w in zip(names, watts, strict=True):
-            if name not in skip and (release or math.isfinite(w)):
-                last[name] = (float(w), t, unconfirmed)
-    if last:
-        keys = np.array(list(last), dtype=np.str_)
-        values = np.array(list(last.values()), dtype=np.float64)
-        guard.remember_pending(keys, values[:, 0], values[:, 1])
+        watts = np.full(names.size, np.nan) if release else _watts(r, names.size)
+        keep = np.full(names.size, release) | np.isfinite(watts)
+        if unconfirmed:
+            keep &= ~np.isin(names, sorted(refused.get(r["decision_id"], ())))
+        slots = last.slots(names[keep])  # records in order: a later change overwrites
+        last["watts"][slots] = watts[keep]
+        last["time_s"][slots] = t
+        last["unconfirmed"][slots] = unconfirmed
+    if len(last):
+        guard.remember_pending(last.keys, last["watts"], last["time_s"])
         found.pending_caps = len(last)
-        found.unconfirmed = int(values[:, 2].sum())
+        found.unconfirmed = int(last["unconfirmed"].sum())
     return found
