@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +14,18 @@ import structlog
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now): for a server to take, or a refused connection."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def last_json(text: str) -> dict[str, Any]:
+    """The JSON object on the last line of a command's output (`--json`)."""
+    return dict(json.loads(text.strip().splitlines()[-1]))
 
 
 def make_snapshot(

@@ -24,6 +24,7 @@ from agent.core.situation import HealthSeverity, HealthStatus, Situation
 from agent.core.snapshot import Metric, Snapshot
 from agent.daemon import Daemon, DaemonOptions
 from agent.daemon.notify import SystemdNotify
+from agent.loop import CycleReport
 
 REPO = Path(__file__).resolve().parent.parent
 START_UNIX = 1_700_000_000.0
@@ -90,6 +91,35 @@ def in_process(
     )
     daemon.start()
     return daemon
+
+
+def drive(daemon: Daemon, wall: FakeClock, cycles: int) -> list[CycleReport]:
+    """`cycles` scheduled cycles, one interval apart on `wall`; their reports."""
+    reports = []
+    for _ in range(cycles):
+        wall.advance(daemon.interval_s)
+        report = daemon.run_cycle()
+        assert report is not None
+        reports.append(report)
+    return reports
+
+
+class Killed(BaseException):
+    """SIGKILL, in-process: nothing after it runs."""
+
+
+def gone(daemon: Daemon) -> None:
+    """An in-process daemon's process is gone (killed): its lock and audit file with it."""
+    assert daemon.lock is not None
+    daemon.lock.release()
+    daemon.runtime.audit.close()
+
+
+def capped_gpus(daemon: Daemon) -> int:
+    """How many of the daemon's twin GPUs are under their default limit."""
+    twin = daemon.runtime.twin
+    assert twin is not None
+    return int((twin.cap_w < twin.default_w).sum())
 
 
 def sample(daemon: Daemon, name: str, **labels: str) -> float | None:

@@ -3,14 +3,14 @@ what `ooda config check` must refuse because `ooda run` would."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from agent.cli import main
 from agent.core.clock import FakeClock
-from tests.daemon_helpers import START_UNIX, in_process, twin_config, write
+from tests.conftest import last_json
+from tests.daemon_helpers import START_UNIX, drive, in_process, twin_config, write
 
 LIVE_POLICY = """
 dry_run = false
@@ -32,7 +32,7 @@ def test_once_dry_run_forces_each_policy(
     cfg = tmp_path / "c.toml"
     cfg.write_text(LIVE_POLICY)
     main(["once", "--config", str(cfg), "--dry-run", "--json"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["dry_run"] is True
     assert out["intents"], "the budget is exceeded: something should be proposed"
     assert "applied" not in out["actions"], out["actions"]
@@ -50,9 +50,7 @@ def _daemon_with_relative_audit(tmp_path: Path, *, in_file: bool) -> tuple[Path,
     )
     wall = FakeClock(START_UNIX)
     daemon = in_process(cfg, state, wall=wall)
-    for _ in range(3):
-        wall.advance(15)
-        daemon.run_cycle()
+    drive(daemon, wall, 3)
     assert daemon.shutdown()
     assert (state / "audit.jsonl").stat().st_size > 0
     return cfg, state
@@ -70,13 +68,13 @@ def test_every_command_finds_a_relative_audit_log_under_the_state_dir(
     log = state / "audit.jsonl"
 
     assert main(["audit", "tail", "--config", str(cfg), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["audit_log"] == str(log) and out["records"]
     action = next(r for r in out["records"] if r.get("event") == "action")
     assert main(["explain", action["action_id"], "--config", str(cfg), "--json"]) == 0
     capsys.readouterr()
     assert main(["rollback", "--config", str(cfg), "--dry-run", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["audit_log"] == str(log) and out["caps_to_release"] > 0
     assert main(["guard", "reset", "--config", str(cfg), "--json"]) == 0
     assert main(["guard", "status", "--config", str(cfg), "--json"]) == 0
@@ -91,9 +89,9 @@ def test_state_dir_option_places_a_relative_audit_log(
     cfg, state = _daemon_with_relative_audit(tmp_path, in_file=False)  # `ooda run --state-dir`
     monkeypatch.chdir(tmp_path)
     assert main(["audit", "tail", "--config", str(cfg), "--state-dir", str(state), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["audit_log"] == str(state / "audit.jsonl") and out["records"]
     rc = main(["rollback", "--config", str(cfg), "--state-dir", str(state), "--dry-run", "--json"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["audit_log"] == str(state / "audit.jsonl")

@@ -28,6 +28,7 @@ from agent.node.server import NodeDaemon, NodeSettings
 from agent.runtime import build_runtime
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin, TwinSpec
+from tests.conftest import free_port
 from tests.node_helpers import FakeBackend, SlowGpu, make_pki, write_token
 
 pytestmark = pytest.mark.integration
@@ -398,25 +399,13 @@ def test_a_node_answer_without_a_gpu_index_fails_that_node_only(
         bad.close()
 
 
-def test_an_unreachable_node_is_backed_off_then_asked_again(tmp_path: Path) -> None:
+def test_an_unreachable_node_is_backed_off_then_asked_again(cluster: Cluster) -> None:
     """A node that does not answer is not asked again for `unreachable_backoff_s` (its timeouts
     would hold the workers and the deadline from the nodes that answer); the error says so. Once
     the back-off has passed it is asked again, and a node that answers is forgotten as down."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # nothing listens there now: connections are refused
-    write_token(tmp_path / "token")
+    port = free_port()  # nothing listens there now: connections are refused
     clock = FakeClock(1000.0)
-    settings = NodeClientSettings.model_validate(
-        {
-            "endpoints": {"node9": f"http://127.0.0.1:{port}"},
-            "token_file": tmp_path / "token",
-            "timeout_s": 0.3,
-            "retries": 0,
-        }
-    )
+    settings = cluster.settings(endpoints={"node9": f"http://127.0.0.1:{port}"}, retries=0)
     actuator = NodeCapActuator(settings, clock=clock)
     targets = GpuTargets(
         node=np.array(["node9"], dtype=np.str_),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,7 @@ from agent.core.errors import BadInputError, ConfigError
 from agent.core.snapshot import Metric
 from agent.observe.prometheus import PrometheusSource
 from agent.runtime import build_runtime, prometheus_settings
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _last_json(text: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(text.strip().splitlines()[-1])  # type: ignore[no-any-return]
+from tests.conftest import free_port, last_json
 
 
 def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
@@ -88,9 +78,9 @@ def test_once_needs_a_source_and_a_url(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_once_reports_an_outage_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert main(["once", "--prometheus", url, "--budget-w", "5000", "--json"]) == 1
-    out = _last_json(capsys.readouterr().out)
+    out = last_json(capsys.readouterr().out)
     assert out["outage"] is True and out["gpus"] == 0 and out["intents"] == []
     assert out["errors"][0].startswith(f"observe failed: prometheus {url}: connection refused")
     assert out["per_gpu"] == [] and out["fleet_power_w"] == 0
@@ -100,7 +90,7 @@ def test_once_with_a_twin_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cfg = tmp_path / "c.toml"
     cfg.write_text("[twin]\nnodes = 2\ngpus_per_node = 2\nbudget_w = 900\n")
     assert main(["once", "--config", str(cfg), "--dry-run", "--json"]) == 0
-    out = _last_json(capsys.readouterr().out)
+    out = last_json(capsys.readouterr().out)
     assert out["gpus"] == 4 and out["nodes"] == 2 and out["stale"] == 0
     assert {"node", "gpu", "uuid", "power_w", "power_limit_w", "temp_c", "util", "stale",
             "age_s"} <= set(out["per_gpu"][0])  # fmt: skip
@@ -134,7 +124,7 @@ def test_record_refuses_a_time_that_is_not_one_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], start: str, end: str
 ) -> None:
     out = tmp_path / "t.parquet"
-    url = f"http://127.0.0.1:{_closed_port()}"  # never asked: the times are refused first
+    url = f"http://127.0.0.1:{free_port()}"  # never asked: the times are refused first
     assert (
         main(["record", "--prometheus", url, "--start", start, "--end", end, "-o", str(out)]) == 2
     )
@@ -154,7 +144,7 @@ def test_record_leaves_no_partial_trace_whatever_stops_it(
 
     monkeypatch.setattr(agent.observe.record, "record_prometheus", broken)
     out = tmp_path / "t.parquet"
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RuntimeError, match="a bug"):
         main(["record", "--prometheus", url, "--start", "-1h", "-o", str(out)])
     assert not out.exists()
@@ -165,7 +155,7 @@ def test_the_recorder_refuses_non_finite_times(tmp_path: Path) -> None:
     from agent.observe.record import record_prometheus
     from agent.observe.trace import TraceWriter
 
-    source = PrometheusSource(PrometheusSettings(url=f"http://127.0.0.1:{_closed_port()}"))
+    source = PrometheusSource(PrometheusSettings(url=f"http://127.0.0.1:{free_port()}"))
     writer = TraceWriter(tmp_path / "t.parquet", time_base="unix", step_s=15, source={})
     for start, end in ((float("nan"), 1e9), (1e9, float("inf"))):
         with pytest.raises(ValueError, match="finite"):
@@ -190,10 +180,10 @@ def test_sim_record_info_and_export(tmp_path: Path, capsys: pytest.CaptureFixtur
     ]
     args += ["--fault", "dropout:node2@60+60", "-o", str(trace), "--json"]
     assert main(args) == 0
-    out = _last_json(capsys.readouterr().out)
+    out = last_json(capsys.readouterr().out)
     assert out["steps"] == 20 and out["gpus"] == 4
     assert main(["trace", "info", str(trace), "--json"]) == 0
-    info = _last_json(capsys.readouterr().out)
+    info = last_json(capsys.readouterr().out)
     assert info["time_base"] == "twin" and info["scenario"]["faults"][0]["kind"] == "dropout"
     om = tmp_path / "t.om"
     assert main(["trace", "export", "--openmetrics", str(trace), "-o", str(om)]) == 0
@@ -225,7 +215,7 @@ def test_sim_record_from_a_scenario(tmp_path: Path, capsys: pytest.CaptureFixtur
     args = ["sim", "record", "--scenario", str(scenario), "--duration", "2m", "-o", str(trace)]
     assert main(args) == 0
     assert main(["trace", "info", str(trace), "--json"]) == 0
-    info = _last_json(capsys.readouterr().out)
+    info = last_json(capsys.readouterr().out)
     assert info["gpus_max"] == 4 and info["budget_w"] == {"min": 2000.0, "max": 2000.0}
     assert info["scenario"]["seed"] == 3
     assert [f["spec"] for f in info["scenario"]["faults"]] == ["xid:node2/gpu1@30"]

@@ -4,7 +4,6 @@ client (canned answers per query shape), and its errors against a real closed po
 from __future__ import annotations
 
 import math
-import socket
 from json import loads as json_loads
 from typing import Any
 
@@ -23,6 +22,7 @@ from agent.observe.prometheus import (
     fast_series,
     lookup,
 )
+from tests.conftest import free_port
 
 NOW = 1_700_000_000.0
 MODEL = "NVIDIA H100 80GB HBM3"
@@ -227,14 +227,8 @@ def test_budget_from_promql(answer: Any, budget: float | None, error: str | None
         assert any(error in e for e in snap.errors)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreachable_prometheus_names_url_and_cause() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     source = PrometheusSource(PrometheusSettings(url=url, retries=1, timeout_s=2))
     with pytest.raises(TelemetryError) as exc:
         source.observe(NOW)

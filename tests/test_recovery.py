@@ -18,17 +18,24 @@ from agent.act.recovery import Recovered, recover, unsaved_records
 from agent.core.clock import FakeClock
 from agent.core.intents import Action, DrainNode, GpuTargets, Outcome, SetPowerCap
 from agent.daemon.service import Daemon
-from tests.daemon_helpers import START_UNIX, audit_events, in_process, twin_config, write
+from tests.conftest import make_snapshot
+from tests.daemon_helpers import (
+    START_UNIX,
+    Killed,
+    audit_events,
+    capped_gpus,
+    drive,
+    gone,
+    in_process,
+    twin_config,
+    write,
+)
 
 
-class Killed(BaseException):
-    """SIGKILL, in-process: nothing after it runs."""
-
-
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, on_exit: str = "release") -> Path:
     return write(
         tmp_path / "ooda.toml",
-        twin_config(dry_run=False, budget_w=5000, daemon_extra='on_exit = "release"'),
+        twin_config(dry_run=False, budget_w=5000, daemon_extra=f'on_exit = "{on_exit}"'),
     )
 
 
@@ -40,17 +47,9 @@ def _first_run(tmp_path: Path) -> tuple[Path, Path, FakeClock, Daemon]:
     return cfg, state, wall, first
 
 
-def _capped(daemon: Daemon) -> int:
-    twin = daemon.runtime.twin
-    assert twin is not None
-    return int((twin.cap_w < twin.default_w).sum())
-
-
-def _gone(daemon: Daemon) -> None:
-    """The process is gone: its lock and audit file with it."""
-    assert daemon.lock is not None
-    daemon.lock.release()
-    daemon.runtime.audit.close()
+def _state_file_lost(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on the agent's own state file is never written (the twin's still is)."""
+    monkeypatch.setattr(daemon.store, "save", lambda *_a, **_k: 0)
 
 
 def _recovered(state: Path) -> list[dict[str, Any]]:
@@ -62,12 +61,11 @@ def _kill_before_the_save(
 ) -> None:
     """One cycle that acts, then the agent's state file is never written (the twin is, when the
     hardware keeps what was set)."""
-    monkeypatch.setattr(daemon.store, "save", lambda *_a, **_k: 0)
+    _state_file_lost(daemon, monkeypatch)
     if not hardware_keeps:
         monkeypatch.setattr(daemon.twin_store, "save", lambda *_a, **_k: None)
-    wall.advance(15)
-    report = daemon.run_cycle()
-    assert report is not None and any(a.outcome is Outcome.APPLIED for a in report.actions)
+    (report,) = drive(daemon, wall, 1)
+    assert any(a.outcome is Outcome.APPLIED for a in report.actions)
 
 
 def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
@@ -75,30 +73,29 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
 ) -> None:
     cfg, state, wall, first = _first_run(tmp_path)
     _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=True)
-    capped = _capped(first)
+    capped = capped_gpus(first)
     assert capped > 0
-    _gone(first)
+    gone(first)
 
     second = in_process(cfg, state, wall=wall)
     guard = second.runtime.loop.guard
     assert not np.isfinite(guard.caps["live_cap_w"]).any()  # the saved state knew of none
     assert len(guard.pending) == capped  # the audit log did
-    wall.advance(15)
-    assert second.run_cycle() is not None
+    drive(second, wall, 1)
     (event,) = _recovered(state)
     assert len(event["adopted"]) == capped and not event["not_ours"]
     assert len(guard.pending) == 0
     # Ours again, so the on-exit release gives every one of them back. Without the audit log
     # they would stay capped for good: nobody owned them.
     assert second.shutdown()
-    assert _capped(second) == 0
+    assert capped_gpus(second) == 0
 
 
 def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
     # The on-exit release is made after the last cycle and saved with the state.
     cfg, state, wall, first = _first_run(tmp_path)
-    wall.advance(15)
-    assert first.run_cycle() is not None and _capped(first) > 0
+    drive(first, wall, 1)
+    assert capped_gpus(first) > 0
     assert first.shutdown()
     second = in_process(cfg, state, wall=wall)
     try:
@@ -111,37 +108,24 @@ def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
 def test_an_unreadable_state_still_leaves_the_caps_in_force_ours(tmp_path: Path) -> None:
     # The state file is lost (moved aside as unreadable): the agent starts fresh, and the audit
     # log, read whole, says which caps in force are its own.
-    cfg = write(
-        tmp_path / "ooda.toml",
-        twin_config(dry_run=False, budget_w=5000, daemon_extra='on_exit = "renew"'),
-    )
+    cfg = _config(tmp_path, on_exit="renew")
     state, wall = tmp_path / "state", FakeClock(START_UNIX)
     first = in_process(cfg, state, wall=wall)
-    for _ in range(3):
-        wall.advance(15)
-        assert first.run_cycle() is not None
+    drive(first, wall, 3)
     assert first.shutdown()  # the caps stay (renew on exit)
-    twin = first.runtime.twin
-    assert twin is not None
-    capped = twin.cap_w < twin.default_w
-    assert capped.any()
+    capped = capped_gpus(first)
+    assert capped > 0
     (state / "lab.state.json").write_text("{")
 
     second = in_process(cfg, state, wall=wall)
     try:
         assert not second.restored
-        wall.advance(15)
-        report = second.run_cycle()
-        assert report is not None
+        (report,) = drive(second, wall, 1)
         (event,) = _recovered(state)
-        assert len(event["adopted"]) == int(capped.sum())
+        assert len(event["adopted"]) == capped
         guard = second.runtime.loop.guard
-        t2 = second.runtime.twin
-        assert t2 is not None
-        still = t2.cap_w < t2.default_w
-        uuids = report.snapshot.uuid  # the twin's GPUs in the snapshot's order
-        owned = guard.capped_by_us(uuids, recorded=False)
-        assert int(owned.sum()) >= int(still.sum()) > 0
+        owned = guard.capped_by_us(report.snapshot.uuid, recorded=False)
+        assert int(owned.sum()) >= capped_gpus(second) > 0
     finally:
         second.shutdown()
 
@@ -153,14 +137,13 @@ def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
     # the log names are not there, so none is claimed.
     cfg, state, wall, first = _first_run(tmp_path)
     _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=False)
-    _gone(first)
+    gone(first)
 
     second = in_process(cfg, state, wall=wall)
     try:
         pending = len(second.runtime.loop.guard.pending)
         assert pending > 0
-        wall.advance(15)
-        assert second.run_cycle() is not None  # settled before the policies decide
+        drive(second, wall, 1)  # settled before the policies decide
         (event,) = _recovered(state)
         assert len(event["not_ours"]) == pending and not event["adopted"]
         assert len(second.runtime.loop.guard.pending) == 0
@@ -189,33 +172,25 @@ def test_a_kill_while_the_actuator_runs_leaves_decisions_whose_caps_telemetry_co
     assert any(r["event"] == "decision" for r in records)
     assert not any(r["event"] == "action" for r in records)
     # The hardware keeps the caps: only the twin is saved.
-    monkeypatch.setattr(first.store, "save", lambda *_a, **_k: 0)
+    _state_file_lost(first, monkeypatch)
     assert first.save_state()
-    capped = _capped(first)
-    _gone(first)
+    capped = capped_gpus(first)
+    gone(first)
 
     second = in_process(cfg, state, wall=wall)
-    wall.advance(15)
-    assert second.run_cycle() is not None
+    drive(second, wall, 1)
     (event,) = _recovered(state)
     assert len(event["adopted"]) == capped > 0
     assert second.shutdown()
-    assert _capped(second) == 0
+    assert capped_gpus(second) == 0
 
 
 # -- which records a save covers -------------------------------------------------------------------
 
 
-def _targets(n: int, node: str = "node1") -> GpuTargets:
-    return GpuTargets(
-        np.array([node] * n, dtype=np.str_),
-        np.arange(n, dtype=np.int64),
-        np.array([f"GPU-{node}-{i}" for i in range(n)], dtype=np.str_),
-    )
-
-
 def _cycle(audit: AuditLog, run: str, cycle: int, t: float, watts: float, act: bool) -> None:
-    intent = SetPowerCap(policy="p", reason="r", targets=_targets(2), watts=np.full(2, watts))
+    targets = GpuTargets.from_rows(make_snapshot([0.0, 0.0]), [0, 1])  # node1/gpu0, node1/gpu1
+    intent = SetPowerCap(policy="p", reason="r", targets=targets, watts=np.full(2, watts))
     decision_id = f"d-{run}-{cycle:06d}-0001"
     audit.decision(decision_id, intent, False, t)
     if act:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ import pytest
 from agent.act.slurm import SlurmPlacement
 from agent.core.errors import TelemetryError
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from tests.conftest import free_port
 from tests.integration.alertmanager import Alertmanager
 from tests.integration.slurm_cluster import SlurmCluster, missing_tools, settings_for
 
 SCRAPE_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary(name: str) -> str:
@@ -164,10 +158,6 @@ def ooda(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str
         timeout=timeout_s,
         check=False,
     )
-
-
-def last_json(text: str) -> dict[str, Any]:
-    return dict(json.loads(text.strip().splitlines()[-1]))
 
 
 # -- Slurm and Alertmanager ------------------------------------------------------------------

@@ -42,8 +42,9 @@ from agent.node.server import NodeDaemon, NodeSettings
 from agent.runtime import Runtime, build_runtime, twin_spec
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin
+from tests.conftest import last_json
 from tests.integration.alertmanager import Alertmanager
-from tests.integration.conftest import last_json, ooda
+from tests.integration.conftest import ooda
 from tests.integration.slurm_cluster import SlurmCluster, wait_until
 from tests.node_helpers import write_token
 

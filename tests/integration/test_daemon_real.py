@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
-from tests.integration.conftest import PrometheusFactory, last_json
+from tests.integration.conftest import PrometheusFactory
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,8 @@ from agent.orient.orienter import Orienter
 from agent.runtime import build_runtime
 from agent.sim.adapters import TwinSource
 from policies.power_budget import PowerBudget, PowerBudgetSettings
-from tests.integration.conftest import PrometheusFactory, free_port
+from tests.conftest import free_port
+from tests.integration.conftest import PrometheusFactory
 from tests.integration.slurm_cluster import SlurmCluster
 from tests.node_helpers import write_token
 from tests.test_faults import assert_every_action_has_its_decision, audit_lines

@@ -31,15 +31,8 @@ from agent.observe.trace import TraceWriter
 from agent.runtime import build_runtime
 from agent.sim.exporter import SimServer, dcgm_metric_values
 from agent.sim.twin import TwinSpec
-from tests.integration.conftest import (
-    SCRAPE_S,
-    Prometheus,
-    PrometheusFactory,
-    free_port,
-    last_json,
-    ooda,
-    scrape_yaml,
-)
+from tests.conftest import free_port, last_json
+from tests.integration.conftest import SCRAPE_S, Prometheus, PrometheusFactory, ooda, scrape_yaml
 
 pytestmark = pytest.mark.integration
 

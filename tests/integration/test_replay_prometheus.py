@@ -12,7 +12,8 @@ import pytest
 from agent.demo import uncapped_demand_w
 from agent.replay.twin_trace import run_twin
 from agent.sim.twin import BudgetSchedule, TwinSpec
-from tests.integration.conftest import PrometheusFactory, last_json, ooda
+from tests.conftest import last_json
+from tests.integration.conftest import PrometheusFactory, ooda
 
 pytestmark = pytest.mark.integration
 
