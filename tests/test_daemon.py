@@ -335,8 +335,9 @@ def test_an_unusable_state_dir_is_a_config_error_naming_it(
     (state_dir / "lab.lock").rmdir()
     # A read-only mount (root can write anywhere else): the access check says so.
     real_access = os.access
-    monkeypatch.setattr(
-        "agent.daemon.service.os.access",
+    monkeypatch.setattr(  # process-wide: os.access is the one the daemon calls
+        os,
+        "access",
         lambda path, mode: False if Path(path) == state_dir else real_access(path, mode),
     )
     with pytest.raises(BadInputError, match=r"daemon\.state_dir: .*not writable"):
@@ -387,12 +388,12 @@ def test_an_interval_the_scheduler_cannot_take_is_a_config_error(
     tmp_path: Path, key: str, value: str
 ) -> None:
     # inf or a huge interval overflowed APScheduler at start (a traceback naming no key).
-    cfg = write(
-        tmp_path / "ooda.toml",
-        twin_config(daemon_extra=f"{key} = {value}").replace(
-            "interval_s = 15.0\n", "" if key == "interval_s" else "interval_s = 15.0\n"
-        ),
+    text = (
+        twin_config(interval_s=float(value))
+        if key == "interval_s"
+        else twin_config(daemon_extra=f"{key} = {value}")
     )
+    cfg = write(tmp_path / "ooda.toml", text)
     with pytest.raises(BadInputError, match=rf"daemon\.{key}"):
         in_process(cfg, tmp_path / "state")
 
@@ -405,7 +406,6 @@ def test_a_reload_the_scheduler_refuses_keeps_the_old_runtime(
     cfg = write(tmp_path / "ooda.toml", twin_config(dry_run=False))
     wall = FakeClock(START_UNIX)
     daemon = in_process(cfg, tmp_path / "state", wall=wall)
-    daemon.start_scheduler()
     try:
         old = daemon.runtime
 
@@ -421,10 +421,6 @@ def test_a_reload_the_scheduler_refuses_keeps_the_old_runtime(
         audit = tmp_path / "state" / "audit.jsonl"
         before = audit.stat().st_size
         monkeypatch.undo()
-        assert daemon._scheduler is not None
-        daemon._scheduler.pause()  # its own cycles (real time) must not race the driven one
-        with daemon._cycle_lock:  # one of them may be running: wait for it
-            pass
         assert drive(daemon, wall, 1)[0] is not None  # the old runtime runs on, its log open
         assert audit.stat().st_size > before
         assert sample(daemon, "ooda_config_reloads_total", result="refused") == 1

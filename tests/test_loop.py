@@ -13,7 +13,7 @@ from agent.act.executor import Actuators, Executor, RecordingCapActuator
 from agent.act.guard import Guard
 from agent.core.clock import FakeClock
 from agent.core.errors import TelemetryError
-from agent.core.intents import GpuTargets, Intent, Outcome, SetPowerCap
+from agent.core.intents import Action, GpuTargets, Intent, Outcome, SetPowerCap
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 from agent.loop import Loop
@@ -189,16 +189,16 @@ def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_aga
     loop.guard.remember_pending(
         names, np.array([300.0, 320.0, np.nan, 300.0]), np.array([490.0, 490.0, 490.0, 490.0])
     )
-    loop.guard.caps.slots(np.array(["GPU-0002"]))  # the cap the release ended was ours
-    loop.guard.caps["live_cap_w"][:] = 250.0
+    ours = SetPowerCap(  # the cap the release ended was ours
+        policy="p", reason="r", targets=GpuTargets.from_rows(snap, [2]), watts=np.array([250.0])
+    )
+    loop.guard.record(Action("a0", "d0", ours, Outcome.APPLIED, False), 0.0)
     loop.cycle()
     assert caps.adopted == [(["node1/gpu0"], [300.0])]
     owned = loop.guard.capped_by_us(snap.uuid, recorded=False)
     assert owned.tolist() == [True, False, False, False]
-    assert (
-        loop.guard.caps["last_change_s"][loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]][0]
-        == 490.0
-    )  # its cooldown runs from when it was set
+    slot = loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]
+    assert loop.guard.caps["last_change_s"][slot].tolist() == [490.0]  # cooldown from then
     assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
 
 
