@@ -34,6 +34,34 @@ def _snap(t: float, power: list[float], stale: list[bool] | None = None, **kw: o
     return snap
 
 
+def _gpus(
+    t: float,
+    uuid: list[str],
+    values: dict[Metric, list[float]],
+    *,
+    node: list[str] | None = None,
+    gpu: list[int] | None = None,
+    job: list[str] | None = None,
+    age_s: list[float] | None = None,
+    stale: list[bool] | None = None,
+    labels: dict[str, list[str]] | None = None,
+) -> Snapshot:
+    """GPUs of model "m" on node n1 (indexes 0..n-1), idle, seen now, unless told otherwise."""
+    n = len(uuid)
+    return build_snapshot(
+        time_s=t,
+        node_of_gpu=node or ["n1"] * n,
+        gpu=list(range(n)) if gpu is None else gpu,
+        uuid=uuid,
+        model=["m"] * n,
+        job=job or [""] * n,
+        values=values,
+        age_s=age_s or [0.0] * n,
+        stale=stale or [False] * n,
+        labels=labels,
+    )
+
+
 def test_round_trip_keeps_values_gaps_and_identity(tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
     written = []
@@ -240,14 +268,12 @@ def _round_trip(path: Path, snap: Snapshot) -> Snapshot:
 def test_snapshot_with_unseen_gpus(tmp_path: Path) -> None:
     """A GPU not seen yet at a step (age NaN) is left out of that step's Snapshot."""
     path = tmp_path / "t.parquet"
-    snap = build_snapshot(
-        time_s=0.0,
-        node_of_gpu=["a", "b"],
+    snap = _gpus(
+        0.0,
+        ["u1", "u2"],
+        {Metric.POWER_W: [1.0, math.nan]},
+        node=["a", "b"],
         gpu=[0, 0],
-        uuid=["u1", "u2"],
-        model=["m", "m"],
-        job=["", ""],
-        values={Metric.POWER_W: [1.0, math.nan]},
         age_s=[0.0, math.nan],
         stale=[False, True],
     )
@@ -309,19 +335,35 @@ class _RangeAnswers:
         pass
 
 
+def _record(
+    path: Path,
+    answers: _RangeAnswers,
+    steps: int,
+    settings: PrometheusSettings | None = None,
+    **kw: Any,
+) -> list[Snapshot]:
+    """`steps` steps (15 s apart, from `_RangeAnswers.T0`) recorded through a PrometheusSource on
+    `answers` into `path` (with the settings' extra labels), read back."""
+    settings = settings or PrometheusSettings(scrape_interval_s=15)
+    source = PrometheusSource(settings, client=answers)  # type: ignore[arg-type]
+    t0 = _RangeAnswers.T0
+    metrics = list(source.value_metrics.values())
+    with TraceWriter(
+        path, time_base="unix", step_s=15, source={}, metrics=metrics, labels=settings.extra_labels
+    ) as w:
+        record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * (steps - 1), step_s=15, **kw)
+    return list(TraceReader(path).snapshots())
+
+
 def test_recorded_budget_is_screened_as_the_live_source_screens_it(tmp_path: Path) -> None:
     """The live source takes no budget from 0 W, a negative or a non-finite reading; a trace
     recorded from the same Prometheus holds none there either (replay would see 0 W)."""
-    source = PrometheusSource(
+    snaps = _record(
+        tmp_path / "t.parquet",
+        _RangeAnswers(_on_n1("0"), ["5000", "0", "-1", "NaN", "+Inf"]),
+        5,
         PrometheusSettings(scrape_interval_s=15, budget_query="facility_budget"),
-        client=_RangeAnswers(_on_n1("0"), ["5000", "0", "-1", "NaN", "+Inf"]),  # type: ignore[arg-type]
     )
-    path = tmp_path / "t.parquet"
-    t0 = _RangeAnswers.T0
-    metrics = list(source.value_metrics.values())
-    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
-        record_prometheus(source, w, start_s=t0, end_s=t0 + 60, step_s=15)
-    snaps = list(TraceReader(path).snapshots())
     assert [s.budget_w for s in snaps] == [5000.0, None, None, None, None]
     assert [s.column(Metric.POWER_W)[0][0] for s in snaps] == [300.0] * 5
 
@@ -329,21 +371,15 @@ def test_recorded_budget_is_screened_as_the_live_source_screens_it(tmp_path: Pat
 def test_a_value_the_column_cannot_hold_is_missing_not_another_number(tmp_path: Path) -> None:
     """Power is int32 mW (to 2,147 kW), energy int64 mJ, others float32: a broken exporter's
     3,000,000 W would wrap to -2,147,483 W; out of range reads back missing instead."""
-    snap = build_snapshot(
-        time_s=100.0,
-        node_of_gpu=["n1"] * 3,
-        gpu=[0, 1, 2],
-        uuid=["A", "B", "C"],
-        model=["m"] * 3,
-        job=["", "", ""],
-        values={
+    snap = _gpus(
+        100.0,
+        ["A", "B", "C"],
+        {
             Metric.POWER_W: [3.0e6, 300.0, -3.0e6],
             Metric.POWER_LIMIT_W: [2_147_483.0, 2_147_484.0, -2_147_483.0],
             Metric.ENERGY_J: [1e17, 5.0e6, 9.2e15],
             Metric.TEMP_C: [1e39, 50.0, -1e39],
         },
-        age_s=[0.0, 0.0, 0.0],
-        stale=[False, False, False],
     )
     back = _round_trip(tmp_path / "t.parquet", snap)
     np.testing.assert_array_equal(back.column(Metric.POWER_W)[0], [np.nan, 300.0, np.nan])
@@ -356,17 +392,7 @@ def test_a_value_the_column_cannot_hold_is_missing_not_another_number(tmp_path: 
 
 
 def test_a_gpu_index_the_gpu_column_cannot_hold_is_refused_not_wrapped(tmp_path: Path) -> None:
-    snap = build_snapshot(
-        time_s=0.0,
-        node_of_gpu=["n1", "n1"],
-        gpu=[0, 40_000],
-        uuid=["A", "B"],
-        model=["m", "m"],
-        job=["", ""],
-        values={Metric.POWER_W: [1.0, 2.0]},
-        age_s=[0.0, 0.0],
-        stale=[False, False],
-    )
+    snap = _gpus(0.0, ["A", "B"], {Metric.POWER_W: [1.0, 2.0]}, gpu=[0, 40_000])
     w = TraceWriter(tmp_path / "t.parquet", time_base="twin", step_s=1, source={})
     w.append(snap)
     with pytest.raises(ValueError, match=r"GPU index 40000 of 'B' on node 'n1' does not fit"):
@@ -377,28 +403,18 @@ def test_a_gpu_index_the_gpu_column_cannot_hold_is_refused_not_wrapped(tmp_path:
 def test_the_recorder_leaves_out_a_gpu_index_a_trace_cannot_hold(tmp_path: Path) -> None:
     """A series with gpu="40000" is as unusable as one without an index: the other GPUs are
     recorded, and no index is wrapped to another."""
-    fake: Any = _RangeAnswers(_on_n1("0", "40000"))
-    source = PrometheusSource(PrometheusSettings(scrape_interval_s=15), client=fake)
-    path = tmp_path / "t.parquet"
-    t0 = _RangeAnswers.T0
-    metrics = list(source.value_metrics.values())
-    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
-        record_prometheus(source, w, start_s=t0, end_s=t0 + 30, step_s=15)
-    snaps = list(TraceReader(path).snapshots())
+    snaps = _record(tmp_path / "t.parquet", _RangeAnswers(_on_n1("0", "40000")), 3)
     assert [list(s.uuid) for s in snaps] == [["U0"]] * 3
 
 
-def _labelled(t: float, nodes: list[str], gpus: list[int], priority: list[str]):  # type: ignore[no-untyped-def]
-    return build_snapshot(
-        time_s=t,
-        node_of_gpu=nodes,
+def _labelled(t: float, nodes: list[str], gpus: list[int], priority: list[str]) -> Snapshot:
+    return _gpus(
+        t,
+        ["A", "B"],
+        {Metric.POWER_W: [100.0, 300.0]},
+        node=nodes,
         gpu=gpus,
-        uuid=["A", "B"],
-        model=["m", "m"],
         job=["" if p == "0" else "j7" for p in priority],
-        values={Metric.POWER_W: [100.0, 300.0]},
-        age_s=[0.0, 0.0],
-        stale=[False, False],
         labels={"priority": priority},
     )
 
@@ -481,15 +497,7 @@ def test_the_recorder_keeps_the_group_label_per_step(tmp_path: Path) -> None:
     its step), and a GPU gone silent keeps its last label while it is stale, across chunks, as the
     live source keeps a stale GPU's labels from its inventory."""
     settings = PrometheusSettings(scrape_interval_s=15, extra_labels=("rack",))
-    source = PrometheusSource(settings, client=_RangeAnswers(_racked()))  # type: ignore[arg-type]
-    path = tmp_path / "t.parquet"
-    t0 = _RangeAnswers.T0
-    metrics = list(source.value_metrics.values())
-    with TraceWriter(
-        path, time_base="unix", step_s=15, source={}, metrics=metrics, labels=["rack"]
-    ) as w:
-        record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * 69, step_s=15, max_points=40)
-    snaps = list(TraceReader(path).snapshots())
+    snaps = _record(tmp_path / "t.parquet", _RangeAnswers(_racked()), 70, settings, max_points=40)
     assert len(snaps) == 70
     racks = [list(s.labels["rack"]) for s in snaps]
     assert racks[0] == ["r1", "r2"] and racks[29] == ["r1", "r2"] and racks[30] == ["r9", "r2"]
@@ -510,15 +518,7 @@ def _moved() -> list[tuple[dict[str, str], Callable[[int], bool]]]:
 def test_the_recorder_keeps_a_moved_gpu_once(tmp_path: Path) -> None:
     """A GPU that moved host is one GPU at every step, within a chunk and across chunks: its old
     key, stale, is left out wherever its new one is fresh."""
-    source = PrometheusSource(
-        PrometheusSettings(scrape_interval_s=15), client=_RangeAnswers(_moved())
-    )  # type: ignore[arg-type]
-    path = tmp_path / "t.parquet"
-    t0 = _RangeAnswers.T0
-    metrics = list(source.value_metrics.values())
-    with TraceWriter(path, time_base="unix", step_s=15, source={}, metrics=metrics) as w:
-        record_prometheus(source, w, start_s=t0, end_s=t0 + 15 * 69, step_s=15, max_points=40)
-    snaps = list(TraceReader(path).snapshots())
+    snaps = _record(tmp_path / "t.parquet", _RangeAnswers(_moved()), 70, max_points=40)
     assert len(snaps) == 70
     for snap in snaps:
         assert sorted(snap.uuid.tolist()) == ["U0", "U1"], snap.time_s
