@@ -29,6 +29,7 @@ from agent.runtime import build_runtime
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin, TwinSpec
 from tests.conftest import free_port
+from tests.http_helpers import LoopbackServer
 from tests.node_helpers import FakeBackend, SlowGpu, make_pki, write_token
 
 pytestmark = pytest.mark.integration
@@ -336,38 +337,11 @@ def test_config_errors_name_the_key(actuators: dict[str, object], message: str) 
     assert message in str(exc.value), str(exc.value)
 
 
-class _Misbehaving:
+def _misbehaving(body: bytes, listing: bytes, port: int = 0) -> LoopbackServer:
     """A 'node daemon' on loopback that answers 200 with `listing` to a GET, `body` otherwise."""
-
-    def __init__(self, body: bytes, listing: bytes, port: int = 0) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                answer = listing if self.command == "GET" else body
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def do_GET(self) -> None:
-                self._answer()
-
-            def do_PUT(self) -> None:
-                self._answer()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return LoopbackServer(
+        lambda method, *_: (200, "application/json", listing if method == "GET" else body), port
+    )
 
 
 @pytest.mark.parametrize("index", ["null", '"0"', "true", "-1", "1.5"])
@@ -376,7 +350,7 @@ def test_a_node_answer_without_a_gpu_index_fails_that_node_only(
 ) -> None:
     """A node whose answer names no integer GPU index is that node's per-target error: the
     healthy node's cap is still set and reported, and nothing raises."""
-    bad = _Misbehaving(
+    bad = _misbehaving(
         b'{"results": [{"index": %s, "ok": true, "before_w": 700}]}' % index.encode(),
         b'[{"index": %s, "uuid": "GPU-x", "max_w": 700}]' % index.encode(),
     )
@@ -419,7 +393,7 @@ def test_an_unreachable_node_is_backed_off_then_asked_again(cluster: Cluster) ->
         assert "1 times in a row" in again.errors[0]
         assert "not asked again for 30 s" in again.errors[0]
         clock.advance(31.0)
-        node = _Misbehaving(
+        node = _misbehaving(
             b'{"results": [{"index": 0, "ok": true, "before_w": 700}]}', b"[]", port
         )
         try:

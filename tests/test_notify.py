@@ -4,11 +4,9 @@ answers), and the alert they build. The real Alertmanager is in tests/integratio
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from agent.act.notify import AlertmanagerNotifier, NotifySettings, WebhookNotifi
 from agent.core.clock import FakeClock
 from agent.core.errors import ActuatorError
 from agent.core.intents import Notify, Severity
+from tests.http_helpers import LoopbackServer
 
 
 class Hook:
@@ -26,32 +25,20 @@ class Hook:
         self.requests: list[tuple[str, dict[str, str], Any]] = []
         self.statuses: list[int] = []
         self.delay_s = 0.0
-        hook = self
+        self.server = LoopbackServer(self._answer)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                hook.requests.append((self.path, dict(self.headers), json.loads(body)))
-                if hook.delay_s:
-                    time.sleep(hook.delay_s)
-                status = hook.statuses.pop(0) if hook.statuses else 200
-                payload = b"nope: bad alert" if status >= 400 else b"{}"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def _answer(
+        self, _method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, str, bytes]:
+        self.requests.append((path, headers, json.loads(body)))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        status = self.statuses.pop(0) if self.statuses else 200
+        return status, "application/json", b"nope: bad alert" if status >= 400 else b"{}"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from agent.orient.orienter import Orienter
 from agent.runtime import build_runtime
 from agent.sim.adapters import TwinSource
 from policies.power_budget import PowerBudget, PowerBudgetSettings
-from tests.conftest import free_port
+from tests.http_helpers import LoopbackServer
 from tests.integration.conftest import PrometheusFactory
 from tests.integration.slurm_cluster import SlurmCluster
 from tests.node_helpers import write_token
@@ -255,34 +253,10 @@ def test_slurmctld_down_no_drain_without_node_states_and_the_loop_goes_on(
 # -- broken samples and hostile labels through a real Prometheus ---------------------------------
 
 
-class StaticExporter:
+def static_exporter(text: str) -> LoopbackServer:
     """A loopback exporter serving fixed text (what a broken dcgm-exporter might send)."""
-
-    def __init__(self, text: str) -> None:
-        body = text.encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    body = text.encode()
+    return LoopbackServer(lambda *_: (200, "text/plain; version=0.0.4", body))
 
 
 def _label_value(value: str) -> str:
@@ -310,9 +284,9 @@ def test_nan_negative_absurd_and_duplicated_samples_through_a_real_prometheus(
         ("n1", 2, -50.0, "a"),
         ("n1", 3, 1e9, "a"),
     ]
-    one = StaticExporter(_exposition(rows))
+    one = static_exporter(_exposition(rows))
     # A second exporter serves n1/gpu0 again (two scrape jobs for one GPU): a duplicate.
-    two = StaticExporter(_exposition([("n1", 0, 460.0, "a")]))
+    two = static_exporter(_exposition([("n1", 0, 460.0, "a")]))
     try:
         prom = prometheus_factory({"dcgm": [one.target], "dcgm-again": [two.target]})
         prom.wait_for_gpus(4, timeout_s=30.0)
@@ -358,7 +332,7 @@ def test_hostile_configured_label_values_match_exactly_in_a_real_prometheus(
     hostile = ['a"}) or vector(1) #', "b\\", "c\nd", 'e",cluster!="', ".*", "f|a"]
     rows = [(f"h{i}", 0, 100.0 + i, value) for i, value in enumerate(hostile)]
     rows.append(("plain", 0, 999.0, "a"))
-    exporter = StaticExporter(_exposition(rows))
+    exporter = static_exporter(_exposition(rows))
     try:
         prom = prometheus_factory({"dcgm": [exporter.target]})
         prom.wait_for_gpus(len(rows), timeout_s=30.0)
