@@ -78,10 +78,13 @@ def states(
 
 
 def situation(
-    nodes: NodeStates | None = None, stale_nodes: tuple[int, ...] = (), n_nodes: int = N_NODES
+    nodes: NodeStates | None = None,
+    stale_nodes: tuple[int, ...] = (),
+    n_nodes: int = N_NODES,
+    limit_w: float = 700.0,
 ) -> Situation:
     stale = [i // 4 + 1 in stale_nodes for i in range(4 * n_nodes)]
-    snap = make_snapshot([500.0] * (4 * n_nodes), stale=stale)
+    snap = make_snapshot([500.0] * (4 * n_nodes), stale=stale, limit_w=limit_w)
     assert snap.node_names.tolist() == node_order(n_nodes)
     return Orienter().orient(snap, None, nodes if nodes is not None else states(n_nodes))
 
@@ -533,8 +536,8 @@ def test_requeue_needs_a_node_whose_scope_can_be_checked() -> None:
 
 
 def _one_gpu(limit_w: float) -> tuple[Situation, GpuTargets]:
-    snap = make_snapshot([500.0] * 8, limit_w=limit_w)
-    return Orienter().orient(snap, None, states(2)), GpuTargets.from_rows(snap, [0])
+    sit = situation(n_nodes=2, limit_w=limit_w)
+    return sit, GpuTargets.from_rows(sit.snapshot, [0])
 
 
 def test_a_cap_only_recorded_by_a_dry_policy_is_not_ours_to_release_live() -> None:

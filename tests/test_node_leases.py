@@ -9,7 +9,7 @@ import pytest
 
 from agent.core.clock import FakeClock
 from agent.node.leases import CapRequestError, CapState, LeaseManager, OnExit, OnStart
-from tests.node_helpers import FakeBackend, FakeGpu
+from tests.node_helpers import FakeBackend, FakeGpu, unix_node_daemon, write_token
 
 
 def _manager(
@@ -191,7 +191,6 @@ def test_a_lease_lasts_no_longer_than_granted_when_the_clock_steps_back() -> Non
 
 def test_the_node_daemon_times_leases_on_a_monotonic_clock(tmp_path: Path) -> None:
     from agent.core.clock import MonotonicClock
-    from tests.node_helpers import unix_node_daemon, write_token
 
     write_token(tmp_path / "token")
     daemon = unix_node_daemon(tmp_path, [FakeGpu(0)])
