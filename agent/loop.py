@@ -7,7 +7,6 @@ actuators. Nothing here sleeps or reads the wall clock: time comes from the inje
 from __future__ import annotations
 
 import itertools
-import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +21,7 @@ import structlog
 from agent.act.audit import AuditLog
 from agent.act.executor import Executor
 from agent.act.guard import Guard, Refusal, Review
-from agent.core.clock import Clock
+from agent.core.clock import Clock, as_time_s
 from agent.core.intents import (
     Action,
     GpuTargets,
@@ -136,11 +135,10 @@ class Loop:
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
         last = data.get("last_cycle_s")
-        if last is not None and (
-            isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last)
-        ):
+        last_s = as_time_s(last)
+        if last is not None and last_s is None:
             raise ValueError(f"last_cycle_s: not a time: {last!r}")
-        self._last_now = None if last is None else float(last)
+        self._last_now = last_s
 
     def _adopt_pending(self, situation: Situation, now: float, errors: list[str]) -> None:
         """Settle the cap changes a restart found in the audit log (agent.act.recovery)

@@ -24,7 +24,6 @@ Advice (dry-run records) is not recovered: it is recorded again at the next cycl
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from agent.act.audit import ReadStats, audit_files, file_records
 from agent.act.guard import Guard
+from agent.core.clock import as_time_s
 from agent.core.intents import (
     Action,
     DrainNode,
@@ -64,10 +64,7 @@ class Recovered:
 
 
 def _time(record: dict[str, Any]) -> float | None:
-    t = record.get("time_s")
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-        return None
-    return float(t)
+    return as_time_s(record.get("time_s"))
 
 
 def _loop_records(file: Path, found: Recovered) -> list[dict[str, Any]]:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Protocol, runtime_checkable
+
+
+def as_time_s(value: object) -> float | None:
+    """`value` as seconds when it is a finite number (a boolean is not one), else None: for
+    times read back from saved JSON, where anything may stand."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 @runtime_checkable

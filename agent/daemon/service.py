@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
 from agent.config import Config, force_dry_run, load_config, state_dir
-from agent.core.clock import Clock, SystemClock
+from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.intents import GpuTargets, ReleasePowerCap
 from agent.core.protocols import CapLeaseRenewer, Persistent
@@ -401,9 +401,8 @@ class Daemon:
         audit_path = self.runtime.audit.path
         if audit_path is None:
             return
-        saved_s = -math.inf
-        if isinstance(saved_clock_s, int | float) and math.isfinite(saved_clock_s):  # from JSON
-            saved_s = float(saved_clock_s)
+        saved = as_time_s(saved_clock_s)  # read from JSON
+        saved_s = -math.inf if saved is None else saved
         try:
             found = recover(self.runtime.loop.guard, audit_path, saved_s)
         except Exception as exc:  # the agent starts all the same, and says so
