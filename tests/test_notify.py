@@ -85,22 +85,29 @@ def test_webhook_posts_one_json_object(hook: Hook) -> None:
 
 
 def test_evidence_not_known_is_sent_as_null(hook: Hook) -> None:
-    """NaN and infinities in the evidence (a reading not known) go out as strict JSON nulls;
-    httpx's own encoder would raise on them."""
-    notifier = WebhookNotifier(settings(f"{hook.url}/h"), "lab", FakeClock(0.0))
+    """NaN and infinities in the evidence (a reading not known) go out as strict JSON nulls,
+    in a webhook's body and in an alert's annotation; httpx's own encoder would raise on them,
+    and a `NaN` inside the annotation's text is not JSON."""
     note = intent()
-    notifier.notify(
-        Notify(
-            policy=note.policy,
-            reason=note.reason,
-            target=note.target,
-            severity=note.severity,
-            evidence={"fleet_power_w": float("nan"), "headroom_w": float("-inf"), "xid": 79},
-        )
+    unknown = Notify(
+        policy=note.policy,
+        reason=note.reason,
+        target=note.target,
+        severity=note.severity,
+        evidence={"fleet_power_w": float("nan"), "headroom_w": float("-inf"), "xid": 79},
     )
+    WebhookNotifier(settings(f"{hook.url}/h"), "lab", FakeClock(0.0)).notify(unknown)
     _path, headers, body = hook.requests[0]
     assert headers["Content-Type"] == "application/json"
-    assert body["evidence"] == {"fleet_power_w": None, "headroom_w": None, "xid": 79}
+    want = {"fleet_power_w": None, "headroom_w": None, "xid": 79}
+    assert body["evidence"] == want
+    alertmanager = NotifySettings(kind="alertmanager", url=hook.url)
+    alert = AlertmanagerNotifier(alertmanager, "lab", FakeClock(0.0)).alert(unknown)
+    assert json.loads(alert["annotations"]["evidence"], parse_constant=_no_constant) == want
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def test_retries_server_errors_then_succeeds(hook: Hook) -> None:

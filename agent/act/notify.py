@@ -15,7 +15,6 @@ failure is an ActuatorError naming the URL and the answer.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -74,7 +73,7 @@ def _iso(unix_s: float) -> str:
 
 
 def _evidence_text(intent: Notify) -> str:
-    text = json.dumps(jsonable(intent.evidence), sort_keys=True, default=str)
+    text = strict_json(intent.evidence)  # NaN and infinities as null: readers parse it
     return text if len(text) <= MAX_EVIDENCE_CHARS else text[: MAX_EVIDENCE_CHARS - 3] + "..."
 
 
