@@ -202,6 +202,20 @@ def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_aga
     assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
 
 
+def test_a_found_cap_is_matched_as_the_guard_clipped_it() -> None:
+    # The log holds the policy's 150 W (a decision whose action was never recorded); the guard
+    # sent the H100's 200 W floor, which is what telemetry shows.
+    snap = make_snapshot([200.0] * 4, limit_w=[200.0, 700.0, 700.0, 700.0], time_s=500)
+    loop, _, _ = build(FakeSource([snap]))
+    caps = AdoptingCaps()
+    loop.executor.actuators.caps = caps
+    loop.guard.remember_pending(np.array(["node1/gpu0"]), np.array([150.0]), np.array([490.0]))
+    loop.cycle()
+    assert caps.adopted == [(["node1/gpu0"], [200.0])]
+    slot = loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]
+    assert loop.guard.caps["our_cap_w"][slot].tolist() == [200.0]
+
+
 class CapsJobA(BasePolicy[PolicySettings, PolicyMemory]):
     """Caps every GPU that runs job "a" (a stand-in for a per-job policy such as
     energy_efficiency)."""

@@ -83,7 +83,7 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     assert len(guard.pending) == capped  # the audit log did
     drive(second, wall, 1)
     (event,) = _recovered(state)
-    assert len(event["adopted"]) == capped and not event["not_ours"]
+    assert len(event["adopted"]) == capped and not event["not_in_force"]
     assert len(guard.pending) == 0
     # Ours again, so the on-exit release gives every one of them back. Without the audit log
     # they would stay capped for good: nobody owned them.
@@ -145,7 +145,7 @@ def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
         assert pending > 0
         drive(second, wall, 1)  # settled before the policies decide
         (event,) = _recovered(state)
-        assert len(event["not_ours"]) == pending and not event["adopted"]
+        assert len(event["not_in_force"]) == pending and not event["adopted"]
         assert len(second.runtime.loop.guard.pending) == 0
     finally:
         second.shutdown()

@@ -772,9 +772,9 @@ class Guard:
     def adopt_pending(self, situation: Situation, now_s: float) -> Settled | None:
         """Settle the pending changes on GPUs seen fresh with a known cap: a cap in force as
         we set it (within the dead band) becomes ours; a release found done (the GPU at its
-        default) ends our ownership; any other is not ours (never done, or changed since).
-        Pending changes older than `PENDING_HOLD_S` are given up. None when nothing was
-        settled."""
+        default) ends our ownership; any other is not in force (never done, or changed since),
+        and ownership stays as it was. Pending changes older than `PENDING_HOLD_S` are given up.
+        None when nothing was settled."""
         if len(self.pending) == 0:
             return None
         snap = situation.snapshot
@@ -783,13 +783,17 @@ class Guard:
         known = np.zeros(len(self.pending), dtype=bool)
         in_force = known.copy()
         row = np.full(len(self.pending), -1, dtype=np.int64)
+        target = watts.copy()  # the cap each change would leave in force
         if snap.n_gpus:
             names = gpu_names(snap.node_names[snap.node], snap.gpu)
             row = RowIndex(names).positions(self.pending.keys.astype(np.str_))
             seen = row >= 0
             at = np.where(seen, row, 0)
             cap = situation.cap_w[at]
-            target = np.where(release, situation.default_cap_w[at], watts)
+            # A decision's watts are the policy's request; what was sent is clipped to the
+            # GPU's range (unknown bounds clip nothing).
+            clipped = np.fmin(np.fmax(watts, situation.min_cap_w[at]), situation.max_cap_w[at])
+            target = np.where(release, situation.default_cap_w[at], clipped)
             known = seen & snap.fresh[at] & np.isfinite(cap) & np.isfinite(target)
             with np.errstate(invalid="ignore"):
                 in_force = known & (np.abs(cap - target) < self.settings.cap_dead_band_w)
@@ -799,8 +803,8 @@ class Guard:
         adopt = in_force & ~release
         if adopt.any():
             slots = self.caps.slots(snap.uuid[row[adopt]])
-            self.caps["our_cap_w"][slots] = watts[adopt]
-            self.caps["live_cap_w"][slots] = watts[adopt]
+            self.caps["our_cap_w"][slots] = target[adopt]
+            self.caps["live_cap_w"][slots] = target[adopt]
             self.caps["last_change_s"][slots] = time_s[adopt]
         ended = in_force & release
         if ended.any():
@@ -811,10 +815,10 @@ class Guard:
         event = {
             "adopted": names[adopt].tolist(),
             "released": names[ended].tolist(),
-            "not_ours": names[known & ~in_force].tolist(),
+            "not_in_force": names[known & ~in_force].tolist(),
             "given_up": names[given_up].tolist(),
         }
-        rows, adopted_w = row[adopt], watts[adopt]
+        rows, adopted_w = row[adopt], target[adopt]
         self.pending.retain(~(known | given_up))
         return Settled(event, rows, adopted_w)
 
