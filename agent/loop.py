@@ -141,8 +141,9 @@ class Loop:
         self._last_now = last_s
 
     def _adopt_pending(self, situation: Situation, now: float, errors: list[str]) -> None:
-        """Settle the cap changes a restart found in the audit log (agent.act.recovery)
-        against this cycle's telemetry, on the record."""
+        """Settle the cap changes whose outcome is not known (found in the audit log after a
+        restart, agent.act.recovery, or from a cap call that failed) against this cycle's
+        telemetry, on the record."""
         settled = self.guard.adopt_pending(situation, now)
         if settled is None:
             return
@@ -154,8 +155,8 @@ class Loop:
                 self.audit.event("guard_caps_recovered", time_s=now, **settled.event)
         except OSError as exc:
             errors.append(
-                f"audit log unwritable ({exc.strerror or exc}): what became of the caps found "
-                "after a restart was not recorded"
+                f"audit log unwritable ({exc.strerror or exc}): what became of the caps "
+                "whose outcome was not known was not recorded"
             )
         log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.event.items()})
 

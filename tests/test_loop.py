@@ -202,6 +202,43 @@ def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_aga
     assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
 
 
+class TimingOutCaps(AdoptingCaps):
+    """Nodes that act on a cap and time out answering: every call fails, whatever was done."""
+
+    def set_caps(self, targets, watts, lease_s):  # type: ignore[no-untyped-def]
+        from agent.core.protocols import CapResult
+
+        super().set_caps(targets, watts, lease_s)
+        n = len(targets)
+        return CapResult(
+            np.zeros(n, dtype=bool), np.full(n, np.nan), dict.fromkeys(range(n), "timed out")
+        )
+
+
+def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> None:
+    # Cycle 1 caps all 8 GPUs and every call fails. At cycle 2 node1's caps are in force (its
+    # daemon acted, then timed out answering); node2's are not.
+    first = make_snapshot([600.0] * 8, time_s=500)
+    loop, stream, _ = build(FakeSource([first]))
+    caps = TimingOutCaps()
+    loop.executor.actuators.caps = caps
+    loop.cycle()
+    (_kind, targets, watts), *_ = caps.calls
+    assert watts is not None and targets.names() == [
+        f"node{i // 4 + 1}/gpu{i % 4}" for i in range(8)
+    ]
+    assert not loop.guard.capped_by_us(first.uuid, recorded=False).any()
+    in_force = [*watts[:4].tolist(), *[700.0] * 4]
+    loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=515)])
+    loop.cycle()
+    (settled,) = [e for e in events(stream) if e.get("event") == "guard_caps_recovered"]
+    assert settled["adopted"] == targets.names()[:4]
+    assert settled["not_in_force"] == targets.names()[4:]
+    assert caps.adopted == [(targets.names()[:4], watts[:4].tolist())]
+    # Cycle 2 asked node2's caps again (their call failed again): pending until cycle 3.
+    assert loop.guard.pending.keys.tolist() == targets.names()[4:]
+
+
 def test_a_found_cap_is_matched_as_the_guard_clipped_it() -> None:
     # The log holds the policy's 150 W (a decision whose action was never recorded); the guard
     # sent the H100's 200 W floor, which is what telemetry shows.

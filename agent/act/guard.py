@@ -728,10 +728,21 @@ class Guard:
     # -- what was done --------------------------------------------------------------------------
 
     def record(self, action: Action, now_s: float) -> None:
-        """Remember an applied (or, in dry-run, recorded) action: ownership, cooldowns, limits."""
+        """Remember an applied (or, in dry-run, recorded) action: ownership, cooldowns, limits.
+        A live cap change that failed may have been done all the same (a node that acted and
+        timed out answering, a call still in flight at the deadline): it is kept pending, for
+        telemetry to settle at the next cycle as after a restart (`adopt_pending`)."""
+        intent = action.intent
+        if action.outcome is Outcome.FAILED and not action.dry_run:
+            if isinstance(intent, SetPowerCap | ReleasePowerCap):
+                n = len(intent.targets)
+                watts = intent.watts if isinstance(intent, SetPowerCap) else np.full(n, np.nan)
+                self.remember_pending(
+                    np.asarray(intent.targets.names(), dtype=np.str_), watts, np.full(n, now_s)
+                )
+            return
         if action.outcome not in (Outcome.APPLIED, Outcome.RECORDED):
             return
-        intent = action.intent
         if isinstance(intent, SetPowerCap | ReleasePowerCap):
             slot = self.caps.slots(intent.targets.uuid)
             self.caps["last_change_s"][slot] = now_s
