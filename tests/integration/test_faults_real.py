@@ -124,6 +124,45 @@ def test_node_daemons_down_or_slow_cost_their_timeout_and_fail_audited(short_dir
     assert {"applied", "failed"} <= outcomes
 
 
+def test_a_node_that_acted_but_answered_too_late_has_its_caps_owned(short_dir: Path) -> None:
+    """node3's daemon sets its caps a second after the call gave up (0.3 s, no retry): the
+    cap call failed, but the caps are in force. At the next cycle telemetry shows them, so they
+    are ours (audited), not caps in force that nobody renews or releases. node4 and node5 never
+    acted: their failed caps are not in force."""
+    cluster = Cluster(short_dir)
+    clock = FakeClock(1_000.0)
+    # node3 is not asked again at the next cycle (its backoff): only telemetry can tell.
+    caps = NodeCapActuator(cluster.settings(retries=0, unreachable_backoff_s=600.0), clock=clock)
+    audit_path = short_dir / "audit.jsonl"
+    audit = AuditLog(path=audit_path)
+    loop = budget_loop(TwinSource(cluster.twin), caps, audit, clock, 2_500.0)
+    try:
+        with cluster.lock:
+            cluster.twin.step(15.0)
+        failed = [a for a in loop.cycle().actions if a.outcome is Outcome.FAILED]
+        asked = {
+            name: float(w)
+            for a in failed
+            for name, w in zip(a.intent.targets.names(), a.intent.watts, strict=True)  # type: ignore[attr-defined]
+        }
+        assert {"node3/gpu0", "node3/gpu1"} <= asked.keys()
+        deadline = time.monotonic() + 10.0
+        while not all(abs(cluster.cap(3, g) - asked[f"node3/gpu{g}"]) < 1.0 for g in (0, 1)):
+            assert time.monotonic() < deadline, "node3 never set its caps"
+            time.sleep(0.05)
+        clock.advance(15.0)
+        loop.cycle()
+        node3 = cluster.twin.uuid[4:6]
+        assert loop.guard.capped_by_us(node3, recorded=False).all()
+    finally:
+        audit.close()
+        caps.close()
+        cluster.close()
+    (settled,) = [r for r in audit_lines(audit_path) if r["event"] == "guard_caps_recovered"]
+    assert settled["adopted"] == ["node3/gpu0", "node3/gpu1"]
+    assert sorted(settled["not_in_force"]) == [f"node{n}/gpu{g}" for n in (4, 5) for g in (0, 1)]
+
+
 # -- NVML errors behind a real node daemon ----------------------------------------------------
 
 
