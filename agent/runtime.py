@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,11 +63,18 @@ def twin_spec(cfg: TwinConfig) -> TwinSpec:
 # (the recorders and replay read it). Each field costs Prometheus a selection of every GPU's
 # series a cycle, about 0.8 s of its CPU at 100,000 GPUs.
 LOOP_UNUSED = frozenset({Metric.ENERGY_J})
+# ... and fields it reads only in place of another: the enforced limit is the cap in force only
+# where a GPU does not export its power management limit (orient's `cap_bounds`).
+LOOP_FALLBACKS = {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
 
 
-def prometheus_settings(config: Config, leave_out: Collection[Metric] = ()) -> PrometheusSettings:
+def prometheus_settings(
+    config: Config,
+    leave_out: Collection[Metric] = (),
+    fallbacks: Mapping[Metric, Metric] | None = None,
+) -> PrometheusSettings:
     """The Prometheus source a config describes (the budget query comes from `cluster`), less
-    the fields in `leave_out`."""
+    the fields in `leave_out`, and `fallbacks` read only where needed."""
     p = config.source.prometheus
     return PrometheusSettings(
         url=p.url,
@@ -88,6 +95,7 @@ def prometheus_settings(config: Config, leave_out: Collection[Metric] = ()) -> P
         budget_query=config.cluster.budget_query,
         # The per-group budgets' label, read with each GPU's identity.
         extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
+        fallbacks=dict(fallbacks or {}),
     )
 
 
@@ -227,7 +235,7 @@ def build_runtime(
             if slurm is not None:
                 source = MirroredTwinSource(source, JobMirror(twin, slurm))
         elif config.source.kind == "prometheus":
-            prometheus = PrometheusSource(prometheus_settings(config, LOOP_UNUSED))
+            prometheus = PrometheusSource(prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS))
             closers.append(prometheus.close)
             source = prometheus
         else:

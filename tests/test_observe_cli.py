@@ -40,6 +40,9 @@ def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
         # No orient model or policy reads the energy counter: the loop does not ask for it.
         assert Metric.ENERGY_J not in runtime.loop.source.value_metrics.values()
         assert Metric.TEMP_C in runtime.loop.source.value_metrics.values()
+        # The enforced limit only where a GPU lacks its power management limit.
+        assert runtime.loop.source.fallbacks == {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
+        assert prometheus_settings(config).fallbacks == {}  # a recording reads every field
         assert isinstance(runtime.loop.clock, SystemClock)
         assert runtime.twin is None
     finally:

@@ -290,6 +290,45 @@ def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
     assert limit_queries() == 4
 
 
+def test_a_fallback_field_is_read_only_while_some_gpu_lacks_the_field_it_stands_in_for() -> None:
+    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
+    values = [
+        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
+        sample(500.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT", Hostname="node1", gpu="0"),
+        sample(450.0, __name__="DCGM_FI_DEV_ENFORCED_POWER_LIMIT", Hostname="node1", gpu="0"),
+    ]
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
+    source = PrometheusSource(
+        PrometheusSettings(
+            scrape_interval_s=15, fallbacks={Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
+        ),
+        client=fake,
+    )
+
+    def enforced(t: float) -> tuple[bool, list[float]]:
+        before = len(fake.queries)
+        snap = source.observe(t)
+        asked = any("ENFORCED" in q for q, _ in fake.queries[before:])
+        return asked, snap.column(Metric.ENFORCED_LIMIT_W)[0].tolist()
+
+    assert enforced(NOW) == (True, [450.0])  # the first cycle reads it
+    asked, column = enforced(NOW + 15)  # every fresh GPU has its limit: not read, missing
+    assert not asked and math.isnan(column[0])
+    # node2 exports the enforced limit only: read from the cycle after it is first seen on.
+    live[0]["value"][1] = str(NOW + 29)
+    live.append({"metric": gpu("node2", 0), "value": [NOW, str(NOW + 29)]})
+    values += [
+        sample(300.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node2", gpu="0"),
+        sample(400.0, __name__="DCGM_FI_DEV_ENFORCED_POWER_LIMIT", Hostname="node2", gpu="0"),
+    ]
+    fake.answers = [("timestamp(", live), *per_field(values)]
+    assert not enforced(NOW + 30)[0]
+    assert enforced(NOW + 45) == (True, [450.0, 400.0])
+    assert enforced(NOW + 60)[0]
+    with pytest.raises(ValueError, match="fallbacks: xid cannot stand in for power_limit_w"):
+        PrometheusSettings(fallbacks={Metric.XID: Metric.POWER_LIMIT_W})
+
+
 def test_the_inventory_is_remembered_between_full_reads() -> None:
     """Between full reads (`static_refresh_s`) the inventory is the last cycle's GPUs plus the
     ones live now; a remembered GPU that stops answering stays, stale, while it has a sample in

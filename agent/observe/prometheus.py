@@ -15,6 +15,8 @@ at most), all evaluated at the same time `now`, never one per GPU:
    static ones (the cap range and the default cap) only every `static_refresh_s`, or when a GPU
    is fresh that the last read did not cover (or found stale); the sparse health counters (XID,
    ECC, row remaps: 0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
+   a field that only stands in for another (`fallbacks`: the enforced limit for the power
+   management limit, in the loop) only while some fresh GPU lacks the other;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -119,6 +121,10 @@ class PrometheusSettings:
     # Fields that only change when a GPU is reconfigured (its cap range, its default cap) are
     # read again after this long, or when a GPU appears that the last read did not cover.
     static_refresh_s: float = 300.0
+    # A field that only stands in for another (field -> the one it stands in for) is read only
+    # while some fresh GPU lacks the other, and at the first cycle; it is missing (NaN) in the
+    # cycles it is not read. Empty: every field every cycle (what a recording wants).
+    fallbacks: Mapping[Metric, Metric] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if Metric.POWER_W not in self.metrics or not self.metrics[Metric.POWER_W]:
@@ -130,6 +136,11 @@ class PrometheusSettings:
             raise ValueError("host_labels: at least one label")
         if self.parallel_queries < 1:
             raise ValueError("parallel_queries: at least 1")
+        for stand_in, primary in self.fallbacks.items():
+            if not (self.metrics.get(stand_in) and self.metrics.get(primary)):
+                continue  # one of the two is not read at all: nothing to save
+            if stand_in in STATIC_METRICS | SPARSE_METRICS or primary in self.fallbacks:
+                raise ValueError(f"fallbacks: {stand_in} cannot stand in for {primary}")
         for label in (
             *self.host_labels,
             self.gpu_label,
@@ -394,6 +405,9 @@ class PrometheusSource:
             name: metric for metric, name in s.metrics.items() if name and metric != Metric.POWER_W
         }
         self.value_metrics[hb] = Metric.POWER_W
+        read = set(self.value_metrics.values())
+        self.fallbacks = {f: p for f, p in s.fallbacks.items() if f in read and p in read}
+        self._fallbacks_due = set(self.fallbacks)  # read at the first cycle
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -526,7 +540,8 @@ class PrometheusSource:
         wanted = {
             name: metric
             for name, metric in self.value_metrics.items()
-            if static_due or metric not in STATIC_METRICS
+            if (static_due or metric not in STATIC_METRICS)
+            and (metric not in self.fallbacks or metric in self._fallbacks_due)
         }
         pending: list[Future[Answer]] = []
 
@@ -657,9 +672,12 @@ class PrometheusSource:
             raw.update({m: v for m, v in last.items() if m in STATIC_METRICS})
         values: dict[Metric, FloatArray] = {}
         for metric in self.value_metrics.values():
-            column = raw[metric]
+            column = raw[metric] if metric in raw else np.full(key.size, np.nan)  # not read
             column[stale] = np.nan
             values[metric] = column
+        self._fallbacks_due = {
+            f for f, p in self.fallbacks.items() if np.isnan(values[p][~stale]).any()
+        }
 
         for name, values_of in extra.items():
             unlabelled = int((values_of == "").sum())
