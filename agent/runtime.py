@@ -66,15 +66,20 @@ LOOP_UNUSED = frozenset({Metric.ENERGY_J})
 # ... and fields it reads only in place of another: the enforced limit is the cap in force only
 # where a GPU does not export its power management limit (orient's `cap_bounds`).
 LOOP_FALLBACKS = {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
+# ... and fields only learners read, read this often (s): memory utilization tells a job's
+# workload class once (agent.orient.curvefit), so a minute's delay costs nothing.
+LOOP_SLOW_FIELDS = {Metric.MEM_UTIL_PCT: 60.0}
 
 
 def prometheus_settings(
     config: Config,
     leave_out: Collection[Metric] = (),
     fallbacks: Mapping[Metric, Metric] | None = None,
+    slow_fields: Mapping[Metric, float] | None = None,
 ) -> PrometheusSettings:
     """The Prometheus source a config describes (the budget query comes from `cluster`), less
-    the fields in `leave_out`, and `fallbacks` read only where needed."""
+    the fields in `leave_out`, with `fallbacks` read only where needed and `slow_fields` only
+    every so often."""
     p = config.source.prometheus
     return PrometheusSettings(
         url=p.url,
@@ -96,6 +101,7 @@ def prometheus_settings(
         # The per-group budgets' label, read with each GPU's identity.
         extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
         fallbacks=dict(fallbacks or {}),
+        slow_fields=dict(slow_fields or {}),
     )
 
 
@@ -235,7 +241,9 @@ def build_runtime(
             if slurm is not None:
                 source = MirroredTwinSource(source, JobMirror(twin, slurm))
         elif config.source.kind == "prometheus":
-            prometheus = PrometheusSource(prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS))
+            prometheus = PrometheusSource(
+                prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS, LOOP_SLOW_FIELDS)
+            )
             closers.append(prometheus.close)
             source = prometheus
         else:

@@ -329,6 +329,36 @@ def test_a_fallback_field_is_read_only_while_some_gpu_lacks_the_field_it_stands_
         PrometheusSettings(fallbacks={Metric.XID: Metric.POWER_LIMIT_W})
 
 
+def test_a_slow_field_is_read_every_so_often_and_missing_in_between() -> None:
+    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
+    values = [
+        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
+        sample(35.0, __name__="DCGM_FI_DEV_MEM_COPY_UTIL", Hostname="node1", gpu="0"),
+    ]
+    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
+    source = PrometheusSource(
+        PrometheusSettings(
+            scrape_interval_s=15, staleness_s=600, slow_fields={Metric.MEM_UTIL_PCT: 60.0}
+        ),
+        client=fake,
+    )
+
+    def mem_util(t: float) -> float | None:
+        before = len(fake.queries)
+        value = float(source.observe(t).column(Metric.MEM_UTIL_PCT)[0][0])
+        asked = any("MEM_COPY_UTIL" in q for q, _ in fake.queries[before:])
+        assert asked is not math.isnan(value)  # missing exactly when not read
+        return value if asked else None
+
+    # Read at the first cycle, then a minute on; again at once when the clock goes back.
+    read = [t for t in (0, 15, 30, 45, 60, 75, 30, 45) if mem_util(NOW + t) is not None]
+    assert read == [0, 60, 30]
+    with pytest.raises(ValueError, match="slow_fields: power_w has its own schedule"):
+        PrometheusSettings(slow_fields={Metric.POWER_W: 60.0})
+    with pytest.raises(ValueError, match=r"every 0\.0 s, want > 0"):
+        PrometheusSettings(slow_fields={Metric.TEMP_C: 0.0})
+
+
 def test_the_inventory_is_remembered_between_full_reads() -> None:
     """Between full reads (`static_refresh_s`) the inventory is the last cycle's GPUs plus the
     ones live now; a remembered GPU that stops answering stays, stale, while it has a sample in

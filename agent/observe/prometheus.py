@@ -16,7 +16,8 @@ at most), all evaluated at the same time `now`, never one per GPU:
    is fresh that the last read did not cover (or found stale); the sparse health counters (XID,
    ECC, row remaps: 0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
    a field that only stands in for another (`fallbacks`: the enforced limit for the power
-   management limit, in the loop) only while some fresh GPU lacks the other;
+   management limit, in the loop) only while some fresh GPU lacks the other, and a field only
+   learners read (`slow_fields`: memory utilization, in the loop) only every so often;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -125,6 +126,9 @@ class PrometheusSettings:
     # while some fresh GPU lacks the other, and at the first cycle; it is missing (NaN) in the
     # cycles it is not read. Empty: every field every cycle (what a recording wants).
     fallbacks: Mapping[Metric, Metric] = field(default_factory=dict)
+    # A field only learners read (field -> seconds between reads): read at the first cycle and
+    # then this often (again at once if the clock went back), missing (NaN) in between.
+    slow_fields: Mapping[Metric, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if Metric.POWER_W not in self.metrics or not self.metrics[Metric.POWER_W]:
@@ -141,6 +145,11 @@ class PrometheusSettings:
                 continue  # one of the two is not read at all: nothing to save
             if stand_in in STATIC_METRICS | SPARSE_METRICS or primary in self.fallbacks:
                 raise ValueError(f"fallbacks: {stand_in} cannot stand in for {primary}")
+        for metric, every_s in self.slow_fields.items():
+            if metric in STATIC_METRICS | SPARSE_METRICS | {Metric.POWER_W}:
+                raise ValueError(f"slow_fields: {metric} has its own schedule")
+            if not every_s > 0:
+                raise ValueError(f"slow_fields: {metric} every {every_s!r} s, want > 0")
         for label in (
             *self.host_labels,
             self.gpu_label,
@@ -408,6 +417,8 @@ class PrometheusSource:
         read = set(self.value_metrics.values())
         self.fallbacks = {f: p for f, p in s.fallbacks.items() if f in read and p in read}
         self._fallbacks_due = set(self.fallbacks)  # read at the first cycle
+        self.slow_fields = {m: t for m, t in s.slow_fields.items() if m in read}
+        self._slow_read_s: dict[Metric, float] = {}  # when each slow field was last read
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -542,6 +553,7 @@ class PrometheusSource:
             for name, metric in self.value_metrics.items()
             if (static_due or metric not in STATIC_METRICS)
             and (metric not in self.fallbacks or metric in self._fallbacks_due)
+            and (metric not in self.slow_fields or self._slow_due(metric, now_s))
         }
         pending: list[Future[Answer]] = []
 
@@ -678,6 +690,7 @@ class PrometheusSource:
         self._fallbacks_due = {
             f for f, p in self.fallbacks.items() if np.isnan(values[p][~stale]).any()
         }
+        self._slow_read_s |= {m: now_s for m in raw if m in self.slow_fields}
 
         for name, values_of in extra.items():
             unlabelled = int((values_of == "").sum())
@@ -746,6 +759,10 @@ class PrometheusSource:
 
     def _full_read_names(self) -> list[str]:
         return [n for n, m in self.value_metrics.items() if m in STATIC_METRICS | SPARSE_METRICS]
+
+    def _slow_due(self, metric: Metric, now_s: float) -> bool:
+        last_s = self._slow_read_s.get(metric)
+        return last_s is None or not (last_s <= now_s < last_s + self.slow_fields[metric])
 
     def _due(self, last: _Inventory | _StaticRead | None, now_s: float) -> bool:
         """Whether a full read is due: never read, `static_refresh_s` since, or a clock that
