@@ -251,6 +251,10 @@ def test_a_found_cap_is_matched_as_the_guard_clipped_it() -> None:
     assert caps.adopted == [(["node1/gpu0"], [200.0])]
     slot = loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]
     assert loop.guard.caps["our_cap_w"][slot].tolist() == [200.0]
+    # A change whose node is not seen at all waits.
+    loop.guard.remember_pending(np.array(["node9/gpu0"]), np.array([300.0]), np.array([495.0]))
+    loop.cycle()
+    assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]
 
 
 class CapsJobA(BasePolicy[PolicySettings, PolicyMemory]):
