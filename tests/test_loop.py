@@ -233,10 +233,16 @@ def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> Non
     loop.cycle()
     (settled,) = [e for e in events(stream) if e.get("event") == "guard_caps_recovered"]
     assert settled["adopted"] == targets.names()[:4]
-    assert settled["not_in_force"] == targets.names()[4:]
+    assert settled["not_in_force"] == []  # failed, as the failed action says: no news
     assert caps.adopted == [(targets.names()[:4], watts[:4].tolist())]
-    # Cycle 2 asked node2's caps again (their call failed again): pending until cycle 3.
+    # Cycle 2 asked node2's caps again (their call failed again): pending until cycle 3,
+    # which settles them with nothing to say (no event).
     assert loop.guard.pending.keys.tolist() == targets.names()[4:]
+    loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=530)])
+    loop.executor.actuators.caps = AdoptingCaps()  # node2 answers now
+    loop.cycle()
+    assert len(loop.guard.pending) == 0
+    assert len([e for e in events(stream) if e.get("event") == "guard_caps_recovered"]) == 1
 
 
 def test_a_found_cap_is_matched_as_the_guard_clipped_it() -> None:

@@ -262,7 +262,15 @@ class Guard:
         )
         # Our cap changes the audit log holds after the last state save (agent.act.recovery),
         # by GPU name ("node/gpuN"; NaN watts: a release): ours once telemetry shows them.
-        self.pending = KeyedColumns({"watts": (np.float64, np.nan), "time_s": (np.float64, 0.0)})
+        # Cap changes of ours whose outcome is not known: found in the audit log after a restart,
+        # or from a call that failed (`failed_call`), until telemetry settles them.
+        self.pending = KeyedColumns(
+            {
+                "watts": (np.float64, np.nan),
+                "time_s": (np.float64, 0.0),
+                "failed_call": (bool, False),
+            }
+        )
         self.breaker = BreakerState()
         self._rows = LastRowIndex()  # each UUID's row in the snapshot, kept while they stay
         self.drains: list[tuple[float, str]] = []  # (time, node) of our drains, newest last
@@ -737,9 +745,8 @@ class Guard:
             if isinstance(intent, SetPowerCap | ReleasePowerCap):
                 n = len(intent.targets)
                 watts = intent.watts if isinstance(intent, SetPowerCap) else np.full(n, np.nan)
-                self.remember_pending(
-                    np.asarray(intent.targets.names(), dtype=np.str_), watts, np.full(n, now_s)
-                )
+                names = np.asarray(intent.targets.names(), dtype=np.str_)
+                self.remember_pending(names, watts, np.full(n, now_s), failed_call=True)
             return
         if action.outcome not in (Outcome.APPLIED, Outcome.RECORDED):
             return
@@ -773,12 +780,15 @@ class Guard:
         names: npt.NDArray[np.str_],
         watts: npt.NDArray[np.float64],
         time_s: npt.NDArray[np.float64],
+        failed_call: bool = False,
     ) -> None:
         """Cap changes of ours that may be in force (NaN watts: a release) but were never
-        saved as ours: `adopt_pending` settles them against telemetry."""
+        saved as ours (`failed_call`: the actuator said it failed): `adopt_pending` settles
+        them against telemetry."""
         slots = self.pending.slots(names)
         self.pending["watts"][slots] = watts
         self.pending["time_s"][slots] = time_s
+        self.pending["failed_call"][slots] = failed_call
 
     def adopt_pending(self, situation: Situation, now_s: float) -> Settled | None:
         """Settle the pending changes on GPUs seen fresh with a known cap: a cap in force as
@@ -832,12 +842,13 @@ class Guard:
         event = {
             "adopted": names[adopt].tolist(),
             "released": names[ended].tolist(),
-            "not_in_force": names[known & ~in_force].tolist(),
+            # A failed call's change not in force is no news: its failure is on record.
+            "not_in_force": names[known & ~in_force & ~self.pending["failed_call"]].tolist(),
             "given_up": names[given_up].tolist(),
         }
         rows, adopted_w = row[adopt], target[adopt]
         self.pending.retain(~(known | given_up))
-        return Settled(event, rows, adopted_w)
+        return Settled(event, rows, adopted_w) if any(event.values()) else None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything the guard remembers (ownership, cooldowns, the drain and weight/feature
