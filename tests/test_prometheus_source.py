@@ -250,16 +250,25 @@ def test_lookup() -> None:
     assert list(lookup(np.array([], dtype=np.str_), np.array(["a"]))) == [-1]
 
 
-def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
+def node1_source(
+    settings: PrometheusSettings, fields: dict[str, float]
+) -> tuple[FakePrometheus, PrometheusSource, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A source over a fake Prometheus where node1's GPU 0 is live with `fields` (name ->
+    value); also the fake's live and value answers, to change between cycles."""
     live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
-    values = [
-        sample(700.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", Hostname="node1", gpu="0"),
-        sample(200.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT_MIN", Hostname="node1", gpu="0"),
-        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
-    ]
+    values = [sample(v, __name__=name, Hostname="node1", gpu="0") for name, v in fields.items()]
     fake = FakePrometheus([("timestamp(", live), *per_field(values)])
-    source = PrometheusSource(
-        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300), client=fake
+    return fake, PrometheusSource(settings, client=fake), live, values
+
+
+def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
+    fake, source, live, values = node1_source(
+        PrometheusSettings(scrape_interval_s=15, static_refresh_s=300),
+        {
+            "DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX": 700.0,
+            "DCGM_FI_DEV_POWER_MGMT_LIMIT_MIN": 200.0,
+            "DCGM_FI_DEV_POWER_USAGE": 410.0,
+        },
     )
 
     def limit_queries() -> int:
@@ -291,18 +300,15 @@ def test_static_fields_are_read_again_only_when_due_or_for_a_new_gpu() -> None:
 
 
 def test_a_fallback_field_is_read_only_while_some_gpu_lacks_the_field_it_stands_in_for() -> None:
-    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
-    values = [
-        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
-        sample(500.0, __name__="DCGM_FI_DEV_POWER_MGMT_LIMIT", Hostname="node1", gpu="0"),
-        sample(450.0, __name__="DCGM_FI_DEV_ENFORCED_POWER_LIMIT", Hostname="node1", gpu="0"),
-    ]
-    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
-    source = PrometheusSource(
+    fake, source, live, values = node1_source(
         PrometheusSettings(
             scrape_interval_s=15, fallbacks={Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
         ),
-        client=fake,
+        {
+            "DCGM_FI_DEV_POWER_USAGE": 410.0,
+            "DCGM_FI_DEV_POWER_MGMT_LIMIT": 500.0,
+            "DCGM_FI_DEV_ENFORCED_POWER_LIMIT": 450.0,
+        },
     )
 
     def enforced(t: float) -> tuple[bool, list[float]]:
@@ -330,17 +336,11 @@ def test_a_fallback_field_is_read_only_while_some_gpu_lacks_the_field_it_stands_
 
 
 def test_a_slow_field_is_read_every_so_often_and_missing_in_between() -> None:
-    live = [{"metric": gpu("node1", 0), "value": [NOW, str(NOW - 1)]}]
-    values = [
-        sample(410.0, __name__="DCGM_FI_DEV_POWER_USAGE", Hostname="node1", gpu="0"),
-        sample(35.0, __name__="DCGM_FI_DEV_MEM_COPY_UTIL", Hostname="node1", gpu="0"),
-    ]
-    fake = FakePrometheus([("timestamp(", live), *per_field(values)])
-    source = PrometheusSource(
+    fake, source, _, _ = node1_source(
         PrometheusSettings(
             scrape_interval_s=15, staleness_s=600, slow_fields={Metric.MEM_UTIL_PCT: 60.0}
         ),
-        client=fake,
+        {"DCGM_FI_DEV_POWER_USAGE": 410.0, "DCGM_FI_DEV_MEM_COPY_UTIL": 35.0},
     )
 
     def mem_util(t: float) -> float | None:
