@@ -61,6 +61,9 @@ class CycleReport:
     unchanged: int
     stage_s: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Cap changes whose outcome was not known, settled this cycle: GPUs per result (adopted,
+    # released, not_in_force, given_up; see Guard.adopt_pending).
+    settled: dict[str, int] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -140,13 +143,13 @@ class Loop:
             raise ValueError(f"last_cycle_s: not a time: {last!r}")
         self._last_now = last_s
 
-    def _adopt_pending(self, situation: Situation, now: float, errors: list[str]) -> None:
+    def _adopt_pending(self, situation: Situation, now: float, errors: list[str]) -> dict[str, int]:
         """Settle the cap changes whose outcome is not known (found in the audit log after a
         restart, agent.act.recovery, or from a cap call that failed) against this cycle's
-        telemetry, on the record."""
+        telemetry, on the record; GPUs per result."""
         settled = self.guard.adopt_pending(situation, now)
         if settled is None:
-            return
+            return {}
         caps: object = self.executor.actuators.caps
         if settled.rows.size and not self.dry_run_caps and isinstance(caps, CapLeaseAdopter):
             caps.adopt_leases(GpuTargets.from_rows(situation.snapshot, settled.rows), settled.watts)
@@ -158,7 +161,9 @@ class Loop:
                 f"audit log unwritable ({exc.strerror or exc}): what became of the caps "
                 "whose outcome was not known was not recorded"
             )
-        log.warning("guard_caps_recovered", **{k: len(v) for k, v in settled.event.items()})
+        counts = {k: len(v) for k, v in settled.event.items()}
+        log.warning("guard_caps_recovered", **counts)
+        return counts
 
     def _renew_leases(self, errors: list[str]) -> None:
         """Caps are leases: renew the live ones every cycle, or the nodes fall back to their safe
@@ -301,7 +306,7 @@ class Loop:
 
         with stage("orient"):
             situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
-            self._adopt_pending(situation, now, errors)
+            settled = self._adopt_pending(situation, now, errors)
             # What the agent itself set: policies undo only their own caps.
             situation = replace(
                 situation,
@@ -370,6 +375,7 @@ class Loop:
             unchanged=review.unchanged,
             stage_s=stage_s,
             errors=errors,
+            settled=settled,
         )
         log.debug("cycle", **{k: v for k, v in report.summary().items() if k != "errors"})
         return report

@@ -230,7 +230,8 @@ def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> Non
     assert not loop.guard.capped_by_us(first.uuid, recorded=False).any()
     in_force = [*watts[:4].tolist(), *[700.0] * 4]
     loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=515)])
-    loop.cycle()
+    report = loop.cycle()
+    assert report.settled == {"adopted": 4, "released": 0, "not_in_force": 0, "given_up": 0}
     (settled,) = [e for e in events(stream) if e.get("event") == "guard_caps_recovered"]
     assert settled["adopted"] == targets.names()[:4]
     assert settled["not_in_force"] == []  # failed, as the failed action says: no news
@@ -240,7 +241,7 @@ def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> Non
     assert loop.guard.pending.keys.tolist() == targets.names()[4:]
     loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=530)])
     loop.executor.actuators.caps = AdoptingCaps()  # node2 answers now
-    loop.cycle()
+    assert loop.cycle().settled == {}
     assert len(loop.guard.pending) == 0
     assert len([e for e in events(stream) if e.get("event") == "guard_caps_recovered"]) == 1
 

@@ -85,6 +85,8 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     (event,) = _recovered(state)
     assert len(event["adopted"]) == capped and not event["not_in_force"]
     assert len(guard.pending) == 0
+    metrics = second.metrics.registry
+    assert metrics.get_sample_value("ooda_caps_settled_total", {"result": "adopted"}) == capped
     # Ours again, so the on-exit release gives every one of them back. Without the audit log
     # they would stay capped for good: nobody owned them.
     assert second.shutdown()

@@ -294,6 +294,14 @@ class DaemonMetrics:
         self.unchanged = Counter(
             "ooda_guard_unchanged", "Cap targets already within the dead band.", registry=r
         )
+        self.caps_settled = Counter(
+            "ooda_caps_settled",
+            "Cap changes whose outcome was not known (a failed call, or found in the audit log "
+            "after a restart), settled against telemetry: GPUs by result (adopted, released, "
+            "not_in_force, given_up).",
+            ["result"],
+            registry=r,
+        )
         self.recommended = Gauge(
             "ooda_recommended_caps", "Dry-run: GPUs with a recommended cap, by policy.",
             ["policy"], registry=r,
@@ -422,6 +430,8 @@ class DaemonMetrics:
                 targets_of(intent)
             )
         self.unchanged.inc(report.unchanged)
+        for result, gpus in report.settled.items():
+            self.caps_settled.labels(result).inc(gpus)
 
         self.recommendations.update(report)
         self.publish_recommendations()
