@@ -136,6 +136,8 @@ class GuardSettings(BaseModel):
 NOT_SEEN = "GPU not seen this cycle"
 # How long a cap change found after a crash (`pending`) waits for its GPU to be seen.
 PENDING_HOLD_S = 1800.0
+# What settling a pending change can find, as the `guard_caps_recovered` event lists them.
+SETTLE_RESULTS = ("adopted", "released", "not_in_force", "given_up")
 
 
 @dataclass(frozen=True, slots=True)
@@ -837,13 +839,9 @@ class Guard:
             pos, found = self.caps.lookup(snap.uuid[row[ended]])
             self.caps["our_cap_w"][pos[found]] = np.nan
             self.caps["live_cap_w"][pos[found]] = np.nan
-        event = {
-            "adopted": pending[adopt].tolist(),
-            "released": pending[ended].tolist(),
-            # A failed call's change not in force is no news: its failure is on record.
-            "not_in_force": pending[known & ~in_force & ~self.pending["failed_call"]].tolist(),
-            "given_up": pending[given_up].tolist(),
-        }
+        # A failed call's change not in force is no news: its failure is on record.
+        outcomes = (adopt, ended, known & ~in_force & ~self.pending["failed_call"], given_up)
+        event = {r: pending[m].tolist() for r, m in zip(SETTLE_RESULTS, outcomes, strict=True)}
         rows, adopted_w = row[adopt], target[adopt]
         self.pending.retain(~(known | given_up))
         return Settled(event, rows, adopted_w) if any(event.values()) else None

@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.act.guard import SETTLE_RESULTS
 from agent.core.intents import Intent, Outcome, ReleasePowerCap, SetPowerCap
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import Metric
@@ -302,6 +303,8 @@ class DaemonMetrics:
             ["result"],
             registry=r,
         )
+        for result in SETTLE_RESULTS:
+            self.caps_settled.labels(result)  # 0 from the start, so rates and alerts work
         self.recommended = Gauge(
             "ooda_recommended_caps", "Dry-run: GPUs with a recommended cap, by policy.",
             ["policy"], registry=r,
