@@ -6,6 +6,8 @@ that is the twin saved (`TwinStore`) while the agent's own state file is not."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from tests.daemon_helpers import (
     drive,
     gone,
     in_process,
+    sample,
     twin_config,
     write,
 )
@@ -37,6 +40,16 @@ def _config(tmp_path: Path, on_exit: str = "release") -> Path:
         tmp_path / "ooda.toml",
         twin_config(dry_run=False, budget_w=5000, daemon_extra=f'on_exit = "{on_exit}"'),
     )
+
+
+@contextmanager
+def _restarted(cfg: Path, state: Path, wall: FakeClock) -> Iterator[Daemon]:
+    """The agent started again on the same state directory, stopped when done."""
+    daemon = in_process(cfg, state, wall=wall)
+    try:
+        yield daemon
+    finally:
+        daemon.shutdown()
 
 
 def _first_run(tmp_path: Path) -> tuple[Path, Path, FakeClock, Daemon]:
@@ -85,8 +98,7 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     (event,) = _recovered(state)
     assert len(event["adopted"]) == capped and not event["not_in_force"]
     assert len(guard.pending) == 0
-    metrics = second.metrics.registry
-    assert metrics.get_sample_value("ooda_caps_settled_total", {"result": "adopted"}) == capped
+    assert sample(second, "ooda_caps_settled_total", result="adopted") == capped
     # Ours again, so the on-exit release gives every one of them back. Without the audit log
     # they would stay capped for good: nobody owned them.
     assert second.shutdown()
@@ -99,11 +111,8 @@ def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
     drive(first, wall, 1)
     assert capped_gpus(first) > 0
     assert first.shutdown()
-    second = in_process(cfg, state, wall=wall)
-    try:
+    with _restarted(cfg, state, wall) as second:
         assert len(second.runtime.loop.guard.pending) == 0
-    finally:
-        second.shutdown()
     assert not _recovered(state)
 
 
@@ -119,8 +128,7 @@ def test_an_unreadable_state_still_leaves_the_caps_in_force_ours(tmp_path: Path)
     assert capped > 0
     (state / "lab.state.json").write_text("{")
 
-    second = in_process(cfg, state, wall=wall)
-    try:
+    with _restarted(cfg, state, wall) as second:
         assert not second.restored
         (report,) = drive(second, wall, 1)
         (event,) = _recovered(state)
@@ -128,8 +136,6 @@ def test_an_unreadable_state_still_leaves_the_caps_in_force_ours(tmp_path: Path)
         guard = second.runtime.loop.guard
         owned = guard.capped_by_us(report.snapshot.uuid, recorded=False)
         assert int(owned.sum()) >= capped_gpus(second) > 0
-    finally:
-        second.shutdown()
 
 
 def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
@@ -141,16 +147,13 @@ def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
     _kill_before_the_save(first, monkeypatch, wall, hardware_keeps=False)
     gone(first)
 
-    second = in_process(cfg, state, wall=wall)
-    try:
+    with _restarted(cfg, state, wall) as second:
         pending = len(second.runtime.loop.guard.pending)
         assert pending > 0
         drive(second, wall, 1)  # settled before the policies decide
         (event,) = _recovered(state)
         assert len(event["not_in_force"]) == pending and not event["adopted"]
         assert len(second.runtime.loop.guard.pending) == 0
-    finally:
-        second.shutdown()
 
 
 def test_a_kill_while_the_actuator_runs_leaves_decisions_whose_caps_telemetry_confirms(
