@@ -746,7 +746,7 @@ class Guard:
             if isinstance(intent, SetPowerCap | ReleasePowerCap):
                 n = len(intent.targets)
                 watts = intent.watts if isinstance(intent, SetPowerCap) else np.full(n, np.nan)
-                names = np.asarray(intent.targets.names(), dtype=np.str_)
+                names = gpu_names(intent.targets.node, intent.targets.gpu)
                 self.remember_pending(names, watts, np.full(n, now_s), failed_call=True)
             return
         if action.outcome not in (Outcome.APPLIED, Outcome.RECORDED):
