@@ -499,8 +499,9 @@ class NodeCapActuator:
         return result
 
     def adopt_leases(self, targets: GpuTargets, watts: FloatArray) -> None:
-        """Caps of ours a restart found in force: renewed at the next renewal (their leases were
-        granted before the restart, for a time not known here) and from then on."""
+        """Caps of ours found in force that this process did not record as set (after a
+        restart, or a call that failed late): renewed at the next renewal (their leases were
+        granted at a time not known here) and from then on."""
         n = len(targets)
         self._remember(
             targets, np.ones(n, dtype=bool), np.zeros(n, dtype=bool), watts, renewed_s=-np.inf

@@ -130,8 +130,9 @@ class CapLeaseRenewer(Protocol):
 
 @runtime_checkable
 class CapLeaseAdopter(Protocol):
-    """A CapLeaseRenewer told of caps of ours it did not set in this process: a restart found
-    them in force (agent.act.recovery). It renews them from its next renewal on."""
+    """A CapLeaseRenewer told of caps of ours it does not know as set: found in force after a
+    restart (agent.act.recovery) or after a call that failed. It renews them from its next
+    renewal on."""
 
     def adopt_leases(self, targets: GpuTargets, watts: FloatArray) -> None: ...
 
