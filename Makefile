@@ -11,7 +11,7 @@ SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 # Headless Chromium opens the replay report in its test (driven through playwright's client).
 SYSTEM_TOOLS += chromium:chromium
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test test-gpu lint bench system-deps clean
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ lint: $(TESTS)
 
 test: system-deps lint
 	$(BIN)/pytest
+
+test-gpu: $(TESTS)  # on a GPU node: the NVML paths for real (they change no GPU setting)
+	$(BIN)/pytest -m gpu -rs tests/hardware
 
 bench: $(TESTS)
 	@for script in bench/[!_]*.py; do $(BIN)/python $$script --json || exit 1; done

@@ -15,7 +15,7 @@ from agent.core.errors import (
     GpuNoPermissionError,
     GpuNotSupportedError,
 )
-from agent.core.protocols import GpuBackend, GpuDevice
+from agent.core.protocols import GpuBackend, GpuDevice, HealthReporter
 from agent.node.leases import CapRequestError, LeaseManager
 from agent.node.nvml import NvmlBackend
 
@@ -30,6 +30,7 @@ class FakeNvmlError(Exception):
             2: "Invalid Argument",
             3: "Not Supported",
             4: "Insufficient Permissions",
+            10: "Timeout",
             15: "GPU is lost",
             12: "NVML Shared Library Not Found",
         }.get(self.value, "Unknown")
@@ -37,7 +38,7 @@ class FakeNvmlError(Exception):
 
 class FakeNvml:
     """What pynvml exposes, in milliwatts, over a few fake H100s. `fail[name] = code` makes that
-    call raise NVMLError(code)."""
+    call raise NVMLError(code). `raise_xid` queues an XID event as the driver would."""
 
     NVMLError = FakeNvmlError
 
@@ -47,6 +48,15 @@ class FakeNvml:
         self.init_error = init_error
         self.initialised = False
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.events: list[SimpleNamespace] = []  # the event set's queue
+        self.watched: dict[int, int] = {}  # handle -> event types registered
+        self.event_sets_open = 0
+        self.ecc_dbe = [0] * gpus
+        self.remapped_rows = [(0, 0, 0, 0)] * gpus  # correctable, uncorrectable, pending, failed
+
+    def raise_xid(self, h: int, xid: int, event_type: int = 0x8) -> None:
+        if self.watched.get(h, 0) & event_type:
+            self.events.append(SimpleNamespace(device=h, eventType=event_type, eventData=xid))
 
     def _maybe_fail(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -107,6 +117,48 @@ class FakeNvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
         return 123_456_789
+
+    def nvmlEventSetCreate(self) -> str:
+        self._maybe_fail("event set")
+        self.event_sets_open += 1
+        return "event-set"
+
+    def nvmlEventSetFree(self, event_set: str) -> None:
+        self.event_sets_open -= 1
+
+    def nvmlDeviceRegisterEvents(self, h: int, event_types: int, event_set: str) -> None:
+        self._maybe_fail("register", h)
+        self.watched[h] = event_types
+
+    def nvmlEventSetWait_v2(self, event_set: str, timeout_ms: int) -> SimpleNamespace:
+        assert timeout_ms == 0  # the loop must never wait for an XID
+        self._maybe_fail("wait")
+        if not self.events:
+            raise FakeNvmlError(10)
+        return self.events.pop(0)
+
+    def nvmlDeviceGetTotalEccErrors(self, h: int, error_type: int, counter_type: int) -> int:
+        assert (error_type, counter_type) == (1, 0)  # uncorrected, volatile
+        return self.ecc_dbe[h]
+
+    def nvmlDeviceGetRemappedRows(self, h: int) -> tuple[int, int, int, int]:
+        self._maybe_fail("remapped rows", h)
+        return self.remapped_rows[h]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: int) -> int:
+        return 0x4  # the power cap holds the clocks
+
+
+class OldFakeNvml(FakeNvml):
+    """nvidia-ml-py before 12.535: clock event reasons only under their older name."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "nvmlDeviceGetCurrentClocksEventReasons":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: int) -> int:
+        return 0x20
 
 
 def test_units_and_identity() -> None:
@@ -178,3 +230,57 @@ def test_lease_manager_over_nvml_maps_errors_to_http_statuses() -> None:
     nvml.fail = {"limit": 15}
     listed = manager.gpus()
     assert listed[0]["power_limit_w"] is None and "GpuLostError" in listed[0]["error"]
+
+
+def test_xids_arrive_as_events_and_the_last_one_stays() -> None:
+    nvml = FakeNvml(gpus=2)
+    backend = NvmlBackend(nvml)
+    gpu0, gpu1 = backend.devices()
+    assert nvml.watched == {0: 0x8, 1: 0x8}  # critical XIDs, on every GPU
+    assert (gpu0.last_xid(), gpu1.last_xid()) == (0, 0)  # none yet
+    nvml.raise_xid(1, 48)
+    nvml.raise_xid(1, 63)
+    nvml.raise_xid(0, 31, event_type=0x8 | 0x1)  # a mask that includes XIDs
+    assert (gpu0.last_xid(), gpu1.last_xid()) == (31, 63)  # both drained, the last one kept
+    assert gpu1.last_xid() == 63  # and kept, as DCGM's XID field holds it
+    assert not nvml.events
+    backend.close()
+    assert nvml.event_sets_open == 0 and not nvml.initialised
+
+
+def test_xids_not_watched_are_not_supported_and_other_readings_go_on() -> None:
+    nvml = FakeNvml(gpus=2)
+    nvml.fail["register"] = 3  # the driver refuses (a virtualized GPU)
+    gpu0, _gpu1 = NvmlBackend(nvml).devices()
+    with pytest.raises(GpuNotSupportedError, match="GPU 0 .*watch XID events"):
+        gpu0.last_xid()
+    assert gpu0.power_usage_w() == 312.5
+    nvml = FakeNvml(gpus=1)
+    nvml.fail["event set"] = 4
+    (gpu,) = NvmlBackend(nvml).devices()
+    with pytest.raises(GpuNoPermissionError, match="event set"):
+        gpu.last_xid()
+
+
+def test_an_event_read_that_fails_is_a_gpu_error_not_a_zero() -> None:
+    nvml = FakeNvml(gpus=1)
+    (gpu,) = NvmlBackend(nvml).devices()
+    nvml.fail["wait"] = 999
+    with pytest.raises(GpuError, match="read XID events"):
+        gpu.last_xid()
+
+
+def test_health_counters_and_clock_event_reasons() -> None:
+    nvml = FakeNvml(gpus=2)
+    nvml.ecc_dbe[1] = 3
+    nvml.remapped_rows[1] = (5, 2, 0, 1)
+    gpu0, gpu1 = NvmlBackend(nvml).devices()
+    assert isinstance(gpu1, HealthReporter)
+    assert (gpu0.ecc_dbe_volatile(), gpu0.remapped_rows()) == (0, (0, False))
+    assert (gpu1.ecc_dbe_volatile(), gpu1.remapped_rows()) == (3, (2, True))
+    assert gpu1.clocks_event_reasons() == 0x4
+    (old,) = NvmlBackend(OldFakeNvml(gpus=1)).devices()
+    assert old.clocks_event_reasons() == 0x20
+    nvml.fail["remapped rows"] = 3  # no row remapping before Ampere
+    with pytest.raises(GpuNotSupportedError, match="remapped rows"):
+        gpu0.remapped_rows()

@@ -136,10 +136,12 @@ def test_errors_are_missing_fields_never_zeros() -> None:
     assert list(snap.stale) == [False, False, True]
     assert math.isnan(snap.age_s[2])  # never read successfully
     assert not snap.column(Metric.XID)[1].any()  # the fake has no XIDs: missing
+    assert not snap.column(Metric.ECC_DBE_TOTAL)[1].any()  # nor health counters
     text = "\n".join(snap.errors)
     assert "n1/gpu1: not supported: enforced_limit_w" in text
     assert "n1/gpu1: no permission: min_limit_w, max_limit_w, default_limit_w" in text
     assert "n1/gpu2 (GPU-fake-2): GPU lost: fell off the bus" in text
+    assert "n1/gpu0: not supported: xid, ecc_dbe_total, remapped_rows_uncorrectable, " in text
 
 
 def test_a_backend_that_cannot_list_gpus_is_an_outage() -> None:
@@ -162,7 +164,20 @@ def test_over_the_nvml_backend_and_a_fake_pynvml() -> None:
     assert snap.column(Metric.POWER_W)[0][0] == 312.5  # milliwatts -> watts
     assert snap.column(Metric.MAX_LIMIT_W)[0][1] == 700.0
     assert snap.column(Metric.ENERGY_J)[0][0] == 123_456.789
+    assert not snap.errors  # XIDs and the health counters are read too
+    nvml.raise_xid(1, 48)
+    nvml.ecc_dbe[1] = 2
+    nvml.remapped_rows[1] = (0, 1, 0, 1)
+    snap = source.observe(12.0)
+    expected = {
+        Metric.XID: [0.0, 48.0],
+        Metric.ECC_DBE_TOTAL: [0.0, 2.0],
+        Metric.REMAPPED_ROWS_UNCORRECTABLE: [0.0, 1.0],
+        Metric.ROW_REMAP_FAILURE: [0.0, 1.0],
+        Metric.CLOCKS_EVENT_REASONS: [4.0, 4.0],
+    }
+    assert {m: list(snap.column(m)[0]) for m in expected} == expected
     nvml.fail["limit"] = 15  # NVML_ERROR_GPU_IS_LOST
     snap = source.observe(25.0)
-    assert list(snap.stale) == [True, True] and list(snap.age_s) == [15.0, 15.0]
+    assert list(snap.stale) == [True, True] and list(snap.age_s) == [13.0, 13.0]
     assert all("GPU lost" in e for e in snap.errors)

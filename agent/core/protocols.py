@@ -85,6 +85,24 @@ class XidReporter(Protocol):
 
 
 @runtime_checkable
+class HealthReporter(Protocol):
+    """A GPU device that also reads the health counters and the throttle mask DCGM exports."""
+
+    def ecc_dbe_volatile(self) -> int:
+        """Double-bit ECC errors since the driver loaded (DCGM_FI_DEV_ECC_DBE_VOL_TOTAL)."""
+        ...
+
+    def remapped_rows(self) -> tuple[int, bool]:
+        """(rows remapped for uncorrectable errors, a remap failed), as DCGM's
+        DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS and DCGM_FI_DEV_ROW_REMAP_FAILURE."""
+        ...
+
+    def clocks_event_reasons(self) -> int:
+        """Why the clocks are held down: the NVML/DCGM bitmask (CLOCK_EVENT_* in snapshot)."""
+        ...
+
+
+@runtime_checkable
 class GpuBackend(Protocol):
     """The GPUs of one node."""
 

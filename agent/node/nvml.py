@@ -6,6 +6,14 @@ zeus does. The module object is injected (`NvmlBackend(nvml=...)`): tests pass a
 of pynvml, production passes nothing and gets the real one.
 
 Setting a power limit needs root (or CAP_SYS_ADMIN); reading does not.
+
+XIDs reach NVML as events, not as a value to read: the backend registers every GPU for critical
+XID events once, and `last_xid()` drains what arrived since (never waiting) and answers the last
+XID each GPU raised, 0 before any, as DCGM's XID field does. XIDs raised before the backend
+started are not seen. Where the driver refuses the registration (some virtualized GPUs), the GPU
+reports XIDs as not supported.
+
+Checked on a real H100 (driver 580.159.04, nvidia-ml-py 13.610): see docs/node-daemon.md.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from agent.core.protocols import PowerConstraints
 _NVML_ERROR_INVALID_ARGUMENT = 2
 _NVML_ERROR_NOT_SUPPORTED = 3
 _NVML_ERROR_NO_PERMISSION = 4
+_NVML_ERROR_TIMEOUT = 10  # an event set with nothing in it
 _NVML_ERROR_FUNCTION_NOT_FOUND = 13
 _NVML_ERROR_GPU_IS_LOST = 15
 _NVML_ERROR_RESET_REQUIRED = 16
@@ -44,10 +53,26 @@ _ERROR_MAP: dict[int, type[GpuError]] = {
 
 _NVML_TEMPERATURE_GPU = 0
 _NVML_CLOCK_SM = 1
+_NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+_NVML_VOLATILE_ECC = 0
+_NVML_EVENT_TYPE_XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
+_MAX_EVENTS_PER_DRAIN = 10_000  # a storm of XIDs cannot hold a reading up for long
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _code(exc: BaseException) -> int:
+    return int(getattr(exc, "value", -1))
+
+
+def _domain_error(exc: BaseException, what: str, gpu: str = "") -> GpuError:
+    """An NVML error as the domain's: the one place where that mapping lives."""
+    code = _code(exc)
+    kind = _ERROR_MAP.get(code, GpuError)
+    where = f"{gpu}: " if gpu else ""
+    return kind(f"{where}NVML could not {what}: {exc} (NVML error {code})")
 
 
 class NvmlBackend:
@@ -62,6 +87,8 @@ class NvmlBackend:
         with self._mapped("initialise NVML"):
             nvml.nvmlInit()
         self._open = True
+        self._events: Any = None
+        self._last_xid: dict[str, int] = {}  # UUID -> the last XID it raised
         try:
             with self._mapped("count GPUs"):
                 count = int(nvml.nvmlDeviceGetCount())
@@ -69,17 +96,53 @@ class NvmlBackend:
         except GpuError:
             self.close()
             raise
+        self._watch_xids()
+
+    def _watch_xids(self) -> None:
+        """Register every GPU for critical XID events; a GPU the driver refuses keeps the reason
+        and reports XIDs as not supported."""
+        try:
+            with self._mapped("create an event set for XIDs"):
+                self._events = self._nvml.nvmlEventSetCreate()
+        except GpuError as exc:
+            for gpu in self._devices:
+                gpu._xid_problem = exc
+            return
+        for gpu in self._devices:
+            try:
+                with self._mapped("watch XID events", gpu.name):
+                    self._nvml.nvmlDeviceRegisterEvents(
+                        gpu._handle, _NVML_EVENT_TYPE_XID_CRITICAL_ERROR, self._events
+                    )
+            except GpuError as exc:
+                gpu._xid_problem = exc
+
+    def last_xids(self) -> dict[str, int]:
+        """Drain the XID events that arrived since the last call, without waiting; the last XID
+        of every GPU that raised one, by UUID."""
+        if self._events is None:
+            return self._last_xid
+        nvml = self._nvml
+        for _ in range(_MAX_EVENTS_PER_DRAIN):
+            try:
+                event = nvml.nvmlEventSetWait_v2(self._events, 0)
+            except nvml.NVMLError as exc:
+                if _code(exc) == _NVML_ERROR_TIMEOUT:
+                    break  # nothing more arrived
+                raise _domain_error(exc, "read XID events") from exc
+            if int(event.eventType) & _NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
+                with self._mapped("name the GPU of an XID event"):
+                    uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
+                self._last_xid[uuid] = int(event.eventData)
+        return self._last_xid
 
     @contextmanager
     def _mapped(self, what: str, gpu: str = "") -> Iterator[None]:
-        """NVML errors to domain errors: the one place where that mapping lives."""
+        """NVML errors raised inside, as domain errors."""
         try:
             yield
         except self._nvml.NVMLError as exc:
-            code = int(getattr(exc, "value", -1))
-            kind = _ERROR_MAP.get(code, GpuError)
-            where = f"{gpu}: " if gpu else ""
-            raise kind(f"{where}NVML could not {what}: {exc} (NVML error {code})") from exc
+            raise _domain_error(exc, what, gpu) from exc
 
     def devices(self) -> Sequence[NvmlGpu]:
         return self._devices
@@ -87,8 +150,14 @@ class NvmlBackend:
     def close(self) -> None:
         if self._open:
             self._open = False
-            with self._mapped("shut down"):
-                self._nvml.nvmlShutdown()
+            events, self._events = self._events, None
+            try:
+                if events is not None:
+                    with self._mapped("free the XID event set"):
+                        self._nvml.nvmlEventSetFree(events)
+            finally:
+                with self._mapped("shut down"):
+                    self._nvml.nvmlShutdown()
 
 
 class NvmlGpu:
@@ -98,13 +167,19 @@ class NvmlGpu:
         self._backend = backend
         self._nvml = backend._nvml
         self._index = index
+        self._xid_problem: GpuError | None = None
         with backend._mapped("open the GPU", f"GPU {index}"):
             self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
             self._uuid = _text(self._nvml.nvmlDeviceGetUUID(self._handle))
             self._name = _text(self._nvml.nvmlDeviceGetName(self._handle))
 
+    @property
+    def name(self) -> str:
+        """How errors name this GPU."""
+        return f"GPU {self._index} ({self._uuid})"
+
     def _call(self, what: str, fn: str, *args: Any) -> Any:
-        with self._backend._mapped(what, f"GPU {self._index} ({self._uuid})"):
+        with self._backend._mapped(what, self.name):
             return getattr(self._nvml, fn)(self._handle, *args)
 
     @property
@@ -168,3 +243,33 @@ class NvmlGpu:
     def total_energy_j(self) -> float:
         mj = self._call("read the energy counter", "nvmlDeviceGetTotalEnergyConsumption")
         return float(mj) / 1000.0
+
+    def last_xid(self) -> int:
+        if self._xid_problem is not None:
+            raise self._xid_problem
+        return self._backend.last_xids().get(self._uuid, 0)
+
+    def ecc_dbe_volatile(self) -> int:
+        return int(
+            self._call(
+                "read the double-bit ECC errors",
+                "nvmlDeviceGetTotalEccErrors",
+                _NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                _NVML_VOLATILE_ECC,
+            )
+        )
+
+    def remapped_rows(self) -> tuple[int, bool]:
+        _correctable, uncorrectable, _pending, failed = self._call(
+            "read the remapped rows", "nvmlDeviceGetRemappedRows"
+        )
+        return int(uncorrectable), bool(failed)
+
+    def clocks_event_reasons(self) -> int:
+        # The "throttle" name is the older one (nvidia-ml-py before 12.535 has only it).
+        fn = (
+            "nvmlDeviceGetCurrentClocksEventReasons"
+            if hasattr(self._nvml, "nvmlDeviceGetCurrentClocksEventReasons")
+            else "nvmlDeviceGetCurrentClocksThrottleReasons"
+        )
+        return int(self._call("read the clock event reasons", fn))

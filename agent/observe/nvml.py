@@ -25,7 +25,7 @@ from agent.core.errors import (
     GpuNotSupportedError,
     TelemetryError,
 )
-from agent.core.protocols import GpuBackend, GpuDevice, XidReporter
+from agent.core.protocols import GpuBackend, GpuDevice, HealthReporter, XidReporter
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 
 _PROBLEM: dict[type[GpuError], str] = {
@@ -103,6 +103,17 @@ def _xid(dev: GpuDevice) -> tuple[float, ...]:
     raise GpuNotSupportedError("this backend reports no XIDs")
 
 
+def _health(dev: GpuDevice) -> HealthReporter:
+    if isinstance(dev, HealthReporter):
+        return dev
+    raise GpuNotSupportedError("this backend reports no health counters")
+
+
+def _remapped_rows(dev: GpuDevice) -> tuple[float, ...]:
+    uncorrectable, failed = _health(dev).remapped_rows()
+    return (float(uncorrectable), float(failed))
+
+
 def _limits(dev: GpuDevice) -> tuple[float, ...]:
     c = dev.power_constraints()
     return (c.min_w, c.max_w, c.default_w)
@@ -119,5 +130,8 @@ _READINGS: tuple[tuple[tuple[Metric, ...], Callable[[GpuDevice], tuple[float, ..
     ((Metric.SM_CLOCK_MHZ,), lambda d: (d.sm_clock_mhz(),)),
     ((Metric.ENERGY_J,), lambda d: (d.total_energy_j(),)),
     ((Metric.XID,), _xid),
+    ((Metric.ECC_DBE_TOTAL,), lambda d: (float(_health(d).ecc_dbe_volatile()),)),
+    ((Metric.REMAPPED_ROWS_UNCORRECTABLE, Metric.ROW_REMAP_FAILURE), _remapped_rows),
+    ((Metric.CLOCKS_EVENT_REASONS,), lambda d: (float(_health(d).clocks_event_reasons()),)),
 )
 METRICS: tuple[Metric, ...] = tuple(m for metrics, _ in _READINGS for m in metrics)

@@ -79,6 +79,19 @@ class TwinGpu:
         """The last XID the GPU raised (0: none), as DCGM reports it."""
         return int(self._twin.xid[self._row])
 
+    def ecc_dbe_volatile(self) -> int:
+        self._check()
+        return int(self._twin.ecc_dbe[self._row])
+
+    def remapped_rows(self) -> tuple[int, bool]:
+        self._check()
+        row = self._row
+        return int(self._twin.remapped_uncorrectable[row]), bool(self._twin.row_remap_failure[row])
+
+    def clocks_event_reasons(self) -> int:
+        self._check()
+        return int(self._twin.clocks_event_reasons[self._row])
+
 
 class TwinNodeBackend:
     """The GPUs of one twin node (`node` is 1-based, as in `node2`)."""

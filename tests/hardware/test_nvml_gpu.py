@@ -1,0 +1,178 @@
+"""The NVML paths on a real NVIDIA GPU: the backend, the node-local source, and the node daemon
+with the agent's node client in front of it.
+
+Skipped where NVML cannot start (no driver or no GPU, as on the CI machine); `make test-gpu` runs
+these on a GPU node. They change no setting of the GPU: the only writes set a GPU's power limit to
+the value it already has, and a lease whose fallback cap is that same value runs out.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.act.node_client import NodeCapActuator, NodeClientSettings
+from agent.core.errors import GpuError, GpuInvalidArgumentError, GpuNoPermissionError
+from agent.core.intents import GpuTargets
+from agent.core.snapshot import Metric
+from agent.node.nvml import NvmlBackend, NvmlGpu
+from agent.node.server import NodeDaemon, NodeSettings
+from agent.observe.nvml import NvmlSource
+
+pytestmark = pytest.mark.gpu
+
+_SMI_FIELDS = (
+    "index,uuid,power.limit,power.min_limit,power.max_limit,power.default_limit,"
+    "enforced.power.limit"
+)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[NvmlBackend]:
+    pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
+    try:
+        nvml = NvmlBackend()
+    except GpuError as exc:
+        pytest.skip(f"NVML does not start here: {exc}")
+    if not nvml.devices():
+        nvml.close()
+        pytest.skip("NVML sees no GPU")
+    try:
+        yield nvml
+    finally:
+        nvml.close()
+
+
+def _nvidia_smi() -> dict[int, list[str]]:
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi is not installed")
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={_SMI_FIELDS}", "--format=csv,noheader,nounits"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    rows = [[cell.strip() for cell in line.split(",")] for line in out.splitlines() if line]
+    return {int(row[0]): row[1:] for row in rows}
+
+
+def test_identity_and_limits_agree_with_nvidia_smi(backend: NvmlBackend) -> None:
+    smi = _nvidia_smi()
+    assert sorted(smi) == [gpu.index for gpu in backend.devices()]
+    for gpu in backend.devices():
+        uuid, limit, low, high, default, enforced = smi[gpu.index]
+        assert gpu.uuid == uuid
+        c = gpu.power_constraints()
+        assert (c.min_w, c.max_w, c.default_w) == pytest.approx(
+            (float(low), float(high), float(default)), abs=0.01
+        )  # milliwatts -> watts at the edge
+        assert gpu.power_limit_w() == pytest.approx(float(limit), abs=0.01)
+        assert gpu.enforced_power_limit_w() == pytest.approx(float(enforced), abs=0.01)
+
+
+def test_readings_are_physical(backend: NvmlBackend) -> None:
+    for gpu in backend.devices():
+        c = gpu.power_constraints()
+        assert 0 < c.min_w <= c.default_w <= c.max_w
+        assert 0 < gpu.power_usage_w() < 1.5 * c.max_w
+        assert 0 < gpu.temperature_c() < 110
+        util, mem_util = gpu.utilization_pct()
+        assert 0 <= util <= 100 and 0 <= mem_util <= 100
+        assert gpu.sm_clock_mhz() > 0
+        start_j, start_s = gpu.total_energy_j(), time.monotonic()
+        time.sleep(1.0)
+        rate_w = (gpu.total_energy_j() - start_j) / (time.monotonic() - start_s)
+        assert 0 < rate_w < 1.5 * c.max_w  # millijoules -> joules: a rate in watts
+        assert gpu.ecc_dbe_volatile() >= 0
+        rows, failed = gpu.remapped_rows()
+        assert rows >= 0 and isinstance(failed, bool)
+        assert 0 <= gpu.clocks_event_reasons() < 2**64
+
+
+def test_xid_events_are_watched_and_drained_without_waiting(backend: NvmlBackend) -> None:
+    for gpu in backend.devices():
+        start = time.monotonic()
+        xid = gpu.last_xid()  # registered at start; an empty event set answers at once
+        assert time.monotonic() - start < 0.5
+        assert 0 <= xid < 1000
+
+
+def test_the_node_local_source(backend: NvmlBackend) -> None:
+    snap = NvmlSource(backend, "gpu-node").observe(time.time())
+    assert snap.n_gpus == len(backend.devices()) and not snap.stale.any()
+    for error in snap.errors:  # a board may lack a field; nothing else may go wrong
+        assert ": not supported: " in error or ": no permission: " in error, error
+    for metric in (Metric.POWER_W, Metric.TEMP_C, Metric.UTIL_PCT, Metric.SM_CLOCK_MHZ):
+        assert snap.column(metric)[1].all(), metric
+
+
+def _limit_it_already_has(gpu: NvmlGpu) -> float:
+    """Set the GPU's power limit to the value it has; skips where this process may not."""
+    limit_w = gpu.power_limit_w()
+    try:
+        gpu.set_power_limit_w(limit_w)
+    except GpuNoPermissionError as exc:
+        pytest.skip(f"setting a power limit needs root or CAP_SYS_ADMIN: {exc}")
+    return limit_w
+
+
+def test_setting_a_limit_goes_through_nvml_and_out_of_range_is_refused(
+    backend: NvmlBackend,
+) -> None:
+    for gpu in backend.devices():
+        limit_w = _limit_it_already_has(gpu)
+        assert gpu.power_limit_w() == limit_w
+        c = gpu.power_constraints()
+        with pytest.raises(GpuInvalidArgumentError, match="outside"):
+            gpu.set_power_limit_w(c.max_w + 1.0)
+        assert gpu.power_limit_w() == limit_w
+
+
+def test_a_lease_through_the_node_daemon_falls_back(backend: NvmlBackend, tmp_path: Path) -> None:
+    """The agent's node client -> the daemon's HTTP API on a Unix socket -> leases -> NVML: a cap
+    leased for a second runs out and goes to the fallback cap (both the GPU's own limit)."""
+    gpu = backend.devices()[0]
+    limit_w = _limit_it_already_has(gpu)
+    (tmp_path / "token").write_text("a-token-for-this-test-only\n")
+    (tmp_path / "token").chmod(0o600)
+    settings = NodeSettings(
+        token_file=tmp_path / "token",
+        socket_path=tmp_path / "node.sock",
+        fallback_cap_w=limit_w,
+        check_interval_s=0.1,
+    )
+    targets = GpuTargets(
+        node=np.array(["gpu-node"]), gpu=np.array([gpu.index]), uuid=np.array([gpu.uuid])
+    )
+    with NodeDaemon(backend, settings) as daemon:
+        client = NodeCapActuator(
+            NodeClientSettings.model_validate(
+                {
+                    "endpoints": {"gpu-node": f"unix://{tmp_path}/node.sock"},
+                    "token_file": tmp_path / "token",
+                    "timeout_s": 5.0,
+                }
+            )
+        )
+        try:
+            result = client.set_caps(targets, np.array([limit_w]), 1.0)
+            assert result.ok.all(), result.errors
+            assert result.before_w[0] == limit_w
+            assert daemon.manager.gpu(gpu.index)["state"] == "leased"
+            deadline = time.monotonic() + 5.0
+            while daemon.manager.gpu(gpu.index)["state"] != "fallback":
+                assert time.monotonic() < deadline, "the lease did not run out"
+                time.sleep(0.1)
+            described = daemon.manager.gpu(gpu.index)
+            assert described["power_limit_w"] == pytest.approx(limit_w, abs=0.01)
+            assert "error" not in described
+        finally:
+            client.close()
+    assert gpu.power_limit_w() == limit_w
