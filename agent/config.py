@@ -252,9 +252,23 @@ class PrometheusConfig(_Section):
         return check_label_name(value)
 
 
+class NvmlSourceConfig(_Section):
+    node: str | None = Field(
+        None,
+        min_length=1,
+        description="This node's name, as Slurm and the node daemons know it (default: the host "
+        "name up to its first dot).",
+    )
+
+
 class SourceConfig(_Section):
-    kind: Literal["twin", "prometheus"] = Field("twin", description="Where telemetry comes from.")
+    kind: Literal["twin", "prometheus", "nvml"] = Field(
+        "twin",
+        description="Where telemetry comes from (nvml: this node's GPUs, read directly; for one "
+        "GPU node).",
+    )
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    nvml: NvmlSourceConfig = Field(default_factory=NvmlSourceConfig)
 
 
 class ActuatorsConfig(_Section):
@@ -421,27 +435,30 @@ class Config(_Section):
         if cluster.label_budgets_w and cluster.group_label is None:
             raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
         label = cluster.group_label
-        if self.source.kind == "twin" and label is not None and label not in TWIN_LABELS:
+        # NVML's GPUs carry no labels either; Slurm's job priority is the one both get.
+        if self.source.kind != "prometheus" and label is not None and label not in TWIN_LABELS:
+            whose = "the twin's" if self.source.kind == "twin" else "NVML's"
             raise ValueError(
-                f"cluster.group_label: the twin's GPUs carry no {label!r} label (only "
+                f"cluster.group_label: {whose} GPUs carry no {label!r} label (only "
                 f"{', '.join(TWIN_LABELS)}), so these budgets would never hold; give the groups "
                 "as node lists in [cluster.groups]"
             )
         return self
 
     @model_validator(mode="after")
-    def _actuators_for_prometheus(self) -> Config:
-        # The twin's actuators act on an in-process twin, which a Prometheus source cannot see:
-        # with Prometheus the default is to advise only, and asking for them is an error.
-        if self.source.kind != "prometheus":
+    def _actuators_for_real_sources(self) -> Config:
+        # The twin's actuators act on an in-process twin, which a Prometheus or NVML source
+        # cannot see: with those the default is to advise only, and asking for them is an error.
+        if self.source.kind == "twin":
             return self
         given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
+        source = {"prometheus": "a Prometheus", "nvml": "an NVML"}[self.source.kind]
         for name in ("caps", "placement"):
             if getattr(self.actuators, name) != "twin":
                 continue
             if name in given:
                 raise ValueError(
-                    f"actuators.{name}: 'twin' acts on an in-process twin, which a Prometheus "
+                    f"actuators.{name}: 'twin' acts on an in-process twin, which {source} "
                     "source does not observe; use 'none' (advise only)"
                 )
             setattr(self.actuators, name, "none")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,14 +19,16 @@ from agent.act.rollout import Rollout, dry_run_reasons
 from agent.act.slurm import SlurmPlacement, SlurmSettings
 from agent.config import Config, TwinConfig, audit_path, state_dir
 from agent.core.clock import Clock, SystemClock
-from agent.core.errors import ConfigError
+from agent.core.errors import ConfigError, GpuError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
 from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.core.snapshot import Metric
 from agent.loop import Loop
+from agent.node.nvml import NvmlBackend
 from agent.observe.job_labels import JobLabelledSource
 from agent.observe.limits import LimitsFilledSource
+from agent.observe.nvml import NvmlSource
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
@@ -184,6 +187,16 @@ def build_actuators(
     return caps, placement, closers
 
 
+def nvml_source(config: Config, closers: list[Callable[[], Any]]) -> NvmlSource:
+    """This node's GPUs through NVML; what closes it goes into `closers`."""
+    try:
+        backend = NvmlBackend()
+    except GpuError as exc:
+        raise ConfigError(f"source.kind = 'nvml': {exc}") from exc
+    closers.append(backend.close)
+    return NvmlSource(backend, config.source.nvml.node or socket.gethostname().split(".")[0])
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -247,7 +260,7 @@ def build_runtime(
             closers.append(prometheus.close)
             source = prometheus
         else:
-            raise ConfigError(f"source.kind: {config.source.kind!r} is not available yet")
+            source = nvml_source(config, closers)
     if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
         source = JobLabelledSource(source, slurm, config.actuators.slurm.default_priority)
     if config.actuators.caps == "twin":
@@ -265,8 +278,8 @@ def build_runtime(
         actuators.placement = TwinPlacement(twin)
     elif slurm is not None:
         actuators.placement = slurm
-    if clock is None and config.source.kind == "prometheus":
-        clock = SystemClock()  # Prometheus answers in Unix time, whatever acts
+    if clock is None and config.source.kind != "twin":
+        clock = SystemClock()  # Prometheus and NVML read the present, in Unix time
     if clock is None:
         if twin is None:
             raise ConfigError("a clock is needed when no twin is configured")

@@ -76,6 +76,31 @@ def test_twin_actuators_with_prometheus_are_refused() -> None:
     assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
 
 
+def test_the_nvml_source_config() -> None:
+    """This node's GPUs through NVML: the twin's actuators cannot act on them, a group label
+    they cannot carry is refused, and a node without NVML is an error naming the source (the
+    source on a real GPU: tests/hardware)."""
+    with pytest.raises(ConfigError, match=r"placement: 'twin' .* which an NVML source"):
+        parse_config({"source": {"kind": "nvml"}, "actuators": {"placement": "twin"}})
+    config = parse_config({"source": {"kind": "nvml", "nvml": {"node": "dgx7"}}})
+    assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
+    assert config.source.nvml.node == "dgx7"
+    with pytest.raises(ConfigError, match=r"source\.nvml\.node"):
+        parse_config({"source": {"kind": "nvml", "nvml": {"node": ""}}})
+    with pytest.raises(ConfigError, match=r"group_label: NVML's GPUs carry no 'rack'"):
+        parse_config({"source": {"kind": "nvml"}, "cluster": {"group_label": "rack"}})
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001  (any failure: this machine has no NVML)
+        with pytest.raises(ConfigError, match=r"source.kind = 'nvml': NVML could not initialise"):
+            build_runtime(config)
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has NVML: tests/hardware builds the source for real")
+
+
 def test_once_needs_a_source_and_a_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["once"]) == 2
     assert "give --config FILE or --prometheus URL" in capsys.readouterr().err

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
+from agent.config import force_dry_run, parse_config
 from agent.core.errors import GpuError, GpuInvalidArgumentError, GpuNoPermissionError
 from agent.core.intents import GpuTargets
 from agent.core.snapshot import Metric
 from agent.node.nvml import NvmlBackend, NvmlGpu
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
+from agent.runtime import build_runtime
 
 pytestmark = pytest.mark.gpu
 
@@ -176,3 +178,26 @@ def test_a_lease_through_the_node_daemon_falls_back(backend: NvmlBackend, tmp_pa
         finally:
             client.close()
     assert gpu.power_limit_w() == limit_w
+
+
+def test_dry_run_cycles_of_the_agent_on_this_node(backend: NvmlBackend, tmp_path: Path) -> None:
+    """`source.kind = "nvml"`, every built-in policy, advise only: the whole loop on this node."""
+    config = force_dry_run(
+        parse_config(
+            {
+                "source": {"kind": "nvml", "nvml": {"node": "gpu-node"}},
+                "daemon": {"state_dir": str(tmp_path)},
+            }
+        )
+    )
+    runtime = build_runtime(config)
+    try:
+        reports = [runtime.loop.cycle() for _ in range(3)]
+    finally:
+        runtime.close()
+    last = reports[-1]
+    assert last.snapshot.n_gpus == len(backend.devices())
+    assert list(last.snapshot.node_names) == ["gpu-node"] and not last.snapshot.stale.any()
+    assert not last.errors, last.errors
+    assert last.situation.fleet_power_w > 0
+    assert set(last.stage_s) == {"observe", "orient", "decide", "guard", "act"}
