@@ -252,7 +252,7 @@ def test_xids_not_watched_are_not_supported_and_other_readings_go_on() -> None:
     nvml = FakeNvml(gpus=2)
     nvml.fail["register"] = 3  # the driver refuses (a virtualized GPU)
     gpu0, _gpu1 = NvmlBackend(nvml).devices()
-    with pytest.raises(GpuNotSupportedError, match="GPU 0 .*watch XID events"):
+    with pytest.raises(GpuNotSupportedError, match=r"GPU 0 .*watch XID events"):
         gpu0.last_xid()
     assert gpu0.power_usage_w() == 312.5
     nvml = FakeNvml(gpus=1)
