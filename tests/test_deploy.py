@@ -5,6 +5,7 @@ configs, and the container's install step run for real in a clean virtual enviro
 from __future__ import annotations
 
 import configparser
+import fnmatch
 import json
 import os
 import re
@@ -115,6 +116,12 @@ def test_node_unit_keeps_only_cap_sys_admin() -> None:
     assert one(unit, "DevicePolicy") == "closed"
     devices = unit["Service"]["DeviceAllow"]
     assert all("nvidia" in d for d in devices) and "/dev/nvidiactl rw" in devices
+    # systemd matches char-GROUP against /proc/devices' names by glob. The GPUs' own group:
+    # "nvidia" on an H100 with the open kernel module 580.159.04 (its /proc/devices had 195
+    # nvidia, 195 nvidiactl, 238 nvidia-uvm, 241 nvidia-caps), "nvidia-frontend" on older drivers.
+    groups = [d.split()[0].removeprefix("char-") for d in devices if d.startswith("char-")]
+    for gpu_group in ("nvidia", "nvidia-frontend", "nvidia-caps"):
+        assert any(fnmatch.fnmatchcase(gpu_group, g) for g in groups), gpu_group
     assert "ooda node serve" in one(unit, "ExecStart")
     assert "--token-file /etc/ooda/node.token" in one(unit, "ExecStart")
     assert one(unit, "Group") == "ooda"

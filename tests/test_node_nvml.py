@@ -243,6 +243,14 @@ def test_xids_arrive_as_events_and_the_last_one_stays() -> None:
     nvml.raise_xid(0, 31, event_type=0x8 | 0x1)  # a mask that includes XIDs
     assert (gpu0.last_xid(), gpu1.last_xid()) == (31, 63)  # both drained, the last one kept
     assert gpu1.last_xid() == 63  # and kept, as DCGM's XID field holds it
+    nvml.raise_xid(1, 79)  # fell off the bus: its readings fail until it is reset
+    nvml.fail["limit"] = 15
+    with pytest.raises(GpuLostError):
+        gpu1.power_limit_w()
+    assert gpu1.last_xid() == 79
+    del nvml.fail["limit"]
+    assert gpu1.power_limit_w() == 700.0  # it answers again: it was reset
+    assert (gpu0.last_xid(), gpu1.last_xid()) == (31, 0)  # which clears its XID, not others'
     assert not nvml.events
     backend.close()
     assert nvml.event_sets_open == 0 and not nvml.initialised

@@ -9,7 +9,9 @@ Setting a power limit needs root (or CAP_SYS_ADMIN); reading does not.
 
 XIDs reach NVML as events, not as a value to read: the backend registers every GPU for critical
 XID events once, and `last_xid()` drains what arrived since (never waiting) and answers the last
-XID each GPU raised, 0 before any, as DCGM's XID field does. XIDs raised before the backend
+XID each GPU raised, 0 before any, as DCGM's XID field does. A GPU that was lost (fell off the bus,
+needed a reset) and answers again was reset, which clears its XID back to 0, as health expects; a
+reset between two readings that no reading saw is not noticed. XIDs raised before the backend
 started are not seen. Where the driver refuses the registration (some virtualized GPUs), the GPU
 reports XIDs as not supported.
 
@@ -117,6 +119,10 @@ class NvmlBackend:
             except GpuError as exc:
                 gpu._xid_problem = exc
 
+    def forget_xid(self, uuid: str) -> None:
+        """The GPU was reset: its last XID goes back to 0, as DCGM's field does."""
+        self._last_xid.pop(uuid, None)
+
     def last_xids(self) -> dict[str, int]:
         """Drain the XID events that arrived since the last call, without waiting; the last XID
         of every GPU that raised one, by UUID."""
@@ -168,6 +174,7 @@ class NvmlGpu:
         self._nvml = backend._nvml
         self._index = index
         self._xid_problem: GpuError | None = None
+        self._lost = False  # the last call found the GPU lost
         with backend._mapped("open the GPU", f"GPU {index}"):
             self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
             self._uuid = _text(self._nvml.nvmlDeviceGetUUID(self._handle))
@@ -179,8 +186,16 @@ class NvmlGpu:
         return f"GPU {self._index} ({self._uuid})"
 
     def _call(self, what: str, fn: str, *args: Any) -> Any:
-        with self._backend._mapped(what, self.name):
-            return getattr(self._nvml, fn)(self._handle, *args)
+        try:
+            with self._backend._mapped(what, self.name):
+                answer = getattr(self._nvml, fn)(self._handle, *args)
+        except GpuLostError:
+            self._lost = True
+            raise
+        if self._lost:  # it answers again: it was reset (or the driver reloaded)
+            self._lost = False
+            self._backend.forget_xid(self._uuid)
+        return answer
 
     @property
     def index(self) -> int:
