@@ -248,6 +248,7 @@ def test_xids_arrive_as_events_and_the_last_one_stays() -> None:
     with pytest.raises(GpuLostError):
         gpu1.power_limit_w()
     assert gpu1.last_xid() == 79
+    nvml.raise_xid(1, 79)  # again, and not drained before the reset
     del nvml.fail["limit"]
     assert gpu1.power_limit_w() == 700.0  # it answers again: it was reset
     assert (gpu0.last_xid(), gpu1.last_xid()) == (31, 0)  # which clears its XID, not others'

@@ -119,8 +119,10 @@ class NvmlBackend:
             except GpuError as exc:
                 gpu._xid_problem = exc
 
-    def forget_xid(self, uuid: str) -> None:
-        """The GPU was reset: its last XID goes back to 0, as DCGM's field does."""
+    def was_reset(self, uuid: str) -> None:
+        """The GPU was reset: its last XID goes back to 0, as DCGM's field does. The events
+        raised before (the one that lost it, often) are drained first, so none outlives it."""
+        self.last_xids()
         self._last_xid.pop(uuid, None)
 
     def last_xids(self) -> dict[str, int]:
@@ -194,7 +196,7 @@ class NvmlGpu:
             raise
         if self._lost:  # it answers again: it was reset (or the driver reloaded)
             self._lost = False
-            self._backend.forget_xid(self._uuid)
+            self._backend.was_reset(self._uuid)
         return answer
 
     @property
