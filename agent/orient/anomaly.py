@@ -26,6 +26,7 @@ GPUs whose health already calls for a drain are explained by it: only dropout fl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,8 @@ MV_BUFFER_ROWS = 8192
 HOT_PEER_TOP_BAND = 20.0
 STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
+
+_NOT_FULL_RANK = "The covariance matrix associated to your dataset is not full rank"
 
 
 @dataclass(frozen=True, slots=True)
@@ -743,7 +746,11 @@ class AnomalyDetector:
         take = min(used, 480)  # above 500 rows MinCovDet switches to a much slower path
         rows = data[self.rng.choice(used, size=take, replace=False)]
         try:
-            with single_threaded():
+            with single_threaded(), warnings.catch_warnings():
+                # A feature constant over the sample (every busy GPU at 100% utilization) makes
+                # the covariance singular: MinCovDet warns and uses the pseudo-inverse, which
+                # ignores that feature. The univariate baselines still watch it on its own.
+                warnings.filterwarnings("ignore", _NOT_FULL_RANK, UserWarning)
                 mcd = MinCovDet(random_state=int(self.rng.integers(1 << 30))).fit(rows)
         except (ValueError, np.linalg.LinAlgError):
             return
