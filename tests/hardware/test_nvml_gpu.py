@@ -3,7 +3,9 @@ with the agent's node client in front of it.
 
 Skipped where NVML cannot start (no driver or no GPU, as on the CI machine); `make test-gpu` runs
 these on a GPU node. They change no setting of the GPU: the only writes set a GPU's power limit to
-the value it already has, and a lease whose fallback cap is that same value runs out.
+the value it already has, and a lease whose fallback cap is that same value runs out. Written for
+data-center GPUs (A100, H100 and later, ECC on), which answer every reading; a board without power
+limits or ECC fails them by design.
 """
 
 from __future__ import annotations
