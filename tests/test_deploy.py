@@ -155,6 +155,45 @@ def test_systemd_rates_and_verifies_the_units(tmp_path: Path, name: str, most: f
     assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_nvml_drop_in_opens_the_nvidia_devices_only(tmp_path: Path) -> None:
+    """The agent reading NVML ([source] kind = "nvml") needs the NVIDIA devices its unit hides."""
+    drop_in = UNITS / "ooda-agent.service.d" / "nvml.conf"
+    service = parse_unit(drop_in)["Service"]
+    assert service["PrivateDevices"] == ["no"] and service["DevicePolicy"] == ["closed"]
+    groups = [d.split()[0].removeprefix("char-") for d in service["DeviceAllow"]]
+    assert all("nvidia" in g for g in groups) and "nvidia" in groups
+    # systemd reads a unit's drop-ins from NAME.service.d beside it: verify and rate them together.
+    ooda = Path(sys.executable).with_name("ooda")
+    unit = UNITS / "ooda-agent.service"
+    (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/ooda/bin/ooda", str(ooda)))
+    (tmp_path / "ooda-agent.service.d").mkdir()
+    shutil.copy(drop_in, tmp_path / "ooda-agent.service.d" / "nvml.conf")
+    (tmp_path / "ooda-agent.service.d" / "zz-probe.conf").write_text("[Service]\nProbeKey=1\n")
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / unit.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # The probe's unknown key proves the drop-ins were read; nothing else may be said.
+    said = [line for line in verify.stderr.splitlines() if line.strip()]
+    assert verify.returncode == 0 and said, verify.stderr
+    assert all("zz-probe.conf" in line and "ProbeKey" in line for line in said), verify.stderr
+    (tmp_path / "ooda-agent.service.d" / "zz-probe.conf").unlink()
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(tmp_path / unit.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
+    assert match and float(match.group(1)) <= 2.0, security.stdout + security.stderr
+    assert re.search(r"✗ PrivateDevices=", security.stdout), security.stdout  # it was applied
+
+
 def test_promtool_checks_and_unit_tests_the_rules() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: `make system-deps` installs Debian's prometheus"
