@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -192,7 +193,14 @@ def nvml_source(config: Config, closers: list[Callable[[], Any]]) -> NvmlSource:
     try:
         backend = NvmlBackend()
     except GpuError as exc:
-        raise ConfigError(f"source.kind = 'nvml': {exc}") from exc
+        # systemd sets INVOCATION_ID for its services: the agent's unit hides the devices.
+        hint = (
+            " (the agent's systemd unit hides the NVIDIA devices: add its drop-in "
+            "ooda-agent.service.d/nvml.conf)"
+            if os.environ.get("INVOCATION_ID")
+            else ""
+        )
+        raise ConfigError(f"source.kind = 'nvml': {exc}{hint}") from exc
     closers.append(backend.close)
     return NvmlSource(backend, config.source.nvml.node or socket.gethostname().split(".")[0])
 

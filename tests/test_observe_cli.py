@@ -76,7 +76,7 @@ def test_twin_actuators_with_prometheus_are_refused() -> None:
     assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
 
 
-def test_the_nvml_source_config() -> None:
+def test_the_nvml_source_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """This node's GPUs through NVML: the twin's actuators cannot act on them, a group label
     they cannot carry is refused, and a node without NVML is an error naming the source (the
     source on a real GPU: tests/hardware)."""
@@ -95,6 +95,9 @@ def test_the_nvml_source_config() -> None:
         pynvml.nvmlInit()
     except Exception:  # any failure: this machine has no NVML
         with pytest.raises(ConfigError, match=r"source.kind = 'nvml': NVML could not initialise"):
+            build_runtime(config)
+        monkeypatch.setenv("INVOCATION_ID", "0123abcd")  # as under systemd
+        with pytest.raises(ConfigError, match=r"add its drop-in ooda-agent.service.d/nvml.conf"):
             build_runtime(config)
     else:
         pynvml.nvmlShutdown()
