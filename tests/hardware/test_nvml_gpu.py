@@ -31,6 +31,7 @@ from agent.node.nvml import NvmlBackend, NvmlGpu
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
 from agent.runtime import build_runtime
+from tests.daemon_helpers import DaemonProcess, write
 
 pytestmark = pytest.mark.gpu
 
@@ -251,3 +252,24 @@ def test_ooda_node_serve_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None
             proc.kill()
             proc.wait()
     assert gpu.power_limit_w() == limit_w
+
+
+def test_ooda_run_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None:
+    """The daemon operators run on one GPU node, advising only: it cycles on NVML's readings,
+    shows them in its metrics, and stops cleanly."""
+    config = write(
+        tmp_path / "nvml.toml",
+        'dry_run = true\n[source]\nkind = "nvml"\n[daemon]\ninterval_s = 0.5\n'
+        '[audit]\npath = "audit.jsonl"\n',
+    )
+    proc = DaemonProcess(config, tmp_path / "state", tmp_path / "run.log").started()
+    try:
+        proc.wait_cycles(3)
+        assert proc.value("ooda_gpus_seen") == len(backend.devices())
+        assert proc.value("ooda_gpus_stale") == 0 and proc.value("ooda_gpus_missing_power") == 0
+        assert (proc.value("ooda_fleet_power_watts") or 0.0) > 0
+        assert proc.value("ooda_cycles_total", 'result="ok"')
+        code, _ = proc.stop()
+    finally:
+        proc.kill()
+    assert code == 0
