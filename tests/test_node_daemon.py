@@ -12,8 +12,6 @@ import shutil
 import signal
 import ssl
 import stat
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import pytest
 from agent.core.errors import BadInputError
 from agent.node.leases import OnExit
 from agent.node.server import NodeDaemon, NodeSettings
+from tests.http_helpers import node_serve
 from tests.node_helpers import FakeBackend, FakeGpu, Pki, make_pki, unix_node_daemon, write_token
 
 pytestmark = pytest.mark.integration
@@ -358,50 +357,16 @@ def test_a_second_daemon_on_the_same_socket_is_refused(unix_daemon: Running) -> 
 def test_ooda_node_serve_sim_backend(short_dir: Path) -> None:
     token = write_token(short_dir / "token")
     sock = short_dir / "node.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "node",
-            "serve",
-            "--backend",
-            "sim",
-            "--sim-gpus",
-            "3",
-            "--sim-model",
-            "A100",
-            "--token-file",
-            str(short_dir / "token"),
-            "--socket",
-            str(sock),
-            "--fallback-cap-w",
-            "250",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20.0
-        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert sock.exists(), proc.stderr.read() if proc.stderr else ""
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(sock)),
-            base_url="http://node",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as c:
-            gpus = c.get("/v1/gpus").json()
-            assert len(gpus) == 3 and gpus[0]["max_w"] == 400.0  # an A100
-            r = c.put("/v1/gpus/2/cap", json={"watts": 300, "lease_s": 60})
-            assert r.status_code == 200 and r.json()["gpu"]["power_limit_w"] == 300.0
+    args = ["--backend", "sim", "--sim-gpus", "3", "--sim-model", "A100",
+            "--token-file", str(short_dir / "token"), "--fallback-cap-w", "250"]  # fmt: skip
+    with node_serve(args, sock, token) as (proc, c):
+        gpus = c.get("/v1/gpus").json()
+        assert len(gpus) == 3 and gpus[0]["max_w"] == 400.0  # an A100
+        r = c.put("/v1/gpus/2/cap", json={"watts": 300, "lease_s": 60})
+        assert r.status_code == 200 and r.json()["gpu"]["power_limit_w"] == 300.0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not sock.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize(

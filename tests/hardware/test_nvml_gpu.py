@@ -13,12 +13,10 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -32,6 +30,7 @@ from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
 from agent.runtime import build_runtime
 from tests.daemon_helpers import DaemonProcess, write
+from tests.http_helpers import node_serve
 
 pytestmark = pytest.mark.gpu
 
@@ -217,40 +216,20 @@ def test_ooda_node_serve_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None
     token = "a-token-for-this-test-only"
     (tmp_path / "token").write_text(token + "\n")
     (tmp_path / "token").chmod(0o600)
-    sock = tmp_path / "node.sock"
-    command = [sys.executable, "-m", "agent", "node", "serve", "--token-file",
-               str(tmp_path / "token"), "--socket", str(sock), "--on-exit", "keep"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30.0
-        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert sock.exists(), proc.stderr.read() if proc.stderr else ""
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(sock)),
-            base_url="http://node",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as client:
-            listed = {g["index"]: g for g in client.get("/v1/gpus").json()}
-            assert sorted(listed) == [g.index for g in backend.devices()]
-            for device in backend.devices():
-                c = device.power_constraints()
-                got = listed[device.index]
-                assert got["uuid"] == device.uuid and "error" not in got
-                assert (got["min_w"], got["max_w"], got["default_w"]) == (
-                    c.min_w,
-                    c.max_w,
-                    c.default_w,
-                )
-            answer = client.put(f"/v1/gpus/{gpu.index}/cap", json={"watts": limit_w, "lease_s": 60})
-            assert answer.status_code == 200, answer.text
-            assert answer.json()["gpu"]["state"] == "leased"
+    args = ["--token-file", str(tmp_path / "token"), "--on-exit", "keep"]
+    with node_serve(args, tmp_path / "node.sock", token) as (proc, client):
+        listed = {g["index"]: g for g in client.get("/v1/gpus").json()}
+        assert sorted(listed) == [g.index for g in backend.devices()]
+        for device in backend.devices():
+            c = device.power_constraints()
+            got = listed[device.index]
+            assert got["uuid"] == device.uuid and "error" not in got
+            assert (got["min_w"], got["max_w"], got["default_w"]) == (c.min_w, c.max_w, c.default_w)
+        answer = client.put(f"/v1/gpus/{gpu.index}/cap", json={"watts": limit_w, "lease_s": 60})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["gpu"]["state"] == "leased"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert gpu.power_limit_w() == limit_w
 
 
