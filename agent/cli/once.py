@@ -81,7 +81,11 @@ def once(
         report = runtime.loop.cycle()
     finally:
         runtime.close()
-    source = cfg.source.prometheus.url if cfg.source.kind == "prometheus" else cfg.source.kind
+    source: str = cfg.source.kind
+    if cfg.source.kind == "prometheus":
+        source = cfg.source.prometheus.url
+    elif cfg.source.kind == "nvml":  # which node's GPUs
+        source = f"nvml on {', '.join(map(str, report.snapshot.node_names)) or '?'}"
     result = summarize(report, source=source, dry_run=cfg.dry_run)
     if json_out:
         emit_json(result)

@@ -10,9 +10,11 @@ limits or ECC fails them by design.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +254,23 @@ def test_ooda_run_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert code == 0
+
+
+def test_ooda_once_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "nvml.toml",
+        f'[source]\nkind = "nvml"\n[source.nvml]\nnode = "gpu-node"\n'
+        f'[daemon]\nstate_dir = "{tmp_path}"\n',
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "once", "--config", str(config), "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["source"] == "nvml on gpu-node" and result["dry_run"] and not result["outage"]
+    assert result["gpus"] == len(backend.devices()) and result["stale"] == 0
+    assert result["fleet_power_w"] > 0 and not result["errors"]
