@@ -309,6 +309,10 @@ def test_example_configs_are_valid(tmp_path: Path) -> None:
         assert config.dry_run, f"{example}: examples start in dry-run"
     twin = load_config(DEPLOY / "examples" / "twin.toml")
     assert (twin.source.kind, twin.twin.speed, twin.daemon.interval_s) == ("twin", 1.0, 1.0)
+    # One GPU node: the name NVML's readings carry is the one its node daemon is reached by.
+    node = load_config(DEPLOY / "examples" / "gpu-node.toml")
+    assert node.source.kind == "nvml" and node.actuators.node is not None
+    assert list(node.actuators.node.endpoints) == [node.source.nvml.node]
 
 
 def dockerfile_install_command() -> str:
