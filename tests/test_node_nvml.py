@@ -236,8 +236,9 @@ def test_xids_arrive_as_events_and_the_last_one_stays() -> None:
     nvml = FakeNvml(gpus=2)
     backend = NvmlBackend(nvml)
     gpu0, gpu1 = backend.devices()
-    assert nvml.watched == {0: 0x8, 1: 0x8}  # critical XIDs, on every GPU
+    assert not nvml.watched and not nvml.event_sets_open  # nothing until XIDs are read
     assert (gpu0.last_xid(), gpu1.last_xid()) == (0, 0)  # none yet
+    assert nvml.watched == {0: 0x8, 1: 0x8} and nvml.event_sets_open == 1  # every GPU, once
     nvml.raise_xid(1, 48)
     nvml.raise_xid(1, 63)
     nvml.raise_xid(0, 31, event_type=0x8 | 0x1)  # a mask that includes XIDs

@@ -7,13 +7,13 @@ of pynvml, production passes nothing and gets the real one.
 
 Setting a power limit needs root (or CAP_SYS_ADMIN); reading does not.
 
-XIDs reach NVML as events, not as a value to read: the backend registers every GPU for critical
-XID events once, and `last_xid()` drains what arrived since (never waiting) and answers the last
-XID each GPU raised, 0 before any, as DCGM's XID field does. A GPU that was lost (fell off the bus,
-needed a reset) and answers again was reset, which clears its XID back to 0, as health expects; a
-reset between two readings that no reading saw is not noticed. XIDs raised before the backend
-started are not seen. Where the driver refuses the registration (some virtualized GPUs), the GPU
-reports XIDs as not supported.
+XIDs reach NVML as events, not as a value to read: at the first XID reading the backend registers
+every GPU for critical XID events, and `last_xid()` drains what arrived since (never waiting) and
+answers the last XID each GPU raised, 0 before any, as DCGM's XID field does. A GPU that was lost
+(fell off the bus, needed a reset) and answers again was reset, which clears its XID back to 0, as
+health expects; a reset between two readings that no reading saw is not noticed. XIDs raised before
+the first reading are not seen. Where the driver refuses the registration (some virtualized GPUs),
+the GPU reports XIDs as not supported.
 
 Checked on a real H100 (driver 580.159.04, nvidia-ml-py 13.610): see docs/node-daemon.md.
 """
@@ -90,6 +90,7 @@ class NvmlBackend:
             nvml.nvmlInit()
         self._open = True
         self._events: Any = None
+        self._watching = False  # registered for XID events (at the first XID reading)
         self._last_xid: dict[str, int] = {}  # UUID -> the last XID it raised
         try:
             with self._mapped("count GPUs"):
@@ -98,11 +99,14 @@ class NvmlBackend:
         except GpuError:
             self.close()
             raise
-        self._watch_xids()
 
-    def _watch_xids(self) -> None:
-        """Register every GPU for critical XID events; a GPU the driver refuses keeps the reason
-        and reports XIDs as not supported."""
+    def watch_xids(self) -> None:
+        """Register every GPU for critical XID events, once; a GPU the driver refuses keeps the
+        reason and reports XIDs as not supported. Done at the first XID reading, so the node
+        daemon, which reads none, holds no event set."""
+        if self._watching:
+            return
+        self._watching = True
         try:
             with self._mapped("create an event set for XIDs"):
                 self._events = self._nvml.nvmlEventSetCreate()
@@ -262,6 +266,7 @@ class NvmlGpu:
         return float(mj) / 1000.0
 
     def last_xid(self) -> int:
+        self._backend.watch_xids()
         if self._xid_problem is not None:
             raise self._xid_problem
         return self._backend.last_xids().get(self._uuid, 0)
