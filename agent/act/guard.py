@@ -56,6 +56,7 @@ from agent.core.intents import (
     SetPowerCap,
     Severity,
     gpu_names,
+    split_gpu_names,
 )
 from agent.core.keyed import KeyedColumns, LastRowIndex, RowIndex
 from agent.core.settings import STRICT_SETTINGS
@@ -810,7 +811,7 @@ class Guard:
         if snap.n_gpus:
             # Names for the pending GPUs' nodes only: failed caps on a node that is down stay
             # pending for a while, and the whole fleet's names cost 60 ms at 100,000 GPUs.
-            nodes = RowIndex(snap.node_names).positions(np.char.rpartition(pending, "/gpu")[:, 0])
+            nodes = RowIndex(snap.node_names).positions(split_gpu_names(pending)[0])
             near = np.flatnonzero(np.isin(snap.node, nodes[nodes >= 0]))
             names = gpu_names(snap.node_names[snap.node[near]], snap.gpu[near])
             at_near = RowIndex(names).positions(pending)

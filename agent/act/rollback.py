@@ -22,7 +22,15 @@ import numpy.typing as npt
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor
-from agent.core.intents import Action, GpuTargets, Intent, Outcome, ReleasePowerCap, ResumeNode
+from agent.core.intents import (
+    Action,
+    GpuTargets,
+    Intent,
+    Outcome,
+    ReleasePowerCap,
+    ResumeNode,
+    split_gpu_names,
+)
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapActuator, NodeLister, PlacementActuator
 from agent.core.text import small_ints
@@ -92,10 +100,10 @@ def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]
     keys = state.keys[sel]
     if keys.size == 0:
         return GpuTargets.empty(), np.zeros(0)
-    parts = np.char.rpartition(keys.astype(np.str_), "/gpu")
-    gpu, gpu_ok = small_ints(parts[:, 2])
+    node, gpu_text = split_gpu_names(keys)
+    gpu, gpu_ok = small_ints(gpu_text)
     targets = GpuTargets(
-        node=parts[:, 0].astype(np.str_),
+        node=node,
         gpu=gpu,
         uuid=state["uuid"][sel].astype(np.str_),
     )

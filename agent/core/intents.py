@@ -41,6 +41,15 @@ def gpu_names(node: npt.NDArray[np.str_], gpu: npt.NDArray[np.int64]) -> npt.NDA
     )
 
 
+def split_gpu_names(
+    names: npt.NDArray[np.str_],
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.str_]]:
+    """`gpu_names` undone: each name's node and the text of its GPU index (empty where a name
+    is not `node/gpuN`; the index text is the caller's to check)."""
+    parts = np.char.rpartition(names.astype(np.str_), "/gpu")
+    return parts[:, 0].astype(np.str_), parts[:, 2].astype(np.str_)
+
+
 @dataclass(frozen=True, eq=False)
 class GpuTargets:
     """A set of GPUs, self-contained (usable after the Snapshot it came from is gone)."""
