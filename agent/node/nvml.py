@@ -89,8 +89,8 @@ class NvmlBackend:
         with self._mapped("initialise NVML"):
             nvml.nvmlInit()
         self._open = True
-        self._events: Any = None
-        self._watching = False  # registered for XID events (at the first XID reading)
+        self._events: Any = None  # NVML's event set for XIDs, once registered
+        self._xid_problems: dict[str, GpuError] | None = None  # None: not registered yet
         self._last_xid: dict[str, int] = {}  # UUID -> the last XID it raised
         try:
             with self._mapped("count GPUs"):
@@ -100,40 +100,46 @@ class NvmlBackend:
             self.close()
             raise
 
-    def watch_xids(self) -> None:
-        """Register every GPU for critical XID events, once; a GPU the driver refuses keeps the
-        reason and reports XIDs as not supported. Done at the first XID reading, so the node
-        daemon, which reads none, holds no event set."""
-        if self._watching:
-            return
-        self._watching = True
+    def last_xid(self, gpu: NvmlGpu) -> int:
+        """The last XID `gpu` raised (0: none). The first call registers every GPU for XID
+        events, so the node daemon, which reads none, holds no event set."""
+        problems = self._xid_problems
+        if problems is None:
+            problems = self._xid_problems = self._watch_xids()
+        if gpu.uuid in problems:
+            raise problems[gpu.uuid]
+        self._drain_xids()
+        return self._last_xid.get(gpu.uuid, 0)
+
+    def _watch_xids(self) -> dict[str, GpuError]:
+        """Register every GPU for critical XID events; why each GPU the driver refused is not
+        watched (it reports XIDs as not supported)."""
         try:
             with self._mapped("create an event set for XIDs"):
                 self._events = self._nvml.nvmlEventSetCreate()
         except GpuError as exc:
-            for gpu in self._devices:
-                gpu._xid_problem = exc
-            return
+            return {gpu.uuid: exc for gpu in self._devices}
+        problems: dict[str, GpuError] = {}
         for gpu in self._devices:
             try:
-                with self._mapped("watch XID events", gpu.name):
+                with self._mapped("watch XID events", gpu.label):
                     self._nvml.nvmlDeviceRegisterEvents(
                         gpu._handle, _NVML_EVENT_TYPE_XID_CRITICAL_ERROR, self._events
                     )
             except GpuError as exc:
-                gpu._xid_problem = exc
+                problems[gpu.uuid] = exc
+        return problems
 
     def was_reset(self, uuid: str) -> None:
         """The GPU was reset: its last XID goes back to 0, as DCGM's field does. The events
         raised before (the one that lost it, often) are drained first, so none outlives it."""
-        self.last_xids()
+        self._drain_xids()
         self._last_xid.pop(uuid, None)
 
-    def last_xids(self) -> dict[str, int]:
-        """Drain the XID events that arrived since the last call, without waiting; the last XID
-        of every GPU that raised one, by UUID."""
+    def _drain_xids(self) -> None:
+        """Take the XID events that arrived since the last drain, without waiting."""
         if self._events is None:
-            return self._last_xid
+            return
         nvml = self._nvml
         for _ in range(_MAX_EVENTS_PER_DRAIN):
             try:
@@ -146,7 +152,6 @@ class NvmlBackend:
                 with self._mapped("name the GPU of an XID event"):
                     uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
                 self._last_xid[uuid] = int(event.eventData)
-        return self._last_xid
 
     @contextmanager
     def _mapped(self, what: str, gpu: str = "") -> Iterator[None]:
@@ -179,7 +184,6 @@ class NvmlGpu:
         self._backend = backend
         self._nvml = backend._nvml
         self._index = index
-        self._xid_problem: GpuError | None = None
         self._lost = False  # the last call found the GPU lost
         with backend._mapped("open the GPU", f"GPU {index}"):
             self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
@@ -187,13 +191,13 @@ class NvmlGpu:
             self._name = _text(self._nvml.nvmlDeviceGetName(self._handle))
 
     @property
-    def name(self) -> str:
+    def label(self) -> str:
         """How errors name this GPU."""
         return f"GPU {self._index} ({self._uuid})"
 
     def _call(self, what: str, fn: str, *args: Any) -> Any:
         try:
-            with self._backend._mapped(what, self.name):
+            with self._backend._mapped(what, self.label):
                 answer = getattr(self._nvml, fn)(self._handle, *args)
         except GpuLostError:
             self._lost = True
@@ -237,8 +241,7 @@ class NvmlGpu:
         if not c.contains(watts):
             # NVML would say only "Invalid Argument": say what the bounds are.
             raise GpuInvalidArgumentError(
-                f"GPU {self._index} ({self._uuid}): {watts:g} W outside "
-                f"[{c.min_w:g}, {c.max_w:g}] W"
+                f"{self.label}: {watts:g} W outside [{c.min_w:g}, {c.max_w:g}] W"
             )
         self._call(
             f"set the power limit to {watts:g} W",
@@ -266,10 +269,7 @@ class NvmlGpu:
         return float(mj) / 1000.0
 
     def last_xid(self) -> int:
-        self._backend.watch_xids()
-        if self._xid_problem is not None:
-            raise self._xid_problem
-        return self._backend.last_xids().get(self._uuid, 0)
+        return self._backend.last_xid(self)
 
     def ecc_dbe_volatile(self) -> int:
         return int(
