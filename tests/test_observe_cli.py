@@ -12,8 +12,9 @@ from agent.cli import main
 from agent.cli.trace import parse_time
 from agent.config import parse_config
 from agent.core.clock import SystemClock
-from agent.core.errors import BadInputError, ConfigError
+from agent.core.errors import BadInputError, ConfigError, GpuError
 from agent.core.snapshot import Metric
+from agent.node.nvml import NvmlBackend
 from agent.observe.prometheus import PrometheusSource
 from agent.runtime import build_runtime, prometheus_settings
 from tests.conftest import free_port, last_json
@@ -90,17 +91,14 @@ def test_the_nvml_source_config(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"group_label: NVML's GPUs carry no 'rack'"):
         parse_config({"source": {"kind": "nvml"}, "cluster": {"group_label": "rack"}})
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # any failure: this machine has no NVML
+        NvmlBackend().close()
+    except GpuError:  # this machine has no NVML
         with pytest.raises(ConfigError, match=r"source.kind = 'nvml': NVML could not initialise"):
             build_runtime(config)
         monkeypatch.setenv("INVOCATION_ID", "0123abcd")  # as under systemd
         with pytest.raises(ConfigError, match=r"add its drop-in ooda-agent.service.d/nvml.conf"):
             build_runtime(config)
     else:
-        pynvml.nvmlShutdown()
         pytest.skip("this machine has NVML: tests/hardware builds the source for real")
 
 

@@ -33,6 +33,7 @@ from agent.observe.nvml import NvmlSource
 from agent.runtime import build_runtime
 from tests.daemon_helpers import DaemonProcess, write
 from tests.http_helpers import node_serve
+from tests.node_helpers import write_token
 
 pytestmark = pytest.mark.gpu
 
@@ -149,8 +150,7 @@ def test_a_lease_through_the_node_daemon_falls_back(backend: NvmlBackend, tmp_pa
     leased for a second runs out and goes to the fallback cap (both the GPU's own limit)."""
     gpu = backend.devices()[0]
     limit_w = _limit_it_already_has(gpu)
-    (tmp_path / "token").write_text("a-token-for-this-test-only\n")
-    (tmp_path / "token").chmod(0o600)
+    write_token(tmp_path / "token")
     settings = NodeSettings(
         token_file=tmp_path / "token",
         socket_path=tmp_path / "node.sock",
@@ -215,9 +215,7 @@ def test_ooda_node_serve_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None
     limit already in force is granted, and SIGTERM with `--on-exit keep` leaves the GPU as is."""
     gpu = backend.devices()[0]
     limit_w = _limit_it_already_has(gpu)
-    token = "a-token-for-this-test-only"
-    (tmp_path / "token").write_text(token + "\n")
-    (tmp_path / "token").chmod(0o600)
+    token = write_token(tmp_path / "token")
     args = ["--token-file", str(tmp_path / "token"), "--on-exit", "keep"]
     with node_serve(args, tmp_path / "node.sock", token) as (proc, client):
         listed = {g["index"]: g for g in client.get("/v1/gpus").json()}
