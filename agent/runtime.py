@@ -70,9 +70,17 @@ LOOP_UNUSED = frozenset({Metric.ENERGY_J})
 # ... and fields it reads only in place of another: the enforced limit is the cap in force only
 # where a GPU does not export its power management limit (orient's `cap_bounds`).
 LOOP_FALLBACKS = {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
-# ... and fields only learners read, read this often (s): memory utilization tells a job's
-# workload class once (agent.orient.curvefit), so a minute's delay costs nothing.
-LOOP_SLOW_FIELDS = {Metric.MEM_UTIL_PCT: 60.0}
+# ... and fields read this often (s), each a selection of every GPU's series saved in the
+# cycles between: memory utilization tells a job's workload class once (agent.orient.curvefit),
+# so a minute's delay costs nothing; the ECC and row-remap counters each come with an XID, read
+# every cycle (48: a double-bit error; 63, 64: a row remap recorded, failed), so they back it up
+# (the XID gauge holds only the last XID) and keep their last reading in between.
+LOOP_SLOW_FIELDS = {
+    Metric.MEM_UTIL_PCT: 60.0,
+    Metric.ECC_DBE_TOTAL: 60.0,
+    Metric.REMAPPED_ROWS_UNCORRECTABLE: 60.0,
+    Metric.ROW_REMAP_FAILURE: 60.0,
+}
 
 
 def prometheus_settings(

@@ -43,8 +43,14 @@ def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
         assert Metric.TEMP_C in runtime.loop.source.value_metrics.values()
         # The enforced limit only where a GPU lacks its power management limit.
         assert runtime.loop.source.fallbacks == {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
-        # Memory utilization only every minute (it tells a job's workload class, once).
-        assert runtime.loop.source.slow_fields == {Metric.MEM_UTIL_PCT: 60.0}
+        # Memory utilization (it tells a job's workload class, once) and the health counters
+        # an XID comes with only every minute.
+        assert runtime.loop.source.slow_fields == {
+            Metric.MEM_UTIL_PCT: 60.0,
+            Metric.ECC_DBE_TOTAL: 60.0,
+            Metric.REMAPPED_ROWS_UNCORRECTABLE: 60.0,
+            Metric.ROW_REMAP_FAILURE: 60.0,
+        }
         recording = prometheus_settings(config)  # a recording reads every field every step
         assert recording.fallbacks == {} and recording.slow_fields == {}
         assert isinstance(runtime.loop.clock, SystemClock)

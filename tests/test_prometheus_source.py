@@ -519,6 +519,55 @@ def test_sparse_health_counters_read_only_where_not_zero_between_full_reads() ->
     assert sum("(DCGM_FI_DEV_XID_ERRORS)" in q for q, _ in fake.queries) == full_reads + 1
 
 
+def test_a_slow_health_counter_keeps_its_last_reading_between_reads() -> None:
+    """A health counter that is also a slow field is asked (`!= 0`) only every so often, and
+    read in full with the static fields whether due or not; in between it keeps its last
+    reading, never missing and never 0 in place of a count seen. XID, not slow, is asked
+    every cycle."""
+    live = [{"metric": gpu("node1", i), "value": [NOW, str(NOW + 400)]} for i in (0, 1)]
+    ecc = [sample(0.0, Hostname="node1", gpu="0")]  # gpu 1 does not export the counter
+    nonzero: list[dict[str, Any]] = []
+    fake = FakePrometheus(
+        [
+            ("timestamp(", live),
+            ("ECC_DBE_VOL_TOTAL != 0)", nonzero),
+            ("(DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", ecc),
+        ]
+    )
+    source = PrometheusSource(
+        PrometheusSettings(
+            scrape_interval_s=15,
+            static_refresh_s=300,
+            slow_fields={Metric.ECC_DBE_TOTAL: 60.0},
+        ),
+        client=fake,
+    )
+
+    def ecc_at(t: float) -> tuple[str, float, float]:
+        before = len(fake.queries)
+        column = source.observe(NOW + t).column(Metric.ECC_DBE_TOTAL)[0]
+        asked = [q for q, _ in fake.queries[before:] if "ECC_DBE" in q]
+        assert sum("XID_ERRORS" in q for q, _ in fake.queries[before:]) == 1
+        how = "" if not asked else "nonzero" if "!= 0" in asked[0] else "full"
+        return how, float(column[0]), float(column[1])
+
+    nan = pytest.approx(math.nan, nan_ok=True)
+    assert ecc_at(100) == ("full", 0.0, nan)
+    nonzero.append(sample(2.0, Hostname="node1", gpu="0"))
+    assert ecc_at(115) == ("", 0.0, nan)  # not due: the last reading
+    assert ecc_at(160) == ("nonzero", 2.0, nan)
+    assert ecc_at(175) == ("", 2.0, nan)  # not 0: the count seen is kept
+    nonzero.clear()  # a volatile counter cleared by a reboot
+    assert ecc_at(220) == ("nonzero", 0.0, nan)
+    nonzero.append(sample(5.0, Hostname="node1", gpu="0"))
+    assert ecc_at(370) == ("nonzero", 5.0, nan)
+    ecc[0] = sample(5.0, Hostname="node1", gpu="0")
+    assert ecc_at(400) == ("full", 5.0, nan)  # the full read, though not due
+    assert ecc_at(415) == ("", 5.0, nan)
+    with pytest.raises(ValueError, match="slow_fields: max_limit_w has its own schedule"):
+        PrometheusSettings(slow_fields={Metric.MAX_LIMIT_W: 60.0})
+
+
 def test_a_gpu_stale_at_the_full_read_is_read_again_when_it_is_back() -> None:
     """node1/gpu0 is down at the full read of the static fields; back 30 s later (with its
     cap range exported), its range is read at once, not reported missing until the next one."""

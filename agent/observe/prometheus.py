@@ -16,8 +16,9 @@ at most), all evaluated at the same time `now`, never one per GPU:
    is fresh that the last read did not cover (or found stale); the sparse health counters (XID,
    ECC, row remaps: 0 on a healthy GPU) in full at the same times and otherwise as `FIELD != 0`;
    a field that only stands in for another (`fallbacks`: the enforced limit for the power
-   management limit, in the loop) only while some fresh GPU lacks the other, and a field only
-   learners read (`slow_fields`: memory utilization, in the loop) only every so often;
+   management limit, in the loop) only while some fresh GPU lacks the other, and a slow field
+   (`slow_fields`: in the loop, memory utilization, which only learners read, and the ECC and
+   row-remap counters, which each come with an XID read every cycle) only every so often;
 4. only when some GPUs are not live: their newest sample's time,
    `max_over_time((timestamp(POWER{Hostname=~"h1|h2"}) or timestamp(...hostname...))[window:
    scrape_interval])`, restricted to their hosts with an escaped regex;
@@ -87,6 +88,7 @@ STATIC_METRICS = frozenset({Metric.MIN_LIMIT_W, Metric.MAX_LIMIT_W, Metric.DEFAU
 # Health counters, 0 on a healthy GPU: read in full with the static fields, and in between only
 # where they are not 0 (`!= 0`: half of Prometheus's work, none of the answer); a GPU that had
 # one at the last full read and is not in the answer reads 0, one that had none NaN (missing).
+# One that is also a slow field keeps its last reading in the cycles it is not read.
 SPARSE_METRICS = frozenset(
     {Metric.XID, Metric.ECC_DBE_TOTAL, Metric.REMAPPED_ROWS_UNCORRECTABLE, Metric.ROW_REMAP_FAILURE}
 )
@@ -126,8 +128,9 @@ class PrometheusSettings:
     # while some fresh GPU lacks the other, and at the first cycle; it is missing (NaN) in the
     # cycles it is not read. Empty: every field every cycle (what a recording wants).
     fallbacks: Mapping[Metric, Metric] = field(default_factory=dict)
-    # A field only learners read (field -> seconds between reads): read at the first cycle and
-    # then this often (again at once if the clock went back), missing (NaN) in between.
+    # A field read less often (field -> seconds between reads): at the first cycle and then this
+    # often (again at once if the clock went back). In between, a health counter (SPARSE_METRICS)
+    # keeps its last reading, as a counter does; any other field is missing (NaN).
     slow_fields: Mapping[Metric, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,7 +149,7 @@ class PrometheusSettings:
             if stand_in in STATIC_METRICS | SPARSE_METRICS or primary in self.fallbacks:
                 raise ValueError(f"fallbacks: {stand_in} cannot stand in for {primary}")
         for metric, every_s in self.slow_fields.items():
-            if metric in STATIC_METRICS | SPARSE_METRICS | {Metric.POWER_W}:
+            if metric in STATIC_METRICS | {Metric.POWER_W}:
                 raise ValueError(f"slow_fields: {metric} has its own schedule")
             if not every_s > 0:
                 raise ValueError(f"slow_fields: {metric} every {every_s!r} s, want > 0")
@@ -419,6 +422,8 @@ class PrometheusSource:
         self._fallbacks_due = set(self.fallbacks)  # read at the first cycle
         self.slow_fields = {m: t for m, t in s.slow_fields.items() if m in read}
         self._slow_read_s: dict[Metric, float] = {}  # when each slow field was last read
+        # Each slow health counter's non-zero readings when it was last read (GPU keys, values).
+        self._slow_nonzero: dict[Metric, tuple[StrArray, FloatArray]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -553,7 +558,11 @@ class PrometheusSource:
             for name, metric in self.value_metrics.items()
             if (static_due or metric not in STATIC_METRICS)
             and (metric not in self.fallbacks or metric in self._fallbacks_due)
-            and (metric not in self.slow_fields or self._slow_due(metric, now_s))
+            and (
+                metric not in self.slow_fields
+                or self._slow_due(metric, now_s)
+                or (static_due and metric in SPARSE_METRICS)  # a full read reads them all
+            )
         }
         pending: list[Future[Answer]] = []
 
@@ -682,6 +691,14 @@ class PrometheusSource:
             raw.update(self._read_static(now_s, index, ~stale))
         else:
             raw.update({m: v for m, v in last.items() if m in STATIC_METRICS})
+        read_now = {m for m in raw if m in self.slow_fields}
+        self._slow_read_s |= {m: now_s for m in read_now}
+        for metric in read_now & SPARSE_METRICS:
+            nonzero = np.isfinite(raw[metric]) & (raw[metric] != 0)
+            self._slow_nonzero[metric] = (key[nonzero], raw[metric][nonzero])
+        if last is not None:
+            for metric in (self.slow_fields.keys() & SPARSE_METRICS) - raw.keys():
+                raw[metric] = self._carried(metric, index, last[metric])
         values: dict[Metric, FloatArray] = {}
         for metric in self.value_metrics.values():
             column = raw[metric] if metric in raw else np.full(key.size, np.nan)  # not read
@@ -690,7 +707,6 @@ class PrometheusSource:
         self._fallbacks_due = {
             f for f, p in self.fallbacks.items() if np.isnan(values[p][~stale]).any()
         }
-        self._slow_read_s |= {m: now_s for m in raw if m in self.slow_fields}
 
         for name, values_of in extra.items():
             unlabelled = int((values_of == "").sum())
@@ -763,6 +779,16 @@ class PrometheusSource:
     def _slow_due(self, metric: Metric, now_s: float) -> bool:
         last_s = self._slow_read_s.get(metric)
         return last_s is None or not (last_s <= now_s < last_s + self.slow_fields[metric])
+
+    def _carried(self, metric: Metric, index: RowIndex, at_full_read: FloatArray) -> FloatArray:
+        """A slow health counter not read this cycle: its last reading, as a `!= 0` answer
+        gives it (0 where it was exported at the last full read, NaN where not) with the
+        non-zero values of its last read put back."""
+        column = np.where(np.isnan(at_full_read), np.nan, 0.0)
+        keys, nonzero = self._slow_nonzero.get(metric, (np.zeros(0, np.str_), np.zeros(0)))
+        rows = index.positions(keys)
+        column[rows[rows >= 0]] = nonzero[rows >= 0]
+        return column
 
     def _due(self, last: _Inventory | _StaticRead | None, now_s: float) -> bool:
         """Whether a full read is due: never read, `static_refresh_s` since, or a clock that
