@@ -1,16 +1,21 @@
-"""Helpers for the node daemon tests: a hand-written GPU fake, throwaway TLS certificates, tokens
-and daemons started on free sockets (Unix sockets in a temp dir, TCP on 127.0.0.1 port 0)."""
+"""Helpers for the node daemon tests: a hand-written GPU fake, throwaway TLS certificates, tokens,
+daemons started on free sockets (Unix sockets in a temp dir, TCP on 127.0.0.1 port 0), clients of
+a daemon's Unix socket, and `ooda node serve` as a process."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 import secrets
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -143,6 +148,39 @@ def unix_node_daemon(root: Path, gpus: Sequence[FakeGpu]) -> NodeDaemon:
             check_interval_s=0.05,
         ),
     )
+
+
+def unix_client(sock: Path | str, token: str | None = None) -> httpx.Client:
+    """A client of a node daemon's Unix socket (`unix://` taken off), with the bearer `token`
+    when one is given."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(sock).removeprefix("unix://")),
+        base_url="http://node",
+        headers=headers,
+        timeout=5.0,
+    )
+
+
+@contextmanager
+def node_serve(
+    args: Sequence[str], sock: Path, token: str
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """`ooda node serve ARGS --socket SOCK` as a process, ready, and a client of its socket with
+    the bearer `token`; the process is killed if it still runs at the end."""
+    command = [sys.executable, "-m", "agent", "node", "serve", *args, "--socket", str(sock)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30.0
+        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert sock.exists(), proc.stderr.read() if proc.stderr else ""
+        with unix_client(sock, token) as client:
+            yield proc, client
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # -- throwaway certificates --------------------------------------------------------------------

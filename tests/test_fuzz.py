@@ -28,7 +28,7 @@ from agent.core.snapshot import Metric, build_snapshot
 from agent.observe import promql
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.observe.trace import TraceReader, TraceWriter
-from tests.node_helpers import FakeGpu, unix_node_daemon, write_token
+from tests.node_helpers import FakeGpu, unix_client, unix_node_daemon, write_token
 
 # -- config parsing -------------------------------------------------------------------------------
 
@@ -205,11 +205,7 @@ class NodeUnderFuzz:
         self.gpus = [FakeGpu(0), FakeGpu(1)]
         self.daemon = unix_node_daemon(root, self.gpus)
         self.daemon.start()
-        self.client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(root / "node.sock")),
-            base_url="http://node",
-            timeout=5.0,
-        )
+        self.client = unix_client(root / "node.sock")
 
     def close(self) -> None:
         self.client.close()

@@ -23,8 +23,16 @@ import pytest
 from agent.core.errors import BadInputError
 from agent.node.leases import OnExit
 from agent.node.server import NodeDaemon, NodeSettings
-from tests.http_helpers import node_serve
-from tests.node_helpers import FakeBackend, FakeGpu, Pki, make_pki, unix_node_daemon, write_token
+from tests.node_helpers import (
+    FakeBackend,
+    FakeGpu,
+    Pki,
+    make_pki,
+    node_serve,
+    unix_client,
+    unix_node_daemon,
+    write_token,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +61,7 @@ class Running:
         self.daemon, self.gpus, self.token, self.dir = daemon, gpus, token, dir_
 
     def client(self, token: str | None = "default") -> httpx.Client:
-        headers = {}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
-        path = self.daemon.address.removeprefix("unix://")
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=path),
-            base_url="http://node",
-            headers=headers,
-            timeout=5.0,
-        )
+        return unix_client(self.daemon.address, self.token if token == "default" else token)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ limits or ECC fails them by design.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -31,9 +30,9 @@ from agent.node.nvml import NvmlBackend, NvmlGpu
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
 from agent.runtime import build_runtime
+from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
-from tests.http_helpers import node_serve
-from tests.node_helpers import write_token
+from tests.node_helpers import node_serve, write_token
 
 pytestmark = pytest.mark.gpu
 
@@ -268,7 +267,7 @@ def test_ooda_once_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = last_json(done.stdout)
     assert result["source"] == "nvml on gpu-node" and result["dry_run"] and not result["outage"]
     assert result["gpus"] == len(backend.devices()) and result["stale"] == 0
     assert result["fleet_power_w"] > 0 and not result["errors"]

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -46,7 +45,7 @@ from tests.conftest import last_json
 from tests.integration.alertmanager import Alertmanager
 from tests.integration.conftest import ooda
 from tests.integration.slurm_cluster import SlurmCluster, wait_until
-from tests.node_helpers import write_token
+from tests.node_helpers import unix_client, write_token
 
 pytestmark = pytest.mark.integration
 
@@ -488,8 +487,8 @@ LEASE_S = 1.0
 
 def node_gpus(socket: Path, token: str) -> list[dict[str, Any]]:
     """`GET /v1/gpus` from a node daemon, as an operator would ask it."""
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=5.0) as client:
-        answer = client.get("http://node/v1/gpus", headers={"Authorization": f"Bearer {token}"})
+    with unix_client(socket, token) as client:
+        answer = client.get("/v1/gpus")
     answer.raise_for_status()
     gpus: list[dict[str, Any]] = answer.json()
     return gpus

@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
 from tests.integration.conftest import PrometheusFactory
+from tests.node_helpers import unix_client
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +64,8 @@ path = "audit.jsonl"
 
 
 def _gpus(url: str, token: str) -> list[dict[str, Any]]:
-    path = url.removeprefix("unix://")
-    transport = httpx.HTTPTransport(uds=path)
-    with httpx.Client(transport=transport, timeout=5) as client:
-        answer = client.get("http://node/v1/gpus", headers={"Authorization": f"Bearer {token}"})
+    with unix_client(url, token) as client:
+        answer = client.get("/v1/gpus")
     answer.raise_for_status()
     return answer.json()  # type: ignore[no-any-return]
 
