@@ -92,6 +92,13 @@ class NvmlBackend:
         self._events: Any = None  # NVML's event set for XIDs, once registered
         self._xid_problems: dict[str, GpuError] | None = None  # None: not registered yet
         self._last_xid: dict[str, int] = {}  # UUID -> the last XID it raised
+        # The clock event reasons' call: "throttle" is the older name (nvidia-ml-py before
+        # 12.535 has only it).
+        self._reasons_fn = (
+            "nvmlDeviceGetCurrentClocksEventReasons"
+            if hasattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons")
+            else "nvmlDeviceGetCurrentClocksThrottleReasons"
+        )
         try:
             with self._mapped("count GPUs"):
                 count = int(nvml.nvmlDeviceGetCount())
@@ -288,10 +295,4 @@ class NvmlGpu:
         return int(uncorrectable), bool(failed)
 
     def clocks_event_reasons(self) -> int:
-        # The "throttle" name is the older one (nvidia-ml-py before 12.535 has only it).
-        fn = (
-            "nvmlDeviceGetCurrentClocksEventReasons"
-            if hasattr(self._nvml, "nvmlDeviceGetCurrentClocksEventReasons")
-            else "nvmlDeviceGetCurrentClocksThrottleReasons"
-        )
-        return int(self._call("read the clock event reasons", fn))
+        return int(self._call("read the clock event reasons", self._backend._reasons_fn))
