@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.orient.forecast import PanelForecaster, forecast_series
-from agent.orient.orienter import Orienter
+from agent.orient.forecast import PanelForecaster, clearly_better, forecast_series
+from agent.orient.orienter import FleetScore, Orienter
 from tests.conftest import make_snapshot
 
 
@@ -118,20 +118,64 @@ def test_the_orienter_forecasts_fleet_and_nodes_with_intervals() -> None:
     assert f.node_w is not None and f.node_w.shape == (2, 3)
     assert f.node_temp_c is not None and f.node_temp_c.shape == (2, 3)
     assert np.all(f.fleet_lo_w <= f.fleet_w) and np.all(f.fleet_w <= f.fleet_hi_w)
-    assert len(f.fleet_methods) == 3 and f.method in (
-        "persistence",
-        "level",
-        "level+nodes",
-        "mixed",
-    )
+    assert len(f.fleet_methods) == 3 and f.method in ("persistence", "level+nodes", "mixed")
     point, lo, hi = f.at(300.0)
     assert lo <= point <= hi
 
 
+def scored_fleet(persistence_err: np.ndarray, summed_err: np.ndarray) -> FleetScore:
+    """A FleetScore (one horizon, one cycle ahead) whose candidates made these errors."""
+    score = FleetScore(n_horizons=1, coverage=0.9)
+    for k in range(persistence_err.size + 1):
+        score.realize(0.0)  # the actual is always 0 W: a candidate's error is minus its value
+        if k < persistence_err.size:
+            score.record(np.array([[-persistence_err[k]], [-summed_err[k]]]), (1,))
+    return score
+
+
+def test_the_fleet_uses_the_nodes_sum_unless_persistence_beats_it_by_two_standard_errors() -> None:
+    """The nodes' sum already won on many series' held-out rows: one series' recent errors must
+    show more than a lucky run of persistence before the fleet falls back to it."""
+    rows = 240
+    summed = np.full(rows, 10.0)
+    sign = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0)
+
+    def persistence_gain(spread_w: float) -> np.ndarray:
+        """Persistence's errors: 2% better than the sum on average, by `spread_w` either way."""
+        return summed - (0.2 + spread_w * sign)
+
+    assert scored_fleet(summed * 1.1, summed).choose()[0][0] == 1  # the sum wins
+    assert scored_fleet(summed, summed).choose()[0][0] == 1  # a tie keeps the sum
+    # 2% better at about 6 standard errors: persistence.
+    choice, lo, hi = scored_fleet(persistence_gain(0.5), summed).choose()
+    assert choice[0] == 0 and lo[0] < hi[0]
+    # 2% better at about 1.5 standard errors: clear at one, not at two.
+    lucky = persistence_gain(2.07)
+    assert clearly_better(lucky, summed, 1) and not clearly_better(lucky, summed, 1, z=2.0)
+    assert scored_fleet(lucky, summed).choose()[0][0] == 1
+    # Until 30 forecasts have come due: persistence, with no interval of its own yet.
+    choice, lo, hi = scored_fleet(summed[:20] * 1.1, summed[:20]).choose()
+    assert choice[0] == 0 and np.isnan(lo[0]) and np.isnan(hi[0])
+
+
+def test_fleet_scores_saved_for_other_candidates_start_afresh() -> None:
+    """A state saved when the fleet scored three candidates (persistence, level, level+nodes)
+    must not be read as this version's two."""
+    score = scored_fleet(np.full(100, 11.0), np.full(100, 10.0))
+    state = json.loads(json.dumps(score.to_dict()))
+    restored = FleetScore(n_horizons=1, coverage=0.9)
+    restored.load_dict(state)
+    assert restored.errors == score.errors and restored.choose()[0][0] == 1
+    state["errors"].insert(1, state["errors"][0])
+    state["pending"] = {c: [v[0], v[0], v[1]] for c, v in state["pending"].items()}
+    older = FleetScore(n_horizons=1, coverage=0.9)
+    older.load_dict(state)
+    assert older.errors == [[[]], [[]]] and older.pending == {}
+    assert older.cycle == score.cycle and older.steps == (1,)
+
+
 def test_a_model_must_win_clearly_not_in_a_few_lucky_blocks() -> None:
     """Rows a horizon apart share their future: a gain made in one block of ten is luck."""
-    from agent.orient.forecast import clearly_better
-
     rng = np.random.default_rng(6)
     old = rng.normal(0.0, 10.0, 4000)
     assert clearly_better(0.9 * old, old, block_rows=400)  # better everywhere

@@ -155,9 +155,11 @@ class _Columns:
             return np.asarray(self.model.predict(self._x(x)), dtype=np.float64)
 
 
-def clearly_better(err_new: FloatArray, err_old: FloatArray, block_rows: int) -> bool:
+def clearly_better(
+    err_new: FloatArray, err_old: FloatArray, block_rows: int, z: float = 1.0
+) -> bool:
     """Whether errors `err_new` beat `err_old` (paired, in time order) by at least 1% in mean
-    absolute error and by more than one standard error of the gain's means over blocks of
+    absolute error and by more than `z` standard errors of the gain's means over blocks of
     `block_rows` consecutive rows (rows within a block are not independent evidence)."""
     new, old = np.abs(err_new), np.abs(err_old)
     if not float(new.mean()) < BEAT_MARGIN * float(old.mean()):
@@ -170,7 +172,7 @@ def clearly_better(err_new: FloatArray, err_old: FloatArray, block_rows: int) ->
         return False
     # The newest rows, whole blocks only.
     gain = (old - new)[new.shape[0] - blocks * block :].reshape(blocks, block).mean(axis=1)
-    return bool(gain.mean() > gain.std(ddof=1) / math.sqrt(blocks))
+    return bool(gain.mean() > z * gain.std(ddof=1) / math.sqrt(blocks))
 
 
 def fit_horizon(

@@ -491,14 +491,13 @@ class Orienter:
             snapshot.node_names, node_t, np.full(k, 100.0), load[:, None], self.interval_s
         )
 
-        # The fleet: its noise-free level plus the nodes' predicted changes. Persistence, the
-        # level alone and level + changes are scored as their forecasts come due; the best one
-        # so far is used, persistence until another beats it.
+        # The fleet: its noise-free level plus the nodes' predicted changes. It and persistence
+        # are scored as their forecasts come due (FleetScore chooses).
         fleet_level = fleet_w + float(np.nansum(np.where(good, level_w - power, 0.0)))
         rows = np.isfinite(node_level)
         change = np.where(rows[:, None], pw.point - node_level[:, None], 0.0)
         summed = fleet_level + np.nansum(change, axis=0)
-        candidates = np.stack([np.full(h, fleet_w), np.full(h, fleet_level), summed])
+        candidates = np.stack([np.full(h, fleet_w), summed])
         self.fleet.realize(fleet_w)
         choice, q_lo, q_hi = self.fleet.choose()
         point = candidates[choice, np.arange(h)]
@@ -525,8 +524,14 @@ class Orienter:
         )
 
 
-FLEET_METHODS = ("persistence", "level", "level+nodes")
+FLEET_METHODS = ("persistence", "level+nodes")
 KEPT_HORIZONS = 16
+# How clearly persistence must beat the nodes' sum on the fleet's own recent errors to be used
+# instead: by more than this many standard errors. The sum is the default because each node's
+# method already won on held-out rows of dozens of series, far more evidence than one series'
+# last 16 horizons; on those either often leads for a while by chance. On the twin, falling
+# back at one standard error cost up to 1% at 5 minutes (bench/orient.py, seed 100).
+FALLBACK_Z = 2.0
 
 
 class FleetScore:
@@ -539,9 +544,10 @@ class FleetScore:
         self.cycle = 0
         self.pending: dict[int, list[list[float]]] = {}  # cycle -> candidates x horizons
         self.steps: tuple[int, ...] = ()
-        self.errors: list[list[list[float]]] = [
-            [[] for _ in range(n_horizons)] for _ in FLEET_METHODS
-        ]
+        self.errors: list[list[list[float]]] = self._no_errors()
+
+    def _no_errors(self) -> list[list[list[float]]]:
+        return [[[] for _ in range(self.h)] for _ in FLEET_METHODS]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -553,11 +559,15 @@ class FleetScore:
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
         self.cycle = int(data.get("cycle", 0))
-        self.pending = {
+        self.steps = tuple(int(x) for x in data.get("steps", []))
+        pending = {
             int(c): [[float(x) for x in row] for row in v] for c, v in data["pending"].items()
         }
-        self.steps = tuple(int(x) for x in data.get("steps", []))
-        self.errors = [[[float(x) for x in e] for e in per] for per in data["errors"]]
+        errors = [[[float(x) for x in e] for e in per] for per in data["errors"]]
+        if len(errors) != len(FLEET_METHODS):
+            # Saved by a version that scored other candidates: score these afresh.
+            pending, errors = {}, self._no_errors()
+        self.pending, self.errors = pending, errors
 
     def realize(self, actual: float) -> None:
         self.cycle += 1
@@ -583,30 +593,24 @@ class FleetScore:
         if steps != self.steps:  # a new cycle interval: earlier scores no longer apply
             self.steps = steps
             self.pending.clear()
-            self.errors = [[[] for _ in range(self.h)] for _ in FLEET_METHODS]
+            self.errors = self._no_errors()
         if steps and np.all(np.isfinite(candidates)):
             self.pending[self.cycle] = candidates.tolist()
 
     def choose(self) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray]:
-        """Per horizon: the candidate to use and its error quantiles (NaN: none known)."""
+        """Per horizon: the candidate to use and its error quantiles (NaN: none known).
+        Persistence until 30 forecasts have come due, then the nodes' sum unless persistence
+        beats it by more than FALLBACK_Z standard errors."""
         choice = np.zeros(self.h, dtype=np.int64)
         lo = np.full(self.h, np.nan)
         hi = np.full(self.h, np.nan)
         qs = [(1.0 - self.coverage) / 2.0, 1.0 - (1.0 - self.coverage) / 2.0]
         for i in range(self.h):
-            persistence = np.asarray(self.errors[0][i])
+            persistence, summed = (np.asarray(self.errors[c][i]) for c in range(2))
             if persistence.size < 30:
                 continue
-            errs = [np.asarray(self.errors[c][i]) for c in range(len(FLEET_METHODS))]
             block = self.steps[i] if i < len(self.steps) else 1
-            # The level is the value without its noise: it need only not lose clearly (on a
-            # few recent errors one or the other wins by chance, and switching costs). The
-            # nodes' changes must win clearly over both.
-            best = 0 if clearly_better(errs[0], errs[1], block) else 1
-            if clearly_better(errs[2], errs[best], block) and clearly_better(
-                errs[2], errs[0], block
-            ):
-                best = 2
+            best = 0 if clearly_better(persistence, summed, block, FALLBACK_Z) else 1
             choice[i] = best
             lo[i], hi[i] = np.quantile(np.asarray(self.errors[best][i]), qs)
         return choice, lo, hi
