@@ -54,7 +54,7 @@ from agent.core.intents import (
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult
 from agent.core.situation import HealthSeverity, NodeStates, Situation
-from agent.core.snapshot import Snapshot
+from agent.core.snapshot import Snapshot, screen_implausible
 from agent.loop import CycleReport, Loop
 from agent.observe.trace import TraceReader
 from agent.orient.orienter import Orienter, cap_bounds
@@ -382,7 +382,9 @@ Progress = Callable[[int], None]
 
 
 def _snapshots(reader: TraceReader) -> Iterator[Snapshot]:
-    return reader.snapshots()
+    """Every step as the live loop would believe it: a trace keeps what the exporters said,
+    and one absurd sample (a 1 MW reading) must not become a replayed kilowatt-hour."""
+    return (screen_implausible(snapshot) for snapshot in reader.snapshots())
 
 
 def _dt(reader: TraceReader) -> FloatArray:

@@ -9,12 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from agent.cli import main
 from agent.config import parse_config
+from agent.core.snapshot import Metric
 from agent.demo import RunKpis, uncapped_demand_w
+from agent.observe.trace import TraceReader, TraceWriter
 from agent.replay.engine import PolicySet, replay_trace
 from agent.replay.twin_trace import record_twin, run_twin
 from agent.sim.twin import BudgetSchedule, TwinSpec
@@ -175,6 +178,32 @@ def test_a_trace_without_cap_variation_falls_back_to_priors(
     assert hi - lo > 0.03  # wide: the curve is the GPU model's prior
     assert out["throughput_ratio"] < 1.0  # caps under a 70% budget cost throughput
     assert out["actions"]["set_power_cap"] > 0
+
+
+def test_an_absurd_recorded_sample_is_not_replayed_as_energy(tmp_path: Path) -> None:
+    """A trace keeps what an exporter said, 1 MW included (it fits the power column); replay
+    believes what the live loop would, and says what it set aside."""
+    clean, absurd = tmp_path / "clean.parquet", tmp_path / "absurd.parquet"
+    record_twin(TwinSpec(nodes=2, gpus_per_node=4, seed=3), clean, duration_s=900)
+    reader = TraceReader(clean)
+    assert reader.row_groups == 1
+    block = reader.block(0)
+    power = np.array(block.values[Metric.POWER_W], dtype=np.float64)
+    power[5, 2] = 1e6  # 1 MW for one 15 s step: 4.2 kWh, if believed
+    with TraceWriter(
+        absurd, time_base="twin", step_s=reader.meta.step_s, source={"kind": "test"}
+    ) as writer:
+        writer.write_block(replace(block, values={**block.values, Metric.POWER_W: power}))
+    none = [PolicySet("none", ())]
+    before, after = (replay_trace(path, policy_sets=none) for path in (clean, absurd))
+    # The GPU's one missing step costs at most its own draw for 15 s (under 3 Wh), and the
+    # figures are rounded to 1 Wh.
+    assert after.baseline["energy_kwh"] == pytest.approx(before.baseline["energy_kwh"], abs=0.005)
+    assert after.sets[0].kpis["energy_kwh"] == pytest.approx(
+        before.sets[0].kpis["energy_kwh"], abs=0.005
+    )
+    assert any("1 implausible power_w samples" in e for e in after.sets[0].errors)
+    assert not before.sets[0].errors
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
