@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,7 +130,8 @@ def scored_fleet(persistence_err: np.ndarray, summed_err: np.ndarray) -> FleetSc
     for k in range(persistence_err.size + 1):
         score.realize(0.0)  # the actual is always 0 W: a candidate's error is minus its value
         if k < persistence_err.size:
-            score.record(np.array([[-persistence_err[k]], [-summed_err[k]]]), (1,))
+            wide = np.array([1e9])  # the interval given (its misses are another test's)
+            score.record(np.array([[-persistence_err[k]], [-summed_err[k]]]), (1,), -wide, wide)
     return score
 
 
@@ -160,18 +162,48 @@ def test_the_fleet_uses_the_nodes_sum_unless_persistence_beats_it_by_two_standar
 
 def test_fleet_scores_saved_for_other_candidates_start_afresh() -> None:
     """A state saved when the fleet scored three candidates (persistence, level, level+nodes)
-    must not be read as this version's two."""
+    and kept no intervals must not be read as this version's."""
     score = scored_fleet(np.full(100, 11.0), np.full(100, 10.0))
     state = json.loads(json.dumps(score.to_dict()))
     restored = FleetScore(n_horizons=1, coverage=0.9)
     restored.load_dict(state)
-    assert restored.errors == score.errors and restored.choose()[0][0] == 1
+    assert restored.errors == score.errors and restored.pending == score.pending
+    assert restored.left_out == score.left_out != [pytest.approx(0.1)]  # adapted, and kept
+    assert restored.choose()[0][0] == 1
+    del state["left_out"]
     state["errors"].insert(1, state["errors"][0])
     state["pending"] = {c: [v[0], v[0], v[1]] for c, v in state["pending"].items()}
     older = FleetScore(n_horizons=1, coverage=0.9)
     older.load_dict(state)
     assert older.errors == [[[]], [[]]] and older.pending == {}
+    assert older.left_out == [pytest.approx(0.1)]
     assert older.cycle == score.cycle and older.steps == (1,)
+
+
+def test_fleet_intervals_adapt_until_they_miss_as_often_as_promised() -> None:
+    """Errors that keep growing: the last 240 always understate the next, so their quantiles
+    alone miss far more than 10% of the time. Adapting the share left out after every miss
+    brings the misses back to about 10%."""
+
+    def miss_rate(adapt_rate: float) -> float:
+        score = FleetScore(n_horizons=1, coverage=0.9, adapt_rate=adapt_rate)
+        rng = np.random.default_rng(7)
+        given: tuple[float, float] | None = None
+        misses = []
+        for k in range(3000):
+            actual = rng.normal(0.0, np.exp(k / 300.0))
+            if given is not None and k >= 1000:
+                misses.append(not given[0] <= actual <= given[1])
+            score.realize(actual)
+            _, lo, hi = score.choose()
+            lo = np.where(np.isfinite(lo), lo, -1.0)  # as the orienter's spread, before any
+            hi = np.where(np.isfinite(hi), hi, 1.0)
+            score.record(np.zeros((2, 1)), (1,), lo, hi)  # both candidates say 0
+            given = (float(lo[0]), float(hi[0]))
+        return float(np.mean(misses))
+
+    assert miss_rate(0.0) > 0.15
+    assert miss_rate(0.002) == pytest.approx(0.1, abs=0.02)
 
 
 def test_a_model_must_win_clearly_not_in_a_few_lucky_blocks() -> None:
