@@ -168,7 +168,8 @@ def test_fleet_scores_saved_for_other_candidates_start_afresh() -> None:
     restored = FleetScore(n_horizons=1, coverage=0.9)
     restored.load_dict(state)
     assert restored.errors == score.errors and restored.pending == score.pending
-    assert restored.left_out == score.left_out != [pytest.approx(0.1)]  # adapted, and kept
+    assert restored.left_out == score.left_out
+    assert score.left_out[0] > 0.11  # every (wide) interval held: the share left out grew
     assert restored.choose()[0][0] == 1
     del state["left_out"]
     state["errors"].insert(1, state["errors"][0])
