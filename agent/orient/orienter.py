@@ -502,17 +502,15 @@ class Orienter:
         choice, q_lo, q_hi = self.fleet.choose()
         point = candidates[choice, np.arange(h)]
         spread = np.sqrt(np.nansum(np.where(rows[:, None], pw.hi - pw.point, 0.0) ** 2, axis=0))
-        q_lo = np.where(np.isfinite(q_lo), q_lo, -spread)
-        q_hi = np.where(np.isfinite(q_hi), q_hi, spread)
-        self.fleet.record(
-            candidates, self.node_power.steps if self.interval_s else (), point + q_lo, point + q_hi
-        )
+        lo_w = point + np.where(np.isfinite(q_lo), q_lo, -spread)
+        hi_w = point + np.where(np.isfinite(q_hi), q_hi, spread)
+        self.fleet.record(candidates, self.node_power.steps if self.interval_s else (), lo_w, hi_w)
         methods = tuple(FLEET_METHODS[c] for c in choice)
         return PowerForecast(
             horizons_s=tuple(horizons),
             fleet_w=point,
-            fleet_lo_w=point + q_lo,
-            fleet_hi_w=point + q_hi,
+            fleet_lo_w=lo_w,
+            fleet_hi_w=hi_w,
             node_w=pw.point,
             node_hi_w=pw.hi,
             method=methods[0] if len(set(methods)) == 1 else "mixed",
@@ -640,14 +638,14 @@ class FleetScore:
         lo = np.full(self.h, np.nan)
         hi = np.full(self.h, np.nan)
         for i in range(self.h):
-            qs = [self.left_out[i] / 2.0, 1.0 - self.left_out[i] / 2.0]
-            persistence, summed = (np.asarray(self.errors[c][i]) for c in range(2))
-            if persistence.size < 30:
+            errs = [np.asarray(self.errors[c][i]) for c in range(len(FLEET_METHODS))]
+            if errs[0].size < 30:
                 continue
             block = self.steps[i] if i < len(self.steps) else 1
-            best = 0 if clearly_better(persistence, summed, block, FALLBACK_Z) else 1
+            best = 0 if clearly_better(errs[0], errs[1], block, FALLBACK_Z) else 1
             choice[i] = best
-            lo[i], hi[i] = np.quantile(np.asarray(self.errors[best][i]), qs)
+            qs = [self.left_out[i] / 2.0, 1.0 - self.left_out[i] / 2.0]
+            lo[i], hi[i] = np.quantile(errs[best], qs)
         return choice, lo, hi
 
 
