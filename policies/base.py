@@ -101,6 +101,9 @@ class BasePolicy(Generic[S, M]):
 
     name: ClassVar[str]
     safety: ClassVar[bool] = False
+    # It holds the fleet to its budget, re-planning caps from the draw it sees every cycle
+    # (replay's intervals count on such a policy correcting what the model got wrong).
+    holds_budget: ClassVar[bool] = False
     description: ClassVar[str] = ""
     Settings: ClassVar[type[PolicySettings]] = PolicySettings
     Memory: ClassVar[type[PolicyMemory]] = PolicyMemory

@@ -82,6 +82,7 @@ class PowerBudgetMemory(PolicyMemory):
 class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
     name: ClassVar[str] = "power_budget"
     safety: ClassVar[bool] = True
+    holds_budget: ClassVar[bool] = True
     description: ClassVar[str] = (
         "Keep cluster power under its budget with the least throughput lost."
     )

@@ -64,6 +64,7 @@ from agent.replay.outcome import (
     Estimates,
     SegmentBook,
     StepOutcome,
+    explain,
 )
 from agent.runtime import build_policies, orienter_for, rollout_for
 from policies.base import PolicySettings
@@ -523,7 +524,12 @@ def replay_set(
 ) -> SetResult:
     """Pass 2: the loop, in dry-run, over the trace as `policy_set` would have seen it."""
     t0 = time.perf_counter()
-    world = Counterfactual(learned.estimates, overhead_per_node_w=config.cluster.node_overhead_w)
+    holders = budget_holders(policy_set, registry)
+    world = Counterfactual(
+        learned.estimates,
+        overhead_per_node_w=config.cluster.node_overhead_w,
+        holds_budget=bool(holders),
+    )
     placement = CounterfactualPlacement()
     actuators = Actuators(recorded_caps=CounterfactualCaps(world), recorded_placement=placement)
     clock = FakeClock(float(reader.meta.time_s[0]) if reader.meta.steps else 0.0)
@@ -569,8 +575,8 @@ def replay_set(
     grace_until = float(reader.meta.time_s[0])
     for j, snap in enumerate(_snapshots(reader)):
         dt = float(dts[j])
-        view, out = world.step(snap, dt)
         budget = config.cluster.budget_w if config.cluster.budget_w is not None else snap.budget_w
+        view, out = world.step(snap, dt, budget)
         if prev_budget is not None and budget is not None and budget != prev_budget and j:
             grace_until = snap.time_s + interval_s
         prev_budget = budget if budget is not None else prev_budget
@@ -589,6 +595,7 @@ def replay_set(
             clock.set(snap.time_s)
             feed.snapshot = view
             report = loop.cycle()
+            world.held_budget(_planned_caps(report, holders))
             cycles += 1
             next_cycle = (
                 snap.time_s + interval_s
@@ -619,6 +626,12 @@ def replay_set(
         "energy_vs_baseline": _round(energy_j / energy_obs_j, 4) if energy_obs_j > 0 else None,
         "cycles": cycles,
     }
+    lost_s, lost_j = world.unfinished()
+    kpis["unfinished"] = {
+        "work_ratio": _round(lost_s / work_obs, 4) if work_obs > 0 else None,
+        "energy_kwh": round(lost_j / 3.6e6, 3),
+    }
+    kpis["notes"] = explain(world.tally, kpis, bool(holders))
     # The baseline's KPIs come out of the same pass (identical for every set).
     kpis["_baseline"] = {
         "energy_kwh": round(energy_obs_j / 3.6e6, 3),
@@ -639,6 +652,23 @@ def replay_set(
         cycles=cycles,
         wall_s=time.perf_counter() - t0,
     )
+
+
+def budget_holders(policy_set: PolicySet, registry: PolicyRegistry) -> set[str]:
+    """The set's policies that hold the budget (re-plan caps to it from the fleet's draw)."""
+    return {
+        name
+        for name in policy_set.policies
+        if name in registry and getattr(registry.get(name), "holds_budget", False)
+    }
+
+
+def _planned_caps(report: CycleReport, holders: set[str]) -> bool:
+    """Did a budget holder plan caps this cycle (kept, or overridden by a lower cap)?"""
+    if not holders:
+        return False
+    intents = [*report.intents, *(o.intent for o in report.overridden)]
+    return any(isinstance(i, SetPowerCap) and i.policy in holders for i in intents)
 
 
 def _round(value: float, digits: int) -> float | None:
@@ -767,6 +797,8 @@ def replay_trace(
     for r in results:
         r.kpis.pop("_baseline", None)
     notes = list(learned.estimates.notes)
+    for r in results:
+        notes.extend(f"{r.policy_set.name}: {note}" for note in r.kpis["notes"])
     if not baseline["work_gpu_s"]:
         notes.append(
             "the trace shows no busy GPU with an SM clock and utilization: throughput cannot be "

@@ -43,6 +43,8 @@ prior is wrong for every job, so the intervals are conservative.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -389,8 +391,9 @@ class Estimates:
                 else "orient did not learn them with confidence from this trace"
             )
             notes.append(
-                f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): the "
-                "rest uses the GPU model's prior, with wide intervals"
+                f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): where "
+                "a replayed cap binds on the rest, the GPU model's prior curve stands in, with "
+                "its uncertainty"
             )
         with np.errstate(invalid="ignore", divide="ignore"):
             work = c["sum_cu_dt"] / (clock * util)
@@ -458,6 +461,9 @@ def _throughput(x: FloatArray, a: FloatArray, b: FloatArray, scale: FloatArray) 
     return np.asarray(np.clip(1.0 - loss, 0.0, 1.0), dtype=np.float64)
 
 
+CAP_QUANTILES = (0.1, 0.5, 0.9)  # the spread of caps in force the report plots
+
+
 @dataclass
 class StepOutcome:
     """One step of the counterfactual (fleet totals; power includes node overhead)."""
@@ -475,21 +481,79 @@ class StepOutcome:
     mean_cap_cf_w: float
     lowered_cf: int  # GPUs whose counterfactual cap is below their maximum
     finished_early: int  # GPUs whose job would have ended already (idle instead)
+    # The caps in force over GPUs with a known cap: the CAP_QUANTILES (10%, median, 90%).
+    cap_q_obs_w: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    cap_q_cf_w: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+
+
+@dataclass
+class Tally:
+    """What a replayed set's outcome rests on, in GPU-seconds (and seconds for `held_s`): the
+    reasons its intervals are as wide or as narrow as they are."""
+
+    busy_gpu_s: float = 0.0  # busy GPUs (a job the learn pass saw), as replayed
+    estimated_gpu_s: float = 0.0  # where a parameter matters: a cap binds (either) or a job ends
+    bound_gpu_s: float = 0.0  # a replayed cap binds (not the one recorded)
+    bound_prior_gpu_s: float = 0.0  # ... on a job whose power curve is the GPU model's prior
+    held_s: float = 0.0  # a policy holding the budget planned caps (the draws are closed-loop)
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class _Point:
+    """One step of the point estimate, per GPU (the snapshot's rows)."""
+
+    seg: IntArray
+    usable: BoolArray  # fresh, with a power reading
+    busy: BoolArray
+    known: BoolArray  # busy, in a segment the learn pass saw
+    done: BoolArray  # its job would have finished already: idle instead
+    total: FloatArray  # the segment's recorded work (inf: its end is not in the trace)
+    bind_q: BoolArray  # the recorded cap bound
+    bind_p: BoolArray  # the replayed cap binds
+    recapped: BoolArray  # the replayed cap is not the recorded one
+    k: FloatArray
+    idle_w: FloatArray
+    power_w: FloatArray  # under the replayed caps; NaN where not usable
+    c_obs: FloatArray  # recorded clock / natural clock
+    u_obs: FloatArray  # recorded utilization / natural utilization
+    proxy_ok: BoolArray
+    a: FloatArray
+    b: FloatArray
+    natural_clock_mhz: FloatArray
+    clock_cf: FloatArray  # clock share under the replayed caps
+    t_obs: FloatArray
+    t_cf: FloatArray
 
 
 class Counterfactual:
     """The replayed policies' world: their caps (keyed by UUID), and each recorded step as it
-    would have been under them."""
+    would have been under them.
 
-    def __init__(self, estimates: Estimates, overhead_per_node_w: float = 0.0) -> None:
+    The decisions are the point estimate's; each parameter draw re-prices them. A policy that
+    holds the budget (`holds_budget`: power_budget) would not have left a draw's world above it:
+    it sees the fleet's draw every cycle and re-plans its caps to the budget, so a model that
+    gets `k` or a natural draw 3% wrong changes what its caps cost in throughput, not how long
+    the fleet stays above the budget. While such a policy plans caps (`held_budget`), each draw's
+    fleet is steered back to the point estimate's through the caps of its busy GPUs (within their
+    limits, the throughput following each job's curve); while it does not, a draw's fleet above
+    the budget is brought down to it. Without such a policy the draws are open-loop, as nothing
+    would have reacted to the fleet's power."""
+
+    def __init__(
+        self, estimates: Estimates, overhead_per_node_w: float = 0.0, holds_budget: bool = False
+    ) -> None:
         self.est = estimates
         self.overhead_per_node_w = overhead_per_node_w
+        self.holds_budget = holds_budget
+        self.budget_held = False  # did the last cycle's budget policy plan caps?
         self.caps = KeyedColumns({"cap_w": (np.float64, np.nan), "default_w": (np.float64, np.nan)})
         self._energy_cf_j = KeyedColumns({"delta_j": (np.float64, 0.0)})
         self.index = estimates.index()
         s = estimates.keys.shape[0]
         self.progress = np.zeros(s)  # per segment: work done under the new caps (proxy units)
         self.progress_d = np.zeros((s, estimates.draws))
+        self.tally = Tally()
 
     # -- what the replayed policies do (called by the dry-run cap recorder) -------------------
 
@@ -505,21 +569,83 @@ class Counterfactual:
         pos, found = self.caps.lookup(uuids)
         return np.where(found, self.caps["cap_w"][pos], np.nan)
 
+    def unfinished(self) -> tuple[float, float]:
+        """Work the replayed caps left undone at the recorded ends of the jobs they slowed
+        (seconds at full speed), and the energy doing it at their natural draws would take (J):
+        counted as lost throughput, as the schedule is held as recorded."""
+        est = self.est
+        lost = np.where(np.isfinite(est.work_total), est.work_total - self.progress, 0.0)
+        lost = np.clip(np.nan_to_num(lost), 0.0, None)
+        return float(lost.sum()), float(np.nansum(lost * est.natural_w))
+
+    def held_budget(self, planned: bool) -> None:
+        """After each replayed cycle: whether a policy holding the budget planned caps in it
+        (until the next cycle, the draws' fleets are steered where the point estimate's is)."""
+        self.budget_held = planned and self.holds_budget
+
     # -- one step ---------------------------------------------------------------------------
 
-    def step(self, snap: Snapshot, dt_s: float) -> tuple[Snapshot, StepOutcome]:
-        est = self.est
-        n = snap.n_gpus
-        limit, _mn, max_w, default_w = cap_bounds(snap)
-        gslot = self.caps.slots(snap.uuid)
-        cap_p = self.caps["cap_w"][gslot]
-        fresh_cap = np.isnan(cap_p)  # first sight: the cap it had in the trace then
-        start = np.where(np.isfinite(limit), limit, default_w)
-        self.caps["cap_w"][gslot[fresh_cap]] = start[fresh_cap]
-        self.caps["default_w"][gslot] = default_w
-        cap_p = self.caps["cap_w"][gslot]
-        cap_p_eff = np.where(np.isfinite(cap_p), cap_p, np.inf)
+    def step(
+        self, snap: Snapshot, dt_s: float, budget_w: float | None = None
+    ) -> tuple[Snapshot, StepOutcome]:
+        """The recorded step under the replayed caps: the policies' view of it, and its outcome.
+        `budget_w` is the budget in force (the draws' closed loop steers to it)."""
+        limit, min_w, max_w, default_w = cap_bounds(snap)
+        cap_p = self._caps_in_force(snap, limit, default_w)
+        cap_eff = np.where(np.isfinite(cap_p), cap_p, np.inf)
+        pt = self._point(snap, limit, max_w, cap_eff)
+        overhead = self.overhead_per_node_w * snap.n_nodes
+        fleet_cf = float(np.nansum(pt.power_w)) + overhead
+        fleet_draws, work_draws = self._draws(
+            snap, pt, (limit, min_w, max_w, cap_eff), fleet_cf, budget_w, dt_s
+        )
+        rows_k = np.flatnonzero(pt.known)
+        self.progress[pt.seg[rows_k]] += pt.t_cf[rows_k] * dt_s
+        self.progress_d[pt.seg[rows_k]] += pt.t_cf[rows_k, None] * dt_s
+        power = snap.column(Metric.POWER_W)[0]
+        has_cap = np.isfinite(limit) & pt.usable
+        shown = pt.usable & np.isfinite(cap_p)
+        capped_cf = pt.bind_p & (cap_p < max_w - 0.5)
+        self._count(pt, capped_cf & pt.recapped, dt_s)
+        out = StepOutcome(
+            time_s=snap.time_s,
+            fleet_obs_w=float(np.nansum(np.where(pt.usable, power, 0.0))) + overhead,
+            fleet_cf_w=fleet_cf,
+            fleet_cf_draws_w=fleet_cf + fleet_draws,
+            work_obs=float(pt.t_obs.sum()),
+            work_cf=float(pt.t_cf.sum()),
+            work_cf_draws=float(pt.t_cf.sum()) + work_draws,
+            capped_obs=int((pt.bind_q & (limit < max_w - 0.5)).sum()),
+            capped_cf=int(capped_cf.sum()),
+            mean_cap_obs_w=float(limit[has_cap].mean()) if has_cap.any() else math.nan,
+            mean_cap_cf_w=float(cap_p[shown].mean()) if shown.any() else math.nan,
+            lowered_cf=int((pt.usable & (cap_p < max_w - 0.5)).sum()),
+            finished_early=int(pt.done.sum()),
+            cap_q_obs_w=_cap_quantiles(limit, has_cap),
+            cap_q_cf_w=_cap_quantiles(cap_p, shown),
+        )
+        idle_clock = self._per_model(
+            snap, self.est.idle_clock_mhz, snap.column(Metric.SM_CLOCK_MHZ)[0]
+        )
+        clock_view = np.where(pt.done, idle_clock, pt.clock_cf * pt.natural_clock_mhz)
+        view = self._view(snap, pt.power_w, cap_p, clock_view, pt.bind_p, pt.done, dt_s)
+        return view, out
 
+    def _caps_in_force(
+        self, snap: Snapshot, limit: FloatArray, default_w: FloatArray
+    ) -> FloatArray:
+        """Each GPU's replayed cap; at first sight, the cap it had in the trace then."""
+        gslot = self.caps.slots(snap.uuid)
+        first = np.isnan(self.caps["cap_w"][gslot])
+        start = np.where(np.isfinite(limit), limit, default_w)
+        self.caps["cap_w"][gslot[first]] = start[first]
+        self.caps["default_w"][gslot] = default_w
+        return np.asarray(self.caps["cap_w"][gslot], dtype=np.float64)
+
+    def _point(
+        self, snap: Snapshot, limit: FloatArray, max_w: FloatArray, cap_eff: FloatArray
+    ) -> _Point:
+        est = self.est
         power, power_ok = snap.column(Metric.POWER_W)
         usable = power_ok & snap.fresh
         busy = busy_mask(snap)
@@ -531,16 +657,17 @@ class Counterfactual:
         idle_w = self._per_model(snap, est.idle_w, power)
         bind_q = binding_mask(snap, limit, max_w) & known
         natural = np.where(known, est.natural_w[seg], np.nan)
-        k = np.where(known, est.k[seg], K_DEFAULT)
-        d_now = np.where(bind_q, natural, power)
+        k_floor, over = _as_recorded(power, limit, bind_q)
+        k = np.minimum(np.fmax(np.where(known, est.k[seg], K_DEFAULT), k_floor), 1.0)
+        # Where the recorded cap bound, the job would have drawn at least what it allowed.
+        d_now = np.where(bind_q, np.fmax(natural, k * limit), power)
         with np.errstate(invalid="ignore", divide="ignore"):
             noise = np.where(bind_q, np.clip(power / (k * limit), 0.8, 1.2), 1.0)
-        busy_power = np.minimum(d_now, k * cap_p_eff) * noise
-        power_cf = np.where(busy, busy_power, np.minimum(power, cap_p_eff))
+        busy_power = np.minimum(d_now, k * cap_eff) * noise
+        power_cf = np.where(busy, busy_power, np.minimum(power, cap_eff * over))
         power_cf = np.where(done, idle_w, power_cf)
-        power_cf = np.where(usable, np.minimum(power_cf, cap_p_eff), np.nan)
-        bind_p = busy & ~done & (k * cap_p_eff < d_now)
-
+        power_cf = np.where(usable, np.minimum(power_cf, cap_eff * over), np.nan)
+        bind_p = busy & ~done & (k * cap_eff < d_now)
         # Throughput proxy, recorded and counterfactual (point estimate).
         clock, clock_ok = snap.column(Metric.SM_CLOCK_MHZ)
         util, util_ok = snap.column(Metric.UTIL_PCT)
@@ -549,90 +676,123 @@ class Counterfactual:
         with np.errstate(invalid="ignore", divide="ignore"):
             c_obs = np.clip(clock / nc, 0.0, 1.2)
             u_obs = np.clip(util / nu, 0.0, 1.0)
+            x_obs = np.where(bind_q, np.minimum(1.0, k * limit / d_now), 1.0)
+            x_cf = np.minimum(1.0, k * cap_eff / d_now)
         proxy_ok = known & clock_ok & util_ok & np.isfinite(c_obs) & np.isfinite(u_obs)
         a = np.where(known, est.a[seg], 1.0)
         b = np.where(known, est.b[seg], 2.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x_obs = np.where(bind_q, np.minimum(1.0, k * limit / natural), 1.0)
-            x_cf = np.minimum(1.0, k * cap_p_eff / d_now)
         x_obs = np.nan_to_num(x_obs, nan=1.0)
         x_cf = np.nan_to_num(x_cf, nan=1.0)
-        clock_cf = _clock_share(c_obs, x_obs, x_cf, bind_q, a, b, 0.0, np.zeros(n))
-        t_obs = np.where(proxy_ok, c_obs * u_obs, 0.0)
-        t_cf = np.where(proxy_ok & ~done, clock_cf * u_obs, 0.0)
-
-        # Draws: only where a cap binds (recorded or counterfactual), or a job may have
-        # finished, do the parameters matter.
-        m = est.draws
-        rows_k = np.flatnonzero(known)
-        done_d = self.progress_d[seg] >= total[:, None] * (1.0 - 1e-9)  # (n, m)
-        maybe = done_d.any(axis=1) | done
-        affected = np.flatnonzero(usable & known & (bind_q | bind_p | maybe))
-        fleet_draws = np.zeros(m)
-        work_draws = np.zeros(m)
-        tc_rows = np.zeros((m, 0))
-        if affected.size and m:
-            r = affected
-            sg = seg[r]
-            nat_d = est.natural_w_draws[sg].T  # (m, A)
-            k_d = k[r][None, :] * (1.0 + est.k_sd[sg][None, :] * est.z_k[:, None])
-            k_d = np.clip(k_d, 0.5, 1.0)
-            bq = bind_q[r][None, :]
-            d_d = np.where(bq, nat_d, power[r][None, :])
-            dd = done_d[r].T
-            with np.errstate(invalid="ignore", divide="ignore"):
-                noise_d = np.where(bq, np.clip(power[r] / (k_d * limit[r]), 0.8, 1.2), 1.0)
-                p_d = np.minimum(np.minimum(d_d, k_d * cap_p_eff[r]) * noise_d, cap_p_eff[r])
-                xo = np.where(bq, np.minimum(1.0, k_d * limit[r] / nat_d), 1.0)
-                xc = np.minimum(1.0, k_d * cap_p_eff[r] / d_d)
-            p_d = np.where(dd, np.minimum(idle_w[r], cap_p_eff[r]), p_d)
-            xo = np.nan_to_num(xo, nan=1.0)
-            xc = np.nan_to_num(xc, nan=1.0)
-            cc = _clock_share(
-                np.broadcast_to(c_obs[r], xo.shape),
-                xo,
-                xc,
-                bq,
-                a[r],
-                b[r],
-                est.z_loss[:, None],
-                est.loss_sd[sg][None, :],
-            )
-            tc_rows = np.where(proxy_ok[r] & ~dd, cc * u_obs[r], 0.0)
-            fleet_draws = np.nansum(p_d, axis=1) - float(np.nansum(power_cf[r]))
-            work_draws = tc_rows.sum(axis=1) - float(t_cf[r].sum())
-
-        # Progress of each job under the new caps (point, and per draw).
-        self.progress[seg[rows_k]] += t_cf[rows_k] * dt_s
-        self.progress_d[seg[rows_k]] += t_cf[rows_k, None] * dt_s
-        if affected.size and m:
-            self.progress_d[seg[affected]] += (tc_rows.T - t_cf[affected, None]) * dt_s
-
-        overhead = self.overhead_per_node_w * snap.n_nodes
-        fleet_obs = float(np.nansum(np.where(usable, power, 0.0))) + overhead
-        fleet_cf = float(np.nansum(power_cf)) + overhead
-        work_obs = float(t_obs.sum())
-        work_cf = float(t_cf.sum())
-        has_cap = np.isfinite(limit) & usable
-        shown = usable & np.isfinite(cap_p)
-        out = StepOutcome(
-            time_s=snap.time_s,
-            fleet_obs_w=fleet_obs,
-            fleet_cf_w=fleet_cf,
-            fleet_cf_draws_w=fleet_cf + fleet_draws,
-            work_obs=work_obs,
-            work_cf=work_cf,
-            work_cf_draws=work_cf + work_draws,
-            capped_obs=int((bind_q & (limit < max_w - 0.5)).sum()),
-            capped_cf=int((bind_p & (cap_p < max_w - 0.5)).sum()),
-            mean_cap_obs_w=float(limit[has_cap].mean()) if has_cap.any() else float("nan"),
-            mean_cap_cf_w=float(cap_p[shown].mean()) if shown.any() else float("nan"),
-            lowered_cf=int((usable & (cap_p < max_w - 0.5)).sum()),
-            finished_early=int(done.sum()),
+        clock_cf = _clock_share(c_obs, x_obs, x_cf, bind_q, a, b, 0.0, np.zeros(snap.n_gpus))
+        return _Point(
+            seg=seg,
+            usable=usable,
+            busy=busy,
+            known=known,
+            done=done,
+            total=total,
+            bind_q=bind_q,
+            bind_p=bind_p,
+            recapped=~np.isclose(
+                cap_eff, np.where(np.isfinite(limit), limit, np.inf), rtol=0.0, atol=0.5
+            ),
+            k=k,
+            idle_w=idle_w,
+            power_w=power_cf,
+            c_obs=c_obs,
+            u_obs=u_obs,
+            proxy_ok=proxy_ok,
+            a=a,
+            b=b,
+            natural_clock_mhz=nc,
+            clock_cf=clock_cf,
+            t_obs=np.where(proxy_ok, c_obs * u_obs, 0.0),
+            t_cf=np.where(proxy_ok & ~done, clock_cf * u_obs, 0.0),
         )
-        idle_clock = self._per_model(snap, est.idle_clock_mhz, clock)
-        clock_view = np.where(done, idle_clock, clock_cf * nc)
-        return self._view(snap, power_cf, cap_p, clock_view, bind_p, done, dt_s), out
+
+    def _draws(
+        self,
+        snap: Snapshot,
+        pt: _Point,
+        bounds: tuple[FloatArray, FloatArray, FloatArray, FloatArray],
+        fleet_cf_w: float,
+        budget_w: float | None,
+        dt_s: float,
+    ) -> tuple[FloatArray, FloatArray]:
+        """Each draw's fleet power and work less the point estimate's (m,); the draws' job
+        progress advances. Only where a cap other than the recorded one binds (or the recorded
+        one bound and is gone), or a job may have finished, do the parameters matter."""
+        est = self.est
+        m = est.draws
+        done_d = self.progress_d[pt.seg] >= pt.total[:, None] * (1.0 - 1e-9)  # (n, m)
+        maybe = done_d.any(axis=1) | pt.done
+        # A cap as recorded gives the step as recorded, whatever the parameters.
+        r = np.flatnonzero(pt.usable & pt.known & ((pt.bind_q | pt.bind_p) & pt.recapped | maybe))
+        self.tally.estimated_gpu_s += r.size * dt_s
+        if not r.size or not m:
+            return np.zeros(m), np.zeros(m)
+        limit, min_w, max_w, cap_eff = (x[r] for x in bounds)
+        power = snap.column(Metric.POWER_W)[0][r]
+        sg = pt.seg[r]
+        nat_d = est.natural_w_draws[sg].T  # (m, A)
+        k_floor, over = _as_recorded(power, limit, pt.bind_q[r])
+        k_d = pt.k[r][None, :] * (1.0 + est.k_sd[sg][None, :] * est.z_k[:, None])
+        k_d = np.clip(np.fmax(k_d, k_floor), 0.5, 1.0)
+        bq = pt.bind_q[r][None, :]
+        # What it would draw uncapped: at least what a recorded cap that bound allowed.
+        d_d = np.where(bq, np.fmax(nat_d, k_d * limit), power[None, :])
+        dd = done_d[r].T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            noise_d = np.where(bq, np.clip(power / (k_d * limit), 0.8, 1.2), 1.0)
+            p_open = np.minimum(np.minimum(d_d, k_d * cap_eff) * noise_d, cap_eff * over)
+            xo = np.where(bq, np.minimum(1.0, k_d * limit / d_d), 1.0)
+            xc = np.minimum(1.0, k_d * cap_eff / d_d)
+        p_open = np.where(dd, np.minimum(pt.idle_w[r], cap_eff), p_open)
+        point_w = float(np.nansum(pt.power_w[r]))
+        open_fleet = fleet_cf_w + np.nansum(p_open, axis=1) - point_w
+        want = self._budget_correction(open_fleet, fleet_cf_w, budget_w)
+        live = ~dd
+        floor = np.where(
+            live & np.isfinite(min_w), np.minimum(p_open, k_d * min_w * noise_d), p_open
+        )
+        ceiling = np.where(live, np.maximum(p_open, np.fmin(d_d * noise_d, max_w)), p_open)
+        p_d = _steer(p_open, floor, ceiling, want)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xc = np.where(p_open > 0, xc * p_d / p_open, xc)  # the steered caps' share
+        cc = _clock_share(
+            np.broadcast_to(pt.c_obs[r], xo.shape),
+            np.nan_to_num(xo, nan=1.0),
+            np.nan_to_num(xc, nan=1.0),
+            bq,
+            pt.a[r],
+            pt.b[r],
+            est.z_loss[:, None],
+            est.loss_sd[sg][None, :],
+        )
+        tc = np.where(pt.proxy_ok[r] & ~dd, cc * pt.u_obs[r], 0.0)
+        self.progress_d[sg] += (tc.T - pt.t_cf[r, None]) * dt_s
+        return np.nansum(p_d, axis=1) - point_w, tc.sum(axis=1) - float(pt.t_cf[r].sum())
+
+    def _budget_correction(
+        self, open_fleet_w: FloatArray, fleet_cf_w: float, budget_w: float | None
+    ) -> FloatArray:
+        """Per draw, the watts a policy holding the budget would have taken off its fleet
+        (negative: given back), seeing that draw's world instead of the point estimate's."""
+        if not self.holds_budget or budget_w is None or not math.isfinite(budget_w):
+            return np.zeros_like(open_fleet_w)
+        if self.budget_held:
+            return np.asarray(open_fleet_w - fleet_cf_w, dtype=np.float64)
+        return np.asarray(np.maximum(open_fleet_w - budget_w, 0.0), dtype=np.float64)
+
+    def _count(self, pt: _Point, capped_cf: BoolArray, dt_s: float) -> None:
+        t = self.tally
+        live = pt.known & ~pt.done
+        t.busy_gpu_s += float(live.sum()) * dt_s
+        t.bound_gpu_s += float(capped_cf.sum()) * dt_s
+        prior = capped_cf & pt.known & ~self.est.learned[pt.seg]
+        t.bound_prior_gpu_s += float(prior.sum()) * dt_s
+        t.held_s += dt_s if self.budget_held else 0.0
+        t.duration_s += dt_s
 
     @staticmethod
     def _per_model(snap: Snapshot, levels: dict[str, float], fallback: FloatArray) -> FloatArray:
@@ -690,6 +850,41 @@ class Counterfactual:
         return replace(snap, values=values, valid=valid, job=job)
 
 
+def _as_recorded(
+    power_w: FloatArray, limit_w: FloatArray, bind_q: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """What a GPU's recorded step says of its cap, so that the cap it had gives what it drew:
+    a GPU that drew `power` under a cap that did not bind draws at least that close to a cap
+    that binds (the lowest `k` it can have), and one that drew a little over its cap may."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(np.isfinite(limit_w) & (limit_w > 0), power_w / limit_w, np.nan)
+    k_floor = np.where(np.asarray(bind_q, dtype=bool), 0.0, np.nan_to_num(ratio, nan=0.0))
+    over = np.fmax(np.nan_to_num(ratio, nan=1.0), 1.0)
+    return np.asarray(k_floor, dtype=np.float64), np.asarray(over, dtype=np.float64)
+
+
+def _steer(
+    power_w: FloatArray, floor_w: FloatArray, ceiling_w: FloatArray, want_w: FloatArray
+) -> FloatArray:
+    """Each draw's rows (draws, rows) moved by `want_w` watts in all (positive: down toward
+    `floor_w`, negative: up toward `ceiling_w`), each row in proportion to its room, as far as
+    the room goes: a budget policy re-planning its caps to the draw's world."""
+    down = np.clip(np.nan_to_num(power_w - floor_w), 0.0, None)
+    up = np.clip(np.nan_to_num(ceiling_w - power_w), 0.0, None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_down = np.where(want_w > 0, np.clip(want_w / down.sum(axis=1), 0.0, 1.0), 0.0)
+        f_up = np.where(want_w < 0, np.clip(-want_w / up.sum(axis=1), 0.0, 1.0), 0.0)
+    f_down, f_up = np.nan_to_num(f_down), np.nan_to_num(f_up)
+    return np.asarray(power_w - f_down[:, None] * down + f_up[:, None] * up, dtype=np.float64)
+
+
+def _cap_quantiles(caps_w: FloatArray, ok: BoolArray) -> tuple[float, float, float]:
+    if not ok.any():
+        return (math.nan, math.nan, math.nan)
+    lo, mid, hi = np.quantile(caps_w[ok], CAP_QUANTILES)
+    return float(lo), float(mid), float(hi)
+
+
 def _clock_share(
     c_obs: npt.ArrayLike,
     x_obs: FloatArray,
@@ -719,6 +914,65 @@ def _clock_share(
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(gap > 0.02, np.clip(1.0 - x_cf, 0.0, 1.0) / gap, 1.0)
         through = 1.0 - loss_obs * np.power(ratio, b_d)
-    capped = np.where(gap > 0.02, through, t_cf)
+        # Hardly bound: the curve's level through the recorded point (the same cap, the same
+        # clock).
+        level = c * t_cf / _throughput(x_obs, a_, b_, scale)
+    capped = np.where(gap > 0.02, through, level)
     out = np.where(np.asarray(bind_q, dtype=bool), capped, c * t_cf)
     return np.asarray(np.clip(out, 0.0, 1.2), dtype=np.float64)
+
+
+NARROW_SHARE = 0.02  # under this share of busy GPU time estimated, the outcome is the recording's
+UNFINISHED_NOTE_RATIO = 0.01  # work left undone, as a share of the recorded work, worth a note
+
+
+def explain(tally: Tally, kpis: Mapping[str, Any], holds_budget: bool) -> list[str]:
+    """Why a replayed set's intervals are as wide, or as narrow, as they are (its notes)."""
+    busy = tally.busy_gpu_s
+    if busy <= 0:
+        return []
+    if tally.estimated_gpu_s == 0:
+        return [
+            "its caps never bound a busy GPU: the outcome is the trace as recorded, nothing is "
+            "estimated, and the intervals have no width"
+        ]
+    notes: list[str] = []
+    bound = tally.bound_gpu_s / busy
+    bound_h = tally.bound_gpu_s / 3600.0
+    if tally.estimated_gpu_s / busy < NARROW_SHARE:
+        notes.append(
+            f"its caps bound busy GPUs {bound:.1%} of their time ({bound_h:,.1f} GPU-hours): the "
+            "rest is as recorded, so the intervals are narrow"
+        )
+    elif tally.bound_gpu_s > 0 and tally.bound_prior_gpu_s >= 0.5 * tally.bound_gpu_s:
+        prior = tally.bound_prior_gpu_s / tally.bound_gpu_s
+        notes.append(
+            f"its caps bound busy GPUs {bound:.0%} of their time, {prior:.0%} of that on jobs "
+            "whose power curve is the GPU model's prior, none learned from the trace: the "
+            "throughput interval is wide for that (a prior's loss is uncertain by a factor of "
+            "about 3)"
+        )
+    if holds_budget and tally.held_s > 0:
+        notes.append(
+            f"a budget policy planned caps {tally.held_s / tally.duration_s:.0%} of the time: "
+            "there each draw is re-planned to the budget as the policy would have (it sees the "
+            "fleet's draw), so the model's uncertainty shows in throughput rather than in "
+            "energy or seconds above budget"
+        )
+    unfinished = kpis.get("unfinished") or {}
+    share, kwh = unfinished.get("work_ratio"), unfinished.get("energy_kwh")
+    if share is not None and kwh is not None and share > UNFINISHED_NOTE_RATIO:
+        notes.append(
+            f"jobs it slowed left {share:.1%} of the recorded work unfinished at their recorded "
+            "ends: the estimate counts it as lost (the schedule is held as recorded). Done "
+            f"later, it would add up to {share:.3f} to throughput and {kwh:,.1f} kWh to energy; "
+            "the intervals do not include that"
+        )
+    lo, hi = kpis.get("interval", {}).get("budget_violation_s", (None, None))
+    if not holds_budget and lo is not None and hi - lo > max(60.0, 0.05 * tally.duration_s):
+        notes.append(
+            "no policy of the set holds the budget, so nothing would have corrected the "
+            "fleet's draw: seconds above budget range as widely as the model's power (each "
+            "job's draw under its cap, its natural draw) is uncertain"
+        )
+    return notes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,3 +125,52 @@ def test_a_job_that_got_ahead_finishes_early(tmp_path: Path) -> None:
     # Total work is the recorded work: done sooner, not more of it.
     assert sum(o.work_cf for _v, o in outs) == pytest.approx(34.0, abs=0.01)
     assert sum(o.work_obs for _v, o in outs) == pytest.approx(20 + 15 * CAPPED_CLOCK)
+
+
+def _capped_at_300(world: Counterfactual, reader: TraceReader, budget_w: float | None) -> list[Any]:
+    """The replayed policy caps GPU0 at 300 W from step 10 (recorded uncapped until step 20)."""
+    outs = []
+    for step, snap in enumerate(reader.snapshots()):
+        if step == 10:
+            world.set_caps(np.array(["GPU-0"]), np.array([300.0]))
+        outs.append(world.step(snap, STEP_S, budget_w)[1])
+    return outs
+
+
+def test_a_budget_policy_steers_each_draw_back_to_its_plan(tmp_path: Path) -> None:
+    """The draws re-price the point estimate's decisions. A budget policy would have seen each
+    draw's world and re-planned its caps: while it plans, a draw's fleet is where the point
+    estimate's is (its error shows in throughput), not above the budget for as long as it
+    lasts (`seconds above budget 0 [0, 34982]` on a day, before)."""
+    reader = TraceReader(_trace(tmp_path / "t.parquet"))
+    est = learn(reader, default_config(), draws=16).estimates
+    open_loop = _capped_at_300(Counterfactual(est), reader, budget_w=400.0)[12]
+    # Open loop, k's uncertainty moves the fleet: some draws above the point, some below.
+    assert open_loop.fleet_cf_draws_w.max() > open_loop.fleet_cf_w + 1.0
+    assert open_loop.fleet_cf_draws_w.min() < open_loop.fleet_cf_w - 1.0
+
+    held = Counterfactual(est, holds_budget=True)
+    held.held_budget(True)
+    out = _capped_at_300(held, reader, budget_w=400.0)[12]
+    assert out.fleet_cf_w == pytest.approx(open_loop.fleet_cf_w)
+    np.testing.assert_allclose(out.fleet_cf_draws_w, out.fleet_cf_w, rtol=1e-9)
+    assert np.ptp(out.work_cf_draws) > 0.01  # the throughput is still uncertain
+    # A draw that drew less is given the difference back: throughput above the open loop's.
+    low = open_loop.fleet_cf_draws_w < open_loop.fleet_cf_w - 1.0
+    assert (out.work_cf_draws[low] >= open_loop.work_cf_draws[low] - 1e-12).all()
+
+    # Not planning (the budget had room), a draw over the budget is brought down to it.
+    budget = open_loop.fleet_cf_w + 1.0
+    idle = Counterfactual(est, holds_budget=True)
+    out = _capped_at_300(idle, reader, budget_w=budget)[12]
+    assert out.fleet_cf_draws_w.max() == pytest.approx(budget)
+    assert out.fleet_cf_draws_w.min() == pytest.approx(open_loop.fleet_cf_draws_w.min())
+
+
+def test_a_set_without_a_budget_policy_stays_open_loop(tmp_path: Path) -> None:
+    reader = TraceReader(_trace(tmp_path / "t.parquet"))
+    est = learn(reader, default_config(), draws=16).estimates
+    world = Counterfactual(est, holds_budget=False)
+    world.held_budget(True)  # ignored: nothing in the set would have reacted to the draw
+    out = _capped_at_300(world, reader, budget_w=400.0)[12]
+    assert np.ptp(out.fleet_cf_draws_w) > 2.0
