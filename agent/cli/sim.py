@@ -259,8 +259,16 @@ def record(
     ] = "15s",
     budget_w: Annotated[
         float | None,
-        typer.Option("--budget-w", min=1, help="A constant facility budget (W) for the twin."),
+        typer.Option(
+            "--budget-w",
+            min=1,
+            help="A constant facility budget (W), stored in the trace (default: "
+            f"{RECORD_BUDGET_FRAC:.0%} of what this twin draws uncapped, so that it binds).",
+        ),
     ] = None,
+    no_budget: Annotated[
+        bool, typer.Option("--no-budget", help="Record no budget (replay then needs one).")
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on the last line.")
     ] = False,
@@ -282,6 +290,12 @@ def record(
     from agent.sim.twin import BudgetSchedule
 
     spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    if budget_w is not None and no_budget:
+        raise BadInputError("--budget-w and --no-budget: give one or the other")
+    if budget_w is None and not no_budget and spec.budget is None:
+        budget_w = _sized_budget_w(
+            spec, duration_s(duration, "--duration"), duration_s(step, "--step")
+        )
     if budget_w is not None:
         spec = replace(spec, budget=BudgetSchedule.constant(budget_w))
     names, settings, guard = _policies(policy, config)
@@ -305,6 +319,7 @@ def record(
         "rows": summary.rows,
         "row_groups": summary.row_groups,
         "bytes": summary.bytes,
+        "budget_steps": None if spec.budget is None else [list(s) for s in spec.budget.steps],
         "wall_s": round(wall, 3),
     }
     if json_out:
@@ -312,5 +327,28 @@ def record(
     else:
         typer.echo(
             f"wrote {output}: {summary.steps} steps x {summary.gpus} GPUs "
-            f"({summary.bytes / 1e6:.1f} MB) in {wall:.1f} s"
+            f"({summary.bytes / 1e6:.1f} MB) in {wall:.1f} s; {_budget_said(spec, budget_w)}"
         )
+
+
+RECORD_BUDGET_FRAC = 0.92  # of the twin's uncapped mean draw: a budget that binds, as the demo's
+
+
+def _sized_budget_w(spec: TwinSpec, duration_s: float, step_s: float) -> float:
+    """A budget that binds: RECORD_BUDGET_FRAC of this twin's mean draw uncapped over the run
+    (one uncapped pass at the recording's step first, as `ooda demo` sizes its budget)."""
+    from dataclasses import replace
+
+    from agent.demo import uncapped_demand_w
+
+    return float(
+        round(RECORD_BUDGET_FRAC * uncapped_demand_w(replace(spec, step_s=step_s), duration_s), -1)
+    )
+
+
+def _budget_said(spec: TwinSpec, sized_w: float | None) -> str:
+    if spec.budget is None:
+        return "no budget recorded (--no-budget)"
+    if sized_w is None:
+        return "the scenario's budget recorded"
+    return f"budget {sized_w:.0f} W recorded (replay uses it; --budget-w to choose another)"
