@@ -11,7 +11,7 @@ SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 # Headless Chromium opens the replay report in its test (driven through playwright's client).
 SYSTEM_TOOLS += chromium:chromium
 
-.PHONY: demo test test-gpu lint bench system-deps clean
+.PHONY: demo test test-gpu lint bench system-deps clean vendor-plotly
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,13 @@ bench: $(TESTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+
+# The replay report's plotting bundle: plotly.js's basic partial bundle (MIT), at the version the
+# installed plotly package was built for, from the npm registry (needs npm). Run after upgrading
+# plotly; tests/replay/test_report.py fails until the two agree.
+vendor-plotly: $(BASE)
+	@version=$$($(BIN)/python -c 'from agent.replay.report import plotly_js_version as v; print(v())') && \
+	tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent plotly.js-basic-dist-min@$$version >/dev/null && tar xzf *.tgz) && \
+	cp $$tmp/package/plotly-basic.min.js agent/replay/assets/plotly-basic.min.js && \
+	cp $$tmp/package/LICENSE agent/replay/assets/plotly-basic.LICENSE && rm -rf $$tmp && \
+	echo "agent/replay/assets: plotly.js basic $$version"

@@ -258,6 +258,9 @@ class Timeline:
     capped_obs: list[int] = field(default_factory=list)
     capped_cf: list[int] = field(default_factory=list)
     lowered_cf: list[int] = field(default_factory=list)
+    # The caps in force (10%, median, 90% over GPUs with a known cap), recorded and replayed.
+    cap_q_obs_w: list[tuple[float, float, float]] = field(default_factory=list)
+    cap_q_cf_w: list[tuple[float, float, float]] = field(default_factory=list)
 
     def add(self, out: StepOutcome, budget: float | None) -> None:
         lo, hi = _quantiles(out.fleet_cf_draws_w, out.fleet_cf_w)
@@ -272,6 +275,8 @@ class Timeline:
         self.capped_obs.append(out.capped_obs)
         self.capped_cf.append(out.capped_cf)
         self.lowered_cf.append(out.lowered_cf)
+        self.cap_q_obs_w.append(out.cap_q_obs_w)
+        self.cap_q_cf_w.append(out.cap_q_cf_w)
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,9 @@ class SetResult:
     errors: list[str]
     cycles: int
     wall_s: float
+    # Each KPI per parameter draw: the draws are shared by every set, so two sets compare draw
+    # by draw (how often one beats the other: the report's confidence).
+    draws: dict[str, FloatArray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -651,6 +659,11 @@ def replay_set(
         errors=errors,
         cycles=cycles,
         wall_s=time.perf_counter() - t0,
+        draws={
+            "energy_kwh": energy_draws / 3.6e6,
+            "throughput_ratio": np.asarray(ratio_draws, dtype=np.float64),
+            "budget_violation_s": over_draws,
+        },
     )
 
 

@@ -36,8 +36,10 @@ def test_a_recorded_trace_keeps_a_budget_that_binds(
     assert out["baseline"]["budget_violation_s"] > 0  # sized under the uncapped draw: it binds
     held, unheld = out["compare"]
     assert held["budget_violation_s"] < unheld["budget_violation_s"]
-    assert held["energy_kwh"] < unheld["energy_kwh"] == pytest.approx(
-        out["baseline"]["energy_kwh"], rel=1e-3
+    assert (
+        held["energy_kwh"]
+        < unheld["energy_kwh"]
+        == pytest.approx(out["baseline"]["energy_kwh"], rel=1e-3)
     )
 
 
