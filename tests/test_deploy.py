@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
 from agent.config import MAX_STOP_GRACE_S, load_config
@@ -215,6 +216,95 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
         check=False,
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def _alerts() -> dict[str, dict[str, Any]]:
+    rules = yaml.safe_load(RULES.read_text())
+    return {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
+
+
+def test_every_alert_fires_and_stays_quiet_in_promtools_tests() -> None:
+    """Each alert is unit-tested both ways: firing with its labels and annotations, and quiet
+    before it should fire (promtool itself runs the tests above)."""
+    tests = yaml.safe_load((RULES.parent / "ooda-rules.test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    fired = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    alerts = set(_alerts())
+    assert len(alerts) >= 11
+    assert alerts - fired == set(), "alerts never seen firing"
+    assert alerts - quiet == set(), "alerts never checked quiet"
+    for case in cases:  # every expectation gives the annotations in full, runbook included
+        for expected in case.get("exp_alerts") or []:
+            assert "runbook_url" in expected["exp_annotations"], case["alertname"]
+
+
+def test_agent_down_also_catches_a_target_that_vanished() -> None:
+    expr = _alerts()["OodaAgentDown"]["expr"]
+    assert 'up{job="ooda-agent"} == 0' in expr and 'absent(up{job="ooda-agent"})' in expr
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub (and most renderers) give a document's headings."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", markdown, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_every_alert_links_its_runbook_in_the_operator_guide() -> None:
+    guide = REPO / "docs" / "operator-guide.md"
+    anchors = github_anchors(guide.read_text())
+    prefix = "file:///opt/ooda/share/doc/operator-guide.md#"  # where install.sh puts the guide
+    for name, alert in _alerts().items():
+        url = alert["annotations"].get("runbook_url", "")
+        assert url.startswith(prefix), (name, url)
+        assert url.removeprefix(prefix) in anchors, f"{name}: no section #{url.split('#')[-1]}"
+        assert url.removeprefix(prefix) == name.lower()  # its own section, by name
+
+
+def query_unit(expr: str) -> str:
+    """What a dashboard query measures, from its shape and the metric's name (the units the
+    agent's metric names carry)."""
+    if "histogram_quantile" in expr or expr.startswith("time() -"):
+        return "s"
+    name = sorted(metric_names_in(expr))[0]
+    if ":" in name:  # a recording rule, level:metric:operations: the metric's unit
+        level, metric, operations = name.split(":")
+        name = "ratio" if operations == "ratio" else f"{level}_{metric}"
+    if name == "ratio":
+        return "percentunit"
+    if "rate(" in expr:
+        return "suffix: cores" if name.endswith("_cpu_seconds_total") else "ops"
+    if "increase(" in expr:
+        return "short"
+    for suffix, unit in (("_watts", "watt"), ("_seconds", "s"), ("_bytes", "bytes")):
+        if name.endswith(suffix):
+            return unit
+    if name in ("ooda_dry_run", "ooda_state_restored"):
+        return "bool_yes_no"
+    if "nodes" in name:
+        return "suffix: nodes"
+    if "gpus" in name or name.endswith("_caps"):
+        return "suffix: GPUs"
+    raise AssertionError(f"no unit known for {expr}")
+
+
+def test_every_dashboard_panel_has_one_unit_per_axis() -> None:
+    """A panel's queries share its one declared unit: watts with watts, GPUs with GPUs (not
+    GPUs and watts, bytes and cores, counts and booleans on one axis)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        declared = panel["fieldConfig"]["defaults"].get("unit")
+        assert declared, panel["title"]
+        assert panel["fieldConfig"].get("overrides", []) == [], panel["title"]
+        units = {query_unit(t["expr"]) for t in panel["targets"]}
+        assert units == {declared}, (panel["title"], units, declared)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    spots = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
+    assert len(spots) == len(set(spots))  # no two panels in one place
 
 
 def exported_names(tmp_path: Path) -> set[str]:
