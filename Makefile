@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed-base
 TESTS  := $(VENV)/.installed-test
+# Every package pinned with hashes (`make lock` regenerates it): the image and install.sh install
+# exactly these, and the development environment takes them as constraints.
+LOCK   := deploy/requirements.txt
+UV     := uv==0.13.10
 # Debian packages the integration tests run for real (installed when missing; root or sudo).
 SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm munge:munge systemd-analyze:systemd
 # Alertmanager for the Notify integration test (agent/act/notify.py).
@@ -11,15 +15,17 @@ SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 # Headless Chromium opens the replay report in its test (driven through playwright's client).
 SYSTEM_TOOLS += chromium:chromium
 
-.PHONY: demo test test-gpu lint bench system-deps clean vendor-plotly
+.PHONY: demo test test-gpu lint bench system-deps clean vendor-plotly lock lock-check
 
-$(BASE): pyproject.toml
+# The lock's pins as constraints (without its hashes: pip cannot hash the editable install).
+$(BASE): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	sed -e '/--hash=/d' -e 's/ *\\$$//' $(LOCK) > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e .
 	touch $@
 
 $(TESTS): $(BASE)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(BASE)
@@ -37,7 +43,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-lint: $(TESTS)
+lint: $(TESTS) lock-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -64,3 +70,11 @@ vendor-plotly: $(BASE)
 	cp $$tmp/package/plotly-basic.min.js agent/replay/assets/plotly-basic.min.js && \
 	cp $$tmp/package/LICENSE agent/replay/assets/plotly-basic.LICENSE && rm -rf $$tmp && \
 	echo "agent/replay/assets: plotly.js basic $$version"
+
+# deploy/requirements.txt from pyproject.toml (uv pip compile: every platform, Python 3.11+).
+lock: $(TESTS)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(UV)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python deploy/lock.py
+
+lock-check: $(TESTS)
+	$(BIN)/python deploy/lock.py --check
