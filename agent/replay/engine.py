@@ -567,14 +567,7 @@ def replay_set(
     actions: Counter[str] = Counter()
     errors: list[str] = []
     dts = _dt(reader)
-    m = learned.estimates.draws
-    energy_j = 0.0
-    energy_draws = np.zeros(m)
-    energy_obs_j = 0.0
-    work_obs = work_cf = 0.0
-    work_draws = np.zeros(m)
-    over_s = over_obs_s = 0.0
-    over_draws = np.zeros(m)
+    totals = _Totals(learned.estimates.draws)
     next_cycle = -math.inf
     cycles = 0
     prev_budget: float | None = None
@@ -588,16 +581,7 @@ def replay_set(
         if prev_budget is not None and budget is not None and budget != prev_budget and j:
             grace_until = snap.time_s + interval_s
         prev_budget = budget if budget is not None else prev_budget
-        energy_j += out.fleet_cf_w * dt
-        energy_draws += out.fleet_cf_draws_w * dt
-        energy_obs_j += out.fleet_obs_w * dt
-        work_obs += out.work_obs * dt
-        work_cf += out.work_cf * dt
-        work_draws += out.work_cf_draws * dt
-        if budget is not None and snap.time_s > grace_until + 1e-6:
-            over_s += dt * (out.fleet_cf_w > budget)
-            over_obs_s += dt * (out.fleet_obs_w > budget)
-            over_draws += dt * (out.fleet_cf_draws_w > budget)
+        totals.add(out, dt, budget if snap.time_s > grace_until + 1e-6 else None)
         timeline.add(out, budget)
         if snap.time_s >= next_cycle - 1e-9:
             clock.set(snap.time_s)
@@ -616,39 +600,15 @@ def replay_set(
                     errors.append(error)
         if progress is not None:
             progress(1)
-    counts = {kind: actions.get(kind, 0) for kind in ACTION_KINDS}
-    ratio = work_cf / work_obs if work_obs > 0 else math.nan
-    ratio_draws = work_draws / work_obs if work_obs > 0 else np.full(m, math.nan)
-    kpis: dict[str, Any] = {
-        "energy_kwh": round(energy_j / 3.6e6, 3),
-        "throughput_ratio": _round(ratio, 4),
-        "budget_violation_s": round(over_s, 1),
-        "actions": counts,
-        "drains": counts["drain_node"],
-        "interval": {
-            "level": INTERVAL_LEVEL,
-            "energy_kwh": _interval(energy_draws / 3.6e6, energy_j / 3.6e6, 3),
-            "throughput_ratio": _interval(ratio_draws, ratio, 4),
-            "budget_violation_s": _interval(over_draws, over_s, 1),
-        },
-        "energy_vs_baseline": _round(energy_j / energy_obs_j, 4) if energy_obs_j > 0 else None,
-        "cycles": cycles,
-    }
+    kpis = totals.kpis({kind: actions.get(kind, 0) for kind in ACTION_KINDS}, cycles)
     lost_s, lost_j = world.unfinished()
     kpis["unfinished"] = {
-        "work_ratio": _round(lost_s / work_obs, 4) if work_obs > 0 else None,
+        "work_ratio": _round(lost_s / totals.work_obs, 4) if totals.work_obs > 0 else None,
         "energy_kwh": round(lost_j / 3.6e6, 3),
     }
     kpis["notes"] = explain(world.tally, kpis, bool(holders))
     # The baseline's KPIs come out of the same pass (identical for every set).
-    kpis["_baseline"] = {
-        "energy_kwh": round(energy_obs_j / 3.6e6, 3),
-        "throughput_ratio": 1.0,
-        "budget_violation_s": round(over_obs_s, 1),
-        "actions": {kind: learned.cap_changes.get(kind, 0) for kind in ACTION_KINDS},
-        "drains": 0,
-        "work_gpu_s": round(work_obs, 1),
-    }
+    kpis["_baseline"] = totals.baseline(learned.cap_changes)
     return SetResult(
         policy_set=policy_set,
         kpis=kpis,
@@ -659,12 +619,90 @@ def replay_set(
         errors=errors,
         cycles=cycles,
         wall_s=time.perf_counter() - t0,
-        draws={
-            "energy_kwh": energy_draws / 3.6e6,
-            "throughput_ratio": np.asarray(ratio_draws, dtype=np.float64),
-            "budget_violation_s": over_draws,
-        },
+        draws=totals.by_kpi(),
     )
+
+
+@dataclass
+class _Totals:
+    """A replayed set's sums over the steps: its counterfactual (point, and per parameter draw)
+    and the recording, from which its KPIs come."""
+
+    draws: int
+    energy_j: float = 0.0
+    energy_obs_j: float = 0.0
+    work_obs: float = 0.0
+    work_cf: float = 0.0
+    over_s: float = 0.0
+    over_obs_s: float = 0.0
+    energy_draws_j: FloatArray = field(init=False)
+    work_draws: FloatArray = field(init=False)
+    over_draws_s: FloatArray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.energy_draws_j = np.zeros(self.draws)
+        self.work_draws = np.zeros(self.draws)
+        self.over_draws_s = np.zeros(self.draws)
+
+    def add(self, out: StepOutcome, dt: float, counted_budget: float | None) -> None:
+        """One step of `dt` seconds; `counted_budget`: the budget, where this step counts."""
+        self.energy_j += out.fleet_cf_w * dt
+        self.energy_draws_j += out.fleet_cf_draws_w * dt
+        self.energy_obs_j += out.fleet_obs_w * dt
+        self.work_obs += out.work_obs * dt
+        self.work_cf += out.work_cf * dt
+        self.work_draws += out.work_cf_draws * dt
+        if counted_budget is not None:
+            self.over_s += dt * (out.fleet_cf_w > counted_budget)
+            self.over_obs_s += dt * (out.fleet_obs_w > counted_budget)
+            self.over_draws_s += dt * (out.fleet_cf_draws_w > counted_budget)
+
+    def ratio(self) -> float:
+        return self.work_cf / self.work_obs if self.work_obs > 0 else math.nan
+
+    def by_kpi(self) -> dict[str, FloatArray]:
+        """Each KPI per parameter draw."""
+        ratio = (
+            self.work_draws / self.work_obs
+            if self.work_obs > 0
+            else np.full_like(self.work_draws, math.nan)
+        )
+        return {
+            "energy_kwh": self.energy_draws_j / 3.6e6,
+            "throughput_ratio": np.asarray(ratio, dtype=np.float64),
+            "budget_violation_s": self.over_draws_s,
+        }
+
+    def kpis(self, counts: dict[str, int], cycles: int) -> dict[str, Any]:
+        draws = self.by_kpi()
+        return {
+            "energy_kwh": round(self.energy_j / 3.6e6, 3),
+            "throughput_ratio": _round(self.ratio(), 4),
+            "budget_violation_s": round(self.over_s, 1),
+            "actions": counts,
+            "drains": counts["drain_node"],
+            "interval": {
+                "level": INTERVAL_LEVEL,
+                "energy_kwh": _interval(draws["energy_kwh"], self.energy_j / 3.6e6, 3),
+                "throughput_ratio": _interval(draws["throughput_ratio"], self.ratio(), 4),
+                "budget_violation_s": _interval(draws["budget_violation_s"], self.over_s, 1),
+            },
+            "energy_vs_baseline": _round(self.energy_j / self.energy_obs_j, 4)
+            if self.energy_obs_j > 0
+            else None,
+            "cycles": cycles,
+        }
+
+    def baseline(self, cap_changes: dict[str, int]) -> dict[str, Any]:
+        """The recording's KPIs (for the baseline, `actions` are the cap changes it shows)."""
+        return {
+            "energy_kwh": round(self.energy_obs_j / 3.6e6, 3),
+            "throughput_ratio": 1.0,
+            "budget_violation_s": round(self.over_obs_s, 1),
+            "actions": {kind: cap_changes.get(kind, 0) for kind in ACTION_KINDS},
+            "drains": 0,
+            "work_gpu_s": round(self.work_obs, 1),
+        }
 
 
 def budget_holders(policy_set: PolicySet, registry: PolicyRegistry) -> set[str]:

@@ -353,20 +353,7 @@ class Estimates:
             if has_clock.any():
                 clock[mine & ~has_clock] = float(np.median(clock[has_clock]))
                 util[mine & ~has_clock] = float(np.median(util[has_clock]))
-            # Natural draw of jobs never seen uncapped: the model's known draws above the bound.
-            unknown = mine & ~known & ran
-            if not unknown.any():
-                continue
-            lo = np.nan_to_num(c["bound_w"][unknown], nan=0.0)
-            hi = np.nan_to_num(c["max_cap"][unknown], nan=np.nanmax(lo, initial=0.0))
-            pool = np.sort(natural[mine & known])
-            if pool.size >= 5:
-                n_pt, n_dr = _truncated(pool, lo, hi, u_n)
-            else:  # nothing to learn from: anywhere between the bound and the maximum limit
-                n_pt = np.maximum(lo, 0.9 * hi)
-                n_dr = lo[:, None] + (hi - lo)[:, None] * u_n[None, :]
-            natural[unknown] = n_pt
-            n_draws[unknown] = n_dr
+            _unseen_natural(c, mine, known, mine & ~known & ran, natural, n_draws, u_n)
         # Jobs seen for one step only (a label that lags the draw) are not worth a note.
         unknown_all = ~known & (c["busy_steps"] > 1)
         if unknown_all.any():
@@ -380,21 +367,7 @@ class Estimates:
         b = np.maximum(np.where(np.isfinite(c["b"]), c["b"], 1.65), MIN_EXPONENT)
         conf = np.clip(np.nan_to_num(c["confidence"]), 0.0, 1.0)
         learned = (conf >= LEARNED_CONFIDENCE) & (c["source"] != "prior")
-        steps = c["busy_steps"].astype(np.float64)
-        total = float(steps.sum())
-        learned_share = float(steps[learned].sum()) / total if total else 0.0
-        capped_share = float(steps[c["n_bind"] > 0].sum()) / total if total else 0.0
-        if total and learned_share < 0.5:
-            why = (
-                "the trace shows few caps binding, little to learn curves from"
-                if capped_share < 0.2
-                else "orient did not learn them with confidence from this trace"
-            )
-            notes.append(
-                f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): where "
-                "a replayed cap binds on the rest, the GPU model's prior curve stands in, with "
-                "its uncertainty"
-            )
+        learned_share = _curve_note(c, learned, notes)
         with np.errstate(invalid="ignore", divide="ignore"):
             work = c["sum_cu_dt"] / (clock * util)
         work_total = np.where(book.ended() & np.isfinite(work), work, np.inf)
@@ -432,6 +405,51 @@ class Estimates:
 
     def index(self) -> SegmentIndex:
         return SegmentIndex(self.keys, self.uuids)
+
+
+def _unseen_natural(
+    c: dict[str, npt.NDArray[Any]],
+    mine: BoolArray,
+    known: BoolArray,
+    unknown: BoolArray,
+    natural: FloatArray,
+    n_draws: FloatArray,
+    u_n: FloatArray,
+) -> None:
+    """The natural draw of jobs (of one GPU model, `mine`) never seen uncapped: the model's
+    known draws above what they drew under their cap (set in `natural` and `n_draws`)."""
+    if not unknown.any():
+        return
+    lo = np.nan_to_num(c["bound_w"][unknown], nan=0.0)
+    hi = np.nan_to_num(c["max_cap"][unknown], nan=np.nanmax(lo, initial=0.0))
+    pool = np.sort(natural[mine & known])
+    if pool.size >= 5:
+        n_pt, n_dr = _truncated(pool, lo, hi, u_n)
+    else:  # nothing to learn from: anywhere between the bound and the maximum limit
+        n_pt = np.maximum(lo, 0.9 * hi)
+        n_dr = lo[:, None] + (hi - lo)[:, None] * u_n[None, :]
+    natural[unknown] = n_pt
+    n_draws[unknown] = n_dr
+
+
+def _curve_note(c: dict[str, npt.NDArray[Any]], learned: BoolArray, notes: list[str]) -> float:
+    """The share of busy GPU time with a learned curve; below half, a note says why."""
+    steps = c["busy_steps"].astype(np.float64)
+    total = float(steps.sum())
+    learned_share = float(steps[learned].sum()) / total if total else 0.0
+    capped_share = float(steps[c["n_bind"] > 0].sum()) / total if total else 0.0
+    if total and learned_share < 0.5:
+        why = (
+            "the trace shows few caps binding, little to learn curves from"
+            if capped_share < 0.2
+            else "orient did not learn them with confidence from this trace"
+        )
+        notes.append(
+            f"power curves learned for {learned_share:.0%} of busy GPU time ({why}): where a "
+            "replayed cap binds on the rest, the GPU model's prior curve stands in, with its "
+            "uncertainty"
+        )
+    return learned_share
 
 
 def _truncated(
