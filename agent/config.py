@@ -37,6 +37,7 @@ from agent.core.settings import STRICT_SECTION
 from agent.core.snapshot import Metric
 from agent.core.urls import check_http_url
 from agent.observe.promql import check_label_name, check_metric_name
+from agent.observe.remote_write.settings import RemoteWriteConfig
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
@@ -262,13 +263,15 @@ class NvmlSourceConfig(_Section):
 
 
 class SourceConfig(_Section):
-    kind: Literal["twin", "prometheus", "nvml"] = Field(
+    kind: Literal["twin", "prometheus", "nvml", "remote_write"] = Field(
         "twin",
         description="Where telemetry comes from (nvml: this node's GPUs, read directly; for one "
-        "GPU node).",
+        "GPU node; remote_write: samples pushed by a Prometheus, vmagent or OpenTelemetry "
+        "collector).",
     )
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
     nvml: NvmlSourceConfig = Field(default_factory=NvmlSourceConfig)
+    remote_write: RemoteWriteConfig = Field(default_factory=RemoteWriteConfig)
 
 
 class ActuatorsConfig(_Section):
@@ -417,6 +420,11 @@ class Config(_Section):
     def _budget_source(self) -> Config:
         if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
             raise ValueError("cluster: give budget_w or budget_query, not both")
+        if self.cluster.budget_query is not None and self.source.kind == "remote_write":
+            raise ValueError(
+                "cluster.budget_query: PromQL needs a Prometheus to evaluate it, and a "
+                "remote_write source has none; give cluster.budget_w"
+            )
         return self
 
     @model_validator(mode="after")
@@ -436,7 +444,8 @@ class Config(_Section):
             raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
         label = cluster.group_label
         # NVML's GPUs carry no labels either; Slurm's job priority is the one both get.
-        if self.source.kind != "prometheus" and label is not None and label not in TWIN_LABELS:
+        labelled = ("prometheus", "remote_write")  # sources whose GPUs carry their series' labels
+        if self.source.kind not in labelled and label is not None and label not in TWIN_LABELS:
             whose = "the twin's" if self.source.kind == "twin" else "NVML's"
             raise ValueError(
                 f"cluster.group_label: {whose} GPUs carry no {label!r} label (only "
@@ -452,7 +461,11 @@ class Config(_Section):
         if self.source.kind == "twin":
             return self
         given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
-        source = {"prometheus": "a Prometheus", "nvml": "an NVML"}[self.source.kind]
+        source = {
+            "prometheus": "a Prometheus",
+            "nvml": "an NVML",
+            "remote_write": "a remote-write",
+        }[self.source.kind]
         for name in ("caps", "placement"):
             if getattr(self.actuators, name) != "twin":
                 continue

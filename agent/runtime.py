@@ -26,11 +26,13 @@ from agent.core.intents import Intent
 from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.core.snapshot import Metric
 from agent.loop import Loop
+from agent.node.auth import TokenStore
 from agent.node.nvml import NvmlBackend
 from agent.observe.job_labels import JobLabelledSource
 from agent.observe.limits import LimitsFilledSource
 from agent.observe.nvml import NvmlSource
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from agent.observe.remote_write import RemoteWriteSource
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
@@ -213,6 +215,19 @@ def nvml_source(config: Config, closers: list[Callable[[], Any]]) -> NvmlSource:
     return NvmlSource(backend, config.source.nvml.node or socket.gethostname().split(".")[0])
 
 
+def remote_write_source(config: Config, closers: list[Callable[[], Any]]) -> RemoteWriteSource:
+    """The remote-write receiver, listening; what stops it goes into `closers`."""
+    rw = config.source.remote_write
+    tokens = TokenStore(rw.token_file) if rw.token_file is not None else None
+    source = RemoteWriteSource(
+        rw,
+        extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
+        tokens=tokens,
+    )
+    closers.append(source.close)
+    return source
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -275,6 +290,8 @@ def build_runtime(
             )
             closers.append(prometheus.close)
             source = prometheus
+        elif config.source.kind == "remote_write":
+            source = remote_write_source(config, closers)
         else:
             source = nvml_source(config, closers)
     if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
@@ -287,7 +304,7 @@ def build_runtime(
         node_caps = NodeCapActuator(config.actuators.node, clock=clock)
         actuators.caps = node_caps
         closers.append(node_caps.close)
-        if config.source.kind == "prometheus":  # limits the exporter lacks come from the nodes
+        if config.source.kind in ("prometheus", "remote_write"):  # limits exporters lack: nodes
             source = LimitsFilledSource(source, node_caps)
     if config.actuators.placement == "twin":
         assert twin is not None

@@ -84,6 +84,8 @@ def once(
     source: str = cfg.source.kind
     if cfg.source.kind == "prometheus":
         source = cfg.source.prometheus.url
+    elif cfg.source.kind == "remote_write":
+        source = f"remote write on {cfg.source.remote_write.listen}"
     elif cfg.source.kind == "nvml":  # which node's GPUs
         source = f"nvml on {', '.join(map(str, report.snapshot.node_names)) or '?'}"
     result = summarize(report, source=source, dry_run=cfg.dry_run)

@@ -1,0 +1,432 @@
+"""The newest sample of every series received, in numpy columns, and the Snapshot they make.
+
+Every series gets a slot: its GPU (a row per `host, gpu` pair), its field, the time and value of
+its newest sample and the time of its newest staleness marker. A body's series that the store
+knows (by the hash of their label block, see `wire`) are written into their slots with a few
+numpy calls; new ones are decoded in full once, named, and given a slot. Series of no interest
+(another metric, another `match`) get one too, so that they cost no decoding the next time.
+
+`snapshot(now)` answers what the Prometheus source's queries answer at `now` against a
+Prometheus holding the same samples:
+
+- a series is live when its newest sample is not a staleness marker and is at most `lookback_s`
+  old (PromQL's instant selector); a GPU is known when its power series has a sample within the
+  inventory window, and fresh when one of them is live and at most `staleness_s` old;
+- a GPU's age, UUID, model, job (and extra labels) are its newest live power series' (its newest
+  one's when none is live, with no job, as a stale GPU has in the Prometheus source);
+- a field's value is the largest of the GPU's live series of it (`max by (host, gpu)`), in the
+  metric's unit; NaN where none, and on every stale GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.dcgm import FIELD_BY_METRIC
+from agent.core.keyed import LastKeys
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.observe.remote_write import wire
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+StrArray = npt.NDArray[np.str_]
+
+NEVER = np.iinfo(np.int64).min  # no sample (ms)
+IGNORED = -1  # a series of no interest: another metric, another `match`
+NAMELESS = -2  # a power series without a host label or an integer gpu label
+KEY_SEP = "\x1f"
+
+
+@dataclass(frozen=True)
+class SeriesNaming:
+    """Which series are read and how they name a GPU and a field."""
+
+    metrics: Mapping[Metric, str]  # field -> metric name ('' leaves it out)
+    host_labels: tuple[str, ...]
+    gpu_label: str
+    uuid_label: str
+    model_label: str
+    job_label: str
+    match: Mapping[str, str] = field(default_factory=dict)
+    extra_labels: tuple[str, ...] = ()
+
+
+@dataclass
+class IngestResult:
+    """What one body added: samples kept (stale markers among them), new series, and new series
+    refused because the store is full."""
+
+    samples: int = 0
+    markers: int = 0
+    new_series: int = 0
+    refused_series: int = 0
+    slow_series: int = 0  # decoded in full (new, or not in the usual shape)
+
+
+class _Columns:
+    """Per-slot numpy columns that grow by doubling."""
+
+    SPEC: Mapping[str, tuple[npt.DTypeLike, float | int]] = {
+        "hash": (np.int64, 0),
+        "row": (np.int64, -1),
+        "field": (np.int16, IGNORED),
+        "ident": (np.int64, -1),
+        "real_ms": (np.int64, NEVER),  # newest sample that is not a staleness marker
+        "marker_ms": (np.int64, NEVER),  # newest staleness marker
+        "value": (np.float64, np.nan),
+    }
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.cols: dict[str, npt.NDArray[Any]] = {
+            name: np.full(1024, fill, dtype=dtype) for name, (dtype, fill) in self.SPEC.items()
+        }
+
+    def add(self, **values: int) -> int:
+        if self.size == self.cols["hash"].size:
+            for name, (dtype, fill) in self.SPEC.items():
+                grown = np.full(2 * self.size, fill, dtype=dtype)
+                grown[: self.size] = self.cols[name]
+                self.cols[name] = grown
+        slot = self.size
+        for name, value in values.items():
+            self.cols[name][slot] = value
+        self.size += 1
+        return slot
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        return self.cols[name][: self.size]
+
+    def keep(self, mask: BoolArray) -> None:
+        kept = int(mask.sum())
+        for name, (dtype, fill) in self.SPEC.items():
+            column = np.full(max(1024, 2 * kept), fill, dtype=dtype)
+            column[:kept] = self.cols[name][: self.size][mask]
+            self.cols[name] = column
+        self.size = kept
+
+
+class SeriesStore:
+    """The received series, for one source. `ingest` (the receiver's threads) and `snapshot`
+    (the loop) may run at once: one lock guards the columns."""
+
+    def __init__(
+        self,
+        naming: SeriesNaming,
+        *,
+        max_series: int,
+        lookback_s: float,
+        staleness_s: float,
+        inventory_window_s: float,
+    ) -> None:
+        self.naming = naming
+        self.max_series = max_series
+        self.lookback_s = lookback_s
+        self.staleness_s = staleness_s
+        self.inventory_window_s = inventory_window_s
+        self._lock = threading.Lock()
+        self._slots = _Columns()
+        self._memo: dict[int, int] = {}  # label block's hash -> slot
+        self.fields: list[Metric] = [m for m, name in naming.metrics.items() if name]
+        self._field_of_name = {naming.metrics[m]: k for k, m in enumerate(self.fields)}
+        self._power = self.fields.index(Metric.POWER_W)
+        self._row_of: dict[str, int] = {}
+        self._row_host: list[str] = []
+        self._row_gpu: list[int] = []
+        self._ident_of: dict[tuple[str, ...], int] = {}
+        self._idents: list[tuple[str, ...]] = []
+        self._changed = True  # slots added or dropped since the per-field index was built
+        self._by_field: list[tuple[IntArray, bool]] = []  # per field: its slots, rows repeat
+        self._tables: tuple[int, int, list[StrArray]] | None = None  # rows, idents, arrays
+        self._uuids = LastKeys()
+        self._models = LastKeys()
+        self._refused = 0  # new series refused since the last snapshot
+        self._last_sweep_s: float | None = None
+        self.received_any = threading.Event()
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def ingest(self, series: list[bytes], raw: bytes | bytearray) -> IngestResult:
+        """One body's series (split from `raw`) into their slots; BodyError when a series the
+        fast path cannot read turns out malformed (nothing of the body is kept then)."""
+        tails = wire.tails(series, raw)
+        fast = np.flatnonzero(tails.fast)
+        hashes = wire.label_hashes(series, tails.label_bytes, fast)
+        result = IngestResult()
+        with self._lock:
+            slots = np.fromiter(
+                map(self._memo.get, hashes, itertools.repeat(-1)), dtype=np.int64, count=fast.size
+            )
+            known = slots >= 0
+            rows = fast[known]
+            slow = np.ones(len(series), dtype=bool)
+            slow[rows] = False
+            decoded = [wire.decode_series(series[i]) for i in np.flatnonzero(slow).tolist()]
+            self._record(slots[known], tails.value[rows], tails.time_ms[rows], result)
+            for one in decoded:
+                self._ingest_decoded(one, result)
+            self._refused += result.refused_series
+        result.slow_series = len(decoded)
+        if result.samples:
+            self.received_any.set()
+        return result
+
+    def _ingest_decoded(self, one: wire.DecodedSeries, result: IngestResult) -> None:
+        key = hash(one.label_block)
+        slot = self._memo.get(key)
+        if slot is None:
+            if len(self._memo) >= self.max_series:
+                result.refused_series += 1
+                return
+            slot = self._new_slot(key, one.labels)
+            result.new_series += 1
+        self._record(np.full(one.values.size, slot), one.values, one.time_ms, result)
+
+    def _record(
+        self, slots: IntArray, values: FloatArray, time_ms: IntArray, result: IngestResult
+    ) -> None:
+        """Samples into their slots: a slot keeps its newest sample and its newest marker."""
+        if slots.size == 0:
+            return
+        marker = values.view(np.uint64) == wire.STALE_NAN_BITS
+        real = ~marker
+        columns = self._slots
+        real_ms, value = columns["real_ms"], columns["value"]
+        s, t = slots[real], time_ms[real]
+        np.maximum.at(real_ms, s, t)
+        newest = real_ms[s] == t
+        value[s[newest]] = values[real][newest]
+        if marker.any():
+            np.maximum.at(columns["marker_ms"], slots[marker], time_ms[marker])
+        result.samples += int(slots.size)
+        result.markers += int(marker.sum())
+
+    def _new_slot(self, key: int, labels: Mapping[str, str]) -> int:
+        """A slot for a new series, named from its labels."""
+        n = self.naming
+        field_index = self._field_of_name.get(labels.get("__name__", ""), IGNORED)
+        if field_index != IGNORED and any(labels.get(k) != v for k, v in n.match.items()):
+            field_index = IGNORED
+        row = ident = -1
+        if field_index != IGNORED:
+            host = next((labels[h] for h in n.host_labels if labels.get(h)), "")
+            gpu = labels.get(n.gpu_label, "")
+            if host and gpu.isdecimal() and len(gpu) <= 9:
+                row = self._row(host, int(gpu))
+                if field_index == self._power:
+                    ident = self._ident(labels)
+            else:  # a power series of no GPU is reported; other fields are simply unusable
+                field_index = NAMELESS if field_index == self._power else IGNORED
+        slot = self._slots.add(hash=key, row=row, field=field_index, ident=ident)
+        self._memo[key] = slot
+        self._changed = True
+        return slot
+
+    def _row(self, host: str, gpu: int) -> int:
+        key = f"{host}{KEY_SEP}{gpu}"
+        row = self._row_of.get(key)
+        if row is None:
+            row = self._row_of[key] = len(self._row_host)
+            self._row_host.append(host)
+            self._row_gpu.append(gpu)
+        return row
+
+    def _ident(self, labels: Mapping[str, str]) -> int:
+        n = self.naming
+        names = (n.uuid_label, n.model_label, n.job_label, *n.extra_labels)
+        ident = tuple(labels.get(name, "") for name in names)
+        found = self._ident_of.get(ident)
+        if found is None:
+            found = self._ident_of[ident] = len(self._idents)
+            self._idents.append(ident)
+        return found
+
+    # -- the snapshot ---------------------------------------------------------------------
+
+    @property
+    def series(self) -> int:
+        return self._slots.size
+
+    def snapshot(self, now_s: float) -> Snapshot:
+        with self._lock:
+            self._sweep(now_s)
+            return self._snapshot(now_s)
+
+    def _snapshot(self, now_s: float) -> Snapshot:
+        cols = self._slots
+        now_ms = int(now_s * 1000)
+        real_ms = cols["real_ms"].astype(np.int64)
+        fields = cols["field"]
+        live = (real_ms > cols["marker_ms"]) & (real_ms >= now_ms - int(self.lookback_s * 1000))
+        errors: list[str] = []
+        in_window = real_ms >= now_ms - int(self.inventory_window_s * 1000)
+        nameless = int((in_window & (fields == NAMELESS)).sum())
+        if nameless:
+            labels = ", ".join(self.naming.host_labels)
+            errors.append(
+                f"{nameless} series without a host label ({labels}) or an integer "
+                f"{self.naming.gpu_label!r} label were ignored"
+            )
+        power = np.flatnonzero(in_window & (fields == self._power))
+        rows_all = cols["row"].astype(np.int64)
+        # Per GPU its best power series: a live one before others, then the newest.
+        order = np.lexsort((real_ms[power], live[power], rows_all[power]))
+        ranked = power[order]
+        last = np.ones(ranked.size, dtype=bool)
+        last[:-1] = rows_all[ranked[1:]] != rows_all[ranked[:-1]]
+        best = ranked[last]
+        rows = rows_all[best]
+        is_live = live[best]
+        sample_ms = real_ms[best]
+        age = np.maximum(now_s - sample_ms / 1000.0, 0.0)
+        stale = ~is_live | ~(age <= self.staleness_s)
+        ident = cols["ident"][best].astype(np.int64)
+        table = self._table()
+        idents = [column[ident] for column in table[1:]]
+        job = np.where(is_live, idents[2], "")
+        values = self._values(rows, live, stale)
+        if self._refused:
+            errors.append(
+                f"{self._refused} new series refused since the last cycle: the receiver holds "
+                f"max_series = {self.max_series}"
+            )
+            self._refused = 0
+        extra = {name: idents[3 + k] for k, name in enumerate(self.naming.extra_labels)}
+        for name, of_gpu in extra.items():
+            unlabelled = int((of_gpu == "").sum())
+            if unlabelled:
+                errors.append(f"{unlabelled} GPUs have no {name!r} label")
+        host = table[0][rows]
+        gpu = np.asarray(self._row_gpu, dtype=np.int64)[rows]
+        by = np.lexsort((gpu, host))
+        return build_snapshot(
+            time_s=now_s,
+            node_of_gpu=host[by],
+            gpu=gpu[by],
+            uuid=self._uuids.interned(idents[0][by]),
+            model=self._models.interned(idents[1][by]),
+            job=job[by],
+            values={m: v[by] for m, v in values.items()},
+            age_s=age[by],
+            stale=stale[by],
+            errors=tuple(errors),
+            labels={name: v[by] for name, v in extra.items()},
+        )
+
+    def _table(self) -> list[StrArray]:
+        """The hosts of the rows, then each identity label (UUID, model, job, the extra labels)
+        of the identities, as arrays (made again only when rows or identities were added)."""
+        sizes = (len(self._row_host), len(self._idents))
+        if self._tables is None or self._tables[:2] != sizes:
+            width = 3 + len(self.naming.extra_labels)
+            columns = list(zip(*self._idents, strict=True)) or [()] * width
+            arrays = [np.asarray(self._row_host, dtype=np.str_)]
+            arrays += [np.asarray(column, dtype=np.str_) for column in columns]
+            self._tables = (*sizes, arrays)
+        return self._tables[2]
+
+    def _values(
+        self, rows: IntArray, live: BoolArray, stale: BoolArray
+    ) -> dict[Metric, FloatArray]:
+        """Per field, per GPU of `rows`: the largest value of its live series (NaN: none, or
+        the GPU is stale), in the metric's unit."""
+        if self._changed:
+            self._index_fields()
+        n_rows = len(self._row_host)
+        value = self._slots["value"]
+        row_of = self._slots["row"]
+        out: dict[Metric, FloatArray] = {}
+        for k, metric in enumerate(self.fields):
+            slots, repeats = self._by_field[k]
+            slots = slots[live[slots]]
+            column = np.full(n_rows, np.nan)
+            if repeats:
+                np.fmax.at(column, row_of[slots], value[slots])
+            else:
+                column[row_of[slots]] = value[slots]
+            picked = column[rows] * FIELD_BY_METRIC[metric].to_metric
+            picked[stale] = np.nan
+            out[metric] = picked
+        return out
+
+    def _index_fields(self) -> None:
+        """Each field's slots, and whether some GPU has several series of it (a job changed:
+        the old series lingers until its marker), built again only when slots change."""
+        fields = self._slots["field"]
+        row_of = self._slots["row"]
+        order = np.argsort(fields, kind="stable")
+        bounds = np.searchsorted(fields[order], np.arange(len(self.fields) + 1))
+        self._by_field = []
+        for k in range(len(self.fields)):
+            slots = order[bounds[k] : bounds[k + 1]].astype(np.int64)
+            repeats = np.unique(row_of[slots]).size < slots.size
+            self._by_field.append((slots, bool(repeats)))
+        self._changed = False
+
+    def _sweep(self, now_s: float) -> None:
+        """Forget series with no sample (nor marker) within the inventory window and the
+        lookback (they name no GPU any more), at most every quarter window."""
+        window_s = max(self.inventory_window_s, self.lookback_s)
+        if self._last_sweep_s is not None and 0 <= now_s - self._last_sweep_s < window_s / 4:
+            return
+        self._last_sweep_s = now_s
+        cols = self._slots
+        horizon_ms = int((now_s - window_s) * 1000)
+        newest = np.maximum(cols["real_ms"], cols["marker_ms"])
+        keep = newest >= horizon_ms
+        if keep.all():
+            return
+        cols.keep(keep)
+        self._memo = dict(zip(cols["hash"].tolist(), range(cols.size), strict=True))
+        self._changed = True
+        self._forget_rows()
+
+    def _forget_rows(self) -> None:
+        """Rows and identities no slot refers to any more, dropped (a fleet's churn over
+        months must not grow them)."""
+        cols = self._slots
+        for column, names in (("row", ("_row_host", "_row_gpu")), ("ident", ("_idents",))):
+            of_slot = cols[column]
+            used = np.unique(of_slot[of_slot >= 0])
+            renumber = np.full(len(getattr(self, names[0])) + 1, -1, dtype=np.int64)
+            renumber[used] = np.arange(used.size)
+            of_slot[:] = np.where(of_slot >= 0, renumber[of_slot], -1)
+            for name in names:
+                old = getattr(self, name)
+                setattr(self, name, [old[i] for i in used.tolist()])
+        self._row_of = {
+            f"{h}{KEY_SEP}{g}": k
+            for k, (h, g) in enumerate(zip(self._row_host, self._row_gpu, strict=True))
+        }
+        self._ident_of = {ident: k for k, ident in enumerate(self._idents)}
+        self._tables = None
+
+
+def naming_of(
+    metrics: Mapping[Metric, str],
+    host_labels: Sequence[str],
+    gpu_label: str,
+    uuid_label: str,
+    model_label: str,
+    job_label: str,
+    match: Mapping[str, str],
+    extra_labels: Sequence[str],
+) -> SeriesNaming:
+    return SeriesNaming(
+        metrics=dict(metrics),
+        host_labels=tuple(host_labels),
+        gpu_label=gpu_label,
+        uuid_label=uuid_label,
+        model_label=model_label,
+        job_label=job_label,
+        match=dict(match),
+        extra_labels=tuple(extra_labels),
+    )
