@@ -26,6 +26,17 @@ and, when 10,000 and 100,000 are both measured, a last line with the growth fact
     python bench/cycle.py --json                       # 1,000, 10,000 and 100,000 GPUs
     python bench/cycle.py --gpus 100000 --cycles 5 --profile /tmp/cycle.prof
     python bench/cycle.py --gpus 100000 --prometheus-gogc 400   # Prometheus's GC tuned for CPU
+
+`--source remote_write`: no Prometheus; the agent (`[source] kind = "remote_write"`, the same
+dry-run loop, a fake clock) receives what a Prometheus scraping the twin every `--interval-s`
+would remote-write (bench/_remote_write.py: the twin's 12 loop fields per GPU by default, jobs
+changing, 1% of the nodes going silent after the first scrape), `--samples-per-send` samples a
+body on 4 connections, spread over each interval in real time (`--pace-s`). Per interval the
+agent process's CPU while it receives (`ingest_cpu_s`: HTTP, snappy, protobuf, the store) is
+measured apart from its cycle, which runs at the interval's end. The first interval (every
+series new, decoded in full) is shown apart, as the warm-up cycle is.
+
+    python bench/cycle.py --source remote_write --gpus 10000 --gpus 100000 --json
 """
 
 from __future__ import annotations
@@ -155,6 +166,174 @@ def cycle_child(
     }
 
 
+def rw_child(cycles_url_file: Path, counters: str) -> None:
+    """Runs in its own process: the agent with a remote-write source on a free loopback port and
+    a fake clock. Prints its URL, then for each line `T` on stdin runs a cycle at time T and
+    prints its figures (JSON lines)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    from _remote_write import COUNTERS
+
+    from agent.config import parse_config
+    from agent.core.clock import FakeClock
+    from agent.runtime import build_runtime
+
+    metrics = {f.metric.value: (f.name if f in COUNTERS[counters] else "") for f in COUNTERS["all"]}
+    config = parse_config(
+        {
+            "dry_run": True,
+            "source": {
+                "kind": "remote_write",
+                "remote_write": {
+                    "listen": "127.0.0.1:0",
+                    "scrape_interval_s": INTERVAL_S,
+                    "startup_wait_s": 0,
+                    "metrics": metrics,
+                },
+            },
+            "audit": {"path": str(cycles_url_file.parent / "audit.jsonl")},
+            "daemon": {"interval_s": INTERVAL_S},
+        },
+        source="bench",
+    )
+    clock = FakeClock(0.0)
+    runtime = build_runtime(config, clock=clock)
+    loop = runtime.loop
+    print(json.dumps({"url": loop.source.url}), flush=True)  # type: ignore[attr-defined]
+    fleet_w = None
+    k = 0
+    for line in sys.stdin:
+        at_s = float(line)
+        clock.advance(at_s - clock.now())
+        if fleet_w is not None:  # the budget steps down: every cycle moves every cap
+            loop.budget_w = (0.85 - 0.03 * k) * fleet_w
+            k += 1
+        cpu0 = _cpu_s()
+        report = loop.cycle()
+        cpu = _cpu_s() - cpu0
+        if fleet_w is None:
+            fleet_w = report.situation.fleet_power_w
+        summary = report.summary()
+        print(
+            json.dumps(
+                {
+                    "cycle_s": report.duration_s,
+                    "cycle_cpu_s": cpu,
+                    "stages": {s: report.stage_s[s] for s in STAGES},
+                    "seen": summary["gpus"],
+                    "stale": summary["stale"],
+                    "intents": summary["intents"],
+                    "actions": summary["actions"],
+                    "errors": summary["errors"],
+                    "series": loop.source.store.series,  # type: ignore[attr-defined]
+                    "peak_rss_mb": round(
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                    ),
+                }
+            ),
+            flush=True,
+        )
+        del report
+    runtime.close()
+
+
+def bench_remote_write(
+    gpus: int, cycles: int, work: Path, counters: str, per_send: int, pace_s: float | None
+) -> dict[str, Any]:
+    """The agent fed by remote write: ingest CPU per interval and the cycle, per N."""
+    from _remote_write import COUNTERS, TwinSender, send
+
+    t0 = time.perf_counter()
+    sender = TwinSender(
+        gpus,
+        fields=COUNTERS[counters],
+        samples_per_send=per_send,
+        silent_nodes=round(max(1, gpus // 8) * SILENT_NODES),
+    )
+    start_ms = int(mid_block_end_unix()) * 1000
+    interval_ms = int(INTERVAL_S * 1000)
+    # Every interval's bodies made first, so that making them costs the agent no CPU time.
+    scrapes = [sender.scrape(start_ms + k * interval_ms) for k in range(cycles + 1)]
+    setup_s = time.perf_counter() - t0
+    agent_work = work / f"agent-rw-{gpus}"
+    agent_work.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--rw-child", str(agent_work / "url"), "--counters", counters],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        url = json.loads(child.stdout.readline())["url"]
+        rows = []
+        for k, scrape in enumerate(scrapes):
+            cpu0 = _cpu_s(child.pid)
+            sent = send(
+                url, scrape.bodies, shards=4, over_s=INTERVAL_S if pace_s is None else pace_s
+            )
+            ingest_cpu = _cpu_s(child.pid) - cpu0
+            if sent.failed:
+                raise RuntimeError(f"the agent refused {len(sent.failed)}: {sent.failed[:3]}")
+            child.stdin.write(f"{(start_ms + k * interval_ms) / 1000 + 1.0}\n")
+            child.stdin.flush()
+            row = json.loads(child.stdout.readline())
+            row |= {"ingest_cpu_s": ingest_cpu, "send_wall_s": sent.wall_s,
+                    "samples": scrape.samples, "markers": scrape.markers,
+                    "new_series": scrape.new_series, "requests": sent.requests}  # fmt: skip
+            rows.append(row)
+        child.stdin.close()
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    first, timed = rows[0], rows[1:]
+
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in timed), 4)
+
+    last = timed[-1]
+    samples = median("samples")
+    return {
+        "bench": "cycle",
+        "source": "remote_write",
+        "gpus": gpus,
+        "cycle_s": median("cycle_s"),
+        "cycle_min_s": round(min(r["cycle_s"] for r in timed), 4),
+        "stages": {s: round(statistics.median(r["stages"][s] for r in timed), 4) for s in STAGES},
+        "agent_cpu_s": median("cycle_cpu_s"),
+        "ingest_cpu_s": median("ingest_cpu_s"),
+        "ingest_cpu_s_per_1.2m_samples": round(median("ingest_cpu_s") * 1.2e6 / samples, 4),
+        "ingest_cpu_per_interval": [round(r["ingest_cpu_s"], 3) for r in timed],
+        "samples_per_interval": samples,
+        "interval_s": INTERVAL_S,
+        "samples_per_send": per_send,
+        "requests_per_interval": median("requests"),
+        "fields_per_gpu": len(COUNTERS[counters]),
+        "peak_rss_mb": last["peak_rss_mb"],
+        "series": last["series"],
+        "first_interval": {
+            "ingest_cpu_s": round(first["ingest_cpu_s"], 3),
+            "new_series": first["new_series"],
+            "cycle_s": round(first["cycle_s"], 4),
+        },
+        "new_series_per_interval": [r["new_series"] for r in timed],
+        "markers_per_interval": [r["markers"] for r in timed],
+        "send_wall_s": median("send_wall_s"),
+        "cycles": cycles,
+        "seen": last["seen"],
+        "stale": last["stale"],
+        "intents": last["intents"],
+        "actions": last["actions"],
+        "errors": last["errors"],
+        "setup_s": round(setup_s, 1),
+    }
+
+
 def _record(gpus: int, work: Path) -> tuple[Path, float]:
     """The backfilled TSDB of N GPUs (a fresh directory under `work`) and its last scrape's Unix
     time."""
@@ -268,11 +447,41 @@ def main() -> int:
         help="GOGC for the Prometheus (e.g. 400: less of its CPU goes to garbage collection, "
         "for more memory); default: Go's 100",
     )
+    parser.add_argument(
+        "--source",
+        choices=("prometheus", "remote_write"),
+        default="prometheus",
+        help="where the agent's telemetry comes from (see above)",
+    )
+    parser.add_argument(
+        "--counters",
+        choices=("loop", "all"),
+        default="loop",
+        help="remote_write: the fields each GPU sends (loop: 12, all: 16)",
+    )
+    parser.add_argument(
+        "--samples-per-send",
+        type=int,
+        default=10_000,
+        help="remote_write: samples per body (the sender's queue_config.max_samples_per_send)",
+    )
+    parser.add_argument(
+        "--pace-s",
+        type=float,
+        help="remote_write: spread each interval's bodies over this many seconds (default: the "
+        "interval, 15 s; 0: as fast as they go)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--rw-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prometheus-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rw_child:
+        rw_child(args.rw_child, args.counters)
+        return 0
+    if args.source == "remote_write":
+        return _main_remote_write(args)
     if args.child:
         print(
             json.dumps(
@@ -310,6 +519,36 @@ def main() -> int:
                     "bench": "cycle",
                     "growth": "10000->100000",
                     "cycle": round(big["cycle_s"] / small["cycle_s"], 2),
+                    "stages": {
+                        s: round(big["stages"][s] / max(small["stages"][s], 1e-9), 2)
+                        for s in STAGES
+                    },
+                    "peak_rss": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+def _main_remote_write(args: argparse.Namespace) -> int:
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="ooda-bench-cycle-rw-") as tmp:
+        for gpus in args.gpus or [10000, 100000]:
+            results[gpus] = bench_remote_write(
+                gpus, args.cycles, Path(tmp), args.counters, args.samples_per_send, args.pace_s
+            )
+            print(json.dumps(results[gpus]), flush=True)
+    if 10000 in results and 100000 in results:
+        small, big = results[10000], results[100000]
+        print(
+            json.dumps(
+                {
+                    "bench": "cycle",
+                    "source": "remote_write",
+                    "growth": "10000->100000",
+                    "cycle": round(big["cycle_s"] / small["cycle_s"], 2),
+                    "ingest_cpu": round(big["ingest_cpu_s"] / small["ingest_cpu_s"], 2),
                     "stages": {
                         s: round(big["stages"][s] / max(small["stages"][s], 1e-9), 2)
                         for s in STAGES

@@ -273,6 +273,9 @@ class RemoteWriteReceiver:
         self.metrics = ReceiverMetrics(store)
         self.tls = _tls_context(config.tls_cert, config.tls_key)
         self._cpu_clock = cpu_clock
+        # One body decoded at a time: the work holds the GIL, and threads taking turns at it
+        # mid-body cost more than waiting (and one body's buffers in memory, not one per sender).
+        self._decoding = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
@@ -305,6 +308,11 @@ class RemoteWriteReceiver:
         """One body into the store: (HTTP status, reason, problem); 204 when kept."""
         metrics = self.metrics
         metrics.bytes.labels("received").inc(len(body))
+        with self._decoding:
+            return self._write(body)
+
+    def _write(self, body: bytes) -> tuple[int, str, str]:
+        metrics = self.metrics
         cpu0 = self._cpu_clock()
         try:
             raw = wire.decompress(body, self.config.max_decoded_bytes)

@@ -20,7 +20,6 @@ Prometheus holding the same samples:
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,66 @@ class IngestResult:
     new_series: int = 0
     refused_series: int = 0
     slow_series: int = 0  # decoded in full (new, or not in the usual shape)
+
+
+class HashIndex:
+    """Label-block hash -> slot, an open-addressing table in two numpy arrays: a whole body's
+    series are looked up in a few numpy calls (a dict costs a Python call per series, and
+    several times the memory). -1 marks an empty place (Python's hash() is never -1)."""
+
+    EMPTY = -1
+
+    def __init__(self, capacity: int = 1024) -> None:
+        size = 1 << max(10, (2 * capacity - 1).bit_length())  # at most half full
+        self._keys = np.full(size, self.EMPTY, dtype=np.int64)
+        self._slots = np.full(size, -1, dtype=np.int64)
+        self._mask = size - 1
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _home(self, keys: IntArray) -> IntArray:
+        return (keys.view(np.uint64) & np.uint64(self._mask)).astype(np.int64)
+
+    def find(self, keys: IntArray) -> IntArray:
+        """Each key's slot, -1 where absent."""
+        out = np.full(keys.size, -1, dtype=np.int64)
+        at = self._home(keys)
+        pending = np.arange(keys.size)
+        while pending.size:
+            found = self._keys[at]
+            hit = found == keys[pending]
+            out[pending[hit]] = self._slots[at[hit]]
+            going = ~hit & (found != self.EMPTY)
+            pending, at = pending[going], (at[going] + 1) & self._mask
+        return out
+
+    def add(self, key: int, slot: int) -> None:
+        """A key not in the table yet."""
+        if 2 * (self.size + 1) > self._keys.size:
+            self._grow()
+        at = key & self._mask  # Python ints: the same low bits as the key's uint64 view
+        while self._keys[at] != self.EMPTY:
+            at = (at + 1) & self._mask
+        self._keys[at] = key
+        self._slots[at] = slot
+        self.size += 1
+
+    def _grow(self) -> None:
+        used = self._keys != self.EMPTY
+        keys, slots = self._keys[used], self._slots[used]
+        self.__init__(2 * self._keys.size)  # type: ignore[misc]
+        for key, slot in zip(keys.tolist(), slots.tolist(), strict=True):
+            self.add(key, slot)
+
+    @staticmethod
+    def of(keys: IntArray) -> HashIndex:
+        """A table of `keys` (distinct), each key's slot its position."""
+        index = HashIndex(keys.size)
+        for slot, key in enumerate(keys.tolist()):
+            index.add(key, slot)
+        return index
 
 
 class _Columns:
@@ -134,7 +193,7 @@ class SeriesStore:
         self.inventory_window_s = inventory_window_s
         self._lock = threading.Lock()
         self._slots = _Columns()
-        self._memo: dict[int, int] = {}  # label block's hash -> slot
+        self._memo = HashIndex()  # label block's hash -> slot
         self.fields: list[Metric] = [m for m, name in naming.metrics.items() if name]
         self._field_of_name = {naming.metrics[m]: k for k, m in enumerate(self.fields)}
         self._power = self.fields.index(Metric.POWER_W)
@@ -162,33 +221,64 @@ class SeriesStore:
         hashes = wire.label_hashes(series, tails.label_bytes, fast)
         result = IngestResult()
         with self._lock:
-            slots = np.fromiter(
-                map(self._memo.get, hashes, itertools.repeat(-1)), dtype=np.int64, count=fast.size
-            )
+            slots = self._memo.find(hashes)
             known = slots >= 0
+            learnt = self._learn(series, tails, fast[~known], hashes[~known], result)
             rows = fast[known]
-            slow = np.ones(len(series), dtype=bool)
-            slow[rows] = False
-            decoded = [wire.decode_series(series[i]) for i in np.flatnonzero(slow).tolist()]
             self._record(slots[known], tails.value[rows], tails.time_ms[rows], result)
-            for one in decoded:
-                self._ingest_decoded(one, result)
+            self._record(*learnt, result)
             self._refused += result.refused_series
-        result.slow_series = len(decoded)
         if result.samples:
             self.received_any.set()
         return result
 
-    def _ingest_decoded(self, one: wire.DecodedSeries, result: IngestResult) -> None:
-        key = hash(one.label_block)
-        slot = self._memo.get(key)
-        if slot is None:
-            if len(self._memo) >= self.max_series:
-                result.refused_series += 1
-                return
-            slot = self._new_slot(key, one.labels)
-            result.new_series += 1
-        self._record(np.full(one.values.size, slot), one.values, one.time_ms, result)
+    def _learn(
+        self,
+        series: list[bytes],
+        tails: wire.Tails,
+        new: IntArray,
+        new_hashes: IntArray,
+        result: IngestResult,
+    ) -> tuple[IntArray, FloatArray, IntArray]:
+        """The series the store does not know (by their label block) and those not in the usual
+        shape, decoded by protobuf: named and given slots (up to `max_series`). Returns their
+        samples' slots, values and times. BodyError before anything changes if one is
+        malformed."""
+        found: list[tuple[int, dict[str, str], FloatArray, IntArray]] = []
+        odd = np.flatnonzero(~tails.fast).tolist()
+        for i, key in zip(new.tolist(), new_hashes.tolist(), strict=True):
+            block = series[i][: int(tails.label_bytes[i])]
+            labels = wire.decode_labels(block)
+            if labels is None:  # not labels alone: several samples, another field order...
+                odd.append(i)
+                continue
+            found.append((key, labels, tails.value[i : i + 1], tails.time_ms[i : i + 1]))
+        for i in odd:
+            one = wire.decode_series(series[i])
+            found.append((hash(one.label_block), one.labels, one.values, one.time_ms))
+        result.slow_series = len(found)
+        if not found:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, np.zeros(0), empty
+        keys = np.array([key for key, *_ in found], dtype=np.int64)
+        slots = self._memo.find(keys)
+        added: dict[int, int] = {}  # the same new series twice in a body: one slot
+        for k in np.flatnonzero(slots < 0).tolist():
+            key, labels, *_ = found[k]
+            slot = added.get(key)
+            if slot is None:
+                if len(self._memo) >= self.max_series:
+                    result.refused_series += 1
+                    continue
+                slot = added[key] = self._new_slot(key, labels)
+                result.new_series += 1
+            slots[k] = slot
+        counts = np.array([v.size for _, _, v, _ in found], dtype=np.int64)
+        per_sample = np.repeat(slots, counts)
+        values = np.concatenate([v for _, _, v, _ in found])
+        time_ms = np.concatenate([t for *_, t in found])
+        kept = per_sample >= 0
+        return per_sample[kept], values[kept], time_ms[kept]
 
     def _record(
         self, slots: IntArray, values: FloatArray, time_ms: IntArray, result: IngestResult
@@ -226,7 +316,7 @@ class SeriesStore:
             else:  # a power series of no GPU is reported; other fields are simply unusable
                 field_index = NAMELESS if field_index == self._power else IGNORED
         slot = self._slots.add(hash=key, row=row, field=field_index, ident=ident)
-        self._memo[key] = slot
+        self._memo.add(key, slot)
         self._changed = True
         return slot
 
@@ -385,7 +475,7 @@ class SeriesStore:
         if keep.all():
             return
         cols.keep(keep)
-        self._memo = dict(zip(cols["hash"].tolist(), range(cols.size), strict=True))
+        self._memo = HashIndex.of(cols["hash"])
         self._changed = True
         self._forget_rows()
 

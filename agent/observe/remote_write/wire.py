@@ -265,11 +265,13 @@ def _other_tails(buf: npt.NDArray[np.uint8], ends: IntArray, lengths: IntArray) 
     )
 
 
-def label_hashes(series: list[bytes], label_bytes: IntArray, rows: IntArray) -> list[int]:
-    """The hash of each listed series' label block (its first `label_bytes` bytes)."""
+def label_hashes(series: list[bytes], label_bytes: IntArray, rows: IntArray) -> IntArray:
+    """The hash of each listed series' label block (its first `label_bytes` bytes). Python's
+    hash of bytes is SipHash with a key drawn per process; it is never -1."""
     cut = label_bytes[rows].tolist()
     picked = series if rows.size == len(series) else [series[i] for i in rows.tolist()]
-    return list(map(hash, map(bytes.__getitem__, picked, map(slice, cut))))
+    blocks = map(bytes.__getitem__, picked, map(slice, cut))
+    return np.fromiter(map(hash, blocks), dtype=np.int64, count=rows.size)
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,19 @@ class DecodedSeries:
     label_block: bytes  # protobuf's encoding of the labels alone: the identity the store keeps
     values: FloatArray
     time_ms: IntArray
+
+
+def decode_labels(block: bytes) -> dict[str, str] | None:
+    """A label block (a TimeSeries' labels alone, as the fast path cuts them) decoded; None when
+    it is not labels alone (it holds a sample: a series of several) or does not parse."""
+    series = cast(Any, TimeSeries())
+    try:
+        series.ParseFromString(block)
+    except message.DecodeError:
+        return None
+    if series.samples or series.exemplars or series.histograms:
+        return None
+    return {label.name: label.value for label in series.labels}
 
 
 def decode_series(encoded: bytes) -> DecodedSeries:
