@@ -228,6 +228,31 @@ def remote_write_source(config: Config, closers: list[Callable[[], Any]]) -> Rem
     return source
 
 
+def configured_source(
+    config: Config,
+    twin: Twin | None,
+    slurm: SlurmPlacement | None,
+    closers: list[Callable[[], Any]],
+) -> TelemetrySource:
+    """The telemetry source `[source] kind` names; what closes it goes into `closers`."""
+    kind = config.source.kind
+    if kind == "twin":
+        assert twin is not None
+        source: TelemetrySource = TwinSource(twin)
+        if slurm is not None:
+            source = MirroredTwinSource(source, JobMirror(twin, slurm))
+        return source
+    if kind == "prometheus":
+        prometheus = PrometheusSource(
+            prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS, LOOP_SLOW_FIELDS)
+        )
+        closers.append(prometheus.close)
+        return prometheus
+    if kind == "remote_write":
+        return remote_write_source(config, closers)
+    return nvml_source(config, closers)
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -279,21 +304,7 @@ def build_runtime(
     else:
         twin = None
     if source is None:
-        if config.source.kind == "twin":
-            assert twin is not None
-            source = TwinSource(twin)
-            if slurm is not None:
-                source = MirroredTwinSource(source, JobMirror(twin, slurm))
-        elif config.source.kind == "prometheus":
-            prometheus = PrometheusSource(
-                prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS, LOOP_SLOW_FIELDS)
-            )
-            closers.append(prometheus.close)
-            source = prometheus
-        elif config.source.kind == "remote_write":
-            source = remote_write_source(config, closers)
-        else:
-            source = nvml_source(config, closers)
+        source = configured_source(config, twin, slurm, closers)
     if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
         source = JobLabelledSource(source, slurm, config.actuators.slurm.default_priority)
     if config.actuators.caps == "twin":

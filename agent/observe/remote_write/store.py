@@ -203,7 +203,8 @@ class SeriesStore:
         self._ident_of: dict[tuple[str, ...], int] = {}
         self._idents: list[tuple[str, ...]] = []
         self._changed = True  # slots added or dropped since the per-field index was built
-        self._by_field: list[tuple[IntArray, bool]] = []  # per field: its slots, rows repeat
+        self._by_field: list[IntArray] = []  # per field: its slots
+        self._indexed = 0  # slots in `_by_field`
         self._tables: tuple[int, int, list[StrArray]] | None = None  # rows, idents, arrays
         self._uuids = LastKeys()
         self._models = LastKeys()
@@ -353,7 +354,7 @@ class SeriesStore:
     def _snapshot(self, now_s: float) -> Snapshot:
         cols = self._slots
         now_ms = int(now_s * 1000)
-        real_ms = cols["real_ms"].astype(np.int64)
+        real_ms = cols["real_ms"]
         fields = cols["field"]
         live = (real_ms > cols["marker_ms"]) & (real_ms >= now_ms - int(self.lookback_s * 1000))
         errors: list[str] = []
@@ -366,7 +367,7 @@ class SeriesStore:
                 f"{self.naming.gpu_label!r} label were ignored"
             )
         power = np.flatnonzero(in_window & (fields == self._power))
-        rows_all = cols["row"].astype(np.int64)
+        rows_all = cols["row"]
         # Per GPU its best power series: a live one before others, then the newest.
         order = np.lexsort((real_ms[power], live[power], rows_all[power]))
         ranked = power[order]
@@ -378,7 +379,7 @@ class SeriesStore:
         sample_ms = real_ms[best]
         age = np.maximum(now_s - sample_ms / 1000.0, 0.0)
         stale = ~is_live | ~(age <= self.staleness_s)
-        ident = cols["ident"][best].astype(np.int64)
+        ident = cols["ident"][best]
         table = self._table()
         idents = [column[ident] for column in table[1:]]
         job = np.where(is_live, idents[2], "")
@@ -413,15 +414,23 @@ class SeriesStore:
 
     def _table(self) -> list[StrArray]:
         """The hosts of the rows, then each identity label (UUID, model, job, the extra labels)
-        of the identities, as arrays (made again only when rows or identities were added)."""
+        of the identities, as arrays; rows and identities only ever added (until a sweep
+        renumbers them) are appended, not made again."""
         sizes = (len(self._row_host), len(self._idents))
-        if self._tables is None or self._tables[:2] != sizes:
-            width = 3 + len(self.naming.extra_labels)
-            columns = list(zip(*self._idents, strict=True)) or [()] * width
-            arrays = [np.asarray(self._row_host, dtype=np.str_)]
-            arrays += [np.asarray(column, dtype=np.str_) for column in columns]
+        width = 3 + len(self.naming.extra_labels)
+        if self._tables is None:
+            self._tables = (0, 0, [np.zeros(0, dtype=np.str_) for _ in range(1 + width)])
+        rows_done, idents_done, arrays = self._tables
+        if (rows_done, idents_done) != sizes:
+            hosts = np.asarray(self._row_host[rows_done:], dtype=np.str_)
+            new = self._idents[idents_done:]
+            columns = list(zip(*new, strict=True)) or [()] * width
+            arrays = [np.concatenate([arrays[0], hosts])] + [
+                np.concatenate([old, np.asarray(column, dtype=np.str_)])
+                for old, column in zip(arrays[1:], columns, strict=True)
+            ]
             self._tables = (*sizes, arrays)
-        return self._tables[2]
+        return arrays
 
     def _values(
         self, rows: IntArray, live: BoolArray, stale: BoolArray
@@ -435,30 +444,34 @@ class SeriesStore:
         row_of = self._slots["row"]
         out: dict[Metric, FloatArray] = {}
         for k, metric in enumerate(self.fields):
-            slots, repeats = self._by_field[k]
+            slots = self._by_field[k]
             slots = slots[live[slots]]
+            of_row = row_of[slots]
             column = np.full(n_rows, np.nan)
-            if repeats:
-                np.fmax.at(column, row_of[slots], value[slots])
+            if of_row.size and np.bincount(of_row, minlength=n_rows).max() > 1:
+                np.fmax.at(column, of_row, value[slots])  # a job changed: two series live
             else:
-                column[row_of[slots]] = value[slots]
+                column[of_row] = value[slots]
             picked = column[rows] * FIELD_BY_METRIC[metric].to_metric
             picked[stale] = np.nan
             out[metric] = picked
         return out
 
     def _index_fields(self) -> None:
-        """Each field's slots, and whether some GPU has several series of it (a job changed:
-        the old series lingers until its marker), built again only when slots change."""
-        fields = self._slots["field"]
-        row_of = self._slots["row"]
+        """Each field's slots: the slots added since the last call appended (slots are only
+        ever added, until a sweep drops some and this starts afresh)."""
+        if not self._by_field:
+            self._indexed = 0
+            self._by_field = [np.zeros(0, dtype=np.int64) for _ in self.fields]
+        new = np.arange(self._indexed, self._slots.size, dtype=np.int64)
+        fields = self._slots["field"][new]
         order = np.argsort(fields, kind="stable")
         bounds = np.searchsorted(fields[order], np.arange(len(self.fields) + 1))
-        self._by_field = []
         for k in range(len(self.fields)):
-            slots = order[bounds[k] : bounds[k + 1]].astype(np.int64)
-            repeats = np.unique(row_of[slots]).size < slots.size
-            self._by_field.append((slots, bool(repeats)))
+            added = new[order[bounds[k] : bounds[k + 1]]]
+            if added.size:
+                self._by_field[k] = np.concatenate([self._by_field[k], added])
+        self._indexed = self._slots.size
         self._changed = False
 
     def _sweep(self, now_s: float) -> None:
@@ -477,6 +490,7 @@ class SeriesStore:
         cols.keep(keep)
         self._memo = HashIndex.of(cols["hash"])
         self._changed = True
+        self._by_field = []  # slots renumbered: indexed afresh
         self._forget_rows()
 
     def _forget_rows(self) -> None:
