@@ -315,6 +315,7 @@ def bench_remote_write(
         "requests_per_interval": median("requests"),
         "fields_per_gpu": len(COUNTERS[counters]),
         "peak_rss_mb": last["peak_rss_mb"],
+        "peak_rss_mb_after_each_cycle": [first["peak_rss_mb"]] + [r["peak_rss_mb"] for r in timed],
         "series": last["series"],
         "first_interval": {
             "ingest_cpu_s": round(first["ingest_cpu_s"], 3),

@@ -276,6 +276,7 @@ class RemoteWriteReceiver:
         # One body decoded at a time: the work holds the GIL, and threads taking turns at it
         # mid-body cost more than waiting (and one body's buffers in memory, not one per sender).
         self._decoding = threading.Lock()
+        self._buffer = bytearray()  # the uncompressed body, reused (under `_decoding`)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
@@ -315,7 +316,7 @@ class RemoteWriteReceiver:
         metrics = self.metrics
         cpu0 = self._cpu_clock()
         try:
-            raw = wire.decompress(body, self.config.max_decoded_bytes)
+            raw = wire.decompress(body, self.config.max_decoded_bytes, self._buffer)
             metrics.bytes.labels("decoded").inc(len(raw))
             series = wire.split(raw)
             result = self.store.ingest(series, raw)

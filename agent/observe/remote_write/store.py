@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from agent.core.dcgm import FIELD_BY_METRIC
 from agent.core.keyed import LastKeys
-from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.core.snapshot import Metric, Snapshot
 from agent.observe.remote_write import wire
 
 FloatArray = npt.NDArray[np.float64]
@@ -130,6 +130,38 @@ class HashIndex:
         return index
 
 
+class _StrTable:
+    """Rows of strings (an identity: UUID, model, job, extra labels) kept as one numpy string
+    array per column, appended to in place (capacity doubles; a longer string widens the
+    column) so that adding a few identities a cycle costs a few, not the whole table."""
+
+    def __init__(self, width: int) -> None:
+        self.columns: list[StrArray] = [np.zeros(1024, dtype="U1") for _ in range(width)]
+        self._pending: list[tuple[str, ...]] = []
+        self.size = 0
+
+    def append(self, row: tuple[str, ...]) -> None:
+        self._pending.append(row)
+
+    def arrays(self) -> list[StrArray]:
+        """The columns (rows added so far), as views."""
+        if self._pending:
+            end = self.size + len(self._pending)
+            for k, values in enumerate(zip(*self._pending, strict=True)):
+                column = self.columns[k]
+                chars = column.itemsize // 4
+                longest = max(map(len, values))
+                capacity = column.size if end <= column.size else max(2 * column.size, end)
+                if longest > chars or capacity != column.size:
+                    grown = np.zeros(capacity, dtype=f"U{max(longest, chars)}")
+                    grown[: self.size] = column[: self.size]
+                    column = self.columns[k] = grown
+                column[self.size : end] = values
+            self.size = end
+            self._pending = []
+        return [column[: self.size] for column in self.columns]
+
+
 class _Columns:
     """Per-slot numpy columns that grow by doubling."""
 
@@ -205,7 +237,12 @@ class SeriesStore:
         self._changed = True  # slots added or dropped since the per-field index was built
         self._by_field: list[IntArray] = []  # per field: its slots
         self._indexed = 0  # slots in `_by_field`
-        self._tables: tuple[int, int, list[StrArray]] | None = None  # rows, idents, arrays
+        self._idents_table = _StrTable(3 + len(naming.extra_labels))
+        self._rows_known = 0  # rows in `_row_arrays`
+        self._row_arrays: tuple[IntArray, IntArray, IntArray, StrArray] | None = None
+        self._last_identity: tuple[IntArray, list[StrArray]] | None = None
+        self._last_job: tuple[BoolArray, StrArray] | None = None
+        self._nameless: list[int] = []  # slots of power series that name no GPU
         self._uuids = LastKeys()
         self._models = LastKeys()
         self._refused = 0  # new series refused since the last snapshot
@@ -214,7 +251,7 @@ class SeriesStore:
 
     # -- ingest -----------------------------------------------------------------------------
 
-    def ingest(self, series: list[bytes], raw: bytes | bytearray) -> IngestResult:
+    def ingest(self, series: list[bytes], raw: wire.Raw) -> IngestResult:
         """One body's series (split from `raw`) into their slots; BodyError when a series the
         fast path cannot read turns out malformed (nothing of the body is kept then)."""
         tails = wire.tails(series, raw)
@@ -318,6 +355,8 @@ class SeriesStore:
                 field_index = NAMELESS if field_index == self._power else IGNORED
         slot = self._slots.add(hash=key, row=row, field=field_index, ident=ident)
         self._memo.add(key, slot)
+        if field_index == NAMELESS:
+            self._nameless.append(slot)
         self._changed = True
         return slot
 
@@ -338,6 +377,7 @@ class SeriesStore:
         if found is None:
             found = self._ident_of[ident] = len(self._idents)
             self._idents.append(ident)
+            self._idents_table.append(ident)
         return found
 
     # -- the snapshot ---------------------------------------------------------------------
@@ -352,93 +392,116 @@ class SeriesStore:
             return self._snapshot(now_s)
 
     def _snapshot(self, now_s: float) -> Snapshot:
+        if self._changed:
+            self._index_fields()
         cols = self._slots
         now_ms = int(now_s * 1000)
         real_ms = cols["real_ms"]
-        fields = cols["field"]
         live = (real_ms > cols["marker_ms"]) & (real_ms >= now_ms - int(self.lookback_s * 1000))
-        errors: list[str] = []
-        in_window = real_ms >= now_ms - int(self.inventory_window_s * 1000)
-        nameless = int((in_window & (fields == NAMELESS)).sum())
-        if nameless:
-            labels = ", ".join(self.naming.host_labels)
-            errors.append(
-                f"{nameless} series without a host label ({labels}) or an integer "
-                f"{self.naming.gpu_label!r} label were ignored"
-            )
-        power = np.flatnonzero(in_window & (fields == self._power))
-        rows_all = cols["row"]
-        # Per GPU its best power series: a live one before others, then the newest.
-        order = np.lexsort((real_ms[power], live[power], rows_all[power]))
+        best = self._gpus(now_ms, live)
+        rows = cols["row"][best]
+        is_live = live[best]
+        age = np.maximum(now_s - real_ms[best] / 1000.0, 0.0)
+        stale = ~is_live | ~(age <= self.staleness_s)
+        uuid, model, job, extra = self._identity(cols["ident"][best], is_live)
+        node_names, node = self._nodes(rows)
+        values = self._values(rows, live, stale)
+        return Snapshot(
+            time_s=float(now_s),
+            node_names=node_names,
+            node=node,
+            gpu=self._row_info()[2][rows],
+            uuid=self._uuids.interned(uuid),
+            model=self._models.interned(model),
+            job=job,
+            values=values,
+            valid={m: np.isfinite(v) for m, v in values.items()},
+            age_s=age,
+            stale=stale,
+            errors=self._errors(now_ms, extra),
+            labels=extra,
+        )
+
+    def _gpus(self, now_ms: int, live: BoolArray) -> IntArray:
+        """Per GPU known (a power series sampled within the inventory window), in the order of
+        (host, gpu), its best power series: a live one before others, then the newest."""
+        cols = self._slots
+        real_ms, row_of = cols["real_ms"], cols["row"]
+        power = self._by_field[self._power]
+        power = power[real_ms[power] >= now_ms - int(self.inventory_window_s * 1000)]
+        rank = self._row_info()[0]
+        order = np.lexsort((real_ms[power], live[power], rank[row_of[power]]))
         ranked = power[order]
         last = np.ones(ranked.size, dtype=bool)
-        last[:-1] = rows_all[ranked[1:]] != rows_all[ranked[:-1]]
-        best = ranked[last]
-        rows = rows_all[best]
-        is_live = live[best]
-        sample_ms = real_ms[best]
-        age = np.maximum(now_s - sample_ms / 1000.0, 0.0)
-        stale = ~is_live | ~(age <= self.staleness_s)
-        ident = cols["ident"][best]
-        table = self._table()
-        idents = [column[ident] for column in table[1:]]
-        job = np.where(is_live, idents[2], "")
-        values = self._values(rows, live, stale)
+        last[:-1] = row_of[ranked[1:]] != row_of[ranked[:-1]]
+        return np.asarray(ranked[last], dtype=np.int64)
+
+    def _row_info(self) -> tuple[IntArray, IntArray, IntArray, StrArray]:
+        """Per row: its rank in (host, gpu) order, its host's number among the hosts (sorted),
+        its gpu index; and the hosts. Made again only when rows were added or dropped."""
+        if self._row_arrays is None or self._rows_known != len(self._row_host):
+            hosts = np.asarray(self._row_host, dtype=np.str_)
+            gpus = np.asarray(self._row_gpu, dtype=np.int64)
+            names, host_id = np.unique(hosts, return_inverse=True)
+            rank = np.empty(hosts.size, dtype=np.int64)
+            rank[np.lexsort((gpus, host_id))] = np.arange(hosts.size)
+            self._row_arrays = (rank, host_id.astype(np.int64), gpus, names)
+            self._rows_known = len(self._row_host)
+        return self._row_arrays
+
+    def _nodes(self, rows: IntArray) -> tuple[StrArray, IntArray]:
+        """The GPUs' node names (sorted) and each GPU's node among them."""
+        _, host_id, _, names = self._row_info()
+        present, node = np.unique(host_id[rows], return_inverse=True)
+        return names[present], node.astype(np.int64)
+
+    def _identity(
+        self, ident: IntArray, is_live: BoolArray
+    ) -> tuple[StrArray, StrArray, StrArray, dict[str, StrArray]]:
+        """Per GPU its UUID, model, job (none where no power series is live) and extra labels,
+        from its best power series' identity; the same arrays as the last cycle's while the
+        identities are the same."""
+        last = self._last_identity
+        if last is None or not np.array_equal(last[0], ident):
+            table = self._idents_table.arrays()
+            last = (ident, [column[ident] for column in table])
+            self._last_identity = last
+            self._last_job = None
+        columns = last[1]
+        if self._last_job is None or not np.array_equal(self._last_job[0], is_live):
+            self._last_job = (is_live, np.asarray(np.where(is_live, columns[2], ""), np.str_))
+        names = self.naming.extra_labels
+        extra = {name: columns[3 + k] for k, name in enumerate(names)}
+        return columns[0], columns[1], self._last_job[1], extra
+
+    def _errors(self, now_ms: int, extra: Mapping[str, StrArray]) -> tuple[str, ...]:
+        errors: list[str] = []
+        nameless = np.asarray(self._nameless, dtype=np.int64)
+        window_ms = now_ms - int(self.inventory_window_s * 1000)
+        count = int((self._slots["real_ms"][nameless] >= window_ms).sum())
+        if count:
+            labels = ", ".join(self.naming.host_labels)
+            errors.append(
+                f"{count} series without a host label ({labels}) or an integer "
+                f"{self.naming.gpu_label!r} label were ignored"
+            )
         if self._refused:
             errors.append(
                 f"{self._refused} new series refused since the last cycle: the receiver holds "
                 f"max_series = {self.max_series}"
             )
             self._refused = 0
-        extra = {name: idents[3 + k] for k, name in enumerate(self.naming.extra_labels)}
         for name, of_gpu in extra.items():
             unlabelled = int((of_gpu == "").sum())
             if unlabelled:
                 errors.append(f"{unlabelled} GPUs have no {name!r} label")
-        host = table[0][rows]
-        gpu = np.asarray(self._row_gpu, dtype=np.int64)[rows]
-        by = np.lexsort((gpu, host))
-        return build_snapshot(
-            time_s=now_s,
-            node_of_gpu=host[by],
-            gpu=gpu[by],
-            uuid=self._uuids.interned(idents[0][by]),
-            model=self._models.interned(idents[1][by]),
-            job=job[by],
-            values={m: v[by] for m, v in values.items()},
-            age_s=age[by],
-            stale=stale[by],
-            errors=tuple(errors),
-            labels={name: v[by] for name, v in extra.items()},
-        )
-
-    def _table(self) -> list[StrArray]:
-        """The hosts of the rows, then each identity label (UUID, model, job, the extra labels)
-        of the identities, as arrays; rows and identities only ever added (until a sweep
-        renumbers them) are appended, not made again."""
-        sizes = (len(self._row_host), len(self._idents))
-        width = 3 + len(self.naming.extra_labels)
-        if self._tables is None:
-            self._tables = (0, 0, [np.zeros(0, dtype=np.str_) for _ in range(1 + width)])
-        rows_done, idents_done, arrays = self._tables
-        if (rows_done, idents_done) != sizes:
-            hosts = np.asarray(self._row_host[rows_done:], dtype=np.str_)
-            new = self._idents[idents_done:]
-            columns = list(zip(*new, strict=True)) or [()] * width
-            arrays = [np.concatenate([arrays[0], hosts])] + [
-                np.concatenate([old, np.asarray(column, dtype=np.str_)])
-                for old, column in zip(arrays[1:], columns, strict=True)
-            ]
-            self._tables = (*sizes, arrays)
-        return arrays
+        return tuple(errors)
 
     def _values(
         self, rows: IntArray, live: BoolArray, stale: BoolArray
     ) -> dict[Metric, FloatArray]:
         """Per field, per GPU of `rows`: the largest value of its live series (NaN: none, or
         the GPU is stale), in the metric's unit."""
-        if self._changed:
-            self._index_fields()
         n_rows = len(self._row_host)
         value = self._slots["value"]
         row_of = self._slots["row"]
@@ -511,7 +574,12 @@ class SeriesStore:
             for k, (h, g) in enumerate(zip(self._row_host, self._row_gpu, strict=True))
         }
         self._ident_of = {ident: k for k, ident in enumerate(self._idents)}
-        self._tables = None
+        self._idents_table = _StrTable(len(self._idents_table.columns))
+        for ident in self._idents:
+            self._idents_table.append(ident)
+        self._row_arrays = None
+        self._last_identity = self._last_job = None
+        self._nameless = np.flatnonzero(cols["field"] == NAMELESS).tolist()
 
 
 def naming_of(

@@ -42,7 +42,7 @@ STALE_NAN_BITS = 0x7FF0000000000002
 
 # The longest one-sample tail: samples (tag 0x12, length), value (tag 0x09, 8 bytes), timestamp
 # (tag 0x10, a varint of up to 10 bytes).
-_TAIL = 22
+_TAIL = 24  # (the reads below go this far back from a series' end)
 _TAG_SERIES = 0x0A  # WriteRequest.timeseries
 _TAG_SAMPLES = 0x12
 _TAG_VALUE = 0x09
@@ -108,9 +108,14 @@ Sample = MESSAGES["Sample"]
 _SplitRequest = MESSAGES["SplitRequest"]
 
 
-def decompress(body: bytes, max_decoded_bytes: int) -> bytearray:
+Raw = bytes | bytearray | memoryview
+
+
+def decompress(body: bytes, max_decoded_bytes: int, into: bytearray | None = None) -> Raw:
     """A snappy block (what remote write sends) uncompressed; BodyError when it is not one, or
-    when it says it would be larger than `max_decoded_bytes` (checked before allocating)."""
+    when it says it would be larger than `max_decoded_bytes` (checked before allocating).
+    `into`: a buffer to reuse (grown as needed): the answer is a view of it, good until the
+    next call."""
     try:
         size = int(cramjam.snappy.decompress_raw_len(body))
     except cramjam.DecompressionError as exc:
@@ -121,7 +126,11 @@ def decompress(body: bytes, max_decoded_bytes: int) -> bytearray:
             f"body uncompresses to {size} bytes, over the limit of {max_decoded_bytes} "
             "(max_decoded_bytes; send smaller batches: queue_config.max_samples_per_send)",
         )
-    out = bytearray(size)
+    if into is None:
+        into = bytearray(size)
+    elif len(into) < size:
+        into.extend(bytes(size - len(into)))
+    out = memoryview(into)[:size]
     try:
         written = int(cramjam.snappy.decompress_raw_into(body, out))
     except cramjam.DecompressionError as exc:
@@ -131,7 +140,7 @@ def decompress(body: bytes, max_decoded_bytes: int) -> bytearray:
     return out
 
 
-def split(raw: bytes | bytearray) -> list[bytes]:
+def split(raw: Raw) -> list[bytes]:
     """The body's series, each as it was encoded; BodyError when it is not a WriteRequest."""
     request = _SplitRequest()
     try:
@@ -152,7 +161,7 @@ class Tails:
     label_bytes: IntArray
 
 
-def tails(series: list[bytes], raw: bytes | bytearray) -> Tails:
+def tails(series: list[bytes], raw: Raw) -> Tails:
     """Every series' one-sample tail, read for all series at once (see the module's doc), from
     `raw`, the request they were split from."""
     n = len(series)
@@ -174,9 +183,7 @@ def tails(series: list[bytes], raw: bytes | bytearray) -> Tails:
 _VARINT_STEPS = np.array([1 << 7, 1 << 14, 1 << 21, 1 << 28, 1 << 35], dtype=np.int64)
 
 
-def _series_ends(
-    raw: bytes | bytearray, lengths: IntArray
-) -> tuple[npt.NDArray[np.uint8] | None, IntArray]:
+def _series_ends(raw: Raw, lengths: IntArray) -> tuple[npt.NDArray[np.uint8] | None, IntArray]:
     """Where each series ends in `raw` when the request is its series and nothing else (each
     one's tag, its length as a varint, its bytes), as senders write it; (None, ...) otherwise."""
     header = 2 + np.searchsorted(_VARINT_STEPS, lengths, side="right")
@@ -189,16 +196,23 @@ def _series_ends(
     return buf, ends
 
 
-# The usual tails, byte by byte from 12 before the timestamp's first byte to its last, for a
-# timestamp of 6 varint bytes (milliseconds from 1971 to 2109): (mask, expected) per byte.
+# The usual tails, byte by byte from 18 before the timestamp's first byte to its last, for a
+# timestamp of 6 varint bytes (milliseconds from 1971 to 2109): (mask, expected) per byte. 24
+# bytes: three 64-bit words, compared at once.
 _ANY, _MORE, _LAST = (0x00, 0x00), (0x80, 0x80), (0x80, 0x00)
 _TS_BYTES = (_MORE,) * 5 + (_LAST,)
 _WITH_VALUE = (
-    ((0xFF, _TAG_SAMPLES), (0xFF, 16), (0xFF, _TAG_VALUE)) + (_ANY,) * 8 + ((0xFF, _TAG_TIMESTAMP),)
-) + _TS_BYTES
-_WITHOUT_VALUE = (_ANY,) * 9 + ((0xFF, _TAG_SAMPLES), (0xFF, 7), (0xFF, _TAG_TIMESTAMP)) + _TS_BYTES
-_SPAN = np.arange(-12, 6)
-_TS_SHIFTS = 7 * np.arange(6, dtype=np.int64)
+    (_ANY,) * 6
+    + ((0xFF, _TAG_SAMPLES), (0xFF, 16), (0xFF, _TAG_VALUE))
+    + (_ANY,) * 8
+    + ((0xFF, _TAG_TIMESTAMP),)
+    + _TS_BYTES
+)
+_WITHOUT_VALUE = (
+    (_ANY,) * 15 + ((0xFF, _TAG_SAMPLES), (0xFF, 7), (0xFF, _TAG_TIMESTAMP)) + _TS_BYTES
+)
+_WIDTH = 24
+_VALUE_AT = 9  # the value's 8 bytes (after samples tag, length, value tag)
 
 
 def _template(spec: tuple[tuple[int, int], ...]) -> tuple[npt.NDArray[np.uint8], ...]:
@@ -209,17 +223,33 @@ _WITH_MASK, _WITH_BYTES = _template(_WITH_VALUE)
 _WITHOUT_MASK, _WITHOUT_BYTES = _template(_WITHOUT_VALUE)
 
 
+def _matches(
+    block: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8], want: npt.NDArray[np.uint8]
+) -> BoolArray:
+    """Rows of `block` (n x 24 bytes) whose masked bytes are `want`'s: three words a row."""
+    words = ((block & mask) ^ want).view("<u8")
+    return np.asarray((words[:, 0] | words[:, 1] | words[:, 2]) == 0, dtype=bool)
+
+
+def _varint6(word: npt.NDArray[np.uint64]) -> IntArray:
+    """The value of the 6-byte varint in the top 6 bytes of each word: 7 bits from each."""
+    x = word >> np.uint64(16)
+    out = x & np.uint64(0x7F)
+    for k in range(1, 6):
+        out |= (x >> np.uint64(k)) & np.uint64(0x7F << (7 * k))
+    return out.astype(np.int64)
+
+
 def _common_tails(buf: npt.NDArray[np.uint8], ends: IntArray, lengths: IntArray) -> Tails:
     """The tails of the usual shape (a 6-byte timestamp), a few numpy calls for all series."""
-    first = ends - 6
-    # Each series' 18 bytes, as rows of a window over the buffer (no index per byte).
-    block = np.lib.stride_tricks.sliding_window_view(buf, _SPAN.size)[first + _SPAN[0]]
+    # Each series' last 24 bytes, as rows of a window over the buffer (no index per byte).
+    block = np.lib.stride_tricks.sliding_window_view(buf, _WIDTH)[ends - _WIDTH]
     room = lengths - 6
-    with_value = ((block & _WITH_MASK) == _WITH_BYTES).all(axis=1) & (room >= 12)
-    without = ((block & _WITHOUT_MASK) == _WITHOUT_BYTES).all(axis=1) & (room >= 3) & ~with_value
+    with_value = _matches(block, _WITH_MASK, _WITH_BYTES) & (room >= 12)
+    without = _matches(block, _WITHOUT_MASK, _WITHOUT_BYTES) & (room >= 3) & ~with_value
     fast = with_value | without
-    time_ms = ((block[:, 12:].astype(np.int64) & 0x7F) << _TS_SHIFTS).sum(axis=1)
-    value = np.ascontiguousarray(block[:, 3:11]).view("<f8")[:, 0]
+    time_ms = _varint6(block.view("<u8")[:, 2])
+    value = np.ascontiguousarray(block[:, _VALUE_AT : _VALUE_AT + 8]).view("<f8")[:, 0]
     return Tails(
         fast=fast,
         value=np.where(with_value, value, 0.0),
