@@ -181,17 +181,21 @@ class _Columns:
             name: np.full(1024, fill, dtype=dtype) for name, (dtype, fill) in self.SPEC.items()
         }
 
-    def add(self, **values: int) -> int:
-        if self.size == self.cols["hash"].size:
+    def extend(self, **values: IntArray) -> int:
+        """New slots with these columns' values (the others at their fill); the first one."""
+        n = len(next(iter(values.values())))
+        end = self.size + n
+        if end > self.cols["hash"].size:
+            capacity = max(2 * self.cols["hash"].size, end)
             for name, (dtype, fill) in self.SPEC.items():
-                grown = np.full(2 * self.size, fill, dtype=dtype)
-                grown[: self.size] = self.cols[name]
+                grown = np.full(capacity, fill, dtype=dtype)
+                grown[: self.size] = self.cols[name][: self.size]
                 self.cols[name] = grown
-        slot = self.size
+        first = self.size
         for name, value in values.items():
-            self.cols[name][slot] = value
-        self.size += 1
-        return slot
+            self.cols[name][first:end] = value
+        self.size = end
+        return first
 
     def __getitem__(self, name: str) -> npt.NDArray[Any]:
         return self.cols[name][: self.size]
@@ -301,16 +305,19 @@ class SeriesStore:
         keys = np.array([key for key, *_ in found], dtype=np.int64)
         slots = self._memo.find(keys)
         added: dict[int, int] = {}  # the same new series twice in a body: one slot
+        names: list[tuple[int, int, int, int]] = []  # each new slot's (key, row, field, ident)
         for k in np.flatnonzero(slots < 0).tolist():
             key, labels, *_ = found[k]
             slot = added.get(key)
             if slot is None:
-                if len(self._memo) >= self.max_series:
+                if len(self._memo) + len(names) >= self.max_series:
                     result.refused_series += 1
                     continue
-                slot = added[key] = self._new_slot(key, labels)
-                result.new_series += 1
+                slot = added[key] = self._slots.size + len(names)
+                names.append((key, *self._name(labels)))
             slots[k] = slot
+        self._add_slots(names)
+        result.new_series += len(names)
         counts = np.array([v.size for _, _, v, _ in found], dtype=np.int64)
         per_sample = np.repeat(slots, counts)
         values = np.concatenate([v for _, _, v, _ in found])
@@ -337,8 +344,21 @@ class SeriesStore:
         result.samples += int(slots.size)
         result.markers += int(marker.sum())
 
-    def _new_slot(self, key: int, labels: Mapping[str, str]) -> int:
-        """A slot for a new series, named from its labels."""
+    def _add_slots(self, names: list[tuple[int, int, int, int]]) -> None:
+        """New slots, numbered from the current size on: (key, row, field, ident) each."""
+        if not names:
+            return
+        key, row, field_index, ident = (
+            np.array(c, dtype=np.int64) for c in zip(*names, strict=True)
+        )
+        first = self._slots.extend(hash=key, row=row, field=field_index, ident=ident)
+        for k, one in enumerate(key.tolist()):
+            self._memo.add(one, first + k)
+        self._nameless.extend((first + np.flatnonzero(field_index == NAMELESS)).tolist())
+        self._changed = True
+
+    def _name(self, labels: Mapping[str, str]) -> tuple[int, int, int]:
+        """A new series' GPU row, field and identity (-1: none), from its labels."""
         n = self.naming
         field_index = self._field_of_name.get(labels.get("__name__", ""), IGNORED)
         if field_index != IGNORED and any(labels.get(k) != v for k, v in n.match.items()):
@@ -353,12 +373,7 @@ class SeriesStore:
                     ident = self._ident(labels)
             else:  # a power series of no GPU is reported; other fields are simply unusable
                 field_index = NAMELESS if field_index == self._power else IGNORED
-        slot = self._slots.add(hash=key, row=row, field=field_index, ident=ident)
-        self._memo.add(key, slot)
-        if field_index == NAMELESS:
-            self._nameless.append(slot)
-        self._changed = True
-        return slot
+        return row, field_index, ident
 
     def _row(self, host: str, gpu: int) -> int:
         key = f"{host}{KEY_SEP}{gpu}"
