@@ -229,9 +229,8 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
                     "actions": summary["actions"],
                     "errors": summary["errors"],
                     "series": loop.source.store.series,  # type: ignore[attr-defined]
-                    "peak_rss_mb": round(
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                    ),
+                    # VmHWM, not ru_maxrss: that one keeps the forking parent's size
+                    "peak_rss_mb": _prometheus_rss_mb(os.getpid()),
                 }
             ),
             flush=True,
@@ -247,19 +246,11 @@ def bench_remote_write(
     from _remote_write import COUNTERS, TwinSender, send
 
     t0 = time.perf_counter()
-    sender = TwinSender(
-        gpus,
-        fields=COUNTERS[counters],
-        samples_per_send=per_send,
-        silent_nodes=round(max(1, gpus // 8) * SILENT_NODES),
-    )
     start_ms = int(mid_block_end_unix()) * 1000
     interval_ms = int(INTERVAL_S * 1000)
-    # Every interval's bodies made first, so that making them costs the agent no CPU time.
-    scrapes = [sender.scrape(start_ms + k * interval_ms) for k in range(cycles + 1)]
-    setup_s = time.perf_counter() - t0
     agent_work = work / f"agent-rw-{gpus}"
     agent_work.mkdir()
+    # The agent first, while this process is small (a forked child starts with its pages).
     child = subprocess.Popen(
         [sys.executable, __file__, "--rw-child", str(agent_work / "url"), "--counters", counters],
         stdin=subprocess.PIPE,
@@ -269,6 +260,15 @@ def bench_remote_write(
     assert child.stdin is not None and child.stdout is not None
     try:
         url = json.loads(child.stdout.readline())["url"]
+        sender = TwinSender(
+            gpus,
+            fields=COUNTERS[counters],
+            samples_per_send=per_send,
+            silent_nodes=round(max(1, gpus // 8) * SILENT_NODES),
+        )
+        # Every interval's bodies made first, so that making them costs the agent no CPU time.
+        scrapes = [sender.scrape(start_ms + k * interval_ms) for k in range(cycles + 1)]
+        setup_s = time.perf_counter() - t0
         rows = []
         for k, scrape in enumerate(scrapes):
             cpu0 = _cpu_s(child.pid)
@@ -363,6 +363,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _prometheus_rss_mb(pid: int) -> float | None:
+    """A process's peak resident memory (VmHWM), MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
