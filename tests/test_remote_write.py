@@ -436,3 +436,27 @@ def test_the_config_section_and_its_rules() -> None:
         {"source": {"kind": "remote_write"}, "cluster": {"group_label": "rack"}}
     )
     assert labelled.cluster.group_label == "rack"
+
+
+def test_connections_past_the_bound_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from agent.observe.remote_write import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 2)
+    source = RemoteWriteSource(RemoteWriteConfig(listen="127.0.0.1:0", startup_wait_s=0))
+    host, port = source.url.split("//")[1].split("/")[0].split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both are being served (each holds a thread)
+        third = socket.create_connection((host, int(port)), timeout=5)
+        assert third.recv(100) == b""  # closed at once
+        third.close()
+        assert source.receiver.metrics.rejected.labels("connections")._value.get() == 1
+        idle[0].close()
+        time.sleep(0.3)
+        write(source, [(labels(POWER), [(300.0, NOW_MS)])])  # a slot is free again
+    finally:
+        for conn in idle:
+            conn.close()
+        source.close()

@@ -1,8 +1,9 @@
 """The receiver: an HTTP(S) endpoint taking Prometheus remote write at POST /api/v1/write, and its
 own metrics at GET /metrics.
 
-Plain `http.server` threads, one per sender connection (senders keep their connections open);
-TLS is negotiated in that thread, so a slow client cannot hold the others up. Every refusal is a
+Plain `http.server` threads, one per sender connection (senders keep their connections open;
+at most MAX_CONNECTIONS at once, more are closed); TLS is negotiated in that thread, so a slow
+client cannot hold the others up. Bodies are decoded one at a time. Every refusal is a
 4xx with a one-line reason the sender logs (remote write does not retry a 4xx: a body refused
 once would be refused again), except an unusable token file (503: fail closed, retried):
 
@@ -38,6 +39,9 @@ log = structlog.get_logger("ooda.remote_write")
 
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 120.0  # a sender's idle connection is closed after this
+# Connections served at once (a thread each); more are closed at once. Prometheus opens one
+# per shard (its max_shards: 200 by default, far fewer at a steady rate).
+MAX_CONNECTIONS = 64
 
 
 class TokenCheck(Protocol):
@@ -109,7 +113,21 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], receiver: RemoteWriteReceiver) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver = receiver
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.receiver.metrics.rejected.labels("connections").inc()
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         context = self.receiver.tls
