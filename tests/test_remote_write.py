@@ -246,20 +246,23 @@ def test_staleness_from_sample_times_and_markers(source: RemoteWriteSource) -> N
         [
             (labels(POWER, "node1", 0), [(300.0, NOW_MS - 1000)]),
             (labels(POWER, "node1", 1), [(300.0, NOW_MS - 50_000)]),  # older than 3 scrapes
-            (labels(POWER, "node1", 2), [(300.0, NOW_MS - 1000)]),
+            (labels(POWER, "node1", 2, job="9"), [(300.0, NOW_MS - 1000)]),
             (labels(TEMP, "node1", 2), [(60.0, NOW_MS - 1000)]),
         ],
     )
-    write(source, [(labels(POWER, "node1", 2), [(wire.stale_marker(), NOW_MS - 500)])])
+    snap = source.observe(NOW_S)
+    assert snap.stale.tolist() == [False, True, False] and snap.job[2] == "9"
+    write(source, [(labels(POWER, "node1", 2, job="9"), [(wire.stale_marker(), NOW_MS - 500)])])
     snap = source.observe(NOW_S)
     assert snap.stale.tolist() == [False, True, True]
+    assert snap.job[2] == ""  # no live series: no job known (as the query source says)
     np.testing.assert_allclose(snap.age_s, [1.0, 50.0, 1.0])  # the marker is no sample
     assert np.isnan(snap.column(Metric.POWER_W)[0][1:]).all()  # stale: no values at all
     assert np.isnan(snap.column(Metric.TEMP_C)[0]).all()
     # A sample after the marker: live again. Past the inventory window: forgotten.
-    write(source, [(labels(POWER, "node1", 2), [(305.0, NOW_MS)])])
+    write(source, [(labels(POWER, "node1", 2, job="9"), [(305.0, NOW_MS)])])
     snap = source.observe(NOW_S + 1)
-    assert snap.stale.tolist() == [False, True, False]
+    assert snap.stale.tolist() == [False, True, False] and snap.job[2] == "9"
     snap = source.observe(NOW_S + 601)
     assert snap.n_gpus == 0
 
