@@ -289,3 +289,10 @@ def test_bad_phases_are_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(BadInputError) as err:
         load_scenario(path)
     assert f"scenario {path}" in str(err.value) and message in str(err.value)
+
+
+def test_a_twin_trace_says_which_phases_it_played() -> None:
+    from agent.replay.twin_trace import scenario_of
+
+    assert "phases" not in scenario_of(TwinSpec(nodes=1))
+    assert scenario_of(TwinSpec(nodes=1, phases=NORMAL_DAY))["phases"] == NORMAL_DAY.as_dict()

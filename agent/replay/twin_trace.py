@@ -29,8 +29,8 @@ from policies.registry import PolicyRegistry, builtin_registry
 
 
 def scenario_of(spec: TwinSpec) -> dict[str, Any]:
-    """The twin's settings and faults, JSON-ready (the trace's ground truth)."""
-    return {
+    """The twin's settings, faults and phases, JSON-ready (the trace's ground truth)."""
+    out: dict[str, Any] = {
         "nodes": spec.nodes,
         "gpus_per_node": spec.gpus_per_node,
         "model": spec.model.name,
@@ -51,6 +51,9 @@ def scenario_of(spec: TwinSpec) -> dict[str, Any]:
             for f in spec.faults
         ],
     }
+    if spec.phases.any:
+        out["phases"] = spec.phases.as_dict()
+    return out
 
 
 @dataclass
