@@ -89,7 +89,7 @@ PHASE_NAMES: dict[Phase, str] = {
     Phase.EXPORTER_RESTART: "exporter_restart",
 }
 
-# -- shapes and timings (see the table above for where each comes from) ------------------------
+# -- shapes and timings (the module docstring says where each comes from) ---------------------
 CHECKPOINT_PERIOD_S = (900.0, 3600.0)
 CHECKPOINT_DURATION_S = (30.0, 180.0)
 CHECKPOINT_ACTIVITY = 0.04  # share of the dynamic draw while it waits on storage: near idle
@@ -110,7 +110,7 @@ INFERENCE_CLASS = "llm_train"
 INFERENCE_PEAK_H = (13.0, 16.0)
 INFERENCE_TROUGH = (0.3, 0.6)  # of the daily peak
 INFERENCE_PEAK_LOAD = 0.8  # the daily peak's share of the full draw: headroom for bursts
-INFERENCE_JITTER = 0.04  # sd of the minute-to-minute load jitter (share of the peak)
+INFERENCE_JITTER = 0.04  # sd of the minute-to-minute load jitter (share of the full draw)
 INFERENCE_MIN_LOAD = 0.05
 BURST_SLOT_S = 600.0
 BURSTS_PER_H = 1.0
@@ -476,7 +476,8 @@ class PhasePlayer:
         on[candidates] = ev.on(t_s)
         level = np.ones(rows.shape[0])
         level[candidates] = 1.0 - depth
-        for column in (fx.activity, fx.pace, fx.util, fx.clock):
+        # A stall of seconds leaves the clock where it was (the checkpoint's minutes let it fall).
+        for column in (fx.activity, fx.pace, fx.util):
             column[on] = level[on]
         fx.mask[on] |= int(Phase.LOADER_STALL)
 
