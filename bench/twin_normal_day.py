@@ -20,12 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 import structlog
 
 
 def main() -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # Logs (the guard's alarms, say) go to stderr: stdout is the JSON line.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
+    )
     from agent.replay.normal_day import NormalDayOptions, run_normal_day
     from agent.sim.phases import NO_PHASES, NORMAL_DAY
 
