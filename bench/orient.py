@@ -57,7 +57,8 @@ def detection_run(
     seed: int, hours: float, per_kind: int, phases: str = "none"
 ) -> tuple[Any, Any, int]:
     from agent.act.audit import AuditLog
-    from agent.demo import DemoOptions, build_agent, demo_spec
+    from agent.assembly import twin_agent
+    from agent.demo import DemoOptions, demo_spec
     from agent.sim.faults import FaultKind
     from agent.sim.groundtruth import Recorder, random_faults
     from agent.sim.phases import preset
@@ -79,7 +80,9 @@ def detection_run(
     )
     spec = replace(spec, faults=faults, phases=preset(phases))
     twin = Twin(spec)
-    loop, _ = build_agent(twin, False, AuditLog(path=None), builtin_registry(), ("power_budget",))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=None)
+    ).loop
     rec = Recorder()
     next_cycle = 0.0
     while twin.t_s < duration - 1e-9:
@@ -109,8 +112,9 @@ def bench_detection(
 
 def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
     from agent.act.audit import AuditLog
+    from agent.assembly import twin_agent
     from agent.core.snapshot import Metric
-    from agent.demo import DemoOptions, build_agent, demo_spec
+    from agent.demo import DemoOptions, demo_spec
     from agent.sim.twin import Twin
     from policies.registry import builtin_registry
 
@@ -120,7 +124,9 @@ def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
     if not budget:
         spec = replace(spec, budget=None)
     twin = Twin(spec)
-    loop, _ = build_agent(twin, False, AuditLog(path=None), builtin_registry(), ("power_budget",))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=None)
+    ).loop
     node_act, node_fc, fleet_act, fleet_fc, fleet_lo, fleet_hi = [], [], [], [], [], []
     node_exact, fleet_exact = [], []
     horizons: tuple[float, ...] = ()

@@ -11,9 +11,9 @@ import numpy as np
 
 from agent.act.audit import read_records
 from agent.act.executor import Actuators, RecordingPlacement
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.situation import NodeStates
-from agent.runtime import build_runtime
 
 
 class FakePlacement:
@@ -104,7 +104,7 @@ def actions(tmp_path: Path, dry_run: bool) -> list[tuple[str, str, float, str]]:
             "audit": {"path": str(audit)},
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     twin = runtime.twin
     assert twin is not None
     while twin.t_s < 300:

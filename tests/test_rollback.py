@@ -19,23 +19,21 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog, read_records
-from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.act.rollback import our_caps, plan_rollback, run_rollback
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.intents import Outcome
 from agent.core.situation import HealthSeverity, HealthStatus, NodeStates, Situation
 from agent.core.snapshot import Metric, Snapshot
-from agent.loop import Loop
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.orient.orienter import Orienter
-from agent.runtime import build_runtime
 from agent.sim.adapters import TwinPlacement, TwinSource
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin, TwinSpec
 from policies.power_budget import PowerBudget, PowerBudgetSettings
+from tests.fakes import make_loop
 from tests.node_helpers import write_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +82,7 @@ def test_rollback_on_the_twin(tmp_path: Path) -> None:
             "daemon": {"state_dir": str(tmp_path / "state")},
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     runtime.loop.orienter = HealthFromXid()
     twin = runtime.twin
     placement = runtime.actuators.placement
@@ -198,12 +196,10 @@ def test_rollback_cli_through_real_node_daemons(
     # The agent: live caps through the node daemons, then it dies (its process memory gone).
     actuator = NodeCapActuator(NodeClientSettings.model_validate(node_settings))
     audit = AuditLog(audit_path)
-    loop = Loop(
-        source=TwinSource(twin),
-        orienter=Orienter(),
-        policies=[PowerBudget(PowerBudgetSettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=actuator), lambda _i: False),
+    loop = make_loop(
+        TwinSource(twin),
+        [PowerBudget(PowerBudgetSettings())],
+        caps=actuator,
         audit=audit,
         clock=FakeClock(0.0),
         budget_w=0.55 * twin.spec.expected_demand_w(),

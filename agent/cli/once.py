@@ -52,9 +52,9 @@ def once(
 
       ooda once --config /etc/ooda/agent.toml --json
     """
+    from agent.assembly import assemble
     from agent.config import default_config, force_dry_run, load_config, parse_config
     from agent.core.errors import BadInputError
-    from agent.runtime import build_runtime
 
     if config is None and prometheus is None:
         raise BadInputError("ooda once: give --config FILE or --prometheus URL (or both)")
@@ -76,11 +76,11 @@ def once(
         cfg = default_config()
     if dry_run:
         cfg = force_dry_run(cfg)  # each policy's own dry_run too, as `ooda run --dry-run`
-    runtime = build_runtime(cfg, budget_w=budget_w)
+    agent = assemble(cfg, budget_w=budget_w)
     try:
-        report = runtime.loop.cycle()
+        report = agent.cycle()
     finally:
-        runtime.close()
+        agent.close()
     source: str = cfg.source.kind
     if cfg.source.kind == "prometheus":
         source = cfg.source.prometheus.url

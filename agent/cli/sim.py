@@ -339,7 +339,7 @@ def _sized_budget_w(spec: TwinSpec, duration_s: float, step_s: float) -> float:
     (one uncapped pass at the recording's step first, as `ooda demo` sizes its budget)."""
     from dataclasses import replace
 
-    from agent.demo import uncapped_demand_w
+    from agent.sim.kpis import uncapped_demand_w
 
     return float(
         round(RECORD_BUDGET_FRAC * uncapped_demand_w(replace(spec, step_s=step_s), duration_s), -1)

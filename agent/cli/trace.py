@@ -84,12 +84,12 @@ def record(
       ooda record --prometheus http://prom:9090 --start 2024-05-01T00:00:00Z \\
           --end 2024-05-02T00:00:00Z --step 15s -o may1.parquet
     """
+    from agent.assembly import prometheus_settings
     from agent.config import load_config, parse_config
     from agent.core.errors import TelemetryError
     from agent.observe.prometheus import PrometheusSource
     from agent.observe.record import record_prometheus
     from agent.observe.trace import TraceWriter
-    from agent.runtime import prometheus_settings
 
     if not prometheus.startswith(("http://", "https://")):
         raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")

@@ -55,6 +55,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
+from agent.assembly import Agent, assemble, hosts_twin
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
@@ -65,7 +66,6 @@ from agent.daemon.notify import SystemdNotify
 from agent.daemon.state import StateFile, TwinStore, ensure_dir
 from agent.daemon.telemetry import DaemonMetrics, Health, TelemetryServer
 from agent.loop import CycleReport
-from agent.runtime import Runtime, build_runtime
 from agent.sim.adapters import TwinClock, TwinPlacement
 from agent.sim.realtime import TwinPacer
 from agent.sim.twin import Twin
@@ -100,13 +100,6 @@ class DaemonOptions:
     force_dry_run: bool = False  # --dry-run: advise only, whatever the file says
     state_dir: Path | None = None  # --state-dir: overrides daemon.state_dir
     metrics_listen: tuple[str, int] | None = DEFAULT_LISTEN
-
-
-def _hosts_twin(config: Config) -> bool:
-    return config.source.kind == "twin" or "twin" in (
-        config.actuators.caps,
-        config.actuators.placement,
-    )
 
 
 def _twin_key(config: Config) -> str:
@@ -160,7 +153,7 @@ class Daemon:
         self.exit_abandoned = False
         self.lock: InstanceLock | None = None
         # Set by start():
-        self.runtime: Runtime
+        self.runtime: Agent
         self.metrics: DaemonMetrics
         self.store: StateFile
         self.twin_store: TwinStore
@@ -176,9 +169,9 @@ class Daemon:
             config = force_dry_run(config)
         return config
 
-    def _build(self, config: Config, twin: Twin | None) -> Runtime:
-        clock = None if _hosts_twin(config) else SystemClock()
-        return build_runtime(config, clock=clock, registry=self.registry, twin=twin)
+    def _build(self, config: Config, twin: Twin | None) -> Agent:
+        clock = None if hosts_twin(config) else SystemClock()
+        return assemble(config, clock=clock, registry=self.registry, twin=twin)
 
     def start(self) -> None:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
@@ -222,7 +215,7 @@ class Daemon:
         self.metrics = DaemonMetrics(self._metrics_registry, config.daemon.per_gpu_metrics_max)
         twin: Twin | None = None
         saved_twin: Mapping[str, Any] | None = None
-        if _hosts_twin(config):
+        if hosts_twin(config):
             saved_twin, why = self.twin_store.load(_twin_key(config))
             if why is not None:
                 log.warning("twin_not_restored", reason=why)
@@ -268,7 +261,7 @@ class Daemon:
             pid=os.getpid(),
         )
 
-    def _pacer_for(self, runtime: Runtime) -> TwinPacer | None:
+    def _pacer_for(self, runtime: Agent) -> TwinPacer | None:
         twin = runtime.twin
         if twin is None or not isinstance(runtime.loop.clock, TwinClock):
             return None
@@ -292,12 +285,12 @@ class Daemon:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def collect_state(self, runtime: Runtime | None = None) -> dict[str, Any]:
+    def collect_state(self, runtime: Agent | None = None) -> dict[str, Any]:
         runtime = runtime or self.runtime
         loop = runtime.loop
         parts: dict[str, Any] = {
             "loop": loop.to_dict(),
-            "guard": loop.guard.to_dict(),
+            "guard": loop.ledger.to_dict(),  # the name the guard saved it under
             "orienter": loop.orienter.to_dict(),
             "policies": {name: m.model_dump(mode="json") for name, m in loop.memory.items()},
             "recommendations": self.metrics.recommendations.to_dict(),
@@ -312,13 +305,13 @@ class Daemon:
             parts["placement"] = placement.to_dict()
         return parts
 
-    def restore_parts(self, runtime: Runtime, parts: Mapping[str, Any]) -> list[str]:
+    def restore_parts(self, runtime: Agent, parts: Mapping[str, Any]) -> list[str]:
         """Load each part; one that fails is put back as it was (fresh) and reported."""
         loop = runtime.loop
         problems: list[str] = []
         targets: dict[str, Persistent] = {
             "loop": loop,
-            "guard": loop.guard,
+            "guard": loop.ledger,
             "orienter": loop.orienter,
             "recommendations": self.metrics.recommendations,
         }
@@ -379,13 +372,13 @@ class Daemon:
                 self.restored = True
                 self.metrics.publish_recommendations()
                 self._recover_unsaved(loaded.meta.get("clock_s"))
-                guard = self.runtime.loop.guard
+                ledger = self.runtime.ledger
                 log.info(
                     "state_restored",
                     file=str(self.store.path),
                     saved_at_unix=loaded.meta.get("saved_at_unix"),
-                    caps_owned=int(np.isfinite(guard.caps["our_cap_w"]).sum()),
-                    nodes_known=len(guard.nodes),
+                    caps_owned=int(np.isfinite(ledger.caps["our_cap_w"]).sum()),
+                    nodes_known=len(ledger.nodes),
                 )
         if loaded.problem is not None or not loaded.found:
             self._recover_unsaved(None)  # no state to start from: the audit log says what is ours
@@ -395,7 +388,7 @@ class Daemon:
 
     def _recover_unsaved(self, saved_clock_s: float | None) -> None:
         """What the loop did after the state was saved (a kill before the next save), read
-        back from the audit log into the guard: see agent.act.recovery. `saved_clock_s`: the
+        back from the audit log into the ledger: see agent.act.recovery. `saved_clock_s`: the
         loop's clock at the save (decisions up to it, the on-exit release included, are in the
         state); None (no state to start from): the whole log is read."""
         audit_path = self.runtime.audit.path
@@ -404,7 +397,7 @@ class Daemon:
         saved = as_time_s(saved_clock_s)  # read from JSON
         saved_s = -math.inf if saved is None else saved
         try:
-            found = recover(self.runtime.loop.guard, audit_path, saved_s)
+            found = recover(self.runtime.ledger, audit_path, saved_s)
         except Exception as exc:  # the agent starts all the same, and says so
             problem = (
                 f"audit log {audit_path} not read back ({type(exc).__name__}: {exc}): caps "
@@ -494,8 +487,7 @@ class Daemon:
         observed = report.snapshot.n_gpus > 0
         if observed:
             self._last_success_unix = now
-        guard = runtime.loop.guard
-        capped = int(np.isfinite(guard.caps["our_cap_w"]).sum())
+        capped = int(np.isfinite(runtime.ledger.caps["our_cap_w"]).sum())
         self.metrics.observe_cycle(report, duration, now, observed, capped)
         if duration > interval:
             self.metrics.overruns.inc()
@@ -606,7 +598,7 @@ class Daemon:
                 )
             same_twin = (
                 old.twin is not None
-                and _hosts_twin(config)
+                and hosts_twin(config)
                 and _twin_key(config) == _twin_key(old.config)
             )
             # What can fail is prepared before anything is swapped: the old runtime stays whole
@@ -825,7 +817,7 @@ class Daemon:
         if report is None:
             return
         snap = report.snapshot
-        rows = np.flatnonzero(loop.guard.capped_by_us(snap.uuid, recorded=False))
+        rows = np.flatnonzero(loop.ledger.capped_by_us(snap.uuid, recorded=False))
         if rows.size == 0:
             return
         intent = ReleasePowerCap(
@@ -841,9 +833,8 @@ class Daemon:
             actions = loop.executor.execute(
                 [(decision_id, intent)], lambda: f"a-{loop.run_id}-exit-{next(ids)}", now
             )
-            for action in actions:
+            for action in actions:  # the executor recorded them in the ledger
                 runtime.audit.action(action)
-                loop.guard.record(action, now)
         log.info("caps_released_on_exit", gpus=int(rows.size))
 
     def serve(self) -> int:

@@ -31,7 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.act.guard import SETTLE_RESULTS
+from agent.act.ledger import SETTLE_RESULTS
 from agent.core.intents import Intent, Outcome, ReleasePowerCap, SetPowerCap
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import Metric

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.assembly import prometheus_settings
 from agent.config import Config, parse_config
 from agent.observe.prometheus import PrometheusSource
 from agent.observe.record import RecordStats, record_prometheus
 from agent.observe.trace import TraceReader, TraceWriter
 from agent.replay.engine import ReplayReport, replay_trace
-from agent.runtime import prometheus_settings
 
 
 def prometheus_config(url: str, config: Config | None) -> Config:

@@ -1,6 +1,14 @@
-"""Assembling a running agent from a Config: source, orienter, policies, guard, actuators, audit.
+"""The one place the agent is assembled: a validated Config in, a running agent out.
 
-`ooda once`, `ooda run` and replay all build through here, so they run the same loop.
+Every command, replay, the policy test API and every benchmark build here, so they all run the
+same loop: `ooda run` and `ooda once` (the config's source and actuators), `ooda demo` and the
+twin runs (`twin_config`: a Config of the twin's options, so groups, job priorities, the rollout
+and orient's settings come along), `ooda replay` (the trace as the source, the counterfactual's
+recorders as the actuators, every intent advice) and the benches.
+
+What differs between uses is passed in, never rebuilt: the source, the actuators (or only their
+recorders), the audit sink, the clock, the twin, the policy registry, the budget, and whether
+every intent is advice (`advisory`, with its reason).
 """
 
 from __future__ import annotations
@@ -12,20 +20,22 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.act.audit import AuditLog
+from agent.act.authority import Authority
 from agent.act.executor import Actuators, Executor
-from agent.act.guard import RESET_FILE, Guard
+from agent.act.gate import Gate
+from agent.act.guard import RESET_FILE, GuardSettings
+from agent.act.ledger import Ledger
 from agent.act.node_client import NodeCapActuator
 from agent.act.notify import build_notifier
-from agent.act.rollout import Rollout, dry_run_reasons
+from agent.act.rollout import Rollout
 from agent.act.slurm import SlurmPlacement, SlurmSettings
-from agent.config import Config, TwinConfig, audit_path, state_dir
+from agent.config import Config, TwinConfig, audit_path, default_config, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError, GpuError
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.intents import Intent
 from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
 from agent.core.snapshot import Metric
-from agent.loop import Loop
+from agent.loop import CycleReport, Loop
 from agent.node.auth import TokenStore
 from agent.node.nvml import NvmlBackend
 from agent.observe.job_labels import JobLabelledSource
@@ -135,7 +145,7 @@ def orienter_for(config: Config) -> Orienter:
 
 
 def build_policies(
-    names_and_settings: dict[str, PolicySettings], registry: PolicyRegistry
+    names_and_settings: Mapping[str, PolicySettings], registry: PolicyRegistry
 ) -> list[Policy]:
     policies: list[Policy] = []
     for name, settings in names_and_settings.items():
@@ -144,31 +154,26 @@ def build_policies(
     return policies
 
 
-def dry_run_predicate(
-    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
-) -> Callable[[Intent], bool]:
-    """Per intent: advise only? A policy's own `dry_run` setting overrides the global one; the
-    rollout (advisory actuator kinds, freeze windows) can only make more of it advisory."""
-    why = dry_run_reason(global_dry_run, policies, rollout)
-
-    def is_dry(intent: Intent) -> bool:
-        return why(intent) is not None
-
-    return is_dry
-
-
-def dry_run_reason(
-    global_dry_run: bool, policies: Sequence[Policy], rollout: Rollout | None = None
-) -> Callable[[Intent], str | None]:
-    """Per intent: why it is only recorded (None: it is applied)."""
-    own = {p.name: p.settings.dry_run for p in policies}
-    return dry_run_reasons(global_dry_run, own, rollout)
-
-
 def rollout_for(config: Config, clock: Clock | None) -> Rollout:
     """The staged rollout a config describes (node lists expanded)."""
     nodes = config.rollout.nodes
     return Rollout(config.rollout, expand_nodes(nodes) if nodes is not None else None, clock)
+
+
+def authority_for(
+    config: Config,
+    policies: Sequence[Policy],
+    clock: Clock | None,
+    advisory: str | None = None,
+) -> Authority:
+    """Live or advice, per intent: the agent's dry_run, each policy's own, the rollout's stages
+    and freeze windows (`advisory`: every intent is advice, for this reason)."""
+    return Authority(
+        config.dry_run,
+        {p.name: p.settings.dry_run for p in policies},
+        rollout_for(config, clock),
+        always=advisory,
+    )
 
 
 def build_actuators(
@@ -253,8 +258,27 @@ def configured_source(
     return nvml_source(config, closers)
 
 
+def slurm_placement(settings: SlurmSettings) -> SlurmPlacement:
+    """The Slurm actuator, after checking that what the config names exists."""
+    if settings.slurm_conf is not None and not settings.slurm_conf.is_file():
+        raise ConfigError(f"actuators.slurm.slurm_conf: no such file {settings.slurm_conf}")
+    if settings.bin_dir is not None:
+        missing = [
+            tool
+            for tool in ("scontrol", "sinfo", "squeue")
+            if not (settings.bin_dir / tool).exists()
+        ]
+        if missing:
+            raise ConfigError(
+                f"actuators.slurm.bin_dir: {', '.join(missing)} not found in {settings.bin_dir}"
+            )
+    return SlurmPlacement(settings)
+
+
 @dataclass
-class Runtime:
+class Agent:
+    """The assembled agent: its loop and what the commands around it need to reach."""
+
     config: Config
     loop: Loop
     audit: AuditLog
@@ -262,40 +286,113 @@ class Runtime:
     twin: Twin | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
+    @property
+    def ledger(self) -> Ledger:
+        return self.loop.ledger
+
+    def cycle(self) -> CycleReport:
+        return self.loop.cycle()
+
     def close(self) -> None:
         for close in reversed(self.closers):
             close()
         self.audit.close()
 
 
-def build_runtime(
+def hosts_twin(config: Config) -> bool:
+    """Whether the config's source or actuators are the in-process twin."""
+    return config.source.kind == "twin" or "twin" in (
+        config.actuators.caps,
+        config.actuators.placement,
+    )
+
+
+def assemble(
     config: Config,
     *,
-    clock: Clock | None = None,
     registry: PolicyRegistry | None = None,
+    clock: Clock | None = None,
     audit: AuditLog | None = None,
     source: TelemetrySource | None = None,
-    budget_w: float | None = None,
+    actuators: Actuators | None = None,
     twin: Twin | None = None,
-) -> Runtime:
-    """Everything the config names, wired into one Loop. `source` and `budget_w` override it;
-    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
+    budget_w: float | None = None,
+    advisory: str | None = None,
+    standalone: bool = False,
+) -> Agent:
+    """The agent `config` describes, wired into one Loop.
+
+    `source` and `actuators` replace what the config names (replay's trace and recorders);
+    `twin` reuses a twin that already runs (a daemon's reload keeps its cluster; the demo and
+    the twin runs build their own); `budget_w` overrides the configured budget; `advisory`
+    makes every intent advice, for that reason (replay). `standalone`: not the cluster's own
+    agent (a demo, a replay, a test, a bench): it consumes no `ooda guard reset` request meant
+    for the daemon, unless the config names a state directory of its own."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
-    actuators = Actuators()
     closers: list[Callable[[], Any]] = []
+    named = actuators is None  # the config's actuators (else the caller's, complete)
+    if actuators is None:
+        source, actuators, twin = _edges(config, source, twin, clock, closers)
+    elif source is None:
+        raise ConfigError("assemble: actuators given without a source")
+    if clock is None and config.source.kind != "twin":
+        clock = SystemClock()  # Prometheus and NVML read the present, in Unix time
+    if clock is None:
+        if twin is None:
+            raise ConfigError("a clock is needed when no twin is configured")
+        clock = TwinClock(twin)
+    notifier = None
+    if named:
+        notifier = build_notifier(config.actuators.notify, config.cluster.name, clock)
+    if notifier is not None:
+        actuators.notifier = notifier
+        closers.append(notifier.close)
+    authority = authority_for(config, policies, clock, advisory)
+    ledger = Ledger(config.guard)
+    watch_reset = not standalone or config.daemon.state_dir is not None
+    loop = Loop(
+        source=source,
+        orienter=orienter_for(config),
+        policies=policies,
+        ledger=ledger,
+        gate=Gate(
+            ledger,
+            authority,
+            reset_file=state_dir(config) / RESET_FILE if watch_reset else None,
+        ),
+        executor=Executor(actuators, authority, ledger, config.actuators.lease_s),
+        authority=authority,
+        audit=audit,
+        clock=clock,
+        budget_w=budget_w if budget_w is not None else config.cluster.budget_w,
+        placement=actuators.node_states_reader(),
+        interval_s=config.daemon.interval_s,
+    )
+    return Agent(
+        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+    )
+
+
+def _edges(
+    config: Config,
+    source: TelemetrySource | None,
+    twin: Twin | None,
+    clock: Clock | None,
+    closers: list[Callable[[], Any]],
+) -> tuple[TelemetrySource, Actuators, Twin | None]:
+    """The source and actuators the config names (`source` overrides its source), and the twin
+    they share, if any."""
+    actuators = Actuators()
     slurm = (
         slurm_placement(config.actuators.slurm) if config.actuators.placement == "slurm" else None
     )
     # The twin standing in for the GPUs of a real Slurm cluster: its jobs are Slurm's.
     mirror_slurm = slurm is not None and source is None and config.source.kind == "twin"
-    if config.source.kind == "twin" or "twin" in (
-        config.actuators.caps,
-        config.actuators.placement,
-    ):
+    if hosts_twin(config):
         if twin is None:
             spec = twin_spec(config.twin)
             if mirror_slurm:
@@ -322,59 +419,99 @@ def build_runtime(
         actuators.placement = TwinPlacement(twin)
     elif slurm is not None:
         actuators.placement = slurm
-    if clock is None and config.source.kind != "twin":
-        clock = SystemClock()  # Prometheus and NVML read the present, in Unix time
-    if clock is None:
-        if twin is None:
-            raise ConfigError("a clock is needed when no twin is configured")
-        clock = TwinClock(twin)
-    notifier = build_notifier(config.actuators.notify, config.cluster.name, clock)
-    if notifier is not None:
-        actuators.notifier = notifier
-        closers.append(notifier.close)
-    budget = budget_w if budget_w is not None else config.cluster.budget_w
-    rollout = rollout_for(config, clock)
-    is_dry = dry_run_predicate(config.dry_run, policies, rollout)
-    loop = Loop(
-        source=source,
-        orienter=orienter_for(config),
-        policies=policies,
-        guard=Guard(
-            config.guard,
-            rollout=rollout,
-            reset_file=state_dir(config) / RESET_FILE,
-            is_dry=is_dry,
-        ),
-        executor=Executor(
-            actuators,
-            is_dry,
-            config.actuators.lease_s,
-            why_dry=dry_run_reason(config.dry_run, policies, rollout),
-        ),
-        audit=audit,
-        clock=clock,
-        budget_w=budget,
-        placement=actuators.node_states_reader(),
-        dry_run_caps=config.dry_run,
-        interval_s=config.daemon.interval_s,
+    return source, actuators, twin
+
+
+# -- the agent on an in-process twin (the demo, twin runs, the replay test API, the benches) ------
+
+
+def twin_config(
+    policies: Sequence[str],
+    *,
+    registry: PolicyRegistry,
+    settings: Mapping[str, PolicySettings] | None = None,
+    guard: GuardSettings | None = None,
+    dry_run: bool = False,
+    interval_s: float = 15.0,
+    node_overhead_w: float | None = None,
+    base: Config | None = None,
+) -> Config:
+    """The Config of an agent on an in-process twin: `base` (default: the built-in defaults,
+    so its groups, job priorities, rollout, orient and guard settings come along) with the twin
+    as its source and actuators, `policies` in this order (each with its settings from
+    `settings`, else `base`'s, else its defaults), the control interval, dry-run and the twin's
+    node overhead (unless `base` sets one)."""
+    cfg = base or default_config(registry)
+    overhead = cfg.cluster.node_overhead_w
+    if node_overhead_w is not None and "node_overhead_w" not in cfg.cluster.model_fields_set:
+        overhead = node_overhead_w
+    new = cfg.model_copy(
+        update={
+            "dry_run": dry_run,
+            "source": cfg.source.model_copy(update={"kind": "twin"}),
+            "actuators": cfg.actuators.model_copy(update={"caps": "twin", "placement": "twin"}),
+            "daemon": cfg.daemon.model_copy(update={"interval_s": interval_s}),
+            "cluster": cfg.cluster.model_copy(update={"node_overhead_w": overhead}),
+            "guard": guard if guard is not None else cfg.guard,
+        }
     )
-    return Runtime(
-        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+    given = settings or {}
+    new.policy_settings = {
+        name: given.get(name) or cfg.policy_settings.get(name) or registry.get(name).Settings()
+        for name in policies
+    }
+    return new
+
+
+def twin_agent(
+    twin: Twin,
+    policies: Sequence[str],
+    *,
+    registry: PolicyRegistry,
+    settings: Mapping[str, PolicySettings] | None = None,
+    guard: GuardSettings | None = None,
+    dry_run: bool = False,
+    interval_s: float = 15.0,
+    audit: AuditLog | None = None,
+    source: TelemetrySource | None = None,
+    base: Config | None = None,
+) -> Agent:
+    """The agent wired to `twin`: its telemetry (or `source`, e.g. its exporters), its caps
+    and its scheduler, on its clock."""
+    config = twin_config(
+        policies,
+        registry=registry,
+        settings=settings,
+        guard=guard,
+        dry_run=dry_run,
+        interval_s=interval_s,
+        node_overhead_w=twin.spec.node_overhead_w,
+        base=base,
+    )
+    actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
+    return assemble(
+        config,
+        registry=registry,
+        audit=audit or AuditLog(),
+        source=source or TwinSource(twin),
+        actuators=actuators,
+        twin=twin,
+        clock=TwinClock(twin),
+        standalone=True,
     )
 
 
-def slurm_placement(settings: SlurmSettings) -> SlurmPlacement:
-    """The Slurm actuator, after checking that what the config names exists."""
-    if settings.slurm_conf is not None and not settings.slurm_conf.is_file():
-        raise ConfigError(f"actuators.slurm.slurm_conf: no such file {settings.slurm_conf}")
-    if settings.bin_dir is not None:
-        missing = [
-            tool
-            for tool in ("scontrol", "sinfo", "squeue")
-            if not (settings.bin_dir / tool).exists()
-        ]
-        if missing:
-            raise ConfigError(
-                f"actuators.slurm.bin_dir: {', '.join(missing)} not found in {settings.bin_dir}"
-            )
-    return SlurmPlacement(settings)
+def drive(agent: Agent, duration_s: float) -> list[CycleReport]:
+    """Run the agent's twin to `duration_s`, a cycle every control interval (a cycle first)."""
+    twin = agent.twin
+    if twin is None:
+        raise ValueError("drive: the agent runs on no twin")
+    interval_s = agent.loop.interval_s
+    reports: list[CycleReport] = []
+    next_cycle = 0.0
+    while twin.t_s < duration_s - 1e-9:
+        if twin.t_s >= next_cycle - 1e-9:
+            reports.append(agent.loop.cycle())
+            next_cycle += interval_s
+        twin.step(min(twin.spec.step_s, next_cycle - twin.t_s, duration_s - twin.t_s))
+    return reports
