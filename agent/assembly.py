@@ -13,11 +13,11 @@ every intent is advice (`advisory`, with its reason).
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel
 
 from agent.act.audit import AuditLog
 from agent.act.authority import Authority
@@ -25,108 +25,42 @@ from agent.act.executor import Actuators, Executor
 from agent.act.gate import Gate
 from agent.act.guard import RESET_FILE, GuardSettings
 from agent.act.ledger import Ledger
-from agent.act.node_client import NodeCapActuator
-from agent.act.notify import build_notifier
 from agent.act.rollout import Rollout
-from agent.act.slurm import SlurmPlacement, SlurmSettings
-from agent.config import Config, TwinConfig, audit_path, default_config, state_dir
+from agent.adapters import ActuatorKind, BuildContext, Role
+from agent.adapters.prometheus import PrometheusConfig
+from agent.adapters.prometheus import prometheus_settings as _prometheus_settings
+from agent.adapters.twin import twin_factory
+from agent.config import Config, adapters_of, audit_path, default_config, state_dir
 from agent.core.clock import Clock, SystemClock
-from agent.core.errors import ConfigError, GpuError
-from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.protocols import CapActuator, PlacementActuator, TelemetrySource
-from agent.core.snapshot import Metric
+from agent.core.errors import ConfigError
+from agent.core.protocols import CapActuator, Notifier, PlacementActuator, TelemetrySource
+from agent.core.reads import Reads
 from agent.loop import CycleReport, Loop
-from agent.node.auth import TokenStore
-from agent.node.nvml import NvmlBackend
-from agent.observe.job_labels import JobLabelledSource
-from agent.observe.limits import LimitsFilledSource
-from agent.observe.nvml import NvmlSource
-from agent.observe.prometheus import PrometheusSettings, PrometheusSource
-from agent.observe.remote_write import RemoteWriteSource
+from agent.observe.prometheus import PrometheusSettings
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
+from agent.orient.reads import ORIENT_READS
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
-from agent.sim.faults import parse_fault
-from agent.sim.job_mirror import JobMirror, MirroredTwinSource
-from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
+from agent.sim.twin import Twin
 from policies.base import Policy, PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
 
-def twin_spec(cfg: TwinConfig) -> TwinSpec:
-    """The twin a config describes."""
-    budget: BudgetSchedule | None = None
-    if cfg.budget_w is not None:  # a demand response without it is refused by the config
-        budget = BudgetSchedule.constant(cfg.budget_w)
-        if cfg.demand_response is not None:
-            dr = cfg.demand_response
-            budget = BudgetSchedule.demand_response(
-                cfg.budget_w, dr.budget_w, dr.start_s, dr.duration_s
-            )
-    return TwinSpec(
-        nodes=cfg.nodes,
-        gpus_per_node=cfg.gpus_per_node,
-        model=BUILTIN_MODELS[cfg.model],
-        seed=cfg.seed,
-        occupancy=cfg.occupancy,
-        node_overhead_w=cfg.node_overhead_w,
-        budget=budget,
-        faults=tuple(parse_fault(f) for f in cfg.faults),
+def prometheus_settings(config: Config) -> PrometheusSettings:
+    """The Prometheus source a config describes, every field read every cycle (a recording;
+    the loop reads only what its readers need: `loop_reads`)."""
+    section = getattr(config.source, "prometheus", None)
+    if not isinstance(section, PrometheusConfig):
+        raise ConfigError("source.prometheus: no Prometheus source kind in the adapter table")
+    return _prometheus_settings(
+        section, budget_query=config.cluster.budget_query, group_label=config.cluster.group_label
     )
 
 
-# Fields the loop reads from telemetry but no orient model or policy uses: the energy counter
-# (the recorders and replay read it). Each field costs Prometheus a selection of every GPU's
-# series a cycle, about 0.8 s of its CPU at 100,000 GPUs.
-LOOP_UNUSED = frozenset({Metric.ENERGY_J})
-# ... and fields it reads only in place of another: the enforced limit is the cap in force only
-# where a GPU does not export its power management limit (orient's `cap_bounds`).
-LOOP_FALLBACKS = {Metric.ENFORCED_LIMIT_W: Metric.POWER_LIMIT_W}
-# ... and fields read this often (s), each a selection of every GPU's series saved in the
-# cycles between: memory utilization tells a job's workload class once (agent.orient.curvefit),
-# so a minute's delay costs nothing; the ECC and row-remap counters each come with an XID, read
-# every cycle (48: a double-bit error; 63, 64: a row remap recorded, failed), so they back it up
-# (the XID gauge holds only the last XID) and keep their last reading in between.
-LOOP_SLOW_FIELDS = {
-    Metric.MEM_UTIL_PCT: 60.0,
-    Metric.ECC_DBE_TOTAL: 60.0,
-    Metric.REMAPPED_ROWS_UNCORRECTABLE: 60.0,
-    Metric.ROW_REMAP_FAILURE: 60.0,
-}
-
-
-def prometheus_settings(
-    config: Config,
-    leave_out: Collection[Metric] = (),
-    fallbacks: Mapping[Metric, Metric] | None = None,
-    slow_fields: Mapping[Metric, float] | None = None,
-) -> PrometheusSettings:
-    """The Prometheus source a config describes (the budget query comes from `cluster`), less
-    the fields in `leave_out`, with `fallbacks` read only where needed and `slow_fields` only
-    every so often."""
-    p = config.source.prometheus
-    return PrometheusSettings(
-        url=p.url,
-        timeout_s=p.timeout_s,
-        retries=p.retries,
-        scrape_interval_s=p.scrape_interval_s,
-        staleness_s=p.staleness_s,
-        inventory_window_s=p.inventory_window_s,
-        static_refresh_s=p.static_refresh_s,
-        parallel_queries=p.parallel_queries,
-        metrics={m: ("" if m in leave_out else name) for m, name in p.metrics.items()},
-        host_labels=tuple(p.host_labels),
-        gpu_label=p.gpu_label,
-        uuid_label=p.uuid_label,
-        model_label=p.model_label,
-        job_label=p.job_label,
-        match=dict(p.match),
-        budget_query=config.cluster.budget_query,
-        # The per-group budgets' label, read with each GPU's identity.
-        extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
-        fallbacks=dict(fallbacks or {}),
-        slow_fields=dict(slow_fields or {}),
-    )
+def loop_reads(policies: Sequence[Policy]) -> Reads:
+    """What the loop reads of the telemetry: what orient's models and these policies read, each
+    field as fresh as its most demanding reader needs it (agent.core.reads)."""
+    return Reads.union([ORIENT_READS, *(getattr(p, "reads", Reads()) for p in policies)])
 
 
 def orienter_for(config: Config) -> Orienter:
@@ -181,98 +115,42 @@ def build_actuators(
 ) -> tuple[CapActuator | None, PlacementActuator | None, list[Callable[[], Any]]]:
     """The live cap and placement actuators a config names, without a loop (for `ooda
     rollback`), and what closes them. A twin actuator acts on a fresh twin of the config."""
-    closers: list[Callable[[], Any]] = []
-    caps: CapActuator | None = None
-    placement: PlacementActuator | None = None
-    twin: Twin | None = None
-    if "twin" in (config.actuators.caps, config.actuators.placement):
-        twin = Twin(twin_spec(config.twin))
-    if config.actuators.caps == "twin":
-        assert twin is not None
-        caps = TwinCapActuator(twin)
-    elif config.actuators.caps == "node":
-        assert config.actuators.node is not None  # the config validator insists
-        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
-        caps = node_caps
-        closers.append(node_caps.close)
-    if config.actuators.placement == "twin":
-        assert twin is not None
-        placement = TwinPlacement(twin)
-    elif config.actuators.placement == "slurm":
-        placement = slurm_placement(config.actuators.slurm)
-    return caps, placement, closers
+    ctx = _context(config, clock, None, None)
+    placement: PlacementActuator | None = _actuator(config, "placement", ctx, PlacementActuator)
+    caps: CapActuator | None = _actuator(config, "caps", ctx, CapActuator)
+    return caps, placement, ctx.closers
 
 
-def nvml_source(config: Config, closers: list[Callable[[], Any]]) -> NvmlSource:
-    """This node's GPUs through NVML; what closes it goes into `closers`."""
-    try:
-        backend = NvmlBackend()
-    except GpuError as exc:
-        # systemd sets INVOCATION_ID for its services: the agent's unit hides the devices.
-        hint = (
-            " (the agent's systemd unit hides the NVIDIA devices: add its drop-in "
-            "ooda-agent.service.d/nvml.conf)"
-            if os.environ.get("INVOCATION_ID")
-            else ""
-        )
-        raise ConfigError(f"source.kind = 'nvml': {exc}{hint}") from exc
-    closers.append(backend.close)
-    return NvmlSource(backend, config.source.nvml.node or socket.gethostname().split(".")[0])
-
-
-def remote_write_source(config: Config, closers: list[Callable[[], Any]]) -> RemoteWriteSource:
-    """The remote-write receiver, listening; what stops it goes into `closers`."""
-    rw = config.source.remote_write
-    tokens = TokenStore(rw.token_file) if rw.token_file is not None else None
-    source = RemoteWriteSource(
-        rw,
-        extra_labels=(config.cluster.group_label,) if config.cluster.group_label else (),
-        tokens=tokens,
+def _context(
+    config: Config, clock: Clock | None, twin: Twin | None, reads: Reads | None
+) -> BuildContext:
+    return BuildContext(
+        cluster=config.cluster.name,
+        clock=clock,
+        budget_query=config.cluster.budget_query,
+        group_label=config.cluster.group_label,
+        reads=reads,
+        twin_factory=twin_factory(config.twin),
+        twin=twin,
     )
-    closers.append(source.close)
-    return source
 
 
-def configured_source(
-    config: Config,
-    twin: Twin | None,
-    slurm: SlurmPlacement | None,
-    closers: list[Callable[[], Any]],
-) -> TelemetrySource:
-    """The telemetry source `[source] kind` names; what closes it goes into `closers`."""
-    kind = config.source.kind
-    if kind == "twin":
-        assert twin is not None
-        source: TelemetrySource = TwinSource(twin)
-        if slurm is not None:
-            source = MirroredTwinSource(source, JobMirror(twin, slurm))
-        return source
-    if kind == "prometheus":
-        prometheus = PrometheusSource(
-            prometheus_settings(config, LOOP_UNUSED, LOOP_FALLBACKS, LOOP_SLOW_FIELDS)
+def _actuator(config: Config, role: Role, ctx: BuildContext, protocol: Any) -> Any:
+    """The actuator the config names for `role`, built by its kind (None: 'none')."""
+    kind = adapters_of(config).actuator(role, getattr(config.actuators, role, "none"))
+    return _built(kind, config.actuators, ctx, protocol) if kind is not None else None
+
+
+def _built(kind: ActuatorKind, sections: BaseModel, ctx: BuildContext, protocol: Any) -> Any:
+    """What `kind` builds from its section, checked to be a `protocol` (a runtime-checkable
+    edge protocol: a plug-in's mistake is named, not found in a later cycle)."""
+    built = kind.build(getattr(sections, kind.name, None), ctx)
+    if not isinstance(built, protocol):
+        raise ConfigError(
+            f"actuators.{kind.role}: kind {kind.name!r} ({kind.origin}) built "
+            f"{type(built).__name__}, not a {protocol.__name__}"
         )
-        closers.append(prometheus.close)
-        return prometheus
-    if kind == "remote_write":
-        return remote_write_source(config, closers)
-    return nvml_source(config, closers)
-
-
-def slurm_placement(settings: SlurmSettings) -> SlurmPlacement:
-    """The Slurm actuator, after checking that what the config names exists."""
-    if settings.slurm_conf is not None and not settings.slurm_conf.is_file():
-        raise ConfigError(f"actuators.slurm.slurm_conf: no such file {settings.slurm_conf}")
-    if settings.bin_dir is not None:
-        missing = [
-            tool
-            for tool in ("scontrol", "sinfo", "squeue")
-            if not (settings.bin_dir / tool).exists()
-        ]
-        if missing:
-            raise ConfigError(
-                f"actuators.slurm.bin_dir: {', '.join(missing)} not found in {settings.bin_dir}"
-            )
-    return SlurmPlacement(settings)
+    return built
 
 
 @dataclass
@@ -301,9 +179,13 @@ class Agent:
 
 def hosts_twin(config: Config) -> bool:
     """Whether the config's source or actuators are the in-process twin."""
-    return config.source.kind == "twin" or "twin" in (
-        config.actuators.caps,
-        config.actuators.placement,
+    table = adapters_of(config)
+    source = table.sources.get(config.source.kind)
+    acting = (
+        table.actuators[role].get(getattr(config.actuators, role)) for role in ("caps", "placement")
+    )
+    return bool(source is not None and source.observes_twin) or any(
+        kind is not None and kind.acts_on_twin for kind in acting
     )
 
 
@@ -322,35 +204,25 @@ def assemble(
 ) -> Agent:
     """The agent `config` describes, wired into one Loop.
 
-    `source` and `actuators` replace what the config names (replay's trace and recorders);
-    `twin` reuses a twin that already runs (a daemon's reload keeps its cluster; the demo and
-    the twin runs build their own); `budget_w` overrides the configured budget; `advisory`
-    makes every intent advice, for that reason (replay). `standalone`: not the cluster's own
-    agent (a demo, a replay, a test, a bench): it consumes no `ooda guard reset` request meant
-    for the daemon, unless the config names a state directory of its own."""
+    The source and actuators are built by the kinds the config names (agent.adapters);
+    `source` and `actuators` replace them (replay's trace and recorders; `actuators` given are
+    complete, the notifier too). `twin` reuses a twin that already runs (a daemon's reload
+    keeps its cluster; the demo and the twin runs build their own); `budget_w` overrides the
+    configured budget; `advisory` makes every intent advice, for that reason (replay).
+    `standalone`: not the cluster's own agent (a demo, a replay, a test, a bench): it consumes
+    no `ooda guard reset` request meant for the daemon, unless the config names a state
+    directory of its own."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
-    closers: list[Callable[[], Any]] = []
-    named = actuators is None  # the config's actuators (else the caller's, complete)
+    ctx = _context(config, clock, twin, loop_reads(policies))
     if actuators is None:
-        source, actuators, twin = _edges(config, source, twin, clock, closers)
+        source, actuators = _edges(config, source, ctx)
     elif source is None:
         raise ConfigError("assemble: actuators given without a source")
-    if clock is None and config.source.kind != "twin":
-        clock = SystemClock()  # Prometheus and NVML read the present, in Unix time
-    if clock is None:
-        if twin is None:
-            raise ConfigError("a clock is needed when no twin is configured")
-        clock = TwinClock(twin)
-    notifier = None
-    if named:
-        notifier = build_notifier(config.actuators.notify, config.cluster.name, clock)
-    if notifier is not None:
-        actuators.notifier = notifier
-        closers.append(notifier.close)
+    clock = clock or _clock_of(config, ctx)
     authority = authority_for(config, policies, clock, advisory)
     ledger = Ledger(config.guard)
     watch_reset = not standalone or config.daemon.state_dir is not None
@@ -373,53 +245,61 @@ def assemble(
         interval_s=config.daemon.interval_s,
     )
     return Agent(
-        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+        config=config,
+        loop=loop,
+        audit=audit,
+        actuators=actuators,
+        twin=ctx.twin,
+        closers=ctx.closers,
     )
+
+
+def _clock_of(config: Config, ctx: BuildContext) -> Clock:
+    """The clock the source reads: Unix time (Prometheus, NVML read the present), or the
+    twin's."""
+    if adapters_of(config).source(config.source.kind).unix_time:
+        return SystemClock()
+    return TwinClock(ctx.get_twin())
 
 
 def _edges(
-    config: Config,
-    source: TelemetrySource | None,
-    twin: Twin | None,
-    clock: Clock | None,
-    closers: list[Callable[[], Any]],
-) -> tuple[TelemetrySource, Actuators, Twin | None]:
-    """The source and actuators the config names (`source` overrides its source), and the twin
-    they share, if any."""
+    config: Config, source: TelemetrySource | None, ctx: BuildContext
+) -> tuple[TelemetrySource, Actuators]:
+    """The source and actuators the config names (`source` overrides its source): the placement
+    first (a twin may mirror its jobs), then the source, then the caps; then the source joined
+    with what the actuators know (the scheduler's jobs, the nodes' limits); the notifier last,
+    on the agent's clock."""
+    table = adapters_of(config)
     actuators = Actuators()
-    slurm = (
-        slurm_placement(config.actuators.slurm) if config.actuators.placement == "slurm" else None
-    )
-    # The twin standing in for the GPUs of a real Slurm cluster: its jobs are Slurm's.
-    mirror_slurm = slurm is not None and source is None and config.source.kind == "twin"
-    if hosts_twin(config):
-        if twin is None:
-            spec = twin_spec(config.twin)
-            if mirror_slurm:
-                spec = replace(spec, occupancy=0.0, initial_jobs=False)
-            twin = Twin(spec)
-    else:
-        twin = None
+    placement_kind = table.actuator("placement", config.actuators.placement)
+    if placement_kind is not None:
+        actuators.placement = _built(placement_kind, config.actuators, ctx, PlacementActuator)
+        ctx.placement = actuators.placement
+    kind = table.source(config.source.kind)
+    ctx.source_kind = kind
     if source is None:
-        source = configured_source(config, twin, slurm, closers)
-    if slurm is not None and not mirror_slurm:  # GPUs labelled with Slurm's jobs and priorities
-        source = JobLabelledSource(source, slurm, config.actuators.slurm.default_priority)
-    if config.actuators.caps == "twin":
-        assert twin is not None
-        actuators.caps = TwinCapActuator(twin)
-    if config.actuators.caps == "node":
-        assert config.actuators.node is not None  # the config validator insists
-        node_caps = NodeCapActuator(config.actuators.node, clock=clock)
-        actuators.caps = node_caps
-        closers.append(node_caps.close)
-        if config.source.kind in ("prometheus", "remote_write"):  # limits exporters lack: nodes
-            source = LimitsFilledSource(source, node_caps)
-    if config.actuators.placement == "twin":
-        assert twin is not None
-        actuators.placement = TwinPlacement(twin)
-    elif slurm is not None:
-        actuators.placement = slurm
-    return source, actuators, twin
+        source = kind.build(getattr(config.source, kind.name, None), ctx)
+    caps_kind = table.actuator("caps", config.actuators.caps)
+    if caps_kind is not None:
+        actuators.caps = ctx.caps = _built(caps_kind, config.actuators, ctx, CapActuator)
+    for joined, actuator in ((placement_kind, actuators.placement), (caps_kind, actuators.caps)):
+        if joined is not None and joined.wrap_source is not None:
+            section = getattr(config.actuators, joined.name, None)
+            source = joined.wrap_source(source, actuator, section, ctx)
+    notify = table.notifier()
+    if notify is not None:
+        clock = ctx.clock
+        ctx.clock = clock or _clock_of(config, ctx)
+        actuators.notifier = _built_notifier(notify, config.actuators, ctx)
+        ctx.clock = clock
+    return source, actuators
+
+
+def _built_notifier(kind: ActuatorKind, sections: BaseModel, ctx: BuildContext) -> Notifier | None:
+    built = kind.build(getattr(sections, kind.name, None), ctx)
+    if built is not None and not isinstance(built, Notifier):
+        raise ConfigError(f"actuators.notify: kind {kind.name!r} built no Notifier")
+    return built
 
 
 # -- the agent on an in-process twin (the demo, twin runs, the replay test API, the benches) ------

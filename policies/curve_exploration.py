@@ -28,7 +28,9 @@ from agent.core.curves import (
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
+from agent.core.reads import Reads
 from agent.core.situation import Situation
+from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import power
 
@@ -83,6 +85,7 @@ class CurveExplorationMemory(PolicyMemory):
 
 class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemory]):
     name: ClassVar[str] = "curve_exploration"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # the draw under each step
     safety: ClassVar[bool] = False
     description: ClassVar[str] = (
         "Lower a few GPUs' caps a little, within a slowdown bound, to learn their power curves."

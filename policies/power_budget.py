@@ -27,6 +27,7 @@ from pydantic import Field
 from agent.core.curves import allocate_power, known_natural_w
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
+from agent.core.reads import Reads
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -81,6 +82,7 @@ class PowerBudgetMemory(PolicyMemory):
 
 class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
     name: ClassVar[str] = "power_budget"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # its draw against the budget
     safety: ClassVar[bool] = True
     holds_budget: ClassVar[bool] = True
     description: ClassVar[str] = (

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.core.intents import DrainNode, GpuTargets, Intent, ReleasePowerCap, SetPowerCap
+from agent.core.reads import Reads
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -67,6 +68,8 @@ class ThermalGuardMemory(PolicyMemory):
 
 class ThermalGuard(BasePolicy[ThermalGuardSettings, ThermalGuardMemory]):
     name: ClassVar[str] = "thermal_guard"
+    # Temperatures, and the draw a step down is sized on.
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.TEMP_C, Metric.POWER_W)
     safety: ClassVar[bool] = True
     description: ClassVar[str] = "Cap, then drain, GPUs that run hot or heat abnormally."
     Settings = ThermalGuardSettings

@@ -53,7 +53,13 @@ def once(
       ooda once --config /etc/ooda/agent.toml --json
     """
     from agent.assembly import assemble
-    from agent.config import default_config, force_dry_run, load_config, parse_config
+    from agent.config import (
+        adapters_of,
+        default_config,
+        force_dry_run,
+        load_config,
+        parse_config,
+    )
     from agent.core.errors import BadInputError
 
     if config is None and prometheus is None:
@@ -81,13 +87,8 @@ def once(
         report = agent.cycle()
     finally:
         agent.close()
-    source: str = cfg.source.kind
-    if cfg.source.kind == "prometheus":
-        source = cfg.source.prometheus.url
-    elif cfg.source.kind == "remote_write":
-        source = f"remote write on {cfg.source.remote_write.listen}"
-    elif cfg.source.kind == "nvml":  # which node's GPUs
-        source = f"nvml on {', '.join(map(str, report.snapshot.node_names)) or '?'}"
+    kind = adapters_of(cfg).source(cfg.source.kind)
+    source = kind.where(getattr(cfg.source, kind.name, None), report.snapshot.node_names.tolist())
     result = summarize(report, source=source, dry_run=cfg.dry_run)
     if json_out:
         emit_json(result)

@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 
 from agent.act.audit import read_records
-from agent.assembly import Agent, assemble, twin_spec
+from agent.adapters.twin import twin_spec
+from agent.assembly import Agent, assemble
 from agent.config import parse_config
 from agent.daemon.service import Daemon, DaemonOptions
 from agent.loop import CycleReport
