@@ -19,7 +19,8 @@ from agent.loop import CycleReport, Loop
 from agent.sim.faults import parse_fault
 from agent.sim.twin import Twin, TwinSpec
 from policies.registry import builtin_registry
-from tests.test_rollback import HealthFromXid
+from tests.fakes import HealthFromXid
+from tests.test_rollback import FATAL
 
 INTERVAL_S = 15.0
 
@@ -56,7 +57,8 @@ def scenario(tmp_path: Path, dry_run: bool) -> tuple[Twin, Loop, Path, Path]:
         interval_s=INTERVAL_S,
         base=base,
     ).loop
-    loop.orienter = HealthFromXid()  # orient's health classes are not merged yet
+    # Orient's health classes are not merged yet.
+    loop.orienter = HealthFromXid(fatal=FATAL, remediation="drain the node", since_known=False)
     assert loop.gate.reset_file == state / RESET_FILE
     config = tmp_path / "agent.toml"
     config.write_text(f'[audit]\npath = "{audit_path}"\n[daemon]\nstate_dir = "{state}"\n')

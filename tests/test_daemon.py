@@ -22,7 +22,7 @@ from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.core.clock import FakeClock, SystemClock
 from agent.core.errors import BadInputError
 from agent.core.intents import GpuTargets, IntentKind, SetPowerCap
-from agent.core.protocols import CapResult, Persistent
+from agent.core.protocols import Persistent
 from agent.core.snapshot import Snapshot
 from agent.daemon import AlreadyRunningError
 from agent.daemon.service import parse_listen
@@ -42,7 +42,7 @@ from tests.daemon_helpers import (
     twin_config,
     write,
 )
-from tests.fakes import make_gate
+from tests.fakes import RenewingCaps, make_gate
 
 
 def same(a: object, b: object) -> bool:
@@ -648,25 +648,6 @@ def test_a_cycle_that_does_not_finish_in_the_grace_is_abandoned(tmp_path: Path) 
 
 def _cycle(event: dict) -> int:  # type: ignore[type-arg]
     return int(event["decision_id"].split("-")[2])
-
-
-class RenewingCaps:
-    """A cap actuator whose caps are leases (a hand-written fake of the node client)."""
-
-    def __init__(self) -> None:
-        self.renewals: list[float] = []
-        self.set_calls = 0
-
-    def set_caps(self, targets: GpuTargets, watts: np.ndarray, lease_s: float) -> CapResult:
-        self.set_calls += 1
-        return CapResult.all_ok(len(targets))
-
-    def release_caps(self, targets: GpuTargets) -> CapResult:
-        return CapResult.all_ok(len(targets))
-
-    def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]:
-        self.renewals.append(lease_s)
-        return GpuTargets.empty(), CapResult.all_ok(0)
 
 
 def test_on_exit_renew_renews_the_leases_once_more(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from agent.core.intents import (
 from agent.core.situation import NodeStates, Situation
 from agent.orient.orienter import Orienter
 from tests.conftest import make_snapshot
-from tests.fakes import make_gate, make_loop
+from tests.fakes import FakePlacement, make_gate, make_loop
 
 N_NODES = 10
 
@@ -400,25 +400,8 @@ def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
         def observe(self, now_s: float):  # type: ignore[no-untyped-def]
             return make_snapshot([500.0] * 16, time_s=now_s)
 
-    class Placement:
-        """A hand-written PlacementActuator: every node in service; drains remembered."""
-
-        def __init__(self) -> None:
-            self.drained: list[str] = []
-
-        def node_states(self, names):  # type: ignore[no-untyped-def]
-            return states(len(names))
-
-        def drain(self, node: str, reason: str) -> None:
-            self.drained.append(node)
-
-        def resume(self, node: str) -> None: ...
-        def set_weight(self, node: str, weight: int) -> None: ...
-        def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
-        def requeue(self, job: str) -> None: ...
-
     notes = RecordingNotifier()
-    placement = Placement()
+    placement = FakePlacement(states=lambda names: states(len(names)))
     audit = AuditLog(tmp_path / "audit.jsonl")
     clock = FakeClock(100.0)
     loop = make_loop(
@@ -431,7 +414,7 @@ def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
         clock=clock,
     )
     report = loop.cycle()
-    assert placement.drained == ["node1", "node2"]
+    assert placement.done("drain") == ["node1", "node2"]
     assert any("circuit breaker OPEN" in e for e in report.errors)
     assert len(notes.sent) == 1 and notes.sent[0].policy == "guard"
     audit.close()
