@@ -201,6 +201,7 @@ def assemble(
     budget_w: float | None = None,
     advisory: str | None = None,
     standalone: bool = False,
+    wall: Clock | None = None,
 ) -> Agent:
     """The agent `config` describes, wired into one Loop.
 
@@ -211,18 +212,24 @@ def assemble(
     configured budget; `advisory` makes every intent advice, for that reason (replay).
     `standalone`: not the cluster's own agent (a demo, a replay, a test, a bench): it consumes
     no `ooda guard reset` request meant for the daemon, unless the config names a state
-    directory of its own."""
+    directory of its own. `wall`: the wall clock a source's own time follows (a trace's; a
+    daemon's test drives it)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
     ctx = _context(config, clock, twin, loop_reads(policies))
+    ctx.wall = wall
+    named = actuators is None  # the config's actuators (else the caller's, complete)
     if actuators is None:
         source, actuators = _edges(config, source, ctx)
     elif source is None:
         raise ConfigError("assemble: actuators given without a source")
-    clock = clock or _clock_of(config, ctx)
+    clock = clock or _clock_of(config, ctx, source)
+    if named:
+        ctx.clock = clock
+        actuators.notifier = _notifier(config, ctx)
     authority = authority_for(config, policies, clock, advisory)
     ledger = Ledger(config.guard)
     watch_reset = not standalone or config.daemon.state_dir is not None
@@ -254,12 +261,19 @@ def assemble(
     )
 
 
-def _clock_of(config: Config, ctx: BuildContext) -> Clock:
-    """The clock the source reads: Unix time (Prometheus, NVML read the present), or the
-    twin's."""
-    if adapters_of(config).source(config.source.kind).unix_time:
+def _clock_of(config: Config, ctx: BuildContext, source: TelemetrySource) -> Clock:
+    """The clock the source's time runs on: the present in Unix time (Prometheus, NVML), or
+    its own (the twin's, a trace's)."""
+    kind = adapters_of(config).source(config.source.kind)
+    if kind.clock is None:
         return SystemClock()
-    return TwinClock(ctx.get_twin())
+    own = ctx.source if ctx.source is not None else source
+    return kind.clock(own, ctx, getattr(config.source, kind.name, None))
+
+
+def reads_the_present(config: Config) -> bool:
+    """Whether the config's source reads the present, in Unix time (else a time of its own)."""
+    return adapters_of(config).source(config.source.kind).clock is None
 
 
 def _edges(
@@ -267,8 +281,8 @@ def _edges(
 ) -> tuple[TelemetrySource, Actuators]:
     """The source and actuators the config names (`source` overrides its source): the placement
     first (a twin may mirror its jobs), then the source, then the caps; then the source joined
-    with what the actuators know (the scheduler's jobs, the nodes' limits); the notifier last,
-    on the agent's clock."""
+    with what the actuators know (the scheduler's jobs, the nodes' limits). The notifier comes
+    after, on the agent's clock."""
     table = adapters_of(config)
     actuators = Actuators()
     placement_kind = table.actuator("placement", config.actuators.placement)
@@ -279,6 +293,7 @@ def _edges(
     ctx.source_kind = kind
     if source is None:
         source = kind.build(getattr(config.source, kind.name, None), ctx)
+    ctx.source = source
     caps_kind = table.actuator("caps", config.actuators.caps)
     if caps_kind is not None:
         actuators.caps = ctx.caps = _built(caps_kind, config.actuators, ctx, CapActuator)
@@ -286,17 +301,15 @@ def _edges(
         if joined is not None and joined.wrap_source is not None:
             section = getattr(config.actuators, joined.name, None)
             source = joined.wrap_source(source, actuator, section, ctx)
-    notify = table.notifier()
-    if notify is not None:
-        clock = ctx.clock
-        ctx.clock = clock or _clock_of(config, ctx)
-        actuators.notifier = _built_notifier(notify, config.actuators, ctx)
-        ctx.clock = clock
     return source, actuators
 
 
-def _built_notifier(kind: ActuatorKind, sections: BaseModel, ctx: BuildContext) -> Notifier | None:
-    built = kind.build(getattr(sections, kind.name, None), ctx)
+def _notifier(config: Config, ctx: BuildContext) -> Notifier | None:
+    """The notifier [actuators.notify] names (None: none), on the agent's clock."""
+    kind = adapters_of(config).notifier()
+    if kind is None:
+        return None
+    built = kind.build(getattr(config.actuators, kind.name, None), ctx)
     if built is not None and not isinstance(built, Notifier):
         raise ConfigError(f"actuators.notify: kind {kind.name!r} built no Notifier")
     return built

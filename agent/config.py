@@ -127,8 +127,16 @@ class SourceConfig(_Section):
     kind: str = Field(
         "twin",
         description="Where telemetry comes from: a source kind of the adapter table (twin, "
-        "prometheus, nvml: this node's GPUs, read directly; or an installed plug-in's).",
+        "prometheus, nvml: this node's GPUs, read directly; trace: a recorded trace; or an "
+        "installed plug-in's).",
     )
+
+    @model_validator(mode="after")
+    def _needed_section(self) -> SourceConfig:
+        kind = _table(self).sources.get(self.kind)
+        if kind is not None and kind.Settings is not None and getattr(self, kind.name) is None:
+            raise ValueError(f"kind = {self.kind!r} needs a [source.{self.kind}] section")
+        return self
 
 
 class ActuatorsConfig(_Section):

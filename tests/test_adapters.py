@@ -228,5 +228,7 @@ def test_a_third_party_actuator_is_listed_validated_and_run(
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert missing.returncode == 2
-    assert "actuators.placement: Input should be 'twin', 'slurm' or 'none'" in missing.stderr
+    assert "actuators.placement: Input should be 'twin', 'slurm', 'trace' or 'none'" in (
+        missing.stderr
+    )
     assert np.isfinite(lines[0]["time"])

@@ -34,6 +34,7 @@ from agent.adapters.table import (
     Role,
     SourceKind,
 )
+from agent.adapters.trace import TRACE_PLACEMENT, TRACE_SOURCE
 from agent.adapters.twin import TWIN_CAPS, TWIN_PLACEMENT, TWIN_SOURCE
 
 __all__ = [
@@ -54,9 +55,17 @@ __all__ = [
 def builtin_adapters() -> Adapters:
     """A fresh table of the built-in kinds (explicitly listed)."""
     table = Adapters()
-    for source in (TWIN_SOURCE, PROMETHEUS_SOURCE, NVML_SOURCE, REMOTE_WRITE_SOURCE):
+    sources = (TWIN_SOURCE, PROMETHEUS_SOURCE, NVML_SOURCE, REMOTE_WRITE_SOURCE, TRACE_SOURCE)
+    for source in sources:
         table.add_source(source)
-    for actuator in (TWIN_CAPS, NODE_CAPS, TWIN_PLACEMENT, SLURM_PLACEMENT, NOTIFY):
+    for actuator in (
+        TWIN_CAPS,
+        NODE_CAPS,
+        TWIN_PLACEMENT,
+        SLURM_PLACEMENT,
+        TRACE_PLACEMENT,
+        NOTIFY,
+    ):
         table.add_actuator(actuator)
     return table
 

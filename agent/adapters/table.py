@@ -32,6 +32,7 @@ class BuildContext:
 
     cluster: str  # the cluster's name
     clock: Clock | None  # the agent's clock, when it is given (else each adapter's own)
+    wall: Clock | None = None  # wall time, for a source whose time follows it (a trace's)
     budget_query: str | None = None  # PromQL giving the budget (`cluster.budget_query`)
     group_label: str | None = None  # the per-group budgets' label (`cluster.group_label`)
     reads: Reads | None = None  # what the loop reads (None: every field, as a recording)
@@ -40,6 +41,7 @@ class BuildContext:
     placement: PlacementActuator | None = None  # built before the source
     caps: CapActuator | None = None
     source_kind: SourceKind | None = None
+    source: TelemetrySource | None = None  # as its kind built it (before any join)
     mirrored: bool = False  # the twin's jobs follow the placement system's
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -73,7 +75,9 @@ class SourceKind:
     whose: str = ""  # "the twin's": whose GPUs, in messages
     called: str = ""  # "a Prometheus": the source, in messages
     observes_twin: bool = False  # it observes the in-process twin (the twin's actuators act on it)
-    unix_time: bool = True  # it reads the present, in Unix time (else the twin's clock)
+    # The clock its time runs on (the twin's, a trace's), from the source built and its
+    # section; None: it reads the present, in Unix time.
+    clock: Callable[[TelemetrySource, BuildContext, Any], Clock] | None = None
     # Gaps in its cap limits may be filled from a cap actuator that knows them (the nodes).
     fills_limits: bool = False
     # Why `cluster.budget_query` (PromQL) cannot be used with it ("": it can).

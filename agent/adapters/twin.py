@@ -14,7 +14,7 @@ from agent.core.errors import BadInputError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.protocols import JobInventory, TelemetrySource
 from agent.core.settings import STRICT_SECTION
-from agent.sim.adapters import TwinCapActuator, TwinPlacement, TwinSource
+from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
 from agent.sim.job_mirror import JobMirror, MirroredTwinSource
 from agent.sim.twin import TWIN_LABELS, BudgetSchedule, Twin, TwinSpec
@@ -125,7 +125,7 @@ TWIN_SOURCE = SourceKind(
     whose="the twin's",
     called="the twin",
     observes_twin=True,
-    unix_time=False,
+    clock=lambda _source, ctx, _section: TwinClock(ctx.get_twin()),
 )
 TWIN_CAPS = ActuatorKind(
     name="twin",

@@ -55,7 +55,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
-from agent.assembly import Agent, assemble, hosts_twin
+from agent.assembly import Agent, assemble, hosts_twin, reads_the_present
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
@@ -170,8 +170,9 @@ class Daemon:
         return config
 
     def _build(self, config: Config, twin: Twin | None) -> Agent:
-        clock = None if hosts_twin(config) else SystemClock()
-        return assemble(config, clock=clock, registry=self.registry, twin=twin)
+        # A source with a time of its own (the twin's, a trace's) follows the wall clock.
+        clock = SystemClock() if reads_the_present(config) else None
+        return assemble(config, clock=clock, registry=self.registry, twin=twin, wall=self.wall)
 
     def start(self) -> None:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
