@@ -11,6 +11,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -28,7 +29,7 @@ from agent.daemon import AlreadyRunningError
 from agent.daemon.service import parse_listen
 from agent.daemon.state import StateFile
 from agent.daemon.telemetry import refusal_class
-from agent.loop import STAGES
+from agent.loop import STAGES, CycleReport, Loop
 from tests.daemon_helpers import (
     START_UNIX,
     HealthFromXid,
@@ -91,6 +92,29 @@ def test_many_cycles_on_a_fake_clock(tmp_path: Path) -> None:
         assert daemon.shutdown()
 
 
+def _assert_cooldown_resumed(
+    loop: Loop, guard_before: dict[str, Any], last_report: CycleReport
+) -> None:
+    """Cooldowns resume: raising a cap the first run changed in its last cycle is refused; a
+    guard that forgot would allow it."""
+    last_change = np.array(guard_before["caps"]["last_change_s"])
+    latest = float(last_change[np.isfinite(last_change)].max())
+    uuid = np.array(guard_before["caps"]["keys"])[last_change == latest][0]
+    row = int(np.flatnonzero(last_report.snapshot.uuid == uuid)[0])
+    raise_cap = SetPowerCap(
+        policy="power_budget",
+        reason="test",
+        targets=GpuTargets.from_rows(last_report.snapshot, [row]),
+        watts=np.array([last_report.situation.cap_w[row] + 100.0]),
+    )
+    now = latest + 15
+    live = Gate(loop.ledger)  # the ledger as a live agent's gate reads it
+    review = live.review([raise_cap], last_report.situation, now)
+    assert review.refused and "cooldown" in review.refused[0].reason
+    fresh = make_gate(loop.gate.settings).review([raise_cap], last_report.situation, now)
+    assert fresh.allowed and not fresh.refused
+
+
 def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_path: Path) -> None:
     cfg = write(
         tmp_path / "ooda.toml",
@@ -130,24 +154,7 @@ def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_pat
         assert same(loop.ledger.to_dict(), guard_before)
         # The last cycle's time too: a restart after the clock went back sees the jump.
         assert loop.to_dict() == saved["parts"]["loop"] == {"last_cycle_s": last_t}
-        # Cooldowns resume: raising a cap the first run changed in its last cycle is refused;
-        # a guard that forgot would allow it.
-        last_change = np.array(guard_before["caps"]["last_change_s"])
-        latest = float(last_change[np.isfinite(last_change)].max())
-        uuid = np.array(guard_before["caps"]["keys"])[last_change == latest][0]
-        row = int(np.flatnonzero(last_report.snapshot.uuid == uuid)[0])
-        raise_cap = SetPowerCap(
-            policy="power_budget",
-            reason="test",
-            targets=GpuTargets.from_rows(last_report.snapshot, [row]),
-            watts=np.array([last_report.situation.cap_w[row] + 100.0]),
-        )
-        now = latest + 15
-        live = Gate(loop.ledger)  # the ledger as a live agent's gate reads it
-        review = live.review([raise_cap], last_report.situation, now)
-        assert review.refused and "cooldown" in review.refused[0].reason
-        fresh = make_gate(loop.gate.settings).review([raise_cap], last_report.situation, now)
-        assert fresh.allowed and not fresh.refused
+        _assert_cooldown_resumed(loop, guard_before, last_report)
         # Ownership: the node the first run drained is resumed by the second, once healthy.
         # The fault ends at 150 s and the hold is 60 s, but the node cooldown (300 s) the first
         # run started with its drain holds until then: restored, it still does.

@@ -263,53 +263,64 @@ class Executor:
         action_id: Callable[[], str],
         now_s: float,
     ) -> list[Action]:
-        acts = self.actuators
-        done = Outcome.RECORDED if dry else Outcome.APPLIED
-
         def action(what: Intent, outcome: Outcome, detail: str = "", before: Any = None) -> Action:
             return Action(action_id(), decision_id, what, outcome, dry, detail, before, now_s)
 
         if isinstance(intent, SetPowerCap | ReleasePowerCap):
-            caps = acts.recorded_caps if dry else acts.caps
-            if caps is None:
-                return [action(intent, Outcome.FAILED, "no cap actuator configured")]
-            if isinstance(intent, SetPowerCap):
-                result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
-            else:
-                result = caps.release_caps(intent.targets)
-            out: list[Action] = []
-            ok, failed = result.ok, ~result.ok
-            if ok.any():
-                out.append(action(intent.subset(ok), done, before=result.before_w[ok]))
-            if failed.any():
-                errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or [
-                    "failed"
-                ]
-                log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
-                detail = "; ".join(errors[:5])
-                out.append(
-                    action(intent.subset(failed), Outcome.FAILED, detail, result.before_w[failed])
-                )
-            return out
+            return self._apply_caps(intent, dry, action)
+        done = Outcome.RECORDED if dry else Outcome.APPLIED
         if isinstance(intent, Notify):
-            notifier = acts.recorded_notes if dry else acts.notifier
+            notifier = self.actuators.recorded_notes if dry else self.actuators.notifier
             if notifier is None:
                 return [action(intent, Outcome.FAILED, "no notifier configured")]
             notifier.notify(intent)
             return [action(intent, done)]
-        placement = acts.recorded_placement if dry else acts.placement
+        placement = self.actuators.recorded_placement if dry else self.actuators.placement
         if placement is None:
             return [action(intent, Outcome.FAILED, "no placement actuator configured")]
-        if isinstance(intent, DrainNode):
-            placement.drain(intent.node, intent.reason)
-        elif isinstance(intent, ResumeNode):
-            placement.resume(intent.node)
-        elif isinstance(intent, SetNodeWeight):
-            placement.set_weight(intent.node, intent.weight)
-        elif isinstance(intent, SetNodeFeatures):
-            placement.set_features(intent.node, intent.add, intent.remove)
-        elif isinstance(intent, RequeueJob):
-            placement.requeue(intent.job)
-        else:
-            raise TypeError(f"no actuator for {intent.kind}")
+        _place(placement, intent)
         return [action(intent, done)]
+
+    def _apply_caps(
+        self,
+        intent: SetPowerCap | ReleasePowerCap,
+        dry: bool,
+        action: Callable[..., Action],
+    ) -> list[Action]:
+        """A cap change, per GPU: the targets that took it, and those that failed (why)."""
+        caps = self.actuators.recorded_caps if dry else self.actuators.caps
+        if caps is None:
+            return [action(intent, Outcome.FAILED, "no cap actuator configured")]
+        if isinstance(intent, SetPowerCap):
+            result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
+        else:
+            result = caps.release_caps(intent.targets)
+        out: list[Action] = []
+        ok, failed = result.ok, ~result.ok
+        if ok.any():
+            done = Outcome.RECORDED if dry else Outcome.APPLIED
+            out.append(action(intent.subset(ok), done, before=result.before_w[ok]))
+        if failed.any():
+            errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or ["failed"]
+            log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
+            detail = "; ".join(errors[:5])
+            out.append(
+                action(intent.subset(failed), Outcome.FAILED, detail, result.before_w[failed])
+            )
+        return out
+
+
+def _place(placement: PlacementActuator, intent: Intent) -> None:
+    """A node or job intent, through the placement system (or its recorder)."""
+    if isinstance(intent, DrainNode):
+        placement.drain(intent.node, intent.reason)
+    elif isinstance(intent, ResumeNode):
+        placement.resume(intent.node)
+    elif isinstance(intent, SetNodeWeight):
+        placement.set_weight(intent.node, intent.weight)
+    elif isinstance(intent, SetNodeFeatures):
+        placement.set_features(intent.node, intent.add, intent.remove)
+    elif isinstance(intent, RequeueJob):
+        placement.requeue(intent.job)
+    else:
+        raise TypeError(f"no actuator for {intent.kind}")

@@ -204,7 +204,14 @@ class DaemonMetrics:
         self.recommendations = Recommendations()
         self._lock = threading.Lock()
         self._top: list[tuple[str, str, int, str, float]] = []
+        self._cycle_metrics(r)
+        self._fleet_metrics(r)
+        self._decision_metrics(r)
+        self._state_metrics(r)
+        self._zero_series()
 
+    def _cycle_metrics(self, r: CollectorRegistry) -> None:
+        """What the agent runs, and how its cycles go."""
         self.info = Gauge(
             "ooda_info", "Constant 1, labelled with what this agent runs.",
             ["cluster", "version", "source"], registry=r,
@@ -252,6 +259,9 @@ class DaemonMetrics:
             "When the last cycle that saw the fleet ended (Unix time).",
             registry=r,
         )
+
+    def _fleet_metrics(self, r: CollectorRegistry) -> None:
+        """What the last cycle saw of the fleet and its budget."""
         self.gpus_seen = Gauge("ooda_gpus_seen", "GPUs in the last snapshot.", registry=r)
         self.gpus_stale = Gauge(
             "ooda_gpus_stale", "GPUs whose telemetry is too old to act on.", registry=r
@@ -280,6 +290,9 @@ class DaemonMetrics:
             "Forecast fleet power by horizon; bound = point, lo or hi of the interval.",
             ["horizon_s", "bound"], registry=r,
         )  # fmt: skip
+
+    def _decision_metrics(self, r: CollectorRegistry) -> None:
+        """What was decided, refused, done, settled and recommended."""
         self.intents = Counter(
             "ooda_intents", "Targets of intents proposed (after conflicts, before the guard).",
             ["policy", "kind"], registry=r,
@@ -325,6 +338,9 @@ class DaemonMetrics:
         )
         r.register(_RecommendationCollector(self._top_now))
         ProcessCollector(namespace="ooda", registry=r)  # ooda_process_resident_memory_bytes...
+
+    def _state_metrics(self, r: CollectorRegistry) -> None:
+        """The saved state, reloads, the hosted twin."""
         self.state_saves = Counter(
             "ooda_state_saves", "State saves, by result.", ["result"], registry=r
         )
@@ -351,6 +367,9 @@ class DaemonMetrics:
             "Hosted twin: twin time given up after long pauses (it could not keep up).",
             registry=r,
         )
+
+    def _zero_series(self) -> None:
+        """Every labelled series at 0 from the start, so rates and alerts work."""
         for stage in STAGES:
             self.stage_duration.labels(stage)
             self.last_stage_duration.labels(stage)

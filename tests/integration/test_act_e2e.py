@@ -36,7 +36,7 @@ import pytest
 from agent.act.audit import read_records
 from agent.adapters.twin import twin_spec
 from agent.assembly import Agent, assemble
-from agent.config import parse_config
+from agent.config import Config, parse_config
 from agent.daemon.service import Daemon, DaemonOptions
 from agent.loop import CycleReport
 from agent.node.server import NodeDaemon, NodeSettings
@@ -495,16 +495,8 @@ def node_gpus(socket: Path, token: str) -> list[dict[str, Any]]:
     return gpus
 
 
-def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
-    tmp_path: Path,
-) -> None:
-    """The loop sets caps through real node daemons (Unix sockets, bearer token) on the twin's
-    GPUs and renews their leases every cycle; when it stops cycling, every lease runs out and
-    each node daemon puts its GPUs at the fallback cap (never at max); the next cycle sees that
-    and sets its caps again."""
-    short = Path(tempfile.mkdtemp(prefix="ooda-e2e-"))  # Unix socket paths stay under 108 bytes
-    token = short / "token"
-    secret = write_token(token)
+def _node_caps_config(tmp_path: Path, short: Path, token: Path) -> Config:
+    """Live caps through two node daemons on Unix sockets under `short`, 1 s leases."""
     data: dict[str, Any] = {
         "dry_run": False,
         "twin": {"nodes": 2, "gpus_per_node": 2, "seed": 4, "occupancy": 1.0, "budget_w": 1200.0},
@@ -523,10 +515,12 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         "guard": {"cap_cooldown_s": 0.0},
         "audit": {"path": str(tmp_path / "audit.jsonl")},
     }
-    config = parse_config(data)
-    twin = Twin(twin_spec(config.twin))
-    lock = threading.RLock()  # the node daemons' threads and the twin's steps take turns
-    daemons = [
+    return parse_config(data)
+
+
+def _node_daemons(twin: Twin, short: Path, token: Path, lock: threading.RLock) -> list[NodeDaemon]:
+    """A node daemon per twin node, on its Unix socket, falling back to FALLBACK_W."""
+    return [
         NodeDaemon(
             TwinNodeBackend(twin, k),
             NodeSettings(
@@ -539,6 +533,22 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         ).start()
         for k in (1, 2)
     ]
+
+
+def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
+    tmp_path: Path,
+) -> None:
+    """The loop sets caps through real node daemons (Unix sockets, bearer token) on the twin's
+    GPUs and renews their leases every cycle; when it stops cycling, every lease runs out and
+    each node daemon puts its GPUs at the fallback cap (never at max); the next cycle sees that
+    and sets its caps again."""
+    short = Path(tempfile.mkdtemp(prefix="ooda-e2e-"))  # Unix socket paths stay under 108 bytes
+    token = short / "token"
+    secret = write_token(token)
+    config = _node_caps_config(tmp_path, short, token)
+    twin = Twin(twin_spec(config.twin))
+    lock = threading.RLock()  # the node daemons' threads and the twin's steps take turns
+    daemons = _node_daemons(twin, short, token, lock)
     runtime = assemble(config, twin=twin)
 
     def cycle() -> CycleReport:
