@@ -206,3 +206,15 @@ def test_freeze_through_the_runtime_then_live() -> None:
         assert np.any(twin.cap_w < twin.default_w)
     finally:
         runtime.close()
+
+
+def test_one_authority_answers_for_everyone_who_asks() -> None:
+    """Live or advice, and why: the same answer for the gate, the executor and the audit log;
+    replay's authority makes every intent advice, and the agent then counts recorded caps as
+    its own (`dry_run`)."""
+    cap = _cap()
+    replaying = Authority(False, {"power_budget": False}, always="replay")
+    assert replaying.why(cap) == "replay" and replaying.dry_run
+    scoped = Authority(False, {}, Rollout(RolloutSettings(), ["node1", "node2"]))
+    assert not scoped.scope.everything and scoped.why(cap) is None
+    assert Authority().scope.everything and not Authority().advisory(cap)

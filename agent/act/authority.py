@@ -11,7 +11,7 @@ Replay asks with `always`: every intent is advice there, for that reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from agent.act.rollout import Rollout, Scope
 from agent.core.intents import Intent
@@ -33,15 +33,6 @@ class Authority:
         self.rollout = rollout
         self.always = always
         self._everything = Scope()
-
-    @staticmethod
-    def for_policies(
-        dry_run: bool,
-        policies: Sequence[tuple[str, bool | None]],
-        rollout: Rollout | None = None,
-    ) -> Authority:
-        """From each policy's (name, own dry_run setting)."""
-        return Authority(dry_run, dict(policies), rollout)
 
     @property
     def scope(self) -> Scope:

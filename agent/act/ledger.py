@@ -110,24 +110,25 @@ class Ownership:
     clock_ahead_s: float | None = None  # the clock went back; how far our times were ahead
     asserted: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
+    def outlived(self, snapshot: Snapshot, asserted: BoolArray) -> BoolArray:
+        """Per GPU: a cap of ours chosen for a job that has since left the GPU, and that no
+        policy asks for any more (`asserted`)."""
+        if snapshot.n_gpus == 0:
+            return np.zeros(0, dtype=bool)
+        jobs = np.where(snapshot.job != "", snapshot.job, IDLE_JOB)
+        stamped = self.stamped_job
+        return np.asarray(
+            self.capped_by_us & snapshot.fresh & ~asserted & (stamped != "") & (stamped != jobs),
+            dtype=bool,
+        )
+
     def outlived_release(
         self, snapshot: Snapshot, proposed: list[Intent], now_s: float, interval_s: float
     ) -> ReleasePowerCap | None:
-        """The release of our caps chosen for a job that has since left the GPU and that no
-        policy asks for any more (`proposed`, this cycle's intents). A cap fitted to one job's
-        curve must not throttle the next."""
+        """The release of our caps whose job has left the GPU (`outlived`), given this cycle's
+        intents (`proposed`). A cap fitted to one job's curve must not throttle the next."""
         self.asserted = asserted_caps(snapshot, self.rows, proposed)
-        if snapshot.n_gpus == 0:
-            return None
-        jobs = np.where(snapshot.job != "", snapshot.job, IDLE_JOB)
-        stamped = self.stamped_job
-        outlived = (
-            self.capped_by_us
-            & snapshot.fresh
-            & ~self.asserted
-            & (stamped != "")
-            & (stamped != jobs)
-        )
+        outlived = self.outlived(snapshot, self.asserted)
         if not outlived.any():
             return None
         return ReleasePowerCap(
@@ -203,17 +204,21 @@ class Ledger:
         caps only recorded count as ours, as when the agent advises)."""
         settled = self.settle(situation, now_s)
         ahead = self.clock_went_back(now_s) if clock_went_back else None
-        snap = situation.snapshot
-        stamped = np.full(snap.n_gpus, "", dtype=object)
-        if len(self.caps) and snap.n_gpus:
-            pos, found = self.caps.lookup(snap.uuid)
+        ownership = self.view(situation.snapshot, recorded)
+        ownership.settled = settled
+        ownership.clock_ahead_s = ahead
+        return ownership
+
+    def view(self, snapshot: Snapshot, recorded: bool) -> Ownership:
+        """What is ours on the snapshot's GPUs now (`recorded`: caps only recorded count)."""
+        stamped = np.full(snapshot.n_gpus, "", dtype=object)
+        if len(self.caps) and snapshot.n_gpus:
+            pos, found = self.caps.lookup(snapshot.uuid)
             stamped = np.where(found, self.caps["for_job"][pos], "")
         return Ownership(
-            rows=self.rows(snap),
-            capped_by_us=self.capped_by_us(snap.uuid, recorded),
+            rows=self.rows(snapshot),
+            capped_by_us=self.capped_by_us(snapshot.uuid, recorded),
             stamped_job=stamped,
-            settled=settled,
-            clock_ahead_s=ahead,
         )
 
     def rows(self, snapshot: Snapshot) -> RowIndex:
@@ -240,15 +245,7 @@ class Ledger:
     ) -> BoolArray:
         """Per GPU: a cap of ours chosen for a job that has since left the GPU, and that no
         policy asks for any more. `recorded`: count caps only recorded (dry-run) as ours."""
-        if len(self.caps) == 0 or snapshot.n_gpus == 0:
-            return np.zeros(snapshot.n_gpus, dtype=bool)
-        pos, found = self.caps.lookup(snapshot.uuid)
-        stamped = self.caps["for_job"][pos]
-        jobs = np.where(snapshot.job != "", snapshot.job, IDLE_JOB)
-        ours = found & np.isfinite(self.caps[_OURS[recorded]][pos])
-        return np.asarray(
-            ours & snapshot.fresh & ~asserted & (stamped != "") & (stamped != jobs), dtype=bool
-        )
+        return self.view(snapshot, recorded).outlived(snapshot, asserted)
 
     # -- what was done ----------------------------------------------------------------------------
 
