@@ -127,7 +127,8 @@ class SourceConfig(_Section):
     kind: str = Field(
         "twin",
         description="Where telemetry comes from: a source kind of the adapter table (twin, "
-        "prometheus, nvml: this node's GPUs, read directly; trace: a recorded trace; or an "
+        "prometheus, nvml: this node's GPUs, read directly; remote_write: samples pushed by a "
+        "Prometheus, vmagent or OpenTelemetry collector; trace: a recorded trace; or an "
         "installed plug-in's).",
     )
 
