@@ -315,6 +315,18 @@ def _notifier(config: Config, ctx: BuildContext) -> Notifier | None:
     return built
 
 
+# Every built-in policy but the opt-in curve exploration, safety first: what `ooda demo` and
+# the twin's normal day run.
+BUILTIN_POLICIES = (
+    "power_budget",
+    "thermal_guard",
+    "health_drain",
+    "energy_efficiency",
+    "idle_powerdown",
+    "placement",
+)
+
+
 # -- the agent on an in-process twin (the demo, twin runs, the replay test API, the benches) ------
 
 

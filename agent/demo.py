@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.act.audit import AuditLog
-from agent.assembly import drive, twin_agent
+from agent.assembly import BUILTIN_POLICIES, drive, twin_agent
 from agent.config import Config
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Outcome
@@ -38,14 +38,7 @@ class DemoOptions:
     # The agent's configuration (groups, job priorities, rollout, orient, guard and the
     # policies' settings); its source and actuators are the twin. None: the defaults.
     config: Config | None = None
-    policies: tuple[str, ...] = (  # every built-in policy, safety first
-        "power_budget",
-        "thermal_guard",
-        "health_drain",
-        "energy_efficiency",
-        "idle_powerdown",
-        "placement",
-    )
+    policies: tuple[str, ...] = BUILTIN_POLICIES  # every built-in policy, safety first
 
 
 def demo_spec(opts: DemoOptions) -> TwinSpec:

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.act.audit import AuditLog
+from agent.assembly import BUILTIN_POLICIES, twin_agent
 from agent.core.intents import (
     DrainNode,
     GpuTargets,
@@ -36,8 +37,8 @@ from agent.core.intents import (
     Outcome,
     RequeueJob,
 )
-from agent.demo import DemoOptions, build_agent, uncapped_demand_w
 from agent.loop import CycleReport
+from agent.sim.kpis import uncapped_demand_w
 from agent.sim.phases import NORMAL_DAY, PHASE_NAMES, Phase, PhaseSpec
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.base import PolicySettings
@@ -62,7 +63,7 @@ class NormalDayOptions:
     phases: PhaseSpec = NORMAL_DAY
     budget_frac: float | None = 0.92  # of the day's uncapped mean draw; None: no budget
     dry_run: bool = False
-    policies: tuple[str, ...] = DemoOptions().policies
+    policies: tuple[str, ...] = BUILTIN_POLICIES  # as `ooda demo` runs them
     # health_drain's opt-in: drain nodes whose GPUs stay anomalous (off by default, as shipped).
     drain_on_persistent_anomaly: bool = False
 
@@ -160,15 +161,15 @@ def drive_day(twin: Twin, opts: NormalDayOptions, registry: PolicyRegistry) -> D
     settings: dict[str, PolicySettings] = {}
     if opts.drain_on_persistent_anomaly:
         settings["health_drain"] = HealthDrainSettings(drain_on_persistent_anomaly=True)
-    loop, _ = build_agent(
+    loop = twin_agent(
         twin,
-        opts.dry_run,
-        AuditLog(path=None),
-        registry,
         opts.policies,
-        settings,
+        registry=registry,
+        settings=settings,
+        dry_run=opts.dry_run,
         interval_s=opts.interval_s,
-    )
+        audit=AuditLog(path=None),
+    ).loop
     rec = DayRecord([], [], [], Counter(), Counter(), Counter(), 0, [])
     n = twin.spec.n_gpus
     duration_s = opts.hours * 3600.0
