@@ -1,0 +1,166 @@
+"""The streaming event detector (agent.orient.stream): causal and columnar (a series alone or
+beside others gives the same rows), one alarm per episode, level shifts adopted, daily rhythms
+learned, heavy tails calibrated, a flat line's first move seen, its state kept under its key,
+reset, rate-limited and saved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.orient.stream import StreamDetector, StreamParams, detect_series
+
+STEP_S = 300.0
+
+
+def noisy(n: int, seed: int = 0, level: float = 100.0, sd: float = 5.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(level, sd, n)
+
+
+def times(n: int, step_s: float = STEP_S) -> np.ndarray:
+    return 1_400_000_000.0 + step_s * np.arange(n)
+
+
+def test_a_spike_opens_one_alarm_on_its_row_and_it_closes() -> None:
+    x = noisy(800)
+    x[600] += 80.0
+    r = detect_series(times(800), x)
+    assert np.flatnonzero(r.opened).tolist() == [600]
+    assert r.p[600] < 1e-6 and r.score[600] == pytest.approx(1.0 - r.p[600])
+    closes = np.flatnonzero(r.closed)
+    assert closes.size == 1 and 600 < closes[0] <= 620  # hysteresis: calm rows, then closed
+    assert not r.alarm[closes[0] :].any()
+
+
+def test_the_first_rows_only_teach() -> None:
+    x = noisy(40)
+    x[10] += 1000.0
+    r = detect_series(times(40), x)
+    assert (r.p[:30] == 1.0).all() and not r.opened.any()
+
+
+def test_a_level_shift_is_one_alarm_then_the_new_normal() -> None:
+    x = noisy(2000, seed=1)
+    x[1000:] += 60.0  # 12 standard deviations, for good
+    r = detect_series(times(2000), x)
+    assert np.flatnonzero(r.opened).tolist() == [1000]
+    changed = np.flatnonzero(r.changed)
+    assert changed.size == 1 and 1000 < changed[0] <= 1000 + 100  # a bounded time
+    assert not r.alarm[changed[0] :].any()
+    # Afterwards the detector expects the new level.
+    assert r.expected[-1] == pytest.approx(160.0, abs=5.0)
+
+
+def daily(n: int, seed: int = 2) -> np.ndarray:
+    """Work hours at 80, nights at 20 (a square wave over the day), with small noise."""
+    t = times(n)
+    hour = (t % 86_400.0) / 3600.0
+    return np.where((hour >= 9) & (hour < 17), 80.0, 20.0) + noisy(n, seed, 0.0, 1.0)
+
+
+def test_a_daily_rhythm_is_learned_and_a_missing_day_is_seen() -> None:
+    per_day = int(86_400 / STEP_S)
+    n = 12 * per_day
+    x = daily(n)
+    quiet = detect_series(times(n), x)
+    late = slice(4 * per_day, n)
+    assert not quiet.opened[late].any()  # every day's jumps are the rhythm, not anomalies
+    missing = x.copy()
+    day10 = slice(10 * per_day, 11 * per_day)
+    missing[day10] = 20.0 + noisy(per_day, 3, 0.0, 1.0)  # the day's work never came
+    r = detect_series(times(n), missing)
+    assert r.opened[day10].any() and not r.opened[late][: 6 * per_day].any()
+
+
+def test_heavy_tails_are_calibrated_not_alarmed_on() -> None:
+    """Pareto noise (tail index 1.5): big excursions are the series' normal life. After the
+    first days learn that, alarms are rare: the tail probability means the same here as on a
+    Gaussian series."""
+    rng = np.random.default_rng(4)
+    n = 20_000
+    x = 10.0 * (rng.pareto(1.5, n) + 1.0)
+    r = detect_series(times(n), x)
+    assert r.opened[5000:].sum() <= 3
+    gauss = detect_series(times(n), noisy(n, seed=5))
+    assert gauss.opened[5000:].sum() <= 3
+    # ... and the p-values are conservative where the model fits: few rows below 1e-3.
+    assert (gauss.p[5000:] < 1e-3).mean() < 1e-3
+
+
+def test_a_flat_line_that_moves_is_seen() -> None:
+    x = np.full(500, 45.0)
+    x[400:] = 46.0
+    r = detect_series(times(500), x)
+    assert np.flatnonzero(r.opened).tolist() == [400]
+    assert not r.opened[:400].any()
+
+
+def test_causal_and_columnar_alone_or_together() -> None:
+    """Series of different lengths side by side (rows past each one's end not valid) give
+    exactly what each gives alone, and a prefix gives the prefix."""
+    a, b = noisy(700, seed=6), daily(900, seed=7)
+    a[500] += 60.0
+    tb = times(900)
+    ta = times(700, step_s=60.0)
+    x = np.full((900, 2), np.nan)
+    t = np.full((900, 2), np.nan)
+    x[:700, 0], t[:700, 0] = a, ta
+    x[:, 1], t[:, 1] = b, tb
+    valid = np.isfinite(x)
+    both = detect_series(t, x, valid)
+    alone_a = detect_series(ta, a)
+    alone_b = detect_series(tb, b)
+    np.testing.assert_array_equal(both.p[:700, 0], alone_a.p)
+    np.testing.assert_array_equal(both.opened[:700, 0], alone_a.opened)
+    np.testing.assert_array_equal(both.p[:, 1], alone_b.p)
+    prefix = detect_series(tb[:450], b[:450])
+    np.testing.assert_array_equal(prefix.p, alone_b.p[:450])
+
+
+def test_state_follows_its_key_and_reset_forgets() -> None:
+    det = StreamDetector(StreamParams(rhythm=False))
+    keys = np.array(["a", "b", "c"])
+    rng = np.random.default_rng(8)
+    for i in range(200):
+        det.align(keys)
+        det.update(np.array([10.0, 100.0, 1000.0]) + rng.normal(0, 1, 3), np.full(3, 15.0 * i))
+    level_b = det.state["level"][1].copy()
+    moved = np.array(["c", "new", "b"])  # a removed, a new one, the others moved
+    det.align(moved)
+    np.testing.assert_array_equal(det.state["level"][2], level_b)
+    assert det.state["rows"][1] == 0 and det.state["rows"][2] == 200
+    tails = det.state["tail_rate"][2].copy()
+    det.reset(np.array([False, False, True]), keep_calibration=True)
+    assert det.state["rows"][2] == 0
+    np.testing.assert_array_equal(det.state["tail_rate"][2], tails)
+
+
+def test_the_alarm_budget_holds_alarms_back() -> None:
+    x = noisy(3000, seed=9)
+    x[1000::100] += 80.0  # a spike every 100 rows (8 h at 5 minutes)
+    free = detect_series(times(3000), x, params=StreamParams(adopt_rows=0))
+    capped = detect_series(times(3000), x, params=StreamParams(alarms_per_day=1.0, alarm_burst=1.0))
+    assert free.opened.sum() > capped.opened.sum()
+    # At most one a day (288 rows) after the first.
+    opens = np.flatnonzero(capped.opened)
+    assert (np.diff(opens) >= 288 - 1).all()
+
+
+def test_saved_state_continues_exactly() -> None:
+    x = noisy(600, seed=10)
+    x[500] += 70.0
+    t = times(600)
+    one = StreamDetector(StreamParams(), 1)
+    for i in range(300):
+        one.update(x[i : i + 1], t[i : i + 1])
+    saved = one.to_dict()
+    two = StreamDetector(StreamParams(), 1)
+    two.load_dict(saved)
+    for i in range(300, 600):
+        a = one.update(x[i : i + 1], t[i : i + 1])
+        b = two.update(x[i : i + 1], t[i : i + 1])
+        assert a.p[0] == pytest.approx(b.p[0], rel=1e-4)
+        assert a.opened[0] == b.opened[0]
+    other = StreamDetector(StreamParams(alarm_p=1e-6), 1)
+    other.load_dict(saved)  # learned under other settings: ignored, starts afresh
+    assert other.state["rows"][0] == 0
