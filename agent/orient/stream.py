@@ -334,24 +334,17 @@ class StreamDetector:
         ok = ok if valid is None else ok & valid
         x = np.where(ok, x, 0.0)
         t = np.where(ok, t, 0.0)
-        dt = t - st["last_t"]
-        known = st["dt"] > 0.0
-        # The typical interval follows slowly and shrugs off one odd gap.
-        step_ok = ok & (dt > 0.0) & np.isfinite(dt)
-        clipped = np.clip(dt, st["dt"] / 10.0, st["dt"] * 10.0)
-        st["dt"] = np.where(
-            step_ok, np.where(known, st["dt"] + 0.05 * (clipped - st["dt"]), dt), st["dt"]
-        )
-        st["last_t"] = np.where(ok & (t > st["last_t"]), t, st["last_t"])
-        rows_per_day = np.where(st["dt"] > 0.0, DAY_S / np.maximum(st["dt"], 1e-9), 1.0)
+        n = x.shape[0]
+        bins = dow = np.zeros(n, dtype=np.int64)
+        rows_per_day = np.ones(n)
+        if p.rhythm or math.isfinite(p.alarms_per_day):  # (only these need the interval)
+            rows_per_day = self._interval(t, ok)
         if p.rhythm:
             day = np.floor(t / DAY_S)
             phase = (t / DAY_S - day) * p.rhythm_bins
             bins = np.minimum(phase.astype(np.int64), p.rhythm_bins - 1)
             # 1970-01-01 was a Thursday: day-of-week 0 is a Monday.
             dow = (day.astype(np.int64) + 3) % WEEK_DAYS
-        else:
-            bins = dow = np.zeros(x.shape[0], dtype=np.int64)
         return _Row(
             x=x,
             valid=ok,
@@ -363,6 +356,20 @@ class StreamDetector:
             dow=dow,
             idx=np.arange(x.shape[0]),
         )
+
+    def _interval(self, t: FloatArray, ok: BoolArray) -> FloatArray:
+        """Learn each series' typical interval (it follows slowly and shrugs off one odd
+        gap); return its rows per day."""
+        st = self.state
+        dt = t - st["last_t"]
+        known = st["dt"] > 0.0
+        step_ok = ok & (dt > 0.0) & np.isfinite(dt)
+        clipped = np.clip(dt, st["dt"] / 10.0, st["dt"] * 10.0)
+        st["dt"] = np.where(
+            step_ok, np.where(known, st["dt"] + 0.05 * (clipped - st["dt"]), dt), st["dt"]
+        )
+        st["last_t"] = np.where(ok & (t > st["last_t"]), t, st["last_t"])
+        return np.asarray(np.where(known | step_ok, DAY_S / np.maximum(st["dt"], 1e-9), 1.0))
 
     def _predict(self, row: _Row) -> _Predictions:
         st, p = self.state, self.params
@@ -419,12 +426,18 @@ class StreamDetector:
         )
         if self.params.rhythm:  # its statistics count only where the series has a rhythm
             p_each = np.where((exc.predictor != RHYTHM) | pred.rhythm_on[exc.rows], p_each, 1.0)
-        grid = np.ones((n, n_stats))
-        grid[exc.rows, exc.stat] = p_each
-        which = np.argmin(grid, axis=1)
-        best = np.minimum(grid[row.idx, which] * n_stats, 1.0)
-        scored = row.scored & (grid[row.idx, which] < 1.0)
-        return np.where(scored, best, 1.0), np.where(scored, which, -1).astype(np.int64)
+        # The smallest per series, from the few exceedances (sorted by series, then p).
+        order = np.lexsort((p_each, exc.rows))
+        rows = exc.rows[order]
+        head = np.ones(rows.shape[0], dtype=bool)
+        head[1:] = rows[1:] != rows[:-1]
+        best = np.ones(n)
+        which = np.full(n, -1, dtype=np.int64)
+        best[rows[head]] = p_each[order][head]
+        which[rows[head]] = exc.stat[order][head]
+        scored = row.scored & (best < 1.0)
+        best = np.minimum(best * n_stats, 1.0)
+        return np.where(scored, best, 1.0), np.where(scored, which, -1)
 
     # -- events ------------------------------------------------------------------------------------
 
