@@ -22,13 +22,16 @@ Per row, per series:
    its own scale units) the tail is modelled as exponential in log(1 + z), i.e. a power law in z
    whose index is learned (a heavy-tailed series learns that big excursions are common). The
    exceedance rate and the mean excess are learned from every row, so the calibration follows
-   the series as it is. The row's tail probability `p` is the smallest over the statistics:
-   one probability scale, so one threshold means the same on every series.
+   the series as it is (the rhythm's tails only where its bin has learned). The row's tail
+   probability `p` is the smallest over the statistics times their number (Bonferroni: the
+   chance that a normal row looks this unusual on any of them): one probability scale, so one
+   threshold means the same on every series.
 4. Events: an alarm opens when p < `alarm_p` (and the series' alarm budget allows: a token
    bucket of `alarm_burst` alarms refilled at `alarms_per_day`); it closes after `calm_rows`
-   rows in a row with p above `calm_p`. An alarm still open after `adopt_rows` rows whose
-   residuals keep one side is a level shift: the levels move to it (it becomes the new normal,
-   reported once as a change) and the alarm closes.
+   rows in a row with p above `calm_factor` times `alarm_p` (hysteresis). A level shift (the
+   series sat `adopt_rows` rows in a row at a level the slow predictors do not explain, steady
+   by the local level's own residuals) becomes the new normal: the slow levels move there,
+   reported once as a change, and any alarm closes.
 
 This is the design of HTM's anomaly likelihood (a raw score judged against its own recent
 distribution, averaged over a short window) with robust, interpretable predictors in place of
@@ -461,7 +464,8 @@ class StreamDetector:
         return opened, want & ~allowed
 
     def _close(self, row: _Row, p: FloatArray) -> BoolArray:
-        """Hysteresis: an alarm closes after `calm_rows` rows in a row above `calm_p`."""
+        """Hysteresis: an alarm closes after `calm_rows` rows in a row with p above
+        `calm_factor` times the threshold."""
         st, prm = self.state, self.params
         is_open = (st["open"] > 0.5) & row.valid
         calm = np.where(
