@@ -73,6 +73,24 @@ def test_a_daily_rhythm_is_learned_and_a_missing_day_is_seen() -> None:
     assert r.opened[day10].any() and not r.opened[late][: 6 * per_day].any()
 
 
+def test_a_weekly_rhythm_is_learned_and_a_missing_weekend_is_seen() -> None:
+    """Hourly readings, a daily swing and weekends 40% lower, for ten weeks: once learned, the
+    weekends are the rhythm; the one weekend that never came (week 8) is an anomaly."""
+    step_s = 3600.0
+    n = 24 * 7 * 10
+    week_s = 7 * 86_400.0
+    t = 1_400_000_000.0 - 1_400_000_000.0 % week_s + step_s * np.arange(n)
+    dow = (np.floor(t / 86_400.0).astype(np.int64) + 3) % 7  # 0: Monday
+    hour = (t % 86_400.0) / 3600.0
+    week = np.arange(n) // (24 * 7)
+    x = np.where((dow >= 5) & (week != 8), 60.0, 100.0) + 20.0 * np.sin(2 * np.pi * hour / 24.0)
+    x = x + np.random.default_rng(11).normal(0.0, 2.0, n)
+    r = detect_series(t, x)
+    assert not r.opened[(week >= 2) & (week != 8)].any()
+    missed = np.flatnonzero(r.opened & (week == 8))
+    assert missed.size == 1 and dow[missed[0]] == 5  # on the Saturday that stayed a weekday
+
+
 @pytest.mark.parametrize("shape", ["gauss", "pareto", "lognormal", "poisson", "random_walk"])
 def test_the_tail_probability_is_calibrated_on_noise_of_any_shape(shape: str) -> None:
     """Pure noise, after the first 5,000 rows teach: rows with p < q are at most a share q of

@@ -85,7 +85,7 @@ class StreamParams:
     rhythm: bool = True
     rhythm_bins: int = 48
     rhythm_halflife_days: float = 3.0  # of each bin's value, in days of visits
-    rhythm_level_halflife_days: float = 1.0
+    rhythm_level_halflife_days: float = 7.0  # slower than a week: weekends are the rhythm
     week_halflife_weeks: float = 2.0
     rhythm_gain: float = 0.8
     rhythm_error_halflife_rows: float = 2000.0
