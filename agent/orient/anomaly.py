@@ -22,6 +22,14 @@ largest; its `kind` is the highest-ranked detector that fired. Evidence (metric,
 range, score) is built only for flagged GPUs, and only when read. Causal: each cycle scores the
 new snapshot against state learned from earlier ones, then learns from what was not flagged.
 GPUs whose health already calls for a drain are explained by it: only dropout flags them.
+
+Calibration (`calibrate`): each baseline's standardized residual (power, thermal resistance,
+clock against its curve, utilization) also runs, per GPU, through the streaming detector of
+agent.orient.stream, which learns how that GPU's residuals are spread; a baseline's statistical
+flag stands only where the residual is rare for that GPU as well (tail probability under
+`alarm_p`, or its alarm still open). Limits (past the cap, at the slowdown temperature),
+dropouts and peer comparisons are never excused by a GPU's history. New statistical alarms are
+rate-limited per GPU (a token bucket: `alarm_burst`, refilled at `alarms_per_hour`).
 """
 
 from __future__ import annotations
