@@ -172,7 +172,7 @@ def test_the_alarm_budget_holds_alarms_back() -> None:
     assert (np.diff(opens) >= 288 - 1).all()
 
 
-def test_saved_state_continues_exactly() -> None:
+def test_saved_state_continues() -> None:
     x = noisy(600, seed=10)
     x[500] += 70.0
     t = times(600)
@@ -185,7 +185,7 @@ def test_saved_state_continues_exactly() -> None:
     for i in range(300, 600):
         a = one.update(x[i : i + 1], t[i : i + 1])
         b = two.update(x[i : i + 1], t[i : i + 1])
-        assert a.p[0] == pytest.approx(b.p[0], rel=1e-4)
+        assert a.p[0] == pytest.approx(b.p[0], rel=2e-3)  # (tails saved in half precision)
         assert a.opened[0] == b.opened[0]
     other = StreamDetector(StreamParams(alarm_p=1e-6), 1)
     other.load_dict(saved)  # learned under other settings: ignored, starts afresh

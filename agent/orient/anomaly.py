@@ -318,7 +318,16 @@ class AnomalyDetector:
             "mv_location": None if self.mv_location is None else self.mv_location.tolist(),
             "mv_precision": None if self.mv_precision is None else self.mv_precision.tolist(),
             "mv_threshold": self.mv_threshold if np.isfinite(self.mv_threshold) else None,
-            "stream": {f: d.to_dict() for f, d in self.stream.items()},
+            "stream": self._stream_dict(),
+        }
+
+    def _stream_dict(self) -> dict[str, Any]:
+        """The calibration's state, with the GPUs' keys once: every field follows the same
+        ones (each aligns with the snapshot's UUIDs)."""
+        first = next(iter(self.stream.values())).keys
+        return {
+            "keys": None if first is None else first.tolist(),
+            "fields": {name: d.to_dict(with_keys=False) for name, d in self.stream.items()},
         }
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
@@ -343,9 +352,11 @@ class AnomalyDetector:
         self.mv_precision = None if prec is None else np.asarray(prec, dtype=np.float64)
         thr = data.get("mv_threshold")
         self.mv_threshold = np.inf if thr is None else float(thr)
-        for f, saved in data.get("stream", {}).items():
-            if f in self.stream:
-                self.stream[f].load_dict(saved)
+        stream = data.get("stream", {})
+        keys = stream.get("keys")
+        for name, saved in stream.get("fields", {}).items():
+            if name in self.stream:
+                self.stream[name].load_dict(saved, keys)
 
     # -- one cycle --------------------------------------------------------------------------------
 

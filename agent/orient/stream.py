@@ -173,6 +173,17 @@ def _state_spec(p: StreamParams) -> dict[str, tuple[tuple[int, ...], float]]:
     }
 
 
+# How state is saved where float32 is not the right size: times need float64; the tails (most of
+# the state) are shares, small positive means and counts that half precision holds (counts are
+# kept under 2048, where it is exact and where the count no longer changes anything).
+_SAVED_AS = {
+    "last_t": "float64",
+    "tail_rate": "float16",
+    "tail_excess": "float16",
+    "tail_seen": "float16",
+}
+SEEN_CAP = 2048.0
+
 # What `reset` forgets (a new context); timing and the alarm budget outlive a context, and the
 # calibration (how the series' residuals are spread, in their own scale units) may too.
 _KEPT_BY_RESET = frozenset({"last_t", "dt", "tokens"})
@@ -238,6 +249,11 @@ class StreamDetector:
     @property
     def n_series(self) -> int:
         return int(self.state["rows"].shape[0])
+
+    @property
+    def keys(self) -> npt.NDArray[np.str_] | None:
+        """The keys the rows are aligned with (`align`), if any."""
+        return self._keys
 
     # -- which rows are which series ---------------------------------------------------------------
 
@@ -532,7 +548,7 @@ class StreamDetector:
         mean = st["tail_excess"][r, c]
         w_exc = np.maximum(self._a_excess, 1.0 / (5.0 + seen))
         st["tail_excess"][r, c] = mean + w_exc * (np.minimum(e, EXCESS_CLIP * mean) - mean)
-        st["tail_seen"][r, c] = seen + 1.0
+        st["tail_seen"][r, c] = np.minimum(seen + 1.0, SEEN_CAP)
 
     def _learn_levels(self, row: _Row, pred: _Predictions) -> None:
         """The local and baseline levels and their scales, Huberized after the warm-up (equal
@@ -608,17 +624,37 @@ class StreamDetector:
 
     # -- persistence -------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """The learned state, compact (float32 in base64), with its settings and keys."""
+    def _unused(self) -> frozenset[str]:
+        """State this configuration never reads (not saved)."""
+        p = self.params
+        out: set[str] = set()
+        if not p.rhythm:
+            out |= {"profile", "profile_visits", "profile_scale", "week", "level_rhythm"}
+            out |= {"err_local", "err_rhythm"}
+        if not math.isfinite(p.alarms_per_day):
+            out.add("tokens")
+            if not p.rhythm:
+                out |= {"last_t", "dt"}
+        return frozenset(out)
+
+    def to_dict(self, with_keys: bool = True) -> dict[str, Any]:
+        """The learned state, compact (base64 of float32, the tails in float16, times in
+        float64), with its settings and (unless the caller keeps them once for several
+        detectors) its keys."""
+        unused = self._unused()
         return {
             "params": asdict(self.params),
-            "keys": None if self._keys is None else self._keys.tolist(),
-            "state": {k: pack(v) for k, v in self.state.items()},
+            "keys": None if self._keys is None or not with_keys else self._keys.tolist(),
+            "state": {
+                k: pack(v, _SAVED_AS.get(k, "float32"))
+                for k, v in self.state.items()
+                if k not in unused
+            },
         }
 
-    def load_dict(self, data: Mapping[str, Any]) -> None:
-        """Take a saved state back; one saved under other settings (or broken) is ignored:
-        the detector starts afresh rather than misread it."""
+    def load_dict(self, data: Mapping[str, Any], keys: list[str] | None = None) -> None:
+        """Take a saved state back (`keys`: where the caller kept them); one saved under other
+        settings (or broken) is ignored: the detector starts afresh rather than misread it."""
         saved = dict(data.get("params", {}))
         if "average_halflives_rows" in saved:
             saved["average_halflives_rows"] = tuple(saved["average_halflives_rows"])
@@ -626,14 +662,17 @@ class StreamDetector:
             return
         state = {k: unpack(v) for k, v in data.get("state", {}).items()}
         sizes = {v.shape[0] for v in state.values()}
-        shapes_ok = all(
-            v.shape[1:] == self._spec[k][0] for k, v in state.items() if k in self._spec
-        )
-        if set(state) != set(self.state) or len(sizes) != 1 or not shapes_ok:
+        if set(state) | self._unused() != set(self._spec) or len(sizes) != 1:
             return
+        if any(v.shape[1:] != self._spec[k][0] for k, v in state.items()):
+            return
+        n = sizes.pop()
+        for name in self._unused():
+            shape, fill = self._spec[name]
+            state[name] = np.full((n, *shape), fill)
         self.state = state
-        keys = data.get("keys")
-        self._keys = None if keys is None else np.asarray(keys, dtype=np.str_)
+        saved_keys = keys if keys is not None else data.get("keys")
+        self._keys = None if saved_keys is None else np.asarray(saved_keys, dtype=np.str_)
 
 
 @dataclass(frozen=True, slots=True)
