@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -266,6 +268,11 @@ def bench_twin(hours: float, nodes: int, as_json: bool) -> None:
 
 
 def main() -> None:
+    # Logs (the twin's day logs the guard's alarms, say) go to stderr: stdout is JSON lines.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
+    )
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--only", choices=["detect", "forecast", "twin"], action="append")
