@@ -187,6 +187,9 @@ class _Cycle:
     z: dict[str, FloatArray] = field(default_factory=dict)  # calibrated field -> residual z
     gate: dict[str, BoolArray] = field(default_factory=dict)  # field -> rare for this GPU
     hard_fired: dict[str, BoolArray] = field(default_factory=dict)
+    # What each detector saw before calibration and the alarm budget: the baselines learn
+    # from none of it (a routine stall is excused as an alarm, not learned as a level).
+    raw_fired: dict[str, BoolArray] = field(default_factory=dict)
     power_z: FloatArray = field(default_factory=_empty)
     temp_z: FloatArray = field(default_factory=_empty)
     clock_z: FloatArray = field(default_factory=_empty)
@@ -217,6 +220,8 @@ class _Part:
     def result(self, cy: _Cycle) -> DetectorResult:
         cy.hard_fired[self.kind] = self.hard >= 1.0
         score = self.hard
+        raw = self.hard if self.stat is None else np.maximum(self.hard, self.stat)
+        cy.raw_fired[self.kind] = raw >= 1.0
         if self.stat is not None:
             gate = cy.gate.get(self.field or "")
             stat = (
@@ -380,8 +385,10 @@ class AnomalyDetector:
         self._calibrate(snap, cy, parts)
         results = [part.result(cy) for part in parts]
         results.append(self._mv(cy))
-        flags, fired = self._combine(snap, cy, ctx, results)
-        self._learn(snap, cy, flags.flagged, fired)
+        flags = self._combine(snap, cy, ctx, results)
+        none = np.zeros(cy.n, dtype=bool)
+        seen = {r.kind: (r.score >= 1.0) | cy.raw_fired.get(r.kind, none) for r in results}
+        self._learn(snap, cy, np.logical_or.reduce([flags.flagged, *seen.values()]), seen)
         return flags
 
     # -- the cycle's inputs -----------------------------------------------------------------------
@@ -653,17 +660,18 @@ class AnomalyDetector:
         cy: _Cycle,
         ctx: AnomalyContext,
         results: list[DetectorResult],
-    ) -> tuple[AnomalyFlags, dict[str, BoolArray]]:
+    ) -> AnomalyFlags:
         n = cy.n
         explained = ctx.health_severity >= int(HealthSeverity.DRAIN)
         for r in results:
             if r.kind != "dropout":
                 r.score[explained] = np.minimum(r.score[explained], 0.0)
             np.nan_to_num(r.score, copy=False, nan=0.0, posinf=1e6, neginf=0.0)
-        # The multivariate model speaks only where no single detector does.
+        # The multivariate model speaks only where no single detector saw anything (even one
+        # the calibration excused: its residuals are that GPU's normal life).
         single = np.zeros(n, dtype=bool)
         for r in results[:-1]:
-            single |= r.score >= 1.0
+            single |= (r.score >= 1.0) | cy.raw_fired.get(r.kind, single)
         results[-1].score[single] = np.minimum(results[-1].score[single], 0.999)
         self._rate_limit(snap, cy, results)
         scores = np.stack([r.score for r in results])
@@ -685,7 +693,7 @@ class AnomalyDetector:
             evidence=_Evidence(np.flatnonzero(flagged).astype(np.int64), results),
             persistent=run >= self.settings.persistent_cycles,
         )
-        return flags, {r.kind: r.score >= 1.0 for r in results}
+        return flags
 
     def _rate_limit(self, snap: Snapshot, cy: _Cycle, results: list[DetectorResult]) -> None:
         """A GPU opens at most `alarm_burst` new statistical alarms at once, refilled at
