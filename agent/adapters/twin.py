@@ -45,6 +45,13 @@ class TwinConfig(_Section):
         ge=0,
         description="0: virtual clock, as fast as possible; 1: real time; X: X times real time.",
     )
+    cycle_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="With speed 0 under `ooda run`: twin seconds per cycle (default: "
+        "daemon.interval_s), e.g. a twin day in minutes.",
+    )
     faults: list[str] = Field(
         default_factory=list, description="Faults, e.g. 'xid=79:node2/gpu1@60'."
     )

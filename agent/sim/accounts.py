@@ -1,0 +1,69 @@
+"""Who runs the twin's jobs: users and accounts, as a scheduler's accounting would say.
+
+The twin's jobs have no owners of their own; each is given an account (by the accounts' weights)
+and a user from a hash of its id, so the same twin always has the same owners without drawing
+from the twin's random stream (its runs stay as they were). Implements the JobAccounting protocol
+(agent.core.protocols) for the meter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+from agent.core.jobs import JobRecord
+from agent.sim.twin import JOB_DONE, JOB_PENDING, JOB_RUNNING, Twin
+
+DEFAULT_ACCOUNTS = (("team-a", 0.5), ("team-b", 0.3), ("team-c", 0.2))
+USERS_PER_ACCOUNT = 3
+_STATES = {JOB_PENDING: "pending", JOB_RUNNING: "running", JOB_DONE: "completed"}
+
+
+def _fraction(job: str) -> float:
+    """A job id -> a number in [0, 1), the same every time."""
+    digest = hashlib.sha1(f"ooda-twin-account-{job}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def account_of(job: str, accounts: Sequence[tuple[str, float]] = DEFAULT_ACCOUNTS) -> str:
+    total = sum(w for _, w in accounts)
+    x = _fraction(job) * total
+    for name, weight in accounts:
+        if x < weight:
+            return name
+        x -= weight
+    return accounts[-1][0]
+
+
+class TwinAccounts:
+    def __init__(
+        self, twin: Twin, accounts: Sequence[tuple[str, float]] = DEFAULT_ACCOUNTS
+    ) -> None:
+        if not accounts or any(w <= 0 for _, w in accounts):
+            raise ValueError("accounts need positive weights")
+        self.twin = twin
+        self.accounts = tuple(accounts)
+
+    def job_records(self, job_ids: Sequence[str]) -> Mapping[str, JobRecord]:
+        jobs = self.twin.jobs
+        ids = jobs.job_id[: jobs.n]
+        row_of = {int(j): k for k, j in enumerate(ids.tolist())}
+        out: dict[str, JobRecord] = {}
+        for job in job_ids:
+            if not job.isdecimal() or int(job) not in row_of:
+                continue
+            row = row_of[int(job)]
+            account = account_of(job, self.accounts)
+            user = f"{account}-u{int(_fraction(job + 'u') * USERS_PER_ACCOUNT)}"
+            start = float(jobs.start_s[row])
+            out[job] = JobRecord(
+                job=job,
+                user=user,
+                account=account,
+                qos=f"p{int(jobs.priority[row])}",
+                state=_STATES.get(int(jobs.state[row]), "completed"),
+                start_s=start if math.isfinite(start) else None,  # NaN: not started
+                source="twin",
+            )
+        return out
