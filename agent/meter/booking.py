@@ -25,6 +25,7 @@ of milliseconds (bench/meter.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -146,6 +147,7 @@ class Booking:
     gpu_s: FloatArray  # GPU-seconds
     metered_gpus: int
     unmetered_gpus: int  # seen at either end, but with neither counter nor power at both
+    idle_w: float = math.nan  # what GPUs idle at both ends drew (NaN: none was idle)
 
     def __len__(self) -> int:
         return int(self.job.shape[0])
@@ -189,16 +191,22 @@ def _energy(
     return joules, counter, power
 
 
-def _levels(
-    p0: FloatArray, p1: FloatArray, idle0: BoolArray, idle1: BoolArray
-) -> tuple[FloatArray, FloatArray]:
-    """The power levels before and after a switch. An idle side draws at most what the GPUs idle
-    at both ends draw (their median): a reading taken as a job ends can still show the job's
-    draw (the sample averages the moments before), which must not make the idle GPU look busy."""
+def idle_level_w(p0: FloatArray, p1: FloatArray, idle0: BoolArray, idle1: BoolArray) -> float:
+    """What the GPUs idle at both ends of the interval draw (their median); NaN: none is."""
     both_idle = idle0 & idle1 & np.isfinite(p0) & np.isfinite(p1)
     if not both_idle.any():
+        return math.nan
+    return float(np.median((p0[both_idle] + p1[both_idle]) / 2.0))
+
+
+def _levels(
+    p0: FloatArray, p1: FloatArray, idle0: BoolArray, idle1: BoolArray, idle_w: float
+) -> tuple[FloatArray, FloatArray]:
+    """The power levels before and after a switch. An idle side draws at most the idle level:
+    a reading taken as a job ends can still show the job's draw (the sample averages the
+    moments before), which must not make the idle GPU look busy."""
+    if not math.isfinite(idle_w):
         return p0, p1
-    idle_w = float(np.median((p0[both_idle] + p1[both_idle]) / 2.0))
     with np.errstate(invalid="ignore"):
         return np.where(idle0, np.minimum(p0, idle_w), p0), np.where(
             idle1, np.minimum(p1, idle_w), p1
@@ -250,10 +258,12 @@ def book_interval(
     cur: Reading,
     source: EnergySource = EnergySource.AUTO,
     times: JobTimes | None = None,
+    known_idle_w: float = math.nan,
 ) -> Booking:
     """The energy of (prev.time_s, cur.time_s], per (job, partition). `times` says when a job
     started and ended (NaN: not known); where it places a switch inside the interval, that
-    time splits it instead of the two-level model."""
+    time splits it instead of the two-level model. `known_idle_w`: the idle level seen before,
+    for an interval where no GPU is idle at both ends (the booking says the level it saw)."""
     dt = cur.time_s - prev.time_s
     if not dt > 0:
         raise ValueError(f"an interval must move forward in time (got {dt} s)")
@@ -267,10 +277,12 @@ def book_interval(
     code1 = np.searchsorted(names, cur.job_names)[cur.job_code]
     switched = seen & (code0 != code1)
     idle_code = int(np.searchsorted(names, ""))  # "" is in every reading's names
+    p0 = np.where(seen, prev.power_w[safe], np.nan)
+    idle0, idle1 = code0 == idle_code, code1 == idle_code
+    idle_w = idle_level_w(p0, cur.power_w, idle0, idle1)
     level0, level1 = _levels(
-        np.where(seen, prev.power_w[safe], np.nan), cur.power_w, code0 == idle_code,
-        code1 == idle_code,
-    )  # fmt: skip
+        p0, cur.power_w, idle0, idle1, idle_w if math.isfinite(idle_w) else known_idle_w
+    )
     f0 = _first_share(joules, level0, level1, dt, switched)
     when = _known_switch(switched, code0, code1, names, prev.time_s, cur.time_s, times)
     f0 = np.where(np.isfinite(when), when, f0)
@@ -306,4 +318,5 @@ def book_interval(
         gpu_s=gpu_s[keep],
         metered_gpus=int(rows.size),
         unmetered_gpus=int(cur.n_gpus - rows.size),
+        idle_w=idle_w,
     )

@@ -100,6 +100,8 @@ class Meter:
             set()
         )  # jobs attributed or asked about (then retried from the ledger)
         self._pruned_s = -math.inf
+        # The idle level last seen, for intervals with no idle GPU (kept in the ledger).
+        self._idle_w = ledger.idle_level_w() if origin == "live" else math.nan
 
     def close(self) -> None:
         self.ledger.close()
@@ -150,7 +152,9 @@ class Meter:
         # Jobs are attributed before booking: their start and end times place switches.
         records, errors = self._attribute(reading, reading.time_s)
         result.errors.extend(errors)
-        booking = book_interval(prev, reading, self.source, self._job_times)
+        booking = book_interval(prev, reading, self.source, self._job_times, self._idle_w)
+        if math.isfinite(booking.idle_w):
+            self._idle_w = booking.idle_w
         mid = np.array([(booking.t0_s + booking.t1_s) / 2.0])
         prices = Prices(float(self.price.at(mid)[0]), float(self.carbon.at(mid)[0]))
         done = self.ledger.book(

@@ -12,6 +12,8 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from agent.core.jobs import JobRecord
 from agent.sim.twin import JOB_DONE, JOB_PENDING, JOB_RUNNING, Twin
 
@@ -67,3 +69,27 @@ class TwinAccounts:
                 source="twin",
             )
         return out
+
+
+class JobEnergyTruth:
+    """The twin's true energy per job (J): each physics step's energy, summed per job that held
+    the GPU during the step ("" idle). For checking the meter against; steps the twin itself."""
+
+    def __init__(self, twin: Twin) -> None:
+        self.twin = twin
+        self.joules: dict[str, float] = {}
+        self._jobs = twin.job_labels()
+
+    def _held(self, twin: Twin) -> None:
+        self._jobs = twin.job_labels()  # after scheduling, before physics: who draws this step
+
+    def run_until(self, t_end_s: float) -> None:
+        twin = self.twin
+        while twin.t_s < t_end_s - 1e-9:
+            before = twin.energy_j.copy()
+            twin.step(min(twin.spec.step_s, t_end_s - twin.t_s), control=self._held)
+            spent = twin.energy_j - before
+            names, inverse = np.unique(self._jobs, return_inverse=True)
+            sums = np.bincount(inverse, weights=spent, minlength=names.size)
+            for name, joules in zip(names.tolist(), sums.tolist(), strict=True):
+                self.joules[name] = self.joules.get(name, 0.0) + joules
