@@ -1,9 +1,7 @@
 """Acceptance on the twin: metered energy per job within 1% of the twin's true energy over a
-(shortened, bounded) twin day, and per account the sum of its jobs. bench/meter.py runs a full day."""
+(shortened, bounded) twin day, and per account the sum of its jobs (bench/meter.py: a full day)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
