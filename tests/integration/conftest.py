@@ -44,6 +44,7 @@ class Prometheus:
     config: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more flags for prometheus
 
     def start(self, timeout_s: float = 20.0) -> Prometheus:
         log = self.log.open("ab")
@@ -56,6 +57,7 @@ class Prometheus:
                 "--storage.tsdb.retention.time=100y",
                 "--web.enable-lifecycle",
                 "--log.level=warn",
+                *self.args,
             ],
             stdout=log,
             stderr=log,
@@ -126,10 +128,15 @@ PrometheusFactory = Callable[..., Prometheus]
 
 @pytest.fixture
 def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
-    """`start(jobs={"job": [targets]}, data=None)`: a running Prometheus; all stop at teardown."""
+    """`start(jobs={"job": [targets]}, data=None, args=())`: a running Prometheus; all stop at
+    teardown."""
     started: list[Prometheus] = []
 
-    def start(jobs: dict[str, Sequence[str]] | None = None, data: Path | None = None) -> Prometheus:
+    def start(
+        jobs: dict[str, Sequence[str]] | None = None,
+        data: Path | None = None,
+        args: Sequence[str] = (),
+    ) -> Prometheus:
         base = tmp_path_factory.mktemp("prometheus")
         config = base / "prometheus.yml"
         config.write_text(scrape_yaml(jobs or {}))
@@ -140,6 +147,7 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
             data=data or base / "data",
             config=config,
             log=base / "prometheus.log",
+            args=tuple(args),
         )
         started.append(prom)
         return prom.start()
