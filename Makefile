@@ -14,6 +14,8 @@ SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm mu
 SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 # Headless Chromium opens the replay report in its test (driven through playwright's client).
 SYSTEM_TOOLS += chromium:chromium
+# Slurm's job accounting for the meter's tests (sacct, sshare): slurmdbd on MariaDB.
+SYSTEM_TOOLS += mariadbd:mariadb-server slurmdbd:slurmdbd
 
 .PHONY: demo test test-gpu lint bench system-deps clean vendor-plotly lock lock-check
 

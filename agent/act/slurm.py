@@ -367,7 +367,7 @@ def _sacct_record(job: Mapping[str, Any]) -> JobRecord | None:
 
 
 def parse_sshare(text: str) -> dict[str, float]:
-    """`sshare -P -o Account,User,NormShares` -> account -> NormShares (account rows only: no
+    """`sshare -a -P -o Account,User,NormShares` -> account -> NormShares (account rows only: no
     user; the root row left out). Lines that do not parse are skipped."""
     shares: dict[str, float] = {}
     for line in text.splitlines()[1:]:
@@ -543,7 +543,7 @@ class SlurmPlacement:
         # A failure, too, waits a refresh before the next try (and keeps the last shares).
         self._shares = (now, self._shares[1] if self._shares is not None else {})
         try:
-            text = self.cli.run("sshare", "-P", "-o", "Account,User,NormShares")
+            text = self.cli.run("sshare", "-a", "-P", "-o", "Account,User,NormShares")
         except ActuatorError as exc:
             if "accounting storage is disabled" not in str(exc).lower():
                 raise
