@@ -70,7 +70,10 @@ def _period(ledger: Ledger, since: str, until: str | None) -> tuple[float, float
     else:
         end = duration_s(until, "--until")
     back = duration_s(since, "--since")
-    return end - back, end
+    start = end - back
+    if ledger.timeline != "unix":  # a twin's time starts at 0: nothing lies before it
+        start = max(start, 0.0)
+    return start, end
 
 
 @report_app.command("energy")
