@@ -319,7 +319,10 @@ def exported_names(tmp_path: Path) -> set[str]:
                 dry_run=dry,
                 faults=("dropout:node2@20+30", "xid=79:node1/gpu0@15+30"),
                 # health_drain drains node1, wants it back at once: the node cooldown refuses
-                extra="[policies.power_budget]\n[policies.health_drain]\nresume_hold_s = 0\n",
+                extra="[policies.power_budget]\n[policies.health_drain]\nresume_hold_s = 0\n"
+                # The ledger's series: metered, priced and with carbon.
+                '[meter]\nenabled = true\n[meter.tariff]\nkind = "flat"\nprice_per_kwh = 0.2\n'
+                '[meter.carbon]\nkind = "constant"\ng_per_kwh = 300.0\n',
             ),
         )
         wall = FakeClock(START_UNIX)

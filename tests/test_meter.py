@@ -456,3 +456,30 @@ def test_report_json_parses_and_groups_sum_to_the_total(
     assert {g["name"] for g in data["groups"]} == {"physics", "(unknown)", "(idle)"}
     assert main(["report", "energy", "--ledger", str(path), "--by", "nobody"]) == 2
     assert "--by: 'nobody' is not one of" in capsys.readouterr().err
+
+
+def test_metrics_name_the_top_accounts_and_sum_the_rest_as_other() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.meter.metrics import MeterMetrics
+
+    registry = CollectorRegistry()
+    metrics = MeterMetrics(registry, top_accounts=2)
+    metrics.seed({"big": (9e9, 0.0, 0.0), "small": (1.0, 0.0, 0.0), "(idle)": (5e9, 0.0, 0.0)})
+    jobs = ["1", "2", "3", "4", ""]
+    a = snap(0, [100.0] * 5, jobs=jobs, gpus_per_node=5)
+    b = snap(10, [100.0] * 5, jobs=jobs, gpus_per_node=5)
+    booking = book_interval(reading_of(a, ["gpu"]), reading_of(b, ["gpu"]))
+    accounts = {"1": "big", "2": "small", "3": "newcomer", "4": ""}
+    metrics.booked(booking, Prices(0.5, math.nan), accounts)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    energy = "ooda_meter_energy_joules_total"
+    assert value(energy, account="big") == 1000.0 and value(energy, account="small") == 1000.0
+    assert value(energy, account="other") == 1000.0  # the third account: no label of its own
+    assert value(energy, account="unknown") == 1000.0 and value(energy, account="idle") == 1000.0
+    assert value("ooda_meter_idle_energy_joules_total", partition="gpu") == 1000.0
+    assert value("ooda_meter_cost_total", account="big") == pytest.approx(0.5 * 1000 / J_PER_KWH)
+    assert value("ooda_meter_carbon_grams_total", account="big") is None  # no carbon known

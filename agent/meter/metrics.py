@@ -60,7 +60,7 @@ class MeterMetrics:
             registry=registry,
         )
         self.co2 = Counter(
-            "ooda_meter_co2_grams",
+            "ooda_meter_carbon_grams",
             "CO2e of the energy booked (g), by account.",
             ["account"],
             registry=registry,
