@@ -328,7 +328,7 @@ def test_jobs_are_attributed_once_and_unknown_ones_asked_again_later(tmp_path: P
     for s in readings[:8]:
         meter.book(s)
     asked = [j for batch in accounting.asked for j in batch]
-    assert asked.count("1") == 1  # asked once, then known
+    assert asked.count("1") == 2  # once when it came, once when it left (for its end)
     assert asked.count("2") == 1  # unknown: not asked again before ASK_AGAIN_S
     accounting.ended = True
     for s in readings[8:]:
@@ -483,3 +483,26 @@ def test_metrics_name_the_top_accounts_and_sum_the_rest_as_other() -> None:
     assert value("ooda_meter_idle_energy_joules_total", partition="gpu") == 1000.0
     assert value("ooda_meter_cost_total", account="big") == pytest.approx(0.5 * 1000 / J_PER_KWH)
     assert value("ooda_meter_carbon_grams_total", account="big") is None  # no carbon known
+
+
+def test_a_gpu_idle_between_two_jobs_books_the_gap_as_idle() -> None:
+    # Job 1 at 500 W ends at 3 s, the GPU idles at 70 W, job 2 starts at 8 s and rises from
+    # 70 W to 170 W by the end (its mean since the start: 120 W). Other GPUs show the idle level.
+    truth = {"1": 500.0 * 3, "": 70.0 * 5, "2": 120.0 * 2}
+    a = snap(0, [500.0, 70.0], energy=[0.0, 0.0], jobs=["1", ""], gpus_per_node=1)
+    b = snap(10, [170.0, 70.0], energy=[sum(truth.values()), 700.0], jobs=["2", ""],
+             gpus_per_node=1)  # fmt: skip
+
+    def times(job: str) -> tuple[float, float]:
+        return {"1": (math.nan, math.nan), "2": (8.0, math.nan)}.get(job, (math.nan, math.nan))
+
+    got = book(a, b, partitions=["", ""], times=times)
+    assert got["1"] == pytest.approx(truth["1"])
+    assert got["2"] == pytest.approx(truth["2"])
+    assert got[""] == pytest.approx(truth[""] + 700.0)
+
+    def both(job: str) -> tuple[float, float]:
+        return {"1": (math.nan, 3.0), "2": (8.0, math.nan)}.get(job, (math.nan, math.nan))
+
+    known = book(a, b, partitions=["", ""], times=both)
+    assert known["1"] == pytest.approx(truth["1"]) and known[""] == pytest.approx(truth[""] + 700)

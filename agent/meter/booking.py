@@ -10,11 +10,16 @@ Per GPU (UUIDs matched between the two readings):
   or jump past what the GPU can draw; else the power integrated over the interval (trapezoid);
   else nothing (the GPU is counted as unmetered: missing is never 0 J).
 - the job: the same at both ends -> all of it to that job. Different (one job ended, another
-  started, or the GPU fell idle) -> split between them by a two-level model: the GPU drew the
-  first reading's power until the switch and the second's after it, so the switch's time follows
-  from the interval's energy (`f0 = (E/dt - p1) / (p0 - p1)`, clipped to [0, 1]); with no power
-  known, or two equal powers, half each. A job that ends at full draw thus keeps its energy up to
-  its end instead of leaving it to the idle GPU after it.
+  started, or the GPU fell idle) -> split between them. Where the scheduler says when the first
+  ended or the second started (inside the interval), that time splits it: the first job drew its
+  reading's power until then, the rest is the second's. Otherwise a two-level model: the GPU drew
+  the first reading's power until the switch and the second's after it, so the switch's time
+  follows from the interval's energy (`f0 = (E/dt - p1) / (p0 - p1)`, clipped to [0, 1]); with
+  no power known, or two equal powers, half each. A job that ends at full draw thus keeps its
+  energy up to its end instead of leaving it to the idle GPU after it. An idle side draws at most
+  the idle level (GPUs idle at both ends), and when one job ended and another started with only
+  the start known, the time between goes to idle by three levels (the first job's, idle, and the
+  second's, rising from idle as jobs start).
 - the node's non-GPU overhead (configured per node) is split over the node's GPUs, so each job
   takes its share of the node's GPUs; idle GPUs' share goes to their partition as idle, with
   their own energy (job "").
@@ -232,25 +237,86 @@ def _known_switch(
     t0_s: float,
     t1_s: float,
     times: JobTimes | None,
-) -> FloatArray:
-    """Per GPU: the share of the interval before its switch where the scheduler says when
-    (the second job's start, else the first one's end, inside the interval); NaN elsewhere."""
-    out = np.full(switched.shape[0], np.nan)
+) -> tuple[FloatArray, FloatArray]:
+    """Per GPU, where the scheduler says: when (as a share of the interval) the first job ended
+    and when the second started, if inside the interval; NaN elsewhere."""
+    ended = np.full(switched.shape[0], np.nan)
+    started = np.full(switched.shape[0], np.nan)
     rows = np.flatnonzero(switched)
     if times is None or rows.size == 0:
-        return out
+        return ended, started
     start = np.full(names.shape[0], np.nan)
     end = np.full(names.shape[0], np.nan)
     for code in np.unique(np.concatenate([code0[rows], code1[rows]])).tolist():
         start[code], end[code] = times(str(names[code]))
-    inside_start = start[code1[rows]]
-    inside_end = end[code0[rows]]
+    dt = t1_s - t0_s
     with np.errstate(invalid="ignore"):
-        ok_start = (inside_start >= t0_s) & (inside_start <= t1_s)
-        ok_end = (inside_end >= t0_s) & (inside_end <= t1_s)
-    switch = np.where(ok_start, inside_start, np.where(ok_end, inside_end, np.nan))
-    out[rows] = (switch - t0_s) / (t1_s - t0_s)
-    return out
+        first_end = (end[code0[rows]] - t0_s) / dt
+        second_start = (start[code1[rows]] - t0_s) / dt
+    inside = (first_end >= 0) & (first_end <= 1)
+    ended[rows] = np.where(inside, first_end, np.nan)
+    inside = (second_start >= 0) & (second_start <= 1)
+    started[rows] = np.where(inside, second_start, np.nan)
+    return ended, started
+
+
+@dataclass(frozen=True, eq=False)
+class _Split:
+    """Per GPU: the first job's share of the interval and energy, then the idle time between
+    the two jobs (where known); the second job has the rest."""
+
+    f0: FloatArray
+    e0: FloatArray
+    f_idle: FloatArray
+    e_idle: FloatArray
+
+
+def _split(
+    joules: FloatArray,
+    levels: tuple[FloatArray, FloatArray, float],
+    dt: float,
+    switched: BoolArray,
+    idle: tuple[BoolArray, BoolArray],
+    known: tuple[FloatArray, FloatArray],
+) -> _Split:
+    """How a GPU's interval divides between its two jobs (module docstring). `levels`: the
+    power before and after the switch and the idle level; `idle`: whether each job is idle;
+    `known`: the scheduler's end of the first job and start of the second (shares, NaN)."""
+    level0, level1, idle_w = levels
+    ended, started = known
+    f0 = _first_share(joules, level0, level1, dt, switched)
+    f0 = np.where(np.isfinite(ended), ended, np.where(np.isfinite(started), started, f0))
+    e0 = np.minimum(joules, np.where(np.isfinite(level0), level0 * f0 * dt, joules * f0))
+    zero = np.zeros_like(joules)
+    f_idle, e_idle = zero, zero
+    if math.isfinite(idle_w):
+        # Both jobs real and the second's start known: the first may have ended earlier, the
+        # GPU idle in between. With its end known too, the gap is the idle time; without, the
+        # first job's share follows from the energy before the start (three levels: the first
+        # job's, idle, the second's).
+        jobs = switched & ~idle[0] & ~idle[1] & np.isfinite(started)
+        gap_known = jobs & np.isfinite(ended) & (ended <= started)
+        guess = jobs & ~np.isfinite(ended) & (level0 - idle_w > SAME_POWER_W)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # A job starts from idle (loading, warming up): its draw rises to the second
+            # reading's, so it spent about the mean of the two since its start.
+            rising = (idle_w + np.maximum(level1, idle_w)) / 2.0
+            before = joules - np.clip(rising * (1.0 - started) * dt, 0.0, joules)
+            f_guess = np.clip((before / dt - idle_w * started) / (level0 - idle_w), 0.0, started)
+        f0 = np.where(guess, f_guess, f0)
+        e0 = np.where(guess, np.minimum(before, level0 * f_guess * dt), e0)
+        f_idle = np.where(gap_known, started - ended, np.where(guess, started - f_guess, 0.0))
+        e_idle = np.where(
+            gap_known,
+            np.minimum(joules - e0, idle_w * f_idle * dt),
+            np.where(guess, before - e0, 0.0),
+        )
+    return _Split(
+        f0=np.where(switched, f0, 0.0),
+        e0=np.where(switched, e0, 0.0),
+        f_idle=np.where(switched, f_idle, 0.0),
+        e_idle=np.where(switched, e_idle, 0.0),
+    )
 
 
 def book_interval(
@@ -283,21 +349,23 @@ def book_interval(
     level0, level1 = _levels(
         p0, cur.power_w, idle0, idle1, idle_w if math.isfinite(idle_w) else known_idle_w
     )
-    f0 = _first_share(joules, level0, level1, dt, switched)
-    when = _known_switch(switched, code0, code1, names, prev.time_s, cur.time_s, times)
-    f0 = np.where(np.isfinite(when), when, f0)
-    e0 = np.minimum(joules, np.where(np.isfinite(level0), level0 * f0 * dt, joules * f0))
-    e0 = np.where(switched, e0, 0.0)
+    known = _known_switch(switched, code0, code1, names, prev.time_s, cur.time_s, times)
+    level_idle = idle_w if math.isfinite(idle_w) else known_idle_w
+    split = _split(joules, (level0, level1, level_idle), dt, switched, (idle0, idle1), known)
     rows = np.flatnonzero(metered)
     n_part = cur.partition_names.shape[0]
     part = cur.partition_code[rows]
-    # Keys: job code x partition code; each GPU contributes to its first and second job.
-    keys = np.concatenate([code0[rows] * n_part + part, code1[rows] * n_part + part])
-    first = f0[rows]
-    energy = np.concatenate([e0[rows], joules[rows] - e0[rows]])
+    # Keys: job code x partition code; each GPU gives to its first job, the idle time between
+    # (where known) and its second job.
+    keys = np.concatenate(
+        [code0[rows] * n_part + part, idle_code * n_part + part, code1[rows] * n_part + part]
+    )
+    first, between = split.f0[rows], split.f_idle[rows]
+    e0, e_idle = split.e0[rows], split.e_idle[rows]
+    energy = np.concatenate([e0, e_idle, joules[rows] - e0 - e_idle])
     overhead_j = cur.overhead_w[rows] * dt
-    shares = np.concatenate([first, 1.0 - first])
-    counter_part = np.concatenate([by_counter[rows], by_counter[rows]])
+    shares = np.concatenate([first, between, 1.0 - first - between])
+    counter_part = np.tile(by_counter[rows], 3)
     uniq, inverse = np.unique(keys, return_inverse=True)
     size = uniq.shape[0]
 
@@ -312,7 +380,7 @@ def book_interval(
         job=np.asarray(names[uniq[keep] // n_part], dtype=np.str_),
         partition=np.asarray(cur.partition_names[uniq[keep] % n_part], dtype=np.str_),
         gpu_j=total(energy)[keep],
-        overhead_j=total(np.concatenate([overhead_j, overhead_j]) * shares)[keep],
+        overhead_j=total(np.tile(overhead_j, 3) * shares)[keep],
         counter_j=total(np.where(counter_part, energy, 0.0))[keep],
         power_j=total(np.where(counter_part, 0.0, energy))[keep],
         gpu_s=gpu_s[keep],

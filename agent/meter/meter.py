@@ -96,9 +96,9 @@ class Meter:
         self._prev: Reading | None = None
         self._known: dict[str, str] = {}  # job -> account, once attributed
         self._times: dict[str, tuple[float, float]] = {}  # job -> (start, end), NaN unknown
-        self._seen: set[str] = (
-            set()
-        )  # jobs attributed or asked about (then retried from the ledger)
+        # Jobs attributed or asked about (those unknown are asked again from the ledger).
+        self._seen: set[str] = set()
+        self._ended: set[str] = set()  # jobs whose end was asked about
         self._pruned_s = -math.inf
         # The idle level last seen, for intervals with no idle GPU (kept in the ledger).
         self._idle_w = ledger.idle_level_w() if origin == "live" else math.nan
@@ -152,6 +152,7 @@ class Meter:
         # Jobs are attributed before booking: their start and end times place switches.
         records, errors = self._attribute(reading, reading.time_s)
         result.errors.extend(errors)
+        result.errors.extend(self._learn_ends(prev, reading))
         booking = book_interval(prev, reading, self.source, self._job_times, self._idle_w)
         if math.isfinite(booking.idle_w):
             self._idle_w = booking.idle_w
@@ -186,6 +187,7 @@ class Meter:
                 self._seen.clear()
                 self._known.clear()
                 self._times.clear()
+                self._ended.clear()
             self._seen.update(new)
             already = self.ledger.attributed(new)
             self._known.update(already)
@@ -207,6 +209,24 @@ class Meter:
         if unknown:
             self.ledger.note_asked(unknown, now_s)
         return records, []
+
+    def _learn_ends(self, prev: Reading, reading: Reading) -> list[str]:
+        """Jobs that left since the last reading: when they ended, where accounting says (Slurm
+        keeps ended jobs in squeue for MinJobAge, then sacct has them). Asked once per job."""
+        if self.accounting is None:
+            return []
+        gone = np.setdiff1d(prev.job_names, reading.job_names).tolist()
+        left = [j for j in gone if j and j not in self._ended][:MAX_ASK_BATCH]
+        if not left:
+            return []
+        self._ended.update(left)
+        try:
+            found = self.accounting.job_records(left)
+        except OodaError as exc:
+            return [f"meter: job accounting unavailable: {exc}"]
+        for record in found.values():
+            self._times[record.job] = _times_of(record)
+        return []
 
     def _retain(self, now_s: float) -> None:
         if self.retention_s is None or now_s - self._pruned_s < PRUNE_EVERY_S:
