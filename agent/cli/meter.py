@@ -193,13 +193,13 @@ def _backfill(
     from agent.meter.meter import Meter
     from agent.observe.trace import TraceReader
     from agent.replay.prometheus import prometheus_config, record_range
-    from agent.runtime import signal_for, slurm_placement
+    from agent.adapters.slurm import slurm_placement
+    from agent.assembly import signal_for
 
     config = prometheus_config(url, base)
     m = base.meter
-    accounting = (
-        slurm_placement(base.actuators.slurm) if base.actuators.placement == "slurm" else None
-    )
+    slurm = getattr(base.actuators, "slurm", None)  # the Slurm section, where configured
+    accounting = slurm_placement(slurm) if base.actuators.placement == "slurm" and slurm else None
     try:
         book = Ledger(path, timeline="unix", bucket_s=m.bucket_s)
     except LedgerError as exc:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from agent.core.jobs import JobRecord
+from agent.core.jobs import ACCOUNT_LABEL, JobRecord
+from agent.core.protocols import TelemetrySource
+from agent.core.snapshot import Snapshot
 from agent.sim.twin import JOB_DONE, JOB_PENDING, JOB_RUNNING, Twin
 
 DEFAULT_ACCOUNTS = (("team-a", 0.5), ("team-b", 0.3), ("team-c", 0.2))
@@ -93,3 +96,34 @@ class JobEnergyTruth:
             sums = np.bincount(inverse, weights=spent, minlength=names.size)
             for name, joules in zip(names.tolist(), sums.tolist(), strict=True):
                 self.joules[name] = self.joules.get(name, 0.0) + joules
+
+
+class TwinAccountLabels:
+    """A TelemetrySource decorator: each GPU of the twin labelled with its job's account (the
+    `account` label; "" idle), as the Slurm-labelled source does for a real cluster, so
+    power_budget's account shares apply to the twin too. Accounts are remembered per job (a
+    bounded map), so a cycle costs one `np.unique` over the GPUs' jobs."""
+
+    MAX_REMEMBERED = 100_000
+
+    def __init__(
+        self, source: TelemetrySource, accounts: Sequence[tuple[str, float]] = DEFAULT_ACCOUNTS
+    ) -> None:
+        self.source = source
+        self.accounts = tuple(accounts)
+        self._of: dict[str, str] = {"": ""}
+
+    def observe(self, now_s: float) -> Snapshot:
+        snapshot = self.source.observe(now_s)
+        if snapshot.n_gpus == 0:
+            return snapshot
+        jobs, inverse = np.unique(snapshot.job, return_inverse=True)
+        if len(self._of) > self.MAX_REMEMBERED:
+            self._of = {"": ""}
+        names = []
+        for job in jobs.tolist():
+            if job not in self._of:
+                self._of[job] = account_of(job, self.accounts)
+            names.append(self._of[job])
+        labels = np.asarray(names, dtype=np.str_)[inverse.reshape(-1)]
+        return replace(snapshot, labels={**snapshot.labels, ACCOUNT_LABEL: labels})
