@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS usage (
     last_s REAL NOT NULL,
     PRIMARY KEY (bucket_s, job, partition)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_job ON usage (job);
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY,
     user TEXT NOT NULL DEFAULT '',
@@ -434,12 +433,11 @@ class Ledger:
             )
 
     def unattributed(self, asked_before_s: float, max_asks: int, limit: int) -> list[str]:
-        """Booked jobs with no known account, not asked about since `asked_before_s`, asked
+        """Jobs accounting did not know when asked, not asked since `asked_before_s`, asked
         fewer than `max_asks` times: those whose accounting may have arrived (sacct)."""
         rows = self.db.execute(
-            "SELECT DISTINCT u.job FROM usage u LEFT JOIN jobs j ON j.job = u.job "
-            "WHERE u.job != '' AND coalesce(j.account, '') = '' "
-            "AND coalesce(j.asked_s, -1e300) < ? AND coalesce(j.asks, 0) < ? LIMIT ?",
+            "SELECT job FROM jobs WHERE account = '' AND asked_s IS NOT NULL AND asked_s < ? "
+            "AND asks < ? LIMIT ?",
             (asked_before_s, max_asks, limit),
         ).fetchall()
         return [str(r[0]) for r in rows]
