@@ -506,3 +506,37 @@ def test_a_gpu_idle_between_two_jobs_books_the_gap_as_idle() -> None:
 
     known = book(a, b, partitions=["", ""], times=both)
     assert known["1"] == pytest.approx(truth["1"]) and known[""] == pytest.approx(truth[""] + 700)
+
+
+def test_export_and_status_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "l.sqlite"
+    meter = meter_for(path)
+    for s in series(10, step=100.0):
+        meter.book(s)
+    meter.close()
+    # The ledger's times here are a test timeline's (0..900 s): --until in seconds from its start.
+    common = ["--ledger", str(path), "--since", "1h", "--until", "1h"]
+    assert main(["meter", "export", *common, "-o", str(tmp_path / "x.csv")]) == 0
+    assert main(["meter", "export", *common, "-o", str(tmp_path / "x.parquet")]) == 0
+    assert "wrote 3 rows" in capsys.readouterr().out  # job 1, job 2, idle: one bucket
+    assert len(pq.read_table(tmp_path / "x.parquet")) == 3
+    assert main(["meter", "export", *common, "-o", str(tmp_path / "x.json")]) == 2
+    assert "--format: csv or parquet" in capsys.readouterr().err
+    assert main(["meter", "status", "--ledger", str(path), "--json"]) == 0
+    status = last_json(capsys.readouterr().out)
+    assert status["cursor_s"] == 900.0 and status["gaps_s"] == []
+    assert status["spans"] == [{"start_s": 0.0, "end_s": 900.0, "origin": "live", "intervals": 9}]
+    assert main(["meter", "status", "--ledger", str(tmp_path / "none.sqlite")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["meter", "status"]) == 2
+    assert "give --config (its [meter] ledger) or --ledger" in capsys.readouterr().err
+
+
+def test_backfill_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["meter", "backfill", "--prometheus", "prom:9090", "--start", "-1h"]) == 2
+    assert "--prometheus: not an http(s) URL" in capsys.readouterr().err
+    args = ["meter", "backfill", "--prometheus", "http://127.0.0.1:9", "--start"]
+    assert main([*args, "yesterday"]) == 2
+    assert "--start: not a time" in capsys.readouterr().err
+    assert main([*args, "-1h", "--step", "1.5s"]) == 2
+    assert "--step: must be a whole number of seconds" in capsys.readouterr().err

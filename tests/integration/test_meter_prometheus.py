@@ -7,15 +7,19 @@ queries, the same recorder `ooda record` uses)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from agent.core.errors import TelemetryError
 from agent.meter.ledger import J_PER_KWH, Ledger
 from agent.meter.meter import Meter
+from agent.observe.signal import PromQLSignal
 from agent.observe.trace import TraceReader
 from agent.replay.twin_trace import run_twin
 from agent.sim.twin import TwinSpec
@@ -26,6 +30,18 @@ pytestmark = pytest.mark.integration
 
 STEP_S = 15
 STEPS = 160  # 40 minutes
+PRICE = "electricity_price_eur_per_kwh"
+
+
+def add_price_series(openmetrics: Path, start: int, end: int) -> None:
+    """A price signal in the history: 0.20 EUR/kWh for the first half, 0.40 after, sampled
+    every 15 s (before the file's `# EOF`)."""
+    lines = [f"# TYPE {PRICE} gauge"]
+    half = (start + end) / 2
+    for t in range(start - 60, end + 60, STEP_S):
+        lines.append(f"{PRICE} {0.2 if t < half else 0.4} {t}.000")
+    text = openmetrics.read_text().removesuffix("# EOF\n")
+    openmetrics.write_text(text + "\n".join(lines) + "\n# EOF\n")
 
 
 def test_backfill_from_prometheus_matches_the_live_ledger(
@@ -38,16 +54,11 @@ def test_backfill_from_prometheus_matches_the_live_ledger(
     start = int(time.time()) // STEP_S * STEP_S - 3600  # well inside what Prometheus serves
     end = start + STEP_S * (STEPS - 1)
 
-    live = Meter(Ledger(tmp_path / "live.sqlite", timeline="unix"), node_overhead_w=250.0)
-    for snapshot in TraceReader(trace).snapshots():
-        live.book(replace(snapshot, time_s=snapshot.time_s + start))
-    expected = live.ledger.job_totals()
-    live.close()
-
     openmetrics = tmp_path / "q.om"
     done = ooda("trace", "export", "--openmetrics", str(trace), "-o", str(openmetrics),
                 "--start", str(start))  # fmt: skip
     assert done.returncode == 0, done.stderr
+    add_price_series(openmetrics, start, end)
     data = tmp_path / "data"
     subprocess.run(
         ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
@@ -61,8 +72,23 @@ def test_backfill_from_prometheus_matches_the_live_ledger(
     # for five minutes beside the GPU's new one).
     prom = prometheus_factory({}, data=data, args=[f"--query.lookback-delta={STEP_S - 1}s"])
 
+    # The live ledger: the same telemetry booked as it came, priced by instant queries.
+    price = PromQLSignal(prom.source(), PRICE, "price")
+    live = Meter(
+        Ledger(tmp_path / "live.sqlite", timeline="unix"), node_overhead_w=250.0, price=price
+    )
+    for snapshot in TraceReader(trace).snapshots():
+        live.book(replace(snapshot, time_s=snapshot.time_s + start))
+    expected = live.ledger.job_totals()
+    live_cost = live.ledger.db.execute("SELECT sum(cost), sum(unpriced_j) FROM usage").fetchone()
+    live.close()
+    assert live_cost[1] == 0.0  # every interval found its price
+
     config = tmp_path / "agent.toml"
-    config.write_text("[cluster]\nnode_overhead_w = 250.0\n")
+    config.write_text(
+        f'[cluster]\nnode_overhead_w = 250.0\n[meter.tariff]\nkind = "promql"\n'
+        f'query = "{PRICE}"\ncurrency = "EUR"\n'
+    )
     backfilled = tmp_path / "backfill.sqlite"
     args = ["meter", "backfill", "--prometheus", prom.url, "--start", str(start), "--end",
             str(end), "--step", f"{STEP_S}s", "--config", str(config), "--ledger",
@@ -81,6 +107,18 @@ def test_backfill_from_prometheus_matches_the_live_ledger(
     assert result["kwh"] * J_PER_KWH == pytest.approx(
         sum(expected.values()) + 4 * 250.0 * STEP_S * (STEPS - 1), rel=0.01
     )
+
+    # Priced from the same series by range queries: the cost of the same energy.
+    cost = Ledger(backfilled, read_only=True).db.execute("SELECT sum(cost) FROM usage").fetchone()
+    assert cost[0] == pytest.approx(live_cost[0], rel=0.01)
+    kwh = result["kwh"]
+    assert 0.2 * kwh < cost[0] < 0.4 * kwh  # both prices were used
+    # A query that gives many series is not a price: unknown one at a time, an error at once.
+    many = PromQLSignal(prom.source(), "DCGM_FI_DEV_POWER_USAGE", "meter.tariff.query")
+    assert math.isnan(float(many.at(np.array([start + 30.0]))[0]))
+    several = r"meter\.tariff\.query: .* gives \d+ series; it must give one"
+    with pytest.raises(TelemetryError, match=several):
+        many.at(np.arange(start, start + 300.0, 15.0))
 
     again = last_json(ooda(*args, timeout_s=120).stdout)  # a second backfill books nothing
     assert again["booked"] == 0 and again["already_booked"] == STEPS - 1
