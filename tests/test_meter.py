@@ -540,3 +540,25 @@ def test_backfill_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[st
     assert "--start: not a time" in capsys.readouterr().err
     assert main([*args, "-1h", "--step", "1.5s"]) == 2
     assert "--step: must be a whole number of seconds" in capsys.readouterr().err
+
+
+def test_a_batching_backfill_books_what_one_at_a_time_would(tmp_path: Path) -> None:
+    readings = series(60, step=120.0)  # two hours: the batches end at the bucket's edge too
+    single = meter_for(tmp_path / "one.sqlite")
+    for s in readings:
+        single.book(s)
+    batched = Meter(Ledger(tmp_path / "many.sqlite", timeline="t"), origin="backfill", batch=7)
+    for s in readings:
+        assert not batched.book(s).errors
+    batched.close()
+    assert (batched.booked, batched.skipped) == (59, 0)
+    again = Meter(Ledger(tmp_path / "many.sqlite", timeline="t"), origin="backfill", batch=7)
+    for s in readings:
+        again.book(s)
+    again.close()
+    assert (again.booked, again.skipped) == (0, 59)
+    one = single.ledger.rows()
+    many = Ledger(tmp_path / "many.sqlite", read_only=True).rows()
+    assert [r[:6] for r in one] == [r[:6] for r in many]
+    for a, b in zip(one, many, strict=True):
+        assert a[6:] == pytest.approx(b[6:])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -188,13 +187,16 @@ def _ledger_path(config: Config, state_dir: Path | None) -> Path:
 def _backfill(
     base: Config, url: str, path: Path, start_s: float, end_s: float, step_s: float
 ) -> dict[str, Any]:
+    """Record the range from Prometheus block by block (the range queries of `ooda record`) and
+    book each step as it comes: no trace on disk, memory flat over any range."""
+    from agent.adapters.slurm import slurm_placement
+    from agent.assembly import prometheus_settings, signal_for
     from agent.core.errors import TelemetryError
     from agent.meter.ledger import J_PER_KWH, Ledger, LedgerError
     from agent.meter.meter import Meter
-    from agent.observe.trace import TraceReader
-    from agent.replay.prometheus import prometheus_config, record_range
-    from agent.adapters.slurm import slurm_placement
-    from agent.assembly import signal_for
+    from agent.observe.prometheus import PrometheusSource
+    from agent.observe.record import record_prometheus
+    from agent.replay.prometheus import prometheus_config
 
     config = prometheus_config(url, base)
     m = base.meter
@@ -213,38 +215,50 @@ def _backfill(
         price=signal_for(config, m.tariff, "tariff"),
         carbon=signal_for(config, m.carbon, "carbon"),
         origin="backfill",
+        batch=BACKFILL_BATCH,
     )
-    counts = {"booked": 0, "already_booked": 0, "gaps": 0}
-    joules = 0.0
-    errors: list[str] = []
+    booker = _Booker(meter, _NodePartitions(accounting))
+    source = PrometheusSource(prometheus_settings(config))
     t0 = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="ooda-backfill-") as tmp:
-            trace = Path(tmp) / "range.parquet"
-            record_range(config, trace, start_s=start_s, end_s=end_s, step_s=step_s)
-            nodes = _NodePartitions(accounting)
-            for snapshot in TraceReader(trace).snapshots():
-                result = meter.book(snapshot, nodes.states(snapshot.node_names))
-                errors.extend(result.errors)
-                if result.booked:
-                    counts["booked"] += 1
-                    joules += result.gpu_j + result.overhead_j
-                elif result.reason == "already booked":
-                    counts["already_booked"] += 1
-                elif result.t0_s is not None or "gap" in result.reason:
-                    counts["gaps"] += 1
+        record_prometheus(source, booker, start_s=start_s, end_s=end_s, step_s=step_s)
+        meter.flush()
     except TelemetryError as exc:
         typer.echo(f"ooda: backfill failed: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
+        source.close()
         meter.close()
     return {
         "ledger": str(path),
-        **counts,
-        "kwh": joules / J_PER_KWH,
-        "errors": sorted(set(errors))[:20],
+        "booked": meter.booked,
+        "already_booked": meter.skipped,
+        "gaps": booker.gaps,
+        "kwh": meter.booked_j / J_PER_KWH,
+        "errors": sorted(set(booker.errors))[:20],
         "wall_s": round(time.perf_counter() - t0, 3),
     }
+
+
+BACKFILL_BATCH = 240  # intervals per transaction (an hour at 15 s), summed per bucket first
+
+
+class _Booker:
+    """Books each recorded step as its block arrives (record_prometheus's BlockSink)."""
+
+    def __init__(self, meter: Any, nodes: _NodePartitions) -> None:
+        self.meter = meter
+        self.nodes = nodes
+        self.gaps = 0
+        self.errors: list[str] = []
+
+    def write_block(self, block: Any) -> None:
+        for j in range(block.n_steps):
+            snapshot = block.snapshot(j)
+            result = self.meter.book(snapshot, self.nodes.states(snapshot.node_names))
+            self.errors.extend(result.errors)
+            if result.reason.startswith("gap"):
+                self.gaps += 1
 
 
 class _NodePartitions:

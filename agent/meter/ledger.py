@@ -361,6 +361,31 @@ class Ledger:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'idle_w'").fetchone()
         return math.nan if row is None else float(row[0])
 
+    def book_many(
+        self,
+        items: Sequence[tuple[Booking, Prices]],
+        *,
+        origin: str,
+        jobs: Iterable[JobRecord] = (),
+    ) -> list[bool]:
+        """Book many intervals in one transaction (a backfill), their rows summed per bucket
+        and key first; per interval, whether it was booked (an interval a span covers is
+        skipped, as in `book`). No cursor moves."""
+        booked: list[bool] = []
+        summed: dict[tuple[Any, ...], list[Any]] = {}
+        with self.transaction():
+            for booking, prices in items:
+                if self.covered(booking.t0_s, booking.t1_s):
+                    booked.append(False)
+                    continue
+                for row in self._rows(booking, prices):
+                    _accumulate(summed, row)
+                self._extend_span(booking, origin)
+                booked.append(True)
+            self.db.executemany(UPSERT_USAGE, [(*k, *v) for k, v in summed.items()])
+            self._upsert_jobs(jobs)
+        return booked
+
     def _extend_span(self, booking: Booking, origin: str) -> None:
         dt = booking.t1_s - booking.t0_s
         metered = float(booking.gpu_s.sum())
@@ -504,6 +529,20 @@ class Ledger:
                 "DELETE FROM jobs WHERE NOT EXISTS (SELECT 1 FROM usage u WHERE u.job = jobs.job)"
             )
         return int(deleted)
+
+
+def _accumulate(summed: dict[tuple[Any, ...], list[Any]], row: tuple[Any, ...]) -> None:
+    """Add a usage row (UPSERT_USAGE's order) into `summed`, keyed by (bucket, job, partition):
+    the energies, seconds, cost and CO2 summed, the first and last times kept."""
+    key, values = row[:3], row[3:]
+    held = summed.get(key)
+    if held is None:
+        summed[key] = list(values)
+        return
+    for i in range(len(values) - 2):
+        held[i] += values[i]
+    held[-2] = min(held[-2], values[-2])
+    held[-1] = max(held[-1], values[-1])
 
 
 def _finite(value: float, fallback: float) -> float:

@@ -82,7 +82,10 @@ class Meter:
         retention_s: float | None = None,
         origin: str = "live",
         on_booked: Callable[[Booking, Prices, Mapping[str, str]], None] | None = None,
+        batch: int = 1,
     ) -> None:
+        """`batch` > 1 (a backfill): intervals are booked that many at a time, summed per
+        bucket first (`flush`, `close`); a live meter books each at once (crash safety)."""
         self.ledger = ledger
         self.source = source
         self.node_overhead_w = node_overhead_w
@@ -94,6 +97,11 @@ class Meter:
         self.origin = origin
         self.on_booked = on_booked
         self._prev: Reading | None = None
+        self.batch = batch
+        self._pending: list[tuple[Booking, Prices]] = []
+        self._pending_jobs: list[JobRecord] = []
+        self.booked = self.skipped = 0  # a batching meter's intervals, as flushed
+        self.booked_j = 0.0
         self._known: dict[str, str] = {}  # job -> account, once attributed
         self._times: dict[str, tuple[float, float]] = {}  # job -> (start, end), NaN unknown
         # Jobs attributed or asked about (those unknown are asked again from the ledger).
@@ -104,6 +112,7 @@ class Meter:
         self._idle_w = ledger.idle_level_w() if origin == "live" else math.nan
 
     def close(self) -> None:
+        self.flush()
         self.ledger.close()
 
     def reading(self, snapshot: Snapshot, nodes: NodeStates | None) -> Reading:
@@ -158,10 +167,13 @@ class Meter:
             self._idle_w = booking.idle_w
         mid = np.array([(booking.t0_s + booking.t1_s) / 2.0])
         prices = Prices(float(self.price.at(mid)[0]), float(self.carbon.at(mid)[0]))
+        self._prev = reading
+        if self.batch > 1:  # a backfill: booked when the batch is full (see `flush`)
+            self._queue(booking, prices, records, result)
+            return
         done = self.ledger.book(
             booking, prices, origin=self.origin, cursor=reading if live else None, jobs=records
         )
-        self._prev = reading
         result.t0_s = booking.t0_s
         result.booked, result.reason, result.rows = done.booked, done.reason, done.rows
         result.unmetered_gpus = booking.unmetered_gpus
@@ -172,6 +184,34 @@ class Meter:
             if self.on_booked is not None:
                 self.on_booked(booking, prices, self._known)
         self._retain(reading.time_s)
+
+    def _queue(
+        self, booking: Booking, prices: Prices, records: list[JobRecord], result: MeterResult
+    ) -> None:
+        """A backfill's interval, booked with the rest of its batch (a bucket at most)."""
+        bucket_s = self.ledger.bucket_s
+        if self._pending and (
+            len(self._pending) >= self.batch
+            or math.ceil(booking.t1_s / bucket_s) != math.ceil(self._pending[0][0].t1_s / bucket_s)
+        ):
+            self.flush()
+        self._pending.append((booking, prices))
+        self._pending_jobs.extend(records)
+        result.t0_s, result.reason = booking.t0_s, "queued"
+        result.gpu_j = float(booking.gpu_j.sum())
+        result.overhead_j = float(booking.overhead_j.sum())
+        result.unmetered_gpus = booking.unmetered_gpus
+
+    def flush(self) -> None:
+        """Book what a backfill has queued (`booked` and `skipped` count the intervals)."""
+        if not self._pending:
+            return
+        done = self.ledger.book_many(self._pending, origin=self.origin, jobs=self._pending_jobs)
+        for (booking, _), booked in zip(self._pending, done, strict=True):
+            self.booked += booked
+            self.skipped += not booked
+            self.booked_j += booking.total_j if booked else 0.0
+        self._pending, self._pending_jobs = [], []
 
     def _job_times(self, job: str) -> tuple[float, float]:
         return self._times.get(job, (math.nan, math.nan))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +29,7 @@ from agent.observe.prometheus import (
     lookup,
     usable_budget,
 )
-from agent.observe.trace import GPU_INDEX_MAX, TraceBlock, TraceWriter
+from agent.observe.trace import GPU_INDEX_MAX, TraceBlock
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -52,6 +52,13 @@ class _Seen:
     labels: dict[str, StrArray]  # the settings' extra labels, as last seen
 
 
+class BlockSink(Protocol):
+    """Where recorded blocks go: a TraceWriter, or anything that books them as they come (the
+    meter's backfill)."""
+
+    def write_block(self, block: TraceBlock) -> None: ...
+
+
 @dataclass(frozen=True)
 class RecordStats:
     steps: int
@@ -63,7 +70,7 @@ class RecordStats:
 
 def record_prometheus(
     source: PrometheusSource,
-    writer: TraceWriter,
+    writer: BlockSink,
     *,
     start_s: float,
     end_s: float,
