@@ -562,3 +562,17 @@ def test_a_batching_backfill_books_what_one_at_a_time_would(tmp_path: Path) -> N
     assert [r[:6] for r in one] == [r[:6] for r in many]
     for a, b in zip(one, many, strict=True):
         assert a[6:] == pytest.approx(b[6:])
+
+
+def test_a_new_twins_ledger_moves_the_old_one_aside(tmp_path: Path) -> None:
+    from agent.runtime import open_ledger
+
+    config = parse_config(
+        {"cluster": {"name": "c"}, "daemon": {"state_dir": str(tmp_path)}, "meter": {}}
+    )
+    open_ledger(config, "twin-1").close()
+    open_ledger(config, "twin-2").close()  # a new twin: its times start again at 0
+    assert (tmp_path / "c.ledger.twin-1.sqlite").exists()
+    assert Ledger(tmp_path / "c.ledger.sqlite", read_only=True).timeline == "twin-2"
+    with pytest.raises(ConfigError, match=r"meter\.ledger: .* timeline 'twin-2'"):
+        open_ledger(config, "unix")  # a real cluster's ledger is never moved aside
