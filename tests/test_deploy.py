@@ -277,6 +277,17 @@ def query_unit(expr: str) -> str:
         name = "ratio" if operations == "ratio" else f"{level}_{metric}"
     if name == "ratio":
         return "percentunit"
+    # The ledger's counters (agent/meter/metrics.py): joules a second are watts, joules over a
+    # day kWh (/ 3.6e6), grams an hour kg (/ 1000), GPU-seconds a second GPUs; a cost is in the
+    # tariff's own currency.
+    if name.endswith("_joules_total"):
+        return "kwatth" if "increase(" in expr else "watt"
+    if name.endswith("_grams_total"):
+        return "masskg"
+    if name.endswith("_gpu_seconds_total"):
+        return "suffix: GPUs"
+    if name.endswith("_cost_total"):
+        return "short"
     if "rate(" in expr:
         return "suffix: cores" if name.endswith("_cpu_seconds_total") else "ops"
     if "increase(" in expr:
