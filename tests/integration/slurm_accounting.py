@@ -114,7 +114,10 @@ class AccountingCluster(SlurmCluster):
             )
             return done.returncode == 0
 
-        wait_until(lambda: sql("select 1"), timeout_s, "MariaDB")
+        try:
+            wait_until(lambda: sql("select 1"), timeout_s, "MariaDB")
+        except SlurmClusterError as exc:
+            raise SlurmClusterError(f"{exc}\n{self.log_tail()}") from None
         assert sql(
             "CREATE DATABASE slurm_acct_db; CREATE USER 'slurm'@'localhost' IDENTIFIED BY "
             "'slurmpw'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
@@ -148,7 +151,10 @@ StorageLoc=slurm_acct_db
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 cwd=b, start_new_session=True,
             )  # fmt: skip
-        wait_until(lambda: self._listening(self.dbd_port), timeout_s, "slurmdbd")
+        try:
+            wait_until(lambda: self._listening(self.dbd_port), timeout_s, "slurmdbd")
+        except SlurmClusterError as exc:
+            raise SlurmClusterError(f"{exc}\n{self.log_tail()}") from None
 
     def _listening(self, port: int) -> bool:
         probe = f"exec 3<>/dev/tcp/127.0.0.1/{port}"
@@ -174,7 +180,7 @@ StorageLoc=slurm_acct_db
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
         self._start_namespace()
         try:
             self._start_database(timeout_s)
