@@ -8,6 +8,8 @@ Two JSON lines:
 - `meter_twin_day`: a full twin day (default 8 nodes x 8 GPUs, median job 20 min) booked every
   15 s against the twin's true energy per job: the largest and 99th-percentile relative error
   over jobs, the fleet's total error, jobs.
+- `meter_twin_normal_day`: the same with the twin's normal-day phases (checkpoint stalls,
+  flat-lined power readings, exporter restarts that hide a node's GPUs and reset counters...).
 
     python bench/meter.py --json [--gpus 100000] [--cycles 20] [--day-nodes 8] [--hours 24]
 """
@@ -84,14 +86,16 @@ def cycle_cost(gpus: int, cycles: int) -> dict[str, Any]:
     }
 
 
-def twin_day(nodes: int, hours: float) -> dict[str, Any]:
+def twin_day(nodes: int, hours: float, normal_day: bool = False) -> dict[str, Any]:
     from agent.meter.ledger import Ledger
     from agent.meter.meter import Meter
     from agent.sim.accounts import JobEnergyTruth, TwinAccounts
     from agent.sim.adapters import TwinSource
+    from agent.sim.phases import NO_PHASES, NORMAL_DAY
     from agent.sim.twin import Twin, TwinSpec
 
-    twin = Twin(TwinSpec(nodes=nodes, gpus_per_node=8, seed=11, median_job_s=1200.0))
+    phases = NORMAL_DAY if normal_day else NO_PHASES
+    twin = Twin(TwinSpec(nodes=nodes, gpus_per_node=8, seed=11, median_job_s=1200.0, phases=phases))
     truth = JobEnergyTruth(twin)
     source = TwinSource(twin)
     t0 = time.perf_counter()
@@ -110,7 +114,7 @@ def twin_day(nodes: int, hours: float) -> dict[str, Any]:
     errors = np.array([abs(booked.get(j, 0.0) - truth.joules[j]) / truth.joules[j] for j in jobs])
     total_true = sum(truth.joules.values())
     return {
-        "bench": "meter_twin_day",
+        "bench": "meter_twin_normal_day" if normal_day else "meter_twin_day",
         "gpus": twin.spec.n_gpus,
         "hours": hours,
         "interval_s": 15.0,
@@ -133,6 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     print(json.dumps(cycle_cost(args.gpus, args.cycles)), flush=True)
     print(json.dumps(twin_day(args.day_nodes, args.hours)), flush=True)
+    print(json.dumps(twin_day(args.day_nodes, args.hours, normal_day=True)), flush=True)
 
 
 if __name__ == "__main__":

@@ -576,3 +576,34 @@ def test_a_new_twins_ledger_moves_the_old_one_aside(tmp_path: Path) -> None:
     assert Ledger(tmp_path / "c.ledger.sqlite", read_only=True).timeline == "twin-2"
     with pytest.raises(ConfigError, match=r"meter\.ledger: .* timeline 'twin-2'"):
         open_ledger(config, "unix")  # a real cluster's ledger is never moved aside
+
+
+def test_a_gpu_unread_for_a_while_has_its_gap_booked_when_it_is_read_again(
+    tmp_path: Path,
+) -> None:
+    nan = math.nan
+    # GPU 1's exporter restarts: unread at 10 s and 20 s, back at 30 s (its counter kept on).
+    e = 1e6  # the counters' values at the start (J since the driver loaded)
+    readings = [
+        snap(0, [300.0, 400.0], energy=[e, e], jobs=["1", "2"], gpus_per_node=1),
+        snap(10, [300.0, nan], energy=[e + 3000.0, nan], jobs=["1", ""], gpus_per_node=1),
+        snap(20, [300.0, nan], energy=[e + 6000.0, nan], jobs=["1", ""], gpus_per_node=1),
+        snap(30, [300.0, 400.0], energy=[e + 9000.0, e + 12000.0], jobs=["1", "2"],
+             gpus_per_node=1),
+    ]  # fmt: skip
+    meter = meter_for(tmp_path / "l.sqlite")
+    unmetered = [meter.book(s).unmetered_gpus for s in readings]
+    assert unmetered[1:] == [1, 1, 0]  # unread at the time, booked when it came back
+    assert meter.ledger.job_totals() == {"1": 9000.0, "2": 12000.0}
+    # Its counter reset by the restart: the power at both ends stands in for it.
+    reset = [*readings[:3], snap(30, [300.0, 400.0], energy=[e + 9000.0, 50.0], jobs=["1", "2"],
+                                 gpus_per_node=1)]  # fmt: skip
+    again = meter_for(tmp_path / "reset.sqlite")
+    for s in reset:
+        again.book(s)
+    assert again.ledger.job_totals()["2"] == pytest.approx(400.0 * 30)
+    # Unread for longer than max_gap_s: the gap is not booked (never guessed).
+    short = meter_for(tmp_path / "short.sqlite", max_gap_s=15.0)
+    for s in readings:
+        short.book(s)
+    assert short.ledger.job_totals() == {"1": 9000.0}

@@ -9,16 +9,22 @@ from agent.meter.ledger import Ledger
 from agent.meter.meter import Meter
 from agent.sim.accounts import JobEnergyTruth, TwinAccounts
 from agent.sim.adapters import TwinSource
+from agent.sim.phases import NO_PHASES, NORMAL_DAY
 from agent.sim.twin import Twin, TwinSpec
 
 INTERVAL_S = 15.0
 HOURS = 6.0
 
 
-@pytest.fixture(scope="module")
-def metered(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobEnergyTruth, Ledger]:
-    # Short jobs (median 20 min) so the day has many starts and ends to get right.
-    twin = Twin(TwinSpec(nodes=4, gpus_per_node=8, seed=11, median_job_s=1200.0))
+@pytest.fixture(scope="module", params=["plain", "normal-day"])
+def metered(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[JobEnergyTruth, Ledger]:
+    # Short jobs (median 20 min) so the day has many starts and ends to get right; and the same
+    # with a real fleet's normal phases (checkpoint stalls, flat-lined power readings, exporter
+    # restarts that hide a node's GPUs and reset their counters...).
+    phases = NORMAL_DAY if request.param == "normal-day" else NO_PHASES
+    twin = Twin(TwinSpec(nodes=4, gpus_per_node=8, seed=11, median_job_s=1200.0, phases=phases))
     truth = JobEnergyTruth(twin)
     source = TwinSource(twin)
     ledger = Ledger(tmp_path_factory.mktemp("meter") / "l.sqlite", timeline="twin")

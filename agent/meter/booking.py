@@ -8,7 +8,11 @@ the energy came from the energy counter and how much from integrated power.
 Per GPU (UUIDs matched between the two readings):
 - energy: the counter's difference where both readings have one and it did not go back (a reset)
   or jump past what the GPU can draw; else the power integrated over the interval (trapezoid);
-  else nothing (the GPU is counted as unmetered: missing is never 0 J).
+  else nothing (the GPU is counted as unmetered: missing is never 0 J). The counter is trusted
+  over the power readings where both are there: a power reading can freeze (a flat-lined
+  sensor) or miss a dip between two samples, the counter misses nothing. A GPU not read for a
+  while (an exporter restarting) keeps its last good reading (`carry`, up to `max_gap_s`): when
+  it is read again, the gap is booked from its two ends.
 - the job: the same at both ends -> all of it to that job. Different (one job ended, another
   started, or the GPU fell idle) -> split between them. Where the scheduler says when the first
   ended or the second started (inside the interval), that time splits it: the first job drew its
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import cached_property
 
@@ -77,6 +81,15 @@ class Reading:
     partition_names: StrArray  # unique, sorted
     partition_code: IntArray
     overhead_w: FloatArray  # per GPU: its share of its node's non-GPU power
+    # Per GPU, when its values were read, where a GPU's last good reading was carried over a
+    # gap (`carry`); None: all at `time_s`.
+    read_s: FloatArray | None = None
+
+    def times(self) -> FloatArray:
+        """Per GPU: when its values were read."""
+        if self.read_s is None:
+            return np.full(self.n_gpus, self.time_s)
+        return self.read_s
 
     @cached_property
     def order(self) -> IntArray:
@@ -175,7 +188,7 @@ def match(prev: Reading, cur: Reading) -> IntArray:
 
 
 def _energy(
-    prev: Reading, cur: Reading, at: IntArray, dt: float, source: EnergySource
+    prev: Reading, cur: Reading, at: IntArray, dt: FloatArray, source: EnergySource
 ) -> tuple[FloatArray, BoolArray, BoolArray]:
     """Per GPU of `cur`: the interval's energy (NaN: unmetered), and whether it came from the
     counter or from integrated power."""
@@ -183,10 +196,10 @@ def _energy(
     safe = np.maximum(at, 0)
     e0 = np.where(seen, prev.energy_j[safe], np.nan)
     p0 = np.where(seen, prev.power_w[safe], np.nan)
+    power = np.isfinite(p0) & np.isfinite(cur.power_w)
     with np.errstate(invalid="ignore"):
         delta = cur.energy_j - e0
         counter = np.isfinite(delta) & (delta >= 0) & (delta <= MAX_GPU_POWER_W * dt)
-    power = np.isfinite(p0) & np.isfinite(cur.power_w)
     if source is EnergySource.POWER:
         counter = np.zeros_like(counter)
     elif source is EnergySource.COUNTER:
@@ -219,7 +232,7 @@ def _levels(
 
 
 def _first_share(
-    joules: FloatArray, p0: FloatArray, p1: FloatArray, dt: float, switched: BoolArray
+    joules: FloatArray, p0: FloatArray, p1: FloatArray, dt: FloatArray, switched: BoolArray
 ) -> FloatArray:
     """Per GPU: the share of the interval spent on the first reading's job (two-level model)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -234,7 +247,7 @@ def _known_switch(
     code0: IntArray,
     code1: IntArray,
     names: StrArray,
-    t0_s: float,
+    t0_s: FloatArray,
     t1_s: float,
     times: JobTimes | None,
 ) -> tuple[FloatArray, FloatArray]:
@@ -249,10 +262,11 @@ def _known_switch(
     end = np.full(names.shape[0], np.nan)
     for code in np.unique(np.concatenate([code0[rows], code1[rows]])).tolist():
         start[code], end[code] = times(str(names[code]))
-    dt = t1_s - t0_s
+    t0 = t0_s[rows]
+    dt = t1_s - t0
     with np.errstate(invalid="ignore"):
-        first_end = (end[code0[rows]] - t0_s) / dt
-        second_start = (start[code1[rows]] - t0_s) / dt
+        first_end = (end[code0[rows]] - t0) / dt
+        second_start = (start[code1[rows]] - t0) / dt
     inside = (first_end >= 0) & (first_end <= 1)
     ended[rows] = np.where(inside, first_end, np.nan)
     inside = (second_start >= 0) & (second_start <= 1)
@@ -274,7 +288,7 @@ class _Split:
 def _split(
     joules: FloatArray,
     levels: tuple[FloatArray, FloatArray, float],
-    dt: float,
+    dt: FloatArray,
     switched: BoolArray,
     idle: tuple[BoolArray, BoolArray],
     known: tuple[FloatArray, FloatArray],
@@ -330,10 +344,14 @@ def book_interval(
     started and ended (NaN: not known); where it places a switch inside the interval, that
     time splits it instead of the two-level model. `known_idle_w`: the idle level seen before,
     for an interval where no GPU is idle at both ends (the booking says the level it saw)."""
-    dt = cur.time_s - prev.time_s
-    if not dt > 0:
-        raise ValueError(f"an interval must move forward in time (got {dt} s)")
+    if not cur.time_s > prev.time_s:
+        raise ValueError(
+            f"an interval must move forward in time (got {cur.time_s - prev.time_s} s)"
+        )
     at = match(prev, cur)
+    # Per GPU, from its last reading: the interval, or longer where a gap was carried over.
+    start_s = np.where(at >= 0, prev.times()[np.maximum(at, 0)], prev.time_s)
+    dt = np.maximum(cur.time_s - start_s, 1e-9)
     joules, by_counter, by_power = _energy(prev, cur, at, dt, source)
     metered = by_counter | by_power
     seen = at >= 0
@@ -349,7 +367,7 @@ def book_interval(
     level0, level1 = _levels(
         p0, cur.power_w, idle0, idle1, idle_w if math.isfinite(idle_w) else known_idle_w
     )
-    known = _known_switch(switched, code0, code1, names, prev.time_s, cur.time_s, times)
+    known = _known_switch(switched, code0, code1, names, start_s, cur.time_s, times)
     level_idle = idle_w if math.isfinite(idle_w) else known_idle_w
     split = _split(joules, (level0, level1, level_idle), dt, switched, (idle0, idle1), known)
     rows = np.flatnonzero(metered)
@@ -363,7 +381,7 @@ def book_interval(
     first, between = split.f0[rows], split.f_idle[rows]
     e0, e_idle = split.e0[rows], split.e_idle[rows]
     energy = np.concatenate([e0, e_idle, joules[rows] - e0 - e_idle])
-    overhead_j = cur.overhead_w[rows] * dt
+    overhead_j = cur.overhead_w[rows] * dt[rows]
     shares = np.concatenate([first, between, 1.0 - first - between])
     counter_part = np.tile(by_counter[rows], 3)
     uniq, inverse = np.unique(keys, return_inverse=True)
@@ -372,7 +390,7 @@ def book_interval(
     def total(values: FloatArray) -> FloatArray:
         return np.bincount(inverse, weights=values, minlength=size).astype(np.float64)
 
-    gpu_s = total(shares * dt)
+    gpu_s = total(shares * np.tile(dt[rows], 3))
     keep = gpu_s > 0  # a job that held a GPU for none of the interval gets no row
     return Booking(
         t0_s=prev.time_s,
@@ -387,4 +405,36 @@ def book_interval(
         metered_gpus=int(rows.size),
         unmetered_gpus=int(cur.n_gpus - rows.size),
         idle_w=idle_w,
+    )
+
+
+def carry(prev: Reading, cur: Reading, max_gap_s: float) -> Reading:
+    """`cur`, with the last good reading of each GPU that has none now (its exporter
+    restarting, its series stale) carried over from `prev`, with its time, for at most
+    `max_gap_s`: when the GPU is read again, the gap is booked from its two ends (the energy
+    counter's difference where it did not reset, else the power at both ends), and nothing of
+    it is lost. What the GPU's job was is the job at its last good reading."""
+    usable = np.isfinite(cur.energy_j) | np.isfinite(cur.power_w)
+    if bool(usable.all()) or prev.n_gpus == 0:
+        return cur
+    at = match(prev, cur)
+    safe = np.maximum(at, 0)
+    last_s = prev.times()[safe]
+    had = np.isfinite(prev.energy_j[safe]) | np.isfinite(prev.power_w[safe])
+    keep = ~usable & (at >= 0) & had & (cur.time_s - last_s <= max_gap_s)
+    if not keep.any():
+        return cur
+    names = np.union1d(prev.job_names, cur.job_names)
+    code = np.where(
+        keep,
+        np.searchsorted(names, prev.job_names)[prev.job_code[safe]],
+        np.searchsorted(names, cur.job_names)[cur.job_code],
+    )
+    return replace(
+        cur,
+        energy_j=np.where(keep, prev.energy_j[safe], cur.energy_j),
+        power_w=np.where(keep, prev.power_w[safe], cur.power_w),
+        job_names=np.asarray(names, dtype=np.str_),
+        job_code=code.astype(np.int64),
+        read_s=np.where(keep, last_s, cur.time_s),
     )

@@ -149,6 +149,7 @@ def pack_reading(reading: Reading) -> bytes:
         power_w=reading.power_w,
         job_names=np.char.encode(reading.job_names, "utf-8"),
         job_code=reading.job_code.astype(np.int32),
+        read_s=reading.times(),
     )
     return buffer.getvalue()
 
@@ -176,6 +177,7 @@ def unpack_reading(blob: bytes, uuids: bytes) -> Reading:
             partition_names=np.array([""], dtype=np.str_),
             partition_code=np.zeros(n, dtype=np.int64),
             overhead_w=np.zeros(n),
+            read_s=data["read_s"].astype(np.float64),
         )
 
 

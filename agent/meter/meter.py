@@ -36,6 +36,7 @@ from agent.meter.booking import (
     EnergySource,
     Reading,
     book_interval,
+    carry,
     node_partitions,
     reading_of,
 )
@@ -97,6 +98,7 @@ class Meter:
         self.origin = origin
         self.on_booked = on_booked
         self._prev: Reading | None = None
+        self._replayed = False  # the last reading was one the ledger had booked already
         self.batch = batch
         self._pending: list[tuple[Booking, Prices]] = []
         self._pending_jobs: list[JobRecord] = []
@@ -135,7 +137,10 @@ class Meter:
         if cursor_s is None and self.origin == "live":
             return None, "first reading"
         prev = self._prev
-        if self.origin == "live" and (prev is None or prev.time_s != cursor_s):
+        # After a restart that read again what was booked, the ledger's cursor holds the exact
+        # reading the next interval starts from (with what it carried over gaps).
+        stale = prev is None or prev.time_s != cursor_s or self._replayed
+        if self.origin == "live" and stale:
             prev = self.ledger.cursor_reading()
         if prev is None:
             return None, "first reading"
@@ -148,10 +153,11 @@ class Meter:
         live = self.origin == "live"
         cursor_s = self.ledger.cursor_time() if live else None
         if cursor_s is not None and reading.time_s <= cursor_s:
-            self._prev = reading
+            self._prev, self._replayed = reading, True
             result.reason = "already booked"
             return
         prev, why = self._start(reading, cursor_s)
+        self._replayed = False
         if prev is None:
             if live:
                 self.ledger.move_cursor(reading)
@@ -167,12 +173,13 @@ class Meter:
             self._idle_w = booking.idle_w
         mid = np.array([(booking.t0_s + booking.t1_s) / 2.0])
         prices = Prices(float(self.price.at(mid)[0]), float(self.carbon.at(mid)[0]))
-        self._prev = reading
+        # The next interval starts here, or, for a GPU not read now, at its last good reading.
+        self._prev = carry(prev, reading, self.max_gap_s)
         if self.batch > 1:  # a backfill: booked when the batch is full (see `flush`)
             self._queue(booking, prices, records, result)
             return
         done = self.ledger.book(
-            booking, prices, origin=self.origin, cursor=reading if live else None, jobs=records
+            booking, prices, origin=self.origin, cursor=self._prev if live else None, jobs=records
         )
         result.t0_s = booking.t0_s
         result.booked, result.reason, result.rows = done.booked, done.reason, done.rows
