@@ -607,3 +607,13 @@ def test_a_gpu_unread_for_a_while_has_its_gap_booked_when_it_is_read_again(
     for s in readings:
         short.book(s)
     assert short.ledger.job_totals() == {"1": 9000.0}
+
+
+def test_a_job_that_drew_more_than_its_first_reading_keeps_it_when_it_falls_idle() -> None:
+    # A job read at 290 W (a low phase), back at 640 W, then ended at the end: 9,600 J in 15 s
+    # with the GPU idle (75 W) at the second reading. Idle draws 75 W at most, so the job has
+    # all but the idle level's share of its time.
+    a = snap(0, [290.0, 75.0], energy=[0.0, 0.0], jobs=["1", ""], gpus_per_node=1)
+    b = snap(15, [75.0, 75.0], energy=[9600.0, 1125.0], gpus_per_node=1)
+    got = book(a, b, partitions=["", ""])
+    assert got["1"] >= 9600.0 - 75.0 * 15 and got["1"] + got[""] == pytest.approx(9600 + 1125)

@@ -301,13 +301,18 @@ def _split(
     f0 = _first_share(joules, level0, level1, dt, switched)
     f0 = np.where(np.isfinite(ended), ended, np.where(np.isfinite(started), started, f0))
     e0 = np.minimum(joules, np.where(np.isfinite(level0), level0 * f0 * dt, joules * f0))
+    # A job that fell idle: the idle time draws the idle level and no more, so the job keeps
+    # the rest, also what it drew above its own first reading (it left a low phase, say).
+    to_idle = switched & idle[1] & ~idle[0] & np.isfinite(level1)
+    e0 = np.where(to_idle, np.clip(joules - level1 * (1.0 - f0) * dt, e0, joules), e0)
     zero = np.zeros_like(joules)
     f_idle, e_idle = zero, zero
     if math.isfinite(idle_w):
         # Both jobs real and the second's start known: the first may have ended earlier, the
-        # GPU idle in between. With its end known too, the gap is the idle time; without, the
-        # first job's share follows from the energy before the start (three levels: the first
-        # job's, idle, the second's).
+        # GPU idle in between. The first job's end is the scheduler's where it says, else it
+        # follows from the energy before the start (three levels: the first job's, idle, the
+        # second's). The idle time draws the idle level; the first job has the rest of what
+        # came before the start (also what it drew above its first reading).
         jobs = switched & ~idle[0] & ~idle[1] & np.isfinite(started)
         gap_known = jobs & np.isfinite(ended) & (ended <= started)
         guess = jobs & ~np.isfinite(ended) & (level0 - idle_w > SAME_POWER_W)
@@ -317,14 +322,11 @@ def _split(
             rising = (idle_w + np.maximum(level1, idle_w)) / 2.0
             before = joules - np.clip(rising * (1.0 - started) * dt, 0.0, joules)
             f_guess = np.clip((before / dt - idle_w * started) / (level0 - idle_w), 0.0, started)
-        f0 = np.where(guess, f_guess, f0)
-        e0 = np.where(guess, np.minimum(before, level0 * f_guess * dt), e0)
-        f_idle = np.where(gap_known, started - ended, np.where(guess, started - f_guess, 0.0))
-        e_idle = np.where(
-            gap_known,
-            np.minimum(joules - e0, idle_w * f_idle * dt),
-            np.where(guess, before - e0, 0.0),
-        )
+        three = gap_known | guess
+        f0 = np.where(gap_known, ended, np.where(guess, f_guess, f0))
+        f_idle = np.where(three, started - f0, 0.0)
+        e_idle = np.where(three, np.clip(idle_w * f_idle * dt, 0.0, before), 0.0)
+        e0 = np.where(three, before - e_idle, e0)
     return _Split(
         f0=np.where(switched, f0, 0.0),
         e0=np.where(switched, e0, 0.0),
