@@ -565,7 +565,7 @@ def test_a_batching_backfill_books_what_one_at_a_time_would(tmp_path: Path) -> N
 
 
 def test_a_new_twins_ledger_moves_the_old_one_aside(tmp_path: Path) -> None:
-    from agent.runtime import open_ledger
+    from agent.assembly import open_ledger
 
     config = parse_config(
         {"cluster": {"name": "c"}, "daemon": {"state_dir": str(tmp_path)}, "meter": {}}
