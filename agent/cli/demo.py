@@ -24,7 +24,9 @@ def demo(
     ] = False,
     nodes: Annotated[int, typer.Option(min=1, max=2000, help="Nodes in the twin.")] = 8,
     gpus_per_node: Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")] = 8,
-    model: Annotated[str, typer.Option(help="GPU model: H100 or A100.")] = "H100",
+    model: Annotated[
+        str, typer.Option(help="GPU model: H100, A100, H200, B200, GB200, A100-PCIe or L40S.")
+    ] = "H100",
     interval: Annotated[str, typer.Option(help="Control interval (twin time).")] = "15s",
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject a fault, e.g. xid=79:node2/gpu1@60.")

@@ -22,7 +22,9 @@ sim_app = typer.Typer(help="The digital twin: serve it like a cluster, or record
 NodesOpt = Annotated[int, typer.Option(min=1, max=20000, help="Nodes (named node1..nodeN).")]
 GpusOpt = Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed gives the same twin.")]
-ModelOpt = Annotated[str, typer.Option(help="GPU model: H100 or A100.")]
+ModelOpt = Annotated[
+    str, typer.Option(help="GPU model: H100, A100, H200, B200, GB200, A100-PCIe or L40S.")
+]
 FaultOpt = Annotated[
     list[str] | None,
     typer.Option(
