@@ -36,6 +36,13 @@ ScenarioOpt = Annotated[
     Path | None,
     typer.Option(help="Scenario file (TOML): its twin settings win over the options."),
 ]
+CurvesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Measured power curves (CSV: workload, gpu_model, power_limit_w, throughput, "
+        "power_w): the twin's jobs run these workloads (the GPU model's rows; docs/twin.md)."
+    ),
+]
 CountersOpt = Annotated[
     str,
     typer.Option(
@@ -52,10 +59,13 @@ def _spec(
     model: str,
     fault: list[str] | None,
     scenario: Path | None,
+    curves: Path | None = None,
 ) -> TwinSpec:
+    from dataclasses import replace
+
     from agent.core.gpu_models import BUILTIN_MODELS
     from agent.sim.faults import parse_fault
-    from agent.sim.scenario import load_scenario
+    from agent.sim.scenario import load_scenario, with_curves
     from agent.sim.twin import TwinSpec
 
     if model not in BUILTIN_MODELS:
@@ -72,7 +82,8 @@ def _spec(
         )
     except ValueError as exc:
         raise BadInputError(f"--fault: {exc}") from None
-    return load_scenario(scenario, base) if scenario is not None else base
+    spec = load_scenario(scenario, base) if scenario is not None else base
+    return replace(spec, **with_curves(spec, curves)) if curves is not None else spec
 
 
 def _policies(policy: list[str] | None, config: Path | None) -> tuple[list[str], Any, Any]:
@@ -119,6 +130,7 @@ def serve(
     ] = 1.0,
     fault: FaultOpt = None,
     scenario: ScenarioOpt = None,
+    curves: CurvesOpt = None,
     counters: CountersOpt = "all",
     print_scrape_config: Annotated[
         bool,
@@ -161,10 +173,12 @@ def serve(
       ooda sim serve --speed 10 --fault dropout:node2@300+120 --fault xid=79:node3/gpu1@600
 
       ooda sim serve --node-token-file token --node-socket-dir /run/ooda-sim   # + cap API
+
+      ooda sim serve --curves examples/curves/zeus-v100-normalized.csv
     """
     from agent.sim.exporter import SimServer, scrape_config
 
-    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario, curves)
     interval = duration_s(scrape_interval, "--scrape-interval")
     if print_scrape_config:
         if port_base == 0:
@@ -260,6 +274,7 @@ def record(
     step: Annotated[str, typer.Option(help="Time between recorded steps (twin time).")] = "15s",
     fault: FaultOpt = None,
     scenario: ScenarioOpt = None,
+    curves: CurvesOpt = None,
     counters: CountersOpt = "all",
     policy: Annotated[
         list[str] | None,
@@ -302,13 +317,15 @@ def record(
       ooda sim record --nodes 4 --duration 2h --fault dropout:node2@1800+300 -o t.parquet
 
       ooda sim record --nodes 16 --duration 2h --budget-w 40000 --policy power_budget -o q.parquet
+
+      ooda sim record --scenario examples/scenarios/measured-curves.toml --duration 2h -o m.parquet
     """
     from dataclasses import replace
 
     from agent.replay.twin_trace import record_twin
     from agent.sim.twin import BudgetSchedule
 
-    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario, curves)
     if budget_w is not None and no_budget:
         raise BadInputError("--budget-w and --no-budget: give one or the other")
     if budget_w is None and not no_budget and spec.budget is None:

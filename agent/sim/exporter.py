@@ -45,7 +45,7 @@ from agent.core.snapshot import Metric, Snapshot
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.faults import FaultKind
-from agent.sim.twin import PRIORITY_LABEL, Twin, TwinSpec
+from agent.sim.twin import Twin, TwinSpec
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -413,7 +413,8 @@ def dcgm_snapshot(twin: Twin, fields: Sequence[DcgmField]) -> Snapshot:
     """The twin as a Prometheus reader of its exporters would see it now: values as served
     (rounded like DCGM), and the GPUs of a node whose exporter is down stale, with no values and
     the age of their last sample (Prometheus marks such series stale at the first failed scrape).
-    Twin ground truth a trace keeps for replay rides along as the `priority` label."""
+    Twin ground truth a trace keeps for replay rides along as the `priority` label (and the
+    `workload` label, where the twin labels its jobs' workloads)."""
     tw = twin
     since = dropout_since(tw)[tw.node_of]
     stale = np.isfinite(since)
@@ -434,5 +435,5 @@ def dcgm_snapshot(twin: Twin, fields: Sequence[DcgmField]) -> Snapshot:
         age_s=age,
         stale=stale,
         budget_w=tw.budget_w(),
-        labels={PRIORITY_LABEL: tw.job_priority().astype(np.str_)},
+        labels=tw.labels(),
     )
