@@ -102,3 +102,20 @@ def test_export_refuses_what_it_cannot_use(
     (tmp_path / "c1.state.json").write_text(json.dumps({"parts": {}}))
     assert main(["curves", "export", "--state-dir", str(tmp_path), "-o", out]) == 2
     assert "no learned curves" in capsys.readouterr().err
+
+
+def test_calibrate_writes_the_learned_curves_beside_its_scenario(
+    trace: Path, tmp_path: Path
+) -> None:
+    from agent.replay.calibrate import calibrate
+
+    out = tmp_path / "mine.toml"
+    result = calibrate(trace, out, default_config())
+    assert result.curves_file == tmp_path / "mine.curves.csv"
+    section = result.scenario["workloads"]
+    assert section["curves"] == "mine.curves.csv"
+    assert sum(section["mix"].values()) == pytest.approx(1.0, abs=1e-3)
+    spec = load_scenario(out)
+    assert {w.name for w in spec.workloads} == set(section["mix"])
+    assert spec.workload_label and spec.budget is not None
+    assert spec.budget.steps[0][1] == 12000.0

@@ -388,3 +388,71 @@ def _budget_said(spec: TwinSpec, sized_w: float | None) -> str:
     if sized_w is None:
         return "the scenario's budget recorded"
     return f"budget {sized_w:.0f} W recorded (replay uses it; --budget-w to choose another)"
+
+
+@sim_app.command("calibrate")
+def calibrate(
+    trace: Annotated[Path, typer.Argument(help="A recorded trace (ooda record, ooda sim record).")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The scenario file (TOML) to write.")
+    ],
+    no_curves: Annotated[
+        bool,
+        typer.Option(
+            "--no-curves", help="Fit the cluster and its jobs only, not the curves (faster)."
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Orient's settings for learning the curves (default: the defaults)."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Fit a scenario to a trace: the twin then plays your cluster. GPU models and counts,
+    job arrivals by hour of day, job sizes and durations, occupancy, the budget, and the power
+    curves the agent learned (written beside it as <name>.curves.csv).
+
+    Examples:
+
+      ooda sim calibrate day.parquet -o my-cluster.toml
+
+      ooda demo --scenario my-cluster.toml --duration 2h
+    """
+    from agent.config import default_config, load_config
+    from agent.replay.calibrate import calibrate as fit_scenario
+
+    if not trace.is_file():
+        raise BadInputError(f"trace {trace}: no such file")
+    cfg = load_config(config) if config is not None else default_config()
+    t0 = time.perf_counter()
+    result = fit_scenario(trace, output, cfg, learn_curves=not no_curves)
+    fit, obs = result.fit, result.observed
+    summary = {
+        "scenario": str(output),
+        "curves": str(result.curves_file) if result.curves_file else None,
+        "nodes": obs.nodes,
+        "gpus_per_node": obs.gpus_per_node,
+        "model": result.scenario["twin"]["model"],
+        "occupancy": result.scenario["twin"]["occupancy"],
+        "jobs_seen": fit.seen,
+        "jobs_arrived": fit.arrived,
+        "jobs_censored": fit.censored,
+        "arrivals_per_h_mean": round(sum(fit.arrivals_per_h) / len(fit.arrivals_per_h), 3),
+        "notes": result.notes,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    if json_out:
+        emit_json(summary)
+        return
+    typer.echo(
+        f"wrote {output}: {obs.nodes} nodes x {obs.gpus_per_node} {summary['model']}, "
+        f"occupancy {summary['occupancy']:.2f}, {fit.arrived} of {fit.seen} jobs arrived "
+        f"({summary['arrivals_per_h_mean']:.1f} an hour)"
+        + (f", curves in {result.curves_file}" if result.curves_file else "")
+    )
+    for note in result.notes:
+        typer.echo(f"  note: {note}")
