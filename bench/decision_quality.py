@@ -72,15 +72,35 @@ DURATION_S = 2 * 3600.0
 NEW_GENERATIONS = ("H200", "B200", "GB200", "L40S", "A100-PCIe")
 
 
+FLOOR_MARGIN = 1.1  # a drop stays this far above what the fleet draws at its lowest limits
+
+
+def fleet_floor_w(spec: TwinSpec, duration_s: float = DURATION_S) -> float:
+    """The fleet's mean draw over the run with every GPU at its lowest limit (this seed's jobs):
+    no controller can hold a budget below it."""
+    probe = Twin(replace(spec, budget=None))
+
+    def lowest(twin: Twin) -> None:
+        twin.cap_w[:] = twin.min_w
+
+    probe.run_until(duration_s, control=lowest)
+    _t, fleet_w, _b, _w = probe.step_log()
+    return float(fleet_w.mean())
+
+
 def demand_response(spec: TwinSpec, duration_s: float = DURATION_S) -> TwinSpec:
     """`spec` with budget_drop's budget (92% of its own uncapped mean draw, 65% for the middle
-    30% of the run), sized on this seed's realized draw so that it binds whatever the mix."""
+    30% of the run), sized on this seed's realized draw so that it binds whatever the mix. The
+    drop never goes below FLOOR_MARGIN x the fleet's floor: a GPU whose lowest limit is half its
+    highest (the A100 PCIe's 150 of 300 W) cannot follow a drop to 65%, and a budget the oracle
+    cannot hold measures nothing."""
     demand = uncapped_demand_w(spec, duration_s)
+    drop = max(0.65 * demand, FLOOR_MARGIN * fleet_floor_w(spec, duration_s))
     return replace(
         spec,
         budget=BudgetSchedule.demand_response(
             round(0.92 * demand, -1),
-            round(0.65 * demand, -1),
+            round(min(drop, 0.92 * demand), -1),
             0.4 * duration_s,
             0.3 * duration_s,
         ),
