@@ -324,24 +324,14 @@ class CurveLearner:
         binds and that is known, the share of the natural draw is taken from the cap (k x cap /
         natural) rather than from the noisy draw of one cycle: noise in the regressor would bend
         the fitted exponent towards flat (errors in variables), while the cap is exact."""
-        n = snapshot.n_gpus
-        if n == 0:
+        if snapshot.n_gpus == 0:
             return self.view(snapshot, busy)
         self.cycles += 1
-        s = self.settings
         now = snapshot.time_s
         keys = job_keys(snapshot, busy)
-        g = self.gpus.slots(snapshot.uuid)
+        g, key_hash, warming = self._gpu_jobs(snapshot, busy, keys)
         gc = self.gpus.cols
         fresh = snapshot.fresh
-        key_hash = self._grouper.hashes(keys)
-        changed = fresh & (gc["job"][g] != key_hash)
-        c = g[changed]
-        gc["job"][c] = key_hash[changed]
-        gc["since"][c] = np.where(busy[changed], now, np.nan)
-        gc["nc"][c] = np.nan
-        warming = busy & ((now - gc["since"][g]) < self.warmup_s)
-
         power, power_ok = snapshot.column(Metric.POWER_W)
         clock, clock_ok = snapshot.column(Metric.SM_CLOCK_MHZ)
         limit, limit_ok = snapshot.column(Metric.POWER_LIMIT_W)
@@ -355,28 +345,9 @@ class CurveLearner:
         old = gc["nc"][s_nc]
         gc["nc"][s_nc] = np.where(np.isnan(old), clock[learn_nc], 0.7 * old + 0.3 * clock[learn_nc])
 
-        # Jobs: register, refresh, classify.
-        active = fresh & (keys != "") & busy
-        ids, names = self._grouper.ids(keys)
-        if active.any():
-            named = names != ""
-            name_slot = np.zeros(names.shape[0], dtype=np.int64)
-            name_slot[named] = self.jobs.slots(names[named])
-            jslot = name_slot[ids[active]]
-        else:
-            jslot = np.zeros(0, dtype=np.int64)
-        jc = self.jobs.cols
-        # Forget a little every cycle (the job may change phase; old evidence fades).
-        for col in ("s0", "s1", "s2", "sy", "suy"):
-            jc[col] *= s.forget_per_cycle
-        if active.any():
-            jc["last_t"][jslot] = now
-            jc["retired"][jslot] = False
-            new_model = jc["model"][jslot] != snapshot.model[active]
-            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
-            jc["prior_ver"][jslot[new_model]] = -1
-            self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
-            self._job_draws(active, jslot, natural_w, natural_known, cap_draw_frac)
+        self._register_jobs(
+            snapshot, busy, keys, (natural_w, natural_known, max_cap_w), cap_draw_frac
+        )
 
         # Observations: one per job and cycle, the mean over its GPUs.
         nc = np.where(gc["job"][g] == key_hash, gc["nc"][g], np.nan)
@@ -393,35 +364,91 @@ class CurveLearner:
                     1.0,
                 )
                 x = np.where(k_ok, x_cap, x)
-            t = clock / nc
-            ids, names = self._grouper.ids(keys)
-            m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)
-            sx = np.bincount(ids[obs], weights=x[obs], minlength=names.shape[0])
-            stt = np.bincount(ids[obs], weights=t[obs], minlength=names.shape[0])
-            has = m > 0
-            xm = sx[has] / m[has]
-            tm = stt[has] / m[has]
-            cnt = m[has]
-            good = (xm > 0.3) & (xm < 0.95) & (tm > 0.05) & (tm < 0.998)
-            if good.any():
-                job_names = names[has][good]
-                slot = self.jobs.slots(job_names)
-                xm, tm, cnt = xm[good], tm[good], cnt[good]
-                u = np.log1p(-xm)
-                v = np.log1p(-tm)
-                b_now = np.clip(self._posterior(slot)[1], MIN_EXPONENT, 3.0)
-                var_u = (0.02 * xm / (1.0 - xm)) ** 2 / cnt
-                var_v = (0.005 / (1.0 - tm)) ** 2 / cnt
-                w = 1.0 / (var_v + b_now**2 * var_u + MODEL_ERR_LOG**2)
-                np.add.at(jc["s0"], slot, w)
-                np.add.at(jc["s1"], slot, w * u)
-                np.add.at(jc["s2"], slot, w * u * u)
-                np.add.at(jc["sy"], slot, w * v)
-                np.add.at(jc["suy"], slot, w * u * v)
-                np.add.at(jc["n_obs"], slot, 1)
+            self._observe(keys, obs, x, clock / nc)
 
         self._retire(now)
         return self.view(snapshot, busy)
+
+    def _gpu_jobs(
+        self, snapshot: Snapshot, busy: BoolArray, keys: npt.NDArray[np.str_]
+    ) -> tuple[IntArray, IntArray, BoolArray]:
+        """Each GPU's slot, its job's hash (a GPU whose job changed starts afresh) and whether
+        its job is still warming up."""
+        now = snapshot.time_s
+        g = self.gpus.slots(snapshot.uuid)
+        gc = self.gpus.cols
+        key_hash = self._grouper.hashes(keys)
+        changed = snapshot.fresh & (gc["job"][g] != key_hash)
+        c = g[changed]
+        gc["job"][c] = key_hash[changed]
+        gc["since"][c] = np.where(busy[changed], now, np.nan)
+        gc["nc"][c] = np.nan
+        warming = busy & ((now - gc["since"][g]) < self.warmup_s)
+        return g, key_hash, warming
+
+    def _register_jobs(
+        self,
+        snapshot: Snapshot,
+        busy: BoolArray,
+        keys: npt.NDArray[np.str_],
+        draws: tuple[FloatArray, BoolArray, FloatArray],
+        cap_draw_frac: FloatArray | None,
+    ) -> None:
+        """Register and refresh this cycle's jobs, classify them, fold in their draws; every
+        job's evidence fades a little (the job may change phase)."""
+        natural_w, natural_known, max_cap_w = draws
+        active = snapshot.fresh & (keys != "") & busy
+        ids, names = self._grouper.ids(keys)
+        if active.any():
+            named = names != ""
+            name_slot = np.zeros(names.shape[0], dtype=np.int64)
+            name_slot[named] = self.jobs.slots(names[named])
+            jslot = name_slot[ids[active]]
+        else:
+            jslot = np.zeros(0, dtype=np.int64)
+        jc = self.jobs.cols
+        for col in ("s0", "s1", "s2", "sy", "suy"):
+            jc[col] *= self.settings.forget_per_cycle
+        if active.any():
+            jc["last_t"][jslot] = snapshot.time_s
+            jc["retired"][jslot] = False
+            new_model = jc["model"][jslot] != snapshot.model[active]
+            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
+            jc["prior_ver"][jslot[new_model]] = -1
+            self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
+            self._job_draws(active, jslot, natural_w, natural_known, cap_draw_frac)
+
+    def _observe(
+        self, keys: npt.NDArray[np.str_], obs: BoolArray, x: FloatArray, t: FloatArray
+    ) -> None:
+        """One observation per job this cycle: the mean share of its natural draw `x` and of
+        its natural clock `t` over its GPUs in `obs`, into its posterior's sums."""
+        ids, names = self._grouper.ids(keys)
+        m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)
+        sx = np.bincount(ids[obs], weights=x[obs], minlength=names.shape[0])
+        stt = np.bincount(ids[obs], weights=t[obs], minlength=names.shape[0])
+        has = m > 0
+        xm = sx[has] / m[has]
+        tm = stt[has] / m[has]
+        cnt = m[has]
+        good = (xm > 0.3) & (xm < 0.95) & (tm > 0.05) & (tm < 0.998)
+        if not good.any():
+            return
+        slot = self.jobs.slots(names[has][good])
+        jc = self.jobs.cols
+        xm, tm, cnt = xm[good], tm[good], cnt[good]
+        u = np.log1p(-xm)
+        v = np.log1p(-tm)
+        b_now = np.clip(self._posterior(slot)[1], MIN_EXPONENT, 3.0)
+        var_u = (0.02 * xm / (1.0 - xm)) ** 2 / cnt
+        var_v = (0.005 / (1.0 - tm)) ** 2 / cnt
+        w = 1.0 / (var_v + b_now**2 * var_u + MODEL_ERR_LOG**2)
+        np.add.at(jc["s0"], slot, w)
+        np.add.at(jc["s1"], slot, w * u)
+        np.add.at(jc["s2"], slot, w * u * u)
+        np.add.at(jc["sy"], slot, w * v)
+        np.add.at(jc["suy"], slot, w * u * v)
+        np.add.at(jc["n_obs"], slot, 1)
 
     def _job_draws(
         self,
