@@ -80,6 +80,15 @@ def test_the_calibrated_scenario_runs_in_the_demo(
     assert main(["demo", "--scenario", str(out), "--duration", "10m", "--json"]) == 0
     demo = last_json(capsys.readouterr().out)
     assert demo["gpus"] == 64
+    # ... and through a recording of it, in replay.
+    mine = tmp_path / "mine.parquet"
+    args = ["sim", "record", "--scenario", str(out), "--duration", "20m", "--step", "30s"]
+    assert main([*args, "-o", str(mine)]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(mine), "--json", "--no-progress", "--draws", "8"]) == 0
+    replayed = last_json(capsys.readouterr().out)
+    assert (replayed["gpus"], replayed["steps"]) == (64, 40)
+    assert replayed["budget_violation_s"] == 0.0
 
 
 def test_durations_of_jobs_outlasting_the_trace_count() -> None:
