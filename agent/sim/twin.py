@@ -37,6 +37,7 @@ from agent.core.curves import throughput_at_power
 from agent.core.gpu_models import H100_SXM, GpuModel
 from agent.sim.calibration import DEFAULT_MIX, WORKLOADS, WorkloadClass
 from agent.sim.faults import FaultKind, FaultSpec
+from agent.sim.inference import ServiceMeters, ServiceState, service_state
 from agent.sim.jobmix import HOURS, WorkTable, sizes_for
 from agent.sim.phases import INFERENCE_CLASS, NO_PHASES, Phase, PhasePlayer, PhaseSpec
 
@@ -45,6 +46,12 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 IDLE_SM_CLOCK_MHZ = 345.0
+# The lowest graphics clock a GPU supports (NVML's supported clocks: 210 MHz on H100 and A100).
+MIN_SUPPORTED_CLOCK_MHZ = 210.0
+# A clock-locked training GPU: the share of its dynamic draw that does not scale with the SM
+# clock, and the exponent of the rest (as the inference services' prefill: agent/sim/inference.py).
+LOCKED_STATIC_SHARE = 0.15
+LOCKED_POWER_EXP = 2.4
 THROTTLE_THROUGHPUT = 0.5  # hardware thermal slowdown: the clock drops hard
 THROTTLE_POWER = 0.6
 # A failed fan stops within seconds; the heat sink's thermal mass (thermal_tau_s) is what spreads
@@ -282,6 +289,12 @@ class Twin:
         self.min_w = np.full(n, model.min_cap_w)
         self.max_w = np.full(n, model.max_cap_w)
         self.default_w = np.full(n, model.default_cap_w)
+        # Supported graphics clocks, and the locked range (NaN: not locked; NVML's
+        # nvmlDeviceSetGpuLockedClocks / ResetGpuLockedClocks).
+        self.min_clock_mhz = np.full(n, MIN_SUPPORTED_CLOCK_MHZ)
+        self.max_clock_mhz = np.full(n, model.max_sm_clock_mhz)
+        self.clock_lock_min_mhz = np.full(n, np.nan)
+        self.clock_lock_max_mhz = np.full(n, np.nan)
 
     def _init_state(self) -> None:
         """The GPUs' and nodes' physical state and telemetry, idle."""
@@ -307,6 +320,7 @@ class Twin:
         self.cap_slowdown = np.zeros(n)
         self.throttled = np.zeros(n, dtype=bool)
         self.clocks_event_reasons = np.zeros(n, dtype=np.int64)  # NVML/DCGM throttle bitmask
+        self.services = ServiceMeters()  # the inference services' vLLM counters
         self.node_drained = np.zeros(spec.nodes, dtype=bool)
         self.node_weight = np.ones(spec.nodes, dtype=np.int64)
         self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
@@ -640,7 +654,13 @@ class Twin:
         working = busy & ~failed
         straggle = self.straggler_factor
         natural_eff = np.where(working, natural * (0.85 + 0.15 * straggle), model.idle_w)
-        mean_power = np.minimum(natural_eff, k * self.enforced_w)
+        # A clock lock holds a training GPU's draw as a cap would; an inference service's
+        # phases have their own clock model (agent/sim/inference.py).
+        allowed = np.minimum(self._locked_draw_w(natural_eff), k * self.enforced_w)
+        mean_power = np.minimum(natural_eff, allowed)
+        svc = self._serve(busy, rows, lv, k, working)
+        if svc is not None:
+            natural_eff[svc[0]], mean_power[svc[0]] = svc[1].natural_w, svc[1].power_w
         noise = 1.0 + spec.power_noise_frac * self.rng.standard_normal(spec.n_gpus)
         # A spike is an excursion the GPU's power limiter does not hold (a firmware or sensor
         # fault, or a surge faster than the limiter): the draw can pass the enforced limit, up to
@@ -668,17 +688,72 @@ class Twin:
         self.throughput = tput * lv.pace  # a stalled job draws, and clocks, but does not progress
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
-        cap_binds = working & (natural_eff > k * self.enforced_w)
+        cap_binds = working & (np.minimum(natural_eff, allowed) > k * self.enforced_w)
         self.clocks_event_reasons = np.asarray(
             np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
         )
 
         self._telemetry(busy, rows, working, failed, noise, tput, lv)
+        if svc is not None:
+            self._service_telemetry(svc[0], svc[1], lv, dt)
 
         if dt > 0:
             target = spec.ambient_c + self.thermal_r * self.fan_factor * self.power_w
             self.temp_c += (target - self.temp_c) * (1.0 - np.exp(-dt / spec.thermal_tau_s))
             self.energy_j += self.power_w * dt
+
+    def _lock_frac(self) -> FloatArray:
+        """Per GPU: its locked clock's share of the maximum (1.0: not locked)."""
+        lock = self.clock_lock_max_mhz
+        return np.where(np.isfinite(lock), np.minimum(lock / self.max_clock_mhz, 1.0), 1.0)
+
+    def _locked_draw_w(self, natural_w: FloatArray) -> FloatArray:
+        """Per GPU: the most a clock lock lets it draw (its natural draw where not locked)."""
+        r = self._lock_frac()
+        idle = self.spec.model.idle_w
+        scale = LOCKED_STATIC_SHARE + (1.0 - LOCKED_STATIC_SHARE) * r**LOCKED_POWER_EXP
+        return np.where(r < 1.0, idle + np.maximum(natural_w - idle, 0.0) * scale, natural_w)
+
+    def _serve(
+        self, busy: BoolArray, rows: IntArray, lv: _Levels, k: FloatArray, working: BoolArray
+    ) -> tuple[IntArray, ServiceState] | None:
+        """The inference services' GPUs and their state this step (None: no services)."""
+        serving = np.zeros(self.spec.n_gpus, dtype=bool)
+        serving[busy] = self.jobs.service[rows]
+        serving &= working
+        if not serving.any():
+            return None
+        gpus = np.flatnonzero(serving)
+        model = self.spec.model
+        state = service_state(
+            load=lv.activity[gpus] * lv.ramp[gpus],
+            lock_frac=self._lock_frac()[gpus],
+            limit_w=k[gpus] * self.enforced_w[gpus],
+            idle_w=model.idle_w,
+            board_w=model.max_cap_w,
+            gpus=np.ones(gpus.shape[0]),
+        )
+        return gpus, state
+
+    def _service_telemetry(
+        self, gpus: IntArray, state: ServiceState, lv: _Levels, dt: float
+    ) -> None:
+        """A service GPU's progress (its share of the tokens asked of it), SM clock (the phases'
+        clocks, weighted by their time) and the vLLM counters of its service (the service's
+        tokens are its GPUs' sum; its latencies its slowest GPU's)."""
+        load = lv.activity[gpus] * lv.ramp[gpus]
+        self.throughput[gpus] = np.where(self.throttled[gpus], 0.5, 1.0) * state.pace * load
+        self.cap_slowdown[gpus] = 1.0 - state.pace
+        r = (1.0 - state.prefill_share) * state.r_decode + state.prefill_share * state.r_prefill
+        self.sm_clock_mhz[gpus] = np.maximum(r * self.max_clock_mhz[gpus], IDLE_SM_CLOCK_MHZ)
+        binds = (state.r_prefill < self._lock_frac()[gpus] - 1e-9) | (
+            state.r_decode < self._lock_frac()[gpus] - 1e-9
+        )
+        self.clocks_event_reasons[gpus] |= np.where(binds, 0x4, 0)
+        job_rows, inverse = np.unique(self.job_row[gpus], return_inverse=True)
+        per_service = _per_service(state, inverse, job_rows.shape[0])
+        self.services.ensure(job_rows)
+        self.services.add(per_service, dt)
 
     def _job_levels(self, busy: BoolArray, rows: IntArray) -> _Levels:
         """Per GPU: its job's warm-up ramp and what its job's phase does to it now (also sets
@@ -734,6 +809,8 @@ class Twin:
         sm = np.where(lv.clock < 1.0, IDLE_SM_CLOCK_MHZ + (sm - IDLE_SM_CLOCK_MHZ) * lv.clock, sm)
         self.sm_clock_mhz = np.where(working, np.maximum(sm, IDLE_SM_CLOCK_MHZ), IDLE_SM_CLOCK_MHZ)
         self.sm_clock_mhz = np.where(failed, 0.0, self.sm_clock_mhz)
+        # A locked clock never runs above its lock (fmin: NaN, not locked, leaves it).
+        self.sm_clock_mhz = np.fmin(self.sm_clock_mhz, self.clock_lock_max_mhz)
 
     def _ramp(self, rows: IntArray) -> tuple[FloatArray, FloatArray]:
         """Per GPU of the given job rows: its warm-up ramp (0 to 1) and the time since its
@@ -855,6 +932,29 @@ class Twin:
             raise ValueError("cap outside the GPU's constraints")
         self.cap_w[idx] = w
 
+    def lock_clocks(
+        self, rows: npt.ArrayLike, min_mhz: npt.ArrayLike, max_mhz: npt.ArrayLike
+    ) -> None:
+        """Lock the SM clocks to [min_mhz, max_mhz] (nvmlDeviceSetGpuLockedClocks): within the
+        GPU's supported clocks, or ValueError."""
+        idx = np.asarray(rows, dtype=np.int64)
+        lo = np.broadcast_to(np.asarray(min_mhz, dtype=np.float64), idx.shape)
+        hi = np.broadcast_to(np.asarray(max_mhz, dtype=np.float64), idx.shape)
+        if (
+            np.any(lo > hi)
+            or np.any(lo < self.min_clock_mhz[idx])
+            or np.any(hi > self.max_clock_mhz[idx])
+        ):
+            raise ValueError("locked clocks outside the GPU's supported clocks")
+        self.clock_lock_min_mhz[idx] = lo
+        self.clock_lock_max_mhz[idx] = hi
+
+    def reset_clocks(self, rows: npt.ArrayLike) -> None:
+        """Unlock the SM clocks (nvmlDeviceResetGpuLockedClocks)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        self.clock_lock_min_mhz[idx] = np.nan
+        self.clock_lock_max_mhz[idx] = np.nan
+
     def rows_for(self, nodes: Sequence[str], gpus: Sequence[int]) -> IntArray:
         """Twin rows for (node name, GPU index) pairs; -1 where unknown."""
         g = self.spec.gpus_per_node
@@ -906,6 +1006,39 @@ class Twin:
         k = np.ones(self.spec.n_gpus)
         a[busy], b[busy], k[busy] = jobs.a[rows], jobs.b[rows], jobs.cap_draw_frac[rows]
         return {"busy": busy.astype(np.float64), "natural_w": natural, "a": a, "b": b, "k": k}
+
+
+def _per_service(state: ServiceState, inverse: IntArray, count: int) -> ServiceState:
+    """Per-GPU service states pooled per service: tokens summed, latencies and utilization at
+    the slowest GPU, clocks and pace at the lowest."""
+
+    def total(x: FloatArray) -> FloatArray:
+        return np.bincount(inverse, weights=x, minlength=count).astype(np.float64)
+
+    def worst(x: FloatArray) -> FloatArray:
+        out = np.full(count, -np.inf)
+        np.maximum.at(out, inverse, x)
+        return out
+
+    def least(x: FloatArray) -> FloatArray:
+        out = np.full(count, np.inf)
+        np.minimum.at(out, inverse, x)
+        return out
+
+    return ServiceState(
+        r_prefill=least(state.r_prefill),
+        r_decode=least(state.r_decode),
+        power_w=total(state.power_w),
+        natural_w=total(state.natural_w),
+        tokens_per_s=total(state.tokens_per_s),
+        prompt_tokens_per_s=total(state.prompt_tokens_per_s),
+        requests_per_s=total(state.requests_per_s),
+        rho=worst(state.rho),
+        ttft_median_s=worst(state.ttft_median_s),
+        tpot_median_s=worst(state.tpot_median_s),
+        pace=least(state.pace),
+        prefill_share=worst(state.prefill_share),
+    )
 
 
 def _uuid(seed: int, index: int) -> str:
