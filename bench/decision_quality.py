@@ -24,6 +24,10 @@ Beside the original five, a scenario per real job mix (`mix_philly`, `mix_pai`, 
 own uncapped draw. `--scenario FILE.toml` runs a scenario file (a twin of your cluster; without a
 [budget] it gets the same drop).
 
+The scenario `inference` (bench/_inference.py) runs inference services under SLOs with clock
+locks: one line per controller (`ooda`, `oracle`, `caps_only`, `none`) with `tokens_per_joule`,
+`slo_attainment` and `energy_saving_vs_oracle_saving`.
+
     python bench/decision_quality.py --json [--scenario NAME|FILE.toml ...] [--seeds 7]
 """
 
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import _inference as inference
 import numpy as np
 import structlog
 
@@ -353,7 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     files = [Path(n) for n in args.scenario or [] if n.endswith(".toml")]
     names = {n for n in args.scenario or [] if not n.endswith(".toml")}
+    run_inference = "inference" in names or not (names or files)
+    only_inference = names == {"inference"} and not files
+    names.discard("inference")
     for seed in args.seeds:
+        if run_inference:
+            t0 = time.perf_counter()
+            for row in inference.evaluate(seed):
+                row["seed"] = seed
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                sys.stdout.write(json.dumps(row) + "\n")
+                sys.stdout.flush()
+        if only_inference:
+            continue
         chosen = [file_scenario(path, seed) for path in files]
         if names or not files:
             chosen.extend(sc for sc in scenarios(seed) if not names or sc.name in names)

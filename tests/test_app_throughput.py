@@ -76,8 +76,10 @@ def test_a_services_tokens_are_shared_by_its_gpus_and_others_use_the_proxy() -> 
     spec = AppSourceConfig(server="vllm").spec()  # type: ignore[arg-type]
     out = AppThroughputSource(FakeSource(snap), prom, [spec]).observe(100.0)
     rate, ok = out.column(Metric.APP_RATE_PER_S)
-    assert rate[:2].tolist() == [1500.0, 1500.0] and ok.tolist() == [True, True, False, False, False]
-    assert out.labels[THROUGHPUT_KIND_LABEL].tolist() == ["vllm", "vllm", "sm_clock", "sm_clock", ""]
+    assert rate[:2].tolist() == [1500.0, 1500.0]
+    assert ok.tolist() == [True, True, False, False, False]
+    kinds = ["vllm", "vllm", "sm_clock", "sm_clock", ""]
+    assert out.labels[THROUGHPUT_KIND_LABEL].tolist() == kinds
     assert out.column(Metric.TTFT_P90_S)[0][0] == 0.2
     # Three aggregated queries, never one per GPU; the rate over the configured window.
     assert len(prom.queries) == 3 and "[60s]" in prom.queries[0]
@@ -117,7 +119,7 @@ def test_the_first_source_with_a_job_wins_and_units_follow_it() -> None:
 def test_the_config_section_names_servers_and_needs_a_prometheus() -> None:
     with pytest.raises(ConfigError, match="unknown server 'sglang'"):
         parse_config({"throughput": {"sources": [{"server": "sglang"}]}})
-    with pytest.raises(ConfigError, match="throughput.prometheus_url"):
+    with pytest.raises(ConfigError, match=r"throughput\.prometheus_url"):
         parse_config({"throughput": {"sources": [{"server": "vllm"}]}})
     cfg = parse_config(
         {

@@ -14,8 +14,9 @@ each phase (r = f / f_max: the lower of a clock lock and what the power cap allo
   share that does not scale with the SM clock: memory, 0.4 in decode, 0.15 in prefill). Decode
   draws 137-300 W of a 700 W H200 (Ma et al., "The Illusion of Power Capping in LLM Decode",
   arXiv:2605.11999, 2026): here 0.2-0.43 of the board limit (140-300 W of 700 W) from an empty
-  to a full batch (the load), so no cap binds in decode; prefill draws 0.9 of it. Locking the clock to ~0.6 of its maximum
-  saves about 30 % of decode's energy at ~3 % slower tokens (ibid.: up to 32 %).
+  to a full batch (the load), so no cap binds in decode; prefill draws 0.9 of it. Locking the
+  clock to ~0.6 of its maximum saves about 30 % of decode's energy at ~3 % slower tokens
+  (ibid.: up to 32 %).
 - a power cap holds each phase's draw: its clock falls to r_cap, where the phase's draw meets
   cap_draw_frac x cap. Prefill, near the cap's level, is throttled first and hardest: a cap low
   enough to save decode energy slows prefill (TTFT) far more than a clock lock saving the same.
