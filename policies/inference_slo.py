@@ -146,7 +146,8 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
         if worst >= 1.0 - s.at_risk_frac:
             at_risk[here], kept[here] = max(at_risk.get(here, 0.0), lock), now_s
             comfortable = {b: f for b, f in comfortable.items() if f > at_risk[here] or b < here}
-            lock = min(1.0, lock + s.backoff_steps * s.step_frac)
+            # Over its SLO already: full clock at once; close to it: some steps up.
+            lock = 1.0 if worst >= 1.0 else min(1.0, lock + s.backoff_steps * s.step_frac)
             calm = 0
         else:
             calm = svc.calm_cycles + 1

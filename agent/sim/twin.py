@@ -295,6 +295,7 @@ class Twin:
         self.max_clock_mhz = np.full(n, model.max_sm_clock_mhz)
         self.clock_lock_min_mhz = np.full(n, np.nan)
         self.clock_lock_max_mhz = np.full(n, np.nan)
+        self._any_locked = False
 
     def _init_state(self) -> None:
         """The GPUs' and nodes' physical state and telemetry, idle."""
@@ -704,11 +705,15 @@ class Twin:
 
     def _lock_frac(self) -> FloatArray:
         """Per GPU: its locked clock's share of the maximum (1.0: not locked)."""
+        if not self._any_locked:  # the common case: no lock anywhere, nothing to compute
+            return np.ones(self.spec.n_gpus)
         lock = self.clock_lock_max_mhz
         return np.where(np.isfinite(lock), np.minimum(lock / self.max_clock_mhz, 1.0), 1.0)
 
     def _locked_draw_w(self, natural_w: FloatArray) -> FloatArray:
         """Per GPU: the most a clock lock lets it draw (its natural draw where not locked)."""
+        if not self._any_locked:
+            return natural_w
         r = self._lock_frac()
         idle = self.spec.model.idle_w
         scale = LOCKED_STATIC_SHARE + (1.0 - LOCKED_STATIC_SHARE) * r**LOCKED_POWER_EXP
@@ -948,12 +953,14 @@ class Twin:
             raise ValueError("locked clocks outside the GPU's supported clocks")
         self.clock_lock_min_mhz[idx] = lo
         self.clock_lock_max_mhz[idx] = hi
+        self._any_locked = bool(np.isfinite(self.clock_lock_max_mhz).any())
 
     def reset_clocks(self, rows: npt.ArrayLike) -> None:
         """Unlock the SM clocks (nvmlDeviceResetGpuLockedClocks)."""
         idx = np.asarray(rows, dtype=np.int64)
         self.clock_lock_min_mhz[idx] = np.nan
         self.clock_lock_max_mhz[idx] = np.nan
+        self._any_locked = bool(np.isfinite(self.clock_lock_max_mhz).any())
 
     def rows_for(self, nodes: Sequence[str], gpus: Sequence[int]) -> IntArray:
         """Twin rows for (node name, GPU index) pairs; -1 where unknown."""
