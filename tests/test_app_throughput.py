@@ -174,3 +174,20 @@ def test_the_twins_services_serve_tokens_and_obey_locks() -> None:
     twin.reset_clocks(served)
     twin.run_until(180)
     assert np.all(twin.sm_clock_mhz[served] > 1200.0)
+
+
+def test_a_clock_lock_holds_a_training_gpus_draw_and_a_cap_still_says_it_binds() -> None:
+    twin = Twin(TwinSpec(nodes=1, gpus_per_node=4, seed=3, occupancy=1.0))
+    twin.run_until(30)
+    busy = np.flatnonzero((twin.job_row >= 0) & (twin.power_w > 300.0))
+    assert busy.size
+    gpu = busy[:1]
+    before = float(twin.power_w[gpu][0])
+    twin.lock_clocks(gpu, 210.0, 990.0)
+    twin.run_until(60)
+    assert twin.power_w[gpu][0] < 0.8 * before and twin.sm_clock_mhz[gpu][0] <= 990.0
+    assert not twin.clocks_event_reasons[gpu][0] & 0x4  # the lock, not the cap, holds it
+    twin.reset_clocks(gpu)
+    twin.set_caps(gpu, [200.0])
+    twin.run_until(90)
+    assert twin.clocks_event_reasons[gpu][0] & 0x4  # NVML's power-cap reason

@@ -657,8 +657,8 @@ class Twin:
         natural_eff = np.where(working, natural * (0.85 + 0.15 * straggle), model.idle_w)
         # A clock lock holds a training GPU's draw as a cap would; an inference service's
         # phases have their own clock model (agent/sim/inference.py).
-        allowed = np.minimum(self._locked_draw_w(natural_eff), k * self.enforced_w)
-        mean_power = np.minimum(natural_eff, allowed)
+        locked_w = self._locked_draw_w(natural_eff)
+        mean_power = np.minimum(locked_w, k * self.enforced_w)
         svc = self._serve(busy, rows, lv, k, working)
         if svc is not None:
             natural_eff[svc[0]], mean_power[svc[0]] = svc[1].natural_w, svc[1].power_w
@@ -689,7 +689,7 @@ class Twin:
         self.throughput = tput * lv.pace  # a stalled job draws, and clocks, but does not progress
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
-        cap_binds = working & (np.minimum(natural_eff, allowed) > k * self.enforced_w)
+        cap_binds = working & (np.minimum(natural_eff, locked_w) > k * self.enforced_w)
         self.clocks_event_reasons = np.asarray(
             np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
         )
