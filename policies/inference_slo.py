@@ -59,6 +59,9 @@ class InferenceSloSettings(PolicySettings):
     load_bin_frac: float = Field(
         0.05, gt=0, le=1, description="Figures are learned per load bin: this much more rate."
     )
+    settle_s: float = Field(
+        30.0, ge=0, description="After a raise, figures this long are of the lock before (s)."
+    )
     release_after_s: float = Field(300.0, gt=0, description="Released without figures this long.")
     lease_s: float = Field(120.0, gt=0, description="Lease of a clock lock (s).")
 
@@ -74,6 +77,7 @@ class ServiceClock(BaseModel):
     at_risk_s: dict[int, float] = Field(default_factory=dict)  # bin -> when
     calm_cycles: int = 0
     seen_s: float = 0.0
+    raised_s: float = -1e18  # when the lock was last raised for a risk
 
 
 class InferenceSloMemory(PolicyMemory):
@@ -143,11 +147,18 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
         at_risk = {b: f for b, f in svc.at_risk.items() if b in kept}
         comfortable = dict(svc.comfortable)
         lock = svc.lock_frac
+        raised_s = svc.raised_s
         if worst >= 1.0 - s.at_risk_frac:
-            at_risk[here], kept[here] = max(at_risk.get(here, 0.0), lock), now_s
-            comfortable = {b: f for b, f in comfortable.items() if f > at_risk[here] or b < here}
+            # Figures of a window that began before the last raise speak of the lock before it.
+            if now_s - svc.raised_s >= s.settle_s:
+                at_risk[here], kept[here] = max(at_risk.get(here, 0.0), lock), now_s
+                comfortable = {
+                    b: f for b, f in comfortable.items() if f > at_risk[here] or b < here
+                }
             # Over its SLO already: full clock at once; close to it: some steps up.
-            lock = 1.0 if worst >= 1.0 else min(1.0, lock + s.backoff_steps * s.step_frac)
+            raised = 1.0 if worst >= 1.0 else min(1.0, lock + s.backoff_steps * s.step_frac)
+            if raised > lock:
+                lock, raised_s = raised, now_s
             calm = 0
         else:
             calm = svc.calm_cycles + 1
@@ -168,6 +179,7 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
             at_risk_s=kept,
             calm_cycles=calm,
             seen_s=now_s,
+            raised_s=raised_s,
         )
 
     def _intents(
