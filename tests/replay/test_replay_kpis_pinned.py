@@ -68,9 +68,11 @@ def _pinned(report: ReplayReport) -> dict[str, Any]:
     return dict(json.loads(json.dumps(out, sort_keys=True)))
 
 
-def test_replay_kpis_are_pinned(trace: Path) -> None:
-    got = _pinned(replay_trace(trace, policy_sets=SETS))
-    if os.environ.get("OODA_UPDATE_GOLDEN") == "1":
+@pytest.mark.parametrize("workers", [1, 2])
+def test_replay_kpis_are_pinned(trace: Path, workers: int) -> None:
+    """One set after the other, and the sets in parallel processes: the same results."""
+    got = _pinned(replay_trace(trace, policy_sets=SETS, workers=workers))
+    if os.environ.get("OODA_UPDATE_GOLDEN") == "1" and workers == 1:
         GOLDEN.write_text(json.dumps(got, sort_keys=True, indent=1) + "\n", encoding="utf-8")
     want = json.loads(GOLDEN.read_text(encoding="utf-8"))
     for key in sorted(set(want) | set(got)):  # (compared as JSON: NaN equals NaN there)
