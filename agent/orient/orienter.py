@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.keyed import LastKeys, freeze
+from agent.core.keyed import LastKeys, freeze, frozen
 from agent.core.situation import (
     AnomalyFlags,
     CurveEstimates,
@@ -282,7 +282,10 @@ class Orienter:
             and cached is not None
             and self.cycles % every != 0
             and cached[0].shape == snapshot.uuid.shape
-            and bool(np.array_equal(cached[0], snapshot.uuid))
+            and (
+                (cached[0] is snapshot.uuid and frozen(cached[0]))
+                or bool(np.array_equal(cached[0], snapshot.uuid))
+            )
         )
         if reuse:
             assert cached is not None
