@@ -168,6 +168,7 @@ class CurveLearner:
         # (model, class) -> CLASS_STATS_LEN sums over its ended jobs (see class_curves).
         self.class_stats: dict[str, list[float]] = {}
         self._grouper = Grouper()
+        self._models = Grouper()
         self._last_keys: tuple[weakref.ref[Snapshot], BoolArray, npt.NDArray[np.str_]] | None = None
         self.cycles = 0
 
@@ -422,7 +423,7 @@ class CurveLearner:
         if active.any():
             jc["last_t"][jslot] = snapshot.time_s
             jc["retired"][jslot] = False
-            new_model = jc["model"][jslot] != snapshot.model[active]
+            new_model = self._model_changed(snapshot, active, jslot)
             jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
             jc["prior_ver"][jslot[new_model]] = -1
             self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
@@ -486,6 +487,14 @@ class CurveLearner:
             old = jc[name][seen]
             jc[name][seen] = np.where(np.isnan(old), mean, (1 - DRAW_EMA) * old + DRAW_EMA * mean)
 
+    def _model_changed(self, snapshot: Snapshot, active: BoolArray, jslot: IntArray) -> BoolArray:
+        """Per active GPU: is its job's GPU model not the GPU's? Compared per job where the
+        fleet has one model (copying 100,000 wide strings to compare them costs more)."""
+        models = self._models.ids(snapshot.model)[1]
+        if models.shape[0] == 1:
+            return np.asarray((self.jobs.cols["model"] != models[0])[jslot], dtype=bool)
+        return np.asarray(self.jobs.cols["model"][jslot] != snapshot.model[active], dtype=bool)
+
     def _classify(
         self,
         snapshot: Snapshot,
@@ -509,7 +518,7 @@ class CurveLearner:
         # A signature from telemetry, fixed once the job's natural draw is known.
         mem, mem_ok = snapshot.column(Metric.MEM_UTIL_PCT)
         sel = active & natural_known & mem_ok & np.isfinite(natural_w) & np.isfinite(max_cap_w)
-        unset = jc["klass"][jslot] == ""
+        unset = (jc["klass"] == "")[jslot]  # (per job, then per GPU: no wide strings copied)
         pick = sel[active] & unset
         if not pick.any():
             return
