@@ -378,6 +378,101 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error (see the daemon's log)"}, status_code=500)
 
 
+def _handled(
+    fn: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A refused request (CapRequestError) as its JSON error, with the GPU index if any."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except CapRequestError as exc:
+            text = str(request.path_params.get("index", ""))
+            index = int(text) if _INDEX_TEXT.fullmatch(text) else None
+            return JSONResponse(_error(index, exc), status_code=exc.status)
+
+    return endpoint
+
+
+def _unique(indices: list[int]) -> None:
+    seen: set[int] = set()
+    for index in indices:
+        if index in seen:
+            raise CapRequestError(400, f"GPU {index} appears twice in one request")
+        seen.add(index)
+
+
+class _Api:
+    """The endpoints over one node's lease manager (GPU calls run in worker threads)."""
+
+    def __init__(self, manager: LeaseManager, metrics: NodeMetrics, body_timeout_s: float) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
+
+    async def list_gpus(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self.manager.gpus))
+
+    async def get_gpu(self, request: Request) -> Response:
+        index = _index(request)
+        return JSONResponse(await run_in_threadpool(self.manager.gpu, index))
+
+    async def put_cap(self, request: Request) -> Response:
+        index = _index(request)
+        body = await _parse(request, CapBody, self.body_timeout_s)
+        outcome = await run_in_threadpool(self.manager.set_cap, index, body.watts, body.lease_s)
+        log.info("cap_set", gpu=index, watts=body.watts, lease_s=body.lease_s)
+        return JSONResponse(_result(outcome))
+
+    async def delete_cap(self, request: Request) -> Response:
+        index = _index(request)
+        outcome = await run_in_threadpool(self.manager.release, index)
+        log.info("cap_released", gpu=index)
+        return JSONResponse(_result(outcome))
+
+    def _set_many(self, items: list[BulkCapItem]) -> list[dict[str, Any]]:
+        out = []
+        with self.manager.batch():  # one write of the lease table for the whole request
+            for item in items:
+                try:
+                    outcome = self.manager.set_cap(item.index, item.watts, item.lease_s, item.uuid)
+                    out.append(_result(outcome))
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+        return out
+
+    def _release_many(self, items: list[ReleaseItem]) -> list[dict[str, Any]]:
+        out = []
+        with self.manager.batch():
+            for item in items:
+                try:
+                    out.append(_result(self.manager.release(item.index, item.uuid)))
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+        return out
+
+    async def put_caps(self, request: Request) -> Response:
+        body = await _parse(request, BulkCapBody, self.body_timeout_s)
+        _unique([item.index for item in body.caps])
+        results = await run_in_threadpool(self._set_many, body.caps)
+        log.info("caps_set", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    async def release_caps(self, request: Request) -> Response:
+        body = await _parse(request, BulkReleaseBody, self.body_timeout_s)
+        _unique([item.index for item in body.gpus])
+        results = await run_in_threadpool(self._release_many, body.gpus)
+        log.info("caps_released", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    async def metrics_page(self, request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, self.metrics.registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+
 def build_app(
     manager: LeaseManager,
     tokens: TokenStore,
@@ -387,105 +482,16 @@ def build_app(
     body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> ASGIApp:
     """The daemon's ASGI app over one node's lease manager."""
-
-    def handled(
-        fn: Callable[[Request], Awaitable[Response]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except CapRequestError as exc:
-                text = str(request.path_params.get("index", ""))
-                index = int(text) if _INDEX_TEXT.fullmatch(text) else None
-                return JSONResponse(_error(index, exc), status_code=exc.status)
-
-        return endpoint
-
-    @handled
-    async def list_gpus(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(manager.gpus))
-
-    @handled
-    async def get_gpu(request: Request) -> Response:
-        index = _index(request)
-        return JSONResponse(await run_in_threadpool(manager.gpu, index))
-
-    @handled
-    async def put_cap(request: Request) -> Response:
-        index = _index(request)
-        body = await _parse(request, CapBody, body_timeout_s)
-        outcome = await run_in_threadpool(manager.set_cap, index, body.watts, body.lease_s)
-        log.info("cap_set", gpu=index, watts=body.watts, lease_s=body.lease_s)
-        return JSONResponse(_result(outcome))
-
-    @handled
-    async def delete_cap(request: Request) -> Response:
-        index = _index(request)
-        outcome = await run_in_threadpool(manager.release, index)
-        log.info("cap_released", gpu=index)
-        return JSONResponse(_result(outcome))
-
-    def _unique(indices: list[int]) -> None:
-        seen: set[int] = set()
-        for index in indices:
-            if index in seen:
-                raise CapRequestError(400, f"GPU {index} appears twice in one request")
-            seen.add(index)
-
-    @handled
-    async def put_caps(request: Request) -> Response:
-        body = await _parse(request, BulkCapBody, body_timeout_s)
-        _unique([item.index for item in body.caps])
-
-        def apply() -> list[dict[str, Any]]:
-            with manager.batch():  # one write of the lease table for the whole request
-                return [set_one(item) for item in body.caps]
-
-        def set_one(item: BulkCapItem) -> dict[str, Any]:
-            try:
-                return _result(manager.set_cap(item.index, item.watts, item.lease_s, item.uuid))
-            except CapRequestError as exc:
-                return _error(item.index, exc)
-
-        results = await run_in_threadpool(apply)
-        log.info("caps_set", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
-        return JSONResponse({"results": results})
-
-    @handled
-    async def release_caps(request: Request) -> Response:
-        body = await _parse(request, BulkReleaseBody, body_timeout_s)
-        _unique([item.index for item in body.gpus])
-
-        def apply() -> list[dict[str, Any]]:
-            with manager.batch():
-                return [release_one(item) for item in body.gpus]
-
-        def release_one(item: ReleaseItem) -> dict[str, Any]:
-            try:
-                return _result(manager.release(item.index, item.uuid))
-            except CapRequestError as exc:
-                return _error(item.index, exc)
-
-        results = await run_in_threadpool(apply)
-        log.info("caps_released", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
-        return JSONResponse({"results": results})
-
-    async def metrics_endpoint(request: Request) -> Response:
-        body = await run_in_threadpool(generate_latest, metrics.registry)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"ok": True})
-
+    api = _Api(manager, metrics, body_timeout_s)
     routes = [
-        Route("/v1/gpus", list_gpus, methods=["GET"]),
-        Route("/v1/gpus/{index}", get_gpu, methods=["GET"]),
-        Route("/v1/gpus/{index}/cap", put_cap, methods=["PUT"]),
-        Route("/v1/gpus/{index}/cap", delete_cap, methods=["DELETE"]),
-        Route("/v1/caps", put_caps, methods=["PUT"]),
-        Route("/v1/caps/release", release_caps, methods=["POST"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/gpus", _handled(api.list_gpus), methods=["GET"]),
+        Route("/v1/gpus/{index}", _handled(api.get_gpu), methods=["GET"]),
+        Route("/v1/gpus/{index}/cap", _handled(api.put_cap), methods=["PUT"]),
+        Route("/v1/gpus/{index}/cap", _handled(api.delete_cap), methods=["DELETE"]),
+        Route("/v1/caps", _handled(api.put_caps), methods=["PUT"]),
+        Route("/v1/caps/release", _handled(api.release_caps), methods=["POST"]),
+        Route("/metrics", api.metrics_page, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

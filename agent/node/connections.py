@@ -8,10 +8,10 @@ request (half-open, "slowloris") cannot hold the daemon away from the agent.
 - At most `max_connections` connections in all: a new one over it sheds a *waiting* connection,
   the oldest of the first kind there is: one part-way through a request head; one idle between
   requests; one that has sent nothing yet. When nothing can be shed (every connection has a
-  request being answered) it gets a 503 and is closed at once. The daemon accepts at most
-  ACCEPT_BATCH connections (agent/node/server.py) before it reads from those it has, so a
-  client's head, sent with its connection, is read long before that connection is the oldest
-  silent one.
+  request being answered) it gets a 503 and is closed at once. A connection whose client has
+  sent bytes by the time it is accepted (FIONREAD) is not silent even before they are read, and
+  the daemon accepts at most ACCEPT_BATCH connections (agent/node/server.py) before it reads
+  from those it has: a client's head, sent with its connection, is never shed as silence.
 - At most `max_per_peer` connections per peer (the client's IP address over TCP, its user id
   over the Unix socket) that have sent something: a connection whose first bytes would go over
   it sheds that peer's oldest part-way or idle connection, or gets the 503.
@@ -28,8 +28,10 @@ all run on the daemon's event loop, so the bookkeeping needs no lock.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -242,6 +244,10 @@ class GuardedH11Protocol(H11Protocol):
             transport.close()
             return
         self._arm()
+        # A client that has sent its bytes already (as any client does with its connection)
+        # is not silent, even before the event loop reads them.
+        if _bytes_waiting(transport) and not self.guard.speaks(self):
+            self._refuse()
 
     def _arm(self) -> None:
         self._disarm()
@@ -302,6 +308,18 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         self.guard.forget(self)
         super().connection_lost(exc)
+
+
+def _bytes_waiting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the connection's socket has bytes to read (FIONREAD: no read, no copy)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return bool(struct.unpack("i", raw)[0] > 0)
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

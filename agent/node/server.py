@@ -47,6 +47,9 @@ log = structlog.get_logger("ooda.node")
 DEFAULT_SOCKET = Path("/run/ooda/node.sock")
 MAX_HEAD_BYTES = 16 * 1024  # a request line and headers (h11 refuses more with a 400)
 ACCEPT_BATCH = 64
+# Connections the kernel queues until the daemon accepts them: a flood of new connections fills
+# a short queue, and then a client's connect fails at once (EAGAIN) instead of waiting its turn.
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -73,28 +76,29 @@ class NodeSettings:
 
     def validate(self) -> None:
         """BadInputError naming the option when the combination is wrong or unsafe."""
+        self._check_transport()
+        self._check_numbers()
+        if self.lease_file is not None and not self.lease_file.parent.is_dir():
+            raise BadInputError(
+                f"--lease-file {self.lease_file}: directory {self.lease_file.parent} does not exist"
+            )
+
+    def _check_transport(self) -> None:
         if (self.socket_path is None) == (self.listen is None):
             raise BadInputError("give --socket PATH or --listen ADDR:PORT (exactly one)")
-        tls_given = [
-            name
-            for name, value in (
-                ("--tls-cert", self.tls_cert),
-                ("--tls-key", self.tls_key),
-                ("--tls-client-ca", self.tls_client_ca),
-            )
-            if value is not None
-        ]
+        tls = (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        )
+        tls_given = [name for name, value in tls if value is not None]
         if self.socket_path is not None and tls_given:
             raise BadInputError(f"{tls_given[0]}: TLS applies to --listen, not to a Unix socket")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise BadInputError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise BadInputError("--tls-client-ca needs --tls-cert and --tls-key")
-        for name, path in (
-            ("--tls-cert", self.tls_cert),
-            ("--tls-key", self.tls_key),
-            ("--tls-client-ca", self.tls_client_ca),
-        ):
+        for name, path in tls:
             if path is not None and not path.is_file():
                 raise BadInputError(f"{name} {path}: no such file")
         if self.listen is not None:
@@ -104,14 +108,16 @@ class NodeSettings:
                     f"--listen {self.listen}: plain HTTP on a non-loopback address would send "
                     "tokens in clear; give --tls-cert/--tls-key (or --insecure to insist)"
                 )
+
+    def _check_numbers(self) -> None:
         if self.fallback_cap_w is not None and not self.fallback_cap_w > 0:
             raise BadInputError(f"--fallback-cap-w: must be positive (got {self.fallback_cap_w})")
-        if not self.max_lease_s > 0:
-            raise BadInputError(f"--max-lease-s: must be positive (got {self.max_lease_s})")
-        if not self.check_interval_s > 0:
-            raise BadInputError(
-                f"--check-interval-s: must be positive (got {self.check_interval_s})"
-            )
+        for name, value in (
+            ("--max-lease-s", self.max_lease_s),
+            ("--check-interval-s", self.check_interval_s),
+        ):
+            if not value > 0:
+                raise BadInputError(f"{name}: must be positive (got {value})")
         if not 0 < self.adopt_lease_s <= self.max_lease_s:
             raise BadInputError(
                 f"--adopt-lease-s: must be in (0, --max-lease-s] (got {self.adopt_lease_s})"
@@ -119,10 +125,6 @@ class NodeSettings:
         problem = self.limits.problem()
         if problem is not None:
             raise BadInputError(problem)
-        if self.lease_file is not None and not self.lease_file.parent.is_dir():
-            raise BadInputError(
-                f"--lease-file {self.lease_file}: directory {self.lease_file.parent} does not exist"
-            )
 
 
 def ensure_fd_limit(limits: ConnectionLimits) -> int:
@@ -180,7 +182,7 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
         sock.bind(str(path))
         # Permissions before listen(): nobody can connect in between.
         os.chmod(path, mode)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BadInputError(f"--socket {path}: cannot listen ({exc.strerror or exc})") from None
@@ -199,7 +201,7 @@ def _bind_tcp(listen: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BadInputError(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
@@ -242,9 +244,10 @@ class _Server(uvicorn.Server):
                 create_protocol,
                 sock=sock,
                 ssl=config.ssl,
-                backlog=config.backlog,
+                backlog=config.backlog,  # asyncio accepts this many at a time (ACCEPT_BATCH)...
                 ssl_handshake_timeout=handshake,
             )
+            sock.listen(LISTEN_BACKLOG)  # ...and it is the kernel's queue too: a longer one
             self.servers.append(server)
         self.started = True
 
