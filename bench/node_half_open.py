@@ -1,12 +1,13 @@
 """The node daemon under half-open connections: how fast the agent's requests are answered.
 
-Starts `ooda node serve --backend sim` as a process under RLIMIT_NOFILE 1024 (systemd's default
-soft limit), a client holding N half-open connections (bench/_slowloris.py: the start of a
+Starts `ooda node serve --backend sim` as a process under RLIMIT_NOFILE 2048 (the unit's
+LimitNOFILE), a client holding N half-open connections (bench/_slowloris.py: the start of a
 request line, then a byte a second, reopened a second after the daemon closes one), and then
 sends the agent's requests, each on a new connection, alternately GET /v1/gpus/0 and a cap PUT.
 
-Prints one JSON line per N: connections, requests, failures, p50_ms, p99_ms, max_ms, and the
-attacker's counts (opened, closed_by_server, most_open).
+Prints one JSON line per N: connections, requests, failures (and with what), p50_ms, p99_ms,
+max_ms, the connections the daemon shed by reason (its /metrics), and the attacker's counts
+(opened, closed_by_server, most_open).
 
     python bench/node_half_open.py --json [--connections 0 --connections 1000] [--requests 200]
 """
@@ -44,9 +45,10 @@ def run(connections: int, requests: int) -> dict[str, Any]:
     (root / "token").write_text(token + "\n")
     (root / "token").chmod(0o600)
     sock = root / "node.sock"
-    daemon = _serve(root, 1024)
+    daemon = _serve(root, 2048)
     attacker: subprocess.Popen[str] | None = None
     stats: dict[str, Any] = {}
+    shed: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 30.0
         while not sock.exists() and time.monotonic() < deadline:
@@ -69,6 +71,7 @@ def run(connections: int, requests: int) -> dict[str, Any]:
             time.sleep(2.0)
         latencies: list[float] = []
         failures = 0
+        why: list[str] = []
         # One client, no connection kept: each request opens a new one (the worst case: it must
         # get in among the half-open ones), without building a client (and its TLS context) each
         # time, which would be timed too.
@@ -86,11 +89,20 @@ def run(connections: int, requests: int) -> dict[str, Any]:
                         r = client.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
                     else:
                         r = client.get("/v1/gpus/0")
-                    failures += r.status_code != 200
-                except httpx.HTTPError:
+                    if r.status_code != 200:
+                        failures += 1
+                        why.append(f"HTTP {r.status_code}")
+                except httpx.HTTPError as exc:
                     failures += 1
+                    why.append(repr(exc))
                 latencies.append(time.monotonic() - t0)
                 time.sleep(0.02)
+            page = client.get("/metrics").text
+            shed = {
+                line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in page.splitlines()
+                if line.startswith("ooda_node_connections_shed_total{")
+            }
         if attacker is not None:
             attacker.terminate()
             out, _ = attacker.communicate(timeout=10)
@@ -107,9 +119,11 @@ def run(connections: int, requests: int) -> dict[str, Any]:
         "connections": connections,
         "requests": requests,
         "failures": failures,
+        "failed_with": sorted(set(why))[:5],
         "p50_ms": round(float(np.percentile(ms, 50)), 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "max_ms": round(float(ms.max()), 1),
+        "shed": shed,
         "attacker": stats,
     }
 

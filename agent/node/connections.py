@@ -5,16 +5,18 @@ request (half-open, "slowloris") cannot hold the daemon away from the agent.
 - A request's head (request line and headers) must be complete within `header_timeout_s` of the
   connection opening, or of the request's first byte on a kept-alive connection; otherwise the
   connection is closed. A connection idle between requests is closed after `idle_timeout_s`.
-- At most `max_connections` connections in all: a new one over it sheds a *waiting* connection,
-  the oldest of the first kind there is: one part-way through a request head; one idle between
-  requests; one that has sent nothing yet. When nothing can be shed (every connection has a
-  request being answered) it gets a 503 and is closed at once. A connection whose client has
-  sent bytes by the time it is accepted (FIONREAD) is not silent even before they are read, and
+- A connection is *held* once it has sent something: at most `max_connections` held in all
+  and `max_per_peer` per peer (the client's IP address over TCP, its user id over the Unix
+  socket). A connection whose first bytes would go over a bound sheds the oldest held
+  connection that is waiting (of that peer, for the peer's bound): one part-way through a
+  request head, else one idle between requests; with nothing to shed it gets a 503 and is
+  closed at once.
+- Connections that have sent nothing yet are bounded apart, `max_connections` of them: a new
+  one over that sheds the oldest silent one. A client's bytes follow its connection at once
+  (and count as soon as the kernel has them, FIONREAD, before the event loop reads them), and
   the daemon accepts at most ACCEPT_BATCH connections (agent/node/server.py) before it reads
-  from those it has: a client's head, sent with its connection, is never shed as silence.
-- At most `max_per_peer` connections per peer (the client's IP address over TCP, its user id
-  over the Unix socket) that have sent something: a connection whose first bytes would go over
-  it sheds that peer's oldest part-way or idle connection, or gets the 503.
+  from those it has: the oldest silent connection is never one whose request is on its way.
+  At most 2 x `max_connections` connections, and as many file descriptors.
 - A connection whose request is being answered is never shed.
 
 A legitimate client sends its whole head at once, so it is part-way for no time at all; a
@@ -29,12 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import socket
 import struct
 import termios
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -44,6 +45,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = structlog.get_logger("ooda.node.connections")
 
+# How much of a new connection's waiting bytes is looked at for a whole request head (the
+# agent's heads are a few hundred bytes; uvicorn's own bound on a head is 16 KiB).
+MAX_PEEK_BYTES = 4096
 # File descriptors the daemon needs besides its connections (NVML's device files, the listening
 # socket, the token and lease files, logs, the worker threads' event fds).
 FD_RESERVE = 128
@@ -117,19 +121,13 @@ class _Wait(Enum):
 class ConnectionGuard:
     """The daemon's connections, by peer and by what each is waiting for."""
 
-    def __init__(
-        self,
-        limits: ConnectionLimits,
-        events: ShedEvents | None = None,
-        now: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, limits: ConnectionLimits, events: ShedEvents | None = None) -> None:
         self.limits = limits
         self.events = events or ShedEvents()
-        self._now = now
         self._peer: dict[GuardedH11Protocol, str] = {}
         self._held: dict[str, int] = {}  # per peer: connections that have sent something
         # Connections by what they wait for, each oldest first (the order they are shed in).
-        self._queues: dict[_Wait, OrderedDict[GuardedH11Protocol, float]] = {
+        self._queues: dict[_Wait, OrderedDict[GuardedH11Protocol, None]] = {
             wait: OrderedDict() for wait in _Wait
         }
 
@@ -149,46 +147,51 @@ class ConnectionGuard:
     def _move(self, conn: GuardedH11Protocol, wait: _Wait) -> None:
         for queue in self._queues.values():
             queue.pop(conn, None)
-        self._queues[wait][conn] = self._now()
+        self._queues[wait][conn] = None
 
-    def admit(self, conn: GuardedH11Protocol, peer: str) -> bool:
-        """Count a new connection, shedding a waiting one at the total bound; False: no room
-        (the caller refuses it)."""
-        if len(self._peer) >= self.limits.max_connections and not self._shed(None, True):
-            return False
+    def admit(self, conn: GuardedH11Protocol, peer: str) -> None:
+        """Count a new connection as silent; at the silent bound the oldest silent one goes
+        (the newest are the clients whose first bytes are on their way)."""
+        silent = self._queues[_Wait.SILENT]
+        if len(silent) >= self.limits.max_connections:
+            self._evict(next(iter(silent)))
         self._peer[conn] = peer
-        self._queues[_Wait.SILENT][conn] = self._now()
-        return True
+        silent[conn] = None
 
-    def _victim(self, peer: str | None, silent_too: bool) -> GuardedH11Protocol | None:
-        kinds = (
-            (_Wait.PARTIAL, _Wait.IDLE, _Wait.SILENT) if silent_too else (_Wait.PARTIAL, _Wait.IDLE)
-        )
-        for wait in kinds:
+    def _victim(self, peer: str | None) -> GuardedH11Protocol | None:
+        """The oldest connection part-way through a head, else the oldest idle one."""
+        for wait in (_Wait.PARTIAL, _Wait.IDLE):
             for conn in self._queues[wait]:
                 if peer is None or self._peer[conn] == peer:
                     return conn
         return None
 
-    def _shed(self, peer: str | None, silent_too: bool) -> bool:
-        victim = self._victim(peer, silent_too)
-        if victim is None:
-            return False
+    def _evict(self, victim: GuardedH11Protocol) -> None:
         self.forget(victim)
         victim.close_now()
         self.events.connection_shed("evicted")
+
+    def _room(self, peer: str | None) -> bool:
+        victim = self._victim(peer)
+        if victim is None:
+            return False
+        self._evict(victim)
         return True
 
-    def speaks(self, conn: GuardedH11Protocol) -> bool:
-        """A connection's first bytes are in: it counts against its peer's bound now. False:
-        over the bound with nothing to shed (the caller refuses it)."""
+    def speaks(self, conn: GuardedH11Protocol, head_complete: bool = False) -> bool:
+        """A connection's first bytes are in (`head_complete`: a whole request head): it is
+        held from now, within the bounds on held connections (in all, and per peer). False:
+        over a bound with nothing to shed (the caller refuses it)."""
         if self._state(conn) is not _Wait.SILENT:
             return True
+        held = len(self._peer) - len(self._queues[_Wait.SILENT])
+        if held >= self.limits.max_connections and not self._room(None):
+            return False
         peer = self._peer[conn]
-        if self._held.get(peer, 0) >= self.limits.max_per_peer and not self._shed(peer, False):
+        if self._held.get(peer, 0) >= self.limits.max_per_peer and not self._room(peer):
             return False
         self._held[peer] = self._held.get(peer, 0) + 1
-        self._move(conn, _Wait.PARTIAL)
+        self._move(conn, _Wait.BUSY if head_complete else _Wait.PARTIAL)
         return True
 
     def progress(self, conn: GuardedH11Protocol, head_complete: bool) -> None:
@@ -237,16 +240,16 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._admitted = self.guard.admit(self, peer_of(transport))
-        if not self._admitted:
-            self.guard.events.connection_shed("refused")
-            transport.write(_REFUSAL)
-            transport.close()
-            return
+        self.guard.admit(self, peer_of(transport))
+        self._admitted = True
         self._arm()
         # A client that has sent its bytes already (as any client does with its connection)
-        # is not silent, even before the event loop reads them.
-        if _bytes_waiting(transport) and not self.guard.speaks(self):
+        # is not silent, even before the event loop reads them; and one whose whole request
+        # head is waiting is as good as answered (never shed while its bytes are read).
+        waiting = _waiting(transport)
+        if waiting is not _Waiting.NOTHING and not self.guard.speaks(
+            self, head_complete=waiting is _Waiting.HEAD
+        ):
             self._refuse()
 
     def _arm(self) -> None:
@@ -310,16 +313,29 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def _bytes_waiting(transport: asyncio.BaseTransport) -> bool:
-    """Whether the connection's socket has bytes to read (FIONREAD: no read, no copy)."""
+class _Waiting(Enum):
+    NOTHING = "nothing"
+    BYTES = "bytes"  # some bytes (part of a head, or TLS records)
+    HEAD = "head"  # a whole request head (plain HTTP)
+
+
+def _waiting(transport: asyncio.BaseTransport) -> _Waiting:
+    """What the connection's socket holds unread: FIONREAD (no read, no copy), then for plain
+    HTTP a peek at the bytes for the blank line that ends a request head."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return False
+        return _Waiting.NOTHING
     try:
         raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        if struct.unpack("i", raw)[0] <= 0:
+            return _Waiting.NOTHING
+        if transport.get_extra_info("sslcontext") is not None:
+            return _Waiting.BYTES
+        with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+            head = peek.recv(MAX_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
-        return False
-    return bool(struct.unpack("i", raw)[0] > 0)
+        return _Waiting.NOTHING
+    return _Waiting.HEAD if b"\r\n\r\n" in head else _Waiting.BYTES
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

@@ -128,11 +128,11 @@ class NodeSettings:
 
 
 def ensure_fd_limit(limits: ConnectionLimits) -> int:
-    """Raise this process's soft limit on open files to what `limits` need (connections plus
-    FD_RESERVE), within the hard limit; BadInputError when the hard limit is too low. Returns
-    the soft limit now. For the daemon's own process (`ooda node serve`), not for hosts of
-    many daemons."""
-    needed = limits.max_connections + FD_RESERVE
+    """Raise this process's soft limit on open files to what `limits` need (held and silent
+    connections, 2 x max_connections, plus FD_RESERVE), within the hard limit; BadInputError
+    when the hard limit is too low. Returns the soft limit now. For the daemon's own process
+    (`ooda node serve`), not for hosts of many daemons."""
+    needed = 2 * limits.max_connections + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
