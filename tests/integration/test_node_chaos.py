@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.adapters.twin import twin_spec
 from agent.config import parse_config
-from agent.runtime import twin_spec
 from agent.sim.twin import Twin
 from tests.file_gpu_node import DEFAULT_W, FALLBACK_W, FileGpus
 from tests.node_helpers import unix_client, write_token
