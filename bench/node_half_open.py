@@ -39,6 +39,58 @@ def _serve(root: Path, fd_limit: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _attack(sock: Path, connections: int, duration_s: float) -> subprocess.Popen[str]:
+    """The half-open client, once it holds its connections (and their first deadlines passed)."""
+    attacker = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "_slowloris.py"), str(sock), str(connections),
+         str(duration_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert attacker.stdout is not None
+    attacker.stdout.readline()  # ready
+    time.sleep(2.0)
+    return attacker
+
+
+def _requests(client: httpx.Client, requests: int) -> tuple[list[float], list[str]]:
+    """The agent's requests, alternately GET and a cap PUT: latencies (s) and failures."""
+    latencies: list[float] = []
+    why: list[str] = []
+    for k in range(requests):
+        t0 = time.monotonic()
+        try:
+            if k % 2:
+                r = client.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
+            else:
+                r = client.get("/v1/gpus/0")
+            if r.status_code != 200:
+                why.append(f"HTTP {r.status_code}")
+        except httpx.HTTPError as exc:
+            why.append(repr(exc))
+        latencies.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    return latencies, why
+
+
+def _shed(client: httpx.Client) -> dict[str, float]:
+    """The daemon's shed connections by reason (its /metrics)."""
+    page = client.get("/metrics").text
+    return {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("ooda_node_connections_shed_total{")
+    }
+
+
+def _attacker_stats(attacker: subprocess.Popen[str]) -> dict[str, Any]:
+    attacker.terminate()
+    out, _ = attacker.communicate(timeout=10)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    stats: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    return stats
+
+
 def run(connections: int, requests: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ooda-bh-"))
     token = secrets.token_urlsafe(24)
@@ -48,30 +100,12 @@ def run(connections: int, requests: int) -> dict[str, Any]:
     daemon = _serve(root, 2048)
     attacker: subprocess.Popen[str] | None = None
     stats: dict[str, Any] = {}
-    shed: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 30.0
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        duration_s = requests * 0.05 + 15.0
         if connections:
-            attacker = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "_slowloris.py"),
-                    str(sock),
-                    str(connections),
-                    str(duration_s),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert attacker.stdout is not None
-            attacker.stdout.readline()  # ready
-            time.sleep(2.0)
-        latencies: list[float] = []
-        failures = 0
-        why: list[str] = []
+            attacker = _attack(sock, connections, requests * 0.05 + 15.0)
         # One client, no connection kept: each request opens a new one (the worst case: it must
         # get in among the half-open ones), without building a client (and its TLS context) each
         # time, which would be timed too.
@@ -82,32 +116,10 @@ def run(connections: int, requests: int) -> dict[str, Any]:
             timeout=5.0,
             limits=httpx.Limits(max_keepalive_connections=0),
         ) as client:
-            for k in range(requests):
-                t0 = time.monotonic()
-                try:
-                    if k % 2:
-                        r = client.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
-                    else:
-                        r = client.get("/v1/gpus/0")
-                    if r.status_code != 200:
-                        failures += 1
-                        why.append(f"HTTP {r.status_code}")
-                except httpx.HTTPError as exc:
-                    failures += 1
-                    why.append(repr(exc))
-                latencies.append(time.monotonic() - t0)
-                time.sleep(0.02)
-            page = client.get("/metrics").text
-            shed = {
-                line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                for line in page.splitlines()
-                if line.startswith("ooda_node_connections_shed_total{")
-            }
+            latencies, why = _requests(client, requests)
+            shed = _shed(client)
         if attacker is not None:
-            attacker.terminate()
-            out, _ = attacker.communicate(timeout=10)
-            lines = [line for line in out.splitlines() if line.startswith("{")]
-            stats = json.loads(lines[-1]) if lines else {}
+            stats = _attacker_stats(attacker)
     finally:
         if attacker is not None and attacker.poll() is None:
             attacker.kill()
@@ -118,7 +130,7 @@ def run(connections: int, requests: int) -> dict[str, Any]:
     return {
         "connections": connections,
         "requests": requests,
-        "failures": failures,
+        "failures": len(why),
         "failed_with": sorted(set(why))[:5],
         "p50_ms": round(float(np.percentile(ms, 50)), 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
