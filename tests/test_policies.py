@@ -160,6 +160,26 @@ def test_energy_efficiency_keeps_the_bound_where_the_cap_draw_share_is_not_learn
         assert np.all(t >= 0.95 - 1e-3), (k, caps.watts, t)
 
 
+def test_energy_efficiency_raises_a_cap_short_of_the_bound_past_the_guards_dead_band() -> None:
+    from agent.act.guard import GuardSettings
+
+    # Its own cap, set on earlier estimates, is now a few watts short of what the bound needs
+    # (the estimates settled): a raise by so little would be skipped by the guard's dead band and
+    # the job held past its bound for good, so it is raised by at least the dead band.
+    snap = make_snapshot([600.0] * 4)
+    sit = replace(orient(snap), curves=curves_for(4, 600.0, 0.85, 1.58, 0.9))
+    policy = EnergyEfficiency(EnergyEfficiencySettings(max_slowdown_frac=0.05))
+    needed = only(policy.decide(sit, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    short = replace(sit, cap_w=needed - 3.0)
+    raised = only(policy.decide(short, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    assert np.all(raised - short.cap_w >= GuardSettings().cap_dead_band_w)
+    # A cap in force above what the bound needs is asked down to it (the safe side: the guard
+    # lowers it when the change is worth making).
+    roomy = replace(sit, cap_w=needed + 3.0)
+    lowered = only(policy.decide(roomy, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    assert np.array_equal(lowered, needed)
+
+
 def test_energy_efficiency_ignores_unconfident_curves_and_insensitive_jobs() -> None:
     snap = make_snapshot([600.0] * 4)
     policy = EnergyEfficiency(EnergyEfficiencySettings())
