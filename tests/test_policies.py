@@ -206,6 +206,19 @@ def test_pool_within_jobs_keeps_real_differences_and_drops_noise() -> None:
     assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], 605.0)
 
 
+def test_pool_within_jobs_pools_a_spread_that_noise_alone_gives_often() -> None:
+    from policies.common import pool_within_jobs
+
+    # One natural draw (513 W) estimated on each of 8 GPUs from a sample or two, each off by
+    # about 10 W: these spread a little more than 10 W (sample sd 12 W), as noise alone does 4
+    # times in 10. Keeping a third of each deviation (the method of moments' share) would cap the
+    # GPU estimated at 493 W some 7 W too deep, and its job runs at that GPU's pace.
+    values = np.array([492.8, 503.4, 519.2, 518.9, 529.9, 521.0, 525.3, 524.3])
+    assert 11.0 < float(np.std(values, ddof=1)) < 13.0
+    pooled = pool_within_jobs(values, np.full(8, 10.0**2), np.zeros(8, dtype=np.int64))
+    assert np.allclose(pooled, values.mean())
+
+
 def test_energy_efficiency_gives_a_jobs_gpus_the_same_share_despite_noisy_estimates() -> None:
     # A job runs at its slowest GPU's pace: natural draws known from a few noisy samples must not
     # cap one GPU of the job deeper than its peers.
