@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,6 +538,14 @@ def _node_daemons(twin: Twin, short: Path, token: Path, lock: threading.RLock) -
     ]
 
 
+def _cycle_for(cycle: Callable[[], object], seconds: float) -> None:
+    """Cycle the loop (without stepping the twin) every 0.1 s for `seconds`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        cycle()
+        time.sleep(0.1)
+
+
 def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
     tmp_path: Path,
 ) -> None:
@@ -570,11 +579,7 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         with lock:
             assert np.array_equal(twin.cap_w, ours)
 
-        # Renewed every cycle: the caps outlive their 1 s leases.
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 3 * LEASE_S:
-            runtime.loop.cycle()
-            time.sleep(0.1)
+        _cycle_for(runtime.loop.cycle, 3 * LEASE_S)  # renewed every cycle: caps outlive leases
         with lock:
             assert np.array_equal(twin.cap_w, ours)
 
