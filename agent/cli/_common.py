@@ -46,6 +46,20 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write(strict_json(obj) + "\n")
 
 
+WIDTH = 100  # what a person's terminal shows of a line: tables and text fit it
+
+
+def wrapped(text: str, indent: str = "") -> str:
+    """`text` wrapped at WIDTH columns (or the terminal's, if narrower), later lines indented."""
+    import shutil
+    import textwrap
+
+    width = min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+    return textwrap.fill(
+        text, width=max(width, 40), subsequent_indent=indent, break_on_hyphens=False
+    )
+
+
 def bad_input(message: str) -> typer.Exit:
     """Print a one-line error naming the input and return the exit to raise (code 2)."""
     typer.echo(f"ooda: error: {message}", err=True)

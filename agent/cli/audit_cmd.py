@@ -49,7 +49,7 @@ def audit_path(config: Path | None, audit_log: Path | None, state_dir: Path | No
         raise BadInputError("give --config or --audit-log, not both")
     if audit_log is not None:
         return audit_log
-    cfg = load_config(config or DEFAULT_CONFIG)
+    cfg = load_config(config or DEFAULT_CONFIG, needs_source=False, check_files=False)
     path = configured(cfg, state_dir)
     if path is None:
         raise BadInputError(

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli._common import emit_json
+from agent.cli._common import emit_json, wrapped
 
 _BOUND_SIGNS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 
@@ -27,9 +27,11 @@ def check(
 
       ooda config check deploy/examples/twin.toml
     """
-    from agent.config import load_config
+    from agent.config import adapters_of, config_warnings, load_config
 
     config = load_config(file)
+    warnings = config_warnings(config)
+    kind = adapters_of(config).source(config.source.kind)
     summary = {
         "ok": True,
         "file": str(file),
@@ -37,16 +39,30 @@ def check(
         "source": config.source.kind,
         "policies": list(config.policy_settings),
         "interval_s": config.daemon.interval_s,
+        "budget": _budget_said(config),
+        "warnings": warnings,
     }
+    for warning in warnings:
+        typer.echo(wrapped(f"ooda: warning: {file}: {warning}", indent="  "), err=True)
     if json_out:
         emit_json(summary)
-    else:
-        names = ", ".join(config.policy_settings) or "none"
-        mode = "dry-run" if config.dry_run else "LIVE"
-        typer.echo(
-            f"{file}: OK ({config.source.kind} source, policies: {names}, {mode},"
-            f" every {config.daemon.interval_s:g} s)"
-        )
+        return
+    mode = "dry-run (advise only)" if config.dry_run else "LIVE (acts)"
+    typer.echo(f"{file}: OK")
+    typer.echo(wrapped(f"  source:   {kind.name}: {kind.description}", indent="            "))
+    names = ", ".join(config.policy_settings) or "none"
+    typer.echo(wrapped(f"  policies: {names}", indent="            "))
+    typer.echo(f"  budget:   {summary['budget']}")
+    typer.echo(f"  mode:     {mode}, a cycle every {config.daemon.interval_s:g} s")
+
+
+def _budget_said(config: Any) -> str:
+    cluster = config.cluster
+    if cluster.budget_w is not None:
+        return f"{cluster.budget_w:g} W (cluster.budget_w)"
+    if cluster.budget_query is not None:
+        return f"PromQL {cluster.budget_query} (cluster.budget_query)"
+    return "none in [cluster]"
 
 
 def _settings_doc(model: Any) -> list[dict[str, Any]]:

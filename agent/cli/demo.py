@@ -100,7 +100,7 @@ def demo(
         curves=curves,
     )
     if config is not None:
-        cfg = load_config(config)
+        cfg = load_config(config, needs_source=False, check_files=False)
         policies = tuple(name for name, s in cfg.policy_settings.items() if s.enabled)
         opts = replace(opts, config=cfg, policies=policies)
     result = run_demo(opts)

@@ -67,7 +67,7 @@ def once(
     if prometheus is not None and not prometheus.startswith(("http://", "https://")):
         raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
     if config is not None:
-        cfg = load_config(config)
+        cfg = load_config(config, needs_source=prometheus is None)
         if prometheus is not None:
             data = cfg.model_dump(exclude={"policy_settings"}, exclude_unset=True)
             data.setdefault("source", {})["kind"] = "prometheus"
@@ -178,6 +178,23 @@ def _throughput_of(tput: Any, i: int) -> dict[str, Any]:
     }
 
 
+def _why_nothing(r: dict[str, Any]) -> str:
+    """Why a cycle decided nothing, as far as its summary tells."""
+    if r["outage"]:
+        return "nothing seen"
+    if r["budget_w"] is None:
+        return (
+            "no budget: power_budget needs cluster.budget_w, cluster.budget_query or --budget-w; "
+            "no other policy found anything to act on"
+        )
+    if r["fleet_power_w"] <= r["budget_w"]:
+        return (
+            f"the fleet draws {r['fleet_power_w']:.0f} W of its {r['budget_w']:.0f} W budget, "
+            "and no policy found anything to act on"
+        )
+    return "no policy proposed an action (see the errors and refusals below)"
+
+
 def render(r: dict[str, Any]) -> str:
     mode = "dry-run (advisory)" if r["dry_run"] else "live"
     lines = [f"ooda once: {r['source']}, {mode}"]
@@ -214,7 +231,7 @@ def render(r: dict[str, Any]) -> str:
         if len(r["intents"]) > 20:
             lines.append(f"  ... and {len(r['intents']) - 20} more (--json for all)")
     else:
-        lines.append("decided:  nothing")
+        lines.append(f"decided:  nothing ({_why_nothing(r)})")
     for refusal in r["refused"][:10]:
         lines.append(f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}")
     if r["actions"]:

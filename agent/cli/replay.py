@@ -110,7 +110,11 @@ def replay(
     from agent.replay.engine import default_policy_set, parse_policy_set, replay_trace
 
     positional = list(args or [])
-    cfg = load_config(config) if config is not None else default_config()
+    cfg = (
+        load_config(config, needs_source=False, check_files=False)
+        if config is not None
+        else default_config()
+    )
     if prometheus is None:
         if not positional:
             raise BadInputError("ooda replay: give a TRACE file, or --prometheus URL --start T")

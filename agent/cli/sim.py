@@ -96,7 +96,11 @@ def _policies(policy: list[str] | None, config: Path | None) -> tuple[list[str],
     from policies.registry import default_registry
 
     registry = default_registry()
-    cfg = load_config(config) if config is not None else default_config(registry)
+    cfg = (
+        load_config(config, needs_source=False, check_files=False)
+        if config is not None
+        else default_config(registry)
+    )
     unknown = [p for p in policy if p not in registry]
     if unknown:
         raise BadInputError(

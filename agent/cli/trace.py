@@ -68,7 +68,9 @@ def _prometheus_config(url: str, config: Path | None) -> Any:
     if config is None:
         data = {"source": {"kind": "prometheus", "prometheus": {"url": url}}}
         return parse_config(data, source="--prometheus")
-    merged = load_config(config).model_dump(exclude={"policy_settings"}, exclude_unset=True)
+    merged = load_config(config, needs_source=False, check_files=False).model_dump(
+        exclude={"policy_settings"}, exclude_unset=True
+    )
     merged.setdefault("source", {}).setdefault("prometheus", {})["url"] = url
     merged["source"]["kind"] = "prometheus"
     return parse_config(merged, source=f"config {config}")
