@@ -137,9 +137,12 @@ def tail_cmd(
     for record in records:
         typer.echo(json.dumps(record) if json_out else render(record))
     if stats.skipped:
-        typer.echo(f"ooda: {stats.skipped} line(s) did not parse and were skipped", err=True)
+        typer.echo(
+            f"ooda: warning: {path}: {stats.skipped} line(s) did not parse and were skipped",
+            err=True,
+        )
     if not stats.files and not follow_:
-        typer.echo(f"ooda: no audit log at {path} yet", err=True)
+        typer.echo(f"ooda: warning: no audit log at {path} yet", err=True)
     if follow_:
         sys.stdout.flush()
 

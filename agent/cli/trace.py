@@ -139,7 +139,7 @@ def record(
             summary = writer.close()
     except TelemetryError as exc:
         output.unlink(missing_ok=True)
-        typer.echo(f"ooda: record failed: {exc}", err=True)
+        typer.echo(f"ooda: error: record failed: {exc}", err=True)
         raise typer.Exit(1) from None
     except BaseException:  # whatever else stopped it (a bug, Ctrl-C): no partial trace left
         if written:
