@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -47,6 +49,66 @@ def emit_json(obj: Any) -> None:
 
 
 WIDTH = 100  # what a person's terminal shows of a line: tables and text fit it
+
+
+def show_progress(json_out: bool, forced: bool | None = None) -> bool:
+    """A progress bar on stderr only for a person at a terminal: never with --json, never when
+    stdout or stderr is not a terminal (a pipe, a log, a program), unless `forced`."""
+    if forced is not None:
+        return forced
+    return not json_out and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class Bar:
+    """What a long command tells of its progress: `bar(n)` advances it by n units (batched:
+    a redraw is not free, and a day is thousands of steps), `bar.stage(label)` names the part
+    running now. A Bar that is not shown does nothing."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self._progress = progress
+        self._task = task
+        self._pending = 0.0
+        self._batch = 0.0
+
+    def __call__(self, n: float) -> None:
+        if self._progress is None:
+            return
+        self._pending += n
+        if self._pending >= self._batch:
+            self._progress.advance(self._task, self._pending)
+            self._pending = 0.0
+
+    def stage(self, label: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=label)
+
+    def flush(self) -> None:
+        if self._progress is not None and self._pending:
+            self._progress.advance(self._task, self._pending)
+            self._pending = 0.0
+
+
+@contextmanager
+def progress_bar(show: bool, total: float, label: str) -> Iterator[Bar]:
+    """A rich progress bar on stderr, gone when done (`show` False: a Bar that does nothing)."""
+    if not show:
+        yield Bar()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        bar = Bar(progress, progress.add_task(label, total=total))
+        bar._batch = total / 200.0  # at most about 200 redraws
+        yield bar
+        bar.flush()
 
 
 def wrapped(text: str, indent: str = "") -> str:

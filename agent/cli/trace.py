@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json
+from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
 from agent.core.errors import BadInputError
 
 trace_app = typer.Typer(help="Work with trace files (see docs/trace-format.md).")
@@ -135,7 +135,21 @@ def record(
             labels=settings.extra_labels,  # the group label, for per-group budgets in replay
         ) as writer:
             written = True
-            stats = record_prometheus(source, writer, start_s=start_s, end_s=end_s, step_s=step_s)
+            with progress_bar(show_progress(json_out), 1.0, f"recording {output.name}") as bar:
+                done = [0.0]
+
+                def recorded(fraction: float) -> None:
+                    bar(fraction - done[0])
+                    done[0] = fraction
+
+                stats = record_prometheus(
+                    source,
+                    writer,
+                    start_s=start_s,
+                    end_s=end_s,
+                    step_s=step_s,
+                    progress=recorded,
+                )
             summary = writer.close()
     except TelemetryError as exc:
         output.unlink(missing_ok=True)
