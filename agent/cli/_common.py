@@ -28,12 +28,16 @@ def setup_logging(level: str | None = None, json_logs: bool | None = None) -> No
         if as_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # A person's log has no Python reprs (`errors=None`, `['a', 'b']`); a program's JSON keeps
+    # its lists and nulls.
+    readable: list[Any] = [] if as_json else [_readable]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *readable,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -41,6 +45,19 @@ def setup_logging(level: str | None = None, json_logs: bool | None = None) -> No
         logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _readable(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Values as a person reads them: a list as `a,b`, a mapping as `k:v,k:v`, None left out."""
+    return {key: _said(value) for key, value in event.items() if value is not None}
+
+
+def _said(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "none"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return value
 
 
 def emit_json(obj: Any) -> None:
@@ -120,6 +137,25 @@ def wrapped(text: str, indent: str = "") -> str:
     return textwrap.fill(
         text, width=max(width, 40), subsequent_indent=indent, break_on_hyphens=False
     )
+
+
+def plain(mapping: Any) -> str:
+    """A mapping as a person reads it (never a Python repr): `kind` first, then `key value`
+    pairs; a small nested mapping inline, a large one counted (`--json` has it whole)."""
+    items = dict(mapping)
+    parts = [str(items.pop("kind"))] if "kind" in items else []
+    for key, value in items.items():
+        if value is None or value in ({}, []):
+            continue
+        if isinstance(value, dict) and len(value) > 4:
+            parts.append(f"{key}: {len(value)} set (--json lists them)")
+        elif isinstance(value, dict):
+            parts.append(f"{key} " + ", ".join(f"{k} {v}" for k, v in value.items()))
+        elif isinstance(value, list | tuple):
+            parts.append(f"{key} " + ", ".join(str(v) for v in value))
+        else:
+            parts.append(f"{key} {value}")
+    return "; ".join(parts) or "none"
 
 
 def bad_input(message: str) -> typer.Exit:

@@ -32,12 +32,16 @@ def check(
     config = load_config(file)
     warnings = config_warnings(config)
     kind = adapters_of(config).source(config.source.kind)
+    # What will run: a policy that is off (curve_exploration, unless enabled) is not listed.
+    running = [name for name, s in config.policy_settings.items() if getattr(s, "enabled", True)]
+    off = [name for name in config.policy_settings if name not in running]
     summary = {
         "ok": True,
         "file": str(file),
         "dry_run": config.dry_run,
         "source": config.source.kind,
-        "policies": list(config.policy_settings),
+        "policies": running,
+        "policies_off": off,
         "interval_s": config.daemon.interval_s,
         "budget": _budget_said(config),
         "warnings": warnings,
@@ -50,7 +54,9 @@ def check(
     mode = "dry-run (advise only)" if config.dry_run else "LIVE (acts)"
     typer.echo(f"{file}: OK")
     typer.echo(wrapped(f"  source:   {kind.name}: {kind.description}", indent="            "))
-    names = ", ".join(config.policy_settings) or "none"
+    names = ", ".join(running) or "none"
+    if off:
+        names += f" ({', '.join(off)} off)"
     typer.echo(wrapped(f"  policies: {names}", indent="            "))
     typer.echo(f"  budget:   {summary['budget']}")
     typer.echo(f"  mode:     {mode}, a cycle every {config.daemon.interval_s:g} s")

@@ -12,7 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
+from agent.cli._common import (
+    duration_s,
+    emit_json,
+    plain,
+    progress_bar,
+    show_progress,
+    wrapped,
+)
 from agent.core.errors import BadInputError
 
 trace_app = typer.Typer(help="Work with trace files (see docs/trace-format.md).")
@@ -279,8 +286,8 @@ def info(
         f"{result['gpus_max']} GPUs, {meta.rows} rows in {reader.row_groups} row groups, "
         f"{size / 1e6:.1f} MB"
     )
-    typer.echo(f"  source:  {dict(meta.source)}")
-    typer.echo(f"  metrics: {', '.join(metrics)}")
+    typer.echo(wrapped(f"  source:  {plain(meta.source)}", " " * 11))
+    typer.echo(wrapped(f"  metrics: {', '.join(metrics)}", " " * 11))
     if budgets:
         typer.echo(f"  budget:  {min(budgets):.0f}..{max(budgets):.0f} W")
     if meta.scenario:
