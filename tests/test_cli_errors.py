@@ -81,6 +81,22 @@ BAD_INPUTS: dict[str, Case] = {
     "guard status": (lambda f: ["guard", "status", "--config", str(f["missing"])], 2, ("missing",)),
     "guard reset": (lambda f: ["guard", "reset", "--config", str(f["missing"])], 2, ("missing",)),
     "audit tail": (lambda f: ["audit", "tail", "--config", str(f["missing"])], 2, ("missing",)),
+    "meter backfill": (
+        lambda f: ["meter", "backfill", "--prometheus", "ftp://x", "--start", "-1h"],
+        2,
+        ("--prometheus", "ftp://x"),
+    ),
+    "meter export": (
+        lambda f: ["meter", "export", "-o", "x.csv", "--ledger", str(f["missing"])],
+        2,
+        ("--ledger", "missing.toml"),
+    ),
+    "meter status": (lambda f: ["meter", "status", "--config", str(f["missing"])], 2, ("missing",)),
+    "report energy": (
+        lambda f: ["report", "energy", "--by", "colour", "--ledger", str(f["missing"])],
+        2,
+        ("--by", "colour"),
+    ),
 }
 
 
