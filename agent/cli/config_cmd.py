@@ -87,9 +87,29 @@ def _settings_doc(model: Any) -> list[dict[str, Any]]:
 
 
 def _echo_settings(settings: list[dict[str, Any]]) -> None:
+    """Each setting as it is written in the file (`enabled = false`), its bounds, its doc."""
     for s in settings:
         bounds = " ".join(f"{_BOUND_SIGNS[k]}{v}" for k, v in s.items() if k in _BOUND_SIGNS)
-        typer.echo(f"    {s['name']} = {s['default']!r}  {bounds}\n        {s['description']}")
+        line = f"    {s['name']} = {_toml_value(s['default'])}  {bounds}".rstrip()
+        if s["default"] is None:
+            line = f"    {s['name']}  (not set by default)  {bounds}".rstrip()
+        typer.echo(line)
+        typer.echo(wrapped(f"        {s['description']}", indent="        "))
+
+
+def _toml_value(value: Any) -> str:
+    """A default in TOML's terms (true, "text", [1, 2], {a = 1}), never a Python repr."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def adapters(
@@ -147,7 +167,8 @@ def adapters(
         return
     for a in out:
         section = f", [{a['section']}]" if a["section"] else ""
-        typer.echo(f"{a['kind']} {a['name']}  ({a['origin']}{section})\n  {a['description']}")
+        typer.echo(f"{a['kind']} {a['name']}  ({a['origin']}{section})")
+        typer.echo(wrapped(f"  {a['description']}", indent="  "))
         _echo_settings(a["settings"])
         typer.echo("")
 
@@ -186,6 +207,7 @@ def policies(
         return
     for p in out:
         kind = "safety" if p["safety"] else "efficiency"
-        typer.echo(f"{p['name']}  ({kind}, {p['origin']})\n  {p['description']}")
+        typer.echo(f"{p['name']}  ({kind}, {p['origin']})")
+        typer.echo(wrapped(f"  {p['description']}", indent="  "))
         _echo_settings(p["settings"])
         typer.echo("")
