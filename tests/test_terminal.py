@@ -50,3 +50,21 @@ def test_what_a_person_reads(
         text = "\n".join(text.splitlines()[1:])
     too_wide = [line for line in text.splitlines() if len(line) > columns]
     assert too_wide == [], too_wide
+
+
+def test_a_log_a_person_reads_has_no_reprs(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from agent.cli._common import setup_logging
+
+    setup_logging("info", json_logs=False)
+    structlog.get_logger("t").error(
+        "cycle_summary", errors=None, policies=["a", "b"], actions={"cap": 3}, error_type="XError"
+    )
+    line = capsys.readouterr().err
+    assert "policies=a,b" in line and "actions=cap:3" in line, line
+    assert not REPR.search(line) and "errors=" not in line and "XError" not in line, line
+    setup_logging("info", json_logs=True)  # a program's log keeps them all
+    structlog.get_logger("t").error("cycle_summary", errors=None, error_type="XError")
+    said = capsys.readouterr().err
+    assert '"errors": null' in said and "XError" in said

@@ -47,9 +47,17 @@ def setup_logging(level: str | None = None, json_logs: bool | None = None) -> No
     )
 
 
+# Log keys a program reads and a person need not (a Python class name: `error` says what failed).
+FOR_PROGRAMS = frozenset({"error_type"})
+
+
 def _readable(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Values as a person reads them: a list as `a,b`, a mapping as `k:v,k:v`, None left out."""
-    return {key: _said(value) for key, value in event.items() if value is not None}
+    return {
+        key: _said(value)
+        for key, value in event.items()
+        if value is not None and key not in FOR_PROGRAMS
+    }
 
 
 def _said(value: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import emit_json
+from agent.cli._common import emit_json, wrapped
 
 if TYPE_CHECKING:
     from agent.loop import CycleReport
@@ -236,6 +236,5 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}")
     if r["actions"]:
         lines.append("actions:  " + ", ".join(f"{k} {v}" for k, v in r["actions"].items()))
-    for error in r["errors"]:
-        lines.append(f"error:    {error}")
+    lines += [wrapped(f"error:    {error}", " " * 10) for error in r["errors"]]
     return "\n".join(lines)
