@@ -218,22 +218,24 @@ def render(r: dict[str, Any]) -> str:
     stale = [g for g in r["per_gpu"] if g["stale"]]
     if stale:
         ages = [g["age_s"] for g in stale if g["age_s"] is not None]
-        age = f", newest sample {min(ages):.0f}-{max(ages):.0f} s old" if ages else ""
+        span = f"{min(ages):.0f}-{max(ages):.0f}" if ages and max(ages) - min(ages) >= 1 else ""
+        age = f", newest sample {span or f'{max(ages):.0f}'} s old" if ages else ""
         names = ", ".join(f"{g['node']}/gpu{g['gpu']}" for g in stale[:8])
         more = f" and {len(stale) - 8} more" if len(stale) > 8 else ""
-        lines.append(f"stale:    {names}{more}{age}")
+        lines.append(wrapped(f"stale:    {names}{more}{age}", " " * 10))
     if r["intents"]:
         lines.append(f"decided:  {len(r['intents'])} intents")
         for rec in r["intents"][:20]:
             extra = f" {rec['watts']:.0f} W" if "watts" in rec else ""
             why = f"{rec['policy']}: {rec['reason']}"
-            lines.append(f"  {rec['kind']} {rec['target']}{extra}  ({why})")
+            lines.append(wrapped(f"  {rec['kind']} {rec['target']}{extra}  ({why})", " " * 4))
         if len(r["intents"]) > 20:
             lines.append(f"  ... and {len(r['intents']) - 20} more (--json for all)")
     else:
         lines.append(f"decided:  nothing ({_why_nothing(r)})")
     for refusal in r["refused"][:10]:
-        lines.append(f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}")
+        refused = f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}"
+        lines.append(wrapped(refused, " " * 10))
     if r["actions"]:
         lines.append("actions:  " + ", ".join(f"{k} {v}" for k, v in r["actions"].items()))
     lines += [wrapped(f"error:    {error}", " " * 10) for error in r["errors"]]
