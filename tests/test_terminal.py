@@ -68,3 +68,20 @@ def test_a_log_a_person_reads_has_no_reprs(capsys: pytest.CaptureFixture[str]) -
     structlog.get_logger("t").error("cycle_summary", errors=None, error_type="XError")
     said = capsys.readouterr().err
     assert '"errors": null' in said and "XError" in said
+
+
+def test_every_command_s_help_has_examples() -> None:
+    """The README says so: every command has `--help` with examples."""
+    from click.testing import CliRunner
+    from typer.main import get_command
+
+    from agent.cli import app
+    from tests.test_cli_errors import command_paths
+
+    root = get_command(app)
+    missing = []
+    for path in command_paths():
+        said = CliRunner().invoke(root, [*path.split(), "--help"], env={"COLUMNS": "100"})
+        if said.exit_code != 0 or "Examples" not in said.output:
+            missing.append(path)
+    assert missing == []

@@ -334,7 +334,14 @@ def status(
     ] = False,
 ) -> None:
     """What the ledger holds: the spans booked (live and backfilled), the gaps between them,
-    the live cursor, jobs and size."""
+    the live cursor, jobs and size.
+
+    Examples:
+
+      ooda meter status --config /etc/ooda/agent.toml
+
+      ooda meter status --config deploy/examples/twin.toml --state-dir /tmp/ooda-state --json
+    """
     book = _open_read_only(_ledger_file(config, ledger, state_dir))
     try:
         spans = book.spans()
