@@ -163,3 +163,8 @@ def test_a_failure_is_exit_1_in_the_same_style(
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["once", "--prometheus", url, "--budget-w", "1000"]) == 1
     assert "OUTAGE" in capsys.readouterr().out
+    # A backfill from a Prometheus that does not answer: one line, exit 1.
+    ledger = tmp_path / "ledger.sqlite"
+    args = ["meter", "backfill", "--prometheus", url, "--start", "-1h", "--ledger", str(ledger)]
+    assert main(args) == 1
+    _said_in_one_line(capsys.readouterr().err, ("backfill failed", "127.0.0.1"))
