@@ -283,7 +283,8 @@ def info(
         return
     typer.echo(
         f"{trace}: {meta.steps} steps of {meta.step_s:g} s ({meta.time_base} time), up to "
-        f"{result['gpus_max']} GPUs, {meta.rows} rows in {reader.row_groups} row groups, "
+        f"{result['gpus_max']} GPUs, {meta.rows} rows in {reader.row_groups} row group"
+        f"{'' if reader.row_groups == 1 else 's'}, "
         f"{size / 1e6:.1f} MB"
     )
     typer.echo(wrapped(f"  source:  {plain(meta.source)}", " " * 11))
