@@ -92,6 +92,16 @@ BAD_INPUTS: dict[str, Case] = {
         ("--ledger", "missing.toml"),
     ),
     "meter status": (lambda f: ["meter", "status", "--config", str(f["missing"])], 2, ("missing",)),
+    "curves export": (
+        lambda f: ["curves", "export", "--trace", str(f["garbage"]), "-o", "x.csv"],
+        2,
+        ("garbage.parquet",),
+    ),
+    "sim calibrate": (
+        lambda f: ["sim", "calibrate", str(f["garbage"]), "-o", "x.toml"],
+        2,
+        ("garbage.parquet",),
+    ),
     "report energy": (
         lambda f: ["report", "energy", "--by", "colour", "--ledger", str(f["missing"])],
         2,
