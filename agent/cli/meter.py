@@ -35,7 +35,9 @@ StateDirOption = Annotated[
 def _config(path: Path | None) -> Config:
     from agent.config import default_config, load_config
 
-    return load_config(path) if path is not None else default_config()
+    # The ledger and the signals are what these read: a file without [source] serves (backfill's
+    # telemetry is --prometheus).
+    return load_config(path, needs_source=False) if path is not None else default_config()
 
 
 def _ledger_file(config: Path | None, ledger: Path | None, state_dir: Path | None) -> Path:

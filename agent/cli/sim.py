@@ -442,7 +442,7 @@ def calibrate(
 
     if not trace.is_file():
         raise BadInputError(f"trace {trace}: no such file")
-    cfg = load_config(config) if config is not None else default_config()
+    cfg = load_config(config, needs_source=False) if config is not None else default_config()
     t0 = time.perf_counter()
     result = fit_scenario(trace, output, cfg, learn_curves=not no_curves)
     fit, obs = result.fit, result.observed

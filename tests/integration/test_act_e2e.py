@@ -65,6 +65,7 @@ def base_config(
 ) -> dict[str, Any]:
     return {
         "dry_run": dry_run,
+        "source": {"kind": "twin"},  # a file names its source (the twin only when asked)
         "cluster": {"name": f"e2e-{uuid.uuid4().hex[:6]}"},
         "twin": {"nodes": 4, "gpus_per_node": 4, "seed": 5, "faults": faults},
         "policies": {"health_drain": {"resume_hold_s": HOLD_S}},
