@@ -126,7 +126,7 @@ def test_bursts_that_recur_are_learned_from_the_record_and_a_bigger_one_still_se
     x[7650] += 2000.0  # novel
     late = bursts[bursts > 4000]
     record = detect_series(times(n), x)
-    fitted = detect_series(times(n), x, params=StreamParams(tail_bins=0))
+    fitted = detect_series(times(n), x, params=StreamParams(tail_record=False))
     assert (record.p >= fitted.p).all()  # the record only ever raises p
     assert record.opened[late].sum() < fitted.opened[late].sum() == late.size
     assert record.opened[7650] and fitted.opened[7650]

@@ -25,12 +25,13 @@ Per row, per series:
    the series as it is (the rhythm's tails only where its bin has learned). The row's tail
    probability `p` is the smallest over the statistics times their number (Bonferroni: the
    chance that a normal row looks this unusual on any of them): one probability scale, so one
-   threshold means the same on every series. The fitted tail may not call a row rarer than the
-   series' own record says: each statistic also keeps how its exceedances were spread over
-   `tail_bins` bins of excess, and a statistic's probability is at least the share of rows
-   that went as far (an empirical, conformal-style floor): a series whose big bursts recur
-   (tweets, a job's checkpoints) learns that they recur, even where the many small
-   exceedances that fit the tail's shape say a burst that big is rare.
+   threshold means the same on every series. With `tail_record`, the fitted tail may not call
+   a row rarer than the series' own record says: each statistic also keeps how its
+   exceedances were spread over bins of excess (`tail_bin_width` wide, up to
+   `TAIL_RECORD_TOP_Z` scales; beyond, everything is a record), and a statistic's probability
+   is at least the share of rows that went as far (an empirical, conformal-style floor): a
+   series whose big bursts recur (tweets, say) learns that they recur, even where the many
+   small exceedances that fit the tail's shape say a burst that big is rare.
 4. Events: an alarm opens when p < `alarm_p` (and the series' alarm budget allows: a token
    bucket of `alarm_burst` alarms refilled at `alarms_per_day`); it closes after `calm_rows`
    rows in a row with p above `calm_factor` times `alarm_p` (hysteresis). A level shift (the
@@ -69,6 +70,7 @@ PREDICTORS = ("local", "baseline", "rhythm")
 Z_CAP = 1e12  # residuals of a series that never moved (scale ~ 0) stay finite
 AVERAGE_CLIP_Z = 10.0  # one wild row moves a mean of z by at most this
 EXCESS_CLIP = 10.0  # one wild excess moves the mean excess by at most this many means
+TAIL_RECORD_TOP_Z = 1000.0  # the record's bins reach this far; beyond, every excursion is a record
 RHYTHM_READY_VISITS = 3  # a bin scores once it has learned from this many rows
 
 
@@ -101,7 +103,7 @@ class StreamParams:
     tail_prior_rate: float = 0.01
     tail_prior_rows: float = 300.0
     tail_prior_excess: float = 0.15
-    tail_bins: int = 8  # the empirical floor's bins of excess (0: the fitted tail alone)
+    tail_record: bool = True  # the empirical floor (False: the fitted tail alone)
     tail_bin_width: float = 0.5  # in log(1 + z): each bin spans a factor e^0.5 in 1 + z
     warmup_rows: int = 30
     alarm_p: float = 1e-2
@@ -114,6 +116,15 @@ class StreamParams:
     @property
     def n_predictors(self) -> int:
         return len(PREDICTORS) if self.rhythm else RHYTHM
+
+    @property
+    def tail_bins(self) -> int:
+        """The empirical floor's bins of excess (0 without it), covering excesses up to
+        TAIL_RECORD_TOP_Z scales whatever their width."""
+        if not self.tail_record:
+            return 0
+        top = math.log1p(TAIL_RECORD_TOP_Z) - math.log1p(self.tail_from_z)
+        return max(1, math.ceil(top / self.tail_bin_width))
 
     @property
     def n_stats(self) -> int:
