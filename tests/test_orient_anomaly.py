@@ -35,6 +35,7 @@ class Fleet:
     extra_w: npt.NDArray[np.float64] = field(init=False)
     xid: npt.NDArray[np.float64] = field(init=False)
     age: npt.NDArray[np.float64] = field(init=False)
+    util_drop: npt.NDArray[np.float64] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -46,6 +47,7 @@ class Fleet:
         self.extra_w = np.zeros(N)
         self.xid = np.zeros(N)
         self.age = np.zeros(N)
+        self.util_drop = np.zeros(N)
 
     def power(self) -> npt.NDArray[np.float64]:
         mean = np.minimum(self.natural, 0.95 * self.cap)
@@ -73,7 +75,9 @@ class Fleet:
                 Metric.MAX_LIMIT_W: np.full(N, 700.0),
                 Metric.MIN_LIMIT_W: np.full(N, 200.0),
                 Metric.TEMP_C: self.temp.copy(),
-                Metric.UTIL_PCT: np.where(self.xid == 79, 0.0, 97.0 + self.rng.normal(0, 0.5, N)),
+                Metric.UTIL_PCT: np.where(
+                    self.xid == 79, 0.0, 97.0 - self.util_drop + self.rng.normal(0, 0.5, N)
+                ),
                 Metric.SM_CLOCK_MHZ: clock,
                 Metric.XID: self.xid.copy(),
             },
@@ -126,6 +130,24 @@ def test_a_straggler_among_its_job_peers() -> None:
     assert np.flatnonzero(a.flagged).tolist() == [9] and a.kind[9] == "straggler"
     ev = a.evidence[9][0]
     assert ev["metric"] == "sm_clock_mhz" and ev["value"] < ev["expected_lo"]
+
+
+def test_a_whole_job_moving_together_is_its_phase_and_a_gpu_apart_from_it_is_seen() -> None:
+    """All four GPUs of job 102 slow their clocks and idle their SMs together (a collective
+    stall, a data stall): the job's phase, no GPU's fault. One of them slowing further than
+    its peers at the same moment is a straggler still."""
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter)
+    job = slice(8, 12)
+    fleet.clock_factor[job] = 0.7
+    fleet.util_drop[job] = 60.0
+    for _ in range(3):
+        sit = orienter.orient(fleet.step(), None)
+        assert sit.anomalies is not None and not sit.anomalies.flagged.any()
+    fleet.clock_factor[9] = 0.45
+    a = orienter.orient(fleet.step(), None).anomalies
+    assert a is not None
+    assert np.flatnonzero(a.flagged).tolist() == [9] and a.kind[9] == "straggler"
 
 
 def test_a_failed_fan_shows_in_the_thermal_model() -> None:

@@ -185,6 +185,11 @@ class _Cycle:
     cap: FloatArray
     cap_ok: BoolArray
     clear: BoolArray  # the draw is clear of a binding cap
+    job_ids: IntArray  # the job's group (jobs.ids); meaningful where in_job
+    n_jobs: int
+    in_job: BoolArray  # busy with a named job
+    # Beyond a threshold only with the job's common move: excused, but not a level to learn.
+    with_job: BoolArray
     z: dict[str, FloatArray] = field(default_factory=dict)  # calibrated field -> residual z
     gate: dict[str, BoolArray] = field(default_factory=dict)  # field -> rare for this GPU
     hard_fired: dict[str, BoolArray] = field(default_factory=dict)
@@ -241,6 +246,26 @@ class _Part:
         )
 
 
+def _beyond_job(resid: FloatArray, cy: _Cycle, ok: BoolArray) -> FloatArray:
+    """A GPU's residual net of what its job's peers share at the same moment (their median;
+    of two, the other one), in the residual's own direction only: all of a job's GPUs moving
+    together is the job's phase (a checkpoint, a data stall, an evaluation), not a GPU's fault,
+    while a GPU that moves apart from its peers keeps all of its residual. The job's move only
+    ever explains: it never makes a GPU that stayed put look anomalous."""
+    use = ok & cy.in_job & np.isfinite(resid)
+    if not use.any():
+        return resid
+    ids = cy.job_ids
+    med, cnt = group_median(resid, ids, use, cy.n_jobs)
+    total = np.bincount(ids[use], resid[use], minlength=cy.n_jobs)
+    with np.errstate(invalid="ignore"):
+        common = np.where(cnt[ids] == 2, total[ids] - resid, med[ids])
+        common = np.where(use & (cnt[ids] >= 2), common, 0.0)
+        shared = np.clip(common * np.sign(resid), 0.0, None)
+        net = np.sign(resid) * np.maximum(np.abs(resid) - shared, 0.0)
+    return np.asarray(np.where(use, net, resid), dtype=np.float64)
+
+
 def _num(value: float) -> float | None:
     v = float(value)
     return round(v, 3) if np.isfinite(v) else None
@@ -276,6 +301,9 @@ class AnomalyDetector:
             warmup_rows=s.calibration_warmup_cycles,
             alarm_p=s.alarm_p,
             calm_rows=s.calm_cycles,
+            # The record's bins would cost ~150 numbers per GPU and field (hundreds of MB at
+            # 100,000 GPUs) for no change on the twin's days: the fitted tails alone here.
+            tail_record=False,
         )
         self.stream = {f: StreamDetector(self.stream_params) for f in CALIBRATED_FIELDS}
         self.held_alarms = 0  # new alarms the per-GPU budget held back (since start)
@@ -432,6 +460,7 @@ class AnomalyDetector:
         cap = ctx.cap_w
         cap_ok = np.isfinite(cap)
         at_max = cap_ok & np.isfinite(ctx.max_cap_w) & (cap >= ctx.max_cap_w - 0.5)
+        job_ids, job_names = self.jobs.ids(snap.job)
         return _Cycle(
             g=g,
             b=b,
@@ -451,6 +480,10 @@ class AnomalyDetector:
             cap=cap,
             cap_ok=cap_ok,
             clear=power_ok & (at_max | (cap_ok & (power < CLEAR_OF_CAP_FRAC * cap)) | ~cap_ok),
+            job_ids=job_ids,
+            n_jobs=int(job_names.shape[0]),
+            in_job=busy & fresh & (snap.job != ""),
+            with_job=np.zeros(snap.n_gpus, dtype=bool),
         )
 
     # -- detectors --------------------------------------------------------------------------------
@@ -489,6 +522,8 @@ class AnomalyDetector:
         sigma = np.maximum(np.maximum(pe.sigma, s.power_rel_floor * np.abs(expect)), 1.0)
         with np.errstate(invalid="ignore"):
             resid_z = np.where(usable, (power - expect) / sigma, np.nan)
+        cy.with_job |= np.abs(np.nan_to_num(resid_z)) >= z
+        resid_z = _beyond_job(resid_z, cy, usable)
         cy.z["power"] = resid_z
         cy.power_z = np.where(busy, resid_z, np.nan)
         surge_hi = np.where(usable, expect + z * sigma, over_hi)
@@ -584,8 +619,12 @@ class AnomalyDetector:
         ce = self.base.expected("clock_r", cy.b, floor=0.01)
         self_ok = cy.ratio_ok & ce.ready
         margin = np.maximum(s.z_threshold * ce.sigma, s.straggler_self_frac)
-        self_score = np.where(self_ok, (ce.level - ratio) / margin, 0.0)
-        cy.clock_z = cy.z["clock"] = np.where(self_ok, (ratio - ce.level) / ce.sigma, np.nan)
+        # (Net of the job's common move: all of a job's GPUs slowing together is the job.)
+        shortfall = np.where(self_ok, ce.level - ratio, np.nan)
+        cy.with_job |= np.nan_to_num(shortfall / margin) >= 1.0
+        shortfall = _beyond_job(shortfall, cy, self_ok)
+        self_score = np.where(self_ok, shortfall / margin, 0.0)
+        cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
         use_self = self_score > strag_score
         return _Part(
             "straggler",
@@ -604,10 +643,12 @@ class AnomalyDetector:
         ue = self.base.expected("util", cy.b)
         use = cy.settled & cy.util_ok & ue.ready
         margin = np.maximum(s.z_threshold * ue.sigma, s.util_drop_pct)
-        score = np.where(use, (ue.level - cy.util) / margin, 0.0)
-        cy.util_z = cy.z["util"] = np.where(
-            use, (cy.util - ue.level) / np.maximum(ue.sigma, 1.0), np.nan
-        )
+        # (Net of the job's common move: a job's checkpoint or data stall idles all its GPUs.)
+        drop = np.where(use, ue.level - cy.util, np.nan)
+        cy.with_job |= np.nan_to_num(drop / margin) >= 1.0
+        drop = _beyond_job(drop, cy, use)
+        score = np.where(use, drop / margin, 0.0)
+        cy.util_z = cy.z["util"] = np.where(use, -drop / np.maximum(ue.sigma, 1.0), np.nan)
         return _Part(
             "util",
             "util_pct",
@@ -969,7 +1010,7 @@ class AnomalyDetector:
         st = self.gpu.cols
         fresh = snap.fresh
         g, b, power, temp = cy.g, cy.b, cy.power, cy.temp
-        quiet = ~flagged & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
+        quiet = ~flagged & ~cy.with_job & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
         age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"]
         self.base.update("age", b, snap.age_s, age_ok)
         # The draw's baseline: idle GPUs always, busy ones only while their cap does not bind.
