@@ -23,6 +23,12 @@ range, score) is built only for flagged GPUs, and only when read. Causal: each c
 new snapshot against state learned from earlier ones, then learns from what was not flagged.
 GPUs whose health already calls for a drain are explained by it: only dropout flags them.
 
+Context across GPUs: a GPU's power, clock-against-its-curve and utilization residuals are judged
+net of what its job's peers share at the same moment (a checkpoint, a data stall or an evaluation
+moves all of a job's GPUs together: the job's phase, not a GPU's fault; a straggler moves apart
+from its peers), and a whole node's telemetry gone for a single cycle is its exporter restarting,
+a dropout only from the second cycle (a GPU silent while its node reports: at once).
+
 Calibration (`calibrate`): each baseline's standardized residual (power, thermal resistance,
 clock against its curve, utilization) also runs, per GPU, through the streaming detector of
 agent.orient.stream, which learns how that GPU's residuals are spread; a baseline's statistical
@@ -86,6 +92,8 @@ MV_BUFFER_ROWS = 8192
 HOT_PEER_TOP_BAND = 20.0
 STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
+# A whole node silent this many cycles in a row is a dropout (fewer: its exporter restarting).
+NODE_AWAY_CYCLES = 2
 # The baselines' standardized residuals that are calibrated per GPU (agent.orient.stream).
 CALIBRATED_FIELDS = ("power", "temp", "clock", "util")
 # Flags the per-GPU alarm budget may hold back (limits, dropouts, health and peer comparisons
@@ -188,8 +196,9 @@ class _Cycle:
     job_ids: IntArray  # the job's group (jobs.ids); meaningful where in_job
     n_jobs: int
     in_job: BoolArray  # busy with a named job
-    # Beyond a threshold only with the job's common move: excused, but not a level to learn.
-    with_job: BoolArray
+    # Beyond a threshold only with its job's common move (or its node's exporter away):
+    # excused, but nothing its baselines should learn.
+    excused: BoolArray
     z: dict[str, FloatArray] = field(default_factory=dict)  # calibrated field -> residual z
     gate: dict[str, BoolArray] = field(default_factory=dict)  # field -> rare for this GPU
     hard_fired: dict[str, BoolArray] = field(default_factory=dict)
@@ -291,6 +300,7 @@ class AnomalyDetector:
                 "prev_power": (np.float64, np.nan),
                 "rel_smooth": (np.float64, np.nan),
                 "run": (np.int64, 0),  # consecutive flagged cycles
+                "silent": (np.int64, 0),  # consecutive cycles its telemetry was late or gone
                 "tokens": (np.float64, s.alarm_burst),  # the GPU's alarm budget
                 "tokens_t": (np.float64, np.nan),
             }
@@ -483,7 +493,7 @@ class AnomalyDetector:
             job_ids=job_ids,
             n_jobs=int(job_names.shape[0]),
             in_job=busy & fresh & (snap.job != ""),
-            with_job=np.zeros(snap.n_gpus, dtype=bool),
+            excused=np.zeros(snap.n_gpus, dtype=bool),
         )
 
     # -- detectors --------------------------------------------------------------------------------
@@ -503,7 +513,26 @@ class AnomalyDetector:
             age_score = (snap.age_s - age_lo) / (age_hi - age_lo)
         age_score = np.where(seen & np.isfinite(age_score), age_score, 0.0)
         age_score = np.where(snap.stale, np.maximum(age_score, 1.0), age_score)
-        return _Part("dropout", "age_s", snap.age_s, age_lo, age_hi, age_score)
+        return _Part(
+            "dropout", "age_s", snap.age_s, age_lo, age_hi, self._node_away(snap, cy, age_score)
+        )
+
+    def _node_away(self, snap: Snapshot, cy: _Cycle, age_score: FloatArray) -> FloatArray:
+        """A whole node's telemetry gone for one cycle is its exporter restarting (its series
+        come back within a scrape or two), not a dropout: held under the threshold until the
+        node has been silent for `NODE_AWAY_CYCLES` cycles in a row. A GPU silent while the
+        rest of its node reports is a dropout at once."""
+        st = self.gpu.cols
+        late = age_score >= 1.0
+        silent = np.where(late, st["silent"][cy.g] + 1, 0)
+        st["silent"][cy.g] = silent
+        per_node = np.bincount(snap.node, minlength=snap.n_nodes)
+        late_per_node = np.bincount(snap.node[late], minlength=snap.n_nodes)
+        whole_node = late & (late_per_node[snap.node] == per_node[snap.node])
+        whole_node &= per_node[snap.node] >= 2
+        hold = whole_node & (silent < NODE_AWAY_CYCLES)
+        cy.excused |= hold
+        return np.where(hold, np.minimum(age_score, 0.999), age_score)
 
     def _power(self, cy: _Cycle, ctx: AnomalyContext) -> tuple[_Part, _Part]:
         """A draw above what the cap allows (the limiter does not hold: a hard limit) or above
@@ -522,7 +551,7 @@ class AnomalyDetector:
         sigma = np.maximum(np.maximum(pe.sigma, s.power_rel_floor * np.abs(expect)), 1.0)
         with np.errstate(invalid="ignore"):
             resid_z = np.where(usable, (power - expect) / sigma, np.nan)
-        cy.with_job |= np.abs(np.nan_to_num(resid_z)) >= z
+        cy.excused |= np.abs(np.nan_to_num(resid_z)) >= z
         resid_z = _beyond_job(resid_z, cy, usable)
         cy.z["power"] = resid_z
         cy.power_z = np.where(busy, resid_z, np.nan)
@@ -621,7 +650,7 @@ class AnomalyDetector:
         margin = np.maximum(s.z_threshold * ce.sigma, s.straggler_self_frac)
         # (Net of the job's common move: all of a job's GPUs slowing together is the job.)
         shortfall = np.where(self_ok, ce.level - ratio, np.nan)
-        cy.with_job |= np.nan_to_num(shortfall / margin) >= 1.0
+        cy.excused |= np.nan_to_num(shortfall / margin) >= 1.0
         shortfall = _beyond_job(shortfall, cy, self_ok)
         self_score = np.where(self_ok, shortfall / margin, 0.0)
         cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
@@ -645,7 +674,7 @@ class AnomalyDetector:
         margin = np.maximum(s.z_threshold * ue.sigma, s.util_drop_pct)
         # (Net of the job's common move: a job's checkpoint or data stall idles all its GPUs.)
         drop = np.where(use, ue.level - cy.util, np.nan)
-        cy.with_job |= np.nan_to_num(drop / margin) >= 1.0
+        cy.excused |= np.nan_to_num(drop / margin) >= 1.0
         drop = _beyond_job(drop, cy, use)
         score = np.where(use, drop / margin, 0.0)
         cy.util_z = cy.z["util"] = np.where(use, -drop / np.maximum(ue.sigma, 1.0), np.nan)
@@ -1010,8 +1039,8 @@ class AnomalyDetector:
         st = self.gpu.cols
         fresh = snap.fresh
         g, b, power, temp = cy.g, cy.b, cy.power, cy.temp
-        quiet = ~flagged & ~cy.with_job & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
-        age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"]
+        quiet = ~flagged & ~cy.excused & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
+        age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"] & ~cy.excused
         self.base.update("age", b, snap.age_s, age_ok)
         # The draw's baseline: idle GPUs always, busy ones only while their cap does not bind.
         learn_power = cy.power_ok & quiet & ((cy.busy & ~cy.warming & cy.clear) | ~cy.busy)
