@@ -36,6 +36,8 @@ class Fleet:
     xid: npt.NDArray[np.float64] = field(init=False)
     age: npt.NDArray[np.float64] = field(init=False)
     util_drop: npt.NDArray[np.float64] = field(init=False)
+    frozen: npt.NDArray[np.bool_] = field(init=False)  # readings served as last served
+    served: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -48,6 +50,8 @@ class Fleet:
         self.xid = np.zeros(N)
         self.age = np.zeros(N)
         self.util_drop = np.zeros(N)
+        self.frozen = np.zeros(N, dtype=bool)
+        self.served = (np.zeros(N), np.zeros(N))
 
     def power(self) -> npt.NDArray[np.float64]:
         mean = np.minimum(self.natural, 0.95 * self.cap)
@@ -62,6 +66,9 @@ class Fleet:
         x = np.minimum(np.minimum(self.natural, 0.95 * self.cap) / self.natural, 1.0)
         clock = 1900.0 * throughput_at_power(x, 1.0, 1.1, 1.6) * self.clock_factor
         clock = np.where(self.xid == 79, 0.0, clock)
+        p = np.where(self.frozen, self.served[0], p)
+        temp = np.where(self.frozen, self.served[1], self.temp)
+        self.served = (p, temp)
         return build_snapshot(
             time_s=self.t,
             node_of_gpu=[f"node{i // 8 + 1}" for i in range(N)],
@@ -74,7 +81,7 @@ class Fleet:
                 Metric.POWER_LIMIT_W: self.cap.copy(),
                 Metric.MAX_LIMIT_W: np.full(N, 700.0),
                 Metric.MIN_LIMIT_W: np.full(N, 200.0),
-                Metric.TEMP_C: self.temp.copy(),
+                Metric.TEMP_C: temp,
                 Metric.UTIL_PCT: np.where(
                     self.xid == 79, 0.0, 97.0 - self.util_drop + self.rng.normal(0, 0.5, N)
                 ),
@@ -148,6 +155,23 @@ def test_a_whole_job_moving_together_is_its_phase_and_a_gpu_apart_from_it_is_see
     a = orienter.orient(fleet.step(), None).anomalies
     assert a is not None
     assert np.flatnonzero(a.flagged).tolist() == [9] and a.kind[9] == "straggler"
+
+
+def test_frozen_readings_say_nothing_and_raise_nothing() -> None:
+    """GPU 3's exporter hangs, serving its last power and temperature while the GPU works on;
+    the agent then lowers its cap under the frozen draw: no excursion, no alarm."""
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter)
+    fleet.cap[:] = 700.0
+    for _ in range(3):
+        orienter.orient(fleet.step(), None)
+    fleet.frozen[3] = True
+    for _ in range(3):
+        orienter.orient(fleet.step(), None)
+    fleet.cap[3] = 450.0
+    for _ in range(5):
+        a = orienter.orient(fleet.step(), None).anomalies
+        assert a is not None and not a.flagged.any(), a.kind[a.flagged]
 
 
 def test_a_failed_fan_shows_in_the_thermal_model() -> None:

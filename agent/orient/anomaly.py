@@ -94,6 +94,8 @@ STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
 # A whole node silent this many cycles in a row is a dropout (fewer: its exporter restarting).
 NODE_AWAY_CYCLES = 2
+# A busy GPU's power and temperature repeated exactly this many times in a row: frozen readings.
+FROZEN_REPEATS = 2
 # The baselines' standardized residuals that are calibrated per GPU (agent.orient.stream).
 CALIBRATED_FIELDS = ("power", "temp", "clock", "util")
 # Flags the per-GPU alarm budget may hold back (limits, dropouts, health and peer comparisons
@@ -301,6 +303,7 @@ class AnomalyDetector:
                 "rel_smooth": (np.float64, np.nan),
                 "run": (np.int64, 0),  # consecutive flagged cycles
                 "silent": (np.int64, 0),  # consecutive cycles its telemetry was late or gone
+                "same": (np.int64, 0),  # consecutive cycles power and temperature repeated
                 "tokens": (np.float64, s.alarm_burst),  # the GPU's alarm budget
                 "tokens_t": (np.float64, np.nan),
             }
@@ -466,7 +469,10 @@ class AnomalyDetector:
             for metric in (Metric.POWER_W, Metric.TEMP_C, Metric.UTIL_PCT, Metric.SM_CLOCK_MHZ)
         }
         power, power_ok = readings[Metric.POWER_W]
-        power_ok = power_ok & fresh
+        temp, temp_ok = readings[Metric.TEMP_C]
+        live = ~self._frozen(g, busy & fresh, power, power_ok, temp, temp_ok)
+        power_ok = power_ok & fresh & live
+        temp_ok = temp_ok & fresh & live
         cap = ctx.cap_w
         cap_ok = np.isfinite(cap)
         at_max = cap_ok & np.isfinite(ctx.max_cap_w) & (cap >= ctx.max_cap_w - 0.5)
@@ -481,8 +487,8 @@ class AnomalyDetector:
             settled=busy & ~warming & fresh,
             power=power,
             power_ok=power_ok,
-            temp=readings[Metric.TEMP_C][0],
-            temp_ok=readings[Metric.TEMP_C][1] & fresh,
+            temp=temp,
+            temp_ok=temp_ok,
             util=readings[Metric.UTIL_PCT][0],
             util_ok=readings[Metric.UTIL_PCT][1] & fresh,
             clock=readings[Metric.SM_CLOCK_MHZ][0],
@@ -495,6 +501,31 @@ class AnomalyDetector:
             in_job=busy & fresh & (snap.job != ""),
             excused=np.zeros(snap.n_gpus, dtype=bool),
         )
+
+    def _frozen(
+        self,
+        g: IntArray,
+        busy: BoolArray,
+        power: FloatArray,
+        power_ok: BoolArray,
+        temp: FloatArray,
+        temp_ok: BoolArray,
+    ) -> BoolArray:
+        """Busy GPUs whose power and temperature readings repeat exactly, `FROZEN_REPEATS`
+        times in a row: a hung exporter serving its last values (a working GPU's draw is never
+        the same to the milliwatt twice), readings that say nothing now rather than a GPU
+        whose draw and heat stopped (a cap moved under a frozen draw is no excursion)."""
+        st = self.gpu.cols
+        same = (
+            busy
+            & power_ok
+            & temp_ok
+            & (power == st["prev_power"][g])
+            & (temp == st["prev_temp"][g])
+        )
+        repeats = np.where(same, st["same"][g] + 1, np.where(busy, 0, st["same"][g]))
+        st["same"][g] = repeats
+        return np.asarray(repeats >= FROZEN_REPEATS, dtype=bool)
 
     # -- detectors --------------------------------------------------------------------------------
 
