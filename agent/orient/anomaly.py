@@ -583,9 +583,11 @@ class AnomalyDetector:
         with np.errstate(invalid="ignore"):
             resid_z = np.where(usable, (power - expect) / sigma, np.nan)
         cy.excused |= np.abs(np.nan_to_num(resid_z)) >= z
-        resid_z = _beyond_job(resid_z, cy, usable)
+        # The calibration and the multivariate model see the GPU's own residual (net of its
+        # job's, half of a job's GPUs would sit at exactly 0: no spread to learn).
         cy.z["power"] = resid_z
         cy.power_z = np.where(busy, resid_z, np.nan)
+        resid_z = _beyond_job(resid_z, cy, usable)
         surge_hi = np.where(usable, expect + z * sigma, over_hi)
         surge_hi = np.where(over >= 1.0, np.fmin(surge_hi, over_hi), surge_hi)
         self.uncapped_level_w = np.where(pe.ready & busy & ~cy.warming, pe.level, np.nan)
@@ -682,9 +684,9 @@ class AnomalyDetector:
         # (Net of the job's common move: all of a job's GPUs slowing together is the job.)
         shortfall = np.where(self_ok, ce.level - ratio, np.nan)
         cy.excused |= np.nan_to_num(shortfall / margin) >= 1.0
+        cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
         shortfall = _beyond_job(shortfall, cy, self_ok)
         self_score = np.where(self_ok, shortfall / margin, 0.0)
-        cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
         use_self = self_score > strag_score
         return _Part(
             "straggler",
@@ -706,9 +708,9 @@ class AnomalyDetector:
         # (Net of the job's common move: a job's checkpoint or data stall idles all its GPUs.)
         drop = np.where(use, ue.level - cy.util, np.nan)
         cy.excused |= np.nan_to_num(drop / margin) >= 1.0
+        cy.util_z = cy.z["util"] = np.where(use, -drop / np.maximum(ue.sigma, 1.0), np.nan)
         drop = _beyond_job(drop, cy, use)
         score = np.where(use, drop / margin, 0.0)
-        cy.util_z = cy.z["util"] = np.where(use, -drop / np.maximum(ue.sigma, 1.0), np.nan)
         return _Part(
             "util",
             "util_pct",
@@ -763,7 +765,6 @@ class AnomalyDetector:
         ctx: AnomalyContext,
         results: list[DetectorResult],
     ) -> AnomalyFlags:
-        n = cy.n
         explained = ctx.health_severity >= int(HealthSeverity.DRAIN)
         for r in results:
             if r.kind != "dropout":
@@ -771,7 +772,7 @@ class AnomalyDetector:
             np.nan_to_num(r.score, copy=False, nan=0.0, posinf=1e6, neginf=0.0)
         # The multivariate model speaks only where no single detector saw anything (even one
         # the calibration excused: its residuals are that GPU's normal life).
-        single = np.zeros(n, dtype=bool)
+        single = cy.excused.copy()  # (a threshold crossed with the job's move: the job's)
         for r in results[:-1]:
             single |= (r.score >= 1.0) | cy.raw_fired.get(r.kind, single)
         results[-1].score[single] = np.minimum(results[-1].score[single], 0.999)
