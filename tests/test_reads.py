@@ -44,7 +44,10 @@ def test_the_default_policies_read_what_the_hand_kept_tables_said() -> None:
     config = parse_config({}, registry)
     reads = loop_reads(build_policies(config.policy_settings, registry))
     unread, stand_ins, slow = read_plan(reads)
-    assert unread == {M.ENERGY_J, M.CLOCKS_EVENT_REASONS}
+    # The application's own figures come from the throughput sources, not the GPU telemetry:
+    # the loop never asks the source for them.
+    app = {M.APP_RATE_PER_S, M.TTFT_P90_S, M.TPOT_P90_S}
+    assert unread == {M.ENERGY_J, M.CLOCKS_EVENT_REASONS, *app}
     assert stand_ins == {M.ENFORCED_LIMIT_W: M.POWER_LIMIT_W}
     assert slow == SLOW
     assert loop_reads([]) == ORIENT_READS  # the policies read nothing orient does not
