@@ -1,0 +1,243 @@
+"""The agent's side of the site: its budget (the grant, kept through its lease, then the safe
+share) and its leadership (may this replica act?), both kept up by one background thread.
+
+The cycle never waits on etcd: `read_budget`, `oriented` and `check` read and write memory only.
+The thread renews the session and the election every third of the leader TTL (sooner when a
+watch on the cluster's keys fires), reads the grant, and as leader publishes the demand curve
+built from the newest Situation (attached to its session: it vanishes with the leader).
+
+Keys, under `{prefix}/clusters/{cluster}/`: `leader`, `members/{replica}`, `curve` (ours),
+`grant` (the coordinator's).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from agent.core.clock import Clock
+from agent.core.coordination import BudgetReading, GateState
+from agent.core.situation import Situation
+from agent.core.snapshot import Snapshot
+from agent.node.auth import TokenStore
+from agent.site.curve import build_curve
+from agent.site.election import Elector, Leadership, PeerPinger
+from agent.site.grants import BudgetView, Grant, GrantError, GrantKeeper
+from agent.site.http import JsonServer, Reply
+from agent.site.store import Store, StoreError
+
+log = structlog.get_logger("ooda.site.link")
+
+
+def cluster_prefix(site_prefix: str, cluster: str) -> str:
+    return f"{site_prefix}/clusters/{cluster}"
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    site_prefix: str  # e.g. /ooda/sites/hall1
+    cluster: str
+    replica: str
+    safe_share_w: float
+    leader_ttl_s: int
+    local_budget_w: float | None = None  # the cluster's own budget (the lower one holds)
+    margin_frac: float = 0.01  # as power_budget: the share of a budget held back
+    peer_url: str | None = None
+    campaign: bool = True
+
+
+class SiteLink:
+    """The BudgetSource and ActGate of an agent in a site (agent.core.coordination)."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: LinkSettings,
+        *,
+        wall: Clock,
+        mono: Clock,
+        pinger: PeerPinger | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.prefix = cluster_prefix(settings.site_prefix, settings.cluster)
+        self.keeper = GrantKeeper(settings.cluster, settings.safe_share_w, wall, mono)
+        self.elector = Elector(
+            store,
+            prefix=self.prefix,
+            member=settings.replica,
+            ttl_s=settings.leader_ttl_s,
+            mono=mono,
+            peer_url=settings.peer_url,
+            pinger=pinger,
+            campaign=settings.campaign,
+        )
+        self.mono = mono
+        self._lock = threading.Lock()
+        self._situation: Situation | None = None
+        self._budget: BudgetView | None = None
+        self._store_problem: str | None = None
+        self._lost_since: float | None = None
+        self._blocked = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cancel_watch: Any = None
+        self._last_role: str | None = None
+        self.published = 0
+        self._servers: list[JsonServer] = []
+
+    # -- the cycle's side (memory only) ----------------------------------------------------
+
+    def read_budget(self, snapshot: Snapshot) -> BudgetReading:
+        with self._lock:
+            view = self.keeper.view(self._store_problem)
+            self._budget = view
+        watts = view.watts
+        local = self.settings.local_budget_w
+        if local is not None and (watts is None or local < watts):
+            watts = local
+        return BudgetReading(watts, view.problem)
+
+    def oriented(self, situation: Situation) -> None:
+        with self._lock:
+            self._situation = situation
+
+    def check(self) -> GateState:
+        view = self.elector.view()
+        if view.role != self._last_role:
+            log.warning("site_leadership", cluster=self.settings.cluster, role=view.role,
+                        leader=view.leader, replica=self.settings.replica)  # fmt: skip
+            self._last_role = view.role
+        took_over = view.may_act and self._blocked
+        self._blocked = not view.may_act
+        problem = view.problem
+        if not view.may_act and problem is None:
+            problem = (
+                f"standby: {view.leader or 'no replica'} leads cluster {self.settings.cluster}"
+            )
+        return GateState(view.may_act, problem, took_over)
+
+    def leadership(self) -> Leadership:
+        return self.elector.view()
+
+    # -- the thread's side -------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One round with the store: election, grant, curve. Never raises."""
+        self.elector.step()
+        try:
+            raw = self.store.get(f"{self.prefix}/grant")
+            if raw is not None:
+                self._take_grant(raw)
+            self._publish()
+            self._contact(None)
+        except StoreError as exc:
+            self._contact(str(exc))
+
+    def _take_grant(self, raw: str) -> None:
+        try:
+            grant = Grant.from_json(json.loads(raw))
+        except (ValueError, GrantError) as exc:
+            log.error("site_grant_unreadable", cluster=self.settings.cluster, error=str(exc))
+            return
+        with self._lock:
+            taken = self.keeper.offer(grant)
+        if taken:
+            log.info("site_grant", cluster=self.settings.cluster, watts=grant.watts,
+                     epoch=grant.epoch, lease_s=grant.lease_s)  # fmt: skip
+
+    def _publish(self) -> None:
+        elector = self.elector
+        if not elector.is_leader or elector.lease_id is None:
+            return
+        with self._lock:
+            situation, budget = self._situation, self._budget
+            grant = self.keeper.grant
+        if situation is None:
+            return
+        # The grant planned under (its epoch confirms it to the coordinator); none under the
+        # safe share.
+        under_grant = grant is not None and budget is not None and budget.source != "safe_share"
+        curve = build_curve(
+            situation,
+            margin_frac=self.settings.margin_frac,
+            grant_epoch=grant.epoch if grant is not None and under_grant else 0,
+        )
+        watts = None if budget is None else budget.watts
+        record = {
+            **curve.to_json(),
+            "replica": self.settings.replica,
+            "budget_w": watts,
+            "budget_source": None if budget is None else budget.source,
+            # Whether it can meet its part: its floor fits its budget; and whether it does now.
+            "can_meet": None if watts is None else curve.floor_w <= watts,
+            "meets": None if watts is None else situation.fleet_power_w <= watts,
+            "time_s": situation.time_s,
+        }
+        self.store.put(f"{self.prefix}/curve", json.dumps(record), elector.lease_id)
+        self.published += 1
+
+    def _contact(self, error: str | None) -> None:
+        now = self.mono.now()
+        with self._lock:
+            if error is None:
+                self._lost_since = None
+                self._store_problem = None
+                return
+            if self._lost_since is None:
+                self._lost_since = now
+            self._store_problem = f"etcd unreachable for {now - self._lost_since:.0f} s"
+
+    def serve_peers(self, host: str, port: int, tokens: TokenStore) -> JsonServer:
+        """The failsafe endpoint other replicas ask during an etcd outage (agent.site.election)."""
+
+        def failsafe(body: Any) -> Reply:
+            leader = body.get("leader") if isinstance(body, dict) else None
+            if not isinstance(leader, str) or not leader:
+                return Reply(400, {"error": "leader: a replica name"})
+            if self.elector.promise(leader):
+                return Reply(200, {"promised": True, "replica": self.settings.replica})
+            return Reply(409, {"error": f"{self.settings.replica} leads"})
+
+        server = JsonServer(host, port, {("POST", "/v1/failsafe"): failsafe}, tokens).start()
+        self._servers.append(server)
+        return server
+
+    def start(self) -> SiteLink:
+        """One round now (the first cycle knows its leadership), then the thread."""
+        self.step()
+        try:
+            self._cancel_watch = self.store.watch_prefix(self.prefix + "/", self._wake.set)
+        except StoreError as exc:  # no watch: the thread's rounds still come every TTL/3
+            log.warning("site_watch_failed", error=str(exc))
+        self._thread = threading.Thread(target=self._run, name="site-link", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        period = self.elector.ttl_s / 3.0
+        while not self._stop.is_set():
+            self._wake.wait(period)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.step()
+
+    def stop(self, resign: bool = True) -> None:
+        """Stop the thread; `resign`: give the leader key up now (a clean stop)."""
+        self._stop.set()
+        self._wake.set()
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for server in self._servers:
+            server.stop()
+        if resign:
+            self.elector.resign()
+        self.store.close()
