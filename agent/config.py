@@ -42,6 +42,7 @@ from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
 from agent.sim.faults import parse_fault, parse_seconds
 from agent.sim.twin import TWIN_LABELS
+from agent.site.settings import SiteLinkSettings
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -397,6 +398,11 @@ class Config(_Section):
         default_factory=RolloutSettings,
         description="Going live in stages: advisory kinds, the scope, freeze windows.",
     )
+    site: SiteLinkSettings | None = Field(
+        None,
+        description="The site this cluster belongs to: its budget is the site coordinator's "
+        "grant (etcd), and its replicas elect a leader (see docs/site.md).",
+    )
     policy_sets: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Named sets of policies for `ooda replay --compare`, e.g. "
@@ -424,6 +430,17 @@ class Config(_Section):
             raise ValueError(
                 "cluster.budget_query: PromQL needs a Prometheus to evaluate it, and a "
                 "remote_write source has none; give cluster.budget_w"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _site_budget(self) -> Config:
+        # Under a site the budget is the grant (cluster.budget_w stays as a local limit: the
+        # lower one holds); a budget from Prometheus would be a second, competing source.
+        if self.site is not None and self.cluster.budget_query is not None:
+            raise ValueError(
+                "cluster.budget_query: a cluster in a [site] gets its budget from the site "
+                "coordinator (cluster.budget_w may stay, as a local limit)"
             )
         return self
 

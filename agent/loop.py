@@ -22,6 +22,7 @@ from agent.act.audit import AuditLog
 from agent.act.executor import Executor
 from agent.act.guard import Guard, Refusal, Review
 from agent.core.clock import Clock, as_time_s
+from agent.core.coordination import ActGate, BudgetSource
 from agent.core.intents import (
     Action,
     GpuTargets,
@@ -109,12 +110,19 @@ class Loop:
         executor: Executor,
         audit: AuditLog,
         clock: Clock,
-        budget_w: Callable[[Snapshot], float | None] | float | None = None,
+        budget_w: Callable[[Snapshot], float | None] | BudgetSource | float | None = None,
         placement: PlacementActuator | None = None,
         dry_run_caps: bool = False,
         run_id: str | None = None,
         interval_s: float = 15.0,
+        gate: ActGate | None = None,
+        on_takeover: Callable[[float | None], None] | None = None,
     ) -> None:
+        """`budget_w` may come from a coordinator (a BudgetSource: its grant); `gate` says
+        whether this replica may act (leader election): while it may not, cycles observe and
+        orient only (the models stay warm), and the first cycle allowed again first calls
+        `on_takeover` with the last time this loop acted (None: never), to read what another
+        replica did meanwhile (agent.act.recovery, as after a restart)."""
         self.source = source
         self.orienter = orienter
         self.policies = list(policies)
@@ -126,6 +134,9 @@ class Loop:
         self.placement = placement
         self.dry_run_caps = dry_run_caps
         self.interval_s = interval_s
+        self.gate = gate
+        self.on_takeover = on_takeover
+        self.last_acted_s: float | None = None
         self.run_id = run_id or secrets.token_hex(3)
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
@@ -185,7 +196,17 @@ class Loop:
             )
             log.error("lease_renewal_failed", gpus=int(failed.sum()), errors=why)
 
-    def _budget(self, snapshot: Snapshot) -> float | None:
+    def _budget(self, snapshot: Snapshot, errors: list[str]) -> float | None:
+        if isinstance(self.budget_w, BudgetSource):
+            try:
+                reading = self.budget_w.read_budget(snapshot)
+            except Exception as exc:  # no budget is explicit: nothing budget-related is done
+                errors.append(f"budget unavailable: {exc}")
+                log.error("budget_unavailable", error=str(exc))
+                return None
+            if reading.problem is not None:  # e.g. a lapsed grant: said every cycle it holds
+                errors.append(f"site: {reading.problem}")
+            return reading.watts
         if callable(self.budget_w):
             return self.budget_w(snapshot)
         if self.budget_w is not None:
@@ -273,6 +294,47 @@ class Loop:
             log.error("audit_actions_unwritable", error=str(exc), actions=len(actions))
         return actions
 
+    def _may_act(self, now: float, errors: list[str]) -> bool:
+        """Ask the gate (none: always); on a takeover, read what the other replica did first."""
+        if self.gate is None:
+            return True
+        try:
+            state = self.gate.check()
+        except Exception as exc:  # an unanswerable gate means: do not act
+            errors.append(f"leadership unknown ({exc}): not acting")
+            log.error("gate_failed", error=str(exc))
+            return False
+        _standby_note(errors, state.problem)
+        if state.may_act and state.took_over and self.on_takeover is not None:
+            log.warning("took_over", last_acted_s=self.last_acted_s, time_s=now)
+            self.on_takeover(self.last_acted_s)
+        return state.may_act
+
+    def _standby_report(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        situation: Situation,
+        stage_s: dict[str, float],
+        errors: list[str],
+    ) -> CycleReport:
+        """A cycle that may not act: it observed and oriented (the models learned), and stops
+        there; the clock's last time still moves (a jump back shows when it leads again)."""
+        self._last_now = now
+        return CycleReport(
+            cycle=self.cycles,
+            time_s=now,
+            snapshot=snapshot,
+            situation=situation,
+            intents=[],
+            overridden=[],
+            refused=[],
+            actions=[],
+            unchanged=0,
+            stage_s=stage_s,
+            errors=errors,
+        )
+
     def cycle(self) -> CycleReport:
         self.cycles += 1
         now = self.clock.now()
@@ -305,7 +367,11 @@ class Loop:
                     log.error("node_states_failed", error=str(exc))
 
         with stage("orient"):
-            situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
+            situation = self.orienter.orient(snapshot, self._budget(snapshot, errors), nodes)
+            if isinstance(self.budget_w, BudgetSource):
+                self.budget_w.oriented(situation)
+            if not self._may_act(now, errors):
+                return self._standby_report(now, snapshot, situation, stage_s, errors)
             settled = self._adopt_pending(situation, now, errors)
             # What the agent itself set: policies undo only their own caps.
             situation = replace(
@@ -363,6 +429,7 @@ class Loop:
             actions = self._act(resolution, review, now, errors)
             self.guard.stamp_cap_jobs(snapshot, asserted)
             self._renew_leases(errors)
+            self.last_acted_s = now
         report = CycleReport(
             cycle=self.cycles,
             time_s=now,
@@ -379,6 +446,11 @@ class Loop:
         )
         log.debug("cycle", **{k: v for k, v in report.summary().items() if k != "errors"})
         return report
+
+
+def _standby_note(errors: list[str], problem: str | None) -> None:
+    if problem is not None:
+        errors.append(f"leadership: {problem}")
 
 
 def _asserted_caps(

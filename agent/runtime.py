@@ -19,7 +19,7 @@ from agent.act.notify import build_notifier
 from agent.act.rollout import Rollout, dry_run_reasons
 from agent.act.slurm import SlurmPlacement, SlurmSettings
 from agent.config import Config, TwinConfig, audit_path, state_dir
-from agent.core.clock import Clock, SystemClock
+from agent.core.clock import Clock, MonotonicClock, SystemClock
 from agent.core.errors import ConfigError, GpuError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Intent
@@ -39,6 +39,10 @@ from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSo
 from agent.sim.faults import parse_fault
 from agent.sim.job_mirror import JobMirror, MirroredTwinSource
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
+from agent.site.http import HttpPinger
+from agent.site.link import LinkSettings, SiteLink
+from agent.site.settings import site_prefix, split_listen
+from agent.site.store import EtcdStore
 from policies.base import Policy, PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -253,6 +257,44 @@ def configured_source(
     return nvml_source(config, closers)
 
 
+def site_link(config: Config) -> SiteLink | None:
+    """The agent's link to its site (etcd), started: one round done, its thread running."""
+    s = config.site
+    if s is None:
+        return None
+    store = EtcdStore(
+        list(s.etcd.endpoints),
+        s.etcd.timeout_s,
+        ca_file=None if s.etcd.ca_file is None else str(s.etcd.ca_file),
+        cert_file=None if s.etcd.cert_file is None else str(s.etcd.cert_file),
+        key_file=None if s.etcd.key_file is None else str(s.etcd.key_file),
+    )
+    peer_url = s.peer_url or (f"http://{s.peer_listen}" if s.peer_listen else None)
+    settings = LinkSettings(
+        site_prefix=site_prefix(s.etcd, s.name),
+        cluster=config.cluster.name,
+        replica=s.replica or f"{socket.gethostname().split('.')[0]}-{os.getpid()}",
+        safe_share_w=s.safe_share_w,
+        leader_ttl_s=s.leader_ttl_s or max(2, round(config.daemon.interval_s)),
+        local_budget_w=config.cluster.budget_w,
+        peer_url=peer_url,
+    )
+    pinger = HttpPinger(s.peer_token_file) if s.peer_token_file is not None else None
+    link = SiteLink(store, settings, wall=SystemClock(), mono=MonotonicClock(), pinger=pinger)
+    try:
+        if s.peer_listen is not None:
+            assert s.peer_token_file is not None  # the settings insist
+            host, port = split_listen(s.peer_listen)
+            link.serve_peers(host, port, TokenStore(s.peer_token_file))
+        return link.start()
+    except OSError as exc:
+        link.stop(resign=False)
+        raise ConfigError(f"site.peer_listen: cannot listen ({exc.strerror or exc})") from None
+    except BaseException:
+        link.stop(resign=False)
+        raise
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -261,10 +303,14 @@ class Runtime:
     actuators: Actuators
     twin: Twin | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    site: SiteLink | None = None  # the link to the site coordinator (etcd), when in a site
+    owns_site: bool = True  # False once handed to the runtime a reload built
 
     def close(self) -> None:
         for close in reversed(self.closers):
             close()
+        if self.site is not None and self.owns_site:
+            self.site.stop()
         self.audit.close()
 
 
@@ -277,9 +323,11 @@ def build_runtime(
     source: TelemetrySource | None = None,
     budget_w: float | None = None,
     twin: Twin | None = None,
+    site: SiteLink | None = None,
 ) -> Runtime:
     """Everything the config names, wired into one Loop. `source` and `budget_w` override it;
-    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster)."""
+    `twin` reuses a twin that already runs (a daemon's reload or restart keeps its cluster);
+    `site` a link to the site that already runs (a reload keeps its leadership)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
@@ -332,7 +380,12 @@ def build_runtime(
     if notifier is not None:
         actuators.notifier = notifier
         closers.append(notifier.close)
-    budget = budget_w if budget_w is not None else config.cluster.budget_w
+    budget: float | SiteLink | None = budget_w if budget_w is not None else config.cluster.budget_w
+    if config.site is not None and budget_w is None:
+        site = site or site_link(config)
+        budget = site  # the grant, its lease, the safe share (cluster.budget_w a local limit)
+    else:
+        site = None
     rollout = rollout_for(config, clock)
     is_dry = dry_run_predicate(config.dry_run, policies, rollout)
     loop = Loop(
@@ -357,9 +410,16 @@ def build_runtime(
         placement=actuators.node_states_reader(),
         dry_run_caps=config.dry_run,
         interval_s=config.daemon.interval_s,
+        gate=site,
     )
     return Runtime(
-        config=config, loop=loop, audit=audit, actuators=actuators, twin=twin, closers=closers
+        config=config,
+        loop=loop,
+        audit=audit,
+        actuators=actuators,
+        twin=twin,
+        closers=closers,
+        site=site,
     )
 
 

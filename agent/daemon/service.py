@@ -69,6 +69,7 @@ from agent.runtime import Runtime, build_runtime
 from agent.sim.adapters import TwinClock, TwinPlacement
 from agent.sim.realtime import TwinPacer
 from agent.sim.twin import Twin
+from agent.site.link import SiteLink
 from policies.registry import PolicyRegistry, default_registry
 
 log = structlog.get_logger("ooda.daemon")
@@ -159,6 +160,7 @@ class Daemon:
         self.state_problems: list[str] = []
         self.exit_abandoned = False
         self.lock: InstanceLock | None = None
+        self._started_clock_s: float | None = None  # the loop's clock when state was restored
         # Set by start():
         self.runtime: Runtime
         self.metrics: DaemonMetrics
@@ -176,9 +178,18 @@ class Daemon:
             config = force_dry_run(config)
         return config
 
-    def _build(self, config: Config, twin: Twin | None) -> Runtime:
+    def _build(self, config: Config, twin: Twin | None, site: SiteLink | None = None) -> Runtime:
         clock = None if _hosts_twin(config) else SystemClock()
-        return build_runtime(config, clock=clock, registry=self.registry, twin=twin)
+        runtime = build_runtime(config, clock=clock, registry=self.registry, twin=twin, site=site)
+        runtime.loop.on_takeover = self._took_over
+        runtime.owns_site = site is None  # a carried-over link stays the old one's till the swap
+        return runtime
+
+    def _took_over(self, last_acted_s: float | None) -> None:
+        """This replica leads now: what the other one did since we last acted (or since this
+        run started) is read back from the shared audit log, as after a restart."""
+        since = last_acted_s if last_acted_s is not None else self._started_clock_s
+        self._recover_unsaved(since)
 
     def start(self) -> None:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
@@ -238,6 +249,7 @@ class Daemon:
             self.runtime = runtime
             self.pacer = self._pacer_for(runtime)
             self._restore_state()
+            self._started_clock_s = runtime.loop.clock.now()
             self.started_unix = self.wall.now()
             self._publish_config()
             listen = self.options.metrics_listen
@@ -580,6 +592,10 @@ class Daemon:
             "gpus": None if report is None else report.snapshot.n_gpus,
             "reason": why if alive else "cycles are not progressing",
         }
+        site = self.runtime.site
+        if site is not None:
+            view = site.leadership()
+            detail["site"] = {"role": view.role, "leader": view.leader, "problem": view.problem}
         return Health(alive=alive, ready=ready, detail=detail)
 
     # -- reload -----------------------------------------------------------------------------------
@@ -612,7 +628,11 @@ class Daemon:
             # What can fail is prepared before anything is swapped: the old runtime stays whole
             # (and running) until the new one and its schedule are ready.
             schedule = self._schedule_for(old.config, config)
-            runtime = self._build(config, old.twin if same_twin else None)
+            # The same [site]: the running link (its session, its leadership) carries over.
+            same_site = old.site is not None and config.site == old.config.site
+            runtime = self._build(
+                config, old.twin if same_twin else None, old.site if same_site else None
+            )
         except Exception as exc:
             return self._reload_refused(exc)
         with self._cycle_lock:  # between two cycles
@@ -645,6 +665,8 @@ class Daemon:
                 self.pacer.set_speed(config.twin.speed, config.daemon.interval_s)
             else:
                 self.pacer = self._pacer_for(runtime)
+            if same_site:
+                old.owns_site, runtime.owns_site = False, True
             try:
                 old.close()
             except Exception as exc:  # the new runtime is in; the old one's end must not stop it

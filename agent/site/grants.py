@@ -31,6 +31,9 @@ class Grant:
     issued_unix: float
     lease_s: float
     coordinator: str = ""
+    # What the cluster falls back to when this grant lapses (its safe share, scaled down where
+    # a demand-response target leaves less); None: its configured safe share.
+    fallback_w: float | None = None
 
     @property
     def expires_unix(self) -> float:
@@ -44,6 +47,7 @@ class Grant:
             "issued_unix": round(self.issued_unix, 3),
             "lease_s": self.lease_s,
             "coordinator": self.coordinator,
+            "fallback_w": self.fallback_w,
         }
 
     @staticmethod
@@ -66,6 +70,14 @@ class Grant:
             raise GrantError("epoch: not a non-negative integer")
         if not isinstance(cluster, str):
             raise GrantError("cluster: not a string")
+        fallback = data.get("fallback_w")
+        if fallback is not None and (
+            isinstance(fallback, bool)
+            or not isinstance(fallback, int | float)
+            or not math.isfinite(fallback)
+            or fallback < 0
+        ):
+            raise GrantError("fallback_w: not a finite, non-negative number")
         return Grant(
             cluster=cluster,
             watts=float(watts),
@@ -73,6 +85,7 @@ class Grant:
             issued_unix=float(issued),
             lease_s=float(lease),
             coordinator=str(data.get("coordinator", "")),
+            fallback_w=None if fallback is None else float(fallback),
         )
 
 
@@ -114,6 +127,12 @@ class GrantKeeper:
         self._received_mono = self.mono.now()
         return True
 
+    def fallback_w(self, grant: Grant | None) -> float:
+        """The safe share after `grant` lapses: the configured one, or less if it says so."""
+        if grant is None or grant.fallback_w is None:
+            return self.safe_share_w
+        return min(self.safe_share_w, grant.fallback_w)
+
     def remaining_s(self) -> float | None:
         """Seconds the last grant still holds (<= 0: lapsed); None: none was received."""
         grant, received = self.grant, self._received_mono
@@ -146,16 +165,15 @@ class GrantKeeper:
                 problem = (
                     f"{store_problem}: keeping the grant of {grant.watts:.0f} W until "
                     f"{until} UTC ({remaining:.0f} s left), then the safe share "
-                    f"{self.safe_share_w:.0f} W"
+                    f"{self.fallback_w(grant):.0f} W"
                 )
             return BudgetView(grant.watts, source, grant, problem, remaining)
+        safe = self.fallback_w(grant)
         lapsed = (
             f"the grant of {grant.watts:.0f} W (epoch {grant.epoch}) lapsed {-remaining:.0f} s "
-            f"ago: planning under the safe share {self.safe_share_w:.0f} W"
+            f"ago: planning under the safe share {safe:.0f} W"
         )
-        return BudgetView(
-            self.safe_share_w, "safe_share", grant, _join(store_problem, lapsed), remaining
-        )
+        return BudgetView(safe, "safe_share", grant, _join(store_problem, lapsed), remaining)
 
 
 def _join(first: str | None, second: str) -> str:

@@ -77,6 +77,8 @@ class SiteLink:
             campaign=settings.campaign,
         )
         self.mono = mono
+        self.wall = wall
+        self._oriented_unix: float | None = None
         self._lock = threading.Lock()
         self._situation: Situation | None = None
         self._budget: BudgetView | None = None
@@ -106,6 +108,7 @@ class SiteLink:
     def oriented(self, situation: Situation) -> None:
         with self._lock:
             self._situation = situation
+            self._oriented_unix = self.wall.now()
 
     def check(self) -> GateState:
         view = self.elector.view()
@@ -156,7 +159,7 @@ class SiteLink:
         if not elector.is_leader or elector.lease_id is None:
             return
         with self._lock:
-            situation, budget = self._situation, self._budget
+            situation, budget, oriented = self._situation, self._budget, self._oriented_unix
             grant = self.keeper.grant
         if situation is None:
             return
@@ -178,6 +181,7 @@ class SiteLink:
             "can_meet": None if watts is None else curve.floor_w <= watts,
             "meets": None if watts is None else situation.fleet_power_w <= watts,
             "time_s": situation.time_s,
+            "cycle_unix": oriented,  # when the cycle that built it ran (the coordinator's age)
         }
         self.store.put(f"{self.prefix}/curve", json.dumps(record), elector.lease_id)
         self.published += 1
