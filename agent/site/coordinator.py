@@ -300,8 +300,10 @@ class Coordinator:
         wanted = split(limits, curves, fixed, weights)
         grants = stage_increases(limits, wanted.grants_w, held, fixed)
         counted = {**fixed, **{c: max(grants[c], held[c]) for c in grants}}
+        # What may still be drawn must keep the limits now; the grants, those lead_s ahead.
+        limits_now = plan.tree.with_limits({plan.tree.root: now_w})
         return self._report(now, target, now_w, planned_w, reads, grants, fallback, counted,
-                            wanted.feasible, limits)  # fmt: skip
+                            wanted.feasible, limits_now)  # fmt: skip
 
     def _report(
         self,
@@ -342,6 +344,11 @@ class Coordinator:
             elif record.get("can_meet") is False:
                 problems.append(f"cluster {cluster}: cannot meet its budget (floor above it)")
         fits = grants_fit(limits, counted)
+        if not fits:
+            problems.append(
+                "what the clusters may still draw (grants they have not yet confirmed planning "
+                "past) exceeds a limit: increases wait"
+            )
         if not feasible:
             problems.append("the clusters' floors do not fit the limits: each got a share")
         measured = sum(power) if power else None

@@ -92,7 +92,13 @@ class Elector:
     # -- one round -------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Renew the session, then take, keep or watch the leader key. Never raises."""
+        """Renew the session, then take, keep or watch the leader key. Never raises. A session
+        found lost is replaced and the round run again at once."""
+        self._round()
+        if self.lease_id is None and self.contact.lost_since_mono is None:
+            self._round()
+
+    def _round(self) -> None:
         sent = self.mono.now()
         try:
             self._session()

@@ -154,7 +154,11 @@ class SiteSection(BaseModel):
         "down is in the grants before it is in the limit.",
     )
     leader_ttl_s: int | None = Field(
-        None, ge=2, le=3600, description="The coordinator's leader lease (s; default a round)."
+        None,
+        ge=2,
+        le=3600,
+        description="The coordinator's leader lease (s; default two rounds): a standby "
+        "coordinator takes over within it (the grants' leases cover the gap).",
     )
     listen: str | None = Field(
         None,
@@ -267,7 +271,7 @@ class SiteConfig(BaseModel):
 
     @property
     def leader_ttl_s(self) -> int:
-        return self.site.leader_ttl_s or max(2, round(self.site.interval_s))
+        return self.site.leader_ttl_s or max(2, round(2 * self.site.interval_s))
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
