@@ -19,6 +19,7 @@ from agent.cli.replay import replay
 from agent.cli.rollback import rollback
 from agent.cli.run import run
 from agent.cli.sim import sim_app
+from agent.cli.site import site_app
 from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
 
@@ -50,6 +51,7 @@ app.command()(once)
 app.command()(record)
 app.command()(replay)
 app.add_typer(sim_app, name="sim")
+app.add_typer(site_app, name="site")
 app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
 app.command("run")(run)

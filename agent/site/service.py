@@ -1,0 +1,230 @@
+"""`ooda site run`: the coordinator as a service.
+
+A round every `site.interval_s` (sooner when the webhook brings an event); SIGTERM or SIGINT
+stops it (leadership handed over at once), SIGHUP re-reads the schedule file. The HTTP side, when
+`site.listen` is set: `GET /v1/status` (the last round, no token) and `POST /v1/demand-response`
+(an event; bearer token from `site.token_file`), and the PromQL signal when configured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import structlog
+
+from agent.core.clock import MonotonicClock, SystemClock
+from agent.core.errors import ConfigError
+from agent.node.auth import TokenStore
+from agent.site.coordinator import ClusterPlan, Coordinator, SitePlan, round_summary
+from agent.site.demand import DemandError, DemandEvent, load_schedule
+from agent.site.http import JsonServer, Reply
+from agent.site.settings import PromqlSignal, SiteConfig, site_prefix, split_listen
+from agent.site.store import EtcdStore, StoreError
+
+log = structlog.get_logger("ooda.site")
+
+
+def site_plan(config: SiteConfig) -> SitePlan:
+    dr = config.demand_response
+    return SitePlan(
+        name=config.site.name,
+        prefix=site_prefix(config.etcd, config.site.name),
+        tree=config.tree(),
+        clusters={n: ClusterPlan(c.safe_share_w, c.weight) for n, c in config.clusters.items()},
+        interval_s=config.site.interval_s,
+        grant_lease_s=config.grant_lease_s,
+        clock_skew_s=config.site.clock_skew_s,
+        lead_s=config.lead_s,
+        ramp_w_per_s=None if dr is None else dr.ramp_w_per_s,
+        leader_ttl_s=config.leader_ttl_s,
+    )
+
+
+def promql_signal(settings: PromqlSignal) -> Callable[[], float | None]:
+    """The query's one value (W), or None when it has none (the last target is kept)."""
+
+    def read() -> float | None:
+        answer = httpx.get(
+            f"{settings.url.rstrip('/')}/api/v1/query",
+            params={"query": settings.query},
+            timeout=settings.timeout_s,
+        )
+        answer.raise_for_status()
+        data = answer.json().get("data", {})
+        result = data.get("result")
+        if data.get("resultType") == "scalar" and isinstance(result, list):
+            values = [result[1]]
+        elif isinstance(result, list):
+            values = [r["value"][1] for r in result if isinstance(r, dict) and "value" in r]
+        else:
+            values = []
+        watts = [float(v) for v in values]
+        finite = [w for w in watts if math.isfinite(w) and w > 0]
+        if len(finite) != 1:
+            if values:
+                log.error("site_signal_ambiguous", values=len(values), query=settings.query)
+            return None
+        return finite[0]
+
+    return read
+
+
+class Schedule:
+    """The schedule file's events, re-read on request (SIGHUP): a bad file keeps the old ones."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.events: list[DemandEvent] = [] if path is None else load_schedule(path)
+
+    def reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.events = load_schedule(self.path)
+            log.info("site_schedule_reloaded", events=len(self.events), file=str(self.path))
+        except DemandError as exc:
+            log.error("site_schedule_refused", error=str(exc), kept=len(self.events))
+
+    def __call__(self) -> list[DemandEvent]:
+        return list(self.events)
+
+
+class SiteService:
+    def __init__(self, config: SiteConfig, listen: str | None = None) -> None:
+        self.config = config
+        dr = config.demand_response
+        self.schedule = Schedule(None if dr is None else dr.schedule_file)
+        etcd = config.etcd
+        self.store = EtcdStore(
+            list(etcd.endpoints),
+            etcd.timeout_s,
+            ca_file=None if etcd.ca_file is None else str(etcd.ca_file),
+            cert_file=None if etcd.cert_file is None else str(etcd.cert_file),
+            key_file=None if etcd.key_file is None else str(etcd.key_file),
+        )
+        member = config.site.replica or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+        signal_w = None if dr is None or dr.promql is None else promql_signal(dr.promql)
+        self.coordinator = Coordinator(
+            self.store,
+            site_plan(config),
+            wall=SystemClock(),
+            mono=MonotonicClock(),
+            member=member,
+            events=self.schedule,
+            signal_w=signal_w,
+        )
+        self.listen = listen or config.site.listen
+        self.server: JsonServer | None = None
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _status(self, _body: Any) -> Reply:
+        last = self.coordinator.last
+        view = self.coordinator.elector.view()
+        body: dict[str, Any] = {
+            "coordinator": self.coordinator.member,
+            "role": view.role,
+            "leader": view.leader,
+            "problem": view.problem,
+            "round": None if last is None else last.to_json(),
+        }
+        return Reply(200, body)
+
+    def _event(self, body: Any) -> Reply:
+        try:
+            event = DemandEvent.from_json(body, "webhook", "body")
+        except DemandError as exc:
+            return Reply(400, {"error": str(exc)})
+        try:
+            self.coordinator.post_event(event)
+        except StoreError as exc:
+            return Reply(503, {"error": f"not stored: {exc}"})
+        log.warning("site_demand_response_event", **event.to_json())
+        self._wake.set()
+        return Reply(202, {"accepted": event.event_id})
+
+    def start_http(self) -> None:
+        if self.listen is None:
+            return
+        token_file = self.config.site.token_file
+        if token_file is None:
+            raise ConfigError("site.listen: needs site.token_file (the webhook is authenticated)")
+        host, port = split_listen(self.listen)
+        try:
+            self.server = JsonServer(
+                host,
+                port,
+                {("GET", "/v1/status"): self._status, ("POST", "/v1/demand-response"): self._event},
+                TokenStore(token_file),
+                public=frozenset({("GET", "/v1/status")}),
+            ).start()
+        except OSError as exc:
+            raise ConfigError(f"site.listen: cannot listen on {self.listen} ({exc})") from None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def round(self) -> None:
+        report = self.coordinator.step()
+        if report is None:
+            return
+        summary = round_summary(report)
+        level = log.warning if report.problems or not report.fits else log.info
+        level("site_round", **summary)
+
+    def serve(self) -> int:
+        self.start_http()
+        log.info(
+            "site_started",
+            site=self.config.site.name,
+            member=self.coordinator.member,
+            clusters=list(self.config.clusters),
+            interval_s=self.config.site.interval_s,
+            listen=None if self.server is None else self.server.url,
+            pid=os.getpid(),
+        )
+
+        def on_stop(_signum: int, _frame: FrameType | None) -> None:
+            self._stop = True
+            self._wake.set()
+
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload = True
+            self._wake.set()
+
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
+        }
+        try:
+            while not self._stop:
+                if self._reload:
+                    self._reload = False
+                    self.schedule.reload()
+                self.round()
+                self._wake.wait(self.config.site.interval_s)
+                self._wake.clear()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.close()
+        log.info("site_stopped", member=self.coordinator.member)
+        return 0
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.coordinator.elector.resign()
+        self.store.close()
