@@ -29,6 +29,7 @@ from agent.core.snapshot import Metric
 
 FloatArray = npt.NDArray[np.float64]
 
+MERGE_W = 0.5  # breakpoints closer than this are one (a rounding's slope would be huge)
 CURVE_POINTS = 24  # breakpoints of a published curve (the sweep of marginal values)
 MAX_CURVE_POINTS = 256  # what a curve read from the store may hold
 NOISE_Z = 3.0  # as power_budget: the fleet's draw noise kept in hand, in standard deviations
@@ -82,7 +83,7 @@ class DemandCurve:
     def to_json(self) -> dict[str, Any]:
         return {
             "power_w": [round(p, 3) for p in self.power_w],
-            "value": [round(v, 6) for v in self.value],
+            "value": [round(v, 9) for v in self.value],
             "fleet_power_w": None if self.fleet_power_w is None else round(self.fleet_power_w, 1),
             "grant_epoch": self.grant_epoch,
             "gpus": self.gpus,
@@ -113,9 +114,18 @@ class DemandCurve:
             raise CurveError("notes: not a list of strings")
         if not all(_finite_number(x) for x in (*power, *value)):
             raise CurveError("power_w and value: finite numbers only")
+        # Rounding in transit can bend a concave curve by a hair: the concave hull is taken, and
+        # a curve it would move by more than a rounding's worth is refused.
+        p = np.asarray(power, dtype=np.float64)
+        v = np.asarray(value, dtype=np.float64)
+        if (np.diff(p) <= 0).any():
+            raise CurveError("budgets must increase")
+        hull_p, hull_v = concave_hull(p, v)
+        if np.abs(np.interp(p, hull_p, hull_v) - v).max() > 1e-6 * max(1.0, float(v.max())):
+            raise CurveError("a demand curve must be concave (each further watt buys no more)")
         return DemandCurve(
-            power_w=tuple(float(p) for p in power),
-            value=tuple(float(v) for v in value),
+            power_w=tuple(float(x) for x in hull_p),
+            value=tuple(float(y) for y in hull_v),
             fleet_power_w=None if fleet is None else float(fleet),
             grant_epoch=epoch,
             gpus=gpus,
@@ -146,7 +156,7 @@ def _check_curve(power: tuple[float, ...], value: tuple[float, ...]) -> None:
         raise CurveError("throughput must not fall as the budget grows")
     slope = rise / width
     # Concave: each piece buys no more per watt than the one before (a rounding's worth aside).
-    if (np.diff(slope) > 1e-9 * max(1.0, float(np.abs(slope).max()))).any():
+    if (np.diff(slope) > 1e-6 * float(np.abs(slope).max()) + 1e-12).any():
         raise CurveError("a demand curve must be concave (each further watt buys no more)")
 
 
@@ -156,7 +166,7 @@ def concave_hull(power_w: FloatArray, value: FloatArray) -> tuple[FloatArray, Fl
     order = np.argsort(power_w, kind="stable")
     pts: list[tuple[float, float]] = []
     for x, y in zip(power_w[order].tolist(), value[order].tolist(), strict=True):
-        if pts and x - pts[-1][0] < 1e-6:
+        if pts and x - pts[-1][0] < MERGE_W:
             if y > pts[-1][1]:
                 pts[-1] = (pts[-1][0], y)
             else:
@@ -173,6 +183,22 @@ def concave_hull(power_w: FloatArray, value: FloatArray) -> tuple[FloatArray, Fl
 def _turns_up(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]) -> bool:
     """b lies on or under the chord a-c (so it is not a vertex of the upper hull)."""
     return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]) >= 0
+
+
+def _thinned(power_w: FloatArray, value: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Points at least a watt (and a thousandth of the span) apart, the last one kept: the
+    sweep's tail crowds points a fraction of a watt apart, where rounding in transit would
+    swamp their slopes."""
+    order = np.argsort(power_w)
+    p, v = power_w[order], value[order]
+    gap = max(1.0, 1e-3 * float(p[-1] - p[0])) if p.size else 1.0
+    keep = [0]
+    for i in range(1, p.size):
+        if p[i] - p[keep[-1]] >= gap:
+            keep.append(i)
+    if p.size > 1 and keep[-1] != p.size - 1:
+        keep[-1] = p.size - 1  # the ceiling itself, in place of a point too close to it
+    return p[keep], v[keep]
 
 
 @dataclass(frozen=True)
@@ -266,7 +292,7 @@ def build_curve(
     inputs = curve_inputs(situation, margin_frac)
     draw, tput = frontier(inputs, points)
     budget = (draw + inputs.fixed_w) / (1.0 - inputs.margin_frac)
-    power, value = concave_hull(budget, tput)
+    power, value = concave_hull(*_thinned(budget, tput))
     return DemandCurve(
         power_w=tuple(float(p) for p in power),
         value=tuple(float(v) for v in value),

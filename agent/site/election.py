@@ -232,10 +232,9 @@ class Elector:
             )
         if self.contact.ok_mono is None and lost is None:
             return Leadership("starting", False, None, "leader election: no answer from etcd yet")
-        role = "standby"
-        problem = down
-        if down and self.is_leader:
-            role, problem = "unconfirmed", f"{down}: leadership lapsed: not acting"
-        elif self.contact.error and not down:
-            problem = self.contact.error
-        return Leadership(role, False, self.leader, problem)
+        if self.is_leader:  # etcd answers, but our renewals came too late (a stalled host)
+            late = now - self.confirmed_until
+            why = f"leadership not renewed in time ({late:.1f} s late): not acting"
+            return Leadership("unconfirmed", False, self.member, why)
+        problem = down or self.contact.error
+        return Leadership("standby", False, self.leader, problem)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ class SiteLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cancel_watch: Any = None
+        self._cancels: list[Callable[[], None]] = []
         self._last_role: str | None = None
         self.published = 0
         self._servers: list[JsonServer] = []
@@ -160,16 +161,15 @@ class SiteLink:
             return
         with self._lock:
             situation, budget, oriented = self._situation, self._budget, self._oriented_unix
-            grant = self.keeper.grant
         if situation is None:
             return
-        # The grant planned under (its epoch confirms it to the coordinator); none under the
-        # safe share.
-        under_grant = grant is not None and budget is not None and budget.source != "safe_share"
+        # The grant the cycle planned under (its epoch confirms it to the coordinator), not a
+        # newer one taken since; none under the safe share.
+        planned = None if budget is None or budget.source == "safe_share" else budget.grant
         curve = build_curve(
             situation,
             margin_frac=self.settings.margin_frac,
-            grant_epoch=grant.epoch if grant is not None and under_grant else 0,
+            grant_epoch=0 if planned is None else planned.epoch,
         )
         watts = None if budget is None else budget.watts
         record = {
@@ -215,10 +215,15 @@ class SiteLink:
     def start(self) -> SiteLink:
         """One round now (the first cycle knows its leadership), then the thread."""
         self.step()
-        try:
-            self._cancel_watch = self.store.watch_prefix(self.prefix + "/", self._wake.set)
-        except StoreError as exc:  # no watch: the thread's rounds still come every TTL/3
-            log.warning("site_watch_failed", error=str(exc))
+        # A new grant, or the leader key gone (campaign now): not our own curve or membership,
+        # whose writes would wake the thread that wrote them.
+        for key in ("grant", "leader"):
+            try:
+                self._cancels.append(
+                    self.store.watch_prefix(f"{self.prefix}/{key}", self._wake.set)
+                )
+            except StoreError as exc:  # no watch: the thread's rounds still come every TTL/3
+                log.warning("site_watch_failed", key=key, error=str(exc))
         self._thread = threading.Thread(target=self._run, name="site-link", daemon=True)
         self._thread.start()
         return self
@@ -236,8 +241,8 @@ class SiteLink:
         """Stop the thread; `resign`: give the leader key up now (a clean stop)."""
         self._stop.set()
         self._wake.set()
-        if self._cancel_watch is not None:
-            self._cancel_watch()
+        for cancel in self._cancels:
+            cancel()
         if self._thread is not None:
             self._thread.join(timeout=5)
         for server in self._servers:
