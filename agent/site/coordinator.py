@@ -295,6 +295,8 @@ class Coordinator:
                 fixed[cluster] = max(unexpired, safe[cluster])
                 continue
             held[cluster] = self._held(cluster, read.curve.grant_epoch, now)
+            if read.curve.grant_epoch == 0:  # it plans under its safe share (no grant yet)
+                held[cluster] = max(held[cluster], safe[cluster])
             curves[cluster] = raise_floor(read.curve, fallback[cluster])
         weights = {c: p.weight for c, p in plan.clusters.items()}
         wanted = split(limits, curves, fixed, weights)

@@ -199,8 +199,12 @@ class Elector:
         self._failsafe = (now, refusal)
 
     def _failsafe_refusal(self, now: float) -> str | None:
-        """None: every other replica gave its word, recently enough to count on."""
-        if self._failsafe is None or now - self._failsafe[0] > self.ttl_s / 2.0:
+        """None: no other replica, or every one gave its word recently enough to count on (a
+        word lasts a TTL from when it was asked for)."""
+        if not self.contact.peers:
+            return None
+        fresh_s = self.ttl_s * (1.0 - CLOCK_RATE_MARGIN)
+        if self._failsafe is None or now - self._failsafe[0] > fresh_s:
             return "the other replicas were not asked in time"
         return self._failsafe[1]
 
