@@ -285,7 +285,9 @@ def site_link(config: Config) -> SiteLink | None:
         if s.peer_listen is not None:
             assert s.peer_token_file is not None  # the settings insist
             host, port = split_listen(s.peer_listen)
-            link.serve_peers(host, port, TokenStore(s.peer_token_file))
+            server = link.serve_peers(host, port, TokenStore(s.peer_token_file))
+            if s.peer_url is None:  # the port it got (port 0: any free one)
+                link.elector.peer_url = server.url
         return link.start()
     except OSError as exc:
         link.stop(resign=False)
