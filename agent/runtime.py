@@ -257,6 +257,9 @@ def configured_source(
     return nvml_source(config, closers)
 
 
+RISE_SKEW_S = 2.0  # the hosts' clocks may differ this much: a rise after a lapse waits it out
+
+
 def site_link(config: Config) -> SiteLink | None:
     """The agent's link to its site (etcd), started: one round done, its thread running."""
     s = config.site
@@ -278,6 +281,7 @@ def site_link(config: Config) -> SiteLink | None:
         leader_ttl_s=s.leader_ttl_s or max(2, round(config.daemon.interval_s)),
         local_budget_w=config.cluster.budget_w,
         peer_url=peer_url,
+        rise_delay_s=config.daemon.interval_s + RISE_SKEW_S,
     )
     pinger = HttpPinger(s.peer_token_file) if s.peer_token_file is not None else None
     link = SiteLink(store, settings, wall=SystemClock(), mono=MonotonicClock(), pinger=pinger)

@@ -7,8 +7,10 @@ Safety, in the order it is kept:
   unexpired grants and its safe share; a cluster that has not yet planned under a newer, smaller
   grant counts at the larger one it may still be using (make before break: increases wait).
 - Grants lapse to a fallback: each grant names the safe share its cluster drops to when it lapses
-  (its configured one, scaled down where a demand-response target leaves less), and grants never
-  go below it, so any mix of lapsed and live grants keeps every limit.
+  (its configured one, scaled down where a demand-response target leaves less: the fallbacks
+  under every limit fit it). A grant may be below its fallback (the split is free above the
+  clusters' floors): grants of one round lapse together, and an agent whose budget would rise
+  at a lapse waits one interval (agent.site.grants), so the ones coming down are down first.
 - The limit the grants follow is the tightest of now and `lead_s` ahead: a ramp down reaches the
   grants before it reaches the limit.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -39,7 +41,9 @@ from agent.site.tree import LimitTree, grants_fit, split, stage_increases
 
 log = structlog.get_logger("ooda.site.coordinator")
 
-CURVE_MAX_AGE_FACTOR = 3.0  # a curve older than this many rounds (by its time_s) is not live
+CURVE_MAX_AGE_FACTOR = 3.0
+# The share of throughput a new split must add before watts move between clusters.
+MIN_GAIN = 0.002  # a curve older than this many rounds (by its time_s) is not live
 
 
 @dataclass(frozen=True)
@@ -132,18 +136,6 @@ def fallback_shares(tree: LimitTree, safe_w: Mapping[str, float]) -> dict[str, f
         n: 1.0 if sums[n] <= 0 else min(1.0, tree.nodes[n].limit_w / sums[n]) for n in tree.nodes
     }
     return {c: w * min(scale[n] for n in tree.paths[c]) for c, w in safe_w.items()}
-
-
-def raise_floor(curve: DemandCurve, floor_w: float) -> DemandCurve:
-    """The curve from `floor_w` on: a grant never goes below its fallback (see module doc)."""
-    if floor_w <= curve.floor_w:
-        return curve
-    if floor_w >= curve.ceiling_w:
-        return replace(curve, power_w=(floor_w,), value=(curve.value[-1],))
-    keep = [i for i, p in enumerate(curve.power_w) if p > floor_w]
-    power = (floor_w, *(curve.power_w[i] for i in keep))
-    value = (curve.value_at(floor_w), *(curve.value[i] for i in keep))
-    return replace(curve, power_w=power, value=value)
 
 
 class Coordinator:
@@ -276,6 +268,31 @@ class Coordinator:
         self.issued[cluster] = [g for g in self.issued[cluster] if g.until_unix > now]
         return max((g.watts for g in self.issued[cluster] if g.epoch >= acked), default=0.0)
 
+    def _steady(
+        self,
+        limits: LimitTree,
+        curves: Mapping[str, DemandCurve],
+        fixed: Mapping[str, float],
+        weights: Mapping[str, float],
+        wanted_w: dict[str, float],
+        wanted_value: float,
+    ) -> dict[str, float]:
+        """The last round's grants again, where they still fit and the new split would buy
+        less than MIN_GAIN more: moving watts costs a round of waiting (make before break), so
+        small gains are not worth it."""
+        last = self.last
+        if last is None or set(last.grants_w) != set(wanted_w):
+            return wanted_w
+        current = last.grants_w
+        if not grants_fit(limits, current, fixed):
+            return wanted_w
+        if any(current[c] < curves[c].floor_w for c in current):
+            return wanted_w
+        value = sum(weights.get(c, 1.0) * curves[c].value_at(w) for c, w in current.items())
+        if wanted_value - value > MIN_GAIN * max(value, 1e-9):
+            return wanted_w
+        return dict(current)
+
     def plan_round(
         self, reads: Mapping[str, ClusterRead], events: list[DemandEvent], now: float
     ) -> RoundReport:
@@ -297,10 +314,11 @@ class Coordinator:
             held[cluster] = self._held(cluster, read.curve.grant_epoch, now)
             if read.curve.grant_epoch == 0:  # it plans under its safe share (no grant yet)
                 held[cluster] = max(held[cluster], safe[cluster])
-            curves[cluster] = raise_floor(read.curve, fallback[cluster])
+            curves[cluster] = read.curve
         weights = {c: p.weight for c, p in plan.clusters.items()}
         wanted = split(limits, curves, fixed, weights)
-        grants = stage_increases(limits, wanted.grants_w, held, fixed)
+        target_w = self._steady(limits, curves, fixed, weights, wanted.grants_w, wanted.value)
+        grants = stage_increases(limits, target_w, held, fixed)
         counted = {**fixed, **{c: max(grants[c], held[c]) for c in grants}}
         # What may still be drawn must keep the limits now; the grants, those lead_s ahead.
         limits_now = plan.tree.with_limits({plan.tree.root: now_w})

@@ -161,16 +161,11 @@ def _check_curve(power: tuple[float, ...], value: tuple[float, ...]) -> None:
 
 
 def concave_hull(power_w: FloatArray, value: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """The least concave majorant of points sorted by power (duplicates merged, the best kept):
-    sampling and rounding can leave a point a hair under the chord."""
-    order = np.argsort(power_w, kind="stable")
+    """The least concave majorant of the points, thinned to a watt apart first: sampling and
+    rounding can leave a point a hair under the chord."""
+    xs_in, ys_in = _thinned(np.asarray(power_w, np.float64), np.asarray(value, np.float64))
     pts: list[tuple[float, float]] = []
-    for x, y in zip(power_w[order].tolist(), value[order].tolist(), strict=True):
-        if pts and x - pts[-1][0] < MERGE_W:
-            if y > pts[-1][1]:
-                pts[-1] = (pts[-1][0], y)
-            else:
-                continue
+    for x, y in zip(xs_in.tolist(), ys_in.tolist(), strict=True):
         while len(pts) >= 2 and _turns_up(pts[-2], pts[-1], (x, y)):
             pts.pop()
         pts.append((x, y))
@@ -186,19 +181,25 @@ def _turns_up(a: tuple[float, float], b: tuple[float, float], c: tuple[float, fl
 
 
 def _thinned(power_w: FloatArray, value: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Points at least a watt (and a thousandth of the span) apart, the last one kept: the
-    sweep's tail crowds points a fraction of a watt apart, where rounding in transit would
-    swamp their slopes."""
-    order = np.argsort(power_w)
+    """Points at least MERGE_W (and a thousandth of the span) apart, the best value of each
+    bunch kept at its first budget (the curve only moves up), and the last budget kept: a sweep's
+    tail crowds points a fraction of a watt apart, where rounding in transit would swamp their
+    slopes."""
+    order = np.argsort(power_w, kind="stable")
     p, v = power_w[order], value[order]
-    gap = max(1.0, 1e-3 * float(p[-1] - p[0])) if p.size else 1.0
-    keep = [0]
-    for i in range(1, p.size):
-        if p[i] - p[keep[-1]] >= gap:
-            keep.append(i)
-    if p.size > 1 and keep[-1] != p.size - 1:
-        keep[-1] = p.size - 1  # the ceiling itself, in place of a point too close to it
-    return p[keep], v[keep]
+    if p.size == 0:
+        return p, v
+    gap = max(MERGE_W, 1e-3 * float(p[-1] - p[0]))
+    xs, ys = [float(p[0])], [float(v[0])]
+    for x, y in zip(p[1:].tolist(), v[1:].tolist(), strict=True):
+        if x - xs[-1] >= gap:
+            xs.append(x)
+            ys.append(y)
+        else:
+            ys[-1] = max(ys[-1], y)
+    if float(p[-1]) > xs[-1]:  # the ceiling itself, in place of the bunch's first budget
+        xs[-1] = float(p[-1]) if len(xs) > 1 else xs[-1]
+    return np.array(xs), np.array(ys)
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def build_curve(
     inputs = curve_inputs(situation, margin_frac)
     draw, tput = frontier(inputs, points)
     budget = (draw + inputs.fixed_w) / (1.0 - inputs.margin_frac)
-    power, value = concave_hull(*_thinned(budget, tput))
+    power, value = concave_hull(budget, tput)
     return DemandCurve(
         power_w=tuple(float(p) for p in power),
         value=tuple(float(v) for v in value),

@@ -94,7 +94,9 @@ class BudgetView:
     """What the agent plans under this cycle and why; `problem` is said every cycle it holds."""
 
     watts: float | None
-    source: str  # "grant", "grant_kept" (heard nothing new, still valid), "safe_share", "local"
+    # "grant", "grant_kept" (heard nothing new, still valid), "lapsing" (held at the lapsed
+    # grant before rising to the safe share), "safe_share"
+    source: str
     grant: Grant | None
     problem: str | None = None
     expires_in_s: float | None = None  # the grant's remaining lease
@@ -104,9 +106,20 @@ class GrantKeeper:
     """The agent's last grant and its safe share. `wall`: Unix time; `mono`: a clock that only
     moves forward (MonotonicClock), for the receipt-based end of a lease."""
 
-    def __init__(self, cluster: str, safe_share_w: float, wall: Clock, mono: Clock) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        safe_share_w: float,
+        wall: Clock,
+        mono: Clock,
+        rise_delay_s: float = 0.0,
+    ) -> None:
+        """`rise_delay_s`: after a lapse, a budget that would go up (a grant below the safe
+        share) stays at the grant this long: the clusters coming down at the same lapse are
+        down first (one cycle interval and the clocks' skew)."""
         self.cluster = cluster
         self.safe_share_w = safe_share_w
+        self.rise_delay_s = rise_delay_s
         self.wall = wall
         self.mono = mono
         self.grant: Grant | None = None
@@ -169,6 +182,13 @@ class GrantKeeper:
                 )
             return BudgetView(grant.watts, source, grant, problem, remaining)
         safe = self.fallback_w(grant)
+        if grant.watts < safe and -remaining < self.rise_delay_s:
+            wait = (
+                f"the grant of {grant.watts:.0f} W (epoch {grant.epoch}) lapsed: rising to the "
+                f"safe share {safe:.0f} W in {self.rise_delay_s + remaining:.0f} s (the clusters "
+                "coming down go first)"
+            )
+            return BudgetView(grant.watts, "lapsing", grant, _join(store_problem, wait), remaining)
         lapsed = (
             f"the grant of {grant.watts:.0f} W (epoch {grant.epoch}) lapsed {-remaining:.0f} s "
             f"ago: planning under the safe share {safe:.0f} W"

@@ -49,6 +49,7 @@ class LinkSettings:
     margin_frac: float = 0.01  # as power_budget: the share of a budget held back
     peer_url: str | None = None
     campaign: bool = True
+    rise_delay_s: float = 0.0  # see GrantKeeper: one cycle interval and the clocks' skew
 
 
 class SiteLink:
@@ -66,7 +67,9 @@ class SiteLink:
         self.store = store
         self.settings = settings
         self.prefix = cluster_prefix(settings.site_prefix, settings.cluster)
-        self.keeper = GrantKeeper(settings.cluster, settings.safe_share_w, wall, mono)
+        self.keeper = GrantKeeper(
+            settings.cluster, settings.safe_share_w, wall, mono, settings.rise_delay_s
+        )
         self.elector = Elector(
             store,
             prefix=self.prefix,
@@ -165,7 +168,11 @@ class SiteLink:
             return
         # The grant the cycle planned under (its epoch confirms it to the coordinator), not a
         # newer one taken since; none under the safe share.
-        planned = None if budget is None or budget.source == "safe_share" else budget.grant
+        planned = (
+            None
+            if budget is None or (budget.source != "grant" and budget.source != "grant_kept")
+            else budget.grant
+        )
         curve = build_curve(
             situation,
             margin_frac=self.settings.margin_frac,

@@ -56,7 +56,7 @@ lease_s = 30
 
 [actuators.node]
 endpoints = {{ {endpoints} }}
-token_file = "{tmp / 'node.token'}"
+token_file = "{tmp / "node.token"}"
 renew_min_age_s = 0
 
 [policies.power_budget]
@@ -65,14 +65,14 @@ renew_min_age_s = 0
 interval_s = {INTERVAL_S}
 
 [audit]
-path = "{tmp / 'audit.jsonl'}"
+path = "{tmp / "audit.jsonl"}"
 
 [site]
 name = "hall"
 safe_share_w = 2400
 replica = "{name}"
 peer_listen = "127.0.0.1:0"
-peer_token_file = "{tmp / 'peer.token'}"
+peer_token_file = "{tmp / "peer.token"}"
 
 [site.etcd]
 endpoints = ["{etcd}"]
@@ -163,7 +163,9 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         took = b.wait_event("took_over", timeout_s=20)
         assert unix(took) - killed <= 2 * INTERVAL_S, unix(took) - killed
         # What a did since b started (before it, b read at its own start) is read back now.
-        recovered = b.wait_event("state_recovered_from_audit", timeout_s=10, where=lambda e: unix(e) >= unix(took))
+        recovered = b.wait_event(
+            "state_recovered_from_audit", timeout_s=10, where=lambda e: unix(e) >= unix(took)
+        )
         assert recovered["records"] >= 1
         time.sleep(3 * INTERVAL_S)
         # Its leases: adopted and renewed (a's would be down to about 20 s by now).
@@ -180,10 +182,10 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
             if in_force.get(target) == watts
         ]
         assert not repeated, repeated
-        cycles = [e for e in b.events() if e.get("event") == "cycle_summary" and unix(e) > unix(took)]
-        assert cycles and not any(
-            "standby" in x for e in cycles for x in (e["errors"] or [])
-        )
+        cycles = [
+            e for e in b.events() if e.get("event") == "cycle_summary" and unix(e) > unix(took)
+        ]
+        assert cycles and not any("standby" in x for e in cycles for x in (e["errors"] or []))
     finally:
         for replica in replicas:
             replica.kill()
