@@ -184,8 +184,10 @@ def true_curve(twin: Twin) -> DemandCurve:
         NOISE_Z * twin.spec.power_noise_frac * float(np.sqrt((truth["natural_w"][busy] ** 2).sum()))
     )
     fixed = twin.spec.nodes * twin.spec.node_overhead_w + idle_w + noise_w
-    inputs = CurveInputs(truth["natural_w"][busy], truth["a"][busy], truth["b"][busy],
-                         truth["k"][busy], twin.min_w[busy], twin.max_w[busy], fixed, 0.0)  # fmt: skip
+    inputs = CurveInputs(
+        truth["natural_w"][busy], truth["a"][busy], truth["b"][busy], truth["k"][busy],
+        twin.min_w[busy], twin.max_w[busy], fixed, 0.0,
+    )  # fmt: skip
     draw, tput = frontier(inputs, 48)
     power, value = concave_hull(draw + fixed, tput)
     return DemandCurve(tuple(power.tolist()), tuple(value.tolist()))
@@ -321,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "duration_s": args.duration,
         "gpus": {n: s.n_gpus for n, s in site.specs.items()},
-        "limits_w": {n: node.limit_w for n, node in site.tree.nodes.items() if math.isfinite(node.limit_w)},
+        "limits_w": {
+            n: node.limit_w for n, node in site.tree.nodes.items() if math.isfinite(node.limit_w)
+        },
         "event": {"target_w": site.event.target_w, "start_s": site.event.start_unix - WALL_START,
                   "duration_s": site.event.duration_s, "ramp_w_per_s": round(site.ramp_w_per_s, 1)},
     }  # fmt: skip

@@ -168,11 +168,8 @@ class SiteLink:
             return
         # The grant the cycle planned under (its epoch confirms it to the coordinator), not a
         # newer one taken since; none under the safe share.
-        planned = (
-            None
-            if budget is None or (budget.source != "grant" and budget.source != "grant_kept")
-            else budget.grant
-        )
+        under_grant = budget is not None and budget.source in {"grant", "grant_kept"}
+        planned = budget.grant if budget is not None and under_grant else None
         curve = build_curve(
             situation,
             margin_frac=self.settings.margin_frac,

@@ -21,14 +21,14 @@ from typing import Any
 import httpx
 import structlog
 
-from agent.core.clock import MonotonicClock, SystemClock
+from agent.core.clock import Clock, MonotonicClock, SystemClock
 from agent.core.errors import ConfigError
 from agent.node.auth import TokenStore
 from agent.site.coordinator import ClusterPlan, Coordinator, SitePlan, round_summary
 from agent.site.demand import DemandError, DemandEvent, load_schedule
 from agent.site.http import JsonServer, Reply
 from agent.site.settings import PromqlSignal, SiteConfig, site_prefix, split_listen
-from agent.site.store import EtcdStore, StoreError
+from agent.site.store import EtcdStore, Store, StoreError
 
 log = structlog.get_logger("ooda.site")
 
@@ -99,12 +99,19 @@ class Schedule:
 
 
 class SiteService:
-    def __init__(self, config: SiteConfig, listen: str | None = None) -> None:
+    def __init__(
+        self,
+        config: SiteConfig,
+        listen: str | None = None,
+        store: Store | None = None,
+        wall: Clock | None = None,
+    ) -> None:
+        """`store`, `wall`: etcd and the system clock unless given (tests)."""
         self.config = config
         dr = config.demand_response
         self.schedule = Schedule(None if dr is None else dr.schedule_file)
         etcd = config.etcd
-        self.store = EtcdStore(
+        self.store: Store = store or EtcdStore(
             list(etcd.endpoints),
             etcd.timeout_s,
             ca_file=None if etcd.ca_file is None else str(etcd.ca_file),
@@ -116,8 +123,8 @@ class SiteService:
         self.coordinator = Coordinator(
             self.store,
             site_plan(config),
-            wall=SystemClock(),
-            mono=MonotonicClock(),
+            wall=wall or SystemClock(),
+            mono=wall or MonotonicClock(),
             member=member,
             events=self.schedule,
             signal_w=signal_w,

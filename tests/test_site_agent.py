@@ -1,0 +1,181 @@
+"""The agent's side of a site and the coordinator's HTTP: the loop's gate (a standby observes and
+orients, acts on nothing, and reads what the other replica did when it takes over), the budget
+source's problems said every cycle, the rise after a lapse, the `[site]` section, the webhook
+(loopback, authenticated) and the status endpoint, and `ooda site check`."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.act.audit import AuditLog
+from agent.cli import main
+from agent.config import parse_config
+from agent.core.clock import FakeClock
+from agent.core.coordination import BudgetReading, GateState
+from agent.core.errors import ConfigError
+from agent.core.situation import Situation
+from agent.core.snapshot import Snapshot
+from agent.demo import build_agent
+from agent.sim.twin import Twin, TwinSpec
+from agent.site.grants import Grant, GrantKeeper
+from agent.site.service import SiteService
+from agent.site.settings import parse_site_config
+from agent.site.store import MemoryStore
+from policies.registry import builtin_registry
+
+
+class Gate:
+    """A hand-written gate: may act or not, as the test says."""
+
+    def __init__(self) -> None:
+        self.may_act = False
+        self.checks = 0
+        self._blocked = False
+
+    def check(self) -> GateState:
+        self.checks += 1
+        took_over = self.may_act and self._blocked
+        self._blocked = not self.may_act
+        return GateState(self.may_act, None if self.may_act else "standby: b leads", took_over)
+
+
+class Budget:
+    """A hand-written budget source."""
+
+    def __init__(self, watts: float, problem: str | None = None) -> None:
+        self.watts = watts
+        self.problem = problem
+        self.seen: list[Situation] = []
+
+    def read_budget(self, snapshot: Snapshot) -> BudgetReading:
+        return BudgetReading(self.watts, self.problem)
+
+    def oriented(self, situation: Situation) -> None:
+        self.seen.append(situation)
+
+
+def test_a_standby_observes_and_orients_but_never_acts_and_reads_back_on_takeover() -> None:
+    twin = Twin(TwinSpec(nodes=2, gpus_per_node=8, seed=2))
+    loop, actuators = build_agent(twin, False, AuditLog(), builtin_registry(), ("power_budget",))
+    gate, budget = Gate(), Budget(5000.0, "etcd unreachable for 3 s")
+    took: list[float | None] = []
+    loop.gate, loop.budget_w, loop.on_takeover = gate, budget, took.append
+    caps_before = twin.cap_w.copy()
+    for _ in range(3):
+        twin.run_until(twin.t_s + 15.0)
+        report = loop.cycle()
+        assert not report.actions and not report.intents
+        assert "leadership: standby: b leads" in report.errors
+        assert "site: etcd unreachable for 3 s" in report.errors
+        assert report.situation.budget_w == 5000.0  # oriented under the budget it would have
+    assert (twin.cap_w == caps_before).all() and not took
+    assert len(budget.seen) == 3 and loop.orienter.to_dict()  # its models saw every cycle
+    gate.may_act = True
+    twin.run_until(twin.t_s + 15.0)
+    report = loop.cycle()
+    assert took == [None]  # it never acted before: the whole record is read back
+    assert report.actions and (twin.cap_w < caps_before).any()
+    twin.run_until(twin.t_s + 15.0)
+    loop.cycle()
+    assert took == [None]  # only at the takeover
+    del actuators
+
+
+def test_a_budget_that_would_rise_at_a_lapse_waits_an_interval() -> None:
+    wall = FakeClock(1000.0)
+    keeper = GrantKeeper("c1", 500.0, wall, wall, rise_delay_s=17.0)
+    keeper.offer(Grant("c1", 300.0, 4, 1000.0, 60.0))
+    wall.advance(61)
+    held = keeper.view()
+    assert held.watts == 300.0 and held.source == "lapsing"
+    assert held.problem is not None and "rising to the safe share 500 W in 16 s" in held.problem
+    wall.advance(17)
+    assert keeper.view().watts == 500.0
+    # A grant above its safe share comes down at once.
+    keeper.offer(Grant("c1", 900.0, 5, wall.now(), 60.0))
+    wall.advance(61)
+    assert keeper.view().watts == 500.0
+
+
+def test_the_site_section_of_an_agent_config() -> None:
+    config = parse_config(
+        {"cluster": {"name": "c1"}, "site": {"name": "hall", "safe_share_w": 9e3}}
+    )
+    assert config.site is not None and config.site.etcd.endpoints == ["http://127.0.0.1:2379"]
+    with pytest.raises(ConfigError, match="site: peer_listen: needs peer_token_file"):
+        parse_config({"site": {"name": "hall", "safe_share_w": 1.0, "peer_listen": "127.0.0.1:1"}})
+    with pytest.raises(ConfigError, match="cluster.budget_query: a cluster in a"):
+        parse_config(
+            {
+                "source": {"kind": "prometheus"},
+                "cluster": {"budget_query": "x"},
+                "site": {"name": "hall", "safe_share_w": 1.0},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"site.etcd.endpoints: .*not an etcd client URL"):
+        parse_config({"site": {"name": "hall", "safe_share_w": 1.0, "etcd": {"endpoints": ["x"]}}})
+
+
+# -- the coordinator's HTTP --------------------------------------------------------------------
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Any:
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path / "dr.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    config = parse_site_config(
+        {
+            "site": {"name": "hall", "limit_w": 3000.0, "listen": "127.0.0.1:0",
+                     "token_file": str(token_file), "interval_s": 10.0},
+            "clusters": {"c1": {"safe_share_w": 1000.0}, "c2": {"safe_share_w": 1000.0}},
+            "demand_response": {"ramp_w_per_s": 10.0},
+        }
+    )  # fmt: skip
+    clock = FakeClock(1_800_000_000.0)
+    svc = SiteService(config, store=MemoryStore(clock), wall=clock)
+    svc.start_http()
+    yield svc, token
+    svc.close()
+
+
+def test_the_webhook_takes_authenticated_events_and_the_status_shows_them(service: Any) -> None:
+    svc, token = service
+    url = svc.server.url
+    event = {"id": "grid-1", "start": "2027-01-15T08:00:00Z", "duration_s": 1800, "target_w": 2e3}
+    assert httpx.post(f"{url}/v1/demand-response", json=event, timeout=5).status_code == 401
+    wrong = {"Authorization": "Bearer " + "x" * 24}
+    assert httpx.post(f"{url}/v1/demand-response", json=event, headers=wrong).status_code == 403
+    auth = {"Authorization": f"Bearer {token}"}
+    bad = httpx.post(f"{url}/v1/demand-response", json={**event, "target_w": -1}, headers=auth)
+    assert bad.status_code == 400 and "body.target_w" in bad.json()["error"]
+    ok = httpx.post(f"{url}/v1/demand-response", json=event, headers=auth, timeout=5)
+    assert ok.status_code == 202 and ok.json() == {"accepted": "grid-1"}
+    stored = svc.store.get_prefix("/ooda/sites/hall/demand/events/")
+    assert json.loads(stored["/ooda/sites/hall/demand/events/grid-1"])["target_w"] == 2000.0
+    svc.round()
+    status = httpx.get(f"{url}/v1/status", timeout=5).json()  # no token needed to read
+    # The clock is 2027-01-15T08:00:00Z: the event holds now.
+    assert status["role"] == "leader" and status["round"]["limit_w"] == 2000.0
+    assert status["round"]["demand_response"]["event"] == "grid-1"
+    assert status["round"]["clusters"]["c1"]["problem"] == "no curve (no agent leads it)"
+
+
+def test_ooda_site_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[site]\nname = "hall"\nlimit_w = 1000\n[clusters.a]\nsafe_share_w = 600\n'
+        "[clusters.b]\nsafe_share_w = 600\n"
+    )
+    assert main(["site", "check", "--config", str(path)]) == 2
+    assert "safe shares under 'hall' exceed its limit by 200 W" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("600", "400"))
+    assert main(["site", "check", "--config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
