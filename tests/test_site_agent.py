@@ -110,7 +110,7 @@ def test_the_site_section_of_an_agent_config() -> None:
     assert config.site is not None and config.site.etcd.endpoints == ["http://127.0.0.1:2379"]
     with pytest.raises(ConfigError, match="site: peer_listen: needs peer_token_file"):
         parse_config({"site": {"name": "hall", "safe_share_w": 1.0, "peer_listen": "127.0.0.1:1"}})
-    with pytest.raises(ConfigError, match="cluster.budget_query: a cluster in a"):
+    with pytest.raises(ConfigError, match=r"cluster\.budget_query: a cluster in a"):
         parse_config(
             {
                 "source": {"kind": "prometheus"},
