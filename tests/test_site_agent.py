@@ -179,3 +179,19 @@ def test_ooda_site_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     path.write_text(path.read_text().replace("600", "400"))
     assert main(["site", "check", "--config", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_the_site_examples_are_valid() -> None:
+    from agent.config import load_config
+    from agent.site.demand import load_schedule
+    from agent.site.settings import load_site_config
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "site"
+    site = load_site_config(deploy / "site.toml")
+    assert site.demand_response is not None and site.demand_response.schedule_file is not None
+    assert load_schedule(site.demand_response.schedule_file)  # found beside the site's file
+    agent = load_config(deploy / "agent.toml")
+    assert agent.site is not None and agent.site.name == site.site.name
+    assert agent.cluster.name in site.clusters
+    assert agent.site.safe_share_w == site.clusters[agent.cluster.name].safe_share_w
+    assert agent.dry_run

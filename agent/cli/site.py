@@ -69,8 +69,12 @@ def check(
     """
     from agent.site.settings import load_site_config
 
+    from agent.site.demand import load_schedule
+
     settings = load_site_config(config)
     tree = settings.tree()
+    dr = settings.demand_response
+    events = [] if dr is None or dr.schedule_file is None else load_schedule(dr.schedule_file)
     summary = {
         "ok": True,
         "file": str(config),
@@ -79,13 +83,15 @@ def check(
         "feeds": {n: f.limit_w for n, f in settings.feeds.items()},
         "clusters": {n: list(tree.paths[n]) for n in tree.clusters},
         "safe_shares_w": sum(c.safe_share_w for c in settings.clusters.values()),
+        "scheduled_events": len(events),
     }
     if json_out:
         emit_json(summary)
     else:
         typer.echo(
-            f"{config}: OK (site {settings.site.name}, {settings.site.limit_w:g} W, "
-            f"{len(settings.feeds)} feeds, {len(settings.clusters)} clusters)"
+            f"{config}: OK (site {settings.site.name}, {settings.site.limit_w:.0f} W, "
+            f"{len(settings.feeds)} feeds, {len(settings.clusters)} clusters, "
+            f"{len(events)} scheduled demand-response events)"
         )
 
 

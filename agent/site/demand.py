@@ -18,12 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from agent.core.errors import BadInputError
+
 MAX_EVENTS = 1000  # events held at once (a schedule file or the webhook): bounded
 MAX_SCHEDULE_BYTES = 1 << 20
 _EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
-class DemandError(ValueError):
+class DemandError(BadInputError):
     """An event or schedule that cannot be used (named in the message)."""
 
 

@@ -221,7 +221,10 @@ class DemandResponseSection(BaseModel):
         ..., gt=0, description="How fast the site's limit may move toward a target (W/s)."
     )
     schedule_file: Path | None = Field(
-        None, strict=False, description="TOML with [[event]] id, start, duration_s, target_w."
+        None,
+        strict=False,
+        description="TOML with [[event]] id, start, duration_s, target_w (a relative path is "
+        "beside the site's file).",
     )
     promql: PromqlSignal | None = None
     openadr: dict[str, Any] | None = Field(
@@ -328,4 +331,10 @@ def load_site_config(path: Path) -> SiteConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"site config {path}: not valid TOML: {exc}") from None
-    return parse_site_config(data, f"site config {path}")
+    config = parse_site_config(data, f"site config {path}")
+    dr = config.demand_response
+    if dr is not None and dr.schedule_file is not None and not dr.schedule_file.is_absolute():
+        # A relative schedule is beside the site's file, wherever the coordinator starts.
+        dr = dr.model_copy(update={"schedule_file": path.parent / dr.schedule_file})
+        config = config.model_copy(update={"demand_response": dr})
+    return config
