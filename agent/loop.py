@@ -294,6 +294,39 @@ class Loop:
             log.error("audit_actions_unwritable", error=str(exc), actions=len(actions))
         return actions
 
+    def _clock_check(self, now: float, errors: list[str]) -> None:
+        """Before the policies decide: after a jump back, their holds restart from now, as the
+        guard's do."""
+        if self._last_now is not None and now < self._last_now:
+            ahead = self.guard.clock_went_back(now)
+            self.memory = {n: m.clock_went_back(now) for n, m in self.memory.items()}
+            errors.append(
+                f"the clock went back {self._last_now - now:.0f} s: cooldowns, drain "
+                f"windows and policy holds restart from now ({ahead:.0f} s of the guard's "
+                "were ahead)"
+            )
+            log.error("clock_went_back", by_s=self._last_now - now)
+        self._last_now = now
+
+    def _observe(self, now: float, errors: list[str]) -> tuple[Snapshot, NodeStates | None]:
+        """The fleet and what the placement system says of its nodes; outages explicit."""
+        try:
+            snapshot = self.source.observe(now)
+        except Exception as exc:  # an outage is explicit: no GPUs seen, and why
+            message = f"observe failed: {exc}"
+            log.error("observe_failed", error=str(exc), error_type=type(exc).__name__)
+            snapshot = Snapshot.empty(now, errors=(message,))
+        snapshot = screen_implausible(snapshot)  # a broken exporter's values are not believed
+        errors.extend(snapshot.errors)
+        nodes: NodeStates | None = None
+        if self.placement is not None and snapshot.n_nodes:
+            try:
+                nodes = self.placement.node_states(list(snapshot.node_names))
+            except Exception as exc:
+                errors.append(f"placement state unavailable: {exc}")
+                log.error("node_states_failed", error=str(exc))
+        return snapshot, nodes
+
     def _may_act(self, now: float, errors: list[str]) -> bool:
         """Ask the gate (none: always); on a takeover, read what the other replica did first."""
         if self.gate is None:
@@ -350,21 +383,7 @@ class Loop:
                 stage_s[name] = time.perf_counter() - t0
 
         with stage("observe"):
-            try:
-                snapshot = self.source.observe(now)
-            except Exception as exc:  # an outage is explicit: no GPUs seen, and why
-                message = f"observe failed: {exc}"
-                log.error("observe_failed", error=str(exc), error_type=type(exc).__name__)
-                snapshot = Snapshot.empty(now, errors=(message,))
-            snapshot = screen_implausible(snapshot)  # a broken exporter's values are not believed
-            errors.extend(snapshot.errors)
-            nodes: NodeStates | None = None
-            if self.placement is not None and snapshot.n_nodes:
-                try:
-                    nodes = self.placement.node_states(list(snapshot.node_names))
-                except Exception as exc:
-                    errors.append(f"placement state unavailable: {exc}")
-                    log.error("node_states_failed", error=str(exc))
+            snapshot, nodes = self._observe(now, errors)
 
         with stage("orient"):
             situation = self.orienter.orient(snapshot, self._budget(snapshot, errors), nodes)
@@ -381,17 +400,7 @@ class Loop:
             )
 
         with stage("decide"):
-            if self._last_now is not None and now < self._last_now:
-                # Before the policies decide: their holds restart from now, as the guard's do.
-                ahead = self.guard.clock_went_back(now)
-                self.memory = {n: m.clock_went_back(now) for n, m in self.memory.items()}
-                errors.append(
-                    f"the clock went back {self._last_now - now:.0f} s: cooldowns, drain "
-                    f"windows and policy holds restart from now ({ahead:.0f} s of the guard's "
-                    "were ahead)"
-                )
-                log.error("clock_went_back", by_s=self._last_now - now)
-            self._last_now = now
+            self._clock_check(now, errors)
             proposed: list[Intent] = []
             for policy in self.policies:
                 try:

@@ -301,6 +301,19 @@ def site_link(config: Config) -> SiteLink | None:
         raise
 
 
+def _budget_source(
+    config: Config, budget_w: float | None, site: SiteLink | None
+) -> tuple[float | SiteLink | None, SiteLink | None]:
+    """The loop's budget: `budget_w` if given, else in a site its link (the grant, its lease,
+    the safe share; cluster.budget_w a local limit), else cluster.budget_w; and the link."""
+    if budget_w is not None:
+        return budget_w, None
+    if config.site is None:
+        return config.cluster.budget_w, None
+    link = site or site_link(config)
+    return link, link
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -386,12 +399,7 @@ def build_runtime(
     if notifier is not None:
         actuators.notifier = notifier
         closers.append(notifier.close)
-    budget: float | SiteLink | None = budget_w if budget_w is not None else config.cluster.budget_w
-    if config.site is not None and budget_w is None:
-        site = site or site_link(config)
-        budget = site  # the grant, its lease, the safe share (cluster.budget_w a local limit)
-    else:
-        site = None
+    budget, site = _budget_source(config, budget_w, site)
     rollout = rollout_for(config, clock)
     is_dry = dry_run_predicate(config.dry_run, policies, rollout)
     loop = Loop(

@@ -65,6 +65,7 @@ WALL_START = 1_900_000_000.0  # the links' and coordinator's Unix time at twin t
 PREFIX = "/ooda/sites/bench"
 NOISE_Z = 3.0
 POLICIES = ("power_budget",)
+KILLED = "h100-big"  # the cluster that runs two replicas, and loses its leader
 # The work is counted unweighted (GPU-seconds at full speed, as the oracle maximizes it): the
 # agents are set to maximize the same (no priority classes), for every controller alike.
 SETTINGS: dict[str, PolicySettings] = {
@@ -219,6 +220,29 @@ class Replica:
     acting_since_s: float | None = None
 
 
+def _replicas(
+    site: Site, twins: dict[str, Twin], store: MemoryStore, wall: FakeClock, audit_dir: Path
+) -> dict[str, list[Replica]]:
+    """Each cluster's agent under its link; the first cluster has two replicas, one audit log."""
+    replicas: dict[str, list[Replica]] = {}
+    for name, twin in twins.items():
+        replicas[name] = []
+        path = audit_dir / f"{name}.audit.jsonl"  # shared by the cluster's replicas
+        for k in range(2 if name == KILLED else 1):
+            audit = AuditLog(path=path)
+            loop, _ = build_agent(twin, False, audit, builtin_registry(), POLICIES, SETTINGS)
+            settings = LinkSettings(PREFIX, name, f"{name}-{k}", site.safe_w[name], LEADER_TTL_S,
+                                    rise_delay_s=INTERVAL_S)  # fmt: skip
+            link = SiteLink(store, settings, wall=wall, mono=wall)
+            loop.budget_w, loop.gate, loop.on_takeover = link, link, _recovery(loop, path)
+            replicas[name].append(Replica(f"{name}-{k}", loop, link, audit))
+    return replicas
+
+
+def _alive(replicas: dict[str, list[Replica]]) -> list[Replica]:
+    return [r for group in replicas.values() for r in group if r.alive]
+
+
 def run_coordinated(site: Site, audit_dir: Path) -> dict[str, Any]:
     wall = FakeClock(WALL_START)
     store = MemoryStore(wall)
@@ -231,68 +255,39 @@ def run_coordinated(site: Site, audit_dir: Path) -> dict[str, Any]:
     coordinator = Coordinator(store, plan, wall=wall, mono=wall, member="coordinator",
                               events=lambda: [site.event])  # fmt: skip
     twins = {n: Twin(s) for n, s in site.specs.items()}
-    replicas: dict[str, list[Replica]] = {}
-    for name, twin in twins.items():
-        count = 2 if name == "h100-big" else 1
-        replicas[name] = []
-        for k in range(count):
-            audit = AuditLog(path=audit_dir / f"{name}.audit.jsonl")  # shared by the replicas
-            loop, _ = build_agent(twin, False, audit, builtin_registry(), POLICIES, SETTINGS)
-            link = SiteLink(
-                store,
-                LinkSettings(PREFIX, name, f"{name}-{k}", site.safe_w[name], LEADER_TTL_S),
-                wall=wall,
-                mono=wall,
-            )
-            loop.budget_w = link
-            loop.gate = link
-            loop.on_takeover = _recovery(loop, audit_dir / f"{name}.audit.jsonl")
-            replicas[name].append(Replica(f"{name}-{k}", loop, link, audit))
+    replicas = _replicas(site, twins, store, wall, audit_dir)
     meter = Meter(site)
     killed_at: float | None = None
     failover_s: float | None = None
-    rounds: list[dict[str, Any]] = []
+    unfit = 0
     t = 0.0
     while t < site.duration_s - 1e-9:
         store.tick()
         if killed_at is None and t >= site.kill_at_s:
-            for r in replicas["h100-big"]:
-                if r.link.elector.is_leader:
-                    r.alive = False  # SIGKILL: no more renewals, no resignation
+            for r in replicas[KILLED]:
+                r.alive = r.alive and not r.link.elector.is_leader  # SIGKILL: no resignation
             killed_at = t
-        if t % (LEADER_TTL_S / 3.0) < 1e-9:
-            for group in replicas.values():
-                for r in group:
-                    if r.alive:
-                        r.link.step()
+        if t % (LEADER_TTL_S / 3.0) < 1e-9:  # the links' threads
+            for r in _alive(replicas):
+                r.link.step()
         if t % INTERVAL_S < 1e-9:
             report = coordinator.step()
-            if report is not None:
-                rounds.append({"t": t, "fits": report.fits, "met": report.target_met})
-            for group in replicas.values():
-                for r in group:
-                    if r.alive:
-                        r.link.step()
-                        r.loop.cycle()
-            if killed_at is not None and failover_s is None:
-                standby = [r for r in replicas["h100-big"] if r.alive]
-                if any(r.loop.last_acted_s == t for r in standby):
-                    failover_s = t - killed_at
+            unfit += int(report is not None and not report.fits)
+            for r in _alive(replicas):
+                r.link.step()
+                r.loop.cycle()
+            acted = any(r.loop.last_acted_s == t for r in replicas[KILLED] if r.alive)
+            if killed_at is not None and failover_s is None and acted:
+                failover_s = t - killed_at
         for twin in twins.values():
             twin.step(1.0)
         meter.step(t, twins, 1.0)
         t += 1.0
         wall.advance(1.0)
-    for group in replicas.values():
-        for r in group:
-            r.audit.close()
-    return {
-        "work": sum(tw.work_done_gpu_s for tw in twins.values()),
-        "meter": meter,
-        "failover_s": failover_s,
-        "unfit_rounds": sum(1 for r in rounds if not r["fits"]),
-        "rounds": len(rounds),
-    }
+    for r in (r for group in replicas.values() for r in group):
+        r.audit.close()
+    work = sum(tw.work_done_gpu_s for tw in twins.values())
+    return {"work": work, "meter": meter, "failover_s": failover_s, "unfit_rounds": unfit}
 
 
 def _recovery(loop: Loop, path: Path) -> Callable[[float | None], None]:

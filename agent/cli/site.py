@@ -17,7 +17,7 @@ site_app = typer.Typer(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")]
 ConfigOption = Annotated[
-    Path, typer.Option("--config", "-c", help="The site's TOML (see deploy/examples/site.toml).")
+    Path, typer.Option("--config", "-c", help="The site's TOML (see deploy/site/site.toml).")
 ]
 
 
@@ -40,7 +40,7 @@ def run(
 
     Examples:
 
-      ooda site run --config deploy/examples/site.toml
+      ooda site run --config deploy/site/site.toml
 
       ooda --log-level debug site run -c /etc/ooda/site.toml --listen 127.0.0.1:9470
     """
@@ -65,11 +65,10 @@ def check(
 
     Examples:
 
-      ooda site check --config deploy/examples/site.toml
+      ooda site check --config deploy/site/site.toml
     """
-    from agent.site.settings import load_site_config
-
     from agent.site.demand import load_schedule
+    from agent.site.settings import load_site_config
 
     settings = load_site_config(config)
     tree = settings.tree()
@@ -108,7 +107,7 @@ def status(
 
     Examples:
 
-      ooda site status --config deploy/examples/site.toml --json
+      ooda site status --config deploy/site/site.toml --json
     """
     from agent.site.settings import load_site_config, site_prefix
     from agent.site.store import EtcdStore, StoreError

@@ -103,11 +103,7 @@ def unix(event: dict[str, Any]) -> float:
 def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: Path) -> None:
     if Etcd.binary() is None or VictoriaMetrics.binary() is None:
         pytest.skip("etcd or victoria-metrics not installed (make test installs them)")
-    token = secrets.token_urlsafe(24)
-    for name in ("node.token", "peer.token"):
-        (tmp_path / name).write_text(secrets.token_urlsafe(24) + "\n")
-        (tmp_path / name).chmod(0o600)
-    (tmp_path / "node.token").write_text(token + "\n")
+    token = write_tokens(tmp_path)
     sockets_dir = tmp_path / "sock"
     sockets_dir.mkdir()
     serve = subprocess.Popen(
@@ -131,23 +127,11 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
                         replica_toml(name, vm.url, etcd.url, sockets, tmp_path))
             for name in ("a", "b")
         }  # fmt: skip
-        a = DaemonProcess(configs["a"], tmp_path / "state-a", tmp_path / "a.log",
-                          env={"OODA_LOG_LEVEL": "debug"}).started()  # fmt: skip
-        replicas.append(a)
-        a.wait_event("site_leadership", where=lambda e: e.get("role") == "leader")
-        b = DaemonProcess(configs["b"], tmp_path / "state-b", tmp_path / "b.log",
-                          env={"OODA_LOG_LEVEL": "debug"}).started()  # fmt: skip
-        replicas.append(b)
-        b.wait_event("site_leadership", where=lambda e: e.get("role") == "standby")
+        a = start_replica("a", configs["a"], tmp_path, "leader", replicas)
+        b = start_replica("b", configs["b"], tmp_path, "standby", replicas)
 
         # 1. a caps the GPUs (8 H100 under 2400 W); b only observes and says so.
-        deadline = time.monotonic() + 60
-        leased: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and len(leased) < 8:
-            leased = [g for u in sockets.values() for g in gpus(u, token)
-                      if g["lease_remaining_s"] is not None]  # fmt: skip
-            time.sleep(0.5)
-        assert len(leased) == 8, a.log_path.read_text()[-3000:]
+        wait_leased(sockets, token, 8, a)
         standby = [e for e in b.events() if e.get("event") == "cycle_summary"]
         assert standby and all(
             any("standby: a leads cluster fo" in x for x in e["errors"] or []) for e in standby
@@ -172,16 +156,7 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         fresh = [g["lease_remaining_s"] for u in sockets.values() for g in gpus(u, token)]
         assert all(r is not None and r >= 30 - 2 * INTERVAL_S for r in fresh), fresh
         # No action repeated: nothing b did sets a GPU to the cap a had already set on it.
-        in_force = last_caps(records_before)
-        after = [r for r in audit(tmp_path)[len(records_before) :] if r["event"] == "action"]
-        repeated = [
-            (target, watts)
-            for r in after
-            if r["kind"] == "set_power_cap"
-            for target, watts in zip(r["target"], r["after"], strict=True)
-            if in_force.get(target) == watts
-        ]
-        assert not repeated, repeated
+        assert not repeated(records_before, audit(tmp_path)[len(records_before) :])
         cycles = [
             e for e in b.events() if e.get("event") == "cycle_summary" and unix(e) > unix(took)
         ]
@@ -194,6 +169,48 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         etcd.stop()
         serve.terminate()
         serve.wait(timeout=10)
+
+
+def write_tokens(tmp: Path) -> str:
+    """The node daemons' token and the replicas' peer token; the first is returned."""
+    tokens = {}
+    for name in ("node.token", "peer.token"):
+        tokens[name] = secrets.token_urlsafe(24)
+        (tmp / name).write_text(tokens[name] + "\n")
+        (tmp / name).chmod(0o600)
+    return tokens["node.token"]
+
+
+def start_replica(
+    name: str, config: Path, tmp: Path, role: str, started: list[DaemonProcess]
+) -> DaemonProcess:
+    replica = DaemonProcess(config, tmp / f"state-{name}", tmp / f"{name}.log",
+                            env={"OODA_LOG_LEVEL": "debug"})  # fmt: skip
+    started.append(replica)
+    replica.started().wait_event("site_leadership", where=lambda e: e.get("role") == role)
+    return replica
+
+
+def wait_leased(sockets: dict[str, str], token: str, n: int, leader: DaemonProcess) -> None:
+    deadline = time.monotonic() + 60
+    leased: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(leased) < n:
+        leased = [g for u in sockets.values() for g in gpus(u, token)
+                  if g["lease_remaining_s"] is not None]  # fmt: skip
+        time.sleep(0.5)
+    assert len(leased) == n, leader.log_path.read_text()[-3000:]
+
+
+def repeated(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """(GPU, watts) of every cap set after `before` that was already in force by it."""
+    in_force = last_caps(before)
+    return [
+        (target, watts)
+        for r in after
+        if r["event"] == "action" and r["kind"] == "set_power_cap"
+        for target, watts in zip(r["target"], r["after"], strict=True)
+        if in_force.get(target) == watts
+    ]
 
 
 def audit(tmp: Path) -> list[dict[str, Any]]:
