@@ -195,3 +195,40 @@ def test_the_site_examples_are_valid() -> None:
     assert agent.cluster.name in site.clusters
     assert agent.site.safe_share_w == site.clusters[agent.cluster.name].safe_share_w
     assert agent.dry_run
+
+
+def test_openadr_events_map_to_site_targets() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from agent.site.openadr import OpenAdrError, events_from_openadr
+
+    start = datetime(2027, 7, 1, 14, tzinfo=UTC)
+    event = {
+        "event_descriptor": {"event_id": "ev1"},
+        "event_signals": [
+            {
+                "signal_name": "LOAD_DISPATCH",
+                "signal_type": "setpoint",
+                "measurement": {"name": "powerReal", "scale": "k"},
+                "intervals": [
+                    {"dtstart": start, "duration": timedelta(hours=1), "signal_payload": 1500},
+                ],
+            },
+            {
+                "signal_name": "SIMPLE",
+                "signal_type": "level",
+                "intervals": [
+                    {"dtstart": start, "duration": timedelta(hours=2), "signal_payload": 3},
+                ],
+            },
+        ],
+    }
+    a, b = events_from_openadr(event, 2e6)
+    assert (a.event_id, a.target_w, a.duration_s, a.source) == ("ev1.0", 1.5e6, 3600.0, "openadr")
+    assert a.start_unix == start.timestamp() and b.target_w == 0.5 * 2e6
+    event["event_signals"] = [{**event["event_signals"][0], "measurement": None}]
+    with pytest.raises(OpenAdrError, match="setpoint: needs a real-power measurement"):
+        events_from_openadr(event, 2e6)
+    event["event_signals"] = [{"signal_name": "ENERGY_PRICE", "signal_type": "price"}]
+    with pytest.raises(OpenAdrError, match="no interval"):
+        events_from_openadr(event, 2e6)

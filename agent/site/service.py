@@ -27,6 +27,7 @@ from agent.node.auth import TokenStore
 from agent.site.coordinator import ClusterPlan, Coordinator, SitePlan, round_summary
 from agent.site.demand import DemandError, DemandEvent, load_schedule
 from agent.site.http import JsonServer, Reply
+from agent.site.openadr import OpenAdrVen
 from agent.site.settings import PromqlSignal, SiteConfig, site_prefix, split_listen
 from agent.site.store import EtcdStore, Store, StoreError
 
@@ -131,6 +132,7 @@ class SiteService:
         )
         self.listen = listen or config.site.listen
         self.server: JsonServer | None = None
+        self.ven: OpenAdrVen | None = None
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
@@ -180,6 +182,30 @@ class SiteService:
         except OSError as exc:
             raise ConfigError(f"site.listen: cannot listen on {self.listen} ({exc})") from None
 
+    def start_openadr(self) -> None:
+        """The site's OpenADR VEN, when configured: its events are stored as the webhook's."""
+        dr = self.config.demand_response
+        if dr is None or dr.openadr is None:
+            return
+        self.ven = OpenAdrVen(
+            dr.openadr, self.config.site.limit_w, self._post_openadr, self._floor_w
+        ).start()
+
+    def _post_openadr(self, event: DemandEvent) -> None:
+        try:
+            self.coordinator.post_event(event)
+        except StoreError as exc:  # kept in memory for this run all the same
+            log.error("site_openadr_event_not_stored", error=str(exc), event=event.event_id)
+        self._wake.set()
+
+    def _floor_w(self) -> float | None:
+        """The least the site can draw now: the live clusters' floors, the others as counted."""
+        last = self.coordinator.last
+        if last is None:
+            return None
+        floors = [c["floor_w"] if c["live"] else c["counted_w"] for c in last.clusters.values()]
+        return None if any(f is None for f in floors) else float(sum(floors))
+
     # -- the loop ------------------------------------------------------------------------------
 
     def round(self) -> None:
@@ -192,6 +218,7 @@ class SiteService:
 
     def serve(self) -> int:
         self.start_http()
+        self.start_openadr()
         log.info(
             "site_started",
             site=self.config.site.name,
@@ -231,6 +258,8 @@ class SiteService:
         return 0
 
     def close(self) -> None:
+        if self.ven is not None:
+            self.ven.stop()
         if self.server is not None:
             self.server.stop()
         self.coordinator.elector.resign()

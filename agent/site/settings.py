@@ -214,6 +214,44 @@ class PromqlSignal(BaseModel):
         return value
 
 
+class OpenAdrSettings(BaseModel):
+    """An OpenADR 2.0b VEN for the site (agent.site.openadr; the `openadr` extra)."""
+
+    model_config = STRICT_SETTINGS
+
+    vtn_url: str = Field(..., description="The VTN's URL, e.g. https://vtn/OpenADR2/Simple/2.0b.")
+    ven_name: str = Field(..., min_length=1, description="This VEN's name at the VTN.")
+    cert: Path | None = Field(None, strict=False, description="PEM certificate (signing, TLS).")
+    key: Path | None = Field(None, strict=False, description="PEM private key.")
+    vtn_fingerprint: str | None = Field(None, description="The VTN certificate's fingerprint.")
+    simple_levels: list[float] = Field(
+        default_factory=lambda: [1.0, 0.9, 0.75, 0.5],
+        min_length=4,
+        max_length=4,
+        description="SIMPLE levels 0..3 as shares of the site's limit.",
+    )
+
+    @field_validator("vtn_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError("an http(s) URL")
+        return value
+
+    @field_validator("simple_levels")
+    @classmethod
+    def _levels(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError("each level is a share of the limit in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> OpenAdrSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key: both or neither")
+        return self
+
+
 class DemandResponseSection(BaseModel):
     model_config = STRICT_SETTINGS
 
@@ -227,10 +265,8 @@ class DemandResponseSection(BaseModel):
         "beside the site's file).",
     )
     promql: PromqlSignal | None = None
-    openadr: dict[str, Any] | None = Field(
-        None,
-        description="An OpenADR 2.0b VEN (needs the `openadr` extra): vtn_url, ven_name, "
-        "and optionally cert, key, vtn_fingerprint.",
+    openadr: OpenAdrSettings | None = Field(
+        None, description="An OpenADR 2.0b VEN for the site (needs the `openadr` extra)."
     )
 
 
