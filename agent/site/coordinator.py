@@ -74,7 +74,6 @@ class Issued:
 
     epoch: int
     watts: float
-    fallback_w: float
     until_unix: float
 
 
@@ -216,8 +215,7 @@ class Coordinator:
             if cluster not in self.issued:
                 continue
             until = grant.expires_unix + self.plan.clock_skew_s
-            fallback = self.plan.clusters[cluster].safe_share_w
-            self.issued[cluster].append(Issued(grant.epoch, grant.watts, fallback, until))
+            self.issued[cluster].append(Issued(grant.epoch, grant.watts, until))
             self.epoch = max(self.epoch, grant.epoch)
         self._seeded = True
 
@@ -424,9 +422,7 @@ class Coordinator:
             body = {**grant.to_json(), "fallback_w": round(report.fallback_w[cluster], 1)}
             self.store.put(f"{plan.prefix}/clusters/{cluster}/grant", json.dumps(body), lease)
             until = report.time_unix + plan.grant_lease_s + plan.clock_skew_s
-            self.issued[cluster].append(
-                Issued(self.epoch, watts, report.fallback_w[cluster], until)
-            )
+            self.issued[cluster].append(Issued(self.epoch, watts, until))
         status = {**report.to_json(), "coordinator": self.member}
         self.store.put(f"{plan.prefix}/status", json.dumps(status), lease)
 

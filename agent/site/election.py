@@ -19,7 +19,7 @@ the leader stops acting and says so every cycle.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,7 +87,6 @@ class Elector:
         self.promised_until: float = -float("inf")  # to a failsafe leader: no campaign till then
         self.contact = _Contact()
         self._failsafe: tuple[float, str | None] | None = None  # (checked at, refusal)
-        self.on_change: Callable[[], None] | None = None
 
     # -- one round -------------------------------------------------------------------------
 
@@ -131,15 +130,12 @@ class Elector:
         self.store.put(self.members_prefix + self.member, json.dumps(info), self.lease_id)
 
     def _held_by(self, holder: str | None, sent: float) -> None:
-        was = self.is_leader
         self.leader = holder
         self.is_leader = holder == self.member
         if self.is_leader:
             # etcd received the renewal after `sent`: the lease lasts at least ttl from there.
             self.confirmed_until = sent + self.ttl_s * (1.0 - CLOCK_RATE_MARGIN)
             self._failsafe = None
-        if was != self.is_leader and self.on_change is not None:
-            self.on_change()
 
     def _contact_ok(self, sent: float, error: str | None = None) -> None:
         self.contact.ok_mono = sent
