@@ -14,7 +14,10 @@ Controllers:
   followed as the coordinator follows it, demand response included);
 - `oracle`: the best split with the twins' true curves (the demand curves built from the truth,
   the same split), each twin then capped by the single-cluster oracle under its share, re-solved
-  every step.
+  every step;
+- `agents_under_oracle_split` (a diagnostic): the agents under the oracle's split of the true
+  curves, each interval: what the agents' own allocation within each cluster costs, apart from
+  the coordinator's split.
 
 Prints one JSON line per controller: `throughput_vs_oracle` (work done, GPU-seconds at full speed),
 `above_limit_s` per limit (seconds any limit was exceeded by the twins' true draw), and for the
@@ -141,22 +144,27 @@ class Meter:
             self.peak_over_w[node] = max(self.peak_over_w.get(node, 0.0), by)
 
 
-def run_static(site: Site) -> dict[str, Any]:
+def run_static(site: Site, by_truth: bool = False) -> dict[str, Any]:
+    """The agents under a split the coordinator has no part in: by cluster size, or (`by_truth`,
+    a diagnostic) the site oracle's split of the true curves, each interval."""
     twins = {n: Twin(s) for n, s in site.specs.items()}
     sizes = {n: float(s.n_gpus) for n, s in site.specs.items()}
     loops: dict[str, Loop] = {}
+    shares: dict[str, float] = {}
     for name, twin in twins.items():
         loop, _ = build_agent(twin, False, AuditLog(), builtin_registry(), POLICIES, SETTINGS)
-
-        def share(_snap: Any, name: str = name, twin: Twin = twin) -> float | None:
-            return proportional_split(limits_at(site, twin.t_s, 2 * INTERVAL_S), sizes)[name]
-
-        loop.budget_w = share
+        loop.budget_w = lambda _snap, name=name: shares[name]
         loops[name] = loop
     meter = Meter(site)
     t = 0.0
     while t < site.duration_s - 1e-9:
         if t % INTERVAL_S < 1e-9:
+            limits = limits_at(site, t, 2 * INTERVAL_S)
+            if by_truth:
+                curves = {n: true_curve(tw) for n, tw in twins.items()}
+                shares.update(split(limits, curves).grants_w)
+            else:
+                shares.update(proportional_split(limits, sizes))
             for loop in loops.values():
                 loop.cycle()
         for twin in twins.values():
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     oracle = run_oracle(site)
     static = run_static(site)
+    under_truth = run_static(site, by_truth=True)
     with tempfile.TemporaryDirectory() as tmp:
         coordinated = run_coordinated(site, Path(tmp))
     common = {
@@ -324,7 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         "event": {"target_w": site.event.target_w, "start_s": site.event.start_unix - WALL_START,
                   "duration_s": site.event.duration_s, "ramp_w_per_s": round(site.ramp_w_per_s, 1)},
     }  # fmt: skip
-    for name, result in (("oracle", oracle), ("static", static), ("coordinated", coordinated)):
+    runs = (
+        ("oracle", oracle),
+        ("static", static),
+        ("agents_under_oracle_split", under_truth),
+        ("coordinated", coordinated),
+    )
+    for name, result in runs:
         meter: Meter = result["meter"]
         row: dict[str, Any] = {
             "controller": name,
