@@ -451,3 +451,22 @@ def test_build_curve_is_concave_and_spans_floor_to_ceiling() -> None:
     slopes = [s for _w, s in curve.segments()]
     assert all(np.diff(slopes) <= 1e-9)
     assert curve.ceiling_w > curve.floor_w > 0
+
+
+def test_a_standby_coordinator_takes_over_and_counts_the_grants_in_force() -> None:
+    clock = FakeClock(1_000_000.0)
+    store = MemoryStore(clock)
+    first = Coordinator(store, site_plan(), wall=clock, mono=clock, member="coord-a")
+    second = Coordinator(store, site_plan(), wall=clock, mono=clock, member="coord-b")
+    steady = settle(store, first, clock, {"c1": 0.01, "c2": 0.001, "c3": 0.005})
+    assert second.step() is None  # a standby publishes nothing
+    assert steady.grants_w["c1"] == 1500.0
+    # The first dies (no more renewals): its key lapses after its TTL (two rounds: 20 s).
+    store.delete(f"{PREFIX}/clusters/c1/curve")  # and c1's agent is gone too
+    report = None
+    for _ in range(3):
+        clock.advance(10.0)
+        report = second.step()
+    assert report is not None and second.elector.view().role == "leader"
+    # c1's last grant (1500 W, from the other coordinator) is still counted until it lapses.
+    assert report.counted_w["c1"] == 1500.0 and report.epoch > steady.epoch
