@@ -73,7 +73,7 @@ def test_an_openadr_event_becomes_a_demand_response_target() -> None:
                 signal_name="LOAD_CONTROL",
                 signal_type="x-loadControlCapacity",
                 intervals=[interval],
-                callback=lambda ven_id, event_id, opt: replies.append(opt),
+                callback=lambda ven_id, event_id, opt_type: replies.append(opt_type),
             )
 
         loop.call_soon_threadsafe(add_event)
@@ -85,7 +85,7 @@ def test_an_openadr_event_becomes_a_demand_response_target() -> None:
         assert replies == ["optIn"]  # 6 kW is above the site's floor (2 kW)
         (text,) = stored.values()
         assert '"target_w": 6000.0' in text and '"source": "openadr"' in text
-        clock.advance(300.0)
+        clock.advance(330.0)  # the event holds
         report = service.coordinator.step()
         assert report is not None and report.limit_w == pytest.approx(6000.0)
     finally:
