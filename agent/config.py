@@ -2,7 +2,9 @@
 
 Every error names the key path and the problem, e.g.
 `cluster.budget_w: must be greater than 0 (got -5)`. Policy settings are validated by each
-policy's own settings model, found in the policy registry.
+policy's own settings model, found in the policy registry; each source's and actuator's section by
+its kind's own model, found in the adapter table (agent.adapters), which also says which kinds
+there are.
 """
 
 from __future__ import annotations
@@ -10,39 +12,32 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
-from agent.act.node_client import NodeClientSettings
-from agent.act.notify import NotifySettings
 from agent.act.rollout import RolloutSettings
-from agent.act.slurm import SlurmSettings
-from agent.core.dcgm import (
-    DCGM_FIELDS,
-    LABEL_GPU,
-    LABEL_HOST,
-    LABEL_HOST_NEW,
-    LABEL_JOB,
-    LABEL_MODEL,
-    LABEL_UUID,
-)
-from agent.core.errors import BadInputError, ConfigError
-from agent.core.gpu_models import BUILTIN_MODELS
+from agent.adapters import NONE, Adapters, default_adapters
+from agent.adapters.site import SiteLinkSettings, site_budget_problem
+from agent.adapters.twin import TwinConfig
+from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION
-from agent.core.snapshot import Metric
-from agent.core.urls import check_http_url
-from agent.observe.promql import check_label_name, check_metric_name
-from agent.observe.remote_write.settings import RemoteWriteConfig
+from agent.observe.promql import check_label_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
-from agent.sim.faults import parse_fault, parse_seconds
-from agent.sim.twin import TWIN_LABELS
-from agent.site.settings import SiteLinkSettings
+from agent.sim.faults import parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -124,181 +119,52 @@ class ClusterConfig(_Section):
         return None if value is None else check_label_name(value)
 
 
-class DemandResponse(_Section):
-    start_s: float = Field(..., ge=0, description="When the budget drops (twin seconds).")
-    duration_s: float = Field(..., gt=0, description="How long the drop lasts (s).")
-    budget_w: float = Field(..., gt=0, description="The budget during the drop (W).")
-
-
-class TwinConfig(_Section):
-    nodes: int = Field(8, ge=1, le=20000, description="Nodes in the twin.")
-    gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node.")
-    model: str = Field("H100", description="GPU model (H100 or A100).")
-    seed: int = Field(0, description="Random seed: the same seed gives the same run.")
-    occupancy: float = Field(0.85, ge=0, le=1, description="Target share of busy GPUs.")
-    budget_w: float | None = Field(
-        None, gt=0, description="The facility budget (W); none: no budget."
-    )
-    demand_response: DemandResponse | None = None
-    speed: float = Field(
-        0.0,
-        ge=0,
-        description="0: virtual clock, as fast as possible; 1: real time; X: X times real time.",
-    )
-    faults: list[str] = Field(
-        default_factory=list, description="Faults, e.g. 'xid=79:node2/gpu1@60'."
-    )
-    node_overhead_w: float = Field(0.0, ge=0, description="Non-GPU power per node (W).")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in BUILTIN_MODELS:
-            raise ValueError(
-                f"unknown GPU model {value!r} (known: {', '.join(sorted(BUILTIN_MODELS))})"
-            )
-        return value
-
-    @field_validator("faults")
-    @classmethod
-    def _valid_faults(cls, value: list[str]) -> list[str]:
-        for spec in value:
-            try:
-                parse_fault(spec)
-            except BadInputError as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-
-def _dcgm_metric_names() -> dict[Metric, str]:
-    return {f.metric: f.name for f in DCGM_FIELDS}
-
-
-class PrometheusConfig(_Section):
-    url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL.")
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        check_http_url(value, "must be a URL")
-        return value
-
-    timeout_s: float = Field(10.0, gt=0, description="Per-query timeout (s).")
-    retries: int = Field(2, ge=0, le=10, description="Retries per query on connection errors.")
-    scrape_interval_s: float = Field(15.0, gt=0, description="The exporters' scrape interval (s).")
-    staleness_s: float | None = Field(
-        None,
-        gt=0,
-        description="A GPU whose newest sample is older is stale (s; default 3 scrapes).",
-    )
-    inventory_window_s: float = Field(
-        600.0, gt=0, description="GPUs seen within this window are known (s)."
-    )
-    static_refresh_s: float = Field(
-        300.0,
-        ge=0,
-        description="The inventory, the cap range and the health counters are read in full "
-        "this often (s); in between the inventory is remembered and only non-zero health "
-        "counters are read.",
-    )
-    parallel_queries: int = Field(
-        2, ge=1, le=16, description="Queries in flight at once (Prometheus runs each on one core)."
-    )
-    metrics: dict[Annotated[Metric, Field(strict=False)], str] = Field(  # names -> Metric
-        default_factory=_dcgm_metric_names,
-        description="Field -> Prometheus metric name, for relabelled setups (dcgm-exporter's "
-        "names and units by default; '' leaves a field out). Only the names given change. "
-        "The loop does not read energy_j (no policy uses it); recording and replay do.",
-    )
-    host_labels: list[str] = Field(
-        default_factory=lambda: [LABEL_HOST, LABEL_HOST_NEW],
-        min_length=1,
-        description="Labels naming a GPU's node, the first non-empty one wins.",
-    )
-    gpu_label: str = Field(LABEL_GPU, description="Label with the GPU's index on its node.")
-    uuid_label: str = Field(LABEL_UUID, description="Label with the GPU's UUID.")
-    model_label: str = Field(LABEL_MODEL, description="Label with the GPU's model name.")
-    job_label: str = Field(LABEL_JOB, description="Label with the Slurm job on the GPU.")
-    match: dict[str, str] = Field(
-        default_factory=dict,
-        description='Exact label matchers added to every selector, e.g. {cluster = "lab"}.',
-    )
-
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _merge_metric_names(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {**{str(k): v for k, v in _dcgm_metric_names().items()}, **value}
-        return value
-
-    @field_validator("metrics")
-    @classmethod
-    def _metric_names(cls, value: dict[Metric, str]) -> dict[Metric, str]:
-        if not value.get(Metric.POWER_W):
-            raise ValueError("power_w needs a metric name: it is the inventory's heartbeat")
-        for name in value.values():
-            if name:
-                check_metric_name(name)
-        return value
-
-    @field_validator("host_labels", "match")
-    @classmethod
-    def _label_names(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
-        for name in value:
-            check_label_name(name)
-        return value
-
-    @field_validator("gpu_label", "uuid_label", "model_label", "job_label")
-    @classmethod
-    def _label_name(cls, value: str) -> str:
-        return check_label_name(value)
-
-
-class NvmlSourceConfig(_Section):
-    node: str | None = Field(
-        None,
-        min_length=1,
-        description="This node's name, as Slurm and the node daemons know it (default: the host "
-        "name up to its first dot).",
-    )
-
-
 class SourceConfig(_Section):
-    kind: Literal["twin", "prometheus", "nvml", "remote_write"] = Field(
+    """`[source]`: the kind, and each kind's own section (`[source.KIND]`, validated by the kind's
+    model from the adapter table: agent.adapters)."""
+
+    adapters: ClassVar[Adapters | None] = None
+
+    kind: str = Field(
         "twin",
-        description="Where telemetry comes from (nvml: this node's GPUs, read directly; for one "
-        "GPU node; remote_write: samples pushed by a Prometheus, vmagent or OpenTelemetry "
-        "collector).",
+        description="Where telemetry comes from: a source kind of the adapter table (twin, "
+        "prometheus, nvml: this node's GPUs, read directly; remote_write: samples pushed by a "
+        "Prometheus, vmagent or OpenTelemetry collector; trace: a recorded trace; or an "
+        "installed plug-in's).",
     )
-    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
-    nvml: NvmlSourceConfig = Field(default_factory=NvmlSourceConfig)
-    remote_write: RemoteWriteConfig = Field(default_factory=RemoteWriteConfig)
+
+    @model_validator(mode="after")
+    def _needed_section(self) -> SourceConfig:
+        kind = _table(self).sources.get(self.kind)
+        if kind is not None and kind.Settings is not None and getattr(self, kind.name) is None:
+            raise ValueError(f"kind = {self.kind!r} needs a [source.{self.kind}] section")
+        return self
 
 
 class ActuatorsConfig(_Section):
-    caps: Literal["twin", "node", "none"] = Field(
+    """`[actuators]`: who applies caps and who places work, and each kind's own section
+    (`[actuators.KIND]`, validated by the kind's model from the adapter table)."""
+
+    adapters: ClassVar[Adapters | None] = None
+
+    caps: str = Field(
         "twin", description="Who applies power caps (node: the node daemons, see [actuators.node])."
     )
-    placement: Literal["twin", "slurm", "none"] = Field(
+    placement: str = Field(
         "twin",
         description="Who drains and steers nodes. With slurm and the twin as source, the twin's "
         "jobs follow Slurm's.",
     )
     lease_s: float = Field(120.0, gt=0, description="Cap lease length (s), renewed every cycle.")
-    node: NodeClientSettings | None = Field(
-        None, description="How to reach the node daemons (needed when caps = 'node')."
-    )
-    slurm: SlurmSettings = Field(
-        default_factory=SlurmSettings, description="The Slurm placement actuator."
-    )
-    notify: NotifySettings = Field(
-        default_factory=NotifySettings, description="Where Notify intents go."
-    )
 
     @model_validator(mode="after")
-    def _node_section(self) -> ActuatorsConfig:
-        if self.caps == "node" and self.node is None:
-            raise ValueError("caps = 'node' needs an [actuators.node] section")
+    def _needed_sections(self) -> ActuatorsConfig:
+        table = _table(self)
+        for role in ("caps", "placement"):
+            name = getattr(self, role)
+            kind = table.actuators[role].get(name)
+            if kind is not None and kind.needs_section and getattr(self, name, None) is None:
+                raise ValueError(f"{role} = {name!r} needs an [actuators.{name}] section")
         return self
 
 
@@ -379,6 +245,9 @@ class AuditConfig(_Section):
 
 
 class Config(_Section):
+    # The adapter table this model validates against (`config_model` sets it).
+    adapters: ClassVar[Adapters | None] = None
+
     dry_run: bool = Field(
         True, description="Advise only: record what would be done, change nothing."
     )
@@ -426,22 +295,18 @@ class Config(_Section):
     def _budget_source(self) -> Config:
         if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
             raise ValueError("cluster: give budget_w or budget_query, not both")
-        if self.cluster.budget_query is not None and self.source.kind == "remote_write":
-            raise ValueError(
-                "cluster.budget_query: PromQL needs a Prometheus to evaluate it, and a "
-                "remote_write source has none; give cluster.budget_w"
-            )
+        kind = _table(self).sources.get(self.source.kind)
+        if self.cluster.budget_query is not None and kind is not None and kind.no_budget_query:
+            raise ValueError(f"cluster.budget_query: {kind.no_budget_query}")
         return self
 
     @model_validator(mode="after")
     def _site_budget(self) -> Config:
         # Under a site the budget is the grant (cluster.budget_w stays as a local limit: the
         # lower one holds); a budget from Prometheus would be a second, competing source.
-        if self.site is not None and self.cluster.budget_query is not None:
-            raise ValueError(
-                "cluster.budget_query: a cluster in a [site] gets its budget from the site "
-                "coordinator (cluster.budget_w may stay, as a local limit)"
-            )
+        problem = site_budget_problem(self.site, self.cluster.budget_query)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -460,39 +325,113 @@ class Config(_Section):
         if cluster.label_budgets_w and cluster.group_label is None:
             raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
         label = cluster.group_label
-        # NVML's GPUs carry no labels either; Slurm's job priority is the one both get.
-        labelled = ("prometheus", "remote_write")  # sources whose GPUs carry their series' labels
-        if self.source.kind not in labelled and label is not None and label not in TWIN_LABELS:
-            whose = "the twin's" if self.source.kind == "twin" else "NVML's"
-            raise ValueError(
-                f"cluster.group_label: {whose} GPUs carry no {label!r} label (only "
-                f"{', '.join(TWIN_LABELS)}), so these budgets would never hold; give the groups "
-                "as node lists in [cluster.groups]"
-            )
-        return self
+        kind = _table(self).sources.get(self.source.kind)
+        if kind is None or kind.labels is None or label is None or label in kind.labels:
+            return self
+        carried = ", ".join(kind.labels) or "none"
+        raise ValueError(
+            f"cluster.group_label: {kind.whose or kind.name} GPUs carry no {label!r} label (only "
+            f"{carried}), so these budgets would never hold; give the groups as node lists in "
+            "[cluster.groups]"
+        )
 
     @model_validator(mode="after")
     def _actuators_for_real_sources(self) -> Config:
         # The twin's actuators act on an in-process twin, which a Prometheus or NVML source
         # cannot see: with those the default is to advise only, and asking for them is an error.
-        if self.source.kind == "twin":
+        table = _table(self)
+        source = table.sources.get(self.source.kind)
+        if source is None or source.observes_twin:
             return self
         given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
-        source = {
-            "prometheus": "a Prometheus",
-            "nvml": "an NVML",
-            "remote_write": "a remote-write",
-        }[self.source.kind]
-        for name in ("caps", "placement"):
-            if getattr(self.actuators, name) != "twin":
+        for role in ("caps", "placement"):
+            name = getattr(self.actuators, role)
+            kind = table.actuators[role].get(name)
+            if kind is None or not kind.acts_on_twin:
                 continue
-            if name in given:
+            if role in given:
                 raise ValueError(
-                    f"actuators.{name}: 'twin' acts on an in-process twin, which {source} "
-                    "source does not observe; use 'none' (advise only)"
+                    f"actuators.{role}: {name!r} acts on an in-process twin, which "
+                    f"{source.called or repr(source.name)} source does not observe; use 'none' "
+                    "(advise only)"
                 )
-            setattr(self.actuators, name, "none")
+            setattr(self.actuators, role, NONE)
         return self
+
+
+def _table(model: BaseModel) -> Adapters:
+    """The adapter table a config model was built from (agent.adapters)."""
+    table = getattr(type(model), "adapters", None)
+    return table if isinstance(table, Adapters) else _default_table()
+
+
+_DEFAULT: list[Adapters] = []
+
+
+def _default_table() -> Adapters:
+    if not _DEFAULT:
+        _DEFAULT.append(default_adapters())
+    return _DEFAULT[0]
+
+
+_MODELS: weakref.WeakKeyDictionary[Adapters, tuple[int, type[Config]]] = weakref.WeakKeyDictionary()
+
+
+def config_model(adapters: Adapters) -> type[Config]:
+    """The Config model of this adapter table: `[source] kind` one of its source kinds, each
+    with its own section; `[actuators] caps` and `placement` one of its kinds for the role (or
+    'none'), each with its own section. Built once per table (and again if it grew)."""
+    cached = _MODELS.get(adapters)
+    if cached is not None and cached[0] == adapters.version:
+        return cached[1]
+    source_model = create_model(
+        "SourceConfig",
+        __base__=SourceConfig,
+        kind=(_choice(list(adapters.sources)), SourceConfig.model_fields["kind"]),
+        **{
+            kind.name: _section_field(kind.Settings, kind.description)
+            for kind in adapters.sources.values()
+            if kind.Settings is not None
+        },
+    )
+    fields: dict[str, Any] = {
+        role: (
+            _choice([*adapters.actuators[role], NONE]),
+            ActuatorsConfig.model_fields[role],
+        )
+        for role in ("caps", "placement")
+    }
+    for kind in adapters.sections():
+        assert kind.Settings is not None
+        fields[kind.name] = _section_field(kind.Settings, kind.description, kind.needs_section)
+    actuators_model = create_model("ActuatorsConfig", __base__=ActuatorsConfig, **fields)
+    model = create_model(
+        "Config",
+        __base__=Config,
+        source=(source_model, Field(default_factory=source_model)),
+        actuators=(actuators_model, Field(default_factory=actuators_model)),
+    )
+    for cls in (source_model, actuators_model, model):
+        cls.adapters = adapters
+    _MODELS[adapters] = (adapters.version, model)
+    return cast("type[Config]", model)
+
+
+def _choice(names: list[str]) -> Any:
+    """A field that takes one of these names (pydantic says which, when it is not)."""
+    return Literal.__getitem__(tuple(names))
+
+
+def _section_field(settings: type[BaseModel], description: str, needed: bool = False) -> Any:
+    """A kind's section: its defaults when not given, unless it must be given (or has no
+    defaults), then None until it is."""
+    try:
+        settings()
+    except ValidationError:
+        needed = True
+    if needed:
+        return (settings | None, Field(None, description=description))
+    return (settings, Field(default_factory=settings, description=description))
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -527,19 +466,37 @@ def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
 
 
 def parse_config(
-    data: Mapping[str, Any], registry: PolicyRegistry | None = None, source: str = "config"
+    data: Mapping[str, Any],
+    registry: PolicyRegistry | None = None,
+    source: str = "config",
+    adapters: Adapters | None = None,
 ) -> Config:
-    """Validate a parsed TOML document. Raises ConfigError listing every problem by key path."""
-    problems: list[str] = []
+    """Validate a parsed TOML document against the policy registry and the adapter table
+    (default: the built-ins and installed plug-ins). Raises ConfigError listing every problem
+    by key path."""
+    model = config_model(adapters or _default_table())
     try:
-        config = Config.model_validate(dict(data))
+        config = model.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_errors(exc))) from None
     registry = registry or default_registry()
+    settings, problems = _policy_settings(config, registry)
+    problems += _policy_set_problems(config, registry)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    config.policy_settings = settings
+    return config
+
+
+def _policy_settings(
+    config: Config, registry: PolicyRegistry
+) -> tuple[dict[str, PolicySettings], list[str]]:
+    """Each policy's settings, validated by its own model (every policy when none is named)."""
     wanted = (
         config.policies if config.policies is not None else {name: {} for name in registry.names()}
     )
     settings: dict[str, PolicySettings] = {}
+    problems: list[str] = []
     for name, raw in wanted.items():
         if name not in registry:
             problems.append(
@@ -551,6 +508,11 @@ def parse_config(
             settings[name] = registry.get(name).Settings.model_validate(dict(raw))
         except ValidationError as exc:
             problems.extend(_errors(exc, ("policies", name)))
+    return settings, problems
+
+
+def _policy_set_problems(config: Config, registry: PolicyRegistry) -> list[str]:
+    problems: list[str] = []
     for set_name, members in config.policy_sets.items():
         if not members:
             problems.append(f"{_path(('policy_sets', set_name))}: names no policy")
@@ -560,13 +522,12 @@ def parse_config(
                     f"{_path(('policy_sets', set_name))}: unknown policy {name!r} "
                     f"(known: {', '.join(registry.names())})"
                 )
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    config.policy_settings = settings
-    return config
+    return problems
 
 
-def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
+def load_config(
+    path: Path, registry: PolicyRegistry | None = None, adapters: Adapters | None = None
+) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -575,11 +536,18 @@ def load_config(path: Path, registry: PolicyRegistry | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
-    return parse_config(data, registry, source=f"config {path}")
+    return parse_config(data, registry, source=f"config {path}", adapters=adapters)
 
 
-def default_config(registry: PolicyRegistry | None = None) -> Config:
-    return parse_config({}, registry, source="built-in defaults")
+def default_config(
+    registry: PolicyRegistry | None = None, adapters: Adapters | None = None
+) -> Config:
+    return parse_config({}, registry, source="built-in defaults", adapters=adapters)
+
+
+def adapters_of(config: Config) -> Adapters:
+    """The adapter table `config` was validated against (it builds what the config names)."""
+    return _table(config)
 
 
 def force_dry_run(config: Config) -> Config:

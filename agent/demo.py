@@ -10,22 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from agent.act.audit import AuditLog
-from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard, GuardSettings
+from agent.assembly import BUILTIN_POLICIES, drive, twin_agent
+from agent.config import Config
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Outcome
-from agent.loop import CycleReport, Loop
-from agent.orient.orienter import Orienter
-from agent.runtime import build_policies, dry_run_predicate
-from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import FaultSpec
+from agent.sim.kpis import run_kpis, uncapped_demand_w
 from agent.sim.oracle import Oracle
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
-from policies.base import PolicySettings
-from policies.registry import PolicyRegistry, builtin_registry
+from policies.registry import PolicyRegistry, builtin_registry, default_registry
 
 
 @dataclass(frozen=True)
@@ -41,22 +35,10 @@ class DemoOptions:
     drop_budget_frac: float = 0.65
     faults: tuple[FaultSpec, ...] = ()
     audit_path: Path | None = None
-    policies: tuple[str, ...] = (  # every built-in policy, safety first
-        "power_budget",
-        "thermal_guard",
-        "health_drain",
-        "energy_efficiency",
-        "idle_powerdown",
-        "placement",
-    )
-
-
-def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
-    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on."""
-    probe = Twin(spec)
-    probe.run_until(duration_s)
-    _t, fleet_w, _b, _w = probe.step_log()
-    return float(fleet_w.mean()) if fleet_w.size else spec.expected_demand_w()
+    # The agent's configuration (groups, job priorities, rollout, orient, guard and the
+    # policies' settings); its source and actuators are the twin. None: the defaults.
+    config: Config | None = None
+    policies: tuple[str, ...] = BUILTIN_POLICIES  # every built-in policy, safety first
 
 
 def demo_spec(opts: DemoOptions) -> TwinSpec:
@@ -80,74 +62,8 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
     return TwinSpec(**{**base.__dict__, "budget": budget})
 
 
-@dataclass
-class RunKpis:
-    violation_s: float
-    work_gpu_s: float
-    energy_kwh: float
-
-
-def run_kpis(twin: Twin, interval_s: float) -> RunKpis:
-    """Seconds above budget (not counting the first control interval after each budget change,
-    when no controller could have reacted), work done and energy."""
-    t, fleet, budget, work = twin.step_log()
-    dt = np.diff(np.append(t, twin.t_s))
-    over = np.isfinite(budget) & (fleet > budget)
-    grace = np.zeros(t.shape, dtype=bool)
-    if twin.spec.budget is not None:
-        for change in twin.spec.budget.change_times():
-            grace |= (t >= change) & (t < change + interval_s)
-    return RunKpis(
-        violation_s=float(dt[over & ~grace].sum()),
-        work_gpu_s=float(work.sum()),
-        energy_kwh=twin.energy_total_j / 3.6e6,
-    )
-
-
-def build_agent(
-    twin: Twin,
-    dry_run: bool,
-    audit: AuditLog,
-    registry: PolicyRegistry,
-    policy_names: tuple[str, ...],
-    settings: dict[str, PolicySettings] | None = None,
-    guard: GuardSettings | None = None,
-    interval_s: float = 15.0,
-) -> tuple[Loop, Actuators]:
-    """The agent wired to the twin: its telemetry, its caps and its scheduler."""
-    actuators = Actuators(caps=TwinCapActuator(twin), placement=TwinPlacement(twin))
-    chosen = {
-        name: (settings or {}).get(name) or registry.get(name).Settings() for name in policy_names
-    }
-    policies = build_policies(chosen, registry)
-    loop = Loop(
-        source=TwinSource(twin),
-        orienter=Orienter(node_overhead_w=twin.spec.node_overhead_w),
-        policies=policies,
-        guard=Guard(guard),
-        executor=Executor(actuators, dry_run_predicate(dry_run, policies)),
-        audit=audit,
-        clock=TwinClock(twin),
-        placement=actuators.node_states_reader(),
-        dry_run_caps=dry_run,
-        interval_s=interval_s,
-    )
-    return loop, actuators
-
-
-def drive(twin: Twin, loop: Loop, duration_s: float, interval_s: float) -> list[CycleReport]:
-    reports: list[CycleReport] = []
-    next_cycle = 0.0
-    while twin.t_s < duration_s - 1e-9:
-        if twin.t_s >= next_cycle - 1e-9:
-            reports.append(loop.cycle())
-            next_cycle += interval_s
-        twin.step(min(twin.spec.step_s, next_cycle - twin.t_s, duration_s - twin.t_s))
-    return reports
-
-
 def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[str, Any]:
-    registry = registry or builtin_registry()
+    registry = registry or (builtin_registry() if opts.config is None else default_registry())
     spec = demo_spec(opts)
     started = time.perf_counter()
 
@@ -156,15 +72,20 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
     oracle_twin = Twin(spec)
     oracle_twin.run_until(opts.duration_s, control=Oracle())
 
-    audit = AuditLog(path=opts.audit_path)
     twin = Twin(spec)
-    loop, _ = build_agent(
-        twin, opts.dry_run, audit, registry, opts.policies, interval_s=opts.interval_s
+    agent = twin_agent(
+        twin,
+        opts.policies,
+        registry=registry,
+        dry_run=opts.dry_run,
+        interval_s=opts.interval_s,
+        audit=AuditLog(path=opts.audit_path),
+        base=opts.config,
     )
     try:
-        reports = drive(twin, loop, opts.duration_s, opts.interval_s)
+        reports = drive(agent, opts.duration_s)
     finally:
-        audit.close()
+        agent.close()
 
     agent_k = run_kpis(twin, opts.interval_s)
     uncapped_k = run_kpis(uncapped, opts.interval_s)

@@ -8,7 +8,7 @@ OpenMetrics and backfilled with promtool into a fresh Prometheus (Debian's, on 1
 port). The backfilled block is cached under the temp dir per N (`--no-cache`: build it afresh);
 each run serves a hard-linked copy of it, so Prometheus never writes into the cache.
 
-A separate process then builds the agent as `ooda run --dry-run` would (`build_runtime` on a
+A separate process then builds the agent as `ooda run --dry-run` would (`assemble` on a
 Prometheus config, every built-in policy, an audit log in a temp dir) with a fake clock at the
 end of the recording, and runs `--cycles` cycles 15 s apart through the real Loop: observe
 (PrometheusSource), orient, decide, guard, act (the dry-run recorders). The budget is 85% of
@@ -87,10 +87,10 @@ def cycle_child(
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    from agent.assembly import assemble
     from agent.config import parse_config
     from agent.core.clock import FakeClock
     from agent.observe.prometheus import PrometheusSource
-    from agent.runtime import build_runtime
 
     config = parse_config(
         {
@@ -105,8 +105,8 @@ def cycle_child(
         source="bench",
     )
     clock = FakeClock(at_s)
-    runtime = build_runtime(config, clock=clock)
-    loop = runtime.loop
+    agent = assemble(config, clock=clock)
+    loop = agent.loop
     source = loop.source
     assert isinstance(source, PrometheusSource)
 
@@ -143,7 +143,7 @@ def cycle_child(
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
-    runtime.close()
+    agent.close()
     assert last is not None
     return {
         "cycle_s": round(statistics.median(durations), 4),
@@ -177,9 +177,9 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     from _remote_write import COUNTERS
 
+    from agent.assembly import assemble
     from agent.config import parse_config
     from agent.core.clock import FakeClock
-    from agent.runtime import build_runtime
 
     metrics = {f.metric.value: (f.name if f in COUNTERS[counters] else "") for f in COUNTERS["all"]}
     config = parse_config(
@@ -200,7 +200,7 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
         source="bench",
     )
     clock = FakeClock(0.0)
-    runtime = build_runtime(config, clock=clock)
+    runtime = assemble(config, clock=clock)
     loop = runtime.loop
     print(json.dumps({"url": loop.source.url}), flush=True)  # type: ignore[attr-defined]
     fleet_w = None

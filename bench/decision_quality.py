@@ -36,7 +36,8 @@ import numpy as np
 import structlog
 
 from agent.act.audit import AuditLog
-from agent.demo import build_agent, drive, run_kpis
+from agent.assembly import drive, twin_agent
+from agent.sim.kpis import run_kpis
 from agent.sim.oracle import EnergyOracle, Oracle
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.base import PolicySettings
@@ -190,10 +191,15 @@ def run(scenario: Scenario, controller: str) -> Outcome:
             name: registry.get(name).Settings.model_validate(scenario.settings.get(name, {}))
             for name in scenario.policies
         }
-        loop, _ = build_agent(
-            twin, False, AuditLog(), registry, scenario.policies, settings, interval_s=INTERVAL_S
+        agent = twin_agent(
+            twin,
+            scenario.policies,
+            registry=registry,
+            settings=settings,
+            interval_s=INTERVAL_S,
+            audit=AuditLog(),
         )
-        drive(twin, loop, scenario.duration_s, INTERVAL_S)
+        drive(agent, scenario.duration_s)
     else:
         control: Callable[[Twin], None] | None = {
             "oracle": (

@@ -19,6 +19,11 @@ peak RSS of a fresh process.
 
     python bench/orient.py --json                 # everything (minutes)
     python bench/orient.py --json --only detect --seeds 3
+    python bench/orient.py --json --only detect --phases normal-day   # faults among the phases
+
+`--phases normal-day` plays the twin's normal-but-surprising phases (agent/sim/phases.py:
+checkpoint stalls, evaluations, loader stalls, warm-ups, inference services, flat-lined readings,
+exporter restarts) under the faults; the budget stays sized on the twin without them.
 """
 
 from __future__ import annotations
@@ -48,11 +53,15 @@ def emit(obj: dict[str, Any], as_json: bool) -> None:
         print("  ".join(f"{k}={v}" for k, v in obj.items()), flush=True)
 
 
-def detection_run(seed: int, hours: float, per_kind: int) -> tuple[Any, Any, int]:
+def detection_run(
+    seed: int, hours: float, per_kind: int, phases: str = "none"
+) -> tuple[Any, Any, int]:
     from agent.act.audit import AuditLog
-    from agent.demo import DemoOptions, build_agent, demo_spec
+    from agent.assembly import twin_agent
+    from agent.demo import DemoOptions, demo_spec
     from agent.sim.faults import FaultKind
     from agent.sim.groundtruth import Recorder, random_faults
+    from agent.sim.phases import preset
     from agent.sim.twin import Twin
     from policies.registry import builtin_registry
 
@@ -69,9 +78,11 @@ def detection_run(seed: int, hours: float, per_kind: int) -> tuple[Any, Any, int
         start_s=(1200.0, duration - 900.0),
         duration_s=600.0,
     )
-    spec = replace(spec, faults=faults)
+    spec = replace(spec, faults=faults, phases=preset(phases))
     twin = Twin(spec)
-    loop, _ = build_agent(twin, False, AuditLog(path=None), builtin_registry(), ("power_budget",))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=None)
+    ).loop
     rec = Recorder()
     next_cycle = 0.0
     while twin.t_s < duration - 1e-9:
@@ -83,24 +94,27 @@ def detection_run(seed: int, hours: float, per_kind: int) -> tuple[Any, Any, int
     return rec, faults, spec.gpus_per_node
 
 
-def bench_detection(seeds: int, hours: float, per_kind: int, as_json: bool) -> None:
+def bench_detection(
+    seeds: int, hours: float, per_kind: int, as_json: bool, phases: str = "none"
+) -> None:
     from agent.sim.faults import FaultKind
     from agent.sim.groundtruth import merge, score
 
     per: dict[str, list[Any]] = {k: [] for k in KINDS}
     for seed in range(seeds):
-        rec, faults, gpn = detection_run(seed, hours, per_kind)
+        rec, faults, gpn = detection_run(seed, hours, per_kind, phases)
         for k in KINDS:
             per[k].append(score(rec, faults, FaultKind(k), gpn))
     for k in KINDS:
         merged = merge(per[k])
-        emit({**merged.as_dict(), "runs": seeds, "twin_hours": hours}, as_json)
+        emit({**merged.as_dict(), "runs": seeds, "twin_hours": hours, "phases": phases}, as_json)
 
 
 def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
     from agent.act.audit import AuditLog
+    from agent.assembly import twin_agent
     from agent.core.snapshot import Metric
-    from agent.demo import DemoOptions, build_agent, demo_spec
+    from agent.demo import DemoOptions, demo_spec
     from agent.sim.twin import Twin
     from policies.registry import builtin_registry
 
@@ -110,7 +124,9 @@ def forecast_run(seed: int, hours: float, budget: bool) -> dict[str, Any]:
     if not budget:
         spec = replace(spec, budget=None)
     twin = Twin(spec)
-    loop, _ = build_agent(twin, False, AuditLog(path=None), builtin_registry(), ("power_budget",))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=None)
+    ).loop
     node_act, node_fc, fleet_act, fleet_fc, fleet_lo, fleet_hi = [], [], [], [], [], []
     node_exact, fleet_exact = [], []
     horizons: tuple[float, ...] = ()
@@ -290,6 +306,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="twin runs per figure")
     parser.add_argument("--hours", type=float, default=2.0, help="twin hours per detection run")
     parser.add_argument("--per-kind", type=int, default=4, help="faults of each kind per run")
+    parser.add_argument(
+        "--phases",
+        choices=["none", "normal-day"],
+        default="none",
+        help="the twin's normal-but-surprising phases under the faults (detection)",
+    )
     parser.add_argument("--forecast-hours", type=float, default=12.0)
     parser.add_argument("--forecast-seeds", type=int, default=1)
     parser.add_argument(
@@ -303,7 +325,7 @@ def main() -> None:
         return
     only = set(args.only or ["detect", "forecast", "scale"])
     if "detect" in only:
-        bench_detection(args.seeds, args.hours, args.per_kind, args.json)
+        bench_detection(args.seeds, args.hours, args.per_kind, args.json, args.phases)
     if "forecast" in only:
         bench_forecast(args.forecast_hours, args.forecast_seeds, args.json)
     if "scale" in only:

@@ -36,11 +36,11 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.act.audit import AuditLog, audit_files
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.errors import GpuLostError
 from agent.core.intents import GpuTargets
 from agent.core.protocols import CapActuator, CapResult
-from agent.runtime import build_runtime
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 NODES = 4
@@ -133,7 +133,7 @@ state_dir = "{workdir / "state"}"
     config = parse_config(tomllib.loads(text))
     audit_path = workdir / "audit.jsonl"
     audit = AuditLog(path=audit_path, max_bytes=audit_max_bytes, keep=audit_keep)
-    runtime = build_runtime(config, audit=audit)
+    runtime = assemble(config, audit=audit)
     assert runtime.actuators.caps is not None and runtime.twin is not None
     caps = FlakyCaps(runtime.actuators.caps, rng, p_call=0.02, p_gpu=0.02)
     runtime.actuators.caps = caps

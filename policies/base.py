@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_chec
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.core.intents import Intent
+from agent.core.reads import Reads
 from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import Situation
 
@@ -87,6 +88,9 @@ class Policy(Protocol):
     description: ClassVar[str]
     Settings: ClassVar[type[PolicySettings]]
     Memory: ClassVar[type[PolicyMemory]]
+    # The telemetry fields it reads of the snapshot itself (beyond what orient made of them),
+    # and how fresh: the loop queries what its policies and orient read, and nothing else.
+    reads: ClassVar[Reads]
 
     @property
     def settings(self) -> PolicySettings: ...
@@ -107,6 +111,7 @@ class BasePolicy(Generic[S, M]):
     description: ClassVar[str] = ""
     Settings: ClassVar[type[PolicySettings]] = PolicySettings
     Memory: ClassVar[type[PolicyMemory]] = PolicyMemory
+    reads: ClassVar[Reads] = Reads()  # only what orient made of the telemetry
 
     def __init__(self, settings: S) -> None:
         self._settings = settings

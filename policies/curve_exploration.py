@@ -14,6 +14,7 @@ Disabled unless configured: `[policies.curve_exploration] enabled = true`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -28,7 +29,9 @@ from agent.core.curves import (
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
+from agent.core.reads import Reads
 from agent.core.situation import Situation
+from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import power
 
@@ -83,6 +86,7 @@ class CurveExplorationMemory(PolicyMemory):
 
 class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemory]):
     name: ClassVar[str] = "curve_exploration"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # the draw under each step
     safety: ClassVar[bool] = False
     description: ClassVar[str] = (
         "Lower a few GPUs' caps a little, within a slowdown bound, to learn their power curves."
@@ -97,65 +101,82 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         s = self.settings
         snap = situation.snapshot
         give_back_s = max(s.hold_s, 60.0)  # a step's cap lasts this long unless renewed
-        expires = now_s + give_back_s
         if snap.n_gpus == 0:
             return Decision([], memory)
-        job_key = snap.job_key
         row_of = {str(u): i for i, u in enumerate(snap.uuid.tolist())} if memory.active else {}
-        intents: list[Intent] = []
-        keep: list[Exploring] = []
-        hold_rows: list[int] = []
-        hold_w: list[float] = []
-        release_rows: list[int] = []
+        plan = _Steps()
         now_w = power(situation)
         unbound = self._unbound_share(situation, now_w) if memory.active else None
         for e in memory.active:  # a few GPUs at most
-            row = row_of.get(e.uuid)
-            given = now_s if e.given_back_s is None else e.given_back_s
-            still = (
-                row is not None
-                and bool(snap.fresh[row])
-                and bool(situation.busy[row])
-                and str(job_key[row]) == e.job
-            )
-            if e.given_back_s is None and still and now_s - e.since_s < s.hold_s:
-                assert row is not None and unbound is not None
-                held = e
-                # The step in force did not bind: the GPU draws a larger share of its cap than
-                # assumed (a stale or missing measurement); re-aim it now, or it teaches nothing.
-                if situation.cap_w[row] <= e.cap_w + 0.5 and unbound[row] > 0.0:
-                    held = e.model_copy(
-                        update={"share_lo": float(np.fmax(e.share_lo, unbound[row]))}
-                    )
-                aimed = float(
-                    self._step_caps(
-                        situation,
-                        np.array([row]),
-                        measured=True,
-                        share_lo=np.array([held.share_lo]),
-                    )[0]
-                )
-                if np.isfinite(aimed) and np.ceil(aimed) < e.cap_w - 1.0:  # only ever lower
-                    held = held.model_copy(update={"cap_w": float(np.ceil(aimed))})
-                keep.append(held)
-                hold_rows.append(row)
-                hold_w.append(held.cap_w)
-            elif (
-                row is not None
-                and e.restore_default
-                and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
-                and str(job_key[row]) == e.job
-                and now_s - given <= give_back_s
-            ):
-                # Given back until the cap is seen back (a release may wait out a cooldown), for
-                # a while: a lower cap from another policy may stand, and outlives the step.
-                if bool(snap.fresh[row]):
-                    release_rows.append(row)
-                keep.append(e.model_copy(update={"given_back_s": given}))
+            self._carry(situation, e, row_of.get(e.uuid), unbound, now_s, give_back_s, plan)
         last = {k: v for k, v in memory.last_explored_s.items() if now_s - v < s.repeat_after_s}
+        self._new_steps(situation, now_w, last, now_s, plan)
+        intents = self._intents(situation, plan, now_s + give_back_s)
+        return Decision(
+            intents, CurveExplorationMemory(active=tuple(plan.keep), last_explored_s=last)
+        )
 
-        # New steps: least confident jobs first, whole jobs, within the GPU allowance.
-        room = s.max_gpus - sum(1 for e in keep if e.given_back_s is None)
+    def _carry(
+        self,
+        situation: Situation,
+        e: Exploring,
+        row: int | None,
+        unbound: np.ndarray | None,
+        now_s: float,
+        give_back_s: float,
+        plan: _Steps,
+    ) -> None:
+        """A step under way: held (re-aimed lower if it did not bind) while its job runs and
+        its hold lasts; then given back until the cap is seen back, for a while."""
+        snap = situation.snapshot
+        given = now_s if e.given_back_s is None else e.given_back_s
+        same_job = row is not None and str(snap.job_key[row]) == e.job
+        still = same_job and bool(snap.fresh[row]) and bool(situation.busy[row])
+        if e.given_back_s is None and still and now_s - e.since_s < self.settings.hold_s:
+            assert row is not None and unbound is not None
+            held = self._held(situation, e, row, unbound)
+            plan.keep.append(held)
+            plan.hold(row, held.cap_w)
+        elif (
+            row is not None
+            and same_job
+            and e.restore_default
+            and situation.cap_w[row] < situation.default_cap_w[row] - 0.5
+            and now_s - given <= give_back_s
+        ):
+            # Given back until the cap is seen back (a release may wait out a cooldown), for
+            # a while: a lower cap from another policy may stand, and outlives the step.
+            if bool(snap.fresh[row]):
+                plan.release_rows.append(row)
+            plan.keep.append(e.model_copy(update={"given_back_s": given}))
+
+    def _held(self, situation: Situation, e: Exploring, row: int, unbound: np.ndarray) -> Exploring:
+        held = e
+        # The step in force did not bind: the GPU draws a larger share of its cap than
+        # assumed (a stale or missing measurement); re-aim it now, or it teaches nothing.
+        if situation.cap_w[row] <= e.cap_w + 0.5 and unbound[row] > 0.0:
+            held = e.model_copy(update={"share_lo": float(np.fmax(e.share_lo, unbound[row]))})
+        aimed = float(
+            self._step_caps(
+                situation, np.array([row]), measured=True, share_lo=np.array([held.share_lo])
+            )[0]
+        )
+        if np.isfinite(aimed) and np.ceil(aimed) < e.cap_w - 1.0:  # only ever lower
+            held = held.model_copy(update={"cap_w": float(np.ceil(aimed))})
+        return held
+
+    def _new_steps(
+        self,
+        situation: Situation,
+        now_w: np.ndarray,
+        last: dict[str, float],
+        now_s: float,
+        plan: _Steps,
+    ) -> None:
+        """New steps: least confident jobs first, whole jobs, within the GPU allowance."""
+        s = self.settings
+        snap = situation.snapshot
+        room = s.max_gpus - sum(1 for e in plan.keep if e.given_back_s is None)
         curves = situation.curves
         known = (
             curves.natural_known
@@ -170,60 +191,58 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
             & np.isfinite(situation.cap_w)
             & np.isfinite(situation.min_cap_w)
         )
-        busy_keys = {str(e.job) for e in keep}
+        if room <= 0 or not candidate.any():
+            return
+        rows = np.flatnonzero(candidate)
+        keys, inverse = np.unique(snap.job_key[rows], return_inverse=True)
+        sizes = np.bincount(inverse)
+        # Every candidate's step at once (a step is per GPU), then per job whether it is
+        # worth taking: every GPU's cap found, and its smallest step at least min_step_w.
+        # The step's size is what it takes off the draw (a GPU near its maximum limit
+        # draws well under a cap just below it).
+        step_caps = self._step_caps(situation, rows)
+        k = slowdown_cap_draw_frac(curves.cap_draw_frac[rows])
         draw_w = np.where(np.isfinite(now_w), now_w, curves.natural_w)
-        if room > 0 and candidate.any():
-            rows = np.flatnonzero(candidate)
-            keys, inverse = np.unique(job_key[rows], return_inverse=True)
-            sizes = np.bincount(inverse)
-            conf = np.bincount(inverse, curves.confidence[rows]) / sizes
-            # Every candidate's step at once (a step is per GPU), then per job whether it is
-            # worth taking: every GPU's cap found, and its smallest step at least min_step_w.
-            # The step's size is what it takes off the draw (a GPU near its maximum limit
-            # draws well under a cap just below it).
-            step_caps = self._step_caps(situation, rows)
-            k = slowdown_cap_draw_frac(curves.cap_draw_frac[rows])
-            with np.errstate(invalid="ignore"):
-                step = draw_w[rows] - k * step_caps
-            step = np.where(np.isfinite(step), step, -np.inf)
-            job_step = np.full(keys.shape[0], np.inf)
-            np.minimum.at(job_step, inverse, step)
-            recent = np.isin(keys, np.asarray(sorted(set(last) | busy_keys), dtype=np.str_))
-            order = np.argsort(conf, kind="stable")  # least confident first
-            order = order[(job_step[order] >= s.min_step_w) & ~recent[order]]
-            chosen: list[int] = []
-            for j in order.tolist():  # jobs worth a step, O(1) each: whole jobs within room
-                if sizes[j] > room:
-                    continue
-                chosen.append(j)
-                room -= int(sizes[j])
-                if room <= 0:
-                    break
-            rank = np.full(keys.shape[0], -1, dtype=np.int64)
-            rank[chosen] = np.arange(len(chosen))
-            picked = np.flatnonzero(rank[inverse] >= 0)  # at most max_gpus
-            picked = picked[np.argsort(rank[inverse[picked]], kind="stable")]
-            for i in picked.tolist():
-                row = int(rows[i])
-                cap = float(np.ceil(step_caps[i]))
-                at_default = situation.cap_w[row] >= situation.default_cap_w[row] - 0.5
-                keep.append(
-                    Exploring(
-                        job=str(keys[inverse[i]]),
-                        uuid=str(snap.uuid[row]),
-                        node=str(snap.node_names[snap.node[row]]),
-                        gpu=int(snap.gpu[row]),
-                        since_s=now_s,
-                        cap_w=cap,
-                        restore_default=bool(at_default),
-                    )
+        with np.errstate(invalid="ignore"):
+            step = draw_w[rows] - k * step_caps
+        step = np.where(np.isfinite(step), step, -np.inf)
+        job_step = np.full(keys.shape[0], np.inf)
+        np.minimum.at(job_step, inverse, step)
+        busy_keys = {str(e.job) for e in plan.keep}
+        recent = np.isin(keys, np.asarray(sorted(set(last) | busy_keys), dtype=np.str_))
+        conf = np.bincount(inverse, curves.confidence[rows]) / sizes
+        order = np.argsort(conf, kind="stable")  # least confident first
+        order = order[(job_step[order] >= s.min_step_w) & ~recent[order]]
+        chosen = _whole_jobs(order.tolist(), sizes, room)
+        rank = np.full(keys.shape[0], -1, dtype=np.int64)
+        rank[chosen] = np.arange(len(chosen))
+        picked = np.flatnonzero(rank[inverse] >= 0)  # at most max_gpus
+        picked = picked[np.argsort(rank[inverse[picked]], kind="stable")]
+        for i in picked.tolist():
+            row = int(rows[i])
+            cap = float(np.ceil(step_caps[i]))
+            at_default = situation.cap_w[row] >= situation.default_cap_w[row] - 0.5
+            plan.keep.append(
+                Exploring(
+                    job=str(keys[inverse[i]]),
+                    uuid=str(snap.uuid[row]),
+                    node=str(snap.node_names[snap.node[row]]),
+                    gpu=int(snap.gpu[row]),
+                    since_s=now_s,
+                    cap_w=cap,
+                    restore_default=bool(at_default),
                 )
-                hold_rows.append(row)
-                hold_w.append(cap)
-            for j in chosen:
-                last[str(keys[j])] = now_s
-        if hold_rows:
-            idx = np.asarray(hold_rows, dtype=np.int64)
+            )
+            plan.hold(row, cap)
+        for j in chosen:
+            last[str(keys[j])] = now_s
+
+    def _intents(self, situation: Situation, plan: _Steps, expires: float) -> list[Intent]:
+        snap = situation.snapshot
+        curves = situation.curves
+        intents: list[Intent] = []
+        if plan.hold_rows:
+            idx = np.asarray(plan.hold_rows, dtype=np.int64)
             intents.append(
                 SetPowerCap(
                     policy=self.name,
@@ -231,23 +250,24 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
                     evidence={
                         "confidence": np.round(curves.confidence[idx], 3),
                         "natural_w": np.round(curves.natural_w[idx], 1),
-                        "max_slowdown_frac": s.max_slowdown_frac,
+                        "max_slowdown_frac": self.settings.max_slowdown_frac,
                     },
                     expires_s=expires,
                     targets=GpuTargets.from_rows(snap, idx),
-                    watts=np.asarray(hold_w, dtype=np.float64),
+                    watts=np.asarray(plan.hold_w, dtype=np.float64),
                 )
             )
-        if release_rows:
+        if plan.release_rows:
+            rows = np.asarray(plan.release_rows, dtype=np.int64)
             intents.append(
                 ReleasePowerCap(
                     policy=self.name,
                     reason="exploration step done: cap given back",
                     expires_s=expires,
-                    targets=GpuTargets.from_rows(snap, np.asarray(release_rows, dtype=np.int64)),
+                    targets=GpuTargets.from_rows(snap, rows),
                 )
             )
-        return Decision(intents, CurveExplorationMemory(active=tuple(keep), last_explored_s=last))
+        return intents
 
     @staticmethod
     def _unbound_share(situation: Situation, now_w: np.ndarray) -> np.ndarray:
@@ -306,3 +326,30 @@ class CurveExploration(BasePolicy[CurveExplorationSettings, CurveExplorationMemo
         # A step must bind (a cap above the draw teaches nothing, e.g. under the minimum cap).
         binds = k * cap < 0.97 * natural
         return np.where((lost <= s.max_slowdown_frac + 1e-6) & binds, cap, np.nan)
+
+
+@dataclass
+class _Steps:
+    """This cycle's steps: those kept in memory, the caps to hold, the caps to give back."""
+
+    keep: list[Exploring] = field(default_factory=list)
+    hold_rows: list[int] = field(default_factory=list)
+    hold_w: list[float] = field(default_factory=list)
+    release_rows: list[int] = field(default_factory=list)
+
+    def hold(self, row: int, cap_w: float) -> None:
+        self.hold_rows.append(row)
+        self.hold_w.append(cap_w)
+
+
+def _whole_jobs(order: list[int], sizes: np.ndarray, room: int) -> list[int]:
+    """Jobs (in `order`) whose GPUs all fit in the room left, taken whole, O(1) each."""
+    chosen: list[int] = []
+    for j in order:
+        if sizes[j] > room:
+            continue
+        chosen.append(j)
+        room -= int(sizes[j])
+        if room <= 0:
+            break
+    return chosen

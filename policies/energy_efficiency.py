@@ -25,7 +25,9 @@ from agent.core.curves import (
     throughput_at_power,
 )
 from agent.core.intents import GpuTargets, Intent, SetPowerCap
+from agent.core.reads import Reads
 from agent.core.situation import Situation
+from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import FloatArray, controllable, pool_within_jobs, power
 
@@ -53,6 +55,7 @@ class EnergyEfficiencySettings(PolicySettings):
 
 class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
     name: ClassVar[str] = "energy_efficiency"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # the draw each job is pooled on
     safety: ClassVar[bool] = False
     description: ClassVar[str] = (
         "Per job, the cap that minimizes energy (or energy x delay) within a slowdown bound."

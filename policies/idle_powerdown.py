@@ -15,7 +15,9 @@ import numpy as np
 from pydantic import Field
 
 from agent.core.intents import GpuTargets, Intent, ReleasePowerCap, SetPowerCap
+from agent.core.reads import Reads
 from agent.core.situation import Situation
+from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.common import capped_by_us, controllable, power
 
@@ -29,6 +31,7 @@ class IdlePowerdownSettings(PolicySettings):
 
 class IdlePowerdown(BasePolicy[IdlePowerdownSettings, PolicyMemory]):
     name: ClassVar[str] = "idle_powerdown"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # the idle draw
     safety: ClassVar[bool] = False
     description: ClassVar[str] = "The lowest cap for idle GPUs, restored as soon as work arrives."
     Settings = IdlePowerdownSettings

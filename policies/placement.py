@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.core.intents import Intent, SetNodeFeatures, SetNodeWeight
+from agent.core.reads import Reads
 from agent.core.situation import HealthSeverity, Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -55,6 +56,8 @@ class PlacementMemory(PolicyMemory):
 
 class Placement(BasePolicy[PlacementSettings, PlacementMemory]):
     name: ClassVar[str] = "placement"
+    # How hot and how loaded each node is.
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.TEMP_C, Metric.POWER_W)
     safety: ClassVar[bool] = False
     description: ClassVar[str] = (
         "Steer new work away from hot, unhealthy or power-constrained nodes."

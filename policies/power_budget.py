@@ -19,6 +19,7 @@ What the budget covers is explicit: the GPUs' power plus the configured overhead
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -27,6 +28,7 @@ from pydantic import Field
 from agent.core.curves import allocate_power, known_natural_w
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
+from agent.core.reads import Reads
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -79,8 +81,26 @@ class PowerBudgetMemory(PolicyMemory):
     fits_since_s: float | None = None  # when the uncapped worst case started to fit
 
 
+@dataclass(frozen=True, eq=False)
+class _Fleet:
+    """One cycle's view of the fleet against its budget (PowerBudget._fleet)."""
+
+    busy: np.ndarray  # per GPU: busy, seen and with a known cap range
+    idle: np.ndarray
+    stale_worst: np.ndarray  # per GPU: what an unseen one may draw at worst
+    stale_guessed: bool
+    available: float  # what the budget leaves for what can be steered (W)
+    natural_w: np.ndarray  # per GPU: its natural draw (its max cap where unknown)
+    natural: np.ndarray  # the same, busy GPUs only
+    idle_now: float
+    learned_reserve: float | None
+    worst_uncapped: float
+    evidence: dict[str, float | None]
+
+
 class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
     name: ClassVar[str] = "power_budget"
+    reads: ClassVar[Reads] = Reads.every_cycle(Metric.POWER_W)  # its draw against the budget
     safety: ClassVar[bool] = True
     holds_budget: ClassVar[bool] = True
     description: ClassVar[str] = (
@@ -93,12 +113,26 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         self, situation: Situation, memory: PolicyMemory, now_s: float
     ) -> Decision[PolicyMemory]:
         assert isinstance(memory, PowerBudgetMemory)
-        s = self.settings
         budget = situation.budget_w
-        snap = situation.snapshot
-        if budget is None or snap.n_gpus == 0:
+        if budget is None or situation.snapshot.n_gpus == 0:
             return Decision([], memory)
-        expires = now_s + s.lease_s
+        fleet = self._fleet(situation, budget)
+        groups_fit = self._groups_fit(
+            situation, fleet.busy, fleet.idle, fleet.natural, fleet.stale_worst
+        )
+        if fleet.worst_uncapped <= fleet.available and groups_fit:
+            if fleet.stale_guessed:
+                # The fit rests on a guess of what unseen GPUs draw: hold the caps as they are.
+                return Decision([], PowerBudgetMemory(fits_since_s=None))
+            return self._maybe_release(
+                situation, memory, now_s, fleet.available, fleet.worst_uncapped, fleet.evidence
+            )
+        return self._cap(situation, fleet, budget, now_s)
+
+    def _fleet(self, situation: Situation, budget: float) -> _Fleet:
+        """What may be spent this cycle, and what the fleet would draw uncapped at worst."""
+        s = self.settings
+        snap = situation.snapshot
         fresh = snap.fresh
         bounded = np.isfinite(situation.min_cap_w) & np.isfinite(situation.max_cap_w)
         control = fresh & bounded
@@ -130,7 +164,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         if learned_reserve is not None:
             idle_worst = min(idle_worst, idle_now + learned_reserve)
         worst_uncapped = float(natural.sum()) + idle_worst
-        evidence_common = {
+        evidence = {
             "budget_w": round(budget, 1),
             "fleet_power_w": round(situation.fleet_power_w, 1),
             "available_w": round(available, 1),
@@ -139,61 +173,39 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             "stale_max_cap_guessed": stale_guessed,
             "arrival_reserve_w": None if learned_reserve is None else round(learned_reserve, 1),
         }
+        return _Fleet(
+            busy=busy,
+            idle=idle,
+            stale_worst=stale_worst,
+            stale_guessed=stale_guessed,
+            available=available,
+            natural_w=natural_w,
+            natural=natural,
+            idle_now=idle_now,
+            learned_reserve=learned_reserve,
+            worst_uncapped=worst_uncapped,
+            evidence=evidence,
+        )
 
-        groups_fit = self._groups_fit(situation, busy, idle, natural, stale_worst)
-        if worst_uncapped <= available and groups_fit:
-            if stale_guessed:
-                # The fit rests on a guess of what unseen GPUs draw: hold the caps as they are.
-                return Decision([], PowerBudgetMemory(fits_since_s=None))
-            return self._maybe_release(
-                situation, memory, now_s, available, worst_uncapped, evidence_common
-            )
-
+    def _cap(
+        self, situation: Situation, fleet: _Fleet, budget: float, now_s: float
+    ) -> Decision[PolicyMemory]:
+        """Over budget at worst: caps for the busy GPUs (the least throughput lost) and the
+        idle ones (their lowest cap), and a critical Notify when even that cannot hold."""
+        snap = situation.snapshot
+        expires = now_s + self.settings.lease_s
         intents: list[Intent] = []
         targets_rows: list[np.ndarray] = []
         caps: list[np.ndarray] = []
-        idle_rows = np.flatnonzero(idle)
+        idle_rows = np.flatnonzero(fleet.idle)
         idle_caps = situation.min_cap_w[idle_rows]
         idle_reserve = float(idle_caps.sum())
-        if learned_reserve is not None:
-            idle_reserve = min(idle_reserve, idle_now + learned_reserve)
-        available_busy = available - idle_reserve
-        busy_rows = np.flatnonzero(busy)
+        if fleet.learned_reserve is not None:
+            idle_reserve = min(idle_reserve, fleet.idle_now + fleet.learned_reserve)
+        busy_rows = np.flatnonzero(fleet.busy)
         if busy_rows.size:
-            weights = np.ones(busy_rows.size)
-            prio = situation.priority[busy_rows]
-            for klass, weight in s.priority_weights.items():
-                weights[prio == klass] = weight
-
-            def allocate(sel: np.ndarray, budget_w: float) -> tuple[np.ndarray, np.ndarray, bool]:
-                r = busy_rows[sel]
-                alloc = allocate_power(
-                    budget_w,
-                    natural_w[r],
-                    curves.a[r],
-                    curves.b[r],
-                    curves.cap_draw_frac[r],
-                    situation.min_cap_w[r],
-                    situation.max_cap_w[r],
-                    weight=weights[sel],
-                )
-                planned = np.where(alloc.binding, alloc.power_w, natural_w[r])
-                return alloc.cap_w, planned, alloc.feasible
-
-            everyone = np.ones(busy_rows.size, dtype=bool)
-            busy_caps, busy_power, feasible = allocate(everyone, available_busy)
-            busy_caps, busy_power = self._hold_group_budgets(
-                situation,
-                busy_rows,
-                idle,
-                stale_worst,
-                busy_caps,
-                busy_power,
-                available_busy,
-                allocate,
-            )
-            busy_caps = np.floor(
-                self._same_share_per_job(situation, natural_w, busy_rows, busy_power, busy_caps)
+            busy_caps, feasible = self._busy_caps(
+                situation, fleet, busy_rows, fleet.available - idle_reserve
             )
             targets_rows.append(busy_rows)
             caps.append(busy_caps)
@@ -202,7 +214,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                     Notify(
                         policy=self.name,
                         reason="budget cannot be met even with every GPU at its lowest cap",
-                        evidence=evidence_common,
+                        evidence=fleet.evidence,
                         expires_s=expires,
                         target="cluster",
                         severity=Severity.CRITICAL,
@@ -215,13 +227,14 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         watts = np.concatenate(caps)
         if rows.size:
             power = snap.column(Metric.POWER_W)[0]
+            curves = situation.curves
             intents.insert(
                 0,
                 SetPowerCap(
                     policy=self.name,
                     reason="fleet over its power budget in the worst case until the next cycle",
                     evidence={
-                        **evidence_common,
+                        **fleet.evidence,
                         "natural_w": np.round(np.nan_to_num(curves.natural_w[rows]), 1),
                         "power_w": np.round(np.nan_to_num(power[rows]), 1),
                         "busy": situation.busy[rows],
@@ -233,6 +246,52 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
                 ),
             )
         return Decision(intents, PowerBudgetMemory(fits_since_s=None))
+
+    def _busy_caps(
+        self,
+        situation: Situation,
+        fleet: _Fleet,
+        busy_rows: np.ndarray,
+        available_busy: float,
+    ) -> tuple[np.ndarray, bool]:
+        """The busy GPUs' caps within `available_busy` (weighted by priority class, group
+        budgets held, one share per job), and whether the budget can be met at all."""
+        curves = situation.curves
+        natural_w = fleet.natural_w
+        weights = np.ones(busy_rows.size)
+        prio = situation.priority[busy_rows]
+        for klass, weight in self.settings.priority_weights.items():
+            weights[prio == klass] = weight
+
+        def allocate(sel: np.ndarray, budget_w: float) -> tuple[np.ndarray, np.ndarray, bool]:
+            r = busy_rows[sel]
+            alloc = allocate_power(
+                budget_w,
+                natural_w[r],
+                curves.a[r],
+                curves.b[r],
+                curves.cap_draw_frac[r],
+                situation.min_cap_w[r],
+                situation.max_cap_w[r],
+                weight=weights[sel],
+            )
+            planned = np.where(alloc.binding, alloc.power_w, natural_w[r])
+            return alloc.cap_w, planned, alloc.feasible
+
+        everyone = np.ones(busy_rows.size, dtype=bool)
+        busy_caps, busy_power, feasible = allocate(everyone, available_busy)
+        busy_caps, busy_power = self._hold_group_budgets(
+            situation,
+            busy_rows,
+            fleet.idle,
+            fleet.stale_worst,
+            busy_caps,
+            busy_power,
+            available_busy,
+            allocate,
+        )
+        shared = self._same_share_per_job(situation, natural_w, busy_rows, busy_power, busy_caps)
+        return np.floor(shared), feasible
 
     def _same_share_per_job(
         self,

@@ -11,20 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from agent.core.clock import Clock, FakeClock
-from agent.core.situation import HealthSeverity, HealthStatus, Situation
-from agent.core.snapshot import Metric, Snapshot
 from agent.daemon import Daemon, DaemonOptions
 from agent.daemon.notify import SystemdNotify
 from agent.loop import CycleReport
+from tests.fakes import HealthFromXid
+
+__all__ = ["HealthFromXid"]  # the tests that drive daemons use it (tests.fakes)
 
 REPO = Path(__file__).resolve().parent.parent
 START_UNIX = 1_700_000_000.0
@@ -124,36 +123,6 @@ def capped_gpus(daemon: Daemon) -> int:
 
 def sample(daemon: Daemon, name: str, **labels: str) -> float | None:
     return daemon.metrics.registry.get_sample_value(name, labels)
-
-
-class HealthFromXid:
-    """Stands in for orient's health model (a hand-written fake): XID 79 means drain the node,
-    as NVIDIA's remediation says. Everything else is the real orienter's."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def orient(
-        self, snapshot: Snapshot, budget_w: Any, nodes: Any = None, priority: Any = None
-    ) -> Situation:
-        situation = self.inner.orient(snapshot, budget_w, nodes, priority)
-        xid, ok = snapshot.column(Metric.XID)
-        fatal = ok & (xid == 79)
-        health = HealthStatus(
-            severity=np.where(fatal, int(HealthSeverity.DRAIN), int(HealthSeverity.OK)).astype(
-                np.int64
-            ),
-            code=np.where(fatal, "xid:79", "").astype(np.str_),
-            remediation=np.where(fatal, "drain the node, reset the GPU", "").astype(np.str_),
-            since_s=np.where(fatal, snapshot.time_s, np.nan),
-        )
-        return replace(situation, health=health)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.inner.to_dict()  # type: ignore[no-any-return]
-
-    def load_dict(self, data: Any) -> None:
-        self.inner.load_dict(data)
 
 
 def audit_events(path: Path) -> list[dict[str, Any]]:

@@ -238,8 +238,8 @@ def test_follow_goes_on_from_a_tail_even_after_rotations(tmp_path: Path) -> None
 
 def _run_agent(tmp_path: Path) -> Path:
     """A short live twin run with a durable audit log (power_budget under a tight budget)."""
+    from agent.assembly import assemble
     from agent.config import parse_config
-    from agent.runtime import build_runtime
 
     path = tmp_path / "audit.jsonl"
     config = parse_config(
@@ -252,7 +252,7 @@ def _run_agent(tmp_path: Path) -> Path:
             "daemon": {"state_dir": str(tmp_path / "state")},
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         twin = runtime.twin
         assert twin is not None

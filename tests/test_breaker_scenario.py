@@ -12,13 +12,15 @@ import pytest
 
 from agent.act.audit import AuditLog, read_records
 from agent.act.guard import RESET_FILE, GuardSettings
+from agent.assembly import twin_agent
 from agent.cli import main
-from agent.demo import build_agent
+from agent.config import parse_config
 from agent.loop import CycleReport, Loop
 from agent.sim.faults import parse_fault
 from agent.sim.twin import Twin, TwinSpec
 from policies.registry import builtin_registry
-from tests.test_rollback import HealthFromXid
+from tests.fakes import HealthFromXid
+from tests.test_rollback import FATAL
 
 INTERVAL_S = 15.0
 
@@ -43,17 +45,21 @@ def scenario(tmp_path: Path, dry_run: bool) -> tuple[Twin, Loop, Path, Path]:
     twin = Twin(spec)
     audit_path = tmp_path / "audit.jsonl"
     state = tmp_path / "state"
-    loop, _ = build_agent(
+    # The agent's own state directory: `ooda guard reset` requests come along with the config.
+    base = parse_config({"daemon": {"state_dir": str(state)}}, builtin_registry())
+    loop = twin_agent(
         twin,
-        dry_run,
-        AuditLog(audit_path),
-        builtin_registry(),
         ("health_drain",),
+        registry=builtin_registry(),
+        dry_run=dry_run,
+        audit=AuditLog(audit_path),
         guard=GuardSettings(breaker_max_nodes=2, breaker_max_pct=100, node_cooldown_s=0),
         interval_s=INTERVAL_S,
-    )
-    loop.orienter = HealthFromXid()  # orient's health classes are not merged yet
-    loop.guard.reset_file = state / RESET_FILE
+        base=base,
+    ).loop
+    # Orient's health classes are not merged yet.
+    loop.orienter = HealthFromXid(fatal=FATAL, remediation="drain the node", since_known=False)
+    assert loop.gate.reset_file == state / RESET_FILE
     config = tmp_path / "agent.toml"
     config.write_text(f'[audit]\npath = "{audit_path}"\n[daemon]\nstate_dir = "{state}"\n')
     return twin, loop, audit_path, config
@@ -119,5 +125,5 @@ def test_dry_run_records_the_same_drains_and_changes_nothing(tmp_path: Path) -> 
     reports = run(twin, loop, 600)
     assert sorted(drains(reports, "recorded")) == ["node1", "node2"]  # the same as live
     assert not twin.node_drained.any()  # nothing changed in the scheduler
-    assert loop.guard.breaker.open
+    assert loop.ledger.breaker.open
     assert any("node3" in x.intent.target_name() for r in reports for x in r.refused)

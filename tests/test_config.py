@@ -244,7 +244,7 @@ def test_label_group_budgets_need_a_source_that_has_the_label() -> None:
     text = "[cluster]\ngroup_label = 'rack'\nlabel_budgets_w = {r1 = 100.0}\n"
     with pytest.raises(ConfigError, match=r"cluster\.group_label: the twin's GPUs carry no 'rack'"):
         parse_config(tomllib.loads(text))
-    from agent.runtime import prometheus_settings
+    from agent.assembly import prometheus_settings
 
     config = parse_config(tomllib.loads(PROMETHEUS + text))
     assert prometheus_settings(config).extra_labels == ("rack",)
@@ -252,7 +252,7 @@ def test_label_group_budgets_need_a_source_that_has_the_label() -> None:
 
 
 def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:
-    from agent.runtime import prometheus_settings
+    from agent.assembly import prometheus_settings
 
     config = load_config(
         write(

@@ -169,9 +169,9 @@ def test_third_party_policy_is_found_listed_and_runs(tmp_path: Path) -> None:
 import json, sys
 from agent.config import parse_config
 from agent.core.clock import FakeClock
-from agent.runtime import build_runtime
+from agent.assembly import assemble
 cfg = parse_config({"twin": {"nodes": 1}, "policies": {"quiet_hours": {"cap_frac": 0.6}}})
-rt = build_runtime(cfg, clock=FakeClock(23 * 3600.0))
+rt = assemble(cfg, clock=FakeClock(23 * 3600.0))
 report = rt.loop.cycle()
 print(json.dumps([[i.policy, float(i.watts.max())] for i in report.intents]))
 """

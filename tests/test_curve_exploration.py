@@ -8,10 +8,11 @@ from dataclasses import replace
 import numpy as np
 
 from agent.act.audit import AuditLog
+from agent.assembly import twin_agent
 from agent.core.curves import throughput_at_power
 from agent.core.intents import ReleasePowerCap, SetPowerCap
 from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric
-from agent.demo import DemoOptions, build_agent, demo_spec
+from agent.demo import DemoOptions, demo_spec
 from agent.orient.orienter import Orienter
 from agent.sim.oracle import curve_truth
 from agent.sim.twin import Twin
@@ -89,14 +90,13 @@ def test_on_the_twin_it_teaches_the_curves_within_its_bound() -> None:
         opts = DemoOptions(seed=5, duration_s=3600.0)
         twin = Twin(replace(demo_spec(opts), budget=None))  # caps never move on their own
         names = ("power_budget", "curve_exploration") if explore else ("power_budget",)
-        loop, _ = build_agent(
+        loop = twin_agent(
             twin,
-            False,
-            AuditLog(path=None),
-            builtin_registry(),
             names,
+            registry=builtin_registry(),
+            audit=AuditLog(path=None),
             settings={"curve_exploration": CurveExplorationSettings(enabled=True)},
-        )
+        ).loop
         worst = 1.0
         next_cycle = 0.0
         report = None

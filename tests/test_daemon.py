@@ -11,24 +11,25 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from agent.act.guard import Guard
+from agent.act.gate import Gate
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.core.clock import FakeClock, SystemClock
 from agent.core.errors import BadInputError
 from agent.core.intents import GpuTargets, IntentKind, SetPowerCap
-from agent.core.protocols import CapResult, Persistent
+from agent.core.protocols import Persistent
 from agent.core.snapshot import Snapshot
 from agent.daemon import AlreadyRunningError
 from agent.daemon.service import parse_listen
 from agent.daemon.state import StateFile
 from agent.daemon.telemetry import refusal_class
-from agent.loop import STAGES
+from agent.loop import STAGES, CycleReport, Loop
 from tests.daemon_helpers import (
     START_UNIX,
     HealthFromXid,
@@ -42,6 +43,7 @@ from tests.daemon_helpers import (
     twin_config,
     write,
 )
+from tests.fakes import RenewingCaps, make_gate
 
 
 def same(a: object, b: object) -> bool:
@@ -90,6 +92,29 @@ def test_many_cycles_on_a_fake_clock(tmp_path: Path) -> None:
         assert daemon.shutdown()
 
 
+def _assert_cooldown_resumed(
+    loop: Loop, guard_before: dict[str, Any], last_report: CycleReport
+) -> None:
+    """Cooldowns resume: raising a cap the first run changed in its last cycle is refused; a
+    guard that forgot would allow it."""
+    last_change = np.array(guard_before["caps"]["last_change_s"])
+    latest = float(last_change[np.isfinite(last_change)].max())
+    uuid = np.array(guard_before["caps"]["keys"])[last_change == latest][0]
+    row = int(np.flatnonzero(last_report.snapshot.uuid == uuid)[0])
+    raise_cap = SetPowerCap(
+        policy="power_budget",
+        reason="test",
+        targets=GpuTargets.from_rows(last_report.snapshot, [row]),
+        watts=np.array([last_report.situation.cap_w[row] + 100.0]),
+    )
+    now = latest + 15
+    live = Gate(loop.ledger)  # the ledger as a live agent's gate reads it
+    review = live.review([raise_cap], last_report.situation, now)
+    assert review.refused and "cooldown" in review.refused[0].reason
+    fresh = make_gate(loop.gate.settings).review([raise_cap], last_report.situation, now)
+    assert fresh.allowed and not fresh.refused
+
+
 def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_path: Path) -> None:
     cfg = write(
         tmp_path / "ooda.toml",
@@ -126,26 +151,10 @@ def test_restart_resumes_cooldowns_and_ownership_without_repeated_drains(tmp_pat
         assert second.runtime.twin is not None
         assert second.runtime.twin.t_s == pytest.approx(last_t)
         assert bool(second.runtime.twin.node_drained[1])
-        assert same(loop.guard.to_dict(), guard_before)
+        assert same(loop.ledger.to_dict(), guard_before)
         # The last cycle's time too: a restart after the clock went back sees the jump.
         assert loop.to_dict() == saved["parts"]["loop"] == {"last_cycle_s": last_t}
-        # Cooldowns resume: raising a cap the first run changed in its last cycle is refused;
-        # a guard that forgot would allow it.
-        last_change = np.array(guard_before["caps"]["last_change_s"])
-        latest = float(last_change[np.isfinite(last_change)].max())
-        uuid = np.array(guard_before["caps"]["keys"])[last_change == latest][0]
-        row = int(np.flatnonzero(last_report.snapshot.uuid == uuid)[0])
-        raise_cap = SetPowerCap(
-            policy="power_budget",
-            reason="test",
-            targets=GpuTargets.from_rows(last_report.snapshot, [row]),
-            watts=np.array([last_report.situation.cap_w[row] + 100.0]),
-        )
-        now = latest + 15
-        review = loop.guard.review([raise_cap], last_report.situation, now, False)
-        assert review.refused and "cooldown" in review.refused[0].reason
-        fresh = Guard(loop.guard.settings).review([raise_cap], last_report.situation, now, False)
-        assert fresh.allowed and not fresh.refused
+        _assert_cooldown_resumed(loop, guard_before, last_report)
         # Ownership: the node the first run drained is resumed by the second, once healthy.
         # The fault ends at 150 s and the hold is 60 s, but the node cooldown (300 s) the first
         # run started with its drain holds until then: restored, it still does.
@@ -196,7 +205,7 @@ def test_a_kill_during_the_state_save_never_leaves_caps_the_agent_does_not_own(
     second = in_process(cfg, state, wall=wall)
     try:
         capped = capped_gpus(second)
-        owned = int(np.isfinite(second.runtime.loop.guard.caps["our_cap_w"]).sum())
+        owned = int(np.isfinite(second.runtime.loop.ledger.caps["our_cap_w"]).sum())
         assert owned >= capped, f"{capped} GPUs capped after the restart, {owned} owned"
         # Either way the twin's save came after the agent's: it has none of the new caps; the
         # agent owns them only where its own state was saved (it releases or resets them).
@@ -266,7 +275,7 @@ def test_one_unreadable_part_starts_fresh_alone(tmp_path: Path) -> None:
     try:
         assert daemon.restored
         assert [p.split(":")[0] for p in daemon.state_problems] == ["policies.health_drain"]
-        assert same(daemon.runtime.loop.guard.to_dict(), guard)
+        assert same(daemon.runtime.loop.ledger.to_dict(), guard)
     finally:
         daemon.shutdown()
 
@@ -283,7 +292,7 @@ def test_state_from_another_twin_is_not_applied(tmp_path: Path) -> None:
     try:
         assert not daemon.restored
         assert "timeline" in daemon.state_problems[0]
-        assert len(daemon.runtime.loop.guard.caps) == 0
+        assert len(daemon.runtime.loop.ledger.caps) == 0
     finally:
         daemon.shutdown()
 
@@ -352,14 +361,14 @@ def test_reload_takes_a_good_config_and_refuses_a_bad_one(tmp_path: Path) -> Non
     daemon = in_process(cfg, tmp_path / "state", wall=wall)
     try:
         drive(daemon, wall, 3)
-        guard = daemon.runtime.loop.guard.to_dict()
+        guard = daemon.runtime.loop.ledger.to_dict()
         twin = daemon.runtime.twin
         write(
             cfg, twin_config(dry_run=False, interval_s=30, extra="[guard]\ncap_cooldown_s = 90\n")
         )
         assert daemon.reload()
-        assert daemon.interval_s == 30 and daemon.runtime.loop.guard.settings.cap_cooldown_s == 90
-        assert same(daemon.runtime.loop.guard.to_dict(), guard)  # memory carried over
+        assert daemon.interval_s == 30 and daemon.runtime.loop.gate.settings.cap_cooldown_s == 90
+        assert same(daemon.runtime.loop.ledger.to_dict(), guard)  # memory carried over
         assert daemon.runtime.twin is twin  # same [twin]: the same cluster
         assert daemon.runtime.loop.cycles == 3
         assert sample(daemon, "ooda_interval_seconds") == 30
@@ -648,25 +657,6 @@ def _cycle(event: dict) -> int:  # type: ignore[type-arg]
     return int(event["decision_id"].split("-")[2])
 
 
-class RenewingCaps:
-    """A cap actuator whose caps are leases (a hand-written fake of the node client)."""
-
-    def __init__(self) -> None:
-        self.renewals: list[float] = []
-        self.set_calls = 0
-
-    def set_caps(self, targets: GpuTargets, watts: np.ndarray, lease_s: float) -> CapResult:
-        self.set_calls += 1
-        return CapResult.all_ok(len(targets))
-
-    def release_caps(self, targets: GpuTargets) -> CapResult:
-        return CapResult.all_ok(len(targets))
-
-    def renew_leases(self, lease_s: float) -> tuple[GpuTargets, CapResult]:
-        self.renewals.append(lease_s)
-        return GpuTargets.empty(), CapResult.all_ok(0)
-
-
 def test_on_exit_renew_renews_the_leases_once_more(tmp_path: Path) -> None:
     cfg = write(
         tmp_path / "ooda.toml", twin_config(dry_run=False, extra="[actuators]\nlease_s = 90\n")
@@ -714,11 +704,11 @@ def test_a_changed_twin_section_means_a_new_twin_and_fresh_state(tmp_path: Path)
     try:
         drive(daemon, wall, 2)
         old_twin, old_timeline = daemon.runtime.twin, daemon.timeline
-        assert len(daemon.runtime.loop.guard.caps) > 0
+        assert len(daemon.runtime.loop.ledger.caps) > 0
         write(cfg, twin_config(dry_run=False, nodes=3))
         assert daemon.reload()
         assert daemon.runtime.twin is not old_twin and daemon.timeline != old_timeline
-        assert len(daemon.runtime.loop.guard.caps) == 0  # the old cluster's memory means nothing
+        assert len(daemon.runtime.loop.ledger.caps) == 0  # the old cluster's memory means nothing
         assert drive(daemon, wall, 1)[0].snapshot.n_gpus == 24
     finally:
         daemon.shutdown()

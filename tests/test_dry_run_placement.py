@@ -4,58 +4,25 @@ resume, since the real node was never drained)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from agent.act.audit import read_records
 from agent.act.executor import Actuators, RecordingPlacement
+from agent.assembly import assemble
 from agent.config import parse_config
-from agent.core.situation import NodeStates
-from agent.runtime import build_runtime
+from tests.fakes import FakePlacement
 
 
-class FakePlacement:
+def real_placement() -> FakePlacement:
     """The real placement system: node3 drained by an admin, node9 unknown."""
-
-    def __init__(self) -> None:
-        self.changes: list[str] = []
-
-    def node_states(self, node_names: Sequence[str]) -> NodeStates:
-        names = list(node_names)
-        admin = np.array([n == "node3" for n in names], dtype=bool)
-        return NodeStates(
-            drained=admin,
-            drained_by_us=np.zeros(len(names), dtype=bool),
-            reason=np.array(["admin: fan" if a else "" for a in admin], dtype=np.str_),
-            weight=np.ones(len(names), dtype=np.int64),
-            features=tuple(frozenset() for _ in names),
-            opted_out=np.zeros(len(names), dtype=bool),
-            known=np.array([n != "node9" for n in names], dtype=bool),
-        )
-
-    def drain(self, node: str, reason: str) -> None:
-        self.changes.append(f"drain {node}")
-
-    def resume(self, node: str) -> None:
-        self.changes.append(f"resume {node}")
-
-    def set_weight(self, node: str, weight: int) -> None:
-        self.changes.append(f"weight {node}")
-
-    def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None:
-        self.changes.append(f"features {node}")
-
-    def requeue(self, job: str) -> None:
-        self.changes.append(f"requeue {job}")
+    return FakePlacement({"node1": "", "node2": "", "node3": "admin: fan"})
 
 
 NAMES = ["node1", "node2", "node3", "node9"]
 
 
 def test_recorded_drains_show_as_ours_until_resumed() -> None:
-    real = FakePlacement()
+    real = real_placement()
     recorder = RecordingPlacement(real)
     before = recorder.node_states(NAMES)
     assert before.drained.tolist() == [False, False, True, False]
@@ -104,7 +71,7 @@ def actions(tmp_path: Path, dry_run: bool) -> list[tuple[str, str, float, str]]:
             "audit": {"path": str(audit)},
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     twin = runtime.twin
     assert twin is not None
     while twin.t_s < 300:
@@ -131,7 +98,7 @@ def test_the_recorder_reads_the_live_placement_whenever_it_is_set() -> None:
     follows it, and the loop reads node states through the recorder only when there is one."""
     actuators = Actuators()
     assert actuators.node_states_reader() is None
-    real = FakePlacement()
+    real = real_placement()
     actuators.placement = real
     assert actuators.recorded_placement.real is real
     assert actuators.node_states_reader() is actuators.recorded_placement

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog
+from agent.assembly import Agent, assemble
 from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.intents import DrainNode, GpuTargets, Outcome, SetPowerCap
@@ -35,7 +36,6 @@ from agent.core.protocols import CapResult
 from agent.core.snapshot import Metric, Snapshot
 from agent.loop import CycleReport
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
-from agent.runtime import Runtime, build_runtime
 from agent.sim.adapters import TwinSource
 from agent.sim.twin import Twin
 from tests.daemon_helpers import DaemonProcess, twin_config
@@ -54,7 +54,7 @@ def twin_runtime(
     budget_w: float = 6000.0,
     faults: tuple[str, ...] = (),
     extra: str = "",
-) -> Runtime:
+) -> Agent:
     """A live (not dry-run) runtime on a small twin whose budget is far under its demand, so the
     agent caps on the first cycle."""
     text = twin_config(dry_run=False, nodes=nodes, budget_w=budget_w, faults=faults, audit=None)
@@ -62,7 +62,7 @@ def twin_runtime(
     data["daemon"]["state_dir"] = str(tmp_path / "state")
     config = parse_config(data)
     log = AuditLog(path=audit) if audit is not None else AuditLog(path=tmp_path / "audit.jsonl")
-    return build_runtime(config, audit=log)
+    return assemble(config, audit=log)
 
 
 class CountingCaps:
@@ -81,7 +81,7 @@ class CountingCaps:
         return self.inner.release_caps(targets)  # type: ignore[no-any-return]
 
 
-def step(runtime: Runtime, seconds: float = 15.0) -> CycleReport:
+def step(runtime: Agent, seconds: float = 15.0) -> CycleReport:
     twin = runtime.twin
     assert twin is not None
     end = twin.t_s + seconds
@@ -314,7 +314,7 @@ def test_clock_jumps_keep_cooldowns_and_caps_sane(tmp_path: Path) -> None:
         assert not [e for e in report.errors if e.startswith("policy ")], report.errors
     # After the backward jump, raising caps is possible again within the cooldown (not only
     # after the clock has caught up two hours later).
-    guard = runtime.loop.guard
+    guard = runtime.loop.ledger
     last = guard.caps["last_change_s"]
     assert np.nanmax(last) <= clock.now() + 1e-6
     records = audit_lines(tmp_path / "audit.jsonl")
@@ -333,19 +333,19 @@ def test_a_restart_after_the_clock_went_back_sees_the_jump(tmp_path: Path) -> No
         step(first)
     stopped_at = clock.now()
     saved = json.loads(
-        json.dumps({"loop": first.loop.to_dict(), "guard": first.loop.guard.to_dict()})
+        json.dumps({"loop": first.loop.to_dict(), "guard": first.loop.ledger.to_dict()})
     )
     first.close()
     assert saved["loop"] == {"last_cycle_s": stopped_at}
 
     second = twin_runtime(tmp_path)
     second.loop.load_dict(saved["loop"])
-    second.loop.guard.load_dict(saved["guard"])
+    second.loop.ledger.load_dict(saved["guard"])
     second.loop.clock = FakeClock(stopped_at - 7_200.0)
     report = step(second)
     second.close()
     assert any("the clock went back 7200 s" in e for e in report.errors), report.errors
-    changed = second.loop.guard.caps["last_change_s"]
+    changed = second.loop.ledger.caps["last_change_s"]
     assert (changed[np.isfinite(changed)] <= stopped_at - 7_200.0).all()
     with pytest.raises(ValueError, match="last_cycle_s"):
         second.loop.load_dict({"last_cycle_s": "yesterday"})

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.act.guard import RESET_FILE, Guard, GuardSettings, Review, request_reset
+from agent.act.gate import Gate, Review
+from agent.act.guard import RESET_FILE, GuardSettings, request_reset
 from agent.act.rollout import Rollout, RolloutSettings
 from agent.core.clock import FakeClock
 from agent.core.intents import (
@@ -30,6 +31,7 @@ from agent.core.intents import (
 from agent.core.situation import NodeStates, Situation
 from agent.orient.orienter import Orienter
 from tests.conftest import make_snapshot
+from tests.fakes import FakePlacement, make_gate, make_loop
 
 N_NODES = 10
 
@@ -95,9 +97,9 @@ def drain(node: str, expires_s: float = float("inf")) -> DrainNode:
     )
 
 
-def apply(guard: Guard, review: Review, now: float, outcome: Outcome = Outcome.APPLIED) -> None:
+def apply(guard: Gate, review: Review, now: float, outcome: Outcome = Outcome.APPLIED) -> None:
     for i, intent in enumerate(review.allowed):
-        guard.record(Action(f"a{i}", "d", intent, outcome, outcome is Outcome.RECORDED), now)
+        guard.ledger.record(Action(f"a{i}", "d", intent, outcome, outcome is Outcome.RECORDED), now)
 
 
 def reasons(review: Review) -> dict[str, str]:
@@ -110,13 +112,13 @@ def allowed_nodes(review: Review) -> list[str]:
 
 def test_breaker_trips_at_the_limit_stays_open_and_says_so_every_cycle() -> None:
     clock = FakeClock(1000.0)
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(
             breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=10, node_cooldown_s=0
         )
     )
     sit = situation()
-    review = guard.review([drain("node1"), drain("node2"), drain("node3")], sit, clock.now(), False)
+    review = guard.review([drain("node1"), drain("node2"), drain("node3")], sit, clock.now())
     assert allowed_nodes(review) == ["node1", "node2"]
     why = reasons(review)["node3"]
     assert why.startswith("circuit breaker tripped:") and "the limit is 2" in why
@@ -129,7 +131,7 @@ def test_breaker_trips_at_the_limit_stays_open_and_says_so_every_cycle() -> None
 
     # Hours later, the window long gone: still open, still loud, still refusing.
     clock.advance(6 * 3600)
-    review = guard.review([drain("node4")], situation(), clock.now(), False)
+    review = guard.review([drain("node4")], situation(), clock.now())
     assert allowed_nodes(review) == []
     assert "circuit breaker open since t=1000 s" in reasons(review)["node4"]
     assert "`ooda guard reset`" in reasons(review)["node4"]
@@ -137,44 +139,42 @@ def test_breaker_trips_at_the_limit_stays_open_and_says_so_every_cycle() -> None
     assert not review.events  # tripped once, not again
     # Resumes, caps and weights are not drains: the breaker does not hold them.
     sit = situation(states(drained_by_us=(1,)))
-    review = guard.review(
-        [ResumeNode(policy="p", reason="r", node="node1")], sit, clock.now(), False
-    )
+    review = guard.review([ResumeNode(policy="p", reason="r", node="node1")], sit, clock.now())
     assert allowed_nodes(review) == ["node1"]
 
 
 def test_reset_lets_it_drain_again_and_counts_afresh() -> None:
     clock = FakeClock(0.0)
-    guard = Guard(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
-    review = guard.review([drain("node1"), drain("node2")], situation(), clock.now(), False)
+    guard = make_gate(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
+    review = guard.review([drain("node1"), drain("node2")], situation(), clock.now())
     apply(guard, review, clock.now())
-    assert guard.breaker.open and guard.breaker.trips == 1
+    assert guard.ledger.breaker.open and guard.ledger.breaker.trips == 1
     clock.advance(60)
     fields = guard.reset_breaker(clock.now(), by="alice", note="driver push")
     assert fields["was_open"] and fields["by"] == "alice"
     # node1's drain an minute ago no longer counts: one more may go, the next trips again.
-    review = guard.review([drain("node2")], situation(), clock.now(), False)
+    review = guard.review([drain("node2")], situation(), clock.now())
     assert allowed_nodes(review) == ["node2"] and not review.alarms
     apply(guard, review, clock.now())
-    review = guard.review([drain("node3")], situation(), clock.now() + 1, False)
+    review = guard.review([drain("node3")], situation(), clock.now() + 1)
     assert reasons(review)["node3"].startswith("circuit breaker tripped")
-    assert guard.breaker.trips == 2
+    assert guard.ledger.breaker.trips == 2
 
 
 def test_reset_request_file_is_consumed_once_and_audited(tmp_path: Path) -> None:
     clock = FakeClock(0.0)
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0),
         reset_file=tmp_path / RESET_FILE,
     )
-    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 0.0, False), 0.0)
-    assert guard.breaker.open
+    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 0.0), 0.0)
+    assert guard.ledger.breaker.open
     request = request_reset(tmp_path, by="bob@ops", note="checked the nodes")
     assert json.loads((tmp_path / RESET_FILE).read_text())["id"] == request["id"]
     assert [p.name for p in tmp_path.iterdir()] == [RESET_FILE]  # no temporary left behind
     clock.advance(15)
-    review = guard.review([drain("node2")], situation(), clock.now(), False)
-    assert not guard.breaker.open and allowed_nodes(review) == ["node2"]
+    review = guard.review([drain("node2")], situation(), clock.now())
+    assert not guard.ledger.breaker.open and allowed_nodes(review) == ["node2"]
     ((name, fields),) = review.events
     assert name == "guard_reset" and fields["by"] == "bob@ops" and fields["was_open"]
     assert fields["request_id"] == request["id"] and fields["note"] == "checked the nodes"
@@ -182,30 +182,30 @@ def test_reset_request_file_is_consumed_once_and_audited(tmp_path: Path) -> None
     # A request a previous guard applied but could not remove is not applied twice.
     (tmp_path / RESET_FILE).write_text(json.dumps(request))
     apply(guard, review, clock.now())
-    review = guard.review([drain("node3")], situation(), clock.now() + 1, False)
+    review = guard.review([drain("node3")], situation(), clock.now() + 1)
     assert not review.events or review.events[0][0] != "guard_reset"
-    assert guard.breaker.open  # tripped by node3, the stale request did not close it
+    assert guard.ledger.breaker.open  # tripped by node3, the stale request did not close it
     # An unreadable request still counts as a person asking.
     (tmp_path / RESET_FILE).write_text("{half a req")
-    review = guard.review([], situation(), clock.now() + 2, False)
-    assert review.events[0][0] == "guard_reset" and not guard.breaker.open
+    review = guard.review([], situation(), clock.now() + 2)
+    assert review.events[0][0] == "guard_reset" and not guard.ledger.breaker.open
     assert "unreadable" in str(review.events[0][1])
 
 
 def test_breaker_state_survives_a_restart() -> None:
-    guard = Guard(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
-    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 10.0, False), 10.0)
-    saved = json.loads(json.dumps(guard.to_dict()))
-    restarted = Guard(guard.settings)
-    restarted.load_dict(saved)
-    assert restarted.breaker.open and restarted.breaker.opened_s == 10.0
-    assert restarted.drains == [(10.0, "node1")]
-    review = restarted.review([drain("node5")], situation(), 20.0, False)
+    guard = make_gate(GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0))
+    apply(guard, guard.review([drain("node1"), drain("node2")], situation(), 10.0), 10.0)
+    saved = json.loads(json.dumps(guard.ledger.to_dict()))
+    restarted = make_gate(guard.settings)
+    restarted.ledger.load_dict(saved)
+    assert restarted.ledger.breaker.open and restarted.ledger.breaker.opened_s == 10.0
+    assert restarted.ledger.drains == [(10.0, "node1")]
+    review = restarted.review([drain("node5")], situation(), 20.0)
     assert "circuit breaker open" in reasons(review)["node5"]
     # And an old state without any of the new keys loads as a closed breaker.
-    old = Guard()
-    old.load_dict({"caps": saved["caps"], "nodes": {"keys": [], "last_change_s": []}})
-    assert not old.breaker.open and old.drains == []
+    old = make_gate()
+    old.ledger.load_dict({"caps": saved["caps"], "nodes": {"keys": [], "last_change_s": []}})
+    assert not old.ledger.breaker.open and old.ledger.drains == []
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_breaker_state_survives_a_restart() -> None:
 def test_breaker_limit_nodes_or_share(
     n_nodes: int, max_nodes: int, pct: float, min_nodes: int, limit: int
 ) -> None:
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(breaker_max_nodes=max_nodes, breaker_max_pct=pct, breaker_min_nodes=min_nodes)
     )
     assert guard.breaker_limit(n_nodes) == limit
@@ -230,7 +230,7 @@ def test_breaker_limit_nodes_or_share(
 
 def test_drain_rate_limit_waits_for_room_without_tripping() -> None:
     clock = FakeClock(0.0)
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(
             drain_rate_max=2,
             drain_rate_window_s=600,
@@ -239,35 +239,33 @@ def test_drain_rate_limit_waits_for_room_without_tripping() -> None:
             node_cooldown_s=0,
         )
     )
-    review = guard.review([drain("node1"), drain("node2"), drain("node3")], situation(), 0.0, False)
+    review = guard.review([drain("node1"), drain("node2"), drain("node3")], situation(), 0.0)
     assert allowed_nodes(review) == ["node1", "node2"]
     assert reasons(review)["node3"].startswith("rate limit: 2 drains in the last 600 s")
-    assert not guard.breaker.open
+    assert not guard.ledger.breaker.open
     apply(guard, review, 0.0)
     clock.set(599.0)
-    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now(), False)) == []
+    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now())) == []
     clock.set(601.0)
-    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now(), False)) == [
-        "node3"
-    ]
+    assert allowed_nodes(guard.review([drain("node3")], situation(), clock.now())) == ["node3"]
 
 
 def test_steering_rate_limit() -> None:
-    guard = Guard(GuardSettings(steer_rate_max=3, steer_rate_window_s=300, node_cooldown_s=0))
+    guard = make_gate(GuardSettings(steer_rate_max=3, steer_rate_window_s=300, node_cooldown_s=0))
     weights = [
         SetNodeWeight(policy="placement", reason="hot", node=f"node{k}", weight=1000)
         for k in range(1, 6)
     ]
-    review = guard.review(weights, situation(), 0.0, False)
+    review = guard.review(weights, situation(), 0.0)
     assert allowed_nodes(review) == ["node1", "node2", "node3"]
     assert reasons(review)["node4"].startswith("rate limit: 3 weight/feature changes")
     apply(guard, review, 0.0)
-    assert allowed_nodes(guard.review(weights[3:], situation(), 200.0, False)) == []
-    assert len(allowed_nodes(guard.review(weights[3:], situation(), 301.0, False))) == 2
+    assert allowed_nodes(guard.review(weights[3:], situation(), 200.0)) == []
+    assert len(allowed_nodes(guard.review(weights[3:], situation(), 301.0))) == 2
 
 
 def test_ownership_never_touches_someone_elses_drain() -> None:
-    guard = Guard(GuardSettings(node_cooldown_s=0))
+    guard = make_gate(GuardSettings(node_cooldown_s=0))
     sit = situation(states(drained_by_others=(2,), weight=1))
     intents: list[Intent] = [
         drain("node2"),
@@ -277,7 +275,7 @@ def test_ownership_never_touches_someone_elses_drain() -> None:
         # Undoing our own features is allowed even there.
         SetNodeFeatures(policy="placement", reason="cool", node="node2", remove=frozenset({"hot"})),
     ]
-    review = guard.review(intents, sit, 0.0, False)
+    review = guard.review(intents, sit, 0.0)
     refused = [r.reason for r in review.refused]
     assert refused == [
         "drained by someone else (reason: 'admin: bad PSU'): never touched by us",
@@ -291,32 +289,32 @@ def test_ownership_never_touches_someone_elses_drain() -> None:
 
 
 def test_weight_undo_allowed_on_someone_elses_drain() -> None:
-    guard = Guard(GuardSettings(node_cooldown_s=0))
+    guard = make_gate(GuardSettings(node_cooldown_s=0))
     up = SetNodeWeight(policy="placement", reason="hot", node="node3", weight=1000)
-    review = guard.review([up], situation(states(weight=1)), 0.0, False)
+    review = guard.review([up], situation(states(weight=1)), 0.0)
     apply(guard, review, 0.0)  # we found weight 1
     # An admin drains node3; our weight stays until we give back the one we found.
     sit = situation(states(drained_by_others=(3,), weight=1000))
     again = SetNodeWeight(policy="placement", reason="hotter", node="node3", weight=2000)
     back = SetNodeWeight(policy="placement", reason="cool", node="node3", weight=1)
-    review = guard.review([again, back], sit, 10.0, False)
+    review = guard.review([again, back], sit, 10.0)
     assert allowed_nodes(review) == ["node3"] and review.allowed[0] is back
     assert "never re-weighted" in reasons(review)["node3"]
 
 
 def test_drain_of_our_own_drain_is_unchanged_and_dry_run_remembers() -> None:
-    guard = Guard(GuardSettings(node_cooldown_s=0))
-    review = guard.review([drain("node1")], situation(states(drained_by_us=(1,))), 0.0, False)
+    guard = make_gate(GuardSettings(node_cooldown_s=0))
+    review = guard.review([drain("node1")], situation(states(drained_by_us=(1,))), 0.0)
     assert review.allowed == [] and review.refused == [] and review.unchanged == 1
     # Advising: the placement never shows our recorded drain; a repeat is no new advice.
-    guard = Guard(GuardSettings(node_cooldown_s=0))
-    apply(guard, guard.review([drain("node1")], situation(), 0.0, True), 0.0, Outcome.RECORDED)
-    review = guard.review([drain("node1")], situation(), 30.0, True)
+    guard = make_gate(GuardSettings(node_cooldown_s=0), dry_run=True)
+    apply(guard, guard.review([drain("node1")], situation(), 0.0), 0.0, Outcome.RECORDED)
+    review = guard.review([drain("node1")], situation(), 30.0)
     assert review.allowed == [] and review.unchanged == 1
 
 
 def test_opt_out_protects_the_node_and_its_gpus() -> None:
-    guard = Guard(GuardSettings(node_cooldown_s=0, cap_cooldown_s=0))
+    guard = make_gate(GuardSettings(node_cooldown_s=0, cap_cooldown_s=0))
     sit = situation(states(opted_out=(2,)))
     snap = sit.snapshot
     caps = SetPowerCap(
@@ -332,7 +330,7 @@ def test_opt_out_protects_the_node_and_its_gpus() -> None:
         RequeueJob(policy="health_drain", reason="xid", job="101", node="node2"),
         RequeueJob(policy="health_drain", reason="xid", job="100", node="node1"),
     ]
-    review = guard.review(intents, sit, 0.0, False)
+    review = guard.review(intents, sit, 0.0)
     capped = [i for i in review.allowed if isinstance(i, SetPowerCap)]
     assert capped[0].targets.node.tolist() == ["node1"] * 4  # node2's GPUs untouched
     opt = "opted out (ooda-ignore): never touched"
@@ -347,8 +345,8 @@ def test_opt_out_protects_the_node_and_its_gpus() -> None:
 
 
 def test_no_node_action_on_a_node_whose_gpus_are_all_stale() -> None:
-    guard = Guard(GuardSettings(node_cooldown_s=0))
-    review = guard.review([drain("node3"), drain("node4")], situation(stale_nodes=(3,)), 0.0, False)
+    guard = make_gate(GuardSettings(node_cooldown_s=0))
+    review = guard.review([drain("node3"), drain("node4")], situation(stale_nodes=(3,)), 0.0)
     assert allowed_nodes(review) == ["node4"]
     assert reasons(review)["node3"] == (
         "telemetry stale: every GPU of node3 is stale; no action on what cannot be seen"
@@ -360,7 +358,7 @@ def test_scope_by_hostlist_glob_and_partition() -> None:
         RolloutSettings(nodes=["node[1-3]", "node1*"], partitions=["gpu"]),
         members=["node1", "node2", "node3", "node1*"],
     )
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(node_cooldown_s=0, cap_cooldown_s=0, breaker_max_pct=100), rollout=rollout
     )
     sit = situation(states(partitions={2: frozenset({"debug"})}))
@@ -371,7 +369,7 @@ def test_scope_by_hostlist_glob_and_partition() -> None:
         targets=GpuTargets.from_rows(snap, np.arange(snap.n_gpus)),
         watts=np.full(snap.n_gpus, 400.0),
     )
-    review = guard.review([caps, *(drain(f"node{k}") for k in (1, 2, 4, 10))], sit, 0.0, False)
+    review = guard.review([caps, *(drain(f"node{k}") for k in (1, 2, 4, 10))], sit, 0.0)
     capped = next(i for i in review.allowed if isinstance(i, SetPowerCap))
     assert sorted(set(capped.targets.node.tolist())) == ["node1", "node10", "node3"]
     assert allowed_nodes(review)[1:] == ["node1", "node10"]
@@ -379,15 +377,14 @@ def test_scope_by_hostlist_glob_and_partition() -> None:
     assert why["node2"] == "out of scope: not in partitions gpu"
     assert why["node4"] == "out of scope: not in [rollout] nodes"
     # Partitions asked for, but the placement system does not say: nothing is touched.
-    review = guard.review([drain("node1")], situation(states()), 0.0, False)
+    review = guard.review([drain("node1")], situation(states()), 0.0)
     assert reasons(review)["node1"].startswith("out of scope: the placement system does not say")
 
 
 def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
     """The loop audits the guard's refusals, its events and its own Notify; alarms are errors."""
     from agent.act.audit import AuditLog, read_records
-    from agent.act.executor import Actuators, Executor, RecordingNotifier
-    from agent.loop import Loop
+    from agent.act.executor import RecordingNotifier
     from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 
     class DrainAll(BasePolicy[PolicySettings, PolicyMemory]):
@@ -403,39 +400,21 @@ def test_refusals_reach_the_audit_through_the_loop(tmp_path: Path) -> None:
         def observe(self, now_s: float):  # type: ignore[no-untyped-def]
             return make_snapshot([500.0] * 16, time_s=now_s)
 
-    class Placement:
-        """A hand-written PlacementActuator: every node in service; drains remembered."""
-
-        def __init__(self) -> None:
-            self.drained: list[str] = []
-
-        def node_states(self, names):  # type: ignore[no-untyped-def]
-            return states(len(names))
-
-        def drain(self, node: str, reason: str) -> None:
-            self.drained.append(node)
-
-        def resume(self, node: str) -> None: ...
-        def set_weight(self, node: str, weight: int) -> None: ...
-        def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
-        def requeue(self, job: str) -> None: ...
-
     notes = RecordingNotifier()
-    placement = Placement()
+    placement = FakePlacement(states=lambda names: states(len(names)))
     audit = AuditLog(tmp_path / "audit.jsonl")
     clock = FakeClock(100.0)
-    loop = Loop(
-        source=Source(),
-        orienter=Orienter(),
-        policies=[DrainAll(PolicySettings())],
-        guard=Guard(GuardSettings(breaker_max_nodes=2, breaker_max_pct=100)),
-        executor=Executor(Actuators(placement=placement, notifier=notes), lambda _i: False),
+    loop = make_loop(
+        Source(),
+        [DrainAll(PolicySettings())],
+        guard=GuardSettings(breaker_max_nodes=2, breaker_max_pct=100),
+        placement=placement,
+        notifier=notes,
         audit=audit,
         clock=clock,
-        placement=placement,
     )
     report = loop.cycle()
-    assert placement.drained == ["node1", "node2"]
+    assert placement.done("drain") == ["node1", "node2"]
     assert any("circuit breaker OPEN" in e for e in report.errors)
     assert len(notes.sent) == 1 and notes.sent[0].policy == "guard"
     audit.close()
@@ -459,22 +438,22 @@ def test_reset_without_a_running_daemon_applies_at_the_next_start(
 
     settings = GuardSettings(breaker_max_nodes=1, breaker_max_pct=100, node_cooldown_s=0)
     state_dir = tmp_path / "state"
-    first = Guard(settings, reset_file=state_dir / RESET_FILE)
-    apply(first, first.review([drain("node1"), drain("node2")], situation(), 0.0, False), 0.0)
-    saved = json.dumps(first.to_dict())  # what the daemon persisted when it stopped
-    assert first.breaker.open
+    first = make_gate(settings, reset_file=state_dir / RESET_FILE)
+    apply(first, first.review([drain("node1"), drain("node2")], situation(), 0.0), 0.0)
+    saved = json.dumps(first.ledger.to_dict())  # what the daemon persisted when it stopped
+    assert first.ledger.breaker.open
 
     config = tmp_path / "agent.toml"
     config.write_text(f'[daemon]\nstate_dir = "{state_dir}"\n')
     assert main(["guard", "reset", "--config", str(config), "--note", "ok"]) == 0
     assert "applies it at its next cycle, or at its next start" in capsys.readouterr().out
 
-    second = Guard(settings, reset_file=state_dir / RESET_FILE)
-    second.load_dict(json.loads(saved))
-    assert second.breaker.open
-    review = second.review([drain("node2")], situation(), 3600.0 * 24, False)
+    second = make_gate(settings, reset_file=state_dir / RESET_FILE)
+    second.ledger.load_dict(json.loads(saved))
+    assert second.ledger.breaker.open
+    review = second.review([drain("node2")], situation(), 3600.0 * 24)
     assert [name for name, _ in review.events] == ["guard_reset"]
-    assert allowed_nodes(review) == ["node2"] and not second.breaker.open
+    assert allowed_nodes(review) == ["node2"] and not second.ledger.breaker.open
 
 
 def test_guard_reset_cli_names_an_unwritable_state_dir(
@@ -501,37 +480,37 @@ def test_state_dir_defaults_to_the_cluster_name() -> None:
 def test_breaker_counts_drains_made_after_the_clock_went_back_past_a_reset() -> None:
     """A reset at t=10,000, then the clock steps back to 5,000: drains after the jump carry
     earlier times than the reset, and must count towards the breaker all the same."""
-    guard = Guard(
+    guard = make_gate(
         GuardSettings(
             breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=100, node_cooldown_s=0
         )
     )
     guard.reset_breaker(10_000.0, by="op")
-    assert guard.clock_went_back(5_000.0) == 5_000.0
+    assert guard.ledger.clock_went_back(5_000.0) == 5_000.0
     sit = situation()
     drained: list[str] = []
     for k, node in enumerate(["node1", "node2", "node3", "node4"]):
         t = 5_000.0 + 60.0 * k
-        review = guard.review([drain(node)], sit, t, False)
+        review = guard.review([drain(node)], sit, t)
         apply(guard, review, t)
         drained += allowed_nodes(review)
-    assert drained == ["node1", "node2"] and guard.breaker.open
+    assert drained == ["node1", "node2"] and guard.ledger.breaker.open
 
 
 def test_requeue_needs_a_node_whose_scope_can_be_checked() -> None:
     """A requeue names a node not seen this cycle (its scope and opt-out unknown), or no node
     under a rollout scope: refused, as node intents on unseen nodes are."""
     rollout = Rollout(RolloutSettings(nodes="node[1-3]"), members=["node1", "node2", "node3"])
-    guard = Guard(GuardSettings(), rollout=rollout)
+    guard = make_gate(GuardSettings(), rollout=rollout)
     unseen = RequeueJob(policy="health_drain", reason="xid", job="42", node="node99")
     nameless = RequeueJob(policy="health_drain", reason="xid", job="43", node="")
     inside = RequeueJob(policy="health_drain", reason="xid", job="44", node="node1")
-    review = guard.review([unseen, nameless, inside], situation(), 0.0, False)
+    review = guard.review([unseen, nameless, inside], situation(), 0.0)
     assert [i.target_name() for i in review.allowed] == ["44"]
     assert "node99 not seen this cycle" in reasons(review)["42"]
     assert "rollout scope" in reasons(review)["43"]
     # Without a scope, a requeue that names no node still goes ahead (nothing to check).
-    review = Guard(GuardSettings()).review([nameless], situation(), 0.0, False)
+    review = make_gate(GuardSettings()).review([nameless], situation(), 0.0)
     assert [i.target_name() for i in review.allowed] == ["43"]
 
 
@@ -544,66 +523,66 @@ def test_a_cap_only_recorded_by_a_dry_policy_is_not_ours_to_release_live() -> No
     """A live agent with one dry-run policy: that policy's cap is only recorded, so a live
     release (ownership, the daemon's on-exit release) must not touch the GPU, whose 500 W limit
     someone else set. The dry policy itself still sees its recorded cap."""
-    guard = Guard(GuardSettings(cap_cooldown_s=0.0), is_dry=lambda i: i.policy == "shadow")
+    guard = make_gate(GuardSettings(cap_cooldown_s=0.0), policy_dry_run={"shadow": True})
     sit, t = _one_gpu(500.0)
     advice = SetPowerCap(policy="shadow", reason="r", targets=t, watts=np.array([400.0]))
-    apply(guard, guard.review([advice], sit, 0.0, False), 0.0, Outcome.RECORDED)
-    assert guard.capped_by_us(t.uuid).tolist() == [True]
-    assert guard.capped_by_us(t.uuid, recorded=False).tolist() == [False]
+    apply(guard, guard.review([advice], sit, 0.0), 0.0, Outcome.RECORDED)
+    assert guard.ledger.capped_by_us(t.uuid).tolist() == [True]
+    assert guard.ledger.capped_by_us(t.uuid, recorded=False).tolist() == [False]
     live = ReleasePowerCap(policy="ownership", reason="job left", targets=t)
-    review = guard.review([live], sit, 100.0, False)
+    review = guard.review([live], sit, 100.0)
     assert not review.allowed and review.refused[0].reason == "not capped by us"
     dry = ReleasePowerCap(policy="shadow", reason="r", targets=t)
-    assert len(guard.review([dry], sit, 100.0, False).allowed) == 1
+    assert len(guard.review([dry], sit, 100.0).allowed) == 1
     # Applied for real, the cap is ours to a live release too.
     cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
-    apply(guard, guard.review([cap], sit, 200.0, False), 200.0)
-    assert len(guard.review([live], sit, 300.0, False).allowed) == 1
+    apply(guard, guard.review([cap], sit, 200.0), 200.0)
+    assert len(guard.review([live], sit, 300.0).allowed) == 1
 
 
 def test_state_saved_before_live_caps_were_told_apart_keeps_them_ours() -> None:
-    guard = Guard()
+    guard = make_gate()
     sit, t = _one_gpu(700.0)
     cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
-    apply(guard, guard.review([cap], sit, 0.0, False), 0.0)
-    saved = guard.to_dict()
+    apply(guard, guard.review([cap], sit, 0.0), 0.0)
+    saved = guard.ledger.to_dict()
     del saved["caps"]["live_cap_w"]
-    copy = Guard()
-    copy.load_dict(saved)
-    assert copy.capped_by_us(t.uuid, recorded=False).tolist() == [True]
+    copy = make_gate()
+    copy.ledger.load_dict(saved)
+    assert copy.ledger.capped_by_us(t.uuid, recorded=False).tolist() == [True]
 
 
 def test_a_raise_above_our_cap_waits_for_the_cooldown_while_telemetry_lags() -> None:
     """We lowered a GPU to 300 W; 10 s later the exporter still shows the old 700 W. A request
     for 650 W is a raise of our cap within the cooldown, however it compares with 700 W.
     Asking our own 300 W again is not a raise."""
-    guard = Guard(GuardSettings(cap_cooldown_s=60.0, cap_dead_band_w=10.0))
+    guard = make_gate(GuardSettings(cap_cooldown_s=60.0, cap_dead_band_w=10.0))
     sit, t = _one_gpu(700.0)
     first = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([300.0]))
-    apply(guard, guard.review([first], sit, 0.0, False), 0.0)
+    apply(guard, guard.review([first], sit, 0.0), 0.0)
     up = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([650.0]))
-    review = guard.review([up], sit, 10.0, False)
+    review = guard.review([up], sit, 10.0)
     assert not review.allowed and review.refused[0].reason.startswith("cooldown")
-    assert len(guard.review([first], sit, 10.0, False).allowed) == 1
-    assert len(guard.review([up], sit, 70.0, False).allowed) == 1
+    assert len(guard.review([first], sit, 10.0).allowed) == 1
+    assert len(guard.review([up], sit, 70.0).allowed) == 1
 
 
 def test_a_release_that_finds_the_default_in_place_ends_our_ownership() -> None:
     """Our 400 W cap is gone (the GPU was reset to its 700 W default): our release finds
     nothing to do, and the GPU is no longer ours (audited), so a later release of ours cannot
     undo a 500 W cap someone else sets there."""
-    guard = Guard(GuardSettings(cap_cooldown_s=0.0))
+    guard = make_gate(GuardSettings(cap_cooldown_s=0.0))
     at_default, t = _one_gpu(700.0)
     cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
-    apply(guard, guard.review([cap], at_default, 0.0, False), 0.0)
+    apply(guard, guard.review([cap], at_default, 0.0), 0.0)
     release = ReleasePowerCap(policy="p", reason="r", targets=t)
-    review = guard.review([release], at_default, 100.0, False)
+    review = guard.review([release], at_default, 100.0)
     assert review.unchanged == 1 and not review.allowed
     assert [name for name, _ in review.events] == ["guard_cap_found_released"]
     assert review.events[0][1]["uuids"] == t.uuid.tolist()
-    assert guard.capped_by_us(t.uuid).tolist() == [False]
+    assert guard.ledger.capped_by_us(t.uuid).tolist() == [False]
     someone_elses, _ = _one_gpu(500.0)
-    review = guard.review([release], someone_elses, 200.0, False)
+    review = guard.review([release], someone_elses, 200.0)
     assert not review.allowed and review.refused[0].reason == "not capped by us"
 
 
@@ -613,20 +592,20 @@ def test_a_long_job_id_keeps_its_cap_while_the_job_runs() -> None:
     job = "ml-training/llama-70b-finetune-run-2025-06-01-" + "x" * 60
     snap = make_snapshot([500.0] * 8, jobs=[job] * 8)
     sit = Orienter().orient(snap, None, states(2))
-    guard = Guard(GuardSettings())
+    guard = make_gate(GuardSettings())
     t = GpuTargets.from_rows(snap, [0])
     cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
-    apply(guard, guard.review([cap], sit, 0.0, False), 0.0)
+    apply(guard, guard.review([cap], sit, 0.0), 0.0)
     asserted = np.zeros(snap.n_gpus, dtype=bool)
     asserted[0] = True
-    guard.stamp_cap_jobs(snap, asserted)
+    guard.ledger.stamp_cap_jobs(snap, asserted)
     holding = np.zeros(snap.n_gpus, dtype=bool)
-    assert not guard.caps_outlived(snap, holding)[0]
+    assert not guard.ledger.caps_outlived(snap, holding)[0]
     next_job = make_snapshot([500.0] * 8, jobs=[job[:-1] + "y"] * 8)
-    assert guard.caps_outlived(next_job, holding)[0]
-    copy = Guard()
-    copy.load_dict(json.loads(json.dumps(guard.to_dict())))
-    assert not copy.caps_outlived(snap, holding)[0]
+    assert guard.ledger.caps_outlived(next_job, holding)[0]
+    copy = make_gate()
+    copy.ledger.load_dict(json.loads(json.dumps(guard.ledger.to_dict())))
+    assert not copy.ledger.caps_outlived(snap, holding)[0]
 
 
 def test_a_cap_that_is_not_a_number_is_refused_live_and_advising() -> None:
@@ -634,15 +613,15 @@ def test_a_cap_that_is_not_a_number_is_refused_live_and_advising() -> None:
     guard remembers of our cap; live, it reached the actuator."""
     sit, t = _one_gpu(700.0)
     for dry in (False, True):
-        guard = Guard(GuardSettings(cap_cooldown_s=0.0))
+        guard = make_gate(GuardSettings(cap_cooldown_s=0.0), dry_run=dry)
         cap = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([400.0]))
-        apply(guard, guard.review([cap], sit, 0.0, dry), 0.0)
+        apply(guard, guard.review([cap], sit, 0.0), 0.0)
         for watts in (np.nan, np.inf):
             bad = SetPowerCap(policy="p", reason="r", targets=t, watts=np.array([watts]))
-            review = guard.review([bad], sit, 100.0, dry)
+            review = guard.review([bad], sit, 100.0)
             assert not review.allowed
             assert review.refused[0].reason == "the cap asked is not a number"
-        assert guard.capped_by_us(t.uuid).tolist() == [True]
+        assert guard.ledger.capped_by_us(t.uuid).tolist() == [True]
 
 
 def test_a_drain_only_recorded_as_advice_does_not_stand_for_a_live_one() -> None:
@@ -661,14 +640,14 @@ def test_a_drain_only_recorded_as_advice_does_not_stand_for_a_live_one() -> None
     k = node_order().index("node2")
     assert overlaid.drained_by_us[k] and not overlaid.live_drained_by_us(k)
     sit = situation(overlaid)
-    guard = Guard(GuardSettings(), is_dry=lambda i: i.policy == "shadow")
-    review = guard.review([drain("node2")], sit, 0.0, False)
+    guard = make_gate(GuardSettings(), policy_dry_run={"shadow": True})
+    review = guard.review([drain("node2")], sit, 0.0)
     assert allowed_nodes(review) == ["node2"] and review.unchanged == 0
     shadow = DrainNode(policy="shadow", reason="ooda: advice", node="node2")
-    review = guard.review([shadow], sit, 0.0, False)
+    review = guard.review([shadow], sit, 0.0)
     assert not review.allowed and review.unchanged == 1  # advising: followed already
     resume = ResumeNode(policy="health_drain", reason="healthy", node="node2")
-    review = guard.review([resume], sit, 0.0, False)
+    review = guard.review([resume], sit, 0.0)
     assert not review.allowed and review.unchanged == 1
 
 
@@ -679,28 +658,29 @@ def test_advice_beside_a_live_agent_neither_uses_up_nor_trips_the_live_drain_lim
     settings = GuardSettings(
         breaker_max_nodes=2, breaker_max_pct=100, drain_rate_max=100, node_cooldown_s=0
     )
-    guard = Guard(settings, is_dry=lambda i: i.policy == "shadow")
+    guard = make_gate(settings, policy_dry_run={"shadow": True})
     sit = situation()
 
     def advise(node: str) -> DrainNode:
         return DrainNode(policy="shadow", reason="ooda: advice", node=node)
 
     for t, node in enumerate(["node1", "node2"]):
-        apply(guard, guard.review([advise(node)], sit, float(t), False), float(t), Outcome.RECORDED)
-    review = guard.review([advise("node3")], sit, 10.0, False)
+        apply(guard, guard.review([advise(node)], sit, float(t)), float(t), Outcome.RECORDED)
+    review = guard.review([advise("node3")], sit, 10.0)
     assert not review.allowed and "circuit breaker would trip" in review.refused[0].reason
-    assert not guard.breaker.open
-    live = guard.review([drain("node3"), drain("node4")], sit, 20.0, False)
-    assert allowed_nodes(live) == ["node3", "node4"] and not guard.breaker.open
+    assert not guard.ledger.breaker.open
+    live = guard.review([drain("node3"), drain("node4")], sit, 20.0)
+    assert allowed_nodes(live) == ["node3", "node4"] and not guard.ledger.breaker.open
     # The same guard state, saved and restored, keeps advice apart from what was done.
-    copy = Guard(settings, is_dry=lambda i: i.policy == "shadow")
-    copy.load_dict(json.loads(json.dumps(guard.to_dict())))
-    assert [n for _, n in copy.advised_drains] == ["node1", "node2"] and copy.drains == []
+    copy = make_gate(settings, policy_dry_run={"shadow": True})
+    copy.ledger.load_dict(json.loads(json.dumps(guard.ledger.to_dict())))
+    assert [n for _, n in copy.ledger.advised_drains] == [
+        "node1",
+        "node2",
+    ] and copy.ledger.drains == []
     # A dry-run agent (everything advice) trips the breaker, as live would.
-    all_dry = Guard(settings)
+    all_dry = make_gate(settings, dry_run=True)
     for t, node in enumerate(["node1", "node2"]):
-        apply(
-            all_dry, all_dry.review([drain(node)], sit, float(t), True), float(t), Outcome.RECORDED
-        )
-    review = all_dry.review([drain("node3")], sit, 10.0, True)
-    assert allowed_nodes(review) == [] and all_dry.breaker.open
+        apply(all_dry, all_dry.review([drain(node)], sit, float(t)), float(t), Outcome.RECORDED)
+    review = all_dry.review([drain("node3")], sit, 10.0)
+    assert allowed_nodes(review) == [] and all_dry.ledger.breaker.open

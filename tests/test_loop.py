@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -10,30 +9,15 @@ from pydantic import Field
 
 from agent.act.audit import AuditLog
 from agent.act.executor import Actuators, Executor, RecordingCapActuator
-from agent.act.guard import Guard
 from agent.core.clock import FakeClock
 from agent.core.errors import TelemetryError
 from agent.core.intents import Action, GpuTargets, Intent, Outcome, SetPowerCap
 from agent.core.situation import Situation
-from agent.core.snapshot import Snapshot
 from agent.loop import Loop
-from agent.orient.orienter import Orienter
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.power_budget import PowerBudget, PowerBudgetSettings
 from tests.conftest import make_snapshot
-
-
-class FakeSource:
-    """A hand-written fake telemetry source: returns queued snapshots or raises."""
-
-    def __init__(self, items: Sequence[Snapshot | Exception]) -> None:
-        self.items = list(items)
-
-    def observe(self, now_s: float) -> Snapshot:
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
+from tests.fakes import AdoptingCaps, FakeSource, RenewingCaps, TimingOutCaps, make_loop
 
 
 class Exploding(BasePolicy[PolicySettings, PolicyMemory]):
@@ -50,17 +34,13 @@ def build(
 ) -> tuple[Loop, io.StringIO, RecordingCapActuator]:
     stream = io.StringIO()
     live = RecordingCapActuator()  # stands in for a real cap actuator: same protocol
-    actuators = Actuators(caps=live)
-    loop = Loop(
-        source=source,
-        orienter=Orienter(),
-        policies=[Exploding(PolicySettings()), PowerBudget(PowerBudgetSettings())],
-        guard=Guard(),
-        executor=Executor(actuators, lambda _i: dry_run),
+    loop = make_loop(
+        source,
+        [Exploding(PolicySettings()), PowerBudget(PowerBudgetSettings())],
+        dry_run=dry_run,
+        caps=live,
         audit=AuditLog(stream=stream),
-        clock=FakeClock(500.0),
         budget_w=3000.0,
-        dry_run_caps=dry_run,
     )
     return loop, stream, live
 
@@ -127,25 +107,6 @@ def _unused(x: list[Intent]) -> np.ndarray:  # keep imports honest for type chec
     return np.zeros(len(x))
 
 
-class RenewingCaps(RecordingCapActuator):
-    """A cap actuator whose caps are leases (the CapLeaseRenewer protocol), hand-written."""
-
-    def __init__(self, fail: bool = False) -> None:
-        super().__init__()
-        self.renewals: list[float] = []
-        self.fail = fail
-
-    def renew_leases(self, lease_s: float):  # type: ignore[no-untyped-def]
-        from agent.core.intents import GpuTargets
-        from agent.core.protocols import CapResult
-
-        self.renewals.append(lease_s)
-        targets = GpuTargets.empty()
-        if self.fail:
-            raise RuntimeError("node3 unreachable")
-        return targets, CapResult.all_ok(0)
-
-
 def test_leases_are_renewed_every_live_cycle_and_failures_reported() -> None:
     snap = make_snapshot([100.0] * 4, time_s=500)
     loop, _, _ = build(FakeSource([snap, snap]))
@@ -167,17 +128,6 @@ def test_dry_run_renews_nothing() -> None:
     assert caps.renewals == []
 
 
-class AdoptingCaps(RenewingCaps):
-    """...that also takes over caps a restart found in force (CapLeaseAdopter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.adopted: list[tuple[list[str], list[float]]] = []
-
-    def adopt_leases(self, targets, watts) -> None:  # type: ignore[no-untyped-def]
-        self.adopted.append((targets.names(), watts.tolist()))
-
-
 def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_again() -> None:
     # node1/gpu0 is at the cap the log says we set; node1/gpu1 is not (never set, or changed
     # since); node1/gpu2 was released and is at its default; node9/gpu0 is not seen.
@@ -186,33 +136,20 @@ def test_caps_found_after_a_restart_are_settled_against_telemetry_and_leased_aga
     caps = AdoptingCaps()
     loop.executor.actuators.caps = caps
     names = np.array(["node1/gpu0", "node1/gpu1", "node1/gpu2", "node9/gpu0"])
-    loop.guard.remember_pending(
+    loop.ledger.remember_pending(
         names, np.array([300.0, 320.0, np.nan, 300.0]), np.array([490.0, 490.0, 490.0, 490.0])
     )
     ours = SetPowerCap(  # the cap the release ended was ours
         policy="p", reason="r", targets=GpuTargets.from_rows(snap, [2]), watts=np.array([250.0])
     )
-    loop.guard.record(Action("a0", "d0", ours, Outcome.APPLIED, False), 0.0)
+    loop.ledger.record(Action("a0", "d0", ours, Outcome.APPLIED, False), 0.0)
     loop.cycle()
     assert caps.adopted == [(["node1/gpu0"], [300.0])]
-    owned = loop.guard.capped_by_us(snap.uuid, recorded=False)
+    owned = loop.ledger.capped_by_us(snap.uuid, recorded=False)
     assert owned.tolist() == [True, False, False, False]
-    slot = loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]
-    assert loop.guard.caps["last_change_s"][slot].tolist() == [490.0]  # cooldown from then
-    assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
-
-
-class TimingOutCaps(AdoptingCaps):
-    """Nodes that act on a cap and time out answering: every call fails, whatever was done."""
-
-    def set_caps(self, targets, watts, lease_s):  # type: ignore[no-untyped-def]
-        from agent.core.protocols import CapResult
-
-        super().set_caps(targets, watts, lease_s)
-        n = len(targets)
-        return CapResult(
-            np.zeros(n, dtype=bool), np.full(n, np.nan), dict.fromkeys(range(n), "timed out")
-        )
+    slot = loop.ledger.caps.lookup(np.array(["GPU-0000"]))[0]
+    assert loop.ledger.caps["last_change_s"][slot].tolist() == [490.0]  # cooldown from then
+    assert loop.ledger.pending.keys.tolist() == ["node9/gpu0"]  # waits to be seen
 
 
 def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> None:
@@ -227,7 +164,7 @@ def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> Non
     assert watts is not None and targets.names() == [
         f"node{i // 4 + 1}/gpu{i % 4}" for i in range(8)
     ]
-    assert not loop.guard.capped_by_us(first.uuid, recorded=False).any()
+    assert not loop.ledger.capped_by_us(first.uuid, recorded=False).any()
     in_force = [*watts[:4].tolist(), *[700.0] * 4]
     loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=515)])
     report = loop.cycle()
@@ -238,11 +175,11 @@ def test_a_cap_call_that_failed_is_settled_against_telemetry_next_cycle() -> Non
     assert caps.adopted == [(targets.names()[:4], watts[:4].tolist())]
     # Cycle 2 asked node2's caps again (their call failed again): pending until cycle 3,
     # which settles them with nothing to say (no event).
-    assert loop.guard.pending.keys.tolist() == targets.names()[4:]
+    assert loop.ledger.pending.keys.tolist() == targets.names()[4:]
     loop.source = FakeSource([make_snapshot([600.0] * 8, limit_w=in_force, time_s=530)])
     loop.executor.actuators.caps = AdoptingCaps()  # node2 answers now
     assert loop.cycle().settled == {}
-    assert len(loop.guard.pending) == 0
+    assert len(loop.ledger.pending) == 0
     assert len([e for e in events(stream) if e.get("event") == "guard_caps_recovered"]) == 1
 
 
@@ -253,15 +190,15 @@ def test_a_found_cap_is_matched_as_the_guard_clipped_it() -> None:
     loop, _, _ = build(FakeSource([snap]))
     caps = AdoptingCaps()
     loop.executor.actuators.caps = caps
-    loop.guard.remember_pending(np.array(["node1/gpu0"]), np.array([150.0]), np.array([490.0]))
+    loop.ledger.remember_pending(np.array(["node1/gpu0"]), np.array([150.0]), np.array([490.0]))
     loop.cycle()
     assert caps.adopted == [(["node1/gpu0"], [200.0])]
-    slot = loop.guard.caps.lookup(np.array(["GPU-0000"]))[0]
-    assert loop.guard.caps["our_cap_w"][slot].tolist() == [200.0]
+    slot = loop.ledger.caps.lookup(np.array(["GPU-0000"]))[0]
+    assert loop.ledger.caps["our_cap_w"][slot].tolist() == [200.0]
     # A change whose node is not seen at all waits.
-    loop.guard.remember_pending(np.array(["node9/gpu0"]), np.array([300.0]), np.array([495.0]))
+    loop.ledger.remember_pending(np.array(["node9/gpu0"]), np.array([300.0]), np.array([495.0]))
     loop.cycle()
-    assert loop.guard.pending.keys.tolist() == ["node9/gpu0"]
+    assert loop.ledger.pending.keys.tolist() == ["node9/gpu0"]
 
 
 class CapsJobA(BasePolicy[PolicySettings, PolicyMemory]):
@@ -293,14 +230,8 @@ def test_a_cap_chosen_for_a_job_is_released_when_the_next_job_arrives() -> None:
     after = make_snapshot([480.0] * 4, limit_w=capped, jobs=["b", "a", "c", "c"])
     live = RecordingCapActuator()
     clock = FakeClock(500.0)
-    loop = Loop(
-        source=FakeSource([before, after, after]),
-        orienter=Orienter(),
-        policies=[CapsJobA(PolicySettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=live), lambda _i: False),
-        audit=AuditLog(stream=io.StringIO()),
-        clock=clock,
+    loop = make_loop(
+        FakeSource([before, after, after]), [CapsJobA(PolicySettings())], caps=live, clock=clock
     )
     loop.cycle()
     assert [(kind, t.uuid.tolist()) for kind, t, _ in live.calls] == [
@@ -341,13 +272,10 @@ def test_policy_holds_restart_from_now_when_the_clock_goes_back() -> None:
     set back to 500 s, catches up."""
     snap = make_snapshot([600.0] * 4, time_s=500)
     clock = FakeClock(10_000.0)
-    loop = Loop(
-        source=FakeSource([snap, snap]),
-        orienter=Orienter(),
-        policies=[Holds(PolicySettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=RecordingCapActuator()), lambda _i: False),
-        audit=AuditLog(stream=io.StringIO()),
+    loop = make_loop(
+        FakeSource([snap, snap]),
+        [Holds(PolicySettings())],
+        caps=RecordingCapActuator(),
         clock=clock,
     )
     Holds.seen.clear()
@@ -401,7 +329,7 @@ def test_an_unexpected_actuator_error_fails_that_intent_only() -> None:
             raise ValueError("Out of range float values are not JSON compliant")
 
     live = RecordingCapActuator()
-    executor = Executor(Actuators(caps=live, notifier=BrokenNotifier()), lambda _i: False)
+    executor = Executor(Actuators(caps=live, notifier=BrokenNotifier()))
     snap = make_snapshot([500.0])
     targets = GpuTargets.from_rows(snap, [0])
     cap = SetPowerCap(policy="p", reason="r", targets=targets, watts=np.array([400.0]))

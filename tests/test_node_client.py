@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
@@ -25,7 +26,6 @@ from agent.core.protocols import (
     GpuLimitsSource,
 )
 from agent.node.server import NodeDaemon, NodeSettings
-from agent.runtime import build_runtime
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin, TwinSpec
 from tests.conftest import free_port
@@ -290,7 +290,7 @@ def test_config_wires_the_node_actuator(tmp_path: Path) -> None:
             }
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         caps = runtime.actuators.caps
         assert isinstance(caps, NodeCapActuator)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.assembly import assemble, prometheus_settings
 from agent.cli import main
 from agent.cli.trace import parse_time
 from agent.config import parse_config
@@ -16,7 +17,6 @@ from agent.core.errors import BadInputError, ConfigError, GpuError
 from agent.core.snapshot import Metric
 from agent.node.nvml import NvmlBackend
 from agent.observe.prometheus import PrometheusSource
-from agent.runtime import build_runtime, prometheus_settings
 from tests.conftest import free_port, last_json
 
 
@@ -35,7 +35,7 @@ def test_prometheus_config_merges_names_and_defaults_to_advice() -> None:
     assert settings.metrics[Metric.TEMP_C] == "DCGM_FI_DEV_GPU_TEMP"  # the rest kept
     assert settings.budget_query == "facility_watts"
     assert (config.actuators.caps, config.actuators.placement) == ("none", "none")
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         assert isinstance(runtime.loop.source, PrometheusSource)
         # No orient model or policy reads the energy counter: the loop does not ask for it.
@@ -100,10 +100,10 @@ def test_the_nvml_source_config(monkeypatch: pytest.MonkeyPatch) -> None:
         NvmlBackend().close()
     except GpuError:  # this machine has no NVML
         with pytest.raises(ConfigError, match=r"source.kind = 'nvml': NVML could not initialise"):
-            build_runtime(config)
+            assemble(config)
         monkeypatch.setenv("INVOCATION_ID", "0123abcd")  # as under systemd
         with pytest.raises(ConfigError, match=r"add its drop-in ooda-agent.service.d/nvml.conf"):
-            build_runtime(config)
+            assemble(config)
     else:
         pytest.skip("this machine has NVML: tests/hardware builds the source for real")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog
-from agent.demo import DemoOptions, build_agent, demo_spec
+from agent.assembly import twin_agent
+from agent.demo import DemoOptions, demo_spec
 from agent.sim.faults import FaultKind, FaultSpec
 from agent.sim.groundtruth import Recorder, random_faults, score
 from agent.sim.twin import Twin
@@ -33,7 +34,9 @@ def run() -> tuple[Recorder, tuple[FaultSpec, ...]]:
         duration_s=600.0,
     )
     twin = Twin(replace(spec, faults=faults))
-    loop, _ = build_agent(twin, False, AuditLog(path=None), builtin_registry(), ("power_budget",))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=None)
+    ).loop
     rec = Recorder()
     next_cycle = 0.0
     while twin.t_s < DURATION_S - 1e-9:

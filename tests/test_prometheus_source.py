@@ -649,8 +649,8 @@ def test_the_group_label_reaches_the_snapshot_and_the_group_budgets() -> None:
     """`cluster.group_label = 'rack'` with Prometheus: each GPU's rack comes with its identity
     (a stale GPU keeps the one the inventory saw), the orienter builds the rack budgets from it,
     and a GPU whose series carry no rack label is said, not silently left out."""
+    from agent.assembly import orienter_for, prometheus_settings
     from agent.config import parse_config
-    from agent.runtime import orienter_for, prometheus_settings
 
     config = parse_config(
         {

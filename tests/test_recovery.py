@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog
-from agent.act.guard import Guard
+from agent.act.ledger import Ledger
 from agent.act.recovery import Recovered, recover, unsaved_records
 from agent.core.clock import FakeClock
 from agent.core.intents import Action, DrainNode, GpuTargets, Outcome, SetPowerCap
@@ -91,7 +91,7 @@ def test_caps_set_after_the_last_save_are_adopted_and_released_on_exit(
     gone(first)
 
     second = in_process(cfg, state, wall=wall)
-    guard = second.runtime.loop.guard
+    guard = second.runtime.loop.ledger
     assert not np.isfinite(guard.caps["live_cap_w"]).any()  # the saved state knew of none
     assert len(guard.pending) == capped  # the audit log did
     drive(second, wall, 1)
@@ -112,7 +112,7 @@ def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
     assert capped_gpus(first) > 0
     assert first.shutdown()
     with _restarted(cfg, state, wall) as second:
-        assert len(second.runtime.loop.guard.pending) == 0
+        assert len(second.runtime.loop.ledger.pending) == 0
     assert not _recovered(state)
 
 
@@ -133,7 +133,7 @@ def test_an_unreadable_state_still_leaves_the_caps_in_force_ours(tmp_path: Path)
         (report,) = drive(second, wall, 1)
         (event,) = _recovered(state)
         assert len(event["adopted"]) == capped
-        guard = second.runtime.loop.guard
+        guard = second.runtime.loop.ledger
         owned = guard.capped_by_us(report.snapshot.uuid, recorded=False)
         assert int(owned.sum()) >= capped_gpus(second) > 0
 
@@ -148,12 +148,12 @@ def test_caps_that_are_not_in_force_after_the_restart_are_not_adopted(
     gone(first)
 
     with _restarted(cfg, state, wall) as second:
-        pending = len(second.runtime.loop.guard.pending)
+        pending = len(second.runtime.loop.ledger.pending)
         assert pending > 0
         drive(second, wall, 1)  # settled before the policies decide
         (event,) = _recovered(state)
         assert len(event["not_in_force"]) == pending and not event["adopted"]
-        assert len(second.runtime.loop.guard.pending) == 0
+        assert len(second.runtime.loop.ledger.pending) == 0
 
 
 def test_a_kill_while_the_actuator_runs_leaves_decisions_whose_caps_telemetry_confirms(
@@ -228,7 +228,7 @@ def test_only_decisions_after_the_saved_cycle_and_their_records_are_read_back(
         "d-aaaaaa-000003-0003",
         "d-bbbbbb-000001-0001",
     }
-    guard = Guard()
+    guard = Ledger()
     recovered = recover(guard, path, 115.0)
     assert recovered.pending_caps == 2 and recovered.unconfirmed == 2
     assert recovered.node_actions == 1
@@ -236,6 +236,6 @@ def test_only_decisions_after_the_saved_cycle_and_their_records_are_read_back(
     assert guard.pending["time_s"].tolist() == [145.0, 145.0]
     assert [n for _, n in guard.drains] == ["node2"]  # counts towards the breaker again
     # Persisted with the guard: a second kill before the first cycle loses nothing.
-    again = Guard()
+    again = Ledger()
     again.load_dict(guard.to_dict())
     assert again.pending.keys.tolist() == ["node1/gpu0", "node1/gpu1"]

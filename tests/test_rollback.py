@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,50 +18,22 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog, read_records
-from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.act.rollback import our_caps, plan_rollback, run_rollback
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.intents import Outcome
-from agent.core.situation import HealthSeverity, HealthStatus, NodeStates, Situation
-from agent.core.snapshot import Metric, Snapshot
-from agent.loop import Loop
 from agent.node.server import NodeDaemon, NodeSettings
-from agent.orient.orienter import Orienter
-from agent.runtime import build_runtime
 from agent.sim.adapters import TwinPlacement, TwinSource
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin, TwinSpec
 from policies.power_budget import PowerBudget, PowerBudgetSettings
+from tests.fakes import FakePlacement, HealthFromXid, make_loop
 from tests.node_helpers import write_token
 
 REPO = Path(__file__).resolve().parent.parent
 FATAL = (48, 74, 79, 95)
-
-
-class HealthFromXid(Orienter):
-    """A stand-in for orient's health classifier (not merged yet): a fatal XID means drain."""
-
-    def orient(
-        self,
-        snapshot: Snapshot,
-        budget_w: float | None,
-        nodes: NodeStates | None = None,
-        priority: np.ndarray | None = None,  # type: ignore[type-arg]
-    ) -> Situation:
-        situation = super().orient(snapshot, budget_w, nodes, priority)
-        xid, ok = snapshot.column(Metric.XID)
-        bad = ok & np.isin(np.nan_to_num(xid).astype(np.int64), FATAL)
-        n = snapshot.n_gpus
-        health = HealthStatus(
-            severity=np.where(bad, int(HealthSeverity.DRAIN), 0).astype(np.int64),
-            code=np.where(bad, "xid:" + np.nan_to_num(xid).astype(np.int64).astype(str), ""),
-            remediation=np.where(bad, "drain the node", "").astype(np.str_),
-            since_s=np.full(n, np.nan),
-        )
-        return replace(situation, health=health)
 
 
 def test_rollback_on_the_twin(tmp_path: Path) -> None:
@@ -84,8 +55,10 @@ def test_rollback_on_the_twin(tmp_path: Path) -> None:
             "daemon": {"state_dir": str(tmp_path / "state")},
         }
     )
-    runtime = build_runtime(config)
-    runtime.loop.orienter = HealthFromXid()
+    runtime = assemble(config)
+    runtime.loop.orienter = HealthFromXid(
+        fatal=FATAL, remediation="drain the node", since_known=False
+    )
     twin = runtime.twin
     placement = runtime.actuators.placement
     caps = runtime.actuators.caps
@@ -198,12 +171,10 @@ def test_rollback_cli_through_real_node_daemons(
     # The agent: live caps through the node daemons, then it dies (its process memory gone).
     actuator = NodeCapActuator(NodeClientSettings.model_validate(node_settings))
     audit = AuditLog(audit_path)
-    loop = Loop(
-        source=TwinSource(twin),
-        orienter=Orienter(),
-        policies=[PowerBudget(PowerBudgetSettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=actuator), lambda _i: False),
+    loop = make_loop(
+        TwinSource(twin),
+        [PowerBudget(PowerBudgetSettings())],
+        caps=actuator,
         audit=audit,
         clock=FakeClock(0.0),
         budget_w=0.55 * twin.spec.expected_demand_w(),
@@ -275,39 +246,6 @@ def test_rollback_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no audit log there" in capsys.readouterr().err
 
 
-class FakePlacement:
-    """A hand-written PlacementActuator that cannot list its nodes (no NodeLister)."""
-
-    def __init__(self, reasons: dict[str, str]) -> None:
-        self.reasons = dict(reasons)  # node -> drain reason ("" in service)
-        self.resumed: list[str] = []
-
-    def node_states(self, node_names: list[str]) -> NodeStates:
-        n = len(node_names)
-        reasons = np.array([self.reasons.get(x, "") for x in node_names], dtype=np.str_)
-        drained = reasons != ""
-        return NodeStates(
-            drained=drained,
-            drained_by_us=drained & np.char.startswith(reasons, "ooda:"),
-            reason=reasons,
-            weight=np.ones(n, dtype=np.int64),
-            features=tuple(frozenset() for _ in range(n)),
-            opted_out=np.zeros(n, dtype=bool),
-            known=np.array([x in self.reasons for x in node_names], dtype=bool),
-        )
-
-    def drain(self, node: str, reason: str) -> None:
-        self.reasons[node] = reason
-
-    def resume(self, node: str) -> None:
-        self.resumed.append(node)
-        self.reasons[node] = ""
-
-    def set_weight(self, node: str, weight: int) -> None: ...
-    def set_features(self, node: str, add: frozenset[str], remove: frozenset[str]) -> None: ...
-    def requeue(self, job: str) -> None: ...
-
-
 def test_rollback_plan_with_a_placement_that_cannot_list_nodes(tmp_path: Path) -> None:
     def drained(node: str) -> dict[str, object]:
         return {
@@ -342,5 +280,5 @@ def test_rollback_plan_with_a_placement_that_cannot_list_nodes(tmp_path: Path) -
         plan, caps=None, placement=placement, audit=audit, dry_run=False, now_s=0.0
     )
     audit.close()
-    assert placement.resumed == ["n1", "n5"] and len(actions) == 2
+    assert placement.done("resume") == ["n1", "n5"] and len(actions) == 2
     assert all(a.outcome is Outcome.APPLIED for a in actions)

@@ -10,8 +10,10 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
+from agent.act.authority import Authority
 from agent.act.executor import Actuators, Executor, RecordingCapActuator
-from agent.act.rollout import FreezeWindow, Rollout, RolloutSettings, dry_run_reasons
+from agent.act.rollout import FreezeWindow, Rollout, RolloutSettings
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
@@ -24,7 +26,6 @@ from agent.core.intents import (
     SetNodeWeight,
     SetPowerCap,
 )
-from agent.runtime import build_runtime
 
 PARIS = ZoneInfo("Europe/Paris")
 
@@ -104,7 +105,7 @@ def test_dry_run_reasons_combine_policy_kind_and_freeze() -> None:
         RolloutSettings(drains="advisory", freeze=["Mon-Fri 08:00-10:00 Europe/Paris"]),
         clock=clock,
     )
-    why = dry_run_reasons(False, {"careful": True, "bold": False}, rollout)
+    why = Authority(False, {"careful": True, "bold": False}, rollout).why
     cap = _cap()
     drain = DrainNode(policy="health_drain", reason="r", node="node1")
     weight = SetNodeWeight(policy="bold", reason="r", node="node1", weight=5)
@@ -118,8 +119,8 @@ def test_dry_run_reasons_combine_policy_kind_and_freeze() -> None:
         None,
     ]
     # The global dry-run holds everything a policy does not take out of it.
-    assert dry_run_reasons(True, {"bold": False}, None)(cap) == "dry_run"
-    assert dry_run_reasons(True, {"bold": False}, None)(weight) is None
+    assert Authority(True, {"bold": False}, None).why(cap) == "dry_run"
+    assert Authority(True, {"bold": False}, None).why(weight) is None
     # A freeze: everything advisory but notifications (unless told).
     clock.set(at("2025-03-03T09:00"))
     window = "freeze window 'Mon-Fri 08:00-10:00 Europe/Paris'"
@@ -130,13 +131,13 @@ def test_dry_run_reasons_combine_policy_kind_and_freeze() -> None:
     strict = Rollout(
         RolloutSettings(freeze=["daily 00:00-24:00"], notify_during_freeze=False), clock=clock
     )
-    assert dry_run_reasons(False, {}, strict)(note) == "freeze window 'daily 00:00-24:00'"
+    assert Authority(False, {}, strict).why(note) == "freeze window 'daily 00:00-24:00'"
 
 
 def test_executor_records_why_it_only_advised() -> None:
     live = RecordingCapActuator()  # stands in for the live actuator: same protocol
-    reasons = dry_run_reasons(False, {}, Rollout(RolloutSettings(caps="advisory")))
-    executor = Executor(Actuators(caps=live), lambda i: reasons(i) is not None, why_dry=reasons)
+    authority = Authority(False, {}, Rollout(RolloutSettings(caps="advisory")))
+    executor = Executor(Actuators(caps=live), authority)
     (action,) = executor.execute([("d1", _cap())], lambda: "a1", 0.0)
     assert action.outcome is Outcome.RECORDED and action.dry_run
     assert action.detail == "advisory: rollout: caps advisory"
@@ -156,7 +157,7 @@ def _config(**rollout: object) -> dict[str, object]:
 
 
 def test_caps_advisory_through_the_runtime() -> None:
-    runtime = build_runtime(parse_config(_config(caps="advisory")))
+    runtime = assemble(parse_config(_config(caps="advisory")))
     try:
         twin = runtime.twin
         assert twin is not None
@@ -170,7 +171,7 @@ def test_caps_advisory_through_the_runtime() -> None:
 
 
 def test_scope_through_the_runtime() -> None:
-    runtime = build_runtime(parse_config(_config(nodes="node[1-2]")))
+    runtime = assemble(parse_config(_config(nodes="node[1-2]")))
     try:
         twin = runtime.twin
         assert twin is not None
@@ -188,7 +189,7 @@ def test_scope_through_the_runtime() -> None:
 
 def test_freeze_through_the_runtime_then_live() -> None:
     clock = FakeClock(at("2025-03-03T08:30"))
-    runtime = build_runtime(
+    runtime = assemble(
         parse_config(_config(freeze=["Mon-Fri 08:00-10:00 Europe/Paris"])), clock=clock
     )
     try:
@@ -205,3 +206,15 @@ def test_freeze_through_the_runtime_then_live() -> None:
         assert np.any(twin.cap_w < twin.default_w)
     finally:
         runtime.close()
+
+
+def test_one_authority_answers_for_everyone_who_asks() -> None:
+    """Live or advice, and why: the same answer for the gate, the executor and the audit log;
+    replay's authority makes every intent advice, and the agent then counts recorded caps as
+    its own (`dry_run`)."""
+    cap = _cap()
+    replaying = Authority(False, {"power_budget": False}, always="replay")
+    assert replaying.why(cap) == "replay" and replaying.dry_run
+    scoped = Authority(False, {}, Rollout(RolloutSettings(), ["node1", "node2"]))
+    assert not scoped.scope.everything and scoped.why(cap) is None
+    assert Authority().scope.everything and not Authority().advisory(cap)

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.errors import BadInputError, GpuInvalidArgumentError, GpuLostError
 from agent.core.protocols import GpuBackend, GpuDevice
-from agent.runtime import build_runtime
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.faults import FaultKind, parse_fault
 from agent.sim.scenario import load_scenario
@@ -82,7 +82,7 @@ def test_twin_gpus_behind_the_device_protocol() -> None:
 
 def test_runtime_from_default_config_runs_a_cycle() -> None:
     config = parse_config({"twin": {"nodes": 2, "budget_w": 5000}, "dry_run": True})
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         report = runtime.loop.cycle()
         assert report.snapshot.n_gpus == 16

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.act.slurm import SlurmCli, SlurmPlacement, SlurmSettings
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.errors import ActuatorError, ConfigError
-from agent.runtime import build_runtime
 
 # What 22.05's `sinfo --json` prints, exit status 0, when slurmctld is down (seen for real).
 CTLD_DOWN_JSON = json.dumps(
@@ -127,7 +127,7 @@ def test_config_sections_and_runtime_wiring(tmp_path: Path) -> None:
     )
     assert config.actuators.slurm.priority_by_qos == {"high": 2}
     with pytest.raises(ConfigError, match=r"actuators.slurm.slurm_conf: no such file"):
-        build_runtime(config)
+        assemble(config)
     with pytest.raises(ConfigError, match=r"actuators.notify: url: required when kind"):
         parse_config({"actuators": {"notify": {"kind": "alertmanager"}}})
     with pytest.raises(ConfigError, match=r"actuators.slurm.timeout_s: Input should be greater"):
@@ -138,7 +138,7 @@ def test_config_sections_and_runtime_wiring(tmp_path: Path) -> None:
     bin_dir = fake_bin(tmp_path, scontrol="exit 0", sinfo="exit 0")
     config = parse_config({"actuators": {"placement": "slurm", "slurm": {"bin_dir": str(bin_dir)}}})
     with pytest.raises(ConfigError, match=r"actuators.slurm.bin_dir: squeue not found in"):
-        build_runtime(config)
+        assemble(config)
 
 
 @pytest.mark.parametrize(

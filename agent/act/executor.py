@@ -12,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from agent.act.authority import Authority
+from agent.act.ledger import Ledger, Settled
 from agent.core.errors import OodaError
 from agent.core.intents import (
     Action,
@@ -27,12 +29,21 @@ from agent.core.intents import (
     SetNodeWeight,
     SetPowerCap,
 )
-from agent.core.protocols import CapActuator, CapResult, Notifier, PlacementActuator
+from agent.core.protocols import (
+    CapActuator,
+    CapLeaseAdopter,
+    CapLeaseRenewer,
+    CapResult,
+    Notifier,
+    PlacementActuator,
+)
 from agent.core.situation import NodeStates
+from agent.core.snapshot import Snapshot
 
 log = structlog.get_logger("ooda.act")
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 class RecordingCapActuator:
@@ -56,6 +67,10 @@ class RecordingPlacement:
     us until its resume is recorded, so in dry-run the policies see their advice followed, as
     they would see it done live, and advise what live would do next (the resume after the hold).
     A node someone else drained keeps its real state."""
+
+    # Whether its node states stand on their own (replay's counterfactual), so the loop reads
+    # them even with no live placement configured.
+    standalone = False
 
     def __init__(self, real: PlacementActuator | None = None) -> None:
         self.real = real
@@ -137,67 +152,108 @@ class Actuators:
     def node_states_reader(self) -> PlacementActuator | None:
         """Where the loop reads node states: the live placement's, with the drains recorded in
         dry-run laid over them (so a dry-run advises the resume live would do); None when no
-        placement is configured."""
-        return self.recorded_placement if self.placement is not None else None
+        placement is configured (unless the recorder's states stand on their own)."""
+        if self.placement is not None or self.recorded_placement.standalone:
+            return self.recorded_placement
+        return None
 
 
 class Executor:
-    """`dry_run(intent)` says, per intent, whether it only gets recorded."""
+    """Applies what the gate allowed, live or advised as the authority says per intent, and
+    writes what came of it into the ledger (ownership, cooldowns, limits). Caps are leases: the
+    live ones are renewed every cycle (`finish_cycle`), and caps found in force after a restart
+    are taken over (`adopt_found`)."""
 
     def __init__(
         self,
         actuators: Actuators,
-        dry_run: Callable[[Intent], bool],
+        authority: Authority | None = None,
+        ledger: Ledger | None = None,
         lease_s: float = 120.0,
-        why_dry: Callable[[Intent], str | None] | None = None,
     ) -> None:
         self.actuators = actuators
-        self.dry_run = dry_run
+        self.authority = authority or Authority()
+        self.ledger = ledger or Ledger()
         self.lease_s = lease_s
-        # Why an intent is only recorded (dry-run, an advisory kind, a freeze window), written
-        # into its Action's detail so the audit trail says it.
-        self.why_dry = why_dry
 
     def execute(
         self, allowed: Sequence[tuple[str, Intent]], action_id: Callable[[], str], now_s: float
     ) -> list[Action]:
+        """Each allowed intent, under its decision's id; every outcome is an Action, recorded
+        in the ledger."""
         actions: list[Action] = []
         for decision_id, intent in allowed:
-            dry = self.dry_run(intent)
-            try:
-                done = self._apply(decision_id, intent, dry, action_id, now_s)
-                why = self.why_dry(intent) if dry and self.why_dry is not None else None
-                if why:
-                    done = [
-                        replace(a, detail=f"advisory: {why}")
-                        if a.outcome is Outcome.RECORDED and not a.detail
-                        else a
-                        for a in done
-                    ]
-                actions.extend(done)
-            except Exception as exc:
-                # Any failure of one intent is that intent's FAILED action: the actions already
-                # taken this cycle are still returned, audited and remembered by the guard.
-                unexpected = not isinstance(exc, OodaError)
-                log.error(
-                    "actuator_failed",
-                    kind=str(intent.kind),
-                    target=intent.target_name(),
-                    error=str(exc),
-                    exc_info=unexpected,
-                )
-                actions.append(
-                    Action(
-                        action_id(),
-                        decision_id,
-                        intent,
-                        Outcome.FAILED,
-                        dry,
-                        f"unexpected {type(exc).__name__}: {exc}" if unexpected else str(exc),
-                        time_s=now_s,
-                    )
-                )
+            done = self._execute_one(decision_id, intent, action_id, now_s)
+            for action in done:
+                self.ledger.record(action, now_s)
+            actions.extend(done)
         return actions
+
+    def _execute_one(
+        self, decision_id: str, intent: Intent, action_id: Callable[[], str], now_s: float
+    ) -> list[Action]:
+        # Why an intent is only recorded (dry-run, an advisory kind, a freeze window) goes
+        # into its Action's detail so the audit trail says it.
+        why = self.authority.why(intent)
+        dry = why is not None
+        try:
+            done = self._apply(decision_id, intent, dry, action_id, now_s)
+        except Exception as exc:
+            # Any failure of one intent is that intent's FAILED action: the actions already
+            # taken this cycle are still returned, audited and remembered by the ledger.
+            unexpected = not isinstance(exc, OodaError)
+            log.error(
+                "actuator_failed",
+                kind=str(intent.kind),
+                target=intent.target_name(),
+                error=str(exc),
+                exc_info=unexpected,
+            )
+            detail = f"unexpected {type(exc).__name__}: {exc}" if unexpected else str(exc)
+            return [
+                Action(action_id(), decision_id, intent, Outcome.FAILED, dry, detail, time_s=now_s)
+            ]
+        if not why:
+            return done
+        return [
+            replace(a, detail=f"advisory: {why}")
+            if a.outcome is Outcome.RECORDED and not a.detail
+            else a
+            for a in done
+        ]
+
+    def adopt_found(self, settled: Settled | None, snapshot: Snapshot) -> None:
+        """Caps of ours found in force this cycle (settled against telemetry) that the cap
+        actuator did not record as set: from now on it renews their leases too."""
+        caps: object = self.actuators.caps
+        if settled is None or not settled.rows.size or self.authority.dry_run:
+            return
+        if isinstance(caps, CapLeaseAdopter):
+            caps.adopt_leases(GpuTargets.from_rows(snapshot, settled.rows), settled.watts)
+
+    def finish_cycle(self, snapshot: Snapshot, asserted: BoolArray) -> list[str]:
+        """After the cycle's actions: the job each asked cap was chosen for goes into the
+        ledger, and the live caps' leases are renewed. Returns what went wrong."""
+        self.ledger.stamp_cap_jobs(snapshot, asserted)
+        return self.renew_leases()
+
+    def renew_leases(self) -> list[str]:
+        """Caps are leases: renew the live ones, or the nodes fall back to their safe cap.
+        Renewals are not decisions, so they are not audited; failures are returned."""
+        caps: object = self.actuators.caps  # any cap actuator may also renew leases
+        if self.authority.dry_run or not isinstance(caps, CapLeaseRenewer):
+            return []
+        try:
+            renewed, result = caps.renew_leases(self.lease_s)
+        except Exception as exc:  # one bad node daemon must not stop the cycle
+            log.error("lease_renewal_failed", error=str(exc))
+            return [f"lease renewal failed: {exc}"]
+        failed = ~result.ok
+        if not failed.any():
+            return []
+        why = "; ".join(sorted(set(result.errors.values()))[:3])
+        log.error("lease_renewal_failed", gpus=int(failed.sum()), errors=why)
+        return [f"lease renewal failed for {int(failed.sum())} of {len(renewed)} GPUs: {why}"]
 
     def _apply(
         self,
@@ -207,53 +263,64 @@ class Executor:
         action_id: Callable[[], str],
         now_s: float,
     ) -> list[Action]:
-        acts = self.actuators
-        done = Outcome.RECORDED if dry else Outcome.APPLIED
-
         def action(what: Intent, outcome: Outcome, detail: str = "", before: Any = None) -> Action:
             return Action(action_id(), decision_id, what, outcome, dry, detail, before, now_s)
 
         if isinstance(intent, SetPowerCap | ReleasePowerCap):
-            caps = acts.recorded_caps if dry else acts.caps
-            if caps is None:
-                return [action(intent, Outcome.FAILED, "no cap actuator configured")]
-            if isinstance(intent, SetPowerCap):
-                result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
-            else:
-                result = caps.release_caps(intent.targets)
-            out: list[Action] = []
-            ok, failed = result.ok, ~result.ok
-            if ok.any():
-                out.append(action(intent.subset(ok), done, before=result.before_w[ok]))
-            if failed.any():
-                errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or [
-                    "failed"
-                ]
-                log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
-                detail = "; ".join(errors[:5])
-                out.append(
-                    action(intent.subset(failed), Outcome.FAILED, detail, result.before_w[failed])
-                )
-            return out
+            return self._apply_caps(intent, dry, action)
+        done = Outcome.RECORDED if dry else Outcome.APPLIED
         if isinstance(intent, Notify):
-            notifier = acts.recorded_notes if dry else acts.notifier
+            notifier = self.actuators.recorded_notes if dry else self.actuators.notifier
             if notifier is None:
                 return [action(intent, Outcome.FAILED, "no notifier configured")]
             notifier.notify(intent)
             return [action(intent, done)]
-        placement = acts.recorded_placement if dry else acts.placement
+        placement = self.actuators.recorded_placement if dry else self.actuators.placement
         if placement is None:
             return [action(intent, Outcome.FAILED, "no placement actuator configured")]
-        if isinstance(intent, DrainNode):
-            placement.drain(intent.node, intent.reason)
-        elif isinstance(intent, ResumeNode):
-            placement.resume(intent.node)
-        elif isinstance(intent, SetNodeWeight):
-            placement.set_weight(intent.node, intent.weight)
-        elif isinstance(intent, SetNodeFeatures):
-            placement.set_features(intent.node, intent.add, intent.remove)
-        elif isinstance(intent, RequeueJob):
-            placement.requeue(intent.job)
-        else:
-            raise TypeError(f"no actuator for {intent.kind}")
+        _place(placement, intent)
         return [action(intent, done)]
+
+    def _apply_caps(
+        self,
+        intent: SetPowerCap | ReleasePowerCap,
+        dry: bool,
+        action: Callable[..., Action],
+    ) -> list[Action]:
+        """A cap change, per GPU: the targets that took it, and those that failed (why)."""
+        caps = self.actuators.recorded_caps if dry else self.actuators.caps
+        if caps is None:
+            return [action(intent, Outcome.FAILED, "no cap actuator configured")]
+        if isinstance(intent, SetPowerCap):
+            result = caps.set_caps(intent.targets, intent.watts, self.lease_s)
+        else:
+            result = caps.release_caps(intent.targets)
+        out: list[Action] = []
+        ok, failed = result.ok, ~result.ok
+        if ok.any():
+            done = Outcome.RECORDED if dry else Outcome.APPLIED
+            out.append(action(intent.subset(ok), done, before=result.before_w[ok]))
+        if failed.any():
+            errors = sorted({msg for i, msg in result.errors.items() if failed[i]}) or ["failed"]
+            log.error("cap_actuator_failed", targets=int(failed.sum()), errors=errors[:5])
+            detail = "; ".join(errors[:5])
+            out.append(
+                action(intent.subset(failed), Outcome.FAILED, detail, result.before_w[failed])
+            )
+        return out
+
+
+def _place(placement: PlacementActuator, intent: Intent) -> None:
+    """A node or job intent, through the placement system (or its recorder)."""
+    if isinstance(intent, DrainNode):
+        placement.drain(intent.node, intent.reason)
+    elif isinstance(intent, ResumeNode):
+        placement.resume(intent.node)
+    elif isinstance(intent, SetNodeWeight):
+        placement.set_weight(intent.node, intent.weight)
+    elif isinstance(intent, SetNodeFeatures):
+        placement.set_features(intent.node, intent.add, intent.remove)
+    elif isinstance(intent, RequeueJob):
+        placement.requeue(intent.job)
+    else:
+        raise TypeError(f"no actuator for {intent.kind}")

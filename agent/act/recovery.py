@@ -7,14 +7,14 @@ every action right after. On start, the loop's records made after the save (its 
 after the loop's clock at the save, and the records of those decisions; all of them when there
 is no state to start from) are read back:
 
-- The last live cap change of ours per GPU is kept **pending** in the guard. It comes from an
+- The last live cap change of ours per GPU is kept **pending** in the ledger. It comes from an
   applied action, or from a decision that has no action on record: the kill came while its
   actuator ran, so whether it was done is unknown. A pending cap is adopted as ours at the first
   cycle that sees the GPU with that very cap in force (within the dead band). A pending release
   ends our ownership once the GPU is seen at its default. Telemetry decides, not the log: the
   twin's cluster is restored from its own save and may not have them, and a cap someone changed
   since is not ours.
-- Live node actions (drains, resumes, weight and feature changes) go into the guard's history
+- Live node actions (drains, resumes, weight and feature changes) go into the ledger's history
   as they were, for the cooldowns, rate limits and circuit breaker. Who drained a node is read
   from the placement system itself (our reason prefix), so ownership of drains needs nothing
   here.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agent.act.audit import ReadStats, audit_files, file_records
-from agent.act.guard import Guard
+from agent.act.ledger import Ledger
 from agent.core.clock import as_time_s
 from agent.core.intents import (
     Action,
@@ -59,7 +59,7 @@ class Recovered:
     records: int = 0  # the loop's records after the save
     pending_caps: int = 0  # GPUs whose last change of ours awaits telemetry
     unconfirmed: int = 0  # of those: from decisions whose outcome was never recorded
-    node_actions: int = 0  # live node actions replayed into the guard's history
+    node_actions: int = 0  # live node actions replayed into the ledger's history
     skipped_lines: int = 0  # lines that did not parse (a torn last line)
 
 
@@ -139,8 +139,8 @@ def _node_intent(record: dict[str, Any]) -> Intent | None:
     return None
 
 
-def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
-    """Read what the loop did after `saved_s` back into `guard` (see the module's doc)."""
+def recover(ledger: Ledger, audit_path: Path, saved_s: float) -> Recovered:
+    """Read what the loop did after `saved_s` back into the `ledger` (see the module's doc)."""
     found = Recovered()
     records = unsaved_records(audit_path, saved_s, found)
     found.records = len(records)
@@ -163,7 +163,7 @@ def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
             intent = _node_intent(r) if applied else None
             if intent is not None:
                 action_id = str(r.get("action_id", ""))
-                guard.record(
+                ledger.record(
                     Action(action_id, r["decision_id"], intent, Outcome.APPLIED, False, time_s=t),
                     t,
                 )
@@ -183,7 +183,7 @@ def recover(guard: Guard, audit_path: Path, saved_s: float) -> Recovered:
         last["time_s"][slots] = t
         last["unconfirmed"][slots] = unconfirmed
     if len(last):
-        guard.remember_pending(last.keys, last["watts"], last["time_s"])
+        ledger.remember_pending(last.keys, last["watts"], last["time_s"])
         found.pending_caps = len(last)
         found.unconfirmed = int(last["unconfirmed"].sum())
     return found

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.act.audit import AuditLog
+from agent.act.authority import Authority
 from agent.act.executor import Actuators, Executor
 from agent.core.intents import (
     Action,
@@ -194,8 +195,7 @@ def run_rollback(
     )
     executor = Executor(
         Actuators(caps=caps, placement=placement),
-        lambda _intent: dry_run,
-        why_dry=lambda _intent: "ooda rollback --dry-run",
+        Authority(always="ooda rollback --dry-run" if dry_run else None),
     )
     pairs = [(next_id("d"), intent) for intent in intents]
     with audit.batch():  # the decisions are durable before anything is changed

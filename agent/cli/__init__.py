@@ -9,7 +9,7 @@ import typer
 
 from agent.cli._common import setup_logging
 from agent.cli.audit_cmd import audit_app, explain
-from agent.cli.config_cmd import config_app, policies
+from agent.cli.config_cmd import adapters, config_app, policies
 from agent.cli.demo import demo
 from agent.cli.detect import detect, forecast
 from agent.cli.guard_cmd import guard_app
@@ -54,6 +54,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(site_app, name="site")
 app.add_typer(trace_app, name="trace")
 app.command("policies")(policies)
+app.command("adapters")(adapters)
 app.command("run")(run)
 app.add_typer(config_app, name="config")
 app.add_typer(node_app, name="node")

@@ -1,4 +1,4 @@
-"""`ooda config check` and `ooda policies`."""
+"""`ooda config check`, `ooda policies` and `ooda adapters`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,87 @@ def check(
         )
 
 
+def _settings_doc(model: Any) -> list[dict[str, Any]]:
+    """Each setting of a pydantic settings model: name, type, default, bounds, description."""
+    schema = model.model_json_schema()
+    return [
+        {
+            "name": key,
+            "type": prop.get("type", prop.get("anyOf", "")),
+            "default": prop.get("default"),
+            "description": prop.get("description", ""),
+            **{b: prop[b] for b in _BOUND_SIGNS if b in prop},
+        }
+        for key, prop in schema.get("properties", {}).items()
+    ]
+
+
+def _echo_settings(settings: list[dict[str, Any]]) -> None:
+    for s in settings:
+        bounds = " ".join(f"{_BOUND_SIGNS[k]}{v}" for k, v in s.items() if k in _BOUND_SIGNS)
+        typer.echo(f"    {s['name']} = {s['default']!r}  {bounds}\n        {s['description']}")
+
+
+def adapters(
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """List every source and actuator kind (built-in and installed plug-ins) with its config
+    section and its settings.
+
+    A source kind is chosen with `[source] kind = "NAME"` and configured in `[source.NAME]`; an
+    actuator kind with `[actuators] caps = "NAME"` or `placement = "NAME"`, configured in
+    `[actuators.NAME]`. Plug-ins add kinds through the entry-point groups `ooda.sources` and
+    `ooda.actuators`.
+
+    Examples:
+
+      ooda adapters
+
+      ooda adapters --json
+    """
+    from agent.adapters import default_adapters
+
+    table = default_adapters()
+    out: list[dict[str, Any]] = []
+    for kind in table.sources.values():
+        out.append(
+            {
+                "kind": "source",
+                "name": kind.name,
+                "origin": kind.origin,
+                "description": kind.description,
+                "section": f"source.{kind.name}" if kind.Settings is not None else None,
+                "settings": _settings_doc(kind.Settings) if kind.Settings is not None else [],
+            }
+        )
+    for role, kinds in table.actuators.items():
+        for actuator in kinds.values():
+            out.append(
+                {
+                    "kind": role,
+                    "name": actuator.name,
+                    "origin": actuator.origin,
+                    "description": actuator.description,
+                    "section": (
+                        f"actuators.{actuator.name}" if actuator.Settings is not None else None
+                    ),
+                    "settings": (
+                        _settings_doc(actuator.Settings) if actuator.Settings is not None else []
+                    ),
+                }
+            )
+    if json_out:
+        emit_json({"adapters": out})
+        return
+    for a in out:
+        section = f", [{a['section']}]" if a["section"] else ""
+        typer.echo(f"{a['kind']} {a['name']}  ({a['origin']}{section})\n  {a['description']}")
+        _echo_settings(a["settings"])
+        typer.echo("")
+
+
 def policies(
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on the last line.")
@@ -68,18 +149,7 @@ def policies(
     out: list[dict[str, Any]] = []
     for name in registry.names():
         cls = registry.get(name)
-        schema = cls.Settings.model_json_schema()
-        settings = []
-        for key, prop in schema.get("properties", {}).items():
-            settings.append(
-                {
-                    "name": key,
-                    "type": prop.get("type", prop.get("anyOf", "")),
-                    "default": prop.get("default"),
-                    "description": prop.get("description", ""),
-                    **{b: prop[b] for b in _BOUND_SIGNS if b in prop},
-                }
-            )
+        settings = _settings_doc(cls.Settings)
         out.append(
             {
                 "name": name,
@@ -95,7 +165,5 @@ def policies(
     for p in out:
         kind = "safety" if p["safety"] else "efficiency"
         typer.echo(f"{p['name']}  ({kind}, {p['origin']})\n  {p['description']}")
-        for s in p["settings"]:
-            bounds = " ".join(f"{_BOUND_SIGNS[k]}{v}" for k, v in s.items() if k in _BOUND_SIGNS)
-            typer.echo(f"    {s['name']} = {s['default']!r}  {bounds}\n        {s['description']}")
+        _echo_settings(p["settings"])
         typer.echo("")

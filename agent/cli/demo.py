@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +32,14 @@ def demo(
     audit_log: Annotated[
         Path | None, typer.Option(help="Write the audit trail (JSON lines) here.")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="The agent's configuration: its policies and their settings, the guard, "
+            "orient, groups, job priorities and the rollout (its source and actuators are the "
+            "twin; its [twin] section is not used)."
+        ),
+    ] = None,
 ) -> None:
     """Run the twin and the agent together on a virtual clock and summarize.
 
@@ -45,7 +54,10 @@ def demo(
       ooda demo --seed 7 --duration 2h --json
 
       ooda demo --dry-run --audit-log demo-audit.jsonl
+
+      ooda demo --config deploy/examples/twin.toml
     """
+    from agent.config import load_config
     from agent.core.gpu_models import BUILTIN_MODELS
     from agent.demo import DemoOptions, run_demo
 
@@ -64,6 +76,10 @@ def demo(
         faults=tuple(parse_fault(f) for f in fault or []),
         audit_path=audit_log,
     )
+    if config is not None:
+        cfg = load_config(config)
+        policies = tuple(name for name, s in cfg.policy_settings.items() if s.enabled)
+        opts = replace(opts, config=cfg, policies=policies)
     result = run_demo(opts)
     if json_out:
         emit_json(result)

@@ -52,9 +52,15 @@ def once(
 
       ooda once --config /etc/ooda/agent.toml --json
     """
-    from agent.config import default_config, force_dry_run, load_config, parse_config
+    from agent.assembly import assemble
+    from agent.config import (
+        adapters_of,
+        default_config,
+        force_dry_run,
+        load_config,
+        parse_config,
+    )
     from agent.core.errors import BadInputError
-    from agent.runtime import build_runtime
 
     if config is None and prometheus is None:
         raise BadInputError("ooda once: give --config FILE or --prometheus URL (or both)")
@@ -76,18 +82,13 @@ def once(
         cfg = default_config()
     if dry_run:
         cfg = force_dry_run(cfg)  # each policy's own dry_run too, as `ooda run --dry-run`
-    runtime = build_runtime(cfg, budget_w=budget_w)
+    agent = assemble(cfg, budget_w=budget_w)
     try:
-        report = runtime.loop.cycle()
+        report = agent.cycle()
     finally:
-        runtime.close()
-    source: str = cfg.source.kind
-    if cfg.source.kind == "prometheus":
-        source = cfg.source.prometheus.url
-    elif cfg.source.kind == "remote_write":
-        source = f"remote write on {cfg.source.remote_write.listen}"
-    elif cfg.source.kind == "nvml":  # which node's GPUs
-        source = f"nvml on {', '.join(map(str, report.snapshot.node_names)) or '?'}"
+        agent.close()
+    kind = adapters_of(cfg).source(cfg.source.kind)
+    source = kind.where(getattr(cfg.source, kind.name, None), report.snapshot.node_names.tolist())
     result = summarize(report, source=source, dry_run=cfg.dry_run)
     if json_out:
         emit_json(result)

@@ -48,11 +48,11 @@ def rollback(
     """
     from agent.act.audit import AuditLog, ReadStats, read_records
     from agent.act.rollback import plan_rollback, run_rollback
+    from agent.assembly import build_actuators
     from agent.config import audit_path, load_config
     from agent.core.clock import SystemClock
     from agent.core.errors import BadInputError
     from agent.core.intents import Outcome
-    from agent.runtime import build_actuators
 
     cfg = load_config(config)
     path = audit_log or audit_path(cfg, state_dir)  # a relative one: where the daemon writes it

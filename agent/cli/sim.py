@@ -160,7 +160,7 @@ def serve(
 
       ooda sim serve --node-token-file token --node-socket-dir /run/ooda-sim   # + cap API
     """
-    from agent.sim.exporter import NodeApiOptions, SimServer, scrape_config
+    from agent.sim.exporter import SimServer, scrape_config
 
     spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
     interval = duration_s(scrape_interval, "--scrape-interval")
@@ -172,15 +172,7 @@ def serve(
         return
     if port_base and port_base + spec.nodes - 1 > 65535:
         raise BadInputError(f"--port-base {port_base}: {spec.nodes} nodes need ports past 65535")
-    node_api = None
-    if node_token_file is not None:
-        if (node_socket_dir is None) == (node_port_base is None):
-            raise BadInputError("--node-token-file: give --node-socket-dir or --node-port-base")
-        if node_socket_dir is not None:
-            node_socket_dir.mkdir(parents=True, exist_ok=True)
-        node_api = NodeApiOptions(node_token_file, node_socket_dir, node_port_base, fallback_cap_w)
-    elif node_socket_dir is not None or node_port_base is not None:
-        raise BadInputError("--node-socket-dir/--node-port-base need --node-token-file")
+    node_api = _node_api(node_token_file, node_socket_dir, node_port_base, fallback_cap_w)
     server = SimServer(
         spec,
         listen=listen,
@@ -196,6 +188,37 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    _announce(server, spec, speed, counters, json_out)
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+
+
+def _node_api(
+    token_file: Path | None,
+    socket_dir: Path | None,
+    port_base: int | None,
+    fallback_cap_w: float | None,
+) -> Any:
+    """The node daemons `ooda sim serve` hosts beside the exporters (None: none)."""
+    from agent.sim.exporter import NodeApiOptions
+
+    if token_file is None:
+        if socket_dir is not None or port_base is not None:
+            raise BadInputError("--node-socket-dir/--node-port-base need --node-token-file")
+        return None
+    if (socket_dir is None) == (port_base is None):
+        raise BadInputError("--node-token-file: give --node-socket-dir or --node-port-base")
+    if socket_dir is not None:
+        socket_dir.mkdir(parents=True, exist_ok=True)
+    return NodeApiOptions(token_file, socket_dir, port_base, fallback_cap_w)
+
+
+def _announce(server: Any, spec: Any, speed: float, counters: str, json_out: bool) -> None:
+    """What `ooda sim serve` serves: each node's exporter (and node API), once ready."""
     names = [str(n) for n in server.twin.node_names]
     endpoints = [
         {"name": name, "target": target, "url": f"http://{target}/metrics"}
@@ -213,21 +236,15 @@ def serve(
     }
     if json_out:
         emit_json(info)
-    else:
-        typer.echo(
-            f"ooda sim serve: {spec.nodes} nodes x {spec.gpus_per_node} {spec.model.name} GPUs, "
-            f"seed {spec.seed}, {speed:g}x real time, counters {counters} (Ctrl-C stops)"
-        )
-        api = server.node_api_endpoints()
-        for node in endpoints:
-            extra = f"   node API {api[node['name']]}" if node["name"] in api else ""
-            typer.echo(f"  {node['name']:<8} {node['url']}{extra}")
-    sys.stdout.flush()
-    try:
-        while not stop.wait(0.2):
-            pass
-    finally:
-        server.stop()
+        return
+    typer.echo(
+        f"ooda sim serve: {spec.nodes} nodes x {spec.gpus_per_node} {spec.model.name} GPUs, "
+        f"seed {spec.seed}, {speed:g}x real time, counters {counters} (Ctrl-C stops)"
+    )
+    api = server.node_api_endpoints()
+    for node in endpoints:
+        extra = f"   node API {api[node['name']]}" if node["name"] in api else ""
+        typer.echo(f"  {node['name']:<8} {node['url']}{extra}")
 
 
 @sim_app.command("record")
@@ -339,7 +356,7 @@ def _sized_budget_w(spec: TwinSpec, duration_s: float, step_s: float) -> float:
     (one uncapped pass at the recording's step first, as `ooda demo` sizes its budget)."""
     from dataclasses import replace
 
-    from agent.demo import uncapped_demand_w
+    from agent.sim.kpis import uncapped_demand_w
 
     return float(
         round(RECORD_BUDGET_FRAC * uncapped_demand_w(replace(spec, step_s=step_s), duration_s), -1)

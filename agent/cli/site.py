@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -109,23 +108,20 @@ def status(
 
       ooda site status --config deploy/site/site.toml --json
     """
-    from agent.site.settings import load_site_config, site_prefix
-    from agent.site.store import EtcdStore, StoreError
+    from agent.site.service import read_status
+    from agent.site.settings import load_site_config
+    from agent.site.store import StoreError
 
     settings = load_site_config(config)
-    store = EtcdStore(list(settings.etcd.endpoints), settings.etcd.timeout_s)
     try:
-        raw = store.get(f"{site_prefix(settings.etcd, settings.site.name)}/status")
+        report = read_status(settings)
     except StoreError as exc:
         typer.echo(f"ooda: site {settings.site.name}: {exc}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        store.close()
-    if raw is None:
+    if report is None:
         typer.echo(f"ooda: site {settings.site.name}: no status in etcd (no coordinator leads)",
                    err=True)  # fmt: skip
         raise typer.Exit(1)
-    report = json.loads(raw)
     if json_out:
         emit_json(report)
         return

@@ -60,6 +60,20 @@ def _a_date(time_s: float, text: str, option: str) -> float:
     )
 
 
+def _prometheus_config(url: str, config: Path | None) -> Any:
+    """The configuration `ooda record` reads Prometheus with: the file's (its metric and label
+    names, its budget query), its source pointed at `url`."""
+    from agent.config import load_config, parse_config
+
+    if config is None:
+        data = {"source": {"kind": "prometheus", "prometheus": {"url": url}}}
+        return parse_config(data, source="--prometheus")
+    merged = load_config(config).model_dump(exclude={"policy_settings"}, exclude_unset=True)
+    merged.setdefault("source", {}).setdefault("prometheus", {})["url"] = url
+    merged["source"]["kind"] = "prometheus"
+    return parse_config(merged, source=f"config {config}")
+
+
 def record(
     prometheus: Annotated[str, typer.Option("--prometheus", help="Prometheus base URL.")],
     start: Annotated[str, typer.Option(help="First time: RFC 3339, Unix s, now or -2h.")],
@@ -84,12 +98,11 @@ def record(
       ooda record --prometheus http://prom:9090 --start 2024-05-01T00:00:00Z \\
           --end 2024-05-02T00:00:00Z --step 15s -o may1.parquet
     """
-    from agent.config import load_config, parse_config
+    from agent.assembly import prometheus_settings
     from agent.core.errors import TelemetryError
     from agent.observe.prometheus import PrometheusSource
     from agent.observe.record import record_prometheus
     from agent.observe.trace import TraceWriter
-    from agent.runtime import prometheus_settings
 
     if not prometheus.startswith(("http://", "https://")):
         raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
@@ -101,16 +114,7 @@ def record(
         raise BadInputError(f"--step: must be a whole number of seconds (got {step!r})")
     if end_s - start_s < step_s:
         raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
-    data = {"source": {"kind": "prometheus", "prometheus": {"url": prometheus}}}
-    if config is not None:
-        cfg = load_config(config)
-        merged = cfg.model_dump(exclude={"policy_settings"}, exclude_unset=True)
-        merged.setdefault("source", {}).setdefault("prometheus", {})["url"] = prometheus
-        merged["source"]["kind"] = "prometheus"
-        cfg = parse_config(merged, source=f"config {config}")
-    else:
-        cfg = parse_config(data, source="--prometheus")
-    settings = prometheus_settings(cfg)
+    settings = prometheus_settings(_prometheus_config(prometheus, config))
     source = PrometheusSource(settings)
     t0 = time.perf_counter()
     written = False  # whether the output was opened (one that could not be is left as it was)

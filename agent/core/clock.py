@@ -65,3 +65,23 @@ class FakeClock:
     def set(self, now_s: float) -> None:
         """Jump to an absolute time (also backwards: clock-jump tests need that)."""
         self._now_s = float(now_s)
+
+
+class FollowingClock:
+    """Another clock's time, moved to start at `origin_s` and run `speed` times as fast: a
+    recorded trace's time while the agent runs against it (`ooda run` over a trace follows the
+    wall clock from the trace's first step)."""
+
+    def __init__(self, wall: Clock, origin_s: float, speed: float = 1.0) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed must be positive (got {speed!r})")
+        self.wall = wall
+        self.origin_s = origin_s
+        self.speed = speed
+        self._wall_origin_s = wall.now()
+
+    def now(self) -> float:
+        return self.origin_s + (self.wall.now() - self._wall_origin_s) * self.speed
+
+    def sleep(self, seconds: float) -> None:
+        self.wall.sleep(seconds / self.speed)

@@ -1,7 +1,10 @@
 """The loop's two hooks for running under a coordinator (agent.site): a budget that comes from
-outside the config, and a gate that says whether this replica may act.
+outside the config, and an election that says whether this replica may act.
 
-Both are optional: a loop without them plans under its configured budget and always acts.
+Both are optional: a loop without them plans under its configured budget and always acts. The
+loop meets them once per stage: in observe it reads the budget and this replica's standing (both
+are what the world says this cycle), in orient it hands the budget source what orient made of the
+cycle (a cluster's demand curve is built from it).
 """
 
 from __future__ import annotations
@@ -33,14 +36,17 @@ class BudgetSource(Protocol):
 
 
 @dataclass(frozen=True)
-class GateState:
+class Standing:
+    """Whether this replica may act this cycle."""
+
     may_act: bool
     problem: str | None = None  # said in the cycle's errors while it holds
-    took_over: bool = False  # allowed now after a cycle that was not: read what others did
 
 
 @runtime_checkable
-class ActGate(Protocol):
-    """Whether this replica may act now (leader election); asked once per cycle."""
+class LeaderElection(Protocol):
+    """Whether this replica leads its cluster now (leader election); asked once per cycle. The
+    loop itself notices a takeover (a cycle since it last acted did not) and reads back what
+    the other replica did."""
 
-    def check(self) -> GateState: ...
+    def standing(self) -> Standing: ...

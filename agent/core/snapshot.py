@@ -205,7 +205,12 @@ def build_snapshot(
 
 
 # What a sensor can physically report, generously: a value outside is a broken exporter or parser
-# (a negative draw, 1e9 W, a temperature of a star), treated as missing, never believed.
+# (a negative draw, 1e9 W, a temperature of a star), treated as missing, never believed. Counters
+# are bounded too: a field DCGM cannot read (not supported, such as the ECC counter of a GPU with
+# ECC off; not found, a GPU that fell off the bus) is exported as one of DCGM's blank values,
+# 2**63 - 16 and up for integers, 2**47 and up for floats (dcgm_structs.h: DCGM_INT64_BLANK,
+# DCGM_FP64_BLANK), which no real count reaches: believed, 9.2e18 ECC errors would drain the GPU.
+COUNT_MAX = 1e12
 PLAUSIBLE: Mapping[Metric, tuple[float, float]] = {
     Metric.POWER_W: (0.0, 5000.0),
     Metric.POWER_LIMIT_W: (0.0, 5000.0),
@@ -218,11 +223,11 @@ PLAUSIBLE: Mapping[Metric, tuple[float, float]] = {
     Metric.MEM_UTIL_PCT: (0.0, 100.0),
     Metric.SM_CLOCK_MHZ: (0.0, 10_000.0),
     Metric.XID: (0.0, 65_535.0),
-    Metric.ECC_DBE_TOTAL: (0.0, np.inf),
-    Metric.REMAPPED_ROWS_UNCORRECTABLE: (0.0, np.inf),
-    Metric.ROW_REMAP_FAILURE: (0.0, np.inf),
-    Metric.ENERGY_J: (0.0, np.inf),
-    Metric.CLOCKS_EVENT_REASONS: (0.0, np.inf),
+    Metric.ECC_DBE_TOTAL: (0.0, COUNT_MAX),
+    Metric.REMAPPED_ROWS_UNCORRECTABLE: (0.0, COUNT_MAX),
+    Metric.ROW_REMAP_FAILURE: (0.0, 1.0),  # a flag
+    Metric.ENERGY_J: (0.0, 1e13),  # 2.8 GWh: centuries of one GPU's draw
+    Metric.CLOCKS_EVENT_REASONS: (0.0, 2.0**32),  # NVML's reasons are the low bits
 }
 
 

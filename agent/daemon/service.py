@@ -14,7 +14,9 @@ closed, and the process exits 0.
 Reloading: the new file is validated and built first; if anything is wrong, the old
 configuration stays and the error is logged with its key path. Otherwise the new runtime takes
 over between two cycles with the old one's state (the guard's ownership and cooldowns, policy
-memories, learned models, leases) and, if the [twin] section is unchanged, the same twin.
+memories, learned models, leases) and, if the [twin] section is unchanged, the same twin; if
+the [site] section is unchanged, the same link to the site (its etcd session and leadership: a
+reload never hands the cluster to a standby).
 
 `run_cycle` is the scheduler's job and nothing else: tests drive it directly on a FakeClock.
 """
@@ -55,6 +57,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
+from agent.assembly import Agent, assemble, hosts_twin, kept_site, reads_the_present
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
@@ -65,7 +68,6 @@ from agent.daemon.notify import SystemdNotify
 from agent.daemon.state import StateFile, TwinStore, ensure_dir
 from agent.daemon.telemetry import DaemonMetrics, Health, TelemetryServer
 from agent.loop import CycleReport
-from agent.runtime import Runtime, build_runtime
 from agent.sim.adapters import TwinClock, TwinPlacement
 from agent.sim.realtime import TwinPacer
 from agent.sim.twin import Twin
@@ -101,13 +103,6 @@ class DaemonOptions:
     force_dry_run: bool = False  # --dry-run: advise only, whatever the file says
     state_dir: Path | None = None  # --state-dir: overrides daemon.state_dir
     metrics_listen: tuple[str, int] | None = DEFAULT_LISTEN
-
-
-def _hosts_twin(config: Config) -> bool:
-    return config.source.kind == "twin" or "twin" in (
-        config.actuators.caps,
-        config.actuators.placement,
-    )
 
 
 def _twin_key(config: Config) -> str:
@@ -160,9 +155,8 @@ class Daemon:
         self.state_problems: list[str] = []
         self.exit_abandoned = False
         self.lock: InstanceLock | None = None
-        self._started_clock_s: float | None = None  # the loop's clock when state was restored
         # Set by start():
-        self.runtime: Runtime
+        self.runtime: Agent
         self.metrics: DaemonMetrics
         self.store: StateFile
         self.twin_store: TwinStore
@@ -178,18 +172,12 @@ class Daemon:
             config = force_dry_run(config)
         return config
 
-    def _build(self, config: Config, twin: Twin | None, site: SiteLink | None = None) -> Runtime:
-        clock = None if _hosts_twin(config) else SystemClock()
-        runtime = build_runtime(config, clock=clock, registry=self.registry, twin=twin, site=site)
-        runtime.loop.on_takeover = self._took_over
-        runtime.owns_site = site is None  # a carried-over link stays the old one's till the swap
-        return runtime
-
-    def _took_over(self, last_acted_s: float | None) -> None:
-        """This replica leads now: what the other one did since we last acted (or since this
-        run started) is read back from the shared audit log, as after a restart."""
-        since = last_acted_s if last_acted_s is not None else self._started_clock_s
-        self._recover_unsaved(since)
+    def _build(self, config: Config, twin: Twin | None, site: SiteLink | None = None) -> Agent:
+        # A source with a time of its own (the twin's, a trace's) follows the wall clock.
+        clock = SystemClock() if reads_the_present(config) else None
+        return assemble(
+            config, clock=clock, registry=self.registry, twin=twin, wall=self.wall, site=site
+        )
 
     def start(self) -> None:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
@@ -233,7 +221,7 @@ class Daemon:
         self.metrics = DaemonMetrics(self._metrics_registry, config.daemon.per_gpu_metrics_max)
         twin: Twin | None = None
         saved_twin: Mapping[str, Any] | None = None
-        if _hosts_twin(config):
+        if hosts_twin(config):
             saved_twin, why = self.twin_store.load(_twin_key(config))
             if why is not None:
                 log.warning("twin_not_restored", reason=why)
@@ -249,7 +237,9 @@ class Daemon:
             self.runtime = runtime
             self.pacer = self._pacer_for(runtime)
             self._restore_state()
-            self._started_clock_s = runtime.loop.clock.now()
+            # The audit log is read through now (the restore's read-back): a replica that takes
+            # over later reads only what came after.
+            runtime.loop.read_through_s = runtime.loop.clock.now()
             self.started_unix = self.wall.now()
             self._publish_config()
             listen = self.options.metrics_listen
@@ -280,7 +270,7 @@ class Daemon:
             pid=os.getpid(),
         )
 
-    def _pacer_for(self, runtime: Runtime) -> TwinPacer | None:
+    def _pacer_for(self, runtime: Agent) -> TwinPacer | None:
         twin = runtime.twin
         if twin is None or not isinstance(runtime.loop.clock, TwinClock):
             return None
@@ -304,12 +294,12 @@ class Daemon:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def collect_state(self, runtime: Runtime | None = None) -> dict[str, Any]:
+    def collect_state(self, runtime: Agent | None = None) -> dict[str, Any]:
         runtime = runtime or self.runtime
         loop = runtime.loop
         parts: dict[str, Any] = {
             "loop": loop.to_dict(),
-            "guard": loop.guard.to_dict(),
+            "guard": loop.ledger.to_dict(),  # the name the guard saved it under
             "orienter": loop.orienter.to_dict(),
             "policies": {name: m.model_dump(mode="json") for name, m in loop.memory.items()},
             "recommendations": self.metrics.recommendations.to_dict(),
@@ -324,13 +314,13 @@ class Daemon:
             parts["placement"] = placement.to_dict()
         return parts
 
-    def restore_parts(self, runtime: Runtime, parts: Mapping[str, Any]) -> list[str]:
+    def restore_parts(self, runtime: Agent, parts: Mapping[str, Any]) -> list[str]:
         """Load each part; one that fails is put back as it was (fresh) and reported."""
         loop = runtime.loop
         problems: list[str] = []
         targets: dict[str, Persistent] = {
             "loop": loop,
-            "guard": loop.guard,
+            "guard": loop.ledger,
             "orienter": loop.orienter,
             "recommendations": self.metrics.recommendations,
         }
@@ -391,13 +381,13 @@ class Daemon:
                 self.restored = True
                 self.metrics.publish_recommendations()
                 self._recover_unsaved(loaded.meta.get("clock_s"))
-                guard = self.runtime.loop.guard
+                ledger = self.runtime.ledger
                 log.info(
                     "state_restored",
                     file=str(self.store.path),
                     saved_at_unix=loaded.meta.get("saved_at_unix"),
-                    caps_owned=int(np.isfinite(guard.caps["our_cap_w"]).sum()),
-                    nodes_known=len(guard.nodes),
+                    caps_owned=int(np.isfinite(ledger.caps["our_cap_w"]).sum()),
+                    nodes_known=len(ledger.nodes),
                 )
         if loaded.problem is not None or not loaded.found:
             self._recover_unsaved(None)  # no state to start from: the audit log says what is ours
@@ -407,7 +397,7 @@ class Daemon:
 
     def _recover_unsaved(self, saved_clock_s: float | None) -> None:
         """What the loop did after the state was saved (a kill before the next save), read
-        back from the audit log into the guard: see agent.act.recovery. `saved_clock_s`: the
+        back from the audit log into the ledger: see agent.act.recovery. `saved_clock_s`: the
         loop's clock at the save (decisions up to it, the on-exit release included, are in the
         state); None (no state to start from): the whole log is read."""
         audit_path = self.runtime.audit.path
@@ -416,7 +406,7 @@ class Daemon:
         saved = as_time_s(saved_clock_s)  # read from JSON
         saved_s = -math.inf if saved is None else saved
         try:
-            found = recover(self.runtime.loop.guard, audit_path, saved_s)
+            found = recover(self.runtime.ledger, audit_path, saved_s)
         except Exception as exc:  # the agent starts all the same, and says so
             problem = (
                 f"audit log {audit_path} not read back ({type(exc).__name__}: {exc}): caps "
@@ -506,9 +496,11 @@ class Daemon:
         observed = report.snapshot.n_gpus > 0
         if observed:
             self._last_success_unix = now
-        guard = runtime.loop.guard
-        capped = int(np.isfinite(guard.caps["our_cap_w"]).sum())
+        capped = int(np.isfinite(runtime.ledger.caps["our_cap_w"]).sum())
         self.metrics.observe_cycle(report, duration, now, observed, capped)
+        site = runtime.site
+        if site is not None:
+            self.metrics.observe_site(site.leadership(), site.last_budget())
         if duration > interval:
             self.metrics.overruns.inc()
             log.warning(
@@ -622,17 +614,14 @@ class Daemon:
                 )
             same_twin = (
                 old.twin is not None
-                and _hosts_twin(config)
+                and hosts_twin(config)
                 and _twin_key(config) == _twin_key(old.config)
             )
             # What can fail is prepared before anything is swapped: the old runtime stays whole
             # (and running) until the new one and its schedule are ready.
             schedule = self._schedule_for(old.config, config)
             # The same [site]: the running link (its session, its leadership) carries over.
-            same_site = old.site is not None and config.site == old.config.site
-            runtime = self._build(
-                config, old.twin if same_twin else None, old.site if same_site else None
-            )
+            runtime = self._build(config, old.twin if same_twin else None, kept_site(old, config))
         except Exception as exc:
             return self._reload_refused(exc)
         with self._cycle_lock:  # between two cycles
@@ -658,15 +647,16 @@ class Daemon:
                 problems = self.restore_parts(runtime, self.collect_state(old))
                 for problem in problems:
                     log.error("state_not_carried_over", problem=problem)
-            # One agent run, whatever the reloads: cycle numbers and decision ids go on.
+            # One agent run, whatever the reloads: cycle numbers and decision ids go on, and
+            # what of the audit log its ledger knows.
             runtime.loop.cycles, runtime.loop.run_id = old.loop.cycles, old.loop.run_id
+            runtime.loop.read_through_s = old.loop.read_through_s
             self.runtime = runtime
             if same_twin and self.pacer is not None:
                 self.pacer.set_speed(config.twin.speed, config.daemon.interval_s)
             else:
                 self.pacer = self._pacer_for(runtime)
-            if same_site:
-                old.owns_site, runtime.owns_site = False, True
+            old.hand_site_to(runtime)
             try:
                 old.close()
             except Exception as exc:  # the new runtime is in; the old one's end must not stop it
@@ -847,7 +837,7 @@ class Daemon:
         if report is None:
             return
         snap = report.snapshot
-        rows = np.flatnonzero(loop.guard.capped_by_us(snap.uuid, recorded=False))
+        rows = np.flatnonzero(loop.ledger.capped_by_us(snap.uuid, recorded=False))
         if rows.size == 0:
             return
         intent = ReleasePowerCap(
@@ -863,9 +853,8 @@ class Daemon:
             actions = loop.executor.execute(
                 [(decision_id, intent)], lambda: f"a-{loop.run_id}-exit-{next(ids)}", now
             )
-            for action in actions:
+            for action in actions:  # the executor recorded them in the ledger
                 runtime.audit.action(action)
-                loop.guard.record(action, now)
         log.info("caps_released_on_exit", gpus=int(rows.size))
 
     def serve(self) -> int:

@@ -32,8 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.act.audit import AuditLog
-from agent.act.executor import Actuators, Executor, RecordingCapActuator, RecordingPlacement
-from agent.act.guard import Guard
+from agent.act.executor import Actuators, RecordingCapActuator, RecordingPlacement
+from agent.assembly import assemble, orienter_for
 from agent.config import Config, default_config
 from agent.core.clock import FakeClock
 from agent.core.errors import BadInputError, ConfigError
@@ -55,7 +55,7 @@ from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult
 from agent.core.situation import HealthSeverity, NodeStates, Situation
 from agent.core.snapshot import Snapshot, screen_implausible
-from agent.loop import CycleReport, Loop
+from agent.loop import CycleReport
 from agent.observe.trace import TraceReader
 from agent.orient.orienter import Orienter, cap_bounds
 from agent.replay.outcome import (
@@ -66,7 +66,6 @@ from agent.replay.outcome import (
     StepOutcome,
     explain,
 )
-from agent.runtime import build_policies, orienter_for, rollout_for
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -161,6 +160,8 @@ class CounterfactualCaps(RecordingCapActuator):
 class CounterfactualPlacement(RecordingPlacement):
     """Dry-run placement for replay: drains, weights and features are remembered, so the policies
     see their own decisions next cycle (a drained node shows as drained by us)."""
+
+    standalone = True  # the node states it tells are the replayed world's, no live system's
 
     def __init__(self) -> None:
         super().__init__()
@@ -403,20 +404,46 @@ def _dt(reader: TraceReader) -> FloatArray:
     return np.diff(np.append(times, times[-1] + reader.meta.step_s))
 
 
-def replay_orienter(config: Config, forecasts: bool = False) -> Orienter:
-    """The configured Orienter; without forecasts unless `forecasts` (no built-in policy reads
-    them, and keeping them is a large share of orient's time)."""
+def lean_orient(config: Config, forecasts: bool = False) -> Config:
+    """The config with orient lean for replay: no forecasts unless `forecasts` (no built-in
+    policy reads them, and keeping them is a large share of orient's time), the slow models
+    (anomalies, curves) every 2 minutes of trace at 15 s steps."""
     if forecasts:
-        return orienter_for(config)
+        return config
     orient = config.orient.model_copy(
         update={
             "forecast": config.orient.forecast.model_copy(update={"enabled": False}),
-            # Anomalies and curves every 2 minutes of trace (at 15 s steps), not every step.
             "slow_models_every_cycles": max(config.orient.slow_models_every_cycles, 8),
         }
     )
     lean = config.model_copy(update={"orient": orient})
-    return orienter_for(lean)
+    lean.policy_settings = config.policy_settings
+    return lean
+
+
+def replay_orienter(config: Config, forecasts: bool = False) -> Orienter:
+    """The configured Orienter, lean for replay (`lean_orient`)."""
+    return orienter_for(lean_orient(config, forecasts))
+
+
+def replay_config(
+    config: Config,
+    policy_set: PolicySet,
+    registry: PolicyRegistry,
+    interval_s: float,
+    forecasts: bool = False,
+) -> Config:
+    """The agent a policy set is replayed with: the configuration, lean orient, advice only,
+    a cycle every `interval_s`, the set's policies with their settings."""
+    lean = lean_orient(config, forecasts)
+    replayed = lean.model_copy(
+        update={
+            "dry_run": True,
+            "daemon": lean.daemon.model_copy(update={"interval_s": interval_s}),
+        }
+    )
+    replayed.policy_settings = policy_settings(policy_set, config, registry)
+    return replayed
 
 
 def learn(
@@ -539,27 +566,19 @@ def replay_set(
         holds_budget=bool(holders),
     )
     placement = CounterfactualPlacement()
-    actuators = Actuators(recorded_caps=CounterfactualCaps(world), recorded_placement=placement)
     clock = FakeClock(float(reader.meta.time_s[0]) if reader.meta.steps else 0.0)
     feed = _Feed()
-    policies = build_policies(policy_settings(policy_set, config, registry), registry)
-
-    def always(_intent: Intent) -> bool:
-        return True
-
-    loop = Loop(
-        source=feed,
-        orienter=replay_orienter(config, forecasts),
-        policies=policies,
-        guard=Guard(config.guard, rollout=rollout_for(config, clock), is_dry=always),
-        executor=Executor(actuators, always, config.actuators.lease_s, why_dry=lambda _i: "replay"),
-        audit=_NoAudit(),
+    agent = assemble(
+        replay_config(config, policy_set, registry, interval_s, forecasts),
+        registry=registry,
         clock=clock,
-        budget_w=config.cluster.budget_w,
-        placement=placement,
-        dry_run_caps=True,
-        interval_s=interval_s,
+        audit=_NoAudit(),
+        source=feed,
+        actuators=Actuators(recorded_caps=CounterfactualCaps(world), recorded_placement=placement),
+        advisory="replay",
+        standalone=True,
     )
+    loop = agent.loop
     timeline = Timeline()
     events: list[ActionEvent] = []
     decisions: list[dict[str, Any]] = []

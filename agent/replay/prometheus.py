@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.assembly import prometheus_settings as settings_of
 from agent.config import Config, parse_config
 from agent.observe.prometheus import PrometheusSource
 from agent.observe.record import RecordStats, record_prometheus
 from agent.observe.trace import TraceReader, TraceWriter
 from agent.replay.engine import ReplayReport, replay_trace
-from agent.runtime import prometheus_settings
 
 
 def prometheus_config(url: str, config: Config | None) -> Config:
@@ -39,7 +39,7 @@ def record_range(
     progress: Callable[[float], None] | None = None,
 ) -> RecordStats:
     """Record [start_s, end_s] from the configured Prometheus into the trace at `path`."""
-    settings = prometheus_settings(config)
+    settings = settings_of(config)
     source = PrometheusSource(settings)
     try:
         with TraceWriter(
@@ -78,5 +78,5 @@ def replay_prometheus(
             config, path, start_s=start_s, end_s=end_s, step_s=step_s, progress=record_progress
         )
         report = replay_trace(TraceReader(path), config=config, **replay_args)
-        report.trace = f"{config.source.prometheus.url} [{start_s:.0f}, {end_s:.0f}]"
+        report.trace = f"{settings_of(config).url} [{start_s:.0f}, {end_s:.0f}]"
         return report

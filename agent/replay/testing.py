@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.act.audit import AuditLog
 from agent.act.guard import GuardSettings
+from agent.assembly import drive, twin_agent
 from agent.config import Config, default_config, load_config, parse_config
 from agent.core.intents import Outcome
-from agent.demo import build_agent, drive, run_kpis
 from agent.replay.engine import (
     ACTION_KINDS,
     ReplayReport,
@@ -54,6 +53,7 @@ from agent.replay.engine import (
     replay_trace,
 )
 from agent.replay.twin_trace import record_twin
+from agent.sim.kpis import run_kpis
 from agent.sim.twin import Twin, TwinSpec
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, builtin_registry, default_registry
@@ -247,19 +247,30 @@ def replay_twin(
     dry_run: bool = False,
     guard: GuardSettings | None = None,
     registry: PolicyRegistry | None = None,
+    config: Config | Mapping[str, Any] | str | Path | None = None,
 ) -> ReplayResult:
     """Run the agent with `policies` against the twin; return its decisions and KPIs (with an
-    uncapped run of the same seed for comparison)."""
-    registry = registry or builtin_registry()
+    uncapped run of the same seed for comparison). `config` (a Config, a TOML file or a dict in
+    the file's shape) brings the rest of the agent's configuration: groups, job priorities,
+    the rollout, orient's and the guard's settings, the policies' settings (`settings` wins)."""
+    registry = registry or (builtin_registry() if config is None else default_registry())
     typed: dict[str, PolicySettings] = {
-        name: registry.get(name).Settings.model_validate(dict((settings or {}).get(name, {})))
+        name: registry.get(name).Settings.model_validate(dict(settings[name]))
         for name in policies
+        if settings is not None and name in settings
     }
     twin = Twin(spec)
-    loop, _ = build_agent(
-        twin, dry_run, AuditLog(), registry, tuple(policies), typed, guard, interval_s
+    agent = twin_agent(
+        twin,
+        policies,
+        registry=registry,
+        settings=typed,
+        guard=guard,
+        dry_run=dry_run,
+        interval_s=interval_s,
+        base=None if config is None else _config(config),
     )
-    reports = drive(twin, loop, duration_s, interval_s)
+    reports = drive(agent, duration_s)
     uncapped = Twin(spec)
     uncapped.run_until(duration_s)
 

@@ -17,20 +17,21 @@ from typing import Any
 
 from agent.act.audit import AuditLog
 from agent.act.guard import GuardSettings
+from agent.assembly import Agent, twin_agent
 from agent.core.dcgm import DcgmField
 from agent.core.snapshot import Snapshot
-from agent.demo import RunKpis, build_agent, run_kpis
 from agent.loop import CycleReport
 from agent.observe.trace import TraceSummary, TraceWriter
 from agent.sim.exporter import Counters, dcgm_snapshot, served_fields
+from agent.sim.kpis import RunKpis, run_kpis
 from agent.sim.twin import Twin, TwinSpec
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, builtin_registry
 
 
 def scenario_of(spec: TwinSpec) -> dict[str, Any]:
-    """The twin's settings and faults, JSON-ready (the trace's ground truth)."""
-    return {
+    """The twin's settings, faults and phases, JSON-ready (the trace's ground truth)."""
+    out: dict[str, Any] = {
         "nodes": spec.nodes,
         "gpus_per_node": spec.gpus_per_node,
         "model": spec.model.name,
@@ -51,6 +52,9 @@ def scenario_of(spec: TwinSpec) -> dict[str, Any]:
             for f in spec.faults
         ],
     }
+    if spec.phases.any:
+        out["phases"] = spec.phases.as_dict()
+    return out
 
 
 @dataclass
@@ -100,19 +104,21 @@ def run_twin(
     spec = replace(spec, step_s=step_s)
     twin = Twin(spec)
     registry = registry or builtin_registry()
-    loop = None
-    if policies:
-        typed = {
-            name: (settings or {}).get(name) or registry.get(name).Settings() for name in policies
-        }
-        loop, _ = build_agent(
-            twin, False, AuditLog(), registry, tuple(policies), dict(typed), guard, interval_s
-        )
     fields = served_fields(counters)
-    if loop is not None:
+    agent: Agent | None = None
+    if policies:
         # The agent sees the twin as it would a cluster: through its exporters (the view the
         # trace records), not the twin's own arrays.
-        loop.source = ExporterView(twin, fields)
+        agent = twin_agent(
+            twin,
+            policies,
+            registry=registry,
+            settings=settings,
+            guard=guard,
+            interval_s=interval_s,
+            audit=AuditLog(),
+            source=ExporterView(twin, fields),
+        )
     writer = None
     if record_to is not None:
         scenario = scenario_of(spec)
@@ -133,8 +139,8 @@ def run_twin(
         while twin.t_s < duration_s - 1e-9:
             if writer is not None:
                 writer.append(dcgm_snapshot(twin, fields))
-            if loop is not None and twin.t_s >= next_cycle - 1e-9:
-                reports.append(loop.cycle())
+            if agent is not None and twin.t_s >= next_cycle - 1e-9:
+                reports.append(agent.cycle())
                 next_cycle += interval_s
             twin.step(min(step_s, duration_s - twin.t_s))
         summary = writer.close() if writer is not None else None

@@ -21,8 +21,11 @@ OWNER_PREFIX = "ooda:"
 
 
 class TwinSource:
-    """The twin's telemetry as a Snapshot. A node whose exporter is down goes stale once its
-    newest sample is older than `staleness_s`; stale rows carry no values, only their age."""
+    """The twin's telemetry as a Snapshot, as DCGM reports it (a flat-lined reading frozen, the
+    energy counter reset by an exporter restart). A node whose exporter is down goes stale once
+    its newest sample is older than `staleness_s`; a node whose exporter is restarting, at once
+    (its series are gone, as Prometheus marks a failed target's series stale at once). Stale rows
+    carry no values, only their age."""
 
     def __init__(self, twin: Twin, staleness_s: float = 45.0, expose_limits: bool = True) -> None:
         self.twin = twin
@@ -33,8 +36,8 @@ class TwinSource:
     def _current(self) -> dict[Metric, FloatArray]:
         tw = self.twin
         values = {
-            Metric.POWER_W: tw.power_w,
-            Metric.TEMP_C: tw.temp_c,
+            Metric.POWER_W: tw.reported_power_w,
+            Metric.TEMP_C: tw.reported_temp_c,
             Metric.UTIL_PCT: tw.util_pct,
             Metric.MEM_UTIL_PCT: tw.mem_util_pct,
             Metric.SM_CLOCK_MHZ: tw.sm_clock_mhz,
@@ -42,7 +45,7 @@ class TwinSource:
             Metric.ECC_DBE_TOTAL: tw.ecc_dbe,
             Metric.REMAPPED_ROWS_UNCORRECTABLE: tw.remapped_uncorrectable,
             Metric.ROW_REMAP_FAILURE: tw.row_remap_failure,
-            Metric.ENERGY_J: tw.energy_j,
+            Metric.ENERGY_J: tw.reported_energy_j,
             Metric.CLOCKS_EVENT_REASONS: tw.clocks_event_reasons.astype(np.float64),
         }
         if self.expose_limits:
@@ -59,7 +62,7 @@ class TwinSource:
         tw = self.twin
         values = self._current()
         age = tw.t_s - tw.node_last_seen_s[tw.node_of]
-        stale = age > self.staleness_s
+        stale = (age > self.staleness_s) | tw.exporter_restarting[tw.node_of]
         valid = {m: ~stale for m in values}
         for column in values.values():
             column[stale] = np.nan

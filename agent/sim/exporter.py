@@ -9,7 +9,8 @@ The text is the Prometheus text format exactly as dcgm-exporter writes it: its m
 texts and types, counters without a `_total` suffix (prometheus-client cannot write that, hence
 hand-written text), integer fields printed as integers, and its labels (gpu, UUID, pci_bus_id,
 device, modelName, Hostname, DCGM_FI_DRIVER_VERSION, and hpc_job while a job runs there).
-A node under a `dropout` fault stops answering: its connection is closed without a response.
+A node under a `dropout` fault, or whose exporter is restarting (agent/sim/phases.py), stops
+answering: its connection is closed without a response.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ Counters = Literal["all", "default"]
 
 # Where each metric lives in the twin (in the metric's own unit).
 _TWIN_ATTR: dict[Metric, str] = {
-    Metric.POWER_W: "power_w",
-    Metric.TEMP_C: "temp_c",
+    Metric.POWER_W: "reported_power_w",  # what DCGM reports: a flat-lined reading stays frozen
+    Metric.TEMP_C: "reported_temp_c",
     Metric.UTIL_PCT: "util_pct",
     Metric.MEM_UTIL_PCT: "mem_util_pct",
     Metric.SM_CLOCK_MHZ: "sm_clock_mhz",
@@ -64,7 +65,7 @@ _TWIN_ATTR: dict[Metric, str] = {
     Metric.ECC_DBE_TOTAL: "ecc_dbe",
     Metric.REMAPPED_ROWS_UNCORRECTABLE: "remapped_uncorrectable",
     Metric.ROW_REMAP_FAILURE: "row_remap_failure",
-    Metric.ENERGY_J: "energy_j",
+    Metric.ENERGY_J: "reported_energy_j",  # restarts from zero with the exporter
     Metric.POWER_LIMIT_W: "cap_w",
     Metric.ENFORCED_LIMIT_W: "enforced_w",
     Metric.MIN_LIMIT_W: "min_w",
@@ -102,8 +103,9 @@ def dcgm_metric_values(twin: Twin, fields: Sequence[DcgmField]) -> dict[Metric, 
 
 
 def dropout_since(twin: Twin) -> FloatArray:
-    """Per node: when the dropout that silences its exporter now began (NaN: it answers)."""
-    since = np.full(twin.spec.nodes, np.nan)
+    """Per node: when the dropout (or exporter restart) that silences its exporter now began (NaN:
+    it answers)."""
+    since = twin.restart_since_s.copy()
     for fault in twin.spec.faults:
         if fault.kind is FaultKind.DROPOUT and fault.active(twin.t_s):
             k = fault.node - 1

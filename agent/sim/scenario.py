@@ -22,6 +22,17 @@ can be repeated exactly. Every key is optional:
     duration_s = 900
     param = 1.6
 
+    [phases]                  # normal-but-surprising phases (agent/sim/phases.py); none by default
+    preset = "normal-day"     # all of them at a day's rates ("none": start from nothing) ...
+    checkpoint = true         # ... and any key below overrides the preset
+    evaluation = true
+    loader_stalls = true
+    warmup = true
+    inference_share = 0.125   # share of the nodes running inference services all day
+    flatlines_per_gpu_day = 0.05
+    exporter_restarts_per_node_day = 1.0
+    day_start_h = 0           # hour of day at twin time 0
+
 Errors name the file, the key and the problem.
 """
 
@@ -35,6 +46,7 @@ from typing import Any
 from agent.core.errors import BadInputError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.sim.faults import FaultSpec, parse_fault
+from agent.sim.phases import PhaseSpec, preset
 from agent.sim.twin import BudgetSchedule, TwinSpec
 
 _TWIN_KEYS = {
@@ -64,17 +76,43 @@ def _fault(entry: Any, where: str) -> FaultSpec:
     return parse_fault(text)
 
 
-def apply_scenario(data: dict[str, Any], base: TwinSpec, source: str = "scenario") -> TwinSpec:
-    """The base spec with the scenario's settings applied."""
-    known = {"twin", "budget", "faults"}
-    unknown = set(data) - known
-    if unknown:
-        raise BadInputError(
-            f"{source}: unknown section {sorted(unknown)[0]!r} (known: budget, faults, twin)"
-        )
+_PHASE_FLAGS = ("checkpoint", "evaluation", "loader_stalls", "warmup")
+
+
+def _phases(table: Any, base: PhaseSpec, source: str) -> PhaseSpec:
+    """The [phases] section: a preset (or the base spec's phases), then its keys."""
+    if not isinstance(table, dict):
+        raise BadInputError(f"{source}: phases: a table of settings")
     changes: dict[str, Any] = {}
-    twin = data.get("twin", {})
-    for key, value in twin.items():
+    spec = base
+    for key, value in table.items():
+        where = f"{source}: phases.{key}"
+        if key == "preset":
+            try:
+                spec = preset(str(value))
+            except ValueError as exc:
+                raise BadInputError(f"{where}: {exc}") from None
+        elif key in _PHASE_FLAGS:
+            if not isinstance(value, bool):
+                raise BadInputError(f"{where}: true or false, not {value!r}")
+            changes[key] = value
+        elif key in PhaseSpec.setting_names():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BadInputError(f"{where}: not a number ({value!r})")
+            changes[key] = float(value)
+        else:
+            known = ", ".join(("preset", *PhaseSpec.setting_names()))
+            raise BadInputError(f"{where}: unknown key (known: {known})")
+    try:
+        return replace(spec, **changes)
+    except ValueError as exc:
+        raise BadInputError(f"{source}: {exc}") from None
+
+
+def _twin(table: Any, source: str) -> dict[str, Any]:
+    """The [twin] section's changes to the spec."""
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
         if key == "model":
             if value not in BUILTIN_MODELS:
                 raise BadInputError(f"{source}: twin.model: unknown GPU model {value!r}")
@@ -86,24 +124,40 @@ def apply_scenario(data: dict[str, Any], base: TwinSpec, source: str = "scenario
                 raise BadInputError(f"{source}: twin.{key}: not a number ({value!r})") from None
         else:
             raise BadInputError(f"{source}: twin.{key}: unknown key")
-    budget = data.get("budget")
-    if budget is not None:
-        try:
-            if "steps" in budget:
-                changes["budget"] = BudgetSchedule(
-                    tuple((float(t), float(w)) for t, w in budget["steps"])
-                )
-            elif "watts" in budget:
-                changes["budget"] = BudgetSchedule.constant(float(budget["watts"]))
-            else:
-                raise BadInputError(f"{source}: budget: give 'watts' or 'steps'")
-        except (TypeError, ValueError) as exc:
-            raise BadInputError(f"{source}: budget: {exc}") from None
+    return changes
+
+
+def _budget(table: Any, source: str) -> BudgetSchedule:
+    """The [budget] section: a constant budget or steps."""
+    try:
+        if "steps" in table:
+            return BudgetSchedule(tuple((float(t), float(w)) for t, w in table["steps"]))
+        if "watts" in table:
+            return BudgetSchedule.constant(float(table["watts"]))
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{source}: budget: {exc}") from None
+    raise BadInputError(f"{source}: budget: give 'watts' or 'steps'")
+
+
+def apply_scenario(data: dict[str, Any], base: TwinSpec, source: str = "scenario") -> TwinSpec:
+    """The base spec with the scenario's settings applied."""
+    known = {"twin", "budget", "faults", "phases"}
+    unknown = set(data) - known
+    if unknown:
+        raise BadInputError(
+            f"{source}: unknown section {sorted(unknown)[0]!r} "
+            "(known: budget, faults, phases, twin)"
+        )
+    changes = _twin(data.get("twin", {}), source)
+    if data.get("budget") is not None:
+        changes["budget"] = _budget(data["budget"], source)
     faults = [
         _fault(entry, f"{source}: faults[{i}]") for i, entry in enumerate(data.get("faults", []))
     ]
     if faults:
         changes["faults"] = tuple(base.faults) + tuple(faults)
+    if "phases" in data:
+        changes["phases"] = _phases(data["phases"], base.phases, source)
     try:
         return replace(base, **changes)
     except ValueError as exc:

@@ -11,6 +11,11 @@ Physics per GPU, vectorized over the fleet (columnar numpy, no per-GPU objects):
 - jobs: Poisson arrivals sized to a target occupancy, lognormal amounts of work, FIFO with backfill
   onto the lowest-weight, best-fitting undrained node (Slurm's habit); a capped job takes longer.
 - a facility budget that changes over time (a demand-response drop), and injected faults.
+- optionally, the normal-but-surprising phases of a real fleet (agent/sim/phases.py: checkpoint
+  stalls, evaluations, data-loader stalls, warm-ups, inference services, flat-lined readings,
+  exporter restarts); `phase_mask` says which each GPU is in. Telemetry readers take power,
+  temperature and energy from the `reported_*` columns (what DCGM serves), the physics and the
+  KPIs from the true ones.
 
 Deterministic under its seed. Ground truth (true curves) is readable only through `true_curves()`,
 which only the oracle uses.
@@ -29,6 +34,7 @@ from agent.core.curves import throughput_at_power
 from agent.core.gpu_models import H100_SXM, GpuModel
 from agent.sim.calibration import DEFAULT_MIX, WORKLOADS
 from agent.sim.faults import FaultKind, FaultSpec
+from agent.sim.phases import INFERENCE_CLASS, NO_PHASES, Phase, PhasePlayer, PhaseSpec
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -109,6 +115,7 @@ class TwinSpec:
     budget: BudgetSchedule | None = None  # None: no facility budget
     faults: tuple[FaultSpec, ...] = ()
     initial_jobs: bool = True  # start with the cluster at its target occupancy
+    phases: PhaseSpec = NO_PHASES  # normal-but-surprising phases (none by default)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -167,6 +174,7 @@ class _Jobs:
         self.state = np.zeros(cap, dtype=np.int64)
         self.requeues = np.zeros(cap, dtype=np.int64)
         self.external = np.zeros(cap, dtype=bool)  # placed from outside (e.g. mirrored Slurm)
+        self.service = np.zeros(cap, dtype=bool)  # an inference service (runs all day)
 
     def _grow(self) -> None:
         for name, arr in list(vars(self).items()):
@@ -182,6 +190,18 @@ class _Jobs:
             getattr(self, name)[row] = value
         self.n += 1
         return row
+
+
+@dataclass(frozen=True, slots=True)
+class _Levels:
+    """Per GPU, this step: its warm-up ramp, and its job phase's share of its dynamic draw, of
+    its progress, of its utilization and of its SM clock above idle (1.0: no phase)."""
+
+    ramp: FloatArray
+    activity: FloatArray
+    pace: FloatArray
+    util: FloatArray
+    clock: FloatArray
 
 
 @dataclass
@@ -200,9 +220,24 @@ class Twin:
     def __init__(self, spec: TwinSpec) -> None:
         self.spec = spec
         self.rng = np.random.default_rng(spec.seed)
-        n, g = spec.n_gpus, spec.gpus_per_node
-        model = spec.model
         self.t_s = 0.0
+        self._init_inventory()
+        self._init_state()
+        self._init_phases()
+        self._init_jobs()
+        self._fault_state(0.0)
+        self._start_services()
+        if spec.initial_jobs:
+            self._seed_jobs()
+        self._exporter_state(0.0)
+        self._physics(0.0)
+        self._report()
+        self.node_last_seen_s[:] = 0.0
+
+    def _init_inventory(self) -> None:
+        """Who is where: nodes, GPU indices, UUIDs, bus ids, and the GPUs' power limits."""
+        spec, model = self.spec, self.spec.model
+        n, g = spec.n_gpus, spec.gpus_per_node
         self.node_of = np.repeat(np.arange(spec.nodes, dtype=np.int64), g)
         self.gpu_idx = np.tile(np.arange(g, dtype=np.int64), spec.nodes)
         self.node_names = np.array([f"node{k + 1}" for k in range(spec.nodes)], dtype=np.str_)
@@ -215,6 +250,11 @@ class Twin:
         self.min_w = np.full(n, model.min_cap_w)
         self.max_w = np.full(n, model.max_cap_w)
         self.default_w = np.full(n, model.default_cap_w)
+
+    def _init_state(self) -> None:
+        """The GPUs' and nodes' physical state and telemetry, idle."""
+        spec, model = self.spec, self.spec.model
+        n = spec.n_gpus
         self.thermal_r = spec.thermal_r_c_per_w * self.rng.uniform(0.95, 1.05, n)
         self.temp_c = np.full(n, spec.ambient_c + model.idle_w * spec.thermal_r_c_per_w)
         self.energy_j = np.zeros(n)
@@ -240,6 +280,26 @@ class Twin:
         self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
         self.exporter_up = np.ones(spec.nodes, dtype=bool)
         self.node_last_seen_s = np.zeros(spec.nodes)
+
+    def _init_phases(self) -> None:
+        """The normal-but-surprising phases' player and what DCGM reports (the truth, so far)."""
+        spec, n = self.spec, self.spec.n_gpus
+        self.phases = PhasePlayer(
+            spec.phases, spec.seed, spec.nodes, spec.gpus_per_node, spec.startup_s
+        )
+        # Per node: its exporter is restarting (its series are gone), since when (NaN: it is not).
+        self.exporter_restarting = np.zeros(spec.nodes, dtype=bool)
+        self.restart_since_s = np.full(spec.nodes, np.nan)
+        self.phase_mask = np.zeros(n, dtype=np.int64)  # Phase bits per GPU (ground truth)
+        self._activity = np.ones(n)  # share of its dynamic draw each GPU's job phase allows
+        # What DCGM reports (flat-lined readings frozen, the energy counter reset by a restart).
+        self.reported_power_w = self.power_w
+        self.reported_temp_c = self.temp_c
+        self.reported_energy_j = self.energy_j
+
+    def _init_jobs(self) -> None:
+        """The job table, the KPIs' counters, and the arrivals' mix, sizes and rate."""
+        spec, n, g = self.spec, self.spec.n_gpus, self.spec.gpus_per_node
         self.jobs = _Jobs()
         self.pending: list[int] = []
         self.work_done_gpu_s = 0.0
@@ -259,13 +319,10 @@ class Twin:
         self._prio_p = np.array([w for _, w in prio]) / sum(w for _, w in prio)
         mean_size = float((self._sizes * self._sizes_p).sum())
         mean_work = spec.median_job_s * float(np.exp(0.8**2 / 2))  # lognormal mean
-        self.arrival_rate_per_s = spec.occupancy * n / (mean_size * mean_work)
+        # Training jobs share the GPUs the inference services (the last nodes) leave.
+        self.training_gpus = n - self.phases.service_nodes * g
+        self.arrival_rate_per_s = spec.occupancy * self.training_gpus / (mean_size * mean_work)
         self._ecc_counted: set[int] = set()
-        self._fault_state(0.0)
-        if spec.initial_jobs:
-            self._seed_jobs()
-        self._physics(0.0)
-        self.node_last_seen_s[:] = 0.0
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -298,10 +355,40 @@ class Twin:
         self.pending.append(row)
         return row
 
+    def _start_services(self) -> None:
+        """One inference service per node on the last `service_nodes` nodes, running all day at
+        the inference class's natural draw (its load curve scales that)."""
+        count = self.phases.service_nodes
+        if count == 0:
+            return
+        if INFERENCE_CLASS not in self._workload_names:  # drawn never: the mix has no such jobs
+            self._workload_names.append(INFERENCE_CLASS)
+            self._workload_p = np.append(self._workload_p, 0.0)
+        wl = WORKLOADS[INFERENCE_CLASS]
+        g = self.spec.gpus_per_node
+        for node in range(self.spec.nodes - count, self.spec.nodes):
+            row = self.jobs.add(
+                job_id=1000 + self.jobs.n,
+                workload=self._workload_names.index(INFERENCE_CLASS),
+                natural_w=wl.natural_frac * self.spec.model.max_cap_w,
+                a=wl.a,
+                b=wl.b,
+                cap_draw_frac=wl.cap_draw_frac,
+                clock_frac=1.0,
+                n_gpus=g,
+                work_left_s=np.inf,
+                priority=int(self._prio.max()),
+                submit_s=0.0,
+                state=JOB_PENDING,
+                service=True,
+            )
+            self.assign(row, np.arange(node * g, (node + 1) * g), -self.phases.seed_start_s)
+
     def _seed_jobs(self) -> None:
         """Fill the cluster to its target occupancy with jobs already past their start-up,
         packed node by node (O(GPUs): a 100,000-GPU twin starts in seconds)."""
-        target = round(self.spec.occupancy * self.spec.n_gpus)
+        limit = self.training_gpus  # the rows before the inference services' nodes
+        target = round(self.spec.occupancy * limit)
         g = self.spec.gpus_per_node
         busy = 0
         cursor = 0  # the next free GPU row; nodes fill in order, a job never spans two nodes
@@ -317,11 +404,11 @@ class Twin:
             start = cursor
             if start % g + size > g:
                 start += g - start % g  # does not fit on this node: start the next one
-            if start + size > self.spec.n_gpus or busy + size > target + size // 2:
+            if start + size > limit or busy + size > target + size // 2:
                 self.jobs.state[row] = JOB_DONE  # does not fit what is left
                 misses += 1
                 continue
-            self.assign(row, np.arange(start, start + size), -self.spec.startup_s)
+            self.assign(row, np.arange(start, start + size), -self.phases.seed_start_s)
             cursor = start + size
             busy += size
 
@@ -464,10 +551,12 @@ class Twin:
         failed = np.isin(self.xid, list(FATAL_XIDS))
         self.enforced_w = self.cap_w.copy()
 
-        ramp = np.zeros(spec.n_gpus)
-        ramp[busy] = np.clip((self.t_s - jobs.start_s[rows]) / max(spec.startup_s, 1e-9), 0.0, 1.0)
+        lv = self._job_levels(busy, rows)
+        ramp = lv.ramp
         natural = np.full(spec.n_gpus, model.idle_w)
-        natural[busy] = model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp[busy]
+        natural[busy] = (
+            model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp[busy] * lv.activity[busy]
+        )
         k = np.ones(spec.n_gpus)
         k[busy] = jobs.cap_draw_frac[rows]
         a = np.zeros(spec.n_gpus)
@@ -503,7 +592,7 @@ class Twin:
         tput = np.where(working, under_cap * ramp, 0.0)
         tput *= straggle
         tput = np.where(self.throttled, tput * THROTTLE_THROUGHPUT, tput)
-        self.throughput = tput
+        self.throughput = tput * lv.pace  # a stalled job draws, and clocks, but does not progress
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
         cap_binds = working & (natural_eff > k * self.enforced_w)
@@ -511,13 +600,56 @@ class Twin:
             np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
         )
 
-        # Telemetry a DCGM exporter would show.
+        self._telemetry(busy, rows, working, failed, noise, tput, lv)
+
+        if dt > 0:
+            target = spec.ambient_c + self.thermal_r * self.fan_factor * self.power_w
+            self.temp_c += (target - self.temp_c) * (1.0 - np.exp(-dt / spec.thermal_tau_s))
+            self.energy_j += self.power_w * dt
+
+    def _job_levels(self, busy: BoolArray, rows: IntArray) -> _Levels:
+        """Per GPU: its job's warm-up ramp and what its job's phase does to it now (also sets
+        `phase_mask` and what true_curves reads)."""
+        n = self.spec.n_gpus
+        jobs = self.jobs
+        lv = _Levels(np.zeros(n), np.ones(n), np.ones(n), np.ones(n), np.ones(n))
+        lv.ramp[busy], since_warm_s = self._ramp(rows)
+        fx = self.phases.job_effects(
+            self.t_s, rows, jobs.job_id[rows], since_warm_s, jobs.service[rows]
+        )
+        lv.activity[busy], lv.pace[busy], lv.util[busy], lv.clock[busy] = (
+            fx.activity,
+            fx.pace,
+            fx.util,
+            fx.clock,
+        )
+        self._activity = lv.activity
+        self.phase_mask = np.zeros(n, dtype=np.int64)
+        self.phase_mask[busy] = fx.mask
+        return lv
+
+    def _telemetry(
+        self,
+        busy: BoolArray,
+        rows: IntArray,
+        working: BoolArray,
+        failed: BoolArray,
+        noise: FloatArray,
+        tput: FloatArray,
+        lv: _Levels,
+    ) -> None:
+        """Utilization and SM clock as a DCGM exporter would show them (`tput` before the
+        job's pace: a stalled GPU still clocks what it runs)."""
+        spec, model, jobs = self.spec, self.spec.model, self.jobs
+        ramp = lv.ramp
         wl_mem = np.zeros(spec.n_gpus)
         if busy.any():
             mem_by_class = np.array([WORKLOADS[w].mem_util_pct for w in self._workload_names])
             wl_mem[busy] = mem_by_class[jobs.workload[rows]]
-        self.util_pct = np.where(working, np.clip(97.0 * ramp + noise - 1.0, 0, 100), 0.0)
-        self.mem_util_pct = np.where(working, wl_mem * ramp * np.where(tput > 0, 1.0, 0.0), 0.0)
+        self.util_pct = np.where(working, np.clip(97.0 * ramp * lv.util + noise - 1.0, 0, 100), 0.0)
+        self.mem_util_pct = np.where(
+            working, wl_mem * ramp * lv.util * np.where(self.throughput > 0, 1.0, 0.0), 0.0
+        )
         clock_frac = np.ones(spec.n_gpus)
         clock_frac[busy] = jobs.clock_frac[rows]
         sm = (
@@ -525,13 +657,41 @@ class Twin:
             * clock_frac
             * np.where(ramp > 0, tput / np.maximum(ramp, 1e-9), 0)
         )
+        # A stalled GPU's clock falls toward idle (where, not a blend, so 1.0 changes nothing).
+        sm = np.where(lv.clock < 1.0, IDLE_SM_CLOCK_MHZ + (sm - IDLE_SM_CLOCK_MHZ) * lv.clock, sm)
         self.sm_clock_mhz = np.where(working, np.maximum(sm, IDLE_SM_CLOCK_MHZ), IDLE_SM_CLOCK_MHZ)
         self.sm_clock_mhz = np.where(failed, 0.0, self.sm_clock_mhz)
 
-        if dt > 0:
-            target = spec.ambient_c + self.thermal_r * self.fan_factor * self.power_w
-            self.temp_c += (target - self.temp_c) * (1.0 - np.exp(-dt / spec.thermal_tau_s))
-            self.energy_j += self.power_w * dt
+    def _ramp(self, rows: IntArray) -> tuple[FloatArray, FloatArray]:
+        """Per GPU of the given job rows: its warm-up ramp (0 to 1) and the time since its
+        warm-up ended (negative during it)."""
+        jobs = self.jobs
+        self.phases.sync(jobs.job_id[: jobs.n])
+        warm_s, load_s = self.phases.warmup(rows)
+        since_start_s = self.t_s - jobs.start_s[rows]
+        ramp = np.clip((since_start_s - load_s) / np.maximum(warm_s - load_s, 1e-9), 0.0, 1.0)
+        return ramp, since_start_s - warm_s
+
+    def _exporter_state(self, t_s: float) -> None:
+        """Which nodes' exporters are restarting at t_s (an exporter_restart phase)."""
+        self.exporter_restarting, self.restart_since_s = self.phases.restarts(t_s)
+
+    def _report(self) -> None:
+        """What DCGM reports now: the truth, unless a reading is flat-lined or a restart reset
+        the energy counter."""
+        power, temp, energy, flat = self.phases.report(
+            self.t_s,
+            self.power_w,
+            self.temp_c,
+            self.energy_j,
+            self.exporter_restarting,
+            (self.reported_power_w, self.reported_temp_c),
+        )
+        self.reported_power_w, self.reported_temp_c, self.reported_energy_j = power, temp, energy
+        if flat.any() or self.exporter_restarting.any():
+            self.phase_mask |= np.where(flat, int(Phase.FLATLINE), 0)
+            restarting = self.exporter_restarting[self.node_of]
+            self.phase_mask |= np.where(restarting, int(Phase.EXPORTER_RESTART), 0)
 
     def _progress(self, dt: float) -> float:
         """Advance jobs by dt; returns the work done (GPU-seconds at full speed)."""
@@ -563,10 +723,12 @@ class Twin:
         physics."""
         dt = self.spec.step_s if dt is None else dt
         self._fault_state(self.t_s)
+        self._exporter_state(self.t_s)
         self._arrivals_and_scheduling(dt)
         if control is not None:
             control(self)
         self._physics(dt)
+        self._report()
         work = self._progress(dt)
         self.work_done_gpu_s += work
         fleet = self.fleet_power_w()
@@ -576,7 +738,7 @@ class Twin:
         if len(self._log_buf) >= 4096:
             self._flush_log()
         self.t_s += dt
-        self.node_last_seen_s[self.exporter_up] = self.t_s
+        self.node_last_seen_s[self.exporter_up & ~self.exporter_restarting] = self.t_s
 
     def run_until(self, t_end_s: float, control: Callable[[Twin], None] | None = None) -> None:
         while self.t_s < t_end_s - 1e-9:
@@ -642,13 +804,16 @@ class Twin:
     # -- ground truth (the oracle only) ---------------------------------------------------------
 
     def true_curves(self) -> dict[str, FloatArray]:
-        """Per GPU: the true natural draw (ramp included), a, b and cap_draw_frac."""
+        """Per GPU: the true natural draw (ramp and job phase included), a, b and
+        cap_draw_frac."""
         model, jobs = self.spec.model, self.jobs
         busy = (self.job_row >= 0) & ~np.isin(self.xid, list(FATAL_XIDS))
         rows = self.job_row[busy]
-        ramp = np.clip((self.t_s - jobs.start_s[rows]) / max(self.spec.startup_s, 1e-9), 0.0, 1.0)
+        ramp, _ = self._ramp(rows)
         natural = np.full(self.spec.n_gpus, model.idle_w)
-        natural[busy] = model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp
+        natural[busy] = (
+            model.idle_w + (jobs.natural_w[rows] - model.idle_w) * ramp * self._activity[busy]
+        )
         natural *= 0.85 + 0.15 * self.straggler_factor
         a = np.zeros(self.spec.n_gpus)
         b = np.ones(self.spec.n_gpus)

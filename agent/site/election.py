@@ -37,6 +37,10 @@ class PeerPinger(Protocol):
         ...
 
 
+# Every role a replica's view may have (a bounded set: metrics label by it).
+ROLES = ("leader", "failsafe_leader", "standby", "unconfirmed", "starting")
+
+
 @dataclass(frozen=True)
 class Leadership:
     """One replica's view, for the gate and the status line."""

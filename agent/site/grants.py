@@ -89,6 +89,10 @@ class Grant:
         )
 
 
+# Where an agent's budget comes from (BudgetView.source; a bounded set: metrics label by it).
+BUDGET_SOURCES = ("grant", "grant_kept", "lapsing", "safe_share")
+
+
 @dataclass(frozen=True)
 class BudgetView:
     """What the agent plans under this cycle and why; `problem` is said every cycle it holds."""

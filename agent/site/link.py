@@ -1,9 +1,9 @@
 """The agent's side of the site: its budget (the grant, kept through its lease, then the safe
 share) and its leadership (may this replica act?), both kept up by one background thread.
 
-The cycle never waits on etcd: `read_budget`, `oriented` and `check` read and write memory only.
-The thread renews the session and the election every third of the leader TTL (sooner when a
-watch on the cluster's keys fires), reads the grant, and as leader publishes the demand curve
+The cycle never waits on etcd: `read_budget`, `oriented` and `standing` read and write memory
+only. The thread renews the session and the election every third of the leader TTL (sooner when
+a watch on the cluster's keys fires), reads the grant, and as leader publishes the demand curve
 built from the newest Situation (attached to its session: it vanishes with the leader).
 
 Keys, under `{prefix}/clusters/{cluster}/`: `leader`, `members/{replica}`, `curve` (ours),
@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
 from agent.core.clock import Clock
-from agent.core.coordination import BudgetReading, GateState
+from agent.core.coordination import BudgetReading, Standing
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 from agent.node.auth import TokenStore
@@ -53,7 +53,7 @@ class LinkSettings:
 
 
 class SiteLink:
-    """The BudgetSource and ActGate of an agent in a site (agent.core.coordination)."""
+    """The BudgetSource and LeaderElection of an agent in a site (agent.core.coordination)."""
 
     def __init__(
         self,
@@ -88,7 +88,6 @@ class SiteLink:
         self._budget: BudgetView | None = None
         self._store_problem: str | None = None
         self._lost_since: float | None = None
-        self._blocked = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,23 +113,44 @@ class SiteLink:
             self._situation = situation
             self._oriented_unix = self.wall.now()
 
-    def check(self) -> GateState:
+    def standing(self) -> Standing:
         view = self.elector.view()
         if view.role != self._last_role:
             log.warning("site_leadership", cluster=self.settings.cluster, role=view.role,
                         leader=view.leader, replica=self.settings.replica)  # fmt: skip
             self._last_role = view.role
-        took_over = view.may_act and self._blocked
-        self._blocked = not view.may_act
         problem = view.problem
         if not view.may_act and problem is None:
             problem = (
                 f"standby: {view.leader or 'no replica'} leads cluster {self.settings.cluster}"
             )
-        return GateState(view.may_act, problem, took_over)
+        return Standing(view.may_act, problem)
 
     def leadership(self) -> Leadership:
         return self.elector.view()
+
+    def last_budget(self) -> BudgetView | None:
+        """The budget the last cycle read (None: no cycle yet)."""
+        with self._lock:
+            return self._budget
+
+    def serves(self, settings: LinkSettings) -> bool:
+        """Whether this running link can serve `settings` (a reload's): the same site, cluster,
+        replica, election and peers; only the cluster's own budget and the rise delay differ."""
+        kept = replace(
+            self.settings,
+            local_budget_w=settings.local_budget_w,
+            rise_delay_s=settings.rise_delay_s,
+        )
+        return kept == settings
+
+    def retune(self, settings: LinkSettings) -> None:
+        """Take a reload's cluster budget and rise delay (`serves` said the rest is the same)."""
+        if not self.serves(settings):
+            raise ValueError("retune: another site, cluster, replica or election")
+        with self._lock:
+            self.settings = settings
+            self.keeper.rise_delay_s = settings.rise_delay_s
 
     # -- the thread's side -------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ stops it (leadership handed over at once), SIGHUP re-reads the schedule file. Th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -28,8 +29,14 @@ from agent.site.coordinator import ClusterPlan, Coordinator, SitePlan, round_sum
 from agent.site.demand import DemandError, DemandEvent, load_schedule
 from agent.site.http import JsonServer, Reply
 from agent.site.openadr import OpenAdrVen
-from agent.site.settings import PromqlSignal, SiteConfig, site_prefix, split_listen
-from agent.site.store import EtcdStore, Store, StoreError
+from agent.site.settings import (
+    PromqlSignal,
+    SiteConfig,
+    open_store,
+    site_prefix,
+    split_listen,
+)
+from agent.site.store import Store, StoreError
 
 log = structlog.get_logger("ooda.site")
 
@@ -79,6 +86,25 @@ def promql_signal(settings: PromqlSignal) -> Callable[[], float | None]:
     return read
 
 
+def read_status(config: SiteConfig, store: Store | None = None) -> dict[str, Any] | None:
+    """The coordinator's last round, as it published it in etcd (None: none published, no
+    coordinator leads). Raises StoreError when etcd cannot be reached."""
+    store = store or open_store(config.etcd)
+    try:
+        raw = store.get(f"{site_prefix(config.etcd, config.site.name)}/status")
+    finally:
+        store.close()
+    if raw is None:
+        return None
+    try:
+        report = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError(f"the status in etcd is not JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise StoreError("the status in etcd is not a JSON object")
+    return report
+
+
 class Schedule:
     """The schedule file's events, re-read on request (SIGHUP): a bad file keeps the old ones."""
 
@@ -111,14 +137,7 @@ class SiteService:
         self.config = config
         dr = config.demand_response
         self.schedule = Schedule(None if dr is None else dr.schedule_file)
-        etcd = config.etcd
-        self.store: Store = store or EtcdStore(
-            list(etcd.endpoints),
-            etcd.timeout_s,
-            ca_file=None if etcd.ca_file is None else str(etcd.ca_file),
-            cert_file=None if etcd.cert_file is None else str(etcd.cert_file),
-            key_file=None if etcd.key_file is None else str(etcd.key_file),
-        )
+        self.store: Store = store or open_store(config.etcd)
         member = config.site.replica or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
         signal_w = None if dr is None or dr.promql is None else promql_signal(dr.promql)
         self.coordinator = Coordinator(

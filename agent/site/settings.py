@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION, STRICT_SETTINGS
-from agent.site.store import EtcdEndpoint
+from agent.site.store import EtcdEndpoint, EtcdStore
 from agent.site.tree import LimitTree, TreeError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -74,6 +74,21 @@ class EtcdSettings(BaseModel):
 
 def site_prefix(etcd: EtcdSettings, site: str) -> str:
     return f"{etcd.prefix}/sites/{site}"
+
+
+def open_store(etcd: EtcdSettings) -> EtcdStore:
+    """The etcd client these settings describe (TLS when its files are given)."""
+
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    return EtcdStore(
+        list(etcd.endpoints),
+        etcd.timeout_s,
+        ca_file=text(etcd.ca_file),
+        cert_file=text(etcd.cert_file),
+        key_file=text(etcd.key_file),
+    )
 
 
 class SiteLinkSettings(BaseModel):

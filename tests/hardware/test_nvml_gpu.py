@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
+from agent.assembly import assemble
 from agent.config import force_dry_run, parse_config
 from agent.core.errors import GpuError, GpuInvalidArgumentError, GpuNoPermissionError
 from agent.core.intents import GpuTargets
@@ -29,7 +30,6 @@ from agent.core.snapshot import Metric
 from agent.node.nvml import NvmlBackend, NvmlGpu
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
-from agent.runtime import build_runtime
 from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
 from tests.node_helpers import node_serve, write_token
@@ -196,7 +196,7 @@ def test_dry_run_cycles_of_the_agent_on_this_node(backend: NvmlBackend, tmp_path
             }
         )
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         reports = [runtime.loop.cycle() for _ in range(3)]
     finally:

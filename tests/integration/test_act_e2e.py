@@ -34,11 +34,12 @@ import numpy as np
 import pytest
 
 from agent.act.audit import read_records
-from agent.config import parse_config
+from agent.adapters.twin import twin_spec
+from agent.assembly import Agent, assemble
+from agent.config import Config, parse_config
 from agent.daemon.service import Daemon, DaemonOptions
 from agent.loop import CycleReport
 from agent.node.server import NodeDaemon, NodeSettings
-from agent.runtime import Runtime, build_runtime, twin_spec
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.twin import Twin
 from tests.conftest import last_json
@@ -132,7 +133,7 @@ def run_xid_on_node2(slurm: SlurmCluster, tmp_path: Path, dry_run: bool) -> XidR
     data["policies"]["power_budget"] = {}
     data["twin"]["budget_w"] = BUDGET_W
     config = parse_config(data)
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     twin = runtime.twin
     assert twin is not None
     run.caps_before_w = (twin.cap_w.copy(), twin.enforced_w.copy())
@@ -159,7 +160,7 @@ def run_xid_on_node2(slurm: SlurmCluster, tmp_path: Path, dry_run: bool) -> XidR
     return run
 
 
-def wait_for_restart(runtime: Runtime, slurm: SlurmCluster, job: str, run: XidRun) -> None:
+def wait_for_restart(runtime: Agent, slurm: SlurmCluster, job: str, run: XidRun) -> None:
     """Cycle at the same twin time until the requeued job runs again (the Slurm actuator lifts
     the requeue's begin-time delay as it reads node states each cycle), then submit new work."""
 
@@ -269,7 +270,7 @@ def test_a_node_an_admin_drained_is_never_resumed(slurm: SlurmCluster, tmp_path:
     slurm.scontrol("update", "nodename=node4", "state=drain", "reason=admin: reseat the riser")
     fault = f"xid=79:node3/gpu0@{FAULT_AT_S:g}+{FAULT_FOR_S:g}"
     config = parse_config(base_config(slurm, tmp_path, False, [fault]))
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     twin = runtime.twin
     assert twin is not None
     try:
@@ -494,16 +495,8 @@ def node_gpus(socket: Path, token: str) -> list[dict[str, Any]]:
     return gpus
 
 
-def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
-    tmp_path: Path,
-) -> None:
-    """The loop sets caps through real node daemons (Unix sockets, bearer token) on the twin's
-    GPUs and renews their leases every cycle; when it stops cycling, every lease runs out and
-    each node daemon puts its GPUs at the fallback cap (never at max); the next cycle sees that
-    and sets its caps again."""
-    short = Path(tempfile.mkdtemp(prefix="ooda-e2e-"))  # Unix socket paths stay under 108 bytes
-    token = short / "token"
-    secret = write_token(token)
+def _node_caps_config(tmp_path: Path, short: Path, token: Path) -> Config:
+    """Live caps through two node daemons on Unix sockets under `short`, 1 s leases."""
     data: dict[str, Any] = {
         "dry_run": False,
         "twin": {"nodes": 2, "gpus_per_node": 2, "seed": 4, "occupancy": 1.0, "budget_w": 1200.0},
@@ -522,10 +515,12 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         "guard": {"cap_cooldown_s": 0.0},
         "audit": {"path": str(tmp_path / "audit.jsonl")},
     }
-    config = parse_config(data)
-    twin = Twin(twin_spec(config.twin))
-    lock = threading.RLock()  # the node daemons' threads and the twin's steps take turns
-    daemons = [
+    return parse_config(data)
+
+
+def _node_daemons(twin: Twin, short: Path, token: Path, lock: threading.RLock) -> list[NodeDaemon]:
+    """A node daemon per twin node, on its Unix socket, falling back to FALLBACK_W."""
+    return [
         NodeDaemon(
             TwinNodeBackend(twin, k),
             NodeSettings(
@@ -538,7 +533,23 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         ).start()
         for k in (1, 2)
     ]
-    runtime = build_runtime(config, twin=twin)
+
+
+def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
+    tmp_path: Path,
+) -> None:
+    """The loop sets caps through real node daemons (Unix sockets, bearer token) on the twin's
+    GPUs and renews their leases every cycle; when it stops cycling, every lease runs out and
+    each node daemon puts its GPUs at the fallback cap (never at max); the next cycle sees that
+    and sets its caps again."""
+    short = Path(tempfile.mkdtemp(prefix="ooda-e2e-"))  # Unix socket paths stay under 108 bytes
+    token = short / "token"
+    secret = write_token(token)
+    config = _node_caps_config(tmp_path, short, token)
+    twin = Twin(twin_spec(config.twin))
+    lock = threading.RLock()  # the node daemons' threads and the twin's steps take turns
+    daemons = _node_daemons(twin, short, token, lock)
+    runtime = assemble(config, twin=twin)
 
     def cycle() -> CycleReport:
         with lock:
@@ -551,7 +562,7 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         first = cycle()
         caps = [a for a in first.actions if a.intent.kind == "set_power_cap"]
         assert caps and all(a.outcome == "applied" for a in caps)
-        ours = runtime.loop.guard.caps["our_cap_w"][runtime.loop.guard.caps.slots(twin.uuid)]
+        ours = runtime.loop.ledger.caps["our_cap_w"][runtime.loop.ledger.caps.slots(twin.uuid)]
         assert np.isfinite(ours).all() and (ours < 700).all()
         assert (ours != FALLBACK_W).all()  # so the fallback is told apart from our caps
         with lock:

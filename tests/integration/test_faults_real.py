@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from agent.act.audit import AuditLog
-from agent.act.executor import Actuators, Executor
-from agent.act.guard import Guard
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.clock import Clock, FakeClock
 from agent.core.intents import DrainNode, Outcome, SetPowerCap
@@ -30,10 +29,9 @@ from agent.node.nvml import NvmlBackend
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.observe.nvml import NvmlSource
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
-from agent.orient.orienter import Orienter
-from agent.runtime import build_runtime
 from agent.sim.adapters import TwinSource
 from policies.power_budget import PowerBudget, PowerBudgetSettings
+from tests.fakes import make_loop
 from tests.http_helpers import LoopbackServer
 from tests.integration.conftest import PrometheusFactory
 from tests.integration.slurm_cluster import SlurmCluster
@@ -66,16 +64,16 @@ def budget_loop(
     lease_s: float = 120.0,
 ) -> Loop:
     """A live loop (nothing dry) with power_budget alone, capping through `caps`."""
-    return Loop(
-        source=source,
-        orienter=Orienter(),
-        policies=[PowerBudget(PowerBudgetSettings())],
-        guard=Guard(),
-        executor=Executor(Actuators(caps=caps), lambda _i: False, lease_s=lease_s),
+    loop = make_loop(
+        source,
+        [PowerBudget(PowerBudgetSettings())],
+        caps=caps,
         audit=audit,
         clock=clock,
         budget_w=budget_w,
     )
+    loop.executor.lease_s = lease_s
+    return loop
 
 
 def test_node_daemons_down_or_slow_cost_their_timeout_and_fail_audited(short_dir: Path) -> None:
@@ -153,7 +151,7 @@ def test_a_node_that_acted_but_answered_too_late_has_its_caps_owned(short_dir: P
         clock.advance(15.0)
         loop.cycle()
         node3 = cluster.twin.uuid[4:6]
-        assert loop.guard.capped_by_us(node3, recorded=False).all()
+        assert loop.ledger.capped_by_us(node3, recorded=False).all()
     finally:
         audit.close()
         caps.close()
@@ -264,7 +262,7 @@ def test_slurmctld_down_no_drain_without_node_states_and_the_loop_goes_on(
         }
     )
     audit_path = tmp_path / "audit.jsonl"
-    runtime = build_runtime(config, audit=AuditLog(path=audit_path))
+    runtime = assemble(config, audit=AuditLog(path=audit_path))
     slurm.stop_controller()
     try:
         for _ in range(2):

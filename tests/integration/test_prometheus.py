@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.assembly import assemble
 from agent.config import parse_config
 from agent.core.snapshot import Metric, build_snapshot
 from agent.observe.openmetrics import write_openmetrics
 from agent.observe.trace import TraceWriter
-from agent.runtime import build_runtime
 from agent.sim.exporter import SimServer, dcgm_metric_values
 from agent.sim.twin import TwinSpec
 from tests.conftest import free_port, last_json
@@ -225,7 +225,7 @@ def test_prometheus_stopped_mid_run_is_an_outage_and_the_loop_lives_on(
             "cluster": {"budget_w": 6000},
         }
     )
-    runtime = build_runtime(config)
+    runtime = assemble(config)
     try:
         report = runtime.loop.cycle()
         assert report.snapshot.n_gpus == 16 and report.intents and not report.errors

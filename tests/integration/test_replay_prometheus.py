@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import uncapped_demand_w
 from agent.replay.twin_trace import run_twin
+from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 from tests.conftest import last_json
 from tests.integration.conftest import PrometheusFactory, ooda

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from agent.assembly import Agent, assemble
 from agent.config import parse_config
 from agent.core.intents import DrainNode, Intent, Outcome, RequeueJob, ResumeNode
 from agent.core.snapshot import Metric
-from agent.runtime import Runtime, build_runtime
 from tests.integration.slurm_cluster import SlurmCluster, wait_until
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def runtime_for(
     slurm: SlurmCluster, dry_run: bool, faults: tuple[str, ...] = (), **slurm_settings: Any
-) -> Runtime:
+) -> Agent:
     config = parse_config(
         {
             "dry_run": dry_run,
@@ -31,14 +31,14 @@ def runtime_for(
             },
         }
     )
-    return build_runtime(config)
+    return assemble(config)
 
 
 def gpus_of(labels: list[str], job: str) -> list[str]:
     return [f"node{i // 4 + 1}/gpu{i % 4}" for i, label in enumerate(labels) if label == job]
 
 
-def execute(runtime: Runtime, intent: Intent) -> tuple[Outcome, str]:
+def execute(runtime: Agent, intent: Intent) -> tuple[Outcome, str]:
     (action,) = runtime.loop.executor.execute([("d-test", intent)], lambda: "a-test", 0.0)
     return action.outcome, action.detail
 

@@ -14,11 +14,11 @@ import pytest
 
 from agent.cli import main
 from agent.config import default_config
-from agent.demo import uncapped_demand_w
 from agent.observe.trace import TraceReader
 from agent.replay.engine import PolicySet, learn, replay_trace
 from agent.replay.outcome import Counterfactual
 from agent.replay.twin_trace import record_twin, run_twin
+from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 
 INTERVAL_S = 15.0

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.act.guard import GuardSettings
-from agent.demo import uncapped_demand_w
 from agent.replay.testing import assert_golden, record, replay, replay_twin
 from agent.sim.faults import parse_fault
+from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"

@@ -16,10 +16,10 @@ import pytest
 from agent.cli import main
 from agent.config import parse_config
 from agent.core.snapshot import Metric
-from agent.demo import RunKpis, uncapped_demand_w
 from agent.observe.trace import TraceReader, TraceWriter
 from agent.replay.engine import PolicySet, replay_trace
 from agent.replay.twin_trace import record_twin, run_twin
+from agent.sim.kpis import RunKpis, uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 from policies.registry import builtin_registry
 

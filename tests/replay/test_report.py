@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from agent.cli import main
-from agent.demo import uncapped_demand_w
 from agent.replay.twin_trace import run_twin
+from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,0 +1,42 @@
+"""A twin run's KPIs, read from its step log: seconds above budget, work done, energy. The demo,
+the replay test API, twin traces and the benchmarks all count them this way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.sim.twin import Twin, TwinSpec
+
+
+@dataclass
+class RunKpis:
+    violation_s: float
+    work_gpu_s: float
+    energy_kwh: float
+
+
+def run_kpis(twin: Twin, interval_s: float) -> RunKpis:
+    """Seconds above budget (not counting the first control interval after each budget change,
+    when no controller could have reacted), work done and energy."""
+    t, fleet, budget, work = twin.step_log()
+    dt = np.diff(np.append(t, twin.t_s))
+    over = np.isfinite(budget) & (fleet > budget)
+    grace = np.zeros(t.shape, dtype=bool)
+    if twin.spec.budget is not None:
+        for change in twin.spec.budget.change_times():
+            grace |= (t >= change) & (t < change + interval_s)
+    return RunKpis(
+        violation_s=float(dt[over & ~grace].sum()),
+        work_gpu_s=float(work.sum()),
+        energy_kwh=twin.energy_total_j / 3.6e6,
+    )
+
+
+def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
+    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on."""
+    probe = Twin(spec)
+    probe.run_until(duration_s)
+    _t, fleet_w, _b, _w = probe.step_log()
+    return float(fleet_w.mean()) if fleet_w.size else spec.expected_demand_w()
