@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import math
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,8 +242,7 @@ class _Watch:
         self._stop.set()
         response = self._response
         if response is not None:
-            with contextlib.suppress(Exception):
-                response.close()
+            _interrupt(response)
 
     def _run(self) -> None:
         backoff = itertools.chain(WATCH_BACKOFF_S, itertools.repeat(WATCH_BACKOFF_S[-1]))
@@ -298,6 +298,21 @@ class _Watch:
     def _notify(self) -> None:
         with contextlib.suppress(Exception):  # a callback's failure must not end the watch
             self.on_change()
+
+
+def _interrupt(response: requests.Response) -> None:
+    """Wake the thread blocked reading a watch stream: shut its socket down, and the thread
+    sees the stream end and closes the response itself. (Closing the response from here would
+    wait on the reader's buffer lock, held until etcd sends something: a reload or a stop hung
+    for as long as the watched keys stayed unchanged.)"""
+    connection = getattr(response.raw, "connection", None)  # kept open: a streamed response
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    else:  # no socket to shut (already released): closing cannot block on a reader
+        with contextlib.suppress(Exception):
+            response.close()
 
 
 def _b64(text: str) -> str:
