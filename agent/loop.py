@@ -261,10 +261,9 @@ class Loop:
         last cycle that acted, the daemon's start) is read back from the shared audit log into
         the ledger, exactly as after a restart (agent.act.recovery): caps it set become ours
         once telemetry shows them in force, its node actions count in cooldowns and limits."""
-        since_s = self.read_through_s
-        log.warning("took_over", since_s=since_s, time_s=now)
-        path = self.audit.path
-        if path is None:
+        since_s, path = self.read_through_s, self.audit.path
+        if path is None:  # nothing to read: the caps in force stay someone else's
+            log.warning("took_over", since_s=since_s, time_s=now, audit=None)
             return
         try:
             found = recover(self.ledger, path, -math.inf if since_s is None else since_s)
@@ -273,11 +272,10 @@ class Loop:
                 f"took over, but the audit log {path} was not read back ({type(exc).__name__}: "
                 f"{exc}): caps the other replica set are not known as ours"
             )
-            log.error("takeover_recovery_failed", error=str(exc))
+            log.error("took_over", since_s=since_s, time_s=now, audit=str(path), error=str(exc))
             return
         self.read_through_s = now
-        if found.records:
-            log.warning("took_over_recovered", audit=str(path), **asdict(found))
+        log.warning("took_over", since_s=since_s, time_s=now, audit=str(path), **asdict(found))
 
     def _orient(
         self,

@@ -36,7 +36,6 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,9 @@ import numpy as np
 import structlog
 
 from agent.act.audit import AuditLog
-from agent.act.recovery import recover
+from agent.assembly import twin_agent
 from agent.core.clock import FakeClock
 from agent.core.gpu_models import A100_SXM, H100_SXM
-from agent.demo import build_agent
 from agent.loop import Loop
 from agent.sim.oracle import Oracle
 from agent.sim.twin import Twin, TwinSpec
@@ -151,8 +149,9 @@ def run_static(site: Site, by_truth: bool = False) -> dict[str, Any]:
     sizes = {n: float(s.n_gpus) for n, s in site.specs.items()}
     loops: dict[str, Loop] = {}
     shares: dict[str, float] = {}
+    registry = builtin_registry()
     for name, twin in twins.items():
-        loop, _ = build_agent(twin, False, AuditLog(), builtin_registry(), POLICIES, SETTINGS)
+        loop = twin_agent(twin, POLICIES, registry=registry, settings=SETTINGS).loop
         loop.budget_w = lambda _snap, name=name: shares[name]
         loops[name] = loop
     meter = Meter(site)
@@ -233,16 +232,19 @@ def _replicas(
 ) -> dict[str, list[Replica]]:
     """Each cluster's agent under its link; the first cluster has two replicas, one audit log."""
     replicas: dict[str, list[Replica]] = {}
+    registry = builtin_registry()
     for name, twin in twins.items():
         replicas[name] = []
         path = audit_dir / f"{name}.audit.jsonl"  # shared by the cluster's replicas
         for k in range(2 if name == KILLED else 1):
             audit = AuditLog(path=path)
-            loop, _ = build_agent(twin, False, audit, builtin_registry(), POLICIES, SETTINGS)
             settings = LinkSettings(PREFIX, name, f"{name}-{k}", site.safe_w[name], LEADER_TTL_S,
                                     rise_delay_s=INTERVAL_S)  # fmt: skip
             link = SiteLink(store, settings, wall=wall, mono=wall)
-            loop.budget_w, loop.gate, loop.on_takeover = link, link, _recovery(loop, path)
+            # A takeover reads what the other replica did back from the shared audit log.
+            loop = twin_agent(
+                twin, POLICIES, registry=registry, settings=SETTINGS, audit=audit, site=link
+            ).loop
             replicas[name].append(Replica(f"{name}-{k}", loop, link, audit))
     return replicas
 
@@ -284,7 +286,7 @@ def run_coordinated(site: Site, audit_dir: Path) -> dict[str, Any]:
             for r in _alive(replicas):
                 r.link.step()
                 r.loop.cycle()
-            acted = any(r.loop.last_acted_s == t for r in replicas[KILLED] if r.alive)
+            acted = any(r.loop.read_through_s == t for r in replicas[KILLED] if r.alive)
             if killed_at is not None and failover_s is None and acted:
                 failover_s = t - killed_at
         for twin in twins.values():
@@ -296,13 +298,6 @@ def run_coordinated(site: Site, audit_dir: Path) -> dict[str, Any]:
         r.audit.close()
     work = sum(tw.work_done_gpu_s for tw in twins.values())
     return {"work": work, "meter": meter, "failover_s": failover_s, "unfit_rounds": unfit}
-
-
-def _recovery(loop: Loop, path: Path) -> Callable[[float | None], None]:
-    def took_over(last_acted_s: float | None) -> None:
-        recover(loop.guard, path, -math.inf if last_acted_s is None else last_acted_s)
-
-    return took_over
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,15 @@ import httpx
 import pytest
 
 from agent.act.audit import AuditLog
+from agent.assembly import twin_agent
 from agent.cli import main
 from agent.config import parse_config
 from agent.core.clock import FakeClock
-from agent.core.coordination import BudgetReading, GateState
+from agent.core.coordination import BudgetReading, Standing
 from agent.core.errors import ConfigError
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
-from agent.demo import build_agent
+from agent.loop import CycleReport, Loop
 from agent.sim.twin import Twin, TwinSpec
 from agent.site.grants import Grant, GrantKeeper
 from agent.site.service import SiteService
@@ -30,19 +31,16 @@ from agent.site.store import MemoryStore
 from policies.registry import builtin_registry
 
 
-class Gate:
-    """A hand-written gate: may act or not, as the test says."""
+class Election:
+    """A hand-written election: this replica may act or not, as the test says."""
 
-    def __init__(self) -> None:
-        self.may_act = False
-        self.checks = 0
-        self._blocked = False
+    def __init__(self, may_act: bool = False) -> None:
+        self.may_act = may_act
+        self.asked = 0
 
-    def check(self) -> GateState:
-        self.checks += 1
-        took_over = self.may_act and self._blocked
-        self._blocked = not self.may_act
-        return GateState(self.may_act, None if self.may_act else "standby: b leads", took_over)
+    def standing(self) -> Standing:
+        self.asked += 1
+        return Standing(self.may_act, None if self.may_act else "standby: b leads")
 
 
 class Budget:
@@ -60,31 +58,67 @@ class Budget:
         self.seen.append(situation)
 
 
-def test_a_standby_observes_and_orients_but_never_acts_and_reads_back_on_takeover() -> None:
+def _replica(twin: Twin, audit: Path, election: Election, budget: Budget) -> Loop:
+    """One replica of the cluster's agent, through the assembly, on the shared audit log."""
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=audit)
+    ).loop
+    loop.budget_w, loop.election = budget, election
+    return loop
+
+
+def _run(twin: Twin, loop: Loop) -> CycleReport:
+    twin.run_until(twin.t_s + 15.0)
+    return loop.cycle()
+
+
+def test_a_standby_observes_and_orients_but_never_acts_and_reads_back_on_takeover(
+    tmp_path: Path,
+) -> None:
     twin = Twin(TwinSpec(nodes=2, gpus_per_node=8, seed=2))
-    loop, actuators = build_agent(twin, False, AuditLog(), builtin_registry(), ("power_budget",))
-    gate, budget = Gate(), Budget(5000.0, "etcd unreachable for 3 s")
-    took: list[float | None] = []
-    loop.gate, loop.budget_w, loop.on_takeover = gate, budget, took.append
+    audit = tmp_path / "audit.jsonl"  # the replicas' shared audit log
+    leader = _replica(twin, audit, Election(may_act=True), Budget(5000.0))
+    election, budget = Election(), Budget(5000.0, "etcd unreachable for 3 s")
+    standby = _replica(twin, audit, election, budget)
     caps_before = twin.cap_w.copy()
+    acted = 0
     for _ in range(3):
         twin.run_until(twin.t_s + 15.0)
-        report = loop.cycle()
-        assert not report.actions and not report.intents
+        acted += len(leader.cycle().actions)
+        report = standby.cycle()
+        assert not report.actions and not report.intents and not report.settled
         assert "leadership: standby: b leads" in report.errors
         assert "site: etcd unreachable for 3 s" in report.errors
         assert report.situation.budget_w == 5000.0  # oriented under the budget it would have
-    assert (twin.cap_w == caps_before).all() and not took
-    assert len(budget.seen) == 3 and loop.orienter.to_dict()  # its models saw every cycle
-    gate.may_act = True
-    twin.run_until(twin.t_s + 15.0)
-    report = loop.cycle()
-    assert took == [None]  # it never acted before: the whole record is read back
-    assert report.actions and (twin.cap_w < caps_before).any()
-    twin.run_until(twin.t_s + 15.0)
-    loop.cycle()
-    assert took == [None]  # only at the takeover
-    del actuators
+        assert set(report.stage_s) == {"observe", "orient"}
+    assert acted and (twin.cap_w < caps_before).any()  # the leader capped GPUs
+    assert len(budget.seen) == 3 and standby.orienter.to_dict()  # its models saw every cycle
+    assert not standby.ledger.capped_by_us(twin.uuid).any()
+    # The leader dies; the standby leads from its next cycle, and reads back what the leader
+    # did (it never acted: the whole record) into its ledger before it decides anything.
+    election.may_act = True
+    report = _run(twin, standby)
+    theirs = leader.ledger.capped_by_us(twin.uuid)
+    assert report.settled.get("adopted", 0) == int(theirs.sum()) > 0
+    assert (standby.ledger.capped_by_us(twin.uuid) == theirs).all()
+    assert standby.read_through_s == report.time_s
+    # Only at the takeover: the next cycle reads nothing back.
+    assert not _run(twin, standby).settled
+
+
+def test_a_loop_without_an_election_never_reads_back(tmp_path: Path) -> None:
+    """A cluster's only agent knows the record from its own cycles and the daemon's start: a
+    cycle after a pause must not read the log again (its node actions would count twice)."""
+    twin = Twin(TwinSpec(nodes=2, gpus_per_node=8, seed=2))
+    audit = tmp_path / "audit.jsonl"
+    other = _replica(twin, audit, Election(may_act=True), Budget(5000.0))
+    loop = twin_agent(
+        twin, ("power_budget",), registry=builtin_registry(), audit=AuditLog(path=audit)
+    ).loop
+    loop.budget_w = 5000.0
+    _run(twin, other)
+    report = _run(twin, loop)
+    assert not report.settled and loop.election is None
 
 
 def test_a_budget_that_would_rise_at_a_lapse_waits_an_interval() -> None:

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.act.audit import AuditLog
+from agent.assembly import twin_agent
 from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
-from agent.demo import build_agent
 from agent.sim.twin import Twin, TwinSpec
 from agent.site.coordinator import (
     ClusterPlan,
@@ -416,9 +415,8 @@ def test_an_agent_plans_under_its_grant_and_publishes_its_curve() -> None:
         mono=wall,
     )
     registry = builtin_registry()
-    loop, _ = build_agent(twin, False, AuditLog(), registry, ("power_budget",))
-    loop.budget_w = link
-    loop.gate = link
+    loop = twin_agent(twin, ("power_budget",), registry=registry, site=link).loop
+    assert loop.budget_w is link and loop.election is link  # the assembly wired the link in
     link.step()
     twin.run_until(15.0)
     first = loop.cycle()
@@ -444,7 +442,7 @@ def test_an_agent_plans_under_its_grant_and_publishes_its_curve() -> None:
 
 def test_build_curve_is_concave_and_spans_floor_to_ceiling() -> None:
     twin = Twin(TwinSpec(nodes=2, gpus_per_node=8, seed=1))
-    loop, _ = build_agent(twin, True, AuditLog(), builtin_registry(), ("power_budget",))
+    loop = twin_agent(twin, ("power_budget",), registry=builtin_registry(), dry_run=True).loop
     twin.run_until(15.0)
     situation = loop.cycle().situation
     curve = build_curve(situation)

@@ -5,15 +5,18 @@ victoria-metrics: the agent reads it as it reads Prometheus), etcd for the elect
 
 1. The first replica leads: it caps the GPUs through the node daemons, under leases. The second
    observes and orients every cycle (its models stay warm), acts on nothing and says so.
-2. SIGKILL the leader: the standby takes over within two intervals, reads what the leader did
-   from the shared audit log (as after a restart), adopts its leases, and repeats no action: no
-   cap it sets is the one already in force.
+2. The leader reloads with a lower cluster budget (SIGHUP): its link to the site carries over,
+   it keeps leading (the standby never acts) and caps the GPUs again, after the standby started.
+3. SIGKILL the leader: the standby takes over within two intervals, reads what the leader did
+   since it started from the shared audit log (as after a restart) into its ledger, adopts its
+   caps and leases, and repeats no action: no cap it sets is the one already in force.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -34,13 +37,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 INTERVAL_S = 3.0
 
 
-def replica_toml(name: str, vm: str, etcd: str, sockets: dict[str, str], tmp: Path) -> str:
+def replica_toml(
+    name: str,
+    vm: str,
+    etcd: str,
+    sockets: dict[str, str],
+    tmp: Path,
+    budget: str = "",
+) -> str:
     endpoints = ", ".join(f'{node} = "{url}"' for node, url in sorted(sockets.items()))
     return f"""
 dry_run = false
 
 [cluster]
 name = "fo"
+{budget}
 
 [source]
 kind = "prometheus"
@@ -139,18 +150,32 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         assert all(e["gpus"] == 8 for e in standby[-2:])  # it sees the fleet (from VM)
         assert all(not e["actions"] for e in standby)
 
-        # 2. Kill the leader: b acts within two intervals, on the record of a's actions.
+        # 2. a reloads under a lower local budget: the same [site], so the same link (its etcd
+        # session): a leads on and caps again; b stays a standby.
+        reload_leader(a, configs["a"], replica_toml("a", vm.url, etcd.url, sockets, tmp_path,
+                                                    budget="budget_w = 1800"))  # fmt: skip
+        b_started = unix(b.wait_event("started"))
+        recapped = [
+            r for r in audit(tmp_path) if r["event"] == "action" and unix_time(r) > b_started
+        ]
+        assert recapped, "a set no cap after b started"
+        assert not [e for e in b.events() if e.get("event") == "site_leadership"
+                    and e.get("role") == "leader"]  # fmt: skip
+
+        # 3. Kill the leader: b acts within two intervals, on the record of a's actions.
         time.sleep(INTERVAL_S)
         records_before = audit(tmp_path)
         killed = time.time()
         a.kill()
         took = b.wait_event("took_over", timeout_s=20)
         assert unix(took) - killed <= 2 * INTERVAL_S, unix(took) - killed
-        # What a did since b started (before it, b read at its own start) is read back now.
-        recovered = b.wait_event(
-            "state_recovered_from_audit", timeout_s=10, where=lambda e: unix(e) >= unix(took)
+        # What a did since b started (before it, b read at its own start) is read back now,
+        # into b's ledger, before b decides anything: a's caps, seen in force, become b's.
+        assert took["records"] >= 2, took  # the reload's decision and action at least
+        adopted = b.wait_event(
+            "guard_caps_recovered", timeout_s=10, where=lambda e: unix(e) >= unix(took)
         )
-        assert recovered["records"] >= 1
+        assert adopted["adopted"] == 8, adopted
         time.sleep(3 * INTERVAL_S)
         # Its leases: adopted and renewed (a's would be down to about 20 s by now).
         fresh = [g["lease_remaining_s"] for u in sockets.values() for g in gpus(u, token)]
@@ -169,6 +194,28 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         etcd.stop()
         serve.terminate()
         serve.wait(timeout=10)
+
+
+def unix_time(record: dict[str, Any]) -> float:
+    return float(record["time_s"])  # the agent's clock reads Unix time here (a real source)
+
+
+def reload_leader(leader: DaemonProcess, config: Path, text: str) -> None:
+    """Rewrite the leader's config and SIGHUP it; wait until it capped under the new budget."""
+    before = len(leader.events())
+    config.write_text(text)
+    leader.proc.send_signal(signal.SIGHUP)
+    leader.wait_event("config_reloaded", timeout_s=20, after=before)
+    leader.wait_event(
+        "cycle_summary", timeout_s=20, after=before, where=lambda e: e.get("budget_w") == 1800.0
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        summaries = [e for e in leader.events()[before:] if e.get("event") == "cycle_summary"]
+        if any(e["actions"] for e in summaries):
+            return
+        time.sleep(0.2)
+    raise AssertionError(leader.log_path.read_text()[-3000:])
 
 
 def write_tokens(tmp: Path) -> str:
