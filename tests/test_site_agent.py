@@ -5,6 +5,7 @@ source's problems said every cycle, the rise after a lapse, the `[site]` section
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 from pathlib import Path
@@ -266,3 +267,54 @@ def test_openadr_events_map_to_site_targets() -> None:
     event["event_signals"] = [{"signal_name": "ENERGY_PRICE", "signal_type": "price"}]
     with pytest.raises(OpenAdrError, match="no interval"):
         events_from_openadr(event, 2e6)
+
+
+class Heartbeat:
+    """A hand-written supervisor: records what it is told, stops the service after `rounds`."""
+
+    def __init__(self, service: SiteService | None = None, rounds: int = 3) -> None:
+        self.service = service
+        self.rounds = rounds
+        self.watchdog_s: float | None = 0.04
+        self.said: list[str] = []
+        self.leader_key: str | None = None
+
+    def ready(self, status: str) -> None:
+        self.said.append(f"ready {status}")
+        assert self.service is not None
+        self.leader_key = self.service.store.get("/ooda/sites/hall/coordinator/leader")
+
+    def status(self, status: str) -> None:
+        self.said.append(f"status {status}")
+        if sum(s.startswith(("ready", "status")) for s in self.said) >= self.rounds:
+            assert self.service is not None
+            self.service._stop = True  # as SIGTERM's handler does
+
+    def watchdog(self) -> None:
+        self.said.append("watchdog")
+
+    def stopping(self, status: str = "stopping") -> None:
+        self.said.append("stopping")
+
+
+def test_the_service_says_ready_after_a_round_and_feeds_the_watchdog_between_rounds() -> None:
+    config = parse_site_config(
+        {
+            "site": {"name": "hall", "limit_w": 3000.0, "interval_s": 0.2},
+            "clusters": {"c1": {"safe_share_w": 1000.0}},
+        }
+    )
+    clock = FakeClock(1_800_000_000.0)
+    heartbeat = Heartbeat()
+    svc = SiteService(config, store=MemoryStore(clock), wall=clock, heartbeat=heartbeat)
+    heartbeat.service = svc
+    assert svc.serve() == 0
+    said = heartbeat.said
+    assert said[0].startswith("ready site hall, leader: round ") and "limits kept" in said[0]
+    rounds = [i for i, s in enumerate(said) if s.startswith(("ready", "status"))]
+    assert len(rounds) == 3 and said[-1] == "stopping"
+    # Between two rounds (0.2 s apart) the watchdog is fed every 0.02 s or so, not once a round.
+    assert all(said[i + 1 : j].count("watchdog") >= 3 for i, j in itertools.pairwise(rounds))
+    assert heartbeat.leader_key is not None  # it led
+    # ... and resigned on the way out.
+    assert svc.store.get("/ooda/sites/hall/coordinator/leader") is None

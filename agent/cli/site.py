@@ -33,6 +33,9 @@ def run(
 ) -> None:
     """Run the coordinator until SIGTERM or SIGINT; SIGHUP re-reads the schedule file.
 
+    Under systemd (deploy/systemd/ooda-site.service, Type=notify) it says when it is ready,
+    its role and last round as the unit's status, and feeds the watchdog while rounds come.
+
     Each round (site.interval_s) it reads the clusters' demand curves from etcd, splits the
     site's limits among them by marginal throughput per watt, and publishes each one's grant
     with a lease. Several replicas elect one leader.
@@ -43,6 +46,7 @@ def run(
 
       ooda --log-level debug site run -c /etc/ooda/site.toml --listen 127.0.0.1:9470
     """
+    from agent.daemon.notify import SystemdNotify
     from agent.site.service import SiteService
     from agent.site.settings import load_site_config
 
@@ -50,7 +54,9 @@ def run(
     if root.params.get("log_level") is None and not os.environ.get("OODA_LOG_LEVEL"):
         setup_logging("info")
     settings = load_site_config(config)
-    raise typer.Exit(SiteService(settings, listen).serve())
+    # Under systemd (Type=notify, deploy/systemd/ooda-site.service): ready, status, watchdog.
+    service = SiteService(settings, listen, heartbeat=SystemdNotify())
+    raise typer.Exit(service.serve())
 
 
 @site_app.command("check")

@@ -14,10 +14,11 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -105,6 +106,41 @@ def read_status(config: SiteConfig, store: Store | None = None) -> dict[str, Any
     return report
 
 
+class Heartbeat(Protocol):
+    """What the service tells its supervisor (systemd's notify protocol under Type=notify; the
+    command hands it in): ready after its first round, a status line each round, the watchdog
+    fed while rounds come, stopping at the end."""
+
+    @property
+    def watchdog_s(self) -> float | None: ...
+
+    def ready(self, status: str) -> None: ...
+
+    def status(self, status: str) -> None: ...
+
+    def watchdog(self) -> None: ...
+
+    def stopping(self, status: str = "stopping") -> None: ...
+
+
+class NoHeartbeat:
+    """No supervisor to tell (tests, a shell)."""
+
+    watchdog_s: float | None = None
+
+    def ready(self, status: str) -> None:
+        pass
+
+    def status(self, status: str) -> None:
+        pass
+
+    def watchdog(self) -> None:
+        pass
+
+    def stopping(self, status: str = "stopping") -> None:
+        pass
+
+
 class Schedule:
     """The schedule file's events, re-read on request (SIGHUP): a bad file keeps the old ones."""
 
@@ -132,9 +168,12 @@ class SiteService:
         listen: str | None = None,
         store: Store | None = None,
         wall: Clock | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
-        """`store`, `wall`: etcd and the system clock unless given (tests)."""
+        """`store`, `wall`: etcd and the system clock unless given (tests); `heartbeat`: the
+        supervisor's (systemd's notify protocol), none unless given."""
         self.config = config
+        self.heartbeat: Heartbeat = heartbeat or NoHeartbeat()
         dr = config.demand_response
         self.schedule = Schedule(None if dr is None else dr.schedule_file)
         self.store: Store = store or open_store(config.etcd)
@@ -262,19 +301,55 @@ class SiteService:
             signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
         }
         try:
-            while not self._stop:
-                if self._reload:
-                    self._reload = False
-                    self.schedule.reload()
-                self.round()
-                self._wake.wait(self.config.site.interval_s)
-                self._wake.clear()
+            self._rounds()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self.heartbeat.stopping()
             self.close()
         log.info("site_stopped", member=self.coordinator.member)
         return 0
+
+    def _rounds(self) -> None:
+        first = True
+        while not self._stop:
+            if self._reload:
+                self._reload = False
+                self.schedule.reload()
+            self.round()
+            if first:  # ready once it has tried a round (etcd may still be down: it says so)
+                self.heartbeat.ready(self.status_line())
+                first = False
+            else:
+                self.heartbeat.status(self.status_line())
+            self._pause(self.config.site.interval_s)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait for the next round (or a wake), feeding the watchdog meanwhile: a round that
+        hangs stops the feeding, and systemd restarts the coordinator."""
+        self.heartbeat.watchdog()
+        watchdog_s = self.heartbeat.watchdog_s
+        slice_s = seconds if watchdog_s is None else min(seconds, watchdog_s / 2.0)
+        deadline = time.monotonic() + seconds
+        while (left_s := deadline - time.monotonic()) > 0:
+            if self._wake.wait(min(left_s, slice_s)):
+                break
+            self.heartbeat.watchdog()
+        self._wake.clear()
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: the role, and the last round's outcome."""
+        view = self.coordinator.elector.view()
+        last = self.coordinator.last
+        if not view.may_act or last is None:  # a standby's last round, if any, is old news
+            outcome = view.problem or (f"{view.leader} leads" if view.leader else "no round yet")
+        else:
+            limits = "limits kept" if last.fits else "A LIMIT IN QUESTION"
+            outcome = (
+                f"round {last.epoch}: limit {last.limit_w:.0f} W, {len(last.grants_w)} grants, "
+                f"{limits}, {len(last.problems)} problems"
+            )
+        return f"site {self.config.site.name}, {view.role}: {outcome}"
 
     def close(self) -> None:
         if self.ven is not None:
