@@ -16,6 +16,8 @@ SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 SYSTEM_TOOLS += chromium:chromium
 # The site: etcd for coordination and leader election, VictoriaMetrics as the long-term store.
 SYSTEM_TOOLS += etcd:etcd-server victoria-metrics:victoria-metrics
+# Slurm's job accounting for the meter's tests (sacct, sshare): slurmdbd on MariaDB.
+SYSTEM_TOOLS += mariadbd:mariadb-server slurmdbd:slurmdbd
 
 .PHONY: demo test test-gpu lint bench system-deps clean vendor-plotly lock lock-check
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,16 +37,30 @@ from agent.adapters.prometheus import PrometheusConfig
 from agent.adapters.prometheus import prometheus_settings as _prometheus_settings
 from agent.adapters.site import link_settings, open_site_link
 from agent.adapters.twin import twin_factory
-from agent.config import Config, adapters_of, audit_path, default_config, state_dir
+from agent.config import Config, adapters_of, audit_path, default_config, ledger_path, state_dir
 from agent.core.clock import Clock, SystemClock
 from agent.core.errors import ConfigError
-from agent.core.protocols import CapActuator, Notifier, PlacementActuator, TelemetrySource
+from agent.core.protocols import (
+    CapActuator,
+    JobAccounting,
+    Notifier,
+    PlacementActuator,
+    TelemetrySource,
+)
 from agent.core.reads import Reads
+from agent.core.snapshot import Metric
 from agent.loop import CycleReport, Loop
-from agent.observe.prometheus import PrometheusSettings
+from agent.meter import ledger as energy_ledger
+from agent.meter.booking import Booking, EnergySource
+from agent.meter.meter import Meter
+from agent.meter.pricing import Signal
+from agent.meter.settings import CarbonSettings, TariffSettings
+from agent.observe.prometheus import PrometheusSettings, PrometheusSource
+from agent.observe.signal import PromQLSignal
 from agent.orient.groups import GroupSpec, expand_nodes
 from agent.orient.orienter import Orienter
 from agent.orient.reads import ORIENT_READS
+from agent.sim.accounts import TwinAccounts
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.twin import Twin
 from agent.site.link import LinkSettings, SiteLink
@@ -65,10 +80,33 @@ def prometheus_settings(config: Config) -> PrometheusSettings:
     )
 
 
-def loop_reads(policies: Sequence[Policy]) -> Reads:
-    """What the loop reads of the telemetry: what orient's models and these policies read, each
-    field as fresh as its most demanding reader needs it (agent.core.reads)."""
-    return Reads.union([ORIENT_READS, *(getattr(p, "reads", Reads()) for p in policies)])
+def loop_reads(policies: Sequence[Policy], config: Config | None = None) -> Reads:
+    """What the loop reads of the telemetry: what orient's models, these policies and the meter
+    (where `config` enables it) read, each field as fresh as its most demanding reader needs it
+    (agent.core.reads)."""
+    meter = meter_reads(config) if config is not None else Reads()
+    return Reads.union([ORIENT_READS, meter, *(getattr(p, "reads", Reads()) for p in policies)])
+
+
+def meter_reads(config: Config) -> Reads:
+    """The meter books from the energy counter every cycle (unless told to integrate power,
+    which the loop reads anyway)."""
+    m = config.meter
+    if m.enabled and m.energy is not EnergySource.POWER:
+        return Reads.every_cycle(Metric.ENERGY_J)
+    return Reads()
+
+
+def wants_scheduler_shares(config: Config) -> bool:
+    """power_budget weighs accounts by Slurm's fairshare when it runs, is told to, and the
+    config gives it no shares of its own."""
+    settings = config.policy_settings.get("power_budget")
+    return bool(
+        settings is not None
+        and settings.enabled
+        and getattr(settings, "scheduler_shares", False)
+        and not getattr(settings, "account_shares", None)
+    )
 
 
 def orienter_for(config: Config) -> Orienter:
@@ -140,6 +178,7 @@ def _context(
         reads=reads,
         twin_factory=twin_factory(config.twin),
         twin=twin,
+        account_shares=wants_scheduler_shares(config),
     )
 
 
@@ -174,6 +213,7 @@ class Agent:
     # The link to the site coordinator (etcd), in a site: the loop's budget and election.
     site: SiteLink | None = None
     owns_site: bool = False  # close() stops the link (False: its owner, e.g. a reload's, does)
+    meter: Meter | None = None  # set by the daemon (`build_meter`), which knows the timeline
 
     @property
     def ledger(self) -> Ledger:
@@ -197,6 +237,8 @@ class Agent:
             close()
         if self.site is not None and self.owns_site:
             self.site.stop()
+        if self.meter is not None:
+            self.meter.close()
         self.audit.close()
 
 
@@ -245,7 +287,7 @@ def assemble(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
     )
     policies = build_policies(config.policy_settings, registry)
-    ctx = _context(config, clock, twin, loop_reads(policies))
+    ctx = _context(config, clock, twin, loop_reads(policies, config))
     ctx.wall = wall
     named = actuators is None  # the config's actuators (else the caller's, complete)
     if actuators is None:
@@ -492,3 +534,75 @@ def drive(agent: Agent, duration_s: float) -> list[CycleReport]:
             next_cycle += interval_s
         twin.step(min(twin.spec.step_s, next_cycle - twin.t_s, duration_s - twin.t_s))
     return reports
+
+
+# -- the meter (agent/meter): its ledger, accounting, price and carbon --------------------------
+
+
+def signal_for(config: Config, settings: TariffSettings | CarbonSettings, what: str) -> Signal:
+    """The price or carbon signal of a `[meter.*]` section; a PromQL one queries the
+    configured Prometheus (`source.prometheus.url`, or the default's)."""
+    signal = settings.signal()
+    if signal is not None:
+        return signal
+    assert settings.query is not None  # the section's validator insists
+    section = getattr(config.source, "prometheus", None)
+    url = section.url if isinstance(section, PrometheusConfig) else PrometheusConfig().url
+    source = PrometheusSource(PrometheusSettings(url=url))
+    return PromQLSignal(source, settings.query, f"meter.{what}.query")
+
+
+def open_ledger(config: Config, timeline: str, state: Path | None = None) -> energy_ledger.Ledger:
+    """The configured ledger for this timeline. A twin's ledger from another run (another
+    timeline, its times meaning nothing here) is moved aside, named after its timeline."""
+    path = ledger_path(config, state)
+    bucket_s = config.meter.bucket_s
+    try:
+        return energy_ledger.Ledger(path, timeline=timeline, bucket_s=bucket_s)
+    except energy_ledger.LedgerError as exc:
+        if "timeline" not in str(exc) or timeline == "unix":
+            raise ConfigError(f"meter.ledger: {exc}") from None
+        old = energy_ledger.Ledger(path, read_only=True)
+        aside = path.with_name(f"{path.stem}.{old.timeline}{path.suffix}")
+        old.close()
+        for suffix in ("", "-wal", "-shm"):
+            moved = Path(f"{path}{suffix}")
+            if moved.exists():
+                moved.rename(Path(f"{aside}{suffix}"))
+        return energy_ledger.Ledger(path, timeline=timeline, bucket_s=bucket_s)
+
+
+def job_accounting(agent: Agent) -> JobAccounting | None:
+    """Who runs the jobs: the placement actuator where it keeps accounting (Slurm), else the
+    twin's own owners."""
+    placement: object = agent.actuators.placement
+    if isinstance(placement, JobAccounting):
+        return placement
+    if agent.twin is not None:
+        return TwinAccounts(agent.twin)
+    return None
+
+
+def build_meter(
+    agent: Agent,
+    timeline: str,
+    on_booked: Callable[[Booking, energy_ledger.Prices, Mapping[str, str]], None] | None = None,
+    state: Path | None = None,
+) -> Meter | None:
+    """The meter the agent's config asks for (None: `meter.enabled` is false), on its ledger:
+    the daemon calls `meter.book` once per cycle."""
+    config = agent.config
+    m = config.meter
+    if not m.enabled:
+        return None
+    return Meter(
+        open_ledger(config, timeline, state),
+        source=m.energy,
+        node_overhead_w=config.cluster.node_overhead_w,
+        max_gap_s=m.max_gap_s,
+        accounting=job_accounting(agent),
+        price=signal_for(config, m.tariff, "tariff"),
+        carbon=signal_for(config, m.carbon, "carbon"),
+        retention_s=None if m.retention_days is None else m.retention_days * 86_400.0,
+        on_booked=on_booked,
+    )

@@ -34,6 +34,7 @@ from agent.adapters.site import SiteLinkSettings, site_budget_problem
 from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION
+from agent.meter.settings import MeterSettings
 from agent.observe.promql import check_label_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
@@ -271,6 +272,10 @@ class Config(_Section):
         None,
         description="The site this cluster belongs to: its budget is the site coordinator's "
         "grant (etcd), and its replicas elect a leader (see docs/site.md).",
+    )
+    meter: MeterSettings = Field(
+        default_factory=MeterSettings,
+        description="Energy, cost and carbon per job, user and account, in a ledger.",
     )
     policy_sets: dict[str, list[str]] = Field(
         default_factory=dict,
@@ -574,6 +579,16 @@ def audit_path(config: Config, state: Path | None = None) -> Path | None:
     if path is None or path.is_absolute():
         return path
     return (state or state_dir(config)) / path
+
+
+def ledger_path(config: Config, state: Path | None = None) -> Path:
+    """The meter's ledger: `meter.ledger`, a relative one under the state directory, by default
+    `<state_dir>/<cluster>.ledger.sqlite`."""
+    base = state or state_dir(config)
+    path = config.meter.ledger
+    if path is None:
+        return base / f"{config.cluster.name}.ledger.sqlite"
+    return path if path.is_absolute() else base / path
 
 
 def seconds(value: str | float) -> float:

@@ -61,28 +61,49 @@ class HealthDrain(BasePolicy[HealthDrainSettings, HealthDrainMemory]):
         self, situation: Situation, memory: PolicyMemory, now_s: float
     ) -> Decision[PolicyMemory]:
         assert isinstance(memory, HealthDrainMemory)
-        s = self.settings
-        snap = situation.snapshot
-        health = situation.health
-        if snap.n_gpus == 0 or health is None:
+        if situation.snapshot.n_gpus == 0 or situation.health is None:
             return Decision([], memory)
-        expires = now_s + s.lease_s
-        nodes = situation.nodes
-        sev = health.severity
-        bad = sev >= HealthSeverity.DRAIN
-        if s.drain_on_persistent_anomaly and situation.anomalies is not None:
+        bad = self._bad_gpus(situation)
+        expires_s = now_s + self.settings.lease_s
+        intents: list[Intent] = self._drains(situation, bad, expires_s)
+        requeued = {
+            j: t
+            for j, t in memory.requeued_at_s.items()
+            if now_s - t < self.settings.requeue_memory_s
+        }
+        intents += self._requeues(situation, requeued, now_s, expires_s)
+        healthy_since: dict[str, float] = {}
+        intents += self._resumes(situation, bad, memory, healthy_since, now_s, expires_s)
+        notified = dict(memory.notified)
+        intents += self._notifications(situation, notified, now_s, expires_s)
+        return Decision(
+            intents,
+            HealthDrainMemory(
+                healthy_since_s=healthy_since, requeued_at_s=requeued, notified=notified
+            ),
+        )
+
+    def _bad_gpus(self, situation: Situation) -> np.ndarray:
+        """GPUs whose health class says drain (and, if asked, those anomalous for long)."""
+        assert situation.health is not None
+        bad = situation.health.severity >= HealthSeverity.DRAIN
+        if self.settings.drain_on_persistent_anomaly and situation.anomalies is not None:
             persistent = situation.anomalies.persistent
             if persistent is not None:
-                bad = bad | (persistent & snap.fresh)
-        intents: list[Intent] = []
+                bad = bad | (persistent & situation.snapshot.fresh)
+        return np.asarray(bad, dtype=bool)
 
-        # Drain: per node, the worst GPU explains why.
+    def _drains(self, situation: Situation, bad: np.ndarray, expires_s: float) -> list[Intent]:
+        """Drain each node with a bad GPU; per node, the worst GPU explains why."""
+        snap, health, nodes = situation.snapshot, situation.health, situation.nodes
+        assert health is not None
+        intents: list[Intent] = []
         for k in np.unique(snap.node[bad]):
             node = str(snap.node_names[k])
             if nodes is not None and nodes.known[k] and nodes.drained[k]:
                 continue  # already out of service (ours or an admin's): nothing to add
             rows = np.flatnonzero(bad & (snap.node == k))
-            worst = rows[np.argmax(sev[rows])]
+            worst = rows[np.argmax(health.severity[rows])]
             code = str(health.code[worst]) or "persistent anomaly"
             remedy = str(health.remediation[worst])
             why = f"gpu{int(snap.gpu[worst])} {code}" + (f": {remedy}" if remedy else "")
@@ -95,91 +116,109 @@ class HealthDrain(BasePolicy[HealthDrainSettings, HealthDrainMemory]):
                         "codes": [str(c) for c in health.code[rows]],
                         "since_s": [float(x) for x in health.since_s[rows]],
                     },
-                    expires_s=expires,
+                    expires_s=expires_s,
                     node=node,
                 )
             )
+        return intents
 
-        # Requeue the jobs that hit the fault, once.
-        requeued = {j: t for j, t in memory.requeued_at_s.items() if now_s - t < s.requeue_memory_s}
-        if s.requeue:
-            remedies = np.char.lower(health.remediation.astype(np.str_))
-            wants = np.zeros(snap.n_gpus, dtype=bool)
-            for word in REQUEUE_WORDS:
-                wants |= np.char.find(remedies, word) >= 0
-            wants &= (sev >= HealthSeverity.RESTART_JOB) & (snap.job != "")
-            for row in np.flatnonzero(wants):
-                job = str(snap.job[row])
-                if job in requeued:
-                    continue
-                requeued[job] = now_s
-                intents.append(
-                    RequeueJob(
-                        policy=self.name,
-                        reason=f"ooda: health: {health.code[row]} on {snap.target(int(row))}",
-                        evidence={
-                            "code": str(health.code[row]),
-                            "remediation": str(health.remediation[row]),
-                        },
-                        expires_s=expires,
-                        job=job,
-                        node=str(snap.node_names[snap.node[row]]),
-                    )
+    def _requeues(
+        self, situation: Situation, requeued: dict[str, float], now_s: float, expires_s: float
+    ) -> list[Intent]:
+        """Requeue the jobs that hit a restart-class fault, once (noted in `requeued`)."""
+        snap, health = situation.snapshot, situation.health
+        assert health is not None
+        if not self.settings.requeue:
+            return []
+        remedies = np.char.lower(health.remediation.astype(np.str_))
+        wants = np.zeros(snap.n_gpus, dtype=bool)
+        for word in REQUEUE_WORDS:
+            wants |= np.char.find(remedies, word) >= 0
+        wants &= (health.severity >= HealthSeverity.RESTART_JOB) & (snap.job != "")
+        intents: list[Intent] = []
+        for row in np.flatnonzero(wants):
+            job = str(snap.job[row])
+            if job in requeued:
+                continue
+            requeued[job] = now_s
+            intents.append(
+                RequeueJob(
+                    policy=self.name,
+                    reason=f"ooda: health: {health.code[row]} on {snap.target(int(row))}",
+                    evidence={
+                        "code": str(health.code[row]),
+                        "remediation": str(health.remediation[row]),
+                    },
+                    expires_s=expires_s,
+                    job=job,
+                    node=str(snap.node_names[snap.node[row]]),
                 )
-
-        # Resume our own drains after a healthy hold.
-        healthy_since: dict[str, float] = {}
-        if nodes is not None:
-            node_bad = (
-                np.bincount(
-                    snap.node[bad | (sev > HealthSeverity.OK) | ~snap.fresh], minlength=snap.n_nodes
-                )
-                > 0
             )
-            for k in np.flatnonzero(nodes.known & nodes.drained & nodes.drained_by_us):
-                node = str(snap.node_names[k])
-                if node_bad[k]:
-                    continue
-                since = memory.healthy_since_s.get(node, now_s)
-                healthy_since[node] = since
-                if now_s - since >= s.resume_hold_s:
-                    intents.append(
-                        ResumeNode(
-                            policy=self.name,
-                            reason=f"healthy for {now_s - since:.0f} s since our drain",
-                            evidence={"healthy_since_s": since},
-                            expires_s=expires,
-                            node=node,
-                        )
-                    )
+        return intents
 
-        # Watch-class signals: tell a person once.
-        notified = dict(memory.notified)
-        if s.notify_watch:
-            for row in np.flatnonzero(sev == HealthSeverity.WATCH):
+    def _resumes(
+        self,
+        situation: Situation,
+        bad: np.ndarray,
+        memory: HealthDrainMemory,
+        healthy_since: dict[str, float],
+        now_s: float,
+        expires_s: float,
+    ) -> list[Intent]:
+        """Resume our own drains after a healthy hold (each node's since when: `healthy_since`)."""
+        snap, health, nodes = situation.snapshot, situation.health, situation.nodes
+        assert health is not None
+        if nodes is None:
+            return []
+        unwell = bad | (health.severity > HealthSeverity.OK) | ~snap.fresh
+        node_bad = np.bincount(snap.node[unwell], minlength=snap.n_nodes) > 0
+        intents: list[Intent] = []
+        for k in np.flatnonzero(nodes.known & nodes.drained & nodes.drained_by_us):
+            node = str(snap.node_names[k])
+            if node_bad[k]:
+                continue
+            since = memory.healthy_since_s.get(node, now_s)
+            healthy_since[node] = since
+            if now_s - since >= self.settings.resume_hold_s:
+                intents.append(
+                    ResumeNode(
+                        policy=self.name,
+                        reason=f"healthy for {now_s - since:.0f} s since our drain",
+                        evidence={"healthy_since_s": since},
+                        expires_s=expires_s,
+                        node=node,
+                    )
+                )
+        return intents
+
+    def _notifications(
+        self, situation: Situation, notified: dict[str, float], now_s: float, expires_s: float
+    ) -> list[Intent]:
+        """Tell a person once per GPU and watch-class signal; forget conditions that cleared."""
+        snap, health = situation.snapshot, situation.health
+        assert health is not None
+        intents: list[Intent] = []
+        if self.settings.notify_watch:
+            for row in np.flatnonzero(health.severity == HealthSeverity.WATCH):
                 key = f"{snap.uuid[row]}:{health.code[row]}"
                 if key in notified:
                     continue
                 notified[key] = now_s
+                target = snap.target(int(row))
                 intents.append(
                     Notify(
                         policy=self.name,
                         reason=f"{health.code[row]}: {health.remediation[row]}",
                         evidence={"code": str(health.code[row])},
-                        expires_s=expires,
-                        target=snap.target(int(row)),
+                        expires_s=expires_s,
+                        target=target,
                         severity=Severity.WARNING,
-                        summary=f"{snap.target(int(row))}: {health.code[row]}"
-                        f" ({health.remediation[row]})",
+                        summary=f"{target}: {health.code[row]} ({health.remediation[row]})",
                     )
                 )
-        if notified:  # forget conditions that cleared (only GPUs with a code are looked at)
+        if notified:  # only GPUs with a code are looked at
             coded = np.flatnonzero(health.code != "")
             live_keys = {f"{snap.uuid[r]}:{health.code[r]}" for r in coded}
-            notified = {k: t for k, t in notified.items() if k in live_keys}
-        return Decision(
-            intents,
-            HealthDrainMemory(
-                healthy_since_s=healthy_since, requeued_at_s=requeued, notified=notified
-            ),
-        )
+            for key in [k for k in notified if k not in live_keys]:
+                del notified[key]
+        return intents

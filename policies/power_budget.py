@@ -9,7 +9,9 @@ the fleet stays under `budget x (1 - margin_frac)`:
   count at it; GPUs whose job is still warming up count at their cap too;
 - the rest of the budget is split over busy GPUs by equal marginal throughput per watt (water-
   filling over each GPU's power curve), weighted by priority class so low-priority work is capped
-  first;
+  first; where accounts have shares (`account_shares`, or the scheduler's fairshare), it is first
+  split over accounts by weighted max-min fairness (an account under its share is capped last;
+  a share it does not use flows to the others), then within each account as above;
 - when the uncapped worst case fits under the budget with `release_hysteresis_frac` to spare for
   `release_hold_s`, every cap is released.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -28,10 +30,12 @@ from pydantic import Field
 from agent.core.curves import allocate_power, known_natural_w
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
+from agent.core.jobs import ACCOUNT_LABEL
 from agent.core.reads import Reads
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
+from policies.fair_share import weighted_max_min
 
 NOISE_Z = 3.0  # fleet-level safety margin against draw noise, in standard deviations
 # The most any GPU model we know of may draw: an unseen GPU of unknown model counts at this.
@@ -75,6 +79,24 @@ class PowerBudgetSettings(PolicySettings):
         gt=0.0,
         description="Cap lease: without renewal a node falls back to its safe cap (s).",
     )
+    account_shares: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=dict,
+        description="Account -> its share of the power when the budget binds (relative "
+        "weights, e.g. {physics = 50, chem = 30}): weighted max-min fairness between accounts, "
+        "priorities still ordering the work inside each. Empty: the scheduler's shares if "
+        "scheduler_shares, else no account fairness.",
+    )
+    scheduler_shares: bool = Field(
+        True,
+        description="Without account_shares, use the scheduler's (Slurm's fairshare tree) "
+        "where it gives them.",
+    )
+    unlisted_share: float = Field(
+        0.0,
+        ge=0.0,
+        description="The share of an account the shares do not name (and of jobs of no known "
+        "account); 0: such work is capped first and gets what the named accounts leave.",
+    )
 
 
 class PowerBudgetMemory(PolicyMemory):
@@ -95,7 +117,7 @@ class _Fleet:
     idle_now: float
     learned_reserve: float | None
     worst_uncapped: float
-    evidence: dict[str, float | None]
+    evidence: dict[str, Any]
 
 
 class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
@@ -164,7 +186,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         if learned_reserve is not None:
             idle_worst = min(idle_worst, idle_now + learned_reserve)
         worst_uncapped = float(natural.sum()) + idle_worst
-        evidence = {
+        evidence: dict[str, Any] = {
             "budget_w": round(budget, 1),
             "fleet_power_w": round(situation.fleet_power_w, 1),
             "available_w": round(available, 1),
@@ -278,8 +300,11 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
             planned = np.where(alloc.binding, alloc.power_w, natural_w[r])
             return alloc.cap_w, planned, alloc.feasible
 
-        everyone = np.ones(busy_rows.size, dtype=bool)
-        busy_caps, busy_power, feasible = allocate(everyone, available_busy)
+        busy_caps, busy_power, feasible, by_account = self._allocate_by_account(
+            situation, busy_rows, natural_w, available_busy, allocate
+        )
+        if by_account:
+            fleet.evidence["account_budget_w"] = by_account
         busy_caps, busy_power = self._hold_group_budgets(
             situation,
             busy_rows,
@@ -292,6 +317,62 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         )
         shared = self._same_share_per_job(situation, natural_w, busy_rows, busy_power, busy_caps)
         return np.floor(shared), feasible
+
+    def _shares(self, situation: Situation) -> dict[str, float]:
+        """The accounts' shares: the settings', else the scheduler's (where asked)."""
+        s = self.settings
+        if s.account_shares:
+            return dict(s.account_shares)
+        if s.scheduler_shares:
+            return dict(situation.snapshot.account_shares)
+        return {}
+
+    def _allocate_by_account(
+        self,
+        situation: Situation,
+        busy_rows: np.ndarray,
+        natural_w: np.ndarray,
+        available_w: float,
+        allocate: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, bool]],
+    ) -> tuple[np.ndarray, np.ndarray, bool, dict[str, float]]:
+        """Caps and planned power for the busy GPUs: the budget split over accounts by their
+        shares (weighted max-min: policies.fair_share), then over each account's GPUs by
+        throughput and priority. Without shares, or GPUs labelled with accounts, over all at
+        once. Also the budget each account got (W), for the evidence."""
+        shares = self._shares(situation)
+        label = situation.snapshot.labels.get(ACCOUNT_LABEL)
+        everyone = np.ones(busy_rows.size, dtype=bool)
+        if not shares or label is None:
+            caps, power, feasible = allocate(everyone, available_w)
+            return caps, power, feasible, {}
+        names, inverse = np.unique(label[busy_rows], return_inverse=True)
+        curves = situation.curves
+        k = curves.cap_draw_frac[busy_rows]
+        demand = np.minimum(natural_w[busy_rows], k * situation.max_cap_w[busy_rows])
+        floor = np.minimum(demand, k * situation.min_cap_w[busy_rows])
+        weight = np.array([shares.get(str(n), self.settings.unlisted_share) for n in names])
+        budgets = weighted_max_min(
+            available_w,
+            np.bincount(inverse, weights=demand, minlength=names.size),
+            np.bincount(inverse, weights=floor, minlength=names.size),
+            weight,
+        )
+        caps = np.zeros(busy_rows.size)
+        power = np.zeros(busy_rows.size)
+        feasible = True
+        for j in range(names.size):  # per account (tens, not GPUs)
+            sel = inverse == j
+            caps[sel], power[sel], ok = allocate(sel, float(budgets[j]))
+            feasible &= ok
+        return (
+            caps,
+            power,
+            feasible,
+            {
+                str(n) or "(no account)": round(float(b), 1)
+                for n, b in zip(names, budgets, strict=True)
+            },
+        )
 
     def _same_share_per_job(
         self,
@@ -406,7 +487,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         now_s: float,
         available: float,
         worst_uncapped: float,
-        evidence: dict[str, float | None],
+        evidence: dict[str, Any],
     ) -> Decision[PolicyMemory]:
         s = self.settings
         budget = situation.budget_w or 0.0

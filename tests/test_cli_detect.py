@@ -51,11 +51,27 @@ def test_detect_flags_the_spike_and_echoes_rows(
     code, out, err = run_cli(capsys, "detect", str(write(tmp_path / "s.csv", rows)))
     assert code == 0 and err == ""
     table = parse(out)
-    assert table[0] == ["timestamp", "value", "score", "anomaly"]
+    assert table[0] == ["timestamp", "value", "score", "anomaly", "event"]
     assert [tuple(r[:2]) for r in table[1:]] == rows  # echoed exactly as read
     flagged = [i for i, r in enumerate(table[1:]) if r[3] == "1"]
-    assert flagged == [200]
-    assert float(table[201][2]) > 6 and all(r[3] in ("0", "1") for r in table[1:])
+    assert flagged == [200]  # one alarm, on the spike's row
+    scores = [float(r[2]) for r in table[1:]]
+    assert scores[200] > 1 - 3e-4 and all(0.0 <= s <= 1.0 for s in scores)
+    assert max(scores[:200] + scores[201:]) < 1 - 3e-4  # nothing else reaches the threshold
+    events = {i: r[4] for i, r in enumerate(table[1:]) if r[4]}
+    assert events[200] == "open" and list(events.values()) == ["open", "close"]
+    assert all(r[3] in ("0", "1") for r in table[1:])
+
+
+def test_detect_threshold_is_a_tail_probability(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "s.csv", series_rows(300, spike_at=200))
+    code, out, _ = run_cli(capsys, "detect", str(path), "--threshold", "1e-12")
+    assert code == 0 and all(r[3] == "0" for r in parse(out)[1:])  # stricter: the spike passes
+    for bad in ("0", "1", "6"):  # the old robust-z threshold (6) is refused, not misread
+        code, out, err = run_cli(capsys, "detect", str(path), "--threshold", bad)
+        assert code == 2 and out == "" and "--threshold" in err and "between 0 and 1" in err
 
 
 def test_forecast_rows_and_horizon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,3 +190,10 @@ def test_a_byte_order_mark_is_not_part_of_the_header(
     code, out, err = run_cli(capsys, "detect", str(path))
     assert code == 0 and err == ""
     assert [row[:2] for row in parse(out)] == [["timestamp", "value"], ["1", "2"], ["2", "3"]]
+
+
+def test_the_command_default_is_the_detector_default() -> None:
+    from agent.cli.detect import DEFAULT_ALARM_P
+    from agent.orient.stream import StreamParams
+
+    assert StreamParams().alarm_p == DEFAULT_ALARM_P

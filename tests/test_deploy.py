@@ -306,6 +306,17 @@ def query_unit(expr: str) -> str:
         name = "ratio" if operations == "ratio" else f"{level}_{metric}"
     if name == "ratio":
         return "percentunit"
+    # The ledger's counters (agent/meter/metrics.py): joules a second are watts, joules over a
+    # day kWh (/ 3.6e6), grams an hour kg (/ 1000), GPU-seconds a second GPUs; a cost is in the
+    # tariff's own currency.
+    if name.endswith("_joules_total"):
+        return "kwatth" if "increase(" in expr else "watt"
+    if name.endswith("_grams_total"):
+        return "masskg"
+    if name.endswith("_gpu_seconds_total"):
+        return "suffix: GPUs"
+    if name.endswith("_cost_total"):
+        return "short"
     if "rate(" in expr:
         return "suffix: cores" if name.endswith("_cpu_seconds_total") else "ops"
     if "increase(" in expr:
@@ -348,7 +359,10 @@ def exported_names(tmp_path: Path) -> set[str]:
                 dry_run=dry,
                 faults=("dropout:node2@20+30", "xid=79:node1/gpu0@15+30"),
                 # health_drain drains node1, wants it back at once: the node cooldown refuses
-                extra="[policies.power_budget]\n[policies.health_drain]\nresume_hold_s = 0\n",
+                extra="[policies.power_budget]\n[policies.health_drain]\nresume_hold_s = 0\n"
+                # The ledger's series: metered, priced and with carbon.
+                '[meter]\nenabled = true\n[meter.tariff]\nkind = "flat"\nprice_per_kwh = 0.2\n'
+                '[meter.carbon]\nkind = "constant"\ng_per_kwh = 300.0\n',
             ),
         )
         wall = FakeClock(START_UNIX)

@@ -387,83 +387,99 @@ def follow(
     """Emit records appended to `path` until `stop()`, across rotations: from now on, or from
     `start` ((inode, offset), e.g. `ReadStats.end` of a tail, even if that file has been
     rotated since). A line still being written (no newline yet) waits for its end."""
-    stats = stats if stats is not None else ReadStats()
-    handle: IO[bytes] | None = None
-    ino = -1
-    partial = b""
+    follower = _Follower(path, emit, stats if stats is not None else ReadStats())
+    try:
+        follower.open_start(start)
+        while not stop():
+            if not follower.step():
+                sleep(poll_s)
+    finally:
+        follower.close()
 
-    def open_file(file: Path, offset: int | None) -> bool:
-        nonlocal handle, ino, partial
+
+class _Follower:
+    """The file `follow` reads now, where in it, and the line not yet ended."""
+
+    def __init__(
+        self, path: Path, emit: Callable[[dict[str, Any]], None], stats: ReadStats
+    ) -> None:
+        self.path, self.emit, self.stats = path, emit, stats
+        self.handle: IO[bytes] | None = None
+        self.ino = -1
+        self.partial = b""
+
+    def open_start(self, start: tuple[int, int] | None) -> None:
+        if start is None:
+            self.open_file(self.path, None)
+            return
+        # The file we stopped reading in: the current one, or a rotated one by now.
+        for file in reversed(audit_files(self.path)):
+            try:
+                if file.stat().st_ino == start[0]:
+                    self.open_file(file, start[1])
+                    return
+            except FileNotFoundError:
+                continue
+        self.open_file(self.path, 0)  # rotated out of sight: everything current is new
+
+    def step(self) -> bool:
+        """Read what is new, or move on to a new file; False when there was nothing to do."""
+        if self.drain():
+            return True
+        try:
+            now_ino = self.path.stat().st_ino
+        except FileNotFoundError:
+            now_ino = -1
+        if self.handle is None:
+            return now_ino != -1 and self.open_file(self.path, 0)
+        if now_ino not in (self.ino, -1):
+            # Rotated. Writers only write to the live path (they check under the lock), so one
+            # more read of our file gets the last of it; then the next file, from its start.
+            self.drain()
+            self.open_file(self._newer_than_current(), 0)
+            return True
+        return False
+
+    def open_file(self, file: Path, offset: int | None) -> bool:
         try:
             new = file.open("rb")
         except FileNotFoundError:
             return False
-        if handle is not None:
-            handle.close()
-        handle, ino, partial = new, os.fstat(new.fileno()).st_ino, b""
+        self.close()
+        self.handle, self.ino, self.partial = new, os.fstat(new.fileno()).st_ino, b""
         if offset is None:
-            handle.seek(0, os.SEEK_END)
+            new.seek(0, os.SEEK_END)
         else:
-            handle.seek(offset)
+            new.seek(offset)
         return True
 
-    def drain() -> bool:
-        nonlocal partial
-        chunk = handle.read() if handle is not None else b""
+    def drain(self) -> bool:
+        chunk = self.handle.read() if self.handle is not None else b""
         if not chunk:
             return False
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
         for line in lines:
-            record = _parse(line, stats)
+            record = _parse(line, self.stats)
             if record is not None:
-                emit(record)
+                self.emit(record)
         return True
 
-    def newer_than_current() -> Path:
+    def _newer_than_current(self) -> Path:
         """The file written after the one we read: the next rotated one, or the live file."""
-        files = audit_files(path)
+        files = audit_files(self.path)
         for k, file in enumerate(files[:-1]):
             try:
-                if file.stat().st_ino == ino:
+                if file.stat().st_ino == self.ino:
                     return files[k + 1]
             except FileNotFoundError:
                 continue
-        return path
+        return self.path
 
-    if start is None:
-        open_file(path, None)
-    else:
-        # The file we stopped reading in: the current one, or a rotated one by now.
-        for file in reversed(audit_files(path)):
-            try:
-                if file.stat().st_ino == start[0]:
-                    open_file(file, start[1])
-                    break
-            except FileNotFoundError:
-                continue
-        else:
-            open_file(path, 0)  # rotated out of sight: everything current is new
-    while not stop():
-        if drain():
-            continue
-        try:
-            now_ino = path.stat().st_ino
-        except FileNotFoundError:
-            now_ino = -1
-        if handle is None:
-            if now_ino != -1:
-                open_file(path, 0)
-                continue
-        elif now_ino not in (ino, -1):
-            # Rotated. Writers only write to the live path (they check under the lock), so one
-            # more read of our file gets the last of it; then the next file, from its start.
-            drain()
-            open_file(newer_than_current(), 0)
-            continue
-        sleep(poll_s)
-    if handle is not None:
-        handle.close()
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 @dataclass

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -63,7 +64,7 @@ import structlog
 from pydantic import BaseModel, Field
 
 from agent.core.errors import ActuatorError
-from agent.core.jobs import NO_GPU, JobState, JobTable
+from agent.core.jobs import NO_GPU, JobRecord, JobState, JobTable
 from agent.core.settings import STRICT_SETTINGS
 from agent.core.situation import NodeStates
 
@@ -80,6 +81,8 @@ _FEATURE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # One item of a GPU index list: `3` or `0-7` (ASCII digits, a few of them).
 _INDEX_ITEM = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?")
 MAX_GPUS_PER_NODE = 1024  # a range wider than this is not a real allocation
+SACCT_BATCH = 200  # job ids per sacct call
+SACCT_SINCE = "2000-01-01T00:00:00"  # sacct's -S: every job the database holds
 _GPU_IDX = re.compile(r"gpu(?::[^:(,]+)?(?::\d+)?\(IDX:([^)]*)\)")
 
 _STATES = {
@@ -136,6 +139,9 @@ class SlurmSettings(BaseModel):
     )
     restart_requeued: bool = Field(
         True, description="Start jobs we requeued at once (clear Slurm's requeue BeginTime)."
+    )
+    shares_refresh_s: float = Field(
+        300.0, gt=0, description="Read the accounts' fairshare (sshare) at most this often (s)."
     )
 
 
@@ -311,6 +317,73 @@ def gpus_from_gres_detail(entry: str) -> list[int]:
     return sorted(set(out))
 
 
+def _epoch(value: Any) -> float | None:
+    """A Slurm time (Unix seconds; 0 or missing: none). 23.02+ wraps numbers in
+    {"set": bool, "number": N}."""
+    if isinstance(value, Mapping):
+        value = value.get("number") if value.get("set", True) else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
+
+
+def _squeue_record(job_id: str, job: Mapping[str, Any]) -> JobRecord:
+    state = str(job.get("job_state") or "").upper()
+    return JobRecord(
+        job=job_id,
+        user=str(job.get("user_name") or ""),
+        account=str(job.get("account") or ""),
+        partition=str(job.get("partition") or ""),
+        qos=str(job.get("qos") or ""),
+        state=str(_STATES.get(state, JobState.FINISHED)),
+        start_s=_epoch(job.get("start_time")),
+        end_s=_epoch(job.get("end_time")),
+        source="squeue",
+    )
+
+
+def _sacct_record(job: Mapping[str, Any]) -> JobRecord | None:
+    job_id = str(job.get("job_id") or "")
+    if not job_id:
+        return None
+    state = job.get("state")
+    current = state.get("current") if isinstance(state, Mapping) else state
+    raw = job.get("time")
+    times: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    name = str(current or "").upper()
+    return JobRecord(
+        job=job_id,
+        user=str(job.get("user") or ""),
+        account=str(job.get("account") or ""),
+        partition=str(job.get("partition") or ""),
+        qos=str(job.get("qos") or ""),
+        state=str(_STATES.get(name, JobState.FINISHED)) if name else "",
+        start_s=_epoch(times.get("start")),
+        end_s=_epoch(times.get("end")),
+        source="sacct",
+    )
+
+
+def parse_sshare(text: str) -> dict[str, float]:
+    """`sshare -a -P -o Account,User,NormShares` -> account -> NormShares (account rows only: no
+    user; the root row left out). Lines that do not parse are skipped."""
+    shares: dict[str, float] = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split("|")
+        if len(parts) < 3 or parts[1].strip():
+            continue
+        account = parts[0].strip()
+        try:
+            share = float(parts[2])
+        except ValueError:
+            continue
+        if account and account != "root" and math.isfinite(share) and share >= 0:
+            shares[account] = share
+    return shares
+
+
 def _job_nodes(job: Mapping[str, Any]) -> list[str]:
     resources = job.get("job_resources") or {}
     allocated = resources.get("allocated_nodes") if isinstance(resources, dict) else None
@@ -330,6 +403,9 @@ class SlurmPlacement:
         self._found_weights: dict[str, int] = {}  # node -> its weight before our first change
         self._features: dict[str, frozenset[str]] = {}  # node -> our features it should carry
         self._requeued: dict[str, float] = {}  # job -> monotonic time of our requeue
+        self._records: dict[str, JobRecord] | None = None  # who runs each job, from squeue
+        self._sacct_ok = True  # False once sacct said accounting is disabled
+        self._shares: tuple[float, dict[str, float]] | None = None  # (monotonic time, shares)
         self.reapplied: list[str] = []  # what reconcile() re-applied or failed to, newest last
 
     # -- reading ------------------------------------------------------------------------------
@@ -401,24 +477,80 @@ class SlurmPlacement:
 
     def jobs(self) -> JobTable:
         """Every job slurmctld holds: state, priority class (QoS, else partition, through the
-        settings' maps), restarts, and for running jobs the GPUs of each node they hold (from
-        squeue's gres_detail, one entry per allocated node)."""
+        settings' maps), restarts, account, and for running jobs the GPUs of each node they hold
+        (from squeue's gres_detail, one entry per allocated node). Who runs each job is kept for
+        `job_records` (the meter asks for jobs it books for the first time)."""
         data = self.cli.json("squeue")
         rows: list[tuple[str, JobState, int, int]] = []
         allocs: list[tuple[int, str, int]] = []
+        accounts: list[str] = []
+        records: dict[str, JobRecord] = {}
         for job in data.get("jobs") or ():
             state = _STATES.get(str(job.get("job_state", "")).upper(), JobState.FINISHED)
             k = len(rows)
-            rows.append(
-                (str(job["job_id"]), state, self._priority(job), int(job.get("restart_cnt") or 0))
-            )
+            job_id = str(job["job_id"])
+            rows.append((job_id, state, self._priority(job), int(job.get("restart_cnt") or 0)))
+            accounts.append(str(job.get("account") or ""))
+            records[job_id] = _squeue_record(job_id, job)
             if state is not JobState.RUNNING:
                 continue
             details = [str(d) for d in job.get("gres_detail") or ()]
             for i, node in enumerate(_job_nodes(job)):
                 gpus = gpus_from_gres_detail(details[i]) if i < len(details) else []
                 allocs.extend((k, node, g) for g in gpus or [NO_GPU])
-        return JobTable.build(rows, allocs)
+        self._records = records
+        return JobTable.build(rows, allocs, accounts)
+
+    # -- accounting (the meter) and shares (power_budget) --------------------------------------
+
+    def job_records(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """Who ran each job: from the last `squeue` read while it runs (read now if none was),
+        else from `sacct` once it ended (where slurmdbd keeps accounting). Jobs neither knows are
+        left out; ids that are not job ids are never passed to Slurm."""
+        if self._records is None:
+            self.jobs()
+        known = self._records or {}
+        out = {j: known[j] for j in job_ids if j in known}
+        rest = [j for j in job_ids if j not in out and _JOB_ID.match(j)]
+        if rest and self._sacct_ok:
+            for start in range(0, len(rest), SACCT_BATCH):
+                out.update(self._sacct(rest[start : start + SACCT_BATCH]))
+        return out
+
+    def _sacct(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        try:
+            data = self.cli.json("sacct", "-X", "-S", SACCT_SINCE, "-j", ",".join(job_ids))
+        except ActuatorError as exc:
+            if "accounting storage is disabled" in str(exc).lower():
+                self._sacct_ok = False  # no slurmdbd: ended jobs stay unattributed, said once
+                log.warning("slurm_accounting_disabled", error=str(exc))
+                return {}
+            raise
+        out: dict[str, JobRecord] = {}
+        for job in data.get("jobs") or ():
+            record = _sacct_record(job)
+            if record is not None:
+                out[record.job] = record
+        return out
+
+    def account_shares(self) -> dict[str, float]:
+        """Each account's normalized share of the cluster from Slurm's fairshare tree
+        (`sshare`'s NormShares, the account's share of the whole tree); empty without
+        accounting. Read at most every `shares_refresh_s`."""
+        now = time.monotonic()
+        if self._shares is not None and now - self._shares[0] < self.settings.shares_refresh_s:
+            return dict(self._shares[1])
+        # A failure, too, waits a refresh before the next try (and keeps the last shares).
+        self._shares = (now, self._shares[1] if self._shares is not None else {})
+        try:
+            text = self.cli.run("sshare", "-a", "-P", "-o", "Account,User,NormShares")
+        except ActuatorError as exc:
+            if "accounting storage is disabled" not in str(exc).lower():
+                raise
+            text = ""
+        shares = parse_sshare(text)
+        self._shares = (now, shares)
+        return dict(shares)
 
     # -- keeping what we set --------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ def _label_jobs(
     """GPUs labelled with Slurm's jobs and priorities (the twin mirroring Slurm has them)."""
     if ctx.mirrored:
         return source
-    return JobLabelledSource(source, slurm, section.default_priority)
+    shares = slurm if ctx.account_shares else None  # Slurm's fairshare, for power_budget
+    return JobLabelledSource(source, slurm, section.default_priority, shares=shares)
 
 
 SLURM_PLACEMENT = ActuatorKind(

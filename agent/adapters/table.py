@@ -43,6 +43,8 @@ class BuildContext:
     source_kind: SourceKind | None = None
     source: TelemetrySource | None = None  # as its kind built it (before any join)
     mirrored: bool = False  # the twin's jobs follow the placement system's
+    # The scheduler's accounts' shares are read with its jobs (power_budget weighs by them).
+    account_shares: bool = False
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
     def get_twin(self, mirror: bool = False) -> Any:

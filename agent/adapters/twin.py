@@ -14,6 +14,7 @@ from agent.core.errors import BadInputError
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.protocols import JobInventory, TelemetrySource
 from agent.core.settings import STRICT_SECTION
+from agent.sim.accounts import TwinAccountLabels
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.faults import parse_fault
 from agent.sim.job_mirror import JobMirror, MirroredTwinSource
@@ -44,6 +45,13 @@ class TwinConfig(_Section):
         0.0,
         ge=0,
         description="0: virtual clock, as fast as possible; 1: real time; X: X times real time.",
+    )
+    cycle_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="With speed 0 under `ooda run`: twin seconds per cycle (default: "
+        "daemon.interval_s), e.g. a twin day in minutes.",
     )
     faults: list[str] = Field(
         default_factory=list, description="Faults, e.g. 'xid=79:node2/gpu1@60'."
@@ -113,8 +121,8 @@ def _source(_section: None, ctx: BuildContext) -> TelemetrySource:
     source: TelemetrySource = TwinSource(twin)
     if inventory is not None:
         ctx.mirrored = True
-        source = MirroredTwinSource(TwinSource(twin), JobMirror(twin, inventory))
-    return source
+        return MirroredTwinSource(TwinSource(twin), JobMirror(twin, inventory))
+    return TwinAccountLabels(source)  # the twin's jobs have owners too (account shares)
 
 
 TWIN_SOURCE = SourceKind(

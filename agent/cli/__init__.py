@@ -13,6 +13,7 @@ from agent.cli.config_cmd import adapters, config_app, policies
 from agent.cli.demo import demo
 from agent.cli.detect import detect, forecast
 from agent.cli.guard_cmd import guard_app
+from agent.cli.meter import meter_app, report_app
 from agent.cli.node import node_app
 from agent.cli.once import once
 from agent.cli.replay import replay
@@ -62,6 +63,8 @@ app.add_typer(guard_app, name="guard")
 app.add_typer(audit_app, name="audit")
 app.command("explain")(explain)
 app.command("rollback")(rollback)
+app.add_typer(meter_app, name="meter")
+app.add_typer(report_app, name="report")
 app.command("detect")(detect)
 app.command("forecast")(forecast)
 

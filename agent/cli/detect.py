@@ -13,16 +13,21 @@ import csv
 import io
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
 from agent.core.errors import BadInputError
 
+if TYPE_CHECKING:
+    from agent.orient.stream import SeriesResult
+
 MAX_WARNINGS = 20
+DEFAULT_ALARM_P = 1e-2  # agent.orient.stream.StreamParams.alarm_p (a test checks they agree)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,53 +87,15 @@ def read_series(path: Path, time_column: str, value_column: str, strict: bool = 
     """Read and check the file; raise BadInputError naming the file and line on bad input."""
     with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise BadInputError(f"{path}: line 1: empty file (expected a header)") from None
-        except csv.Error as exc:
-            raise BadInputError(f"{path}: line 1: not readable CSV ({exc})") from None
-        names = [h.strip() for h in header]
-        for column, option in ((time_column, "--time-column"), (value_column, "--value-column")):
-            if column not in names:
-                raise BadInputError(
-                    f"{path}: line 1: no column {column!r} in the header "
-                    f"(found: {', '.join(names) or 'nothing'}; choose one with {option})"
-                )
-        ti, vi = names.index(time_column), names.index(value_column)
+        ti, vi, names = _columns(reader, path, time_column, value_column)
         out = Series([], [], [], [], [])
-        kind: str | None = None
+        kinds: list[str] = []  # the first timestamp's kind: every other must match it
         line = reader.line_num + 1
         try:
             for row in reader:
-                where = f"{path}: line {line}"
-                if not row or all(not cell.strip() for cell in row):
-                    line = reader.line_num + 1
-                    continue  # blank lines carry nothing
-                if len(row) <= max(ti, vi):
-                    raise BadInputError(
-                        f"{where}: {len(row)} fields, but column "
-                        f"{names[max(ti, vi)]!r} is field {max(ti, vi) + 1}"
-                    )
-                t_text, v_text = row[ti], row[vi]
-                t, t_kind = _parse_time(t_text, where)
-                if kind is None:
-                    kind = t_kind
-                elif t_kind != kind:
-                    raise BadInputError(
-                        f"{where}: timestamp {t_text!r} is a {t_kind}, earlier ones are {kind}s"
-                    )
-                try:
-                    v = float(v_text.strip())
-                except ValueError:
-                    raise BadInputError(f"{where}: value {v_text!r} is not a number") from None
-                if not math.isfinite(v):
-                    raise BadInputError(f"{where}: value {v_text!r} is not a finite number")
-                out.times_text.append(t_text)
-                out.values_text.append(v_text)
-                out.times.append(t)
-                out.values.append(v)
-                out.lines.append(line)
+                if row and any(cell.strip() for cell in row):  # blank lines carry nothing
+                    _add_row(out, row, (ti, vi), names, f"{path}: line {line}", kinds)
+                    out.lines.append(line)
                 line = reader.line_num + 1
         except csv.Error as exc:
             raise BadInputError(
@@ -138,6 +105,61 @@ def read_series(path: Path, time_column: str, value_column: str, strict: bool = 
         raise BadInputError(f"{path}: line 2: no data rows after the header")
     _check_order(path, out, strict)
     return out
+
+
+def _columns(
+    reader: Iterator[list[str]], path: Path, time_column: str, value_column: str
+) -> tuple[int, int, list[str]]:
+    """The header's names, and where the time and value columns are."""
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise BadInputError(f"{path}: line 1: empty file (expected a header)") from None
+    except csv.Error as exc:
+        raise BadInputError(f"{path}: line 1: not readable CSV ({exc})") from None
+    names = [h.strip() for h in header]
+    for column, option in ((time_column, "--time-column"), (value_column, "--value-column")):
+        if column not in names:
+            raise BadInputError(
+                f"{path}: line 1: no column {column!r} in the header "
+                f"(found: {', '.join(names) or 'nothing'}; choose one with {option})"
+            )
+    return names.index(time_column), names.index(value_column), names
+
+
+def _add_row(
+    out: Series,
+    row: list[str],
+    at: tuple[int, int],
+    names: list[str],
+    where: str,
+    kinds: list[str],
+) -> None:
+    """Parse one data row's timestamp and value into `out`, or say what is wrong with it."""
+    ti, vi = at
+    last = max(ti, vi)
+    if len(row) <= last:
+        raise BadInputError(
+            f"{where}: {len(row)} fields, but column {names[last]!r} is field {last + 1}"
+        )
+    t_text, v_text = row[ti], row[vi]
+    t, t_kind = _parse_time(t_text, where)
+    if not kinds:
+        kinds.append(t_kind)
+    elif t_kind != kinds[0]:
+        raise BadInputError(
+            f"{where}: timestamp {t_text!r} is a {t_kind}, earlier ones are {kinds[0]}s"
+        )
+    try:
+        v = float(v_text.strip())
+    except ValueError:
+        raise BadInputError(f"{where}: value {v_text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise BadInputError(f"{where}: value {v_text!r} is not a finite number")
+    out.times_text.append(t_text)
+    out.values_text.append(v_text)
+    out.times.append(t)
+    out.values.append(v)
 
 
 def _check_order(path: Path, series: Series, strict: bool) -> None:
@@ -166,6 +188,11 @@ def _format(x: float) -> str:
     return f"{x:.6g}"
 
 
+def _format_score(score: float) -> str:
+    """1 - p with p's first significant digits kept (0.99997, 0.9999999991)."""
+    return f"{score:.12g}"
+
+
 TimeColumn = Annotated[str, typer.Option("--time-column", help="Name of the timestamp column.")]
 ValueColumn = Annotated[str, typer.Option("--value-column", help="Name of the value column.")]
 Strict = Annotated[
@@ -180,34 +207,61 @@ def detect(
     value_column: ValueColumn = "value",
     strict: Strict = False,
     threshold: Annotated[
-        float, typer.Option(min=0.1, help="Robust z-score from which a row is anomalous.")
-    ] = 6.0,
+        float,
+        typer.Option(
+            "--threshold",
+            help="Tail probability under which a row opens an alarm (between 0 and 1; lower: "
+            "fewer alarms). One threshold means the same on every series.",
+        ),
+    ] = DEFAULT_ALARM_P,
 ) -> None:
-    """Anomalies in a time series: one output row per input row, causally.
+    """Anomalies in a time series, as events: one output row per input row, causally.
 
-    Writes `timestamp,value,score,anomaly` to stdout: timestamps and values exactly as read,
-    `score` the row's distance from a robust baseline (exponentially weighted level and mean
-    absolute deviation, Huberized so outliers barely move it) learned from the rows before it,
-    in standard deviations; `anomaly` 1 where score >= --threshold. The first 10 rows only
-    teach the baseline (score 0).
+    Writes `timestamp,value,score,anomaly,event` to stdout, timestamps and values exactly as
+    read. `score` is 1 - p, where p is the row's tail probability: how rare a row this far
+    from what the rows before it predicted (a fast level, a slow one, a daily and weekly
+    rhythm where the series has one; over the row itself and its recent means) is in this
+    series' own recent history. `anomaly` is 1 on the row an alarm opens (p < --threshold):
+    once per anomalous episode. `event` says `open`, `close` (the series has been calm for a
+    while) or `change` (a level shift became the new normal). The first 30 rows only teach.
 
     Examples:
 
       ooda detect power.csv
 
-      ooda detect metrics.csv --time-column time --value-column gpu0_power_w --threshold 5
+      ooda detect metrics.csv --time-column time --value-column gpu0_power_w --threshold 1e-5
     """
-    from agent.orient.univariate import OnlineDetector
+    from agent.orient.stream import StreamParams, detect_series
 
+    if not 0.0 < threshold < 1.0:
+        raise BadInputError(
+            f"--threshold {threshold:g}: a tail probability between 0 and 1 (e.g. 0.01)"
+        )
     series = read_series(file, time_column, value_column, strict)
-    detector = OnlineDetector(threshold=threshold)
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(["timestamp", "value", "score", "anomaly"])
-    for t_text, v_text, t, v in zip(
-        series.times_text, series.values_text, series.times, series.values, strict=True
+    result = detect_series(series.times, series.values, params=StreamParams(alarm_p=threshold))
+    write_detections(sys.stdout, series, result)
+
+
+def write_detections(out: TextIO, series: Series, result: SeriesResult) -> None:
+    """`ooda detect`'s output for one series: `timestamp,value,score,anomaly,event`."""
+    import numpy as np
+
+    events = np.where(
+        result.opened,
+        "open",
+        np.where(result.changed, "change", np.where(result.closed, "close", "")),
+    )
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["timestamp", "value", "score", "anomaly", "event"])
+    for t_text, v_text, score, opened, event in zip(
+        series.times_text,
+        series.values_text,
+        result.score.tolist(),
+        result.opened.tolist(),
+        events.tolist(),
+        strict=True,
     ):
-        scored = detector.update(v, t)
-        out.writerow([t_text, v_text, _format(scored.score), int(scored.anomaly)])
+        writer.writerow([t_text, v_text, _format_score(score), int(opened), event])
 
 
 def forecast(

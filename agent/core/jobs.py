@@ -22,6 +22,24 @@ StrArray = npt.NDArray[np.str_]
 BoolArray = npt.NDArray[np.bool_]
 
 NO_GPU = -1  # an allocation row for a node a job holds without any GPU on it
+ACCOUNT_LABEL = "account"  # the per-GPU label naming the account of the GPU's job
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """Who ran a job, as the scheduler's accounting says: one per job (not per GPU), read for a
+    job once, when the meter first books it. Empty strings are unknown; times in the clock's
+    seconds (None: not started, or not ended)."""
+
+    job: str
+    user: str = ""
+    account: str = ""
+    partition: str = ""
+    qos: str = ""
+    state: str = ""
+    start_s: float | None = None
+    end_s: float | None = None
+    source: str = ""  # where it was read: squeue (running), sacct (ended), twin, ...
 
 
 class JobState(StrEnum):
@@ -45,12 +63,16 @@ class JobTable:
     alloc_job: IntArray  # per allocation row: index into the job arrays
     alloc_node: StrArray
     alloc_gpu: IntArray
+    # Per job: the account it runs under ("" unknown); None: the scheduler does not say.
+    account: StrArray | None = None
 
     def __post_init__(self) -> None:
         n = self.job_id.shape[0]
         for name in ("state", "priority", "restarts"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"JobTable.{name} must have one entry per job ({n})")
+        if self.account is not None and self.account.shape != (n,):
+            raise ValueError(f"JobTable.account must have one entry per job ({n})")
         m = self.alloc_job.shape[0]
         if not self.alloc_node.shape == self.alloc_gpu.shape == (m,):
             raise ValueError("JobTable allocation arrays must have equal length")
@@ -76,9 +98,10 @@ class JobTable:
     def build(
         jobs: Sequence[tuple[str, JobState, int, int]],
         allocations: Sequence[tuple[int, str, int]],
+        accounts: Sequence[str] | None = None,
     ) -> JobTable:
         """From rows: jobs as (id, state, priority, restarts); allocations as (job position,
-        node, gpu index or NO_GPU)."""
+        node, gpu index or NO_GPU); `accounts`, one per job, where the scheduler says."""
         return JobTable(
             job_id=np.array([j[0] for j in jobs], dtype=np.str_).reshape(-1),
             state=np.array([str(j[1]) for j in jobs], dtype=np.str_).reshape(-1),
@@ -87,6 +110,7 @@ class JobTable:
             alloc_job=np.array([a[0] for a in allocations], dtype=np.int64).reshape(-1),
             alloc_node=np.array([a[1] for a in allocations], dtype=np.str_).reshape(-1),
             alloc_gpu=np.array([a[2] for a in allocations], dtype=np.int64).reshape(-1),
+            account=None if accounts is None else np.array(accounts, dtype=np.str_).reshape(-1),
         )
 
     def running(self) -> BoolArray:
@@ -118,6 +142,19 @@ class JobTable:
         hit = keys[pos] == job_ids
         out[hit] = self.priority[order[pos[hit]]]
         return out
+
+    def account_of(self, job_ids: StrArray) -> StrArray:
+        """Per entry of `job_ids`: the job's account ("" where the job or its account is
+        unknown). Vectorized (sorted lookup)."""
+        out = np.full(job_ids.shape[0], "", dtype=object)
+        if self.account is None or not len(self) or not job_ids.size:
+            return out.astype(np.str_)
+        order = np.argsort(self.job_id, kind="stable")
+        keys = self.job_id[order]
+        pos = np.clip(np.searchsorted(keys, job_ids), 0, keys.shape[0] - 1)
+        hit = keys[pos] == job_ids
+        out[hit] = self.account[order[pos[hit]]]
+        return out.astype(np.str_)
 
     def job_at(self, node: StrArray, gpu: IntArray) -> StrArray:
         """Per (node, gpu) pair: the running job holding that GPU ("" when none)."""
@@ -165,4 +202,6 @@ def label_snapshot(snapshot: Snapshot, table: JobTable, default_priority: int = 
     if before is not None:  # keep what telemetry said about jobs the scheduler does not know
         priority = np.where(known, priority, before).astype(np.str_)
     labels = {**snapshot.labels, "priority": priority}
+    if table.account is not None:  # power shares weigh accounts (power_budget)
+        labels[ACCOUNT_LABEL] = table.account_of(job)
     return replace(snapshot, job=job, labels=labels)

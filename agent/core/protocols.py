@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.intents import GpuTargets, Notify
-from agent.core.jobs import JobTable
+from agent.core.jobs import JobRecord, JobTable
 from agent.core.situation import NodeStates
 from agent.core.snapshot import Snapshot
 
@@ -207,6 +207,23 @@ class JobInventory(Protocol):
     classes and the GPUs each running job holds. Raises ActuatorError when it cannot read them."""
 
     def jobs(self) -> JobTable: ...
+
+
+@runtime_checkable
+class JobAccounting(Protocol):
+    """Who ran each job: user, account, partition, QoS (Slurm: `squeue` while a job runs,
+    `sacct` once it ended). Jobs it does not know are left out of the answer; raises
+    ActuatorError when it cannot read at all."""
+
+    def job_records(self, job_ids: Sequence[str]) -> Mapping[str, JobRecord]: ...
+
+
+@runtime_checkable
+class AccountShares(Protocol):
+    """The scheduler's share of the cluster per account (Slurm: the fairshare tree, `sshare`),
+    normalized to sum to 1; empty where it keeps none. Raises ActuatorError when it cannot read."""
+
+    def account_shares(self) -> Mapping[str, float]: ...
 
 
 @runtime_checkable

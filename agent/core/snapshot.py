@@ -67,6 +67,9 @@ class Snapshot:
     budget_w: float | None = None  # the facility budget signal, when the source provides one
     errors: tuple[str, ...] = ()  # what the source says is wrong this cycle
     labels: Mapping[str, StrArray] = field(default_factory=dict)  # extra per-GPU labels (rack...)
+    # Per account: its share of the cluster, as the scheduler says (Slurm's fairshare tree);
+    # empty: it does not. The `account` label names each GPU's account (agent.core.jobs).
+    account_shares: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.uuid.shape[0]

@@ -57,7 +57,14 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
-from agent.assembly import Agent, assemble, hosts_twin, kept_site, reads_the_present
+from agent.assembly import (
+    Agent,
+    assemble,
+    build_meter,
+    hosts_twin,
+    kept_site,
+    reads_the_present,
+)
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
@@ -68,6 +75,7 @@ from agent.daemon.notify import SystemdNotify
 from agent.daemon.state import StateFile, TwinStore, ensure_dir
 from agent.daemon.telemetry import DaemonMetrics, Health, TelemetryServer
 from agent.loop import CycleReport
+from agent.meter.metrics import MeterMetrics
 from agent.sim.adapters import TwinClock, TwinPlacement
 from agent.sim.realtime import TwinPacer
 from agent.sim.twin import Twin
@@ -107,7 +115,14 @@ class DaemonOptions:
 
 def _twin_key(config: Config) -> str:
     """The [twin] section minus its pace: the same key means the same simulated cluster."""
-    return json.dumps(config.twin.model_dump(mode="json", exclude={"speed"}), sort_keys=True)
+    return json.dumps(
+        config.twin.model_dump(mode="json", exclude={"speed", "cycle_s"}), sort_keys=True
+    )
+
+
+def _twin_cycle_s(config: Config) -> float:
+    """Twin seconds per cycle at speed 0: `twin.cycle_s`, else the control interval."""
+    return config.twin.cycle_s or config.daemon.interval_s
 
 
 def _agent_version() -> str:
@@ -157,6 +172,7 @@ class Daemon:
         self.lock: InstanceLock | None = None
         # Set by start():
         self.runtime: Agent
+        self.meter_metrics: MeterMetrics
         self.metrics: DaemonMetrics
         self.store: StateFile
         self.twin_store: TwinStore
@@ -219,6 +235,7 @@ class Daemon:
         self.store = StateFile(directory, cluster)
         self.twin_store = TwinStore(directory, cluster)
         self.metrics = DaemonMetrics(self._metrics_registry, config.daemon.per_gpu_metrics_max)
+        self.meter_metrics = MeterMetrics(self.metrics.registry, config.meter.top_accounts)
         twin: Twin | None = None
         saved_twin: Mapping[str, Any] | None = None
         if hosts_twin(config):
@@ -235,6 +252,9 @@ class Daemon:
             if saved_twin is not None and isinstance(runtime.actuators.placement, TwinPlacement):
                 runtime.actuators.placement.reasons = dict(saved_twin.get("placement_reasons", {}))
             self.runtime = runtime
+            self._attach_meter(runtime)
+            if runtime.meter is not None:
+                self.meter_metrics.seed(runtime.meter.ledger.account_totals())
             self.pacer = self._pacer_for(runtime)
             self._restore_state()
             # The audit log is read through now (the restore's read-back): a replica that takes
@@ -275,7 +295,7 @@ class Daemon:
         if twin is None or not isinstance(runtime.loop.clock, TwinClock):
             return None
         cfg = runtime.config
-        return TwinPacer(twin, self.wall, cfg.twin.speed, cfg.daemon.interval_s)
+        return TwinPacer(twin, self.wall, cfg.twin.speed, _twin_cycle_s(cfg))
 
     def _publish_config(self) -> None:
         config = self.runtime.config
@@ -283,6 +303,23 @@ class Daemon:
         self.metrics.info.labels(config.cluster.name, _agent_version(), config.source.kind).set(1)
         self.metrics.dry_run.set(1 if config.dry_run else 0)
         self.metrics.interval.set(config.daemon.interval_s)
+
+    def _attach_meter(self, runtime: Agent) -> None:
+        """The agent's meter, on the ledger of this run's timeline (a new twin's is new)."""
+        if runtime.meter is not None:
+            runtime.meter.close()
+        runtime.meter = build_meter(runtime, self.timeline, on_booked=self.meter_metrics.booked)
+
+    def _book_energy(self, report: CycleReport) -> None:
+        """The meter's hook: the interval this cycle ended is booked (errors join the cycle's)."""
+        meter = self.runtime.meter
+        if meter is None:
+            return
+        result = meter.book(report.snapshot, report.situation.nodes)
+        self.meter_metrics.observe(result)
+        self.meter_metrics.ledger_bytes.set(meter.ledger.bytes())
+        if result.errors:
+            report.errors.extend(result.errors)
 
     @property
     def config(self) -> Config:
@@ -477,6 +514,7 @@ class Daemon:
                 self.pacer.sync()
                 self.metrics.twin_skipped.set(self.pacer.skipped_s)
             report = runtime.loop.cycle()
+            self._book_energy(report)
         except Exception as exc:  # the loop guards its stages; this is a bug, not an outage
             duration = time.perf_counter() - t0
             now = self.wall.now()
@@ -652,8 +690,12 @@ class Daemon:
             runtime.loop.cycles, runtime.loop.run_id = old.loop.cycles, old.loop.run_id
             runtime.loop.read_through_s = old.loop.read_through_s
             self.runtime = runtime
+            try:
+                self._attach_meter(runtime)
+            except Exception as exc:  # the new runtime runs; it only books nothing
+                log.error("meter_not_opened", error=str(exc))
             if same_twin and self.pacer is not None:
-                self.pacer.set_speed(config.twin.speed, config.daemon.interval_s)
+                self.pacer.set_speed(config.twin.speed, _twin_cycle_s(config))
             else:
                 self.pacer = self._pacer_for(runtime)
             old.hand_site_to(runtime)

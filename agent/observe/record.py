@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +29,7 @@ from agent.observe.prometheus import (
     lookup,
     usable_budget,
 )
-from agent.observe.trace import GPU_INDEX_MAX, TraceBlock, TraceWriter
+from agent.observe.trace import GPU_INDEX_MAX, TraceBlock
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -52,6 +52,13 @@ class _Seen:
     labels: dict[str, StrArray]  # the settings' extra labels, as last seen
 
 
+class BlockSink(Protocol):
+    """Where recorded blocks go: a TraceWriter, or anything that books them as they come (the
+    meter's backfill)."""
+
+    def write_block(self, block: TraceBlock) -> None: ...
+
+
 @dataclass(frozen=True)
 class RecordStats:
     steps: int
@@ -63,7 +70,7 @@ class RecordStats:
 
 def record_prometheus(
     source: PrometheusSource,
-    writer: TraceWriter,
+    writer: BlockSink,
     *,
     start_s: float,
     end_s: float,
@@ -188,35 +195,20 @@ def _block(
     stale = np.isnan(sample) | ~(age <= s.staleness_limit_s)
     _moved_unseen(uuid, stale, age)
 
-    values: dict[Metric, FloatArray] = {}
-    v_key, _, _, v_ok = source.keys(vals.labels)
-    v_col = np.where(v_ok, lookup(key, v_key), -1)[vals.series]
-    v_row = _step_index(vals.t_s, t0, step_s)
-    v_name = vals.labels["__name__"][vals.series]
-    inside = (v_col >= 0) & (v_row >= 0) & (v_row < nt)
-    for name, metric in source.value_metrics.items():
-        grid = np.full((nt, n), np.nan)
-        h = inside & (v_name == name)
-        grid[v_row[h], v_col[h]] = vals.values[h] * FIELD_BY_METRIC[metric].to_metric
-        grid[stale] = np.nan
-        values[metric] = grid
+    values = _value_grids(source, vals, key, t0, step_s, nt, stale)
     job[stale] = ""
 
     last_s = running[-1] if nt else prior
-    keep = lookup(key, seen.key) < 0  # GPUs remembered but absent from this chunk stay known
-    recent = np.concatenate([last_s, seen.last_s[keep]]) >= times[-1] - window
-    remembered = _Seen(
-        key=np.concatenate([key, seen.key[keep]])[recent],
-        host=np.concatenate([host, seen.host[keep]])[recent],
-        gpu=np.concatenate([gpu, seen.gpu[keep]])[recent],
-        uuid=np.concatenate([uuid, seen.uuid[keep]])[recent],
-        model=np.concatenate([model, seen.model[keep]])[recent],
-        last_s=np.concatenate([last_s, seen.last_s[keep]])[recent],
-        labels={
-            x: np.concatenate([grid[-1], seen.labels[x][keep]])[recent]  # a chunk has a step
-            for x, grid in labels.items()
-        },
+    current = _Seen(
+        key=key,
+        host=host,
+        gpu=gpu,
+        uuid=uuid,
+        model=model,
+        last_s=last_s,
+        labels={x: grid[-1] for x, grid in labels.items()},  # a chunk has a step
     )
+    remembered = _remember(current, seen, since_s=times[-1] - window)
     block = TraceBlock(
         time_s=times,
         node=host,
@@ -231,6 +223,50 @@ def _block(
         budget_w=budget,
     )
     return block, remembered
+
+
+def _value_grids(
+    source: PrometheusSource,
+    vals: Matrix,
+    key: StrArray,
+    t0: float,
+    step_s: float,
+    nt: int,
+    stale: npt.NDArray[np.bool_],
+) -> dict[Metric, FloatArray]:
+    """Each value metric per (step, GPU) in the metric's unit; NaN where none or stale."""
+    values: dict[Metric, FloatArray] = {}
+    v_key, _, _, v_ok = source.keys(vals.labels)
+    v_col = np.where(v_ok, lookup(key, v_key), -1)[vals.series]
+    v_row = _step_index(vals.t_s, t0, step_s)
+    v_name = vals.labels["__name__"][vals.series]
+    inside = (v_col >= 0) & (v_row >= 0) & (v_row < nt)
+    for name, metric in source.value_metrics.items():
+        grid = np.full((nt, key.size), np.nan)
+        h = inside & (v_name == name)
+        grid[v_row[h], v_col[h]] = vals.values[h] * FIELD_BY_METRIC[metric].to_metric
+        grid[stale] = np.nan
+        values[metric] = grid
+    return values
+
+
+def _remember(current: _Seen, seen: _Seen, since_s: float) -> _Seen:
+    """This chunk's GPUs and those remembered but absent from it, if seen since `since_s`."""
+    keep = lookup(current.key, seen.key) < 0  # GPUs remembered but absent from this chunk
+
+    def both(now: npt.NDArray[Any], before: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.concatenate([now, before[keep]])
+
+    recent = both(current.last_s, seen.last_s) >= since_s
+    return _Seen(
+        key=both(current.key, seen.key)[recent],
+        host=both(current.host, seen.host)[recent],
+        gpu=both(current.gpu, seen.gpu)[recent],
+        uuid=both(current.uuid, seen.uuid)[recent],
+        model=both(current.model, seen.model)[recent],
+        last_s=both(current.last_s, seen.last_s)[recent],
+        labels={x: both(last, seen.labels[x])[recent] for x, last in current.labels.items()},
+    )
 
 
 def _moved_unseen(uuid: StrArray, stale: npt.NDArray[np.bool_], age: FloatArray) -> None:

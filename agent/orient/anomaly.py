@@ -22,13 +22,21 @@ largest; its `kind` is the highest-ranked detector that fired. Evidence (metric,
 range, score) is built only for flagged GPUs, and only when read. Causal: each cycle scores the
 new snapshot against state learned from earlier ones, then learns from what was not flagged.
 GPUs whose health already calls for a drain are explained by it: only dropout flags them.
+
+Calibration (`calibrate`): each baseline's standardized residual (power, thermal resistance,
+clock against its curve, utilization) also runs, per GPU, through the streaming detector of
+agent.orient.stream, which learns how that GPU's residuals are spread; a baseline's statistical
+flag stands only where the residual is rare for that GPU as well (tail probability under
+`alarm_p`, or its alarm still open). Limits (past the cap, at the slowdown temperature),
+dropouts and peer comparisons are never excused by a GPU's history. New statistical alarms are
+rate-limited per GPU (a token bucket: `alarm_burst`, refilled at `alarms_per_hour`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +59,7 @@ from agent.orient.stats import (
     single_threaded,
     unpack,
 )
+from agent.orient.stream import StreamDetector, StreamParams
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -76,6 +85,11 @@ MV_BUFFER_ROWS = 8192
 HOT_PEER_TOP_BAND = 20.0
 STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
+# The baselines' standardized residuals that are calibrated per GPU (agent.orient.stream).
+CALIBRATED_FIELDS = ("power", "temp", "clock", "util")
+# Flags the per-GPU alarm budget may hold back (limits, dropouts, health and peer comparisons
+# are never held: each is its own evidence, not a GPU's history).
+STATISTICAL_KINDS = frozenset({"power", "power_drop", "temp", "straggler", "util", "multivariate"})
 
 _NOT_FULL_RANK = "The covariance matrix associated to your dataset is not full rank"
 
@@ -143,6 +157,89 @@ class _Evidence(Mapping[int, list[dict[str, Any]]]):
         return int(self._rows.shape[0])
 
 
+def _empty() -> FloatArray:
+    return np.zeros(0)
+
+
+@dataclass(slots=True)
+class _Cycle:
+    """One cycle's inputs (aligned with the snapshot's rows) and what the detectors derive
+    from them, filled in as they run."""
+
+    g: IntArray  # the GPUs' slots in the detector's own state
+    b: IntArray  # ... and in the baselines'
+    n: int
+    fresh: BoolArray
+    busy: BoolArray
+    warming: BoolArray  # a job's start-up, when its draw says little
+    settled: BoolArray
+    power: FloatArray
+    power_ok: BoolArray
+    temp: FloatArray
+    temp_ok: BoolArray
+    util: FloatArray
+    util_ok: BoolArray
+    clock: FloatArray
+    clock_ok: BoolArray
+    cap: FloatArray
+    cap_ok: BoolArray
+    clear: BoolArray  # the draw is clear of a binding cap
+    z: dict[str, FloatArray] = field(default_factory=dict)  # calibrated field -> residual z
+    gate: dict[str, BoolArray] = field(default_factory=dict)  # field -> rare for this GPU
+    hard_fired: dict[str, BoolArray] = field(default_factory=dict)
+    # What each detector saw before calibration and the alarm budget: the baselines learn
+    # from none of it (a routine stall is excused as an alarm, not learned as a level).
+    raw_fired: dict[str, BoolArray] = field(default_factory=dict)
+    power_z: FloatArray = field(default_factory=_empty)
+    temp_z: FloatArray = field(default_factory=_empty)
+    clock_z: FloatArray = field(default_factory=_empty)
+    util_z: FloatArray = field(default_factory=_empty)
+    rel: FloatArray = field(default_factory=_empty)
+    rel_ok: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    smooth: FloatArray = field(default_factory=_empty)
+    ratio: FloatArray = field(default_factory=_empty)
+    ratio_ok: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    feats: FloatArray = field(default_factory=_empty)
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """A detector's finding before calibration: a score no history excuses (`hard`: a limit,
+    a peer comparison) and the baseline's statistical score (`stat`), which stands only where
+    the calibrated series `field` says the residual is rare for this GPU."""
+
+    kind: str
+    metric: str
+    value: FloatArray
+    lo: FloatArray
+    hi: FloatArray
+    hard: FloatArray
+    stat: FloatArray | None = None
+    field: str | None = None
+
+    def result(self, cy: _Cycle) -> DetectorResult:
+        cy.hard_fired[self.kind] = self.hard >= 1.0
+        score = self.hard
+        raw = self.hard if self.stat is None else np.maximum(self.hard, self.stat)
+        cy.raw_fired[self.kind] = raw >= 1.0
+        if self.stat is not None:
+            gate = cy.gate.get(self.field or "")
+            stat = (
+                self.stat
+                if gate is None
+                else np.where(gate, self.stat, np.minimum(self.stat, 0.999))
+            )
+            score = np.maximum(score, stat)
+        return DetectorResult(
+            self.kind,
+            self.metric,
+            self.value,
+            self.lo,
+            self.hi,
+            np.asarray(score, dtype=np.float64),
+        )
+
+
 def _num(value: float) -> float | None:
     v = float(value)
     return round(v, 3) if np.isfinite(v) else None
@@ -168,8 +265,19 @@ class AnomalyDetector:
                 "prev_power": (np.float64, np.nan),
                 "rel_smooth": (np.float64, np.nan),
                 "run": (np.int64, 0),  # consecutive flagged cycles
+                "tokens": (np.float64, s.alarm_burst),  # the GPU's alarm budget
+                "tokens_t": (np.float64, np.nan),
             }
         )
+        self.stream_params = StreamParams(
+            rhythm=s.rhythm,
+            average_halflives_rows=(4.0,),
+            warmup_rows=s.calibration_warmup_cycles,
+            alarm_p=s.alarm_p,
+            calm_rows=s.calm_cycles,
+        )
+        self.stream = {f: StreamDetector(self.stream_params) for f in CALIBRATED_FIELDS}
+        self.held_alarms = 0  # new alarms the per-GPU budget held back (since start)
         self.base = RobustBaselines(
             ("age", "power", "rel_r", "clock_r", "util"),
             halflife_n=s.baseline_halflife_n,
@@ -215,6 +323,16 @@ class AnomalyDetector:
             "mv_location": None if self.mv_location is None else self.mv_location.tolist(),
             "mv_precision": None if self.mv_precision is None else self.mv_precision.tolist(),
             "mv_threshold": self.mv_threshold if np.isfinite(self.mv_threshold) else None,
+            "stream": self._stream_dict(),
+        }
+
+    def _stream_dict(self) -> dict[str, Any]:
+        """The calibration's state, with the GPUs' keys once: every field follows the same
+        ones (each aligns with the snapshot's UUIDs)."""
+        first = next(iter(self.stream.values())).keys
+        return {
+            "keys": None if first is None else first.tolist(),
+            "fields": {name: d.to_dict(with_keys=False) for name, d in self.stream.items()},
         }
 
     def load_dict(self, data: Mapping[str, Any]) -> None:
@@ -239,25 +357,51 @@ class AnomalyDetector:
         self.mv_precision = None if prec is None else np.asarray(prec, dtype=np.float64)
         thr = data.get("mv_threshold")
         self.mv_threshold = np.inf if thr is None else float(thr)
+        stream = data.get("stream", {})
+        keys = stream.get("keys")
+        for name, saved in stream.get("fields", {}).items():
+            if name in self.stream:
+                self.stream[name].load_dict(saved, keys)
 
     # -- one cycle --------------------------------------------------------------------------------
 
     def update(self, snap: Snapshot, ctx: AnomalyContext) -> AnomalyFlags:
-        n = snap.n_gpus
-        if n == 0:
+        """Score the snapshot against what earlier cycles taught, then learn from it."""
+        if snap.n_gpus == 0:
             self.expected_power_w = np.zeros(0)
             self.uncapped_level_w = np.zeros(0)
             return AnomalyFlags.none(0)
-        s = self.settings
         self.cycle += 1
-        now = snap.time_s
         self.interval_s = ctx.interval_s
+        cy = self._cycle(snap, ctx)
+        parts = [
+            self._dropout(snap, cy, ctx),
+            *self._power(cy, ctx),
+            self._temp(snap, cy),
+            self._hot(snap, cy, ctx),
+            self._straggler(snap, cy, ctx),
+            self._util(cy),
+        ]
+        self._calibrate(snap, cy, parts)
+        results = [part.result(cy) for part in parts]
+        results.append(self._mv(cy))
+        flags = self._combine(snap, cy, ctx, results)
+        none = np.zeros(cy.n, dtype=bool)
+        seen = {r.kind: (r.score >= 1.0) | cy.raw_fired.get(r.kind, none) for r in results}
+        self._learn(snap, cy, np.logical_or.reduce([flags.flagged, *seen.values()]), seen)
+        return flags
+
+    # -- the cycle's inputs -----------------------------------------------------------------------
+
+    def _cycle(self, snap: Snapshot, ctx: AnomalyContext) -> _Cycle:
+        """Slots, contexts (a new job, busy or idle, failed or not: the baselines restart) and
+        the fresh readings."""
+        s = self.settings
         g = self.gpu.slots(snap.uuid)
         b = self.base.slots(snap.uuid)
         st = self.gpu.cols
         fresh = snap.fresh
-
-        # Context: a job change (or busy/idle change) restarts what the baselines know.
+        now = snap.time_s
         busy = ctx.busy
         # A failed GPU (health: drain) and the same GPU after its reset are different contexts
         # too: what it drew while failed says nothing about what it draws after.
@@ -273,215 +417,264 @@ class AnomalyDetector:
             st["busy"][c] = busy[changed]
             st["sick"][c] = sick[changed]
             st["since"][c] = now
-            cb = b[changed]
             # (Thermal resistance too: the pooled model's small misfit of the ambient weighs
             # differently at idle and under load.)
             for name in ("power", "clock_r", "util", "rel_r"):
-                self.base.reset(name, cb)
+                self.base.reset(name, b[changed])
         warming = busy & ((now - st["since"][g]) < s.warmup_s)
-        settled = busy & ~warming & fresh
-
-        power, power_ok = snap.column(Metric.POWER_W)
-        temp, temp_ok = snap.column(Metric.TEMP_C)
-        util, util_ok = snap.column(Metric.UTIL_PCT)
-        clock, clock_ok = snap.column(Metric.SM_CLOCK_MHZ)
-        power_ok &= fresh
-        temp_ok &= fresh
-        util_ok &= fresh
-        clock_ok &= fresh
+        readings = {
+            metric: snap.column(metric)
+            for metric in (Metric.POWER_W, Metric.TEMP_C, Metric.UTIL_PCT, Metric.SM_CLOCK_MHZ)
+        }
+        power, power_ok = readings[Metric.POWER_W]
+        power_ok = power_ok & fresh
         cap = ctx.cap_w
         cap_ok = np.isfinite(cap)
         at_max = cap_ok & np.isfinite(ctx.max_cap_w) & (cap >= ctx.max_cap_w - 0.5)
-        clear = power_ok & (at_max | (cap_ok & (power < CLEAR_OF_CAP_FRAC * cap)) | ~cap_ok)
+        return _Cycle(
+            g=g,
+            b=b,
+            n=snap.n_gpus,
+            fresh=fresh,
+            busy=busy,
+            warming=warming,
+            settled=busy & ~warming & fresh,
+            power=power,
+            power_ok=power_ok,
+            temp=readings[Metric.TEMP_C][0],
+            temp_ok=readings[Metric.TEMP_C][1] & fresh,
+            util=readings[Metric.UTIL_PCT][0],
+            util_ok=readings[Metric.UTIL_PCT][1] & fresh,
+            clock=readings[Metric.SM_CLOCK_MHZ][0],
+            clock_ok=readings[Metric.SM_CLOCK_MHZ][1] & fresh,
+            cap=cap,
+            cap_ok=cap_ok,
+            clear=power_ok & (at_max | (cap_ok & (power < CLEAR_OF_CAP_FRAC * cap)) | ~cap_ok),
+        )
 
-        results: list[DetectorResult] = []
-        z = s.z_threshold
+    # -- detectors --------------------------------------------------------------------------------
 
-        # -- dropout ------------------------------------------------------------------------------
-        age_e = self.base.expected("age", b)
+    def _dropout(self, snap: Snapshot, cy: _Cycle, ctx: AnomalyContext) -> _Part:
+        """Telemetry older than its usual age (the GPU's own baseline of the sample age)."""
+        s = self.settings
+        age_e = self.base.expected("age", cy.b)
         seen = np.isfinite(snap.age_s)
-        interval = ctx.interval_s
         age_lo = np.where(age_e.ready, age_e.level, np.nan)
-        if interval is not None:
-            margin = np.maximum(4.0 * age_e.sigma, s.dropout_min_frac * interval)
+        if ctx.interval_s is not None:
+            margin = np.maximum(4.0 * age_e.sigma, s.dropout_min_frac * ctx.interval_s)
             age_hi = np.where(age_e.ready, age_e.level + np.maximum(margin, 1.0), np.nan)
         else:
-            age_hi = _nan(n)
+            age_hi = _nan(cy.n)
         with np.errstate(invalid="ignore", divide="ignore"):
             age_score = (snap.age_s - age_lo) / (age_hi - age_lo)
         age_score = np.where(seen & np.isfinite(age_score), age_score, 0.0)
         age_score = np.where(snap.stale, np.maximum(age_score, 1.0), age_score)
-        results.append(DetectorResult("dropout", "age_s", snap.age_s, age_lo, age_hi, age_score))
+        return _Part("dropout", "age_s", snap.age_s, age_lo, age_hi, age_score)
 
-        # -- power: surge above what the cap allows or the baseline expects; drop below it -------
+    def _power(self, cy: _Cycle, ctx: AnomalyContext) -> tuple[_Part, _Part]:
+        """A draw above what the cap allows (the limiter does not hold: a hard limit) or above
+        the GPU's own baseline; a drop below it where the cap cannot explain it."""
+        s = self.settings
+        z = s.z_threshold
+        power, busy, cap, cap_ok = cy.power, cy.busy, cy.cap, cy.cap_ok
         k = np.where(np.isfinite(ctx.cap_draw_frac), ctx.cap_draw_frac, 0.95)
         over_hi = cap * (1.0 + s.over_cap_tol_frac) + s.over_cap_tol_w
         with np.errstate(invalid="ignore", divide="ignore"):
-            over_score = np.where(power_ok & cap_ok, (power - cap) / (over_hi - cap), 0.0)
-        pe = self.base.expected("power", b)
-        usable_base = pe.ready & ((busy & ~warming) | ~busy) & power_ok
+            over = np.where(cy.power_ok & cap_ok, (power - cap) / (over_hi - cap), 0.0)
+        over = np.nan_to_num(over)
+        pe = self.base.expected("power", cy.b)
+        usable = pe.ready & ((busy & ~cy.warming) | ~busy) & cy.power_ok
         expect = np.where(busy & cap_ok, np.fmin(pe.level, k * cap), pe.level)
-        sigma_p = np.maximum(pe.sigma, s.power_rel_floor * np.abs(expect))
-        sigma_p = np.maximum(sigma_p, 1.0)
+        sigma = np.maximum(np.maximum(pe.sigma, s.power_rel_floor * np.abs(expect)), 1.0)
         with np.errstate(invalid="ignore"):
-            surge_base = np.where(usable_base, (power - expect) / (z * sigma_p), 0.0)
-        surge = np.maximum(np.nan_to_num(over_score), np.nan_to_num(surge_base))
-        surge_hi = np.where(usable_base, expect + z * sigma_p, over_hi)
-        surge_hi = np.where(over_score >= 1.0, np.fmin(surge_hi, over_hi), surge_hi)
-        results.append(
-            DetectorResult(
-                "power",
-                "power_w",
-                power,
-                np.where(usable_base, expect - z * sigma_p, np.nan),
-                surge_hi,
-                surge,
-            )
-        )
-        power_z = np.where(usable_base & busy, (power - expect) / sigma_p, np.nan)
-        self.uncapped_level_w = np.where(pe.ready & busy & ~warming, pe.level, np.nan)
+            resid_z = np.where(usable, (power - expect) / sigma, np.nan)
+        cy.z["power"] = resid_z
+        cy.power_z = np.where(busy, resid_z, np.nan)
+        surge_hi = np.where(usable, expect + z * sigma, over_hi)
+        surge_hi = np.where(over >= 1.0, np.fmin(surge_hi, over_hi), surge_hi)
+        self.uncapped_level_w = np.where(pe.ready & busy & ~cy.warming, pe.level, np.nan)
         # The noise-free draw expected now (for the forecasts): the baseline under the current
         # cap, or the cap's share where the cap binds and the baseline is not known.
-        binding = busy & ~warming & cap_ok & power_ok & ~clear
+        binding = busy & ~cy.warming & cap_ok & cy.power_ok & ~cy.clear
         self.expected_power_w = np.where(
-            usable_base, expect, np.where(binding & ctx.cap_frac_known, k * cap, np.nan)
+            usable, expect, np.where(binding & ctx.cap_frac_known, k * cap, np.nan)
         )
         # A drop only where the cap cannot explain it (the baseline is the uncapped draw).
-        drop_ok = usable_base & busy & (expect >= pe.level - 1e-9)
-        drop = np.where(drop_ok, (expect - power) / (z * sigma_p), 0.0)
-        results.append(
-            DetectorResult(
-                "power_drop",
-                "power_w",
-                power,
-                np.where(drop_ok, expect - z * sigma_p, np.nan),
-                np.where(drop_ok, expect + z * sigma_p, np.nan),
-                np.nan_to_num(drop),
-            )
+        drop_ok = usable & busy & (expect >= pe.level - 1e-9)
+        lo = np.where(usable, expect - z * sigma, np.nan)
+        surge = _Part(
+            "power", "power_w", power, lo, surge_hi, over, np.nan_to_num(resid_z / z), "power"
+        )
+        drop = _Part(
+            "power_drop",
+            "power_w",
+            power,
+            np.where(drop_ok, lo, np.nan),
+            np.where(drop_ok, expect + z * sigma, np.nan),
+            np.zeros(cy.n),
+            np.where(drop_ok, np.nan_to_num(-resid_z / z), 0.0),
+            "power",
+        )
+        return surge, drop
+
+    def _temp(self, snap: Snapshot, cy: _Cycle) -> _Part:
+        """Thermal resistance against the pooled model and the GPU's own baseline; at the
+        hardware's slowdown temperature the GPU throttles, whatever the model says."""
+        s = self.settings
+        z = s.z_threshold
+        rel, pred, gain, rel_ok = self._thermal_residual(
+            snap, cy.g, cy.temp, cy.temp_ok, cy.power, cy.power_ok
+        )
+        cy.rel, cy.rel_ok = rel, rel_ok
+        re = self.base.expected("rel_r", cy.b, floor=s.temp_rel_floor)
+        use = rel_ok & re.ready
+        cy.temp_z = cy.z["temp"] = np.where(use, (rel - re.level) / re.sigma, np.nan)
+        hot_hi = _slowdown_temp(snap.model) - 2.0
+        throttling = cy.temp_ok & (cy.temp >= hot_hi)
+        hard = np.where(throttling, 1.0 + (cy.temp - hot_hi) / 5.0, 0.0)
+        return _Part(
+            "temp",
+            "temp_c",
+            cy.temp,
+            np.where(use, pred + (re.level - z * re.sigma) * gain, np.nan),
+            np.where(use, np.fmin(pred + (re.level + z * re.sigma) * gain, hot_hi), hot_hi),
+            np.nan_to_num(hard),
+            np.where(use, np.nan_to_num(cy.temp_z / z), 0.0),
+            "temp",
         )
 
-        # -- temperature: thermal resistance against the pooled model and its own baseline ------
-        rel, pred, gain, rel_ok = self._thermal_residual(snap, g, temp, temp_ok, power, power_ok)
-        re = self.base.expected("rel_r", b, floor=s.temp_rel_floor)
-        temp_use = rel_ok & re.ready
-        temp_z = np.where(temp_use, (rel - re.level) / re.sigma, np.nan)
-        temp_score = np.where(temp_use, temp_z / z, 0.0)
-        # At the hardware's slowdown temperature the GPU throttles, whatever the model says.
-        slowdown = _slowdown_temp(snap.model)
-        hot_hi = slowdown - 2.0
-        throttling = temp_ok & (temp >= hot_hi)
-        temp_score = np.where(
-            throttling, np.maximum(temp_score, 1.0 + (temp - hot_hi) / 5.0), temp_score
-        )
-        results.append(
-            DetectorResult(
-                "temp",
-                "temp_c",
-                temp,
-                np.where(temp_use, pred + (re.level - z * re.sigma) * gain, np.nan),
-                np.where(
-                    temp_use, np.fmin(pred + (re.level + z * re.sigma) * gain, hot_hi), hot_hi
-                ),
-                np.nan_to_num(temp_score),
-            )
-        )
-        # Hotter than its neighbours at the same load: smoothed resistance vs node/rack median.
-        prev_smooth = st["rel_smooth"][g]
+    def _hot(self, snap: Snapshot, cy: _Cycle, ctx: AnomalyContext) -> _Part:
+        """Hotter than its neighbours at the same load: smoothed resistance vs node/rack
+        median (a comparison across GPUs, not with the GPU's own history)."""
+        prev = self.gpu.cols["rel_smooth"][cy.g]
         smooth = np.where(
-            rel_ok,
-            np.where(np.isfinite(prev_smooth), 0.5 * prev_smooth + 0.5 * rel, rel),
-            prev_smooth,
+            cy.rel_ok, np.where(np.isfinite(prev), 0.5 * prev + 0.5 * cy.rel, cy.rel), prev
         )
-        smooth = np.where(fresh, smooth, np.nan)
-        hot_score, peer_level = self._hot_vs_peers(snap, smooth, power, ctx.max_cap_w)
-        results.append(
-            DetectorResult(
-                "hot_vs_peers",
-                "thermal_resistance_rel",
-                smooth,
-                _nan(n),
-                peer_level + s.hot_peer_excess,
-                hot_score,
-            )
+        cy.smooth = np.where(cy.fresh, smooth, np.nan)
+        score, peer = self._hot_vs_peers(snap, cy.smooth, cy.power, ctx.max_cap_w)
+        excess = self.settings.hot_peer_excess
+        return _Part(
+            "hot_vs_peers", "thermal_resistance_rel", cy.smooth, _nan(cy.n), peer + excess, score
         )
 
-        # -- straggler: clock vs job peers, and vs its own curve at its draw ----------------------
+    def _straggler(self, snap: Snapshot, cy: _Cycle, ctx: AnomalyContext) -> _Part:
+        """SM clock against the job's peers (across GPUs) and against what the GPU's own
+        curve expects at its draw (its own history)."""
+        s = self.settings
         # Peers start and ramp up together: they compare from the first cycle of their job.
-        strag_score, strag_lo, strag_ref = self._stragglers(
-            snap, busy & fresh & clock_ok & power_ok, clock, power, ctx
-        )
+        peers = cy.busy & cy.fresh & cy.clock_ok & cy.power_ok
+        strag_score, strag_lo, strag_ref = self._stragglers(snap, peers, cy.clock, cy.power, ctx)
         with np.errstate(invalid="ignore", divide="ignore"):
-            x = np.clip(power / ctx.natural_w, 0.0, 1.0)
+            x = np.clip(cy.power / ctx.natural_w, 0.0, 1.0)
             expected_clock = ctx.natural_clock_mhz * throughput_at_power(
                 x, 1.0, ctx.curve_a, ctx.curve_b
             )
-            ratio = clock / expected_clock
+            ratio = cy.clock / expected_clock
         # Only near the natural draw: deep under a cap the curve's error exceeds the margin.
-        ratio_ok = (
-            settled & clock_ok & power_ok & np.isfinite(ratio) & ctx.natural_known & (x >= 0.75)
+        cy.ratio = ratio
+        cy.ratio_ok = (
+            cy.settled
+            & cy.clock_ok
+            & cy.power_ok
+            & np.isfinite(ratio)
+            & ctx.natural_known
+            & (x >= 0.75)
         )
-        ce = self.base.expected("clock_r", b, floor=0.01)
-        self_ok = ratio_ok & ce.ready
-        self_margin = np.maximum(z * ce.sigma, s.straggler_self_frac)
-        self_score = np.where(self_ok, (ce.level - ratio) / self_margin, 0.0)
-        clock_z = np.where(self_ok, (ratio - ce.level) / ce.sigma, np.nan)
+        ce = self.base.expected("clock_r", cy.b, floor=0.01)
+        self_ok = cy.ratio_ok & ce.ready
+        margin = np.maximum(s.z_threshold * ce.sigma, s.straggler_self_frac)
+        self_score = np.where(self_ok, (ce.level - ratio) / margin, 0.0)
+        cy.clock_z = cy.z["clock"] = np.where(self_ok, (ratio - ce.level) / ce.sigma, np.nan)
         use_self = self_score > strag_score
-        results.append(
-            DetectorResult(
-                "straggler",
-                "sm_clock_mhz",
-                clock,
-                np.where(use_self, (ce.level - self_margin) * expected_clock, strag_lo),
-                np.where(use_self, ce.level * expected_clock, strag_ref),
-                np.maximum(strag_score, np.nan_to_num(self_score)),
-            )
+        return _Part(
+            "straggler",
+            "sm_clock_mhz",
+            cy.clock,
+            np.where(use_self, (ce.level - margin) * expected_clock, strag_lo),
+            np.where(use_self, ce.level * expected_clock, strag_ref),
+            np.nan_to_num(strag_score),
+            np.nan_to_num(self_score),
+            "clock",
         )
 
-        # -- utilization drop ---------------------------------------------------------------------
-        ue = self.base.expected("util", b)
-        util_use = settled & util_ok & ue.ready
-        util_margin = np.maximum(z * ue.sigma, s.util_drop_pct)
-        util_score = np.where(util_use, (ue.level - util) / util_margin, 0.0)
-        util_z = np.where(util_use, (util - ue.level) / np.maximum(ue.sigma, 1.0), np.nan)
-        results.append(
-            DetectorResult(
-                "util",
-                "util_pct",
-                util,
-                np.where(util_use, ue.level - util_margin, np.nan),
-                np.where(util_use, 100.0, np.nan),
-                np.nan_to_num(util_score),
-            )
+    def _util(self, cy: _Cycle) -> _Part:
+        """Utilization far below its baseline while its job runs."""
+        s = self.settings
+        ue = self.base.expected("util", cy.b)
+        use = cy.settled & cy.util_ok & ue.ready
+        margin = np.maximum(s.z_threshold * ue.sigma, s.util_drop_pct)
+        score = np.where(use, (ue.level - cy.util) / margin, 0.0)
+        cy.util_z = cy.z["util"] = np.where(
+            use, (cy.util - ue.level) / np.maximum(ue.sigma, 1.0), np.nan
+        )
+        return _Part(
+            "util",
+            "util_pct",
+            cy.util,
+            np.where(use, ue.level - margin, np.nan),
+            np.where(use, 100.0, np.nan),
+            np.zeros(cy.n),
+            np.nan_to_num(score),
+            "util",
         )
 
-        # -- multivariate -------------------------------------------------------------------------
-        feats = np.column_stack([power_z, temp_z, clock_z, util_z])
-        mv_score = self._multivariate(feats)
-        results.append(
-            DetectorResult(
-                "multivariate",
-                "mahalanobis2",
-                mv_score * (self.mv_threshold if np.isfinite(self.mv_threshold) else 0.0),
-                _nan(n),
-                np.full(n, self.mv_threshold if np.isfinite(self.mv_threshold) else np.nan),
-                mv_score,
-            )
+    def _mv(self, cy: _Cycle) -> DetectorResult:
+        feats = np.column_stack([cy.power_z, cy.temp_z, cy.clock_z, cy.util_z])
+        cy.feats = feats
+        score = self._multivariate(feats)
+        thr = self.mv_threshold if np.isfinite(self.mv_threshold) else np.nan
+        return DetectorResult(
+            "multivariate",
+            "mahalanobis2",
+            score * np.nan_to_num(thr),
+            _nan(cy.n),
+            np.full(cy.n, thr),
+            score,
         )
 
-        # -- combine ------------------------------------------------------------------------------
+    # -- calibration: each GPU's residuals against their own history ------------------------------
+
+    def _calibrate(self, snap: Snapshot, cy: _Cycle, parts: list[_Part]) -> None:
+        """Each field's standardized residual runs through the streaming detector, per GPU
+        (agent.orient.stream): a baseline's statistical flag stands only where the residual is
+        also rare for this GPU (its tail probability under `alarm_p`, or its alarm still open),
+        so a GPU whose normal life has such swings (checkpoint stalls, bursts) learns them.
+        Until a GPU's series has warmed up, the baseline's threshold alone decides."""
+        s = self.settings
+        if not s.calibrate:
+            return
+        t = np.full(cy.n, snap.time_s)
+        for name, detector in self.stream.items():
+            detector.align(snap.uuid)
+            z = cy.z.get(name, _nan(cy.n))
+            step = detector.update(z, t, np.isfinite(z))
+            warm = detector.state["rows"] >= s.calibration_warmup_cycles
+            cy.gate[name] = ~warm | (step.p < s.alarm_p) | step.alarm
+        del parts  # each part reads its field's gate when it is finished
+
+    # -- combining --------------------------------------------------------------------------------
+
+    def _combine(
+        self,
+        snap: Snapshot,
+        cy: _Cycle,
+        ctx: AnomalyContext,
+        results: list[DetectorResult],
+    ) -> AnomalyFlags:
+        n = cy.n
         explained = ctx.health_severity >= int(HealthSeverity.DRAIN)
         for r in results:
             if r.kind != "dropout":
                 r.score[explained] = np.minimum(r.score[explained], 0.0)
             np.nan_to_num(r.score, copy=False, nan=0.0, posinf=1e6, neginf=0.0)
-        # The multivariate model speaks only where no single detector does.
+        # The multivariate model speaks only where no single detector saw anything (even one
+        # the calibration excused: its residuals are that GPU's normal life).
         single = np.zeros(n, dtype=bool)
         for r in results[:-1]:
-            single |= r.score >= 1.0
+            single |= (r.score >= 1.0) | cy.raw_fired.get(r.kind, single)
         results[-1].score[single] = np.minimum(results[-1].score[single], 0.999)
-
+        self._rate_limit(snap, cy, results)
         scores = np.stack([r.score for r in results])
-        score = scores.max(axis=0)
         fired = scores >= 1.0
         flagged: BoolArray = np.asarray(fired.any(axis=0), dtype=bool)
         order = [KIND_ORDER.index(r.kind) for r in results]
@@ -489,46 +682,47 @@ class AnomalyDetector:
         first = rank.argmin(axis=0)
         kinds = np.asarray([r.kind for r in results] + [""], dtype=np.str_)
         kind = np.where(flagged, kinds[np.minimum(first, len(results) - 1)], "")
-
-        run = np.where(flagged, st["run"][g] + 1, 0)
-        run = np.where(fresh | snap.stale, run, st["run"][g])
-        st["run"][g] = run
-        persistent = run >= s.persistent_cycles
-
-        # -- learn from what was not flagged ------------------------------------------------------
-        self._learn(
-            snap=snap,
-            g=g,
-            b=b,
-            flagged=flagged,
-            fired={r.kind: r.score >= 1.0 for r in results},
-            busy=busy,
-            warming=warming,
-            settled=settled,
-            clear=clear,
-            power=power,
-            power_ok=power_ok,
-            temp=temp,
-            temp_ok=temp_ok,
-            util=util,
-            util_ok=util_ok,
-            rel=rel,
-            rel_ok=rel_ok,
-            smooth=smooth,
-            ratio=ratio,
-            ratio_ok=ratio_ok,
-            feats=feats,
-        )
-        rows = np.flatnonzero(flagged).astype(np.int64)
-        return AnomalyFlags(
-            score=score,
+        st = self.gpu.cols
+        run = np.where(flagged, st["run"][cy.g] + 1, 0)
+        run = np.where(cy.fresh | snap.stale, run, st["run"][cy.g])
+        st["run"][cy.g] = run
+        flags = AnomalyFlags(
+            score=scores.max(axis=0),
             flagged=flagged,
             kind=kind,
-            evidence=_Evidence(rows, results),
-            persistent=persistent,
+            evidence=_Evidence(np.flatnonzero(flagged).astype(np.int64), results),
+            persistent=run >= self.settings.persistent_cycles,
         )
+        return flags
 
-    # -- detectors --------------------------------------------------------------------------------
+    def _rate_limit(self, snap: Snapshot, cy: _Cycle, results: list[DetectorResult]) -> None:
+        """A GPU opens at most `alarm_burst` new statistical alarms at once, refilled at
+        `alarms_per_hour`: beyond, its statistical scores are held under the threshold (hard
+        limits, dropouts and health are never held). An alarm already running goes on."""
+        s = self.settings
+        st = self.gpu.cols
+        g = cy.g
+        last = st["tokens_t"][g]
+        elapsed = np.where(np.isfinite(last), snap.time_s - last, 0.0)
+        tokens = np.minimum(
+            st["tokens"][g] + np.maximum(elapsed, 0.0) * s.alarms_per_hour / 3600.0,
+            s.alarm_burst,
+        )
+        none = np.zeros(cy.n, dtype=bool)
+        statistical = [r for r in results if r.kind in STATISTICAL_KINDS]
+        soft = {r.kind: (r.score >= 1.0) & ~cy.hard_fired.get(r.kind, none) for r in statistical}
+        new = np.logical_or.reduce([*soft.values(), none]) & (st["run"][g] == 0)
+        allowed = tokens >= 1.0
+        held = new & ~allowed
+        if held.any():
+            for r in statistical:
+                hold = held & soft[r.kind]
+                r.score[hold] = np.minimum(r.score[hold], 0.999)
+        self.held_alarms += int(held.sum())
+        st["tokens"][g] = np.where(new & allowed, tokens - 1.0, tokens)
+        st["tokens_t"][g] = snap.time_s
+
+    # -- models -----------------------------------------------------------------------------------
 
     def _thermal_residual(
         self,
@@ -766,50 +960,31 @@ class AnomalyDetector:
     # -- learning ---------------------------------------------------------------------------------
 
     def _learn(
-        self,
-        *,
-        snap: Snapshot,
-        g: IntArray,
-        b: IntArray,
-        flagged: BoolArray,
-        fired: Mapping[str, BoolArray],
-        busy: BoolArray,
-        warming: BoolArray,
-        settled: BoolArray,
-        clear: BoolArray,
-        power: FloatArray,
-        power_ok: BoolArray,
-        temp: FloatArray,
-        temp_ok: BoolArray,
-        util: FloatArray,
-        util_ok: BoolArray,
-        rel: FloatArray,
-        rel_ok: BoolArray,
-        smooth: FloatArray,
-        ratio: FloatArray,
-        ratio_ok: BoolArray,
-        feats: FloatArray,
+        self, snap: Snapshot, cy: _Cycle, flagged: BoolArray, fired: Mapping[str, BoolArray]
     ) -> None:
+        """The baselines learn from what was not flagged; the thermal model's memory and the
+        multivariate model's sample move on."""
         s = self.settings
         st = self.gpu.cols
         fresh = snap.fresh
+        g, b, power, temp = cy.g, cy.b, cy.power, cy.temp
         quiet = ~flagged & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
         age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"]
         self.base.update("age", b, snap.age_s, age_ok)
         # The draw's baseline: idle GPUs always, busy ones only while their cap does not bind.
-        learn_power = power_ok & quiet & ((busy & ~warming & clear) | ~busy)
+        learn_power = cy.power_ok & quiet & ((cy.busy & ~cy.warming & cy.clear) | ~cy.busy)
         self.base.update("power", b, power, learn_power, floor=s.power_rel_floor * np.abs(power))
         self.base.update(
             "rel_r",
             b,
-            rel,
-            rel_ok & ~fired["temp"] & ~fired["hot_vs_peers"],
+            cy.rel,
+            cy.rel_ok & ~fired["temp"] & ~fired["hot_vs_peers"],
             floor=s.temp_rel_floor,
         )
-        self.base.update("clock_r", b, ratio, ratio_ok & quiet, floor=0.01)
-        self.base.update("util", b, util, settled & util_ok & quiet, floor=1.0)
-        st["rel_smooth"][g] = np.where(fresh, smooth, st["rel_smooth"][g])
-        keep = fresh & power_ok & temp_ok
+        self.base.update("clock_r", b, cy.ratio, cy.ratio_ok & quiet, floor=0.01)
+        self.base.update("util", b, cy.util, cy.settled & cy.util_ok & quiet, floor=1.0)
+        st["rel_smooth"][g] = np.where(fresh, cy.smooth, st["rel_smooth"][g])
+        keep = fresh & cy.power_ok & cy.temp_ok
         moved = np.where(np.isfinite(st["prev_t"][g]), temp - st["prev_temp"][g], np.nan)
         st["prev_t"][g[keep]] = snap.time_s
         st["prev_dtemp"][g[keep]] = moved[keep]
@@ -818,6 +993,7 @@ class AnomalyDetector:
         lost = ~keep
         st["prev_t"][g[lost]] = np.nan
         # Multivariate: learn the normal joint spread of residuals from unflagged GPUs.
+        feats = cy.feats
         complete = np.all(np.isfinite(feats), axis=1) & quiet
         rows = np.flatnonzero(complete)
         if rows.size:

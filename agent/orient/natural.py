@@ -86,19 +86,7 @@ class NaturalDrawTracker:
         has_job = snapshot.job != ""
         busy = fresh & (has_job | (util_ok & (util > BUSY_UTIL_PCT)))
 
-        # A new job (or a GPU turning busy) restarts what we know.
-        job = self._jobs.hashes(snapshot.job)
-        job_changed = (st["job"][slot] != job) | (busy & np.isnan(st["busy_since"][slot]))
-        restart = fresh & job_changed
-        st["job"][slot[restart]] = job[restart]
-        st["busy_since"][slot[restart]] = np.where(busy[restart], now, np.nan)
-        st["mean"][slot[restart]] = np.nan
-        st["var"][slot[restart]] = 0.0
-        st["seen"][slot[restart]] = False
-        st["cap_frac"][slot[restart]] = np.nan
-        went_idle = fresh & ~busy
-        st["busy_since"][slot[went_idle]] = np.nan
-
+        self._restart_changed(snapshot, slot, fresh, busy, now)
         # A ramping job draws little whatever its cap: learn only after its warm-up.
         warming = busy & ((now - st["busy_since"][slot]) < self.warmup_s)
         at_max = np.where(max_ok & limit_ok, limit >= max_w - 0.5, False)
@@ -109,33 +97,8 @@ class NaturalDrawTracker:
         # that is its natural draw, as far as any cap can tell (even if the limit binds there).
         clear = np.where(reasons_ok, ~cap_bit | at_max, clear)
         learn = busy & clear & ~warming
-        s = slot[learn]
-        dt = np.where(np.isnan(st["last_t"][s]), np.inf, now - st["last_t"][s])
-        old = st["mean"][s]
-        first = np.isnan(old)
-        x = power[learn]
-        halflife = np.where(x > old, self.rise_halflife_s, self.fall_halflife_s)
-        alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / halflife)
-        delta = np.where(first, 0.0, x - old)
-        st["mean"][s] = np.where(first, x, old + alpha * delta)
-        var_alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / self.fall_halflife_s)
-        st["var"][s] = np.where(
-            first, (0.02 * x) ** 2, (1 - var_alpha) * (st["var"][s] + var_alpha * delta**2)
-        )
-        st["seen"][s] = True
-        st["last_t"][s] = now
-        # Under a (possibly) binding cap the natural draw is at least what the GPU draws now.
-        held = busy & ~clear & limit_ok
-        b = slot[held]
-        st["mean"][b] = np.fmax(st["mean"][b], power[held])
-        # Surely binding (the GPU says so, or the known natural draw is well above the limit):
-        # how close to the limit the GPU draws.
-        surely = np.where(reasons_ok, cap_bit, st["mean"][slot] > 1.05 * limit)
-        bound = held & surely & (st["seen"][slot] | reasons_ok)
-        c = slot[bound]
-        frac = power[bound] / limit[bound]
-        prev = st["cap_frac"][c]
-        st["cap_frac"][c] = np.where(np.isnan(prev), frac, 0.9 * prev + 0.1 * frac)
+        self._learn_clear_draw(slot[learn], power[learn], now)
+        self._learn_held_draw(slot, busy & ~clear & limit_ok, power, limit, cap_bit, reasons_ok)
 
         mean = np.where(busy, st["mean"][slot], np.nan)
         return NaturalDraw(
@@ -146,3 +109,67 @@ class NaturalDrawTracker:
             cap_draw_frac=np.where(busy, st["cap_frac"][slot], np.nan),
             busy_for_s=np.where(busy, now - st["busy_since"][slot], np.nan),
         )
+
+    def _restart_changed(
+        self,
+        snapshot: Snapshot,
+        slot: npt.NDArray[np.int64],
+        fresh: npt.NDArray[np.bool_],
+        busy: npt.NDArray[np.bool_],
+        now_s: float,
+    ) -> None:
+        """A new job (or a GPU turning busy) restarts what we know; an idle GPU is busy since
+        nothing."""
+        st = self.state.cols
+        job = self._jobs.hashes(snapshot.job)
+        job_changed = (st["job"][slot] != job) | (busy & np.isnan(st["busy_since"][slot]))
+        restart = fresh & job_changed
+        st["job"][slot[restart]] = job[restart]
+        st["busy_since"][slot[restart]] = np.where(busy[restart], now_s, np.nan)
+        st["mean"][slot[restart]] = np.nan
+        st["var"][slot[restart]] = 0.0
+        st["seen"][slot[restart]] = False
+        st["cap_frac"][slot[restart]] = np.nan
+        st["busy_since"][slot[fresh & ~busy]] = np.nan
+
+    def _learn_clear_draw(
+        self, s: npt.NDArray[np.int64], x: npt.NDArray[np.float64], now_s: float
+    ) -> None:
+        """Slots `s` drew `x` clear of their cap: their natural draw, averaged (rising faster
+        than falling)."""
+        st = self.state.cols
+        dt = np.where(np.isnan(st["last_t"][s]), np.inf, now_s - st["last_t"][s])
+        old = st["mean"][s]
+        first = np.isnan(old)
+        halflife = np.where(x > old, self.rise_halflife_s, self.fall_halflife_s)
+        alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / halflife)
+        delta = np.where(first, 0.0, x - old)
+        st["mean"][s] = np.where(first, x, old + alpha * delta)
+        var_alpha = 1.0 - np.exp2(-np.maximum(dt, 0.0) / self.fall_halflife_s)
+        st["var"][s] = np.where(
+            first, (0.02 * x) ** 2, (1 - var_alpha) * (st["var"][s] + var_alpha * delta**2)
+        )
+        st["seen"][s] = True
+        st["last_t"][s] = now_s
+
+    def _learn_held_draw(
+        self,
+        slot: npt.NDArray[np.int64],
+        held: npt.NDArray[np.bool_],
+        power: npt.NDArray[np.float64],
+        limit: npt.NDArray[np.float64],
+        cap_bit: npt.NDArray[np.bool_],
+        reasons_ok: npt.NDArray[np.bool_],
+    ) -> None:
+        """Under a (possibly) binding cap the natural draw is at least what the GPU draws now;
+        where it surely binds (the GPU says so, or the known natural draw is well above the
+        limit), learn how close to the limit the GPU draws."""
+        st = self.state.cols
+        b = slot[held]
+        st["mean"][b] = np.fmax(st["mean"][b], power[held])
+        surely = np.where(reasons_ok, cap_bit, st["mean"][slot] > 1.05 * limit)
+        bound = held & surely & (st["seen"][slot] | reasons_ok)
+        c = slot[bound]
+        frac = power[bound] / limit[bound]
+        prev = st["cap_frac"][c]
+        st["cap_frac"][c] = np.where(np.isnan(prev), frac, 0.9 * prev + 0.1 * frac)

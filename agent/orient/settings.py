@@ -72,6 +72,43 @@ class AnomalySettings(_Section):
     persistent_cycles: int = Field(
         4, ge=1, description="A flag held this many consecutive cycles is persistent."
     )
+    calibrate: bool = Field(
+        True,
+        description="Judge each GPU's residuals (power, temperature, clock, utilization) "
+        "against their own history (agent.orient.stream): a baseline's flag stands only where "
+        "the residual is also rare for that GPU, so swings that are its normal life "
+        "(checkpoint stalls, bursts) stop alarming once seen. False: the thresholds alone.",
+    )
+    alarm_p: float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Sensitivity: the tail probability (per cycle, over the residual's "
+        "statistics) under which a GPU's residual counts as rare. Lower: fewer alarms.",
+    )
+    calibration_warmup_cycles: int = Field(
+        20,
+        ge=1,
+        description="Cycles a GPU's residuals teach before calibration judges them (until "
+        "then the baselines' thresholds alone decide).",
+    )
+    calm_cycles: int = Field(
+        8, ge=1, description="An alarm closes after this many calm cycles in a row."
+    )
+    rhythm: bool = Field(
+        False,
+        description="Learn each GPU's daily and weekly rhythm of its residuals (48 bins a "
+        "day: about 1.2 KB more state per GPU and field).",
+    )
+    alarms_per_hour: float = Field(
+        6.0,
+        gt=0,
+        description="Per-GPU alarm rate limit: new statistical alarms a GPU may open per hour "
+        "(limits, dropouts and health alarms are never held).",
+    )
+    alarm_burst: float = Field(
+        3.0, ge=1, description="... and at once, after a quiet spell (the bucket's size)."
+    )
 
 
 class HealthSettings(_Section):

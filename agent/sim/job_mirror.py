@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from agent.core.errors import OodaError
-from agent.core.jobs import NO_GPU, JobState
+from agent.core.jobs import NO_GPU, JobState, JobTable
 from agent.core.protocols import JobInventory, TelemetrySource
 from agent.core.snapshot import Snapshot
 from agent.sim.twin import Twin
@@ -46,43 +46,62 @@ class JobMirror:
     def sync(self, now_s: float | None = None) -> MirrorReport:
         """Make the twin's jobs match the scheduler's now. Raises what the inventory raises
         (the twin then keeps the jobs it had)."""
-        twin = self.twin
-        now = twin.t_s if now_s is None else now_s
+        now = self.twin.t_s if now_s is None else now_s
         table = self.inventory.jobs()
         report = MirrorReport()
-        gpu_rows = twin.rows_for(list(table.alloc_node), list(table.alloc_gpu))
+        wanted = self._wanted(table, report)
+        states = dict(zip(table.job_id.tolist(), table.state.tolist(), strict=True))
+        self._release_changed(wanted, states, report)
+        priority = dict(zip(table.job_id.tolist(), table.priority.tolist(), strict=True))
+        self._start_wanted(wanted, priority, now, report)
+        for job in [j for j in self._rows if j not in states and j not in self._held]:
+            self.twin.release_job(self._rows.pop(job), finished=True)  # the scheduler forgot it
+        return report
+
+    def _wanted(self, table: JobTable, report: MirrorReport) -> dict[str, list[int]]:
+        """Running job id -> the twin GPU rows it holds; jobs that cannot be mirrored go to
+        `report.unplaced` with the reason."""
+        gpu_rows = self.twin.rows_for(list(table.alloc_node), list(table.alloc_gpu))
         wanted: dict[str, list[int]] = {}
         for k in np.flatnonzero(table.running()):
             job = str(table.job_id[k])
-            mine = table.alloc_job == k
-            with_gpu = mine & (table.alloc_gpu != NO_GPU)
+            with_gpu = (table.alloc_job == k) & (table.alloc_gpu != NO_GPU)
             if not with_gpu.any():
                 continue  # holds no GPU: nothing to mirror
             rows = gpu_rows[with_gpu]
             if not job.isdecimal():
                 report.unplaced[job] = "job id is not an integer"
             elif (rows < 0).any():
+                nodes, gpus = table.alloc_node[with_gpu], table.alloc_gpu[with_gpu]
                 missing = sorted(
-                    {
-                        f"{n}/gpu{g}"
-                        for n, g, r in zip(
-                            table.alloc_node[with_gpu], table.alloc_gpu[with_gpu], rows, strict=True
-                        )
-                        if r < 0
-                    }
+                    {f"{n}/gpu{g}" for n, g, r in zip(nodes, gpus, rows, strict=True) if r < 0}
                 )
                 report.unplaced[job] = f"the twin has no {', '.join(missing)}"
             else:
                 wanted[job] = sorted(int(r) for r in rows)
-        states = dict(zip(table.job_id.tolist(), table.state.tolist(), strict=True))
+        return wanted
+
+    def _release_changed(
+        self, wanted: dict[str, list[int]], states: dict[str, str], report: MirrorReport
+    ) -> None:
+        """Give back the GPUs of jobs that ended or moved (finished only if the scheduler says)."""
         for job, held in list(self._held.items()):
             if tuple(wanted.get(job, ())) == held:
                 continue
             gone = states.get(job, str(JobState.FINISHED)) == str(JobState.FINISHED)
-            twin.release_job(self._rows[job], finished=gone and job not in wanted)
+            self.twin.release_job(self._rows[job], finished=gone and job not in wanted)
             del self._held[job]
             report.stopped.append(job)
-        priority = dict(zip(table.job_id.tolist(), table.priority.tolist(), strict=True))
+
+    def _start_wanted(
+        self,
+        wanted: dict[str, list[int]],
+        priority: dict[str, int],
+        now_s: float,
+        report: MirrorReport,
+    ) -> None:
+        """Place the jobs not held yet on their GPUs (the twin's own jobs there are requeued)."""
+        twin = self.twin
         for job, rows in wanted.items():
             row = self._rows.get(job)
             if row is not None:
@@ -94,14 +113,11 @@ class JobMirror:
                 if other >= 0 and not twin.jobs.external[other]:  # the twin's own job is in the way
                     twin.requeue_job(int(twin.jobs.job_id[other]))
             if row is None:
-                row = twin.add_external_job(int(job), int(priority[job]), now)
+                row = twin.add_external_job(int(job), int(priority[job]), now_s)
                 self._rows[job] = row
-            twin.assign(row, gpus, now)
+            twin.assign(row, gpus, now_s)
             self._held[job] = tuple(rows)
             report.started.append(job)
-        for job in [j for j in self._rows if j not in states and j not in self._held]:
-            twin.release_job(self._rows.pop(job), finished=True)  # the scheduler forgot it
-        return report
 
 
 class MirroredTwinSource:

@@ -24,6 +24,7 @@ from agent.core.errors import TelemetryError
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from tests.conftest import free_port
 from tests.integration.alertmanager import Alertmanager
+from tests.integration.slurm_accounting import AccountingCluster, missing_accounting_tools
 from tests.integration.slurm_cluster import SlurmCluster, missing_tools, settings_for
 
 SCRAPE_S = 1.0
@@ -44,6 +45,7 @@ class Prometheus:
     config: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more flags for prometheus
 
     def start(self, timeout_s: float = 20.0) -> Prometheus:
         log = self.log.open("ab")
@@ -56,6 +58,7 @@ class Prometheus:
                 "--storage.tsdb.retention.time=100y",
                 "--web.enable-lifecycle",
                 "--log.level=warn",
+                *self.args,
             ],
             stdout=log,
             stderr=log,
@@ -126,10 +129,15 @@ PrometheusFactory = Callable[..., Prometheus]
 
 @pytest.fixture
 def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
-    """`start(jobs={"job": [targets]}, data=None)`: a running Prometheus; all stop at teardown."""
+    """`start(jobs={"job": [targets]}, data=None, args=())`: a running Prometheus; all stop at
+    teardown."""
     started: list[Prometheus] = []
 
-    def start(jobs: dict[str, Sequence[str]] | None = None, data: Path | None = None) -> Prometheus:
+    def start(
+        jobs: dict[str, Sequence[str]] | None = None,
+        data: Path | None = None,
+        args: Sequence[str] = (),
+    ) -> Prometheus:
         base = tmp_path_factory.mktemp("prometheus")
         config = base / "prometheus.yml"
         config.write_text(scrape_yaml(jobs or {}))
@@ -140,6 +148,7 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
             data=data or base / "data",
             config=config,
             log=base / "prometheus.log",
+            args=tuple(args),
         )
         started.append(prom)
         return prom.start()
@@ -191,6 +200,29 @@ def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
 @pytest.fixture
 def placement(slurm: SlurmCluster) -> SlurmPlacement:
     return SlurmPlacement(settings_for(slurm))
+
+
+ACCOUNT_SHARES = {"team-a": 50, "team-b": 30, "team-c": 20}
+
+
+@pytest.fixture(scope="session")
+def slurm_accounting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountingCluster]:
+    """A cluster with job accounting (slurmdbd, MariaDB), started once per session and only for
+    the tests that ask for it (about 3 s): accounts team-a/b/c with fairshares 50/30/20."""
+    missing = missing_tools() + missing_accounting_tools()
+    if missing:
+        pytest.skip(
+            f"Slurm accounting not installed ({', '.join(missing)}): run `make system-deps`"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm fixture runs its daemons as root (SlurmUser=root, mknod, netns)")
+    cluster = AccountingCluster(tmp_path_factory.mktemp("slurm-accounting"))
+    try:
+        cluster.start()
+        cluster.add_accounts(ACCOUNT_SHARES)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

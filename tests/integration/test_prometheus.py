@@ -259,10 +259,18 @@ def test_prometheus_stopped_mid_run_is_an_outage_and_the_loop_lives_on(
 def test_recorded_trace_backfilled_returns_the_same_series(
     cluster: Cluster, prometheus_factory: PrometheusFactory, tmp_path: Path
 ) -> None:
-    while time.time() < cluster.started_s + 8:  # enough history to record
+    # Eight seconds of history that began after the cluster's first scrape (run first, this
+    # test once recorded from before it), ingested even on a loaded machine.
+    while time.time() < cluster.started_s + 8 + 2 + 3:
         time.sleep(0.2)
-    end = int(time.time()) - 3  # samples up to here are surely ingested
+    end = int(time.time()) - 3
     start = end - 8
+    original = cluster.prometheus.source(match={"job": "full"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+        original.observe(float(start)).n_gpus < 16 or original.observe(float(end)).n_gpus < 16
+    ):
+        time.sleep(0.5)
     trace = tmp_path / "rec.parquet"
     done = ooda(
         "record", "--prometheus", cluster.prometheus.url, "--start", str(start), "--end",
@@ -283,7 +291,6 @@ def test_recorded_trace_backfilled_returns_the_same_series(
     )
     fresh = prometheus_factory({}, data=data)  # scrapes nothing: only the backfilled blocks
 
-    original = cluster.prometheus.source(match={"job": "full"})
     backfilled = fresh.source()
     for t in range(start, end + 1, 2):
         a, b = original.observe(float(t)), backfilled.observe(float(t))
