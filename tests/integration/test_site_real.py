@@ -38,7 +38,7 @@ SAFE_W = {"c1": 3500.0, "c2": 2000.0, "c3": 2000.0}  # each at least its cluster
 LEASE_S = 5.0
 INTERVAL_S = 1.0
 # After a lapse, a budget that would rise waits an interval and the clocks' skew (the ones
-# coming down go first): agent.runtime.RISE_SKEW_S.
+# coming down go first): agent.adapters.site.RISE_SKEW_S.
 RISE_S = INTERVAL_S + 2.0
 TWINS = {"c1": ("H100", 2), "c2": ("A100", 2), "c3": ("H100", 1)}  # model, nodes of 8 GPUs
 
