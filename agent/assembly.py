@@ -55,6 +55,7 @@ from agent.meter.booking import Booking, EnergySource
 from agent.meter.meter import Meter
 from agent.meter.pricing import Signal
 from agent.meter.settings import CarbonSettings, TariffSettings
+from agent.observe.app_throughput import AppThroughputSource
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.observe.signal import PromQLSignal
 from agent.orient.groups import GroupSpec, expand_nodes
@@ -412,7 +413,24 @@ def _edges(
         if joined is not None and joined.wrap_source is not None:
             section = getattr(config.actuators, joined.name, None)
             source = joined.wrap_source(source, actuator, section, ctx)
-    return source, actuators
+    return _with_app_throughput(config, source, ctx), actuators
+
+
+def _with_app_throughput(
+    config: Config, source: TelemetrySource, ctx: BuildContext
+) -> TelemetrySource:
+    """The source joined with the jobs' own throughput, where `[throughput]` names sources
+    (after the scheduler's join: it maps series to the jobs the snapshot names)."""
+    t = config.throughput
+    if not t.sources:
+        return source
+    url = t.prometheus_url
+    if url is None:
+        url = prometheus_settings(config).url
+    query = PrometheusSource(PrometheusSettings(url=url, timeout_s=t.timeout_s))
+    ctx.closers.append(query.close)
+    specs = [s.spec() for s in t.sources]
+    return AppThroughputSource(source, query, specs, quantile=t.quantile)
 
 
 def _notifier(config: Config, ctx: BuildContext) -> Notifier | None:

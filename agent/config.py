@@ -35,6 +35,7 @@ from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION
 from agent.meter.settings import MeterSettings
+from agent.observe.app_throughput import ThroughputSettings
 from agent.observe.promql import check_label_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
@@ -277,6 +278,11 @@ class Config(_Section):
         default_factory=MeterSettings,
         description="Energy, cost and carbon per job, user and account, in a ledger.",
     )
+    throughput: ThroughputSettings = Field(
+        default_factory=ThroughputSettings,
+        description="Each job's own throughput: inference servers' and training jobs' metrics "
+        "in Prometheus, mapped to jobs by a label (none: the SM-clock proxy).",
+    )
     policy_sets: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Named sets of policies for `ooda replay --compare`, e.g. "
@@ -312,6 +318,15 @@ class Config(_Section):
         problem = site_budget_problem(self.site, self.cluster.budget_query)
         if problem is not None:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _throughput_prometheus(self) -> Config:
+        t = self.throughput
+        if t.sources and t.prometheus_url is None and self.source.kind != "prometheus":
+            raise ValueError(
+                "throughput.sources: needs throughput.prometheus_url (the source is not Prometheus)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from agent.core.intents import Outcome
 from agent.sim.faults import FaultSpec
 from agent.sim.kpis import run_kpis, uncapped_demand_w
 from agent.sim.oracle import Oracle
+from agent.sim.scenario import load_scenario, with_curves
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.registry import PolicyRegistry, builtin_registry, default_registry
 
@@ -39,12 +40,16 @@ class DemoOptions:
     # policies' settings); its source and actuators are the twin. None: the defaults.
     config: Config | None = None
     policies: tuple[str, ...] = BUILTIN_POLICIES  # every built-in policy, safety first
+    # "Your cluster": a scenario file (its twin, job mix, workloads, budget) and measured curves.
+    scenario: Path | None = None
+    curves: Path | None = None
 
 
 def demo_spec(opts: DemoOptions) -> TwinSpec:
     """The demo's twin: a budget a little under what this seed's cluster draws uncapped, and a
     demand-response drop mid-run. The budget follows the seed's realized demand (one uncapped
-    pass first), so every seed shows a budget that really binds."""
+    pass first), so every seed shows a budget that really binds. A scenario's own budget, when
+    it has one, is kept."""
     base = TwinSpec(
         nodes=opts.nodes,
         gpus_per_node=opts.gpus_per_node,
@@ -52,6 +57,12 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
         seed=opts.seed,
         faults=opts.faults,
     )
+    if opts.scenario is not None:
+        base = load_scenario(opts.scenario, base)
+    if opts.curves is not None:
+        base = replace(base, **with_curves(base, opts.curves))
+    if base.budget is not None:
+        return base
     demand = uncapped_demand_w(base, opts.duration_s)
     budget = BudgetSchedule.demand_response(
         normal_w=round(opts.normal_budget_frac * demand, -1),
@@ -59,7 +70,7 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
         start_s=round(0.4 * opts.duration_s),
         duration_s=round(0.3 * opts.duration_s),
     )
-    return TwinSpec(**{**base.__dict__, "budget": budget})
+    return replace(base, budget=budget)
 
 
 def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[str, Any]:
@@ -128,12 +139,10 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
         "nodes": spec.nodes,
         "model": spec.model.name,
         "dry_run": opts.dry_run,
-        "budget_w": {
-            "normal": budget.steps[0][1],
-            "drop": budget.steps[1][1],
-            "drop_start_s": budget.steps[1][0],
-            "drop_end_s": budget.steps[2][0],
-        },
+        "budget_w": _budget_summary(budget),
+        "scenario": str(opts.scenario) if opts.scenario else None,
+        "job_mix": spec.job_mix or None,
+        "workloads": [name for name, _ in spec.mix],
         "budget_violation_s": agent_k.violation_s,
         "throughput_vs_uncapped": _ratio(agent_k.work_gpu_s, uncapped_k.work_gpu_s),
         "throughput_vs_oracle": _ratio(agent_k.work_gpu_s, oracle_k.work_gpu_s),
@@ -155,6 +164,19 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
         "audit_log": str(opts.audit_path) if opts.audit_path else None,
         "wall_s": round(time.perf_counter() - started, 2),
     }
+
+
+def _budget_summary(budget: BudgetSchedule) -> dict[str, Any]:
+    """The budget as the summary shows it: a demand-response drop, or its steps."""
+    steps = budget.steps
+    if len(steps) == 3 and steps[2][1] == steps[0][1] and steps[1][1] < steps[0][1]:
+        return {
+            "normal": steps[0][1],
+            "drop": steps[1][1],
+            "drop_start_s": steps[1][0],
+            "drop_end_s": steps[2][0],
+        }
+    return {"normal": steps[0][1], "steps": [list(step) for step in steps]}
 
 
 def _ratio(a: float, b: float) -> float:

@@ -18,7 +18,17 @@ GPU-time whose cap alone cost it more than the 5% slowdown bound, from the twin'
 "At least as good as a baseline" means: no more seconds above budget, and, where the baseline
 held the budget too, at least its throughput.
 
-    python bench/decision_quality.py --json [--scenario NAME ...] [--seeds 7]
+Beside the original five, a scenario per real job mix (`mix_philly`, `mix_pai`, `mix_helios`,
+`mix_acme`: agent/sim/jobmix.py) and per GPU generation (`gpu_h200`, `gpu_b200`, `gpu_gb200`,
+`gpu_l40s`, `gpu_a100_pcie`), each with the demand-response drop of `budget_drop` sized on its
+own uncapped draw. `--scenario FILE.toml` runs a scenario file (a twin of your cluster; without a
+[budget] it gets the same drop).
+
+The scenario `inference` (bench/_inference.py) runs inference services under SLOs with clock
+locks: one line per controller (`ooda`, `oracle`, `caps_only`, `none`) with `tokens_per_joule`,
+`slo_attainment` and `energy_saving_vs_oracle_saving`.
+
+    python bench/decision_quality.py --json [--scenario NAME|FILE.toml ...] [--seeds 7]
 """
 
 from __future__ import annotations
@@ -30,15 +40,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import _inference as inference
 import numpy as np
 import structlog
 
 from agent.act.audit import AuditLog
 from agent.assembly import drive, twin_agent
-from agent.sim.kpis import run_kpis
+from agent.core.gpu_models import BUILTIN_MODELS
+from agent.sim.jobmix import JOB_MIXES
+from agent.sim.kpis import run_kpis, uncapped_demand_w
 from agent.sim.oracle import EnergyOracle, Oracle
+from agent.sim.scenario import apply_scenario, load_scenario
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.base import PolicySettings
 from policies.registry import builtin_registry
@@ -56,6 +71,74 @@ class Scenario:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     energy: bool = False  # an energy scenario: no binding budget, energy_efficiency vs EnergyOracle
     weighted: bool = False  # throughput weighted by priority class
+
+
+DURATION_S = 2 * 3600.0
+NEW_GENERATIONS = ("H200", "B200", "GB200", "L40S", "A100-PCIe")
+
+
+FLOOR_MARGIN = 1.1  # a drop stays this far above what the fleet draws at its lowest limits
+
+
+def fleet_floor_w(spec: TwinSpec, duration_s: float = DURATION_S) -> float:
+    """The fleet's mean draw over the run with every GPU at its lowest limit (this seed's jobs):
+    no controller can hold a budget below it."""
+    probe = Twin(replace(spec, budget=None))
+
+    def lowest(twin: Twin) -> None:
+        twin.cap_w[:] = twin.min_w
+
+    probe.run_until(duration_s, control=lowest)
+    _t, fleet_w, _b, _w = probe.step_log()
+    return float(fleet_w.mean())
+
+
+def demand_response(spec: TwinSpec, duration_s: float = DURATION_S) -> TwinSpec:
+    """`spec` with budget_drop's budget (92% of its own uncapped mean draw, 65% for the middle
+    30% of the run), sized on this seed's realized draw so that it binds whatever the mix. The
+    drop never goes below FLOOR_MARGIN x the fleet's floor: a GPU whose lowest limit is half its
+    highest (the A100 PCIe's 150 of 300 W) cannot follow a drop to 65%, and a budget the oracle
+    cannot hold measures nothing."""
+    demand = uncapped_demand_w(spec, duration_s)
+    drop = max(0.65 * demand, FLOOR_MARGIN * fleet_floor_w(spec, duration_s))
+    return replace(
+        spec,
+        budget=BudgetSchedule.demand_response(
+            round(0.92 * demand, -1),
+            round(min(drop, 0.92 * demand), -1),
+            0.4 * duration_s,
+            0.3 * duration_s,
+        ),
+    )
+
+
+def twin_scenarios(seed: int, wanted: set[str] | None = None) -> list[Scenario]:
+    """A scenario per real job mix and per new GPU generation (issue 23); only those `wanted`
+    when given (each budget is sized with an uncapped run first)."""
+    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+    specs: dict[str, Callable[[], TwinSpec]] = {}
+    for mix in JOB_MIXES:
+        specs[f"mix_{mix}"] = lambda mix=mix: apply_scenario(  # type: ignore[misc]
+            {"twin": {"job_mix": mix}}, base, source=f"job mix {mix}"
+        )
+    for model in NEW_GENERATIONS:
+        name = f"gpu_{model.lower().replace('-', '_')}"
+        specs[name] = lambda model=model: replace(base, model=BUILTIN_MODELS[model])  # type: ignore[misc]
+    return [
+        Scenario(name, demand_response(make()), DURATION_S)
+        for name, make in specs.items()
+        if wanted is None or name in wanted
+    ]
+
+
+def file_scenario(path: Path, seed: int) -> Scenario:
+    """A scenario file as a bench scenario: its twin (the seed given unless it names one), its
+    budget or budget_drop's."""
+    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+    spec = load_scenario(path, base)
+    if spec.budget is None:
+        spec = demand_response(spec)
+    return Scenario(path.stem, spec, DURATION_S)
 
 
 def scenarios(seed: int) -> list[Scenario]:
@@ -267,14 +350,32 @@ def evaluate(scenario: Scenario) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="JSON lines (the only output format)")
-    parser.add_argument("--scenario", action="append", help="run only these scenarios")
+    parser.add_argument(
+        "--scenario", action="append", help="run only these scenarios (names or .toml files)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[7])
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    files = [Path(n) for n in args.scenario or [] if n.endswith(".toml")]
+    names = {n for n in args.scenario or [] if not n.endswith(".toml")}
+    run_inference = "inference" in names or not (names or files)
+    only_inference = names == {"inference"} and not files
+    names.discard("inference")
     for seed in args.seeds:
-        for scenario in scenarios(seed):
-            if args.scenario and scenario.name not in args.scenario:
-                continue
+        if run_inference:
+            t0 = time.perf_counter()
+            for row in inference.evaluate(seed):
+                row["seed"] = seed
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                sys.stdout.write(json.dumps(row) + "\n")
+                sys.stdout.flush()
+        if only_inference:
+            continue
+        chosen = [file_scenario(path, seed) for path in files]
+        if names or not files:
+            chosen.extend(sc for sc in scenarios(seed) if not names or sc.name in names)
+            chosen.extend(twin_scenarios(seed, names or None))
+        for scenario in chosen:
             t0 = time.perf_counter()
             for row in evaluate(scenario):
                 row["seed"] = seed

@@ -106,6 +106,8 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
                 "expected_throughput": np.round(t[act], 4),
                 "expected_energy_saving": np.round(saving[act], 4),
                 "confidence": np.round(curves.confidence[sel], 3),
+                # Whose throughput the curve stands for: the job's own, or the SM-clock proxy.
+                "throughput_source": throughput_source(situation, sel),
             },
             expires_s=now_s + s.lease_s,
             targets=GpuTargets.from_rows(snap, sel),
@@ -135,3 +137,11 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         rel_sd = sample_sd / np.maximum(natural, 1e-9)
         pooled_k = pool_within_jobs(k, (rel_sd * k) ** 2, jobs)
         return pooled_natural, pooled_k
+
+
+def throughput_source(situation: Situation, rows: np.ndarray) -> np.ndarray:
+    """Per row: which throughput is in use for its job (`sm_clock` when orient does not say)."""
+    view = situation.throughput
+    if view is None:
+        return np.full(rows.shape[0], "sm_clock", dtype=np.str_)
+    return np.asarray(view.kind[rows], dtype=np.str_)

@@ -249,6 +249,11 @@ def test_label_group_budgets_need_a_source_that_has_the_label() -> None:
     config = parse_config(tomllib.loads(PROMETHEUS + text))
     assert prometheus_settings(config).extra_labels == ("rack",)
     parse_config(tomllib.loads("[cluster]\ngroup_label = 'priority'\n"))  # the twin's label
+    parse_config(tomllib.loads("[cluster]\ngroup_label = 'workload'\n"))  # ... and its jobs'
+    # NVML's GPUs carry only Slurm's priority, not the twin's workload label.
+    nvml = {"source": {"kind": "nvml"}, "cluster": {"group_label": "workload"}}
+    with pytest.raises(ConfigError, match=r"NVML's GPUs carry no 'workload' label"):
+        parse_config(nvml)
 
 
 def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:

@@ -6,7 +6,12 @@ from agent.core.intents import Notify, ReleasePowerCap, SetPowerCap
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 from agent.orient.orienter import Orienter
-from policies.power_budget import PowerBudget, PowerBudgetMemory, PowerBudgetSettings
+from policies.power_budget import (
+    LARGEST_BUILTIN_MAX_CAP_W,
+    PowerBudget,
+    PowerBudgetMemory,
+    PowerBudgetSettings,
+)
 from tests.conftest import make_snapshot
 
 
@@ -151,7 +156,8 @@ def test_stale_gpus_of_an_unknown_model_count_at_the_largest_known_max() -> None
     sit = orienter.orient(snap_at(215.0, [False] * 4 + [True] * 4), 2700.0)
     d = policy().decide(sit, PowerBudgetMemory(), 215.0)
     caps = caps_of(list(d.intents))
-    assert caps.evidence["stale_reserve_w"] == 4 * 700.0
+    # The largest limit of the built-in table: GB200's 1,200 W since issue 23 (H100's 700 W before).
+    assert caps.evidence["stale_reserve_w"] == 4 * LARGEST_BUILTIN_MAX_CAP_W == 4 * 1200.0
     assert caps.evidence["stale_max_cap_guessed"] is True
     # Even where the guess fits with room to spare, caps are held, not released.
     roomy = orienter.orient(snap_at(230.0, [False] * 4 + [True] * 4), 100_000.0)

@@ -43,9 +43,11 @@ from agent.act.ledger import Ledger
 from agent.core.intents import (
     DrainNode,
     Intent,
+    LockClocks,
     Notify,
     ReleasePowerCap,
     RequeueJob,
+    ResetClocks,
     ResumeNode,
     SetNodeFeatures,
     SetNodeWeight,
@@ -180,6 +182,10 @@ class Gate:
                 review.refuse(intent, "expired before it could be applied")
             elif isinstance(intent, SetPowerCap | ReleasePowerCap):
                 self._review_caps(intent, situation, index, ours_at, nodes, now_s, dry, review)
+            elif isinstance(intent, LockClocks | ResetClocks):
+                # Until the node daemon's clock lever lands with the caps' safety (leases,
+                # bounds, ownership, rollback), a clock intent changes nothing.
+                review.refuse(intent, "clock locks are not yet applied through the node daemon")
             elif isinstance(intent, RequeueJob):
                 self._review_requeue(intent, nodes, review)
             elif isinstance(intent, NodeIntent):

@@ -15,7 +15,7 @@ from agent.core.errors import ConfigError, GpuError
 from agent.core.settings import STRICT_SECTION
 from agent.node.nvml import NvmlBackend
 from agent.observe.nvml import NvmlSource
-from agent.sim.twin import TWIN_LABELS
+from agent.sim.twin import PRIORITY_LABEL
 
 
 class _Section(BaseModel):
@@ -58,7 +58,7 @@ NVML_SOURCE = SourceKind(
     build=_build,
     Settings=NvmlSourceConfig,
     # NVML's GPUs carry no labels; Slurm's job priority is the one they get, as the twin's do.
-    labels=TWIN_LABELS,
+    labels=(PRIORITY_LABEL,),
     whose="NVML's",
     called="an NVML",
     describe=_where,

@@ -34,7 +34,9 @@ class DemandResponse(_Section):
 class TwinConfig(_Section):
     nodes: int = Field(8, ge=1, le=20000, description="Nodes in the twin.")
     gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node.")
-    model: str = Field("H100", description="GPU model (H100 or A100).")
+    model: str = Field(
+        "H100", description="GPU model (H100, A100, H200, B200, GB200, A100-PCIe or L40S)."
+    )
     seed: int = Field(0, description="Random seed: the same seed gives the same run.")
     occupancy: float = Field(0.85, ge=0, le=1, description="Target share of busy GPUs.")
     budget_w: float | None = Field(

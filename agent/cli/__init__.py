@@ -10,6 +10,7 @@ import typer
 from agent.cli._common import setup_logging
 from agent.cli.audit_cmd import audit_app, explain
 from agent.cli.config_cmd import adapters, config_app, policies
+from agent.cli.curves import curves_app
 from agent.cli.demo import demo
 from agent.cli.detect import detect, forecast
 from agent.cli.guard_cmd import guard_app
@@ -54,6 +55,7 @@ app.command()(replay)
 app.add_typer(sim_app, name="sim")
 app.add_typer(site_app, name="site")
 app.add_typer(trace_app, name="trace")
+app.add_typer(curves_app, name="curves")
 app.command("policies")(policies)
 app.command("adapters")(adapters)
 app.command("run")(run)

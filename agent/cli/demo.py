@@ -24,7 +24,9 @@ def demo(
     ] = False,
     nodes: Annotated[int, typer.Option(min=1, max=2000, help="Nodes in the twin.")] = 8,
     gpus_per_node: Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")] = 8,
-    model: Annotated[str, typer.Option(help="GPU model: H100 or A100.")] = "H100",
+    model: Annotated[
+        str, typer.Option(help="GPU model: H100, A100, H200, B200, GB200, A100-PCIe or L40S.")
+    ] = "H100",
     interval: Annotated[str, typer.Option(help="Control interval (twin time).")] = "15s",
     fault: Annotated[
         list[str] | None, typer.Option(help="Inject a fault, e.g. xid=79:node2/gpu1@60.")
@@ -38,6 +40,21 @@ def demo(
             help="The agent's configuration: its policies and their settings, the guard, "
             "orient, groups, job priorities and the rollout (its source and actuators are the "
             "twin; its [twin] section is not used)."
+        ),
+    ] = None,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            help="Scenario file (TOML): your cluster as the twin plays it (its GPUs, job mix, "
+            "workloads, budget; `ooda sim calibrate` writes one from a trace). Its settings win "
+            "over --nodes, --gpus-per-node and --model."
+        ),
+    ] = None,
+    curves: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measured power curves (CSV): the twin's jobs run these workloads, the oracle "
+            "takes them as the truth (docs/twin.md)."
         ),
     ] = None,
 ) -> None:
@@ -56,6 +73,10 @@ def demo(
       ooda demo --dry-run --audit-log demo-audit.jsonl
 
       ooda demo --config deploy/examples/twin.toml
+
+      ooda demo --scenario examples/scenarios/measured-curves.toml
+
+      ooda demo --curves examples/curves/zeus-v100-normalized.csv --duration 1h
     """
     from agent.config import load_config
     from agent.core.gpu_models import BUILTIN_MODELS
@@ -75,6 +96,8 @@ def demo(
         dry_run=dry_run,
         faults=tuple(parse_fault(f) for f in fault or []),
         audit_path=audit_log,
+        scenario=scenario,
+        curves=curves,
     )
     if config is not None:
         cfg = load_config(config)
@@ -92,6 +115,16 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _budget_line(b: dict[str, Any]) -> str:
+    if "drop" in b:
+        return (
+            f"{b['normal']:.0f} W, dropping to {b['drop']:.0f} W from "
+            f"{_hms(b['drop_start_s'])} to {_hms(b['drop_end_s'])} (demand response)"
+        )
+    steps = ", ".join(f"{w:.0f} W from {_hms(t)}" for t, w in b["steps"][1:])
+    return f"{b['normal']:.0f} W" + (f", then {steps}" if steps else " (the scenario's)")
+
+
 def render_summary(r: dict[str, Any]) -> str:
     b, unc, ora = r["budget_w"], r["uncapped"], r["oracle"]
     acts = ", ".join(f"{k} {v}" for k, v in r["actions"].items() if v) or "none"
@@ -100,8 +133,7 @@ def render_summary(r: dict[str, Any]) -> str:
         f"ooda demo: {r['gpus']} {r['model']} GPUs ({r['nodes']} nodes), "
         f"{_hms(r['duration_s'])} of twin time, seed {r['seed']}, {mode}, "
         f"a cycle every {r['interval_s']:g} s",
-        f"budget:               {b['normal']:.0f} W, dropping to {b['drop']:.0f} W "
-        f"from {_hms(b['drop_start_s'])} to {_hms(b['drop_end_s'])} (demand response)",
+        f"budget:               {_budget_line(b)}",
         f"seconds above budget: {r['budget_violation_s']:.0f}  (uncapped "
         f"{unc['budget_violation_s']:.0f}, oracle {ora['budget_violation_s']:.0f}; "
         "the first interval after a budget change not counted)",
@@ -110,6 +142,9 @@ def render_summary(r: dict[str, Any]) -> str:
         f"energy:               {r['energy_kwh']:.1f} kWh  (uncapped {unc['energy_kwh']:.1f} kWh)",
         f"actions applied:      {acts}",
     ]
+    if r.get("scenario") or r.get("job_mix"):
+        mix = f", job mix {r['job_mix']}" if r.get("job_mix") else ""
+        lines.insert(1, f"cluster:              {r.get('scenario') or 'built-in'}{mix}")
     if r["dry_run"]:
         lines.append(f"recommendations:      {len(r['recommendations'])} recorded, none applied")
     if r.get("audit_log"):

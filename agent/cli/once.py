@@ -115,6 +115,7 @@ def summarize(report: CycleReport, *, source: str, dry_run: bool) -> dict[str, A
     util, _ = snap.column(Metric.UTIL_PCT)
     usable = snap.usable(Metric.POWER_W)
     nodes = snap.node_of()
+    tput = report.situation.throughput
     per_gpu = [
         {
             "node": str(nodes[i]),
@@ -127,6 +128,7 @@ def summarize(report: CycleReport, *, source: str, dry_run: bool) -> dict[str, A
             "util": _num(util[i]),
             "stale": bool(snap.stale[i]),
             "age_s": _num(snap.age_s[i], 3),
+            **(_throughput_of(tput, i) if tput is not None else {}),
         }
         for i in range(snap.n_gpus)
     ]
@@ -159,7 +161,20 @@ def summarize(report: CycleReport, *, source: str, dry_run: bool) -> dict[str, A
         },
         "errors": list(report.errors),
         "stage_s": {k: round(v, 4) for k, v in report.stage_s.items()},
+        # Per job: whose throughput the agent goes by (an application's own, or sm_clock).
+        "throughput_by_job": tput.by_job(snap.job) if tput is not None else {},
         "per_gpu": per_gpu,
+    }
+
+
+def _throughput_of(tput: Any, i: int) -> dict[str, Any]:
+    """One GPU's throughput in use: its source, its share now and its unit."""
+    return {
+        "throughput_source": str(tput.kind[i]) or None,
+        "throughput": _num(tput.rate_per_s[i], 4),
+        "throughput_unit": str(tput.unit[i]) or None,
+        "ttft_p90_s": _num(tput.ttft_p90_s[i], 4),
+        "tpot_p90_s": _num(tput.tpot_p90_s[i], 5),
     }
 
 
@@ -174,6 +189,12 @@ def render(r: dict[str, Any]) -> str:
         f"{r['missing']} fresh without a power reading",
         f"power:    {r['fleet_power_w']:.0f} W (fresh GPUs)   budget: {budget}",
     ]
+    by_job = r.get("throughput_by_job") or {}
+    if by_job:
+        kinds: dict[str, int] = {}
+        for kind in by_job.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines.append("throughput: " + ", ".join(f"{k} {v} jobs" for k, v in sorted(kinds.items())))
     if r["missing_fields"]:
         fields = ", ".join(f"{k} ({v})" for k, v in sorted(r["missing_fields"].items()))
         lines.append(f"missing:  {fields}")

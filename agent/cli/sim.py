@@ -22,7 +22,9 @@ sim_app = typer.Typer(help="The digital twin: serve it like a cluster, or record
 NodesOpt = Annotated[int, typer.Option(min=1, max=20000, help="Nodes (named node1..nodeN).")]
 GpusOpt = Annotated[int, typer.Option(min=1, max=16, help="GPUs per node.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed gives the same twin.")]
-ModelOpt = Annotated[str, typer.Option(help="GPU model: H100 or A100.")]
+ModelOpt = Annotated[
+    str, typer.Option(help="GPU model: H100, A100, H200, B200, GB200, A100-PCIe or L40S.")
+]
 FaultOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -33,6 +35,13 @@ FaultOpt = Annotated[
 ScenarioOpt = Annotated[
     Path | None,
     typer.Option(help="Scenario file (TOML): its twin settings win over the options."),
+]
+CurvesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Measured power curves (CSV: workload, gpu_model, power_limit_w, throughput, "
+        "power_w): the twin's jobs run these workloads (the GPU model's rows; docs/twin.md)."
+    ),
 ]
 CountersOpt = Annotated[
     str,
@@ -50,10 +59,13 @@ def _spec(
     model: str,
     fault: list[str] | None,
     scenario: Path | None,
+    curves: Path | None = None,
 ) -> TwinSpec:
+    from dataclasses import replace
+
     from agent.core.gpu_models import BUILTIN_MODELS
     from agent.sim.faults import parse_fault
-    from agent.sim.scenario import load_scenario
+    from agent.sim.scenario import load_scenario, with_curves
     from agent.sim.twin import TwinSpec
 
     if model not in BUILTIN_MODELS:
@@ -70,7 +82,8 @@ def _spec(
         )
     except ValueError as exc:
         raise BadInputError(f"--fault: {exc}") from None
-    return load_scenario(scenario, base) if scenario is not None else base
+    spec = load_scenario(scenario, base) if scenario is not None else base
+    return replace(spec, **with_curves(spec, curves)) if curves is not None else spec
 
 
 def _policies(policy: list[str] | None, config: Path | None) -> tuple[list[str], Any, Any]:
@@ -117,6 +130,7 @@ def serve(
     ] = 1.0,
     fault: FaultOpt = None,
     scenario: ScenarioOpt = None,
+    curves: CurvesOpt = None,
     counters: CountersOpt = "all",
     print_scrape_config: Annotated[
         bool,
@@ -159,10 +173,12 @@ def serve(
       ooda sim serve --speed 10 --fault dropout:node2@300+120 --fault xid=79:node3/gpu1@600
 
       ooda sim serve --node-token-file token --node-socket-dir /run/ooda-sim   # + cap API
+
+      ooda sim serve --curves examples/curves/zeus-v100-normalized.csv
     """
     from agent.sim.exporter import SimServer, scrape_config
 
-    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario, curves)
     interval = duration_s(scrape_interval, "--scrape-interval")
     if print_scrape_config:
         if port_base == 0:
@@ -258,6 +274,7 @@ def record(
     step: Annotated[str, typer.Option(help="Time between recorded steps (twin time).")] = "15s",
     fault: FaultOpt = None,
     scenario: ScenarioOpt = None,
+    curves: CurvesOpt = None,
     counters: CountersOpt = "all",
     policy: Annotated[
         list[str] | None,
@@ -300,13 +317,15 @@ def record(
       ooda sim record --nodes 4 --duration 2h --fault dropout:node2@1800+300 -o t.parquet
 
       ooda sim record --nodes 16 --duration 2h --budget-w 40000 --policy power_budget -o q.parquet
+
+      ooda sim record --scenario examples/scenarios/measured-curves.toml --duration 2h -o m.parquet
     """
     from dataclasses import replace
 
     from agent.replay.twin_trace import record_twin
     from agent.sim.twin import BudgetSchedule
 
-    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario)
+    spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario, curves)
     if budget_w is not None and no_budget:
         raise BadInputError("--budget-w and --no-budget: give one or the other")
     if budget_w is None and not no_budget and spec.budget is None:
@@ -369,3 +388,71 @@ def _budget_said(spec: TwinSpec, sized_w: float | None) -> str:
     if sized_w is None:
         return "the scenario's budget recorded"
     return f"budget {sized_w:.0f} W recorded (replay uses it; --budget-w to choose another)"
+
+
+@sim_app.command("calibrate")
+def calibrate(
+    trace: Annotated[Path, typer.Argument(help="A recorded trace (ooda record, ooda sim record).")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The scenario file (TOML) to write.")
+    ],
+    no_curves: Annotated[
+        bool,
+        typer.Option(
+            "--no-curves", help="Fit the cluster and its jobs only, not the curves (faster)."
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Orient's settings for learning the curves (default: the defaults)."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Fit a scenario to a trace: the twin then plays your cluster. GPU models and counts,
+    job arrivals by hour of day, job sizes and durations, occupancy, the budget, and the power
+    curves the agent learned (written beside it as <name>.curves.csv).
+
+    Examples:
+
+      ooda sim calibrate day.parquet -o my-cluster.toml
+
+      ooda demo --scenario my-cluster.toml --duration 2h
+    """
+    from agent.config import default_config, load_config
+    from agent.replay.calibrate import calibrate as fit_scenario
+
+    if not trace.is_file():
+        raise BadInputError(f"trace {trace}: no such file")
+    cfg = load_config(config) if config is not None else default_config()
+    t0 = time.perf_counter()
+    result = fit_scenario(trace, output, cfg, learn_curves=not no_curves)
+    fit, obs = result.fit, result.observed
+    summary = {
+        "scenario": str(output),
+        "curves": str(result.curves_file) if result.curves_file else None,
+        "nodes": obs.nodes,
+        "gpus_per_node": obs.gpus_per_node,
+        "model": result.scenario["twin"]["model"],
+        "occupancy": result.scenario["twin"]["occupancy"],
+        "jobs_seen": fit.seen,
+        "jobs_arrived": fit.arrived,
+        "jobs_censored": fit.censored,
+        "arrivals_per_h_mean": round(sum(fit.arrivals_per_h) / len(fit.arrivals_per_h), 3),
+        "notes": result.notes,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    if json_out:
+        emit_json(summary)
+        return
+    typer.echo(
+        f"wrote {output}: {obs.nodes} nodes x {obs.gpus_per_node} {summary['model']}, "
+        f"occupancy {summary['occupancy']:.2f}, {fit.arrived} of {fit.seen} jobs arrived "
+        f"({summary['arrivals_per_h_mean']:.1f} an hour)"
+        + (f", curves in {result.curves_file}" if result.curves_file else "")
+    )
+    for note in result.notes:
+        typer.echo(f"  note: {note}")

@@ -221,3 +221,38 @@ def energy_optimal_share(
     candidates = np.stack([x_lo, x, np.ones_like(x)])
     costs = np.stack([cost(candidates[0]), cost(candidates[1]), cost(candidates[2])])
     return np.asarray(candidates[np.argmin(costs, axis=0), np.arange(x.size)], dtype=np.float64)
+
+
+FIT_X_RANGE = (0.35, 0.97)  # shares of the natural draw whose throughput says something
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyFit:
+    """The curve family's least-squares fit to measured (share of natural draw, relative
+    throughput) points: T(x) = 1 - a (1 - x)^b."""
+
+    a: float
+    b: float
+    rms: float  # root-mean-square misfit in relative throughput over every point given
+    points: int  # points inside FIT_X_RANGE that the fit used
+
+
+def fit_family(share: npt.ArrayLike, throughput: npt.ArrayLike) -> FamilyFit:
+    """Fit a and b to points (x = power / natural draw, T = throughput / uncapped throughput):
+    log(1 - T) = log(a) + b log(1 - x), least squares over the points with x in FIT_X_RANGE and
+    T < 1 (the derivation of agent/sim/calibration.py's table). A curve that loses nothing
+    anywhere (every T at 1) is insensitive: a = 0."""
+    x = _as_f64(share)
+    t = _as_f64(throughput)
+    use = (x > FIT_X_RANGE[0]) & (x < FIT_X_RANGE[1]) & (t < 0.9995) & (t > 0.0)
+    if int(use.sum()) < 2:
+        a, b = (0.0, MIN_EXPONENT) if bool(np.all(t >= 0.995)) else (CONSERVATIVE_A, CONSERVATIVE_B)
+    else:
+        u = np.log1p(-x[use])
+        v = np.log1p(-t[use])
+        design = np.stack([np.ones_like(u), u], axis=1)
+        (log_a, slope), *_ = np.linalg.lstsq(design, v, rcond=None)
+        a, b = float(np.exp(log_a)), max(float(slope), MIN_EXPONENT)
+    fitted = throughput_at_power(x, np.ones_like(x), a, b)
+    rms = float(np.sqrt(np.mean((fitted - t) ** 2))) if t.size else 0.0
+    return FamilyFit(a=a, b=b, rms=rms, points=int(use.sum()))

@@ -32,6 +32,8 @@ class IntentKind(StrEnum):
     SET_NODE_FEATURES = "set_node_features"
     REQUEUE_JOB = "requeue_job"
     NOTIFY = "notify"
+    LOCK_CLOCKS = "lock_clocks"
+    RESET_CLOCKS = "reset_clocks"
 
 
 def gpu_names(node: npt.NDArray[np.str_], gpu: npt.NDArray[np.int64]) -> npt.NDArray[np.str_]:
@@ -180,6 +182,8 @@ class _CapIntentBase(Intent):
         changes: dict[str, Any] = {"targets": self.targets.subset(sel), "evidence": evidence}
         if isinstance(self, SetPowerCap):
             changes["watts"] = self.watts[sel]
+        if isinstance(self, LockClocks):
+            changes["min_mhz"], changes["max_mhz"] = self.min_mhz[sel], self.max_mhz[sel]
         return replace(self, **changes)
 
 
@@ -203,6 +207,33 @@ class ReleasePowerCap(_CapIntentBase):
     """Give the target GPUs back their default limit."""
 
     kind: ClassVar[IntentKind] = IntentKind.RELEASE_POWER_CAP
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class LockClocks(_CapIntentBase):
+    """Lock each target GPU's SM clocks to [min_mhz, max_mhz] (NVML's locked clocks; aligned
+    with targets)."""
+
+    kind: ClassVar[IntentKind] = IntentKind.LOCK_CLOCKS
+    min_mhz: FloatArray
+    max_mhz: FloatArray
+
+    def __post_init__(self) -> None:
+        n = len(self.targets)
+        if self.min_mhz.shape != (n,) or self.max_mhz.shape != (n,):
+            raise ValueError("LockClocks.min_mhz and max_mhz must align with its targets")
+        if np.any(self.min_mhz > self.max_mhz):
+            raise ValueError("LockClocks: min_mhz above max_mhz")
+
+    def _per_target(self, i: int) -> dict[str, Any]:
+        return {"min_mhz": round(float(self.min_mhz[i])), "max_mhz": round(float(self.max_mhz[i]))}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ResetClocks(_CapIntentBase):
+    """Give the target GPUs their default clocks back (NVML's reset of locked clocks)."""
+
+    kind: ClassVar[IntentKind] = IntentKind.RESET_CLOCKS
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

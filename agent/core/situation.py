@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.snapshot import Snapshot
+from agent.core.throughput import ThroughputView
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -211,6 +212,8 @@ class Situation:
     # The most power new work can add before the next cycle, learned from history (None: not
     # known yet, assume the worst: every idle GPU jumps to its cap).
     arrival_reserve_w: float | None = None
+    # Per GPU: the throughput in use for its job (its own, or the SM-clock proxy), and which.
+    throughput: ThroughputView | None = None
 
     @property
     def headroom_w(self) -> float | None:

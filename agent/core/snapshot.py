@@ -41,6 +41,11 @@ class Metric(StrEnum):
     ENERGY_J = "energy_j"  # cumulative energy counter
     # DCGM_FI_DEV_CLOCKS_EVENT_REASONS (throttle bitmask); bits in CLOCK_EVENT_* below
     CLOCKS_EVENT_REASONS = "clocks_event_reasons"
+    # The application's own figures (agent.core.app_metrics), per GPU: its share of its job's
+    # rate (tokens or steps per second, `throughput_unit` label), and its job's p90 latencies.
+    APP_RATE_PER_S = "app_rate_per_s"
+    TTFT_P90_S = "ttft_p90_s"
+    TPOT_P90_S = "tpot_p90_s"
 
 
 # Bits of the clocks-event-reasons mask (NVML nvmlClocksEventReason*, DCGM field 112).
@@ -231,6 +236,9 @@ PLAUSIBLE: Mapping[Metric, tuple[float, float]] = {
     Metric.ROW_REMAP_FAILURE: (0.0, 1.0),  # a flag
     Metric.ENERGY_J: (0.0, 1e13),  # 2.8 GWh: centuries of one GPU's draw
     Metric.CLOCKS_EVENT_REASONS: (0.0, 2.0**32),  # NVML's reasons are the low bits
+    Metric.APP_RATE_PER_S: (0.0, 1e9),  # a GPU serving a billion tokens a second is a bug
+    Metric.TTFT_P90_S: (0.0, 86400.0),
+    Metric.TPOT_P90_S: (0.0, 86400.0),
 }
 
 

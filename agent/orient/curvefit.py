@@ -17,10 +17,15 @@ the natural draw known (a capped GPU's draw is only a lower bound of its natural
 never seen uncapped teaches nothing), and never from GPUs flagged as anomalous.
 
 `confidence` is 1 - (posterior / prior) predictive spread of log(1 - T) at x = 0.75: 0 is the prior,
-1 is certain. Priors per (GPU model, workload class) are learned from the jobs already learned
-(their posteriors, weighted by confidence, when the job ends); the class is the job's `workload`
-label where telemetry carries one, else a signature of what it looks like (memory-copy
-utilization and natural draw, in bins); a class nothing was learned for falls back to the GPU
+1 is certain. When a job ends, its curve (posterior mean and covariance), its natural draw and its
+cap-draw share also join its class's statistics (`class_stats`), from which `class_curves` gives
+each class's curve with an interval: the spread of its jobs' curves plus their own uncertainty
+(what `ooda curves export` writes).
+
+Priors per (GPU model, workload class) are learned from the jobs already learned (their
+posteriors, weighted by confidence, when the job ends); the class is the job's `workload` label
+where telemetry carries one, else a signature of what it looks like (memory-copy utilization and
+natural draw, in bins); a class nothing was learned for falls back to the GPU
 model's pooled prior, then to the conservative built-in prior. GPUs without a job label are
 their own job while busy.
 """
@@ -50,6 +55,45 @@ X_REF = 0.75
 MODEL_ERR_LOG = 0.05  # misfit of the family, in log(1 - T): keeps one cap from being "certain"
 CLEAR_OF_CAP_FRAC = 0.75
 MIN_PRIOR_WEIGHT = 1.5  # confidence-weighted jobs behind a learned prior before it is used
+DRAW_EMA = 0.2  # weight of a cycle's natural draw and cap-draw share in a job's running means
+
+# class_stats layout: per (model, class), sums over its ended jobs (weights: their confidence).
+(
+    CS_W, CS_LA, CS_B, CS_LA2, CS_LAB, CS_B2, CS_VLA, CS_CAB, CS_VB,
+    CS_NAT_N, CS_NAT, CS_NAT2, CS_K_N, CS_K, CS_K2, CS_JOBS,
+) = range(16)  # fmt: skip
+CLASS_STATS_LEN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ClassCurve:
+    """A workload class's learned curve on one GPU model (from the jobs that ended)."""
+
+    model: str
+    klass: str
+    log_a: float
+    b: float
+    cov: tuple[float, float, float]  # (var log a, cov, var b): spread of its jobs + their own
+    confidence: float
+    natural_w: float  # NaN: never seen uncapped
+    cap_draw_frac: float  # NaN: never seen under a binding cap
+    jobs: int
+    natural_sd_w: float = 0.0  # spread of its jobs' natural draws
+    cap_draw_sd: float = 0.0  # ... and of their cap-draw shares
+
+    def interval(self, share: FloatArray, z: float = 2.0) -> tuple[FloatArray, FloatArray]:
+        """(low, high) relative throughput at shares of the natural draw, z standard deviations
+        of log(1 - T) either side."""
+        x = np.clip(share, 0.0, 1.0 - 1e-9)
+        u = np.log1p(-x)
+        v = self.log_a + self.b * u
+        var_la, cov, var_b = self.cov
+        sd = np.sqrt(np.maximum(var_la + 2.0 * u * cov + u * u * var_b, 0.0))
+        lo = np.clip(1.0 - np.exp(v + z * sd), 0.0, 1.0)
+        hi = np.clip(1.0 - np.exp(v - z * sd), 0.0, 1.0)
+        lo = np.where(share >= 1.0, 1.0, lo)
+        hi = np.where(share >= 1.0, 1.0, hi)
+        return np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +153,16 @@ class CurveLearner:
                 "prior_b": (np.float64, np.nan),
                 "prior_src": ("U16", ""),
                 "prior_ver": (np.int64, -1),
+                # Running means of the job's natural draw and cap-draw share (NaN: not seen).
+                "nat_w": (np.float64, np.nan),
+                "cap_k": (np.float64, np.nan),
             }
         )
         self._prior_version = 0
         # (model, class) -> [weight, weight * log a, weight * b]; class "*" pools the model.
         self.priors: dict[str, list[float]] = {}
+        # (model, class) -> CLASS_STATS_LEN sums over its ended jobs (see class_curves).
+        self.class_stats: dict[str, list[float]] = {}
         self._grouper = Grouper()
         self.cycles = 0
 
@@ -124,6 +173,7 @@ class CurveLearner:
             "gpus": self.gpus.to_dict(),
             "jobs": self.jobs.to_dict(),
             "priors": self.priors,
+            "class_stats": self.class_stats,
             "cycles": self.cycles,
         }
 
@@ -131,6 +181,11 @@ class CurveLearner:
         self.gpus.load_dict(data.get("gpus", {}))
         self.jobs.load_dict(data.get("jobs", {}))
         self.priors = {str(k): [float(x) for x in v] for k, v in data.get("priors", {}).items()}
+        self.class_stats = {
+            str(k): [float(x) for x in v]
+            for k, v in data.get("class_stats", {}).items()
+            if len(v) == CLASS_STATS_LEN
+        }
         self._prior_version += 1  # cached priors no longer apply
         self.cycles = int(data.get("cycles", 0))
 
@@ -194,6 +249,15 @@ class CurveLearner:
         learned = conf >= self.settings.learned_confidence
         src = np.where(learned, "learned", src)
         return a, b, conf, src.astype(np.str_)
+
+    def _posterior_cov(self, slots: IntArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """(var log a, cov, var b) of the given jobs' posteriors (their priors as cached)."""
+        jc = self.jobs.cols
+        l00 = 1.0 / PRIOR_SD_LOG_A**2 + jc["s0"][slots]
+        l01 = jc["s1"][slots]
+        l11 = 1.0 / PRIOR_SD_B**2 + jc["s2"][slots]
+        det = l00 * l11 - l01 * l01
+        return l11 / det, -l01 / det, l00 / det
 
     # -- per cycle --------------------------------------------------------------------------------
 
@@ -260,24 +324,14 @@ class CurveLearner:
         binds and that is known, the share of the natural draw is taken from the cap (k x cap /
         natural) rather than from the noisy draw of one cycle: noise in the regressor would bend
         the fitted exponent towards flat (errors in variables), while the cap is exact."""
-        n = snapshot.n_gpus
-        if n == 0:
+        if snapshot.n_gpus == 0:
             return self.view(snapshot, busy)
         self.cycles += 1
-        s = self.settings
         now = snapshot.time_s
         keys = job_keys(snapshot, busy)
-        g = self.gpus.slots(snapshot.uuid)
+        g, key_hash, warming = self._gpu_jobs(snapshot, busy, keys)
         gc = self.gpus.cols
         fresh = snapshot.fresh
-        key_hash = self._grouper.hashes(keys)
-        changed = fresh & (gc["job"][g] != key_hash)
-        c = g[changed]
-        gc["job"][c] = key_hash[changed]
-        gc["since"][c] = np.where(busy[changed], now, np.nan)
-        gc["nc"][c] = np.nan
-        warming = busy & ((now - gc["since"][g]) < self.warmup_s)
-
         power, power_ok = snapshot.column(Metric.POWER_W)
         clock, clock_ok = snapshot.column(Metric.SM_CLOCK_MHZ)
         limit, limit_ok = snapshot.column(Metric.POWER_LIMIT_W)
@@ -291,27 +345,9 @@ class CurveLearner:
         old = gc["nc"][s_nc]
         gc["nc"][s_nc] = np.where(np.isnan(old), clock[learn_nc], 0.7 * old + 0.3 * clock[learn_nc])
 
-        # Jobs: register, refresh, classify.
-        active = fresh & (keys != "") & busy
-        ids, names = self._grouper.ids(keys)
-        if active.any():
-            named = names != ""
-            name_slot = np.zeros(names.shape[0], dtype=np.int64)
-            name_slot[named] = self.jobs.slots(names[named])
-            jslot = name_slot[ids[active]]
-        else:
-            jslot = np.zeros(0, dtype=np.int64)
-        jc = self.jobs.cols
-        # Forget a little every cycle (the job may change phase; old evidence fades).
-        for col in ("s0", "s1", "s2", "sy", "suy"):
-            jc[col] *= s.forget_per_cycle
-        if active.any():
-            jc["last_t"][jslot] = now
-            jc["retired"][jslot] = False
-            new_model = jc["model"][jslot] != snapshot.model[active]
-            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
-            jc["prior_ver"][jslot[new_model]] = -1
-            self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
+        self._register_jobs(
+            snapshot, busy, keys, (natural_w, natural_known, max_cap_w), cap_draw_frac
+        )
 
         # Observations: one per job and cycle, the mean over its GPUs.
         nc = np.where(gc["job"][g] == key_hash, gc["nc"][g], np.nan)
@@ -328,35 +364,117 @@ class CurveLearner:
                     1.0,
                 )
                 x = np.where(k_ok, x_cap, x)
-            t = clock / nc
-            ids, names = self._grouper.ids(keys)
-            m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)
-            sx = np.bincount(ids[obs], weights=x[obs], minlength=names.shape[0])
-            stt = np.bincount(ids[obs], weights=t[obs], minlength=names.shape[0])
-            has = m > 0
-            xm = sx[has] / m[has]
-            tm = stt[has] / m[has]
-            cnt = m[has]
-            good = (xm > 0.3) & (xm < 0.95) & (tm > 0.05) & (tm < 0.998)
-            if good.any():
-                job_names = names[has][good]
-                slot = self.jobs.slots(job_names)
-                xm, tm, cnt = xm[good], tm[good], cnt[good]
-                u = np.log1p(-xm)
-                v = np.log1p(-tm)
-                b_now = np.clip(self._posterior(slot)[1], MIN_EXPONENT, 3.0)
-                var_u = (0.02 * xm / (1.0 - xm)) ** 2 / cnt
-                var_v = (0.005 / (1.0 - tm)) ** 2 / cnt
-                w = 1.0 / (var_v + b_now**2 * var_u + MODEL_ERR_LOG**2)
-                np.add.at(jc["s0"], slot, w)
-                np.add.at(jc["s1"], slot, w * u)
-                np.add.at(jc["s2"], slot, w * u * u)
-                np.add.at(jc["sy"], slot, w * v)
-                np.add.at(jc["suy"], slot, w * u * v)
-                np.add.at(jc["n_obs"], slot, 1)
+            self._observe(keys, obs, x, clock / nc)
 
         self._retire(now)
         return self.view(snapshot, busy)
+
+    def _gpu_jobs(
+        self, snapshot: Snapshot, busy: BoolArray, keys: npt.NDArray[np.str_]
+    ) -> tuple[IntArray, IntArray, BoolArray]:
+        """Each GPU's slot, its job's hash (a GPU whose job changed starts afresh) and whether
+        its job is still warming up."""
+        now = snapshot.time_s
+        g = self.gpus.slots(snapshot.uuid)
+        gc = self.gpus.cols
+        key_hash = self._grouper.hashes(keys)
+        changed = snapshot.fresh & (gc["job"][g] != key_hash)
+        c = g[changed]
+        gc["job"][c] = key_hash[changed]
+        gc["since"][c] = np.where(busy[changed], now, np.nan)
+        gc["nc"][c] = np.nan
+        warming = busy & ((now - gc["since"][g]) < self.warmup_s)
+        return g, key_hash, warming
+
+    def _register_jobs(
+        self,
+        snapshot: Snapshot,
+        busy: BoolArray,
+        keys: npt.NDArray[np.str_],
+        draws: tuple[FloatArray, BoolArray, FloatArray],
+        cap_draw_frac: FloatArray | None,
+    ) -> None:
+        """Register and refresh this cycle's jobs, classify them, fold in their draws; every
+        job's evidence fades a little (the job may change phase)."""
+        natural_w, natural_known, max_cap_w = draws
+        active = snapshot.fresh & (keys != "") & busy
+        ids, names = self._grouper.ids(keys)
+        if active.any():
+            named = names != ""
+            name_slot = np.zeros(names.shape[0], dtype=np.int64)
+            name_slot[named] = self.jobs.slots(names[named])
+            jslot = name_slot[ids[active]]
+        else:
+            jslot = np.zeros(0, dtype=np.int64)
+        jc = self.jobs.cols
+        for col in ("s0", "s1", "s2", "sy", "suy"):
+            jc[col] *= self.settings.forget_per_cycle
+        if active.any():
+            jc["last_t"][jslot] = snapshot.time_s
+            jc["retired"][jslot] = False
+            new_model = jc["model"][jslot] != snapshot.model[active]
+            jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
+            jc["prior_ver"][jslot[new_model]] = -1
+            self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
+            self._job_draws(active, jslot, natural_w, natural_known, cap_draw_frac)
+
+    def _observe(
+        self, keys: npt.NDArray[np.str_], obs: BoolArray, x: FloatArray, t: FloatArray
+    ) -> None:
+        """One observation per job this cycle: the mean share of its natural draw `x` and of
+        its natural clock `t` over its GPUs in `obs`, into its posterior's sums."""
+        ids, names = self._grouper.ids(keys)
+        m = np.bincount(ids[obs], minlength=names.shape[0]).astype(np.float64)
+        sx = np.bincount(ids[obs], weights=x[obs], minlength=names.shape[0])
+        stt = np.bincount(ids[obs], weights=t[obs], minlength=names.shape[0])
+        has = m > 0
+        xm = sx[has] / m[has]
+        tm = stt[has] / m[has]
+        cnt = m[has]
+        good = (xm > 0.3) & (xm < 0.95) & (tm > 0.05) & (tm < 0.998)
+        if not good.any():
+            return
+        slot = self.jobs.slots(names[has][good])
+        jc = self.jobs.cols
+        xm, tm, cnt = xm[good], tm[good], cnt[good]
+        u = np.log1p(-xm)
+        v = np.log1p(-tm)
+        b_now = np.clip(self._posterior(slot)[1], MIN_EXPONENT, 3.0)
+        var_u = (0.02 * xm / (1.0 - xm)) ** 2 / cnt
+        var_v = (0.005 / (1.0 - tm)) ** 2 / cnt
+        w = 1.0 / (var_v + b_now**2 * var_u + MODEL_ERR_LOG**2)
+        np.add.at(jc["s0"], slot, w)
+        np.add.at(jc["s1"], slot, w * u)
+        np.add.at(jc["s2"], slot, w * u * u)
+        np.add.at(jc["sy"], slot, w * v)
+        np.add.at(jc["suy"], slot, w * u * v)
+        np.add.at(jc["n_obs"], slot, 1)
+
+    def _job_draws(
+        self,
+        active: BoolArray,
+        jslot: IntArray,
+        natural_w: FloatArray,
+        natural_known: BoolArray,
+        cap_draw_frac: FloatArray | None,
+    ) -> None:
+        """Fold this cycle's natural draws and cap-draw shares into each job's running means
+        (the mean over the job's GPUs where known)."""
+        jc = self.jobs.cols
+        n_jobs = jc["nat_w"].shape[0]
+        columns = [("nat_w", natural_w, natural_known[active] & np.isfinite(natural_w[active]))]
+        if cap_draw_frac is not None:
+            k = cap_draw_frac[active]
+            columns.append(("cap_k", cap_draw_frac, np.isfinite(k) & (k > 0.5) & (k <= 1.0)))
+        for name, values, ok in columns:
+            if not ok.any():
+                continue
+            count = np.bincount(jslot[ok], minlength=n_jobs)
+            total = np.bincount(jslot[ok], weights=values[active][ok], minlength=n_jobs)
+            seen = np.flatnonzero(count)
+            mean = total[seen] / count[seen]
+            old = jc[name][seen]
+            jc[name][seen] = np.where(np.isnan(old), mean, (1 - DRAW_EMA) * old + DRAW_EMA * mean)
 
     def _classify(
         self,
@@ -404,18 +522,108 @@ class CurveLearner:
             return
         slots = np.flatnonzero(gone).astype(np.int64)
         a, b, conf, _ = self._posterior(slots)
+        var_la, cov, var_b = self._posterior_cov(slots)
         for i, slot in enumerate(slots.tolist()):  # jobs ending this cycle: few
-            if conf[i] >= 0.3 and jc["n_obs"][slot] >= 5:
-                self._commit(
-                    str(jc["model"][slot]),
-                    str(jc["klass"][slot]),
-                    float(np.log(a[i])),
-                    float(b[i]),
-                    float(conf[i]),
-                )
+            learned = bool(conf[i] >= 0.3 and jc["n_obs"][slot] >= 5)
+            model, klass = str(jc["model"][slot]), str(jc["klass"][slot])
+            if learned:
+                self._commit(model, klass, float(np.log(a[i])), float(b[i]), float(conf[i]))
+            if klass and model:
+                curve = (float(np.log(a[i])), float(b[i]), var_la[i], cov[i], var_b[i])
+                draws = (float(jc["nat_w"][slot]), float(jc["cap_k"][slot]))
+                self._class_stat(model, klass, float(conf[i]) if learned else 0.0, curve, draws)
         jc["retired"][slots] = True
         self.jobs.retain(~jc["retired"])
+
+    def _class_stat(
+        self,
+        model: str,
+        klass: str,
+        weight: float,
+        curve: tuple[float, float, float, float, float],
+        draws: tuple[float, float],
+    ) -> None:
+        """One ended job into its class's statistics (its curve weighted by its confidence)."""
+        entry = self.class_stats.setdefault(f"{model}|{klass}", [0.0] * CLASS_STATS_LEN)
+        la, bb, v_la, c_ab, v_b = curve
+        if weight > 0:
+            for index, value in (
+                (CS_W, 1.0),
+                (CS_LA, la),
+                (CS_B, bb),
+                (CS_LA2, la * la),
+                (CS_LAB, la * bb),
+                (CS_B2, bb * bb),
+                (CS_VLA, v_la),
+                (CS_CAB, c_ab),
+                (CS_VB, v_b),
+            ):
+                entry[index] += weight * value
+        natural, k = draws
+        if np.isfinite(natural):
+            entry[CS_NAT_N] += 1.0
+            entry[CS_NAT] += natural
+            entry[CS_NAT2] += natural * natural
+        if np.isfinite(k):
+            entry[CS_K_N] += 1.0
+            entry[CS_K] += k
+            entry[CS_K2] += k * k
+        entry[CS_JOBS] += 1.0
+
+    def class_curves(self) -> list[ClassCurve]:
+        """Each class's learned curve from the jobs that ended (those with a learned curve),
+        with the spread of their curves plus their own uncertainty as its covariance."""
+        out: list[ClassCurve] = []
+        var_prior = PRIOR_SD_LOG_A**2 + np.log(1.0 - X_REF) ** 2 * PRIOR_SD_B**2
+        u = float(np.log(1.0 - X_REF))
+        for key, e in sorted(self.class_stats.items()):
+            w = e[CS_W]
+            if w <= 0:
+                continue
+            model, _, klass = key.partition("|")
+            la, bb = e[CS_LA] / w, e[CS_B] / w
+            var_la = max(e[CS_LA2] / w - la * la, 0.0) + e[CS_VLA] / w
+            cov = e[CS_LAB] / w - la * bb + e[CS_CAB] / w
+            var_b = max(e[CS_B2] / w - bb * bb, 0.0) + e[CS_VB] / w
+            spread = var_la + 2.0 * u * cov + u * u * var_b
+            out.append(
+                ClassCurve(
+                    model=model,
+                    klass=klass,
+                    log_a=la,
+                    b=max(bb, MIN_EXPONENT),
+                    cov=(var_la, cov, var_b),
+                    confidence=float(np.clip(1.0 - np.sqrt(max(spread, 0.0) / var_prior), 0, 1)),
+                    natural_w=_mean(e[CS_NAT], e[CS_NAT_N]),
+                    cap_draw_frac=_mean(e[CS_K], e[CS_K_N]),
+                    jobs=int(e[CS_JOBS]),
+                    natural_sd_w=_sd(e[CS_NAT], e[CS_NAT2], e[CS_NAT_N]),
+                    cap_draw_sd=_sd(e[CS_K], e[CS_K2], e[CS_K_N]),
+                )
+            )
+        return out
+
+    def unlearned_classes(self) -> list[tuple[str, str, int]]:
+        """(model, class, jobs) of the classes whose jobs ended without a learned curve."""
+        out = []
+        for key, e in sorted(self.class_stats.items()):
+            if e[CS_W] <= 0:
+                model, _, klass = key.partition("|")
+                out.append((model, klass, int(e[CS_JOBS])))
+        return out
 
     def finish_all(self) -> None:
         """Commit every job's curve to its prior now (e.g. at the end of a benchmark)."""
         self._retire(0.0, everything=True)
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else float("nan")
+
+
+def _sd(total: float, squares: float, count: float) -> float:
+    """The spread of `count` values from their sum and sum of squares (0 for fewer than 2)."""
+    if count < 2:
+        return 0.0
+    mean = total / count
+    return float(np.sqrt(max(squares / count - mean * mean, 0.0) * count / (count - 1)))

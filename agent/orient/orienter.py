@@ -33,6 +33,7 @@ from agent.core.situation import (
 )
 from agent.core.snapshot import Metric, Snapshot
 from agent.core.text import small_ints
+from agent.core.throughput import throughput_view
 from agent.orient.anomaly import AnomalyContext, AnomalyDetector, typical_interval
 from agent.orient.arrivals import ArrivalTracker
 from agent.orient.curvefit import CurveLearner, CurveView
@@ -415,6 +416,7 @@ class Orienter:
             group_budgets=group_masks(
                 snapshot, self.groups, self.group_label, self.label_budgets_w
             ),
+            throughput=throughput_view(snapshot, learned.natural_clock_mhz),
         )
 
     # -- forecasts --------------------------------------------------------------------------------

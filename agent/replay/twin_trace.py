@@ -130,7 +130,7 @@ def run_twin(
             step_s=step_s,
             source={"kind": "twin", "counters": counters},
             metrics=[f.metric for f in fields],
-            labels=("priority",),
+            labels=tuple(twin.labels()),
             scenario=scenario,
         )
     reports: list[CycleReport] = []

@@ -113,6 +113,11 @@ class TwinAccountLabels:
         self.accounts = tuple(accounts)
         self._of: dict[str, str] = {"": ""}
 
+    @property
+    def twin(self) -> Twin | None:
+        """The twin the wrapped source observes, as on every twin edge (None if it has none)."""
+        return getattr(self.source, "twin", None)
+
     def observe(self, now_s: float) -> Snapshot:
         snapshot = self.source.observe(now_s)
         if snapshot.n_gpus == 0:

@@ -13,7 +13,7 @@ from agent.core.intents import GpuTargets
 from agent.core.protocols import CapResult
 from agent.core.situation import NodeStates
 from agent.core.snapshot import Metric, Snapshot
-from agent.sim.twin import PRIORITY_LABEL, Twin
+from agent.sim.twin import Twin
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -79,7 +79,7 @@ class TwinSource:
             age_s=age,
             stale=stale,
             budget_w=tw.budget_w(),
-            labels={PRIORITY_LABEL: tw.job_priority().astype(np.str_)},
+            labels=tw.labels(),
         )
 
 

@@ -27,6 +27,13 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
+from agent.core.app_metrics import (
+    SERVERS,
+    VLLM_PROMPT_TOKENS,
+    VLLM_TPOT_BUCKETS_S,
+    VLLM_TTFT_BUCKETS_S,
+    ThroughputKind,
+)
 from agent.core.dcgm import (
     DCGM_FIELDS,
     LABEL_DEVICE,
@@ -45,7 +52,7 @@ from agent.core.snapshot import Metric, Snapshot
 from agent.node.server import NodeDaemon, NodeSettings
 from agent.sim.devices import TwinNodeBackend
 from agent.sim.faults import FaultKind
-from agent.sim.twin import PRIORITY_LABEL, Twin, TwinSpec
+from agent.sim.twin import Twin, TwinSpec
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -152,6 +159,94 @@ class NodeExporter:
                 f"{f.name}{{{lab}}} {text}\n" for lab, text in zip(labels, texts, strict=True)
             )
         return "".join(parts)
+
+
+# -- the inference services' own metrics (vLLM's) ------------------------------------------------
+
+VLLM_PATH = "/vllm/metrics"
+VLLM_MODEL_NAME = "twin/llm-8b"
+
+
+def _histogram(
+    name: str,
+    help_text: str,
+    labels: str,
+    buckets: Sequence[float],
+    counts: FloatArray,
+    total: float,
+    sum_s: float,
+) -> list[str]:
+    """One histogram's lines: cumulative buckets, +Inf, _sum and _count."""
+    lines = [f"# HELP {name} {help_text}\n", f"# TYPE {name} histogram\n"]
+    lines += [
+        f'{name}_bucket{{{labels},le="{le!r}"}} {count!r}\n'
+        for le, count in zip(buckets, counts.tolist(), strict=True)
+    ]
+    lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {total!r}\n')
+    lines.append(f"{name}_sum{{{labels}}} {sum_s!r}\n")
+    lines.append(f"{name}_count{{{labels}}} {total!r}\n")
+    return lines
+
+
+def render_vllm(twin: Twin, node: int) -> str:
+    """The /metrics text of the vLLM servers of the services on `node` (1-based), with vLLM's
+    names, types and `model_name` label (agent.core.app_metrics); empty where none runs. The
+    caller holds the twin's lock."""
+    meters = twin.services
+    g = twin.spec.gpus_per_node
+    on_node = [
+        i
+        for i, row in enumerate(meters.rows.tolist())
+        if np.any(twin.job_row[(node - 1) * g : node * g] == row)
+    ]
+    if not on_node:
+        return ""
+    labels = f'model_name="{escape_label_value(VLLM_MODEL_NAME)}"'
+    lines: list[str] = []
+    counters = (
+        (
+            SERVERS[ThroughputKind.VLLM].rate,
+            "Number of generation tokens processed.",
+            meters.generation_tokens,
+        ),
+        (VLLM_PROMPT_TOKENS, "Number of prefill tokens processed.", meters.prompt_tokens),
+    )
+    for name, help_text, values in counters:
+        base = name.removesuffix("_total")
+        lines += [f"# HELP {base} {help_text}\n", f"# TYPE {base} counter\n"]
+        lines += [f"{name}{{{labels}}} {float(values[i])!r}\n" for i in on_node]
+    vllm = SERVERS[ThroughputKind.VLLM]
+    for i in on_node:
+        lines += _histogram(
+            vllm.ttft,
+            "Histogram of time to first token in seconds.",
+            labels,
+            VLLM_TTFT_BUCKETS_S,
+            meters.ttft_buckets[i],
+            float(meters.requests[i]),
+            float(meters.ttft_sum_s[i]),
+        )
+        lines += _histogram(
+            vllm.tpot,
+            "Histogram of time per output token in seconds.",
+            labels,
+            VLLM_TPOT_BUCKETS_S,
+            meters.tpot_buckets[i],
+            float(meters.tpot_count[i]),
+            float(meters.tpot_sum_s[i]),
+        )
+    return "".join(lines)
+
+
+def service_jobs(twin: Twin) -> dict[int, str]:
+    """Node (1-based) -> the job id of the inference service running there."""
+    g = twin.spec.gpus_per_node
+    out: dict[int, str] = {}
+    for row in twin.services.rows.tolist():
+        gpus = np.flatnonzero(twin.job_row == row)
+        if gpus.size:
+            out[int(gpus[0]) // g + 1] = str(int(twin.jobs.job_id[row]))
+    return out
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
@@ -310,7 +405,12 @@ class SimServer:
                 text = exporter.render()
             return Response(200, CONTENT_TYPE, text.encode())
 
-        return {("GET", "/metrics"): metrics}
+        def vllm(path: str, query: str, body: bytes) -> Response | None:
+            with self.lock:
+                text = render_vllm(self.twin, node)
+            return Response(200, CONTENT_TYPE, text.encode())
+
+        return {("GET", "/metrics"): metrics, ("GET", VLLM_PATH): vllm}
 
     def start(self) -> SimServer:
         for k in range(1, self.twin.spec.nodes + 1):
@@ -393,6 +493,14 @@ class SimServer:
     def scrape_config(self, job_name: str = "ooda-sim-dcgm", interval_s: float = 15.0) -> str:
         return scrape_config(self.targets(), job_name, interval_s)
 
+    def vllm_targets(self) -> dict[str, str]:
+        """The services' vLLM endpoints (`host:port`, path VLLM_PATH) -> the job each serves:
+        the label a scrape configuration puts on the target (vLLM does not know its job)."""
+        with self.lock:
+            jobs = service_jobs(self.twin)
+        addresses = self.targets()
+        return {addresses[node - 1]: job for node, job in sorted(jobs.items())}
+
 
 def scrape_config(targets: Sequence[str], job_name: str, interval_s: float) -> str:
     """A Prometheus scrape config (YAML) for the given targets."""
@@ -413,7 +521,8 @@ def dcgm_snapshot(twin: Twin, fields: Sequence[DcgmField]) -> Snapshot:
     """The twin as a Prometheus reader of its exporters would see it now: values as served
     (rounded like DCGM), and the GPUs of a node whose exporter is down stale, with no values and
     the age of their last sample (Prometheus marks such series stale at the first failed scrape).
-    Twin ground truth a trace keeps for replay rides along as the `priority` label."""
+    Twin ground truth a trace keeps for replay rides along as the `priority` label (and the
+    `workload` label, where the twin labels its jobs' workloads)."""
     tw = twin
     since = dropout_since(tw)[tw.node_of]
     stale = np.isfinite(since)
@@ -434,5 +543,5 @@ def dcgm_snapshot(twin: Twin, fields: Sequence[DcgmField]) -> Snapshot:
         age_s=age,
         stale=stale,
         budget_w=tw.budget_w(),
-        labels={PRIORITY_LABEL: tw.job_priority().astype(np.str_)},
+        labels=tw.labels(),
     )

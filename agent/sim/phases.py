@@ -140,6 +140,8 @@ class PhaseSpec:
     flatlines_per_gpu_day: float = 0.0
     exporter_restarts_per_node_day: float = 0.0
     day_start_h: float = 0.0  # the hour of day at twin time 0 (for the services' daily curve)
+    # The services' daily peak load, a share of their capacity (the rest is kept for bursts).
+    inference_peak_load: float = INFERENCE_PEAK_LOAD
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.inference_share <= 1.0:
@@ -155,10 +157,14 @@ class PhaseSpec:
             )
         if not 0.0 <= self.day_start_h < 24.0:
             raise ValueError("phases.day_start_h is an hour of day in [0, 24)")
+        if not 0.0 < self.inference_peak_load <= 1.0:
+            raise ValueError("phases.inference_peak_load is a share of capacity in (0, 1]")
 
     @property
     def any(self) -> bool:
-        return self != PhaseSpec(day_start_h=self.day_start_h)
+        return self != PhaseSpec(
+            day_start_h=self.day_start_h, inference_peak_load=self.inference_peak_load
+        )
 
     @property
     def job_phases(self) -> bool:
@@ -486,7 +492,7 @@ class PhasePlayer:
         hour = (self.spec.day_start_h + t_s / 3600.0) % 24.0
         peak_h, trough = self._table["peak_h"][rows], self._table["trough"][rows]
         daily = trough + (1.0 - trough) * 0.5 * (1.0 + np.cos(2.0 * np.pi * (hour - peak_h) / 24.0))
-        return INFERENCE_PEAK_LOAD * daily
+        return self.spec.inference_peak_load * daily
 
     def _inference(
         self, fx: JobEffects, t_s: float, rows: IntArray, job_ids: IntArray, service: BoolArray

@@ -8,8 +8,11 @@ Physics per GPU, vectorized over the fleet (columnar numpy, no per-GPU objects):
   advances at the pace of its slowest GPU (synchronous data-parallel training).
 - temperature: first order, T' = (ambient + R * P - T) / tau, with per-GPU variation in R; above
   the slowdown temperature the hardware throttles (clock and power drop).
-- jobs: Poisson arrivals sized to a target occupancy, lognormal amounts of work, FIFO with backfill
-  onto the lowest-weight, best-fitting undrained node (Slurm's habit); a capped job takes longer.
+- jobs: Poisson arrivals sized to a target occupancy (or given per hour of day), lognormal amounts
+  of work (or a real cluster's durations, agent/sim/jobmix.py), FIFO with backfill onto the
+  lowest-weight, best-fitting undrained node (Slurm's habit), a job larger than a node on whole
+  free nodes; a capped job takes longer. Workloads are the built-in classes
+  (agent/sim/calibration.py) or measured curves (agent/sim/measured.py).
 - a facility budget that changes over time (a demand-response drop), and injected faults.
 - optionally, the normal-but-surprising phases of a real fleet (agent/sim/phases.py: checkpoint
   stalls, evaluations, data-loader stalls, warm-ups, inference services, flat-lined readings,
@@ -32,8 +35,10 @@ import numpy.typing as npt
 
 from agent.core.curves import throughput_at_power
 from agent.core.gpu_models import H100_SXM, GpuModel
-from agent.sim.calibration import DEFAULT_MIX, WORKLOADS
+from agent.sim.calibration import DEFAULT_MIX, WORKLOADS, WorkloadClass
 from agent.sim.faults import FaultKind, FaultSpec
+from agent.sim.inference import ServiceMeters, ServiceState, service_state
+from agent.sim.jobmix import HOURS, WorkTable, sizes_for
 from agent.sim.phases import INFERENCE_CLASS, NO_PHASES, Phase, PhasePlayer, PhaseSpec
 
 FloatArray = npt.NDArray[np.float64]
@@ -41,6 +46,12 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 IDLE_SM_CLOCK_MHZ = 345.0
+# The lowest graphics clock a GPU supports (NVML's supported clocks: 210 MHz on H100 and A100).
+MIN_SUPPORTED_CLOCK_MHZ = 210.0
+# A clock-locked training GPU: the share of its dynamic draw that does not scale with the SM
+# clock, and the exponent of the rest (as the inference services' prefill: agent/sim/inference.py).
+LOCKED_STATIC_SHARE = 0.15
+LOCKED_POWER_EXP = 2.4
 THROTTLE_THROUGHPUT = 0.5  # hardware thermal slowdown: the clock drops hard
 THROTTLE_POWER = 0.6
 # A failed fan stops within seconds; the heat sink's thermal mass (thermal_tau_s) is what spreads
@@ -51,9 +62,11 @@ FATAL_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120, 140})  # the GPU stops
 JOB_PENDING, JOB_RUNNING, JOB_DONE = 0, 1, 2
 
 
-# The labels the twin gives each GPU (Snapshot.labels): its job's priority class.
+# The labels the twin gives each GPU (Snapshot.labels): its job's priority class, and with
+# `TwinSpec.workload_label` its job's workload class (as a cluster whose jobs say what they run).
 PRIORITY_LABEL = "priority"
-TWIN_LABELS = (PRIORITY_LABEL,)
+WORKLOAD_LABEL = "workload"
+TWIN_LABELS = (PRIORITY_LABEL, WORKLOAD_LABEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,18 @@ class TwinSpec:
     faults: tuple[FaultSpec, ...] = ()
     initial_jobs: bool = True  # start with the cluster at its target occupancy
     phases: PhaseSpec = NO_PHASES  # normal-but-surprising phases (none by default)
+    # Workload classes beside the built-in ones (measured curves), usable in `mix`.
+    workloads: tuple[WorkloadClass, ...] = ()
+    # A real cluster's durations (agent/sim/jobmix.py) instead of the lognormal of median_job_s.
+    durations: WorkTable | None = None
+    # Arrivals by hour of day (24 values, the hour from phases.day_start_h): relative to the
+    # occupancy-sized rate (`arrival_shape`, mean 1), or jobs per hour (`arrivals_per_h`, which
+    # then set the rate instead of the occupancy).
+    arrival_shape: tuple[float, ...] = ()
+    arrivals_per_h: tuple[float, ...] = ()
+    multi_node: bool = False  # sizes above a node take whole nodes (else they are left out)
+    workload_label: bool = False  # telemetry labels each GPU with its job's workload class
+    job_mix: str = ""  # the name of the job mix played, for the record
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -124,11 +149,20 @@ class TwinSpec:
             raise ValueError("occupancy is a fraction in [0, 1]")
         if self.step_s <= 0:
             raise ValueError("step_s must be positive")
-        unknown = [name for name, _ in self.mix if name not in WORKLOADS]
+        catalog = self.catalog()
+        unknown = [name for name, _ in self.mix if name not in catalog]
         if unknown:
             raise ValueError(
-                f"unknown workload classes in mix: {unknown} (known: {sorted(WORKLOADS)})"
+                f"unknown workload classes in mix: {unknown} (known: {sorted(catalog)})"
             )
+        if not self.mix or sum(p for _, p in self.mix) <= 0:
+            raise ValueError("the workload mix needs a positive share")
+        for name, hours in (
+            ("arrival_shape", self.arrival_shape),
+            ("arrivals_per_h", self.arrivals_per_h),
+        ):
+            if hours and (len(hours) != HOURS or min(hours) < 0):
+                raise ValueError(f"{name}: {HOURS} values, none negative, one per hour of day")
         for fault in self.faults:
             if fault.node > self.nodes:
                 raise ValueError(f"fault {fault}: the twin has only {self.nodes} nodes")
@@ -144,10 +178,15 @@ class TwinSpec:
         # At TDP a healthy, well-cooled GPU settles 10 C under its slowdown temperature.
         return (self.model.slowdown_temp_c - 10.0 - self.ambient_c) / self.model.tdp_w
 
+    def catalog(self) -> dict[str, WorkloadClass]:
+        """The workload classes jobs are drawn from: the built-in ones and `workloads`."""
+        return {**WORKLOADS, **{w.name: w for w in self.workloads}}
+
     def expected_demand_w(self) -> float:
         """Expected fleet draw with no caps at the target occupancy (for sizing budgets)."""
         total_share = sum(p for _, p in self.mix)
-        busy_w = sum(WORKLOADS[n].natural_frac * p for n, p in self.mix) / total_share
+        catalog = self.catalog()
+        busy_w = sum(catalog[n].natural_frac * p for n, p in self.mix) / total_share
         busy_w *= self.model.max_cap_w
         per_gpu = self.occupancy * busy_w + (1 - self.occupancy) * self.model.idle_w
         return self.n_gpus * per_gpu + self.nodes * self.node_overhead_w
@@ -250,6 +289,13 @@ class Twin:
         self.min_w = np.full(n, model.min_cap_w)
         self.max_w = np.full(n, model.max_cap_w)
         self.default_w = np.full(n, model.default_cap_w)
+        # Supported graphics clocks, and the locked range (NaN: not locked; NVML's
+        # nvmlDeviceSetGpuLockedClocks / ResetGpuLockedClocks).
+        self.min_clock_mhz = np.full(n, MIN_SUPPORTED_CLOCK_MHZ)
+        self.max_clock_mhz = np.full(n, model.max_sm_clock_mhz)
+        self.clock_lock_min_mhz = np.full(n, np.nan)
+        self.clock_lock_max_mhz = np.full(n, np.nan)
+        self._any_locked = False
 
     def _init_state(self) -> None:
         """The GPUs' and nodes' physical state and telemetry, idle."""
@@ -275,6 +321,7 @@ class Twin:
         self.cap_slowdown = np.zeros(n)
         self.throttled = np.zeros(n, dtype=bool)
         self.clocks_event_reasons = np.zeros(n, dtype=np.int64)  # NVML/DCGM throttle bitmask
+        self.services = ServiceMeters()  # the inference services' vLLM counters
         self.node_drained = np.zeros(spec.nodes, dtype=bool)
         self.node_weight = np.ones(spec.nodes, dtype=np.int64)
         self.node_features: list[set[str]] = [set() for _ in range(spec.nodes)]
@@ -308,35 +355,46 @@ class Twin:
         self.energy_total_j = 0.0
         self.log = StepLog()
         self._log_buf: list[tuple[float, float, float, float]] = []
+        self._catalog = spec.catalog()
         self._workload_names = [name for name, _ in spec.mix]
         total = sum(p for _, p in spec.mix)
         self._workload_p = np.array([p / total for _, p in spec.mix])
-        self._sizes = np.array([s for s, _ in spec.job_sizes if s <= g] or [g], dtype=np.int64)
-        size_p = np.array([p for s, p in spec.job_sizes if s <= g] or [1.0])
-        self._sizes_p = size_p / size_p.sum()
+        # Training jobs share the GPUs the inference services (the last nodes) leave.
+        self.training_gpus = n - self.phases.service_nodes * g
+        self._sizes, self._sizes_p = sizes_for(
+            spec.job_sizes, g, self.training_gpus, spec.multi_node
+        )
         prio = spec.priorities
         self._prio = np.array([p for p, _ in prio], dtype=np.int64)
         self._prio_p = np.array([w for _, w in prio]) / sum(w for _, w in prio)
         mean_size = float((self._sizes * self._sizes_p).sum())
-        mean_work = spec.median_job_s * float(np.exp(0.8**2 / 2))  # lognormal mean
-        # Training jobs share the GPUs the inference services (the last nodes) leave.
-        self.training_gpus = n - self.phases.service_nodes * g
+        if spec.durations is not None:
+            mean_work = spec.durations.mean_s()
+        else:
+            mean_work = spec.median_job_s * float(np.exp(0.8**2 / 2))  # lognormal mean
         self.arrival_rate_per_s = spec.occupancy * self.training_gpus / (mean_size * mean_work)
+        # Per hour of day: the rate (jobs a second) the arrivals follow.
+        if spec.arrivals_per_h:
+            self._rate_by_hour = np.asarray(spec.arrivals_per_h, dtype=np.float64) / 3600.0
+            self.arrival_rate_per_s = float(self._rate_by_hour.mean())
+        elif spec.arrival_shape:
+            shape = np.asarray(spec.arrival_shape, dtype=np.float64)
+            self._rate_by_hour = self.arrival_rate_per_s * shape / shape.mean()
+        else:
+            self._rate_by_hour = np.zeros(0)
         self._ecc_counted: set[int] = set()
 
     # -- jobs -----------------------------------------------------------------------------------
 
     def _new_job(self, now_s: float, work_s: float | None = None) -> int:
         wl_idx = int(self.rng.choice(len(self._workload_names), p=self._workload_p))
-        wl = WORKLOADS[self._workload_names[wl_idx]]
+        wl = self._catalog[self._workload_names[wl_idx]]
         # Per-job natural draw within the class's measured spread (IQR ~ 1.35 sigma).
         sigma = (wl.natural_frac_hi - wl.natural_frac_lo) / 1.35
         lo_frac = self.spec.model.idle_w / self.spec.model.max_cap_w + 0.05
         frac = float(np.clip(self.rng.normal(wl.natural_frac, sigma), lo_frac, 0.98))
         if work_s is None:
-            work_s = float(
-                np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 12 * 3600)
-            )
+            work_s = self._draw_work()
         size = int(self.rng.choice(self._sizes, p=self._sizes_p))
         row = self.jobs.add(
             job_id=1000 + self.jobs.n,
@@ -355,6 +413,20 @@ class Twin:
         self.pending.append(row)
         return row
 
+    def _draw_work(self) -> float:
+        """A new job's work (seconds at full speed)."""
+        if self.spec.durations is not None:
+            return self.spec.durations.sample(self.rng)
+        return float(
+            np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 12 * 3600)
+        )
+
+    def _draw_running_work(self) -> float:
+        """The whole work of a job found running at time 0 (a long job is more likely found)."""
+        if self.spec.durations is not None:
+            return self.spec.durations.sample_running(self.rng)
+        return float(np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200))
+
     def _start_services(self) -> None:
         """One inference service per node on the last `service_nodes` nodes, running all day at
         the inference class's natural draw (its load curve scales that)."""
@@ -364,7 +436,7 @@ class Twin:
         if INFERENCE_CLASS not in self._workload_names:  # drawn never: the mix has no such jobs
             self._workload_names.append(INFERENCE_CLASS)
             self._workload_p = np.append(self._workload_p, 0.0)
-        wl = WORKLOADS[INFERENCE_CLASS]
+        wl = self._catalog[INFERENCE_CLASS]
         g = self.spec.gpus_per_node
         for node in range(self.spec.nodes - count, self.spec.nodes):
             row = self.jobs.add(
@@ -395,14 +467,14 @@ class Twin:
         misses = 0  # jobs too big for what is left: keep drawing (smaller ones fit), boundedly
         while busy < target and misses < 100:
             # Remaining work of a job caught mid-run: uniform share of a fresh job's work.
-            work = float(
-                np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200)
-            )
+            work = self._draw_running_work()
             row = self._new_job(0.0, work * float(self.rng.uniform(0.05, 1.0)))
             self.pending.pop()
             size = int(self.jobs.n_gpus[row])
             start = cursor
-            if start % g + size > g:
+            if size > g:
+                start += (g - start % g) % g  # a multi-node job starts on a node of its own
+            elif start % g + size > g:
                 start += g - start % g  # does not fit on this node: start the next one
             if start + size > limit or busy + size > target + size // 2:
                 self.jobs.state[row] = JOB_DONE  # does not fit what is left
@@ -422,6 +494,15 @@ class Twin:
         size = int(self.jobs.n_gpus[row])
         free = self._free_mask()
         free_per_node = np.bincount(self.node_of[free], minlength=self.spec.nodes)
+        g = self.spec.gpus_per_node
+        if size > g:  # whole free nodes, lowest weight first
+            whole = np.flatnonzero(free_per_node == g)
+            if whole.size * g < size:
+                return False
+            order = np.lexsort((whole, self.node_weight[whole]))
+            nodes = whole[order[: size // g]]
+            self.assign(row, np.flatnonzero(np.isin(self.node_of, nodes) & free), now_s)
+            return True
         fits = np.flatnonzero(free_per_node >= size)
         if fits.size == 0:
             return False
@@ -457,8 +538,15 @@ class Twin:
         self.jobs.state[row] = JOB_DONE if finished else JOB_PENDING
         self.jobs.start_s[row] = np.nan
 
+    def arrival_rate_at(self, t_s: float) -> float:
+        """Jobs a second arriving at twin time t_s (by its hour of day, when given)."""
+        if self._rate_by_hour.size == 0:
+            return self.arrival_rate_per_s
+        hour = int((self.spec.phases.day_start_h + t_s / 3600.0) % 24.0)
+        return float(self._rate_by_hour[hour])
+
     def _arrivals_and_scheduling(self, dt: float) -> None:
-        arrivals = int(self.rng.poisson(self.arrival_rate_per_s * dt))
+        arrivals = int(self.rng.poisson(self.arrival_rate_at(self.t_s) * dt))
         for _ in range(arrivals):
             self._new_job(self.t_s)
         if not self.pending:
@@ -567,7 +655,13 @@ class Twin:
         working = busy & ~failed
         straggle = self.straggler_factor
         natural_eff = np.where(working, natural * (0.85 + 0.15 * straggle), model.idle_w)
-        mean_power = np.minimum(natural_eff, k * self.enforced_w)
+        # A clock lock holds a training GPU's draw as a cap would; an inference service's
+        # phases have their own clock model (agent/sim/inference.py).
+        locked_w = self._locked_draw_w(natural_eff)
+        mean_power = np.minimum(locked_w, k * self.enforced_w)
+        svc = self._serve(busy, rows, lv, k, working)
+        if svc is not None:
+            natural_eff[svc[0]], mean_power[svc[0]] = svc[1].natural_w, svc[1].power_w
         noise = 1.0 + spec.power_noise_frac * self.rng.standard_normal(spec.n_gpus)
         # A spike is an excursion the GPU's power limiter does not hold (a firmware or sensor
         # fault, or a surge faster than the limiter): the draw can pass the enforced limit, up to
@@ -595,17 +689,76 @@ class Twin:
         self.throughput = tput * lv.pace  # a stalled job draws, and clocks, but does not progress
         # What NVML reports as clock event reasons: the power cap (0x4) binds when the job
         # would draw more than the cap lets it; thermal slowdown (0x20 | 0x40) when throttled.
-        cap_binds = working & (natural_eff > k * self.enforced_w)
+        cap_binds = working & (np.minimum(natural_eff, locked_w) > k * self.enforced_w)
         self.clocks_event_reasons = np.asarray(
             np.where(cap_binds, 0x4, 0) | np.where(self.throttled, 0x60, 0), dtype=np.int64
         )
 
         self._telemetry(busy, rows, working, failed, noise, tput, lv)
+        if svc is not None:
+            self._service_telemetry(svc[0], svc[1], lv, dt)
 
         if dt > 0:
             target = spec.ambient_c + self.thermal_r * self.fan_factor * self.power_w
             self.temp_c += (target - self.temp_c) * (1.0 - np.exp(-dt / spec.thermal_tau_s))
             self.energy_j += self.power_w * dt
+
+    def _lock_frac(self) -> FloatArray:
+        """Per GPU: its locked clock's share of the maximum (1.0: not locked)."""
+        if not self._any_locked:  # the common case: no lock anywhere, nothing to compute
+            return np.ones(self.spec.n_gpus)
+        lock = self.clock_lock_max_mhz
+        return np.where(np.isfinite(lock), np.minimum(lock / self.max_clock_mhz, 1.0), 1.0)
+
+    def _locked_draw_w(self, natural_w: FloatArray) -> FloatArray:
+        """Per GPU: the most a clock lock lets it draw (its natural draw where not locked)."""
+        if not self._any_locked:
+            return natural_w
+        r = self._lock_frac()
+        idle = self.spec.model.idle_w
+        scale = LOCKED_STATIC_SHARE + (1.0 - LOCKED_STATIC_SHARE) * r**LOCKED_POWER_EXP
+        return np.where(r < 1.0, idle + np.maximum(natural_w - idle, 0.0) * scale, natural_w)
+
+    def _serve(
+        self, busy: BoolArray, rows: IntArray, lv: _Levels, k: FloatArray, working: BoolArray
+    ) -> tuple[IntArray, ServiceState] | None:
+        """The inference services' GPUs and their state this step (None: no services)."""
+        serving = np.zeros(self.spec.n_gpus, dtype=bool)
+        serving[busy] = self.jobs.service[rows]
+        serving &= working
+        if not serving.any():
+            return None
+        gpus = np.flatnonzero(serving)
+        model = self.spec.model
+        state = service_state(
+            load=lv.activity[gpus] * lv.ramp[gpus],
+            lock_frac=self._lock_frac()[gpus],
+            limit_w=k[gpus] * self.enforced_w[gpus],
+            idle_w=model.idle_w,
+            board_w=model.max_cap_w,
+            gpus=np.ones(gpus.shape[0]),
+        )
+        return gpus, state
+
+    def _service_telemetry(
+        self, gpus: IntArray, state: ServiceState, lv: _Levels, dt: float
+    ) -> None:
+        """A service GPU's progress (its share of the tokens asked of it), SM clock (the phases'
+        clocks, weighted by their time) and the vLLM counters of its service (the service's
+        tokens are its GPUs' sum; its latencies its slowest GPU's)."""
+        load = lv.activity[gpus] * lv.ramp[gpus]
+        self.throughput[gpus] = np.where(self.throttled[gpus], 0.5, 1.0) * state.pace * load
+        self.cap_slowdown[gpus] = 1.0 - state.pace
+        r = (1.0 - state.prefill_share) * state.r_decode + state.prefill_share * state.r_prefill
+        self.sm_clock_mhz[gpus] = np.maximum(r * self.max_clock_mhz[gpus], IDLE_SM_CLOCK_MHZ)
+        binds = (state.r_prefill < self._lock_frac()[gpus] - 1e-9) | (
+            state.r_decode < self._lock_frac()[gpus] - 1e-9
+        )
+        self.clocks_event_reasons[gpus] |= np.where(binds, 0x4, 0)
+        job_rows, inverse = np.unique(self.job_row[gpus], return_inverse=True)
+        per_service = _per_service(state, inverse, job_rows.shape[0])
+        self.services.ensure(job_rows)
+        self.services.add(per_service, dt)
 
     def _job_levels(self, busy: BoolArray, rows: IntArray) -> _Levels:
         """Per GPU: its job's warm-up ramp and what its job's phase does to it now (also sets
@@ -644,7 +797,7 @@ class Twin:
         ramp = lv.ramp
         wl_mem = np.zeros(spec.n_gpus)
         if busy.any():
-            mem_by_class = np.array([WORKLOADS[w].mem_util_pct for w in self._workload_names])
+            mem_by_class = np.array([self._catalog[w].mem_util_pct for w in self._workload_names])
             wl_mem[busy] = mem_by_class[jobs.workload[rows]]
         self.util_pct = np.where(working, np.clip(97.0 * ramp * lv.util + noise - 1.0, 0, 100), 0.0)
         self.mem_util_pct = np.where(
@@ -661,6 +814,8 @@ class Twin:
         sm = np.where(lv.clock < 1.0, IDLE_SM_CLOCK_MHZ + (sm - IDLE_SM_CLOCK_MHZ) * lv.clock, sm)
         self.sm_clock_mhz = np.where(working, np.maximum(sm, IDLE_SM_CLOCK_MHZ), IDLE_SM_CLOCK_MHZ)
         self.sm_clock_mhz = np.where(failed, 0.0, self.sm_clock_mhz)
+        # A locked clock never runs above its lock (fmin: NaN, not locked, leaves it).
+        self.sm_clock_mhz = np.fmin(self.sm_clock_mhz, self.clock_lock_max_mhz)
 
     def _ramp(self, rows: IntArray) -> tuple[FloatArray, FloatArray]:
         """Per GPU of the given job rows: its warm-up ramp (0 to 1) and the time since its
@@ -782,6 +937,31 @@ class Twin:
             raise ValueError("cap outside the GPU's constraints")
         self.cap_w[idx] = w
 
+    def lock_clocks(
+        self, rows: npt.ArrayLike, min_mhz: npt.ArrayLike, max_mhz: npt.ArrayLike
+    ) -> None:
+        """Lock the SM clocks to [min_mhz, max_mhz] (nvmlDeviceSetGpuLockedClocks): within the
+        GPU's supported clocks, or ValueError."""
+        idx = np.asarray(rows, dtype=np.int64)
+        lo = np.broadcast_to(np.asarray(min_mhz, dtype=np.float64), idx.shape)
+        hi = np.broadcast_to(np.asarray(max_mhz, dtype=np.float64), idx.shape)
+        if (
+            np.any(lo > hi)
+            or np.any(lo < self.min_clock_mhz[idx])
+            or np.any(hi > self.max_clock_mhz[idx])
+        ):
+            raise ValueError("locked clocks outside the GPU's supported clocks")
+        self.clock_lock_min_mhz[idx] = lo
+        self.clock_lock_max_mhz[idx] = hi
+        self._any_locked = bool(np.isfinite(self.clock_lock_max_mhz).any())
+
+    def reset_clocks(self, rows: npt.ArrayLike) -> None:
+        """Unlock the SM clocks (nvmlDeviceResetGpuLockedClocks)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        self.clock_lock_min_mhz[idx] = np.nan
+        self.clock_lock_max_mhz[idx] = np.nan
+        self._any_locked = bool(np.isfinite(self.clock_lock_max_mhz).any())
+
     def rows_for(self, nodes: Sequence[str], gpus: Sequence[int]) -> IntArray:
         """Twin rows for (node name, GPU index) pairs; -1 where unknown."""
         g = self.spec.gpus_per_node
@@ -800,6 +980,19 @@ class Twin:
 
     def job_priority(self) -> IntArray:
         return np.where(self.job_row >= 0, self.jobs.priority[np.maximum(self.job_row, 0)], 0)
+
+    def job_workload(self) -> npt.NDArray[np.str_]:
+        """Per GPU: its job's workload class ("" when idle)."""
+        names = np.array([*self._workload_names, ""], dtype=np.str_)
+        index = np.where(self.job_row >= 0, self.jobs.workload[np.maximum(self.job_row, 0)], -1)
+        return names[index]
+
+    def labels(self) -> dict[str, npt.NDArray[np.str_]]:
+        """What the twin's telemetry labels each GPU with (Snapshot.labels)."""
+        out = {PRIORITY_LABEL: self.job_priority().astype(np.str_)}
+        if self.spec.workload_label:
+            out[WORKLOAD_LABEL] = self.job_workload()
+        return out
 
     # -- ground truth (the oracle only) ---------------------------------------------------------
 
@@ -820,6 +1013,39 @@ class Twin:
         k = np.ones(self.spec.n_gpus)
         a[busy], b[busy], k[busy] = jobs.a[rows], jobs.b[rows], jobs.cap_draw_frac[rows]
         return {"busy": busy.astype(np.float64), "natural_w": natural, "a": a, "b": b, "k": k}
+
+
+def _per_service(state: ServiceState, inverse: IntArray, count: int) -> ServiceState:
+    """Per-GPU service states pooled per service: tokens summed, latencies and utilization at
+    the slowest GPU, clocks and pace at the lowest."""
+
+    def total(x: FloatArray) -> FloatArray:
+        return np.bincount(inverse, weights=x, minlength=count).astype(np.float64)
+
+    def worst(x: FloatArray) -> FloatArray:
+        out = np.full(count, -np.inf)
+        np.maximum.at(out, inverse, x)
+        return out
+
+    def least(x: FloatArray) -> FloatArray:
+        out = np.full(count, np.inf)
+        np.minimum.at(out, inverse, x)
+        return out
+
+    return ServiceState(
+        r_prefill=least(state.r_prefill),
+        r_decode=least(state.r_decode),
+        power_w=total(state.power_w),
+        natural_w=total(state.natural_w),
+        tokens_per_s=total(state.tokens_per_s),
+        prompt_tokens_per_s=total(state.prompt_tokens_per_s),
+        requests_per_s=total(state.requests_per_s),
+        rho=worst(state.rho),
+        ttft_median_s=worst(state.ttft_median_s),
+        tpot_median_s=worst(state.tpot_median_s),
+        pace=least(state.pace),
+        prefill_share=worst(state.prefill_share),
+    )
 
 
 def _uuid(seed: int, index: int) -> str:
