@@ -37,6 +37,7 @@ measured apart from its cycle, which runs at the interval's end. The first inter
 series new, decoded in full) is shown apart, as the warm-up cycle is.
 
     python bench/cycle.py --source remote_write --gpus 10000 --gpus 100000 --json
+    python bench/cycle.py --source remote_write --gpus 100000 --profile /tmp/rw.prof  # .100000
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ def cycle_child(
     }
 
 
-def rw_child(cycles_url_file: Path, counters: str) -> None:
+def rw_child(cycles_url_file: Path, counters: str, profile: str | None = None) -> None:
     """Runs in its own process: the agent with a remote-write source on a free loopback port and
     a fake clock. Prints its URL, then for each line `T` on stdin runs a cycle at time T and
-    prints its figures (JSON lines)."""
+    prints its figures (JSON lines). `profile`: a cProfile of the cycles after the first (the
+    loop's thread only: ingest runs on the receiver's)."""
     import logging
 
     import structlog
@@ -205,6 +207,7 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
     print(json.dumps({"url": loop.source.url}), flush=True)  # type: ignore[attr-defined]
     fleet_w = None
     k = 0
+    profiler = None
     for line in sys.stdin:
         at_s = float(line)
         clock.advance(at_s - clock.now())
@@ -212,8 +215,16 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
             loop.budget_w = (0.85 - 0.03 * k) * fleet_w
             k += 1
         cpu0 = _cpu_s()
+        if profiler is not None:
+            profiler.enable()
         report = loop.cycle()
+        if profiler is not None:
+            profiler.disable()
         cpu = _cpu_s() - cpu0
+        if profile and profiler is None:  # the first cycle (every model new) not profiled
+            import cProfile
+
+            profiler = cProfile.Profile()
         if fleet_w is None:
             fleet_w = report.situation.fleet_power_w
         summary = report.summary()
@@ -236,11 +247,19 @@ def rw_child(cycles_url_file: Path, counters: str) -> None:
             flush=True,
         )
         del report
+    if profiler is not None:
+        profiler.dump_stats(profile)
     runtime.close()
 
 
 def bench_remote_write(
-    gpus: int, cycles: int, work: Path, counters: str, per_send: int, pace_s: float | None
+    gpus: int,
+    cycles: int,
+    work: Path,
+    counters: str,
+    per_send: int,
+    pace_s: float | None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """The agent fed by remote write: ingest CPU per interval and the cycle, per N."""
     from _remote_write import COUNTERS, TwinSender, send
@@ -252,7 +271,8 @@ def bench_remote_write(
     agent_work.mkdir()
     # The agent first, while this process is small (a forked child starts with its pages).
     child = subprocess.Popen(
-        [sys.executable, __file__, "--rw-child", str(agent_work / "url"), "--counters", counters],
+        [sys.executable, __file__, "--rw-child", str(agent_work / "url"), "--counters", counters]
+        + (["--profile", f"{profile}.{gpus}"] if profile else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -480,7 +500,7 @@ def main() -> int:
     parser.add_argument("--prometheus-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rw_child:
-        rw_child(args.rw_child, args.counters)
+        rw_child(args.rw_child, args.counters, args.profile)
         return 0
     if args.source == "remote_write":
         return _main_remote_write(args)
@@ -538,7 +558,13 @@ def _main_remote_write(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ooda-bench-cycle-rw-") as tmp:
         for gpus in args.gpus or [10000, 100000]:
             results[gpus] = bench_remote_write(
-                gpus, args.cycles, Path(tmp), args.counters, args.samples_per_send, args.pace_s
+                gpus,
+                args.cycles,
+                Path(tmp),
+                args.counters,
+                args.samples_per_send,
+                args.pace_s,
+                args.profile,
             )
             print(json.dumps(results[gpus]), flush=True)
     if 10000 in results and 100000 in results:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.core.intents import (
     DrainNode,
@@ -29,6 +30,7 @@ from agent.core.intents import (
     SetNodeWeight,
     SetPowerCap,
 )
+from agent.core.keyed import distinct
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,18 @@ def _weight(intent: Intent) -> int:
     return intent.weight if isinstance(intent, SetNodeWeight) else 0
 
 
+def _picked_rows(caps: list[SetPowerCap]) -> npt.NDArray[np.int64] | None:
+    """The caps' targets' rows, when all were taken from one read-only array of distinct
+    UUIDs (a row then stands for a UUID); else None."""
+    picked = [c.targets.picked() for c in caps]
+    first = picked[0]
+    if first is None or any(p is None or p[0] is not first[0] for p in picked):
+        return None
+    if not distinct(first[0]):
+        return None
+    return np.concatenate([p[1] for p in picked if p is not None])
+
+
 def _resolve_caps(
     caps: list[SetPowerCap], releases: list[ReleasePowerCap]
 ) -> tuple[list[Intent], list[Overridden]]:
@@ -109,9 +123,14 @@ def _resolve_caps(
         watts = np.concatenate([c.watts for c in caps])
         source = np.concatenate([np.full(len(c), k) for k, c in enumerate(caps)])
         position = np.concatenate([np.arange(len(c)) for c in caps])
-        order = np.lexsort((source, watts, uuid))  # per uuid: lowest watts first
+        # Per GPU the lowest watts first. GPUs are told apart by their rows in the snapshot
+        # where every cap was taken from its (distinct) UUIDs: sorting integers, not strings.
+        key = _picked_rows(caps)
+        if key is None:
+            key = uuid
+        order = np.lexsort((source, watts, key))
         first = np.ones(order.size, dtype=bool)
-        first[1:] = uuid[order][1:] != uuid[order][:-1]
+        first[1:] = key[order][1:] != key[order][:-1]
         winners = order[first]
         losers = order[~first]
         capped_uuids = uuid[winners]

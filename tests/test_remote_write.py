@@ -174,6 +174,25 @@ def test_the_hash_index_finds_what_it_holds() -> None:
     assert (index.find(others[~np.isin(others, keys)]) == -1).all()
 
 
+def test_the_hash_index_places_many_keys_at_once() -> None:
+    """Keys added in batches (a body's new series), many sharing their home place: each found,
+    through every growth of the table."""
+    rng = np.random.default_rng(2)
+    spread = rng.integers(-(2**63), 2**63 - 1, size=20_000, dtype=np.int64)
+    crowded = (np.arange(3000, dtype=np.int64) << 24) | 5  # the same low bits: one home
+    keys = np.unique(np.concatenate([spread, crowded]))
+    keys = rng.permutation(keys[keys != HashIndex.EMPTY])
+    index = HashIndex()
+    for part in np.array_split(np.arange(keys.size), 7):
+        index.add_many(keys[part], part)
+    assert len(index) == keys.size
+    np.testing.assert_array_equal(index.find(keys), np.arange(keys.size))
+    assert 2 * len(index) <= index._keys.size  # at most half full
+    np.testing.assert_array_equal(HashIndex.of(keys).find(keys), np.arange(keys.size))
+    absent = np.setdiff1d(rng.integers(0, 2**40, size=100, dtype=np.int64), keys)
+    assert (index.find(absent) == -1).all()
+
+
 # -- the source ----------------------------------------------------------------------------------
 
 

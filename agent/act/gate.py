@@ -243,7 +243,7 @@ class Gate:
         s = self.settings
         uuids = intent.targets.uuid
         n = uuids.shape[0]
-        rows, known = index.find(uuids)
+        rows, known = index.find_picked(uuids, intent.targets.picked())
         lo = situation.min_cap_w[rows]
         hi = situation.max_cap_w[rows]
         # A GPU not seen is refused, whatever we remember of it.

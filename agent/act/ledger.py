@@ -142,10 +142,12 @@ class Ownership:
 def asserted_caps(snapshot: Snapshot, rows: RowIndex, intents: list[Intent]) -> BoolArray:
     """Per GPU: does any intent ask a cap for it this cycle? (`rows`: the snapshot's UUIDs)"""
     asserted = np.zeros(snapshot.n_gpus, dtype=bool)
-    uuids = [i.targets.uuid for i in intents if isinstance(i, SetPowerCap)]
-    if uuids and snapshot.n_gpus:
-        at, found = rows.find(np.concatenate(uuids))
-        asserted[at[found]] = True
+    if not snapshot.n_gpus:
+        return asserted
+    for intent in intents:
+        if isinstance(intent, SetPowerCap):
+            at, found = rows.find_picked(intent.targets.uuid, intent.targets.picked())
+            asserted[at[found]] = True
     return asserted
 
 
@@ -276,7 +278,7 @@ class Ledger:
     def _record_caps(
         self, intent: SetPowerCap | ReleasePowerCap, applied: bool, now_s: float
     ) -> None:
-        slot = self.caps.slots(intent.targets.uuid)
+        slot = self.caps.slots_picked(intent.targets.uuid, intent.targets.picked())
         self.caps["last_change_s"][slot] = now_s
         cap_w = intent.watts if isinstance(intent, SetPowerCap) else np.nan
         self.caps["our_cap_w"][slot] = cap_w

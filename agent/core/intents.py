@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from agent.core.keyed import frozen
 from agent.core.snapshot import Snapshot
 
 FloatArray = npt.NDArray[np.float64]
@@ -54,15 +55,28 @@ def split_gpu_names(
 
 @dataclass(frozen=True, eq=False)
 class GpuTargets:
-    """A set of GPUs, self-contained (usable after the Snapshot it came from is gone)."""
+    """A set of GPUs, self-contained (usable after the Snapshot it came from is gone).
+
+    Taken from a snapshot's rows (`from_rows`), they also remember those rows and the UUID
+    array they index (`picked`): whoever keeps state by the snapshot's UUIDs then finds the
+    targets by their rows, not by looking 100,000 strings up again."""
 
     node: npt.NDArray[np.str_]
     gpu: npt.NDArray[np.int64]
     uuid: npt.NDArray[np.str_]
+    rows: npt.NDArray[np.int64] | None = field(default=None, repr=False)
+    of_uuid: npt.NDArray[np.str_] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.node.shape == self.gpu.shape == self.uuid.shape:
             raise ValueError("GpuTargets arrays must have equal length")
+
+    def picked(self) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]] | None:
+        """(the read-only UUID array these GPUs were taken from, their rows in it), when
+        known: `uuid` is then `of_uuid[rows]`, for good (a read-only array cannot change)."""
+        if self.rows is None or self.of_uuid is None or not frozen(self.of_uuid):
+            return None
+        return self.of_uuid, self.rows
 
     def __len__(self) -> int:
         return int(self.uuid.shape[0])
@@ -74,6 +88,8 @@ class GpuTargets:
             node=np.asarray(snapshot.node_names[snapshot.node[idx]], dtype=np.str_),
             gpu=np.asarray(snapshot.gpu[idx], dtype=np.int64),
             uuid=np.asarray(snapshot.uuid[idx], dtype=np.str_),
+            rows=idx,
+            of_uuid=snapshot.uuid,
         )
 
     @staticmethod
@@ -87,7 +103,8 @@ class GpuTargets:
 
     def subset(self, selector: npt.ArrayLike) -> GpuTargets:
         sel = np.asarray(selector)
-        return GpuTargets(self.node[sel], self.gpu[sel], self.uuid[sel])
+        rows = None if self.rows is None else self.rows[sel]
+        return GpuTargets(self.node[sel], self.gpu[sel], self.uuid[sel], rows, self.of_uuid)
 
 
 def _jsonable(value: Any) -> Any:

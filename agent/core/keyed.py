@@ -7,6 +7,7 @@ hash where asked), adding unseen keys with each column's fill value.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -68,6 +69,23 @@ class LastKeys:
         self._src = self._copy = None
 
 
+_DISTINCT_LOCK = threading.Lock()
+_DISTINCT: list[tuple[npt.NDArray[Any], bool]] = []  # the last read-only array asked about
+
+
+def distinct(keys: npt.NDArray[Any]) -> bool:
+    """Whether no key repeats; remembered for the last read-only array asked about (a fleet's
+    UUIDs, the same array cycle after cycle)."""
+    if not frozen(keys):
+        return bool(np.unique(keys).size == keys.size)
+    with _DISTINCT_LOCK:
+        if _DISTINCT and _DISTINCT[0][0] is keys:
+            return _DISTINCT[0][1]
+        answer = bool(np.unique(keys).size == keys.size)
+        _DISTINCT[:] = [(keys, answer)]
+        return answer
+
+
 class RowIndex:
     """The row of each key of one key array (a GPU's `host<SEP>gpu`, its UUID; a key given
     twice: its first row), for many lookups: a dict, so a lookup costs a hash, not a binary
@@ -77,6 +95,20 @@ class RowIndex:
         self.size = int(keys.size)
         # Built from the end, so the first row of a repeated key is the one kept.
         self._row = dict(zip(reversed(keys.tolist()), range(self.size - 1, -1, -1), strict=True))
+        # The keys themselves when nothing can change them and none repeats: a key taken from
+        # them at a known row is found at that row (`find_picked`).
+        self._source = keys if frozen(keys) and len(self._row) == self.size else None
+
+    def find_picked(
+        self,
+        keys: npt.NDArray[np.str_],
+        picked: tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]] | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """`find(keys)`, where `picked` may say where `keys` came from: (an array, their rows
+        in it). Keys taken from this index's own keys are at those rows: nothing looked up."""
+        if picked is not None and picked[0] is self._source:
+            return picked[1], np.ones(picked[1].shape, dtype=bool)
+        return self.find(keys)
 
     def of(self, keys: Iterable[str]) -> Iterator[int]:
         """Each key's row, -1 where absent."""
@@ -188,6 +220,21 @@ class KeyedColumns:
         slots.flags.writeable = False
         self._last_keys.remember(arr)
         self._last_slots = slots
+
+    def slots_picked(
+        self,
+        keys: npt.NDArray[np.str_],
+        picked: tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]] | None,
+    ) -> npt.NDArray[np.int64]:
+        """`slots(keys)`, where `picked` may say where `keys` came from: (a read-only array,
+        their rows in it). While every key of that array is known, the answer is its `lookup`
+        (cached while no key is added) at those rows: nothing looked up again."""
+        if picked is not None and frozen(picked[0]):
+            pos, found = self.lookup(picked[0])
+            rows = picked[1]
+            if bool(found[rows].all()):
+                return np.asarray(pos[rows], dtype=np.int64)
+        return self.slots(keys)
 
     def lookup(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Positions of `keys` without adding any; the mask says which were found."""

@@ -110,10 +110,13 @@ class Snapshot:
     def job_key(self) -> StrArray:
         """Per GPU: its job, or the GPU itself (`gpu:UUID`) where no job is known: what GPUs
         that run at one pace share."""
-        return np.asarray(
-            np.where(self.job != "", self.job, np.char.add("gpu:", self.uuid.astype(np.str_))),
-            dtype=np.str_,
-        )
+        # (Only the rows without a job are joined: joining 100,000 strings costs a tenth of a
+        # second.) The type is the one `np.where(job != "", job, "gpu:" + uuid)` would have.
+        without = np.flatnonzero(self.job == "")
+        own = np.char.add("gpu:", self.uuid[without].astype(np.str_))
+        out = self.job.astype(np.result_type(self.job.dtype, own.dtype))
+        out[without] = own
+        return np.asarray(out, dtype=np.str_)
 
     def power_cap_holds(self) -> tuple[BoolArray, BoolArray]:
         """Per GPU: whether its clock event reasons say the power limit holds its clocks down,

@@ -32,6 +32,7 @@ their own job while busy.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.curves import MIN_EXPONENT
-from agent.core.keyed import KeyedColumns
+from agent.core.keyed import KeyedColumns, freeze
 from agent.core.snapshot import Metric, Snapshot
 from agent.orient.settings import CurveSettings
 from agent.orient.stats import Grouper
@@ -111,10 +112,13 @@ class CurveView:
 
 def job_keys(snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
     """A GPU's job: its label, or the GPU itself while busy without one ("" when idle)."""
-    own = (snapshot.job == "") & busy
-    if not own.any():
+    own = np.flatnonzero((snapshot.job == "") & busy)
+    if not own.size:
         return snapshot.job  # (no copy: widening 100,000 strings costs more than the rest)
-    return np.where(own, snapshot.job_key, snapshot.job)
+    # As np.where(own, job_key, job), copying only the own rows' keys.
+    out = snapshot.job.astype(snapshot.job_key.dtype)
+    out[own] = snapshot.job_key[own]
+    return out
 
 
 class CurveLearner:
@@ -164,6 +168,8 @@ class CurveLearner:
         # (model, class) -> CLASS_STATS_LEN sums over its ended jobs (see class_curves).
         self.class_stats: dict[str, list[float]] = {}
         self._grouper = Grouper()
+        self._models = Grouper()
+        self._last_keys: tuple[weakref.ref[Snapshot], BoolArray, npt.NDArray[np.str_]] | None = None
         self.cycles = 0
 
     # -- state ------------------------------------------------------------------------------------
@@ -263,33 +269,26 @@ class CurveLearner:
 
     def view(self, snapshot: Snapshot, busy: BoolArray) -> CurveView:
         """The current estimate per GPU (no learning)."""
-        n = snapshot.n_gpus
-        keys = job_keys(snapshot, busy)
+        keys = self._keys(snapshot, busy)
         g = self.gpus.slots(snapshot.uuid)
-        # Per job, not per GPU: look each job up once, then spread over its GPUs.
+        # Per job, not per GPU: look each job up once, then spread over its GPUs (a job not
+        # known: the built-in prior).
         ids, names = self._grouper.ids(keys)
         name_slot, name_found = self.jobs.lookup(names)
-        name_found = name_found & (names != "")
-        a = np.full(n, self.prior_a)
-        b = np.full(n, self.prior_b)
-        conf = np.zeros(n)
-        source = np.full(n, "prior", dtype="U16")
-        klass = np.full(n, "", dtype="U64")
-        found = name_found[ids]
-        if found.any():
-            hit = np.flatnonzero(name_found)
+        hit = np.flatnonzero(name_found & (names != ""))
+        per_a = np.full(names.shape[0], self.prior_a)
+        per_b = np.full(names.shape[0], self.prior_b)
+        per_c = np.zeros(names.shape[0])
+        per_s = np.full(names.shape[0], "prior", dtype="U16")
+        per_k = np.full(names.shape[0], "", dtype="U64")
+        if hit.size:
             pa, pb, pc, ps = self._posterior(name_slot[hit])
-            per_a = np.full(names.shape[0], np.nan)
-            per_b, per_c = per_a.copy(), per_a.copy()
-            per_s = np.full(names.shape[0], "prior", dtype="U16")
-            per_k = np.full(names.shape[0], "", dtype="U64")
             per_a[hit], per_b[hit], per_c[hit], per_s[hit] = pa, pb, pc, ps
             per_k[hit] = self.jobs.cols["klass"][name_slot[hit]]
-            rows = np.flatnonzero(found)
-            sel = ids[rows]
-            a[rows], b[rows], conf[rows] = per_a[sel], per_b[sel], per_c[sel]
-            source[rows], klass[rows] = per_s[sel], per_k[sel]
-        unknown = ~found & busy
+        a, b, conf, source, klass = per_a[ids], per_b[ids], per_c[ids], per_s[ids], per_k[ids]
+        found = np.zeros(names.shape[0], dtype=bool)
+        found[hit] = True
+        unknown = ~found[ids] & busy
         if unknown.any():
             # Jobs not seen yet: the prior of their GPU model (pooled over classes).
             for model in np.unique(snapshot.model[unknown]).tolist():
@@ -302,11 +301,23 @@ class CurveLearner:
             a=a,
             b=np.maximum(b, MIN_EXPONENT),
             confidence=conf,
-            source=source.astype(np.str_),
+            source=source,
             natural_clock_mhz=nc,
             job_key=keys,
-            workload_class=klass.astype(np.str_),
+            workload_class=klass,
         )
+
+    def _keys(self, snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
+        """`job_keys`, made once per snapshot and busy mask (a cycle asks two or three times),
+        read-only, so the groupers know them again by identity."""
+        last = self._last_keys
+        if last is not None and last[0]() is snapshot and np.array_equal(last[1], busy):
+            return last[2]
+        keys = job_keys(snapshot, busy)
+        if keys is not snapshot.job:
+            keys = freeze(keys)
+        self._last_keys = (weakref.ref(snapshot), busy.copy(), keys)  # (not kept alive here)
+        return keys
 
     def update(
         self,
@@ -328,7 +339,7 @@ class CurveLearner:
             return self.view(snapshot, busy)
         self.cycles += 1
         now = snapshot.time_s
-        keys = job_keys(snapshot, busy)
+        keys = self._keys(snapshot, busy)
         g, key_hash, warming = self._gpu_jobs(snapshot, busy, keys)
         gc = self.gpus.cols
         fresh = snapshot.fresh
@@ -412,7 +423,7 @@ class CurveLearner:
         if active.any():
             jc["last_t"][jslot] = snapshot.time_s
             jc["retired"][jslot] = False
-            new_model = jc["model"][jslot] != snapshot.model[active]
+            new_model = self._model_changed(snapshot, active, jslot)
             jc["model"][jslot[new_model]] = snapshot.model[active][new_model]
             jc["prior_ver"][jslot[new_model]] = -1
             self._classify(snapshot, active, jslot, natural_w, natural_known, max_cap_w)
@@ -476,6 +487,14 @@ class CurveLearner:
             old = jc[name][seen]
             jc[name][seen] = np.where(np.isnan(old), mean, (1 - DRAW_EMA) * old + DRAW_EMA * mean)
 
+    def _model_changed(self, snapshot: Snapshot, active: BoolArray, jslot: IntArray) -> BoolArray:
+        """Per active GPU: is its job's GPU model not the GPU's? Compared per job where the
+        fleet has one model (copying 100,000 wide strings to compare them costs more)."""
+        models = self._models.ids(snapshot.model)[1]
+        if models.shape[0] == 1:
+            return np.asarray((self.jobs.cols["model"] != models[0])[jslot], dtype=bool)
+        return np.asarray(self.jobs.cols["model"][jslot] != snapshot.model[active], dtype=bool)
+
     def _classify(
         self,
         snapshot: Snapshot,
@@ -499,7 +518,7 @@ class CurveLearner:
         # A signature from telemetry, fixed once the job's natural draw is known.
         mem, mem_ok = snapshot.column(Metric.MEM_UTIL_PCT)
         sel = active & natural_known & mem_ok & np.isfinite(natural_w) & np.isfinite(max_cap_w)
-        unset = jc["klass"][jslot] == ""
+        unset = (jc["klass"] == "")[jslot]  # (per job, then per GPU: no wide strings copied)
         pick = sel[active] & unset
         if not pick.any():
             return

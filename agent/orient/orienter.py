@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.keyed import LastKeys, freeze
+from agent.core.keyed import LastKeys, freeze, frozen
 from agent.core.situation import (
     AnomalyFlags,
     CurveEstimates,
@@ -41,7 +41,7 @@ from agent.orient.forecast import PanelForecaster, clearly_better
 from agent.orient.groups import GroupSpec, group_masks, job_priorities
 from agent.orient.health import HealthClassifier
 from agent.orient.idle import IdleTracker
-from agent.orient.natural import NaturalDrawTracker
+from agent.orient.natural import NaturalDraw, NaturalDrawTracker
 from agent.orient.settings import OrientSettings
 from agent.orient.stats import Grouper, json_safe
 
@@ -273,54 +273,7 @@ class Orienter:
         )
         health = self.health.update(snapshot)
         natural_known = draw.busy & ~draw.uncertain & np.isfinite(draw.mean_w)
-        # The slow models (anomaly detectors, curve learner) may run every Nth cycle; between
-        # runs their last findings stand, as long as the GPUs are the same rows.
-        every = self.settings.slow_models_every_cycles
-        cached = self._slow_cache
-        reuse = (
-            every > 1
-            and cached is not None
-            and self.cycles % every != 0
-            and cached[0].shape == snapshot.uuid.shape
-            and bool(np.array_equal(cached[0], snapshot.uuid))
-        )
-        if reuse:
-            assert cached is not None
-            _uuid, anomalies, learned = cached
-        else:
-            before = self.curves.view(snapshot, draw.busy)
-            anomalies = self.anomaly.update(
-                snapshot,
-                AnomalyContext(
-                    busy=draw.busy,
-                    natural_w=np.where(natural_known, draw.mean_w, np.nan),
-                    natural_known=natural_known,
-                    cap_draw_frac=np.where(
-                        np.isfinite(draw.cap_draw_frac), draw.cap_draw_frac, 0.95
-                    ),
-                    cap_frac_known=np.isfinite(draw.cap_draw_frac),
-                    cap_w=cap,
-                    max_cap_w=max_cap,
-                    natural_clock_mhz=before.natural_clock_mhz,
-                    curve_a=before.a,
-                    curve_b=before.b,
-                    health_severity=health.severity,
-                    interval_s=self.interval_s,
-                ),
-            )
-            # Curves see the unbiased uncapped level where the detector has one (the tracker's
-            # estimate leans high on purpose, which would bend the fitted curves).
-            level_w = self.anomaly.uncapped_level_w
-            learned = self.curves.update(
-                snapshot,
-                busy=draw.busy,
-                natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
-                natural_known=natural_known,
-                max_cap_w=max_cap,
-                exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
-                cap_draw_frac=draw.cap_draw_frac,
-            )
-            self._slow_cache = (snapshot.uuid, anomalies, learned)
+        anomalies, learned = self._slow_models(snapshot, draw, natural_known, cap, max_cap, health)
         level_w = self.anomaly.uncapped_level_w
         curve_natural = (
             np.where(np.isfinite(level_w), level_w, draw.mean_w)
@@ -418,6 +371,66 @@ class Orienter:
             ),
             throughput=throughput_view(snapshot, learned.natural_clock_mhz),
         )
+
+    def _slow_models(
+        self,
+        snapshot: Snapshot,
+        draw: NaturalDraw,
+        natural_known: npt.NDArray[np.bool_],
+        cap: FloatArray,
+        max_cap: FloatArray,
+        health: HealthStatus,
+    ) -> tuple[AnomalyFlags, CurveView]:
+        """The anomaly detectors, then the curve learner (on what they did not flag). They may
+        run every Nth cycle; between runs their last findings stand, as long as the GPUs are the
+        same rows."""
+        every = self.settings.slow_models_every_cycles
+        cached = self._slow_cache
+        reuse = (
+            every > 1
+            and cached is not None
+            and self.cycles % every != 0
+            and cached[0].shape == snapshot.uuid.shape
+            and (
+                (cached[0] is snapshot.uuid and frozen(cached[0]))
+                or bool(np.array_equal(cached[0], snapshot.uuid))
+            )
+        )
+        if reuse:
+            assert cached is not None
+            return cached[1], cached[2]
+        before = self.curves.view(snapshot, draw.busy)
+        anomalies = self.anomaly.update(
+            snapshot,
+            AnomalyContext(
+                busy=draw.busy,
+                natural_w=np.where(natural_known, draw.mean_w, np.nan),
+                natural_known=natural_known,
+                cap_draw_frac=np.where(np.isfinite(draw.cap_draw_frac), draw.cap_draw_frac, 0.95),
+                cap_frac_known=np.isfinite(draw.cap_draw_frac),
+                cap_w=cap,
+                max_cap_w=max_cap,
+                natural_clock_mhz=before.natural_clock_mhz,
+                curve_a=before.a,
+                curve_b=before.b,
+                health_severity=health.severity,
+                interval_s=self.interval_s,
+            ),
+        )
+        # Curves see the unbiased uncapped level where the detector has one (the tracker's
+        # estimate leans high on purpose, which would bend the fitted curves).
+        level_w = self.anomaly.uncapped_level_w
+        learned = self.curves.update(
+            snapshot,
+            busy=draw.busy,
+            natural_w=np.where(np.isfinite(level_w), level_w, draw.mean_w),
+            natural_known=natural_known,
+            max_cap_w=max_cap,
+            exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
+            cap_draw_frac=draw.cap_draw_frac,
+        )
+        self._slow_cache = (snapshot.uuid, anomalies, learned)
+        return anomalies, learned
 
     # -- forecasts --------------------------------------------------------------------------------
 

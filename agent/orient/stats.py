@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
-from agent.core.keyed import LastKeys
+from agent.core.keyed import frozen
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -29,28 +29,62 @@ def decay_alpha(steps: npt.ArrayLike, halflife: float) -> FloatArray:
 
 
 class Grouper:
-    """Integer group ids for string labels, cached while the labels do not change."""
+    """Integer group ids for string labels (`np.unique`'s: the sorted distinct labels and each
+    row's place among them), cached while the labels do not change. When a few rows changed
+    since the last call (jobs start and end on a few GPUs a cycle), only those rows are looked
+    up and the groups renumbered: the same answer as `np.unique` without sorting every row's
+    string again (at 100,000 GPUs that sort is a tenth of a second, per grouper)."""
+
+    # Past this share of rows changed, a fresh sort costs no more than the update.
+    INCREMENTAL_SHARE = 0.25
 
     def __init__(self) -> None:
-        self._labels = LastKeys()
+        self._last: npt.NDArray[np.str_] | None = None  # the labels last seen (a copy)
         self._ids: IntArray = np.zeros(0, dtype=np.int64)
         self._names: npt.NDArray[np.str_] = np.zeros(0, dtype=np.str_)
+        self._hashes: IntArray | None = None
 
     def ids(self, labels: npt.NDArray[np.str_]) -> tuple[IntArray, npt.NDArray[np.str_]]:
-        if not self._labels.same(labels):
-            names, inverse = np.unique(labels, return_inverse=True)
-            self._labels.remember(labels)
-            self._ids = inverse.astype(np.int64).reshape(labels.shape)
-            self._names = names
-            self._hashes: IntArray | None = None
+        last = self._last
+        if last is not None and labels is last and frozen(labels):
+            return self._ids, self._names
+        if last is not None and last.ndim == labels.ndim == 1 and last.shape == labels.shape:
+            changed = np.flatnonzero(last != labels)
+            if changed.size == 0:
+                self._remember(labels)
+                return self._ids, self._names
+            if changed.size <= self.INCREMENTAL_SHARE * labels.size:
+                self._update(labels, changed)
+                self._remember(labels)
+                return self._ids, self._names
+        names, inverse = np.unique(labels, return_inverse=True)
+        self._ids = inverse.astype(np.int64).reshape(labels.shape)
+        self._names = names
+        self._hashes = None
+        self._remember(labels)
         return self._ids, self._names
+
+    def _remember(self, labels: npt.NDArray[np.str_]) -> None:
+        self._last = labels if frozen(labels) else labels.copy()
+
+    def _update(self, labels: npt.NDArray[np.str_], changed: IntArray) -> None:
+        """The ids and names `np.unique` would give for `labels`, where only the rows
+        `changed` differ from the last labels: the changed rows' labels merged into the sorted
+        names, each row's id moved to its name's new place, names no row has any more dropped."""
+        merged = np.union1d(self._names, labels[changed])
+        ids = np.searchsorted(merged, self._names)[self._ids]
+        ids[changed] = np.searchsorted(merged, labels[changed])
+        present = np.bincount(ids, minlength=merged.size) > 0
+        renumber = np.cumsum(present) - 1
+        self._ids = renumber[ids].astype(np.int64)
+        self._names = np.asarray(merged[present], dtype=labels.dtype)
+        self._hashes = None
 
     def hashes(self, labels: npt.NDArray[np.str_]) -> IntArray:
         """Per row: `string_hash` of its label (hashing each distinct label once)."""
         ids, names = self.ids(labels)
-        if getattr(self, "_hashes", None) is None:
+        if self._hashes is None:
             self._hashes = string_hash(names)[ids]
-        assert self._hashes is not None
         return self._hashes
 
 

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.core.keyed import RowIndex
+from agent.core.keyed import RowIndex, frozen
 from agent.orient.stats import MAD_TO_SIGMA, pack, unpack
 
 FloatArray = npt.NDArray[np.float64]
@@ -275,8 +275,10 @@ class StreamDetector:
         keys stay the same (the same array, or an equal one)."""
         last = self._keys
         if last is not None and (
-            keys is last or (keys.shape == last.shape and bool(np.array_equal(keys, last)))
+            (keys is last and frozen(keys))
+            or (keys.shape == last.shape and bool(np.array_equal(keys, last)))
         ):
+            self._keys = keys if frozen(keys) else last  # a read-only array: known by identity
             return
         old = last if last is not None and last.size == self.n_series else None
         fresh = StreamDetector(self.params, int(keys.size))
@@ -285,7 +287,7 @@ class StreamDetector:
             for name, arr in self.state.items():
                 fresh.state[name][found] = arr[rows[found]]
         self.state = fresh.state
-        self._keys = keys.copy()
+        self._keys = keys if frozen(keys) else keys.copy()
 
     def reset(self, mask: BoolArray, keep_calibration: bool = False) -> None:
         """Forget what the series in `mask` learned (their context changed: a new job). With

@@ -21,9 +21,12 @@ budget change, when no controller could have reacted (as `ooda demo` counts them
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -836,8 +839,11 @@ def replay_trace(
     budget_w: float | None = None,
     overhead_per_node_w: float | None = None,
     forecasts: bool = False,
+    workers: int | None = None,
 ) -> ReplayReport:
-    """Replay `trace` through each policy set (default: the configuration's policies)."""
+    """Replay `trace` through each policy set (default: the configuration's policies). The sets
+    are independent of each other: up to `workers` of them (default: one per CPU) replay at
+    once, each in its own process."""
     t0 = time.perf_counter()
     registry = registry or default_registry()
     config = config or default_config(registry)
@@ -849,20 +855,13 @@ def replay_trace(
     sets = list(policy_sets) if policy_sets else [default_policy_set(config)]
     interval = max(config.daemon.interval_s, meta.step_s)
     learned = learn(reader, config, draws=draws, seed=seed, progress=progress)
-    results = [
-        replay_set(
-            reader,
-            config,
-            s,
-            learned,
-            registry=registry,
-            interval_s=interval,
-            keep_decisions=keep_decisions,
-            progress=progress,
-            forecasts=forecasts,
-        )
-        for s in sets
-    ]
+    options: dict[str, Any] = {
+        "registry": registry,
+        "interval_s": interval,
+        "keep_decisions": keep_decisions,
+        "forecasts": forecasts,
+    }
+    results = _replay_sets(reader, config, sets, learned, options, progress, workers)
     baseline = results[0].kpis["_baseline"]
     for r in results:
         r.kpis.pop("_baseline", None)
@@ -892,6 +891,47 @@ def replay_trace(
         notes=notes,
         wall_s=time.perf_counter() - t0,
     )
+
+
+# What the processes replaying the sets share, set before they are forked (nothing to pickle:
+# a forked process has it already; only each set's result comes back).
+_SHARED: dict[str, Any] = {}
+
+
+def _replay_sets(
+    reader: TraceReader,
+    config: Config,
+    sets: Sequence[PolicySet],
+    learned: Learned,
+    options: dict[str, Any],
+    progress: Progress | None,
+    workers: int | None,
+) -> list[SetResult]:
+    """Pass 2 for every set: one after the other, or in parallel processes (forked, each
+    reading the trace itself) where there are several sets and CPUs."""
+    n = min(len(sets), workers if workers is not None else (os.cpu_count() or 1))
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [replay_set(reader, config, s, learned, progress=progress, **options) for s in sets]
+    _SHARED.update(path=reader.path, config=config, sets=list(sets), learned=learned, **options)
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
+            running = [pool.submit(_replay_shared_set, k) for k in range(len(sets))]
+            for done in as_completed(running):
+                done.result()  # (a failure raises here)
+                if progress is not None:
+                    progress(reader.meta.steps)
+            return [r.result() for r in running]
+    finally:
+        _SHARED.clear()
+
+
+def _replay_shared_set(k: int) -> SetResult:
+    """In a forked process: the `k`th set of `_SHARED`, over its own reader of the trace."""
+    shared = dict(_SHARED)
+    reader = TraceReader(shared.pop("path"))
+    config, sets, learned = shared.pop("config"), shared.pop("sets"), shared.pop("learned")
+    return replay_set(reader, config, sets[k], learned, **shared)
 
 
 def _with_trace_defaults(

@@ -105,28 +105,42 @@ class HashIndex:
 
     def add(self, key: int, slot: int) -> None:
         """A key not in the table yet."""
-        if 2 * (self.size + 1) > self._keys.size:
-            self._grow()
-        at = key & self._mask  # Python ints: the same low bits as the key's uint64 view
-        while self._keys[at] != self.EMPTY:
-            at = (at + 1) & self._mask
-        self._keys[at] = key
-        self._slots[at] = slot
-        self.size += 1
+        self.add_many(np.array([key], dtype=np.int64), np.array([slot], dtype=np.int64))
 
-    def _grow(self) -> None:
+    def add_many(self, keys: IntArray, slots: IntArray) -> None:
+        """Keys not in the table yet (distinct), each with its slot: placed in rounds, each key
+        probing on from its home place until it claims an empty one (where several reach the
+        same empty place in a round, one claims it and the others probe on), so a
+        million keys cost a few dozen numpy rounds, not a million Python calls."""
+        if 2 * (self.size + keys.size) > self._keys.size:
+            self._grow(self.size + keys.size)
+        at = self._home(keys)
+        pending = np.arange(keys.size)
+        while pending.size:
+            # Every key at an empty place writes itself there; one write per place stays.
+            empty = self._keys[at] == self.EMPTY
+            self._keys[at[empty]] = keys[pending[empty]]
+            won = self._keys[at] == keys[pending]  # keys are distinct: the one that stayed
+            self._slots[at[won]] = slots[pending[won]]
+            # Every other key's place is taken now (it was, or another key claimed it).
+            pending, at = pending[~won], (at[~won] + 1) & self._mask
+        self.size += keys.size
+
+    def _grow(self, holding: int) -> None:
+        """A table at most half full when it holds `holding` keys; the keys held re-placed."""
         used = self._keys != self.EMPTY
         keys, slots = self._keys[used], self._slots[used]
-        self.__init__(2 * self._keys.size)  # type: ignore[misc]
-        for key, slot in zip(keys.tolist(), slots.tolist(), strict=True):
-            self.add(key, slot)
+        size = self._keys.size
+        while 2 * holding > size:
+            size *= 2
+        self.__init__(size // 2)  # type: ignore[misc]
+        self.add_many(keys, slots)
 
     @staticmethod
     def of(keys: IntArray) -> HashIndex:
         """A table of `keys` (distinct), each key's slot its position."""
         index = HashIndex(keys.size)
-        for slot, key in enumerate(keys.tolist()):
-            index.add(key, slot)
+        index.add_many(np.asarray(keys, dtype=np.int64), np.arange(keys.size, dtype=np.int64))
         return index
 
 
@@ -352,8 +366,7 @@ class SeriesStore:
             np.array(c, dtype=np.int64) for c in zip(*names, strict=True)
         )
         first = self._slots.extend(hash=key, row=row, field=field_index, ident=ident)
-        for k, one in enumerate(key.tolist()):
-            self._memo.add(one, first + k)
+        self._memo.add_many(key, first + np.arange(key.size, dtype=np.int64))
         self._nameless.extend((first + np.flatnonzero(field_index == NAMELESS)).tolist())
         self._changed = True
 
@@ -478,8 +491,7 @@ class SeriesStore:
         identities are the same."""
         last = self._last_identity
         if last is None or not np.array_equal(last[0], ident):
-            table = self._idents_table.arrays()
-            last = (ident, [column[ident] for column in table])
+            last = (ident, self._identity_columns(ident, last))
             self._last_identity = last
             self._last_job = None
         columns = last[1]
@@ -488,6 +500,25 @@ class SeriesStore:
         names = self.naming.extra_labels
         extra = {name: columns[3 + k] for k, name in enumerate(names)}
         return columns[0], columns[1], self._last_job[1], extra
+
+    def _identity_columns(
+        self, ident: IntArray, last: tuple[IntArray, list[StrArray]] | None
+    ) -> list[StrArray]:
+        """Per GPU, each identity column at `ident`; where only a few GPUs' identities changed
+        since `last` (a job started or ended), the last columns with those rows rewritten
+        (gathering 100,000 UUIDs, models and jobs again costs a few hundredths of a second)."""
+        table = self._idents_table.arrays()
+        if last is not None and last[0].shape == ident.shape:
+            changed = np.flatnonzero(last[0] != ident)
+            same_types = all(
+                old.dtype == column.dtype for old, column in zip(last[1], table, strict=True)
+            )
+            if same_types and changed.size <= ident.size // 4:
+                columns = [old.copy() for old in last[1]]
+                for out, column in zip(columns, table, strict=True):
+                    out[changed] = column[ident[changed]]
+                return columns
+        return [column[ident] for column in table]
 
     def _errors(self, now_ms: int, extra: Mapping[str, StrArray]) -> tuple[str, ...]:
         errors: list[str] = []
