@@ -5,6 +5,10 @@ Every error names the key path and the problem, e.g.
 policy's own settings model, found in the policy registry; each source's and actuator's section by
 its kind's own model, found in the adapter table (agent.adapters), which also says which kinds
 there are.
+
+A file is read within bounds: at most MAX_CONFIG_BYTES, UTF-8, nested at most MAX_DEPTH levels,
+and no string (key or value) with a NUL byte (no path, name or label has one; a path with one
+would pass here and fail when opened).
 """
 
 from __future__ import annotations
@@ -234,8 +238,19 @@ class AuditConfig(_Section):
         None,
         strict=False,
         description="Durable JSON-lines audit log (none: no audit log is kept); a relative path "
-        "is under daemon.state_dir.",
+        "is under daemon.state_dir (and may not leave it with '..').",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _inside_state_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute() and ".." in value.parts:
+            raise ValueError(
+                "a relative path stays inside daemon.state_dir: no '..' (give an absolute path "
+                "to keep the log elsewhere)"
+            )
+        return value
+
     max_bytes: int = Field(
         DEFAULT_MAX_BYTES,
         ge=4096,
@@ -456,6 +471,9 @@ def _section_field(settings: type[BaseModel], description: str, needed: bool = F
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32  # the deepest real configuration is 4 levels (policies.NAME.setting.list)
+
 
 def _path(loc: tuple[int | str, ...]) -> str:
     """A TOML key path; a key that is not bare is quoted (a newline in a key stays on one line)."""
@@ -485,6 +503,27 @@ def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
     ]
 
 
+def _check_document(data: Mapping[str, Any], source: str) -> None:
+    """ConfigError naming the key path of the first value nested deeper than MAX_DEPTH, or of a
+    string (key or value) with a NUL byte. Iterative: a deep document cannot exhaust the stack."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    while stack:
+        where, value = stack.pop()
+        if len(where) > MAX_DEPTH:
+            raise ConfigError(
+                f"{source}: {_path(where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels"
+            )
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{source}: {_path(where)}: contains a NUL byte")
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    raise ConfigError(f"{source}: {_path((*where, key))}: a key with a NUL byte")
+                stack.append(((*where, key), inner))
+        elif isinstance(value, list | tuple):
+            stack.extend(((*where, k), inner) for k, inner in enumerate(value))
+
+
 def parse_config(
     data: Mapping[str, Any],
     registry: PolicyRegistry | None = None,
@@ -494,6 +533,7 @@ def parse_config(
     """Validate a parsed TOML document against the policy registry and the adapter table
     (default: the built-ins and installed plug-ins). Raises ConfigError listing every problem
     by key path."""
+    _check_document(data, source)
     model = config_model(adapters or _default_table())
     try:
         config = model.model_validate(dict(data))
@@ -545,17 +585,33 @@ def _policy_set_problems(config: Config, registry: PolicyRegistry) -> list[str]:
     return problems
 
 
+def read_config_text(path: Path) -> str:
+    """The file's text: at most MAX_CONFIG_BYTES (never more is read), UTF-8 (a byte order
+    mark allowed); ConfigError naming the file (and the line of a bad byte) otherwise."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config {path}: line {line}: not UTF-8 text") from None
+
+
 def load_config(
     path: Path, registry: PolicyRegistry | None = None, adapters: Adapters | None = None
 ) -> Config:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    text = read_config_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: not valid TOML: nested too deeply") from None
     return parse_config(data, registry, source=f"config {path}", adapters=adapters)
 
 
@@ -593,6 +649,8 @@ def audit_path(config: Config, state: Path | None = None) -> Path | None:
     path = config.audit.path
     if path is None or path.is_absolute():
         return path
+    if ".." in path.parts:  # refused by the config's validation; a built Config is checked too
+        raise ConfigError(f"audit.path: {path} would leave the state directory")
     return (state or state_dir(config)) / path
 
 

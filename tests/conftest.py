@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import resource
 import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +20,11 @@ import structlog
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+# One agent per cluster holds host-wide (agent/daemon/lock.py): this session's agents, and the
+# `ooda run` processes its tests start, share a namespace of their own, so that test suites run
+# side by side on one machine do not take each other's cluster names.
+os.environ.setdefault("OODA_INSTANCE_NAMESPACE", f"pytest-{uuid.uuid4().hex[:12]}")
 
 
 def free_port() -> int:
@@ -70,3 +81,33 @@ def make_snapshot(
 @pytest.fixture
 def snapshot_factory():  # type: ignore[no-untyped-def]
     return make_snapshot
+
+
+@contextmanager
+def address_space_limit(headroom_bytes: int = 1 << 30) -> Iterator[None]:
+    """For the block, this process may map at most what it maps now plus `headroom_bytes`
+    (RLIMIT_AS, soft): an allocation bomb in the code under test raises MemoryError and fails
+    the test, instead of taking the machine. The limit is restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    status = Path("/proc/self/status").read_text()
+    mapped = int(status.split("VmSize:")[1].split()[0]) * 1024
+    limit = mapped + headroom_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def memory_bound() -> Iterator[None]:
+    """The test runs under `address_space_limit()` (1 GiB more than the process maps)."""
+    with address_space_limit():
+        yield
+
+
+# What a command run by a test may map in all (`ulimit -v`): a replay of a small trace maps
+# about 1 GiB (numpy, scikit-learn, pyarrow and their threads).
+COMMAND_ADDRESS_SPACE_KIB = 1_500_000

@@ -119,6 +119,7 @@ def test_sim_serve_hosts_a_node_daemon_per_node(tmp_path) -> None:  # type: igno
 
     token = tmp_path / "token"
     token.write_text("sim-serve-test-token-0123456789\n")
+    token.chmod(0o600)  # others may not read a node daemon's tokens (issue 28)
     sockets = tmp_path / "run"
     sockets.mkdir()
     api = NodeApiOptions(token_file=token, socket_dir=sockets, fallback_cap_w=300.0)

@@ -2,7 +2,10 @@
 a request to the node daemon, label values in PromQL) fails only with the domain's own error,
 naming what is wrong, never with a crash, a 5xx, or a query of another shape.
 
-Each test is bounded (max_examples, deadline) so the file runs in well under 30 s here."""
+Each test is bounded (max_examples, deadline) so the file runs in well under 30 s here. The
+config, trace and CSV tests run under a memory limit (`memory_bound`: 1 GiB more than the
+process maps when they start): an input that makes a reader allocate without bound fails the
+test with a MemoryError instead of taking the machine."""
 
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from agent.observe import promql
 from agent.observe.prometheus import PrometheusSettings, PrometheusSource
 from agent.observe.trace import TraceReader, TraceWriter
 from tests.node_helpers import FakeGpu, unix_client, unix_node_daemon, write_token
+
+# The memory bound holds for all of a test's examples (a fixture around them all, on purpose).
+MEMORY_BOUND = HealthCheck.function_scoped_fixture
 
 # -- config parsing -------------------------------------------------------------------------------
 
@@ -83,8 +89,12 @@ documents = st.dictionaries(
 
 
 @given(documents)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_config_parsing_raises_only_config_errors_naming_a_key(data: dict[str, Any]) -> None:
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, MEMORY_BOUND]
+)
+def test_config_parsing_raises_only_config_errors_naming_a_key(
+    memory_bound: None, data: dict[str, Any]
+) -> None:
     try:
         parse_config(data, source="fuzz.toml")
     except ConfigError as exc:
@@ -152,9 +162,11 @@ def read_then_remove(path: Path) -> None:
     ),
 )
 @example(cut=0, flips=[(167, 1), (167, 5)])  # a dictionary index past its dictionary (found)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, MEMORY_BOUND]
+)
 def test_truncated_or_mutated_traces_raise_only_trace_errors(
-    trace_dir: Path, cut: int, flips: list[tuple[int, int]]
+    memory_bound: None, trace_dir: Path, cut: int, flips: list[tuple[int, int]]
 ) -> None:
     data = bytearray((trace_dir / "good.parquet").read_bytes())
     for at, xor in flips:
@@ -170,10 +182,12 @@ def test_truncated_or_mutated_traces_raise_only_trace_errors(
     change=st.sampled_from(["drop", "rename", "retype", "nulls"]),
     column=st.integers(min_value=0, max_value=50),
 )
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, MEMORY_BOUND]
+)
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a silent NaN cast is a failure too
 def test_bad_columns_raise_trace_errors_naming_the_column(
-    trace_dir: Path, change: str, column: int
+    memory_bound: None, trace_dir: Path, change: str, column: int
 ) -> None:
     table = pq.read_table(trace_dir / "good.parquet")
     footer = pq.ParquetFile(trace_dir / "good.parquet").metadata.metadata
@@ -194,6 +208,70 @@ def test_bad_columns_raise_trace_errors_naming_the_column(
     writer.add_key_value_metadata({k.decode(): v.decode() for k, v in (footer or {}).items()})
     writer.close()
     read_then_remove(path)
+
+
+@given(
+    where=st.sampled_from(["header", "steps"]),
+    key=st.sampled_from(["time_base", "step_s", "metrics", "labels", "scenario", "source",
+                         "time_s", "budget_w", "gpus", "group_steps", "rows", "x"]),
+    value=values,
+)  # fmt: skip
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, MEMORY_BOUND]
+)
+def test_trace_metadata_values_raise_only_trace_errors(
+    memory_bound: None, trace_dir: Path, where: str, key: str, value: Any
+) -> None:
+    source = trace_dir / "good.parquet"
+    table = pq.read_table(source)
+    meta_key = b"ooda.trace" if where == "header" else b"ooda.trace.steps"
+    footer = pq.ParquetFile(source).metadata.metadata or {}
+    carried = {k: v for k, v in footer.items() if k == b"ooda.trace.steps"}
+    schema_meta = dict(table.schema.metadata or {})
+    document = json.loads(schema_meta[b"ooda.trace"] if where == "header" else carried[meta_key])
+    document[key] = value
+    changed = json.dumps(document).encode()
+    if where == "header":
+        schema_meta[b"ooda.trace"] = changed
+    else:
+        carried[meta_key] = changed
+    path = trace_dir / f"meta-{where}-{key}.parquet"
+    writer = pq.ParquetWriter(path, table.schema.with_metadata(schema_meta))
+    writer.write_table(table)
+    writer.add_key_value_metadata({k.decode(): v.decode() for k, v in carried.items()})
+    writer.close()
+    read_then_remove(path)
+
+
+# -- CSV series (`ooda detect`, `ooda forecast`) --------------------------------------------------
+
+csv_text = st.lists(
+    st.one_of(
+        st.sampled_from(["timestamp", "value", ",", "\n", "\r\n", '"', "nan", "inf", "-1e309",
+                         "2024-01-01T00:00:00Z", "1700000000", "\x00", "\ufeff", " "]),
+        st.text(max_size=6),
+        st.integers(-(10**30), 10**30).map(str),
+    ),
+    max_size=60,
+).map("".join)  # fmt: skip
+
+
+@given(text=csv_text)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, MEMORY_BOUND]
+)
+def test_csv_series_raise_only_bad_input_errors_naming_the_file(
+    memory_bound: None, tmp_path_factory: pytest.TempPathFactory, text: str
+) -> None:
+    from agent.cli.detect import read_series
+    from agent.core.errors import BadInputError
+
+    path = tmp_path_factory.mktemp("csv") / "series.csv"
+    path.write_text("timestamp,value\n" + text, encoding="utf-8", errors="surrogatepass")
+    try:
+        read_series(path, "timestamp", "value")
+    except BadInputError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
 
 
 # -- the node daemon's request parsing ------------------------------------------------------------

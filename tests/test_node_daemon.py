@@ -221,7 +221,8 @@ def test_token_rotation_without_restart(unix_daemon: Running) -> None:
 
 def test_expired_lease_goes_to_fallback_by_the_background_check(unix_daemon: Running) -> None:
     with unix_daemon.client() as c:
-        r = c.put("/v1/gpus/0/cap", json={"watts": 250, "lease_s": 0.3})
+        # Above the 400 W fallback: a lapsed lease lowers it (a lower cap it would leave alone).
+        r = c.put("/v1/gpus/0/cap", json={"watts": 550, "lease_s": 0.3})
         assert r.status_code == 200
         r = c.put("/v1/gpus/1/cap", json={"watts": 650, "lease_s": 30})
         # Watch the GPU itself, not the API (reads also enforce): the background check must act.

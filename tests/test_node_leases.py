@@ -79,7 +79,8 @@ def test_expired_lease_goes_to_fallback_never_to_max() -> None:
     assert manager.enforce() == []
     clock.advance(0.1)
     assert manager.enforce() == [0]
-    assert gpus[0].limit_w == 400.0  # the fallback, even though it is above the leased cap
+    # Under the fallback already: left at 250 W (a fallback never raises a cap, issue 28).
+    assert gpus[0].limit_w == 250.0
     assert manager.gpu(0)["state"] == "fallback" and manager.gpu(0)["lease_remaining_s"] is None
     assert gpus[1].limit_w == 650.0
     clock.advance(60.0)
@@ -104,7 +105,7 @@ def test_renewal_extends_the_lease() -> None:
 )
 def test_fallback_is_clipped_into_the_constraints(fallback: float | None, expected: float) -> None:
     manager, gpus, clock = _manager(fallback_cap_w=fallback)
-    manager.set_cap(0, 500.0, 10.0)
+    manager.set_cap(0, 700.0, 10.0)  # at the top: every clipped fallback is at or below it
     clock.advance(10.0)
     manager.enforce()
     assert gpus[0].limit_w == expected
@@ -112,7 +113,7 @@ def test_fallback_is_clipped_into_the_constraints(fallback: float | None, expect
 
 def test_reading_enforces_expired_leases_too() -> None:
     manager, _gpus, clock = _manager()
-    manager.set_cap(0, 300.0, 10.0)
+    manager.set_cap(0, 600.0, 10.0)
     clock.advance(11.0)
     listed = manager.gpus()
     assert listed[0]["state"] == "fallback" and listed[0]["power_limit_w"] == 400.0
@@ -130,7 +131,7 @@ def test_release_goes_to_default_and_ends_the_lease() -> None:
 
 def test_a_lost_gpu_is_explicit_and_its_fallback_is_retried() -> None:
     manager, gpus, clock = _manager()
-    manager.set_cap(0, 300.0, 10.0)
+    manager.set_cap(0, 600.0, 10.0)
     gpus[0].lost = True
     listed = manager.gpus()
     assert listed[0]["power_limit_w"] is None and "GpuLostError" in listed[0]["error"]
@@ -149,12 +150,12 @@ def test_a_lost_gpu_is_explicit_and_its_fallback_is_retried() -> None:
     [
         (OnExit.FALLBACK, [400.0, 700.0, 700.0]),
         (OnExit.DEFAULT, [700.0, 700.0, 700.0]),
-        (OnExit.KEEP, [300.0, 700.0, 700.0]),
+        (OnExit.KEEP, [600.0, 700.0, 700.0]),
     ],
 )
 def test_on_exit(mode: OnExit, expected: list[float]) -> None:
     manager, gpus, _clock = _manager(n=3)
-    manager.set_cap(0, 300.0, 60.0)
+    manager.set_cap(0, 600.0, 60.0)
     manager.set_cap(1, 500.0, 60.0)
     manager.release(1)
     gpus[2].limit_w = 650.0  # set by someone else: never touched on exit

@@ -246,12 +246,17 @@ class AuditLog:
         self._log.info(event, **fields)
 
     def decision(self, decision_id: str, intent: Intent, dry_run: bool, time_s: float) -> None:
+        """One decision, written before anything comes of it: for a cap, enough (GPUs, UUIDs,
+        watts) for `ooda rollback` to find it even if its action record is never written."""
         targets = intent.targets.names() if hasattr(intent, "targets") else intent.target_name()
         after: Any = (
             jsonable(getattr(intent, "watts", None))
             if hasattr(intent, "watts")
             else intent.fields()
         )
+        extra: dict[str, Any] = {}
+        if isinstance(intent, SetPowerCap | ReleasePowerCap):
+            extra["uuid"] = intent.targets.uuid.tolist()
         self.event(
             "decision",
             decision_id=decision_id,
@@ -264,6 +269,7 @@ class AuditLog:
             evidence=intent.evidence,
             expires_s=intent.expires_s,
             time_s=time_s,
+            **extra,
         )
 
     def refusal(

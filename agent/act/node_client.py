@@ -15,6 +15,7 @@ Endpoints: `unix:///run/ooda/node.sock` (a Unix socket) or `https://node1:9440` 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import ssl
@@ -58,7 +59,8 @@ class NodeClientSettings(BaseModel):
 
     endpoints: dict[str, str] = Field(
         default_factory=dict,
-        description="Node name -> endpoint (unix:///path.sock or https://host:port).",
+        description="Node name -> endpoint (unix:///path.sock or https://host:port; http:// "
+        "only to a loopback address: the token would travel in clear).",
     )
     endpoint_template: str | None = Field(
         None,
@@ -146,6 +148,21 @@ def _check_endpoint(url: str, what: str) -> None:
         raise ValueError(f"{what}: a unix endpoint needs a path, e.g. unix:///run/ooda/node.sock")
     if parts.scheme != "unix":
         check_http_url(url, what)
+    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        # Every request carries the bearer token: in clear, anyone on the path could take it.
+        raise ValueError(
+            f"{what}: plain http:// off this machine would send the bearer token in clear "
+            f"(got {url!r}); use https:// (or unix:// on the node itself)"
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _NodeError(Exception):
@@ -185,7 +202,8 @@ class _Token:
         with self._lock:
             if sig != self._sig or self._token is None:
                 try:
-                    lines = self.path.read_text(encoding="utf-8").splitlines()
+                    # utf-8-sig: a byte order mark (as some editors write) is not the token's.
+                    lines = self.path.read_text(encoding="utf-8-sig").splitlines()
                 except (OSError, UnicodeDecodeError) as exc:
                     raise _NodeError(f"token file {self.path}: cannot read ({exc})") from None
                 tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]

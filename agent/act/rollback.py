@@ -1,8 +1,11 @@
 """`ooda rollback`: release every cap the agent set and resume every node it drained, audited.
 
 It needs no running daemon and none of its memory. What we did is found where it is durable:
-- caps: the audit log (every applied, not dry-run, `set_power_cap` action, less those released
-  since), read across its rotated files;
+- caps: the audit log, read across its rotated files: every cap that may be in force, that is
+  every live (not dry-run) `set_power_cap` *decision* (written and fsynced before its action, so
+  a cap applied while its action record could not be written, as on a full disk, is still
+  found), less the GPUs the guard refused it for, less those an applied release set back since;
+  an applied action's watts are the cap's;
 - drains: the placement system itself (our drains carry the reason prefix `ooda:`), asked about
   every node the audit log names, every node the placement system lists (when it can: the
   `NodeLister` protocol) and any node given.
@@ -13,6 +16,7 @@ Each release and resume is one decision and one action in the audit log (policy 
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,9 @@ from agent.core.protocols import CapActuator, NodeLister, PlacementActuator
 from agent.core.text import small_ints
 
 FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+StrArray = npt.NDArray[np.str_]
 
 POLICY = "rollback"
 
@@ -61,42 +68,116 @@ class RollbackPlan:
         }
 
 
-def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]:
-    """The caps the audit log says we set and did not release (columnar per record)."""
-    state = KeyedColumns(
-        {
-            "uuid": ("U128", ""),
-            "watts": (np.float64, np.nan),
-            "active": (np.bool_, False),
-        }
-    )
-    for rec in records:
-        if rec.get("event") != "action" or rec.get("outcome") != str(Outcome.APPLIED):
-            continue
-        if rec.get("dry_run"):
-            continue
-        kind = rec.get("kind")
-        if kind not in ("set_power_cap", "release_power_cap"):
-            continue
+# Decisions whose refusals may still come (the loop writes a cycle's refusals right after its
+# decisions): enough for many cycles, bounded for an audit log of years.
+_OPEN_DECISIONS = 4096
+
+
+class _CapLedger:
+    """Per GPU (columnar): whether a cap of ours may be in force, and its watts."""
+
+    def __init__(self) -> None:
+        self.state = KeyedColumns(
+            {
+                "uuid": ("U128", ""),
+                "watts": (np.float64, np.nan),
+                "active": (np.bool_, False),
+            }
+        )
+        # decision id -> (its GPUs' names, their active flags and watts before it). Names, not
+        # slots: a slot moves when a new key is added.
+        self.before: OrderedDict[str, tuple[StrArray, BoolArray, FloatArray]] = OrderedDict()
+
+    def _names(self, rec: dict[str, Any]) -> StrArray | None:
         names = rec.get("target")
-        if not isinstance(names, list) or not names:
-            continue
-        keys = np.asarray(names, dtype=np.str_)
-        slots = state.slots(keys)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            return None
+        return np.asarray(names, dtype=np.str_)
+
+    def _slots(self, rec: dict[str, Any]) -> IntArray | None:
+        names = self._names(rec)
+        if names is None:
+            return None
+        slots = self.state.slots(names)
         uuids = rec.get("uuid")
         if isinstance(uuids, list) and len(uuids) == len(names):
-            state["uuid"][slots] = np.asarray(uuids, dtype=np.str_)
-        if kind == "set_power_cap":
-            after = rec.get("after")
+            self.state["uuid"][slots] = np.asarray([str(u) for u in uuids], dtype=np.str_)
+        return slots
+
+    def set(self, rec: dict[str, Any], slots: IntArray) -> None:
+        after = rec.get("after")
+        try:
             watts = (
                 np.asarray(after, dtype=np.float64)
-                if isinstance(after, list) and len(after) == len(names)
-                else np.full(len(names), np.nan)
+                if isinstance(after, list) and len(after) == len(slots)
+                else np.full(len(slots), np.nan)
             )
-            state["watts"][slots] = watts
-            state["active"][slots] = True
-        else:
-            state["active"][slots] = False
+        except (TypeError, ValueError):
+            watts = np.full(len(slots), np.nan)
+        self.state["watts"][slots] = watts
+        self.state["active"][slots] = True
+
+    def decision(self, rec: dict[str, Any]) -> None:
+        slots = self._slots(rec)
+        if slots is None:
+            return
+        names = self.state.keys[slots]
+        did = str(rec.get("decision_id", ""))
+        self.before[did] = (
+            names.copy(),
+            self.state["active"][slots].copy(),
+            self.state["watts"][slots].copy(),
+        )
+        while len(self.before) > _OPEN_DECISIONS:
+            self.before.popitem(last=False)
+        self.set(rec, slots)  # may be in force from now: its action may never be recorded
+
+    def refused(self, rec: dict[str, Any]) -> None:
+        """The guard refused (part of) a decision: those GPUs are as they were before it."""
+        saved = self.before.get(str(rec.get("decision_id", "")))
+        names = self._names(rec)
+        if saved is None or names is None:
+            return
+        decided, active, watts = saved
+        where = {str(name): k for k, name in enumerate(decided.tolist())}
+        pos = np.asarray([where.get(str(n), -1) for n in names.tolist()], dtype=np.int64)
+        known = pos >= 0
+        if not known.any():
+            return
+        slots = self.state.slots(names[known])
+        self.state["active"][slots] = active[pos[known]]
+        self.state["watts"][slots] = watts[pos[known]]
+
+    def action(self, rec: dict[str, Any], kind: str) -> None:
+        slots = self._slots(rec)
+        if slots is None:
+            return
+        outcome = rec.get("outcome")
+        if kind == "release_power_cap":
+            if outcome == str(Outcome.APPLIED):
+                self.state["active"][slots] = False
+        elif outcome == str(Outcome.APPLIED):
+            self.set(rec, slots)
+        elif outcome == str(Outcome.REFUSED):
+            self.refused(rec)
+        # FAILED: the actuator may have applied it before failing (a timeout): still in force.
+
+
+def our_caps(records: Iterable[dict[str, Any]]) -> tuple[GpuTargets, FloatArray]:
+    """The caps of ours that may be in force (see the module docstring), columnar per record."""
+    ledger = _CapLedger()
+    for rec in records:
+        kind = rec.get("kind")
+        if kind not in ("set_power_cap", "release_power_cap") or rec.get("dry_run"):
+            continue
+        event = rec.get("event")
+        if event == "action":
+            ledger.action(rec, str(kind))
+        elif event == "decision" and kind == "set_power_cap":
+            ledger.decision(rec)
+        elif event == "refusal" and kind == "set_power_cap":
+            ledger.refused(rec)
+    state = ledger.state
     sel = state["active"]
     keys = state.keys[sel]
     if keys.size == 0:

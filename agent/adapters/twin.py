@@ -37,7 +37,12 @@ class TwinConfig(_Section):
     model: str = Field(
         "H100", description="GPU model (H100, A100, H200, B200, GB200, A100-PCIe or L40S)."
     )
-    seed: int = Field(0, description="Random seed: the same seed gives the same run.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**63 - 1,
+        description="Random seed (0 to 2^63-1): the same seed gives the same run.",
+    )
     occupancy: float = Field(0.85, ge=0, le=1, description="Target share of busy GPUs.")
     budget_w: float | None = Field(
         None, gt=0, description="The facility budget (W); none: no budget."

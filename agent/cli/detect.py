@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 MAX_WARNINGS = 20
 DEFAULT_ALARM_P = 1e-2  # agent.orient.stream.StreamParams.alarm_p (a test checks they agree)
 
+# A series of a year at one sample a minute is about 16 MB of CSV; past this it is not a series.
+MAX_CSV_BYTES = 32 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class Series:
@@ -73,9 +76,12 @@ def _read_text(path: Path) -> str:
     decodes ahead in chunks: its error came on an earlier line). utf-8-sig: a byte order mark
     (as spreadsheets write one) is not part of the first column's name."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:  # never more than the bound: /dev/zero is a file too
+            data = handle.read(MAX_CSV_BYTES + 1)
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CSV_BYTES:
+        raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES} bytes (at most 32 MiB is read)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -126,6 +126,43 @@ def serve(
     public_metrics: Annotated[
         bool, typer.Option("--public-metrics", help="Serve /metrics without a token.")
     ] = False,
+    lease_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--lease-file",
+            help="Keep the lease table in this file, so a restarted daemon lets each lease run "
+            "out as it would have (e.g. /run/ooda/node-leases.json).",
+        ),
+    ] = None,
+    adopt_lease_s: Annotated[
+        float,
+        typer.Option(
+            "--adopt-lease-s",
+            help="A GPU found capped at start with no lease on record gets a lease this long "
+            "(s): renewed by the agent, or it ends under the fallback cap.",
+        ),
+    ] = 60.0,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Connections held at once, in all.")
+    ] = 512,
+    max_connections_per_peer: Annotated[
+        int,
+        typer.Option(
+            "--max-connections-per-peer",
+            help="Connections held at once per peer (IP address, or user id on the socket).",
+        ),
+    ] = 64,
+    header_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout-s",
+            help="A request's head (and a TLS handshake, and a body) must arrive within this (s).",
+        ),
+    ] = 5.0,
+    idle_timeout_s: Annotated[
+        float,
+        typer.Option("--idle-timeout-s", help="Close a connection idle this long (s)."),
+    ] = 30.0,
     backend: Annotated[
         Backend, typer.Option("--backend", help="nvml (real GPUs) or sim (twin GPUs).")
     ] = Backend.NVML,
@@ -140,7 +177,8 @@ def serve(
     """Serve the node API: list GPUs, set caps under leases, release them.
 
     Every request needs `Authorization: Bearer TOKEN` with a token from --token-file. A cap not
-    renewed within its lease falls back to --fallback-cap-w, never to the maximum.
+    renewed within its lease falls back to --fallback-cap-w, never to the maximum (and never
+    up: a lower cap stays). With --lease-file, leases outlive a restart of the daemon.
 
     Examples:
 
@@ -151,8 +189,9 @@ def serve(
 
       ooda node serve --backend sim --sim-gpus 4 --token-file t.token --socket /tmp/node.sock
     """
+    from agent.node.connections import ConnectionLimits
     from agent.node.leases import OnExit, OnStart
-    from agent.node.server import DEFAULT_SOCKET, NodeDaemon, NodeSettings
+    from agent.node.server import DEFAULT_SOCKET, NodeDaemon, NodeSettings, ensure_fd_limit
 
     if socket_path is None and listen is None:
         socket_path = DEFAULT_SOCKET
@@ -171,8 +210,17 @@ def serve(
         on_exit=OnExit(on_exit.value),
         on_start=OnStart(on_start.value),
         public_metrics=public_metrics,
+        limits=ConnectionLimits(
+            max_connections=max_connections,
+            max_per_peer=max_connections_per_peer,
+            header_timeout_s=header_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        ),
+        lease_file=lease_file,
+        adopt_lease_s=adopt_lease_s,
     )
     settings.validate()
+    ensure_fd_limit(settings.limits)
     lock = threading.RLock()
     stepper: _TwinStepper | None = None
     closer: Any = None

@@ -6,12 +6,13 @@ orienter's learned state, the cap actuator's leases and the daemon's recommendat
 temporary file, fsynced, renamed over the old one, and the directory fsynced: a crash leaves the
 old file or the new one, never half of one.
 
-A file that cannot be read (corrupt, truncated, another format, a newer version) is reported,
-moved aside for a person to look at (`*.unreadable-<unix time>`), and the daemon starts fresh:
-refusing to start would leave the cluster with no agent at all (caps fall back when their leases
-run out, nothing keeps the budget), while a fresh start is the documented cold start, with the
-guard's bounds in force. A part that cannot be loaded (e.g. a policy whose memory changed shape)
-starts fresh alone; the others are kept.
+A file that cannot be read (corrupt, truncated, another format, a newer version, nested deeper
+than MAX_DEPTH levels: a real one is 8 deep, and a deeper one would exhaust the stack of whatever
+walks it next) is reported, moved aside for a person to look at (`*.unreadable-<unix time>`),
+and the daemon starts fresh: refusing to start would leave the cluster with no agent at all
+(caps fall back when their leases run out, nothing keeps the budget), while a fresh start is the
+documented cold start, with the guard's bounds in force. A part that cannot be loaded (e.g. a
+policy whose memory changed shape) starts fresh alone; the others are kept.
 
 When the daemon hosts the twin, the twin is the cluster and survives a restart too
 (`<cluster>.twin.pickle`): a real cluster keeps its caps and drains while the agent restarts.
@@ -34,6 +35,21 @@ from typing import Any
 
 FORMAT = "ooda-daemon-state"
 VERSION = 1
+MAX_DEPTH = 64
+
+
+def too_deep(document: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether a parsed JSON document nests deeper than `limit` (iteratively: no recursion)."""
+    stack: list[tuple[int, Any]] = [(0, document)]
+    while stack:
+        depth, value = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((depth + 1, v) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((depth + 1, v) for v in value)
+    return False
 
 
 def safe_name(cluster: str) -> str:
@@ -116,6 +132,10 @@ class StateFile:
             document = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._unusable(f"not valid JSON ({exc})")
+        except RecursionError:
+            return self._unusable(f"nested deeper than JSON can be read (at most {MAX_DEPTH})")
+        if too_deep(document):
+            return self._unusable(f"nested deeper than {MAX_DEPTH} levels")
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             return self._unusable(f"not an ooda state file (no format {FORMAT!r})")
         version = document.get("version")

@@ -13,12 +13,19 @@
 
 Every request but /healthz needs `Authorization: Bearer TOKEN`: none -> 401, a wrong one -> 403.
 Bodies are validated before any GPU is touched: malformed JSON, unknown keys, wrong types,
-non-finite numbers -> 400; a GPU that does not exist -> 404; watts outside the GPU's constraints
-or a lease out of bounds -> 400; a `uuid` that is not the GPU at that index -> 409.
+non-finite numbers -> 400; a GPU that does not exist (or an index of more than a few digits)
+-> 404; watts outside the GPU's constraints or a lease out of bounds -> 400; a `uuid` that is not
+the GPU at that index -> 409; a body that does not arrive within the body timeout -> 408. Every
+answer is JSON, an unexpected failure included (500, logged, never a traceback to the client).
+
+Metrics are labelled by route (one of the routes above, or `other`) and method (the API's, or
+`other`), never by the raw path or method a client sent: unauthenticated requests cannot grow
+/metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
@@ -37,12 +44,15 @@ from starlette.routing import Route
 
 from agent.core.errors import GpuError
 from agent.node.auth import AuthResult, TokenStore
+from agent.node.connections import ShedEvents
 from agent.node.leases import CapOutcome, CapRequestError, LeaseEvents, LeaseManager
 
 log = structlog.get_logger("ooda.node.api")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_BULK_ITEMS = 256
+BODY_TIMEOUT_S = 10.0
+MAX_INDEX_DIGITS = 6  # GPU indices are small; a longer number is no GPU (and no 4,300-digit int)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -99,10 +109,14 @@ def _validation_message(exc: ValidationError) -> str:
 # -- metrics --------------------------------------------------------------------------------------
 
 
-class NodeMetrics(LeaseEvents):
+class NodeMetrics(LeaseEvents, ShedEvents):
     """The daemon's own metrics, in its own registry (many daemons may share a process)."""
 
-    def __init__(self, manager_ref: Callable[[], LeaseManager | None]) -> None:
+    def __init__(
+        self,
+        manager_ref: Callable[[], LeaseManager | None],
+        open_connections: Callable[[], int] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "ooda_node_requests",
@@ -134,7 +148,19 @@ class NodeMetrics(LeaseEvents):
             ["gpu", "error"],
             registry=self.registry,
         )
+        self.connections_shed = Counter(
+            "ooda_node_connections_shed",
+            "Connections closed by the daemon's limits (evicted: room for a new one; refused: "
+            "no room; header_timeout: the request head took too long).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_GpuCollector(manager_ref))
+        if open_connections is not None:
+            self.registry.register(_ConnectionCollector(open_connections))
+
+    def connection_shed(self, reason: str) -> None:
+        self.connections_shed.labels(reason).inc()
 
     def cap_changed(self, index: int, kind: str) -> None:
         self.cap_changes.labels(str(index), kind).inc()
@@ -190,13 +216,58 @@ class _GpuCollector(Collector):
         return [*families.values(), state]
 
 
+class _ConnectionCollector(Collector):
+    def __init__(self, open_connections: Callable[[], int]) -> None:
+        self._open = open_connections
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily(
+            "ooda_node_connections", "Connections open now (all peers, all states)."
+        )
+        gauge.add_metric([], float(self._open()))
+        return [gauge]
+
+
 # -- the app --------------------------------------------------------------------------------------
 
-_INDEX = re.compile(r"/\d+(?=/|$)")
+_ROUTE_LABELS = tuple(
+    (re.compile(pattern), label)
+    for pattern, label in (
+        (r"/v1/gpus", "/v1/gpus"),
+        (r"/v1/gpus/[0-9]+", "/v1/gpus/{index}"),
+        (r"/v1/gpus/[0-9]+/cap", "/v1/gpus/{index}/cap"),
+        (r"/v1/caps", "/v1/caps"),
+        (r"/v1/caps/release", "/v1/caps/release"),
+        (r"/metrics", "/metrics"),
+        (r"/healthz", "/healthz"),
+    )
+)
+_METHOD_LABELS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
+_INDEX_TEXT = re.compile(rf"[0-9]{{1,{MAX_INDEX_DIGITS}}}")
 
 
-def _route_label(path: str) -> str:
-    return _INDEX.sub("/{index}", path) if path.startswith("/v1/") else path
+def route_label(path: str) -> str:
+    """The route a path is for (`/v1/gpus/{index}/cap`), or `other`: a bounded set of labels."""
+    for pattern, label in _ROUTE_LABELS:
+        if pattern.fullmatch(path):
+            return label
+    return "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHOD_LABELS else "other"
+
+
+def _index(request: Request) -> int:
+    """The path's GPU index; 404 for anything but a few ASCII digits."""
+    text = str(request.path_params["index"])
+    if not _INDEX_TEXT.fullmatch(text):
+        shown = text if len(text) <= 12 else f"{text[:12]}... ({len(text)} characters)"
+        raise CapRequestError(404, f"no GPU with index {shown} on this node")
+    return int(text)
 
 
 class AuthGate:
@@ -215,8 +286,8 @@ class AuthGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = _route_label(str(scope["path"]))
-        method = str(scope["method"])
+        route = route_label(str(scope["path"]))
+        method = method_label(str(scope["method"]))
         status: list[int] = [500]
 
         async def counted_send(message: Message) -> None:
@@ -230,7 +301,7 @@ class AuthGate:
                 for name, value in scope["headers"]:
                     if name == b"authorization":
                         header = value.decode("latin-1")
-                result = self.tokens.check(header)
+                result = await self.tokens.check_async(header)
                 if result is not AuthResult.OK:
                     self.metrics.auth_failures.labels(str(result)).inc()
                     await _refusal(result)(scope, receive, counted_send)
@@ -255,22 +326,28 @@ def _refusal(result: AuthResult) -> Response:
     )
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdecimal() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and (
+        len(declared) > 12 or (declared.isdecimal() and int(declared) > MAX_BODY_BYTES)
+    ):
         raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise CapRequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise CapRequestError(408, f"the body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
-async def _parse(request: Request, model: type[_B]) -> _B:
-    body = await _read_body(request)
+async def _parse(request: Request, model: type[_B], timeout_s: float) -> _B:
+    body = await _read_body(request, timeout_s)
     if not body.strip():
         raise CapRequestError(400, "a JSON body is required")
     try:
@@ -295,113 +372,130 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: a JSON 500 for the client, the traceback for the log only."""
+    log.error("request_failed", route=route_label(request.url.path), exc_info=exc)
+    return JSONResponse({"error": "internal error (see the daemon's log)"}, status_code=500)
+
+
+def _handled(
+    fn: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A refused request (CapRequestError) as its JSON error, with the GPU index if any."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except CapRequestError as exc:
+            text = str(request.path_params.get("index", ""))
+            index = int(text) if _INDEX_TEXT.fullmatch(text) else None
+            return JSONResponse(_error(index, exc), status_code=exc.status)
+
+    return endpoint
+
+
+def _unique(indices: list[int]) -> None:
+    seen: set[int] = set()
+    for index in indices:
+        if index in seen:
+            raise CapRequestError(400, f"GPU {index} appears twice in one request")
+        seen.add(index)
+
+
+class _Api:
+    """The endpoints over one node's lease manager (GPU calls run in worker threads)."""
+
+    def __init__(self, manager: LeaseManager, metrics: NodeMetrics, body_timeout_s: float) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
+
+    async def list_gpus(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self.manager.gpus))
+
+    async def get_gpu(self, request: Request) -> Response:
+        index = _index(request)
+        return JSONResponse(await run_in_threadpool(self.manager.gpu, index))
+
+    async def put_cap(self, request: Request) -> Response:
+        index = _index(request)
+        body = await _parse(request, CapBody, self.body_timeout_s)
+        outcome = await run_in_threadpool(self.manager.set_cap, index, body.watts, body.lease_s)
+        log.info("cap_set", gpu=index, watts=body.watts, lease_s=body.lease_s)
+        return JSONResponse(_result(outcome))
+
+    async def delete_cap(self, request: Request) -> Response:
+        index = _index(request)
+        outcome = await run_in_threadpool(self.manager.release, index)
+        log.info("cap_released", gpu=index)
+        return JSONResponse(_result(outcome))
+
+    def _set_many(self, items: list[BulkCapItem]) -> list[dict[str, Any]]:
+        out = []
+        with self.manager.batch():  # one write of the lease table for the whole request
+            for item in items:
+                try:
+                    outcome = self.manager.set_cap(item.index, item.watts, item.lease_s, item.uuid)
+                    out.append(_result(outcome))
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+        return out
+
+    def _release_many(self, items: list[ReleaseItem]) -> list[dict[str, Any]]:
+        out = []
+        with self.manager.batch():
+            for item in items:
+                try:
+                    out.append(_result(self.manager.release(item.index, item.uuid)))
+                except CapRequestError as exc:
+                    out.append(_error(item.index, exc))
+        return out
+
+    async def put_caps(self, request: Request) -> Response:
+        body = await _parse(request, BulkCapBody, self.body_timeout_s)
+        _unique([item.index for item in body.caps])
+        results = await run_in_threadpool(self._set_many, body.caps)
+        log.info("caps_set", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    async def release_caps(self, request: Request) -> Response:
+        body = await _parse(request, BulkReleaseBody, self.body_timeout_s)
+        _unique([item.index for item in body.gpus])
+        results = await run_in_threadpool(self._release_many, body.gpus)
+        log.info("caps_released", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
+        return JSONResponse({"results": results})
+
+    async def metrics_page(self, request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, self.metrics.registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+
 def build_app(
     manager: LeaseManager,
     tokens: TokenStore,
     metrics: NodeMetrics,
     *,
     public_metrics: bool = False,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> ASGIApp:
     """The daemon's ASGI app over one node's lease manager."""
-
-    def handled(
-        fn: Callable[[Request], Awaitable[Response]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except CapRequestError as exc:
-                index = request.path_params.get("index")
-                return JSONResponse(_error(index, exc), status_code=exc.status)
-
-        return endpoint
-
-    @handled
-    async def list_gpus(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(manager.gpus))
-
-    @handled
-    async def get_gpu(request: Request) -> Response:
-        index = int(request.path_params["index"])
-        return JSONResponse(await run_in_threadpool(manager.gpu, index))
-
-    @handled
-    async def put_cap(request: Request) -> Response:
-        index = int(request.path_params["index"])
-        body = await _parse(request, CapBody)
-        outcome = await run_in_threadpool(manager.set_cap, index, body.watts, body.lease_s)
-        log.info("cap_set", gpu=index, watts=body.watts, lease_s=body.lease_s)
-        return JSONResponse(_result(outcome))
-
-    @handled
-    async def delete_cap(request: Request) -> Response:
-        index = int(request.path_params["index"])
-        outcome = await run_in_threadpool(manager.release, index)
-        log.info("cap_released", gpu=index)
-        return JSONResponse(_result(outcome))
-
-    def _unique(indices: list[int]) -> None:
-        seen: set[int] = set()
-        for index in indices:
-            if index in seen:
-                raise CapRequestError(400, f"GPU {index} appears twice in one request")
-            seen.add(index)
-
-    @handled
-    async def put_caps(request: Request) -> Response:
-        body = await _parse(request, BulkCapBody)
-        _unique([item.index for item in body.caps])
-
-        def apply() -> list[dict[str, Any]]:
-            out = []
-            for item in body.caps:
-                try:
-                    out.append(
-                        _result(manager.set_cap(item.index, item.watts, item.lease_s, item.uuid))
-                    )
-                except CapRequestError as exc:
-                    out.append(_error(item.index, exc))
-            return out
-
-        results = await run_in_threadpool(apply)
-        log.info("caps_set", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
-        return JSONResponse({"results": results})
-
-    @handled
-    async def release_caps(request: Request) -> Response:
-        body = await _parse(request, BulkReleaseBody)
-        _unique([item.index for item in body.gpus])
-
-        def apply() -> list[dict[str, Any]]:
-            out = []
-            for item in body.gpus:
-                try:
-                    out.append(_result(manager.release(item.index, item.uuid)))
-                except CapRequestError as exc:
-                    out.append(_error(item.index, exc))
-            return out
-
-        results = await run_in_threadpool(apply)
-        log.info("caps_released", gpus=len(results), ok=sum(bool(r["ok"]) for r in results))
-        return JSONResponse({"results": results})
-
-    async def metrics_endpoint(request: Request) -> Response:
-        body = await run_in_threadpool(generate_latest, metrics.registry)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"ok": True})
-
+    api = _Api(manager, metrics, body_timeout_s)
     routes = [
-        Route("/v1/gpus", list_gpus, methods=["GET"]),
-        Route("/v1/gpus/{index:int}", get_gpu, methods=["GET"]),
-        Route("/v1/gpus/{index:int}/cap", put_cap, methods=["PUT"]),
-        Route("/v1/gpus/{index:int}/cap", delete_cap, methods=["DELETE"]),
-        Route("/v1/caps", put_caps, methods=["PUT"]),
-        Route("/v1/caps/release", release_caps, methods=["POST"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/gpus", _handled(api.list_gpus), methods=["GET"]),
+        Route("/v1/gpus/{index}", _handled(api.get_gpu), methods=["GET"]),
+        Route("/v1/gpus/{index}/cap", _handled(api.put_cap), methods=["PUT"]),
+        Route("/v1/gpus/{index}/cap", _handled(api.delete_cap), methods=["DELETE"]),
+        Route("/v1/caps", _handled(api.put_caps), methods=["PUT"]),
+        Route("/v1/caps/release", _handled(api.release_caps), methods=["POST"]),
+        Route("/metrics", api.metrics_page, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
     open_paths = frozenset({"/healthz", "/metrics"} if public_metrics else {"/healthz"})
     return AuthGate(app, tokens, metrics, open_paths)

@@ -5,14 +5,27 @@ GPU goes to the fallback cap (never back to its maximum), so an agent that dies 
 cannot leave a GPU uncapped above what the budget allowed. Time comes from the injected Clock:
 expiry is tested on a FakeClock by calling `enforce()` directly.
 
+Going to the fallback never raises a GPU's limit: a lease at 250 W that lapses under a 400 W
+fallback stays at 250 W (in state `fallback`). The fallback is a ceiling that a cap nobody renews
+ends under, not a value to go back to; the same holds on exit and with `--on-start fallback`.
+
+Across restarts (a daemon killed and started again by systemd): with a lease table
+(agent/node/lease_file.py) each GPU the table describes, at the limit it says, carries on in its
+state, a lease running out when it would have. Any other GPU found at a limit other than its
+default (no table, an unreadable one, a crash between a change and its record, someone else's
+cap) is treated as a lease about to lapse: it gets a lease of `adopt_lease_s`, which the agent
+renews with its next cycle, or which runs out to the fallback. A GPU at its default limit is
+`unmanaged`, as before.
+
 Loops here run over one node's GPUs (at most a few dozen): this is not a fleet-wide hot path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -28,6 +41,7 @@ from agent.core.errors import (
     GpuNotSupportedError,
 )
 from agent.core.protocols import GpuBackend, GpuDevice, PowerConstraints
+from agent.node.lease_file import LeaseFile, LeaseRecord, State
 
 log = structlog.get_logger("ooda.node")
 
@@ -87,7 +101,7 @@ class LeaseEvents:
     """Hooks the daemon's metrics attach to (no-ops by default)."""
 
     def cap_changed(self, index: int, kind: str) -> None:
-        """kind: set, renew, release, fallback, on_exit, on_start."""
+        """kind: set, renew, release, fallback, on_exit, on_start, adopt, resume."""
 
     def lease_expired(self, index: int) -> None: ...
 
@@ -96,6 +110,11 @@ class LeaseEvents:
 
 def _finite(value: float) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+# A recorded limit and the one read back agree within this (NVML counts milliwatts).
+_SAME_W = 0.5
+DEFAULT_ADOPT_LEASE_S = 60.0
 
 
 class LeaseManager:
@@ -112,6 +131,8 @@ class LeaseManager:
         max_lease_s: float = 3600.0,
         lock: threading.RLock | None = None,
         events: LeaseEvents | None = None,
+        lease_file: LeaseFile | None = None,
+        adopt_lease_s: float = DEFAULT_ADOPT_LEASE_S,
     ) -> None:
         if fallback_cap_w is not None and not (_finite(fallback_cap_w) and fallback_cap_w > 0):
             raise ValueError(
@@ -119,7 +140,11 @@ class LeaseManager:
             )
         if not (_finite(max_lease_s) and max_lease_s > 0):
             raise ValueError(f"max lease must be a positive number of seconds, not {max_lease_s}")
+        if not (_finite(adopt_lease_s) and adopt_lease_s > 0):
+            raise ValueError(f"adopt lease must be a positive number of seconds: {adopt_lease_s}")
         self.clock = clock
+        self.lease_file = lease_file
+        self.adopt_lease_s = float(adopt_lease_s)
         self.fallback_cap_w = fallback_cap_w
         self.max_lease_s = float(max_lease_s)
         self.lock = lock or threading.RLock()
@@ -131,6 +156,9 @@ class LeaseManager:
         self._state: dict[int, CapState] = dict.fromkeys(self._devices, CapState.UNMANAGED)
         self._expires_s: dict[int, float] = {}
         self._lease_s: dict[int, float] = {}  # each running lease's length as granted
+        self._left_w: dict[int, float] = {}  # the limit the daemon left each managed GPU at
+        self._batch = 0  # inside `batch()`: the lease table is written once, at its end
+        self._dirty = False
 
     @property
     def indices(self) -> list[int]:
@@ -226,6 +254,8 @@ class LeaseManager:
             self._state[index] = CapState.LEASED
             self._expires_s[index] = now + float(lease_s)
             self._lease_s[index] = float(lease_s)
+            self._left_w[index] = float(watts)
+            self._changed()
             self.events.cap_changed(index, "renew" if renew else "set")
             return CapOutcome(index, before, self._describe(index, now))
 
@@ -251,15 +281,21 @@ class LeaseManager:
             self._state[index] = CapState.DEFAULT
             self._expires_s.pop(index, None)
             self._lease_s.pop(index, None)
+            self._left_w[index] = c.default_w
+            self._changed()
             self.events.cap_changed(index, "release")
             return CapOutcome(index, before, self._describe(index, self.clock.now()))
 
     def _to_fallback(self, index: int, kind: str) -> bool:
+        """The GPU under the fallback cap: lowered to it when above, left alone when below
+        (a fallback never raises a limit)."""
         device = self._devices[index]
         try:
-            target = self.fallback_for(device.power_constraints())
-            if device.power_limit_w() != target:
-                device.set_power_limit_w(target)
+            ceiling = self.fallback_for(device.power_constraints())
+            limit = device.power_limit_w()
+            if limit > ceiling:
+                device.set_power_limit_w(ceiling)
+                limit = ceiling
         except GpuError as exc:
             # The lease stays expired and is retried on the next check.
             self.events.gpu_error(index, exc)
@@ -268,10 +304,16 @@ class LeaseManager:
         self._state[index] = CapState.FALLBACK
         self._expires_s.pop(index, None)
         self._lease_s.pop(index, None)
+        self._left_w[index] = limit
+        self._changed()
         self.events.cap_changed(index, kind)
         return True
 
     def _enforce_locked(self) -> list[int]:
+        with self.batch():
+            return self._expire()
+
+    def _expire(self) -> list[int]:
         now = self.clock.now()
         for index, expires_s in self._expires_s.items():
             # The clock went back (a wall clock stepped by NTP): no lease outlasts its length
@@ -305,14 +347,116 @@ class LeaseManager:
             return min(self._expires_s.values(), default=None)
 
     def on_start(self, mode: OnStart) -> None:
-        if mode is OnStart.FALLBACK:
-            with self.lock:
+        """Take over the GPUs as a previous daemon left them (`reconcile`), then, with
+        `--on-start fallback`, put every GPU under the fallback cap."""
+        with self.lock, self.batch():
+            self.reconcile()
+            if mode is OnStart.FALLBACK:
                 for index in self.indices:
                     self._to_fallback(index, "on_start")
 
+    def reconcile(self) -> None:
+        """Each GPU's state from the lease table where it matches the GPU, else from the GPU's
+        limit: at its default, unmanaged; anything else, a lease about to lapse."""
+        records: dict[int, LeaseRecord] = {}
+        if self.lease_file is not None:
+            records, problem = self.lease_file.load()
+            if problem is not None:
+                log.error("lease_file_not_used", problem=problem)
+        with self.lock, self.batch():
+            now = self.clock.now()
+            for index, device in self._devices.items():
+                record = records.get(index)
+                if record is not None and record.uuid != device.uuid:
+                    record = None
+                self._take_over(index, device, record, now)
+            self._changed()
+
+    def _take_over(
+        self, index: int, device: GpuDevice, record: LeaseRecord | None, now: float
+    ) -> None:
+        try:
+            limit = device.power_limit_w()
+            default_w = device.power_constraints().default_w
+        except GpuError as exc:
+            self.events.gpu_error(index, exc)
+            limit, default_w = math.nan, math.nan
+        if (
+            record is not None
+            and record.state == "leased"
+            and (record.lease_s is None or record.expires_s is None)
+        ):
+            record = None  # a lease without its times explains nothing
+        if record is not None and abs(record.watts - limit) <= _SAME_W:
+            state = CapState(record.state)
+            self._state[index] = state
+            self._left_w[index] = limit
+            if record.lease_s is not None and record.expires_s is not None:
+                self._lease_s[index] = record.lease_s
+                # The clock went back meanwhile? No lease outlasts its length from now.
+                self._expires_s[index] = min(record.expires_s, now + record.lease_s)
+            log.info("lease_resumed", gpu=index, state=str(state), watts=limit)
+            self.events.cap_changed(index, "resume")
+            return
+        if limit == default_w:
+            self._state[index] = CapState.UNMANAGED
+            return
+        # Capped (or unreadable) with no record that explains it: a lease about to lapse, which
+        # the agent renews with its next cycle, or which ends under the fallback.
+        self._state[index] = CapState.LEASED
+        self._lease_s[index] = self.adopt_lease_s
+        self._expires_s[index] = now + self.adopt_lease_s
+        self._left_w[index] = limit
+        log.warning("cap_adopted", gpu=index, watts=limit, lease_s=self.adopt_lease_s)
+        self.events.cap_changed(index, "adopt")
+
+    # -- the lease table ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Changes inside are written to the lease table once, at the end (a bulk request)."""
+        with self.lock:
+            self._batch += 1
+            try:
+                yield
+            finally:
+                self._batch -= 1
+                if not self._batch and self._dirty:
+                    self._save()
+
+    def _changed(self) -> None:
+        self._dirty = True
+        if not self._batch:
+            self._save()
+
+    def _save(self) -> None:
+        self._dirty = False
+        if self.lease_file is None:
+            return
+        records = [self._record(index) for index in self.indices]
+        try:
+            self.lease_file.save([r for r in records if r is not None])
+        except OSError as exc:
+            # The daemon goes on from memory; a restart before the next good write reconciles
+            # from the GPUs (their caps become leases about to lapse).
+            log.error("lease_file_write_failed", path=str(self.lease_file.path), error=str(exc))
+
+    def _record(self, index: int) -> LeaseRecord | None:
+        state = self._state[index]
+        watts = self._left_w.get(index)
+        if state is CapState.UNMANAGED or watts is None or not math.isfinite(watts):
+            return None
+        uuid = self._devices[index].uuid
+        if state is CapState.LEASED:
+            return LeaseRecord(
+                index, uuid, "leased", watts, self._expires_s[index], self._lease_s[index]
+            )
+        kind: State = "fallback" if state is CapState.FALLBACK else "default"
+        return LeaseRecord(index, uuid, kind, watts)
+
     def on_exit(self, mode: OnExit) -> None:
         """Leave each GPU as the configuration says (best effort: errors are logged)."""
-        with self.lock:
+        with self.lock, self.batch():
             if mode is OnExit.KEEP:
                 return
             for index in self.indices:

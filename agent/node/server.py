@@ -4,7 +4,9 @@
 Run it in the foreground (`run()`, signals stop it), in a background thread (`start()`/`stop()`,
 what tests and `ooda sim serve` use), or as a coroutine (`await serve()`, to host many on one
 event loop). The server is uvicorn over sockets this module binds itself, so a Unix socket gets
-its permissions before it accepts anything and a TCP port 0 is known before serving.
+its permissions before it accepts anything and a TCP port 0 is known before serving; its h11
+protocol runs under the daemon's connection limits (agent/node/connections.py), and a TLS
+handshake must finish within the header timeout too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import resource
 import signal
 import socket
 import ssl
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -30,11 +33,23 @@ from agent.core.errors import BadInputError
 from agent.core.protocols import GpuBackend
 from agent.node.api import NodeMetrics, build_app
 from agent.node.auth import TokenStore
-from agent.node.leases import LeaseManager, OnExit, OnStart
+from agent.node.connections import (
+    FD_RESERVE,
+    ConnectionGuard,
+    ConnectionLimits,
+    guarded_protocol,
+)
+from agent.node.lease_file import LeaseFile
+from agent.node.leases import DEFAULT_ADOPT_LEASE_S, LeaseManager, OnExit, OnStart
 
 log = structlog.get_logger("ooda.node")
 
 DEFAULT_SOCKET = Path("/run/ooda/node.sock")
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers (h11 refuses more with a 400)
+ACCEPT_BATCH = 64
+# Connections the kernel queues until the daemon accepts them: a flood of new connections fills
+# a short queue, and then a client's connect fails at once (EAGAIN) instead of waiting its turn.
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -55,31 +70,35 @@ class NodeSettings:
     on_exit: OnExit = OnExit.FALLBACK
     on_start: OnStart = OnStart.KEEP
     public_metrics: bool = False
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    lease_file: Path | None = None
+    adopt_lease_s: float = DEFAULT_ADOPT_LEASE_S
 
     def validate(self) -> None:
         """BadInputError naming the option when the combination is wrong or unsafe."""
+        self._check_transport()
+        self._check_numbers()
+        if self.lease_file is not None and not self.lease_file.parent.is_dir():
+            raise BadInputError(
+                f"--lease-file {self.lease_file}: directory {self.lease_file.parent} does not exist"
+            )
+
+    def _check_transport(self) -> None:
         if (self.socket_path is None) == (self.listen is None):
             raise BadInputError("give --socket PATH or --listen ADDR:PORT (exactly one)")
-        tls_given = [
-            name
-            for name, value in (
-                ("--tls-cert", self.tls_cert),
-                ("--tls-key", self.tls_key),
-                ("--tls-client-ca", self.tls_client_ca),
-            )
-            if value is not None
-        ]
+        tls = (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        )
+        tls_given = [name for name, value in tls if value is not None]
         if self.socket_path is not None and tls_given:
             raise BadInputError(f"{tls_given[0]}: TLS applies to --listen, not to a Unix socket")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise BadInputError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise BadInputError("--tls-client-ca needs --tls-cert and --tls-key")
-        for name, path in (
-            ("--tls-cert", self.tls_cert),
-            ("--tls-key", self.tls_key),
-            ("--tls-client-ca", self.tls_client_ca),
-        ):
+        for name, path in tls:
             if path is not None and not path.is_file():
                 raise BadInputError(f"{name} {path}: no such file")
         if self.listen is not None:
@@ -89,14 +108,41 @@ class NodeSettings:
                     f"--listen {self.listen}: plain HTTP on a non-loopback address would send "
                     "tokens in clear; give --tls-cert/--tls-key (or --insecure to insist)"
                 )
+
+    def _check_numbers(self) -> None:
         if self.fallback_cap_w is not None and not self.fallback_cap_w > 0:
             raise BadInputError(f"--fallback-cap-w: must be positive (got {self.fallback_cap_w})")
-        if not self.max_lease_s > 0:
-            raise BadInputError(f"--max-lease-s: must be positive (got {self.max_lease_s})")
-        if not self.check_interval_s > 0:
+        for name, value in (
+            ("--max-lease-s", self.max_lease_s),
+            ("--check-interval-s", self.check_interval_s),
+        ):
+            if not value > 0:
+                raise BadInputError(f"{name}: must be positive (got {value})")
+        if not 0 < self.adopt_lease_s <= self.max_lease_s:
             raise BadInputError(
-                f"--check-interval-s: must be positive (got {self.check_interval_s})"
+                f"--adopt-lease-s: must be in (0, --max-lease-s] (got {self.adopt_lease_s})"
             )
+        problem = self.limits.problem()
+        if problem is not None:
+            raise BadInputError(problem)
+
+
+def ensure_fd_limit(limits: ConnectionLimits) -> int:
+    """Raise this process's soft limit on open files to what `limits` need (held and silent
+    connections, 2 x max_connections, plus FD_RESERVE), within the hard limit; BadInputError
+    when the hard limit is too low. Returns the soft limit now. For the daemon's own process
+    (`ooda node serve`), not for hosts of many daemons."""
+    needed = 2 * limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise BadInputError(
+                f"--max-connections {limits.max_connections}: needs {needed} open files, the "
+                f"limit is {hard} (raise LimitNOFILE, or lower --max-connections)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        soft = needed
+    return int(soft)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -136,7 +182,7 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
         sock.bind(str(path))
         # Permissions before listen(): nobody can connect in between.
         os.chmod(path, mode)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BadInputError(f"--socket {path}: cannot listen ({exc.strerror or exc})") from None
@@ -155,7 +201,7 @@ def _bind_tcp(listen: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BadInputError(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
@@ -164,12 +210,46 @@ def _bind_tcp(listen: str) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: it re-raises the signal after serving, which
-    would kill the process before the daemon leaves the GPUs as `on_exit` says."""
+    """uvicorn without its own signal handling (it re-raises the signal after serving, which
+    would kill the process before the daemon leaves the GPUs as `on_exit` says), serving the
+    daemon's own sockets with a bound on TLS handshakes."""
+
+    def __init__(self, config: uvicorn.Config, handshake_timeout_s: float) -> None:
+        super().__init__(config)
+        self.handshake_timeout_s = handshake_timeout_s
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's own startup for given sockets, plus ssl_handshake_timeout (its default is
+        # 60 s: a client that opens a TLS connection and stalls would hold it that long).
+        await self.lifespan.startup()
+        config = self.config
+        loop = asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        self.servers = []
+        for sock in sockets or []:
+            handshake = self.handshake_timeout_s if config.ssl is not None else None
+            server = await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,  # asyncio accepts this many at a time (ACCEPT_BATCH)...
+                ssl_handshake_timeout=handshake,
+            )
+            sock.listen(LISTEN_BACKLOG)  # ...and it is the kernel's queue too: a longer one
+            self.servers.append(server)
+        self.started = True
 
 
 class NodeDaemon:
@@ -187,17 +267,26 @@ class NodeDaemon:
         settings.validate()
         self.settings = settings
         self.tokens = TokenStore(settings.token_file)
-        self.metrics = NodeMetrics(lambda: self.manager)
+        self.metrics = NodeMetrics(lambda: self.manager, lambda: self.connections.open)
+        self.connections = ConnectionGuard(settings.limits, self.metrics)
         self.manager = LeaseManager(
             backend,
-            clock or MonotonicClock(),  # leases are durations: immune to wall-clock steps
+            # Leases are durations: immune to wall-clock steps, and CLOCK_MONOTONIC is the
+            # same for the next daemon of this boot (the lease table's times).
+            clock or MonotonicClock(),
             fallback_cap_w=settings.fallback_cap_w,
             max_lease_s=settings.max_lease_s,
             lock=lock,
             events=self.metrics,
+            lease_file=LeaseFile(settings.lease_file) if settings.lease_file else None,
+            adopt_lease_s=settings.adopt_lease_s,
         )
         self.app = build_app(
-            self.manager, self.tokens, self.metrics, public_metrics=settings.public_metrics
+            self.manager,
+            self.tokens,
+            self.metrics,
+            public_metrics=settings.public_metrics,
+            body_timeout_s=settings.limits.header_timeout_s,
         )
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
@@ -219,14 +308,18 @@ class NodeDaemon:
                 tls |= {"ssl_ca_certs": str(s.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             self.app,
-            http="h11",
+            http=guarded_protocol(self.connections),
             loop="asyncio",
             lifespan="off",
             log_config=None,
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=2,
-            timeout_keep_alive=30,
+            timeout_keep_alive=max(1, round(s.limits.idle_timeout_s)),
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            # asyncio accepts up to this many connections in one go before it reads from any:
+            # a small batch lets connections speak (and be told apart) between batches.
+            backlog=ACCEPT_BATCH,
             **tls,  # type: ignore[arg-type]
         )
         try:
@@ -267,8 +360,8 @@ class NodeDaemon:
         config = self._uvicorn_config()
         self.bind()
         assert self._sock is not None
-        self.manager.on_start(self.settings.on_start)
-        server = _Server(config)
+        await asyncio.to_thread(self.manager.on_start, self.settings.on_start)
+        server = _Server(config, self.settings.limits.header_timeout_s)
         self._server = server
         checker = asyncio.create_task(self._check_leases())
         serving = asyncio.create_task(server.serve(sockets=[self._sock]))

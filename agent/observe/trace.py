@@ -12,6 +12,14 @@ metadata. Pages carry CRC checksums, verified on read.
 `TraceWriter` appends Snapshots (or whole blocks) and keeps at most one row group in memory;
 `TraceReader` streams blocks and Snapshots back, and is itself a TelemetrySource stepping through
 the trace's time. Every problem with a file raises TraceError naming the file and the place.
+
+A file is read within stated bounds, checked before anything is allocated for it: the metadata
+values are at most MAX_METADATA_BYTES and nested at most as deep as pydantic's JSON parser allows
+(its recursion limit), every field has its type and range (a step of -15 s, a NaN or a count of
+1e30 is an error, not a replay), at most MAX_STEPS steps, a row group at most
+MAX_ROWS_PER_GROUP rows and MAX_GROUP_BYTES uncompressed, and every string (node, UUID, model,
+job, label value) at most MAX_STRING_CHARS characters: numpy pads each string of an array to the
+longest, so one 200,000-character job id in a small file would ask for gigabytes.
 """
 
 from __future__ import annotations
@@ -24,13 +32,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.core.errors import TelemetryError, TraceError
 from agent.core.keyed import freeze
@@ -56,6 +65,15 @@ GPU_INDEX_MAX = int(np.iinfo(np.int16).max)  # the `gpu` column is int16
 TimeBase = Literal["unix", "twin"]
 
 IDENTITY_COLUMNS = ("time_s", "node", "gpu", "uuid", "model", "job", "stale", "age_s")
+
+# What a reader allocates for, at most (see the module docstring).
+MAX_STRING_CHARS = 256
+MAX_METADATA_BYTES = 64 << 20
+MAX_STEPS = 4_000_000  # nearly two years at 15 s
+MAX_ROWS_PER_GROUP = 1 << 22  # the writer's groups are 2^19 rows (one step more when wider)
+MAX_GROUP_BYTES = 2 << 30  # uncompressed, as the file's own metadata says
+MAX_GPUS = 1 << 22
+MAX_STEP_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +551,65 @@ def _numeric(
 # -- reading --------------------------------------------------------------------------------------
 
 
+class _Meta(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class _Identity(BaseModel):
+    """What a trace says it is, read first: another format or version gets its own message."""
+
+    model_config = ConfigDict(extra="ignore")
+    format: Any = None
+    version: Any = None
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _Fault(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+    spec: str = Field(max_length=1024)
+
+
+class _Scenario(BaseModel):
+    """The fields of a twin's scenario that readers use; the rest is kept as it is."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+    node_overhead_w: float | None = Field(None, ge=0)
+    faults: list[_Fault] = Field(default_factory=list, max_length=100_000)
+
+
+class _Header(_Meta):
+    time_base: Literal["unix", "twin"]
+    step_s: float = Field(gt=0, le=MAX_STEP_S)
+    source: dict[str, Any] | None = None
+    scenario: _Scenario | None = None
+    metrics: list[str] = Field(max_length=len(Metric))
+    labels: list[str] = Field(default_factory=list, max_length=64)
+    created_utc: str = Field("", max_length=64)
+
+
+class _Steps(_Meta):
+    time_s: list[float] = Field(max_length=MAX_STEPS)
+    budget_w: list[float | None] = Field(max_length=MAX_STEPS)
+    gpus: list[int] = Field(max_length=MAX_STEPS)
+    group_steps: list[int] = Field(max_length=MAX_STEPS)
+    rows: int = Field(ge=0)
+
+
+def _problem(exc: ValidationError) -> str:
+    """A pydantic error as one short line: where, what, and the value when it is short."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "value"
+    message = first["msg"]
+    if first["type"] not in ("missing", "json_invalid") and "input" in first:
+        shown = repr(first["input"])
+        if len(shown) <= 40:
+            message += f" (got {shown})"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
 @dataclass(frozen=True)
 class TraceMeta:
     time_base: TimeBase
@@ -590,7 +667,7 @@ class TraceReader:
     def _err(self, place: str, problem: str) -> TraceError:
         return TraceError(f"trace {self.path}: {place}: {problem}")
 
-    def _json(self, metadata: Mapping[bytes, bytes], key: bytes) -> dict[str, Any]:
+    def _raw(self, metadata: Mapping[bytes, bytes], key: bytes) -> bytes:
         raw = metadata.get(key)
         if raw is None:
             if key == META_HEADER:
@@ -598,63 +675,84 @@ class TraceReader:
             raise self._err(
                 "metadata", f"no {key.decode()!r} key: the writer did not finish (truncated)"
             )
+        if len(raw) > MAX_METADATA_BYTES:
+            raise self._err(f"metadata {key.decode()!r}", f"larger than {MAX_METADATA_BYTES} bytes")
+        return raw
+
+    def _model(self, model: type[_M], raw: bytes, key: bytes) -> _M:
         try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise self._err(f"metadata {key.decode()!r}", f"not valid JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise self._err(f"metadata {key.decode()!r}", "not a JSON object")
-        return value
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise self._err(f"metadata {key.decode()!r}", _problem(exc)) from None
 
     def _read_meta(self) -> TraceMeta:
         file_meta = self._file.metadata
         schema_meta = self._file.schema_arrow.metadata or {}
         footer = file_meta.metadata or {}
-        header = self._json(schema_meta, META_HEADER)
-        steps = self._json(footer, META_STEPS)
-        if header.get("format") != FORMAT:
-            raise self._err("metadata 'ooda.trace'", f"format is {header.get('format')!r}")
-        if header.get("version") not in READABLE_VERSIONS:
+        raw_header = self._raw(schema_meta, META_HEADER)
+        raw_steps = self._raw(footer, META_STEPS)
+        identity = self._model(_Identity, raw_header, META_HEADER)
+        if identity.format != FORMAT:
+            raise self._err("metadata 'ooda.trace'", f"format is {identity.format!r}")
+        if identity.version not in READABLE_VERSIONS:
             raise self._err(
                 "metadata 'ooda.trace'",
-                f"version {header.get('version')!r} is not supported "
+                f"version {identity.version!r} is not supported "
                 f"(this reader: {', '.join(map(str, READABLE_VERSIONS))})",
             )
+        header = self._model(_Header, raw_header, META_HEADER)
+        steps = self._model(_Steps, raw_steps, META_STEPS)
         try:
-            meta = TraceMeta(
-                time_base=header["time_base"],
-                step_s=float(header["step_s"]),
-                source=header.get("source") or {},
-                scenario=header.get("scenario"),
-                metrics=tuple(Metric(m) for m in header["metrics"]),
-                labels=tuple(str(x) for x in header.get("labels", [])),
-                created_utc=str(header.get("created_utc", "")),
-                time_s=np.asarray(steps["time_s"], dtype=np.float64),
-                budget_w=np.array(
-                    [math.nan if b is None else b for b in steps["budget_w"]], dtype=np.float64
-                ),
-                gpus=np.asarray(steps["gpus"], dtype=np.int64),
-                group_steps=np.asarray(steps["group_steps"], dtype=np.int64),
-                rows=int(steps["rows"]),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise self._err("metadata", f"missing or invalid entry ({exc!r})") from None
-        if meta.time_base not in ("unix", "twin"):
-            raise self._err("metadata 'ooda.trace'", f"time_base {meta.time_base!r}")
+            metrics = tuple(Metric(m) for m in header.metrics)
+        except ValueError as exc:
+            raise self._err("metadata 'ooda.trace'", f"metrics: {exc}") from None
+        long_label = next((x for x in header.labels if len(x) > 64), None)
+        if long_label is not None:
+            raise self._err("metadata 'ooda.trace'", "labels: a name longer than 64 characters")
+        meta = TraceMeta(
+            time_base=header.time_base,
+            step_s=header.step_s,
+            source=header.source or {},
+            scenario=(
+                header.scenario.model_dump(exclude_unset=True)
+                if header.scenario is not None
+                else None
+            ),
+            metrics=metrics,
+            labels=tuple(header.labels),
+            created_utc=header.created_utc,
+            time_s=np.asarray(steps.time_s, dtype=np.float64),
+            budget_w=np.array(
+                [math.nan if b is None else b for b in steps.budget_w], dtype=np.float64
+            ),
+            gpus=np.asarray(steps.gpus, dtype=np.int64),
+            group_steps=np.asarray(steps.group_steps, dtype=np.int64),
+            rows=steps.rows,
+        )
+        self._check_steps(meta, file_meta)
+        return meta
+
+    def _check_steps(self, meta: TraceMeta, file_meta: pq.FileMetaData) -> None:
         n = meta.steps
+        where = "metadata 'ooda.trace.steps'"
         if not meta.budget_w.shape == meta.gpus.shape == (n,):
-            raise self._err("metadata 'ooda.trace.steps'", "per-step lists differ in length")
+            raise self._err(where, "per-step lists differ in length")
+        if n and not (int(meta.gpus.min()) >= 0 and int(meta.gpus.max()) <= MAX_GPUS):
+            raise self._err(where, f"gpus: a count outside 0..{MAX_GPUS}")
+        if n and not bool(np.all(np.isnan(meta.budget_w) | (meta.budget_w >= 0))):
+            raise self._err(where, "budget_w: a negative budget")
+        if meta.group_steps.size and int(meta.group_steps.min()) < 1:
+            raise self._err(where, "group_steps: a row group of no steps")
         if int(meta.group_steps.sum()) != n or meta.group_steps.size != file_meta.num_row_groups:
             raise self._err(
-                "metadata 'ooda.trace.steps'",
+                where,
                 f"{meta.group_steps.size} row groups of {int(meta.group_steps.sum())} steps "
                 f"listed, the file has {file_meta.num_row_groups} row groups and {n} steps",
             )
         if file_meta.num_rows != meta.rows:
             raise self._err("row count", f"{file_meta.num_rows} rows, metadata says {meta.rows}")
         if n > 1 and not bool(np.all(np.diff(meta.time_s) > 0)):
-            raise self._err("metadata 'ooda.trace.steps'", "step times do not increase")
-        return meta
+            raise self._err(where, "step times do not increase")
 
     def _check_schema(self) -> None:
         names = set(self._file.schema_arrow.names)
@@ -676,6 +774,13 @@ class TraceReader:
             return self._cached[1]
         first, last = int(self._group_start[group]), int(self._group_start[group + 1])
         place = f"row group {group} (steps {first}..{last - 1})"
+        stats = self._file.metadata.row_group(group)
+        if stats.num_rows > MAX_ROWS_PER_GROUP or stats.total_byte_size > MAX_GROUP_BYTES:
+            raise self._err(
+                place,
+                f"{stats.num_rows} rows, {stats.total_byte_size} bytes uncompressed: more than "
+                f"a reader takes ({MAX_ROWS_PER_GROUP} rows, {MAX_GROUP_BYTES} bytes)",
+            )
         try:
             table = self._file.read_row_group(group, columns=self._columns)
         except (OSError, ValueError, pa.ArrowException) as exc:
@@ -713,6 +818,13 @@ class TraceReader:
             col = table.column(name).combine_chunks()
             if not isinstance(col, pa.DictionaryArray):
                 col = col.dictionary_encode()
+            if len(col.dictionary):
+                longest = pc.max(pc.utf8_length(col.dictionary)).as_py() or 0
+                if longest > MAX_STRING_CHARS:
+                    raise ValueError(
+                        f"column {name!r} has a value of {longest} characters (at most "
+                        f"{MAX_STRING_CHARS})"
+                    )
             dictionary = np.asarray([*col.dictionary.to_pylist(), ""], dtype=np.str_)
             # Nulls point at the "" appended to the dictionary.
             idx = pc.fill_null(col.indices, len(dictionary) - 1).to_numpy().reshape(n, t)

@@ -335,6 +335,16 @@ PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         (a reconfigure restores them from slurm.conf)."""
         if not self.controller_running():
             self.start_controller()
+        # After a controller restart (a test stopping slurmctld) a node is UNKNOWN until its
+        # slurmd registers again, and Slurm refuses to resume it ("Invalid node state
+        # specified"): a reconfigure has every slurmd register at once.
+        if any(n["state"] == "unknown" for n in self.nodes().values()):
+            self.scontrol("reconfigure")
+            wait_until(
+                lambda: all(n["state"] != "unknown" for n in self.nodes().values()),
+                timeout_s,
+                "every node registered",
+            )
         for name, node in self.nodes().items():
             if node["state"] == "down" or "DRAIN" in node["state_flags"]:
                 self.scontrol("update", f"nodename={name}", "state=resume")
