@@ -211,7 +211,9 @@ class Daemon:
         # so naming the setting (exit 2), not with a traceback that Restart= would loop on.
         unusable = None if os.access(directory, os.W_OK | os.X_OK) else "not writable by this user"
         cluster = config.cluster.name
-        self.lock = InstanceLock(directory, cluster)
+        # A named replica in a site: the etcd election, not the host, keeps one acting.
+        replica = None if config.site is None else config.site.replica
+        self.lock = InstanceLock(directory, cluster, replica)
         if unusable is None:
             try:
                 self.lock.acquire()
