@@ -538,8 +538,11 @@ def twin_agent(
     )
 
 
-def drive(agent: Agent, duration_s: float) -> list[CycleReport]:
-    """Run the agent's twin to `duration_s`, a cycle every control interval (a cycle first)."""
+def drive(
+    agent: Agent, duration_s: float, progress: Callable[[float], None] | None = None
+) -> list[CycleReport]:
+    """Run the agent's twin to `duration_s`, a cycle every control interval (a cycle first);
+    `progress` is told the twin seconds run at each cycle."""
     twin = agent.twin
     if twin is None:
         raise ValueError("drive: the agent runs on no twin")
@@ -548,9 +551,13 @@ def drive(agent: Agent, duration_s: float) -> list[CycleReport]:
     next_cycle = 0.0
     while twin.t_s < duration_s - 1e-9:
         if twin.t_s >= next_cycle - 1e-9:
+            if progress is not None and reports:
+                progress(interval_s)
             reports.append(agent.loop.cycle())
             next_cycle += interval_s
         twin.step(min(twin.spec.step_s, next_cycle - twin.t_s, duration_s - twin.t_s))
+    if progress is not None:
+        progress(max(0.0, duration_s - (next_cycle - interval_s)))
     return reports
 
 

@@ -14,10 +14,12 @@ would pass here and fail when opened).
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import tomllib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, cast
 
@@ -37,7 +39,7 @@ from agent.adapters import NONE, Adapters, default_adapters
 from agent.adapters.site import SiteLinkSettings, site_budget_problem
 from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
-from agent.core.settings import STRICT_SECTION
+from agent.core.settings import FILE_KIND, STRICT_SECTION
 from agent.meter.settings import MeterSettings
 from agent.observe.app_throughput import ThroughputSettings
 from agent.observe.promql import check_label_name
@@ -318,80 +320,113 @@ class Config(_Section):
     policy_settings: dict[str, PolicySettings] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")
-    def _budget_source(self) -> Config:
-        if self.cluster.budget_w is not None and self.cluster.budget_query is not None:
-            raise ValueError("cluster: give budget_w or budget_query, not both")
-        kind = _table(self).sources.get(self.source.kind)
-        if self.cluster.budget_query is not None and kind is not None and kind.no_budget_query:
-            raise ValueError(f"cluster.budget_query: {kind.no_budget_query}")
-        return self
-
-    @model_validator(mode="after")
-    def _site_budget(self) -> Config:
-        # Under a site the budget is the grant (cluster.budget_w stays as a local limit: the
-        # lower one holds); a budget from Prometheus would be a second, competing source.
-        problem = site_budget_problem(self.site, self.cluster.budget_query)
-        if problem is not None:
-            raise ValueError(problem)
-        return self
-
-    @model_validator(mode="after")
-    def _throughput_prometheus(self) -> Config:
-        t = self.throughput
-        if t.sources and t.prometheus_url is None and self.source.kind != "prometheus":
-            raise ValueError(
-                "throughput.sources: needs throughput.prometheus_url (the source is not Prometheus)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _demand_response_needs_a_budget(self) -> Config:
-        # Checked with the file, not when the twin is built: `ooda config check` must refuse
-        # what `ooda run` and `ooda once` would.
-        if self.twin.demand_response is not None and self.twin.budget_w is None:
-            raise ValueError("twin.demand_response: needs twin.budget_w (the normal budget)")
-        return self
-
-    @model_validator(mode="after")
-    def _group_label_source(self) -> Config:
-        # The Prometheus source reads the group label with each GPU's identity; the twin's GPUs
-        # carry only their job's priority, so another label would silently hold no budget.
-        cluster = self.cluster
-        if cluster.label_budgets_w and cluster.group_label is None:
-            raise ValueError("cluster.label_budgets_w: needs cluster.group_label (their label)")
-        label = cluster.group_label
-        kind = _table(self).sources.get(self.source.kind)
-        if kind is None or kind.labels is None or label is None or label in kind.labels:
-            return self
-        carried = ", ".join(kind.labels) or "none"
-        raise ValueError(
-            f"cluster.group_label: {kind.whose or kind.name} GPUs carry no {label!r} label (only "
-            f"{carried}), so these budgets would never hold; give the groups as node lists in "
-            "[cluster.groups]"
-        )
-
-    @model_validator(mode="after")
-    def _actuators_for_real_sources(self) -> Config:
+    def _real_sources_advise(self) -> Config:
         # The twin's actuators act on an in-process twin, which a Prometheus or NVML source
-        # cannot see: with those the default is to advise only, and asking for them is an error.
+        # cannot see: with those the default is to advise only (asking for them is an error:
+        # `_twin_actuators_need_the_twin`).
         table = _table(self)
         source = table.sources.get(self.source.kind)
         if source is None or source.observes_twin:
             return self
         given = self.actuators.model_fields_set if "actuators" in self.model_fields_set else set()
         for role in ("caps", "placement"):
-            name = getattr(self.actuators, role)
-            kind = table.actuators[role].get(name)
-            if kind is None or not kind.acts_on_twin:
-                continue
-            if role in given:
-                raise ValueError(
-                    f"actuators.{role}: {name!r} acts on an in-process twin, which "
-                    f"{source.called or repr(source.name)} source does not observe; use 'none' "
-                    "(advise only)"
-                )
-            setattr(self.actuators, role, NONE)
+            kind = table.actuators[role].get(getattr(self.actuators, role))
+            if kind is not None and kind.acts_on_twin and role not in given:
+                setattr(self.actuators, role, NONE)
         return self
+
+
+# -- rules across sections -----------------------------------------------------------------------
+# Each reads a valid config and the file as written, and names the sections it reads: when one
+# of them is in error the rule is not applied (its own errors are reported instead), so every
+# other rule still is, and a file's every problem is reported at once.
+
+CrossRule = Callable[[Config, Mapping[str, Any]], Iterator[str]]
+_CROSS_RULES: list[tuple[frozenset[str], CrossRule]] = []
+
+
+def _cross_rule(*sections: str) -> Callable[[CrossRule], CrossRule]:
+    def register(rule: CrossRule) -> CrossRule:
+        _CROSS_RULES.append((frozenset(sections), rule))
+        return rule
+
+    return register
+
+
+@_cross_rule("cluster")
+def _one_budget(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    if config.cluster.budget_w is not None and config.cluster.budget_query is not None:
+        yield "cluster: give budget_w or budget_query, not both"
+
+
+@_cross_rule("site", "cluster")
+def _site_budget(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    # Under a site the budget is the grant (cluster.budget_w stays as a local limit: the lower
+    # one holds); a budget from Prometheus would be a second, competing source.
+    problem = site_budget_problem(config.site, config.cluster.budget_query)
+    if problem is not None:
+        yield problem
+
+
+@_cross_rule("cluster", "source")
+def _budget_query_needs_prometheus(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    kind = _table(config).sources.get(config.source.kind)
+    if config.cluster.budget_query is not None and kind is not None and kind.no_budget_query:
+        yield f"cluster.budget_query: {kind.no_budget_query}"
+
+
+@_cross_rule("twin")
+def _demand_response_needs_a_budget(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    # Checked with the file, not when the twin is built: `ooda config check` must refuse
+    # what `ooda run` and `ooda once` would.
+    if config.twin.demand_response is not None and config.twin.budget_w is None:
+        yield "twin.demand_response: needs twin.budget_w (the normal budget)"
+
+
+@_cross_rule("cluster")
+def _label_budgets_need_the_label(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    if config.cluster.label_budgets_w and config.cluster.group_label is None:
+        yield "cluster.label_budgets_w: needs cluster.group_label (their label)"
+
+
+@_cross_rule("cluster", "source")
+def _group_label_carried(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    # The Prometheus source reads the group label with each GPU's identity; the twin's GPUs
+    # carry only their job's priority, so another label would silently hold no budget.
+    label = config.cluster.group_label
+    kind = _table(config).sources.get(config.source.kind)
+    if kind is None or kind.labels is None or label is None or label in kind.labels:
+        return
+    carried = ", ".join(kind.labels) or "none"
+    yield (
+        f"cluster.group_label: {kind.whose or kind.name} GPUs carry no {label!r} label (only "
+        f"{carried}), so these budgets would never hold; give the groups as node lists in "
+        "[cluster.groups]"
+    )
+
+
+@_cross_rule("throughput", "source")
+def _throughput_needs_prometheus(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    t = config.throughput
+    if t.sources and t.prometheus_url is None and config.source.kind != "prometheus":
+        yield "throughput.sources: needs throughput.prometheus_url (the source is not Prometheus)"
+
+
+@_cross_rule("source", "actuators")
+def _twin_actuators_need_the_twin(config: Config, data: Mapping[str, Any]) -> Iterator[str]:
+    table = _table(config)
+    source = table.sources.get(config.source.kind)
+    written = data.get("actuators")
+    if source is None or source.observes_twin or not isinstance(written, Mapping):
+        return
+    for role in ("caps", "placement"):
+        kind = table.actuators[role].get(str(written.get(role)))
+        if role in written and kind is not None and kind.acts_on_twin:
+            yield (
+                f"actuators.{role}: {kind.name!r} acts on an in-process twin, which "
+                f"{source.called or repr(source.name)} source does not observe; use 'none' "
+                "(advise only)"
+            )
 
 
 def _table(model: BaseModel) -> Adapters:
@@ -491,16 +526,24 @@ def _message(err: Mapping[str, Any]) -> str:
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
     value = err.get("input")
-    if kind not in ("model_type", "dict_type") and not isinstance(value, dict):
+    if (
+        kind not in ("model_type", "dict_type")
+        and not isinstance(value, dict)
+        and "(got " not in msg
+    ):
         msg += f" (got {value!r})"
     return msg
 
 
 def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
-    return [
-        f"{_path(prefix + tuple(e['loc']))}: {_message(e)}" if prefix or e["loc"] else _message(e)
-        for e in exc.errors()
-    ]
+    out = []
+    for e in exc.errors():
+        loc = prefix + tuple(e["loc"])
+        what = _message(e)
+        if loc and loc[-1] == "[key]":  # pydantic's mark of a map's key: the key is the fault
+            loc, what = loc[:-1], f"key {what}"
+        out.append(f"{_path(loc)}: {what}" if loc else what)
+    return out
 
 
 def _check_document(data: Mapping[str, Any], source: str) -> None:
@@ -510,15 +553,17 @@ def _check_document(data: Mapping[str, Any], source: str) -> None:
     while stack:
         where, value = stack.pop()
         if len(where) > MAX_DEPTH:
-            raise ConfigError(
-                f"{source}: {_path(where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels"
+            raise ConfigError.listing(
+                source, [f"{_path(where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels"]
             )
         if isinstance(value, str) and "\x00" in value:
-            raise ConfigError(f"{source}: {_path(where)}: contains a NUL byte")
+            raise ConfigError.listing(source, [f"{_path(where)}: contains a NUL byte"])
         if isinstance(value, Mapping):
             for key, inner in value.items():
                 if isinstance(key, str) and "\x00" in key:
-                    raise ConfigError(f"{source}: {_path((*where, key))}: a key with a NUL byte")
+                    raise ConfigError.listing(
+                        source, [f"{_path((*where, key))}: a key with a NUL byte"]
+                    )
                 stack.append(((*where, key), inner))
         elif isinstance(value, list | tuple):
             stack.extend(((*where, k), inner) for k, inner in enumerate(value))
@@ -532,31 +577,53 @@ def parse_config(
 ) -> Config:
     """Validate a parsed TOML document against the policy registry and the adapter table
     (default: the built-ins and installed plug-ins). Raises ConfigError listing every problem
-    by key path."""
+    of the document at once by key path: the sections', the rules' across sections (those whose
+    sections are valid), the policies' and the policy sets'. A document nested too deep or with a
+    NUL byte is refused first, naming where."""
     _check_document(data, source)
     model = config_model(adapters or _default_table())
-    try:
-        config = model.model_validate(dict(data))
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_errors(exc))) from None
+    problems: list[str] = []
+    config, failed = _validated(model, data, problems)
+    for sections, rule in _CROSS_RULES:
+        if not sections & failed:
+            problems.extend(rule(config, data))
     registry = registry or default_registry()
-    settings, problems = _policy_settings(config, registry)
-    problems += _policy_set_problems(config, registry)
+    settings = _policy_settings(data, registry, problems)
+    problems += _policy_set_problems(data, registry)
     if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
+        raise ConfigError.listing(source, problems)
     config.policy_settings = settings
     return config
 
 
+def _validated(
+    model: type[Config], data: Mapping[str, Any], problems: list[str]
+) -> tuple[Config, frozenset[str]]:
+    """The config, and the top-level keys in error (their problems added to `problems`): the
+    document without those, so the rules across the other sections can still be applied."""
+    try:
+        return model.model_validate(dict(data)), frozenset()
+    except ValidationError as exc:
+        problems.extend(_errors(exc))
+        failed = frozenset(str(e["loc"][0]) if e["loc"] else "*" for e in exc.errors())
+    rest = {k: v for k, v in data.items() if k not in failed}
+    try:
+        return model.model_validate(rest), failed
+    except ValidationError:  # not a table at all: no rule can be applied
+        return model.model_validate({}), failed | {"*"} | set(data)
+
+
 def _policy_settings(
-    config: Config, registry: PolicyRegistry
-) -> tuple[dict[str, PolicySettings], list[str]]:
-    """Each policy's settings, validated by its own model (every policy when none is named)."""
-    wanted = (
-        config.policies if config.policies is not None else {name: {} for name in registry.names()}
-    )
+    data: Mapping[str, Any], registry: PolicyRegistry, problems: list[str]
+) -> dict[str, PolicySettings]:
+    """Each policy's settings, validated by its own model (every policy when none is named);
+    read from the document itself, so they are checked with the rest (a `policies` that is not
+    a table of tables is the sections' error)."""
+    written = data.get("policies")
+    wanted = {name: {} for name in registry.names()} if written is None else written
     settings: dict[str, PolicySettings] = {}
-    problems: list[str] = []
+    if not isinstance(wanted, Mapping):
+        return settings
     for name, raw in wanted.items():
         if name not in registry:
             problems.append(
@@ -564,20 +631,27 @@ def _policy_settings(
                 f"(known: {', '.join(registry.names())})"
             )
             continue
+        if not isinstance(raw, Mapping):
+            continue
         try:
             settings[name] = registry.get(name).Settings.model_validate(dict(raw))
         except ValidationError as exc:
             problems.extend(_errors(exc, ("policies", name)))
-    return settings, problems
+    return settings
 
 
-def _policy_set_problems(config: Config, registry: PolicyRegistry) -> list[str]:
+def _policy_set_problems(data: Mapping[str, Any], registry: PolicyRegistry) -> list[str]:
     problems: list[str] = []
-    for set_name, members in config.policy_sets.items():
+    sets = data.get("policy_sets")
+    if not isinstance(sets, Mapping):
+        return problems
+    for set_name, members in Config._split_sets(sets).items():
+        if not isinstance(members, list):
+            continue
         if not members:
             problems.append(f"{_path(('policy_sets', set_name))}: names no policy")
         for name in members:
-            if name not in registry:
+            if isinstance(name, str) and name not in registry:
                 problems.append(
                     f"{_path(('policy_sets', set_name))}: unknown policy {name!r} "
                     f"(known: {', '.join(registry.names())})"
@@ -603,8 +677,19 @@ def read_config_text(path: Path) -> str:
 
 
 def load_config(
-    path: Path, registry: PolicyRegistry | None = None, adapters: Adapters | None = None
+    path: Path,
+    registry: PolicyRegistry | None = None,
+    adapters: Adapters | None = None,
+    *,
+    needs_source: bool = True,
+    check_files: bool = True,
 ) -> Config:
+    """The configuration file at `path`, validated; also its `[source]` (a file that does not
+    say where telemetry comes from is refused: the built-in twin only when it names it) and the
+    files it names (they exist, are readable and, for secrets, not writable by others).
+    `needs_source=False`: the command gives the source itself (`ooda replay`'s trace, `ooda
+    demo`'s twin) or builds no agent (`ooda audit tail`); `check_files=False`: it opens none of
+    the files the config names (its source and actuators are its own, or it builds none)."""
     text = read_config_text(path)
     try:
         data = tomllib.loads(text)
@@ -612,7 +697,109 @@ def load_config(
         raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"config {path}: not valid TOML: nested too deeply") from None
-    return parse_config(data, registry, source=f"config {path}", adapters=adapters)
+    where = f"config {path}"
+    adapters = adapters or _default_table()
+    missing = _source_missing(data, adapters) if needs_source else []
+    try:
+        config = parse_config(data, registry, source=where, adapters=adapters)
+    except ConfigError as exc:
+        raise ConfigError.listing(where, [*missing, *exc.problems]) from None
+    problems = missing + (file_problems(config) if check_files else [])
+    if problems:
+        raise ConfigError.listing(where, problems)
+    return config
+
+
+def _source_missing(data: Mapping[str, Any], adapters: Adapters) -> list[str]:
+    """A file must say where its telemetry comes from: an empty one, or one without
+    `[source] kind`, would otherwise run the agent against the built-in twin unasked."""
+    section = data.get("source")
+    if isinstance(section, Mapping) and "kind" in section:
+        return []
+    real = [f'"{name}"' for name in adapters.sources if name != "twin"]
+    kinds = f'{", ".join(real)}; "twin" for the built-in twin' if real else '"twin"'
+    if not data:
+        return [f"the file is empty: say where telemetry comes from with [source] kind ({kinds})"]
+    return [f"source.kind: required key is missing: where telemetry comes from ({kinds})"]
+
+
+_FILE_KIND_SAYS = {"file": "a file", "secret": "a file", "directory": "a directory"}
+
+
+def file_problems(config: Config) -> list[str]:
+    """Each file the configuration names (a path field marked `file_field`) that is missing,
+    unreadable, of the wrong kind, or a secret others may write, by key path."""
+    return [
+        f"{_path(loc)}: {problem}"
+        for loc, kind, path in _named_files(config, ())
+        if (problem := _file_problem(path, kind))
+    ]
+
+
+def _named_files(
+    model: BaseModel, loc: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], str, Path]]:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name, None)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        kind = extra.get(FILE_KIND)
+        if isinstance(kind, str) and isinstance(value, Path):
+            yield (*loc, name), kind, value
+        elif isinstance(value, BaseModel):
+            yield from _named_files(value, (*loc, name))
+
+
+def _file_problem(path: Path, kind: str) -> str | None:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if is_dir != (kind == "directory"):
+        return f"{path}: not {_FILE_KIND_SAYS[kind]}"
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        return f"{path}: not readable by this user"
+    if kind == "secret" and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path}: a secret its group or others may write (mode {st.st_mode & 0o777:o}; "
+            f"chmod go-w {path})"
+        )
+    return None
+
+
+def config_warnings(config: Config, registry: PolicyRegistry | None = None) -> list[str]:
+    """What a valid configuration will not do that its reader may expect: no budget at all."""
+    cluster = config.cluster
+    if cluster.budget_w is not None or cluster.budget_query is not None:
+        return []
+    kind = _table(config).sources.get(config.source.kind)
+    own = None
+    if kind is not None and kind.own_budget is not None:
+        own = kind.own_budget(getattr(config.source, kind.name, None), config)
+    if own:
+        return []
+    registry = registry or default_registry()
+    running = [name for name, s in config.policy_settings.items() if s.enabled]
+    holders = [name for name in running if getattr(registry.get(name), "holds_budget", False)]
+    others = [name for name in running if name not in holders]
+    unless = ""
+    if own is None and kind is not None and kind.own_budget is not None:
+        unless = f" (unless {kind.called or kind.name} brings one)"
+    groups = ": only its groups' budgets hold" if cluster.groups or cluster.label_budgets_w else ""
+    holding = (
+        f"{_and(holders)} will cap nothing for the fleet's budget"
+        if holders
+        else "no policy that holds a budget runs"
+    )
+    acting = f"; {_and(others)} still act" if others else ""
+    return [
+        f"no budget: neither cluster.budget_w nor cluster.budget_query is set{unless}{groups}, so "
+        f"{holding} and nothing keeps the fleet's power under a limit{acting}"
+    ]
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def default_config(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Outcome
 from agent.sim.faults import FaultSpec
 from agent.sim.kpis import run_kpis, uncapped_demand_w
-from agent.sim.oracle import Oracle
+from agent.sim.oracle import AGENT_MARGIN_FRAC, Oracle
 from agent.sim.scenario import load_scenario, with_curves
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
 from policies.registry import PolicyRegistry, builtin_registry, default_registry
@@ -45,7 +46,16 @@ class DemoOptions:
     curves: Path | None = None
 
 
-def demo_spec(opts: DemoOptions) -> TwinSpec:
+# What `run_demo` tells of its progress: the part running now and the twin seconds it ran.
+DemoProgress = Callable[[str, float], None]
+DEMO_RUNS = 4  # the budget's sizing run, uncapped, the oracle, the agent: each `duration_s`
+
+
+def _told(progress: DemoProgress | None, stage: str) -> Callable[[float], None] | None:
+    return None if progress is None else lambda seconds: progress(stage, seconds)
+
+
+def demo_spec(opts: DemoOptions, progress: DemoProgress | None = None) -> TwinSpec:
     """The demo's twin: a budget a little under what this seed's cluster draws uncapped, and a
     demand-response drop mid-run. The budget follows the seed's realized demand (one uncapped
     pass first), so every seed shows a budget that really binds. A scenario's own budget, when
@@ -63,7 +73,7 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
         base = replace(base, **with_curves(base, opts.curves))
     if base.budget is not None:
         return base
-    demand = uncapped_demand_w(base, opts.duration_s)
+    demand = uncapped_demand_w(base, opts.duration_s, _told(progress, "sizing the budget"))
     budget = BudgetSchedule.demand_response(
         normal_w=round(opts.normal_budget_frac * demand, -1),
         drop_w=round(opts.drop_budget_frac * demand, -1),
@@ -73,15 +83,30 @@ def demo_spec(opts: DemoOptions) -> TwinSpec:
     return replace(base, budget=budget)
 
 
-def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[str, Any]:
+def demo_oracle(opts: DemoOptions) -> Oracle:
+    """The oracle held to the budget as the agent is: its power_budget's margin (the
+    configuration's, else the default); unweighted, as the throughput it is compared on."""
+    settings = None if opts.config is None else opts.config.policy_settings.get("power_budget")
+    return Oracle(margin_frac=float(getattr(settings, "margin_frac", AGENT_MARGIN_FRAC)))
+
+
+def run_demo(
+    opts: DemoOptions,
+    registry: PolicyRegistry | None = None,
+    progress: DemoProgress | None = None,
+) -> dict[str, Any]:
+    """The demo's four runs of the same seed (`progress`: told each one's twin seconds, in all
+    DEMO_RUNS x duration_s) and what an operator asks of them."""
     registry = registry or (builtin_registry() if opts.config is None else default_registry())
-    spec = demo_spec(opts)
     started = time.perf_counter()
+    spec = demo_spec(opts, progress)
 
     uncapped = Twin(spec)
-    uncapped.run_until(opts.duration_s)
+    uncapped.run_until(opts.duration_s, progress=_told(progress, "uncapped"))
     oracle_twin = Twin(spec)
-    oracle_twin.run_until(opts.duration_s, control=Oracle())
+    oracle_twin.run_until(
+        opts.duration_s, control=demo_oracle(opts), progress=_told(progress, "the oracle")
+    )
 
     twin = Twin(spec)
     agent = twin_agent(
@@ -94,7 +119,7 @@ def run_demo(opts: DemoOptions, registry: PolicyRegistry | None = None) -> dict[
         base=opts.config,
     )
     try:
-        reports = drive(agent, opts.duration_s)
+        reports = drive(agent, opts.duration_s, _told(progress, "the agent"))
     finally:
         agent.close()
 

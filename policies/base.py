@@ -27,7 +27,7 @@ class PolicySettings(BaseModel):
 
     enabled: bool = Field(True, description="Run this policy.")
     dry_run: bool | None = Field(
-        None, description="Advise only for this policy (None: follow the global dry_run)."
+        None, description="Advise only for this policy (not set: follow the global dry_run)."
     )
 
 

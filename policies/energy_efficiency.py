@@ -51,6 +51,12 @@ class EnergyEfficiencySettings(PolicySettings):
         0.02, ge=0.0, le=1.0, description="Skip caps that save less than this share of energy."
     )
     lease_s: float = Field(300.0, gt=0.0, description="Lease of the efficiency cap (s).")
+    raise_step_w: float = Field(
+        10.0,
+        ge=0.0,
+        description="A cap in force below what the bound needs is raised by at least this (W): "
+        "the guard skips smaller changes (guard.cap_dead_band_w).",
+    )
 
 
 class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
@@ -89,7 +95,9 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
         t = throughput_at_power(x * natural, natural, a, b)
         energy_ratio = (x * natural + s.static_w) / np.maximum(t, 1e-9) / (natural + s.static_w)
         saving = 1.0 - energy_ratio
-        cap = np.clip(np.floor(x * natural / k), lo_cap, hi_cap)
+        cap = self._past_dead_band(
+            np.clip(np.ceil(x * natural / k), lo_cap, hi_cap), situation.cap_w[rows], hi_cap
+        )
         act = (saving >= s.min_saving_frac) & (cap < hi_cap - 0.5)
         if not act.any():
             return Decision([], memory)
@@ -114,6 +122,18 @@ class EnergyEfficiency(BasePolicy[EnergyEfficiencySettings, PolicyMemory]):
             watts=cap[act],
         )
         return Decision([intent], memory)
+
+    def _past_dead_band(
+        self, cap: FloatArray, in_force: FloatArray, hi_cap: FloatArray
+    ) -> FloatArray:
+        """A cap in force below the one the bound needs slows its job past the bound: it must
+        rise, and a smaller raise than the guard's dead band would be skipped (a raise by a few
+        watts as the estimates settle is the usual case), so it rises by at least
+        `raise_step_w`. Caps above what is needed may come down (the guard lowers them only by
+        its dead band or more: they stay within it of the bound's cap, on its safe side)."""
+        short = np.isfinite(in_force) & (in_force < cap - 0.5)
+        raised = np.minimum(np.maximum(cap, np.ceil(in_force + self.settings.raise_step_w)), hi_cap)
+        return np.asarray(np.where(short, raised, cap), dtype=np.float64)
 
     @staticmethod
     def _pooled(situation: Situation, rows: np.ndarray) -> tuple[FloatArray, FloatArray]:

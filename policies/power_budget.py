@@ -32,6 +32,7 @@ from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
 from agent.core.jobs import ACCOUNT_LABEL
 from agent.core.reads import Reads
+from agent.core.settings import IntKey
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric
 from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
@@ -70,7 +71,7 @@ class PowerBudgetSettings(PolicySettings):
     release_hold_s: float = Field(
         60.0, ge=0.0, description="Seconds the uncapped worst case must fit before caps go (s)."
     )
-    priority_weights: dict[int, float] = Field(
+    priority_weights: dict[IntKey, float] = Field(
         default_factory=lambda: {0: 1.0, 1: 4.0, 2: 16.0},
         description="Priority class -> weight of its throughput; low weights are capped first.",
     )

@@ -48,6 +48,9 @@ def twin_config(
     return f"""
 dry_run = {str(dry_run).lower()}
 
+[source]
+kind = "twin"
+
 [cluster]
 name = "{cluster}"
 {budget}

@@ -194,7 +194,8 @@ def test_a_third_party_actuator_is_listed_validated_and_run(
     log = tmp_path / "placement.jsonl"
     config = tmp_path / "agent.toml"
     base = (
-        'dry_run = false\n[twin]\nnodes = 2\nfaults = ["xid=79:node1/gpu0@0"]\n'
+        'dry_run = false\n[source]\nkind = "twin"\n[twin]\nnodes = 2\n'
+        'faults = ["xid=79:node1/gpu0@0"]\n'
         '[policies.health_drain]\n[actuators]\nplacement = "log_placement"\n'
     )
     config.write_text(base)  # its section is needed: where to write

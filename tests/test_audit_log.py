@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -290,6 +291,9 @@ def test_audit_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     assert f"action {action['action_id']}: set_power_cap by power_budget" in text
     assert "before:" in text and "evidence:" in text and "decision d-" in text
+    # For a person: no Python reprs, and the evidence a line a key, never a value a line.
+    assert not re.search(r"\bNone\b|\{'|\bTrue\b|\bFalse\b", text), text
+    assert len(text.splitlines()) < 40, text
 
     assert main(["explain", "a-unknown-42", "--audit-log", str(path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -11,8 +11,12 @@ from agent.config import load_config, parse_config
 from agent.core.errors import ConfigError
 
 
-def write(tmp_path: Path, text: str) -> Path:
+def write(tmp_path: Path, text: str, *, source: bool = True) -> Path:
+    """The file `text` (with `[source] kind = "twin"` appended where it names no source kind,
+    as every file must: `source=False` leaves it out)."""
     path = tmp_path / "ooda.toml"
+    if source and "[source]" not in text:
+        text += '\n[source]\nkind = "twin"\n'
     path.write_text(text)
     return path
 
@@ -268,3 +272,156 @@ def test_prometheus_section_reaches_the_source(tmp_path: Path) -> None:
     )
     settings = prometheus_settings(config)
     assert settings.static_refresh_s == 60 and settings.parallel_queries == 4
+
+
+# -- issue 22: integer keys, every error at once, a source named, files checked, no budget ------
+
+
+def test_priority_weights_are_set_through_toml(tmp_path: Path) -> None:
+    # TOML's keys are text: the README's example failed with `"[key]": Input should be a valid
+    # integer (got '0')` and no file could set the weights.
+    text = "[policies.power_budget]\npriority_weights = { 0 = 1.0, 1 = 4.0, 2 = 16.0, 5 = 2.5 }\n"
+    config = load_config(write(tmp_path, text))
+    weights = config.policy_settings["power_budget"].priority_weights  # type: ignore[attr-defined]
+    assert weights == {0: 1.0, 1: 4.0, 2: 16.0, 5: 2.5}
+    assert all(type(k) is int for k in weights)
+
+
+def test_a_bad_map_key_is_named_in_the_files_terms(tmp_path: Path) -> None:
+    text = "[policies.power_budget]\npriority_weights = { high = 1.0, 1 = 4.0 }\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    message = str(exc.value)
+    assert "policies.power_budget.priority_weights.high: key must be a whole number" in message
+    assert "[key]" not in message
+
+
+FIVE_ERRORS = """
+dry_runn = true                  # 1. an unknown top-level key
+[cluster]
+budget_w = -5                    # 2. out of range
+[guard]
+cap_cooldown_s = "soon"          # 3. the wrong type
+[source]
+kind = "prometheus"
+[source.prometheus]
+url = "http://127.0.0.1:9090"
+timeoutt_s = 3                   # 4. a typo in an adapter's section
+[policies.power_budget]
+margin_fracc = 0.01              # 5. a typo in a policy's section
+"""
+
+
+def test_config_check_prints_every_error_of_a_file_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, FIVE_ERRORS)
+    assert main(["config", "check", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5, lines
+    expected = [
+        "dry_runn: unknown key",
+        "cluster.budget_w: Input should be greater than 0 (got -5)",
+        "guard.cap_cooldown_s: Input should be a valid number (got 'soon')",
+        "source.prometheus.timeoutt_s: unknown key",
+        "policies.power_budget.margin_fracc: unknown key",
+    ]
+    for line in lines:
+        assert line.startswith(f"ooda: error: config {path}: "), line
+    for problem in expected:
+        assert any(line.endswith(problem) for line in lines), (problem, lines)
+
+
+def test_rules_across_sections_hold_while_another_section_is_in_error(tmp_path: Path) -> None:
+    # Both budgets given is a rule over [cluster]; a typo in [guard] must not hide it.
+    text = "[cluster]\nbudget_w = 5\nbudget_query = 'x'\n[guard]\ncap_cooldwn_s = 1\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert exc.value.problems == (
+        "guard.cap_cooldwn_s: unknown key",
+        "cluster: give budget_w or budget_query, not both",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "the file is empty: say where telemetry comes from with [source] kind"),
+        ("[cluster]\nbudget_w = 5000\n", "source.kind: required key is missing"),
+        ('[source.prometheus]\nurl = "http://p:9090"\n', "source.kind: required key is missing"),
+    ],
+)
+def test_a_file_that_names_no_source_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    # An empty file was `OK (twin source, ...)`, and `ooda run` then controlled a simulated
+    # cluster: the twin runs only when the file asks for it.
+    path = write(tmp_path, text, source=False)
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == err.splitlines()[0] and expected in err and '"twin" for the built-in' in err
+    assert main(["run", "--config", str(path), "--metrics-listen", "off"]) == 2
+    assert expected in capsys.readouterr().err
+    twin = write(tmp_path, text + '\n[source]\nkind = "twin"\n', source=False)
+    assert main(["config", "check", str(twin)]) == 0
+
+
+def test_no_budget_is_a_warning_that_says_what_will_not_happen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[source]\nkind = "prometheus"\n', source=False)
+    assert main(["config", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    warning = " ".join(captured.err.split())
+    assert warning.startswith(f"ooda: warning: {path}: no budget: ")
+    assert "power_budget will cap nothing" in warning and "thermal_guard" in warning
+    assert "budget:   none" in captured.out
+    assert main(["config", "check", str(write(tmp_path, "[cluster]\nbudget_w = 9000\n"))]) == 0
+    assert capsys.readouterr().err == ""
+    # The twin's own budget is a budget.
+    with_twin_budget = write(tmp_path, "[twin]\nbudget_w = 9000\n")
+    assert main(["config", "check", str(with_twin_budget), "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and '"warnings":[]' in out.out.replace(" ", "")
+
+
+def test_once_says_why_it_decided_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[twin]\nnodes = 1\n")
+    assert main(["once", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "decided:  nothing (no budget: power_budget needs cluster.budget_w" in out
+
+
+def _node_section(token: Path, extra: str = "") -> str:
+    return (
+        '[source]\nkind = "twin"\n[actuators]\ncaps = "node"\n[actuators.node]\n'
+        f'endpoint_template = "unix:///run/ooda/{{node}}.sock"\ntoken_file = "{token}"\n{extra}'
+    )
+
+
+def test_files_the_config_names_are_checked(tmp_path: Path) -> None:
+    token = tmp_path / "node.token"
+    missing = tmp_path / "absent.pem"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, _node_section(token, f'tls_ca = "{missing}"\n')))
+    assert exc.value.problems == (
+        f"actuators.node.token_file: {token}: No such file or directory",
+        f"actuators.node.tls_ca: {missing}: No such file or directory",
+    )
+    token.write_text("secret\n")
+    token.chmod(0o620)  # its group may write it: anyone there could mint their own
+    with pytest.raises(ConfigError, match=r"token_file: .*a secret its group or others may write"):
+        load_config(write(tmp_path, _node_section(token)))
+    token.chmod(0o640)
+    assert load_config(write(tmp_path, _node_section(token))).actuators.caps == "node"
+    with pytest.raises(ConfigError, match=r"tls_ca: .*: not a file"):
+        load_config(write(tmp_path, _node_section(token, f'tls_ca = "{tmp_path}"\n')))
+    slurm = f'[actuators.slurm]\nbin_dir = "{token}"\n'
+    with pytest.raises(ConfigError, match=r"actuators.slurm.bin_dir: .*: not a directory"):
+        load_config(write(tmp_path, _node_section(token) + slurm))
+    # A command that builds no agent (the audit log's readers) does not open them.
+    token.unlink()
+    path = write(tmp_path, _node_section(token))
+    assert load_config(path, check_files=False).actuators.caps == "node"

@@ -14,6 +14,8 @@ from tests.daemon_helpers import START_UNIX, drive, in_process, twin_config, wri
 
 LIVE_POLICY = """
 dry_run = false
+[source]
+kind = "twin"
 [cluster]
 name = "lab"
 budget_w = 5000.0

@@ -440,14 +440,42 @@ def test_example_configs_are_valid(tmp_path: Path) -> None:
             path = tmp_path / example.name
             filled = text.replace('"<cluster-name>"', '"gpu-a"')
             path.write_text(filled.replace("<prometheus>", "prometheus.example.com"))
-        config = load_config(path)
+        config = load_config(_with_its_files(path, tmp_path))
         assert config.dry_run, f"{example}: examples start in dry-run"
     twin = load_config(DEPLOY / "examples" / "twin.toml")
     assert (twin.source.kind, twin.twin.speed, twin.daemon.interval_s) == ("twin", 1.0, 1.0)
     # One GPU node: the name NVML's readings carry is the one its node daemon is reached by.
-    node = load_config(DEPLOY / "examples" / "gpu-node.toml")
+    node = load_config(DEPLOY / "examples" / "gpu-node.toml", check_files=False)
     assert node.source.kind == "nvml" and node.actuators.node is not None
     assert list(node.actuators.node.endpoints) == [node.source.nvml.node]
+
+
+def _with_its_files(example: Path, tmp_path: Path) -> Path:
+    """A copy of `example` whose files (tokens, TLS, slurm.conf) exist, under `tmp_path`: the
+    config's checks refuse a file that names missing ones (they name each), as here."""
+    text = example.read_text()
+    named = sorted(set(re.findall(r'^\w+ = "(/etc/[^"]+)"', text, re.MULTILINE)))
+    if named:
+        with pytest.raises(ConfigError) as refused:
+            load_config(example if "<" not in text else _filled(example, tmp_path))
+        for name in named:
+            assert f"{name}: No such file or directory" in str(refused.value)
+    for name in named:
+        local = tmp_path / "etc" / name.removeprefix("/etc/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("x\n")
+        local.chmod(0o600)
+        text = text.replace(f'"{name}"', f'"{local}"')
+    copy = tmp_path / f"files-{example.name}"
+    copy.write_text(text)
+    return copy
+
+
+def _filled(example: Path, tmp_path: Path) -> Path:
+    text = example.read_text().replace('"<cluster-name>"', '"gpu-a"')
+    filled = tmp_path / f"filled-{example.name}"
+    filled.write_text(text.replace("<prometheus>", "prometheus.example.com"))
+    return filled
 
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -179,7 +179,7 @@ def test_hostile_configs_are_one_line_and_exit_2(
     tmp_path: Path, content: bytes, words: list[str]
 ) -> None:
     path = tmp_path / "ooda.toml"
-    path.write_bytes(content)
+    path.write_bytes(content + b'\n[source]\nkind = "twin"\n')  # its one problem is the hostile one
     for command in (
         ["config", "check", str(path)],
         ["run", "--config", str(path), "--metrics-listen", "off"],
@@ -229,7 +229,8 @@ def test_ooda_run_starts_fresh_from_a_deeply_nested_state_file(tmp_path: Path) -
     cluster = f"deep-{uuid.uuid4().hex[:6]}"
     config = tmp_path / "ooda.toml"
     config.write_text(
-        f'[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\ngpus_per_node = 2\n'
+        f'[source]\nkind = "twin"\n[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\n'
+        f"gpus_per_node = 2\n"
         f'[daemon]\ninterval_s = 1\nstate_dir = "{tmp_path / "state"}"\n'
     )
     (tmp_path / "state").mkdir(mode=0o700)
@@ -341,7 +342,8 @@ def test_a_second_ooda_run_with_another_state_dir_refuses_to_start(tmp_path: Pat
     cluster = f"twice-{uuid.uuid4().hex[:6]}"
     config = tmp_path / "ooda.toml"
     config.write_text(
-        f'[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\ngpus_per_node = 2\n'
+        f'[source]\nkind = "twin"\n[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\n'
+        f"gpus_per_node = 2\n"
         "[daemon]\ninterval_s = 1\n"
     )
     base = [sys.executable, "-m", "agent", "run", "--config", str(config), "--metrics-listen",

@@ -22,6 +22,9 @@ CONFIG = """
 dry_run = true
 policies = {}
 
+[source]
+kind = "twin"
+
 [cluster]
 name = "metered"
 node_overhead_w = 300.0

@@ -54,3 +54,18 @@ def test_a_new_job_does_not_inherit_the_previous_jobs_cap_draw_share() -> None:
     assert np.isnan(draw.cap_draw_frac[0])
     draw = tracker.update(snapshot_at(165.0, [450.0], [405.0], cap_bit=True, job="8"))
     assert draw.cap_draw_frac[0] == 0.9  # its own, from its first binding sample
+
+
+def test_the_cap_draw_share_averages_its_first_samples_alike() -> None:
+    # Each sample of the draw under a cap is off by the draw's noise: a share kept as a moving
+    # average from its first sample on would keep that one sample at weight 0.9^n (a cap aimed
+    # at a slowdown bound from it misses by as much). The first samples count alike.
+    tracker = NaturalDrawTracker(warmup_s=0.0)
+    shares = [0.99, 0.93, 0.94, 0.92, 0.93]  # a high first sample, then the job's usual share
+    for i, share in enumerate(shares):
+        draw = tracker.update(snapshot_at(15.0 * i, [400.0], [400.0 * share], cap_bit=True))
+    assert abs(draw.cap_draw_frac[0] - float(np.mean(shares))) < 1e-9
+    # Later samples move it by a small, fixed weight: old evidence fades, slowly.
+    for i in range(5, 60):
+        draw = tracker.update(snapshot_at(15.0 * i, [400.0], [400.0 * 0.93], cap_bit=True))
+    assert abs(draw.cap_draw_frac[0] - 0.93) < 0.001

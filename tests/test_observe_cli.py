@@ -126,7 +126,9 @@ def test_once_reports_an_outage_and_exits_1(capsys: pytest.CaptureFixture[str]) 
 
 def test_once_with_a_twin_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[twin]\nnodes = 2\ngpus_per_node = 2\nbudget_w = 900\n")
+    cfg.write_text(
+        '[source]\nkind = "twin"\n[twin]\nnodes = 2\ngpus_per_node = 2\nbudget_w = 900\n'
+    )
     assert main(["once", "--config", str(cfg), "--dry-run", "--json"]) == 0
     out = last_json(capsys.readouterr().out)
     assert out["gpus"] == 4 and out["nodes"] == 2 and out["stale"] == 0
@@ -173,7 +175,7 @@ def test_record_refuses_a_time_that_is_not_one_and_writes_nothing(
 
 
 def test_record_leaves_no_partial_trace_whatever_stops_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import agent.observe.record
 
@@ -183,8 +185,10 @@ def test_record_leaves_no_partial_trace_whatever_stops_it(
     monkeypatch.setattr(agent.observe.record, "record_prometheus", broken)
     out = tmp_path / "t.parquet"
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(RuntimeError, match="a bug"):
-        main(["record", "--prometheus", url, "--start", "-1h", "-o", str(out)])
+    # A bug is a failure (exit 1) said in one line, not a traceback (issue 22).
+    assert main(["record", "--prometheus", url, "--start", "-1h", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ooda: error: unexpected failure (a bug)") and err.count("\n") == 1
     assert not out.exists()
 
 

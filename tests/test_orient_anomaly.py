@@ -35,6 +35,9 @@ class Fleet:
     extra_w: npt.NDArray[np.float64] = field(init=False)
     xid: npt.NDArray[np.float64] = field(init=False)
     age: npt.NDArray[np.float64] = field(init=False)
+    util_drop: npt.NDArray[np.float64] = field(init=False)
+    frozen: npt.NDArray[np.bool_] = field(init=False)  # readings served as last served
+    served: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -46,6 +49,9 @@ class Fleet:
         self.extra_w = np.zeros(N)
         self.xid = np.zeros(N)
         self.age = np.zeros(N)
+        self.util_drop = np.zeros(N)
+        self.frozen = np.zeros(N, dtype=bool)
+        self.served = (np.zeros(N), np.zeros(N))
 
     def power(self) -> npt.NDArray[np.float64]:
         mean = np.minimum(self.natural, 0.95 * self.cap)
@@ -60,6 +66,9 @@ class Fleet:
         x = np.minimum(np.minimum(self.natural, 0.95 * self.cap) / self.natural, 1.0)
         clock = 1900.0 * throughput_at_power(x, 1.0, 1.1, 1.6) * self.clock_factor
         clock = np.where(self.xid == 79, 0.0, clock)
+        p = np.where(self.frozen, self.served[0], p)
+        temp = np.where(self.frozen, self.served[1], self.temp)
+        self.served = (p, temp)
         return build_snapshot(
             time_s=self.t,
             node_of_gpu=[f"node{i // 8 + 1}" for i in range(N)],
@@ -72,8 +81,10 @@ class Fleet:
                 Metric.POWER_LIMIT_W: self.cap.copy(),
                 Metric.MAX_LIMIT_W: np.full(N, 700.0),
                 Metric.MIN_LIMIT_W: np.full(N, 200.0),
-                Metric.TEMP_C: self.temp.copy(),
-                Metric.UTIL_PCT: np.where(self.xid == 79, 0.0, 97.0 + self.rng.normal(0, 0.5, N)),
+                Metric.TEMP_C: temp,
+                Metric.UTIL_PCT: np.where(
+                    self.xid == 79, 0.0, 97.0 - self.util_drop + self.rng.normal(0, 0.5, N)
+                ),
                 Metric.SM_CLOCK_MHZ: clock,
                 Metric.XID: self.xid.copy(),
             },
@@ -128,6 +139,41 @@ def test_a_straggler_among_its_job_peers() -> None:
     assert ev["metric"] == "sm_clock_mhz" and ev["value"] < ev["expected_lo"]
 
 
+def test_a_whole_job_moving_together_is_its_phase_and_a_gpu_apart_from_it_is_seen() -> None:
+    """All four GPUs of job 102 slow their clocks and idle their SMs together (a collective
+    stall, a data stall): the job's phase, no GPU's fault. One of them slowing further than
+    its peers at the same moment is a straggler still."""
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter)
+    job = slice(8, 12)
+    fleet.clock_factor[job] = 0.7
+    fleet.util_drop[job] = 60.0
+    for _ in range(3):
+        sit = orienter.orient(fleet.step(), None)
+        assert sit.anomalies is not None and not sit.anomalies.flagged.any()
+    fleet.clock_factor[9] = 0.45
+    a = orienter.orient(fleet.step(), None).anomalies
+    assert a is not None
+    assert np.flatnonzero(a.flagged).tolist() == [9] and a.kind[9] == "straggler"
+
+
+def test_frozen_readings_say_nothing_and_raise_nothing() -> None:
+    """GPU 3's exporter hangs, serving its last power and temperature while the GPU works on;
+    the agent then lowers its cap under the frozen draw: no excursion, no alarm."""
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter)
+    fleet.cap[:] = 700.0
+    for _ in range(3):
+        orienter.orient(fleet.step(), None)
+    fleet.frozen[3] = True
+    for _ in range(3):
+        orienter.orient(fleet.step(), None)
+    fleet.cap[3] = 450.0
+    for _ in range(5):
+        a = orienter.orient(fleet.step(), None).anomalies
+        assert a is not None and not a.flagged.any(), a.kind[a.flagged]
+
+
 def test_a_failed_fan_shows_in_the_thermal_model() -> None:
     fleet, orienter = Fleet(), Orienter()
     fleet.warm(orienter, cycles=90)
@@ -154,8 +200,25 @@ def test_dropout_from_the_age_of_samples_and_persistence() -> None:
         assert sit.anomalies is not None
         kinds.append(set(sit.anomalies.kind[sit.anomalies.flagged].tolist()))
         assert not sit.anomalies.flagged[:8].any()
-    assert kinds[0] == {"dropout"} and sit.anomalies.flagged[8:].all()
+    # The node's first silent cycle could be its exporter restarting; the second is a dropout.
+    assert kinds[0] == set() and kinds[1] == {"dropout"} and sit.anomalies.flagged[8:].all()
     assert sit.anomalies.persistent is not None and sit.anomalies.persistent[8:].all()
+
+
+def test_a_node_away_for_one_cycle_is_a_restart_and_a_gpu_alone_silent_a_dropout() -> None:
+    fleet, orienter = Fleet(), Orienter()
+    fleet.warm(orienter)
+    fleet.age[8:] = 60.0  # node2's exporter restarts: one scrape missed
+    a = orienter.orient(fleet.step(), None).anomalies
+    assert a is not None and not a.flagged.any()
+    fleet.age[8:] = 0.0
+    for _ in range(3):
+        a = orienter.orient(fleet.step(), None).anomalies
+        assert a is not None and not a.flagged.any()
+    fleet.age[11] = 60.0  # one GPU's readings stop while its node reports
+    a = orienter.orient(fleet.step(), None).anomalies
+    assert a is not None and np.flatnonzero(a.flagged).tolist() == [11]
+    assert a.kind[11] == "dropout"
 
 
 def test_a_drain_worthy_health_condition_explains_the_rest() -> None:

@@ -113,6 +113,25 @@ def test_the_tail_probability_is_calibrated_on_noise_of_any_shape(shape: str) ->
     assert r.opened[5000:].mean() <= StreamParams().alarm_p
 
 
+def test_bursts_that_recur_are_learned_from_the_record_and_a_bigger_one_still_seen() -> None:
+    """Heavy-tailed noise (many small exceedances, which shape the fitted tail) with a burst of
+    about 40 scales every 500 rows: the fitted tail alone keeps calling each burst rare; the
+    record of how far the exceedances went says they recur. A burst bigger than any seen
+    before still opens an alarm."""
+    rng = np.random.default_rng(3)
+    n = 8000
+    x = 100.0 + 5.0 * rng.standard_t(2.5, n)
+    bursts = np.arange(300, n, 500)
+    x[bursts] += 200.0 * rng.uniform(0.8, 1.2, bursts.size)
+    x[7650] += 2000.0  # novel
+    late = bursts[bursts > 4000]
+    record = detect_series(times(n), x)
+    fitted = detect_series(times(n), x, params=StreamParams(tail_record=False))
+    assert (record.p >= fitted.p).all()  # the record only ever raises p
+    assert record.opened[late].sum() < fitted.opened[late].sum() == late.size
+    assert record.opened[7650] and fitted.opened[7650]
+
+
 def test_a_flat_line_that_moves_is_seen() -> None:
     x = np.full(500, 45.0)
     x[400:] = 46.0

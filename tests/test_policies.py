@@ -160,6 +160,26 @@ def test_energy_efficiency_keeps_the_bound_where_the_cap_draw_share_is_not_learn
         assert np.all(t >= 0.95 - 1e-3), (k, caps.watts, t)
 
 
+def test_energy_efficiency_raises_a_cap_short_of_the_bound_past_the_guards_dead_band() -> None:
+    from agent.act.guard import GuardSettings
+
+    # Its own cap, set on earlier estimates, is now a few watts short of what the bound needs
+    # (the estimates settled): a raise by so little would be skipped by the guard's dead band and
+    # the job held past its bound for good, so it is raised by at least the dead band.
+    snap = make_snapshot([600.0] * 4)
+    sit = replace(orient(snap), curves=curves_for(4, 600.0, 0.85, 1.58, 0.9))
+    policy = EnergyEfficiency(EnergyEfficiencySettings(max_slowdown_frac=0.05))
+    needed = only(policy.decide(sit, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    short = replace(sit, cap_w=needed - 3.0)
+    raised = only(policy.decide(short, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    assert np.all(raised - short.cap_w >= GuardSettings().cap_dead_band_w)
+    # A cap in force above what the bound needs is asked down to it (the safe side: the guard
+    # lowers it when the change is worth making).
+    roomy = replace(sit, cap_w=needed + 3.0)
+    lowered = only(policy.decide(roomy, PolicyMemory(), 0).intents, SetPowerCap)[0].watts
+    assert np.array_equal(lowered, needed)
+
+
 def test_energy_efficiency_ignores_unconfident_curves_and_insensitive_jobs() -> None:
     snap = make_snapshot([600.0] * 4)
     policy = EnergyEfficiency(EnergyEfficiencySettings())
@@ -184,6 +204,19 @@ def test_pool_within_jobs_keeps_real_differences_and_drops_noise() -> None:
     # Unknown values stay unknown and pool nothing.
     with_nan = pool_within_jobs(np.array([600.0, np.nan, 610.0]), np.full(3, 100.0), keys[:3])
     assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], 605.0)
+
+
+def test_pool_within_jobs_pools_a_spread_that_noise_alone_gives_often() -> None:
+    from policies.common import pool_within_jobs
+
+    # One natural draw (513 W) estimated on each of 8 GPUs from a sample or two, each off by
+    # about 10 W: these spread a little more than 10 W (sample sd 12 W), as noise alone does 4
+    # times in 10. Keeping a third of each deviation (the method of moments' share) would cap the
+    # GPU estimated at 493 W some 7 W too deep, and its job runs at that GPU's pace.
+    values = np.array([492.8, 503.4, 519.2, 518.9, 529.9, 521.0, 525.3, 524.3])
+    assert 11.0 < float(np.std(values, ddof=1)) < 13.0
+    pooled = pool_within_jobs(values, np.full(8, 10.0**2), np.zeros(8, dtype=np.int64))
+    assert np.allclose(pooled, values.mean())
 
 
 def test_energy_efficiency_gives_a_jobs_gpus_the_same_share_despite_noisy_estimates() -> None:

@@ -189,7 +189,7 @@ def test_rollback_cli_through_real_node_daemons(
     config = tmp_path / "agent.toml"
     endpoints = ", ".join(f'{n} = "{u}"' for n, u in node_settings["endpoints"].items())
     config.write_text(
-        "dry_run = false\n"
+        'dry_run = false\n[source]\nkind = "twin"\n'
         f'[audit]\npath = "{audit_path}"\n'
         '[actuators]\ncaps = "node"\nplacement = "none"\n'
         f"[actuators.node]\nendpoints = {{ {endpoints} }}\n"
@@ -239,7 +239,7 @@ def test_rollback_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     from agent.cli import main
 
     config = tmp_path / "agent.toml"
-    config.write_text("dry_run = true\n")
+    config.write_text('dry_run = true\n[source]\nkind = "twin"\n')
     assert main(["rollback", "--config", str(config)]) == 2
     assert "audit.path is not set" in capsys.readouterr().err
     assert main(["rollback", "--config", str(config), "--audit-log", str(tmp_path / "no")]) == 2

@@ -39,7 +39,7 @@ from agent.core.errors import ConfigError
 from agent.core.intents import GpuTargets
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult, GpuLimits
-from agent.core.settings import STRICT_SETTINGS
+from agent.core.settings import STRICT_SETTINGS, file_field
 from agent.core.urls import check_http_url
 
 log = structlog.get_logger("ooda.act.node")
@@ -68,18 +68,28 @@ class NodeClientSettings(BaseModel):
         "e.g. 'https://{node}:9440'.",
     )
     token_file: Path = Field(
-        ..., strict=False, description="Bearer token file (its first token is sent)."
+        ...,
+        strict=False,
+        description="Bearer token file (its first token is sent).",
+        json_schema_extra=file_field("secret"),
     )
     tls_ca: Path | None = Field(
         None,
         strict=False,
         description="CA bundle that signed the daemons' certificates (default: system).",
+        json_schema_extra=file_field("file"),
     )
     tls_client_cert: Path | None = Field(
-        None, strict=False, description="Client certificate (PEM) for daemons that require one."
+        None,
+        strict=False,
+        description="Client certificate (PEM) for daemons that require one.",
+        json_schema_extra=file_field("file"),
     )
     tls_client_key: Path | None = Field(
-        None, strict=False, description="The client certificate's key (PEM)."
+        None,
+        strict=False,
+        description="The client certificate's key (PEM).",
+        json_schema_extra=file_field("secret"),
     )
     timeout_s: float = Field(2.0, gt=0, le=60, description="Per-request timeout (s).")
     retries: int = Field(1, ge=0, le=5, description="Retries per node on transport errors/5xx.")

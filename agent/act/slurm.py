@@ -65,7 +65,7 @@ from pydantic import BaseModel, Field
 
 from agent.core.errors import ActuatorError
 from agent.core.jobs import NO_GPU, JobRecord, JobState, JobTable
-from agent.core.settings import STRICT_SETTINGS
+from agent.core.settings import STRICT_SETTINGS, file_field
 from agent.core.situation import NodeStates
 
 log = structlog.get_logger("ooda.act.slurm")
@@ -107,9 +107,13 @@ class SlurmSettings(BaseModel):
         None,
         strict=False,
         description="slurm.conf for the CLIs (SLURM_CONF); none: the environment's.",
+        json_schema_extra=file_field("file"),
     )
     bin_dir: Path | None = Field(
-        None, strict=False, description="Directory holding scontrol, sinfo and squeue; none: PATH."
+        None,
+        strict=False,
+        description="Directory holding scontrol, sinfo and squeue; none: PATH.",
+        json_schema_extra=file_field("directory"),
     )
     timeout_s: float = Field(
         10.0, gt=0, le=300, description="Limit for one Slurm command (s); then an error."

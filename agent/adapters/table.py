@@ -84,6 +84,10 @@ class SourceKind:
     fills_limits: bool = False
     # Why `cluster.budget_query` (PromQL) cannot be used with it ("": it can).
     no_budget_query: str = ""
+    # Whether it brings a budget of its own, from its section and the whole config (the twin's
+    # `[twin] budget_w`, a trace's recorded one): True, False, or None if that shows only once
+    # it runs. None here: it never does (the budget comes from `[cluster]`).
+    own_budget: Callable[[Any, Any], bool | None] | None = None
     # "prometheus at URL": where it reads from, for people (`ooda once`); default: its name.
     describe: Callable[[Any, Sequence[str]], str] | None = None
     origin: str = "built-in"

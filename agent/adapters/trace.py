@@ -17,7 +17,7 @@ from agent.adapters.table import ActuatorKind, BuildContext, SourceKind
 from agent.core.clock import Clock, FollowingClock, SystemClock
 from agent.core.errors import ActuatorError, ConfigError, TraceError
 from agent.core.protocols import TelemetrySource
-from agent.core.settings import STRICT_SECTION
+from agent.core.settings import STRICT_SECTION, file_field
 from agent.core.situation import NodeStates
 from agent.observe.trace import TraceReader
 
@@ -25,7 +25,12 @@ from agent.observe.trace import TraceReader
 class TraceSourceConfig(BaseModel):
     model_config = STRICT_SECTION
 
-    path: Path = Field(..., strict=False, description="The trace file (`ooda record`).")
+    path: Path = Field(
+        ...,
+        strict=False,
+        description="The trace file (`ooda record`).",
+        json_schema_extra=file_field("file"),
+    )
     speed: float = Field(
         1.0, gt=0, le=1e6, description="Trace seconds per second of the agent's clock."
     )
@@ -45,6 +50,15 @@ def _clock(source: TelemetrySource, ctx: BuildContext, section: Any) -> Clock:
     assert isinstance(source, TraceReader)
     speed = section.speed if isinstance(section, TraceSourceConfig) else 1.0
     return FollowingClock(ctx.wall or SystemClock(), float(source.meta.time_s[0]), speed)
+
+
+def _recorded_budget(section: Any, _config: Any) -> bool | None:
+    """Whether the trace recorded a budget (None: it cannot be read, which its own check says)."""
+    try:
+        budgets = TraceReader(section.path).meta.budget_w
+    except TraceError:
+        return None
+    return bool(np.isfinite(budgets).any())
 
 
 def _where(section: Any, _nodes: Sequence[str]) -> str:
@@ -93,6 +107,7 @@ TRACE_SOURCE = SourceKind(
     labels=None,  # whatever labels it recorded
     called="a trace",
     clock=_clock,
+    own_budget=_recorded_budget,
     describe=_where,
 )
 TRACE_PLACEMENT = ActuatorKind(

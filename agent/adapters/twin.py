@@ -141,6 +141,7 @@ TWIN_SOURCE = SourceKind(
     called="the twin",
     observes_twin=True,
     clock=lambda _source, ctx, _section: TwinClock(ctx.get_twin()),
+    own_budget=lambda _section, config: config.twin.budget_w is not None,
 )
 TWIN_CAPS = ActuatorKind(
     name="twin",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
+import structlog
 import typer
 
 from agent.cli._common import setup_logging
@@ -36,6 +37,17 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ooda {version('ooda-agent')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("ooda (not installed: no version)")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     log_level: Annotated[
@@ -44,6 +56,12 @@ def _root(
             "--log-level", help="debug, info, warning (default) or error; or OODA_LOG_LEVEL."
         ),
     ] = None,
+    _version_flag: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     setup_logging(log_level)
 
@@ -72,27 +90,46 @@ app.command("forecast")(forecast)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: exit 0 on success, 2 on bad input (one line naming it), 1 on other failures."""
+    """Entry point: exit 0 on success, 2 on bad input, 1 on a failure; every error one line,
+    `ooda: error: WHAT`, naming the input or the place (never a Python class name or a
+    traceback: `--log-level debug` logs the traceback of a failure that is a bug)."""
     try:
         result = app(args=argv, prog_name="ooda", standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code)
-    except typer.Abort:
-        typer.echo("ooda: aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("ooda: interrupted", err=True)
         return 130
     except typer.TyperException as exc:  # usage errors (typer's own click): one line, exit 2
-        ctx = getattr(exc, "ctx", None)
-        where = f"{ctx.command_path}: " if ctx is not None else ""
-        message = " ".join(exc.format_message().split())
-        typer.echo(f"ooda: error: {where}{message}", err=True)
-        return int(getattr(exc, "exit_code", 2))
-    except BadInputError as exc:
-        typer.echo(f"ooda: error: {exc}", err=True)
-        return 2
+        return _usage_error(exc)
     except OodaError as exc:
-        typer.echo(f"ooda: {type(exc).__name__}: {exc}", err=True)
+        for line in exc.lines():
+            typer.echo(f"ooda: error: {line}", err=True)
+        return 2 if isinstance(exc, BadInputError) else 1
+    except OSError as exc:  # a file or a socket the command needed
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"ooda: error: {where}{exc.strerror or exc}", err=True)
+        return 1
+    except Exception as exc:  # a bug: said in one line; the traceback at --log-level debug
+        structlog.get_logger("ooda.cli").debug("unexpected_failure", exc_info=True)
+        said = " ".join(str(exc).split()) or "no message"
+        typer.echo(
+            f"ooda: error: unexpected failure ({said}); this is a bug: please report it with "
+            "the output of the same command with --log-level debug",
+            err=True,
+        )
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """A usage error (an unknown option, a value out of range): what, then which command."""
+    ctx = getattr(exc, "ctx", None)
+    message = " ".join(exc.format_message().split())
+    message = message[:1].lower() + message[1:]
+    where = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    typer.echo(f"ooda: error: {message}{where}", err=True)
+    return int(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

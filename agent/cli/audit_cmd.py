@@ -49,7 +49,7 @@ def audit_path(config: Path | None, audit_log: Path | None, state_dir: Path | No
         raise BadInputError("give --config or --audit-log, not both")
     if audit_log is not None:
         return audit_log
-    cfg = load_config(config or DEFAULT_CONFIG)
+    cfg = load_config(config or DEFAULT_CONFIG, needs_source=False, check_files=False)
     path = configured(cfg, state_dir)
     if path is None:
         raise BadInputError(
@@ -64,7 +64,20 @@ def _short(value: Any, limit: int = 6) -> str:
         return head + (f", ... ({len(value)} in all)" if len(value) > limit else "")
     if isinstance(value, float):
         return f"{value:g}"
+    if value is None:
+        return "-"  # not known (no earlier cap of record, a value not measured)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
     return str(value)
+
+
+def _evidence(evidence: Any) -> list[str]:
+    """A decision's evidence, a line a key; a long list shortened (`--json` has it whole)."""
+    if not isinstance(evidence, dict) or not evidence:
+        return ["  evidence: none"]
+    return ["  evidence:"] + [f"    {key}: {_short(value)}" for key, value in evidence.items()]
 
 
 def render(record: dict[str, Any]) -> str:
@@ -137,9 +150,12 @@ def tail_cmd(
     for record in records:
         typer.echo(json.dumps(record) if json_out else render(record))
     if stats.skipped:
-        typer.echo(f"ooda: {stats.skipped} line(s) did not parse and were skipped", err=True)
+        typer.echo(
+            f"ooda: warning: {path}: {stats.skipped} line(s) did not parse and were skipped",
+            err=True,
+        )
     if not stats.files and not follow_:
-        typer.echo(f"ooda: no audit log at {path} yet", err=True)
+        typer.echo(f"ooda: warning: no audit log at {path} yet", err=True)
     if follow_:
         sys.stdout.flush()
 
@@ -194,7 +210,7 @@ def explain(
     out = [
         f"action {a.get('action_id', '-')}: {a.get('kind')} by {a.get('policy')}"
         f" -> {a.get('outcome', '(no action)')}" + (" (dry-run)" if a.get("dry_run") else ""),
-        f"  at:       {a.get('ts', '')} (t={a.get('time_s')})",
+        f"  at:       {a.get('ts', '')} (t={_short(a.get('time_s'))})",
         f"  target:   {_short(a.get('target'))}",
         f"  before:   {_short(a.get('before'))}",
         f"  after:    {_short(a.get('after'))}",
@@ -207,12 +223,11 @@ def explain(
         out += [
             f"decision {d.get('decision_id')}: {d.get('kind')} by {d.get('policy')}"
             + (" (dry-run)" if d.get("dry_run") else ""),
-            f"  at:       {d.get('ts', '')} (t={d.get('time_s')})",
+            f"  at:       {d.get('ts', '')} (t={_short(d.get('time_s'))})",
             f"  target:   {_short(d.get('target'))}",
             f"  wanted:   {_short(d.get('after'))}",
             f"  reason:   {d.get('reason', '')}",
-            "  evidence: "
-            + json.dumps(d.get("evidence", {}), indent=2, default=str).replace("\n", "\n  "),
+            *_evidence(d.get("evidence")),
         ]
     else:
         out.append("decision: not found in the audit log (rotated away?)")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli._common import emit_json
+from agent.cli._common import emit_json, wrapped
 
 _BOUND_SIGNS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 
@@ -27,26 +27,48 @@ def check(
 
       ooda config check deploy/examples/twin.toml
     """
-    from agent.config import load_config
+    from agent.config import adapters_of, config_warnings, load_config
 
     config = load_config(file)
+    warnings = config_warnings(config)
+    kind = adapters_of(config).source(config.source.kind)
+    # What will run: a policy that is off (curve_exploration, unless enabled) is not listed.
+    running = [name for name, s in config.policy_settings.items() if getattr(s, "enabled", True)]
+    off = [name for name in config.policy_settings if name not in running]
     summary = {
         "ok": True,
         "file": str(file),
         "dry_run": config.dry_run,
         "source": config.source.kind,
-        "policies": list(config.policy_settings),
+        "policies": running,
+        "policies_off": off,
         "interval_s": config.daemon.interval_s,
+        "budget": _budget_said(config),
+        "warnings": warnings,
     }
+    for warning in warnings:
+        typer.echo(wrapped(f"ooda: warning: {file}: {warning}", indent="  "), err=True)
     if json_out:
         emit_json(summary)
-    else:
-        names = ", ".join(config.policy_settings) or "none"
-        mode = "dry-run" if config.dry_run else "LIVE"
-        typer.echo(
-            f"{file}: OK ({config.source.kind} source, policies: {names}, {mode},"
-            f" every {config.daemon.interval_s:g} s)"
-        )
+        return
+    mode = "dry-run (advise only)" if config.dry_run else "LIVE (acts)"
+    typer.echo(f"{file}: OK")
+    typer.echo(wrapped(f"  source:   {kind.name}: {kind.description}", indent="            "))
+    names = ", ".join(running) or "none"
+    if off:
+        names += f" ({', '.join(off)} off)"
+    typer.echo(wrapped(f"  policies: {names}", indent="            "))
+    typer.echo(f"  budget:   {summary['budget']}")
+    typer.echo(f"  mode:     {mode}, a cycle every {config.daemon.interval_s:g} s")
+
+
+def _budget_said(config: Any) -> str:
+    cluster = config.cluster
+    if cluster.budget_w is not None:
+        return f"{cluster.budget_w:g} W (cluster.budget_w)"
+    if cluster.budget_query is not None:
+        return f"PromQL {cluster.budget_query} (cluster.budget_query)"
+    return "none in [cluster]"
 
 
 def _settings_doc(model: Any) -> list[dict[str, Any]]:
@@ -65,9 +87,29 @@ def _settings_doc(model: Any) -> list[dict[str, Any]]:
 
 
 def _echo_settings(settings: list[dict[str, Any]]) -> None:
+    """Each setting as it is written in the file (`enabled = false`), its bounds, its doc."""
     for s in settings:
         bounds = " ".join(f"{_BOUND_SIGNS[k]}{v}" for k, v in s.items() if k in _BOUND_SIGNS)
-        typer.echo(f"    {s['name']} = {s['default']!r}  {bounds}\n        {s['description']}")
+        line = f"    {s['name']} = {_toml_value(s['default'])}  {bounds}".rstrip()
+        if s["default"] is None:
+            line = f"    {s['name']}  (not set by default)  {bounds}".rstrip()
+        typer.echo(line)
+        typer.echo(wrapped(f"        {s['description']}", indent="        "))
+
+
+def _toml_value(value: Any) -> str:
+    """A default in TOML's terms (true, "text", [1, 2], {a = 1}), never a Python repr."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def adapters(
@@ -125,7 +167,8 @@ def adapters(
         return
     for a in out:
         section = f", [{a['section']}]" if a["section"] else ""
-        typer.echo(f"{a['kind']} {a['name']}  ({a['origin']}{section})\n  {a['description']}")
+        typer.echo(f"{a['kind']} {a['name']}  ({a['origin']}{section})")
+        typer.echo(wrapped(f"  {a['description']}", indent="  "))
         _echo_settings(a["settings"])
         typer.echo("")
 
@@ -164,6 +207,7 @@ def policies(
         return
     for p in out:
         kind = "safety" if p["safety"] else "efficiency"
-        typer.echo(f"{p['name']}  ({kind}, {p['origin']})\n  {p['description']}")
+        typer.echo(f"{p['name']}  ({kind}, {p['origin']})")
+        typer.echo(wrapped(f"  {p['description']}", indent="  "))
         _echo_settings(p["settings"])
         typer.echo("")

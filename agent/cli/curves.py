@@ -102,4 +102,5 @@ def _reader(trace: Path) -> Any:
 def _config(path: Path | None) -> Any:
     from agent.config import default_config, load_config
 
-    return load_config(path) if path is not None else default_config()
+    # Orient's settings are what it reads: a file without [source] serves.
+    return load_config(path, needs_source=False) if path is not None else default_config()

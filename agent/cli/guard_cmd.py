@@ -31,7 +31,7 @@ def _where(config: Path, state_dir: Path | None) -> tuple[Path, Path | None]:
     from agent.config import audit_path, load_config
     from agent.config import state_dir as configured
 
-    cfg = load_config(config)
+    cfg = load_config(config, needs_source=False, check_files=False)
     directory = state_dir or configured(cfg)
     return directory, audit_path(cfg, directory)
 

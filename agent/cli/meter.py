@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json
+from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
 from agent.cli.trace import parse_time
 from agent.core.errors import BadInputError, ConfigError
 
@@ -34,7 +35,9 @@ StateDirOption = Annotated[
 def _config(path: Path | None) -> Config:
     from agent.config import default_config, load_config
 
-    return load_config(path) if path is not None else default_config()
+    # The ledger and the signals are what these read: a file without [source] serves (backfill's
+    # telemetry is --prometheus).
+    return load_config(path, needs_source=False) if path is not None else default_config()
 
 
 def _ledger_file(config: Path | None, ledger: Path | None, state_dir: Path | None) -> Path:
@@ -168,7 +171,8 @@ def backfill(
         raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
     base = _config(config)
     path = ledger or _ledger_path(base, state_dir)
-    result = _backfill(base, prometheus, path, start_s, end_s, step_s)
+    with progress_bar(show_progress(json_out), 1.0, f"booking {path.name}") as bar:
+        result = _backfill(base, prometheus, path, (start_s, end_s, step_s), bar)
     if json_out:
         emit_json(result)
     else:
@@ -185,10 +189,15 @@ def _ledger_path(config: Config, state_dir: Path | None) -> Path:
 
 
 def _backfill(
-    base: Config, url: str, path: Path, start_s: float, end_s: float, step_s: float
+    base: Config,
+    url: str,
+    path: Path,
+    span: tuple[float, float, float],
+    progress: Callable[[float], None],
 ) -> dict[str, Any]:
-    """Record the range from Prometheus block by block (the range queries of `ooda record`) and
-    book each step as it comes: no trace on disk, memory flat over any range."""
+    """Record the range (start, end, step) from Prometheus block by block (the range queries of
+    `ooda record`) and book each step as it comes: no trace on disk, memory flat over any range
+    (`progress`: told each share of the range done)."""
     from agent.adapters.slurm import slurm_placement
     from agent.assembly import prometheus_settings, signal_for
     from agent.core.errors import TelemetryError
@@ -198,6 +207,7 @@ def _backfill(
     from agent.observe.record import record_prometheus
     from agent.replay.prometheus import prometheus_config
 
+    start_s, end_s, step_s = span
     config = prometheus_config(url, base)
     m = base.meter
     slurm = getattr(base.actuators, "slurm", None)  # the Slurm section, where configured
@@ -221,10 +231,18 @@ def _backfill(
     source = PrometheusSource(prometheus_settings(config))
     t0 = time.perf_counter()
     try:
-        record_prometheus(source, booker, start_s=start_s, end_s=end_s, step_s=step_s)
+        done = [0.0]
+
+        def recorded(fraction: float) -> None:
+            progress(fraction - done[0])
+            done[0] = fraction
+
+        record_prometheus(
+            source, booker, start_s=start_s, end_s=end_s, step_s=step_s, progress=recorded
+        )
         meter.flush()
     except TelemetryError as exc:
-        typer.echo(f"ooda: backfill failed: {exc}", err=True)
+        typer.echo(f"ooda: error: backfill failed: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
         source.close()
@@ -334,7 +352,14 @@ def status(
     ] = False,
 ) -> None:
     """What the ledger holds: the spans booked (live and backfilled), the gaps between them,
-    the live cursor, jobs and size."""
+    the live cursor, jobs and size.
+
+    Examples:
+
+      ooda meter status --config /etc/ooda/agent.toml
+
+      ooda meter status --config deploy/examples/twin.toml --state-dir /tmp/ooda-state --json
+    """
     book = _open_read_only(_ledger_file(config, ledger, state_dir))
     try:
         spans = book.spans()

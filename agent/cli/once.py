@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import emit_json
+from agent.cli._common import emit_json, wrapped
 
 if TYPE_CHECKING:
     from agent.loop import CycleReport
@@ -67,7 +67,7 @@ def once(
     if prometheus is not None and not prometheus.startswith(("http://", "https://")):
         raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
     if config is not None:
-        cfg = load_config(config)
+        cfg = load_config(config, needs_source=prometheus is None)
         if prometheus is not None:
             data = cfg.model_dump(exclude={"policy_settings"}, exclude_unset=True)
             data.setdefault("source", {})["kind"] = "prometheus"
@@ -178,6 +178,23 @@ def _throughput_of(tput: Any, i: int) -> dict[str, Any]:
     }
 
 
+def _why_nothing(r: dict[str, Any]) -> str:
+    """Why a cycle decided nothing, as far as its summary tells."""
+    if r["outage"]:
+        return "nothing seen"
+    if r["budget_w"] is None:
+        return (
+            "no budget: power_budget needs cluster.budget_w, cluster.budget_query or --budget-w; "
+            "no other policy found anything to act on"
+        )
+    if r["fleet_power_w"] <= r["budget_w"]:
+        return (
+            f"the fleet draws {r['fleet_power_w']:.0f} W of its {r['budget_w']:.0f} W budget, "
+            "and no policy found anything to act on"
+        )
+    return "no policy proposed an action (see the errors and refusals below)"
+
+
 def render(r: dict[str, Any]) -> str:
     mode = "dry-run (advisory)" if r["dry_run"] else "live"
     lines = [f"ooda once: {r['source']}, {mode}"]
@@ -201,24 +218,25 @@ def render(r: dict[str, Any]) -> str:
     stale = [g for g in r["per_gpu"] if g["stale"]]
     if stale:
         ages = [g["age_s"] for g in stale if g["age_s"] is not None]
-        age = f", newest sample {min(ages):.0f}-{max(ages):.0f} s old" if ages else ""
+        span = f"{min(ages):.0f}-{max(ages):.0f}" if ages and max(ages) - min(ages) >= 1 else ""
+        age = f", newest sample {span or f'{max(ages):.0f}'} s old" if ages else ""
         names = ", ".join(f"{g['node']}/gpu{g['gpu']}" for g in stale[:8])
         more = f" and {len(stale) - 8} more" if len(stale) > 8 else ""
-        lines.append(f"stale:    {names}{more}{age}")
+        lines.append(wrapped(f"stale:    {names}{more}{age}", " " * 10))
     if r["intents"]:
         lines.append(f"decided:  {len(r['intents'])} intents")
         for rec in r["intents"][:20]:
             extra = f" {rec['watts']:.0f} W" if "watts" in rec else ""
             why = f"{rec['policy']}: {rec['reason']}"
-            lines.append(f"  {rec['kind']} {rec['target']}{extra}  ({why})")
+            lines.append(wrapped(f"  {rec['kind']} {rec['target']}{extra}  ({why})", " " * 4))
         if len(r["intents"]) > 20:
             lines.append(f"  ... and {len(r['intents']) - 20} more (--json for all)")
     else:
-        lines.append("decided:  nothing")
+        lines.append(f"decided:  nothing ({_why_nothing(r)})")
     for refusal in r["refused"][:10]:
-        lines.append(f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}")
+        refused = f"refused:  {refusal['kind']} {refusal['target']}: {refusal['reason']}"
+        lines.append(wrapped(refused, " " * 10))
     if r["actions"]:
         lines.append("actions:  " + ", ".join(f"{k} {v}" for k, v in r["actions"].items()))
-    for error in r["errors"]:
-        lines.append(f"error:    {error}")
+    lines += [wrapped(f"error:    {error}", " " * 10) for error in r["errors"]]
     return "\n".join(lines)

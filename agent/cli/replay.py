@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json
+from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
 from agent.core.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -82,7 +79,8 @@ def replay(
         bool | None,
         typer.Option(
             "--progress/--no-progress",
-            help="A progress bar on stderr (default: when stderr is a terminal).",
+            help="A progress bar on stderr (default: when stdout and stderr are terminals, "
+            "never with --json).",
         ),
     ] = None,
 ) -> None:
@@ -106,11 +104,53 @@ def replay(
 
       ooda replay --prometheus http://prom:9090 --start -24h --end now --config ooda.toml
     """
-    from agent.config import default_config, load_config
-    from agent.replay.engine import default_policy_set, parse_policy_set, replay_trace
+    cfg, trace, sets = _inputs(list(args or []), config, policy, compare, prometheus, start)
+    replay_args: dict[str, Any] = {
+        "policy_sets": sets,
+        "draws": draws,
+        "seed": seed,
+        "budget_w": budget_w,
+    }
+    show = show_progress(json_out, progress)
+    t0 = time.perf_counter()
+    if trace is not None:
+        from agent.observe.trace import TraceReader
+        from agent.replay.engine import replay_trace
 
-    positional = list(args or [])
-    cfg = load_config(config) if config is not None else default_config()
+        reader = TraceReader(trace)
+        total = reader.meta.steps * (1 + len(sets))
+        with progress_bar(show, total, f"replaying {trace.name}") as bar:
+            result = replay_trace(reader, config=cfg, progress=bar, **replay_args)
+    else:
+        result = _from_prometheus(prometheus or "", start or "", end, step, cfg, show, replay_args)
+    wall = time.perf_counter() - t0
+    written = None
+    if report is not None:
+        from agent.replay.report import write_report
+
+        written = write_report(result, report)
+    _said(result, json_out, wall, report, written)
+
+
+def _inputs(
+    positional: list[str],
+    config: Path | None,
+    policy: list[str] | None,
+    compare: bool,
+    prometheus: str | None,
+    start: str | None,
+) -> tuple[Any, Path | None, list[Any]]:
+    """The configuration, the trace (None: a Prometheus range) and the policy sets to replay."""
+    from agent.config import default_config, load_config
+    from agent.replay.engine import default_policy_set, parse_policy_set
+    from policies.registry import default_registry
+
+    cfg = (
+        load_config(config, needs_source=False, check_files=False)
+        if config is not None
+        else default_config()
+    )
+    trace = None
     if prometheus is None:
         if not positional:
             raise BadInputError("ooda replay: give a TRACE file, or --prometheus URL --start T")
@@ -127,8 +167,6 @@ def replay(
         raise BadInputError("--policy and --compare: give one or the other")
     if compare and not positional:
         raise BadInputError("--compare: name at least one policy set after TRACE")
-    from policies.registry import default_registry
-
     registry = default_registry()
     if compare:
         sets = [parse_policy_set(spec, cfg, registry) for spec in positional]
@@ -136,40 +174,28 @@ def replay(
         sets = [parse_policy_set("+".join(policy), cfg, registry)]
     else:
         sets = [default_policy_set(cfg)]
-    sets = _unique(sets)
-    show = sys.stderr.isatty() if progress is None else progress
-    replay_args: dict[str, Any] = {
-        "policy_sets": sets,
-        "registry": registry,
-        "draws": draws,
-        "seed": seed,
-        "budget_w": budget_w,
-    }
-    t0 = time.perf_counter()
-    if prometheus is None:
-        from agent.observe.trace import TraceReader
+    return cfg, trace, _unique(sets)
 
-        reader = TraceReader(trace)
-        total = reader.meta.steps * (1 + len(sets))
-        with _progress(show, total, f"replaying {trace.name}") as advance:
-            result = replay_trace(reader, config=cfg, progress=advance, **replay_args)
-    else:
-        result = _from_prometheus(prometheus, start or "", end, step, cfg, show, replay_args)
-    wall = time.perf_counter() - t0
-    if report is not None:
-        from agent.replay.report import write_report
 
-        size = write_report(result, report)
-        if not json_out:
-            typer.echo(f"wrote {report} ({size / 1e6:.1f} MB)")
-    out = result.to_json()
-    out["wall_s"] = round(wall, 3)
-    if report is not None:
-        out["report"] = str(report)
+def _said(
+    result: ReplayReport, json_out: bool, wall_s: float, report: Path | None, size: int | None
+) -> None:
+    """The outcome: one JSON object, or the tables a person reads."""
+    from agent.replay.deltas import deltas
+
     if json_out:
+        out = result.to_json()
+        out["wall_s"] = round(wall_s, 3)
+        out["deltas"] = [d.to_json() for d in deltas(result)]
+        if report is not None:
+            out["report"] = str(report)
         emit_json(out)
-    else:
-        _print_table(result)
+        return
+    from agent.cli.replay_table import print_replay
+
+    print_replay(result)
+    if report is not None and size is not None:
+        typer.echo(f"wrote {report} ({size / 1e6:.1f} MB)")
 
 
 def _unique(sets: list[Any]) -> list[Any]:
@@ -207,7 +233,7 @@ def _from_prometheus(
     config = prometheus_config(url, cfg)
     steps = int((end_s - start_s) // step_s) + 1
     total = steps * (1 + len(replay_args["policy_sets"]))
-    with _progress(show, total + steps, "querying Prometheus, then replaying") as advance:
+    with progress_bar(show, total + steps, "querying Prometheus, then replaying") as advance:
         done = [0]
 
         def recorded(frac: float) -> None:
@@ -224,80 +250,3 @@ def _from_prometheus(
             progress=advance,
             **replay_args,
         )
-
-
-@contextmanager
-def _progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr when wanted; otherwise a no-op."""
-    if not show:
-        yield lambda _n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=total)
-        pending = [0]
-
-        def advance(n: int) -> None:
-            pending[0] += n
-            if pending[0] >= 50:  # redraws are not free: a day is thousands of steps
-                bar.advance(task, pending[0])
-                pending[0] = 0
-
-        yield advance
-
-
-def _print_table(result: ReplayReport) -> None:
-    def iv(values: Any, digits: int) -> str:
-        if not values or values[0] is None:
-            return ""
-        return f" [{values[0]:.{digits}f}, {values[1]:.{digits}f}]"
-
-    span_h = (result.end_s - result.start_s + result.step_s) / 3600.0
-    typer.echo(
-        f"ooda replay: {result.trace}: {result.steps} steps x up to {result.gpus} GPUs "
-        f"({span_h:.1f} h) in {result.wall_s:.1f} s ({result.sim_speed():,.0f}x), dry-run"
-    )
-    rows = [
-        (
-            "as recorded",
-            f"{result.baseline['energy_kwh']:.1f}",
-            "1.000",
-            f"{result.baseline['budget_violation_s']:.0f}",
-            _actions(result.baseline["actions"]) + " (seen)",
-        )
-    ]
-    for s in result.sets:
-        k = s.kpis
-        ratio = k["throughput_ratio"]
-        rows.append(
-            (
-                s.policy_set.name,
-                f"{k['energy_kwh']:.1f}{iv(k['interval']['energy_kwh'], 1)}",
-                ("n/a" if ratio is None else f"{ratio:.3f}")
-                + iv(k["interval"]["throughput_ratio"], 3),
-                f"{k['budget_violation_s']:.0f}{iv(k['interval']['budget_violation_s'], 0)}",
-                _actions(k["actions"]) + (f", drains {k['drains']}" if k["drains"] else ""),
-            )
-        )
-    head = ("run", "energy kWh [90%]", "throughput vs recorded", "s above budget", "actions")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    for note in result.notes:
-        typer.echo(f"note: {note}")
-    for s in result.sets:
-        for error in s.errors[:5]:
-            typer.echo(f"{s.policy_set.name}: cycle error: {error}")
-
-
-def _actions(actions: dict[str, int]) -> str:
-    return ", ".join(f"{kind} {n}" for kind, n in actions.items() if n) or "none"

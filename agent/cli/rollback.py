@@ -105,4 +105,5 @@ def rollback(
         for a in failed:
             typer.echo(f"  FAILED: {a.intent.target_name()}: {a.detail}", err=True)
     if failed:
+        typer.echo(f"ooda: error: rollback: {len(failed)} action(s) failed (above)", err=True)
         raise typer.Exit(1)

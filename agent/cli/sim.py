@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json
+from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
 from agent.core.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -96,7 +96,11 @@ def _policies(policy: list[str] | None, config: Path | None) -> tuple[list[str],
     from policies.registry import default_registry
 
     registry = default_registry()
-    cfg = load_config(config) if config is not None else default_config(registry)
+    cfg = (
+        load_config(config, needs_source=False, check_files=False)
+        if config is not None
+        else default_config(registry)
+    )
     unknown = [p for p in policy if p not in registry]
     if unknown:
         raise BadInputError(
@@ -326,27 +330,32 @@ def record(
     from agent.sim.twin import BudgetSchedule
 
     spec = _spec(nodes, gpus_per_node, seed, model, fault, scenario, curves)
+    length_s, step_s = duration_s(duration, "--duration"), duration_s(step, "--step")
     if budget_w is not None and no_budget:
         raise BadInputError("--budget-w and --no-budget: give one or the other")
-    if budget_w is None and not no_budget and spec.budget is None:
-        budget_w = _sized_budget_w(
-            spec, duration_s(duration, "--duration"), duration_s(step, "--step")
-        )
-    if budget_w is not None:
-        spec = replace(spec, budget=BudgetSchedule.constant(budget_w))
     names, settings, guard = _policies(policy, config)
+    sizing = budget_w is None and not no_budget and spec.budget is None
     t0 = time.perf_counter()
-    summary = record_twin(
-        spec,
-        output,
-        duration_s=duration_s(duration, "--duration"),
-        step_s=duration_s(step, "--step"),
-        counters=_counters(counters),
-        policies=names,
-        settings=settings,
-        guard=guard,
-        interval_s=duration_s(interval, "--interval"),
-    )
+    total = length_s * (2 if sizing else 1)
+    with progress_bar(show_progress(json_out), total, "ooda sim record") as bar:
+        if sizing:
+            bar.stage("ooda sim record: sizing the budget (an uncapped run)")
+            budget_w = _sized_budget_w(spec, length_s, step_s, bar)
+        if budget_w is not None:
+            spec = replace(spec, budget=BudgetSchedule.constant(budget_w))
+        bar.stage(f"ooda sim record: {output.name}")
+        summary = record_twin(
+            spec,
+            output,
+            duration_s=length_s,
+            step_s=step_s,
+            counters=_counters(counters),
+            policies=names,
+            settings=settings,
+            guard=guard,
+            interval_s=duration_s(interval, "--interval"),
+            progress=bar,
+        )
     wall = time.perf_counter() - t0
     result = {
         "trace": str(output),
@@ -370,7 +379,9 @@ def record(
 RECORD_BUDGET_FRAC = 0.92  # of the twin's uncapped mean draw: a budget that binds, as the demo's
 
 
-def _sized_budget_w(spec: TwinSpec, duration_s: float, step_s: float) -> float:
+def _sized_budget_w(
+    spec: TwinSpec, duration_s: float, step_s: float, progress: Any = None
+) -> float:
     """A budget that binds: RECORD_BUDGET_FRAC of this twin's mean draw uncapped over the run
     (one uncapped pass at the recording's step first, as `ooda demo` sizes its budget)."""
     from dataclasses import replace
@@ -378,7 +389,11 @@ def _sized_budget_w(spec: TwinSpec, duration_s: float, step_s: float) -> float:
     from agent.sim.kpis import uncapped_demand_w
 
     return float(
-        round(RECORD_BUDGET_FRAC * uncapped_demand_w(replace(spec, step_s=step_s), duration_s), -1)
+        round(
+            RECORD_BUDGET_FRAC
+            * uncapped_demand_w(replace(spec, step_s=step_s), duration_s, progress),
+            -1,
+        )
     )
 
 
@@ -427,7 +442,7 @@ def calibrate(
 
     if not trace.is_file():
         raise BadInputError(f"trace {trace}: no such file")
-    cfg = load_config(config) if config is not None else default_config()
+    cfg = load_config(config, needs_source=False) if config is not None else default_config()
     t0 = time.perf_counter()
     result = fit_scenario(trace, output, cfg, learn_curves=not no_curves)
     fit, obs = result.fit, result.observed

@@ -12,7 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json
+from agent.cli._common import (
+    duration_s,
+    emit_json,
+    plain,
+    progress_bar,
+    show_progress,
+    wrapped,
+)
 from agent.core.errors import BadInputError
 
 trace_app = typer.Typer(help="Work with trace files (see docs/trace-format.md).")
@@ -68,7 +75,9 @@ def _prometheus_config(url: str, config: Path | None) -> Any:
     if config is None:
         data = {"source": {"kind": "prometheus", "prometheus": {"url": url}}}
         return parse_config(data, source="--prometheus")
-    merged = load_config(config).model_dump(exclude={"policy_settings"}, exclude_unset=True)
+    merged = load_config(config, needs_source=False, check_files=False).model_dump(
+        exclude={"policy_settings"}, exclude_unset=True
+    )
     merged.setdefault("source", {}).setdefault("prometheus", {})["url"] = url
     merged["source"]["kind"] = "prometheus"
     return parse_config(merged, source=f"config {config}")
@@ -133,11 +142,25 @@ def record(
             labels=settings.extra_labels,  # the group label, for per-group budgets in replay
         ) as writer:
             written = True
-            stats = record_prometheus(source, writer, start_s=start_s, end_s=end_s, step_s=step_s)
+            with progress_bar(show_progress(json_out), 1.0, f"recording {output.name}") as bar:
+                done = [0.0]
+
+                def recorded(fraction: float) -> None:
+                    bar(fraction - done[0])
+                    done[0] = fraction
+
+                stats = record_prometheus(
+                    source,
+                    writer,
+                    start_s=start_s,
+                    end_s=end_s,
+                    step_s=step_s,
+                    progress=recorded,
+                )
             summary = writer.close()
     except TelemetryError as exc:
         output.unlink(missing_ok=True)
-        typer.echo(f"ooda: record failed: {exc}", err=True)
+        typer.echo(f"ooda: error: record failed: {exc}", err=True)
         raise typer.Exit(1) from None
     except BaseException:  # whatever else stopped it (a bug, Ctrl-C): no partial trace left
         if written:
@@ -260,11 +283,12 @@ def info(
         return
     typer.echo(
         f"{trace}: {meta.steps} steps of {meta.step_s:g} s ({meta.time_base} time), up to "
-        f"{result['gpus_max']} GPUs, {meta.rows} rows in {reader.row_groups} row groups, "
+        f"{result['gpus_max']} GPUs, {meta.rows} rows in {reader.row_groups} row group"
+        f"{'' if reader.row_groups == 1 else 's'}, "
         f"{size / 1e6:.1f} MB"
     )
-    typer.echo(f"  source:  {dict(meta.source)}")
-    typer.echo(f"  metrics: {', '.join(metrics)}")
+    typer.echo(wrapped(f"  source:  {plain(meta.source)}", " " * 11))
+    typer.echo(wrapped(f"  metrics: {', '.join(metrics)}", " " * 11))
     if budgets:
         typer.echo(f"  budget:  {min(budgets):.0f}..{max(budgets):.0f} W")
     if meta.scenario:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class OodaError(Exception):
     """Base of every error the agent raises on purpose."""
+
+    def lines(self) -> list[str]:
+        """What a person reads, one problem a line (the `ooda` command prints each)."""
+        return [" ".join(str(self).split())]
 
 
 class BadInputError(OodaError):
@@ -12,7 +18,24 @@ class BadInputError(OodaError):
 
 
 class ConfigError(BadInputError):
-    """A configuration value is invalid: the message names the key path."""
+    """A configuration value is invalid: the message names the key path.
+
+    `ConfigError.listing(where, problems)` holds every problem of a file at once: its message
+    joins them (for a log line), `lines()` gives one a line, each naming `where` (the file)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = (), where: str = "") -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+        self.where = where
+
+    @classmethod
+    def listing(cls, where: str, problems: Sequence[str]) -> ConfigError:
+        return cls(f"{where}: " + "; ".join(problems), problems, where)
+
+    def lines(self) -> list[str]:
+        if not self.problems:
+            return super().lines()
+        return [" ".join(f"{self.where}: {p}".split()) for p in self.problems]
 
 
 class TraceError(BadInputError):

@@ -336,6 +336,28 @@ class _Inventory:
 
 
 @dataclass(frozen=True, eq=False)
+class _Gpus:
+    """A cycle's GPUs, one row each: live ones first, then the inventory's stale ones."""
+
+    key: StrArray
+    host: StrArray
+    gpu: IntArray
+    uuid: StrArray
+    model: StrArray
+    job: StrArray
+    extra: Mapping[str, StrArray]  # the settings' extra labels, per row
+    sample_t: FloatArray  # newest sample time (NaN: none in the window)
+    is_live: BoolArray
+
+    def rows(self, keep: BoolArray) -> _Gpus:
+        return _Gpus(
+            self.key[keep], self.host[keep], self.gpu[keep], self.uuid[keep], self.model[keep],
+            self.job[keep], {x: v[keep] for x, v in self.extra.items()}, self.sample_t[keep],
+            self.is_live[keep],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
 class _StaticRead:
     """The static and sparse fields as last read in full: per GPU key the read covered, per
     field its value, and whether the GPU was fresh then (a stale one's fields were unknown)."""
@@ -607,32 +629,77 @@ class PrometheusSource:
         first failure is the one named, and at most a few answers are in memory at once)."""
         s = self.settings
         live = self._vector(live_answer.result(), self.live_labels)
-
-        # Live GPUs: one row per (host, gpu), the newest series wins (a job change or a
-        # replaced GPU leaves an older series behind for a moment).
-        l_key, l_host, l_gpu, l_ok = self.keys(live.labels)
-        bad = int((~l_ok).sum())
-        if inv_answer is not None:
-            inv = self._vector(inv_answer.result(), self.inventory_labels)
-            i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
-            bad += int((~i_ok).sum())
-            inventory = _Inventory(
-                now_s, i_key[i_ok], i_host[i_ok], i_gpu[i_ok],
-                inv.labels[s.uuid_label][i_ok], inv.labels[s.model_label][i_ok],
-                {x: inv.labels[x][i_ok] for x in s.extra_labels},
-            )  # fmt: skip
-        else:  # the GPUs the last cycle had (the last full read's, and live ones since)
-            assert self._inventory is not None
-            inventory = self._inventory
+        live_keys = self.keys(live.labels)
+        inventory, bad = self._read_inventory(now_s, inv_answer)
+        bad += int((~live_keys[3]).sum())
         if bad:
             labels = ", ".join(s.host_labels)
             errors.append(
                 f"{bad} series without a host label ({labels}) or an integer "
                 f"{s.gpu_label!r} label were ignored"
             )
-        pick = first_per_key(l_key[l_ok], live.values[l_ok])
-        l_rows = np.flatnonzero(l_ok)[pick]
-        # Inventory GPUs not live: stale. One per key (any of its UUIDs if it has several).
+        g = self._known_gpus(now_s, live, live_keys, inventory, inv_answer is not None, errors)
+        self._inventory = _Inventory(
+            inventory.time_s, g.key, g.host, g.gpu, g.uuid, g.model, g.extra
+        )
+        age = np.maximum(now_s - g.sample_t, 0.0)
+        stale = ~g.is_live | ~(age <= s.staleness_limit_s)
+        values = self._values(now_s, static_due, field_answers, g.key, stale)
+        for name, values_of in g.extra.items():
+            unlabelled = int((values_of == "").sum())
+            if unlabelled:  # outside every budget by that label: say so, every cycle
+                errors.append(f"{unlabelled} GPUs have no {name!r} label")
+        budget = self._budget(budget_answer, errors) if budget_answer is not None else None
+        order = np.lexsort((g.gpu, g.host))
+        return build_snapshot(
+            time_s=now_s,
+            node_of_gpu=g.host[order],
+            gpu=g.gpu[order],
+            uuid=self._uuids.interned(g.uuid[order]),
+            model=self._models.interned(g.model[order]),
+            job=g.job[order],
+            values={m: v[order] for m, v in values.items()},
+            age_s=age[order],
+            stale=stale[order],
+            budget_w=budget,
+            errors=tuple(errors),
+            labels={x: v[order] for x, v in g.extra.items()},
+        )
+
+    def _read_inventory(
+        self, now_s: float, inv_answer: Future[Answer] | None
+    ) -> tuple[_Inventory, int]:
+        """The inventory read in full now, or the GPUs the last cycle had (the last full read's,
+        and live ones since); and how many of its series had no usable key."""
+        if inv_answer is None:
+            assert self._inventory is not None
+            return self._inventory, 0
+        s = self.settings
+        inv = self._vector(inv_answer.result(), self.inventory_labels)
+        i_key, i_host, i_gpu, i_ok = self.keys(inv.labels)
+        inventory = _Inventory(
+            now_s, i_key[i_ok], i_host[i_ok], i_gpu[i_ok],
+            inv.labels[s.uuid_label][i_ok], inv.labels[s.model_label][i_ok],
+            {x: inv.labels[x][i_ok] for x in s.extra_labels},
+        )  # fmt: skip
+        return inventory, int((~i_ok).sum())
+
+    def _known_gpus(
+        self,
+        now_s: float,
+        live: Vector,
+        live_keys: tuple[StrArray, StrArray, IntArray, BoolArray],
+        inventory: _Inventory,
+        full_read: bool,
+        errors: list[str],
+    ) -> _Gpus:
+        """Live GPUs, one row per (host, gpu) where the newest series wins (a job change or a
+        replaced GPU leaves an older series behind for a moment), then the inventory's GPUs that
+        are not live: stale, with their last sample time."""
+        s = self.settings
+        l_key, l_host, l_gpu, l_ok = live_keys
+        l_rows = np.flatnonzero(l_ok)[first_per_key(l_key[l_ok], live.values[l_ok])]
+        # Inventory GPUs not live: one per key (any of its UUIDs if it has several).
         i_rows = first_per_key(inventory.key, np.zeros(inventory.key.size))
         i_rows = i_rows[lookup(l_key[l_rows], inventory.key[i_rows]) < 0]
         if i_rows.size:
@@ -641,41 +708,44 @@ class PrometheusSource:
             l_uuid = live.labels[s.uuid_label][l_rows]
             moved = lookup(l_uuid[l_uuid != ""], inventory.uuid[i_rows]) >= 0
             i_rows = i_rows[~moved]
-
-        key = np.concatenate([l_key[l_rows], inventory.key[i_rows]])
-        host = np.concatenate([l_host[l_rows], inventory.host[i_rows]])
-        gpu = np.concatenate([l_gpu[l_rows], inventory.gpu[i_rows]])
-        uuid = np.concatenate([live.labels[s.uuid_label][l_rows], inventory.uuid[i_rows]])
-        model = np.concatenate([live.labels[s.model_label][l_rows], inventory.model[i_rows]])
-        job = np.concatenate(
-            [live.labels[s.job_label][l_rows], np.full(i_rows.size, "", dtype=np.str_)]
+        g = _Gpus(
+            key=np.concatenate([l_key[l_rows], inventory.key[i_rows]]),
+            host=np.concatenate([l_host[l_rows], inventory.host[i_rows]]),
+            gpu=np.concatenate([l_gpu[l_rows], inventory.gpu[i_rows]]),
+            uuid=np.concatenate([live.labels[s.uuid_label][l_rows], inventory.uuid[i_rows]]),
+            model=np.concatenate([live.labels[s.model_label][l_rows], inventory.model[i_rows]]),
+            job=np.concatenate(
+                [live.labels[s.job_label][l_rows], np.full(i_rows.size, "", dtype=np.str_)]
+            ),
+            extra={
+                x: np.concatenate([live.labels[x][l_rows], inventory.labels[x][i_rows]])
+                for x in s.extra_labels
+            },
+            sample_t=np.concatenate([live.values[l_rows], np.full(i_rows.size, np.nan)]),
+            is_live=np.concatenate([np.ones(l_rows.size, bool), np.zeros(i_rows.size, bool)]),
         )
-        extra = {
-            x: np.concatenate([live.labels[x][l_rows], inventory.labels[x][i_rows]])
-            for x in s.extra_labels
-        }
-        sample_t = np.concatenate([live.values[l_rows], np.full(i_rows.size, np.nan)])
-        is_live = np.concatenate([np.ones(l_rows.size, bool), np.zeros(i_rows.size, bool)])
+        if not i_rows.size:
+            return g
+        stale_rows = ~g.is_live
+        g.sample_t[stale_rows] = self._last_sample_times(
+            g.key[stale_rows], g.host[stale_rows], now_s, errors if full_read else None
+        )
+        if full_read:
+            return g
+        # Remembered GPUs with no sample in the window have left the inventory.
+        return g.rows(g.is_live | ~np.isnan(g.sample_t))
 
-        if i_rows.size:
-            sample_t[~is_live] = self._last_sample_times(
-                key[~is_live], host[~is_live], now_s, errors if inv_answer is not None else None
-            )
-            if inv_answer is None:
-                # Remembered GPUs with no sample in the window have left the inventory.
-                keep = is_live | ~np.isnan(sample_t)
-                key, host, gpu, uuid, model, job, sample_t, is_live = (
-                    a[keep] for a in (key, host, gpu, uuid, model, job, sample_t, is_live)
-                )
-                extra = {x: v[keep] for x, v in extra.items()}
-        self._inventory = _Inventory(inventory.time_s, key, host, gpu, uuid, model, extra)
-
-        age = np.maximum(now_s - sample_t, 0.0)
-        stale = ~is_live | ~(age <= s.staleness_limit_s)
-
-        # Values: one aggregated query per field (a `__name__=~"a|b|..."` selector answers the
-        # same in one query but took 1.4 s instead of 0.8 s at 10,000 GPUs on Prometheus 2.42),
-        # joined by (host, gpu); stale GPUs carry none.
+    def _values(
+        self,
+        now_s: float,
+        static_due: bool,
+        field_answers: dict[str, Future[Answer]],
+        key: StrArray,
+        stale: BoolArray,
+    ) -> dict[Metric, FloatArray]:
+        """One aggregated query per field (a `__name__=~"a|b|..."` selector answers the same in
+        one query but took 1.4 s instead of 0.8 s at 10,000 GPUs on Prometheus 2.42), joined by
+        (host, gpu); stale GPUs carry none."""
         index = RowIndex(key)
         last = None if static_due else self._cached_static(key, stale)
         raw: dict[Metric, FloatArray] = {}
@@ -707,27 +777,7 @@ class PrometheusSource:
         self._fallbacks_due = {
             f for f, p in self.fallbacks.items() if np.isnan(values[p][~stale]).any()
         }
-
-        for name, values_of in extra.items():
-            unlabelled = int((values_of == "").sum())
-            if unlabelled:  # outside every budget by that label: say so, every cycle
-                errors.append(f"{unlabelled} GPUs have no {name!r} label")
-        budget = self._budget(budget_answer, errors) if budget_answer is not None else None
-        order = np.lexsort((gpu, host))
-        return build_snapshot(
-            time_s=now_s,
-            node_of_gpu=host[order],
-            gpu=gpu[order],
-            uuid=self._uuids.interned(uuid[order]),
-            model=self._models.interned(model[order]),
-            job=job[order],
-            values={m: v[order] for m, v in values.items()},
-            age_s=age[order],
-            stale=stale[order],
-            budget_w=budget,
-            errors=tuple(errors),
-            labels={x: v[order] for x, v in extra.items()},
-        )
+        return values
 
     def _column(
         self, answer: Answer, rows: RowIndex, metric: Metric, fill: FloatArray | None = None

@@ -23,6 +23,12 @@ range, score) is built only for flagged GPUs, and only when read. Causal: each c
 new snapshot against state learned from earlier ones, then learns from what was not flagged.
 GPUs whose health already calls for a drain are explained by it: only dropout flags them.
 
+Context across GPUs: a GPU's power, clock-against-its-curve and utilization residuals are judged
+net of what its job's peers share at the same moment (a checkpoint, a data stall or an evaluation
+moves all of a job's GPUs together: the job's phase, not a GPU's fault; a straggler moves apart
+from its peers), and a whole node's telemetry gone for a single cycle is its exporter restarting,
+a dropout only from the second cycle (a GPU silent while its node reports: at once).
+
 Calibration (`calibrate`): each baseline's standardized residual (power, thermal resistance,
 clock against its curve, utilization) also runs, per GPU, through the streaming detector of
 agent.orient.stream, which learns how that GPU's residuals are spread; a baseline's statistical
@@ -86,6 +92,10 @@ MV_BUFFER_ROWS = 8192
 HOT_PEER_TOP_BAND = 20.0
 STRAGGLER_POWER_CEILING_W = 10_000.0
 MV_FEATURES = ("power_z", "temp_z", "clock_z", "util_z")
+# A whole node silent this many cycles in a row is a dropout (fewer: its exporter restarting).
+NODE_AWAY_CYCLES = 2
+# A busy GPU's power and temperature repeated exactly this many times in a row: frozen readings.
+FROZEN_REPEATS = 2
 # The baselines' standardized residuals that are calibrated per GPU (agent.orient.stream).
 CALIBRATED_FIELDS = ("power", "temp", "clock", "util")
 # Flags the per-GPU alarm budget may hold back (limits, dropouts, health and peer comparisons
@@ -185,6 +195,12 @@ class _Cycle:
     cap: FloatArray
     cap_ok: BoolArray
     clear: BoolArray  # the draw is clear of a binding cap
+    job_ids: IntArray  # the job's group (jobs.ids); meaningful where in_job
+    n_jobs: int
+    in_job: BoolArray  # busy with a named job
+    # Beyond a threshold only with its job's common move (or its node's exporter away):
+    # excused, but nothing its baselines should learn.
+    excused: BoolArray
     z: dict[str, FloatArray] = field(default_factory=dict)  # calibrated field -> residual z
     gate: dict[str, BoolArray] = field(default_factory=dict)  # field -> rare for this GPU
     hard_fired: dict[str, BoolArray] = field(default_factory=dict)
@@ -241,6 +257,26 @@ class _Part:
         )
 
 
+def _beyond_job(resid: FloatArray, cy: _Cycle, ok: BoolArray) -> FloatArray:
+    """A GPU's residual net of what its job's peers share at the same moment (their median;
+    of two, the other one), in the residual's own direction only: all of a job's GPUs moving
+    together is the job's phase (a checkpoint, a data stall, an evaluation), not a GPU's fault,
+    while a GPU that moves apart from its peers keeps all of its residual. The job's move only
+    ever explains: it never makes a GPU that stayed put look anomalous."""
+    use = ok & cy.in_job & np.isfinite(resid)
+    if not use.any():
+        return resid
+    ids = cy.job_ids
+    med, cnt = group_median(resid, ids, use, cy.n_jobs)
+    total = np.bincount(ids[use], resid[use], minlength=cy.n_jobs)
+    with np.errstate(invalid="ignore"):
+        common = np.where(cnt[ids] == 2, total[ids] - resid, med[ids])
+        common = np.where(use & (cnt[ids] >= 2), common, 0.0)
+        shared = np.clip(common * np.sign(resid), 0.0, None)
+        net = np.sign(resid) * np.maximum(np.abs(resid) - shared, 0.0)
+    return np.asarray(np.where(use, net, resid), dtype=np.float64)
+
+
 def _num(value: float) -> float | None:
     v = float(value)
     return round(v, 3) if np.isfinite(v) else None
@@ -266,6 +302,8 @@ class AnomalyDetector:
                 "prev_power": (np.float64, np.nan),
                 "rel_smooth": (np.float64, np.nan),
                 "run": (np.int64, 0),  # consecutive flagged cycles
+                "silent": (np.int64, 0),  # consecutive cycles its telemetry was late or gone
+                "same": (np.int64, 0),  # consecutive cycles power and temperature repeated
                 "tokens": (np.float64, s.alarm_burst),  # the GPU's alarm budget
                 "tokens_t": (np.float64, np.nan),
             }
@@ -276,6 +314,9 @@ class AnomalyDetector:
             warmup_rows=s.calibration_warmup_cycles,
             alarm_p=s.alarm_p,
             calm_rows=s.calm_cycles,
+            # The record's bins would cost ~150 numbers per GPU and field (hundreds of MB at
+            # 100,000 GPUs) for no change on the twin's days: the fitted tails alone here.
+            tail_record=False,
         )
         self.stream = {f: StreamDetector(self.stream_params) for f in CALIBRATED_FIELDS}
         self.held_alarms = 0  # new alarms the per-GPU budget held back (since start)
@@ -428,10 +469,14 @@ class AnomalyDetector:
             for metric in (Metric.POWER_W, Metric.TEMP_C, Metric.UTIL_PCT, Metric.SM_CLOCK_MHZ)
         }
         power, power_ok = readings[Metric.POWER_W]
-        power_ok = power_ok & fresh
+        temp, temp_ok = readings[Metric.TEMP_C]
+        live = ~self._frozen(g, busy & fresh, power, power_ok, temp, temp_ok)
+        power_ok = power_ok & fresh & live
+        temp_ok = temp_ok & fresh & live
         cap = ctx.cap_w
         cap_ok = np.isfinite(cap)
         at_max = cap_ok & np.isfinite(ctx.max_cap_w) & (cap >= ctx.max_cap_w - 0.5)
+        job_ids, job_names = self.jobs.ids(snap.job)
         return _Cycle(
             g=g,
             b=b,
@@ -442,8 +487,8 @@ class AnomalyDetector:
             settled=busy & ~warming & fresh,
             power=power,
             power_ok=power_ok,
-            temp=readings[Metric.TEMP_C][0],
-            temp_ok=readings[Metric.TEMP_C][1] & fresh,
+            temp=temp,
+            temp_ok=temp_ok,
             util=readings[Metric.UTIL_PCT][0],
             util_ok=readings[Metric.UTIL_PCT][1] & fresh,
             clock=readings[Metric.SM_CLOCK_MHZ][0],
@@ -451,7 +496,36 @@ class AnomalyDetector:
             cap=cap,
             cap_ok=cap_ok,
             clear=power_ok & (at_max | (cap_ok & (power < CLEAR_OF_CAP_FRAC * cap)) | ~cap_ok),
+            job_ids=job_ids,
+            n_jobs=int(job_names.shape[0]),
+            in_job=busy & fresh & (snap.job != ""),
+            excused=np.zeros(snap.n_gpus, dtype=bool),
         )
+
+    def _frozen(
+        self,
+        g: IntArray,
+        busy: BoolArray,
+        power: FloatArray,
+        power_ok: BoolArray,
+        temp: FloatArray,
+        temp_ok: BoolArray,
+    ) -> BoolArray:
+        """Busy GPUs whose power and temperature readings repeat exactly, `FROZEN_REPEATS`
+        times in a row: a hung exporter serving its last values (a working GPU's draw is never
+        the same to the milliwatt twice), readings that say nothing now rather than a GPU
+        whose draw and heat stopped (a cap moved under a frozen draw is no excursion)."""
+        st = self.gpu.cols
+        same = (
+            busy
+            & power_ok
+            & temp_ok
+            & (power == st["prev_power"][g])
+            & (temp == st["prev_temp"][g])
+        )
+        repeats = np.where(same, st["same"][g] + 1, np.where(busy, 0, st["same"][g]))
+        st["same"][g] = repeats
+        return np.asarray(repeats >= FROZEN_REPEATS, dtype=bool)
 
     # -- detectors --------------------------------------------------------------------------------
 
@@ -470,7 +544,26 @@ class AnomalyDetector:
             age_score = (snap.age_s - age_lo) / (age_hi - age_lo)
         age_score = np.where(seen & np.isfinite(age_score), age_score, 0.0)
         age_score = np.where(snap.stale, np.maximum(age_score, 1.0), age_score)
-        return _Part("dropout", "age_s", snap.age_s, age_lo, age_hi, age_score)
+        return _Part(
+            "dropout", "age_s", snap.age_s, age_lo, age_hi, self._node_away(snap, cy, age_score)
+        )
+
+    def _node_away(self, snap: Snapshot, cy: _Cycle, age_score: FloatArray) -> FloatArray:
+        """A whole node's telemetry gone for one cycle is its exporter restarting (its series
+        come back within a scrape or two), not a dropout: held under the threshold until the
+        node has been silent for `NODE_AWAY_CYCLES` cycles in a row. A GPU silent while the
+        rest of its node reports is a dropout at once."""
+        st = self.gpu.cols
+        late = age_score >= 1.0
+        silent = np.where(late, st["silent"][cy.g] + 1, 0)
+        st["silent"][cy.g] = silent
+        per_node = np.bincount(snap.node, minlength=snap.n_nodes)
+        late_per_node = np.bincount(snap.node[late], minlength=snap.n_nodes)
+        whole_node = late & (late_per_node[snap.node] == per_node[snap.node])
+        whole_node &= per_node[snap.node] >= 2
+        hold = whole_node & (silent < NODE_AWAY_CYCLES)
+        cy.excused |= hold
+        return np.where(hold, np.minimum(age_score, 0.999), age_score)
 
     def _power(self, cy: _Cycle, ctx: AnomalyContext) -> tuple[_Part, _Part]:
         """A draw above what the cap allows (the limiter does not hold: a hard limit) or above
@@ -489,8 +582,12 @@ class AnomalyDetector:
         sigma = np.maximum(np.maximum(pe.sigma, s.power_rel_floor * np.abs(expect)), 1.0)
         with np.errstate(invalid="ignore"):
             resid_z = np.where(usable, (power - expect) / sigma, np.nan)
+        cy.excused |= np.abs(np.nan_to_num(resid_z)) >= z
+        # The calibration and the multivariate model see the GPU's own residual (net of its
+        # job's, half of a job's GPUs would sit at exactly 0: no spread to learn).
         cy.z["power"] = resid_z
         cy.power_z = np.where(busy, resid_z, np.nan)
+        resid_z = _beyond_job(resid_z, cy, usable)
         surge_hi = np.where(usable, expect + z * sigma, over_hi)
         surge_hi = np.where(over >= 1.0, np.fmin(surge_hi, over_hi), surge_hi)
         self.uncapped_level_w = np.where(pe.ready & busy & ~cy.warming, pe.level, np.nan)
@@ -584,8 +681,12 @@ class AnomalyDetector:
         ce = self.base.expected("clock_r", cy.b, floor=0.01)
         self_ok = cy.ratio_ok & ce.ready
         margin = np.maximum(s.z_threshold * ce.sigma, s.straggler_self_frac)
-        self_score = np.where(self_ok, (ce.level - ratio) / margin, 0.0)
-        cy.clock_z = cy.z["clock"] = np.where(self_ok, (ratio - ce.level) / ce.sigma, np.nan)
+        # (Net of the job's common move: all of a job's GPUs slowing together is the job.)
+        shortfall = np.where(self_ok, ce.level - ratio, np.nan)
+        cy.excused |= np.nan_to_num(shortfall / margin) >= 1.0
+        cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
+        shortfall = _beyond_job(shortfall, cy, self_ok)
+        self_score = np.where(self_ok, shortfall / margin, 0.0)
         use_self = self_score > strag_score
         return _Part(
             "straggler",
@@ -604,10 +705,12 @@ class AnomalyDetector:
         ue = self.base.expected("util", cy.b)
         use = cy.settled & cy.util_ok & ue.ready
         margin = np.maximum(s.z_threshold * ue.sigma, s.util_drop_pct)
-        score = np.where(use, (ue.level - cy.util) / margin, 0.0)
-        cy.util_z = cy.z["util"] = np.where(
-            use, (cy.util - ue.level) / np.maximum(ue.sigma, 1.0), np.nan
-        )
+        # (Net of the job's common move: a job's checkpoint or data stall idles all its GPUs.)
+        drop = np.where(use, ue.level - cy.util, np.nan)
+        cy.excused |= np.nan_to_num(drop / margin) >= 1.0
+        cy.util_z = cy.z["util"] = np.where(use, -drop / np.maximum(ue.sigma, 1.0), np.nan)
+        drop = _beyond_job(drop, cy, use)
+        score = np.where(use, drop / margin, 0.0)
         return _Part(
             "util",
             "util_pct",
@@ -662,7 +765,6 @@ class AnomalyDetector:
         ctx: AnomalyContext,
         results: list[DetectorResult],
     ) -> AnomalyFlags:
-        n = cy.n
         explained = ctx.health_severity >= int(HealthSeverity.DRAIN)
         for r in results:
             if r.kind != "dropout":
@@ -670,7 +772,7 @@ class AnomalyDetector:
             np.nan_to_num(r.score, copy=False, nan=0.0, posinf=1e6, neginf=0.0)
         # The multivariate model speaks only where no single detector saw anything (even one
         # the calibration excused: its residuals are that GPU's normal life).
-        single = np.zeros(n, dtype=bool)
+        single = cy.excused.copy()  # (a threshold crossed with the job's move: the job's)
         for r in results[:-1]:
             single |= (r.score >= 1.0) | cy.raw_fired.get(r.kind, single)
         results[-1].score[single] = np.minimum(results[-1].score[single], 0.999)
@@ -969,8 +1071,8 @@ class AnomalyDetector:
         st = self.gpu.cols
         fresh = snap.fresh
         g, b, power, temp = cy.g, cy.b, cy.power, cy.temp
-        quiet = ~flagged & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
-        age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"]
+        quiet = ~flagged & ~cy.excused & (st["sick"][g] == False)  # noqa: E712 (numpy mask)
+        age_ok = fresh & np.isfinite(snap.age_s) & ~fired["dropout"] & ~cy.excused
         self.base.update("age", b, snap.age_s, age_ok)
         # The draw's baseline: idle GPUs always, busy ones only while their cap does not bind.
         learn_power = cy.power_ok & quiet & ((cy.busy & ~cy.warming & cy.clear) | ~cy.busy)

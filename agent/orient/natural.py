@@ -26,6 +26,10 @@ BoolArray = npt.NDArray[np.bool_]
 
 BUSY_UTIL_PCT = 5.0
 CLEAR_OF_CAP_FRAC = 0.75  # below this share of a lowered limit, the limit surely does not bind
+# How close to its cap a GPU draws is a property of the job, each sample off by the draw's noise:
+# the first samples are averaged alike (an average from the first sample on would keep that one
+# sample's noise at weight 0.9^n), then old ones fade at this rate per sample.
+CAP_FRAC_FADE = 0.05
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +63,7 @@ class NaturalDrawTracker:
                 "seen": (np.bool_, False),  # seen uncapped since the job started
                 "last_t": (np.float64, np.nan),
                 "cap_frac": (np.float64, np.nan),
+                "cap_frac_n": (np.float64, 0.0),  # samples behind cap_frac (since the job began)
             }
         )
 
@@ -130,6 +135,7 @@ class NaturalDrawTracker:
         st["var"][slot[restart]] = 0.0
         st["seen"][slot[restart]] = False
         st["cap_frac"][slot[restart]] = np.nan
+        st["cap_frac_n"][slot[restart]] = 0.0
         st["busy_since"][slot[fresh & ~busy]] = np.nan
 
     def _learn_clear_draw(
@@ -172,4 +178,7 @@ class NaturalDrawTracker:
         c = slot[bound]
         frac = power[bound] / limit[bound]
         prev = st["cap_frac"][c]
-        st["cap_frac"][c] = np.where(np.isnan(prev), frac, 0.9 * prev + 0.1 * frac)
+        n = np.where(np.isnan(prev), 0.0, st["cap_frac_n"][c]) + 1.0
+        weight = np.maximum(1.0 / n, CAP_FRAC_FADE)
+        st["cap_frac"][c] = np.where(np.isnan(prev), frac, prev + weight * (frac - prev))
+        st["cap_frac_n"][c] = n

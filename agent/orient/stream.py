@@ -25,7 +25,13 @@ Per row, per series:
    the series as it is (the rhythm's tails only where its bin has learned). The row's tail
    probability `p` is the smallest over the statistics times their number (Bonferroni: the
    chance that a normal row looks this unusual on any of them): one probability scale, so one
-   threshold means the same on every series.
+   threshold means the same on every series. With `tail_record`, the fitted tail may not call
+   a row rarer than the series' own record says: each statistic also keeps how its
+   exceedances were spread over bins of excess (`tail_bin_width` wide, up to
+   `TAIL_RECORD_TOP_Z` scales; beyond, everything is a record), and a statistic's probability
+   is at least the share of rows that went as far (an empirical, conformal-style floor): a
+   series whose big bursts recur (tweets, say) learns that they recur, even where the many
+   small exceedances that fit the tail's shape say a burst that big is rare.
 4. Events: an alarm opens when p < `alarm_p` (and the series' alarm budget allows: a token
    bucket of `alarm_burst` alarms refilled at `alarms_per_day`); it closes after `calm_rows`
    rows in a row with p above `calm_factor` times `alarm_p` (hysteresis). A level shift (the
@@ -64,6 +70,7 @@ PREDICTORS = ("local", "baseline", "rhythm")
 Z_CAP = 1e12  # residuals of a series that never moved (scale ~ 0) stay finite
 AVERAGE_CLIP_Z = 10.0  # one wild row moves a mean of z by at most this
 EXCESS_CLIP = 10.0  # one wild excess moves the mean excess by at most this many means
+TAIL_RECORD_TOP_Z = 1000.0  # the record's bins reach this far; beyond, every excursion is a record
 RHYTHM_READY_VISITS = 3  # a bin scores once it has learned from this many rows
 
 
@@ -96,6 +103,8 @@ class StreamParams:
     tail_prior_rate: float = 0.01
     tail_prior_rows: float = 300.0
     tail_prior_excess: float = 0.15
+    tail_record: bool = True  # the empirical floor (False: the fitted tail alone)
+    tail_bin_width: float = 0.5  # in log(1 + z): each bin spans a factor e^0.5 in 1 + z
     warmup_rows: int = 30
     alarm_p: float = 1e-2
     calm_factor: float = 10.0
@@ -107,6 +116,15 @@ class StreamParams:
     @property
     def n_predictors(self) -> int:
         return len(PREDICTORS) if self.rhythm else RHYTHM
+
+    @property
+    def tail_bins(self) -> int:
+        """The empirical floor's bins of excess (0 without it), covering excesses up to
+        TAIL_RECORD_TOP_Z scales whatever their width."""
+        if not self.tail_record:
+            return 0
+        top = math.log1p(TAIL_RECORD_TOP_Z) - math.log1p(self.tail_from_z)
+        return max(1, math.ceil(top / self.tail_bin_width))
 
     @property
     def n_stats(self) -> int:
@@ -165,6 +183,7 @@ def _state_spec(p: StreamParams) -> dict[str, tuple[tuple[int, ...], float]]:
         "tail_rate": ((s,), p.tail_prior_rate),
         "tail_excess": ((s,), p.tail_prior_excess),
         "tail_seen": ((s,), 0.0),
+        "tail_shares": ((s, p.tail_bins), 0.0),  # the exceedance rate's share per bin of excess
         "open": ((), 0.0),
         "calm": ((), 0.0),
         "open_rows": ((), 0.0),
@@ -181,13 +200,14 @@ _SAVED_AS = {
     "tail_rate": "float16",
     "tail_excess": "float16",
     "tail_seen": "float16",
+    "tail_shares": "float16",
 }
 SEEN_CAP = 2048.0
 
 # What `reset` forgets (a new context); timing and the alarm budget outlive a context, and the
 # calibration (how the series' residuals are spread, in their own scale units) may too.
 _KEPT_BY_RESET = frozenset({"last_t", "dt", "tokens"})
-_CALIBRATION = frozenset({"mean_z_scale", "tail_rate", "tail_excess", "tail_seen"})
+_CALIBRATION = frozenset({"mean_z_scale", "tail_rate", "tail_excess", "tail_seen", "tail_shares"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,9 +462,10 @@ class StreamDetector:
         the number of statistics (Bonferroni: calibrated for the row, whichever one spoke)."""
         st = self.state
         n, n_stats = st["tail_rate"].shape
-        p_each = st["tail_rate"][exc.rows, exc.stat] * np.exp(
-            -exc.excess / st["tail_excess"][exc.rows, exc.stat]
-        )
+        mean = st["tail_excess"][exc.rows, exc.stat]
+        p_each = st["tail_rate"][exc.rows, exc.stat] * np.exp(-exc.excess / mean)
+        if self.params.tail_bins:
+            p_each = np.maximum(p_each, self._seen_p(exc, mean))
         if self.params.rhythm:  # its statistics count only where the series has a rhythm
             p_each = np.where((exc.predictor != RHYTHM) | pred.rhythm_on[exc.rows], p_each, 1.0)
         # The smallest per series, from the few exceedances (sorted by series, then p).
@@ -459,6 +480,29 @@ class StreamDetector:
         scored = row.scored & (best < 1.0)
         best = np.minimum(best * n_stats, 1.0)
         return np.where(scored, best, 1.0), np.where(scored, which, -1)
+
+    def _bin(self, excess: FloatArray) -> IntArray:
+        width, bins = self.params.tail_bin_width, self.params.tail_bins
+        return np.minimum((excess / width).astype(np.int64), bins - 1)
+
+    def _seen_p(self, exc: _Exceedances, mean: FloatArray) -> FloatArray:
+        """The share of rows whose statistic went at least this far: the rate times the shares
+        of the bins above this row's, and of its own bin the part above it (the bin's mass
+        taken to fall off within it as the fitted tail does, so the bins' width hardly
+        matters; the last bin holds everything beyond)."""
+        st, width = self.state, self.params.tail_bin_width
+        b = self._bin(exc.excess)
+        shares = st["tail_shares"][exc.rows, exc.stat]  # (m, bins)
+        above = np.cumsum(shares[:, ::-1], axis=1)[:, ::-1] - shares  # bins above b's, summed
+        at = np.arange(b.size)
+        into = exc.excess - b * width  # how far into its bin
+        q = np.exp(-width / mean)
+        inner = (np.exp(-into / mean) - q) / np.maximum(1.0 - q, 1e-12)
+        part = np.where(b == shares.shape[1] - 1, np.exp(-into / mean), np.maximum(inner, 0.0))
+        return np.asarray(
+            st["tail_rate"][exc.rows, exc.stat] * (above[at, b] + part * shares[at, b]),
+            dtype=np.float64,
+        )
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -545,7 +589,15 @@ class StreamDetector:
             learn &= (exc.predictor != RHYTHM) | pred.profile_ready[exc.rows]
         r, c, e = exc.rows[learn], exc.stat[learn], exc.excess[learn]
         w = rate_w[r, c] if prm.rhythm else weight[r]
+        decayed = rate[r, c]
         rate[r, c] += w
+        if prm.tail_bins:
+            # Between exceedances the rate and each bin's part of it fall alike: the shares
+            # change only here (sparse), by this exceedance's weight in its bin.
+            shares = st["tail_shares"]
+            kept = decayed / np.maximum(rate[r, c], 1e-300)
+            shares[r, c] *= kept[:, None]
+            shares[r, c, self._bin(e)] += 1.0 - kept
         seen = st["tail_seen"][r, c]
         mean = st["tail_excess"][r, c]
         w_exc = np.maximum(self._a_excess, 1.0 / (5.0 + seen))
@@ -633,6 +685,8 @@ class StreamDetector:
         if not p.rhythm:
             out |= {"profile", "profile_visits", "profile_scale", "week", "level_rhythm"}
             out |= {"err_local", "err_rhythm"}
+        if not p.tail_bins:
+            out.add("tail_shares")
         if not math.isfinite(p.alarms_per_day):
             out.add("tokens")
             if not p.rhythm:

@@ -173,7 +173,7 @@ def _config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
     if isinstance(config, Config):
         return config
     if isinstance(config, str | Path):
-        return load_config(Path(config))
+        return load_config(Path(config), needs_source=False, check_files=False)
     return parse_config(config, source="config")
 
 

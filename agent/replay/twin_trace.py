@@ -10,7 +10,7 @@ same seed, the truth a replay's counterfactual is checked against.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,11 @@ def run_twin(
     record_to: Path | None = None,
     counters: Counters = "all",
     registry: PolicyRegistry | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> TwinRun:
     """Run the twin for `duration_s` at a physics step of `step_s`, with `policies` live (every
-    `interval_s`, acting on the twin's caps and scheduler), recording every step to `record_to`.
+    `interval_s`, acting on the twin's caps and scheduler), recording every step to `record_to`
+    (`progress`: told the twin seconds run, step by step).
 
     A step is recorded before the agent's cycle at that time, as a scrape that lands just before
     the agent reads: the draw shown is the one the caps set in earlier cycles produced."""
@@ -142,7 +144,10 @@ def run_twin(
             if agent is not None and twin.t_s >= next_cycle - 1e-9:
                 reports.append(agent.cycle())
                 next_cycle += interval_s
-            twin.step(min(step_s, duration_s - twin.t_s))
+            dt = min(step_s, duration_s - twin.t_s)
+            twin.step(dt)
+            if progress is not None:
+                progress(dt)
         summary = writer.close() if writer is not None else None
     except BaseException:
         if writer is not None:
@@ -162,6 +167,7 @@ def record_twin(
     settings: Mapping[str, PolicySettings] | None = None,
     guard: GuardSettings | None = None,
     interval_s: float = 15.0,
+    progress: Callable[[float], None] | None = None,
 ) -> TraceSummary:
     """Record the twin (with `policies` live in the loop, if any) into a trace at `path`."""
     run = run_twin(
@@ -174,6 +180,7 @@ def record_twin(
         interval_s=interval_s,
         record_to=path,
         counters=counters,
+        progress=progress,
     )
     assert run.summary is not None
     return run.summary

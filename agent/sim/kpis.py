@@ -3,6 +3,7 @@ the replay test API, twin traces and the benchmarks all count them this way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,9 +35,12 @@ def run_kpis(twin: Twin, interval_s: float) -> RunKpis:
     )
 
 
-def uncapped_demand_w(spec: TwinSpec, duration_s: float) -> float:
-    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on."""
+def uncapped_demand_w(
+    spec: TwinSpec, duration_s: float, progress: Callable[[float], None] | None = None
+) -> float:
+    """The mean fleet draw of this twin (this seed) with no control: what a budget is sized on
+    (`progress`: told the twin seconds run, as `Twin.run_until`)."""
     probe = Twin(spec)
-    probe.run_until(duration_s)
+    probe.run_until(duration_s, progress=progress)
     _t, fleet_w, _b, _w = probe.step_log()
     return float(fleet_w.mean()) if fleet_w.size else spec.expected_demand_w()

@@ -1,6 +1,12 @@
 """The oracle: the best cap allocation under the budget given the twin's true curves, re-solved
 whenever the twin's state changes (a bound no causal policy can beat). The only reader of
-`Twin.true_curves()`."""
+`Twin.true_curves()`.
+
+It is held to the budget as the agent is: it plans under `budget x (1 - margin_frac)` (the
+agent's power_budget margin) less three standard deviations of the fleet's draw noise, and
+re-solves at every step while a job's true draw changes (a warm-up, a phase), so it never runs
+above the budget on a plan made for a smaller draw (tests/test_oracle.py checks it over several
+seeds)."""
 
 from __future__ import annotations
 
@@ -14,17 +20,23 @@ from agent.core.curves import (
 )
 from agent.sim.twin import FATAL_XIDS, FloatArray, Twin
 
-RAMP_RESOLVE_S = 5.0  # while jobs ramp up, re-solve this often
+# power_budget's default `margin_frac` (policies/power_budget.py; the twin may not import
+# policies, and tests/test_oracle.py checks the two agree).
+AGENT_MARGIN_FRAC = 0.01
 
 
 class Oracle:
     """A twin controller (pass it to `Twin.step(control=...)`). With `priority_weights` it
     maximizes priority-weighted throughput, as the agent's power_budget does."""
 
-    def __init__(self, priority_weights: dict[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        priority_weights: dict[int, float] | None = None,
+        margin_frac: float = AGENT_MARGIN_FRAC,
+    ) -> None:
         self._key: tuple[object, ...] | None = None
-        self._last_solve_s = -np.inf
         self.priority_weights = priority_weights
+        self.margin_frac = margin_frac
 
     def __call__(self, twin: Twin) -> None:
         budget = twin.budget_w()
@@ -32,16 +44,17 @@ class Oracle:
             return
         truth = twin.true_curves()
         busy = truth["busy"] > 0
-        ramping = bool(
-            np.any(
-                busy
-                & (twin.t_s - twin.jobs.start_s[np.maximum(twin.job_row, 0)] < twin.spec.startup_s)
-            )
+        # The plan follows the true draw: a warming job's grows every step (as do a job's phases),
+        # and a plan made for its draw a few seconds ago would run over the budget.
+        key = (
+            budget,
+            twin.job_row.tobytes(),
+            twin.xid.tobytes(),
+            truth["natural_w"].tobytes(),
         )
-        key = (budget, twin.job_row.tobytes(), twin.xid.tobytes(), twin.straggler_factor.tobytes())
-        if key == self._key and not (ramping and twin.t_s - self._last_solve_s >= RAMP_RESOLVE_S):
+        if key == self._key:
             return
-        self._key, self._last_solve_s = key, twin.t_s
+        self._key = key
         model = twin.spec.model
         idle_draw = float((~busy).sum()) * model.idle_w
         # The oracle knows the draw noise exactly: it keeps 3 standard deviations of the fleet's
@@ -49,7 +62,12 @@ class Oracle:
         noise_w = (
             3.0 * twin.spec.power_noise_frac * float(np.sqrt((truth["natural_w"][busy] ** 2).sum()))
         )
-        available = budget - twin.spec.nodes * twin.spec.node_overhead_w - idle_draw - noise_w
+        available = (
+            budget * (1.0 - self.margin_frac)
+            - twin.spec.nodes * twin.spec.node_overhead_w
+            - idle_draw
+            - noise_w
+        )
         caps = twin.max_w.copy()
         if busy.any():
             weight = None

@@ -895,9 +895,19 @@ class Twin:
         self.t_s += dt
         self.node_last_seen_s[self.exporter_up & ~self.exporter_restarting] = self.t_s
 
-    def run_until(self, t_end_s: float, control: Callable[[Twin], None] | None = None) -> None:
+    def run_until(
+        self,
+        t_end_s: float,
+        control: Callable[[Twin], None] | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        """Step to `t_end_s`; `progress` is told the twin seconds done, a minute at a time."""
+        reported = self.t_s
         while self.t_s < t_end_s - 1e-9:
             self.step(min(self.spec.step_s, t_end_s - self.t_s), control)
+            if progress is not None and (self.t_s - reported >= 60.0 or self.t_s >= t_end_s):
+                progress(self.t_s - reported)
+                reported = self.t_s
 
     def _flush_log(self) -> None:
         if not self._log_buf:

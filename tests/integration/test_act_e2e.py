@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def base_config(
 ) -> dict[str, Any]:
     return {
         "dry_run": dry_run,
+        "source": {"kind": "twin"},  # a file names its source (the twin only when asked)
         "cluster": {"name": f"e2e-{uuid.uuid4().hex[:6]}"},
         "twin": {"nodes": 4, "gpus_per_node": 4, "seed": 5, "faults": faults},
         "policies": {"health_drain": {"resume_hold_s": HOLD_S}},
@@ -537,6 +539,14 @@ def _node_daemons(twin: Twin, short: Path, token: Path, lock: threading.RLock) -
     ]
 
 
+def _cycle_for(cycle: Callable[[], object], seconds: float) -> None:
+    """Cycle the loop (without stepping the twin) every 0.1 s for `seconds`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        cycle()
+        time.sleep(0.1)
+
+
 def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
     tmp_path: Path,
 ) -> None:
@@ -570,11 +580,7 @@ def test_caps_through_node_daemons_fall_back_when_the_loop_stops_renewing(
         with lock:
             assert np.array_equal(twin.cap_w, ours)
 
-        # Renewed every cycle: the caps outlive their 1 s leases.
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 3 * LEASE_S:
-            runtime.loop.cycle()
-            time.sleep(0.1)
+        _cycle_for(runtime.loop.cycle, 3 * LEASE_S)  # renewed every cycle: caps outlive leases
         with lock:
             assert np.array_equal(twin.cap_w, ours)
 

@@ -107,6 +107,8 @@ def test_a_daemon_books_slurm_jobs_to_their_accounts(
         f"""
 dry_run = true
 policies = {{}}
+[source]
+kind = "twin"
 [cluster]
 name = "acct"
 [twin]

@@ -22,6 +22,7 @@ from agent.replay.twin_trace import record_twin, run_twin
 from agent.sim.kpis import RunKpis, uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 from policies.registry import builtin_registry
+from tests.tty_helpers import on_a_terminal
 
 DURATION_S = 7200.0
 INTERVAL_S = 15.0
@@ -306,38 +307,17 @@ def test_a_day_of_1000_gpus_replays(tmp_path: Path) -> None:
 
 
 def test_progress_bar_on_a_terminal_only(recorded: Recorded) -> None:
-    """On a terminal (a pseudo-terminal here) stderr shows a progress bar; piped, nothing."""
-    import os
-    import pty
+    """On a terminal (a pseudo-terminal here) stderr shows a progress bar; piped, or with --json
+    (output for a program), nothing."""
     import subprocess
     import sys
 
-    args = [
-        sys.executable,
-        "-m",
-        "agent",
-        "replay",
-        str(recorded.trace),
-        "--policy",
-        "power_budget",
-    ]
-    leader, follower = pty.openpty()
-    seen = b""
-    try:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=follower)
-        os.close(follower)
-        while True:  # read while it runs: a full terminal buffer would block it
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the terminal closed: everything was read
-                break
-            if not chunk:
-                break
-            seen += chunk
-        code = proc.wait(timeout=120)
-    finally:
-        os.close(leader)
+    args = [sys.executable, "-m", "agent", "replay", str(recorded.trace)]
+    args += ["--policy", "power_budget"]
+    code, seen = on_a_terminal(args)
     assert code == 0
     assert b"replaying q-power_budget.parquet" in seen
+    code, seen = on_a_terminal([*args, "--json"])
+    assert code == 0 and b"replaying" not in seen
     piped = subprocess.run(args, capture_output=True, timeout=120, check=False)
     assert piped.returncode == 0 and b"replaying" not in piped.stderr

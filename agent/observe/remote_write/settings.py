@@ -19,7 +19,7 @@ from agent.core.dcgm import (
     LABEL_MODEL,
     LABEL_UUID,
 )
-from agent.core.settings import STRICT_SECTION
+from agent.core.settings import STRICT_SECTION, file_field
 from agent.core.snapshot import Metric
 from agent.observe.promql import check_label_name, check_metric_name
 
@@ -60,11 +60,22 @@ class RemoteWriteConfig(BaseModel):
         description="ADDR:PORT the receiver listens on (loopback by default; any other address "
         "needs tls_cert, tls_key and token_file).",
     )
-    tls_cert: Path | None = Field(None, strict=False, description="TLS certificate (PEM).")
-    tls_key: Path | None = Field(None, strict=False, description="TLS private key (PEM).")
+    tls_cert: Path | None = Field(
+        None,
+        strict=False,
+        description="TLS certificate (PEM).",
+        json_schema_extra=file_field("file"),
+    )
+    tls_key: Path | None = Field(
+        None,
+        strict=False,
+        description="TLS private key (PEM).",
+        json_schema_extra=file_field("secret"),
+    )
     token_file: Path | None = Field(
         None,
         strict=False,
+        json_schema_extra=file_field("secret"),
         description="Bearer tokens the senders must present, one a line (re-read when the file "
         "changes); none: no token asked (loopback only).",
     )
