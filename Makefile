@@ -14,6 +14,8 @@ SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus slurmctld:slurm-wlm mu
 SYSTEM_TOOLS += prometheus-alertmanager:prometheus-alertmanager
 # Headless Chromium opens the replay report in its test (driven through playwright's client).
 SYSTEM_TOOLS += chromium:chromium
+# The site: etcd for coordination and leader election, VictoriaMetrics as the long-term store.
+SYSTEM_TOOLS += etcd:etcd-server victoria-metrics:victoria-metrics
 # Slurm's job accounting for the meter's tests (sacct, sshare): slurmdbd on MariaDB.
 SYSTEM_TOOLS += mariadbd:mariadb-server slurmdbd:slurmdbd
 

@@ -7,8 +7,13 @@ and orient's settings come along), `ooda replay` (the trace as the source, the c
 recorders as the actuators, every intent advice) and the benches.
 
 What differs between uses is passed in, never rebuilt: the source, the actuators (or only their
-recorders), the audit sink, the clock, the twin, the policy registry, the budget, and whether
-every intent is advice (`advisory`, with its reason).
+recorders), the audit sink, the clock, the twin, the policy registry, the budget, whether every
+intent is advice (`advisory`, with its reason), and a link to the site that already runs.
+
+In a site (the config's `[site]`), the cluster's own agent (`ooda run`, `ooda once`) gets its
+budget from the site coordinator and its leadership from etcd through one link
+(agent.adapters.site), opened here; a demo, a replay, a test or a bench joins no site unless it
+hands in a link of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from agent.act.rollout import Rollout
 from agent.adapters import ActuatorKind, BuildContext, Role
 from agent.adapters.prometheus import PrometheusConfig
 from agent.adapters.prometheus import prometheus_settings as _prometheus_settings
+from agent.adapters.site import link_settings, open_site_link
 from agent.adapters.twin import twin_factory
 from agent.config import Config, adapters_of, audit_path, default_config, ledger_path, state_dir
 from agent.core.clock import Clock, SystemClock
@@ -58,6 +64,8 @@ from agent.orient.reads import ORIENT_READS
 from agent.sim.accounts import TwinAccounts
 from agent.sim.adapters import TwinCapActuator, TwinClock, TwinPlacement, TwinSource
 from agent.sim.twin import Twin
+from agent.site.link import LinkSettings, SiteLink
+from agent.site.settings import SiteLinkSettings
 from policies.base import Policy, PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -203,6 +211,9 @@ class Agent:
     actuators: Actuators
     twin: Twin | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    # The link to the site coordinator (etcd), in a site: the loop's budget and election.
+    site: SiteLink | None = None
+    owns_site: bool = False  # close() stops the link (False: its owner, e.g. a reload's, does)
     meter: Meter | None = None  # set by the daemon (`build_meter`), which knows the timeline
 
     @property
@@ -212,9 +223,21 @@ class Agent:
     def cycle(self) -> CycleReport:
         return self.loop.cycle()
 
+    def hand_site_to(self, other: Agent) -> None:
+        """`other` (built with this agent's link: a reload) takes the link over: it stops it
+        from now on, and the link plans under `other`'s own budget and rise delay."""
+        site = self.site
+        if site is None or other.site is not site or not self.owns_site:
+            return
+        self.owns_site, other.owns_site = False, True
+        if other.config.site is not None:
+            site.retune(_link_settings(other.config, other.config.site))
+
     def close(self) -> None:
         for close in reversed(self.closers):
             close()
+        if self.site is not None and self.owns_site:
+            self.site.stop()
         if self.meter is not None:
             self.meter.close()
         self.audit.close()
@@ -245,6 +268,7 @@ def assemble(
     advisory: str | None = None,
     standalone: bool = False,
     wall: Clock | None = None,
+    site: SiteLink | None = None,
 ) -> Agent:
     """The agent `config` describes, wired into one Loop.
 
@@ -255,8 +279,10 @@ def assemble(
     configured budget; `advisory` makes every intent advice, for that reason (replay).
     `standalone`: not the cluster's own agent (a demo, a replay, a test, a bench): it consumes
     no `ooda guard reset` request meant for the daemon, unless the config names a state
-    directory of its own. `wall`: the wall clock a source's own time follows (a trace's; a
-    daemon's test drives it)."""
+    directory of its own, and joins no site. `wall`: the wall clock a source's own time follows
+    (a trace's; a daemon's test drives it). `site`: a link to the site that already runs (a
+    reload keeps its leadership; a bench's on an in-memory store), else the cluster's own agent
+    in a `[site]` opens one (none with a `budget_w` override: that budget is the one)."""
     registry = registry or default_registry()
     audit = audit or AuditLog(
         path=audit_path(config), max_bytes=config.audit.max_bytes, keep=config.audit.keep
@@ -276,6 +302,9 @@ def assemble(
     authority = authority_for(config, policies, clock, advisory)
     ledger = Ledger(config.guard)
     watch_reset = not standalone or config.daemon.state_dir is not None
+    owns_site = site is None and config.site is not None and not standalone and budget_w is None
+    if owns_site:
+        site = _site_link(config, ctx)
     loop = Loop(
         source=source,
         orienter=orienter_for(config),
@@ -290,9 +319,10 @@ def assemble(
         authority=authority,
         audit=audit,
         clock=clock,
-        budget_w=budget_w if budget_w is not None else config.cluster.budget_w,
+        budget_w=site or (budget_w if budget_w is not None else config.cluster.budget_w),
         placement=actuators.node_states_reader(),
         interval_s=config.daemon.interval_s,
+        election=site,
     )
     return Agent(
         config=config,
@@ -301,7 +331,46 @@ def assemble(
         actuators=actuators,
         twin=ctx.twin,
         closers=ctx.closers,
+        site=site,
+        owns_site=owns_site,
     )
+
+
+def kept_site(agent: Agent, config: Config) -> SiteLink | None:
+    """`agent`'s running link when `config` (a reload's) describes the same one: the same
+    [site] and election, so its session and leadership carry over (only the cluster's own
+    budget and the rise delay may change: `Agent.hand_site_to` applies them). None: a link of
+    its own (or none)."""
+    site = agent.site
+    if site is None or config.site is None or config.site != agent.config.site:
+        return None
+    return site if site.serves(_link_settings(config, config.site)) else None
+
+
+def _link_settings(config: Config, section: SiteLinkSettings) -> LinkSettings:
+    return link_settings(
+        section,
+        cluster=config.cluster.name,
+        interval_s=config.daemon.interval_s,
+        local_budget_w=config.cluster.budget_w,
+    )
+
+
+def _site_link(config: Config, ctx: BuildContext) -> SiteLink:
+    """The cluster's link to its site, opened last: what was built before it is closed when it
+    cannot be opened (a port for the failsafe endpoint)."""
+    assert config.site is not None  # the caller asked
+    try:
+        return open_site_link(
+            config.site,
+            cluster=config.cluster.name,
+            interval_s=config.daemon.interval_s,
+            local_budget_w=config.cluster.budget_w,
+        )
+    except BaseException:
+        for close in reversed(ctx.closers):
+            close()
+        raise
 
 
 def _clock_of(config: Config, ctx: BuildContext, source: TelemetrySource) -> Clock:
@@ -440,9 +509,11 @@ def twin_agent(
     audit: AuditLog | None = None,
     source: TelemetrySource | None = None,
     base: Config | None = None,
+    site: SiteLink | None = None,
 ) -> Agent:
     """The agent wired to `twin`: its telemetry (or `source`, e.g. its exporters), its caps
-    and its scheduler, on its clock."""
+    and its scheduler, on its clock; under `site`'s budget and election when given (a bench's
+    link on an in-memory store)."""
     config = twin_config(
         policies,
         registry=registry,
@@ -463,6 +534,7 @@ def twin_agent(
         twin=twin,
         clock=TwinClock(twin),
         standalone=True,
+        site=site,
     )
 
 

@@ -36,6 +36,7 @@ from agent.act.audit import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from agent.act.guard import GuardSettings
 from agent.act.rollout import RolloutSettings
 from agent.adapters import NONE, Adapters, default_adapters
+from agent.adapters.site import SiteLinkSettings, site_budget_problem
 from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
 from agent.core.settings import FILE_KIND, STRICT_SECTION
@@ -285,6 +286,11 @@ class Config(_Section):
         default_factory=RolloutSettings,
         description="Going live in stages: advisory kinds, the scope, freeze windows.",
     )
+    site: SiteLinkSettings | None = Field(
+        None,
+        description="The site this cluster belongs to: its budget is the site coordinator's "
+        "grant (etcd), and its replicas elect a leader (see docs/site.md).",
+    )
     meter: MeterSettings = Field(
         default_factory=MeterSettings,
         description="Energy, cost and carbon per job, user and account, in a ledger.",
@@ -351,6 +357,15 @@ def _cross_rule(*sections: str) -> Callable[[CrossRule], CrossRule]:
 def _one_budget(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
     if config.cluster.budget_w is not None and config.cluster.budget_query is not None:
         yield "cluster: give budget_w or budget_query, not both"
+
+
+@_cross_rule("site", "cluster")
+def _site_budget(config: Config, _data: Mapping[str, Any]) -> Iterator[str]:
+    # Under a site the budget is the grant (cluster.budget_w stays as a local limit: the lower
+    # one holds); a budget from Prometheus would be a second, competing source.
+    problem = site_budget_problem(config.site, config.cluster.budget_query)
+    if problem is not None:
+        yield problem
 
 
 @_cross_rule("cluster", "source")

@@ -2,9 +2,13 @@
 
 Each stage meets its own collaborators, once, in order:
 
-- observe: the telemetry source, and the placement system's node states;
-- orient: the orienter (models -> Situation), then the ledger's view of what the agent owns
-  (pending cap changes settled against this cycle's telemetry; the clock's jumps);
+- observe: the telemetry source, the placement system's node states, and under a site
+  coordinator (agent.site) the budget it grants and whether this replica leads its cluster (on a
+  takeover, what the other replica did is read back from the audit log into the ledger);
+- orient: the orienter (models -> Situation), handed to the budget source (its demand curve),
+  then the ledger's view of what the agent owns (pending cap changes settled against this
+  cycle's telemetry; the clock's jumps). A replica that does not lead stops here: its models stay
+  warm, it decides and acts on nothing;
 - decide: the policies, and the ledger's release of caps whose job has left the GPU; conflicts
   resolved (agent/policies/conflicts.py);
 - guard: the gate, which refuses what must not be done and says why;
@@ -21,11 +25,12 @@ The loop is built in one place, agent.assembly, for every command, replay and be
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +41,9 @@ from agent.act.authority import Authority
 from agent.act.executor import Executor
 from agent.act.gate import Gate, Refusal, Review
 from agent.act.ledger import Ledger, Ownership
+from agent.act.recovery import recover
 from agent.core.clock import Clock, as_time_s
+from agent.core.coordination import BudgetSource, LeaderElection, Standing
 from agent.core.intents import Action, Intent, Outcome
 from agent.core.protocols import PlacementActuator, TelemetrySource
 from agent.core.situation import NodeStates, Situation
@@ -113,11 +120,17 @@ class Loop:
         authority: Authority,
         audit: AuditLog,
         clock: Clock,
-        budget_w: Callable[[Snapshot], float | None] | float | None = None,
+        budget_w: Callable[[Snapshot], float | None] | BudgetSource | float | None = None,
         placement: PlacementActuator | None = None,
         run_id: str | None = None,
         interval_s: float = 15.0,
+        election: LeaderElection | None = None,
     ) -> None:
+        """`budget_w` may come from a coordinator (a BudgetSource: its grant); `election` says
+        whether this replica may act: while it may not, cycles observe and orient only (the
+        models stay warm), and the first cycle allowed again first reads back what another
+        replica did since `read_through_s` (agent.act.recovery, as after a restart): a standby
+        that takes over repeats nothing the leader did."""
         self.source = source
         self.orienter = orienter
         self.policies = list(policies)
@@ -130,6 +143,11 @@ class Loop:
         self.budget_w = budget_w
         self.placement = placement
         self.interval_s = interval_s
+        self.election = election
+        # The loop's clock through which the ledger knows the audit log's record: the last cycle
+        # that acted, or the daemon's read-back at its start. None: nothing read yet (a takeover
+        # reads the whole log).
+        self.read_through_s: float | None = None
         self.run_id = run_id or secrets.token_hex(3)
         self.memory: dict[str, PolicyMemory] = {p.name: p.Memory() for p in self.policies}
         self.cycles = 0
@@ -163,8 +181,15 @@ class Loop:
 
         with stage("observe"):
             snapshot, nodes = self._observe(now, errors)
+            budget_w = self._budget(snapshot, errors)
+            standing = self._standing(now, errors)
+        ownership: Ownership | None = None
         with stage("orient"):
-            situation, ownership = self._orient(snapshot, nodes, now, errors)
+            situation = self._orient(snapshot, budget_w, nodes, errors)
+            if standing.may_act:
+                situation, ownership = self._own(situation, now, errors)
+        if ownership is None:
+            return self._standby_report(now, snapshot, situation, stage_s, errors)
         with stage("decide"):
             resolution = self._decide(situation, ownership, now, errors)
         with stage("guard"):
@@ -174,6 +199,7 @@ class Loop:
                 log.error("guard_alarm", alarm=alarm)
         with stage("act"):
             actions = self._act(resolution, review, ownership, snapshot, now, errors)
+            self.read_through_s = now  # what it did is in its ledger
         report = CycleReport(
             cycle=self.cycles,
             time_s=now,
@@ -211,10 +237,66 @@ class Loop:
                 log.error("node_states_failed", error=str(exc))
         return snapshot, nodes
 
+    def _standing(self, now: float, errors: list[str]) -> Standing:
+        """Whether this replica may act (no election: always). On a takeover, what the other
+        replica did is read back into the ledger first."""
+        if self.election is None:
+            return Standing(may_act=True)
+        try:
+            standing = self.election.standing()
+        except Exception as exc:  # an unanswerable election means: do not act
+            errors.append(f"leadership unknown ({exc}): not acting")
+            log.error("election_failed", error=str(exc))
+            return Standing(may_act=False)
+        if standing.problem is not None:
+            errors.append(f"leadership: {standing.problem}")
+        last = self._last_now
+        behind = last is not None and (self.read_through_s is None or self.read_through_s < last)
+        if standing.may_act and behind:  # a cycle since it last acted did not: a takeover
+            self._read_back(now, errors)
+        return standing
+
+    def _read_back(self, now: float, errors: list[str]) -> None:
+        """This replica leads now: what another did since this loop last knew the record (its
+        last cycle that acted, the daemon's start) is read back from the shared audit log into
+        the ledger, exactly as after a restart (agent.act.recovery): caps it set become ours
+        once telemetry shows them in force, its node actions count in cooldowns and limits."""
+        since_s, path = self.read_through_s, self.audit.path
+        if path is None:  # nothing to read: the caps in force stay someone else's
+            log.warning("took_over", since_s=since_s, time_s=now, audit=None)
+            return
+        try:
+            found = recover(self.ledger, path, -math.inf if since_s is None else since_s)
+        except Exception as exc:  # it leads all the same, and says so
+            errors.append(
+                f"took over, but the audit log {path} was not read back ({type(exc).__name__}: "
+                f"{exc}): caps the other replica set are not known as ours"
+            )
+            log.error("took_over", since_s=since_s, time_s=now, audit=str(path), error=str(exc))
+            return
+        self.read_through_s = now
+        log.warning("took_over", since_s=since_s, time_s=now, audit=str(path), **asdict(found))
+
     def _orient(
-        self, snapshot: Snapshot, nodes: NodeStates | None, now: float, errors: list[str]
+        self,
+        snapshot: Snapshot,
+        budget_w: float | None,
+        nodes: NodeStates | None,
+        errors: list[str],
+    ) -> Situation:
+        """The models' view of the cycle, handed to the budget source (its demand curve)."""
+        situation = self.orienter.orient(snapshot, budget_w, nodes)
+        if isinstance(self.budget_w, BudgetSource):
+            try:
+                self.budget_w.oriented(situation)
+            except Exception as exc:  # the cycle goes on; the site sees no new curve
+                errors.append(f"site: demand curve not updated: {exc}")
+                log.error("budget_source_oriented_failed", error=str(exc))
+        return situation
+
+    def _own(
+        self, situation: Situation, now: float, errors: list[str]
     ) -> tuple[Situation, Ownership]:
-        situation = self.orienter.orient(snapshot, self._budget(snapshot), nodes)
         went_back = self._last_now is not None and now < self._last_now
         # What the agent owns: pending cap changes settled against this telemetry (after a
         # restart, agent.act.recovery, or a cap call that failed), times pulled back after a
@@ -260,7 +342,42 @@ class Loop:
             order=[p.name for p in self.policies],
         )
 
-    def _budget(self, snapshot: Snapshot) -> float | None:
+    def _standby_report(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        situation: Situation,
+        stage_s: dict[str, float],
+        errors: list[str],
+    ) -> CycleReport:
+        """A cycle that may not act: it observed and oriented (the models learned) and stops
+        there. The clock's last time still moves on."""
+        self._last_now = now
+        return CycleReport(
+            cycle=self.cycles,
+            time_s=now,
+            snapshot=snapshot,
+            situation=situation,
+            intents=[],
+            overridden=[],
+            refused=[],
+            actions=[],
+            unchanged=0,
+            stage_s=stage_s,
+            errors=errors,
+        )
+
+    def _budget(self, snapshot: Snapshot, errors: list[str]) -> float | None:
+        if isinstance(self.budget_w, BudgetSource):
+            try:
+                reading = self.budget_w.read_budget(snapshot)
+            except Exception as exc:  # no budget is explicit: nothing budget-related is done
+                errors.append(f"budget unavailable: {exc}")
+                log.error("budget_unavailable", error=str(exc))
+                return None
+            if reading.problem is not None:  # e.g. a lapsed grant: said every cycle it holds
+                errors.append(f"site: {reading.problem}")
+            return reading.watts
         if callable(self.budget_w):
             return self.budget_w(snapshot)
         if self.budget_w is not None:

@@ -15,10 +15,10 @@
 #
 # What it does: the virtual environment with exactly the packages of deploy/requirements.txt
 # (pinned, hashes checked) and ooda itself; the system user and group `ooda`; the units
-# ooda-agent.service and ooda-node.service in /etc/systemd/system (not enabled); /etc/ooda (0750
-# root:ooda) with a configuration skeleton agent.toml (0640) to fill in; /var/lib/ooda (0700) and
-# /var/log/ooda (0750) owned by ooda; every doc, example, unit, rule file and dashboard under
-# PREFIX/share. Run again (an upgrade), it replaces what it installed and keeps what the operator
+# ooda-agent.service, ooda-node.service and ooda-site.service (the site coordinator) in
+# /etc/systemd/system (not enabled); /etc/ooda (0750 root:ooda) with a configuration skeleton
+# agent.toml (0640) to fill in; /var/lib/ooda (0700) and /var/log/ooda (0750) owned by ooda; every
+# doc, example (a site's under examples/site), unit, rule file and dashboard under PREFIX/share. Run again (an upgrade), it replaces what it installed and keeps what the operator
 # owns: /etc/ooda/agent.toml and anything else in /etc/ooda, the state, the logs.
 set -eu
 PATH=$PATH:/usr/sbin:/sbin  # useradd
@@ -61,9 +61,11 @@ pip_install --no-deps --no-build-isolation --no-index --force-reinstall "$SRC"
 "$DEST/bin/python" -m pip check >/dev/null
 
 # -- everything an operator reads or copies from, in PREFIX/share (replaced on upgrade).
-mkdir -p "$DEST/share/doc" "$DEST/share/examples" "$DEST/share/deploy"
+mkdir -p "$DEST/share/doc" "$DEST/share/examples/site" "$DEST/share/deploy"
 cp "$SRC"/docs/*.md "$DEST/share/doc/"
 cp "$SRC"/deploy/examples/*.toml "$DEST/share/examples/"
+# A site's coordinator and an agent in it (site.toml names demand-response.toml beside it).
+cp "$SRC"/deploy/site/*.toml "$DEST/share/examples/site/"
 rm -rf "$DEST/share/deploy/systemd" "$DEST/share/deploy/prometheus" "$DEST/share/deploy/grafana"
 cp -R "$SRC/deploy/systemd" "$SRC/deploy/prometheus" "$SRC/deploy/grafana" "$DEST/share/deploy/"
 # Units and runbook links name the default prefix: point them at this one.
@@ -101,7 +103,7 @@ fi
 # -- the units (not enabled: fill in /etc/ooda/agent.toml first).
 if [ "$UNITS" = 1 ]; then
     mkdir -p "$ROOT/etc/systemd/system"
-    for unit in ooda-agent.service ooda-node.service; do
+    for unit in ooda-agent.service ooda-node.service ooda-site.service; do
         install -m 0644 "$DEST/share/deploy/systemd/$unit" "$ROOT/etc/systemd/system/$unit"
     done
     if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

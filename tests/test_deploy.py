@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -130,8 +131,36 @@ def test_node_unit_keeps_only_cap_sys_admin() -> None:
     assert one(unit, "Group") == "ooda"
 
 
+def test_site_unit_is_unprivileged_hardened_and_writes_nowhere() -> None:
+    """The site coordinator (`ooda site run`): as unprivileged as the agent, and with no state of
+    its own (etcd keeps it), nothing writable at all."""
+    unit = parse_unit(UNITS / "ooda-site.service")
+    assert one(unit, "Type") == "notify" and one(unit, "NotifyAccess") == "main"
+    assert one(unit, "ExecStart") == "/opt/ooda/bin/ooda site run --config /etc/ooda/site.toml"
+    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"  # re-reads the schedule file
+    assert one(unit, "User") == "ooda" and one(unit, "Group") == "ooda"
+    assert one(unit, "CapabilityBoundingSet") == "" and one(unit, "AmbientCapabilities") == ""
+    yes = (
+        "NoNewPrivileges ProtectHome PrivateTmp PrivateDevices PrivateUsers ProtectKernelTunables "
+        "ProtectKernelModules ProtectControlGroups RestrictSUIDSGID LockPersonality"
+    )
+    for key in yes.split():
+        assert one(unit, key) == "yes", key
+    assert one(unit, "ProtectSystem") == "strict"
+    assert "ReadWritePaths" not in unit["Service"] and "StateDirectory" not in unit["Service"]
+    assert one(unit, "ReadOnlyPaths") == "/etc/ooda"
+    assert one(unit, "KillSignal") == "SIGTERM" and one(unit, "Restart") == "on-failure"
+    assert int(one(unit, "WatchdogSec")) > 0 and one(unit, "UMask") == "0077"
+    # The example's rounds come well inside the watchdog (the service feeds it between rounds).
+    site = tomllib.loads((DEPLOY / "site" / "site.toml").read_text())
+    assert 4 * site["site"]["interval_s"] <= int(one(unit, "WatchdogSec"))
+    assert one(unit, "Documentation", "Unit") == "file:///opt/ooda/share/doc/site.md"
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-@pytest.mark.parametrize(("name", "most"), [("ooda-agent", 2.0), ("ooda-node", 3.0)])
+@pytest.mark.parametrize(
+    ("name", "most"), [("ooda-agent", 2.0), ("ooda-node", 3.0), ("ooda-site", 2.0)]
+)
 def test_systemd_rates_and_verifies_the_units(tmp_path: Path, name: str, most: float) -> None:
     unit = UNITS / f"{name}.service"
     security = subprocess.run(
@@ -618,7 +647,7 @@ def test_install_sh_into_an_empty_root(tmp_path: Path) -> None:
     assert config[3] == hashlib.sha256((DEPLOY / "examples/cluster.toml").read_bytes()).hexdigest()
     assert tree["var/lib/ooda"][:3] == (0o700, uid, gid)
     assert tree["var/log/ooda"][:3] == (0o750, uid, gid)
-    for unit in ("ooda-agent.service", "ooda-node.service"):
+    for unit in ("ooda-agent.service", "ooda-node.service", "ooda-site.service"):
         installed = root / "etc/systemd/system" / unit
         assert (
             installed.read_text() == (UNITS / unit).read_text()
@@ -629,6 +658,16 @@ def test_install_sh_into_an_empty_root(tmp_path: Path) -> None:
         p.name for p in (REPO / "docs").glob("*.md")
     }
     _doc_links_resolve(prefix / "share/doc")
+    # A site's examples, together (site.toml names its schedule file beside it).
+    examples = prefix / "share/examples/site"
+    assert {p.name for p in examples.glob("*.toml")} == {
+        p.name for p in (DEPLOY / "site").glob("*.toml")
+    }
+    checked = subprocess.run(
+        [str(prefix / "bin/ooda"), "site", "check", "--config", str(examples / "site.toml")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     frozen = subprocess.run(
         [str(prefix / "bin/python"), "-m", "pip", "freeze", "--all"],
         capture_output=True, text=True, check=True,
@@ -639,15 +678,16 @@ def test_install_sh_into_an_empty_root(tmp_path: Path) -> None:
             continue
         name, _, version = line.partition("==")
         assert version in pinned[name.lower().replace("_", "-")], line
-    if shutil.which("systemd-analyze"):  # the installed unit, its ExecStart in this root
-        unit = tmp_path / "ooda-agent.service"
-        text = (root / "etc/systemd/system/ooda-agent.service").read_text()
-        unit.write_text(text.replace("/opt/ooda/", f"{prefix}/"))
-        verify = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(unit)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    if shutil.which("systemd-analyze"):  # the installed units, their ExecStart in this root
+        for name in ("ooda-agent.service", "ooda-site.service"):
+            unit = tmp_path / name
+            text = (root / "etc/systemd/system" / name).read_text()
+            unit.write_text(text.replace("/opt/ooda/", f"{prefix}/"))
+            verify = subprocess.run(
+                ["systemd-analyze", "verify", "--man=no", str(unit)],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
 
     # Again, as an upgrade: nothing changes, and the operator's configuration stays.
     edited = (root / "etc/ooda/agent.toml").read_text() + '\n# "my cluster"\n'

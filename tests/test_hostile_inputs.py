@@ -319,6 +319,24 @@ def test_one_agent_per_cluster_across_state_directories(tmp_path: Path) -> None:
     again.release()
 
 
+def test_named_replicas_of_a_cluster_in_a_site_may_share_a_host(tmp_path: Path) -> None:
+    """Replicas in a site elect one leader in etcd: two with their own names and state
+    directories may run on one host (the failover test does), one name twice may not."""
+    cluster = f"site-{uuid.uuid4().hex[:6]}"
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    a = InstanceLock(tmp_path / "a", cluster, replica="a")
+    b = InstanceLock(tmp_path / "b", cluster, replica="b")
+    a.acquire()
+    try:
+        b.acquire()
+        b.release()
+        with pytest.raises(AlreadyRunningError, match="another state directory"):
+            InstanceLock(tmp_path / "c", cluster, replica="a").acquire()
+    finally:
+        a.release()
+
+
 @pytest.mark.slow
 def test_a_second_ooda_run_with_another_state_dir_refuses_to_start(tmp_path: Path) -> None:
     cluster = f"twice-{uuid.uuid4().hex[:6]}"

@@ -22,6 +22,7 @@ from agent.cli.replay import replay
 from agent.cli.rollback import rollback
 from agent.cli.run import run
 from agent.cli.sim import sim_app
+from agent.cli.site import site_app
 from agent.cli.trace import record, trace_app
 from agent.core.errors import BadInputError, OodaError
 
@@ -70,6 +71,7 @@ app.command()(once)
 app.command()(record)
 app.command()(replay)
 app.add_typer(sim_app, name="sim")
+app.add_typer(site_app, name="site")
 app.add_typer(trace_app, name="trace")
 app.add_typer(curves_app, name="curves")
 app.command("policies")(policies)

@@ -17,6 +17,9 @@ agent's token each would stop that. A local user may also bind the name first, w
 agent refuse to start (it says so); that is a denial of service by someone who could already
 stop it, never a second agent acting.
 
+In a site, a named replica (`[site] replica`) locks its own name under the cluster's: the
+replicas' election in etcd keeps one acting, so two of them may share a host.
+
 `OODA_INSTANCE_NAMESPACE`, when set, is part of the host-wide name: test suites running side by
 side on one machine set their own, so that their agents for the same cluster do not collide.
 """
@@ -42,19 +45,22 @@ class AlreadyRunningError(OodaError):
     """Another agent already runs for this cluster (it holds the lock)."""
 
 
-def host_lock_name(cluster: str) -> str:
-    """The abstract socket's name for `cluster` (shown with a leading '@', as `ss -x` does)."""
+def host_lock_name(cluster: str, replica: str | None = None) -> str:
+    """The abstract socket's name for `cluster` (shown with a leading '@', as `ss -x` does);
+    with `replica` (a named replica in a site, whose replicas elect one leader in etcd), the
+    replica's own: two replicas of a cluster may share a host, one replica may not run twice."""
     namespace = os.environ.get(NAMESPACE_ENV, "")
     if namespace:
         namespace = hashlib.sha256(namespace.encode()).hexdigest()[:16] + "/"
-    return f"@ooda-agent/{namespace}cluster/{safe_name(cluster)}"
+    name = f"@ooda-agent/{namespace}cluster/{safe_name(cluster)}"
+    return name if replica is None else f"{name}/replica/{safe_name(replica)}"
 
 
 class InstanceLock:
-    def __init__(self, state_dir: Path, cluster: str) -> None:
+    def __init__(self, state_dir: Path, cluster: str, replica: str | None = None) -> None:
         self.cluster = cluster
         self.path = state_dir / f"{safe_name(cluster)}.lock"
-        self.host_name = host_lock_name(cluster)
+        self.host_name = host_lock_name(cluster, replica)
         self._fd: int | None = None
         self._host: socket.socket | None = None
         self.pid_error: str | None = None  # why the pid could not be written, if it could not

@@ -14,7 +14,9 @@ closed, and the process exits 0.
 Reloading: the new file is validated and built first; if anything is wrong, the old
 configuration stays and the error is logged with its key path. Otherwise the new runtime takes
 over between two cycles with the old one's state (the guard's ownership and cooldowns, policy
-memories, learned models, leases) and, if the [twin] section is unchanged, the same twin.
+memories, learned models, leases) and, if the [twin] section is unchanged, the same twin; if
+the [site] section is unchanged, the same link to the site (its etcd session and leadership: a
+reload never hands the cluster to a standby).
 
 `run_cycle` is the scheduler's job and nothing else: tests drive it directly on a FakeClock.
 """
@@ -55,7 +57,14 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from agent.act.recovery import recover
-from agent.assembly import Agent, assemble, build_meter, hosts_twin, reads_the_present
+from agent.assembly import (
+    Agent,
+    assemble,
+    build_meter,
+    hosts_twin,
+    kept_site,
+    reads_the_present,
+)
 from agent.config import Config, force_dry_run, load_config, state_dir
 from agent.core.clock import Clock, SystemClock, as_time_s
 from agent.core.errors import BadInputError, ConfigError
@@ -70,6 +79,7 @@ from agent.meter.metrics import MeterMetrics
 from agent.sim.adapters import TwinClock, TwinPlacement
 from agent.sim.realtime import TwinPacer
 from agent.sim.twin import Twin
+from agent.site.link import SiteLink
 from policies.registry import PolicyRegistry, default_registry
 
 log = structlog.get_logger("ooda.daemon")
@@ -178,10 +188,12 @@ class Daemon:
             config = force_dry_run(config)
         return config
 
-    def _build(self, config: Config, twin: Twin | None) -> Agent:
+    def _build(self, config: Config, twin: Twin | None, site: SiteLink | None = None) -> Agent:
         # A source with a time of its own (the twin's, a trace's) follows the wall clock.
         clock = SystemClock() if reads_the_present(config) else None
-        return assemble(config, clock=clock, registry=self.registry, twin=twin, wall=self.wall)
+        return assemble(
+            config, clock=clock, registry=self.registry, twin=twin, wall=self.wall, site=site
+        )
 
     def start(self) -> None:
         """Load the config, take the cluster's lock, build the runtime, restore state, serve
@@ -199,7 +211,9 @@ class Daemon:
         # so naming the setting (exit 2), not with a traceback that Restart= would loop on.
         unusable = None if os.access(directory, os.W_OK | os.X_OK) else "not writable by this user"
         cluster = config.cluster.name
-        self.lock = InstanceLock(directory, cluster)
+        # A named replica in a site: the etcd election, not the host, keeps one acting.
+        replica = None if config.site is None else config.site.replica
+        self.lock = InstanceLock(directory, cluster, replica)
         if unusable is None:
             try:
                 self.lock.acquire()
@@ -245,6 +259,9 @@ class Daemon:
                 self.meter_metrics.seed(runtime.meter.ledger.account_totals())
             self.pacer = self._pacer_for(runtime)
             self._restore_state()
+            # The audit log is read through now (the restore's read-back): a replica that takes
+            # over later reads only what came after.
+            runtime.loop.read_through_s = runtime.loop.clock.now()
             self.started_unix = self.wall.now()
             self._publish_config()
             listen = self.options.metrics_listen
@@ -521,6 +538,9 @@ class Daemon:
             self._last_success_unix = now
         capped = int(np.isfinite(runtime.ledger.caps["our_cap_w"]).sum())
         self.metrics.observe_cycle(report, duration, now, observed, capped)
+        site = runtime.site
+        if site is not None:
+            self.metrics.observe_site(site.leadership(), site.last_budget())
         if duration > interval:
             self.metrics.overruns.inc()
             log.warning(
@@ -604,6 +624,10 @@ class Daemon:
             "gpus": None if report is None else report.snapshot.n_gpus,
             "reason": why if alive else "cycles are not progressing",
         }
+        site = self.runtime.site
+        if site is not None:
+            view = site.leadership()
+            detail["site"] = {"role": view.role, "leader": view.leader, "problem": view.problem}
         return Health(alive=alive, ready=ready, detail=detail)
 
     # -- reload -----------------------------------------------------------------------------------
@@ -636,7 +660,8 @@ class Daemon:
             # What can fail is prepared before anything is swapped: the old runtime stays whole
             # (and running) until the new one and its schedule are ready.
             schedule = self._schedule_for(old.config, config)
-            runtime = self._build(config, old.twin if same_twin else None)
+            # The same [site]: the running link (its session, its leadership) carries over.
+            runtime = self._build(config, old.twin if same_twin else None, kept_site(old, config))
         except Exception as exc:
             return self._reload_refused(exc)
         with self._cycle_lock:  # between two cycles
@@ -662,8 +687,10 @@ class Daemon:
                 problems = self.restore_parts(runtime, self.collect_state(old))
                 for problem in problems:
                     log.error("state_not_carried_over", problem=problem)
-            # One agent run, whatever the reloads: cycle numbers and decision ids go on.
+            # One agent run, whatever the reloads: cycle numbers and decision ids go on, and
+            # what of the audit log its ledger knows.
             runtime.loop.cycles, runtime.loop.run_id = old.loop.cycles, old.loop.run_id
+            runtime.loop.read_through_s = old.loop.read_through_s
             self.runtime = runtime
             try:
                 self._attach_meter(runtime)
@@ -673,6 +700,7 @@ class Daemon:
                 self.pacer.set_speed(config.twin.speed, _twin_cycle_s(config))
             else:
                 self.pacer = self._pacer_for(runtime)
+            old.hand_site_to(runtime)
             try:
                 old.close()
             except Exception as exc:  # the new runtime is in; the old one's end must not stop it

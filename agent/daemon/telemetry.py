@@ -1,10 +1,11 @@
 """The agent's own telemetry: Prometheus metrics (every name `ooda_*`), /healthz and /readyz.
 
 Cardinality is bounded whatever the fleet size: labels are stages, policies, intent kinds,
-outcomes and a fixed set of refusal classes, never GPUs, except for the per-GPU recommendation
-series, which are capped (`daemon.per_gpu_metrics_max`, the largest recommended reductions first;
-the aggregates per policy are always exported). At 100,000 GPUs a per-GPU series each would be
-another DCGM exporter's worth of series from one process, every scrape.
+outcomes, a fixed set of refusal classes and, in a site, the fixed sets of leadership roles and
+budget sources (never a replica's or a coordinator's name); never GPUs, except for the per-GPU
+recommendation series, which are capped (`daemon.per_gpu_metrics_max`, the largest recommended
+reductions first; the aggregates per policy are always exported). At 100,000 GPUs a per-GPU
+series each would be another DCGM exporter's worth of series from one process, every scrape.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from agent.core.intents import Intent, Outcome, ReleasePowerCap, SetPowerCap
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import Metric
 from agent.loop import STAGES, CycleReport
+from agent.site.election import ROLES, Leadership
+from agent.site.grants import BUDGET_SOURCES, BudgetView
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -60,7 +63,7 @@ REFUSAL_CLASSES: tuple[tuple[str, str], ...] = (
 )
 REFUSAL_CLASS_NAMES = tuple(sorted({c for _, c in REFUSAL_CLASSES} | {"other"}))
 
-ERROR_KINDS = ("source", "observe", "placement", "policy", "lease", "other")
+ERROR_KINDS = ("source", "observe", "placement", "policy", "lease", "site", "other")
 
 CYCLE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -79,6 +82,8 @@ def error_kind(message: str) -> str:
         ("placement state", "placement"),
         ("policy ", "policy"),
         ("lease renewal", "lease"),
+        ("site:", "site"),  # the grant's lease, etcd unreachable, the demand curve
+        ("leadership", "site"),  # a standby, or leadership unknown or unconfirmed
     ):
         if message.startswith(prefix):
             return kind
@@ -208,6 +213,7 @@ class DaemonMetrics:
         self._fleet_metrics(r)
         self._decision_metrics(r)
         self._state_metrics(r)
+        self._site_metrics(r)
         self._zero_series()
 
     def _cycle_metrics(self, r: CollectorRegistry) -> None:
@@ -367,6 +373,50 @@ class DaemonMetrics:
             "Hosted twin: twin time given up after long pauses (it could not keep up).",
             registry=r,
         )
+
+    def _site_metrics(self, r: CollectorRegistry) -> None:
+        """In a site: this replica's role and the grant it plans under (no series otherwise)."""
+        self.site_role = Gauge(
+            "ooda_site_role",
+            "In a site: 1 for this replica's leadership role (leader, failsafe_leader: leading "
+            "through an etcd outage, standby, unconfirmed: leading but not confirmed, starting), "
+            "0 for the others.",
+            ["role"], registry=r,
+        )  # fmt: skip
+        self.site_may_act = Gauge(
+            "ooda_site_may_act", "In a site: 1 while this replica may act (it leads).", registry=r
+        )
+        self.site_grant = Gauge(
+            "ooda_site_grant_watts",
+            "In a site: the coordinator's last grant to this cluster (NaN: none received).",
+            registry=r,
+        )
+        self.site_grant_left = Gauge(
+            "ooda_site_grant_lease_remaining_seconds",
+            "In a site: how long the last grant still holds (<= 0: lapsed; NaN: none).",
+            registry=r,
+        )
+        self.site_budget_source = Gauge(
+            "ooda_site_budget_source",
+            "In a site: 1 for where the budget planned under comes from (grant; grant_kept: "
+            "etcd unheard, the lease still holds; lapsing: held before rising to the safe "
+            "share; safe_share), 0 for the others.",
+            ["source"], registry=r,
+        )  # fmt: skip
+
+    def observe_site(self, leadership: Leadership, budget: BudgetView | None) -> None:
+        """The replica's role and its grant, after each cycle (labels from fixed sets only)."""
+        role = leadership.role if leadership.role in ROLES else None
+        for name in ROLES:
+            self.site_role.labels(name).set(1 if name == role else 0)
+        self.site_may_act.set(1 if leadership.may_act else 0)
+        grant = None if budget is None else budget.grant
+        self.site_grant.set(np.nan if grant is None else grant.watts)
+        left = None if budget is None else budget.expires_in_s
+        self.site_grant_left.set(np.nan if left is None else left)
+        source = None if budget is None else budget.source
+        for name in BUDGET_SOURCES:
+            self.site_budget_source.labels(name).set(1 if name == source else 0)
 
     def _zero_series(self) -> None:
         """Every labelled series at 0 from the start, so rates and alerts work."""
