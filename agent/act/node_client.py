@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -422,63 +422,20 @@ class NodeCapActuator:
     ) -> tuple[CapResult, npt.NDArray[np.bool_]]:
         """Set (watts given) or release caps; the result, and which targets are gone (404/409)."""
         n = len(targets)
-        ok = np.zeros(n, dtype=bool)
-        gone = np.zeros(n, dtype=bool)
-        before = np.full(n, np.nan)
-        errors: dict[int, str] = {}
+        outcome = _CapOutcome(
+            ok=np.zeros(n, dtype=bool), gone=np.zeros(n, dtype=bool), before=np.full(n, np.nan)
+        )
         groups = _group_by_node(targets.node)
         gpus = targets.gpu.tolist()
         uuids = targets.uuid.tolist()
-        calls: list[tuple[str, str, str, Any]] = []
-        for node, pos in groups:
-            plist = pos.tolist()
-            if watts is None:
-                items = [{"index": gpus[p], "uuid": uuids[p] or None} for p in plist]
-                calls.append((node, "POST", "/v1/caps/release", {"gpus": items}))
-                continue
-            bad = [p for p in plist if not math.isfinite(float(watts[p]))]
-            for p in bad:
-                errors[p] = f"{node}/gpu{gpus[p]}: {watts[p]} W is not a number of watts"
-            items = [
-                {
-                    "index": gpus[p],
-                    "uuid": uuids[p] or None,
-                    "watts": float(watts[p]),
-                    "lease_s": float(lease_s),
-                }
-                for p in plist
-                if p not in errors
-            ]
-            if items:
-                calls.append((node, "PUT", "/v1/caps", {"caps": items}))
+        calls = _cap_calls(groups, gpus, uuids, watts, lease_s, outcome.errors)
         answers = self._fan_out(calls)
         for node, pos in groups:
             call = answers.get(node)
-            plist = [p for p in pos.tolist() if p not in errors]
-            if call is None:
-                continue
-            if call.error is not None:
-                for p in plist:
-                    errors[p] = f"{node}: {call.error}"
-                continue
-            results = call.body.get("results") if isinstance(call.body, dict) else None
-            by_index: dict[int, dict[str, Any]] = {}
-            if isinstance(results, list):
-                # A result without an integer index answers for no GPU (its GPU then reads
-                # "no result"): one malformed node answer must not raise for every node.
-                by_index = {i: r for r in results if (i := _gpu_index(r)) is not None}
-            for p in plist:
-                r = by_index.get(gpus[p])
-                if r is None:
-                    errors[p] = f"{node}/gpu{gpus[p]}: no result in the node's answer"
-                elif r.get("ok") is True:
-                    ok[p] = True
-                    b = r.get("before_w")
-                    before[p] = float(b) if isinstance(b, int | float) else np.nan
-                else:
-                    status = r.get("status")
-                    gone[p] = status in _GONE_STATUS
-                    errors[p] = f"{node}/gpu{gpus[p]}: {r.get('error', 'refused')} (HTTP {status})"
+            if call is not None:
+                plist = [p for p in pos.tolist() if p not in outcome.errors]
+                outcome.read(node, call, plist, gpus)
+        errors = outcome.errors
         if errors:
             log.warning(
                 "node_caps_failed",
@@ -486,7 +443,7 @@ class NodeCapActuator:
                 nodes=len({e.split(":", 1)[0].split("/")[0] for e in errors.values()}),
                 first=next(iter(errors.values())),
             )
-        return CapResult(ok=ok, before_w=before, errors=errors), gone
+        return CapResult(ok=outcome.ok, before_w=outcome.before, errors=errors), outcome.gone
 
     def _remember(
         self,
@@ -624,3 +581,73 @@ def _gpu_index(item: object) -> int | None:
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         return None
     return index
+
+
+def _cap_calls(
+    groups: list[tuple[str, IntArray]],
+    gpus: list[int],
+    uuids: list[str],
+    watts: FloatArray | None,
+    lease_s: float,
+    errors: dict[int, str],
+) -> list[tuple[str, str, str, Any]]:
+    """One call per node: release its targets' caps (watts None), or set them (a target whose
+    watts are not a number goes to `errors` instead)."""
+    calls: list[tuple[str, str, str, Any]] = []
+    for node, pos in groups:
+        plist = pos.tolist()
+        if watts is None:
+            items = [{"index": gpus[p], "uuid": uuids[p] or None} for p in plist]
+            calls.append((node, "POST", "/v1/caps/release", {"gpus": items}))
+            continue
+        for p in plist:
+            if not math.isfinite(float(watts[p])):
+                errors[p] = f"{node}/gpu{gpus[p]}: {watts[p]} W is not a number of watts"
+        items = [
+            {
+                "index": gpus[p],
+                "uuid": uuids[p] or None,
+                "watts": float(watts[p]),
+                "lease_s": float(lease_s),
+            }
+            for p in plist
+            if p not in errors
+        ]
+        if items:
+            calls.append((node, "PUT", "/v1/caps", {"caps": items}))
+    return calls
+
+
+@dataclass
+class _CapOutcome:
+    """Per target of a cap call: applied, gone (404/409), the limit before, or why not."""
+
+    ok: npt.NDArray[np.bool_]
+    gone: npt.NDArray[np.bool_]
+    before: FloatArray
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def read(self, node: str, call: _Call, plist: list[int], gpus: list[int]) -> None:
+        """One node's answer for its targets `plist`."""
+        if call.error is not None:
+            for p in plist:
+                self.errors[p] = f"{node}: {call.error}"
+            return
+        results = call.body.get("results") if isinstance(call.body, dict) else None
+        by_index: dict[int, dict[str, Any]] = {}
+        if isinstance(results, list):
+            # A result without an integer index answers for no GPU (its GPU then reads
+            # "no result"): one malformed node answer must not raise for every node.
+            by_index = {i: r for r in results if (i := _gpu_index(r)) is not None}
+        for p in plist:
+            r = by_index.get(gpus[p])
+            if r is None:
+                self.errors[p] = f"{node}/gpu{gpus[p]}: no result in the node's answer"
+            elif r.get("ok") is True:
+                self.ok[p] = True
+                b = r.get("before_w")
+                self.before[p] = float(b) if isinstance(b, int | float) else np.nan
+            else:
+                status = r.get("status")
+                self.gone[p] = status in _GONE_STATUS
+                self.errors[p] = f"{node}/gpu{gpus[p]}: {r.get('error', 'refused')} (HTTP {status})"
