@@ -306,17 +306,9 @@ def query_unit(expr: str) -> str:
         name = "ratio" if operations == "ratio" else f"{level}_{metric}"
     if name == "ratio":
         return "percentunit"
-    # The ledger's counters (agent/meter/metrics.py): joules a second are watts, joules over a
-    # day kWh (/ 3.6e6), grams an hour kg (/ 1000), GPU-seconds a second GPUs; a cost is in the
-    # tariff's own currency.
-    if name.endswith("_joules_total"):
-        return "kwatth" if "increase(" in expr else "watt"
-    if name.endswith("_grams_total"):
-        return "masskg"
-    if name.endswith("_gpu_seconds_total"):
-        return "suffix: GPUs"
-    if name.endswith("_cost_total"):
-        return "short"
+    ledger = _ledger_unit(expr, name)
+    if ledger is not None:
+        return ledger
     if "rate(" in expr:
         return "suffix: cores" if name.endswith("_cpu_seconds_total") else "ops"
     if "increase(" in expr:
@@ -331,6 +323,16 @@ def query_unit(expr: str) -> str:
     if "gpus" in name or name.endswith("_caps"):
         return "suffix: GPUs"
     raise AssertionError(f"no unit known for {expr}")
+
+
+def _ledger_unit(expr: str, name: str) -> str | None:
+    """The ledger's counters (agent/meter/metrics.py): joules a second are watts, joules over a
+    day kWh (/ 3.6e6), grams an hour kg (/ 1000), GPU-seconds a second GPUs; a cost is in the
+    tariff's own currency. None: not a ledger counter."""
+    if name.endswith("_joules_total"):
+        return "kwatth" if "increase(" in expr else "watt"
+    units = {"_grams_total": "masskg", "_gpu_seconds_total": "suffix: GPUs", "_cost_total": "short"}
+    return next((unit for suffix, unit in units.items() if name.endswith(suffix)), None)
 
 
 def test_every_dashboard_panel_has_one_unit_per_axis() -> None:
