@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
-from agent.cli.trace import parse_time
+from agent.cli.trace import parse_time, prometheus_range
 from agent.core.errors import BadInputError, ConfigError
 
 if TYPE_CHECKING:
@@ -159,16 +159,7 @@ def backfill(
 
       ooda meter backfill --prometheus http://prom:9090 --start -2h --ledger ledger.sqlite
     """
-    if not prometheus.startswith(("http://", "https://")):
-        raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
-    now = time.time()
-    start_s = parse_time(start, "--start", now)
-    end_s = parse_time(end, "--end", now)
-    step_s = duration_s(step, "--step")
-    if step_s < 1 or not step_s.is_integer():
-        raise BadInputError(f"--step: must be a whole number of seconds (got {step!r})")
-    if end_s - start_s < step_s:
-        raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
+    start_s, end_s, step_s = prometheus_range(prometheus, start, end, step)
     base = _config(config)
     path = ledger or _ledger_path(base, state_dir)
     with progress_bar(show_progress(json_out), 1.0, f"booking {path.name}") as bar:

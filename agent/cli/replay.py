@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli._common import duration_s, emit_json, progress_bar, show_progress
+from agent.cli._common import emit_json, progress_bar, show_progress
 from agent.core.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -217,19 +217,10 @@ def _from_prometheus(
     show: bool,
     replay_args: dict[str, Any],
 ) -> ReplayReport:
-    from agent.cli.trace import parse_time
+    from agent.cli.trace import prometheus_range
     from agent.replay.prometheus import prometheus_config, replay_prometheus
 
-    if not url.startswith(("http://", "https://")):
-        raise BadInputError(f"--prometheus: not an http(s) URL: {url!r}")
-    now = time.time()
-    start_s = parse_time(start, "--start", now)
-    end_s = parse_time(end, "--end", now)
-    step_s = duration_s(step, "--step")
-    if step_s < 1 or not step_s.is_integer():
-        raise BadInputError(f"--step: must be a whole number of seconds (got {step!r})")
-    if end_s - start_s < step_s:
-        raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
+    start_s, end_s, step_s = prometheus_range(url, start, end, step)
     config = prometheus_config(url, cfg)
     steps = int((end_s - start_s) // step_s) + 1
     total = steps * (1 + len(replay_args["policy_sets"]))

@@ -54,6 +54,22 @@ def parse_time(text: str, option: str, now_s: float) -> float:
     return parsed.timestamp()
 
 
+def prometheus_range(url: str, start: str, end: str, step: str) -> tuple[float, float, float]:
+    """A Prometheus history range from the command line: (start_s, end_s, step_s), checked (an
+    http(s) URL, whole-second steps, at least one step long)."""
+    if not url.startswith(("http://", "https://")):
+        raise BadInputError(f"--prometheus: not an http(s) URL: {url!r}")
+    now = time.time()
+    start_s = parse_time(start, "--start", now)
+    end_s = parse_time(end, "--end", now)
+    step_s = duration_s(step, "--step")
+    if step_s < 1 or not step_s.is_integer():
+        raise BadInputError(f"--step: must be a whole number of seconds (got {step!r})")
+    if end_s - start_s < step_s:
+        raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
+    return start_s, end_s, step_s
+
+
 def _a_date(time_s: float, text: str, option: str) -> float:
     """`time_s` if it names a date-time (finite, within years 1..9999), else BadInputError."""
     try:
@@ -113,16 +129,7 @@ def record(
     from agent.observe.record import record_prometheus
     from agent.observe.trace import TraceWriter
 
-    if not prometheus.startswith(("http://", "https://")):
-        raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
-    now = time.time()
-    start_s = parse_time(start, "--start", now)
-    end_s = parse_time(end, "--end", now)
-    step_s = duration_s(step, "--step")
-    if step_s < 1 or not step_s.is_integer():
-        raise BadInputError(f"--step: must be a whole number of seconds (got {step!r})")
-    if end_s - start_s < step_s:
-        raise BadInputError(f"--start/--end: the range {start}..{end} is shorter than one step")
+    start_s, end_s, step_s = prometheus_range(prometheus, start, end, step)
     settings = prometheus_settings(_prometheus_config(prometheus, config))
     source = PrometheusSource(settings)
     t0 = time.perf_counter()
