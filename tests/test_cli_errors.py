@@ -92,6 +92,9 @@ BAD_INPUTS: dict[str, Case] = {
         ("--ledger", "missing.toml"),
     ),
     "meter status": (lambda f: ["meter", "status", "--config", str(f["missing"])], 2, ("missing",)),
+    "site check": (lambda f: ["site", "check", "--config", str(f["missing"])], 2, ("missing",)),
+    "site run": (lambda f: ["site", "run", "--config", str(f["missing"])], 2, ("missing",)),
+    "site status": (lambda f: ["site", "status", "--config", str(f["missing"])], 2, ("missing",)),
     "curves export": (
         lambda f: ["curves", "export", "--trace", str(f["garbage"]), "-o", "x.csv"],
         2,
