@@ -73,6 +73,9 @@ def agent_toml(name: str, etcd: Etcd) -> str:
     return f"""
 dry_run = false
 
+[source]
+kind = "twin"
+
 [cluster]
 name = "{name}"
 
