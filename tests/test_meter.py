@@ -428,7 +428,7 @@ def test_config_check_refuses_a_bad_meter_section_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[meter.tariff]\nkind = "flat"\n')
+    path.write_text('[source]\nkind = "twin"\n[meter.tariff]\nkind = "flat"\n')
     assert main(["config", "check", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "meter.tariff" in err
