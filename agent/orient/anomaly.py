@@ -424,7 +424,7 @@ class AnomalyDetector:
             self._straggler(snap, cy, ctx),
             self._util(cy),
         ]
-        self._calibrate(snap, cy, parts)
+        self._calibrate(snap, cy)
         results = [part.result(cy) for part in parts]
         results.append(self._mv(cy))
         flags = self._combine(snap, cy, ctx, results)
@@ -738,7 +738,7 @@ class AnomalyDetector:
 
     # -- calibration: each GPU's residuals against their own history ------------------------------
 
-    def _calibrate(self, snap: Snapshot, cy: _Cycle, parts: list[_Part]) -> None:
+    def _calibrate(self, snap: Snapshot, cy: _Cycle) -> None:
         """Each field's standardized residual runs through the streaming detector, per GPU
         (agent.orient.stream): a baseline's statistical flag stands only where the residual is
         also rare for this GPU (its tail probability under `alarm_p`, or its alarm still open),
@@ -754,7 +754,6 @@ class AnomalyDetector:
             step = detector.update(z, t, np.isfinite(z))
             warm = detector.state["rows"] >= s.calibration_warmup_cycles
             cy.gate[name] = ~warm | (step.p < s.alarm_p) | step.alarm
-        del parts  # each part reads its field's gate when it is finished
 
     # -- combining --------------------------------------------------------------------------------
 
