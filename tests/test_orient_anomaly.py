@@ -14,6 +14,7 @@ from agent.core.curves import throughput_at_power
 from agent.core.situation import Situation
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.orient.orienter import Orienter
+from agent.orient.settings import OrientSettings
 
 N = 16
 ALPHA = 0.7  # thermal decay per 15 s cycle
@@ -280,3 +281,16 @@ def test_an_absurd_power_sample_costs_no_memory() -> None:
             tracemalloc.stop()
         assert peak_b < 64 << 20, (bad, peak_b)
         assert sit.anomalies is not None and not np.delete(sit.anomalies.flagged, 5).any()
+
+
+def test_slow_models_reuse_their_findings_between_runs_for_the_same_gpus() -> None:
+    fleet = Fleet()
+    orienter = Orienter(settings=OrientSettings(slow_models_every_cycles=3))
+    found = [orienter.orient(fleet.step(), None).anomalies for _ in range(6)]
+    # Run on cycles 3 and 6 (and the first); the cycles between reuse the last findings.
+    assert found[1] is found[0] and found[3] is found[2]
+    assert found[2] is not found[1] and found[5] is not found[4]
+    # Other GPUs in the rows: the models run again, whatever the cycle.
+    moved = fleet.step()
+    moved = replace(moved, uuid=moved.uuid[::-1].copy())
+    assert orienter.orient(moved, None).anomalies is not found[5]

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.gpu_models import BUILTIN_MODELS
-from agent.core.keyed import LastKeys, freeze, frozen
+from agent.core.keyed import LastKeys, freeze
 from agent.core.situation import (
     AnomalyFlags,
     CurveEstimates,
@@ -174,7 +174,9 @@ class Orienter:
         self.interval_s: float | None = None
         self.last_time_s: float | None = None
         self.cycles = 0
-        self._slow_cache: tuple[npt.NDArray[np.str_], AnomalyFlags, CurveView] | None = None
+        # The slow models' last findings, and the GPUs (UUIDs in row order) they are about.
+        self._slow_cache: tuple[AnomalyFlags, CurveView] | None = None
+        self._slow_uuids = LastKeys()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -386,19 +388,13 @@ class Orienter:
         same rows."""
         every = self.settings.slow_models_every_cycles
         cached = self._slow_cache
-        reuse = (
-            every > 1
-            and cached is not None
+        if (
+            cached is not None
+            and every > 1
             and self.cycles % every != 0
-            and cached[0].shape == snapshot.uuid.shape
-            and (
-                (cached[0] is snapshot.uuid and frozen(cached[0]))
-                or bool(np.array_equal(cached[0], snapshot.uuid))
-            )
-        )
-        if reuse:
-            assert cached is not None
-            return cached[1], cached[2]
+            and self._slow_uuids.same(snapshot.uuid)
+        ):
+            return cached
         before = self.curves.view(snapshot, draw.busy)
         anomalies = self.anomaly.update(
             snapshot,
@@ -429,7 +425,8 @@ class Orienter:
             exclude=anomalies.flagged | (health.severity > int(HealthSeverity.OK)),
             cap_draw_frac=draw.cap_draw_frac,
         )
-        self._slow_cache = (snapshot.uuid, anomalies, learned)
+        self._slow_cache = (anomalies, learned)
+        self._slow_uuids.remember(snapshot.uuid)
         return anomalies, learned
 
     # -- forecasts --------------------------------------------------------------------------------
