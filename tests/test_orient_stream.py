@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.orient.stats import pack
 from agent.orient.stream import StreamDetector, StreamParams, detect_series
 
 STEP_S = 300.0
@@ -209,3 +210,15 @@ def test_saved_state_continues() -> None:
     other = StreamDetector(StreamParams(alarm_p=1e-6), 1)
     other.load_dict(saved)  # learned under other settings: ignored, starts afresh
     assert other.state["rows"][0] == 0
+
+
+def test_a_state_saved_with_a_field_no_longer_kept_loads() -> None:
+    one = StreamDetector(StreamParams(), 1)
+    x, t = noisy(100, seed=11), times(100)
+    for i in range(100):
+        one.update(x[i : i + 1], t[i : i + 1])
+    saved = one.to_dict()
+    saved["state"]["open_rows"] = pack(np.zeros(1), "float32")  # as earlier versions kept
+    two = StreamDetector(StreamParams(), 1)
+    two.load_dict(saved)
+    assert two.state["rows"][0] == 100

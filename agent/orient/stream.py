@@ -130,14 +130,6 @@ class StreamParams:
     def n_stats(self) -> int:
         return 2 * self.n_predictors * (1 + len(self.average_halflives_rows))
 
-    def stat_name(self, index: int) -> str:
-        """What statistic `index` is, e.g. "baseline mean12 up"."""
-        per_side = self.n_predictors * (1 + len(self.average_halflives_rows))
-        side = "up" if index < per_side else "down"
-        k, j = divmod(index % per_side, 1 + len(self.average_halflives_rows))
-        scale = "row" if j == 0 else f"mean{self.average_halflives_rows[j - 1]:g}"
-        return f"{PREDICTORS[k]} {scale} {side}"
-
 
 @dataclass(frozen=True, slots=True)
 class StreamStep:
@@ -145,18 +137,10 @@ class StreamStep:
 
     p: FloatArray  # calibrated tail probability (1 where not scored)
     expected: FloatArray  # the value the scoring predictor expected (NaN before it knows)
-    sigma: FloatArray  # its scale
-    stat: IntArray  # the statistic that gave p (StreamParams.stat_name), -1 where none
     opened: BoolArray  # an alarm opened on this row
     closed: BoolArray  # an alarm closed on this row (calm again, or a change adopted)
     changed: BoolArray  # a level shift became the new normal on this row
     alarm: BoolArray  # an alarm is open after this row
-    held: BoolArray  # an alarm would have opened, but the series' alarm budget was spent
-
-    @property
-    def score(self) -> FloatArray:
-        """1 - p: probability-like, higher is more unusual."""
-        return np.asarray(1.0 - self.p, dtype=np.float64)
 
 
 def _state_spec(p: StreamParams) -> dict[str, tuple[tuple[int, ...], float]]:
@@ -186,7 +170,6 @@ def _state_spec(p: StreamParams) -> dict[str, tuple[tuple[int, ...], float]]:
         "tail_shares": ((s, p.tail_bins), 0.0),  # the exceedance rate's share per bin of excess
         "open": ((), 0.0),
         "calm": ((), 0.0),
-        "open_rows": ((), 0.0),
         "shifted": ((), 0.0),  # rows in a row at a level apart from the baseline
         "tokens": ((), p.alarm_burst),
     }
@@ -230,7 +213,7 @@ class _Exceedances:
     """The statistics beyond the tail threshold this row (sparse: series, statistic)."""
 
     rows: IntArray
-    stat: IntArray  # index into the statistics (StreamParams.stat_name)
+    stat: IntArray  # index into the statistics (up: predictor x time scale, then down)
     excess: FloatArray  # log(1 + |z|) beyond log(1 + tail_from_z)
     predictor: IntArray
 
@@ -276,18 +259,6 @@ class StreamDetector:
         return self._keys
 
     # -- which rows are which series ---------------------------------------------------------------
-
-    def resize(self, n_series: int) -> None:
-        """Grow (new series start fresh) or shrink to `n_series` rows."""
-        n = self.n_series
-        if n_series <= n:
-            self.state = {k: v[:n_series] for k, v in self.state.items()}
-            return
-        extra = n_series - n
-        self.state = {
-            k: np.concatenate([v, np.full((extra, *self._spec[k][0]), self._spec[k][1])])
-            for k, v in self.state.items()
-        }
 
     def align(self, keys: npt.NDArray[np.str_]) -> None:
         """Keep the rows aligned with `keys` (e.g. GPU UUIDs in snapshot order): a series keeps
@@ -336,7 +307,7 @@ class StreamDetector:
         pred = self._predict(row)
         exc = self._statistics(row, pred)
         p, which = self._tail_p(row, exc, pred)
-        opened, held = self._open(row, p)
+        opened = self._open(row, p)
         closed = self._close(row, p)
         was_open = self.state["open"] > 0.5
         changed = self._adopt(row, pred)
@@ -348,17 +319,13 @@ class StreamDetector:
         st["rows"] += row.valid
         chosen = (np.maximum(which, 0) % (self.params.n_predictors * self._per)) // self._per
         expected = pred.expected[chosen, row.idx]
-        seen = row.valid & ~row.first
         return StreamStep(
             p=p,
-            expected=np.where(seen, expected, np.nan),
-            sigma=np.where(seen, pred.sigma[chosen, row.idx], np.nan),
-            stat=which,
+            expected=np.where(row.valid & ~row.first, expected, np.nan),
             opened=opened,
             closed=closed | (changed & was_open),
             changed=changed,
             alarm=st["open"] > 0.5,
-            held=held,
         )
 
     def _row(
@@ -506,9 +473,8 @@ class StreamDetector:
 
     # -- events ------------------------------------------------------------------------------------
 
-    def _open(self, row: _Row, p: FloatArray) -> tuple[BoolArray, BoolArray]:
-        """Alarms that open (p under the threshold, none open, a token in the series' budget)
-        and those the budget held back."""
+    def _open(self, row: _Row, p: FloatArray) -> BoolArray:
+        """Alarms that open (p under the threshold, none open, a token in the series' budget)."""
         st, prm = self.state, self.params
         want = row.scored & (st["open"] < 0.5) & (p < prm.alarm_p)
         if math.isfinite(prm.alarms_per_day):
@@ -522,8 +488,7 @@ class StreamDetector:
             allowed = np.ones_like(want)
         opened = want & allowed
         st["open"] = np.where(opened, 1.0, st["open"])
-        st["open_rows"] = np.where(opened, 0.0, st["open_rows"] + row.valid * st["open"])
-        return opened, want & ~allowed
+        return opened
 
     def _close(self, row: _Row, p: FloatArray) -> BoolArray:
         """Hysteresis: an alarm closes after `calm_rows` rows in a row with p above
@@ -716,7 +681,8 @@ class StreamDetector:
             saved["average_halflives_rows"] = tuple(saved["average_halflives_rows"])
         if saved != asdict(self.params):
             return
-        state = {k: unpack(v) for k, v in data.get("state", {}).items()}
+        # (A field no longer kept, saved by an earlier version, is dropped.)
+        state = {k: unpack(v) for k, v in data.get("state", {}).items() if k in self._spec}
         sizes = {v.shape[0] for v in state.values()}
         if set(state) | self._unused() != set(self._spec) or len(sizes) != 1:
             return
