@@ -49,13 +49,6 @@ def power(situation: Situation) -> FloatArray:
     return situation.snapshot.column(Metric.POWER_W)[0]
 
 
-def node_any(situation: Situation, per_gpu: BoolArray) -> BoolArray:
-    """Per node: does any of its GPUs have the property?"""
-    snap = situation.snapshot
-    counts = np.bincount(snap.node[per_gpu], minlength=snap.n_nodes)
-    return np.asarray(counts > 0, dtype=bool)
-
-
 def pool_within_jobs(
     values: FloatArray, noise_var: FloatArray, keys: npt.NDArray[Any]
 ) -> FloatArray:

@@ -88,10 +88,6 @@ class Grouper:
         return self._hashes
 
 
-def group_count(ids: IntArray, mask: BoolArray, n_groups: int) -> FloatArray:
-    return np.bincount(ids[mask], minlength=n_groups).astype(np.float64)
-
-
 def group_mean(values: FloatArray, ids: IntArray, mask: BoolArray, n_groups: int) -> FloatArray:
     """Mean per group over rows in `mask` (NaN for empty groups)."""
     count = np.bincount(ids[mask], minlength=n_groups).astype(np.float64)
@@ -122,10 +118,6 @@ def group_median(
     hi = start[has] + count[has] // 2
     median[has] = 0.5 * (sorted_v[lo] + sorted_v[hi])
     return median, count.astype(np.float64)
-
-
-def finite_or(values: FloatArray, fallback: float | FloatArray) -> FloatArray:
-    return np.asarray(np.where(np.isfinite(values), values, fallback), dtype=np.float64)
 
 
 def json_safe(value: object) -> object:

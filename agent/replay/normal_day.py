@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -301,9 +300,3 @@ def run_normal_day(
     out["drain_on_persistent_anomaly"] = opts.drain_on_persistent_anomaly
     out["wall_s"] = round(time.perf_counter() - started, 1)
     return out
-
-
-def phase_names(mask_bits: Sequence[int]) -> list[str]:
-    """The names of the phases in a bit mask (for messages)."""
-    bits = int(np.bitwise_or.reduce(np.asarray(mask_bits, dtype=np.int64))) if mask_bits else 0
-    return [name for phase, name in PHASE_NAMES.items() if bits & int(phase)]
