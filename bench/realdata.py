@@ -16,7 +16,7 @@ with its own writer; the scorers run as their own processes on those files.
 
 The `twin-normal-day` line runs the twin's normal day (normal-but-surprising phases and no
 fault: every alarm is a false one, every action an anomaly causes a mistake) through the live
-loop, where agent.replay.normal_day exists (the line says so where it does not).
+loop (agent.replay.normal_day).
 
 `--robustness` runs the detection again with each setting of agent.orient.stream.StreamParams
 at 0.7x and 1.3x its default (one line each): how much the score hangs on each choice.
@@ -139,7 +139,7 @@ def nab_scores(
 def forecast_mase(
     data_dir: Path, eval_dir: Path, files: list[Path], series: list[Any]
 ) -> dict[str, Any]:
-    from agent.cli.detect import _format
+    from agent.cli.detect import write_forecasts
     from agent.orient.forecast import forecast_series
 
     out: dict[str, Any] = {}
@@ -149,11 +149,8 @@ def forecast_mase(
                 predicted = forecast_series(np.asarray(s.values, dtype=np.float64), h)
                 target = Path(tmp) / path.relative_to(data_dir / "data")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                lines = ["timestamp,value,forecast"] + [
-                    f"{t},{v},{_format(f)}"
-                    for t, v, f in zip(s.times_text, s.values_text, predicted.tolist(), strict=True)
-                ]
-                target.write_text("\n".join(lines) + "\n")
+                with target.open("w", newline="") as handle:
+                    write_forecasts(handle, s, predicted.tolist())
             done = subprocess.run(
                 [
                     sys.executable,
@@ -238,17 +235,8 @@ def bench_nab(shared: Path, only: set[str], robustness: bool, as_json: bool) -> 
 def bench_twin(hours: float, nodes: int, as_json: bool) -> None:
     """The twin's normal day (agent.replay.normal_day: normal-but-surprising phases, no fault)
     through the live loop: alarms and actions per 1,000 GPU-hours."""
-    try:
-        from agent.replay.normal_day import NormalDayOptions, run_normal_day
-    except ImportError:
-        emit(
-            {
-                "corpus": TWIN_CORPUS,
-                "skipped": "this tree has no agent.replay.normal_day (the twin's normal day)",
-            },
-            as_json,
-        )
-        return
+    from agent.replay.normal_day import NormalDayOptions, run_normal_day
+
     out = run_normal_day(NormalDayOptions(hours=hours, nodes=nodes))
     keys = (
         "corpus",

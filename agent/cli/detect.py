@@ -300,9 +300,12 @@ def forecast(
 
     series = read_series(file, time_column, value_column, strict)
     predicted = forecast_series(np.asarray(series.values, dtype=np.float64), horizon_steps)
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(["timestamp", "value", "forecast"])
-    for t_text, v_text, f in zip(
-        series.times_text, series.values_text, predicted.tolist(), strict=True
-    ):
-        out.writerow([t_text, v_text, _format(f)])
+    write_forecasts(sys.stdout, series, predicted.tolist())
+
+
+def write_forecasts(out: TextIO, series: Series, predicted: list[float]) -> None:
+    """`ooda forecast`'s output for one series: `timestamp,value,forecast`."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["timestamp", "value", "forecast"])
+    for t_text, v_text, f in zip(series.times_text, series.values_text, predicted, strict=True):
+        writer.writerow([t_text, v_text, _format(f)])
