@@ -38,7 +38,6 @@ class CurveEstimates:
     source: StrArray  # "prior" or "learned"
     natural_w_hi: FloatArray  # a high quantile of the natural draw, for budget safety
     natural_clock_mhz: FloatArray | None = None  # SM clock when uncapped (the throughput proxy)
-    workload_class: StrArray | None = None  # the class whose prior applies ("" unknown)
     natural_known: BoolArray | None = None  # natural draw seen uncapped after start-up
     # The natural draw the curve's x = power / natural draw is measured against (an unbiased
     # level, where `natural_w` leans high on purpose for budgets); None: `natural_w`.

@@ -107,7 +107,6 @@ class CurveView:
     source: npt.NDArray[np.str_]  # "learned", "class_prior", "model_prior" or "prior"
     natural_clock_mhz: FloatArray
     job_key: npt.NDArray[np.str_]
-    workload_class: npt.NDArray[np.str_]
 
 
 def job_keys(snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:
@@ -280,12 +279,10 @@ class CurveLearner:
         per_b = np.full(names.shape[0], self.prior_b)
         per_c = np.zeros(names.shape[0])
         per_s = np.full(names.shape[0], "prior", dtype="U16")
-        per_k = np.full(names.shape[0], "", dtype="U64")
         if hit.size:
             pa, pb, pc, ps = self._posterior(name_slot[hit])
             per_a[hit], per_b[hit], per_c[hit], per_s[hit] = pa, pb, pc, ps
-            per_k[hit] = self.jobs.cols["klass"][name_slot[hit]]
-        a, b, conf, source, klass = per_a[ids], per_b[ids], per_c[ids], per_s[ids], per_k[ids]
+        a, b, conf, source = per_a[ids], per_b[ids], per_c[ids], per_s[ids]
         found = np.zeros(names.shape[0], dtype=bool)
         found[hit] = True
         unknown = ~found[ids] & busy
@@ -304,7 +301,6 @@ class CurveLearner:
             source=source,
             natural_clock_mhz=nc,
             job_key=keys,
-            workload_class=klass,
         )
 
     def _keys(self, snapshot: Snapshot, busy: BoolArray) -> npt.NDArray[np.str_]:

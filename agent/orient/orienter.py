@@ -292,7 +292,6 @@ class Orienter:
             source=np.where(draw.busy, learned.source, "prior").astype(np.str_),
             natural_w_hi=natural_hi,
             natural_clock_mhz=learned.natural_clock_mhz,
-            workload_class=learned.workload_class,
             natural_known=natural_known,
             curve_natural_w=np.where(
                 natural_known & np.isfinite(curve_natural), curve_natural, natural
