@@ -84,16 +84,35 @@ class InferenceSloMemory(PolicyMemory):
     services: dict[str, ServiceClock] = Field(default_factory=dict)
 
 
-def _worst(values: np.ndarray) -> float:
-    """The highest finite value (NaN: none)."""
-    finite = values[np.isfinite(values)]
-    return float(finite.max()) if finite.size else float("nan")
+def _worst_per_job(job: np.ndarray, n_jobs: int, values: np.ndarray) -> np.ndarray:
+    """Per job (`job`: each row's job number): the highest finite value (NaN: none)."""
+    out = np.full(n_jobs, np.nan)
+    np.fmax.at(out, job, np.where(np.isfinite(values), values, np.nan))
+    return out
+
+
+def _mean_per_job(job: np.ndarray, n_jobs: int, values: np.ndarray) -> np.ndarray:
+    """Per job: the mean of the values read (NaN: none read)."""
+    read = ~np.isnan(values)
+    count = np.bincount(job[read], minlength=n_jobs)
+    total = np.bincount(job[read], values[read], minlength=n_jobs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _max_clock_mhz(model: np.ndarray) -> np.ndarray:
     """Per GPU: its model's maximum SM clock (NaN for a model not known)."""
-    known = {m.model_name: m.max_sm_clock_mhz for m in BUILTIN_MODELS.values()}
-    return np.array([known.get(str(name), np.nan) for name in model.tolist()], dtype=np.float64)
+    out = np.full(model.shape, np.nan)
+    for spec in BUILTIN_MODELS.values():
+        out[model == spec.model_name] = spec.max_sm_clock_mhz
+    return out
+
+
+def _lock_frac(job: np.ndarray, services: dict[str, ServiceClock]) -> np.ndarray:
+    """Per GPU: its job's lock (1.0: none, or not a service), looked up once per job."""
+    jobs, inverse = np.unique(job, return_inverse=True)
+    per_job = [services[j].lock_frac if j in services else 1.0 for j in jobs.tolist()]
+    return np.asarray(per_job, dtype=np.float64)[inverse]
 
 
 class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
@@ -116,14 +135,18 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
             return Decision([], memory)
         serving = controllable(situation) & (view.unit == "tokens") & view.application()
         serving &= view.kind != ThroughputKind.TRAINING
-        jobs = np.unique(snap.job[serving])
+        # Grouped once (a mask per service would cost services x GPUs).
+        rows = np.flatnonzero(serving)
+        jobs, of_job = np.unique(snap.job[rows], return_inverse=True)
+        ttft = _worst_per_job(of_job, jobs.size, view.ttft_p90_s[rows])
+        tpot = _worst_per_job(of_job, jobs.size, view.tpot_p90_s[rows])
+        rate = _mean_per_job(of_job, jobs.size, view.rate_per_s[rows])
         services: dict[str, ServiceClock] = {}
-        for job in jobs.tolist():
-            rows = np.flatnonzero(serving & (snap.job == job))
-            ttft, tpot = _worst(view.ttft_p90_s[rows]), _worst(view.tpot_p90_s[rows])
-            rate = float(np.nanmean(view.rate_per_s[rows])) if rows.size else float("nan")
+        for k, job in enumerate(jobs.tolist()):
             before = memory.services.get(job, ServiceClock(seen_s=now_s))
-            services[job] = self._next(before, ttft, tpot, rate, now_s)
+            services[job] = self._next(
+                before, float(ttft[k]), float(tpot[k]), float(rate[k]), now_s
+            )
         for job, kept in memory.services.items():  # not seen this cycle: kept a while
             if job not in services and now_s - kept.seen_s < self.settings.release_after_s:
                 services[job] = kept
@@ -193,15 +216,10 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
         """A lock for every locked service's GPUs (renewing its lease), a reset for those that
         went back to full clock."""
         snap = situation.snapshot
-        frac = np.array(
-            [services[j].lock_frac if j in services else 1.0 for j in snap.job.tolist()]
-        )
+        frac = _lock_frac(snap.job, services)
         top = _max_clock_mhz(snap.model)
         locked = serving & (frac < 1.0 - 1e-9) & np.isfinite(top)
-        was = np.array(
-            [j in before and before[j].lock_frac < 1.0 - 1e-9 for j in snap.job.tolist()]
-        )
-        released = serving & ~locked & was
+        released = serving & ~locked & (_lock_frac(snap.job, before) < 1.0 - 1e-9)
         intents: list[Intent] = []
         if locked.any():
             rows = np.flatnonzero(locked)
