@@ -18,6 +18,7 @@ from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from agent.sim.inference import service_state
 from agent.sim.phases import PhaseSpec
 from agent.sim.twin import Twin, TwinSpec
+from tests.fakes import FakeSource
 
 
 def fleet(jobs: list[str], clock_mhz: float = 1800.0) -> Snapshot:
@@ -33,14 +34,6 @@ def fleet(jobs: list[str], clock_mhz: float = 1800.0) -> Snapshot:
         age_s=[1.0] * n,
         stale=[False] * n,
     )
-
-
-class FakeSource:
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-
-    def observe(self, now_s: float) -> Snapshot:
-        return self.snapshot
 
 
 class FakePrometheus:
@@ -74,7 +67,7 @@ def test_a_services_tokens_are_shared_by_its_gpus_and_others_use_the_proxy() -> 
         {VLLM.rate: {"7": 3000.0, "99": 5.0}, VLLM.ttft: {"7": 0.2}, VLLM.tpot: {"7": 0.02}}
     )
     spec = AppSourceConfig(server="vllm").spec()  # type: ignore[arg-type]
-    out = AppThroughputSource(FakeSource(snap), prom, [spec]).observe(100.0)
+    out = AppThroughputSource(FakeSource([snap]), prom, [spec]).observe(100.0)
     rate, ok = out.column(Metric.APP_RATE_PER_S)
     assert rate[:2].tolist() == [1500.0, 1500.0]
     assert ok.tolist() == [True, True, False, False, False]
@@ -95,7 +88,7 @@ def test_a_failed_query_leaves_the_figures_missing_and_says_why() -> None:
     snap = fleet(["7", "7"])
     prom = FakePrometheus({VLLM.rate: {"7": 10.0}}, fail=(VLLM.rate,))
     spec = AppSourceConfig(server="vllm").spec()  # type: ignore[arg-type]
-    out = AppThroughputSource(FakeSource(snap), prom, [spec]).observe(100.0)
+    out = AppThroughputSource(FakeSource([snap]), prom, [spec]).observe(100.0)
     assert not out.column(Metric.APP_RATE_PER_S)[1].any()  # missing, never 0.0
     assert out.labels[THROUGHPUT_KIND_LABEL].tolist() == ["sm_clock", "sm_clock"]
     assert any("throughput (vllm)" in e and "connection refused" in e for e in out.errors)
@@ -110,7 +103,7 @@ def test_the_first_source_with_a_job_wins_and_units_follow_it() -> None:
         AppSourceConfig(server="vllm").spec(),  # type: ignore[arg-type]
         AppSourceConfig(server="training").spec(),  # type: ignore[arg-type]
     ]
-    out = AppThroughputSource(FakeSource(snap), prom, specs).observe(100.0)
+    out = AppThroughputSource(FakeSource([snap]), prom, specs).observe(100.0)
     assert out.labels[THROUGHPUT_KIND_LABEL].tolist() == ["vllm", "training"]
     assert out.labels["throughput_unit"].tolist() == ["tokens", "steps"]
     assert out.column(Metric.APP_RATE_PER_S)[0].tolist() == [100.0, 2.0]

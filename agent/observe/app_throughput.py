@@ -238,17 +238,12 @@ class AppThroughputSource:
                 return {}
             return {job: value * scale for job, value in _by_job(answer, spec.job_label).items()}
 
-        rate = ask(spec.rate_query(), 1.0)
-        ttft = (
-            ask(spec.quantile_query(spec.ttft, self.quantile), spec.latency_to_s)
-            if spec.ttft
-            else {}
-        )
-        tpot = (
-            ask(spec.quantile_query(spec.tpot, self.quantile), spec.latency_to_s)
-            if spec.tpot
-            else {}
-        )
+        def latency(histogram: str) -> dict[str, float]:  # "": the server has none
+            if not histogram:
+                return {}
+            return ask(spec.quantile_query(histogram, self.quantile), spec.latency_to_s)
+
+        rate, ttft, tpot = ask(spec.rate_query(), 1.0), latency(spec.ttft), latency(spec.tpot)
         jobs = np.array(sorted(set(rate) | set(ttft) | set(tpot)), dtype=np.str_)
         return JobFigures(
             jobs=jobs,
@@ -256,11 +251,6 @@ class AppThroughputSource:
             ttft_s=np.array([ttft.get(j, np.nan) for j in jobs.tolist()], dtype=np.float64),
             tpot_s=np.array([tpot.get(j, np.nan) for j in jobs.tolist()], dtype=np.float64),
         )
-
-    def close(self) -> None:
-        close = getattr(self.query, "close", None)
-        if callable(close):
-            close()
 
 
 def _lookup(keys: StrArray, table: StrArray, values: FloatArray) -> FloatArray:
@@ -287,8 +277,9 @@ def join_figures(
     kind = np.full(jobs.shape, str(ThroughputKind.SM_CLOCK), dtype=np.dtype("U16"))
     unit = np.full(jobs.shape, "", dtype=np.dtype("U16"))
     for spec, fig in zip(specs, figures, strict=True):
-        found = np.isnan(rate) & np.isfinite(_lookup(jobs, fig.jobs, fig.rate_per_s))
-        rate = np.where(found, _lookup(jobs, fig.jobs, fig.rate_per_s), rate)
+        read = _lookup(jobs, fig.jobs, fig.rate_per_s)
+        found = np.isnan(rate) & np.isfinite(read)
+        rate = np.where(found, read, rate)
         ttft = np.where(found, _lookup(jobs, fig.jobs, fig.ttft_s), ttft)
         tpot = np.where(found, _lookup(jobs, fig.jobs, fig.tpot_s), tpot)
         kind[found] = str(spec.kind)
