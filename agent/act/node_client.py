@@ -15,7 +15,6 @@ Endpoints: `unix:///run/ooda/node.sock` (a Unix socket) or `https://node1:9440` 
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import ssl
@@ -40,7 +39,7 @@ from agent.core.intents import GpuTargets
 from agent.core.keyed import KeyedColumns
 from agent.core.protocols import CapResult, GpuLimits
 from agent.core.settings import STRICT_SETTINGS, file_field
-from agent.core.urls import check_http_url
+from agent.core.urls import check_http_url, is_loopback
 
 log = structlog.get_logger("ooda.act.node")
 
@@ -158,21 +157,12 @@ def _check_endpoint(url: str, what: str) -> None:
         raise ValueError(f"{what}: a unix endpoint needs a path, e.g. unix:///run/ooda/node.sock")
     if parts.scheme != "unix":
         check_http_url(url, what)
-    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
         # Every request carries the bearer token: in clear, anyone on the path could take it.
         raise ValueError(
             f"{what}: plain http:// off this machine would send the bearer token in clear "
             f"(got {url!r}); use https:// (or unix:// on the node itself)"
         )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _NodeError(Exception):

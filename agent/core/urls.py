@@ -30,3 +30,14 @@ def check_http_url(url: str, what: str) -> None:
         parts.port  # noqa: B018 (raises on a port that is not a number in range)
     except ValueError:
         raise ValueError(f"{what}: the port in {url!r} is not a number from 0 to 65535") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, as a URL or a listen address gives it) is this
+    machine only: `localhost` or a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

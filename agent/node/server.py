@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import resource
 import signal
@@ -31,6 +30,7 @@ import uvicorn
 from agent.core.clock import Clock, MonotonicClock
 from agent.core.errors import BadInputError
 from agent.core.protocols import GpuBackend
+from agent.core.urls import is_loopback
 from agent.node.api import NodeMetrics, build_app
 from agent.node.auth import TokenStore
 from agent.node.connections import (
@@ -151,15 +151,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdecimal() or not 0 <= int(port) <= 65535:
         raise BadInputError(f"--listen {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9440")
     return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bind_unix(path: Path, mode: int) -> socket.socket:

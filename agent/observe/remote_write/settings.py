@@ -3,7 +3,6 @@ and how series name GPUs (the same names and labels as the Prometheus source's).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from agent.core.dcgm import (
 )
 from agent.core.settings import STRICT_SECTION, file_field
 from agent.core.snapshot import Metric
+from agent.core.urls import is_loopback
 from agent.observe.promql import check_label_name, check_metric_name
 
 WRITE_PATH = "/api/v1/write"  # where Prometheus's own receiver takes remote write
@@ -37,15 +37,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdecimal() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected ADDR:PORT, e.g. 127.0.0.1:9201 (got {text!r})")
     return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class RemoteWriteConfig(BaseModel):
