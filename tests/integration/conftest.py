@@ -47,6 +47,20 @@ class Prometheus:
     proc: subprocess.Popen[bytes] | None = None
     args: tuple[str, ...] = ()  # more flags for prometheus
 
+    @classmethod
+    def under(cls, base: Path, data: Path | None = None, args: Sequence[str] = ()) -> Prometheus:
+        """One on a free loopback port (not started yet): its config `base/prometheus.yml`, its
+        log beside it, its data `base/data` unless given."""
+        port = free_port()
+        return cls(
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            data=data or base / "data",
+            config=base / "prometheus.yml",
+            log=base / "prometheus.log",
+            args=tuple(args),
+        )
+
     def start(self, timeout_s: float = 20.0) -> Prometheus:
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
@@ -141,15 +155,7 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
         base = tmp_path_factory.mktemp("prometheus")
         config = base / "prometheus.yml"
         config.write_text(scrape_yaml(jobs or {}))
-        port = free_port()
-        prom = Prometheus(
-            url=f"http://127.0.0.1:{port}",
-            port=port,
-            data=data or base / "data",
-            config=config,
-            log=base / "prometheus.log",
-            args=tuple(args),
-        )
+        prom = Prometheus.under(base, data=data, args=args)
         started.append(prom)
         return prom.start()
 

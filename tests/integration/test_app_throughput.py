@@ -22,7 +22,7 @@ from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from agent.sim.exporter import VLLM_PATH, SimServer
 from agent.sim.phases import PhaseSpec
 from agent.sim.twin import TwinSpec
-from tests.conftest import free_port, last_json
+from tests.conftest import last_json
 from tests.integration.conftest import SCRAPE_S, Prometheus, ooda
 
 pytestmark = pytest.mark.integration
@@ -68,14 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         services = sim.vllm_targets()
         config = base / "prometheus.yml"
         config.write_text(scrape_yaml(sim.targets(), services))
-        port = free_port()
-        prom = Prometheus(
-            url=f"http://127.0.0.1:{port}",
-            port=port,
-            data=base / "data",
-            config=config,
-            log=base / "prometheus.log",
-        ).start()
+        prom = Prometheus.under(base).start()
         try:
             prom.wait_for_gpus(8)
             time.sleep(WINDOW_S + 2 * SCRAPE_S)  # a rate window of vLLM samples

@@ -31,7 +31,7 @@ from agent.observe.openmetrics import write_openmetrics
 from agent.observe.trace import TraceWriter
 from agent.sim.exporter import SimServer, dcgm_metric_values
 from agent.sim.twin import TwinSpec
-from tests.conftest import free_port, last_json
+from tests.conftest import last_json
 from tests.integration.conftest import SCRAPE_S, Prometheus, PrometheusFactory, ooda, scrape_yaml
 
 pytestmark = pytest.mark.integration
@@ -145,14 +145,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     (base / "prometheus.yml").write_text(
         scrape_yaml({"full": full.targets(), "default": default.targets()})
     )
-    port = free_port()
-    prom = Prometheus(
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        data=base / "data",
-        config=base / "prometheus.yml",
-        log=base / "prometheus.log",
-    )
+    prom = Prometheus.under(base)
     try:
         prom.start()
         prom.wait_for_gpus(16, match={"job": "full"})

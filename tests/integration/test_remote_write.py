@@ -47,15 +47,7 @@ def remote_write_yaml(url: str) -> str:
 def start_prometheus(base: Path, targets: list[str], write_url: str) -> Prometheus:
     config = base / "prometheus.yml"
     config.write_text(scrape_yaml({"dcgm": targets}) + remote_write_yaml(write_url))
-    port = free_port()
-    prom = Prometheus(
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        data=base / "data",
-        config=config,
-        log=base / "prometheus.log",
-    )
-    return prom.start()
+    return Prometheus.under(base).start()
 
 
 @dataclass
