@@ -130,10 +130,7 @@ class HashIndex:
         """A table at most half full when it holds `holding` keys; the keys held re-placed."""
         used = self._keys != self.EMPTY
         keys, slots = self._keys[used], self._slots[used]
-        size = self._keys.size
-        while 2 * holding > size:
-            size *= 2
-        self.__init__(size // 2)  # type: ignore[misc]
+        self.__init__(holding)  # type: ignore[misc]
         self.add_many(keys, slots)
 
     @staticmethod
