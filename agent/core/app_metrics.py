@@ -66,7 +66,6 @@ class ServerMetrics:
     ttft: str = ""
     tpot: str = ""
     latency_to_s: float = 1.0
-    labels: tuple[str, ...] = ()  # the labels the server itself puts on its series (docs only)
 
 
 SERVERS: dict[ThroughputKind, ServerMetrics] = {
@@ -75,7 +74,6 @@ SERVERS: dict[ThroughputKind, ServerMetrics] = {
         unit="tokens",
         ttft="vllm:time_to_first_token_seconds",
         tpot="vllm:time_per_output_token_seconds",
-        labels=("model_name", "engine"),
     ),
     ThroughputKind.TGI: ServerMetrics(
         rate="tgi_request_generated_tokens_sum",
@@ -87,14 +85,12 @@ SERVERS: dict[ThroughputKind, ServerMetrics] = {
         unit="tokens",
         ttft="nv_inference_first_response_histogram_ms",
         latency_to_s=1e-3,
-        labels=("model", "version"),
     ),
     ThroughputKind.DYNAMO: ServerMetrics(
         rate="dynamo_frontend_output_tokens_total",
         unit="tokens",
         ttft="dynamo_frontend_time_to_first_token_seconds",
         tpot="dynamo_frontend_inter_token_latency_seconds",
-        labels=("model",),
     ),
     ThroughputKind.TRAINING: ServerMetrics(rate="ooda_training_steps_total", unit="steps"),
 }
