@@ -189,9 +189,8 @@ class InferenceSlo(BasePolicy[InferenceSloSettings, InferenceSloMemory]):
                 comfortable[here] = min(comfortable.get(here, 1.0), lock)
                 if calm >= s.hold_cycles:
                     lock, calm = lock - s.step_frac, 0
-            known = [f for b, f in comfortable.items() if b >= here]
-            if known and worst <= 1.0 - s.headroom_frac:
-                lock = min(lock, *known)
+                # The lowest lock known comfortable at this load or a higher one.
+                lock = min(lock, *(f for b, f in comfortable.items() if b >= here))
             risky = [f for b, f in at_risk.items() if b <= here]
             floor = max(risky) + s.step_frac if risky else 0.0
             lock = min(1.0, max(lock, floor, s.min_clock_frac))
