@@ -165,8 +165,8 @@ def test_the_hash_index_finds_what_it_holds() -> None:
     keys = rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64)
     keys = np.unique(keys[keys != HashIndex.EMPTY])
     index = HashIndex()
-    for slot, key in enumerate(keys.tolist()):
-        index.add(key, slot)
+    for slot in range(keys.size):  # one at a time, through every growth of the table
+        index.add_many(keys[slot : slot + 1], np.array([slot]))
     assert len(index) == keys.size
     np.testing.assert_array_equal(index.find(keys), np.arange(keys.size))
     np.testing.assert_array_equal(HashIndex.of(keys).find(keys[::-1]), np.arange(keys.size)[::-1])

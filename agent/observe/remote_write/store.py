@@ -103,10 +103,6 @@ class HashIndex:
             pending, at = pending[going], (at[going] + 1) & self._mask
         return out
 
-    def add(self, key: int, slot: int) -> None:
-        """A key not in the table yet."""
-        self.add_many(np.array([key], dtype=np.int64), np.array([slot], dtype=np.int64))
-
     def add_many(self, keys: IntArray, slots: IntArray) -> None:
         """Keys not in the table yet (distinct), each with its slot: placed in rounds, each key
         probing on from its home place until it claims an empty one (where several reach the
