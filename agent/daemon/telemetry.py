@@ -406,9 +406,8 @@ class DaemonMetrics:
 
     def observe_site(self, leadership: Leadership, budget: BudgetView | None) -> None:
         """The replica's role and its grant, after each cycle (labels from fixed sets only)."""
-        role = leadership.role if leadership.role in ROLES else None
         for name in ROLES:
-            self.site_role.labels(name).set(1 if name == role else 0)
+            self.site_role.labels(name).set(1 if name == leadership.role else 0)
         self.site_may_act.set(1 if leadership.may_act else 0)
         grant = None if budget is None else budget.grant
         self.site_grant.set(np.nan if grant is None else grant.watts)
