@@ -24,7 +24,7 @@ import io
 import math
 import sqlite3
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -549,7 +549,3 @@ def _accumulate(summed: dict[tuple[Any, ...], list[Any]], row: tuple[Any, ...]) 
 
 def _finite(value: float, fallback: float) -> float:
     return value if math.isfinite(value) else fallback
-
-
-def rows_as_dicts(rows: Iterable[Sequence[Any]]) -> list[Mapping[str, Any]]:
-    return [dict(zip(EXPORT_COLUMNS, row, strict=True)) for row in rows]

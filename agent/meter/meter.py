@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +66,6 @@ class MeterResult:
     unmetered_gpus: int = 0
     errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
-    booking: Booking | None = None
 
 
 class Meter:
@@ -187,7 +186,6 @@ class Meter:
         if done.booked:
             result.gpu_j = float(booking.gpu_j.sum())
             result.overhead_j = float(booking.overhead_j.sum())
-            result.booking = booking
             if self.on_booked is not None:
                 self.on_booked(booking, prices, self._known)
         self._retain(reading.time_s)
@@ -291,8 +289,3 @@ def _times_of(record: JobRecord) -> tuple[float, float]:
     ended = record.state not in ("", "running", "pending", "suspended")
     end = float(record.end_s) if ended and record.end_s is not None else math.nan
     return start, end
-
-
-def book_readings(meter: Meter, snapshots: Sequence[tuple[Snapshot, NodeStates | None]]) -> int:
-    """Book a sequence of snapshots in order (replays, tests); the intervals booked."""
-    return sum(1 for snap, nodes in snapshots if meter.book(snap, nodes).booked)
