@@ -366,11 +366,9 @@ def book_interval(
     p0 = np.where(seen, prev.power_w[safe], np.nan)
     idle0, idle1 = code0 == idle_code, code1 == idle_code
     idle_w = idle_level_w(p0, cur.power_w, idle0, idle1)
-    level0, level1 = _levels(
-        p0, cur.power_w, idle0, idle1, idle_w if math.isfinite(idle_w) else known_idle_w
-    )
-    known = _known_switch(switched, code0, code1, names, start_s, cur.time_s, times)
     level_idle = idle_w if math.isfinite(idle_w) else known_idle_w
+    level0, level1 = _levels(p0, cur.power_w, idle0, idle1, level_idle)
+    known = _known_switch(switched, code0, code1, names, start_s, cur.time_s, times)
     split = _split(joules, (level0, level1, level_idle), dt, switched, (idle0, idle1), known)
     rows = np.flatnonzero(metered)
     n_part = cur.partition_names.shape[0]

@@ -17,10 +17,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.meter.booking import Booking
-from agent.meter.ledger import Prices
+from agent.meter.ledger import J_PER_KWH, Prices
 from agent.meter.meter import MeterResult
 
-J_PER_KWH = 3.6e6
 OTHER = "other"
 IDLE = "idle"
 UNKNOWN = "unknown"

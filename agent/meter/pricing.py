@@ -74,7 +74,6 @@ class TimeOfUse:
 
     def at(self, times_s: FloatArray) -> FloatArray:
         times = np.asarray(times_s, dtype=np.float64).reshape(-1)
-        out = np.full(times.shape, self.default, dtype=np.float64)
         # Local weekday and minute per distinct minute: intervals share them (a day at 15 s is
         # 5,760 readings but 1,440 minutes), so the time zone is asked once per minute.
         minutes, inverse = np.unique(np.floor(times / 60.0), return_inverse=True)
