@@ -19,17 +19,8 @@ from agent.sim.accounts import TwinAccounts
 from agent.sim.adapters import TwinSource
 from agent.sim.twin import Twin, TwinSpec
 from tests.conftest import last_json
+from tests.replay.test_report import CHROMIUM, FLAGS
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PLOTS = ("plot-groups", "plot-energy", "plot-cost", "plot-co2")
 
 
@@ -88,6 +79,8 @@ def test_html_renders_in_headless_chromium(
     assert main(["report", "energy", "--ledger", str(ledger), "--html", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     text = out.read_text(encoding="utf-8")
+    # plotly.js's basic bundle, as in the replay report (4.8 MB with the full one).
+    assert len(text.encode()) < 2_000_000, len(text.encode())
     embedded = text.split('<script type="application/json" id="energy-data">')[1].split("</script>")
     assert json.loads(embedded[0].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
     problems: list[str] = []

@@ -111,6 +111,7 @@ def energy(
       ooda report energy -c /etc/ooda/agent.toml --by user --html energy.html
     """
     from agent.meter.report import GroupBy, energy_report, text_table, write_html
+    from agent.replay.report import plotly_js
 
     try:
         group = GroupBy(by)
@@ -127,7 +128,7 @@ def energy(
     finally:
         book.close()
     if html_out is not None:
-        size = write_html(report, html_out)
+        size = write_html(report, html_out, plotly_js())
         if not json_out:
             typer.echo(f"wrote {html_out} ({size / 1e6:.1f} MB)")
     if json_out:

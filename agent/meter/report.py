@@ -4,8 +4,9 @@ What it says: the totals (energy of the GPUs and their share of node overhead, G
 CO2, what was metered and how), one row per group (the largest first, with each group's share),
 energy, cost and CO2 per day per group (the top groups, the rest as "other"), and the top jobs.
 Idle GPUs are their own group ("(idle)"; by partition, "<partition> (idle)"). Rendered as JSON
-(one object) or as one self-contained HTML file (plotly inlined: no network), aggregated in SQL
-so a month of a 100,000-GPU cluster reads in seconds.
+(one object) or as one self-contained HTML file (plotly.js inlined: no network; the caller gives
+the bundle, the replay report's small one), aggregated in SQL so a month of a 100,000-GPU cluster
+reads in seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
 
 from agent.meter.ledger import J_PER_KWH, Ledger
 
@@ -378,7 +378,8 @@ def _jobs_table(report: EnergyReport) -> str:
     return f"<table id='top-jobs'>{head}{''.join(rows)}</table>"
 
 
-def render_html(report: EnergyReport) -> str:
+def render_html(report: EnergyReport, plotly_js: str) -> str:
+    """The report as one HTML file, `plotly_js` (the plotting library's bundle) inlined."""
     cur = report.currency or "cost units"
     figures = [
         ("groups", groups_figure(report)),
@@ -402,7 +403,7 @@ def render_html(report: EnergyReport) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <title>{title}</title>
 <style>{STYLE}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
+<script type="text/javascript">{plotly_js}</script>
 </head><body>
 <h1>{title}</h1>
 <div class="meta">From {html.escape(_when(report.since_s, report.timeline))} to
@@ -422,8 +423,8 @@ metered from {html.escape(t.method)}; {_num(report.metered_gpu_hours)} GPU-hours
 """
 
 
-def write_html(report: EnergyReport, path: Path) -> int:
-    text = render_html(report)
+def write_html(report: EnergyReport, path: Path, plotly_js: str) -> int:
+    text = render_html(report, plotly_js)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return len(text.encode("utf-8"))
