@@ -30,24 +30,26 @@ LedgerOption = Annotated[
 StateDirOption = Annotated[
     Path | None, typer.Option("--state-dir", help="Overrides daemon.state_dir.")
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")]
 
 
-def _config(path: Path | None) -> Config:
-    from agent.config import default_config, load_config
+def _config(path: Path | None) -> Config | None:
+    """The --config file (None without one), read once per command."""
+    from agent.config import load_config
 
     # The ledger and the signals are what these read: a file without [source] serves (backfill's
     # telemetry is --prometheus).
-    return load_config(path, needs_source=False) if path is not None else default_config()
+    return load_config(path, needs_source=False) if path is not None else None
 
 
-def _ledger_file(config: Path | None, ledger: Path | None, state_dir: Path | None) -> Path:
+def _ledger_file(config: Config | None, ledger: Path | None, state_dir: Path | None) -> Path:
     from agent.config import ledger_path
 
     if ledger is not None:
         return ledger
     if config is None:
         raise BadInputError("give --config (its [meter] ledger) or --ledger")
-    return ledger_path(_config(config), state_dir)
+    return ledger_path(config, state_dir)
 
 
 def _open_read_only(path: Path) -> Ledger:
@@ -95,9 +97,7 @@ def energy(
     html_out: Annotated[
         Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object on the last line.")
-    ] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Energy, cost and CO2 from the ledger, by account, user, partition or job: a table per
     group, per day, and the top jobs.
@@ -119,9 +119,9 @@ def energy(
         raise BadInputError(
             f"--by: {by!r} is not one of {', '.join(g.value for g in GroupBy)}"
         ) from None
-    path = _ledger_file(config, ledger, state_dir)
-    book = _open_read_only(path)
-    currency = _config(config).meter.tariff.currency if config is not None else ""
+    base = _config(config)
+    book = _open_read_only(_ledger_file(base, ledger, state_dir))
+    currency = base.meter.tariff.currency if base is not None else ""
     try:
         since_s, until_s = _period(book, since, until)
         report = energy_report(book, group, since_s, until_s, top=top, currency=currency)
@@ -146,9 +146,7 @@ def backfill(
     config: ConfigOption = None,
     ledger: LedgerOption = None,
     state_dir: StateDirOption = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object on the last line.")
-    ] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Book the ledger from Prometheus history: the energy counter (or power) of every GPU,
     at every step of [start, end]. Intervals the ledger already holds (the live meter's, an
@@ -160,9 +158,11 @@ def backfill(
 
       ooda meter backfill --prometheus http://prom:9090 --start -2h --ledger ledger.sqlite
     """
+    from agent.config import default_config
+
     start_s, end_s, step_s = prometheus_range(prometheus, start, end, step)
-    base = _config(config)
-    path = ledger or _ledger_path(base, state_dir)
+    base = _config(config) or default_config()
+    path = _ledger_file(base, ledger, state_dir)
     with progress_bar(show_progress(json_out), 1.0, f"booking {path.name}") as bar:
         result = _backfill(base, prometheus, path, (start_s, end_s, step_s), bar)
     if json_out:
@@ -172,12 +172,6 @@ def backfill(
             f"booked {result['booked']} intervals ({result['kwh']:,.2f} kWh) into {path}; "
             f"{result['already_booked']} were booked already, {result['gaps']} not bookable"
         )
-
-
-def _ledger_path(config: Config, state_dir: Path | None) -> Path:
-    from agent.config import ledger_path
-
-    return ledger_path(config, state_dir)
 
 
 def _backfill(
@@ -324,7 +318,9 @@ def export(
     kind = fmt or output.suffix.lstrip(".").lower()
     if kind not in ("csv", "parquet"):
         raise BadInputError(f"--format: csv or parquet (got {kind!r}; or name the file .csv)")
-    book = _open_read_only(_ledger_file(config, ledger, state_dir))
+    book = _open_read_only(
+        _ledger_file(_config(config) if ledger is None else None, ledger, state_dir)
+    )
     try:
         since_s, until_s = _period(book, since, until)
         rows = book.rows(since_s, until_s)
@@ -339,9 +335,7 @@ def status(
     config: ConfigOption = None,
     ledger: LedgerOption = None,
     state_dir: StateDirOption = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object on the last line.")
-    ] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """What the ledger holds: the spans booked (live and backfilled), the gaps between them,
     the live cursor, jobs and size.
@@ -352,7 +346,9 @@ def status(
 
       ooda meter status --config deploy/examples/twin.toml --state-dir /tmp/ooda-state --json
     """
-    book = _open_read_only(_ledger_file(config, ledger, state_dir))
+    book = _open_read_only(
+        _ledger_file(_config(config) if ledger is None else None, ledger, state_dir)
+    )
     try:
         spans = book.spans()
         jobs = book.db.execute("SELECT count(*), count(nullif(account, '')) FROM jobs").fetchone()
