@@ -59,32 +59,6 @@ class GpuModel:
             raise ValueError(f"GPU model {self.name}: idle_w must lie in (0, min_cap_w)")
 
 
-H100_SXM = GpuModel(
-    name="H100",
-    model_name="NVIDIA H100 80GB HBM3",
-    tdp_w=700.0,
-    min_cap_w=200.0,
-    max_cap_w=700.0,
-    default_cap_w=700.0,
-    idle_w=75.0,
-    max_sm_clock_mhz=1980.0,
-    slowdown_temp_c=87.0,
-    shutdown_temp_c=92.0,
-)
-
-A100_SXM = GpuModel(
-    name="A100",
-    model_name="NVIDIA A100-SXM4-80GB",
-    tdp_w=400.0,
-    min_cap_w=100.0,
-    max_cap_w=400.0,
-    default_cap_w=400.0,
-    idle_w=55.0,
-    max_sm_clock_mhz=1410.0,
-    slowdown_temp_c=87.0,
-    shutdown_temp_c=92.0,
-)
-
 # NVML's workload power profiles (nvmlPowerProfileType_t, in its order: the id is the index).
 NVML_POWER_PROFILES = (
     "MAX_P",
@@ -107,84 +81,59 @@ NVML_POWER_PROFILES = (
 # says which it enforces).
 BLACKWELL_PROFILES = NVML_POWER_PROFILES
 
-H200_SXM = GpuModel(
-    name="H200",
-    model_name="NVIDIA H200",
-    tdp_w=700.0,
-    min_cap_w=200.0,
-    max_cap_w=700.0,
-    default_cap_w=700.0,
-    idle_w=75.0,
-    max_sm_clock_mhz=1980.0,
-    slowdown_temp_c=87.0,
-    shutdown_temp_c=92.0,
-)
 
-B200 = GpuModel(
-    name="B200",
-    model_name="NVIDIA B200",
-    tdp_w=1000.0,
-    min_cap_w=200.0,
-    max_cap_w=1000.0,
-    default_cap_w=1000.0,
-    idle_w=140.0,
-    max_sm_clock_mhz=1965.0,
-    slowdown_temp_c=87.0,
-    shutdown_temp_c=92.0,
-    power_profiles=BLACKWELL_PROFILES,
-)
+def _datasheet(
+    name: str,
+    model_name: str,
+    min_cap_w: float,
+    max_cap_w: float,
+    idle_w: float,
+    max_sm_clock_mhz: float,
+    slowdown_temp_c: float,
+    shutdown_temp_c: float,
+    power_profiles: tuple[str, ...] = (),
+) -> GpuModel:
+    """A built-in model: each one's TDP and default limit are its maximum limit."""
+    return GpuModel(
+        name=name,
+        model_name=model_name,
+        tdp_w=float(max_cap_w),
+        min_cap_w=float(min_cap_w),
+        max_cap_w=float(max_cap_w),
+        default_cap_w=float(max_cap_w),
+        idle_w=float(idle_w),
+        max_sm_clock_mhz=float(max_sm_clock_mhz),
+        slowdown_temp_c=float(slowdown_temp_c),
+        shutdown_temp_c=float(shutdown_temp_c),
+        power_profiles=power_profiles,
+    )
 
-GB200 = GpuModel(
-    name="GB200",
-    model_name="NVIDIA GB200",
-    tdp_w=1200.0,
-    min_cap_w=200.0,
-    max_cap_w=1200.0,
-    default_cap_w=1200.0,
-    idle_w=150.0,
-    max_sm_clock_mhz=2062.0,
-    slowdown_temp_c=87.0,
-    shutdown_temp_c=92.0,
-    power_profiles=BLACKWELL_PROFILES,
-)
 
-A100_PCIE = GpuModel(
-    name="A100-PCIe",
-    model_name="NVIDIA A100 80GB PCIe",
-    tdp_w=300.0,
-    min_cap_w=150.0,
-    max_cap_w=300.0,
-    default_cap_w=300.0,
-    idle_w=45.0,
-    max_sm_clock_mhz=1410.0,
-    slowdown_temp_c=88.0,
-    shutdown_temp_c=93.0,
-)
-
-L40S = GpuModel(
-    name="L40S",
-    model_name="NVIDIA L40S",
-    tdp_w=350.0,
-    min_cap_w=100.0,
-    max_cap_w=350.0,
-    default_cap_w=350.0,
-    idle_w=35.0,
-    max_sm_clock_mhz=2520.0,
-    slowdown_temp_c=88.0,
-    shutdown_temp_c=93.0,
-)
-
+# fmt: off
 BUILTIN_MODELS: dict[str, GpuModel] = {
-    m.name: m for m in (H100_SXM, A100_SXM, H200_SXM, B200, GB200, A100_PCIE, L40S)
+    m.name: m
+    for m in (
+        #          name         NVML modelName           min W  max W  idle W  SM MHz  slow C  off C
+        _datasheet("H100",      "NVIDIA H100 80GB HBM3", 200,   700,   75,     1980,   87,     92),
+        _datasheet("A100",      "NVIDIA A100-SXM4-80GB", 100,   400,   55,     1410,   87,     92),
+        _datasheet("H200",      "NVIDIA H200",           200,   700,   75,     1980,   87,     92),
+        _datasheet("B200",      "NVIDIA B200",           200,   1000,  140,    1965,   87,     92,
+                   BLACKWELL_PROFILES),
+        _datasheet("GB200",     "NVIDIA GB200",          200,   1200,  150,    2062,   87,     92,
+                   BLACKWELL_PROFILES),
+        _datasheet("A100-PCIe", "NVIDIA A100 80GB PCIe", 150,   300,   45,     1410,   88,     93),
+        _datasheet("L40S",      "NVIDIA L40S",           100,   350,   35,     2520,   88,     93),
+    )
 }
+# fmt: on
+H100_SXM = BUILTIN_MODELS["H100"]
+A100_SXM = BUILTIN_MODELS["A100"]
 
 
-def model_by_name(name: str) -> GpuModel:
-    """Look a model up by its short name or its NVML model name."""
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]
-    for model in BUILTIN_MODELS.values():
-        if model.model_name == name:
-            return model
-    known = ", ".join(sorted(BUILTIN_MODELS))
-    raise KeyError(f"unknown GPU model {name!r} (known: {known})")
+def find_model(name: str) -> GpuModel | None:
+    """A built-in model by its short or its NVML model name, in any case (None: none)."""
+    key = name.strip().lower()
+    return next(
+        (m for m in BUILTIN_MODELS.values() if key in (m.name.lower(), m.model_name.lower())),
+        None,
+    )

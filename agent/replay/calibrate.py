@@ -40,9 +40,10 @@ import numpy.typing as npt
 
 from agent.config import Config
 from agent.core.errors import BadInputError
+from agent.core.gpu_models import find_model
 from agent.observe.trace import TraceReader
 from agent.replay.curves import export_rows, learn_from_trace
-from agent.sim.measured import known_model, write_curves
+from agent.sim.measured import write_curves
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -259,7 +260,7 @@ def calibrate(trace: Path, output: Path, config: Config, learn_curves: bool = Tr
     fit = fit_jobs(obs)
     notes: list[str] = []
     model_name, _ = obs.models.most_common(1)[0]
-    model = known_model(model_name)
+    model = find_model(model_name)
     if model is None:
         raise BadInputError(
             f"trace {trace}: GPU model {model_name!r} is not one the twin plays "

@@ -30,10 +30,11 @@ from agent.assembly import orienter_for
 from agent.config import Config
 from agent.core.curves import throughput_at_power
 from agent.core.errors import BadInputError
+from agent.core.gpu_models import find_model
 from agent.core.snapshot import screen_implausible
 from agent.observe.trace import TraceReader
 from agent.orient.curvefit import ClassCurve, CurveLearner
-from agent.sim.measured import DEFAULT_CAP_DRAW_FRAC, CurveRow, known_model
+from agent.sim.measured import DEFAULT_CAP_DRAW_FRAC, CurveRow
 
 LIMIT_STEPS = 8  # limits per curve, the model's lowest to its highest
 MAX_STATE_BYTES = 512 * 1024 * 1024
@@ -154,7 +155,7 @@ def workload_name(klass: str) -> str:
 
 def _curve_rows(curve: ClassCurve, steps: int) -> tuple[list[CurveRow], str]:
     name = workload_name(curve.klass)
-    model = known_model(curve.model)
+    model = find_model(curve.model)
     if model is None:
         return [], f"{name} on {curve.model}: not a GPU model ooda knows the limits of"
     if not math.isfinite(curve.natural_w):

@@ -44,7 +44,7 @@ import numpy as np
 
 from agent.core.curves import MIN_EXPONENT, FamilyFit, fit_family
 from agent.core.errors import BadInputError
-from agent.core.gpu_models import BUILTIN_MODELS, GpuModel
+from agent.core.gpu_models import GpuModel, find_model
 from agent.sim.calibration import WorkloadClass
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -115,7 +115,7 @@ class CurveFile:
     problems: tuple[str, ...] = ()  # one line per curve left out, saying why
 
     def for_model(self, model: GpuModel) -> list[MeasuredCurve]:
-        return [c for c in self.curves if same_model(c.gpu_model, model)]
+        return [c for c in self.curves if find_model(c.gpu_model) is model]
 
     def workload_classes(self, model: GpuModel) -> tuple[WorkloadClass, ...]:
         """The kept curves of `model` as twin workload classes; refused when there are none."""
@@ -127,16 +127,6 @@ class CurveFile:
                 f"(the file's models: {', '.join(models)})"
             )
         return tuple(c.workload_class(model) for c in mine)
-
-
-def same_model(name: str, model: GpuModel) -> bool:
-    """Whether a file's gpu_model names `model` (its short or its NVML name, any case)."""
-    key = name.strip().lower()
-    return key in (model.name.lower(), model.model_name.lower())
-
-
-def known_model(name: str) -> GpuModel | None:
-    return next((m for m in BUILTIN_MODELS.values() if same_model(name, m)), None)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -60,10 +60,10 @@ from typing import Any
 import structlog
 
 from agent.core.errors import BadInputError
-from agent.core.gpu_models import BUILTIN_MODELS, GpuModel
+from agent.core.gpu_models import BUILTIN_MODELS, GpuModel, find_model
 from agent.sim.faults import FaultSpec, parse_fault
 from agent.sim.jobmix import HOURS, JOB_MIXES, WorkTable, named_mix
-from agent.sim.measured import curve_set, same_model
+from agent.sim.measured import curve_set
 from agent.sim.phases import PhaseSpec, preset
 from agent.sim.twin import BudgetSchedule, TwinSpec
 
@@ -132,9 +132,9 @@ def _phases(table: Any, base: PhaseSpec, source: str) -> PhaseSpec:
 
 def gpu_model(name: object, where: str) -> GpuModel:
     """A built-in GPU model by its short or NVML name."""
-    for model in BUILTIN_MODELS.values():
-        if isinstance(name, str) and same_model(name, model):
-            return model
+    model = find_model(name) if isinstance(name, str) else None
+    if model is not None:
+        return model
     known = ", ".join(BUILTIN_MODELS)
     raise BadInputError(f"{where}: unknown GPU model {name!r} (known: {known})")
 
