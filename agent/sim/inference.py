@@ -189,9 +189,14 @@ class ServiceMeters:
             return
         new = rows.shape[0] - self.rows.shape[0]
         self.rows = rows.copy()
-        for name in ("generation_tokens", "prompt_tokens", "requests", "ttft_sum_s"):
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new)]))
-        for name in ("tpot_sum_s", "tpot_count"):
+        for name in (
+            "generation_tokens",
+            "prompt_tokens",
+            "requests",
+            "ttft_sum_s",
+            "tpot_sum_s",
+            "tpot_count",
+        ):
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new)]))
         self.ttft_buckets = np.vstack(
             [self.ttft_buckets, np.zeros((new, len(VLLM_TTFT_BUCKETS_S)))]
