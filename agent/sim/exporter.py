@@ -194,12 +194,8 @@ def render_vllm(twin: Twin, node: int) -> str:
     caller holds the twin's lock."""
     meters = twin.services
     g = twin.spec.gpus_per_node
-    on_node = [
-        i
-        for i, row in enumerate(meters.rows.tolist())
-        if np.any(twin.job_row[(node - 1) * g : node * g] == row)
-    ]
-    if not on_node:
+    on_node = np.flatnonzero(np.isin(meters.rows, twin.job_row[(node - 1) * g : node * g]))
+    if not on_node.size:
         return ""
     labels = f'model_name="{escape_label_value(VLLM_MODEL_NAME)}"'
     lines: list[str] = []
