@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -105,6 +105,13 @@ class WorkTable:
 
     seconds: tuple[float, ...]
     cdf: tuple[float, ...]
+    # Per bin, derived once (a twin samples a job's duration from them tens of thousands of
+    # times at its start): low end, high end, probability, and the probability that a job
+    # found running at a random instant is in it (length-biased: probability times mean).
+    _lo: FloatArray = field(init=False, repr=False, compare=False)
+    _hi: FloatArray = field(init=False, repr=False, compare=False)
+    _p: FloatArray = field(init=False, repr=False, compare=False)
+    _p_running: FloatArray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         s, f = np.asarray(self.seconds), np.asarray(self.cdf)
@@ -114,16 +121,16 @@ class WorkTable:
             raise ValueError("duration table: seconds must be positive and increase")
         if np.any(np.diff(f) < 0) or f[0] < 0 or abs(f[-1] - 1.0) > 1e-6:
             raise ValueError("duration table: shares must not fall and must end at 1")
-
-    def _bins(self) -> tuple[FloatArray, FloatArray, FloatArray]:
-        """(low end, high end, probability) per bin, the mass below the first point at
-        MIN_WORK_S."""
+        # The mass below the first point at MIN_WORK_S.
         s = np.maximum(np.asarray(self.seconds, dtype=np.float64), MIN_WORK_S)
         f = np.asarray(self.cdf, dtype=np.float64)
         lo = np.concatenate([[MIN_WORK_S], s[:-1]])
         hi = np.concatenate([[MIN_WORK_S], s[1:]])
         p = np.concatenate([[f[0]], np.diff(f)])
-        return lo, hi, p / p.sum()
+        p = p / p.sum()
+        w = p * self._bin_means(lo, hi)
+        for name, value in (("_lo", lo), ("_hi", hi), ("_p", p), ("_p_running", w / w.sum())):
+            object.__setattr__(self, name, value)
 
     @staticmethod
     def _bin_means(lo: FloatArray, hi: FloatArray) -> FloatArray:
@@ -134,11 +141,10 @@ class WorkTable:
         return np.asarray(np.where(ratio > 1e-12, mean, lo), dtype=np.float64)
 
     def mean_s(self) -> float:
-        lo, hi, p = self._bins()
-        return float((p * self._bin_means(lo, hi)).sum())
+        return float((self._p * self._bin_means(self._lo, self._hi)).sum())
 
     def quantile_s(self, q: float) -> float:
-        lo, hi, p = self._bins()
+        lo, hi, p = self._lo, self._hi, self._p
         c = np.cumsum(p)
         i = int(np.searchsorted(c, q, side="left"))
         i = min(i, p.size - 1)
@@ -148,17 +154,15 @@ class WorkTable:
 
     def sample(self, rng: np.random.Generator) -> float:
         """One job's duration."""
-        lo, hi, p = self._bins()
+        lo, hi, p = self._lo, self._hi, self._p
         i = int(rng.choice(p.size, p=p))
         return float(lo[i] * (hi[i] / lo[i]) ** rng.uniform())
 
     def sample_running(self, rng: np.random.Generator) -> float:
         """The duration of a job found running at a random instant (length-biased: a bin
         weighs its probability times its mean; within a bin, uniform)."""
-        lo, hi, p = self._bins()
-        w = p * self._bin_means(lo, hi)
-        i = int(rng.choice(p.size, p=w / w.sum()))
-        return float(rng.uniform(lo[i], hi[i]))
+        i = int(rng.choice(self._p_running.size, p=self._p_running))
+        return float(rng.uniform(self._lo[i], self._hi[i]))
 
     def as_pairs(self) -> list[list[float]]:
         return [[s, f] for s, f in zip(self.seconds, self.cdf, strict=True)]
