@@ -417,15 +417,18 @@ class Twin:
         """A new job's work (seconds at full speed)."""
         if self.spec.durations is not None:
             return self.spec.durations.sample(self.rng)
-        return float(
-            np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 12 * 3600)
-        )
+        return self._lognormal_work()
 
     def _draw_running_work(self) -> float:
         """The whole work of a job found running at time 0 (a long job is more likely found)."""
         if self.spec.durations is not None:
             return self.spec.durations.sample_running(self.rng)
-        return float(np.clip(self.rng.lognormal(np.log(self.spec.median_job_s), 0.8), 300, 43200))
+        return self._lognormal_work()
+
+    def _lognormal_work(self) -> float:
+        """Without a duration table: lognormal about median_job_s, 5 minutes to 12 hours."""
+        work_s = self.rng.lognormal(np.log(self.spec.median_job_s), 0.8)
+        return float(np.clip(work_s, 300, 12 * 3600))
 
     def _start_services(self) -> None:
         """One inference service per node on the last `service_nodes` nodes, running all day at
