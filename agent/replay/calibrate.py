@@ -43,11 +43,11 @@ from agent.core.errors import BadInputError
 from agent.core.gpu_models import find_model
 from agent.observe.trace import TraceReader
 from agent.replay.curves import export_rows, learn_from_trace
+from agent.sim.jobmix import HOURS
 from agent.sim.measured import write_curves
 
 FloatArray = npt.NDArray[np.float64]
 
-HOURS = 24
 MIN_ARRIVALS = 20  # fewer arrived jobs: sizes from every job seen
 DURATION_POINTS = 24  # quantiles of the duration table written
 MAX_BUDGET_STEPS = 200

@@ -114,9 +114,7 @@ def _phases(table: Any, base: PhaseSpec, source: str) -> PhaseSpec:
             except ValueError as exc:
                 raise BadInputError(f"{where}: {exc}") from None
         elif key in _PHASE_FLAGS:
-            if not isinstance(value, bool):
-                raise BadInputError(f"{where}: true or false, not {value!r}")
-            changes[key] = value
+            changes[key] = _flag(value, where)
         elif key in PhaseSpec.setting_names():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise BadInputError(f"{where}: not a number ({value!r})")
