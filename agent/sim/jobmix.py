@@ -164,9 +164,6 @@ class WorkTable:
         i = int(rng.choice(self._p_running.size, p=self._p_running))
         return float(rng.uniform(self._lo[i], self._hi[i]))
 
-    def as_pairs(self) -> list[list[float]]:
-        return [[s, f] for s, f in zip(self.seconds, self.cdf, strict=True)]
-
 
 @dataclass(frozen=True, slots=True)
 class JobMix:
