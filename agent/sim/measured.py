@@ -37,7 +37,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -339,7 +339,7 @@ class CurveRow:
     jobs: float = math.nan
 
 
-EXPORT_COLUMNS = (*REQUIRED, "throughput_lo", "throughput_hi", "confidence", "jobs")
+EXPORT_COLUMNS = tuple(f.name for f in fields(CurveRow))
 
 
 def write_curves(path: Path, rows: Sequence[CurveRow]) -> None:
@@ -351,20 +351,8 @@ def write_curves(path: Path, rows: Sequence[CurveRow]) -> None:
     with path.open("w", encoding="utf-8", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(EXPORT_COLUMNS)
-        for r in rows:
-            out.writerow(
-                [
-                    r.workload,
-                    r.gpu_model,
-                    cell(r.power_limit_w),
-                    cell(r.throughput),
-                    cell(r.power_w),
-                    cell(r.throughput_lo),
-                    cell(r.throughput_hi),
-                    cell(r.confidence),
-                    cell(r.jobs),
-                ]
-            )
+        for r in rows:  # CurveRow's fields are EXPORT_COLUMNS, in their order
+            out.writerow([r.workload, r.gpu_model, *(cell(v) for v in astuple(r)[2:])])
 
 
 @dataclass
