@@ -74,6 +74,14 @@ class Scenario:
 
 
 DURATION_S = 2 * 3600.0
+
+
+def base_spec(seed: int) -> TwinSpec:
+    """Every scenario's twin before its own changes: training jobs run for hours (median 3 h
+    of work); the cluster starts at its occupancy."""
+    return TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+
+
 NEW_GENERATIONS = ("H200", "B200", "GB200", "L40S", "A100-PCIe")
 
 
@@ -115,7 +123,7 @@ def demand_response(spec: TwinSpec, duration_s: float = DURATION_S) -> TwinSpec:
 def twin_scenarios(seed: int, wanted: set[str] | None = None) -> list[Scenario]:
     """A scenario per real job mix and per new GPU generation (issue 23); only those `wanted`
     when given (each budget is sized with an uncapped run first)."""
-    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+    base = base_spec(seed)
     specs: dict[str, Callable[[], TwinSpec]] = {}
     for mix in JOB_MIXES:
         specs[f"mix_{mix}"] = lambda mix=mix: apply_scenario(  # type: ignore[misc]
@@ -134,7 +142,7 @@ def twin_scenarios(seed: int, wanted: set[str] | None = None) -> list[Scenario]:
 def file_scenario(path: Path, seed: int) -> Scenario:
     """A scenario file as a bench scenario: its twin (the seed given unless it names one), its
     budget or budget_drop's."""
-    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+    base = base_spec(seed)
     spec = load_scenario(path, base)
     if spec.budget is None:
         spec = demand_response(spec)
@@ -142,8 +150,7 @@ def file_scenario(path: Path, seed: int) -> Scenario:
 
 
 def scenarios(seed: int) -> list[Scenario]:
-    # Training jobs run for hours (median 3 h of work); the cluster starts at its occupancy.
-    base = TwinSpec(nodes=8, gpus_per_node=8, seed=seed, median_job_s=3 * 3600.0)
+    base = base_spec(seed)
 
     def budgeted(spec: TwinSpec, normal: float, drop: float | None, duration: float) -> TwinSpec:
         demand = spec.expected_demand_w()
@@ -156,7 +163,7 @@ def scenarios(seed: int) -> list[Scenario]:
         )
         return replace(spec, budget=sched)
 
-    duration = 2 * 3600.0
+    duration = DURATION_S
     sensitive_mix = (("llm_train", 0.4), ("small_cnn", 0.3), ("recommender", 0.3))
     wide_mix = (
         ("llm_train", 0.25),
@@ -363,12 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     names.discard("inference")
     for seed in args.seeds:
         if run_inference:
-            t0 = time.perf_counter()
-            for row in inference.evaluate(seed):
-                row["seed"] = seed
-                row["wall_s"] = round(time.perf_counter() - t0, 2)
-                sys.stdout.write(json.dumps(row) + "\n")
-                sys.stdout.flush()
+            _emit(seed, inference.evaluate, seed)
         if only_inference:
             continue
         chosen = [file_scenario(path, seed) for path in files]
@@ -376,13 +378,18 @@ def main(argv: list[str] | None = None) -> int:
             chosen.extend(sc for sc in scenarios(seed) if not names or sc.name in names)
             chosen.extend(twin_scenarios(seed, names or None))
         for scenario in chosen:
-            t0 = time.perf_counter()
-            for row in evaluate(scenario):
-                row["seed"] = seed
-                row["wall_s"] = round(time.perf_counter() - t0, 2)
-                sys.stdout.write(json.dumps(row) + "\n")
-                sys.stdout.flush()
+            _emit(seed, evaluate, scenario)
     return 0
+
+
+def _emit(seed: int, run: Callable[..., list[dict[str, Any]]], *args: Any) -> None:
+    """Print the rows of `run(*args)` as JSON lines, each with the seed and the wall time taken."""
+    t0 = time.perf_counter()
+    for row in run(*args):
+        row["seed"] = seed
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
