@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import structlog
 
+from agent.core.files import fsync_dir
 from agent.core.intents import (
     Action,
     Intent,
@@ -114,7 +115,7 @@ class _DurableFile:
                 else:
                     os.replace(f"{base}.{k}", f"{base}.{k + 1}")
             os.replace(base, f"{base}.1")
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._open()
 
     def write(self, data: bytes, sync: bool) -> None:
@@ -150,14 +151,6 @@ class _DurableFile:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _JsonLineSink:

@@ -26,12 +26,13 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agent.core.files import write_atomically
 
 FORMAT = "ooda-daemon-state"
 VERSION = 1
@@ -56,28 +57,6 @@ def safe_name(cluster: str) -> str:
     """A cluster name as a file name (anything but letters, digits, '.', '_', '-' becomes '_')."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", cluster).strip(".")
     return name or "default"
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def ensure_dir(path: Path) -> None:

@@ -17,15 +17,14 @@ alone (agent/node/leases.py: any cap it finds is a lease about to lapse).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.core.files import write_atomically
 
 FORMAT = "ooda-node-leases"
 VERSION = 1
@@ -111,22 +110,4 @@ class LeaseFile:
             "boot_id": self.boot,
             "gpus": [asdict(r) for r in records],
         }
-        data = json.dumps(document, separators=(",", ":")).encode()
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())
