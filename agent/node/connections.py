@@ -135,9 +135,6 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self._peer)
 
-    def held_by_peer(self) -> dict[str, int]:
-        return dict(self._held)
-
     def _state(self, conn: GuardedH11Protocol) -> _Wait | None:
         for wait, queue in self._queues.items():
             if conn in queue:
