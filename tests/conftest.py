@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import resource
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,6 +101,17 @@ def address_space_limit(headroom_bytes: int = 1 << 30) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short temp dir (mode 0700): Unix socket paths must stay under 108 bytes, and pytest's
+    tmp_path is longer than that allows."""
+    path = Path(tempfile.mkdtemp(prefix="ooda-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -37,16 +37,6 @@ from tests.node_helpers import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temp dir: Unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ooda-node-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def pki() -> Iterator[Pki]:
     path = Path(tempfile.mkdtemp(prefix="ooda-pki-"))

@@ -18,14 +18,11 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -42,16 +39,6 @@ from agent.node.server import NodeDaemon, NodeSettings
 from tests.node_helpers import FakeBackend, FakeGpu, unix_client, write_token
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temp dir (mode 0700): Unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ooda-h-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def daemon(root: Path, gpus: list[FakeGpu], **changes: object) -> NodeDaemon:

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +111,6 @@ class Monitor(threading.Thread):
                         self.worst.append({"gpu": k, "limit_w": limit_w, "view": view})
                 elif not exposed:
                     self.exposed_since[k] = None
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ooda-chaos-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def agent_config(root: Path) -> dict[str, Any]:
