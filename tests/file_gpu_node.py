@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from agent.core.errors import GpuInvalidArgumentError
-from agent.core.protocols import GpuDevice, PowerConstraints
 from agent.node.server import NodeDaemon, NodeSettings
+from tests.node_helpers import FakeBackend, FakeGpu
 
 MIN_W, MAX_W, DEFAULT_W = 200.0, 700.0, 700.0
 FALLBACK_W = 400.0
@@ -47,13 +45,12 @@ class FileGpus:
         self._write(limits)
 
 
-class FileGpu:
-    def __init__(self, store: FileGpus, index: int, uuid: str) -> None:
-        self._store, self._index, self._uuid = store, index, uuid
+class FileGpu(FakeGpu):
+    """The tests' fake GPU (200-700 W, 700 W default) with its power limit in the store."""
 
-    @property
-    def index(self) -> int:
-        return self._index
+    def __init__(self, store: FileGpus, index: int, uuid: str) -> None:
+        super().__init__(index, MIN_W, MAX_W, DEFAULT_W)
+        self._store, self._uuid = store, uuid
 
     @property
     def uuid(self) -> str:
@@ -63,48 +60,21 @@ class FileGpu:
     def model_name(self) -> str:
         return "NVIDIA H100 80GB HBM3"
 
-    def power_constraints(self) -> PowerConstraints:
-        return PowerConstraints(MIN_W, MAX_W, DEFAULT_W)
-
     def power_limit_w(self) -> float:
-        return self._store.read()[self._index]
+        return self._store.read()[self.index]
 
     def enforced_power_limit_w(self) -> float:
         return self.power_limit_w()
 
     def set_power_limit_w(self, watts: float) -> None:
-        if not MIN_W <= watts <= MAX_W:
-            raise GpuInvalidArgumentError(f"{watts} W out of range")
-        self._store.set(self._index, watts)
-
-    def power_usage_w(self) -> float:
-        return 300.0
-
-    def temperature_c(self) -> float:
-        return 50.0
-
-    def utilization_pct(self) -> tuple[float, float]:
-        return 90.0, 50.0
-
-    def sm_clock_mhz(self) -> float:
-        return 1800.0
-
-    def total_energy_j(self) -> float:
-        return 0.0
-
-
-class FileBackend:
-    def __init__(self, gpus: Sequence[GpuDevice]) -> None:
-        self._gpus = list(gpus)
-
-    def devices(self) -> Sequence[GpuDevice]:
-        return self._gpus
+        super().set_power_limit_w(watts)  # its range check
+        self._store.set(self.index, watts)
 
 
 def main(argv: list[str]) -> None:
     state, sock, token, lease_file, *uuids = argv
     store = FileGpus(Path(state), len(uuids))
-    backend = FileBackend([FileGpu(store, k, uuid) for k, uuid in enumerate(uuids)])
+    backend = FakeBackend([FileGpu(store, k, uuid) for k, uuid in enumerate(uuids)])
     NodeDaemon(
         backend,
         NodeSettings(
