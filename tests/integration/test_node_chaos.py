@@ -116,6 +116,7 @@ class Monitor(threading.Thread):
 def agent_config(root: Path) -> dict[str, Any]:
     return {
         "dry_run": False,
+        "source": {"kind": "twin"},
         "cluster": {"name": f"chaos-{uuid.uuid4().hex[:6]}"},
         # Four busy H100s under 2,200 W: caps of about 550 W, above the 400 W fallback.
         "twin": {
