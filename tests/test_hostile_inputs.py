@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from agent.daemon.lock import AlreadyRunningError, InstanceLock
 from agent.daemon.state import StateFile
 from agent.observe.trace import TraceWriter
 from tests.conftest import COMMAND_ADDRESS_SPACE_KIB
+from tests.daemon_helpers import DaemonProcess, twin_config, write
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -227,46 +227,28 @@ def test_a_deeply_nested_state_file_is_moved_aside(tmp_path: Path, depth: int) -
 @pytest.mark.slow
 def test_ooda_run_starts_fresh_from_a_deeply_nested_state_file(tmp_path: Path) -> None:
     cluster = f"deep-{uuid.uuid4().hex[:6]}"
-    config = tmp_path / "ooda.toml"
-    config.write_text(
-        f'[source]\nkind = "twin"\n[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\n'
-        f"gpus_per_node = 2\n"
-        f'[daemon]\ninterval_s = 1\nstate_dir = "{tmp_path / "state"}"\n'
-    )
+    config = write(tmp_path / "ooda.toml", _one_node(cluster))
     (tmp_path / "state").mkdir(mode=0o700)
     state = tmp_path / "state" / f"{cluster}.state.json"
     state.write_text('{"parts": ' + "[" * 200_000 + "]" * 200_000 + "}")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--config",
-            str(config),
-            "--metrics-listen",
-            "off",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    agent = DaemonProcess(config, state.parent, tmp_path / "agent.log")
     try:
         deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and agent.proc.poll() is None:
             if list(state.parent.glob(f"{state.name}.unreadable-*")) and state.exists():
                 break  # moved aside, and a fresh state saved
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert agent.proc.poll() is None, agent.log_path.read_text()[-3000:]
+        assert agent.stop(timeout_s=30)[0] == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        agent.kill()
     assert list(state.parent.glob(f"{state.name}.unreadable-*"))
     assert json.loads(state.read_text())["format"] == "ooda-daemon-state"
+
+
+def _one_node(cluster: str) -> str:
+    """`ooda run` over a one-node twin, a cycle a second (no audit log)."""
+    return twin_config(cluster=cluster, interval_s=1, nodes=1, audit=None)
 
 
 # -- 12: the node endpoint ------------------------------------------------------------------------
@@ -340,41 +322,29 @@ def test_named_replicas_of_a_cluster_in_a_site_may_share_a_host(tmp_path: Path) 
 @pytest.mark.slow
 def test_a_second_ooda_run_with_another_state_dir_refuses_to_start(tmp_path: Path) -> None:
     cluster = f"twice-{uuid.uuid4().hex[:6]}"
-    config = tmp_path / "ooda.toml"
-    config.write_text(
-        f'[source]\nkind = "twin"\n[cluster]\nname = "{cluster}"\n[twin]\nnodes = 1\n'
-        f"gpus_per_node = 2\n"
-        "[daemon]\ninterval_s = 1\n"
-    )
-    base = [sys.executable, "-m", "agent", "run", "--config", str(config), "--metrics-listen",
-            "off"]  # fmt: skip
-    first = subprocess.Popen(
-        [*base, "--state-dir", str(tmp_path / "one")],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    config = write(tmp_path / "ooda.toml", _one_node(cluster))
+    first = DaemonProcess(config, tmp_path / "one", tmp_path / "one.log")
     try:
         deadline = time.monotonic() + 60.0
         while not (tmp_path / "one" / f"{cluster}.lock").exists():
-            assert time.monotonic() < deadline and first.poll() is None
+            assert time.monotonic() < deadline and first.proc.poll() is None
             time.sleep(0.1)
         time.sleep(0.5)
         second = subprocess.run(
-            [*base, "--state-dir", str(tmp_path / "two")],
+            [sys.executable, "-m", "agent", "run", "--config", str(config), "--metrics-listen",
+             "off", "--state-dir", str(tmp_path / "two")],
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
-        )
+        )  # fmt: skip
         assert second.returncode != 0
         assert "already running on this host with another state directory" in second.stderr
         assert f"pid {first.pid}" in second.stderr
-        assert first.poll() is None
+        assert first.proc.poll() is None
     finally:
-        first.send_signal(signal.SIGTERM)
-        first.wait(timeout=30)
+        first.stop(timeout_s=30)
 
 
 # -- 14: rollback from the decision records -------------------------------------------------------
