@@ -31,12 +31,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _serve(root: Path, fd_limit: int) -> subprocess.Popen[bytes]:
+def serve_process(
+    root: Path, fd_limit: int, *args: str, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """`ooda node serve --backend sim` (token and socket in `root`) under RLIMIT_NOFILE
+    `fd_limit`."""
     limited = ["sh", "-c", f'ulimit -n {fd_limit} && exec "$@"', "sh"]
     command = [*limited, sys.executable, "-m", "agent", "node", "serve", "--backend", "sim",
                "--sim-gpus", "2", "--token-file", str(root / "token"),
-               "--socket", str(root / "node.sock"), "--fallback-cap-w", "400"]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--socket", str(root / "node.sock"), "--fallback-cap-w", "400", *args]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def agent_client(sock: Path, token: str) -> httpx.Client:
+    """One client that keeps no connection: each request opens a new one (the worst case: it
+    must get in among the half-open ones), without building a client (and its TLS context)
+    each time, which would be timed too."""
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(sock)),
+        base_url="http://node",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5.0,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
 
 
 def _attack(sock: Path, connections: int, duration_s: float) -> subprocess.Popen[str]:
@@ -53,24 +70,26 @@ def _attack(sock: Path, connections: int, duration_s: float) -> subprocess.Popen
     return attacker
 
 
-def _requests(client: httpx.Client, requests: int) -> tuple[list[float], list[str]]:
-    """The agent's requests, alternately GET and a cap PUT: latencies (s) and failures."""
-    latencies: list[float] = []
-    why: list[str] = []
-    for k in range(requests):
-        t0 = time.monotonic()
-        try:
-            if k % 2:
-                r = client.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
-            else:
-                r = client.get("/v1/gpus/0")
-            if r.status_code != 200:
-                why.append(f"HTTP {r.status_code}")
-        except httpx.HTTPError as exc:
-            why.append(repr(exc))
-        latencies.append(time.monotonic() - t0)
+def timed_requests(clients: list[httpx.Client], count: int) -> tuple[list[list[float]], list[str]]:
+    """`count` rounds of the agent's requests, one to each client in turn, alternately GET and
+    a cap PUT: each client's latencies (s), and every failure."""
+    latencies: list[list[float]] = [[] for _ in clients]
+    failures: list[str] = []
+    for k in range(count):
+        for client, times in zip(clients, latencies, strict=True):
+            t0 = time.monotonic()
+            try:
+                if k % 2:
+                    r = client.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
+                else:
+                    r = client.get("/v1/gpus/0")
+                if r.status_code != 200:
+                    failures.append(f"HTTP {r.status_code}: {r.text[:80]}")
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+            times.append(time.monotonic() - t0)
         time.sleep(0.02)
-    return latencies, why
+    return latencies, failures
 
 
 def _shed(client: httpx.Client) -> dict[str, float]:
@@ -97,7 +116,7 @@ def run(connections: int, requests: int) -> dict[str, Any]:
     (root / "token").write_text(token + "\n")
     (root / "token").chmod(0o600)
     sock = root / "node.sock"
-    daemon = _serve(root, 2048)
+    daemon = serve_process(root, 2048)
     attacker: subprocess.Popen[str] | None = None
     stats: dict[str, Any] = {}
     try:
@@ -106,17 +125,8 @@ def run(connections: int, requests: int) -> dict[str, Any]:
             time.sleep(0.05)
         if connections:
             attacker = _attack(sock, connections, requests * 0.05 + 15.0)
-        # One client, no connection kept: each request opens a new one (the worst case: it must
-        # get in among the half-open ones), without building a client (and its TLS context) each
-        # time, which would be timed too.
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(sock)),
-            base_url="http://node",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=5.0,
-            limits=httpx.Limits(max_keepalive_connections=0),
-        ) as client:
-            latencies, why = _requests(client, requests)
+        with agent_client(sock, token) as client:
+            (latencies,), why = timed_requests([client], requests)
             shed = _shed(client)
         if attacker is not None:
             stats = _attacker_stats(attacker)

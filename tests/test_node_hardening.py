@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -36,6 +35,7 @@ from agent.node.connections import ConnectionLimits
 from agent.node.lease_file import LeaseFile
 from agent.node.leases import LeaseManager, OnExit, OnStart
 from agent.node.server import NodeDaemon, NodeSettings
+from bench.node_half_open import agent_client, serve_process, timed_requests
 from tests.node_helpers import FakeBackend, FakeGpu, unix_client, write_token
 
 pytestmark = pytest.mark.integration
@@ -137,54 +137,11 @@ UNIT = Path(__file__).resolve().parent.parent / "deploy/systemd/ooda-node.servic
 UNIT_FD_LIMIT = int(UNIT.read_text().split("LimitNOFILE=")[1].split()[0])
 
 
-def _serve_process(root: Path, fd_limit: int, *args: str) -> subprocess.Popen[bytes]:
-    """`ooda node serve --backend sim` under RLIMIT_NOFILE `fd_limit`."""
-    limited = ["sh", "-c", f'ulimit -n {fd_limit} && exec "$@"', "sh"]
-    command = [*limited, sys.executable, "-m", "agent", "node", "serve", "--backend", "sim",
-               "--sim-gpus", "2", "--token-file", str(root / "token"),
-               "--socket", str(root / "node.sock"), "--fallback-cap-w", "400", *args]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30.0
     while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert path.exists(), proc.stderr.read() if proc.stderr else ""
-
-
-def _timed_requests(clients: list[httpx.Client], count: int) -> tuple[list[list[float]], list[str]]:
-    """`count` rounds of the agent's requests, one to each client in turn, alternately GET and
-    a cap PUT: each client's latencies (s), and every failure."""
-    latencies: list[list[float]] = [[] for _ in clients]
-    failures: list[str] = []
-    for k in range(count):
-        for c, times in zip(clients, latencies, strict=True):
-            t0 = time.monotonic()
-            try:
-                if k % 2:
-                    r = c.put("/v1/gpus/1/cap", json={"watts": 450, "lease_s": 30})
-                else:
-                    r = c.get("/v1/gpus/0")
-                if r.status_code != 200:
-                    failures.append(f"HTTP {r.status_code}: {r.text[:80]}")
-            except httpx.HTTPError as exc:
-                failures.append(repr(exc))
-            times.append(time.monotonic() - t0)
-        time.sleep(0.02)
-    return latencies, failures
-
-
-def _client(sock: Path, token: str) -> httpx.Client:
-    """One client that keeps no connection: each request opens a new one (among the half-open
-    ones), without building a client (and its TLS context) each time, which would be timed."""
-    return httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(sock)),
-        base_url="http://node",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=5.0,
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
 
 
 @pytest.mark.slow
@@ -211,8 +168,8 @@ def test_1000_half_open_connections_leave_requests_answered_p99_under_100ms(
     control_dir = short_dir / "c"
     control_dir.mkdir(mode=0o700)
     write_token(control_dir / "token", token)
-    proc = _serve_process(short_dir, UNIT_FD_LIMIT)
-    control = _serve_process(control_dir, UNIT_FD_LIMIT)
+    proc = serve_process(short_dir, UNIT_FD_LIMIT, stderr=subprocess.PIPE)
+    control = serve_process(control_dir, UNIT_FD_LIMIT, stderr=subprocess.PIPE)
     attacker: subprocess.Popen[str] | None = None
     try:
         _wait_socket(sock, proc)
@@ -227,8 +184,11 @@ def test_1000_half_open_connections_leave_requests_answered_p99_under_100ms(
         assert attacker.stdout is not None
         assert attacker.stdout.readline().strip() == "ready"
         time.sleep(2.0)  # every connection trickling, the first deadlines passed
-        with _client(sock, token) as attacked, _client(control_dir / "node.sock", token) as calm:
-            (latencies, calm_latencies), failures = _timed_requests([attacked, calm], 400)
+        with (
+            agent_client(sock, token) as attacked,
+            agent_client(control_dir / "node.sock", token) as calm,
+        ):
+            (latencies, calm_latencies), failures = timed_requests([attacked, calm], 400)
         p99 = float(np.percentile(latencies, 99))
         p99_calm = float(np.percentile(calm_latencies, 99))
         assert not failures, failures[:5]
@@ -248,7 +208,7 @@ def test_1000_half_open_connections_leave_requests_answered_p99_under_100ms(
 def test_too_few_open_files_for_the_connection_limit_exits_2(tmp_path: Path) -> None:
     write_token(tmp_path / "token")
     sock = tmp_path / "n.sock"
-    proc = _serve_process(tmp_path, 256, "--max-connections", "512")
+    proc = serve_process(tmp_path, 256, "--max-connections", "512", stderr=subprocess.PIPE)
     proc.wait(timeout=30)
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert proc.returncode == 2 and "--max-connections 512: needs 1152 open files" in err, err
