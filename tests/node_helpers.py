@@ -162,6 +162,14 @@ def unix_client(sock: Path | str, token: str | None = None) -> httpx.Client:
     )
 
 
+def wait_socket(sock: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until the daemon process `proc` listens on `sock` (30 s at most; its stderr if not)."""
+    deadline = time.monotonic() + 30.0
+    while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert sock.exists(), proc.stderr.read() if proc.stderr else ""
+
+
 @contextmanager
 def node_serve(
     args: Sequence[str], sock: Path, token: str
@@ -171,10 +179,7 @@ def node_serve(
     command = [sys.executable, "-m", "agent", "node", "serve", *args, "--socket", str(sock)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30.0
-        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert sock.exists(), proc.stderr.read() if proc.stderr else ""
+        wait_socket(sock, proc)
         with unix_client(sock, token) as client:
             yield proc, client
     finally:

@@ -36,7 +36,7 @@ from agent.node.lease_file import LeaseFile
 from agent.node.leases import LeaseManager, OnExit, OnStart
 from agent.node.server import NodeDaemon, NodeSettings
 from bench.node_half_open import agent_client, serve_process, timed_requests
-from tests.node_helpers import FakeBackend, FakeGpu, unix_client, write_token
+from tests.node_helpers import FakeBackend, FakeGpu, unix_client, wait_socket, write_token
 
 pytestmark = pytest.mark.integration
 
@@ -137,13 +137,6 @@ UNIT = Path(__file__).resolve().parent.parent / "deploy/systemd/ooda-node.servic
 UNIT_FD_LIMIT = int(UNIT.read_text().split("LimitNOFILE=")[1].split()[0])
 
 
-def _wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30.0
-    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert path.exists(), proc.stderr.read() if proc.stderr else ""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("half_open", "p99_bound_s"), [(1000, 0.1), (3000, 1.0)])
 def test_1000_half_open_connections_leave_requests_answered_p99_under_100ms(
@@ -172,8 +165,8 @@ def test_1000_half_open_connections_leave_requests_answered_p99_under_100ms(
     control = serve_process(control_dir, UNIT_FD_LIMIT, stderr=subprocess.PIPE)
     attacker: subprocess.Popen[str] | None = None
     try:
-        _wait_socket(sock, proc)
-        _wait_socket(control_dir / "node.sock", control)
+        wait_socket(sock, proc)
+        wait_socket(control_dir / "node.sock", control)
         attacker = subprocess.Popen(
             ["nice", "-n", "19", sys.executable, "bench/_slowloris.py", str(sock),
              str(half_open), "30"],
