@@ -62,9 +62,7 @@ def run(
 @site_app.command("check")
 def check(
     config: ConfigOption,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object on the last line.")
-    ] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Validate a site's TOML: the tree of limits, the safe shares under every limit.
 
@@ -102,9 +100,7 @@ def check(
 @site_app.command("status")
 def status(
     config: ConfigOption,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object on the last line.")
-    ] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """The coordinator's last round, from etcd: limits, grants, demand response, target met.
 
@@ -134,13 +130,19 @@ def status(
     dr = report.get("demand_response")
     typer.echo(
         f"site {settings.site.name}: limit {report['limit_w']:.0f} W, "
-        f"drawing {report['power_w'] or 0:.0f} W, target met: {report['target_met']}, "
+        f"drawing {_watts(report['power_w'])}, target met: {report['target_met']}, "
         f"coordinator {report.get('coordinator')}"
         + (f", demand response {dr['event']} ({dr['phase']})" if dr else "")
     )
     for name, cluster in sorted(report["clusters"].items()):
         typer.echo(
-            f"  {name}: grant {cluster['grant_w']} W, drawing {cluster['power_w']} W, "
-            f"can meet: {cluster['can_meet']}"
+            f"  {name}: grant {_watts(cluster['grant_w'], 'none')}, "
+            f"drawing {_watts(cluster['power_w'])}, can meet: {cluster['can_meet']}"
             + (f" ({cluster['problem']})" if cluster["problem"] else "")
         )
+
+
+def _watts(value: float | None, missing: str = "unknown") -> str:
+    """A power from the status; one it does not hold (no live curve says it) is said as such,
+    never as 0 W."""
+    return missing if value is None else f"{value:.0f} W"
