@@ -17,7 +17,6 @@ from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
 from agent.sim.twin import Twin, TwinSpec
 from agent.site.coordinator import (
-    ClusterPlan,
     Coordinator,
     RoundReport,
     SitePlan,
@@ -28,6 +27,7 @@ from agent.site.demand import DemandError, DemandEvent, load_schedule, site_targ
 from agent.site.election import Elector
 from agent.site.grants import Grant, GrantKeeper
 from agent.site.link import LinkSettings, SiteLink
+from agent.site.service import site_plan as service_site_plan
 from agent.site.settings import parse_site_config
 from agent.site.store import LeaseLostError, MemoryStore, StoreUnavailableError
 from agent.site.tree import LimitTree
@@ -232,19 +232,9 @@ SITE_TOML = {
 
 
 def site_plan(data: dict[str, object] | None = None) -> SitePlan:
-    config = parse_site_config(data or SITE_TOML)
-    return SitePlan(
-        name=config.site.name,
-        prefix=PREFIX,
-        tree=config.tree(),
-        clusters={n: ClusterPlan(c.safe_share_w, c.weight) for n, c in config.clusters.items()},
-        interval_s=config.site.interval_s,
-        grant_lease_s=config.grant_lease_s,
-        clock_skew_s=config.site.clock_skew_s,
-        lead_s=config.lead_s,
-        ramp_w_per_s=config.demand_response.ramp_w_per_s if config.demand_response else None,
-        leader_ttl_s=config.leader_ttl_s,
-    )
+    plan = service_site_plan(parse_site_config(data or SITE_TOML))
+    assert plan.prefix == PREFIX  # the default etcd prefix, site "hall"
+    return plan
 
 
 def publish_curve(store: MemoryStore, cluster: str, curve: DemandCurve, now: float) -> None:
