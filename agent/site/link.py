@@ -93,7 +93,6 @@ class SiteLink:
         self._thread: threading.Thread | None = None
         self._cancels: list[Callable[[], None]] = []
         self._last_role: str | None = None
-        self.published = 0
         self._servers: list[JsonServer] = []
 
     # -- the cycle's side (memory only) ----------------------------------------------------
@@ -208,7 +207,6 @@ class SiteLink:
             "cycle_unix": oriented,  # when the cycle that built it ran (the coordinator's age)
         }
         self.store.put(f"{self.prefix}/curve", json.dumps(record), elector.lease_id)
-        self.published += 1
 
     def _contact(self, error: str | None) -> None:
         now = self.mono.now()

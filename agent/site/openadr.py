@@ -137,7 +137,6 @@ class OpenAdrVen:
             disable_signature=settings.cert is None,  # unsigned without a certificate
         )
         self.client.add_handler("on_event", self._on_event)
-        self.followed: list[DemandEvent] = []
         self._thread = threading.Thread(target=self._run, name="openadr-ven", daemon=True)
 
     async def _on_event(self, event: Mapping[str, Any]) -> str:
@@ -149,7 +148,6 @@ class OpenAdrVen:
         floor = self.floor_w()
         for demand in events:
             self.post(demand)
-            self.followed.append(demand)
         log.warning("openadr_event", events=[e.to_json() for e in events], floor_w=floor)
         if floor is not None and any(e.target_w < floor for e in events):
             return "optOut"  # followed all the same, but the site cannot promise it
