@@ -41,9 +41,10 @@ from agent.site.tree import LimitTree, grants_fit, split, stage_increases
 
 log = structlog.get_logger("ooda.site.coordinator")
 
+# A curve older than this many rounds (or leader TTLs, by its cycle_unix) is not live.
 CURVE_MAX_AGE_FACTOR = 3.0
 # The share of throughput a new split must add before watts move between clusters.
-MIN_GAIN = 0.002  # a curve older than this many rounds (by its time_s) is not live
+MIN_GAIN = 0.002
 
 
 @dataclass(frozen=True)
@@ -418,9 +419,10 @@ class Coordinator:
         self.epoch = report.epoch
         for cluster, watts in report.grants_w.items():
             grant = Grant(cluster, watts, self.epoch, report.time_unix, plan.grant_lease_s,
-                          self.member)  # fmt: skip
-            body = {**grant.to_json(), "fallback_w": round(report.fallback_w[cluster], 1)}
-            self.store.put(f"{plan.prefix}/clusters/{cluster}/grant", json.dumps(body), lease)
+                          self.member, round(report.fallback_w[cluster], 1))  # fmt: skip
+            self.store.put(
+                f"{plan.prefix}/clusters/{cluster}/grant", json.dumps(grant.to_json()), lease
+            )
             until = report.time_unix + plan.grant_lease_s + plan.clock_skew_s
             self.issued[cluster].append(Issued(self.epoch, watts, until))
         status = {**report.to_json(), "coordinator": self.member}

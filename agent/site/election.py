@@ -30,7 +30,7 @@ CLOCK_RATE_MARGIN = 0.1  # a confirmation lasts this share of the TTL less than 
 
 
 class PeerPinger(Protocol):
-    """Asks another replica for its word during an etcd outage (agent.site.peers)."""
+    """Asks another replica for its word during an etcd outage (agent.site.http.HttpPinger)."""
 
     def ping(self, url: str, leader: str, ttl_s: float) -> str | None:
         """None: it promised not to campaign for ttl_s; else why not."""
