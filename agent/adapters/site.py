@@ -7,15 +7,18 @@ the assembly builds the link with this builder.
 
 from __future__ import annotations
 
-import os
-import socket
-
 from agent.core.clock import MonotonicClock, SystemClock
 from agent.core.errors import ConfigError
 from agent.node.auth import TokenStore
 from agent.site.http import HttpPinger
 from agent.site.link import LinkSettings, SiteLink
-from agent.site.settings import SiteLinkSettings, open_store, site_prefix, split_listen
+from agent.site.settings import (
+    SiteLinkSettings,
+    default_replica,
+    open_store,
+    site_prefix,
+    split_listen,
+)
 
 __all__ = ["RISE_SKEW_S", "SiteLinkSettings", "open_site_link", "site_budget_problem"]
 
@@ -48,7 +51,7 @@ def link_settings(
     return LinkSettings(
         site_prefix=site_prefix(section.etcd, section.name),
         cluster=cluster,
-        replica=section.replica or f"{socket.gethostname().split('.')[0]}-{os.getpid()}",
+        replica=section.replica or default_replica(),
         safe_share_w=section.safe_share_w,
         leader_ttl_s=section.leader_ttl_s or max(2, round(interval_s)),
         local_budget_w=local_budget_w,

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from agent.site.openadr import OpenAdrVen
 from agent.site.settings import (
     PromqlSignal,
     SiteConfig,
+    default_replica,
     open_store,
     site_prefix,
     split_listen,
@@ -177,7 +177,7 @@ class SiteService:
         dr = config.demand_response
         self.schedule = Schedule(None if dr is None else dr.schedule_file)
         self.store: Store = store or open_store(config.etcd)
-        member = config.site.replica or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+        member = config.site.replica or default_replica()
         signal_w = None if dr is None or dr.promql is None else promql_signal(dr.promql)
         self.coordinator = Coordinator(
             self.store,

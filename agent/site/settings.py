@@ -6,13 +6,22 @@ Every error names its key path and the problem, as the agent's own config does.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION, STRICT_SETTINGS
@@ -21,6 +30,7 @@ from agent.site.tree import LimitTree, TreeError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _PREFIX = re.compile(r"(/[A-Za-z0-9._-]+)+")
+_HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 
 def _plain_name(value: str, what: str = "name") -> str:
@@ -36,6 +46,15 @@ def _listen(value: str) -> str:
     if not sep or not host or not port.isdecimal() or int(port) > 65535:
         raise ValueError("expected ADDR:PORT such as 127.0.0.1:9470")
     return value
+
+
+def _http_url(value: str) -> str:
+    if not _HTTP_URL.fullmatch(value):
+        raise ValueError("an http(s) URL")
+    return value
+
+
+HttpUrlText = Annotated[str, AfterValidator(_http_url)]
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -70,6 +89,11 @@ class EtcdSettings(BaseModel):
         if not _PREFIX.fullmatch(value):
             raise ValueError("a key path such as /ooda (no trailing '/')")
         return value
+
+
+def default_replica() -> str:
+    """A replica's name when its settings give none: the host's short name and the process id."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
 
 
 def site_prefix(etcd: EtcdSettings, site: str) -> str:
@@ -217,16 +241,9 @@ class ClusterSection(BaseModel):
 class PromqlSignal(BaseModel):
     model_config = STRICT_SETTINGS
 
-    url: str = Field(..., description="Prometheus (or a PromQL-compatible store) base URL.")
+    url: HttpUrlText = Field(..., description="Prometheus (or a PromQL-compatible store) base URL.")
     query: str = Field(..., min_length=1, description="PromQL giving the site's target (W).")
     timeout_s: float = Field(5.0, gt=0, le=60)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError("an http(s) URL")
-        return value
 
 
 class OpenAdrSettings(BaseModel):
@@ -234,7 +251,9 @@ class OpenAdrSettings(BaseModel):
 
     model_config = STRICT_SETTINGS
 
-    vtn_url: str = Field(..., description="The VTN's URL, e.g. https://vtn/OpenADR2/Simple/2.0b.")
+    vtn_url: HttpUrlText = Field(
+        ..., description="The VTN's URL, e.g. https://vtn/OpenADR2/Simple/2.0b."
+    )
     ven_name: str = Field(..., min_length=1, description="This VEN's name at the VTN.")
     cert: Path | None = Field(None, strict=False, description="PEM certificate (signing, TLS).")
     key: Path | None = Field(None, strict=False, description="PEM private key.")
@@ -245,13 +264,6 @@ class OpenAdrSettings(BaseModel):
         max_length=4,
         description="SIMPLE levels 0..3 as shares of the site's limit.",
     )
-
-    @field_validator("vtn_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError("an http(s) URL")
-        return value
 
     @field_validator("simple_levels")
     @classmethod
