@@ -17,7 +17,6 @@ import json
 import os
 import re
 import stat
-import tomllib
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -40,6 +39,7 @@ from agent.adapters.site import SiteLinkSettings, site_budget_problem
 from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
 from agent.core.settings import FILE_KIND, STRICT_SECTION
+from agent.core.toml_file import read_toml
 from agent.meter.settings import MeterSettings
 from agent.observe.app_throughput import ThroughputSettings
 from agent.observe.promql import check_label_name
@@ -659,23 +659,6 @@ def _policy_set_problems(data: Mapping[str, Any], registry: PolicyRegistry) -> l
     return problems
 
 
-def read_config_text(path: Path) -> str:
-    """The file's text: at most MAX_CONFIG_BYTES (never more is read), UTF-8 (a byte order
-    mark allowed); ConfigError naming the file (and the line of a bad byte) otherwise."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"config {path}: line {line}: not UTF-8 text") from None
-
-
 def load_config(
     path: Path,
     registry: PolicyRegistry | None = None,
@@ -690,13 +673,7 @@ def load_config(
     `needs_source=False`: the command gives the source itself (`ooda replay`'s trace, `ooda
     demo`'s twin) or builds no agent (`ooda audit tail`); `check_files=False`: it opens none of
     the files the config names (its source and actuators are its own, or it builds none)."""
-    text = read_config_text(path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"config {path}: not valid TOML: nested too deeply") from None
+    data = read_toml(path, "config", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     where = f"config {path}"
     adapters = adapters or _default_table()
     missing = _source_missing(data, adapters) if needs_source else []

@@ -216,6 +216,39 @@ def test_ooda_site_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"x = " + b"[" * 50_000 + b"]" * 50_000 + b"\n", ["nested too deeply"]),
+        (b'[site]\nname = "caf\xe9"\n', ["line 2: not UTF-8"]),
+        (b"#" * (2 << 20), ["larger than 1048576 bytes"]),
+    ],
+)
+@pytest.mark.parametrize("where", ["site config", "schedule"])
+def test_hostile_site_files_are_one_line_and_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    content: bytes,
+    words: list[str],
+) -> None:
+    """A site config or its schedule nested deep enough to exhaust the TOML parser's stack is
+    refused as bad input (before the fix: "unexpected failure ... this is a bug", exit 1); too
+    large or not UTF-8 likewise."""
+    site, schedule = tmp_path / "site.toml", tmp_path / "events.toml"
+    good = (
+        '[site]\nname = "hall"\nlimit_w = 1000\n[clusters.a]\nsafe_share_w = 400\n'
+        '[demand_response]\nramp_w_per_s = 10\nschedule_file = "events.toml"\n'
+    )
+    site.write_text(good)
+    (site if where == "site config" else schedule).write_bytes(content)
+    assert main(["site", "check", "--config", str(site)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{where} {tmp_path}" in err, err
+    for word in words:
+        assert word in err, err
+
+
 def test_the_site_examples_are_valid() -> None:
     from agent.config import load_config
     from agent.site.demand import load_schedule

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.errors import BadInputError
+from agent.core.toml_file import read_toml
 
 MAX_EVENTS = 1000  # events held at once (a schedule file or the webhook): bounded
 MAX_SCHEDULE_BYTES = 1 << 20
@@ -96,17 +96,7 @@ def _start(value: object, where: str) -> float:
 
 def load_schedule(path: Path) -> list[DemandEvent]:
     """A schedule file: TOML with `[[event]]` tables (id, start, duration_s, target_w)."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_SCHEDULE_BYTES + 1)
-    except OSError as exc:
-        raise DemandError(f"schedule {path}: cannot read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_SCHEDULE_BYTES:
-        raise DemandError(f"schedule {path}: larger than {MAX_SCHEDULE_BYTES} bytes")
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise DemandError(f"schedule {path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "schedule", max_bytes=MAX_SCHEDULE_BYTES, error=DemandError)
     unknown = set(data) - {"event"}
     if unknown:
         raise DemandError(f"schedule {path}: unknown key {sorted(unknown)[0]!r}")

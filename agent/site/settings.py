@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +24,7 @@ from pydantic import (
 
 from agent.core.errors import ConfigError
 from agent.core.settings import STRICT_SECTION, STRICT_SETTINGS
+from agent.core.toml_file import read_toml
 from agent.site.store import EtcdEndpoint, EtcdStore
 from agent.site.tree import LimitTree, TreeError
 
@@ -386,14 +386,7 @@ def parse_site_config(data: Mapping[str, Any], source: str = "site config") -> S
 
 
 def load_site_config(path: Path) -> SiteConfig:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"site config {path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"site config {path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "site config", error=ConfigError)
     config = parse_site_config(data, f"site config {path}")
     dr = config.demand_response
     if dr is not None and dr.schedule_file is not None and not dr.schedule_file.is_absolute():
