@@ -13,7 +13,6 @@ would pass here and fail when opened).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -38,7 +37,7 @@ from agent.adapters import NONE, Adapters, default_adapters
 from agent.adapters.site import SiteLinkSettings, site_budget_problem
 from agent.adapters.twin import TwinConfig
 from agent.core.errors import ConfigError
-from agent.core.settings import FILE_KIND, STRICT_SECTION
+from agent.core.settings import FILE_KIND, STRICT_SECTION, error_lines, key_path
 from agent.core.toml_file import read_toml
 from agent.meter.settings import MeterSettings
 from agent.observe.app_throughput import ThroughputSettings
@@ -504,46 +503,8 @@ def _section_field(settings: type[BaseModel], description: str, needed: bool = F
     return (settings, Field(default_factory=settings, description=description))
 
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
 MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 32  # the deepest real configuration is 4 levels (policies.NAME.setting.list)
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    """A TOML key path; a key that is not bare is quoted (a newline in a key stays on one line)."""
-    return ".".join(
-        str(part) if _BARE_KEY.fullmatch(str(part)) else json.dumps(str(part)) for part in loc
-    )
-
-
-def _message(err: Mapping[str, Any]) -> str:
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    msg = str(err.get("msg", "invalid"))
-    msg = msg.removeprefix("Value error, ")
-    value = err.get("input")
-    if (
-        kind not in ("model_type", "dict_type")
-        and not isinstance(value, dict)
-        and "(got " not in msg
-    ):
-        msg += f" (got {value!r})"
-    return msg
-
-
-def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
-    out = []
-    for e in exc.errors():
-        loc = prefix + tuple(e["loc"])
-        what = _message(e)
-        if loc and loc[-1] == "[key]":  # pydantic's mark of a map's key: the key is the fault
-            loc, what = loc[:-1], f"key {what}"
-        out.append(f"{_path(loc)}: {what}" if loc else what)
-    return out
 
 
 def _check_document(data: Mapping[str, Any], source: str) -> None:
@@ -554,15 +515,15 @@ def _check_document(data: Mapping[str, Any], source: str) -> None:
         where, value = stack.pop()
         if len(where) > MAX_DEPTH:
             raise ConfigError.listing(
-                source, [f"{_path(where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels"]
+                source, [f"{key_path(where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels"]
             )
         if isinstance(value, str) and "\x00" in value:
-            raise ConfigError.listing(source, [f"{_path(where)}: contains a NUL byte"])
+            raise ConfigError.listing(source, [f"{key_path(where)}: contains a NUL byte"])
         if isinstance(value, Mapping):
             for key, inner in value.items():
                 if isinstance(key, str) and "\x00" in key:
                     raise ConfigError.listing(
-                        source, [f"{_path((*where, key))}: a key with a NUL byte"]
+                        source, [f"{key_path((*where, key))}: a key with a NUL byte"]
                     )
                 stack.append(((*where, key), inner))
         elif isinstance(value, list | tuple):
@@ -604,7 +565,7 @@ def _validated(
     try:
         return model.model_validate(dict(data)), frozenset()
     except ValidationError as exc:
-        problems.extend(_errors(exc))
+        problems.extend(error_lines(exc))
         failed = frozenset(str(e["loc"][0]) if e["loc"] else "*" for e in exc.errors())
     rest = {k: v for k, v in data.items() if k not in failed}
     try:
@@ -627,7 +588,7 @@ def _policy_settings(
     for name, raw in wanted.items():
         if name not in registry:
             problems.append(
-                f"{_path(('policies', name))}: unknown policy "
+                f"{key_path(('policies', name))}: unknown policy "
                 f"(known: {', '.join(registry.names())})"
             )
             continue
@@ -636,7 +597,7 @@ def _policy_settings(
         try:
             settings[name] = registry.get(name).Settings.model_validate(dict(raw))
         except ValidationError as exc:
-            problems.extend(_errors(exc, ("policies", name)))
+            problems.extend(error_lines(exc, ("policies", name)))
     return settings
 
 
@@ -649,11 +610,11 @@ def _policy_set_problems(data: Mapping[str, Any], registry: PolicyRegistry) -> l
         if not isinstance(members, list):
             continue
         if not members:
-            problems.append(f"{_path(('policy_sets', set_name))}: names no policy")
+            problems.append(f"{key_path(('policy_sets', set_name))}: names no policy")
         for name in members:
             if isinstance(name, str) and name not in registry:
                 problems.append(
-                    f"{_path(('policy_sets', set_name))}: unknown policy {name!r} "
+                    f"{key_path(('policy_sets', set_name))}: unknown policy {name!r} "
                     f"(known: {', '.join(registry.names())})"
                 )
     return problems
@@ -707,7 +668,7 @@ def file_problems(config: Config) -> list[str]:
     """Each file the configuration names (a path field marked `file_field`) that is missing,
     unreadable, of the wrong kind, or a secret others may write, by key path."""
     return [
-        f"{_path(loc)}: {problem}"
+        f"{key_path(loc)}: {problem}"
         for loc, kind, path in _named_files(config, ())
         if (problem := _file_problem(path, kind))
     ]

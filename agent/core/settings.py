@@ -10,10 +10,12 @@ exists, is readable and, for a secret, is not writable by others (agent/config.p
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import BeforeValidator, ConfigDict, ValidationError
 
 # The config file's own sections (agent.config): the root is completed after parsing.
 STRICT_SECTION = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -46,3 +48,43 @@ def file_field(kind: FileKind) -> dict[str, Any]:
     """`json_schema_extra` of a path field the configuration's file checks read:
     `Field(None, strict=False, json_schema_extra=file_field("secret"))`."""
     return {FILE_KIND: kind}
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """A TOML key path; a key that is not bare is quoted (a newline in a key stays on one line)."""
+    return ".".join(
+        str(part) if _BARE_KEY.fullmatch(str(part)) else json.dumps(str(part)) for part in loc
+    )
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    value = err.get("input")
+    if (
+        kind not in ("model_type", "dict_type")
+        and not isinstance(value, dict)
+        and "(got " not in msg
+    ):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def error_lines(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """A settings model's validation errors, one a line: `key.path: problem (got value)`."""
+    out = []
+    for e in exc.errors():
+        loc = prefix + tuple(e["loc"])
+        what = _message(e)
+        if loc and loc[-1] == "[key]":  # pydantic's mark of a map's key: the key is the fault
+            loc, what = loc[:-1], f"key {what}"
+        out.append(f"{key_path(loc)}: {what}" if loc else what)
+    return out

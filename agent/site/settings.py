@@ -5,7 +5,6 @@ Every error names its key path and the problem, as the agent's own config does.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from agent.core.errors import ConfigError
-from agent.core.settings import STRICT_SECTION, STRICT_SETTINGS
+from agent.core.settings import STRICT_SECTION, STRICT_SETTINGS, error_lines
 from agent.core.toml_file import read_toml
 from agent.site.store import EtcdEndpoint, EtcdStore
 from agent.site.tree import LimitTree, TreeError
@@ -340,36 +339,11 @@ class SiteConfig(BaseModel):
         return self.site.leader_ttl_s or max(2, round(2 * self.site.interval_s))
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(
-        str(p) if re.fullmatch(r"[A-Za-z0-9_-]+", str(p)) else json.dumps(str(p)) for p in loc
-    )
-
-
-def validation_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
-    """One line: each problem as `key.path: message (got value)`."""
-    parts = []
-    for err in exc.errors():
-        where = _path(prefix + tuple(err["loc"]))
-        kind = err.get("type", "")
-        if kind == "extra_forbidden":
-            message = "unknown key"
-        elif kind == "missing":
-            message = "required key is missing"
-        else:
-            message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            value = err.get("input")
-            if not isinstance(value, dict):
-                message += f" (got {value!r})"
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
 def parse_site_config(data: Mapping[str, Any], source: str = "site config") -> SiteConfig:
     try:
         config = SiteConfig.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {validation_errors(exc)}") from None
+        raise ConfigError.listing(source, error_lines(exc)) from None
     try:
         tree = config.tree()
     except TreeError as exc:
