@@ -28,7 +28,6 @@ import numpy as np
 from pydantic import Field
 
 from agent.core.curves import allocate_power, known_natural_w
-from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import GpuTargets, Intent, Notify, ReleasePowerCap, SetPowerCap, Severity
 from agent.core.jobs import ACCOUNT_LABEL
 from agent.core.reads import Reads
@@ -39,22 +38,6 @@ from policies.base import BasePolicy, Decision, PolicyMemory, PolicySettings
 from policies.fair_share import weighted_max_min
 
 NOISE_Z = 3.0  # fleet-level safety margin against draw noise, in standard deviations
-# The most any GPU model we know of may draw: an unseen GPU of unknown model counts at this.
-LARGEST_BUILTIN_MAX_CAP_W = max(m.max_cap_w for m in BUILTIN_MODELS.values())
-
-
-def stale_worst_w(situation: Situation) -> tuple[np.ndarray, bool]:
-    """Per GPU, what it may draw while unseen (0 W where fresh), and whether any of that is a
-    guess. A stale GPU counts at its maximum limit; where that is unknown (a model missing from
-    the built-in table that reports no limits while stale) at the largest limit known, in the
-    fleet or the table. An unknown model may draw more still: hence the flag, and the caller holds
-    its caps rather than release them on a guess."""
-    stale = ~situation.snapshot.fresh
-    max_cap = situation.max_cap_w
-    known = np.isfinite(max_cap)
-    largest = max(float(max_cap[known].max(initial=0.0)), LARGEST_BUILTIN_MAX_CAP_W)
-    worst = np.where(stale, np.where(known, max_cap, largest), 0.0)
-    return worst, bool((stale & ~known).any())
 
 
 class PowerBudgetSettings(PolicySettings):
@@ -164,7 +147,7 @@ class PowerBudget(BasePolicy[PowerBudgetSettings, PowerBudgetMemory]):
         curves = situation.curves
 
         # Power we cannot steer this cycle, counted at its worst.
-        stale_worst, stale_guessed = stale_worst_w(situation)
+        stale_worst, stale_guessed = situation.stale_worst_w()
         stale_w = float(stale_worst.sum())
         unbounded_w = float(
             np.nansum(np.where(fresh & ~bounded, snap.column(Metric.POWER_W)[0], 0.0))

@@ -3,15 +3,10 @@ from __future__ import annotations
 import numpy as np
 
 from agent.core.intents import Notify, ReleasePowerCap, SetPowerCap
-from agent.core.situation import Situation
+from agent.core.situation import LARGEST_BUILTIN_MAX_CAP_W, Situation
 from agent.core.snapshot import Snapshot
 from agent.orient.orienter import Orienter
-from policies.power_budget import (
-    LARGEST_BUILTIN_MAX_CAP_W,
-    PowerBudget,
-    PowerBudgetMemory,
-    PowerBudgetSettings,
-)
+from policies.power_budget import PowerBudget, PowerBudgetMemory, PowerBudgetSettings
 from tests.conftest import make_snapshot
 
 

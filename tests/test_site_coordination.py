@@ -15,6 +15,9 @@ import pytest
 from agent.assembly import twin_agent
 from agent.core.clock import FakeClock
 from agent.core.errors import ConfigError
+from agent.core.situation import LARGEST_BUILTIN_MAX_CAP_W
+from agent.core.snapshot import Snapshot
+from agent.orient.orienter import Orienter
 from agent.sim.twin import Twin, TwinSpec
 from agent.site.coordinator import (
     Coordinator,
@@ -22,7 +25,7 @@ from agent.site.coordinator import (
     SitePlan,
     fallback_shares,
 )
-from agent.site.curve import CurveError, DemandCurve, build_curve
+from agent.site.curve import CurveError, DemandCurve, build_curve, curve_inputs
 from agent.site.demand import DemandError, DemandEvent, load_schedule, site_target
 from agent.site.election import Elector
 from agent.site.grants import Grant, GrantKeeper
@@ -32,6 +35,7 @@ from agent.site.settings import parse_site_config
 from agent.site.store import LeaseLostError, MemoryStore, StoreUnavailableError
 from agent.site.tree import LimitTree
 from policies.registry import builtin_registry
+from tests.conftest import make_snapshot
 
 PREFIX = "/ooda/sites/hall"
 
@@ -439,6 +443,26 @@ def test_build_curve_is_concave_and_spans_floor_to_ceiling() -> None:
     slopes = [s for _w, s in curve.segments()]
     assert all(np.diff(slopes) <= 1e-9)
     assert curve.ceiling_w > curve.floor_w > 0
+
+
+def test_a_curve_counts_unseen_gpus_of_an_unknown_model_as_power_budget_does() -> None:
+    """The curve's fixed draw holds what power_budget holds back for unseen GPUs: one of an
+    unknown model (no limits known) at the largest limit of the fleet or the built-in table.
+    Before, the curve took the fleet's largest only (700 W here; 0 W in a fleet of unknown
+    models), promising watts the cluster's own budget policy would not spend."""
+    models = np.array(["NVIDIA H100 80GB HBM3"] * 4 + ["NVIDIA H100 NVL"] * 4)
+
+    def snap_at(t: float, stale: list[bool]) -> Snapshot:
+        s = make_snapshot([600.0] * 4 + [350.0] * 4, time_s=t, stale=stale)
+        return replace(s, model=models.copy())
+
+    orienter = Orienter()
+    for t in (0.0, 200.0):
+        orienter.orient(snap_at(t, [False] * 8), 2700.0)
+    situation = orienter.orient(snap_at(215.0, [False] * 4 + [True] * 4), 2700.0)
+    stale_w, guessed = situation.stale_worst_w()
+    assert guessed and stale_w.sum() == 4 * LARGEST_BUILTIN_MAX_CAP_W
+    assert curve_inputs(situation).fixed_w >= 4 * LARGEST_BUILTIN_MAX_CAP_W
 
 
 def test_a_standby_coordinator_takes_over_and_counts_the_grants_in_force() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.snapshot import Snapshot
 from agent.core.throughput import ThroughputView
 
@@ -20,6 +21,9 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 StrArray = npt.NDArray[np.str_]
+
+# The most any GPU model we know of may draw: an unseen GPU of unknown model counts at this.
+LARGEST_BUILTIN_MAX_CAP_W = max(m.max_cap_w for m in BUILTIN_MODELS.values())
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,3 +223,15 @@ class Situation:
         if self.budget_w is None:
             return None
         return self.budget_w - self.fleet_power_w
+
+    def stale_worst_w(self) -> tuple[FloatArray, bool]:
+        """Per GPU, what it may draw while unseen (0 W where fresh), and whether any of that is a
+        guess. A stale GPU counts at its maximum limit; where that is unknown (a model missing
+        from the built-in table that reports no limits while stale) at the largest limit known,
+        in the fleet or the table. An unknown model may draw more still: hence the flag, and a
+        caller holds its caps rather than release them on a guess."""
+        stale = ~self.snapshot.fresh
+        known = np.isfinite(self.max_cap_w)
+        largest = max(float(self.max_cap_w[known].max(initial=0.0)), LARGEST_BUILTIN_MAX_CAP_W)
+        worst = np.where(stale, np.where(known, self.max_cap_w, largest), 0.0)
+        return worst, bool((stale & ~known).any())

@@ -228,8 +228,7 @@ def curve_inputs(situation: Situation, margin_frac: float = 0.01) -> CurveInputs
     idle = control & ~situation.busy
     power = np.nan_to_num(snap.column(Metric.POWER_W)[0], nan=0.0)
     max_cap = situation.max_cap_w
-    largest = float(max_cap[np.isfinite(max_cap)].max(initial=0.0))
-    stale_w = float(np.where(np.isfinite(max_cap), max_cap, largest)[~fresh].sum())
+    stale_w = float(situation.stale_worst_w()[0].sum())
     unbounded_w = float(power[fresh & ~bounded].sum())
     idle_w = float(situation.min_cap_w[idle].sum())
     if situation.arrival_reserve_w is not None:
