@@ -25,7 +25,7 @@ from agent.core.coordination import BudgetReading, Standing
 from agent.core.situation import Situation
 from agent.core.snapshot import Snapshot
 from agent.node.auth import TokenStore
-from agent.site.curve import build_curve
+from agent.site.curve import DemandCurve, build_curve
 from agent.site.election import Elector, Leadership, PeerPinger
 from agent.site.grants import BudgetView, Grant, GrantError, GrantKeeper
 from agent.site.http import JsonServer, Reply
@@ -94,6 +94,7 @@ class SiteLink:
         self._cancels: list[Callable[[], None]] = []
         self._last_role: str | None = None
         self._servers: list[JsonServer] = []
+        self._built: tuple[Situation, int, DemandCurve] | None = None  # see _curve
 
     # -- the cycle's side (memory only) ----------------------------------------------------
 
@@ -189,11 +190,7 @@ class SiteLink:
         # newer one taken since; none under the safe share.
         under_grant = budget is not None and budget.source in {"grant", "grant_kept"}
         planned = budget.grant if budget is not None and under_grant else None
-        curve = build_curve(
-            situation,
-            margin_frac=self.settings.margin_frac,
-            grant_epoch=0 if planned is None else planned.epoch,
-        )
+        curve = self._curve(situation, 0 if planned is None else planned.epoch)
         watts = None if budget is None else budget.watts
         record = {
             **curve.to_json(),
@@ -207,6 +204,18 @@ class SiteLink:
             "cycle_unix": oriented,  # when the cycle that built it ran (the coordinator's age)
         }
         self.store.put(f"{self.prefix}/curve", json.dumps(record), elector.lease_id)
+
+    def _curve(self, situation: Situation, grant_epoch: int) -> DemandCurve:
+        """The curve of this Situation, built once: the thread publishes every third of a TTL
+        and on every watch event, a cycle comes once an interval (and at 100,000 GPUs a build
+        takes a few hundred milliseconds)."""
+        built = self._built
+        if built is None or built[0] is not situation or built[1] != grant_epoch:
+            curve = build_curve(
+                situation, margin_frac=self.settings.margin_frac, grant_epoch=grant_epoch
+            )
+            built = self._built = (situation, grant_epoch, curve)
+        return built[2]
 
     def _contact(self, error: str | None) -> None:
         now = self.mono.now()
