@@ -27,12 +27,11 @@ import structlog
 
 from agent.core.errors import ConfigError
 from agent.site.demand import DemandEvent
-from agent.site.settings import OpenAdrSettings
+from agent.site.settings import DEFAULT_SIMPLE_LEVELS, OpenAdrSettings
 
 log = structlog.get_logger("ooda.site.openadr")
 
 SCALES = {"none": 1.0, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
-DEFAULT_SIMPLE_LEVELS = (1.0, 0.9, 0.75, 0.5)  # level 0 (normal) .. 3 (the most shed)
 
 
 class OpenAdrError(ValueError):

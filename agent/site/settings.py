@@ -30,6 +30,7 @@ from agent.site.tree import LimitTree, TreeError
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _PREFIX = re.compile(r"(/[A-Za-z0-9._-]+)+")
 _HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
+DEFAULT_SIMPLE_LEVELS = (1.0, 0.9, 0.75, 0.5)  # OpenADR SIMPLE level 0 (normal) .. 3 (most shed)
 
 
 def _plain_name(value: str, what: str = "name") -> str:
@@ -258,7 +259,7 @@ class OpenAdrSettings(BaseModel):
     key: Path | None = Field(None, strict=False, description="PEM private key.")
     vtn_fingerprint: str | None = Field(None, description="The VTN certificate's fingerprint.")
     simple_levels: list[float] = Field(
-        default_factory=lambda: [1.0, 0.9, 0.75, 0.5],
+        default_factory=lambda: list(DEFAULT_SIMPLE_LEVELS),
         min_length=4,
         max_length=4,
         description="SIMPLE levels 0..3 as shares of the site's limit.",
