@@ -9,11 +9,13 @@ import ipaddress
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography import x509
@@ -168,6 +170,25 @@ def wait_socket(sock: Path, proc: subprocess.Popen[bytes]) -> None:
     while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert sock.exists(), proc.stderr.read() if proc.stderr else ""
+
+
+def node_gpus(sock: Path | str, token: str) -> list[dict[str, Any]]:
+    """A node daemon's `GET /v1/gpus`."""
+    with unix_client(sock, token) as client:
+        answer = client.get("/v1/gpus")
+    answer.raise_for_status()
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def sim_serve_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line `ooda sim serve --json` prints (where its node daemons and exporters
+    are), read on a thread: a process that prints nothing fails the test, never hangs it."""
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()))  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout_s)
+    assert box and box[0], f"ooda sim serve printed nothing ({proc.poll()=})"
+    return box[0]
 
 
 @contextmanager

@@ -10,7 +10,6 @@ import json
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
 from tests.integration.conftest import PrometheusFactory
-from tests.node_helpers import unix_client
+from tests.node_helpers import node_gpus, sim_serve_line
 
 pytestmark = pytest.mark.integration
 
@@ -63,28 +62,12 @@ path = "audit.jsonl"
 """
 
 
-def _gpus(url: str, token: str) -> list[dict[str, Any]]:
-    with unix_client(url, token) as client:
-        answer = client.get("/v1/gpus")
-    answer.raise_for_status()
-    return answer.json()  # type: ignore[no-any-return]
-
-
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout_s)
-    assert box and box[0], f"ooda sim serve printed nothing ({proc.poll()=})"
-    return box[0]
-
-
 def _wait_for_leases(sockets: dict[str, str], token: str, timeout_s: float) -> list[dict[str, Any]]:
     """The node daemons' GPUs with a lease, once some have one (or none after `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while True:
         leased = [
-            g for url in sockets.values() for g in _gpus(url, token)
+            g for url in sockets.values() for g in node_gpus(url, token)
             if g["lease_remaining_s"] is not None
         ]  # fmt: skip
         if leased or time.monotonic() >= deadline:
@@ -96,7 +79,7 @@ def _lease_remaining(sockets: dict[str, str], token: str) -> dict[tuple[str, int
     return {
         (node, g["index"]): g["lease_remaining_s"]
         for node, url in sockets.items()
-        for g in _gpus(url, token)
+        for g in node_gpus(url, token)
     }
 
 
@@ -112,7 +95,7 @@ def _caps_owned(state_file: Path) -> set[str]:
 
 def _assert_all_released(sockets: dict[str, str], token: str, audit: Path) -> None:
     """Every cap back at its default limit, no lease left, and the daemon's releases applied."""
-    gpus = [g for url in sockets.values() for g in _gpus(url, token)]
+    gpus = [g for url in sockets.values() for g in node_gpus(url, token)]
     assert all(g["lease_remaining_s"] is None for g in gpus), gpus
     assert all(g["power_limit_w"] == g["default_w"] for g in gpus), gpus
     released = [
@@ -149,7 +132,7 @@ def test_ooda_run_live_on_prometheus_and_node_daemons_restart_and_release(
     token, token_file = _token_file(tmp_path)
     serve = _serve_twin(token_file, tmp_path / "sock")
     try:
-        info = last_json(_read_line(serve, 30))
+        info = last_json(sim_serve_line(serve, 30))
         sockets: dict[str, str] = info["node_api"]
         prom = prometheus_factory({"dcgm": info["targets"]})
         prom.wait_for_gpus(8)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from agent.sim.exporter import SimServer, dcgm_metric_values
 from agent.sim.twin import TwinSpec
 from tests.conftest import last_json
 from tests.integration.conftest import SCRAPE_S, Prometheus, PrometheusFactory, ooda, scrape_yaml
+from tests.node_helpers import sim_serve_line
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +40,6 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 
 # -- the acceptance run, through the command line ------------------------------------------------
-
-
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout_s)
-    if not box or not box[0]:
-        raise AssertionError(f"ooda sim serve printed nothing ({proc.poll()=})")
-    return box[0]
 
 
 def test_acceptance_sim_serve_once_and_a_dropout(prometheus_factory: PrometheusFactory) -> None:
@@ -61,7 +51,7 @@ def test_acceptance_sim_serve_once_and_a_dropout(prometheus_factory: PrometheusF
         text=True,
     )  # fmt: skip
     try:
-        info = last_json(_read_line(serve, 30))
+        info = last_json(sim_serve_line(serve, 30))
         dropout_wall = info["started_unix_s"] + dropout_at_s
         prom = prometheus_factory({"dcgm": info["targets"]})
         prom.wait_for_gpus(16)

@@ -19,7 +19,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 from tests.conftest import last_json
 from tests.daemon_helpers import DaemonProcess, write
 from tests.integration.site_services import Etcd, VictoriaMetrics
-from tests.node_helpers import unix_client
+from tests.node_helpers import node_gpus, sim_serve_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,22 +90,6 @@ timeout_s = 0.5
 """
 
 
-def gpus(url: str, token: str) -> list[dict[str, Any]]:
-    with unix_client(url, token) as client:
-        answer = client.get("/v1/gpus")
-    answer.raise_for_status()
-    return answer.json()  # type: ignore[no-any-return]
-
-
-def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout_s)
-    assert box and box[0], f"ooda sim serve printed nothing ({proc.poll()=})"
-    return box[0]
-
-
 def unix(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
@@ -130,7 +113,7 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
     vm: VictoriaMetrics | None = None
     replicas: list[DaemonProcess] = []
     try:
-        info = last_json(read_line(serve, 30))
+        info = last_json(sim_serve_line(serve, 30))
         sockets: dict[str, str] = info["node_api"]
         vm = VictoriaMetrics(tmp_path / "vm", info["targets"]).start()
         configs = {
@@ -178,7 +161,7 @@ def test_standby_takes_over_within_two_intervals_and_repeats_nothing(tmp_path: P
         assert adopted["adopted"] == 8, adopted
         time.sleep(3 * INTERVAL_S)
         # Its leases: adopted and renewed (a's would be down to about 20 s by now).
-        fresh = [g["lease_remaining_s"] for u in sockets.values() for g in gpus(u, token)]
+        fresh = [g["lease_remaining_s"] for u in sockets.values() for g in node_gpus(u, token)]
         assert all(r is not None and r >= 30 - 2 * INTERVAL_S for r in fresh), fresh
         # No action repeated: nothing b did sets a GPU to the cap a had already set on it.
         assert not repeated(records_before, audit(tmp_path)[len(records_before) :])
@@ -242,7 +225,7 @@ def wait_leased(sockets: dict[str, str], token: str, n: int, leader: DaemonProce
     deadline = time.monotonic() + 60
     leased: list[dict[str, Any]] = []
     while time.monotonic() < deadline and len(leased) < n:
-        leased = [g for u in sockets.values() for g in gpus(u, token)
+        leased = [g for u in sockets.values() for g in node_gpus(u, token)
                   if g["lease_remaining_s"] is not None]  # fmt: skip
         time.sleep(0.5)
     assert len(leased) == n, leader.log_path.read_text()[-3000:]
