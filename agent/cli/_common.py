@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import structlog
-import typer
 
 from agent.core.errors import BadInputError
 from agent.core.intents import strict_json
@@ -164,12 +163,6 @@ def plain(mapping: Any) -> str:
         else:
             parts.append(f"{key} {value}")
     return "; ".join(parts) or "none"
-
-
-def bad_input(message: str) -> typer.Exit:
-    """Print a one-line error naming the input and return the exit to raise (code 2)."""
-    typer.echo(f"ooda: error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def duration_s(text: str, option: str) -> float:
