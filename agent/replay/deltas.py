@@ -9,6 +9,7 @@ difference is surer than either value (the report's confidence counts the same d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,41 +63,44 @@ def _num(value: Any) -> float | None:
 
 
 def _against_recording(result: SetResult, baseline: dict[str, Any]) -> Delta:
-    change: dict[str, float | None] = {}
-    interval: dict[str, list[float | None]] = {}
-    relative: dict[str, float | None] = {}
-    for key in KPIS:
-        mine, base = _num(result.kpis.get(key)), _num(baseline.get(key))
-        if mine is None or base is None:
-            change[key], interval[key], relative[key] = None, [None, None], None
-            continue
-        change[key] = round(mine - base, DIGITS[key])
+    def interval(key: str, base: float, _diff: float) -> list[float | None]:
         lo, hi = (result.kpis.get("interval", {}).get(key) or [None, None])[:2]
-        interval[key] = (
-            [round(lo - base, DIGITS[key]), round(hi - base, DIGITS[key])]
-            if lo is not None and hi is not None
-            else [None, None]
-        )
-        relative[key] = round((mine - base) / base, 4) if base else None
-    actions = _total(result.kpis["actions"]) - _total(baseline["actions"])
-    return Delta(result.policy_set.name, RECORDING, change, interval, relative, actions)
+        if lo is None or hi is None:
+            return [None, None]
+        return [round(lo - base, DIGITS[key]), round(hi - base, DIGITS[key])]
+
+    return _delta(result, RECORDING, baseline, interval)
 
 
 def _between(result: SetResult, other: SetResult) -> Delta:
+    def interval(key: str, _theirs: float, diff: float) -> list[float | None]:
+        return _paired(result.draws.get(key), other.draws.get(key), diff, DIGITS[key])
+
+    return _delta(result, other.policy_set.name, other.kpis, interval)
+
+
+def _delta(
+    result: SetResult,
+    against: str,
+    their_kpis: dict[str, Any],
+    interval_of: Callable[[str, float, float], list[float | None]],
+) -> Delta:
+    """`result` minus `their_kpis` (named `against`) per KPI; `interval_of(key, theirs, diff)`
+    is the change's interval."""
     change: dict[str, float | None] = {}
     interval: dict[str, list[float | None]] = {}
     relative: dict[str, float | None] = {}
     for key in KPIS:
-        mine, theirs = _num(result.kpis.get(key)), _num(other.kpis.get(key))
+        mine, theirs = _num(result.kpis.get(key)), _num(their_kpis.get(key))
         if mine is None or theirs is None:
             change[key], interval[key], relative[key] = None, [None, None], None
             continue
         diff = mine - theirs
         change[key] = round(diff, DIGITS[key])
-        interval[key] = _paired(result.draws.get(key), other.draws.get(key), diff, DIGITS[key])
+        interval[key] = interval_of(key, theirs, diff)
         relative[key] = round(diff / theirs, 4) if theirs else None
-    actions = _total(result.kpis["actions"]) - _total(other.kpis["actions"])
-    return Delta(result.policy_set.name, other.policy_set.name, change, interval, relative, actions)
+    actions = _total(result.kpis["actions"]) - _total(their_kpis["actions"])
+    return Delta(result.policy_set.name, against, change, interval, relative, actions)
 
 
 def _paired(mine: Any, theirs: Any, diff: float, digits: int) -> list[float | None]:
