@@ -308,8 +308,6 @@ class Daemon:
 
     def _attach_meter(self, runtime: Agent) -> None:
         """The agent's meter, on the ledger of this run's timeline (a new twin's is new)."""
-        if runtime.meter is not None:
-            runtime.meter.close()
         runtime.meter = build_meter(runtime, self.timeline, on_booked=self.meter_metrics.booked)
 
     def _book_energy(self, report: CycleReport) -> None:
