@@ -128,7 +128,7 @@ def _source(_section: None, ctx: BuildContext) -> TelemetrySource:
     source: TelemetrySource = TwinSource(twin)
     if inventory is not None:
         ctx.mirrored = True
-        return MirroredTwinSource(TwinSource(twin), JobMirror(twin, inventory))
+        return MirroredTwinSource(source, JobMirror(twin, inventory))
     return TwinAccountLabels(source)  # the twin's jobs have owners too (account shares)
 
 
