@@ -53,8 +53,7 @@ class FakeProgress:
 
 def test_a_bar_batches_its_redraws_and_loses_nothing() -> None:
     fake = FakeProgress()
-    bar = Bar(fake, task=0)
-    bar._batch = 10.0
+    bar = Bar(fake, task=0, batch=10.0)
     for _ in range(25):
         bar(1.0)
     bar.stage("the oracle")

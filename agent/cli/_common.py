@@ -88,11 +88,11 @@ class Bar:
     a redraw is not free, and a day is thousands of steps), `bar.stage(label)` names the part
     running now. A Bar that is not shown does nothing."""
 
-    def __init__(self, progress: Any = None, task: Any = None) -> None:
+    def __init__(self, progress: Any = None, task: Any = None, batch: float = 0.0) -> None:
         self._progress = progress
         self._task = task
         self._pending = 0.0
-        self._batch = 0.0
+        self._batch = batch  # units gathered before a redraw
 
     def __call__(self, n: float) -> None:
         if self._progress is None:
@@ -129,8 +129,8 @@ def progress_bar(show: bool, total: float, label: str) -> Iterator[Bar]:
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        bar = Bar(progress, progress.add_task(label, total=total))
-        bar._batch = total / 200.0  # at most about 200 redraws
+        # At most about 200 redraws.
+        bar = Bar(progress, progress.add_task(label, total=total), batch=total / 200.0)
         yield bar
         bar.flush()
 
