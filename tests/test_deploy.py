@@ -82,26 +82,41 @@ def one(unit: dict[str, dict[str, list[str]]], key: str, section: str = "Service
     return values[-1]
 
 
-def test_agent_unit_is_unprivileged_and_hardened() -> None:
-    unit = parse_unit(UNITS / "ooda-agent.service")
+# What every unprivileged service unit sets to "yes" (the site's adds PrivateUsers).
+HARDENED = [
+    "NoNewPrivileges",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectControlGroups",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+]
+
+
+def assert_unprivileged_notify_service(unit: dict[str, dict[str, list[str]]]) -> None:
+    """What the agent's and the site's units share: systemd notify with a watchdog, reloaded by
+    SIGHUP, run as `ooda` with no capabilities, hardened, stopped by SIGTERM."""
     assert one(unit, "Type") == "notify" and one(unit, "NotifyAccess") == "main"
-    assert re.search(r"^/opt/ooda/bin/ooda run --config \S+", one(unit, "ExecStart"))
     assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(unit, "User") == "ooda" and one(unit, "Group") == "ooda"
     assert one(unit, "CapabilityBoundingSet") == "" and one(unit, "AmbientCapabilities") == ""
-    yes = (
-        "NoNewPrivileges ProtectHome PrivateTmp PrivateDevices ProtectKernelTunables "
-        "ProtectKernelModules ProtectControlGroups RestrictSUIDSGID LockPersonality"
-    )
-    for key in yes.split():
+    for key in HARDENED:
         assert one(unit, key) == "yes", key
     assert one(unit, "ProtectSystem") == "strict"
+    assert int(one(unit, "WatchdogSec")) > 0
+    assert one(unit, "KillSignal") == "SIGTERM" and one(unit, "Restart") == "on-failure"
+    assert one(unit, "UMask") == "0077"
+
+
+def test_agent_unit_is_unprivileged_and_hardened() -> None:
+    unit = parse_unit(UNITS / "ooda-agent.service")
+    assert_unprivileged_notify_service(unit)
+    assert re.search(r"^/opt/ooda/bin/ooda run --config \S+", one(unit, "ExecStart"))
     assert one(unit, "StateDirectory") == "ooda"
     assert "/var/lib/ooda" in one(unit, "ReadWritePaths").split()
-    assert int(one(unit, "WatchdogSec")) > 0
-    assert one(unit, "KillSignal") == "SIGTERM"
-    assert one(unit, "Restart") == "on-failure"
-    assert one(unit, "UMask") == "0077"
     assert "AF_PACKET" not in one(unit, "RestrictAddressFamilies")
     # prometheus_client's process collector reads the boot time in /proc/stat: ProcSubset=pid
     # hides it, and every ooda_process_* metric the dashboard shows is gone.
@@ -135,22 +150,11 @@ def test_site_unit_is_unprivileged_hardened_and_writes_nowhere() -> None:
     """The site coordinator (`ooda site run`): as unprivileged as the agent, and with no state of
     its own (etcd keeps it), nothing writable at all."""
     unit = parse_unit(UNITS / "ooda-site.service")
-    assert one(unit, "Type") == "notify" and one(unit, "NotifyAccess") == "main"
+    assert_unprivileged_notify_service(unit)  # its SIGHUP re-reads the schedule file
+    assert one(unit, "PrivateUsers") == "yes"
     assert one(unit, "ExecStart") == "/opt/ooda/bin/ooda site run --config /etc/ooda/site.toml"
-    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"  # re-reads the schedule file
-    assert one(unit, "User") == "ooda" and one(unit, "Group") == "ooda"
-    assert one(unit, "CapabilityBoundingSet") == "" and one(unit, "AmbientCapabilities") == ""
-    yes = (
-        "NoNewPrivileges ProtectHome PrivateTmp PrivateDevices PrivateUsers ProtectKernelTunables "
-        "ProtectKernelModules ProtectControlGroups RestrictSUIDSGID LockPersonality"
-    )
-    for key in yes.split():
-        assert one(unit, key) == "yes", key
-    assert one(unit, "ProtectSystem") == "strict"
     assert "ReadWritePaths" not in unit["Service"] and "StateDirectory" not in unit["Service"]
     assert one(unit, "ReadOnlyPaths") == "/etc/ooda"
-    assert one(unit, "KillSignal") == "SIGTERM" and one(unit, "Restart") == "on-failure"
-    assert int(one(unit, "WatchdogSec")) > 0 and one(unit, "UMask") == "0077"
     # The example's rounds come well inside the watchdog (the service feeds it between rounds).
     site = tomllib.loads((DEPLOY / "site" / "site.toml").read_text())
     assert 4 * site["site"]["interval_s"] <= int(one(unit, "WatchdogSec"))
