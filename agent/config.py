@@ -746,6 +746,19 @@ def default_config(
     return parse_config({}, registry, source="built-in defaults", adapters=adapters)
 
 
+def with_prometheus(config: Config | None, url: str, where: str) -> Config:
+    """`config` (None: the built-in defaults) reading its telemetry from the Prometheus at `url`
+    (its metric names, matchers and budget query kept), validated again; `where` names it in
+    errors (`--prometheus`, the file)."""
+    data = (
+        {} if config is None else config.model_dump(exclude={"policy_settings"}, exclude_unset=True)
+    )
+    source = data.setdefault("source", {})
+    source["kind"] = "prometheus"
+    source.setdefault("prometheus", {})["url"] = url
+    return parse_config(data, source=where)
+
+
 def adapters_of(config: Config) -> Adapters:
     """The adapter table `config` was validated against (it builds what the config names)."""
     return _table(config)

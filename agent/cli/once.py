@@ -53,25 +53,18 @@ def once(
       ooda once --config /etc/ooda/agent.toml --json
     """
     from agent.assembly import assemble
-    from agent.config import adapters_of, force_dry_run, load_config, parse_config
+    from agent.config import adapters_of, force_dry_run, load_config, with_prometheus
     from agent.core.errors import BadInputError
 
     if config is None and prometheus is None:
         raise BadInputError("ooda once: give --config FILE or --prometheus URL (or both)")
     if prometheus is not None and not prometheus.startswith(("http://", "https://")):
         raise BadInputError(f"--prometheus: not an http(s) URL: {prometheus!r}")
-    if config is None:
-        cfg = parse_config(
-            {"source": {"kind": "prometheus", "prometheus": {"url": prometheus}}},
-            source="--prometheus",
-        )
-    else:
-        cfg = load_config(config, needs_source=prometheus is None)
-        if prometheus is not None:
-            data = cfg.model_dump(exclude={"policy_settings"}, exclude_unset=True)
-            data.setdefault("source", {})["kind"] = "prometheus"
-            data["source"].setdefault("prometheus", {})["url"] = prometheus
-            cfg = parse_config(data, source=f"config {config} with --prometheus")
+    cfg = None if config is None else load_config(config, needs_source=prometheus is None)
+    if prometheus is not None:
+        where = "--prometheus" if config is None else f"config {config} with --prometheus"
+        cfg = with_prometheus(cfg, prometheus, where)
+    assert cfg is not None  # one of the two is given
     if dry_run:
         cfg = force_dry_run(cfg)  # each policy's own dry_run too, as `ooda run --dry-run`
     agent = assemble(cfg, budget_w=budget_w)

@@ -86,17 +86,12 @@ def _a_date(time_s: float, text: str, option: str) -> float:
 def _prometheus_config(url: str, config: Path | None) -> Any:
     """The configuration `ooda record` reads Prometheus with: the file's (its metric and label
     names, its budget query), its source pointed at `url`."""
-    from agent.config import load_config, parse_config
+    from agent.config import load_config, with_prometheus
 
     if config is None:
-        data = {"source": {"kind": "prometheus", "prometheus": {"url": url}}}
-        return parse_config(data, source="--prometheus")
-    merged = load_config(config, needs_source=False, check_files=False).model_dump(
-        exclude={"policy_settings"}, exclude_unset=True
-    )
-    merged.setdefault("source", {}).setdefault("prometheus", {})["url"] = url
-    merged["source"]["kind"] = "prometheus"
-    return parse_config(merged, source=f"config {config}")
+        return with_prometheus(None, url, "--prometheus")
+    loaded = load_config(config, needs_source=False, check_files=False)
+    return with_prometheus(loaded, url, f"config {config}")
 
 
 def record(
