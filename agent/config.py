@@ -44,7 +44,6 @@ from agent.observe.app_throughput import ThroughputSettings
 from agent.observe.promql import check_label_name
 from agent.orient.groups import expand_nodes
 from agent.orient.settings import OrientSettings
-from agent.sim.faults import parse_seconds
 from policies.base import PolicySettings
 from policies.registry import PolicyRegistry, default_registry
 
@@ -800,8 +799,3 @@ def ledger_path(config: Config, state: Path | None = None) -> Path:
     if path is None:
         return base / f"{config.cluster.name}.ledger.sqlite"
     return path if path.is_absolute() else base / path
-
-
-def seconds(value: str | float) -> float:
-    """`2h`, `90s`, `15m`, 42 -> seconds (for CLI options)."""
-    return float(value) if isinstance(value, int | float) else parse_seconds(value)
