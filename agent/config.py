@@ -18,6 +18,7 @@ import re
 import stat
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, cast
 
@@ -433,13 +434,9 @@ def _table(model: BaseModel) -> Adapters:
     return table if isinstance(table, Adapters) else _default_table()
 
 
-_DEFAULT: list[Adapters] = []
-
-
+@cache
 def _default_table() -> Adapters:
-    if not _DEFAULT:
-        _DEFAULT.append(default_adapters())
-    return _DEFAULT[0]
+    return default_adapters()
 
 
 _MODELS: weakref.WeakKeyDictionary[Adapters, tuple[int, type[Config]]] = weakref.WeakKeyDictionary()
