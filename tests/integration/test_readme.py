@@ -362,9 +362,7 @@ def _listing(trial: Trial, block: Block) -> None:
         for part in re.split(r"\s/\s(?=ooda )", line):
             if part.startswith("ooda "):
                 trial.help(part)
-    for found in re.finditer(
-        r"(?<![\w/.])((?:agent|policies|bench|deploy|docs)(?:/[\w.\-]+)*)", block.text
-    ):
+    for found in REPO_PATH.finditer(block.text):
         path = found.group(1).rstrip(".,")
         assert (ROOT / path).exists(), f"README.md:{block.line}: {path} does not exist"
 
