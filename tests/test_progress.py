@@ -61,3 +61,12 @@ def test_a_bar_batches_its_redraws_and_loses_nothing() -> None:
     assert fake.advanced == [10.0, 10.0, 5.0]
     assert fake.described == ["the oracle"]
     Bar()(5.0)  # not shown: does nothing
+
+
+def test_a_share_done_advances_the_bar_by_what_is_new() -> None:
+    fake = FakeProgress()
+    told = Bar(fake, task=0).share(10.0)  # a part worth 10 units, told its share done
+    for share in (0.25, 0.5, 0.5, 1.0):
+        told(share)
+    assert fake.advanced == [2.5, 2.5, 0.0, 5.0]
+    Bar().share(10.0)(0.5)  # not shown: does nothing

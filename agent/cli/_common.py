@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -101,6 +101,17 @@ class Bar:
         if self._pending >= self._batch:
             self._progress.advance(self._task, self._pending)
             self._pending = 0.0
+
+    def share(self, whole: float = 1.0) -> Callable[[float], None]:
+        """A callback for a part worth `whole` units that is told the share of it done so far
+        (0 to 1): it advances the bar by what is new."""
+        done = [0.0]
+
+        def told(share: float) -> None:
+            self(share * whole - done[0])
+            done[0] = share * whole
+
+        return told
 
     def stage(self, label: str) -> None:
         if self._progress is not None:

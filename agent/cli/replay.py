@@ -224,20 +224,13 @@ def _from_prometheus(
     config = prometheus_config(url, cfg)
     steps = int((end_s - start_s) // step_s) + 1
     total = steps * (1 + len(replay_args["policy_sets"]))
-    with progress_bar(show, total + steps, "querying Prometheus, then replaying") as advance:
-        done = [0]
-
-        def recorded(frac: float) -> None:
-            now_steps = int(frac * steps)
-            advance(now_steps - done[0])
-            done[0] = now_steps
-
+    with progress_bar(show, total + steps, "querying Prometheus, then replaying") as bar:
         return replay_prometheus(
             config,
             start_s=start_s,
             end_s=end_s,
             step_s=step_s,
-            record_progress=recorded,
-            progress=advance,
+            record_progress=bar.share(steps),
+            progress=bar,
             **replay_args,
         )

@@ -145,19 +145,13 @@ def record(
         ) as writer:
             written = True
             with progress_bar(show_progress(json_out), 1.0, f"recording {output.name}") as bar:
-                done = [0.0]
-
-                def recorded(fraction: float) -> None:
-                    bar(fraction - done[0])
-                    done[0] = fraction
-
                 stats = record_prometheus(
                     source,
                     writer,
                     start_s=start_s,
                     end_s=end_s,
                     step_s=step_s,
-                    progress=recorded,
+                    progress=bar.share(),
                 )
             summary = writer.close()
     except TelemetryError as exc:
