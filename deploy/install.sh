@@ -15,11 +15,12 @@
 #
 # What it does: the virtual environment with exactly the packages of deploy/requirements.txt
 # (pinned, hashes checked) and ooda itself; the system user and group `ooda`; the units
-# ooda-agent.service, ooda-node.service and ooda-site.service (the site coordinator) in
-# /etc/systemd/system (not enabled); /etc/ooda (0750 root:ooda) with a configuration skeleton
-# agent.toml (0640) to fill in; /var/lib/ooda (0700) and /var/log/ooda (0750) owned by ooda; every
-# doc, example (a site's under examples/site), unit, rule file and dashboard under PREFIX/share. Run again (an upgrade), it replaces what it installed and keeps what the operator
-# owns: /etc/ooda/agent.toml and anything else in /etc/ooda, the state, the logs.
+# of deploy/systemd (ooda-agent.service, ooda-node.service and ooda-site.service, the site
+# coordinator) in /etc/systemd/system (not enabled); /etc/ooda (0750 root:ooda) with a
+# configuration skeleton agent.toml (0640) to fill in; /var/lib/ooda (0700) and /var/log/ooda
+# (0750) owned by ooda; every doc, example (a site's under examples/site), unit, rule file and
+# dashboard under PREFIX/share. Run again (an upgrade), it replaces what it installed and keeps
+# what the operator owns: /etc/ooda/agent.toml and anything else in /etc/ooda, the state, the logs.
 set -eu
 PATH=$PATH:/usr/sbin:/sbin  # useradd
 
@@ -103,8 +104,8 @@ fi
 # -- the units (not enabled: fill in /etc/ooda/agent.toml first).
 if [ "$UNITS" = 1 ]; then
     mkdir -p "$ROOT/etc/systemd/system"
-    for unit in ooda-agent.service ooda-node.service ooda-site.service; do
-        install -m 0644 "$DEST/share/deploy/systemd/$unit" "$ROOT/etc/systemd/system/$unit"
+    for unit in "$DEST"/share/deploy/systemd/*.service; do
+        install -m 0644 "$unit" "$ROOT/etc/systemd/system/${unit##*/}"
     done
     if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 fi

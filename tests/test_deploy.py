@@ -653,7 +653,9 @@ def test_install_sh_into_an_empty_root(tmp_path: Path) -> None:
     assert config[3] == hashlib.sha256((DEPLOY / "examples/cluster.toml").read_bytes()).hexdigest()
     assert tree["var/lib/ooda"][:3] == (0o700, uid, gid)
     assert tree["var/log/ooda"][:3] == (0o750, uid, gid)
-    for unit in ("ooda-agent.service", "ooda-node.service", "ooda-site.service"):
+    units = sorted(p.name for p in UNITS.glob("*.service"))
+    assert units == ["ooda-agent.service", "ooda-node.service", "ooda-site.service"]
+    for unit in units:
         installed = root / "etc/systemd/system" / unit
         assert (
             installed.read_text() == (UNITS / unit).read_text()
