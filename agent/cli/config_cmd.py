@@ -134,34 +134,9 @@ def adapters(
     from agent.adapters import default_adapters
 
     table = default_adapters()
-    out: list[dict[str, Any]] = []
-    for kind in table.sources.values():
-        out.append(
-            {
-                "kind": "source",
-                "name": kind.name,
-                "origin": kind.origin,
-                "description": kind.description,
-                "section": f"source.{kind.name}" if kind.Settings is not None else None,
-                "settings": _settings_doc(kind.Settings) if kind.Settings is not None else [],
-            }
-        )
+    out = [_adapter_doc("source", "source", kind) for kind in table.sources.values()]
     for role, kinds in table.actuators.items():
-        for actuator in kinds.values():
-            out.append(
-                {
-                    "kind": role,
-                    "name": actuator.name,
-                    "origin": actuator.origin,
-                    "description": actuator.description,
-                    "section": (
-                        f"actuators.{actuator.name}" if actuator.Settings is not None else None
-                    ),
-                    "settings": (
-                        _settings_doc(actuator.Settings) if actuator.Settings is not None else []
-                    ),
-                }
-            )
+        out += [_adapter_doc(role, "actuators", kind) for kind in kinds.values()]
     if json_out:
         emit_json({"adapters": out})
         return
@@ -171,6 +146,19 @@ def adapters(
         typer.echo(wrapped(f"  {a['description']}", indent="  "))
         _echo_settings(a["settings"])
         typer.echo("")
+
+
+def _adapter_doc(role: str, parent: str, kind: Any) -> dict[str, Any]:
+    """A source or actuator kind as `ooda adapters` lists it: its section under `parent`."""
+    has_section = kind.Settings is not None
+    return {
+        "kind": role,
+        "name": kind.name,
+        "origin": kind.origin,
+        "description": kind.description,
+        "section": f"{parent}.{kind.name}" if has_section else None,
+        "settings": _settings_doc(kind.Settings) if has_section else [],
+    }
 
 
 def policies(
