@@ -118,52 +118,20 @@ def record(
       ooda record --prometheus http://prom:9090 --start 2024-05-01T00:00:00Z \\
           --end 2024-05-02T00:00:00Z --step 15s -o may1.parquet
     """
-    from agent.assembly import prometheus_settings
     from agent.core.errors import TelemetryError
-    from agent.observe.prometheus import PrometheusSource
-    from agent.observe.record import record_prometheus
-    from agent.observe.trace import TraceWriter
+    from agent.replay.prometheus import record_range
 
     start_s, end_s, step_s = prometheus_range(prometheus, start, end, step)
-    settings = prometheus_settings(_prometheus_config(prometheus, config))
-    source = PrometheusSource(settings)
+    cfg = _prometheus_config(prometheus, config)
     t0 = time.perf_counter()
-    written = False  # whether the output was opened (one that could not be is left as it was)
     try:
-        with TraceWriter(
-            output,
-            time_base="unix",
-            step_s=step_s,
-            source={
-                "kind": "prometheus",
-                "url": prometheus,
-                "metrics": {str(k): v for k, v in settings.metrics.items()},
-                "budget_query": settings.budget_query,
-            },
-            metrics=list(source.value_metrics.values()),
-            labels=settings.extra_labels,  # the group label, for per-group budgets in replay
-        ) as writer:
-            written = True
-            with progress_bar(show_progress(json_out), 1.0, f"recording {output.name}") as bar:
-                stats = record_prometheus(
-                    source,
-                    writer,
-                    start_s=start_s,
-                    end_s=end_s,
-                    step_s=step_s,
-                    progress=bar.share(),
-                )
-            summary = writer.close()
+        with progress_bar(show_progress(json_out), 1.0, f"recording {output.name}") as bar:
+            stats, summary = record_range(
+                cfg, output, start_s=start_s, end_s=end_s, step_s=step_s, progress=bar.share()
+            )
     except TelemetryError as exc:
-        output.unlink(missing_ok=True)
         typer.echo(f"ooda: error: record failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    except BaseException:  # whatever else stopped it (a bug, Ctrl-C): no partial trace left
-        if written:
-            output.unlink(missing_ok=True)
-        raise
-    finally:
-        source.close()
     result = {
         "trace": str(output),
         "steps": summary.steps,

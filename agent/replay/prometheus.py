@@ -12,7 +12,7 @@ from agent.assembly import prometheus_settings as settings_of
 from agent.config import Config, parse_config
 from agent.observe.prometheus import PrometheusSource
 from agent.observe.record import RecordStats, record_prometheus
-from agent.observe.trace import TraceReader, TraceWriter
+from agent.observe.trace import TraceReader, TraceSummary, TraceWriter
 from agent.replay.engine import ReplayReport, replay_trace
 
 
@@ -37,10 +37,14 @@ def record_range(
     end_s: float,
     step_s: float,
     progress: Callable[[float], None] | None = None,
-) -> RecordStats:
-    """Record [start_s, end_s] from the configured Prometheus into the trace at `path`."""
+) -> tuple[RecordStats, TraceSummary]:
+    """Record [start_s, end_s] from the configured Prometheus into the trace at `path`, the
+    group label with each GPU (per-group budgets in replay): what it queried and what it wrote.
+    `ooda record` and `ooda replay --prometheus` both record here. A trace that failed part way
+    is removed (a file that could not be opened is left as it was)."""
     settings = settings_of(config)
     source = PrometheusSource(settings)
+    opened = False
     try:
         with TraceWriter(
             path,
@@ -53,11 +57,17 @@ def record_range(
                 "budget_query": settings.budget_query,
             },
             metrics=list(source.value_metrics.values()),
+            labels=settings.extra_labels,
         ) as writer:
+            opened = True
             stats = record_prometheus(
                 source, writer, start_s=start_s, end_s=end_s, step_s=step_s, progress=progress
             )
-        return stats
+            return stats, writer.close()
+    except BaseException:  # a failure, a bug, Ctrl-C: no partial trace left
+        if opened:
+            path.unlink(missing_ok=True)
+        raise
     finally:
         source.close()
 

@@ -3,13 +3,17 @@ temporary trace) replays like the trace the range was backfilled from."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from agent.replay.twin_trace import run_twin
+from agent.config import parse_config
+from agent.observe.trace import TraceReader
+from agent.replay.prometheus import prometheus_config, record_range
+from agent.replay.twin_trace import record_twin, run_twin
 from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 from tests.conftest import last_json
@@ -67,3 +71,44 @@ def test_replay_from_an_unreachable_prometheus_says_so(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_range_is_recorded_with_the_group_label(
+    prometheus_factory: PrometheusFactory, tmp_path: Path
+) -> None:
+    """`ooda record` and `ooda replay --prometheus` record a range the same way, each GPU with
+    the configured group label: replay's range had none, so a config's per-label budgets
+    (`cluster.label_budgets_w`) held nothing when replayed straight from Prometheus."""
+    trace = tmp_path / "t.parquet"
+    record_twin(TwinSpec(nodes=2, gpus_per_node=2, seed=5), trace, duration_s=300)
+    start = int(time.time()) // 15 * 15 - 900
+    openmetrics = tmp_path / "t.om"
+    done = ooda("trace", "export", "--openmetrics", str(trace), "-o", str(openmetrics),
+                "--start", str(start))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Each node in a rack of its own (relabelling does this in a real cluster).
+    text = re.sub(r'Hostname="node(\d+)"', r'Hostname="node\1",rack="r\1"', openmetrics.read_text())
+    openmetrics.write_text(text)
+    data = tmp_path / "data"
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    prom = prometheus_factory({}, data=data)
+    grouped = parse_config(
+        {
+            "source": {"kind": "prometheus"},
+            "cluster": {"group_label": "rack", "label_budgets_w": {"r1": 1000.0}},
+        }
+    )
+    recorded = tmp_path / "range.parquet"
+    _stats, summary = record_range(
+        prometheus_config(prom.url, grouped), recorded, start_s=start, end_s=start + 285, step_s=15
+    )
+    assert summary.steps == 20 and summary.gpus == 4
+    reader = TraceReader(recorded)
+    assert reader.meta.labels == ("rack",)
+    racks = reader.snapshot(reader.meta.steps - 1).labels["rack"]
+    assert sorted(set(racks.tolist())) == ["r1", "r2"]
