@@ -5,7 +5,6 @@ network requests, its plots drawn and its tables filled."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ from agent.meter.pricing import Constant
 from agent.sim.accounts import TwinAccounts
 from agent.sim.adapters import TwinSource
 from agent.sim.twin import Twin, TwinSpec
+from tests.browser import open_page
 from tests.conftest import last_json
-from tests.replay.test_report import CHROMIUM, FLAGS
 
 PLOTS = ("plot-groups", "plot-energy", "plot-cost", "plot-co2")
 
@@ -70,10 +69,7 @@ def test_json_parses_and_adds_up(ledger: Path, capsys: pytest.CaptureFixture[str
 def test_html_renders_in_headless_chromium(
     ledger: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail("chromium is not installed (make system-deps installs Debian's chromium)")
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     out = tmp_path / "energy.html"
     assert main(["report", "energy", "--ledger", str(ledger), "--html", str(out)]) == 0
@@ -83,35 +79,18 @@ def test_html_renders_in_headless_chromium(
     assert len(text.encode()) < 2_000_000, len(text.encode())
     embedded = text.split('<script type="application/json" id="energy-data">')[1].split("</script>")
     assert json.loads(embedded[0].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
-    problems: list[str] = []
-    requests: list[str] = []
     shot = tmp_path / "energy.png"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(out.as_uri(), wait_until="load", timeout=60_000)
-            for plot in PLOTS:
-                page.wait_for_selector(f"#{plot} .main-svg", timeout=30_000)
-            boxes = {p: page.locator(f"#{p}").bounding_box() for p in PLOTS}
-            bars = page.locator("#plot-energy .barlayer .trace").count()
-            rows = page.locator("#groups tr").count()
-            jobs = page.locator("#top-jobs tr").count()
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
-    assert problems == []
-    assert [u for u in requests if not u.startswith("file://")] == []
+    with open_page(out) as seen:
+        page = seen.page
+        for plot in PLOTS:
+            page.wait_for_selector(f"#{plot} .main-svg", timeout=30_000)
+        boxes = {p: page.locator(f"#{p}").bounding_box() for p in PLOTS}
+        bars = page.locator("#plot-energy .barlayer .trace").count()
+        rows = page.locator("#groups tr").count()
+        jobs = page.locator("#top-jobs tr").count()
+        page.screenshot(path=str(shot), full_page=True)
+    assert seen.problems == []
+    assert [u for u in seen.requests if not u.startswith("file://")] == []
     for plot, box in boxes.items():
         assert box is not None and box["width"] > 600 and box["height"] > 200, (plot, box)
     assert bars == 4  # three accounts and the idle GPUs, stacked per day

@@ -107,22 +107,12 @@ def test_the_report_opens_with_the_verdict(compared: Compared) -> None:
 def test_the_report_opens_with_the_verdict_in_a_browser(compared: Compared) -> None:
     """The same in headless Chromium (Debian's, through playwright's client): the verdict is the
     first thing after the title, in the first screenful, and names a winner and the budget."""
-    from playwright.sync_api import sync_playwright
+    from tests.browser import open_page
 
-    from tests.replay.test_report import CHROMIUM, FLAGS
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (make system-deps installs Debian's chromium)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(compared.report.as_uri(), wait_until="load", timeout=60_000)
-            first = page.evaluate("document.querySelector('h1').nextElementSibling.id")
-            box = page.locator("#verdict").bounding_box()
-            verdict = page.locator("#verdict").inner_text()
-        finally:
-            browser.close()
+    with open_page(compared.report) as seen:
+        first = seen.page.evaluate("document.querySelector('h1').nextElementSibling.id")
+        box = seen.page.locator("#verdict").bounding_box()
+        verdict = seen.page.locator("#verdict").inner_text()
     assert first == "verdict"
     assert box is not None and box["y"] < 120
     assert re.search(r"\S+ wins on ", verdict) and "Budget:" in verdict, verdict

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,17 +18,8 @@ from agent.cli import main
 from agent.replay.twin_trace import run_twin
 from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
+from tests.browser import open_page
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PLOTS = ("plot-time",)
 
 
@@ -77,49 +67,29 @@ def test_the_vendored_bundle_is_the_plotly_packages_own_version() -> None:
 
 
 def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail("chromium is not installed (make system-deps installs Debian's chromium)")
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
-    problems: list[str] = []
-    requests: list[str] = []
     shot = tmp_path / "report.png"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
-        try:
-            # A fresh profile (user data dir) per launch; nothing but the file may be loaded.
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri(), wait_until="load", timeout=60_000)
-            for plot in PLOTS:
-                page.wait_for_selector(f"#{plot} .main-svg", timeout=30_000)
-            boxes = {p: page.locator(f"#{p}").bounding_box() for p in PLOTS}
-            traces = page.locator("#plot-time .scatterlayer .trace").count()
-            first = page.evaluate("document.querySelector('h1').nextElementSibling.id")
-            verdict_box = page.locator("#verdict").bounding_box()
-            verdict = page.locator("#verdict").inner_text()
-            # Every row's time axis: where it starts on the page and how long it is (pixels).
-            axes = page.evaluate(
-                "(() => { const l = document.getElementById('plot-time')._fullLayout;"
-                " return Object.keys(l).filter(k => /^xaxis\\d*$/.test(k))"
-                ".map(k => [l[k]._offset, l[k]._length, l[k].range.map(String)]); })()"
-            )
-            page.screenshot(path=str(shot), full_page=True)
-            power_png = page.locator("#plot-time").screenshot()
-        finally:
-            browser.close()
-    assert problems == []
-    assert [u for u in requests if not u.startswith("file://")] == []
+    # A fresh profile per launch; nothing but the file may be loaded.
+    with open_page(report) as seen:
+        page = seen.page
+        for plot in PLOTS:
+            page.wait_for_selector(f"#{plot} .main-svg", timeout=30_000)
+        boxes = {p: page.locator(f"#{p}").bounding_box() for p in PLOTS}
+        traces = page.locator("#plot-time .scatterlayer .trace").count()
+        first = page.evaluate("document.querySelector('h1').nextElementSibling.id")
+        verdict_box = page.locator("#verdict").bounding_box()
+        verdict = page.locator("#verdict").inner_text()
+        # Every row's time axis: where it starts on the page and how long it is (pixels).
+        axes = page.evaluate(
+            "(() => { const l = document.getElementById('plot-time')._fullLayout;"
+            " return Object.keys(l).filter(k => /^xaxis\\d*$/.test(k))"
+            ".map(k => [l[k]._offset, l[k]._length, l[k].range.map(String)]); })()"
+        )
+        page.screenshot(path=str(shot), full_page=True)
+        power_png = page.locator("#plot-time").screenshot()
+    assert seen.problems == []
+    assert [u for u in seen.requests if not u.startswith("file://")] == []
     # The verdict opens the page: first after the title, in the first screenful, and it names
     # the winner of each criterion and the budget.
     assert first == "verdict"
