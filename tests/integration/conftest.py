@@ -164,6 +164,18 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
         prom.stop()
 
 
+def tsdb_blocks(openmetrics: Path, data: Path) -> Path:
+    """`data`, a Prometheus data folder holding the OpenMetrics file's samples as TSDB blocks
+    (promtool's backfill), for a Prometheus that serves history without scraping it."""
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return data
+
+
 def ooda(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run the `ooda` command as a separate process."""
     return subprocess.run(

@@ -8,7 +8,6 @@ queries, the same recorder `ooda record` uses)."""
 from __future__ import annotations
 
 import math
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from agent.observe.trace import TraceReader
 from agent.replay.twin_trace import run_twin
 from agent.sim.twin import TwinSpec
 from tests.conftest import last_json
-from tests.integration.conftest import PrometheusFactory, ooda
+from tests.integration.conftest import PrometheusFactory, ooda, tsdb_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -59,13 +58,7 @@ def test_backfill_from_prometheus_matches_the_live_ledger(
                 "--start", str(start))  # fmt: skip
     assert done.returncode == 0, done.stderr
     add_price_series(openmetrics, start, end)
-    data = tmp_path / "data"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    data = tsdb_blocks(openmetrics, tmp_path / "data")
     # Scrapes nothing: only the loaded history. A scrape that no longer finds a series (a job
     # ended, its label went) marks it stale; loaded blocks carry no such marks, so a lookback
     # shorter than a step stands in for them (else an ended job's series would still answer

@@ -31,7 +31,14 @@ from agent.observe.trace import TraceWriter
 from agent.sim.exporter import SimServer, dcgm_metric_values
 from agent.sim.twin import TwinSpec
 from tests.conftest import last_json
-from tests.integration.conftest import SCRAPE_S, Prometheus, PrometheusFactory, ooda, scrape_yaml
+from tests.integration.conftest import (
+    SCRAPE_S,
+    Prometheus,
+    PrometheusFactory,
+    ooda,
+    scrape_yaml,
+    tsdb_blocks,
+)
 from tests.node_helpers import sim_serve_line
 
 pytestmark = pytest.mark.integration
@@ -265,13 +272,7 @@ def test_recorded_trace_backfilled_returns_the_same_series(
     openmetrics = tmp_path / "rec.om"
     done = ooda("trace", "export", "--openmetrics", str(trace), "-o", str(openmetrics))
     assert done.returncode == 0, done.stderr
-    data = tmp_path / "backfilled"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    data = tsdb_blocks(openmetrics, tmp_path / "backfilled")
     fresh = prometheus_factory({}, data=data)  # scrapes nothing: only the backfilled blocks
 
     backfilled = fresh.source()
@@ -337,13 +338,7 @@ def test_hostile_host_names_and_stale_gpus_in_a_real_prometheus(
     openmetrics = tmp_path / "hostile.om"
     with openmetrics.open("w") as out:
         write_openmetrics(trace, out)
-    data = tmp_path / "data"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    data = tsdb_blocks(openmetrics, tmp_path / "data")
     prom = prometheus_factory({}, data=data)
     now = t0 + 15 * 32
     snap = prom.source(scrape_interval_s=15.0).observe(now)

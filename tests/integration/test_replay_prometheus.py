@@ -4,7 +4,6 @@ temporary trace) replays like the trace the range was backfilled from."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from agent.replay.twin_trace import record_twin, run_twin
 from agent.sim.kpis import uncapped_demand_w
 from agent.sim.twin import BudgetSchedule, TwinSpec
 from tests.conftest import last_json
-from tests.integration.conftest import PrometheusFactory, ooda
+from tests.integration.conftest import PrometheusFactory, ooda, tsdb_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +39,7 @@ def test_replay_from_prometheus_matches_the_trace(
     done = ooda("trace", "export", "--openmetrics", str(trace), "-o", str(openmetrics),
                 "--start", str(start))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    data = tmp_path / "data"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    data = tsdb_blocks(openmetrics, tmp_path / "data")
     prom = prometheus_factory({}, data=data)  # scrapes nothing: only the backfilled range
 
     common = ["--policy", "thermal_guard", "--budget-w", str(budget), "--json"]
@@ -89,13 +82,7 @@ def test_a_range_is_recorded_with_the_group_label(
     # Each node in a rack of its own (relabelling does this in a real cluster).
     text = re.sub(r'Hostname="node(\d+)"', r'Hostname="node\1",rack="r\1"', openmetrics.read_text())
     openmetrics.write_text(text)
-    data = tmp_path / "data"
-    subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(data)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    data = tsdb_blocks(openmetrics, tmp_path / "data")
     prom = prometheus_factory({}, data=data)
     grouped = parse_config(
         {
