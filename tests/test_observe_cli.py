@@ -177,12 +177,13 @@ def test_record_refuses_a_time_that_is_not_one_and_writes_nothing(
 def test_record_leaves_no_partial_trace_whatever_stops_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import agent.observe.record
+    import agent.replay.prometheus
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(agent.observe.record, "record_prometheus", broken)
+    # The one recorder `ooda record` and `ooda replay --prometheus` share.
+    monkeypatch.setattr(agent.replay.prometheus, "record_prometheus", broken)
     out = tmp_path / "t.parquet"
     url = f"http://127.0.0.1:{free_port()}"
     # A bug is a failure (exit 1) said in one line, not a traceback (issue 22).
