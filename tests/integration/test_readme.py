@@ -274,6 +274,8 @@ def _serve_the_twin_and_prometheus(trial: Trial, block: Block) -> Prometheus:
         log=trial.work.parent / "prometheus.log",
     )
     prom.start()
+    assert prom.proc is not None
+    trial.servers.append(prom.proc)  # stopped with the rest (it outlived the test before)
     prom.wait_for_gpus(16, timeout_s=60, scrape_interval_s=5.0)
     trial.subs.update({"http://prometheus:9090": prom.url, "http://prom:9090": prom.url})
     return prom
