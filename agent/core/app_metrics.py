@@ -50,6 +50,9 @@ class ThroughputKind(StrEnum):
 
 APPLICATION_KINDS = tuple(k for k in ThroughputKind if k is not ThroughputKind.SM_CLOCK)
 
+# What a token-generating server's throughput counts (tokens per joule is defined on it).
+TOKENS_UNIT = "tokens"
+
 # Per GPU, in Snapshot.labels: which throughput is in use and its unit.
 THROUGHPUT_KIND_LABEL = "throughput_source"
 THROUGHPUT_UNIT_LABEL = "throughput_unit"
@@ -71,24 +74,24 @@ class ServerMetrics:
 SERVERS: dict[ThroughputKind, ServerMetrics] = {
     ThroughputKind.VLLM: ServerMetrics(
         rate="vllm:generation_tokens_total",
-        unit="tokens",
+        unit=TOKENS_UNIT,
         ttft="vllm:time_to_first_token_seconds",
         tpot="vllm:time_per_output_token_seconds",
     ),
     ThroughputKind.TGI: ServerMetrics(
         rate="tgi_request_generated_tokens_sum",
-        unit="tokens",
+        unit=TOKENS_UNIT,
         tpot="tgi_request_mean_time_per_token_duration",
     ),
     ThroughputKind.TRITON: ServerMetrics(
         rate="nv_llm_output_token_len_sum",
-        unit="tokens",
+        unit=TOKENS_UNIT,
         ttft="nv_inference_first_response_histogram_ms",
         latency_to_s=1e-3,
     ),
     ThroughputKind.DYNAMO: ServerMetrics(
         rate="dynamo_frontend_output_tokens_total",
-        unit="tokens",
+        unit=TOKENS_UNIT,
         ttft="dynamo_frontend_time_to_first_token_seconds",
         tpot="dynamo_frontend_inter_token_latency_seconds",
     ),

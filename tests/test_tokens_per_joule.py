@@ -1,0 +1,71 @@
+"""Tokens per joule, the one definition (agent.core.efficiency): tokens over the energy of the
+GPUs that served them, per job from a snapshot joined with the application's figures, and
+unknown (NaN / None), never 0, where no job reports tokens or their draw is not known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.core.app_metrics import SERVERS, ThroughputKind
+from agent.core.efficiency import token_rates, tokens_per_joule, tokens_per_joule_or_none
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
+from tests.fakes import FakeSource
+from tests.test_app_throughput import FakePrometheus
+
+
+def fleet(jobs: list[str], power_w: list[float]) -> Snapshot:
+    n = len(jobs)
+    return build_snapshot(
+        time_s=100.0,
+        node_of_gpu=[f"node{i // 2 + 1}" for i in range(n)],
+        gpu=[i % 2 for i in range(n)],
+        uuid=[f"GPU-{i}" for i in range(n)],
+        model=["H100"] * n,
+        job=jobs,
+        values={Metric.POWER_W: power_w, Metric.SM_CLOCK_MHZ: [1800.0] * n},
+        age_s=[1.0] * n,
+        stale=[False] * n,
+    )
+
+
+def joined(snap: Snapshot, answers: dict[str, dict[str, float]]) -> Snapshot:
+    """The snapshot through the real join (vLLM first, then training), a fake Prometheus."""
+    specs = [
+        AppSourceConfig(server="vllm").spec(),  # type: ignore[arg-type]
+        AppSourceConfig(server="training").spec(),  # type: ignore[arg-type]
+    ]
+    return AppThroughputSource(FakeSource([snap]), FakePrometheus(answers), specs).observe(100.0)
+
+
+def test_the_quotient_is_tokens_over_joules_and_unknown_without_energy() -> None:
+    out = tokens_per_joule(np.array([600.0, 5.0, np.nan, 3.0]), np.array([300.0, 0.0, 1.0, np.nan]))
+    assert out[0] == 2.0
+    assert np.isnan(out[1:]).all()  # no energy, no tokens known, no energy known: unknown
+    assert tokens_per_joule_or_none(0.0, 100.0) == 0.0  # served nothing while drawing: truly 0
+    assert tokens_per_joule_or_none(10.0, 0.0) is None
+
+
+def test_per_job_tokens_and_the_draw_of_their_gpus() -> None:
+    vllm, train = SERVERS[ThroughputKind.VLLM], SERVERS[ThroughputKind.TRAINING]
+    snap = fleet(["7", "7", "8", "9", ""], [200.0, 400.0, 500.0, 650.0, 90.0])
+    out = joined(snap, {vllm.rate: {"7": 1800.0, "8": 250.0}, train.rate: {"9": 2.0}})
+    rates = token_rates(out)
+    assert rates.job.tolist() == ["7", "8"]  # 9 counts steps, not tokens; "" has no job
+    assert rates.tokens_per_s.tolist() == [1800.0, 250.0]
+    assert rates.power_w.tolist() == [600.0, 500.0]
+    assert rates.tokens_per_joule().tolist() == [3.0, 0.5]
+    assert rates.total() == (2050.0, 1100.0)
+    assert rates.cluster_tokens_per_joule() == pytest.approx(2050.0 / 1100.0)
+
+
+def test_unknown_where_no_job_reports_tokens_or_a_gpus_draw_is_missing() -> None:
+    snap = fleet(["7", "7"], [200.0, 400.0])
+    none = token_rates(snap)  # no application sources at all
+    assert none.job.size == 0 and np.isnan(none.cluster_tokens_per_joule())
+    vllm = SERVERS[ThroughputKind.VLLM]
+    blind = fleet(["7", "7"], [200.0, np.nan])
+    rates = token_rates(joined(blind, {vllm.rate: {"7": 100.0}}))
+    assert rates.job.tolist() == ["7"] and np.isnan(rates.tokens_per_joule()).all()
+    assert rates.total() == (0.0, 0.0) and np.isnan(rates.cluster_tokens_per_joule())
