@@ -265,3 +265,45 @@ class DaemonProcess:
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         assert match is not None
         return int(match.group(1)) * 1024
+
+
+class _Remembering:
+    """The loop's source, remembering its last snapshot's jobs (for TokensForEveryJob)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.jobs: list[str] = []
+
+    def observe(self, now_s: float) -> Any:
+        snapshot = self.inner.observe(now_s)
+        self.jobs = sorted({str(j) for j in snapshot.job.tolist() if j})
+        return snapshot
+
+
+class TokensForEveryJob:
+    """A hand-written fake Prometheus: every job of the twin serves `tokens_per_s` (vLLM's
+    generated-tokens rate); the latency quantiles answer nothing."""
+
+    def __init__(self, source: _Remembering, tokens_per_s: float) -> None:
+        self.source = source
+        self.tokens_per_s = tokens_per_s
+
+    def query(self, expr: str, now_s: float) -> list[dict[str, Any]]:
+        if "histogram_quantile" in expr:
+            return []
+        return [
+            {"metric": {"hpc_job": job}, "value": [now_s, str(self.tokens_per_s)]}
+            for job in self.source.jobs
+        ]
+
+
+def serve_tokens(daemon: Daemon, tokens_per_s: float = 1000.0) -> None:
+    """The daemon's twin source through the real application-throughput join, every job serving
+    vLLM tokens (the twin's own services are not scraped by a twin-sourced daemon)."""
+    from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
+
+    loop = daemon.runtime.loop
+    remembering = _Remembering(loop.source)
+    spec = AppSourceConfig(server="vllm").spec()  # type: ignore[arg-type]
+    query = TokensForEveryJob(remembering, tokens_per_s)
+    loop.source = AppThroughputSource(remembering, query, [spec])

@@ -36,6 +36,7 @@ from tests.daemon_helpers import (
     START_UNIX,
     HealthFromXid,
     in_process,
+    serve_tokens,
     twin_config,
     write,
 )
@@ -322,6 +323,8 @@ def query_unit(expr: str) -> str:
             return unit
     if name in ("ooda_dry_run", "ooda_state_restored"):
         return "bool_yes_no"
+    if name.endswith("_tokens_per_joule"):
+        return "suffix: tokens/J"
     if "nodes" in name:
         return "suffix: nodes"
     if "gpus" in name or name.endswith("_caps"):
@@ -374,6 +377,7 @@ def exported_names(tmp_path: Path) -> set[str]:
         wall = FakeClock(START_UNIX)
         daemon = in_process(cfg, tmp_path / f"state{dry}", wall=wall)
         daemon.runtime.loop.orienter = WithForecast(HealthFromXid(daemon.runtime.loop.orienter))
+        serve_tokens(daemon)  # ooda_tokens_per_joule: jobs that report application tokens
         try:
             for _ in range(8):
                 wall.advance(daemon.interval_s)

@@ -4,13 +4,19 @@ unknown (NaN / None), never 0, where no job reports tokens or their draw is not 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from agent.core.app_metrics import SERVERS, ThroughputKind
+from agent.core.clock import FakeClock
 from agent.core.efficiency import token_rates, tokens_per_joule, tokens_per_joule_or_none
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
+from tests.daemon_helpers import START_UNIX, in_process, serve_tokens, twin_config, write
 from tests.fakes import FakeSource
 from tests.test_app_throughput import FakePrometheus
 
@@ -69,3 +75,50 @@ def test_unknown_where_no_job_reports_tokens_or_a_gpus_draw_is_missing() -> None
     rates = token_rates(joined(blind, {vllm.rate: {"7": 100.0}}))
     assert rates.job.tolist() == ["7"] and np.isnan(rates.tokens_per_joule()).all()
     assert rates.total() == (0.0, 0.0) and np.isnan(rates.cluster_tokens_per_joule())
+
+
+def _scrape(tmp_path: Path, tokens: bool) -> tuple[str, Snapshot]:
+    cfg = write(tmp_path / f"t{tokens}.toml", twin_config())
+    wall = FakeClock(START_UNIX)
+    daemon = in_process(cfg, tmp_path / f"state{tokens}", wall=wall)
+    if tokens:
+        serve_tokens(daemon, tokens_per_s=1000.0)
+    try:
+        for _ in range(3):
+            wall.advance(daemon.interval_s)
+            report = daemon.run_cycle()
+        text = generate_latest(daemon.metrics.registry).decode()
+    finally:
+        daemon.shutdown()
+    assert report is not None
+    return text, report.snapshot
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    return {
+        m.group(1) or "": float(m.group(2))
+        for m in re.finditer(rf'^{name}(?:{{hpc_job="([^"]*)"}})? (\S+)$', text, re.MULTILINE)
+    }
+
+
+def test_metrics_export_each_jobs_tokens_per_joule_and_the_clusters(tmp_path: Path) -> None:
+    text, snap = _scrape(tmp_path, tokens=True)
+    per_job = _samples(text, "ooda_tokens_per_joule")
+    power, ok = snap.column(Metric.POWER_W)
+    jobs = sorted({str(j) for j in snap.job.tolist() if j})
+    assert jobs and set(per_job) == set(jobs)
+    for job in jobs:  # each job's 1000 tokens/s over the draw of its own GPUs
+        rows = (snap.job == job) & ok
+        assert per_job[job] == pytest.approx(1000.0 / power[rows].sum(), rel=1e-9)
+    cluster = _samples(text, "ooda_cluster_tokens_per_joule")[""]
+    served = np.isin(snap.job, jobs) & ok
+    assert cluster == pytest.approx(1000.0 * len(jobs) / power[served].sum(), rel=1e-9)
+
+
+def test_metrics_leave_tokens_per_joule_absent_where_no_job_reports_tokens(
+    tmp_path: Path,
+) -> None:
+    text, _ = _scrape(tmp_path, tokens=False)
+    assert "# TYPE ooda_tokens_per_joule gauge" in text  # described, with no series: not 0
+    assert not _samples(text, "ooda_tokens_per_joule")
+    assert not _samples(text, "ooda_cluster_tokens_per_joule")

@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.act.ledger import SETTLE_RESULTS
+from agent.core.efficiency import TokenRates, token_rates
 from agent.core.intents import Intent, Outcome, ReleasePowerCap, SetPowerCap
 from agent.core.keyed import KeyedColumns
 from agent.core.snapshot import Metric
@@ -195,6 +196,43 @@ class _RecommendationCollector(Collector):
         return []
 
 
+class _TokensPerJouleCollector(Collector):
+    """Tokens per joule (agent.core.efficiency), per job with application tokens and the
+    cluster's, built at scrape time from the last cycle's snapshot. A series is absent, never 0,
+    where its figure is unknown; at most `max_jobs` jobs (the most tokens a second) are kept."""
+
+    def __init__(self, source: Callable[[], TokenRates | None], max_jobs: int) -> None:
+        self._source = source
+        self._max_jobs = max_jobs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        per_job = GaugeMetricFamily(
+            "ooda_tokens_per_joule",
+            "Generated tokens per joule of the GPUs serving the job, over the application's "
+            "rate window (jobs reporting tokens; absent where unknown).",
+            labels=["hpc_job"],
+        )
+        cluster = GaugeMetricFamily(
+            "ooda_cluster_tokens_per_joule",
+            "Generated tokens per joule over every job reporting tokens (absent where none do).",
+        )
+        rates = self._source()
+        if rates is not None:
+            figure = rates.tokens_per_joule()
+            known = np.flatnonzero(np.isfinite(figure))
+            top = known[np.argsort(-rates.tokens_per_s[known], kind="stable")[: self._max_jobs]]
+            for i in top.tolist():
+                per_job.add_metric([str(rates.job[i])], float(figure[i]))
+            whole = rates.cluster_tokens_per_joule()
+            if np.isfinite(whole):
+                cluster.add_metric([], whole)
+        yield per_job
+        yield cluster
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
 @dataclass(frozen=True)
 class Health:
     alive: bool
@@ -209,6 +247,7 @@ class DaemonMetrics:
         self.recommendations = Recommendations()
         self._lock = threading.Lock()
         self._top: list[tuple[str, str, int, str, float]] = []
+        self._token_rates: TokenRates | None = None
         self._cycle_metrics(r)
         self._fleet_metrics(r)
         self._decision_metrics(r)
@@ -343,6 +382,7 @@ class DaemonMetrics:
             registry=r,
         )
         r.register(_RecommendationCollector(self._top_now))
+        r.register(_TokensPerJouleCollector(self._token_rates_now, self.per_gpu_max))
         ProcessCollector(namespace="ooda", registry=r)  # ooda_process_resident_memory_bytes...
 
     def _state_metrics(self, r: CollectorRegistry) -> None:
@@ -437,6 +477,10 @@ class DaemonMetrics:
         with self._lock:
             return list(self._top)
 
+    def _token_rates_now(self) -> TokenRates | None:
+        with self._lock:
+            return self._token_rates
+
     def observe_cycle(
         self,
         report: CycleReport,
@@ -475,6 +519,9 @@ class DaemonMetrics:
         self.fleet_power.set(situation.fleet_power_w if snap.n_gpus else np.nan)
         headroom = situation.headroom_w
         self.headroom.set(np.nan if headroom is None or not snap.n_gpus else headroom)
+        rates = token_rates(snap)
+        with self._lock:
+            self._token_rates = rates
         forecast = situation.forecast
         if forecast is not None:
             for i, horizon in enumerate(forecast.horizons_s):
