@@ -68,20 +68,31 @@ class TokenRates:
         return float(tokens_per_joule(*self.total()))
 
 
+def token_rows(snapshot: Snapshot) -> tuple[npt.NDArray[np.intp], FloatArray]:
+    """The GPUs whose job's throughput in use is the application's token count, and each one's
+    share of its job's tokens a second. Columnar; none without application sources."""
+    _rate, app_ok = snapshot.column(Metric.APP_RATE_PER_S)
+    if not app_ok.any():  # the common case without application sources: nothing to look at
+        return np.zeros(0, dtype=np.intp), np.zeros(0)
+    view = throughput_view(snapshot, None)
+    rows = np.flatnonzero(view.application() & (view.unit == TOKENS_UNIT))
+    return rows, view.rate_per_s[rows]
+
+
 def token_rates(snapshot: Snapshot) -> TokenRates:
     """Per job, from one snapshot: the application's token rate where that is the throughput in
     use, and the draw of the GPUs it was joined to. Columnar: one unique over those GPUs."""
-    _rate, app_ok = snapshot.column(Metric.APP_RATE_PER_S)
-    if not app_ok.any():  # the common case without application sources: nothing to group
-        empty = np.zeros(0)
-        return TokenRates(np.zeros(0, dtype=np.str_), empty, empty)
-    view = throughput_view(snapshot, None)
-    rows = np.flatnonzero(view.application() & (view.unit == TOKENS_UNIT))
+    rows, tokens_per_s = token_rows(snapshot)
     jobs, inverse = np.unique(snapshot.job[rows], return_inverse=True)
     power, power_ok = snapshot.column(Metric.POWER_W)
     watts = np.where(power_ok[rows], power[rows], np.nan)
     return TokenRates(
         job=np.asarray(jobs, dtype=np.str_),
-        tokens_per_s=np.bincount(inverse, weights=view.rate_per_s[rows], minlength=jobs.size),
-        power_w=np.bincount(inverse, weights=watts, minlength=jobs.size),
+        tokens_per_s=_sums(inverse, tokens_per_s, jobs.size),
+        power_w=_sums(inverse, watts, jobs.size),
     )
+
+
+def _sums(group: npt.NDArray[np.intp], values: FloatArray, groups: int) -> FloatArray:
+    """Per group, the sum of its values (NaN where one of them is)."""
+    return np.asarray(np.bincount(group, weights=values, minlength=groups), dtype=np.float64)

@@ -39,6 +39,7 @@ from agent.act.executor import Actuators, RecordingCapActuator, RecordingPlaceme
 from agent.assembly import assemble, orienter_for
 from agent.config import Config, default_config
 from agent.core.clock import FakeClock
+from agent.core.efficiency import tokens_per_joule
 from agent.core.errors import BadInputError, ConfigError
 from agent.core.intents import (
     Action,
@@ -646,6 +647,42 @@ def replay_set(
 
 
 @dataclass
+class TokenTotals:
+    """Application tokens and the energy of the GPUs that made them (agent.core.efficiency),
+    summed over the steps: as recorded and under the replayed caps."""
+
+    tokens_obs: float = 0.0
+    energy_obs_j: float = 0.0
+    tokens_cf: float = 0.0
+    energy_cf_j: float = 0.0
+    seconds: float = 0.0  # the trace's seconds with tokens reported
+
+    def add(self, out: StepOutcome, dt: float) -> None:
+        if out.tokens_obs_w <= 0 and out.tokens_cf_w <= 0:
+            return
+        self.tokens_obs += out.tokens_obs * dt
+        self.energy_obs_j += out.tokens_obs_w * dt
+        self.tokens_cf += out.tokens_cf * dt
+        self.energy_cf_j += out.tokens_cf_w * dt
+        self.seconds += dt
+
+    def kpis(self, counterfactual: bool) -> dict[str, float | None]:
+        """Tokens per joule, tokens a second (over the seconds they were reported) and the
+        serving GPUs' energy; None (unknown, never 0) where no GPU reported tokens."""
+        tokens, energy_j = (
+            (self.tokens_cf, self.energy_cf_j)
+            if counterfactual
+            else (self.tokens_obs, self.energy_obs_j)
+        )
+        known = self.seconds > 0
+        return {
+            "tokens_per_joule": _round(float(tokens_per_joule(tokens, energy_j)), 4),
+            "tokens_per_s": round(tokens / self.seconds, 1) if known else None,
+            "tokens_energy_kwh": round(energy_j / 3.6e6, 3) if known else None,
+        }
+
+
+@dataclass
 class _Totals:
     """A replayed set's sums over the steps: its counterfactual (point, and per parameter draw)
     and the recording, from which its KPIs come."""
@@ -657,6 +694,7 @@ class _Totals:
     work_cf: float = 0.0
     over_s: float = 0.0
     over_obs_s: float = 0.0
+    tokens: TokenTotals = field(default_factory=TokenTotals)
     energy_draws_j: FloatArray = field(init=False)
     work_draws: FloatArray = field(init=False)
     over_draws_s: FloatArray = field(init=False)
@@ -674,6 +712,7 @@ class _Totals:
         self.work_obs += out.work_obs * dt
         self.work_cf += out.work_cf * dt
         self.work_draws += out.work_cf_draws * dt
+        self.tokens.add(out, dt)
         if counted_budget is not None:
             self.over_s += dt * (out.fleet_cf_w > counted_budget)
             self.over_obs_s += dt * (out.fleet_obs_w > counted_budget)
@@ -713,6 +752,7 @@ class _Totals:
             if self.energy_obs_j > 0
             else None,
             "cycles": cycles,
+            **self.tokens.kpis(counterfactual=True),
         }
 
     def baseline(self, cap_changes: dict[str, int]) -> dict[str, Any]:
@@ -724,6 +764,7 @@ class _Totals:
             "actions": {kind: cap_changes.get(kind, 0) for kind in ACTION_KINDS},
             "drains": 0,
             "work_gpu_s": round(self.work_obs, 1),
+            **self.tokens.kpis(counterfactual=False),
         }
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.core.curves import MIN_EXPONENT
+from agent.core.efficiency import token_rows
 from agent.core.keyed import KeyedColumns, LastKeys
 from agent.core.situation import Situation
 from agent.core.snapshot import CLOCK_EVENT_SW_POWER_CAP, Metric, Snapshot
@@ -502,6 +503,12 @@ class StepOutcome:
     # The caps in force over GPUs with a known cap: the CAP_QUANTILES (10%, median, 90%).
     cap_q_obs_w: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     cap_q_cf_w: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    # Application tokens a second of the GPUs reporting them (agent.core.efficiency), and their
+    # draw: as recorded, and under the replayed caps. 0 with none (the KPI is then unknown).
+    tokens_obs: float = 0.0
+    tokens_obs_w: float = 0.0
+    tokens_cf: float = 0.0
+    tokens_cf_w: float = 0.0
 
 
 @dataclass
@@ -625,6 +632,7 @@ class Counterfactual:
         shown = pt.usable & np.isfinite(cap_p)
         capped_cf = pt.bind_p & (cap_p < max_w - 0.5)
         self._count(pt, capped_cf & pt.recapped, dt_s)
+        tokens = _tokens(snap, pt)
         out = StepOutcome(
             time_s=snap.time_s,
             fleet_obs_w=float(np.nansum(np.where(pt.usable, power, 0.0))) + overhead,
@@ -641,6 +649,10 @@ class Counterfactual:
             finished_early=int(pt.done.sum()),
             cap_q_obs_w=_cap_quantiles(limit, has_cap),
             cap_q_cf_w=_cap_quantiles(cap_p, shown),
+            tokens_obs=tokens[0],
+            tokens_obs_w=tokens[1],
+            tokens_cf=tokens[2],
+            tokens_cf_w=tokens[3],
         )
         idle_clock = self._per_model(
             snap, self.est.idle_clock_mhz, snap.column(Metric.SM_CLOCK_MHZ)[0]
@@ -894,6 +906,28 @@ def _steer(
         f_up = np.where(want_w < 0, np.clip(-want_w / up.sum(axis=1), 0.0, 1.0), 0.0)
     f_down, f_up = np.nan_to_num(f_down), np.nan_to_num(f_up)
     return np.asarray(power_w - f_down[:, None] * down + f_up[:, None] * up, dtype=np.float64)
+
+
+def _tokens(snap: Snapshot, pt: _Point) -> tuple[float, float, float, float]:
+    """Tokens a second and watts of the GPUs reporting application tokens, as recorded and under
+    the replayed caps: a GPU's tokens scale with its throughput proxy's pace (the replay's model
+    of a capped job, ASSUMPTIONS), its draw is the counterfactual's. Only GPUs with a rate and
+    a draw known on both sides count."""
+    rows, rate = token_rows(snap)
+    if rows.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    power_obs = snap.column(Metric.POWER_W)[0][rows]
+    power_cf = pt.power_w[rows]
+    ok = np.isfinite(rate) & np.isfinite(power_obs) & np.isfinite(power_cf) & pt.usable[rows]
+    t_obs, t_cf = pt.t_obs[rows], pt.t_cf[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pace = np.where(pt.known[rows] & (t_obs > 0), t_cf / t_obs, 1.0)
+    return (
+        float(rate[ok].sum()),
+        float(power_obs[ok].sum()),
+        float((rate * pace)[ok].sum()),
+        float(power_cf[ok].sum()),
+    )
 
 
 def _cap_quantiles(caps_w: FloatArray, ok: BoolArray) -> tuple[float, float, float]:
