@@ -38,7 +38,7 @@ def console() -> Console:
 
 def print_replay(result: ReplayReport, out: Console | None = None) -> None:
     from agent.replay.deltas import deltas
-    from agent.replay.report import budget_summary, headline, judge
+    from agent.replay.report import budget_summary, headline, judge, tokens_summary
 
     out = out or console()
     span_h = (result.end_s - result.start_s + result.step_s) / 3600.0
@@ -50,6 +50,7 @@ def print_replay(result: ReplayReport, out: Console | None = None) -> None:
     budget = budget_summary(result)
     out.print(f"budget: {budget} (GPUs and node overhead)" if budget else "budget: none")
     out.print(kpi_table(result))
+    out.print(tokens_summary(result), overflow="fold")
     out.print(delta_table(deltas(result)))
     verdict = re.sub(r"<[^>]+>", "", headline(result, judge(result)))
     out.print(f"verdict: {verdict}", overflow="fold")

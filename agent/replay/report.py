@@ -535,10 +535,37 @@ def _change(value: Any, base: Any, digits: int, unit: str = "") -> str:
     return f' <span class="delta">({diff:+,.{digits}f}{unit}{pct})</span>'
 
 
+TOKENS_UNKNOWN = (
+    "unknown: no job in the trace reports application tokens (an inference server's own "
+    "metrics, joined by ooda's [throughput] sources: docs/throughput.md)"
+)
+
+
+def _tokens_figure(kpis: dict[str, Any]) -> str:
+    value = kpis.get("tokens_per_joule")
+    if value is None:
+        return "unknown"
+    return (
+        f"{value:.3f} tokens/J ({kpis['tokens_per_s']:,.0f} tokens/s, "
+        f"{kpis['tokens_energy_kwh']:.1f} kWh on the serving GPUs)"
+    )
+
+
+def tokens_summary(report: ReplayReport) -> str:
+    """Tokens per joule of the jobs that report application tokens (agent.core.efficiency): as
+    recorded and under each set's caps, or plainly unknown where none do."""
+    if report.baseline.get("tokens_per_joule") is None:
+        return f"tokens per joule: {TOKENS_UNKNOWN}"
+    runs = [f"{RECORDING} {_tokens_figure(report.baseline)}"]
+    runs += [f"{s.policy_set.name} {_tokens_figure(s.kpis)}" for s in report.sets]
+    return "tokens per joule: " + "; ".join(runs)
+
+
 def kpi_table(report: ReplayReport) -> str:
     head = (
         "<tr><th>run</th><th>energy (kWh)</th><th>throughput vs recorded</th>"
-        "<th>seconds above budget</th><th>actions (targets, by kind)</th><th>drains</th></tr>"
+        "<th>seconds above budget</th><th>actions (targets, by kind)</th><th>drains</th>"
+        "<th>tokens per joule</th></tr>"
     )
     base = report.baseline
     body = [
@@ -546,7 +573,7 @@ def kpi_table(report: ReplayReport) -> str:
         f"<td>{_fmt(base['energy_kwh'])}</td><td>1.000</td>"
         f"<td>{_fmt(base['budget_violation_s'], 0)}</td>"
         f"<td>{_actions(base['actions'])} <span class='iv'>(cap changes seen)</span></td>"
-        f"<td>{base['drains']}</td></tr>"
+        f"<td>{base['drains']}</td><td>{_tokens_cell(base, None)}</td></tr>"
     ]
     body.extend(_row(result, base) for result in report.sets)
     return f"<table class='kpi'>{head}{''.join(body)}</table>"
@@ -564,8 +591,18 @@ def _row(result: SetResult, base: dict[str, Any]) -> str:
         f"<td>{_fmt(k['budget_violation_s'], 0)}"
         f"{_change(k['budget_violation_s'], base['budget_violation_s'], 0, ' s')}"
         f"{_range(iv['budget_violation_s'], 0)}</td>"
-        f"<td>{_actions(k['actions'])}</td><td>{k['drains']}</td></tr>"
+        f"<td>{_actions(k['actions'])}</td><td>{k['drains']}</td>"
+        f"<td>{_tokens_cell(k, base)}</td></tr>"
     )
+
+
+def _tokens_cell(kpis: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Tokens per joule (its change against the recording for a set); 'unknown', never 0."""
+    value = kpis.get("tokens_per_joule")
+    if value is None:
+        return "unknown"
+    change = "" if base is None else _change(value, base.get("tokens_per_joule"), 3)
+    return f"{_fmt(value, 3)}{change}"
 
 
 def _actions(actions: dict[str, int]) -> str:
@@ -651,6 +688,7 @@ def render_html(report: ReplayReport) -> str:
 {report.wall_s:.1f} s ({report.sim_speed():,.0f} simulated seconds per second).</div>
 <h2>KPIs (change against the recording; 90% intervals in brackets)</h2>
 {kpi_table(report)}
+<p class="tokens">{html.escape(tokens_summary(report))}</p>
 <h2>Notes</h2><ul class="notes">{notes}</ul>
 <div class="plot">{plot}</div>
 {error_html}
