@@ -17,7 +17,7 @@ from agent.config import Config
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.core.intents import Outcome
 from agent.sim.faults import FaultSpec
-from agent.sim.kpis import run_kpis, uncapped_demand_w
+from agent.sim.kpis import RunKpis, run_kpis, uncapped_demand_w
 from agent.sim.oracle import AGENT_MARGIN_FRAC, Oracle
 from agent.sim.scenario import load_scenario, with_curves
 from agent.sim.twin import BudgetSchedule, Twin, TwinSpec
@@ -172,6 +172,7 @@ def run_demo(
         "throughput_vs_uncapped": _ratio(agent_k.work_gpu_s, uncapped_k.work_gpu_s),
         "throughput_vs_oracle": _ratio(agent_k.work_gpu_s, oracle_k.work_gpu_s),
         "energy_kwh": round(agent_k.energy_kwh, 3),
+        "tokens_per_joule": _tpj(agent_k),
         "actions": {k: applied.get(k, 0) for k in kinds},
         "recommendations": recommendations,
         "first_cycle": first_cycle,
@@ -180,10 +181,12 @@ def run_demo(
         "uncapped": {
             "budget_violation_s": uncapped_k.violation_s,
             "energy_kwh": round(uncapped_k.energy_kwh, 3),
+            "tokens_per_joule": _tpj(uncapped_k),
         },
         "oracle": {
             "budget_violation_s": oracle_k.violation_s,
             "energy_kwh": round(oracle_k.energy_kwh, 3),
+            "tokens_per_joule": _tpj(oracle_k),
             "throughput_vs_uncapped": _ratio(oracle_k.work_gpu_s, uncapped_k.work_gpu_s),
         },
         "audit_log": str(opts.audit_path) if opts.audit_path else None,
@@ -202,6 +205,12 @@ def _budget_summary(budget: BudgetSchedule) -> dict[str, Any]:
             "drop_end_s": steps[2][0],
         }
     return {"normal": steps[0][1], "steps": [list(step) for step in steps]}
+
+
+def _tpj(kpis: RunKpis) -> float | None:
+    """The twin's inference services' tokens per joule; None (unknown) where it runs none."""
+    value = kpis.tokens_per_joule
+    return None if value is None else round(value, 4)
 
 
 def _ratio(a: float, b: float) -> float:

@@ -54,3 +54,31 @@ def test_dry_run_recommends_the_same_first_cycle_and_applies_nothing(
     assert {"kind", "target", "policy", "reason", "watts"} <= set(first[0])
     # Nothing changed, so the uncapped outcome repeats exactly.
     assert dry["throughput_vs_uncapped"] == 1.0
+
+
+def test_the_default_twin_runs_no_inference_so_tokens_per_joule_is_unknown(
+    live: dict[str, Any],
+) -> None:
+    """Unknown (null), never 0: the default twin serves no tokens."""
+    assert live["tokens_per_joule"] is None
+    assert live["uncapped"]["tokens_per_joule"] is None
+    assert live["oracle"]["tokens_per_joule"] is None
+
+
+def test_a_twin_with_inference_services_shows_their_tokens_per_joule(tmp_path: Any) -> None:
+    scenario = tmp_path / "serving.toml"
+    scenario.write_text(
+        "[twin]\nnodes = 4\ngpus_per_node = 4\nseed = 7\n[phases]\ninference_share = 0.25\n"
+    )
+    out = run_demo("--scenario", str(scenario), "--duration", "30m")
+    tpj = [out["tokens_per_joule"], out["uncapped"]["tokens_per_joule"]]
+    tpj.append(out["oracle"]["tokens_per_joule"])
+    # Services' tokens over their GPUs' energy: an 8B-class model on an H100 serves a few
+    # tokens a joule at the twin's loads (agent/sim/inference.py).
+    assert all(isinstance(v, float) and 0.5 < v < 50 for v in tpj), tpj
+    text = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--scenario", str(scenario), "--duration",
+         "30m"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert f"tokens per joule:     {out['tokens_per_joule']:.3f}" in text

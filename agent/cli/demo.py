@@ -119,6 +119,16 @@ def demo(
         typer.echo(render_summary(result))
 
 
+def _tokens_line(r: dict[str, Any], unc: dict[str, Any], ora: dict[str, Any]) -> str:
+    """The inference services' tokens per joule, or plainly unknown where the twin has none."""
+    if r.get("tokens_per_joule") is None:
+        return "unknown (no inference services in this twin: a scenario's inference_share)"
+    return (
+        f"{r['tokens_per_joule']:.3f}  (uncapped {unc['tokens_per_joule']:.3f}, "
+        f"oracle {ora['tokens_per_joule']:.3f})"
+    )
+
+
 def _hms(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -158,6 +168,7 @@ def render_summary(r: dict[str, Any]) -> str:
         f"{unc['budget_violation_s']:.0f}, oracle {ora['budget_violation_s']:.0f})",
         f"throughput:           {throughput}",
         f"energy:               {r['energy_kwh']:.1f} kWh  (uncapped {unc['energy_kwh']:.1f} kWh)",
+        f"tokens per joule:     {_tokens_line(r, unc, ora)}",
         f"actions applied:      {acts}",
     ]
     if r.get("scenario") or r.get("job_mix"):

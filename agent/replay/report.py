@@ -547,7 +547,7 @@ def _tokens_figure(kpis: dict[str, Any]) -> str:
         return "unknown"
     return (
         f"{value:.3f} tokens/J ({kpis['tokens_per_s']:,.0f} tokens/s, "
-        f"{kpis['tokens_energy_kwh']:.1f} kWh on the serving GPUs)"
+        f"{kpis['tokens_energy_kwh']:,.3f} kWh on the serving GPUs)"
     )
 
 

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from agent.core.efficiency import tokens_per_joule_or_none
 from agent.sim.twin import Twin, TwinSpec
 
 
@@ -16,6 +18,19 @@ class RunKpis:
     violation_s: float
     work_gpu_s: float
     energy_kwh: float
+    tokens: float = 0.0  # the inference services' generated tokens (0: none run)
+    tokens_energy_j: float = 0.0  # the energy of the GPUs serving them
+
+    @property
+    def tokens_per_joule(self) -> float | None:
+        """agent.core.efficiency's definition; None where no service ran."""
+        return tokens_per_joule_or_none(self.tokens, self.tokens_energy_j)
+
+
+def service_gpus(twin: Twin) -> npt.NDArray[np.intp]:
+    """The GPUs of the twin's inference services (they run all day, from the start)."""
+    gpus = np.flatnonzero(twin.job_row >= 0)
+    return gpus[twin.jobs.service[twin.job_row[gpus]]]
 
 
 def run_kpis(twin: Twin, interval_s: float) -> RunKpis:
@@ -32,6 +47,8 @@ def run_kpis(twin: Twin, interval_s: float) -> RunKpis:
         violation_s=float(dt[over & ~grace].sum()),
         work_gpu_s=float(work.sum()),
         energy_kwh=twin.energy_total_j / 3.6e6,
+        tokens=float(twin.services.generation_tokens.sum()),
+        tokens_energy_j=float(twin.energy_j[service_gpus(twin)].sum()),
     )
 
 
