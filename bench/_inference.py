@@ -30,6 +30,7 @@ from agent.core.app_metrics import (
     VLLM_TPOT_BUCKETS_S,
     VLLM_TTFT_BUCKETS_S,
 )
+from agent.core.efficiency import tokens_per_joule
 from agent.core.intents import LockClocks, ResetClocks
 from agent.core.snapshot import Metric
 from agent.orient.orienter import Orienter
@@ -262,7 +263,7 @@ def evaluate(seed: int, duration_s: float = 2 * 3600.0) -> list[dict[str, Any]]:
             {
                 "scenario": "inference",
                 "controller": c,
-                "tokens_per_joule": round(o.tokens / max(o.energy_j, 1e-9), 4),
+                "tokens_per_joule": round(float(tokens_per_joule(o.tokens, o.energy_j)), 4),
                 "slo_attainment": round(o.attained / max(o.samples, 1), 4),
                 "energy_saving": round(saving[c], 4),
                 "energy_saving_vs_oracle_saving": round(
