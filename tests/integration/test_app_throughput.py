@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from agent.core.app_metrics import THROUGHPUT_KIND_LABEL, THROUGHPUT_UNIT_LABEL
+from agent.core.efficiency import token_rates
 from agent.core.snapshot import Metric
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from agent.sim.exporter import VLLM_PATH, SimServer
@@ -147,3 +148,26 @@ def test_once_says_per_job_which_throughput_is_in_use(served: Served, tmp_path: 
             assert gpu["ttft_p90_s"] > 0 and gpu["tpot_p90_s"] > 0
         elif gpu["job"]:
             assert gpu["throughput_source"] == "sm_clock" and gpu["ttft_p90_s"] is None
+
+
+def test_tokens_per_joule_from_a_real_prometheus(served: Served) -> None:
+    """The one definition (agent.core.efficiency) on the real join: each service's tokens a
+    second over the draw DCGM reports for its GPUs, as the twin served and drew them."""
+    prom = served.prometheus
+    spec = AppSourceConfig(server="vllm", window_s=WINDOW_S).spec()  # type: ignore[arg-type]
+    snap = AppThroughputSource(prom.source(), prom.source(), [spec]).observe(time.time())
+    rates = token_rates(snap)
+    assert set(rates.job.tolist()) == set(served.services.values())  # the services, no other
+    twin = served.sim.twin
+    with served.sim.lock:
+        meters = twin.services
+        tokens = dict(zip(meters.rows.tolist(), meters.last.tokens_per_s.tolist(), strict=True))  # type: ignore[union-attr]
+        truth = {
+            str(int(twin.jobs.job_id[row])): tokens[row]
+            / float(twin.power_w[twin.job_row == row].sum())
+            for row in meters.rows.tolist()
+        }
+    figure = rates.tokens_per_joule()
+    for job, value in zip(rates.job.tolist(), figure.tolist(), strict=True):
+        assert math.isclose(value, truth[job], rel_tol=0.2), (job, value, truth[job])
+    assert rates.cluster_tokens_per_joule() > 0
