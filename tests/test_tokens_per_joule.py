@@ -9,12 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.core.app_metrics import SERVERS, ThroughputKind
 from agent.core.clock import FakeClock
-from agent.core.efficiency import token_rates, tokens_per_joule, tokens_per_joule_or_none
+from agent.core.efficiency import (
+    TokenRates,
+    token_rates,
+    tokens_per_joule,
+    tokens_per_joule_or_none,
+)
 from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.daemon.telemetry import DaemonMetrics
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from tests.daemon_helpers import START_UNIX, in_process, serve_tokens, twin_config, write
 from tests.fakes import FakeSource
@@ -122,3 +128,16 @@ def test_metrics_leave_tokens_per_joule_absent_where_no_job_reports_tokens(
     assert "# TYPE ooda_tokens_per_joule gauge" in text  # described, with no series: not 0
     assert not _samples(text, "ooda_tokens_per_joule")
     assert not _samples(text, "ooda_cluster_tokens_per_joule")
+
+
+def test_metrics_keep_the_busiest_jobs_within_the_per_gpu_bound() -> None:
+    metrics = DaemonMetrics(CollectorRegistry(), per_gpu_max=2)
+    rates = TokenRates(
+        job=np.array(["a", "b", "c", "d"]),
+        tokens_per_s=np.array([100.0, 900.0, 500.0, 1000.0]),
+        power_w=np.array([100.0, 300.0, 250.0, np.nan]),  # d: a GPU without a reading
+    )
+    metrics._token_rates = rates  # what observe_cycle keeps of the last snapshot
+    text = generate_latest(metrics.registry).decode()
+    assert _samples(text, "ooda_tokens_per_joule") == {"b": 3.0, "c": 2.0}  # d unknown: absent
+    assert _samples(text, "ooda_cluster_tokens_per_joule") == {"": 1500.0 / 650.0}
