@@ -36,6 +36,7 @@ from agent.core.snapshot import Metric
 from agent.orient.orienter import Orienter
 from agent.sim.exporter import dcgm_snapshot, served_fields
 from agent.sim.inference import service_state
+from agent.sim.kpis import service_gpus
 from agent.sim.phases import PhaseSpec
 from agent.sim.twin import Twin, TwinSpec
 from policies.base import PolicyMemory
@@ -116,8 +117,7 @@ def windowed(now: Window, then: Window) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def _service_rows(twin: Twin) -> tuple[np.ndarray, np.ndarray]:
     """Service GPUs, and per GPU the index of its service in the meters."""
-    gpus = np.flatnonzero(twin.job_row >= 0)
-    gpus = gpus[twin.jobs.service[twin.job_row[gpus]]]
+    gpus = service_gpus(twin)
     index = np.searchsorted(twin.services.rows, twin.job_row[gpus])
     return gpus, index
 

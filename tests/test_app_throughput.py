@@ -16,6 +16,7 @@ from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.core.throughput import throughput_view
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from agent.sim.inference import service_state
+from agent.sim.kpis import service_gpus
 from agent.sim.phases import PhaseSpec
 from agent.sim.twin import Twin, TwinSpec
 from tests.fakes import FakeSource
@@ -154,8 +155,7 @@ def test_the_twins_services_serve_tokens_and_obey_locks() -> None:
     spec = TwinSpec(nodes=2, gpus_per_node=2, seed=1, phases=PhaseSpec(inference_share=0.5))
     twin = Twin(spec)
     twin.run_until(60)
-    served = np.flatnonzero(twin.job_row >= 0)
-    served = served[twin.jobs.service[twin.job_row[served]]]
+    served = service_gpus(twin)
     assert served.tolist() == [2, 3]
     before = twin.services.generation_tokens.copy()
     with pytest.raises(ValueError, match="supported clocks"):
