@@ -91,6 +91,25 @@ class FakeGpu:
     def total_energy_j(self) -> float:
         return 0.0
 
+    # SM clock locks (the ClockLocker protocol): `locked_mhz` None when not locked.
+    supported_mhz = (210.0, 1980.0)
+    locked_mhz: tuple[float, float] | None = None
+
+    def supported_sm_clock_range_mhz(self) -> tuple[float, float]:
+        self._check()
+        return self.supported_mhz
+
+    def lock_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
+        self._check()
+        lo, hi = self.supported_mhz
+        if not lo <= min_mhz <= max_mhz <= hi:
+            raise GpuInvalidArgumentError(f"[{min_mhz}, {max_mhz}] MHz out of range")
+        self.locked_mhz = (min_mhz, max_mhz)
+
+    def reset_sm_clocks(self) -> None:
+        self._check()
+        self.locked_mhz = None
+
 
 class FakeBackend:
     def __init__(self, gpus: Sequence[GpuDevice]) -> None:

@@ -53,6 +53,7 @@ class FakeNvml:
         self.event_sets_open = 0
         self.ecc_dbe = [0] * gpus
         self.remapped_rows = [(0, 0, 0, 0)] * gpus  # correctable, uncorrectable, pending, failed
+        self.locked_mhz: list[tuple[int, int] | None] = [None] * gpus
 
     def raise_xid(self, h: int, xid: int, event_type: int = 0x8) -> None:
         if self.watched.get(h, 0) & event_type:
@@ -117,6 +118,24 @@ class FakeNvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
         return 123_456_789
+
+    # An H100 SXM's supported clocks: graphics 210-1980 MHz at its 2619 MHz memory clock (a
+    # lower memory clock, as some GPUs list, allows fewer).
+    def nvmlDeviceGetSupportedMemoryClocks(self, h: int) -> list[int]:
+        self._maybe_fail("memory clocks", h)
+        return [1593, 2619]
+
+    def nvmlDeviceGetSupportedGraphicsClocks(self, h: int, memory_mhz: int) -> list[int]:
+        self._maybe_fail("graphics clocks", h, memory_mhz)
+        return list(range(1980, 209, -15)) if memory_mhz == 2619 else [1005, 990]
+
+    def nvmlDeviceSetGpuLockedClocks(self, h: int, min_mhz: int, max_mhz: int) -> None:
+        self._maybe_fail("lock clocks", h, min_mhz, max_mhz)
+        self.locked_mhz[h] = (min_mhz, max_mhz)
+
+    def nvmlDeviceResetGpuLockedClocks(self, h: int) -> None:
+        self._maybe_fail("reset clocks", h)
+        self.locked_mhz[h] = None
 
     def nvmlEventSetCreate(self) -> str:
         self._maybe_fail("event set")
@@ -294,3 +313,44 @@ def test_health_counters_and_clock_event_reasons() -> None:
     nvml.fail["remapped rows"] = 3  # no row remapping before Ampere
     with pytest.raises(GpuNotSupportedError, match="remapped rows"):
         gpu0.remapped_rows()
+
+
+def test_sm_clock_locks_in_mhz_validated_before_nvml_is_asked() -> None:
+    nvml = FakeNvml()
+    gpu = NvmlBackend(nvml).devices()[1]
+    assert gpu.supported_sm_clock_range_mhz() == (210.0, 1980.0)
+    gpu.lock_sm_clocks_mhz(1095.4, 1410.0)
+    assert nvml.locked_mhz == [None, (1095, 1410)]
+    with pytest.raises(GpuInvalidArgumentError, match=r"outside \[210, 1980\] MHz"):
+        gpu.lock_sm_clocks_mhz(900.0, 2000.0)
+    with pytest.raises(GpuInvalidArgumentError):
+        gpu.lock_sm_clocks_mhz(1400.0, 1200.0)
+    assert len([c for c in nvml.calls if c[0] == "lock clocks"]) == 1
+    gpu.reset_sm_clocks()
+    assert nvml.locked_mhz == [None, None]
+
+
+def test_sm_clock_locks_the_gpu_or_the_library_lacks_are_not_supported() -> None:
+    nvml = FakeNvml()
+    manager = LeaseManager(NvmlBackend(nvml), FakeClock(), max_lease_s=600.0)
+    nvml.fail["lock clocks"] = 3  # NVML_ERROR_NOT_SUPPORTED: a GPU without locked clocks
+    with pytest.raises(CapRequestError) as exc:
+        manager.lock_clocks(0, 900.0, 1200.0, 60.0)
+    assert exc.value.status == 501 and "NVML could not lock the SM clocks" in exc.value.message
+    assert manager.gpu(0)["clock_lock"] is None
+    nvml.fail = {"lock clocks": 4}  # not root
+    with pytest.raises(CapRequestError) as exc:
+        manager.lock_clocks(0, 900.0, 1200.0, 60.0)
+    assert exc.value.status == 500
+
+    class OldNvml(FakeNvml):  # an nvidia-ml-py without the locked-clock calls
+        def __getattribute__(self, name: str) -> Any:
+            if name == "nvmlDeviceSetGpuLockedClocks":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    old = OldNvml()
+    old_manager = LeaseManager(NvmlBackend(old), FakeClock(), max_lease_s=600.0)
+    with pytest.raises(CapRequestError) as exc:
+        old_manager.lock_clocks(0, 900.0, 1200.0, 60.0)
+    assert exc.value.status == 501 and "no nvmlDeviceSetGpuLockedClocks" in exc.value.message

@@ -103,6 +103,23 @@ class HealthReporter(Protocol):
 
 
 @runtime_checkable
+class ClockLocker(Protocol):
+    """A GPU device whose SM clocks can be locked to a range (NVML's locked clocks). A device
+    without these methods does not support the lever; one whose driver refuses raises
+    GpuNotSupportedError."""
+
+    def supported_sm_clock_range_mhz(self) -> tuple[float, float]:
+        """(lowest, highest) SM clock the GPU supports, in MHz."""
+        ...
+
+    def lock_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None: ...
+
+    def reset_sm_clocks(self) -> None:
+        """Unlock the SM clocks (the driver's default boost behaviour)."""
+        ...
+
+
+@runtime_checkable
 class GpuBackend(Protocol):
     """The GPUs of one node."""
 

@@ -5,6 +5,9 @@
     GET    /v1/gpus/{index}         one GPU
     PUT    /v1/gpus/{index}/cap     {"watts": W, "lease_s": T}: set or renew a cap under a lease
     DELETE /v1/gpus/{index}/cap     release: back to the GPU's default limit
+    PUT    /v1/gpus/{index}/clocks  {"min_mhz": F, "max_mhz": F, "lease_s": T}: lock (or renew)
+                                    the SM clocks to a range under a lease; reset when it lapses
+    DELETE /v1/gpus/{index}/clocks  reset the SM clocks (unlock)
     PUT    /v1/caps                 {"caps": [{"index", "watts", "lease_s", "uuid"?}, ...]}:
                                     set or renew many in one request; a result per GPU
     POST   /v1/caps/release         {"gpus": [{"index", "uuid"?}, ...]}: release many
@@ -14,8 +17,9 @@
 Every request but /healthz needs `Authorization: Bearer TOKEN`: none -> 401, a wrong one -> 403.
 Bodies are validated before any GPU is touched: malformed JSON, unknown keys, wrong types,
 non-finite numbers -> 400; a GPU that does not exist (or an index of more than a few digits)
--> 404; watts outside the GPU's constraints or a lease out of bounds -> 400; a `uuid` that is not
-the GPU at that index -> 409; a body that does not arrive within the body timeout -> 408. Every
+-> 404; watts outside the GPU's constraints, clocks outside its supported SM clocks, min_mhz
+above max_mhz or a lease out of bounds -> 400; a GPU without clock locks -> 501; a `uuid` that is
+not the GPU at that index -> 409; a body that does not arrive within the body timeout -> 408. Every
 answer is JSON, an unexpected failure included (500, logged, never a traceback to the client).
 
 Metrics are labelled by route (one of the routes above, or `other`) and method (the API's, or
@@ -71,6 +75,12 @@ class _Body(BaseModel):
 
 class CapBody(_Body):
     watts: float
+    lease_s: float
+
+
+class ClockLockBody(_Body):
+    min_mhz: float = Field(ge=0, le=1e5)
+    max_mhz: float = Field(ge=0, le=1e5)
     lease_s: float
 
 
@@ -132,7 +142,8 @@ class NodeMetrics(LeaseEvents, ShedEvents):
         )
         self.cap_changes = Counter(
             "ooda_node_cap_changes",
-            "Cap changes by GPU and kind (set, renew, release, fallback, on_exit, on_start).",
+            "Cap and clock lock changes by GPU and kind (set, renew, release, fallback, on_exit, "
+            "on_start, adopt, resume, clock_lock, clock_renew, clock_reset, clock_expired).",
             ["gpu", "kind"],
             registry=self.registry,
         )
@@ -239,6 +250,7 @@ _ROUTE_LABELS = tuple(
         (r"/v1/gpus", "/v1/gpus"),
         (r"/v1/gpus/[0-9]+", "/v1/gpus/{index}"),
         (r"/v1/gpus/[0-9]+/cap", "/v1/gpus/{index}/cap"),
+        (r"/v1/gpus/[0-9]+/clocks", "/v1/gpus/{index}/clocks"),
         (r"/v1/caps", "/v1/caps"),
         (r"/v1/caps/release", "/v1/caps/release"),
         (r"/metrics", "/metrics"),
@@ -430,6 +442,21 @@ class _Api:
         log.info("cap_released", gpu=index)
         return JSONResponse(_result(outcome))
 
+    async def put_clocks(self, request: Request) -> Response:
+        index = _index(request)
+        body = await _parse(request, ClockLockBody, self.body_timeout_s)
+        gpu = await run_in_threadpool(
+            self.manager.lock_clocks, index, body.min_mhz, body.max_mhz, body.lease_s
+        )
+        log.info("clocks_locked", gpu=index, min_mhz=body.min_mhz, max_mhz=body.max_mhz)
+        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+
+    async def delete_clocks(self, request: Request) -> Response:
+        index = _index(request)
+        gpu = await run_in_threadpool(self.manager.reset_clocks, index)
+        log.info("clocks_reset", gpu=index)
+        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+
     def _set_many(self, items: list[BulkCapItem]) -> list[dict[str, Any]]:
         out = []
         with self.manager.batch():  # one write of the lease table for the whole request
@@ -488,6 +515,8 @@ def build_app(
         Route("/v1/gpus/{index}", _handled(api.get_gpu), methods=["GET"]),
         Route("/v1/gpus/{index}/cap", _handled(api.put_cap), methods=["PUT"]),
         Route("/v1/gpus/{index}/cap", _handled(api.delete_cap), methods=["DELETE"]),
+        Route("/v1/gpus/{index}/clocks", _handled(api.put_clocks), methods=["PUT"]),
+        Route("/v1/gpus/{index}/clocks", _handled(api.delete_clocks), methods=["DELETE"]),
         Route("/v1/caps", _handled(api.put_caps), methods=["PUT"]),
         Route("/v1/caps/release", _handled(api.release_caps), methods=["POST"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),

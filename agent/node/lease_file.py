@@ -7,7 +7,8 @@ daemon left it at, and for a lease its expiry and length on the daemon's clock. 
 CLOCK_MONOTONIC, which counts from the machine's boot and is the same for every process: a lease
 read back by the next daemon runs out when it would have. The file names the boot it was written
 in (the kernel's boot id); a table from another boot is ignored (the GPUs' limits were reset with
-the driver, and the monotonic clock started again).
+the driver, and the monotonic clock started again). SM clock locks under a lease are listed beside
+the caps (`clock_locks`: range, expiry and length), absent when there are none.
 
 The shipped unit keeps it in its runtime directory (`/run/ooda/node-leases.json`, kept across
 restarts by `RuntimeDirectoryPreserve=restart`, gone at reboot with the limits it describes).
@@ -18,6 +19,7 @@ alone (agent/node/leases.py: any cap it finds is a lease about to lapse).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,6 +49,28 @@ class LeaseRecord:
     lease_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ClockLockRecord:
+    """One GPU's SM clock lock under a lease (agent/node/clock_leases.py)."""
+
+    index: int
+    uuid: str
+    min_mhz: float
+    max_mhz: float
+    expires_s: float
+    lease_s: float
+
+
+class _ClockLock(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    index: int = Field(ge=0, le=1 << 15)
+    uuid: str = Field(max_length=128)
+    min_mhz: float = Field(ge=0, le=1e5)
+    max_mhz: float = Field(ge=0, le=1e5)
+    expires_s: float
+    lease_s: float = Field(gt=0)
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     index: int = Field(ge=0, le=1 << 15)
@@ -63,6 +87,7 @@ class _Table(BaseModel):
     version: Literal[1]
     boot_id: str = Field(max_length=64)
     gpus: list[_Record] = Field(max_length=MAX_GPUS)
+    clock_locks: list[_ClockLock] = Field(default_factory=list, max_length=MAX_GPUS)
 
 
 def boot_id() -> str:
@@ -83,31 +108,50 @@ class LeaseFile:
     def load(self) -> tuple[dict[int, LeaseRecord], str | None]:
         """(records by GPU index, None), or ({}, why the file was not used); ({}, None) when
         there is no file."""
+        records, _clock_locks, problem = self.load_all()
+        return records, problem
+
+    def load_all(
+        self,
+    ) -> tuple[dict[int, LeaseRecord], dict[int, ClockLockRecord], str | None]:
+        """As `load`, with the clock locks by GPU index too."""
+        table, problem = self._table()
+        if table is None:
+            return {}, {}, problem
+        return (
+            {r.index: LeaseRecord(**r.model_dump()) for r in table.gpus},
+            {c.index: ClockLockRecord(**c.model_dump()) for c in table.clock_locks},
+            None,
+        )
+
+    def _table(self) -> tuple[_Table | None, str | None]:
         try:
             with self.path.open("rb") as handle:
                 data = handle.read(MAX_BYTES + 1)
         except FileNotFoundError:
-            return {}, None
+            return None, None
         except OSError as exc:
-            return {}, f"lease file {self.path}: cannot read ({exc.strerror or exc})"
+            return None, f"lease file {self.path}: cannot read ({exc.strerror or exc})"
         if len(data) > MAX_BYTES:
-            return {}, f"lease file {self.path}: larger than {MAX_BYTES} bytes"
+            return None, f"lease file {self.path}: larger than {MAX_BYTES} bytes"
         try:
             table = _Table.model_validate_json(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "file"
-            return {}, f"lease file {self.path}: {where}: {first['msg']}"
+            return None, f"lease file {self.path}: {where}: {first['msg']}"
         if table.boot_id != self.boot:
-            return {}, f"lease file {self.path}: written before the last boot: not used"
-        return {r.index: LeaseRecord(**r.model_dump()) for r in table.gpus}, None
+            return None, f"lease file {self.path}: written before the last boot: not used"
+        return table, None
 
-    def save(self, records: list[LeaseRecord]) -> None:
+    def save(self, records: list[LeaseRecord], clock_locks: Sequence[ClockLockRecord] = ()) -> None:
         """Write the table atomically (OSError when it cannot be written)."""
-        document = {
+        document: dict[str, object] = {
             "format": FORMAT,
             "version": VERSION,
             "boot_id": self.boot,
             "gpus": [asdict(r) for r in records],
         }
+        if clock_locks:  # absent when none: a table without locks reads as before
+            document["clock_locks"] = [asdict(c) for c in clock_locks]
         write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())

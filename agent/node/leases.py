@@ -41,7 +41,8 @@ from agent.core.errors import (
     GpuNotSupportedError,
 )
 from agent.core.protocols import GpuBackend, GpuDevice, PowerConstraints
-from agent.node.lease_file import LeaseFile, LeaseRecord, State
+from agent.node.clock_leases import ClockLeases, ClockRequestError
+from agent.node.lease_file import ClockLockRecord, LeaseFile, LeaseRecord, State
 
 log = structlog.get_logger("ooda.node")
 
@@ -101,7 +102,8 @@ class LeaseEvents:
     """Hooks the daemon's metrics attach to (no-ops by default)."""
 
     def cap_changed(self, index: int, kind: str) -> None:
-        """kind: set, renew, release, fallback, on_exit, on_start, adopt, resume."""
+        """kind: set, renew, release, fallback, on_exit, on_start, adopt, resume; for SM clock
+        locks clock_lock, clock_renew, clock_reset, clock_expired."""
 
     def lease_expired(self, index: int) -> None: ...
 
@@ -159,6 +161,7 @@ class LeaseManager:
         self._left_w: dict[int, float] = {}  # the limit the daemon left each managed GPU at
         self._batch = 0  # inside `batch()`: the lease table is written once, at its end
         self._dirty = False
+        self.clocks = ClockLeases(self._devices)  # SM clock locks, each its own lease
 
     @property
     def indices(self) -> list[int]:
@@ -205,7 +208,7 @@ class LeaseManager:
         except GpuError as exc:
             self.events.gpu_error(index, exc)
             out["error"] = f"{type(exc).__name__}: {exc}"
-        return out
+        return out | self.clocks.describe(index, now_s)
 
     def gpus(self) -> list[dict[str, Any]]:
         """Every GPU with its constraints, limits and lease; a GPU that cannot be read carries
@@ -231,10 +234,7 @@ class LeaseManager:
         with self.lock:
             device = self._device(index)
             self._check_uuid(index, device, uuid)
-            if not _finite(lease_s) or not 0 < lease_s <= self.max_lease_s:
-                raise CapRequestError(
-                    400, f"lease_s must be in (0, {self.max_lease_s:g}] seconds (got {lease_s})"
-                )
+            self._check_lease(lease_s)
             try:
                 c = device.power_constraints()
                 if not _finite(watts) or not c.contains(watts):
@@ -286,6 +286,50 @@ class LeaseManager:
             self.events.cap_changed(index, "release")
             return CapOutcome(index, before, self._describe(index, self.clock.now()))
 
+    def lock_clocks(
+        self, index: int, min_mhz: float, max_mhz: float, lease_s: float, uuid: str | None = None
+    ) -> dict[str, Any]:
+        """Lock or renew a GPU's SM clocks under a lease; the GPU as described after. Refused
+        (CapRequestError) with nothing changed for a range outside the GPU's supported clocks,
+        min above max, a lease out of bounds, or a GPU without the lever (501)."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            self._check_lease(lease_s)
+            now = self.clock.now()
+            try:
+                renew = self.clocks.lock(index, min_mhz, max_mhz, float(lease_s), now)
+            except ClockRequestError as exc:
+                raise CapRequestError(exc.status, exc.message) from exc
+            except GpuError as exc:
+                self.events.gpu_error(index, exc)
+                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
+            self._changed()
+            self.events.cap_changed(index, "clock_renew" if renew else "clock_lock")
+            return self._describe(index, now)
+
+    def reset_clocks(self, index: int, uuid: str | None = None) -> dict[str, Any]:
+        """Unlock a GPU's SM clocks; its clock lease ends."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            try:
+                self.clocks.reset(index)
+            except ClockRequestError as exc:
+                raise CapRequestError(exc.status, exc.message) from exc
+            except GpuError as exc:
+                self.events.gpu_error(index, exc)
+                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
+            self._changed()
+            self.events.cap_changed(index, "clock_reset")
+            return self._describe(index, self.clock.now())
+
+    def _check_lease(self, lease_s: float) -> None:
+        if not _finite(lease_s) or not 0 < lease_s <= self.max_lease_s:
+            raise CapRequestError(
+                400, f"lease_s must be in (0, {self.max_lease_s:g}] seconds (got {lease_s})"
+            )
+
     def _to_fallback(self, index: int, kind: str) -> bool:
         """The GPU under the fallback cap: lowered to it when above, left alone when below
         (a fallback never raises a limit)."""
@@ -321,6 +365,9 @@ class LeaseManager:
             if expires_s - now > self._lease_s[index]:
                 self._expires_s[index] = now + self._lease_s[index]
                 log.warning("lease_clock_went_back", gpu=index, ahead_s=expires_s - now)
+        for index in self.clocks.expire(now):
+            self._changed()
+            self.events.cap_changed(index, "clock_expired")
         expired = [i for i, t in self._expires_s.items() if t <= now]
         done: list[int] = []
         for index in sorted(expired):
@@ -344,7 +391,9 @@ class LeaseManager:
 
     def next_expiry_s(self) -> float | None:
         with self.lock:
-            return min(self._expires_s.values(), default=None)
+            clocks = self.clocks.next_expiry_s()
+            caps = min(self._expires_s.values(), default=None)
+            return min((t for t in (caps, clocks) if t is not None), default=None)
 
     def on_start(self, mode: OnStart) -> None:
         """Take over the GPUs as a previous daemon left them (`reconcile`), then, with
@@ -359,12 +408,16 @@ class LeaseManager:
         """Each GPU's state from the lease table where it matches the GPU, else from the GPU's
         limit: at its default, unmanaged; anything else, a lease about to lapse."""
         records: dict[int, LeaseRecord] = {}
+        clock_locks: dict[int, ClockLockRecord] = {}
         if self.lease_file is not None:
-            records, problem = self.lease_file.load()
+            records, clock_locks, problem = self.lease_file.load_all()
             if problem is not None:
                 log.error("lease_file_not_used", problem=problem)
         with self.lock, self.batch():
             now = self.clock.now()
+            # Locks carry on; one whose lease lapsed while no daemon ran is reset now.
+            self.clocks.resume(clock_locks, now)
+            self.clocks.expire(now)
             for index, device in self._devices.items():
                 record = records.get(index)
                 if record is not None and record.uuid != device.uuid:
@@ -435,7 +488,7 @@ class LeaseManager:
             return
         records = [self._record(index) for index in self.indices]
         try:
-            self.lease_file.save([r for r in records if r is not None])
+            self.lease_file.save([r for r in records if r is not None], self.clocks.records())
         except OSError as exc:
             # The daemon goes on from memory; a restart before the next good write reconciles
             # from the GPUs (their caps become leases about to lapse).
@@ -459,6 +512,11 @@ class LeaseManager:
         with self.lock, self.batch():
             if mode is OnExit.KEEP:
                 return
+            for index in self.clocks.held():  # a lock never outlives the daemon that leased it
+                try:
+                    self.reset_clocks(index)
+                except CapRequestError as exc:
+                    log.error("clock_reset_on_exit_failed", gpu=index, error=exc.message)
             for index in self.indices:
                 state = self._state[index]
                 if mode is OnExit.FALLBACK and state is CapState.LEASED:

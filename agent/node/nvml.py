@@ -203,6 +203,8 @@ class NvmlGpu:
         return f"GPU {self._index} ({self._uuid})"
 
     def _call(self, what: str, fn: str, *args: Any) -> Any:
+        if not hasattr(self._nvml, fn):  # an nvidia-ml-py older than the call
+            raise GpuNotSupportedError(f"{self.label}: NVML could not {what}: no {fn} here")
         try:
             with self._backend._mapped(what, self.label):
                 answer = getattr(self._nvml, fn)(self._handle, *args)
@@ -296,3 +298,37 @@ class NvmlGpu:
 
     def clocks_event_reasons(self) -> int:
         return int(self._call("read the clock event reasons", self._backend._reasons_fn))
+
+    def supported_sm_clock_range_mhz(self) -> tuple[float, float]:
+        """The graphics clocks the GPU supports at its highest memory clock (what
+        `nvidia-smi -q -d SUPPORTED_CLOCKS` lists first)."""
+        memory_mhz = self._call(
+            "read the supported memory clocks", "nvmlDeviceGetSupportedMemoryClocks"
+        )
+        if not memory_mhz:
+            raise GpuNotSupportedError(f"{self.label}: NVML lists no supported memory clocks")
+        graphics_mhz = self._call(
+            "read the supported graphics clocks",
+            "nvmlDeviceGetSupportedGraphicsClocks",
+            max(memory_mhz),
+        )
+        if not graphics_mhz:
+            raise GpuNotSupportedError(f"{self.label}: NVML lists no supported graphics clocks")
+        return float(min(graphics_mhz)), float(max(graphics_mhz))
+
+    def lock_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
+        lo, hi = self.supported_sm_clock_range_mhz()
+        if not lo <= min_mhz <= max_mhz <= hi:
+            # NVML would say only "Invalid Argument": say what the bounds are.
+            raise GpuInvalidArgumentError(
+                f"{self.label}: [{min_mhz:g}, {max_mhz:g}] MHz outside [{lo:g}, {hi:g}] MHz"
+            )
+        self._call(
+            f"lock the SM clocks to [{min_mhz:g}, {max_mhz:g}] MHz",
+            "nvmlDeviceSetGpuLockedClocks",
+            round(min_mhz),
+            round(max_mhz),
+        )
+
+    def reset_sm_clocks(self) -> None:
+        self._call("reset the locked SM clocks", "nvmlDeviceResetGpuLockedClocks")

@@ -92,6 +92,22 @@ class TwinGpu:
         self._check()
         return int(self._twin.clocks_event_reasons[self._row])
 
+    def supported_sm_clock_range_mhz(self) -> tuple[float, float]:
+        self._check()
+        tw = self._twin
+        return float(tw.min_clock_mhz[self._row]), float(tw.max_clock_mhz[self._row])
+
+    def lock_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
+        self._check()
+        try:
+            self._twin.lock_clocks([self._row], [min_mhz], [max_mhz])
+        except ValueError as exc:
+            raise GpuInvalidArgumentError(f"[{min_mhz:g}, {max_mhz:g}] MHz: {exc}") from exc
+
+    def reset_sm_clocks(self) -> None:
+        self._check()
+        self._twin.reset_clocks([self._row])
+
 
 class TwinNodeBackend:
     """The GPUs of one twin node (`node` is 1-based, as in `node2`)."""
