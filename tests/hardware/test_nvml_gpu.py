@@ -2,10 +2,11 @@
 with the agent's node client in front of it.
 
 Skipped where NVML cannot start (no driver or no GPU, as on the CI machine); `make test-gpu` runs
-these on a GPU node. They change no setting of the GPU: the only writes set a GPU's power limit to
-the value it already has, and a lease whose fallback cap is that same value runs out. Written for
-data-center GPUs (A100, H100 and later, ECC on), which answer every reading; a board without power
-limits or ECC fails them by design.
+these on a GPU node. They change no power setting of the GPU: the only writes set a GPU's power
+limit to the value it already has, and a lease whose fallback cap is that same value runs out. The
+SM clock tests lock GPU 0's clocks and reset them before they end (NVML cannot read a lock back:
+they assume the GPU was not locked). Written for data-center GPUs (A100, H100 and later, ECC on),
+which answer every reading; a board without power limits or ECC fails them by design.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ import pytest
 from agent.act.node_client import NodeCapActuator, NodeClientSettings
 from agent.assembly import assemble
 from agent.config import force_dry_run, parse_config
-from agent.core.errors import GpuError, GpuInvalidArgumentError, GpuNoPermissionError
+from agent.core.errors import (
+    GpuError,
+    GpuInvalidArgumentError,
+    GpuNoPermissionError,
+    GpuNotSupportedError,
+)
 from agent.core.intents import GpuTargets
 from agent.core.snapshot import Metric
 from agent.node.nvml import NvmlBackend, NvmlGpu
@@ -271,3 +277,55 @@ def test_ooda_once_over_nvml(backend: NvmlBackend, tmp_path: Path) -> None:
     assert result["source"] == "nvml on gpu-node" and result["dry_run"] and not result["outage"]
     assert result["gpus"] == len(backend.devices()) and result["stale"] == 0
     assert result["fleet_power_w"] > 0 and not result["errors"]
+
+
+# -- SM clock locks: these change the GPU's clocks, and reset them (nvmlDeviceResetGpuLockedClocks)
+# before they end. They assume the GPU was not locked before (a lent GPU: NVML cannot read a lock
+# back to restore it).
+
+
+@pytest.fixture
+def unlocked(backend: NvmlBackend) -> Iterator[NvmlGpu]:
+    """GPU 0 with its SM clocks reset at the end, whatever the test did; skips where the GPU or
+    this process may not lock clocks."""
+    gpu = backend.devices()[0]
+    try:
+        gpu.reset_sm_clocks()
+    except (GpuNoPermissionError, GpuNotSupportedError) as exc:
+        pytest.skip(f"SM clock locks are not available here: {exc}")
+    try:
+        yield gpu
+    finally:
+        gpu.reset_sm_clocks()
+
+
+def test_supported_sm_clocks_and_a_lock_through_nvml(unlocked: NvmlGpu) -> None:
+    lo, hi = unlocked.supported_sm_clock_range_mhz()
+    assert 0 < lo < hi < 5000
+    with pytest.raises(GpuInvalidArgumentError, match="outside"):
+        unlocked.lock_sm_clocks_mhz(lo, hi + 100.0)
+    middle = round((lo + hi) / 2)
+    unlocked.lock_sm_clocks_mhz(lo, middle)
+    time.sleep(0.5)
+    # Locked at most `middle`: an idle GPU clocks no higher (NVML rounds to a supported step).
+    assert unlocked.sm_clock_mhz() <= middle + 30
+    unlocked.reset_sm_clocks()
+
+
+def test_a_clock_lock_through_the_node_daemon_is_reset_when_its_lease_lapses(
+    unlocked: NvmlGpu, backend: NvmlBackend, tmp_path: Path
+) -> None:
+    lo, hi = unlocked.supported_sm_clock_range_mhz()
+    write_token(tmp_path / "token")
+    settings = NodeSettings(
+        token_file=tmp_path / "token", socket_path=tmp_path / "node.sock", check_interval_s=0.1
+    )
+    with NodeDaemon(backend, settings) as daemon:
+        described = daemon.manager.lock_clocks(unlocked.index, lo, hi, 1.0)
+        assert described["clock_lock"]["max_mhz"] == hi
+        assert described["sm_clock_range_mhz"] == [lo, hi]
+        deadline = time.monotonic() + 5.0
+        while daemon.manager.gpu(unlocked.index)["clock_lock"] is not None:
+            assert time.monotonic() < deadline, "the clock lease did not run out"
+            time.sleep(0.1)
+        assert "error" not in daemon.manager.gpu(unlocked.index)
