@@ -60,7 +60,9 @@ def test_a_lock_holds_under_its_lease_and_is_reset_when_it_lapses() -> None:
     assert gpu["sm_clock_range_mhz"] == [210.0, 1980.0]
     assert manager.gpu(0)["clock_lock"] is None and _locked(gpus[0]) is None
     clock.advance(40.0)
-    manager.lock_clocks(1, 900.0, 1200.0, 60.0)  # a renewal: the lease starts again
+    gpus[1].locked_mhz = None  # reset behind the daemon's back (nvidia-smi -rgc)
+    manager.lock_clocks(1, 900.0, 1200.0, 60.0)  # a renewal: the lease starts again, re-applied
+    assert _locked(gpus[1]) == (900.0, 1200.0)
     clock.advance(40.0)
     assert manager.enforce() == [] and _locked(gpus[1]) == (900.0, 1200.0)
     assert manager.next_expiry_s() == pytest.approx(clock.now() + 20.0)
@@ -230,3 +232,36 @@ def test_the_clocks_endpoints_need_a_token_and_refuse_outside_the_range(tmp_path
         assert c.delete("/v1/gpus/0/clocks").json()["gpu"]["clock_lock"] is None
         assert _locked(gpus[0]) is None
         assert 'kind="clock_expired"' in c.get("/metrics").text
+
+
+@pytest.mark.integration
+def test_a_restarted_daemon_resets_the_lock_whose_lease_lapsed_meanwhile(tmp_path: Path) -> None:
+    """Two locks, the daemon dies leaving them (on_exit keep, as a SIGKILL would), another daemon
+    starts after the shorter lease ran out: that lock is reset at once, the other one holds."""
+    token = write_token(tmp_path / "token")
+    gpus = [FakeGpu(0), FakeGpu(1)]
+
+    def daemon() -> NodeDaemon:
+        settings = NodeSettings(
+            token_file=tmp_path / "token",
+            socket_path=tmp_path / "node.sock",
+            max_lease_s=600.0,
+            check_interval_s=0.05,
+            lease_file=tmp_path / "leases.json",
+            on_exit=OnExit.KEEP,
+        )
+        return NodeDaemon(FakeBackend(gpus), settings)
+
+    with daemon() as first, unix_client(first.address, token) as c:
+        short = {"min_mhz": 900.0, "max_mhz": 900.0, "lease_s": 0.3}
+        assert c.put("/v1/gpus/0/clocks", json=short).status_code == 200
+        long = {"min_mhz": 1200.0, "max_mhz": 1500.0, "lease_s": 600.0}
+        assert c.put("/v1/gpus/1/clocks", json=long).status_code == 200
+    assert [_locked(g) for g in gpus] == [(900.0, 900.0), (1200.0, 1500.0)]
+    time.sleep(0.5)  # no daemon runs while the 0.3 s lease lapses
+    with daemon() as second, unix_client(second.address, token) as c:
+        assert _locked(gpus[0]) is None  # reset when the second daemon started
+        listed = c.get("/v1/gpus").json()
+        assert listed[0]["clock_lock"] is None
+        assert 590.0 < listed[1]["clock_lock"]["lease_remaining_s"] <= 600.0
+    assert _locked(gpus[1]) == (1200.0, 1500.0)  # kept by on_exit keep

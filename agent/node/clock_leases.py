@@ -89,8 +89,9 @@ class ClockLeases:
             )
         held = self._locks.get(index)
         renew = held is not None and (held.min_mhz, held.max_mhz) == (min_mhz, max_mhz)
-        if not renew:
-            locker.lock_sm_clocks_mhz(float(min_mhz), float(max_mhz))
+        # Applied on a renewal too: NVML cannot read a lock back, so a lock reset behind the
+        # daemon's back (nvidia-smi -rgc, a GPU reset) is put back by the next renewal.
+        locker.lock_sm_clocks_mhz(float(min_mhz), float(max_mhz))
         self._locks[index] = ClockLock(float(min_mhz), float(max_mhz), now + lease_s, lease_s)
         return renew
 
