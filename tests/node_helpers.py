@@ -110,6 +110,26 @@ class FakeGpu:
         self._check()
         self.locked_mhz = None
 
+    # Workload power profiles (the PowerProfiler protocol): NVML's ids; `requested` as NVML
+    # holds them (a set: requests add up until cleared).
+    profiles = frozenset({3, 5, 6})  # memory_bound, balanced, llm_inference
+
+    def supported_power_profiles(self) -> frozenset[int]:
+        self._check()
+        return self.profiles
+
+    def request_power_profile(self, profile: int) -> None:
+        self._check()
+        if profile not in self.profiles:
+            raise GpuInvalidArgumentError(f"profile {profile} not supported")
+        self.requested = self.requested | {profile}
+
+    def clear_power_profile(self, profile: int) -> None:
+        self._check()
+        self.requested = self.requested - {profile}
+
+    requested: frozenset[int] = frozenset()
+
 
 class FakeBackend:
     def __init__(self, gpus: Sequence[GpuDevice]) -> None:

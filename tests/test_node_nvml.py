@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pynvml
 import pytest
 
 from agent.core.clock import FakeClock
@@ -54,6 +55,7 @@ class FakeNvml:
         self.ecc_dbe = [0] * gpus
         self.remapped_rows = [(0, 0, 0, 0)] * gpus  # correctable, uncorrectable, pending, failed
         self.locked_mhz: list[tuple[int, int] | None] = [None] * gpus
+        self.requested_masks = [[0] * 8 for _ in range(gpus)]
 
     def raise_xid(self, h: int, xid: int, event_type: int = 0x8) -> None:
         if self.watched.get(h, 0) & event_type:
@@ -136,6 +138,41 @@ class FakeNvml:
     def nvmlDeviceResetGpuLockedClocks(self, h: int) -> None:
         self._maybe_fail("reset clocks", h)
         self.locked_mhz[h] = None
+
+    # Workload power profiles: nvidia-ml-py's own structures, passed by reference as the C API
+    # takes them; the GPU supports profiles 3, 5 and 33 (33: a bit in the mask's second word).
+    # (N815: pynvml's own names)
+    c_nvmlWorkloadPowerProfileProfilesInfo_v1_t = (  # noqa: N815
+        pynvml.c_nvmlWorkloadPowerProfileProfilesInfo_v1_t
+    )
+    c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t = (  # noqa: N815
+        pynvml.c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t
+    )
+    requested_masks: list[list[int]]
+
+    def nvmlDeviceWorkloadPowerProfileGetProfilesInfo(self, h: int, info: Any) -> None:
+        self._maybe_fail("profiles", h)
+        mask = info._obj.perfProfilesMask.mask
+        mask[0] = (1 << 3) | (1 << 5)
+        mask[1] = 1 << 1
+
+    def nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(self, h: int, request: Any) -> None:
+        self._maybe_fail("request profile", h)
+        self.requested_masks[h] = [
+            a | b
+            for a, b in zip(
+                self.requested_masks[h], request._obj.requestedProfilesMask.mask, strict=True
+            )
+        ]
+
+    def nvmlDeviceWorkloadPowerProfileClearRequestedProfiles(self, h: int, request: Any) -> None:
+        self._maybe_fail("clear profile", h)
+        self.requested_masks[h] = [
+            a & ~b
+            for a, b in zip(
+                self.requested_masks[h], request._obj.requestedProfilesMask.mask, strict=True
+            )
+        ]
 
     def nvmlEventSetCreate(self) -> str:
         self._maybe_fail("event set")
@@ -354,3 +391,34 @@ def test_sm_clock_locks_the_gpu_or_the_library_lacks_are_not_supported() -> None
     with pytest.raises(CapRequestError) as exc:
         old_manager.lock_clocks(0, 900.0, 1200.0, 60.0)
     assert exc.value.status == 501 and "no nvmlDeviceSetGpuLockedClocks" in exc.value.message
+
+
+def test_workload_power_profiles_through_nvml_structures() -> None:
+    nvml = FakeNvml()
+    gpu = NvmlBackend(nvml).devices()[0]
+    assert gpu.supported_power_profiles() == {3, 5, 33}
+    gpu.request_power_profile(33)
+    gpu.request_power_profile(3)
+    assert nvml.requested_masks[0][:2] == [1 << 3, 1 << 1]
+    gpu.clear_power_profile(33)
+    assert nvml.requested_masks[0][:2] == [1 << 3, 0]
+    manager = LeaseManager(NvmlBackend(nvml), FakeClock(), max_lease_s=600.0)
+    assert manager.gpu(1)["power_profiles"] == ["balanced", "memory_bound", "profile_33"]
+    nvml.fail["request profile"] = 3  # NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(CapRequestError) as exc:
+        manager.request_profile(1, "balanced", 60.0)
+    assert exc.value.status == 501 and manager.gpu(1)["power_profile"] is None
+
+
+def test_an_nvidia_ml_py_without_profiles_says_not_supported() -> None:
+    class OldNvml(FakeNvml):
+        def __getattribute__(self, name: str) -> Any:
+            if "WorkloadPowerProfile" in name:
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    manager = LeaseManager(NvmlBackend(OldNvml()), FakeClock(), max_lease_s=600.0)
+    assert manager.gpu(0)["power_profiles"] is None
+    with pytest.raises(CapRequestError) as exc:
+        manager.request_profile(0, "balanced", 60.0)
+    assert exc.value.status == 501 and "nvidia-ml-py" in exc.value.message

@@ -120,6 +120,20 @@ class ClockLocker(Protocol):
 
 
 @runtime_checkable
+class PowerProfiler(Protocol):
+    """A GPU device with NVML's workload power profiles (ids as nvml.h's NVML_POWER_PROFILE_*).
+    A device without these methods does not support the lever."""
+
+    def supported_power_profiles(self) -> frozenset[int]: ...
+
+    def request_power_profile(self, profile: int) -> None: ...
+
+    def clear_power_profile(self, profile: int) -> None:
+        """Withdraw a request made with `request_power_profile` (back to the default)."""
+        ...
+
+
+@runtime_checkable
 class GpuBackend(Protocol):
     """The GPUs of one node."""
 

@@ -8,6 +8,9 @@
     PUT    /v1/gpus/{index}/clocks  {"min_mhz": F, "max_mhz": F, "lease_s": T}: lock (or renew)
                                     the SM clocks to a range under a lease; reset when it lapses
     DELETE /v1/gpus/{index}/clocks  reset the SM clocks (unlock)
+    PUT    /v1/gpus/{index}/profile {"profile": NAME, "lease_s": T}: request (or renew) a workload
+                                    power profile under a lease; cleared when it lapses
+    DELETE /v1/gpus/{index}/profile clear the requested profile
     PUT    /v1/caps                 {"caps": [{"index", "watts", "lease_s", "uuid"?}, ...]}:
                                     set or renew many in one request; a result per GPU
     POST   /v1/caps/release         {"gpus": [{"index", "uuid"?}, ...]}: release many
@@ -18,7 +21,8 @@ Every request but /healthz needs `Authorization: Bearer TOKEN`: none -> 401, a w
 Bodies are validated before any GPU is touched: malformed JSON, unknown keys, wrong types,
 non-finite numbers -> 400; a GPU that does not exist (or an index of more than a few digits)
 -> 404; watts outside the GPU's constraints, clocks outside its supported SM clocks, min_mhz
-above max_mhz or a lease out of bounds -> 400; a GPU without clock locks -> 501; a `uuid` that is
+above max_mhz, a profile unknown or unsupported or a lease out of bounds -> 400; a GPU without
+clock locks or profiles -> 501; a `uuid` that is
 not the GPU at that index -> 409; a body that does not arrive within the body timeout -> 408. Every
 answer is JSON, an unexpected failure included (500, logged, never a traceback to the client).
 
@@ -84,6 +88,11 @@ class ClockLockBody(_Body):
     lease_s: float
 
 
+class ProfileBody(_Body):
+    profile: str = Field(max_length=64)
+    lease_s: float
+
+
 class BulkCapItem(CapBody):
     index: int = Field(ge=0)
     uuid: str | None = None
@@ -143,7 +152,8 @@ class NodeMetrics(LeaseEvents, ShedEvents):
         self.cap_changes = Counter(
             "ooda_node_cap_changes",
             "Cap and clock lock changes by GPU and kind (set, renew, release, fallback, on_exit, "
-            "on_start, adopt, resume, clock_lock, clock_renew, clock_reset, clock_expired).",
+            "on_start, adopt, resume, clock_lock, clock_renew, clock_reset, clock_expired, "
+            "profile_set, profile_renew, profile_clear, profile_expired).",
             ["gpu", "kind"],
             registry=self.registry,
         )
@@ -251,6 +261,7 @@ _ROUTE_LABELS = tuple(
         (r"/v1/gpus/[0-9]+", "/v1/gpus/{index}"),
         (r"/v1/gpus/[0-9]+/cap", "/v1/gpus/{index}/cap"),
         (r"/v1/gpus/[0-9]+/clocks", "/v1/gpus/{index}/clocks"),
+        (r"/v1/gpus/[0-9]+/profile", "/v1/gpus/{index}/profile"),
         (r"/v1/caps", "/v1/caps"),
         (r"/v1/caps/release", "/v1/caps/release"),
         (r"/metrics", "/metrics"),
@@ -457,6 +468,21 @@ class _Api:
         log.info("clocks_reset", gpu=index)
         return JSONResponse({"index": index, "ok": True, "gpu": gpu})
 
+    async def put_profile(self, request: Request) -> Response:
+        index = _index(request)
+        body = await _parse(request, ProfileBody, self.body_timeout_s)
+        gpu = await run_in_threadpool(
+            self.manager.request_profile, index, body.profile, body.lease_s
+        )
+        log.info("profile_requested", gpu=index, profile=body.profile, lease_s=body.lease_s)
+        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+
+    async def delete_profile(self, request: Request) -> Response:
+        index = _index(request)
+        gpu = await run_in_threadpool(self.manager.clear_profile, index)
+        log.info("profile_cleared", gpu=index)
+        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+
     def _set_many(self, items: list[BulkCapItem]) -> list[dict[str, Any]]:
         out = []
         with self.manager.batch():  # one write of the lease table for the whole request
@@ -517,6 +543,8 @@ def build_app(
         Route("/v1/gpus/{index}/cap", _handled(api.delete_cap), methods=["DELETE"]),
         Route("/v1/gpus/{index}/clocks", _handled(api.put_clocks), methods=["PUT"]),
         Route("/v1/gpus/{index}/clocks", _handled(api.delete_clocks), methods=["DELETE"]),
+        Route("/v1/gpus/{index}/profile", _handled(api.put_profile), methods=["PUT"]),
+        Route("/v1/gpus/{index}/profile", _handled(api.delete_profile), methods=["DELETE"]),
         Route("/v1/caps", _handled(api.put_caps), methods=["PUT"]),
         Route("/v1/caps/release", _handled(api.release_caps), methods=["POST"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),

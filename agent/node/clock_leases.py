@@ -31,8 +31,9 @@ from agent.node.lease_file import ClockLockRecord
 log = structlog.get_logger("ooda.node")
 
 
-class ClockRequestError(Exception):
-    """A clock request the daemon refuses; `status` is the HTTP status it answers with."""
+class LeverRequestError(Exception):
+    """A clock lock or power profile request the daemon refuses; `status` is the HTTP status it
+    answers with."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -64,7 +65,7 @@ class ClockLeases:
     def _locker(self, index: int) -> ClockLocker:
         device = self._devices[index]
         if not isinstance(device, ClockLocker):
-            raise ClockRequestError(501, f"GPU {index}: SM clock locks are not supported here")
+            raise LeverRequestError(501, f"GPU {index}: SM clock locks are not supported here")
         return device
 
     def supported_mhz(self, index: int) -> tuple[float, float]:
@@ -73,16 +74,16 @@ class ClockLeases:
 
     def lock(self, index: int, min_mhz: float, max_mhz: float, lease_s: float, now: float) -> bool:
         """Lock (or renew) under a lease; True for a renewal of the same range. Validates before
-        touching the GPU: ClockRequestError (400) for a range the GPU does not support; a
+        touching the GPU: LeverRequestError (400) for a range the GPU does not support; a
         GpuError from the GPU itself propagates."""
         locker = self._locker(index)
         if not (_finite(min_mhz) and _finite(max_mhz)) or min_mhz > max_mhz:
-            raise ClockRequestError(
+            raise LeverRequestError(
                 400, f"GPU {index}: min_mhz must be at most max_mhz (got {min_mhz}, {max_mhz})"
             )
         lo, hi = locker.supported_sm_clock_range_mhz()
         if not lo <= min_mhz <= max_mhz <= hi:
-            raise ClockRequestError(
+            raise LeverRequestError(
                 400,
                 f"GPU {index}: [{min_mhz:g}, {max_mhz:g}] MHz outside its supported SM clocks "
                 f"[{lo:g}, {hi:g}] MHz",

@@ -8,7 +8,8 @@ CLOCK_MONOTONIC, which counts from the machine's boot and is the same for every 
 read back by the next daemon runs out when it would have. The file names the boot it was written
 in (the kernel's boot id); a table from another boot is ignored (the GPUs' limits were reset with
 the driver, and the monotonic clock started again). SM clock locks under a lease are listed beside
-the caps (`clock_locks`: range, expiry and length), absent when there are none.
+the caps (`clock_locks`: range, expiry and length), and requested workload power profiles
+(`power_profiles`), each absent when there are none.
 
 The shipped unit keeps it in its runtime directory (`/run/ooda/node-leases.json`, kept across
 restarts by `RuntimeDirectoryPreserve=restart`, gone at reboot with the limits it describes).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,26 @@ class ClockLockRecord:
     lease_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    """One GPU's requested workload power profile under a lease (agent/node/profile_leases.py)."""
+
+    index: int
+    uuid: str
+    profile: str
+    expires_s: float
+    lease_s: float
+
+
+class _Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    index: int = Field(ge=0, le=1 << 15)
+    uuid: str = Field(max_length=128)
+    profile: str = Field(max_length=64)
+    expires_s: float
+    lease_s: float = Field(gt=0)
+
+
 class _ClockLock(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     index: int = Field(ge=0, le=1 << 15)
@@ -88,6 +109,16 @@ class _Table(BaseModel):
     boot_id: str = Field(max_length=64)
     gpus: list[_Record] = Field(max_length=MAX_GPUS)
     clock_locks: list[_ClockLock] = Field(default_factory=list, max_length=MAX_GPUS)
+    power_profiles: list[_Profile] = Field(default_factory=list, max_length=MAX_GPUS)
+
+
+@dataclass(frozen=True)
+class Levers:
+    """A lease table's records by GPU index: caps, clock locks, power profiles."""
+
+    caps: dict[int, LeaseRecord] = field(default_factory=dict)
+    clock_locks: dict[int, ClockLockRecord] = field(default_factory=dict)
+    power_profiles: dict[int, ProfileRecord] = field(default_factory=dict)
 
 
 def boot_id() -> str:
@@ -108,21 +139,20 @@ class LeaseFile:
     def load(self) -> tuple[dict[int, LeaseRecord], str | None]:
         """(records by GPU index, None), or ({}, why the file was not used); ({}, None) when
         there is no file."""
-        records, _clock_locks, problem = self.load_all()
-        return records, problem
+        table, problem = self.load_all()
+        return table.caps, problem
 
-    def load_all(
-        self,
-    ) -> tuple[dict[int, LeaseRecord], dict[int, ClockLockRecord], str | None]:
-        """As `load`, with the clock locks by GPU index too."""
+    def load_all(self) -> tuple[Levers, str | None]:
+        """As `load`, with the clock locks and power profiles too."""
         table, problem = self._table()
         if table is None:
-            return {}, {}, problem
-        return (
+            return Levers(), problem
+        levers = Levers(
             {r.index: LeaseRecord(**r.model_dump()) for r in table.gpus},
             {c.index: ClockLockRecord(**c.model_dump()) for c in table.clock_locks},
-            None,
+            {p.index: ProfileRecord(**p.model_dump()) for p in table.power_profiles},
         )
+        return levers, None
 
     def _table(self) -> tuple[_Table | None, str | None]:
         try:
@@ -144,7 +174,12 @@ class LeaseFile:
             return None, f"lease file {self.path}: written before the last boot: not used"
         return table, None
 
-    def save(self, records: list[LeaseRecord], clock_locks: Sequence[ClockLockRecord] = ()) -> None:
+    def save(
+        self,
+        records: list[LeaseRecord],
+        clock_locks: Sequence[ClockLockRecord] = (),
+        power_profiles: Sequence[ProfileRecord] = (),
+    ) -> None:
         """Write the table atomically (OSError when it cannot be written)."""
         document: dict[str, object] = {
             "format": FORMAT,
@@ -152,6 +187,8 @@ class LeaseFile:
             "boot_id": self.boot,
             "gpus": [asdict(r) for r in records],
         }
-        if clock_locks:  # absent when none: a table without locks reads as before
+        if clock_locks:  # absent when none: a table without them reads as before
             document["clock_locks"] = [asdict(c) for c in clock_locks]
+        if power_profiles:
+            document["power_profiles"] = [asdict(p) for p in power_profiles]
         write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())

@@ -41,8 +41,9 @@ from agent.core.errors import (
     GpuNotSupportedError,
 )
 from agent.core.protocols import GpuBackend, GpuDevice, PowerConstraints
-from agent.node.clock_leases import ClockLeases, ClockRequestError
-from agent.node.lease_file import ClockLockRecord, LeaseFile, LeaseRecord, State
+from agent.node.clock_leases import ClockLeases, LeverRequestError
+from agent.node.lease_file import LeaseFile, LeaseRecord, Levers, State
+from agent.node.profile_leases import ProfileLeases
 
 log = structlog.get_logger("ooda.node")
 
@@ -103,7 +104,8 @@ class LeaseEvents:
 
     def cap_changed(self, index: int, kind: str) -> None:
         """kind: set, renew, release, fallback, on_exit, on_start, adopt, resume; for SM clock
-        locks clock_lock, clock_renew, clock_reset, clock_expired."""
+        locks clock_lock, clock_renew, clock_reset, clock_expired; for power profiles
+        profile_set, profile_renew, profile_clear, profile_expired."""
 
     def lease_expired(self, index: int) -> None: ...
 
@@ -162,6 +164,7 @@ class LeaseManager:
         self._batch = 0  # inside `batch()`: the lease table is written once, at its end
         self._dirty = False
         self.clocks = ClockLeases(self._devices)  # SM clock locks, each its own lease
+        self.profiles = ProfileLeases(self._devices)  # workload power profiles, likewise
 
     @property
     def indices(self) -> list[int]:
@@ -208,7 +211,7 @@ class LeaseManager:
         except GpuError as exc:
             self.events.gpu_error(index, exc)
             out["error"] = f"{type(exc).__name__}: {exc}"
-        return out | self.clocks.describe(index, now_s)
+        return out | self.clocks.describe(index, now_s) | self.profiles.describe(index, now_s)
 
     def gpus(self) -> list[dict[str, Any]]:
         """Every GPU with its constraints, limits and lease; a GPU that cannot be read carries
@@ -297,13 +300,8 @@ class LeaseManager:
             self._check_uuid(index, device, uuid)
             self._check_lease(lease_s)
             now = self.clock.now()
-            try:
+            with self._lever_errors(index):
                 renew = self.clocks.lock(index, min_mhz, max_mhz, float(lease_s), now)
-            except ClockRequestError as exc:
-                raise CapRequestError(exc.status, exc.message) from exc
-            except GpuError as exc:
-                self.events.gpu_error(index, exc)
-                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
             self._changed()
             self.events.cap_changed(index, "clock_renew" if renew else "clock_lock")
             return self._describe(index, now)
@@ -313,16 +311,50 @@ class LeaseManager:
         with self.lock:
             device = self._device(index)
             self._check_uuid(index, device, uuid)
-            try:
+            with self._lever_errors(index):
                 self.clocks.reset(index)
-            except ClockRequestError as exc:
-                raise CapRequestError(exc.status, exc.message) from exc
-            except GpuError as exc:
-                self.events.gpu_error(index, exc)
-                raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
             self._changed()
             self.events.cap_changed(index, "clock_reset")
             return self._describe(index, self.clock.now())
+
+    def request_profile(
+        self, index: int, profile: str, lease_s: float, uuid: str | None = None
+    ) -> dict[str, Any]:
+        """Request or renew a workload power profile under a lease; the GPU as described after.
+        Refused (CapRequestError) with nothing changed for a profile NVML does not define or the
+        GPU does not support, a lease out of bounds, or a GPU without the lever (501)."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            self._check_lease(lease_s)
+            now = self.clock.now()
+            with self._lever_errors(index):
+                renew = self.profiles.request(index, profile, float(lease_s), now)
+            self._changed()
+            self.events.cap_changed(index, "profile_renew" if renew else "profile_set")
+            return self._describe(index, now)
+
+    def clear_profile(self, index: int, uuid: str | None = None) -> dict[str, Any]:
+        """Withdraw the profile this daemon requested on a GPU; its profile lease ends."""
+        with self.lock:
+            device = self._device(index)
+            self._check_uuid(index, device, uuid)
+            with self._lever_errors(index):
+                self.profiles.clear(index)
+            self._changed()
+            self.events.cap_changed(index, "profile_clear")
+            return self._describe(index, self.clock.now())
+
+    @contextlib.contextmanager
+    def _lever_errors(self, index: int) -> Iterator[None]:
+        """A lever's refusal or the GPU's error, as the CapRequestError the API answers."""
+        try:
+            yield
+        except LeverRequestError as exc:
+            raise CapRequestError(exc.status, exc.message) from exc
+        except GpuError as exc:
+            self.events.gpu_error(index, exc)
+            raise CapRequestError(gpu_error_status(exc), f"GPU {index}: {exc}") from exc
 
     def _check_lease(self, lease_s: float) -> None:
         if not _finite(lease_s) or not 0 < lease_s <= self.max_lease_s:
@@ -368,6 +400,9 @@ class LeaseManager:
         for index in self.clocks.expire(now):
             self._changed()
             self.events.cap_changed(index, "clock_expired")
+        for index in self.profiles.expire(now):
+            self._changed()
+            self.events.cap_changed(index, "profile_expired")
         expired = [i for i, t in self._expires_s.items() if t <= now]
         done: list[int] = []
         for index in sorted(expired):
@@ -391,9 +426,9 @@ class LeaseManager:
 
     def next_expiry_s(self) -> float | None:
         with self.lock:
-            clocks = self.clocks.next_expiry_s()
             caps = min(self._expires_s.values(), default=None)
-            return min((t for t in (caps, clocks) if t is not None), default=None)
+            levers = (caps, self.clocks.next_expiry_s(), self.profiles.next_expiry_s())
+            return min((t for t in levers if t is not None), default=None)
 
     def on_start(self, mode: OnStart) -> None:
         """Take over the GPUs as a previous daemon left them (`reconcile`), then, with
@@ -407,17 +442,19 @@ class LeaseManager:
     def reconcile(self) -> None:
         """Each GPU's state from the lease table where it matches the GPU, else from the GPU's
         limit: at its default, unmanaged; anything else, a lease about to lapse."""
-        records: dict[int, LeaseRecord] = {}
-        clock_locks: dict[int, ClockLockRecord] = {}
+        table = Levers()
         if self.lease_file is not None:
-            records, clock_locks, problem = self.lease_file.load_all()
+            table, problem = self.lease_file.load_all()
             if problem is not None:
                 log.error("lease_file_not_used", problem=problem)
+        records = table.caps
         with self.lock, self.batch():
             now = self.clock.now()
             # Locks carry on; one whose lease lapsed while no daemon ran is reset now.
-            self.clocks.resume(clock_locks, now)
+            self.clocks.resume(table.clock_locks, now)
             self.clocks.expire(now)
+            self.profiles.resume(table.power_profiles, now)
+            self.profiles.expire(now)
             for index, device in self._devices.items():
                 record = records.get(index)
                 if record is not None and record.uuid != device.uuid:
@@ -488,7 +525,11 @@ class LeaseManager:
             return
         records = [self._record(index) for index in self.indices]
         try:
-            self.lease_file.save([r for r in records if r is not None], self.clocks.records())
+            self.lease_file.save(
+                [r for r in records if r is not None],
+                self.clocks.records(),
+                self.profiles.records(),
+            )
         except OSError as exc:
             # The daemon goes on from memory; a restart before the next good write reconciles
             # from the GPUs (their caps become leases about to lapse).
@@ -517,6 +558,11 @@ class LeaseManager:
                     self.reset_clocks(index)
                 except CapRequestError as exc:
                     log.error("clock_reset_on_exit_failed", gpu=index, error=exc.message)
+            for index in self.profiles.held():
+                try:
+                    self.clear_profile(index)
+                except CapRequestError as exc:
+                    log.error("profile_clear_on_exit_failed", gpu=index, error=exc.message)
             for index in self.indices:
                 state = self._state[index]
                 if mode is OnExit.FALLBACK and state is CapState.LEASED:

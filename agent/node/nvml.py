@@ -20,6 +20,7 @@ Checked on a real H100 (driver 580.159.04, nvidia-ml-py 13.610): see docs/node-d
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -332,3 +333,41 @@ class NvmlGpu:
 
     def reset_sm_clocks(self) -> None:
         self._call("reset the locked SM clocks", "nvmlDeviceResetGpuLockedClocks")
+
+    def _struct(self, name: str) -> Any:
+        """A fresh versioned NVML structure; not supported where nvidia-ml-py lacks it."""
+        cls = getattr(self._nvml, name, None)
+        if cls is None:
+            raise GpuNotSupportedError(f"{self.label}: no {name} in this nvidia-ml-py")
+        return cls()
+
+    def supported_power_profiles(self) -> frozenset[int]:
+        info = self._struct("c_nvmlWorkloadPowerProfileProfilesInfo_v1_t")
+        self._call(
+            "read the workload power profiles",
+            "nvmlDeviceWorkloadPowerProfileGetProfilesInfo",
+            ctypes.byref(info),
+        )
+        words = info.perfProfilesMask.mask
+        return frozenset(
+            32 * w + bit for w in range(len(words)) for bit in range(32) if words[w] >> bit & 1
+        )
+
+    def _requested(self, profile: int) -> Any:
+        request = self._struct("c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t")
+        request.requestedProfilesMask.mask[profile // 32] = 1 << (profile % 32)
+        return request
+
+    def request_power_profile(self, profile: int) -> None:
+        self._call(
+            f"request workload power profile {profile}",
+            "nvmlDeviceWorkloadPowerProfileSetRequestedProfiles",
+            ctypes.byref(self._requested(profile)),
+        )
+
+    def clear_power_profile(self, profile: int) -> None:
+        self._call(
+            f"clear workload power profile {profile}",
+            "nvmlDeviceWorkloadPowerProfileClearRequestedProfiles",
+            ctypes.byref(self._requested(profile)),
+        )
