@@ -5,8 +5,9 @@ Skipped where NVML cannot start (no driver or no GPU, as on the CI machine); `ma
 these on a GPU node. They change no power setting of the GPU: the only writes set a GPU's power
 limit to the value it already has, and a lease whose fallback cap is that same value runs out. The
 SM clock tests lock GPU 0's clocks and reset them before they end (NVML cannot read a lock back:
-they assume the GPU was not locked). Written for data-center GPUs (A100, H100 and later, ECC on),
-which answer every reading; a board without power limits or ECC fails them by design.
+they assume the GPU was not locked); the profile test requests one and clears it. Written for
+data-center GPUs (A100, H100 and later, ECC on), which answer every reading; a board without power
+limits or ECC fails them by design.
 """
 
 from __future__ import annotations
@@ -329,3 +330,22 @@ def test_a_clock_lock_through_the_node_daemon_is_reset_when_its_lease_lapses(
             assert time.monotonic() < deadline, "the clock lease did not run out"
             time.sleep(0.1)
         assert "error" not in daemon.manager.gpu(unlocked.index)
+
+
+def test_a_workload_power_profile_through_nvml_is_requested_and_cleared(
+    backend: NvmlBackend,
+) -> None:
+    """Skipped on GPUs without profiles (before Blackwell); clears the one profile it requests."""
+    gpu = backend.devices()[0]
+    try:
+        supported = gpu.supported_power_profiles()
+    except GpuNotSupportedError as exc:
+        pytest.skip(f"no workload power profiles here: {exc}")
+    if not supported:
+        pytest.skip("the GPU lists no workload power profile")
+    profile = min(supported)
+    try:
+        gpu.request_power_profile(profile)
+    except GpuNoPermissionError as exc:
+        pytest.skip(f"requesting a profile needs root or CAP_SYS_ADMIN: {exc}")
+    gpu.clear_power_profile(profile)
