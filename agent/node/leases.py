@@ -17,6 +17,10 @@ cap) is treated as a lease about to lapse: it gets a lease of `adopt_lease_s`, w
 renews with its next cycle, or which runs out to the fallback. A GPU at its default limit is
 `unmanaged`, as before.
 
+SM clock locks (agent/node/clock_leases.py) and workload power profiles
+(agent/node/profile_leases.py) are levers of their own, each under its own lease kept here beside
+the cap's, in the same lease table: a lapsed lock is reset, a lapsed profile cleared.
+
 Loops here run over one node's GPUs (at most a few dozen): this is not a fleet-wide hot path.
 """
 
