@@ -48,6 +48,7 @@ import numpy as np
 import structlog
 
 from agent.act.audit import AuditLog
+from agent.act.guard import GuardSettings
 from agent.assembly import drive, twin_agent
 from agent.core.gpu_models import BUILTIN_MODELS
 from agent.sim.jobmix import JOB_MIXES
@@ -273,7 +274,7 @@ def proportional(twin: Twin) -> None:
     twin.cap_w[:] = np.clip(np.floor(twin.cap_w * scale), twin.min_w, twin.max_w)
 
 
-def run(scenario: Scenario, controller: str) -> Outcome:
+def run(scenario: Scenario, controller: str, guard: GuardSettings | None = None) -> Outcome:
     twin = MeteredTwin(scenario.spec)
     if controller == "ooda":
         registry = builtin_registry()
@@ -288,6 +289,7 @@ def run(scenario: Scenario, controller: str) -> Outcome:
             settings=settings,
             interval_s=INTERVAL_S,
             audit=AuditLog(),
+            guard=guard,
         )
         drive(agent, scenario.duration_s)
     else:
@@ -319,8 +321,10 @@ def _per_work(outcome: Outcome) -> float:
     return outcome.energy_kwh / outcome.work_gpu_s if outcome.work_gpu_s > 0 else float("nan")
 
 
-def evaluate(scenario: Scenario) -> list[dict[str, Any]]:
-    outcomes = {c: run(scenario, c) for c in ("oracle", "ooda", "uniform", "proportional", "none")}
+def evaluate(scenario: Scenario, guard: GuardSettings | None = None) -> list[dict[str, Any]]:
+    outcomes = {
+        c: run(scenario, c, guard) for c in ("oracle", "ooda", "uniform", "proportional", "none")
+    }
     oracle = outcomes["oracle"]
     rows = []
     for name, o in outcomes.items():
@@ -361,7 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario", action="append", help="run only these scenarios (names or .toml files)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[7])
+    parser.add_argument(
+        "--cap-dead-band-w",
+        type=float,
+        default=None,
+        help="the agent's guard dead band (W); default: GuardSettings' own",
+    )
     args = parser.parse_args(argv)
+    guard = (
+        None if args.cap_dead_band_w is None else GuardSettings(cap_dead_band_w=args.cap_dead_band_w)
+    )
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     files = [Path(n) for n in args.scenario or [] if n.endswith(".toml")]
     names = {n for n in args.scenario or [] if not n.endswith(".toml")}
@@ -378,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen.extend(sc for sc in scenarios(seed) if not names or sc.name in names)
             chosen.extend(twin_scenarios(seed, names or None))
         for scenario in chosen:
-            _emit(seed, evaluate, scenario)
+            _emit(seed, evaluate, scenario, guard)
     return 0
 
 
