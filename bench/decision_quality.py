@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     guard = (
-        None if args.cap_dead_band_w is None else GuardSettings(cap_dead_band_w=args.cap_dead_band_w)
+        None
+        if args.cap_dead_band_w is None
+        else GuardSettings(cap_dead_band_w=args.cap_dead_band_w)
     )
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     files = [Path(n) for n in args.scenario or [] if n.endswith(".toml")]
