@@ -29,6 +29,7 @@ locks: one line per controller (`ooda`, `oracle`, `caps_only`, `none`) with `tok
 `slo_attainment` and `energy_saving_vs_oracle_saving`.
 
     python bench/decision_quality.py --json [--scenario NAME|FILE.toml ...] [--seeds 7]
+        [--cap-dead-band-w 10]  # the guard dead band the agent runs under (W)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -372,11 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the agent's guard dead band (W); default: GuardSettings' own",
     )
     args = parser.parse_args(argv)
-    guard = (
-        None
-        if args.cap_dead_band_w is None
-        else GuardSettings(cap_dead_band_w=args.cap_dead_band_w)
-    )
+    dead_band_w = args.cap_dead_band_w
+    if dead_band_w is not None and not (math.isfinite(dead_band_w) and dead_band_w >= 0.0):
+        parser.error(f"--cap-dead-band-w: {dead_band_w:g} W is not a finite number >= 0")
+    guard = None if dead_band_w is None else GuardSettings(cap_dead_band_w=dead_band_w)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     files = [Path(n) for n in args.scenario or [] if n.endswith(".toml")]
     names = {n for n in args.scenario or [] if not n.endswith(".toml")}
