@@ -149,10 +149,6 @@ state_dir = "{workdir / "state"}"
         except Exception as exc:  # counted, never fatal: a crash is what the soak looks for
             crashes += 1
             print(f"cycle {k} raised {type(exc).__name__}: {exc}", file=sys.stderr)
-        acts = runtime.actuators  # what a daemon clears after every cycle
-        acts.recorded_caps.calls.clear()
-        acts.recorded_placement.calls.clear()
-        acts.recorded_notes.sent.clear()
         if k % every == 0 or k == cycles:
             files = audit_files(audit_path)
             n_bytes = sum(f.stat().st_size for f in files)

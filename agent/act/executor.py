@@ -47,7 +47,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 
 class RecordingCapActuator:
-    """Dry-run caps: remembers what it was asked, changes nothing."""
+    """Dry-run caps: remembers what it was asked this cycle (see `Actuators.forget_recorded`),
+    changes nothing."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, GpuTargets, FloatArray | None]] = []
@@ -149,6 +150,15 @@ class Actuators:
         if name == "placement" and "recorded_placement" in self.__dict__:
             self.recorded_placement.real = self.placement
 
+    def forget_recorded(self) -> None:
+        """The recorders' calls dropped: they hold one cycle's, for whoever runs a cycle to look
+        at. Kept for good, a dry run at 100,000 GPUs grew by every cap it moved (about 20 MB a
+        cycle); the audit log and /metrics are the record. Recorded drains stay: they are state
+        (the policies see their advice followed), not a log."""
+        self.recorded_caps.calls.clear()
+        self.recorded_placement.calls.clear()
+        self.recorded_notes.sent.clear()
+
     def node_states_reader(self) -> PlacementActuator | None:
         """Where the loop reads node states: the live placement's, with the drains recorded in
         dry-run laid over them (so a dry-run advises the resume live would do); None when no
@@ -180,7 +190,8 @@ class Executor:
         self, allowed: Sequence[tuple[str, Intent]], action_id: Callable[[], str], now_s: float
     ) -> list[Action]:
         """Each allowed intent, under its decision's id; every outcome is an Action, recorded
-        in the ledger."""
+        in the ledger. The dry-run recorders hold this call's only."""
+        self.actuators.forget_recorded()
         actions: list[Action] = []
         for decision_id, intent in allowed:
             done = self._execute_one(decision_id, intent, action_id, now_s)

@@ -525,12 +525,6 @@ class Daemon:
         duration = time.perf_counter() - t0
         now = self.wall.now()
         self._last_cycle_end_unix = now
-        # The dry-run recorders remember every call (for one-shot runs to show); the audit log
-        # and /metrics carry them here, and a service must not grow without end.
-        acts = runtime.actuators
-        acts.recorded_caps.calls.clear()
-        acts.recorded_placement.calls.clear()
-        acts.recorded_notes.sent.clear()
         observed = report.snapshot.n_gpus > 0
         if observed:
             self._last_success_unix = now
