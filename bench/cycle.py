@@ -242,6 +242,7 @@ def rw_child(cycles_url_file: Path, counters: str, profile: str | None = None) -
                     "series": loop.source.store.series,  # type: ignore[attr-defined]
                     # VmHWM, not ru_maxrss: that one keeps the forking parent's size
                     "peak_rss_mb": _prometheus_rss_mb(os.getpid()),
+                    "rss_mb": _prometheus_rss_mb(os.getpid(), "VmRSS"),
                 }
             ),
             flush=True,
@@ -336,6 +337,10 @@ def bench_remote_write(
         "fields_per_gpu": len(COUNTERS[counters]),
         "peak_rss_mb": last["peak_rss_mb"],
         "peak_rss_mb_after_each_cycle": [first["peak_rss_mb"]] + [r["peak_rss_mb"] for r in timed],
+        # Resident memory after each cycle, and its trend over the timed cycles (MB a cycle,
+        # least squares): a daemon that runs for months must not grow.
+        "rss_mb_after_each_cycle": [first["rss_mb"]] + [r["rss_mb"] for r in timed],
+        "rss_growth_mb_per_cycle": _slope([r["rss_mb"] for r in timed]),
         "series": last["series"],
         "first_interval": {
             "ingest_cpu_s": round(first["ingest_cpu_s"], 3),
@@ -353,6 +358,13 @@ def bench_remote_write(
         "errors": last["errors"],
         "setup_s": round(setup_s, 1),
     }
+
+
+def _slope(values: list[float]) -> float | None:
+    """The least-squares slope of `values` against their index (None: fewer than 2)."""
+    if len(values) < 2:
+        return None
+    return round(statistics.linear_regression(range(len(values)), values).slope, 3)
 
 
 def _record(gpus: int, work: Path) -> tuple[Path, float]:
@@ -382,11 +394,12 @@ def _link_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst)
 
 
-def _prometheus_rss_mb(pid: int) -> float | None:
-    """A process's peak resident memory (VmHWM), MB."""
+def _prometheus_rss_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """A process's peak resident memory (VmHWM; `field="VmRSS"`: its resident memory now),
+    MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
