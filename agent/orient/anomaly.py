@@ -669,9 +669,14 @@ class AnomalyDetector:
             )
             ratio = cy.clock / expected_clock
         # Only near the natural draw: deep under a cap the curve's error exceeds the margin.
+        # Nor under a cap that binds: there the learned natural draw is only a lower bound (what
+        # the held GPU draws, as under a cap set during a long warm-up), so the curve would
+        # expect the full clock at x = 1 of a GPU its cap slows; its job's peers judge it.
+        cap_bit, reasons_ok = snap.power_cap_holds()
         cy.ratio = ratio
         cy.ratio_ok = (
-            cy.settled
+            np.where(reasons_ok, ~cap_bit, cy.clear)
+            & cy.settled
             & cy.clock_ok
             & cy.power_ok
             & np.isfinite(ratio)
