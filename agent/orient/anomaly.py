@@ -669,14 +669,9 @@ class AnomalyDetector:
             )
             ratio = cy.clock / expected_clock
         # Only near the natural draw: deep under a cap the curve's error exceeds the margin.
-        # Nor under a cap that binds: there the learned natural draw is only a lower bound (what
-        # the held GPU draws, as under a cap set during a long warm-up), so the curve would
-        # expect the full clock at x = 1 of a GPU its cap slows; its job's peers judge it.
-        cap_bit, reasons_ok = snap.power_cap_holds()
         cy.ratio = ratio
         cy.ratio_ok = (
-            np.where(reasons_ok, ~cap_bit, cy.clear)
-            & cy.settled
+            cy.settled
             & cy.clock_ok
             & cy.power_ok
             & np.isfinite(ratio)
@@ -691,7 +686,13 @@ class AnomalyDetector:
         cy.excused |= np.nan_to_num(shortfall / margin) >= 1.0
         cy.clock_z = cy.z["clock"] = np.where(self_ok, -shortfall / ce.sigma, np.nan)
         shortfall = _beyond_job(shortfall, cy, self_ok)
-        self_score = np.where(self_ok, shortfall / margin, 0.0)
+        # No verdict of its own under a cap that binds: there the learned natural draw is only
+        # a lower bound (what the held GPU draws, as under a cap set in a long warm-up), so the
+        # curve expects the full clock at x = 1 of a GPU its cap slows; its peers judge it.
+        # (Its shortfall still counts in its job's common move above.)
+        cap_bit, reasons_ok = snap.power_cap_holds()
+        cap_free = np.where(reasons_ok, ~cap_bit, cy.clear)
+        self_score = np.where(self_ok & cap_free, shortfall / margin, 0.0)
         use_self = self_score > strag_score
         return _Part(
             "straggler",
