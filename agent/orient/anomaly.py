@@ -12,7 +12,7 @@ of jobs (start-up, end) are not anomalies:
   to its own baseline: its thermal resistance rose (a failed fan, a blocked inlet);
 - hot_vs_peers: its thermal resistance is well above its node's (and rack's) neighbours';
 - straggler: its SM clock is well below its job peers' median, or below what its own power curve
-  expects at its draw (a straggler slows the whole synchronous job);
+  expects at its draw where its cap does not bind (a straggler slows the whole synchronous job);
 - util: utilization far below its baseline while its job runs;
 - multivariate: a robust covariance model (scikit-learn's MinCovDet, refit on a schedule from
   recent residuals) flags combinations of residuals no single detector flags.
