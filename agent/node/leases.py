@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -299,27 +299,17 @@ class LeaseManager:
         """Lock or renew a GPU's SM clocks under a lease; the GPU as described after. Refused
         (CapRequestError) with nothing changed for a range outside the GPU's supported clocks,
         min above max, a lease out of bounds, or a GPU without the lever (501)."""
-        with self.lock:
-            device = self._device(index)
-            self._check_uuid(index, device, uuid)
-            self._check_lease(lease_s)
-            now = self.clock.now()
-            with self._lever_errors(index):
-                renew = self.clocks.lock(index, min_mhz, max_mhz, float(lease_s), now)
-            self._changed()
-            self.events.cap_changed(index, "clock_renew" if renew else "clock_lock")
-            return self._describe(index, now)
+        return self._lever_lease(
+            index,
+            uuid,
+            lease_s,
+            ("clock_lock", "clock_renew"),
+            lambda now: self.clocks.lock(index, min_mhz, max_mhz, float(lease_s), now),
+        )
 
     def reset_clocks(self, index: int, uuid: str | None = None) -> dict[str, Any]:
         """Unlock a GPU's SM clocks; its clock lease ends."""
-        with self.lock:
-            device = self._device(index)
-            self._check_uuid(index, device, uuid)
-            with self._lever_errors(index):
-                self.clocks.reset(index)
-            self._changed()
-            self.events.cap_changed(index, "clock_reset")
-            return self._describe(index, self.clock.now())
+        return self._lever_end(index, uuid, "clock_reset", lambda: self.clocks.reset(index))
 
     def request_profile(
         self, index: int, profile: str, lease_s: float, uuid: str | None = None
@@ -327,26 +317,48 @@ class LeaseManager:
         """Request or renew a workload power profile under a lease; the GPU as described after.
         Refused (CapRequestError) with nothing changed for a profile NVML does not define or the
         GPU does not support, a lease out of bounds, or a GPU without the lever (501)."""
-        with self.lock:
-            device = self._device(index)
-            self._check_uuid(index, device, uuid)
-            self._check_lease(lease_s)
-            now = self.clock.now()
-            with self._lever_errors(index):
-                renew = self.profiles.request(index, profile, float(lease_s), now)
-            self._changed()
-            self.events.cap_changed(index, "profile_renew" if renew else "profile_set")
-            return self._describe(index, now)
+        return self._lever_lease(
+            index,
+            uuid,
+            lease_s,
+            ("profile_set", "profile_renew"),
+            lambda now: self.profiles.request(index, profile, float(lease_s), now),
+        )
 
     def clear_profile(self, index: int, uuid: str | None = None) -> dict[str, Any]:
         """Withdraw the profile this daemon requested on a GPU; its profile lease ends."""
+        return self._lever_end(index, uuid, "profile_clear", lambda: self.profiles.clear(index))
+
+    def _lever_lease(
+        self,
+        index: int,
+        uuid: str | None,
+        lease_s: float,
+        kinds: tuple[str, str],
+        apply: Callable[[float], bool],
+    ) -> dict[str, Any]:
+        """A lever set or renewed under a lease (`apply(now)`: whether it was a renewal), with
+        the cap's checks first; `kinds`: the change's name when set and when renewed."""
         with self.lock:
-            device = self._device(index)
-            self._check_uuid(index, device, uuid)
+            self._check_uuid(index, self._device(index), uuid)
+            self._check_lease(lease_s)
+            now = self.clock.now()
             with self._lever_errors(index):
-                self.profiles.clear(index)
+                renewed = apply(now)
             self._changed()
-            self.events.cap_changed(index, "profile_clear")
+            self.events.cap_changed(index, kinds[1] if renewed else kinds[0])
+            return self._describe(index, now)
+
+    def _lever_end(
+        self, index: int, uuid: str | None, kind: str, end: Callable[[], object]
+    ) -> dict[str, Any]:
+        """A lever's lease ended by request (`end`), with the cap's checks first."""
+        with self.lock:
+            self._check_uuid(index, self._device(index), uuid)
+            with self._lever_errors(index):
+                end()
+            self._changed()
+            self.events.cap_changed(index, kind)
             return self._describe(index, self.clock.now())
 
     @contextlib.contextmanager
