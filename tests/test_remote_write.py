@@ -299,6 +299,36 @@ def test_a_job_change_leaves_the_old_series_until_its_marker(source: RemoteWrite
     assert list(snap.job) == ["2"] and snap.column(Metric.POWER_W)[0][0] == 250.0
 
 
+def test_a_replaced_jobs_series_is_forgotten_at_the_next_sweep(source: RemoteWriteSource) -> None:
+    """A series ended by its marker while its GPU has a live one of the same field is dropped
+    at the next sweep, not after the whole inventory window (job churn at 100,000 GPUs held
+    hundreds of thousands of them); a GPU whose every series ended stays known, stale."""
+    write(
+        source,
+        [
+            (labels(POWER, "node1", 0, job="1"), [(300.0, NOW_MS - 2000)]),
+            (labels(POWER, "node2", 0, job="5"), [(300.0, NOW_MS - 2000)]),
+        ],
+    )
+    source.observe(NOW_S)  # the first sweep
+    write(
+        source,
+        [
+            (labels(POWER, "node1", 0, job="1"), [(wire.stale_marker(), NOW_MS + 1000)]),
+            (labels(POWER, "node1", 0, job="2"), [(310.0, NOW_MS + 1000)]),
+            (labels(POWER, "node2", 0, job="5"), [(wire.stale_marker(), NOW_MS + 1000)]),
+        ],
+    )
+    assert source.store.series == 3
+    before = source.observe(NOW_S + 2)
+    snap = source.observe(NOW_S + 160)  # a quarter of the window later: the sweep runs
+    assert source.store.series == 2  # node1's job-1 series went; node2's stays (nothing else)
+    assert list(snap.node_of()) == list(before.node_of()) == ["node1", "node2"]
+    assert list(snap.job) == list(before.job) == ["2", ""]
+    assert snap.stale.tolist() == [True, True]  # 159 s old, and ended
+    assert source.observe(NOW_S + 1000).n_gpus == 0  # past the window: both forgotten
+
+
 def test_power_series_without_a_gpu_are_reported(source: RemoteWriteSource) -> None:
     write(
         source,
