@@ -21,10 +21,11 @@ from agent.act.guard import GuardSettings
 from agent.act.ledger import Ledger
 from agent.act.rollout import Rollout
 from agent.core.clock import Clock, FakeClock
+from agent.core.errors import TelemetryError
 from agent.core.intents import GpuTargets
 from agent.core.protocols import CapActuator, CapResult, Notifier, PlacementActuator
 from agent.core.situation import HealthSeverity, HealthStatus, NodeStates, Situation
-from agent.core.snapshot import Metric, Snapshot
+from agent.core.snapshot import Metric, Snapshot, build_snapshot
 from agent.loop import Loop
 from agent.orient.orienter import Orienter
 from policies.base import Policy
@@ -240,3 +241,45 @@ def make_loop(
         budget_w=budget_w,
         placement=node_states if node_states is not None else actuators.node_states_reader(),
     )
+
+
+def app_fleet(jobs: list[str], power_w: Sequence[float] | None = None) -> Snapshot:
+    """GPUs of the given jobs ('' idle), two to a node, at 1,800 MHz and `power_w` (300 W each
+    unless given): a fleet for the application-throughput join."""
+    n = len(jobs)
+    return build_snapshot(
+        time_s=100.0,
+        node_of_gpu=[f"node{i // 2 + 1}" for i in range(n)],
+        gpu=[i % 2 for i in range(n)],
+        uuid=[f"GPU-{i}" for i in range(n)],
+        model=["H100"] * n,
+        job=jobs,
+        values={
+            Metric.POWER_W: [300.0] * n if power_w is None else list(power_w),
+            Metric.SM_CLOCK_MHZ: [1800.0] * n,
+        },
+        age_s=[1.0] * n,
+        stale=[False] * n,
+    )
+
+
+class FakePrometheus:
+    """Answers by the metric a query names: {metric: {job: value}}; `fail` names metrics whose
+    queries fail."""
+
+    def __init__(self, answers: dict[str, dict[str, float]], fail: tuple[str, ...] = ()) -> None:
+        self.answers = answers
+        self.fail = fail
+        self.queries: list[str] = []
+
+    def query(self, expr: str, now_s: float) -> list[dict[str, Any]]:
+        self.queries.append(expr)
+        for metric, by_job in self.answers.items():
+            if metric in expr:
+                if metric in self.fail:
+                    raise TelemetryError(f"prometheus: connection refused (query {expr})")
+                return [
+                    {"metric": {"hpc_job": job}, "value": [now_s, str(v)]}
+                    for job, v in by_job.items()
+                ]
+        return []

@@ -4,60 +4,21 @@ inference services (prefill and decode under clock locks and caps)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from agent.config import parse_config
 from agent.core.app_metrics import SERVERS, THROUGHPUT_KIND_LABEL, ThroughputKind
-from agent.core.errors import ConfigError, TelemetryError
-from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.core.errors import ConfigError
+from agent.core.snapshot import Metric
 from agent.core.throughput import throughput_view
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from agent.sim.inference import service_state
 from agent.sim.kpis import service_gpus
 from agent.sim.phases import PhaseSpec
 from agent.sim.twin import Twin, TwinSpec
-from tests.fakes import FakeSource
-
-
-def fleet(jobs: list[str], clock_mhz: float = 1800.0) -> Snapshot:
-    n = len(jobs)
-    return build_snapshot(
-        time_s=100.0,
-        node_of_gpu=[f"node{i // 2 + 1}" for i in range(n)],
-        gpu=[i % 2 for i in range(n)],
-        uuid=[f"GPU-{i}" for i in range(n)],
-        model=["H100"] * n,
-        job=jobs,
-        values={Metric.POWER_W: [300.0] * n, Metric.SM_CLOCK_MHZ: [clock_mhz] * n},
-        age_s=[1.0] * n,
-        stale=[False] * n,
-    )
-
-
-class FakePrometheus:
-    """Answers by the metric a query names: {metric: {job: value}}; `fail` names metrics whose
-    queries fail."""
-
-    def __init__(self, answers: dict[str, dict[str, float]], fail: tuple[str, ...] = ()) -> None:
-        self.answers = answers
-        self.fail = fail
-        self.queries: list[str] = []
-
-    def query(self, expr: str, now_s: float) -> list[dict[str, Any]]:
-        self.queries.append(expr)
-        for metric, by_job in self.answers.items():
-            if metric in expr:
-                if metric in self.fail:
-                    raise TelemetryError(f"prometheus: connection refused (query {expr})")
-                return [
-                    {"metric": {"hpc_job": job}, "value": [now_s, str(v)]}
-                    for job, v in by_job.items()
-                ]
-        return []
-
+from tests.fakes import FakePrometheus, FakeSource
+from tests.fakes import app_fleet as fleet
 
 VLLM = SERVERS[ThroughputKind.VLLM]
 

@@ -19,27 +19,12 @@ from agent.core.efficiency import (
     tokens_per_joule,
     tokens_per_joule_or_none,
 )
-from agent.core.snapshot import Metric, Snapshot, build_snapshot
+from agent.core.snapshot import Metric, Snapshot
 from agent.daemon.telemetry import DaemonMetrics
 from agent.observe.app_throughput import AppSourceConfig, AppThroughputSource
 from tests.daemon_helpers import START_UNIX, in_process, serve_tokens, twin_config, write
-from tests.fakes import FakeSource
-from tests.test_app_throughput import FakePrometheus
-
-
-def fleet(jobs: list[str], power_w: list[float]) -> Snapshot:
-    n = len(jobs)
-    return build_snapshot(
-        time_s=100.0,
-        node_of_gpu=[f"node{i // 2 + 1}" for i in range(n)],
-        gpu=[i % 2 for i in range(n)],
-        uuid=[f"GPU-{i}" for i in range(n)],
-        model=["H100"] * n,
-        job=jobs,
-        values={Metric.POWER_W: power_w, Metric.SM_CLOCK_MHZ: [1800.0] * n},
-        age_s=[1.0] * n,
-        stale=[False] * n,
-    )
+from tests.fakes import FakePrometheus, FakeSource
+from tests.fakes import app_fleet as fleet
 
 
 def joined(snap: Snapshot, answers: dict[str, dict[str, float]]) -> Snapshot:
