@@ -425,6 +425,11 @@ def _unique(indices: list[int]) -> None:
         seen.add(index)
 
 
+def _gpu_answer(index: int, gpu: dict[str, Any]) -> Response:
+    """A lever's answer: the GPU as described after the change."""
+    return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+
+
 class _Api:
     """The endpoints over one node's lease manager (GPU calls run in worker threads)."""
 
@@ -460,13 +465,13 @@ class _Api:
             self.manager.lock_clocks, index, body.min_mhz, body.max_mhz, body.lease_s
         )
         log.info("clocks_locked", gpu=index, min_mhz=body.min_mhz, max_mhz=body.max_mhz)
-        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+        return _gpu_answer(index, gpu)
 
     async def delete_clocks(self, request: Request) -> Response:
         index = _index(request)
         gpu = await run_in_threadpool(self.manager.reset_clocks, index)
         log.info("clocks_reset", gpu=index)
-        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+        return _gpu_answer(index, gpu)
 
     async def put_profile(self, request: Request) -> Response:
         index = _index(request)
@@ -475,13 +480,13 @@ class _Api:
             self.manager.request_profile, index, body.profile, body.lease_s
         )
         log.info("profile_requested", gpu=index, profile=body.profile, lease_s=body.lease_s)
-        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+        return _gpu_answer(index, gpu)
 
     async def delete_profile(self, request: Request) -> Response:
         index = _index(request)
         gpu = await run_in_threadpool(self.manager.clear_profile, index)
         log.info("profile_cleared", gpu=index)
-        return JSONResponse({"index": index, "ok": True, "gpu": gpu})
+        return _gpu_answer(index, gpu)
 
     def _set_many(self, items: list[BulkCapItem]) -> list[dict[str, Any]]:
         out = []

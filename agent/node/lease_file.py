@@ -73,23 +73,23 @@ class ProfileRecord:
     lease_s: float
 
 
-class _Profile(BaseModel):
+class _LeverLease(BaseModel):
+    """What every lever's lease records: its GPU, and when and for how long it holds."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     index: int = Field(ge=0, le=1 << 15)
     uuid: str = Field(max_length=128)
-    profile: str = Field(max_length=64)
     expires_s: float
     lease_s: float = Field(gt=0)
 
 
-class _ClockLock(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    index: int = Field(ge=0, le=1 << 15)
-    uuid: str = Field(max_length=128)
+class _Profile(_LeverLease):
+    profile: str = Field(max_length=64)
+
+
+class _ClockLock(_LeverLease):
     min_mhz: float = Field(ge=0, le=1e5)
     max_mhz: float = Field(ge=0, le=1e5)
-    expires_s: float
-    lease_s: float = Field(gt=0)
 
 
 class _Record(BaseModel):
